@@ -1,0 +1,36 @@
+"""Errors raised by driffusion.
+
+Every error says what was wrong and how to fix it. They all derive from
+:class:`DriffusionError`, and each also derives from the built-in exception a
+caller would expect (``ValueError`` for bad arguments, ``RuntimeError`` for
+failures while sampling), so ``except ValueError`` keeps working.
+"""
+from __future__ import annotations
+
+
+class DriffusionError(Exception):
+    """Base class of every error raised by driffusion."""
+
+
+class InvalidTimestepsError(DriffusionError, ValueError):
+    """The time grid does not decrease, or leaves the schedule's range."""
+
+
+class InvalidWidthError(DriffusionError, ValueError):
+    """The draft width is not an integer >= 1."""
+
+
+class InvalidArgumentError(DriffusionError, ValueError):
+    """An argument has the wrong value, shape or type."""
+
+
+class DeviceMismatchError(DriffusionError, ValueError):
+    """Tensors that must share a device or dtype do not."""
+
+
+class PredictorOutputError(DriffusionError, RuntimeError):
+    """The predictor returned the wrong shape, or NaN or inf."""
+
+
+class ExecutorError(DriffusionError, RuntimeError):
+    """An executor failed to evaluate a round (a rank died, a device failed, ...)."""
