@@ -51,3 +51,28 @@ class Executor(abc.ABC):
 
     def close(self) -> None:  # pragma: no cover - default has nothing to free
         """Release resources (streams, process groups). Safe to call twice."""
+
+
+class SerialExecutor(Executor):
+    """The reference executor: one predictor call per draft, in order.
+
+    ``out[k] = predictor(xs[k], ts[k], **cond)``. Every other executor must reproduce it.
+    (Lives in the core so the scheduler has a default without importing ``backends``;
+    ``backends.SerialExecutor`` is the same class.)
+    """
+
+    def evaluate(
+        self,
+        predictor: Predictor,
+        xs: torch.Tensor,
+        ts: torch.Tensor,
+        cond: Optional[Mapping[str, Any]] = None,
+    ) -> torch.Tensor:
+        cond = dict(cond or {})
+        outs = [predictor(xs[k], ts[k], **cond) for k in range(xs.shape[0])]
+        for o in outs:
+            if not isinstance(o, torch.Tensor):
+                return outs[0] if len(outs) == 1 else outs  # the scheduler reports the bad type
+        if len({tuple(o.shape) for o in outs}) > 1:
+            return outs[0]  # the scheduler reports the wrong shape
+        return torch.stack(outs)

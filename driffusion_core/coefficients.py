@@ -1,0 +1,198 @@
+r"""Every coefficient formula of the library, written once.
+
+Each function takes schedule values and returns coefficients. The functions
+work on Python floats, on float64 torch tensors (one value per row) and on
+sympy expressions alike, so the operators in ``solvers/`` and the proofs in
+``proofs/`` use the very same formulas: a proof cannot drift from the code.
+
+Notation (DRiffusion, arXiv 2603.25872, and DDIM/DDPM):
+
+* ``abar_t``  :math:`\bar\alpha_t`, the cumulative signal level at level t.
+* ``alpha, sigma``  the interpolant coefficients, :math:`x_t = \alpha_t x_0 + \sigma_t \epsilon`.
+  VP: :math:`\alpha_t = \sqrt{\bar\alpha_t}, \sigma_t = \sqrt{1-\bar\alpha_t}`;
+  flow matching: :math:`\alpha_t = 1 - t, \sigma_t = t`.
+* ``t -> s``  a (possibly multi-level) skip from level t to the later, cleaner level s.
+* ``x0_hat, eps_hat``  the prediction converted to clean sample and noise at the source level.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence, Tuple
+
+__all__ = [
+    "sqrt",
+    "vp_alpha_sigma",
+    "flow_alpha_sigma",
+    "x0_eps_coefficients",
+    "prediction_coefficients",
+    "ddim_coefficients",
+    "ddpm_posterior_coefficients",
+    "ddpm_large_variance",
+    "ddim_chain_coefficients",
+    "flow_euler_coefficient",
+    "chain_noise_weights",
+]
+
+
+def _is_sympy(v: Any) -> bool:
+    return type(v).__module__.startswith("sympy")
+
+
+def sqrt(v: Any) -> Any:
+    """Square root that keeps the type: math for floats, torch for tensors, exact for sympy."""
+    if _is_sympy(v):
+        import sympy
+
+        return sympy.sqrt(v)
+    if hasattr(v, "sqrt") and not isinstance(v, (int, float)):
+        return v.sqrt()
+    return math.sqrt(v)
+
+
+# --------------------------------------------------------------------------- interpolants
+
+
+def vp_alpha_sigma(abar: Any) -> Tuple[Any, Any]:
+    r"""VP interpolant: :math:`(\alpha, \sigma) = (\sqrt{\bar\alpha}, \sqrt{1-\bar\alpha})`."""
+    return sqrt(abar), sqrt(1 - abar)
+
+
+def flow_alpha_sigma(t: Any) -> Tuple[Any, Any]:
+    r"""Rectified-flow interpolant :math:`x_t = (1-t) x_0 + t\,\epsilon`: :math:`(\alpha, \sigma) = (1-t, t)`."""
+    return 1 - t, t
+
+
+# --------------------------------------------------------------------------- parameterizations
+
+
+def x0_eps_coefficients(prediction: str, alpha: Any, sigma: Any):
+    r"""Coefficients turning a model output into (x0_hat, eps_hat) at one level.
+
+    Returns ``((a_x, a_p), (b_x, b_p))`` with
+
+    .. math:: \hat x_0 = a_x x + a_p\,p, \qquad \hat\epsilon = b_x x + b_p\,p,
+
+    where ``p`` is the model output of kind ``prediction`` at a state ``x`` on the
+    interpolant :math:`x = \alpha x_0 + \sigma \epsilon`. Structural zeros and ones
+    are the Python ints 0 and 1, so the epsilon of an epsilon model passes through
+    bit for bit.
+
+    * ``epsilon``:      :math:`p = \epsilon`.
+    * ``sample``:       :math:`p = x_0`.
+    * ``v_prediction``: :math:`p = \alpha\epsilon - \sigma x_0` (VP only: needs :math:`\alpha^2+\sigma^2=1`).
+    * ``velocity``:     :math:`p = \epsilon - x_0` (flow only: needs :math:`\alpha+\sigma=1`).
+    """
+    if prediction == "epsilon":
+        return (1 / alpha, -sigma / alpha), (0, 1)
+    if prediction == "sample":
+        return (0, 1), (1 / sigma, -alpha / sigma)
+    if prediction == "v_prediction":
+        return (alpha, -sigma), (sigma, alpha)
+    if prediction == "velocity":
+        return (1, -sigma), (1, alpha)
+    raise ValueError(f"unknown prediction type {prediction!r}")
+
+
+def prediction_coefficients(prediction: str, alpha: Any, sigma: Any):
+    r"""Inverse of :func:`x0_eps_coefficients`: ``(c_x0, c_eps)`` with :math:`p = c_{x_0} x_0 + c_\epsilon \epsilon`."""
+    if prediction == "epsilon":
+        return 0, 1
+    if prediction == "sample":
+        return 1, 0
+    if prediction == "v_prediction":
+        return -sigma, alpha
+    if prediction == "velocity":
+        return -1, 1
+    raise ValueError(f"unknown prediction type {prediction!r}")
+
+
+# --------------------------------------------------------------------------- DDIM
+
+
+def ddim_coefficients(abar_t: Any, abar_s: Any, eta: Any = 0):
+    r"""DDIM skip t -> s (Song et al. 2021, eq. 12), marginal-consistent across a big step.
+
+    .. math::
+        \sigma_{t\to s} = \eta \sqrt{\tfrac{1-\bar\alpha_s}{1-\bar\alpha_t}}\sqrt{1-\tfrac{\bar\alpha_t}{\bar\alpha_s}},\qquad
+        x_s = \sqrt{\bar\alpha_s}\,\hat x_0 + \sqrt{1-\bar\alpha_s-\sigma_{t\to s}^2}\,\hat\epsilon + \sigma_{t\to s} z.
+
+    Returns ``(c_x0, c_eps, sigma_ts)``. With ``eta = 0`` the skip is deterministic and
+    composes exactly for a frozen (x0_hat, eps_hat); with ``eta = 1`` it is the DDPM posterior.
+    """
+    sigma_ts = eta * sqrt((1 - abar_s) / (1 - abar_t)) * sqrt(1 - abar_t / abar_s)
+    c_x0 = sqrt(abar_s)
+    c_eps = sqrt(1 - abar_s - sigma_ts**2)
+    return c_x0, c_eps, sigma_ts
+
+
+def ddim_chain_coefficients(abar_t: Any, abar_s: Any, eta: Any = 0):
+    r"""One DDIM step written against (x0_hat, x_t) instead of (x0_hat, eps_hat).
+
+    Substituting :math:`\hat\epsilon = (x_t - \sqrt{\bar\alpha_t}\hat x_0)/\sqrt{1-\bar\alpha_t}`:
+    :math:`x_s = c_{x_0}\hat x_0 + c_x x_t + \sigma_{t\to s} z`. Returns ``(c_x0, c_x, sigma_ts)``;
+    these are the per-step factors of the chain with x0_hat frozen (used to couple noise).
+    """
+    c_x0, c_eps, sigma_ts = ddim_coefficients(abar_t, abar_s, eta)
+    c_x = c_eps / sqrt(1 - abar_t)
+    return c_x0 - c_x * sqrt(abar_t), c_x, sigma_ts
+
+
+# --------------------------------------------------------------------------- DDPM
+
+
+def ddpm_posterior_coefficients(abar_t: Any, abar_s: Any):
+    r"""DDPM posterior :math:`q(x_s \mid x_t, x_0)` for any pair of levels s < t (Ho et al. 2020, eq. 7).
+
+    With :math:`\alpha_{t|s} = \bar\alpha_t/\bar\alpha_s` and :math:`\beta_{t|s} = 1-\alpha_{t|s}`:
+
+    .. math::
+        \mu = \frac{\sqrt{\bar\alpha_s}\,\beta_{t|s}}{1-\bar\alpha_t} x_0
+              + \frac{\sqrt{\alpha_{t|s}}\,(1-\bar\alpha_s)}{1-\bar\alpha_t} x_t,\qquad
+        \mathrm{Var} = \beta_{t|s}\frac{1-\bar\alpha_s}{1-\bar\alpha_t}\ (\text{"fixed_small"}).
+
+    Returns ``(c_x0, c_xt, variance)``.
+    """
+    alpha_ts = abar_t / abar_s
+    beta_ts = 1 - alpha_ts
+    c_x0 = sqrt(abar_s) * beta_ts / (1 - abar_t)
+    c_xt = sqrt(alpha_ts) * (1 - abar_s) / (1 - abar_t)
+    variance = beta_ts * (1 - abar_s) / (1 - abar_t)
+    return c_x0, c_xt, variance
+
+
+def ddpm_large_variance(abar_t: Any, abar_s: Any) -> Any:
+    r"""The "fixed_large" variance :math:`\beta_{t|s} = 1 - \bar\alpha_t/\bar\alpha_s`."""
+    return 1 - abar_t / abar_s
+
+
+# --------------------------------------------------------------------------- flow
+
+
+def flow_euler_coefficient(t: Any, s: Any) -> Any:
+    r"""Euler big step of a flow: :math:`x_s = x_t + (s - t)\,v`. Returns :math:`s - t`."""
+    return s - t
+
+
+# --------------------------------------------------------------------------- coupled noise
+
+
+def chain_noise_weights(c_x: Sequence[Any], std: Sequence[Any]) -> list:
+    r"""Noise weights of a chain of one-level steps with x0_hat frozen.
+
+    The chain :math:`x_{k+1} = A_k \hat x_0 + B_k x_k + s_k z_k`, k = 0..n-1, unrolls to
+
+    .. math:: x_n = (\textstyle\prod_k B_k) x_0' + (\dots)\hat x_0 + \sum_k w_k z_k,\qquad
+              w_k = s_k \prod_{m>k} B_m .
+
+    ``c_x`` are the :math:`B_k`, ``std`` the :math:`s_k`; returns ``[w_0, ..., w_{n-1}]``.
+    A draft uses the unit noise :math:`\sum_k w_k z_k / \|w\|`: the same per-step noise as
+    the serial chain, so for DDPM the draft *equals* the chain (not only in distribution).
+    """
+    n = len(c_x)
+    weights = []
+    for k in range(n):
+        w = std[k]
+        for m in range(k + 1, n):
+            w = w * c_x[m]
+        weights.append(w)
+    return weights

@@ -1,0 +1,99 @@
+"""Time grids: per step, the level a step starts from, the level it goes to, and the model time.
+
+A sampler walks levels ``t_0 > t_1 > ... > t_T``; step ``i`` calls the model at
+``t_from[i]`` (with the model time ``model_times[i]``) and moves the state to
+``t_to[i]``. Usually ``t_to[i] == t_from[i + 1]`` (a *contiguous* grid), but
+diffusers' DDIM steps to ``t - num_train_timesteps // N``, which is not always
+the next listed timestep; the grid keeps both so that case is reproduced.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import torch
+
+from driffusion_core.errors import InvalidTimestepsError
+
+__all__ = ["TimeGrid"]
+
+
+@dataclass(frozen=True)
+class TimeGrid:
+    """The steps of a sampler.
+
+    Attributes:
+        t_from: ``Tensor[T]`` float64, the level each step starts from (strictly decreasing).
+        t_to: ``Tensor[T]`` float64, the level each step goes to (``t_to[i] < t_from[i]``).
+        model_times: ``Tensor[T]``, the time the predictor is called with at each step
+            (int64 training timesteps for VP, float32 ``sigma * num_train_timesteps`` for flow).
+    """
+
+    t_from: torch.Tensor
+    t_to: torch.Tensor
+    model_times: torch.Tensor
+
+    def __post_init__(self):
+        for name in ("t_from", "t_to", "model_times"):
+            v = getattr(self, name)
+            if not isinstance(v, torch.Tensor) or v.dim() != 1:
+                raise InvalidTimestepsError(f"TimeGrid.{name} must be a 1-D tensor, got {v!r}.")
+        n = self.t_from.shape[0]
+        if n == 0:
+            raise InvalidTimestepsError("The time grid is empty: a sampler needs at least one step.")
+        if self.t_to.shape[0] != n or self.model_times.shape[0] != n:
+            raise InvalidTimestepsError(
+                f"TimeGrid fields disagree in length: t_from {n}, t_to {self.t_to.shape[0]}, "
+                f"model_times {self.model_times.shape[0]}."
+            )
+        if not (torch.isfinite(self.t_from).all() and torch.isfinite(self.t_to).all()):
+            raise InvalidTimestepsError("The time grid holds NaN or inf levels.")
+        diffs = self.t_from[1:] - self.t_from[:-1]
+        if (diffs >= 0).any():
+            i = int(torch.nonzero(diffs >= 0)[0])
+            raise InvalidTimestepsError(
+                f"Timesteps must strictly decrease (noisy to clean), but step {i} is at level "
+                f"{self.t_from[i].item():g} and step {i + 1} at {self.t_from[i + 1].item():g}. "
+                f"Pass them in sampling order, e.g. [999, 979, ..., 0]."
+            )
+        bad = self.t_to >= self.t_from
+        if bad.any():
+            i = int(torch.nonzero(bad)[0])
+            raise InvalidTimestepsError(
+                f"Step {i} goes from level {self.t_from[i].item():g} to {self.t_to[i].item():g}; "
+                f"every step must go to a strictly cleaner (smaller) level."
+            )
+
+    def __len__(self) -> int:
+        return int(self.t_from.shape[0])
+
+    @property
+    def is_contiguous(self) -> bool:
+        """True when each step ends where the next one starts."""
+        return bool(torch.equal(self.t_to[:-1], self.t_from[1:]))
+
+    @classmethod
+    def from_levels(
+        cls,
+        levels: Union[Sequence[float], torch.Tensor],
+        final: float,
+        model_times: Union[Sequence[float], torch.Tensor, None] = None,
+    ) -> "TimeGrid":
+        """A contiguous grid: step i goes from ``levels[i]`` to ``levels[i+1]`` (the last to ``final``).
+
+        ``model_times`` default to the levels themselves.
+        """
+        t_from = torch.as_tensor(levels, dtype=torch.float64).flatten().clone()
+        if t_from.numel() == 0:
+            raise InvalidTimestepsError("The time grid is empty: a sampler needs at least one step.")
+        t_to = torch.cat([t_from[1:], torch.tensor([float(final)], dtype=torch.float64)])
+        mt = t_from.clone() if model_times is None else torch.as_tensor(model_times).flatten().clone()
+        return cls(t_from, t_to, mt)
+
+    def sub(self, start: int, stop: int) -> "TimeGrid":
+        """Steps ``start .. stop - 1`` as a grid of their own."""
+        return TimeGrid(self.t_from[start:stop], self.t_to[start:stop], self.model_times[start:stop])
+
+    def __repr__(self) -> str:
+        head = ", ".join(f"{v:g}" for v in self.t_from[:4].tolist())
+        return f"TimeGrid(T={len(self)}, t_from=[{head}{', ...' if len(self) > 4 else ''}], final={self.t_to[-1].item():g})"

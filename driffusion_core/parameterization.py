@@ -1,0 +1,128 @@
+r"""Model parameterizations and the x0 transforms diffusers applies (clipping, dynamic thresholding).
+
+A model output ``p`` at a state ``x`` on the interpolant :math:`x = \alpha x_0 + \sigma\epsilon`
+is turned into the pair (x0_hat, eps_hat) with :func:`driffusion_core.coefficients.x0_eps_coefficients`.
+A skip converts at its *source* level and then jumps with the pair frozen; a frozen v is not a
+frozen pair at another level, since v's meaning depends on the level.
+"""
+from __future__ import annotations
+
+import enum
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from driffusion_core import coefficients as C
+from driffusion_core.errors import InvalidArgumentError
+
+__all__ = ["Prediction", "ClipSample", "DynamicThreshold", "X0Transform", "broadcast_coef", "lincomb"]
+
+
+class Prediction(str, enum.Enum):
+    """What a predictor returns."""
+
+    EPSILON = "epsilon"
+    SAMPLE = "sample"
+    V_PREDICTION = "v_prediction"
+    VELOCITY = "velocity"
+
+    @classmethod
+    def parse(cls, value) -> "Prediction":
+        try:
+            return cls(value)
+        except ValueError:
+            names = ", ".join(repr(p.value) for p in cls)
+            raise InvalidArgumentError(f"Unknown prediction type {value!r}; use one of {names}.") from None
+
+
+def broadcast_coef(c, x: torch.Tensor):
+    """A float64 coefficient (scalar or one per row) cast to x's dtype/device, shaped to broadcast over x."""
+    if not isinstance(c, torch.Tensor):
+        return c
+    c = c.to(device=x.device, dtype=x.dtype)
+    if c.dim() == 0:
+        return c
+    if c.shape[0] != x.shape[0]:
+        raise InvalidArgumentError(
+            f"Per-row levels have {c.shape[0]} entries but the state has batch size {x.shape[0]}."
+        )
+    return c.reshape(c.shape[0], *([1] * (x.dim() - 1)))
+
+
+def lincomb(x: torch.Tensor, cx, p: torch.Tensor, cp) -> torch.Tensor:
+    """``cx * x + cp * p`` where the coefficients may be Python 0/1 (skipped exactly) or tensors."""
+    terms = []
+    for v, c in ((x, cx), (p, cp)):
+        if isinstance(c, int) and c == 0:
+            continue
+        terms.append(v if (isinstance(c, int) and c == 1) else broadcast_coef(c, v) * v)
+    if not terms:
+        return torch.zeros_like(x)
+    return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
+
+def to_x0_eps(
+    prediction: Prediction,
+    x: torch.Tensor,
+    pred: torch.Tensor,
+    alpha: torch.Tensor,
+    sigma: torch.Tensor,
+    x0_transform: Optional["X0Transform"] = None,
+    recompute_eps: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    r"""(x0_hat, eps_hat) from a model output at the level with interpolant (alpha, sigma).
+
+    ``x0_transform`` (clipping / thresholding) is applied to x0_hat; like diffusers, eps_hat is
+    re-derived from the transformed x0_hat only if ``recompute_eps`` (``use_clipped_model_output``).
+    """
+    (a_x, a_p), (b_x, b_p) = C.x0_eps_coefficients(prediction.value, alpha, sigma)
+    x0_hat = lincomb(x, a_x, pred, a_p)
+    eps_hat = lincomb(x, b_x, pred, b_p)
+    if x0_transform is not None:
+        x0_hat = x0_transform(x0_hat)
+        if recompute_eps:
+            (_, _), (b_x, b_p) = C.x0_eps_coefficients("sample", alpha, sigma)
+            eps_hat = lincomb(x, b_x, x0_hat, b_p)
+    return x0_hat, eps_hat
+
+
+X0Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+class ClipSample:
+    """Clamp x0_hat to ``[-clip_range, clip_range]`` (diffusers' ``clip_sample``)."""
+
+    def __init__(self, clip_range: float = 1.0):
+        if clip_range <= 0:
+            raise InvalidArgumentError(f"clip_range must be positive, got {clip_range}.")
+        self.clip_range = float(clip_range)
+
+    def __call__(self, x0: torch.Tensor) -> torch.Tensor:
+        return x0.clamp(-self.clip_range, self.clip_range)
+
+    def __repr__(self) -> str:
+        return f"ClipSample({self.clip_range:g})"
+
+
+class DynamicThreshold:
+    """Dynamic thresholding (Imagen; diffusers' ``thresholding``), per sample.
+
+    s = clamp(quantile(|x0|, ratio), 1, max_value); x0 <- clamp(x0, -s, s) / s, per row.
+    """
+
+    def __init__(self, ratio: float = 0.995, max_value: float = 1.0):
+        if not 0 < ratio <= 1:
+            raise InvalidArgumentError(f"dynamic thresholding ratio must lie in (0, 1], got {ratio}.")
+        self.ratio = float(ratio)
+        self.max_value = float(max_value)
+
+    def __call__(self, x0: torch.Tensor) -> torch.Tensor:
+        dtype = x0.dtype
+        flat = x0.reshape(x0.shape[0], -1)
+        if dtype not in (torch.float32, torch.float64):
+            flat = flat.float()
+        s = torch.quantile(flat.abs(), self.ratio, dim=1).clamp(min=1, max=self.max_value).unsqueeze(1)
+        return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(dtype)
+
+    def __repr__(self) -> str:
+        return f"DynamicThreshold(ratio={self.ratio:g}, max_value={self.max_value:g})"

@@ -1,0 +1,364 @@
+r"""The draft-and-refine scheduler (DRiffusion, arXiv 2603.25872, Algorithm 1).
+
+Key: levels t_0 > ... > t_T; x_i the state at level i; f the predictor; S the skip
+transition; n the width; a the anchor.
+
+**Aggressive mode.** From the anchor (x_a, p_a) draft x~_{a+j} = S(x_a, p_a, t_a -> t_{a+j}, z~_j)
+for j = 1..m (m = min(n, T-1-a)); evaluate p~_{a+j} = f(x~_{a+j}, t_{a+j}) for all j in one
+parallel round; refine serially x_{a+1} = S(x_a, p_a), x_{a+j+1} = S(x_{a+j}, p~_{a+j});
+the new anchor is (x_{a+m}, p~_{a+m}). The first anchor costs one exact call.
+Rounds = 1 + ceil((T-1)/n).
+
+**Conservative mode.** Each iteration first evaluates the exact p_a = f(x_a) (one round),
+then drafts and refines as above through x_{a+m+1}, advancing n+1 levels in two rounds.
+Rounds = 2 ceil(T/(n+1)) - [T mod (n+1) = 1].
+
+Both modes make exactly T model calls. Width 1 reproduces the serial sampler bit for bit.
+
+The scheduler is a pure state machine (:class:`DraftRefineState`: ``plan`` the next round,
+``absorb`` its predictions) plus the small :meth:`DraftRefineScheduler.sample` loop.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Mapping, Optional, Union
+
+import torch
+
+from driffusion_core.errors import (
+    DeviceMismatchError,
+    InvalidArgumentError,
+    InvalidWidthError,
+    PredictorOutputError,
+)
+from driffusion_core.executor import Executor, Predictor, SerialExecutor
+from driffusion_core.grid import TimeGrid
+from driffusion_core.noise import NoiseSource
+from driffusion_core.transition import SkipTransition
+
+__all__ = [
+    "DraftRefineScheduler",
+    "DraftRefineState",
+    "Round",
+    "SampleOutput",
+    "expected_rounds",
+    "check_inputs",
+    "check_predictions",
+    "default_noise",
+    "progress_bar",
+]
+
+MODES = ("aggressive", "conservative")
+
+
+@dataclass
+class SampleOutput:
+    """What a sampler returns.
+
+    Attributes:
+        x: the final sample at the clean end.
+        rounds: sequential rounds of model calls (the latency, in model calls).
+        evals: model calls made in total (rows of a batch count once).
+        trajectory: the refined states x_0 .. x_T, when asked for.
+        info: anything else the sampler reports (e.g. drafts per round).
+    """
+
+    x: torch.Tensor
+    rounds: int
+    evals: int
+    trajectory: Optional[List[torch.Tensor]] = None
+    info: dict = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"SampleOutput(x={tuple(self.x.shape)}, rounds={self.rounds}, evals={self.evals})"
+
+
+def expected_rounds(num_steps: int, width: int, mode: str = "aggressive") -> int:
+    """The closed-form round count the scheduler must achieve (used by tests and proofs)."""
+    T, n = num_steps, width
+    if mode == "aggressive":
+        return 1 + math.ceil((T - 1) / n)
+    return 2 * math.ceil(T / (n + 1)) - (1 if T % (n + 1) == 1 else 0)
+
+
+def _check_width(width: Any) -> int:
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise InvalidWidthError(
+            f"width must be an int >= 1 (the number of drafts per round), got {width!r}. "
+            f"Width 1 is the serial sampler."
+        )
+    return width
+
+
+def check_inputs(x: Any, cond: Optional[Mapping[str, Any]]) -> dict:
+    """Validate the starting state and the conditioning; returns cond as a dict."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise InvalidArgumentError(f"x must be a floating-point tensor [B, ...], got {type(x).__name__}.")
+    if x.dim() < 1 or x.shape[0] < 1:
+        raise InvalidArgumentError(f"x must have a batch dimension, got shape {tuple(x.shape)}.")
+    if not torch.isfinite(x).all():
+        raise InvalidArgumentError("The starting state x holds NaN or inf.")
+    cond = dict(cond or {})
+    for name, v in cond.items():
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            if v.device != x.device:
+                raise DeviceMismatchError(
+                    f"cond[{name!r}] is on {v.device} but x is on {x.device}; move them to one device."
+                )
+            if v.shape[0] != x.shape[0]:
+                raise InvalidArgumentError(
+                    f"cond[{name!r}] has leading dimension {v.shape[0]}, but x has batch size {x.shape[0]}; "
+                    f"conditioning tensors need one row per sample."
+                )
+    return cond
+
+
+def check_predictions(
+    preds: Any, xs: torch.Tensor, steps: List[int], grid: TimeGrid
+) -> torch.Tensor:
+    """Check a round's predictions: a tensor like ``xs``, same device and dtype, all finite."""
+    where = lambda k: (
+        f"step {steps[k]} (level {grid.t_from[steps[k]].item():g}, model time {grid.model_times[steps[k]].item():g})"
+    )
+    if not isinstance(preds, torch.Tensor):
+        raise PredictorOutputError(f"The predictor returned {type(preds).__name__} at {where(0)}; it must return a tensor.")
+    if preds.shape != xs.shape:
+        raise PredictorOutputError(
+            f"The predictor returned shape {tuple(preds.shape[1:])} at {where(0)}, but the state has shape "
+            f"{tuple(xs.shape[1:])}; it must return one prediction per input, shaped like x."
+        )
+    if preds.device != xs.device or preds.dtype != xs.dtype:
+        raise DeviceMismatchError(
+            f"The predictor returned {preds.dtype} on {preds.device} at {where(0)}, but the state is "
+            f"{xs.dtype} on {xs.device}; cast the model output (or run the sampler in the model's dtype)."
+        )
+    finite = torch.isfinite(preds).reshape(preds.shape[0], -1).all(dim=1)
+    if not finite.all():
+        k = int(torch.nonzero(~finite)[0])
+        kind = "NaN" if torch.isnan(preds[k]).any() else "inf"
+        raise PredictorOutputError(
+            f"The predictor returned {kind} at {where(k)}. Check the model at this noise level "
+            f"(and the input state: {'finite' if torch.isfinite(xs[k]).all() else 'already non-finite'})."
+        )
+    return preds
+
+
+def default_noise(transition: SkipTransition, noise: Optional[NoiseSource]) -> Optional[NoiseSource]:
+    """The noise source to use: the given one, or a fresh seed from torch's global RNG if stochastic."""
+    if noise is not None:
+        if not isinstance(noise, NoiseSource):
+            raise InvalidArgumentError(f"noise must be a NoiseSource or None, got {type(noise).__name__}.")
+        return noise
+    if transition.stochastic:
+        return NoiseSource(int(torch.randint(0, 2**62, ())))
+    return None
+
+
+def progress_bar(enabled: bool, total: int, desc: str):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency, but the core does not need it
+        return None
+    return tqdm(total=total, desc=desc, unit="step", leave=False)
+
+
+@dataclass
+class Round:
+    """One parallel round: evaluate the predictor at steps ``steps`` on states ``xs`` (``Tensor[K, B, ...]``)."""
+
+    steps: List[int]
+    xs: torch.Tensor
+    anchor_call: bool
+
+
+class DraftRefineState:
+    """The draft-and-refine state machine: ``plan()`` a round, ``absorb()`` its predictions.
+
+    Holds the anchor index a, the anchor state x_a and, when known, its prediction p_a.
+    """
+
+    def __init__(
+        self,
+        transition: SkipTransition,
+        grid: TimeGrid,
+        width: int,
+        mode: str,
+        x: torch.Tensor,
+        noise: Optional[NoiseSource],
+        keep_trajectory: bool = False,
+    ):
+        self.transition, self.grid, self.width, self.mode = transition, grid, width, mode
+        self.noise = noise
+        self.T = len(grid)
+        self.a = 0
+        self.x = x
+        self.pred: Optional[torch.Tensor] = None
+        self.rounds = 0
+        self.evals = 0
+        self.drafts_per_round: List[int] = []
+        self.trajectory: Optional[List[torch.Tensor]] = [x] if keep_trajectory else None
+
+    @property
+    def done(self) -> bool:
+        return self.a >= self.T
+
+    def _z(self, i: int) -> Optional[torch.Tensor]:
+        if self.noise is None or not self.transition.stochastic:
+            return None
+        return self.noise(i, self.x.shape, self.x.dtype, self.x.device)
+
+    def step(self, x: torch.Tensor, pred: torch.Tensor, i: int) -> torch.Tensor:
+        """The serial update x_{i+1} = S(x_i, p_i, t_from[i] -> t_to[i], z_i)."""
+        g = self.grid
+        return self.transition(x, pred, g.t_from[i], g.t_to[i], self._z(i))
+
+    def _advance(self, x: torch.Tensor) -> None:
+        self.a += 1
+        self.x = x
+        if self.trajectory is not None:
+            self.trajectory.append(x)
+
+    def plan(self) -> Optional[Round]:
+        """The next round, or None when sampling is done."""
+        if self.done:
+            return None
+        if self.pred is None:
+            return Round([self.a], self.x.unsqueeze(0), anchor_call=True)
+        a, g = self.a, self.grid
+        m = min(self.width, self.T - 1 - a)
+        noises = None
+        if self.transition.stochastic and self.noise is not None:
+            noises = torch.stack([self._z(i) for i in range(a, a + m)])
+        xs = self.transition.drafts(self.x, self.pred, g.t_from[a : a + m], g.t_to[a : a + m], noises)
+        return Round(list(range(a + 1, a + m + 1)), xs, anchor_call=False)
+
+    def absorb(self, rnd: Round, preds: torch.Tensor) -> None:
+        """Take a round's predictions and refine."""
+        preds = check_predictions(preds, rnd.xs, rnd.steps, self.grid)
+        self.rounds += 1
+        self.evals += len(rnd.steps)
+        if rnd.anchor_call:
+            self.pred = preds[0]
+        else:
+            self.drafts_per_round.append(len(rnd.steps))
+            # refine: x_{a+1} = S(x_a, p_a); x_{a+j+1} = S(x_{a+j}, p~_{a+j})
+            x = self.step(self.x, self.pred, self.a)
+            last = len(rnd.steps) if self.mode == "conservative" else len(rnd.steps) - 1
+            for j in range(last):
+                self._advance(x)
+                x = self.step(x, preds[j], self.a)
+            self._advance(x)
+            self.pred = preds[-1] if self.mode == "aggressive" else None
+        # the last level's prediction is known: finish without a model call
+        if self.pred is not None and self.a == self.T - 1:
+            self._advance(self.step(self.x, self.pred, self.a))
+            self.pred = None
+
+
+class DraftRefineScheduler:
+    """DRiffusion's draft-and-refine sampler.
+
+    Arguments:
+        transition: the skip transition (``solvers.DDIMSkip``, ``DDPMSkip``, ``FlowEulerSkip``...).
+        timesteps: a :class:`TimeGrid` (e.g. ``schedule.timesteps(50)``) or decreasing levels.
+        width: drafts per round, n >= 1 (n devices, or one batched call of n).
+        mode: ``"aggressive"`` (about T/n rounds) or ``"conservative"`` (about 2T/(n+1) rounds,
+            closer to the serial output).
+
+    Example::
+
+        sched = DraftRefineScheduler(DDIMSkip(VPSchedule.linear()), schedule.timesteps(50), width=4)
+        out = sched.sample(model, torch.randn(8, 2), executor=BatchedExecutor())
+        out.x, out.rounds, out.evals
+    """
+
+    def __init__(
+        self,
+        transition: SkipTransition,
+        timesteps: Union[TimeGrid, torch.Tensor, list, tuple],
+        width: int = 2,
+        mode: str = "aggressive",
+    ):
+        if not isinstance(transition, SkipTransition):
+            raise InvalidArgumentError(
+                f"transition must be a SkipTransition (e.g. solvers.DDIMSkip(schedule)), got {type(transition).__name__}."
+            )
+        if mode not in MODES:
+            raise InvalidArgumentError(f"mode must be 'aggressive' or 'conservative', got {mode!r}.")
+        self.transition = transition
+        self.grid = transition.make_grid(timesteps)
+        self.width = _check_width(width)
+        self.mode = mode
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.grid)
+
+    def expected_rounds(self) -> int:
+        return expected_rounds(self.num_steps, self.width, self.mode)
+
+    def start(self, x: torch.Tensor, noise: Optional[NoiseSource] = None, keep_trajectory: bool = False) -> DraftRefineState:
+        """A fresh state machine at x (for callers that drive rounds themselves)."""
+        return DraftRefineState(
+            self.transition, self.grid, self.width, self.mode, x, default_noise(self.transition, noise), keep_trajectory
+        )
+
+    def sample(
+        self,
+        predictor: Predictor,
+        x: torch.Tensor,
+        executor: Optional[Executor] = None,
+        noise: Optional[NoiseSource] = None,
+        cond: Optional[Mapping[str, Any]] = None,
+        progress: bool = False,
+        return_trajectory: bool = False,
+    ) -> SampleOutput:
+        """Sample from x (the state at ``t_0``, e.g. ``NoiseSource(seed).initial(shape)``).
+
+        Arguments:
+            predictor: ``f(x: Tensor[B, ...], t: Tensor[B], **cond) -> Tensor[B, ...]``.
+            x: the starting state ``Tensor[B, ...]``.
+            executor: how a round runs (default: :class:`SerialExecutor`; pass
+                ``backends.BatchedExecutor()`` for one batched call per round).
+            noise: per-step noise for stochastic transitions (default: a random seed).
+            cond: keyword arguments for the predictor; tensors need a leading batch dim B.
+            progress: show a tqdm progress bar.
+            return_trajectory: keep the refined states x_0 .. x_T.
+
+        Returns:
+            :class:`SampleOutput` with the sample, the rounds and the model calls made.
+        """
+        if not callable(predictor):
+            raise InvalidArgumentError(f"predictor must be callable, got {type(predictor).__name__}.")
+        cond = check_inputs(x, cond)
+        executor = executor if executor is not None else SerialExecutor()
+        if not isinstance(executor, Executor):
+            raise InvalidArgumentError(f"executor must be an Executor, got {type(executor).__name__}.")
+        state = self.start(x, noise, return_trajectory)
+        bar = progress_bar(progress, self.num_steps, f"DRiffusion {self.mode} n={self.width}")
+        b = x.shape[0]
+        while True:
+            rnd = state.plan()
+            if rnd is None:
+                break
+            mt = self.grid.model_times[rnd.steps]
+            ts = mt.to(x.device).unsqueeze(1).expand(len(rnd.steps), b)
+            before = state.a
+            state.absorb(rnd, executor.evaluate(predictor, rnd.xs, ts, cond))
+            if bar is not None:
+                bar.update(state.a - before)
+        if bar is not None:
+            bar.close()
+        return SampleOutput(
+            state.x,
+            state.rounds,
+            state.evals,
+            state.trajectory,
+            {"drafts_per_round": state.drafts_per_round, "executor": executor.describe()},
+        )
+
+    def __repr__(self) -> str:
+        return f"DraftRefineScheduler({self.transition!r}, T={self.num_steps}, width={self.width}, mode={self.mode!r})"

@@ -1,0 +1,284 @@
+r"""Noise schedules: variance-preserving (DDPM/DDIM) and flow matching.
+
+Key (DDPM / DDIM / rectified flow):
+
+* VP: :math:`x_t = \sqrt{\bar\alpha_t} x_0 + \sqrt{1-\bar\alpha_t}\epsilon`, t a training
+  timestep in ``[0, N-1]``; level ``-1`` is the clean end with :math:`\bar\alpha = ` ``final_alpha_cumprod``.
+  Fractional t interpolates the log-SNR :math:`\lambda = \log\frac{\bar\alpha}{1-\bar\alpha}` linearly.
+* Flow: :math:`x_\sigma = (1-\sigma) x_0 + \sigma\epsilon`, :math:`\sigma \in [0, 1]`; the model is called
+  with :math:`\sigma N` as diffusers does.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from driffusion_core import coefficients as C
+from driffusion_core.errors import InvalidArgumentError, InvalidTimestepsError
+from driffusion_core.grid import TimeGrid
+
+__all__ = ["Schedule", "VPSchedule", "FlowSchedule", "rescale_zero_terminal_snr"]
+
+TimeLike = Union[float, int, torch.Tensor]
+
+
+def _levels(t: TimeLike) -> torch.Tensor:
+    return torch.as_tensor(t, dtype=torch.float64).cpu() if not isinstance(t, torch.Tensor) else t.detach().to("cpu", torch.float64)
+
+
+class Schedule:
+    """Common interface of a schedule: the interpolant at any level, and time grids."""
+
+    #: level of the clean end of the grid
+    terminal_level: float = 0.0
+
+    def alpha_sigma(self, t: TimeLike) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Interpolant coefficients (float64) at level(s) t: :math:`x_t = \\alpha x_0 + \\sigma\\epsilon`."""
+        raise NotImplementedError
+
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        """The time the predictor is called with at level(s) t."""
+        raise NotImplementedError
+
+    def level_range(self) -> Tuple[float, float]:
+        """(lowest, highest) level a grid may use; the lowest is the clean end."""
+        raise NotImplementedError
+
+    def level_of_model_time(self, t: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`model_time`: the level (float64) a model time stands for."""
+        raise NotImplementedError
+
+    def grid(self, levels: Union[Sequence[float], torch.Tensor, TimeGrid]) -> TimeGrid:
+        """A validated grid from explicit levels (contiguous, ending at the clean end) or a TimeGrid."""
+        g = levels if isinstance(levels, TimeGrid) else TimeGrid.from_levels(
+            levels, self.terminal_level, self.model_time(torch.as_tensor(levels, dtype=torch.float64).flatten())
+        )
+        self.validate(g)
+        return g
+
+    def validate(self, grid: TimeGrid) -> None:
+        lo, hi = self.level_range()
+        for name, v in (("t_from", grid.t_from), ("t_to", grid.t_to)):
+            bad = (v < lo) | (v > hi)
+            if bad.any():
+                i = int(torch.nonzero(bad)[0])
+                raise InvalidTimestepsError(
+                    f"Level {v[i].item():g} ({name}[{i}]) is out of range for {type(self).__name__}: "
+                    f"levels must lie in [{lo:g}, {hi:g}]."
+                )
+        if (grid.t_from <= lo).any():
+            raise InvalidTimestepsError(
+                f"A step starts at the clean end (level {lo:g}); the model is never evaluated there. "
+                f"End the grid with a step *to* {lo:g}."
+            )
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Rescale betas to zero terminal SNR (Lin et al. 2024, Algorithm 1), as diffusers does."""
+    alphas_bar_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    a0, aT = alphas_bar_sqrt[0].clone(), alphas_bar_sqrt[-1].clone()
+    alphas_bar_sqrt = (alphas_bar_sqrt - aT) * (a0 / (a0 - aT))
+    alphas_bar = alphas_bar_sqrt**2
+    alphas = torch.cat([alphas_bar[0:1], alphas_bar[1:] / alphas_bar[:-1]])
+    return 1 - alphas
+
+
+class VPSchedule(Schedule):
+    r"""Variance-preserving schedule given by its :math:`\bar\alpha_t` table (float64).
+
+    Arguments:
+        alphas_cumprod: :math:`\bar\alpha_t` for training timesteps t = 0..N-1 (decreasing, in [0, 1]).
+        final_alpha_cumprod: :math:`\bar\alpha` at level -1, the clean end (diffusers' DDIM
+            ``set_alpha_to_one``: 1.0, else ``alphas_cumprod[0]``; DDPM always uses 1.0).
+    """
+
+    terminal_level = -1.0
+
+    def __init__(self, alphas_cumprod: Union[Sequence[float], torch.Tensor], final_alpha_cumprod: float = 1.0):
+        ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).detach().cpu().flatten().clone()
+        if ac.numel() < 2:
+            raise InvalidArgumentError("alphas_cumprod needs at least two training timesteps.")
+        if not torch.isfinite(ac).all() or (ac < 0).any() or (ac > 1).any():
+            raise InvalidArgumentError("alphas_cumprod must be finite and lie in [0, 1].")
+        if (ac[1:] > ac[:-1]).any():
+            raise InvalidArgumentError("alphas_cumprod must not increase with t (t = 0 is the clean end).")
+        if not 0 < final_alpha_cumprod <= 1:
+            raise InvalidArgumentError(f"final_alpha_cumprod must lie in (0, 1], got {final_alpha_cumprod}.")
+        self.alphas_cumprod = ac
+        self.final_alpha_cumprod = float(final_alpha_cumprod)
+
+    # ----------------------------------------------------------------- constructors
+    @classmethod
+    def from_betas(cls, betas, final_alpha_cumprod: Optional[float] = 1.0, rescale_betas_zero_snr: bool = False) -> "VPSchedule":
+        """From per-step betas; ``final_alpha_cumprod=None`` means ``alphas_cumprod[0]``."""
+        betas = torch.as_tensor(betas, dtype=torch.float64).flatten()
+        if rescale_betas_zero_snr:
+            betas = rescale_zero_terminal_snr(betas)
+        ac = torch.cumprod(1.0 - betas, dim=0)
+        return cls(ac, float(ac[0]) if final_alpha_cumprod is None else final_alpha_cumprod)
+
+    @classmethod
+    def linear(cls, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, **kw) -> "VPSchedule":
+        """DDPM's linear betas."""
+        return cls.from_betas(torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64), **kw)
+
+    @classmethod
+    def scaled_linear(cls, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012, **kw) -> "VPSchedule":
+        """Stable Diffusion's betas: linear in sqrt(beta)."""
+        b = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+        return cls.from_betas(b, **kw)
+
+    @classmethod
+    def squaredcos_cap_v2(cls, num_train_timesteps: int = 1000, max_beta: float = 0.999, **kw) -> "VPSchedule":
+        """The cosine schedule of Nichol & Dhariwal (2021), betas capped at ``max_beta``."""
+        f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+        n = num_train_timesteps
+        b = [min(1 - f((i + 1) / n) / f(i / n), max_beta) for i in range(n)]
+        return cls.from_betas(torch.tensor(b, dtype=torch.float64), **kw)
+
+    def rescaled_zero_terminal_snr(self) -> "VPSchedule":
+        """This schedule rescaled to zero terminal SNR (use with v_prediction)."""
+        ac = self.alphas_cumprod
+        betas = 1 - torch.cat([ac[:1], ac[1:] / ac[:-1]])
+        return VPSchedule.from_betas(betas, self.final_alpha_cumprod, rescale_betas_zero_snr=True)
+
+    # ----------------------------------------------------------------- levels
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.alphas_cumprod.shape[0])
+
+    def level_range(self) -> Tuple[float, float]:
+        return -1.0, float(self.num_train_timesteps - 1)
+
+    def alpha_bar(self, t: TimeLike) -> torch.Tensor:
+        r""":math:`\bar\alpha_t` (float64) at level(s) t; exact table values at integer t, log-SNR interpolation between."""
+        t = _levels(t)
+        ac = self.alphas_cumprod
+        n = ac.shape[0]
+        tc = t.clamp(0, n - 1)
+        lo = tc.floor().long()
+        hi = tc.ceil().long()
+        out = ac[lo]
+        frac = tc - lo.to(torch.float64)
+        if (frac > 0).any():
+            lam = torch.log(ac) - torch.log1p(-ac)
+            lam_t = lam[lo] + frac * (lam[hi] - lam[lo])
+            out = torch.where(frac > 0, torch.sigmoid(lam_t), out)
+        return torch.where(t < 0, torch.full_like(out, self.final_alpha_cumprod), out)
+
+    def alpha_sigma(self, t: TimeLike) -> Tuple[torch.Tensor, torch.Tensor]:
+        return C.vp_alpha_sigma(self.alpha_bar(t))
+
+    def level_of_model_time(self, t: torch.Tensor) -> torch.Tensor:
+        return _levels(t)
+
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=torch.float64)
+        if torch.equal(t, t.round()):
+            return t.round().long()
+        return t.to(torch.float32)
+
+    # ----------------------------------------------------------------- grids
+    def timesteps(
+        self,
+        num_steps: int,
+        spacing: str = "leading",
+        steps_offset: int = 0,
+        step_to: str = "next",
+    ) -> TimeGrid:
+        """The time grid diffusers' DDIM/DDPM schedulers use for ``num_steps`` inference steps.
+
+        Arguments:
+            num_steps: number of model calls T.
+            spacing: ``"leading"``, ``"trailing"`` or ``"linspace"`` (diffusers' ``timestep_spacing``).
+            steps_offset: added to every timestep with leading spacing (diffusers' ``steps_offset``).
+            step_to: ``"next"`` steps to the next listed timestep (DDPM); ``"stride"`` steps to
+                ``t - N // num_steps`` as diffusers' DDIM does, which is not always the next listed one.
+        """
+        n = self.num_train_timesteps
+        if not isinstance(num_steps, int) or num_steps < 1 or num_steps > n:
+            raise InvalidTimestepsError(f"num_steps must be an int in [1, {n}], got {num_steps!r}.")
+        if spacing == "linspace":
+            ts = np.linspace(0, n - 1, num_steps).round()[::-1].copy().astype(np.int64)
+        elif spacing == "leading":
+            ratio = n // num_steps
+            ts = (np.arange(0, num_steps) * ratio).round()[::-1].copy().astype(np.int64) + steps_offset
+        elif spacing == "trailing":
+            ratio = n / num_steps
+            ts = np.round(np.arange(n, 0, -ratio)).astype(np.int64) - 1
+        else:
+            raise InvalidArgumentError(f"spacing must be 'leading', 'trailing' or 'linspace', got {spacing!r}.")
+        t_from = torch.tensor(ts, dtype=torch.float64)
+        if step_to == "next":
+            t_to = torch.cat([t_from[1:], torch.tensor([-1.0], dtype=torch.float64)])
+        elif step_to == "stride":
+            t_to = (t_from - (n // num_steps)).clamp(min=-1.0)
+        else:
+            raise InvalidArgumentError(f"step_to must be 'next' or 'stride', got {step_to!r}.")
+        grid = TimeGrid(t_from, t_to, t_from.long())
+        self.validate(grid)
+        return grid
+
+    def __repr__(self) -> str:
+        return f"VPSchedule(N={self.num_train_timesteps}, final_alpha_cumprod={self.final_alpha_cumprod:g})"
+
+
+class FlowSchedule(Schedule):
+    r"""Flow-matching (rectified flow) interpolant :math:`x_\sigma = (1-\sigma)x_0 + \sigma\epsilon` with time shift.
+
+    Arguments:
+        shift: the static shift :math:`\sigma \mapsto s\sigma / (1 + (s-1)\sigma)` (SD3 uses 3.0).
+        num_train_timesteps: the model is called with :math:`\sigma N`.
+        use_dynamic_shifting: shift with :math:`\sigma \mapsto e^\mu / (e^\mu + (1/\sigma - 1))`
+            and a per-call ``mu`` (Flux), instead of the static shift.
+    """
+
+    terminal_level = 0.0
+
+    def __init__(self, shift: float = 1.0, num_train_timesteps: int = 1000, use_dynamic_shifting: bool = False):
+        if shift <= 0:
+            raise InvalidArgumentError(f"shift must be positive, got {shift}.")
+        self.shift = float(shift)
+        self.num_train_timesteps = int(num_train_timesteps)
+        self.use_dynamic_shifting = bool(use_dynamic_shifting)
+
+    def level_range(self) -> Tuple[float, float]:
+        return 0.0, 1.0
+
+    def alpha_sigma(self, t: TimeLike) -> Tuple[torch.Tensor, torch.Tensor]:
+        return C.flow_alpha_sigma(_levels(t))
+
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        return (torch.as_tensor(t, dtype=torch.float64) * self.num_train_timesteps).to(torch.float32)
+
+    def level_of_model_time(self, t: torch.Tensor) -> torch.Tensor:
+        return _levels(t) / self.num_train_timesteps
+
+    def shift_sigmas(self, sigmas: np.ndarray, mu: Optional[float] = None) -> np.ndarray:
+        if self.use_dynamic_shifting:
+            if mu is None:
+                raise InvalidArgumentError("use_dynamic_shifting=True needs mu (e.g. from the image sequence length).")
+            return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
+        return self.shift * sigmas / (1 + (self.shift - 1) * sigmas)
+
+    def timesteps(self, num_steps: int, mu: Optional[float] = None) -> TimeGrid:
+        """diffusers' FlowMatchEulerDiscreteScheduler grid: shifted sigmas, then 0."""
+        if not isinstance(num_steps, int) or num_steps < 1:
+            raise InvalidTimestepsError(f"num_steps must be a positive int, got {num_steps!r}.")
+        n = self.num_train_timesteps
+        train = np.linspace(1, n, n, dtype=np.float32)[::-1].copy() / n
+        if not self.use_dynamic_shifting:
+            train = self.shift * train / (1 + (self.shift - 1) * train)
+        sigma_max, sigma_min = float(train[0]), float(train[-1])
+        sig = np.linspace(sigma_max * n, sigma_min * n, num_steps) / n
+        sig = self.shift_sigmas(sig, mu).astype(np.float32)
+        t_from = torch.tensor(sig, dtype=torch.float64)
+        grid = TimeGrid.from_levels(t_from, 0.0, torch.from_numpy(sig) * n)
+        self.validate(grid)
+        return grid
+
+    def __repr__(self) -> str:
+        return f"FlowSchedule(shift={self.shift:g}, N={self.num_train_timesteps})"

@@ -1,0 +1,177 @@
+r"""The abstract skip transition :math:`S(x, p, t \to s, z)`.
+
+A skip transition jumps from level t straight to any later level s with one prediction,
+in closed form. A one-level skip **is** the sampler's step. Operators never call the
+model and never draw random numbers (noise is an argument), and they are batched from
+the start: ``t_from`` and ``t_to`` may hold one level per row, so K drafts of a batch of B
+are K*B rows of a single call.
+
+A *draft* of level a+j from the anchor (x_a, p_a) is the serial chain of j steps with the
+anchor's prediction frozen (as x0_hat and eps_hat, converted at the anchor's level) and the
+same per-step noise z_a .. z_{a+j-1}; :meth:`SkipTransition.drafts` computes all of them in
+one call, in closed form: ``S(x_a, p_a, t_a -> t_to[a+j-1], z~_j)`` where z~_j is the unit
+noise the chain would have accumulated (:func:`~driffusion_core.coefficients.chain_noise_weights`).
+"""
+from __future__ import annotations
+
+import abc
+from typing import Optional, Tuple, Union
+
+import torch
+
+from driffusion_core.errors import InvalidArgumentError
+from driffusion_core.grid import TimeGrid
+from driffusion_core.parameterization import Prediction, X0Transform, to_x0_eps
+from driffusion_core.schedules import Schedule
+
+__all__ = ["SkipTransition", "as_levels", "zero_length_identity"]
+
+Levels = Union[float, int, torch.Tensor]
+
+
+def as_levels(t: Levels, batch: int) -> torch.Tensor:
+    """Levels as a float64 CPU tensor: a 0-d scalar, or one level per row (``Tensor[batch]``)."""
+    t = t.detach().to("cpu", torch.float64) if isinstance(t, torch.Tensor) else torch.tensor(float(t), dtype=torch.float64)
+    if t.dim() > 1 or (t.dim() == 1 and t.shape[0] not in (1, batch)):
+        raise InvalidArgumentError(
+            f"Levels must be a scalar or hold one level per row ({batch}), got shape {tuple(t.shape)}."
+        )
+    return t[0] if t.dim() == 1 and t.shape[0] == 1 and batch != 1 else t
+
+
+class SkipTransition(abc.ABC):
+    """A closed-form jump ``S(x, pred, t_from -> t_to, noise)`` between noise levels.
+
+    Subclasses set the class attributes and implement :meth:`__call__` (and, if stochastic,
+    :meth:`chain_factors`).
+
+    Attributes:
+        stochastic: whether the step adds noise (then the sampler passes per-step noise).
+        composes_exactly: whether ``S(S(x,p,t->s),p,s->u) == S(x,p,t->u)`` for a frozen prediction.
+        schedule: the noise schedule.
+        prediction: what the predictor returns.
+        x0_transform: optional clipping / thresholding of x0_hat.
+    """
+
+    stochastic: bool = False
+    composes_exactly: bool = False
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        prediction: Union[str, Prediction] = "epsilon",
+        x0_transform: Optional[X0Transform] = None,
+        recompute_eps: bool = False,
+    ):
+        if not isinstance(schedule, Schedule):
+            raise InvalidArgumentError(f"schedule must be a VPSchedule or FlowSchedule, got {type(schedule).__name__}.")
+        self.schedule = schedule
+        self.prediction = Prediction.parse(prediction)
+        self.x0_transform = x0_transform
+        self.recompute_eps = bool(recompute_eps)
+
+    # ----------------------------------------------------------------- the operator
+    @abc.abstractmethod
+    def __call__(
+        self,
+        x: torch.Tensor,
+        pred: torch.Tensor,
+        t_from: Levels,
+        t_to: Levels,
+        noise: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Jump from level ``t_from`` to level ``t_to``.
+
+        Arguments:
+            x: ``Tensor[B, ...]``, the state at ``t_from``.
+            pred: ``Tensor[B, ...]``, the model output at (x, t_from).
+            t_from, t_to: levels, scalars or ``Tensor[B]`` (one per row).
+            noise: ``Tensor[B, ...]`` standard normal, for stochastic transitions; ``None``
+                gives the mean of the jump.
+
+        Returns:
+            ``Tensor[B, ...]``, the state at ``t_to``, in x's dtype.
+        """
+
+    def to_x0_eps(self, x: torch.Tensor, pred: torch.Tensor, t: Levels) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(x0_hat, eps_hat) of a model output at level t (with the x0 transform applied)."""
+        alpha, sigma = self.schedule.alpha_sigma(as_levels(t, x.shape[0]))
+        return to_x0_eps(self.prediction, x, pred, alpha, sigma, self.x0_transform, self.recompute_eps)
+
+    # ----------------------------------------------------------------- drafts
+    def chain_factors(self, t_from: torch.Tensor, t_to: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per-step (B_k, s_k) of the one-level chain with x0_hat frozen: ``x_{k+1} = A_k x0 + B_k x_k + s_k z_k``.
+
+        Only stochastic transitions need it (to couple a draft's noise to the chain's).
+        """
+        raise NotImplementedError(f"{type(self).__name__} is deterministic; it has no chain noise.")
+
+    def coupled_noise(self, t_from: torch.Tensor, t_to: torch.Tensor, noises: torch.Tensor) -> torch.Tensor:
+        """Unit noise of each draft, from the chain's per-step noise.
+
+        ``noises[k]`` is z_{a+k}; returns ``Tensor[n, B, ...]`` whose row j is
+        :math:`\\sum_{k \\le j} w_{jk} z_k / \\|w_j\\|` (row 0 is z_a itself, bit for bit).
+        """
+        from driffusion_core.coefficients import chain_noise_weights
+
+        n = noises.shape[0]
+        c_x, std = self.chain_factors(t_from, t_to)
+        u = torch.zeros(n, n, dtype=torch.float64)
+        for j in range(n):
+            w = torch.stack(chain_noise_weights(c_x[: j + 1], std[: j + 1]))
+            norm = torch.linalg.vector_norm(w)
+            if norm > 0:
+                u[j, : j + 1] = w / norm
+            else:
+                u[j, j] = 1.0
+        flat = noises.reshape(n, -1)
+        out = (u.to(device=flat.device, dtype=flat.dtype) @ flat).reshape(noises.shape)
+        out[0] = noises[0]
+        return out
+
+    def drafts(
+        self,
+        x: torch.Tensor,
+        pred: torch.Tensor,
+        t_from: torch.Tensor,
+        t_to: torch.Tensor,
+        noises: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """All drafts of a window, in one batched operator call.
+
+        Arguments:
+            x, pred: the anchor state and its prediction, ``Tensor[B, ...]``.
+            t_from, t_to: ``Tensor[n]``, the levels of the window's n steps (``t_from[0]`` is the anchor's).
+            noises: ``Tensor[n, B, ...]``, the per-step noise z_a .. z_{a+n-1} (stochastic only).
+
+        Returns:
+            ``Tensor[n, B, ...]``; row j is the state after j+1 steps with the prediction frozen.
+            Row 0 equals the serial step ``S(x, pred, t_from[0], t_to[0], z_a)`` bit for bit.
+        """
+        n, b = int(t_from.shape[0]), x.shape[0]
+        rows = lambda v: v.unsqueeze(0).expand(n, *v.shape).reshape(n * b, *v.shape[1:])
+        src = t_from[0].expand(n * b)
+        dst = t_to.to(torch.float64).repeat_interleave(b)
+        z = None
+        if self.stochastic and noises is not None:
+            z = self.coupled_noise(t_from, t_to, noises).reshape(n * b, *x.shape[1:])
+        return self(rows(x), rows(pred), src, dst, z).reshape(n, *x.shape)
+
+    # ----------------------------------------------------------------- grids
+    def make_grid(self, timesteps: Union[TimeGrid, torch.Tensor, list, tuple]) -> TimeGrid:
+        """A validated TimeGrid from a TimeGrid or a sequence of decreasing levels."""
+        return self.schedule.grid(timesteps)
+
+    def __repr__(self) -> str:
+        extra = f", x0_transform={self.x0_transform!r}" if self.x0_transform is not None else ""
+        return f"{type(self).__name__}({self.schedule!r}, prediction={self.prediction.value!r}{extra})"
+
+
+def zero_length_identity(out: torch.Tensor, x: torch.Tensor, t_from: torch.Tensor, t_to: torch.Tensor) -> torch.Tensor:
+    """Rows whose skip has zero length (t_from == t_to) return x itself, exactly."""
+    same = t_from == t_to
+    if not bool(same.any()):
+        return out
+    if same.dim() == 0:
+        return x.clone()
+    return torch.where(same.to(x.device).reshape(-1, *([1] * (x.dim() - 1))), x, out)

@@ -1,0 +1,72 @@
+r"""DDIM skip transition (Song et al. 2021), deterministic (eta = 0) or stochastic.
+
+Key: abar_t = alpha-bar at level t; x0_hat, eps_hat the prediction converted at t_from;
+sigma_{t->s} = eta sqrt((1-abar_s)/(1-abar_t)) sqrt(1 - abar_t/abar_s).
+
+    x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma_{t->s}^2) eps_hat + sigma_{t->s} z
+
+At eta = 0 the skip composes exactly with a frozen (x0_hat, eps_hat). For 0 < eta the big step
+is *marginal-consistent* (the marginal variance is 1 - abar_s) but not a composition of small
+steps; at eta = 1 it is the DDPM posterior.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from driffusion_core import coefficients as C
+from driffusion_core.errors import InvalidArgumentError
+from driffusion_core.parameterization import Prediction, X0Transform, broadcast_coef
+from driffusion_core.schedules import VPSchedule
+from driffusion_core.transition import Levels, SkipTransition, as_levels, zero_length_identity
+
+__all__ = ["DDIMSkip"]
+
+
+class DDIMSkip(SkipTransition):
+    """DDIM's update across any pair of levels.
+
+    Arguments:
+        schedule: a :class:`~driffusion_core.VPSchedule`.
+        prediction: ``"epsilon"``, ``"sample"`` or ``"v_prediction"``.
+        eta: 0 for deterministic DDIM, 1 for the DDPM posterior, in between for both.
+        x0_transform: optional :class:`~driffusion_core.ClipSample` / :class:`~driffusion_core.DynamicThreshold`.
+        recompute_eps: re-derive eps_hat from the transformed x0_hat (diffusers' ``use_clipped_model_output``).
+    """
+
+    def __init__(
+        self,
+        schedule: VPSchedule,
+        prediction: Union[str, Prediction] = "epsilon",
+        eta: float = 0.0,
+        x0_transform: Optional[X0Transform] = None,
+        recompute_eps: bool = False,
+    ):
+        if not isinstance(schedule, VPSchedule):
+            raise InvalidArgumentError(f"DDIMSkip needs a VPSchedule, got {type(schedule).__name__}.")
+        super().__init__(schedule, prediction, x0_transform, recompute_eps)
+        if self.prediction is Prediction.VELOCITY:
+            raise InvalidArgumentError("DDIMSkip takes epsilon, sample or v_prediction; 'velocity' is for FlowEulerSkip.")
+        if not 0 <= eta:
+            raise InvalidArgumentError(f"eta must be >= 0, got {eta}.")
+        self.eta = float(eta)
+        self.stochastic = self.eta > 0
+        self.composes_exactly = self.eta == 0
+
+    def __call__(self, x, pred, t_from: Levels, t_to: Levels, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        t_from, t_to = as_levels(t_from, x.shape[0]), as_levels(t_to, x.shape[0])
+        abar_t, abar_s = self.schedule.alpha_bar(t_from), self.schedule.alpha_bar(t_to)
+        x0_hat, eps_hat = self.to_x0_eps(x, pred, t_from)
+        c_x0, c_eps, sigma = C.ddim_coefficients(abar_t, abar_s, self.eta)
+        out = broadcast_coef(c_x0, x) * x0_hat + broadcast_coef(c_eps, x) * eps_hat
+        if self.stochastic and noise is not None:
+            out = out + broadcast_coef(sigma, x) * noise
+        return zero_length_identity(out, x, t_from, t_to)
+
+    def chain_factors(self, t_from: torch.Tensor, t_to: torch.Tensor):
+        _, c_x, sigma = C.ddim_chain_coefficients(self.schedule.alpha_bar(t_from), self.schedule.alpha_bar(t_to), self.eta)
+        return c_x, sigma
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f", eta={self.eta:g})"

@@ -1,0 +1,81 @@
+r"""DDPM skip transition: the closed-form posterior q(x_s | x_t, x0_hat) for any s < t.
+
+Key: alpha_{t|s} = abar_t / abar_s, beta_{t|s} = 1 - alpha_{t|s}.
+
+    mean = sqrt(abar_s) beta_{t|s} / (1 - abar_t) x0_hat + sqrt(alpha_{t|s}) (1 - abar_s) / (1 - abar_t) x_t
+    var  = beta_{t|s} (1 - abar_s) / (1 - abar_t)   ("fixed_small")   or   beta_{t|s}   ("fixed_large")
+    x_s  = mean + sqrt(var) z          (no noise when t = 0, as diffusers)
+
+With x0_hat frozen, the multi-level posterior equals the chain of one-level posteriors in
+distribution ("fixed_small"). With *coupled* noise (z the chain's own per-step noise, combined
+with :func:`~driffusion_core.coefficients.chain_noise_weights`) it equals the chain exactly.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from driffusion_core import coefficients as C
+from driffusion_core.errors import InvalidArgumentError
+from driffusion_core.parameterization import Prediction, X0Transform, broadcast_coef
+from driffusion_core.schedules import VPSchedule
+from driffusion_core.transition import Levels, SkipTransition, as_levels, zero_length_identity
+
+__all__ = ["DDPMSkip"]
+
+VARIANCE_TYPES = ("fixed_small", "fixed_large")
+
+
+class DDPMSkip(SkipTransition):
+    """DDPM's ancestral step across any pair of levels.
+
+    Arguments:
+        schedule: a :class:`~driffusion_core.VPSchedule`.
+        prediction: ``"epsilon"``, ``"sample"`` or ``"v_prediction"``.
+        variance_type: ``"fixed_small"`` (the posterior variance) or ``"fixed_large"`` (beta_{t|s}).
+        x0_transform: optional clipping / dynamic thresholding of x0_hat.
+    """
+
+    stochastic = True
+    composes_exactly = False  # in distribution (and exactly with coupled noise), see the module doc
+
+    def __init__(
+        self,
+        schedule: VPSchedule,
+        prediction: Union[str, Prediction] = "epsilon",
+        variance_type: str = "fixed_small",
+        x0_transform: Optional[X0Transform] = None,
+    ):
+        if not isinstance(schedule, VPSchedule):
+            raise InvalidArgumentError(f"DDPMSkip needs a VPSchedule, got {type(schedule).__name__}.")
+        super().__init__(schedule, prediction, x0_transform)
+        if self.prediction is Prediction.VELOCITY:
+            raise InvalidArgumentError("DDPMSkip takes epsilon, sample or v_prediction; 'velocity' is for FlowEulerSkip.")
+        if variance_type not in VARIANCE_TYPES:
+            raise InvalidArgumentError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}.")
+        self.variance_type = variance_type
+
+    def _std(self, abar_t, abar_s, t_from):
+        _, _, var = C.ddpm_posterior_coefficients(abar_t, abar_s)
+        if self.variance_type == "fixed_large":
+            var = C.ddpm_large_variance(abar_t, abar_s)
+        return torch.where(t_from > 0, var.clamp(min=0).sqrt(), torch.zeros_like(var))
+
+    def __call__(self, x, pred, t_from: Levels, t_to: Levels, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        t_from, t_to = as_levels(t_from, x.shape[0]), as_levels(t_to, x.shape[0])
+        abar_t, abar_s = self.schedule.alpha_bar(t_from), self.schedule.alpha_bar(t_to)
+        x0_hat, _ = self.to_x0_eps(x, pred, t_from)
+        c_x0, c_xt, _ = C.ddpm_posterior_coefficients(abar_t, abar_s)
+        out = broadcast_coef(c_x0, x) * x0_hat + broadcast_coef(c_xt, x) * x
+        if noise is not None:
+            out = out + broadcast_coef(self._std(abar_t, abar_s, t_from), x) * noise
+        return zero_length_identity(out, x, t_from, t_to)
+
+    def chain_factors(self, t_from: torch.Tensor, t_to: torch.Tensor):
+        abar_t, abar_s = self.schedule.alpha_bar(t_from), self.schedule.alpha_bar(t_to)
+        _, c_xt, _ = C.ddpm_posterior_coefficients(abar_t, abar_s)
+        return c_xt, self._std(abar_t, abar_s, t_from)
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f", variance_type={self.variance_type!r})"

@@ -1,0 +1,108 @@
+"""The reference serial sampler and the step-skipping baseline.
+
+``sample_serial`` walks the grid one model call at a time:
+``p_i = f(x_i, t_i); x_{i+1} = S(x_i, p_i, t_from[i] -> t_to[i], z_i)``. Every parallel sampler
+is measured against it, from the same starting state and the same per-step noise.
+
+``sample_step_skipping`` is the naive way to spend fewer sequential rounds: serial sampling on a
+coarser grid (R of the T levels, evenly spaced), each coarse step a skip transition whose noise is
+coupled to the fine grid's per-step noise, so it is compared from the same noise.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Union
+
+import numpy as np
+import torch
+
+from driffusion_core.errors import InvalidArgumentError
+from driffusion_core.executor import Predictor
+from driffusion_core.grid import TimeGrid
+from driffusion_core.noise import NoiseSource
+from driffusion_core.scheduler import SampleOutput, check_inputs, check_predictions, default_noise, progress_bar
+from driffusion_core.transition import SkipTransition
+
+__all__ = ["sample_serial", "sample_step_skipping", "coarse_indices"]
+
+
+def _call(predictor, x, grid: TimeGrid, i: int, cond: dict) -> torch.Tensor:
+    t = grid.model_times[i : i + 1].to(x.device).expand(x.shape[0])
+    pred = predictor(x, t, **cond)
+    return check_predictions(pred.unsqueeze(0) if isinstance(pred, torch.Tensor) else pred, x.unsqueeze(0), [i], grid)[0]
+
+
+def sample_serial(
+    predictor: Predictor,
+    x: torch.Tensor,
+    transition: SkipTransition,
+    timesteps: Union[TimeGrid, torch.Tensor, list, tuple],
+    noise: Optional[NoiseSource] = None,
+    cond: Optional[Mapping[str, Any]] = None,
+    progress: bool = False,
+    return_trajectory: bool = False,
+) -> SampleOutput:
+    """The serial sampler: T sequential model calls on the grid.
+
+    Arguments:
+        predictor: ``f(x, t, **cond) -> Tensor`` shaped like x.
+        x: the starting state at ``t_0``.
+        transition: the step (a SkipTransition; its one-level skip is the step).
+        timesteps: a TimeGrid or decreasing levels.
+        noise: per-step noise for stochastic transitions (default: a random seed).
+        cond: keyword arguments for the predictor.
+
+    Returns:
+        :class:`~driffusion_core.SampleOutput` with ``rounds == evals == T``.
+    """
+    cond = check_inputs(x, cond)
+    grid = transition.make_grid(timesteps)
+    noise = default_noise(transition, noise)
+    traj = [x] if return_trajectory else None
+    bar = progress_bar(progress, len(grid), "serial")
+    for i in range(len(grid)):
+        pred = _call(predictor, x, grid, i, cond)
+        z = noise(i, x.shape, x.dtype, x.device) if (transition.stochastic and noise is not None) else None
+        x = transition(x, pred, grid.t_from[i], grid.t_to[i], z)
+        if traj is not None:
+            traj.append(x)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return SampleOutput(x, len(grid), len(grid), traj)
+
+
+def coarse_indices(num_steps: int, rounds: int) -> list:
+    """R + 1 evenly spread fine-grid indices 0 = i_0 < ... < i_R = T (a coarse grid of R steps)."""
+    if not isinstance(rounds, int) or not 1 <= rounds <= num_steps:
+        raise InvalidArgumentError(f"rounds must be an int in [1, {num_steps}], got {rounds!r}.")
+    idx = np.round(np.linspace(0, num_steps, rounds + 1)).astype(int).tolist()
+    return idx
+
+
+def sample_step_skipping(
+    predictor: Predictor,
+    x: torch.Tensor,
+    transition: SkipTransition,
+    timesteps: Union[TimeGrid, torch.Tensor, list, tuple],
+    rounds: int,
+    noise: Optional[NoiseSource] = None,
+    cond: Optional[Mapping[str, Any]] = None,
+) -> SampleOutput:
+    """Serial sampling on R of the T levels: the baseline at equal sequential rounds.
+
+    Coarse step k jumps from fine level i_k to i_{k+1} with one model call, as the skip
+    transition (its noise coupled to z_{i_k} .. z_{i_{k+1}-1}, the fine grid's noise).
+    With ``rounds == T`` it is :func:`sample_serial`.
+    """
+    cond = check_inputs(x, cond)
+    grid = transition.make_grid(timesteps)
+    noise = default_noise(transition, noise)
+    idx = coarse_indices(len(grid), rounds)
+    for a, b in zip(idx[:-1], idx[1:]):
+        pred = _call(predictor, x, grid, a, cond)
+        noises = None
+        if transition.stochastic and noise is not None:
+            noises = noise.steps(a, b, x.shape, x.dtype, x.device)
+        x = transition.drafts(x, pred, grid.t_from[a:b], grid.t_to[a:b], noises)[-1]
+    return SampleOutput(x, rounds, rounds)
