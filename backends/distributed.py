@@ -1,0 +1,665 @@
+r"""Several processes, one or more machines: a round's drafts spread over the ranks of torch.distributed.
+
+SPMD: every rank runs the same scheduler on the same inputs (same starting state, same seed) and calls
+:meth:`DistributedExecutor.evaluate` with the same ``(xs, ts, cond)``. Rank ``r`` evaluates its
+contiguous share of the K drafts, the ranks all-gather the predictions, and every rank returns the full
+``Tensor[K, B, ...]`` in draft order, so every rank refines the same way and holds the same sample.
+
+Launch with torchrun (see ``backends/README.md``)::
+
+    torchrun --nproc_per_node=2 examples/distributed_sample.py            # one node, gloo on CPU
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 \
+             --master_addr=10.0.0.1 --master_port=29500 script.py        # several nodes, nccl
+
+and in the script::
+
+    from backends import DistributedExecutor, init_from_env
+    env = init_from_env()                     # gloo on CPU, nccl (device cuda:LOCAL_RANK) on GPU
+    executor = DistributedExecutor(timeout=60)
+    out = DraftRefineScheduler(transition, grid, width=env.world_size).sample(model, x, executor=executor,
+                                                                              noise=NoiseSource(seed))
+
+A round (K > 1 drafts):
+
+1. each rank calls the predictor on its share (``shares(K)``), one call per draft, as
+   :class:`~backends.SerialExecutor` does (so the predictions are bit for bit the serial ones);
+2. the ranks exchange a small status header (ok / the predictor raised / bad output, plus a descriptor
+   of the inputs and outputs, so ranks that were given different shapes, dtypes or device types are
+   caught instead of exchanging garbage). With gloo the header and the predictions travel in **one**
+   all-gather; with nccl the header goes over a small gloo side group on the CPU and the predictions
+   over nccl;
+3. if some rank failed, every rank raises :class:`~driffusion_core.errors.ExecutorError` naming the
+   failing ranks, the exception type and message; otherwise the padded shares are assembled in draft
+   order (K need not be a multiple of the world size: shares are padded to the largest for the
+   all-gather and the padding dropped).
+
+A round with one draft (the anchor's exact call in conservative mode, the first anchor) needs no
+communication: every rank calls the predictor itself.
+
+Faults. Every wait on another rank is bounded by ``timeout`` seconds: a rank that dies, hangs or falls
+out of step makes the others raise ``ExecutorError`` instead of hanging. After such a communication
+failure a short ``monitored_barrier`` (at most ``diagnose_timeout`` seconds) names the ranks that did not
+answer; the process group is then unusable (the executor refuses further rounds) and the job should
+exit. ``timeout`` must exceed the longest a healthy rank can keep the others waiting, i.e. one share of
+model calls.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import socket
+import time
+import zlib
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+
+from driffusion_core.errors import ExecutorError, InvalidArgumentError, PredictorOutputError
+from driffusion_core.executor import Executor, Predictor
+
+try:  # torch may be built without distributed support
+    import torch.distributed as dist
+
+    _DIST_AVAILABLE = dist.is_available()
+except Exception:  # pragma: no cover - depends on the torch build
+    dist = None  # type: ignore[assignment]
+    _DIST_AVAILABLE = False
+
+__all__ = ["DistributedExecutor", "init_from_env", "DistEnv", "even_shares"]
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def even_shares(k: int, n: int) -> List[int]:
+    """Split ``k`` items into ``n`` contiguous shares, as even as possible, larger shares first.
+
+    ``even_shares(5, 2) == [3, 2]``, ``even_shares(1, 3) == [1, 0, 0]``.
+    """
+    if n < 1:
+        raise InvalidArgumentError(f"cannot split over {n} workers; need at least one.")
+    if k < 0:
+        raise InvalidArgumentError(f"cannot split {k} items.")
+    base, extra = divmod(k, n)
+    return [base + (1 if i < extra else 0) for i in range(n)]
+
+
+def _offsets(sizes: Sequence[int]) -> List[int]:
+    out, acc = [], 0
+    for s in sizes:
+        out.append(acc)
+        acc += s
+    return out
+
+
+class DistEnv(NamedTuple):
+    """Where this process sits in the job (returned by :func:`init_from_env`)."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    backend: str
+
+
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _require_dist() -> None:
+    if not _DIST_AVAILABLE:
+        raise ExecutorError(
+            "torch.distributed is not available in this torch build; DistributedExecutor needs it. "
+            "On one machine use backends.BatchedExecutor (one device) or backends.StreamExecutor (several GPUs)."
+        )
+
+
+def init_from_env(backend: Optional[str] = None, timeout: float = 120.0) -> DistEnv:
+    """Initialise the default process group from torchrun's environment, if not done yet.
+
+    Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` (set by
+    ``torchrun``). With ``backend=None`` it picks ``"nccl"`` when CUDA is available and ``"gloo"``
+    otherwise; for nccl it also selects ``cuda:LOCAL_RANK`` as this process's device.
+
+    Arguments:
+        backend: ``"gloo"`` (CPU, any machine), ``"nccl"`` (NVIDIA GPUs) or None to choose.
+        timeout: the process group's timeout in seconds (how long a collective may wait before the
+            backend gives up; :class:`DistributedExecutor` bounds its own waits separately).
+
+    Returns:
+        :class:`DistEnv` ``(rank, local_rank, world_size, backend)``.
+    """
+    _require_dist()
+    if not (isinstance(timeout, (int, float)) and timeout > 0):
+        raise InvalidArgumentError(f"timeout must be a positive number of seconds, got {timeout!r}.")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if dist.is_initialized():
+        return DistEnv(dist.get_rank(), local_rank, dist.get_world_size(), str(dist.get_backend()))
+    missing = [v for v in _TORCHRUN_VARS if v not in os.environ]
+    if missing:
+        raise ExecutorError(
+            f"init_from_env: the environment variables {', '.join(missing)} are not set, so this process "
+            f"was not started by torchrun. Launch it with e.g. `torchrun --nproc_per_node=2 your_script.py` "
+            f"(see backends/README.md), or call torch.distributed.init_process_group yourself."
+        )
+    if backend is None:
+        backend = "nccl" if (torch.cuda.is_available() and dist.is_nccl_available()) else "gloo"
+    backend = str(backend).lower()
+    if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise ExecutorError(
+                "init_from_env: backend 'nccl' needs CUDA, but torch.cuda.is_available() is False; "
+                "use backend='gloo' on CPU."
+            )
+        n = torch.cuda.device_count()
+        if local_rank >= n:
+            raise ExecutorError(
+                f"init_from_env: LOCAL_RANK={local_rank} but this node has only {n} GPU(s); start at most "
+                f"{n} processes per node (torchrun --nproc_per_node={n})."
+            )
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend=backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout))
+    return DistEnv(dist.get_rank(), local_rank, dist.get_world_size(), backend)
+
+
+# The per-round status header: int64 fields, then the dims of xs and of the stacked output.
+_MAXD = 24
+(_F_CODE, _F_ROUND, _F_K, _F_XNDIM, _F_XDTYPE, _F_XDEV, _F_TDTYPE, _F_COND,
+ _F_HASOUT, _F_ONDIM, _F_ODTYPE, _F_FITS) = range(12)
+_F_XDIMS = 12
+_F_ODIMS = _F_XDIMS + _MAXD
+_HEADER_LEN = _F_ODIMS + _MAXD  # 60 int64 = 480 bytes (a multiple of 16: any dtype can follow it)
+_HEADER_BYTES = _HEADER_LEN * 8
+
+_OK, _RAISED, _BAD_OUTPUT = 0, 1, 2
+_MSG_BYTES = 2048
+_PROBE_TAG = 0x5D1F
+
+_DTYPES = [
+    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64, torch.complex128,
+    torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool,
+]
+_DEVICE_TYPES = ["cpu", "cuda", "mps", "xpu", "meta"]
+
+
+def _dtype_code(dtype: torch.dtype) -> int:
+    return _DTYPES.index(dtype) if dtype in _DTYPES else 99
+
+
+def _dtype_name(code: int) -> str:
+    return str(_DTYPES[code]).replace("torch.", "") if 0 <= code < len(_DTYPES) else "other dtype"
+
+
+def _device_code(device: torch.device) -> int:
+    return _DEVICE_TYPES.index(device.type) if device.type in _DEVICE_TYPES else 99
+
+
+def _device_name(code: int) -> str:
+    return _DEVICE_TYPES[code] if 0 <= code < len(_DEVICE_TYPES) else "other device"
+
+
+def _cond_signature(cond: Mapping[str, Any]) -> int:
+    parts = []
+    for name in sorted(cond):
+        v = cond[name]
+        parts.append(f"{name}:{tuple(v.shape)}:{v.dtype}" if isinstance(v, torch.Tensor) else name)
+    return zlib.crc32("|".join(parts).encode())
+
+
+def _dims(h: torch.Tensor, start: int, ndim: int) -> Tuple[int, ...]:
+    return tuple(int(d) for d in h[start : start + ndim].tolist())
+
+
+def _to_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A flat uint8 view of ``t``'s elements (bit exact for every dtype)."""
+    t = t.contiguous().reshape(-1)
+    if t.dtype == torch.bool:
+        t = t.to(torch.uint8)
+    return t.view(torch.uint8)
+
+
+def _from_bytes(b: torch.Tensor, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
+    if dtype == torch.bool:
+        return b.reshape(shape).to(torch.bool)
+    return b.view(dtype).reshape(shape)
+
+
+def _item_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _first_line(text: str, limit: int = 300) -> str:
+    """The gist of a backend's error: first line, no source location, no boilerplate advice."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    line = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", line)
+    line = line.split(" This is typically caused")[0].rstrip(" .!")
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+# ------------------------------------------------------------------------------------------- executor
+
+
+class DistributedExecutor(Executor):
+    """Spreads a round's K drafts over the ranks of a torch.distributed process group (SPMD).
+
+    Arguments:
+        group: the process group (default: the world). Every rank of it runs the same sampler.
+        timeout: seconds any rank waits for the others in one exchange before raising
+            :class:`~driffusion_core.errors.ExecutorError` (must exceed one share's model calls).
+        device: where this rank evaluates its share. Default: ``cuda:LOCAL_RANK`` with nccl, and
+            wherever the inputs already are with gloo. Inputs are moved there; the gathered
+            predictions are returned on the inputs' device.
+        control_group: a gloo group with the same ranks for the status exchange. Made automatically
+            (``new_group(backend="gloo")``) when ``group`` is not gloo; pass one when ``group`` is a
+            non-gloo subgroup, since making a group is a collective of the whole world.
+        diagnose_timeout: seconds spent, after a failed exchange, on a ``monitored_barrier`` that names
+            the ranks that did not answer (default ``min(5, timeout)``).
+
+    Raises:
+        ExecutorError: torch.distributed is unavailable, or the process group is not initialised
+            (call :func:`init_from_env` under torchrun first).
+    """
+
+    def __init__(
+        self,
+        group: Any = None,
+        timeout: float = 60.0,
+        device: Any = None,
+        control_group: Any = None,
+        diagnose_timeout: Optional[float] = None,
+    ):
+        _require_dist()
+        if not dist.is_initialized():
+            raise ExecutorError(
+                "DistributedExecutor: the torch.distributed process group is not initialised. Launch the "
+                "script with torchrun (e.g. `torchrun --nproc_per_node=2 script.py`) and call "
+                "backends.init_from_env() before making the executor, or call "
+                "torch.distributed.init_process_group yourself."
+            )
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise InvalidArgumentError(f"timeout must be a positive number of seconds, got {timeout!r}.")
+        if diagnose_timeout is None:
+            diagnose_timeout = min(5.0, float(timeout))
+        if isinstance(diagnose_timeout, bool) or not isinstance(diagnose_timeout, (int, float)) or diagnose_timeout < 0:
+            raise InvalidArgumentError(f"diagnose_timeout must be >= 0 seconds, got {diagnose_timeout!r}.")
+        self.group = group
+        self.timeout = float(timeout)
+        self.diagnose_timeout = float(diagnose_timeout)
+        self.rank = dist.get_rank(group)
+        if self.rank < 0:
+            raise InvalidArgumentError("DistributedExecutor: this process is not a member of the given group.")
+        self.world_size = dist.get_world_size(group)
+        self.backend = str(dist.get_backend(group)).lower()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+
+        if device is None and self.backend == "nccl":
+            device = torch.device("cuda", self.local_rank) if "LOCAL_RANK" in os.environ else torch.device(
+                "cuda", torch.cuda.current_device()
+            )
+        self.device: Optional[torch.device] = torch.device(device) if device is not None else None
+        if self.backend == "nccl" and (self.device is None or self.device.type != "cuda"):
+            raise InvalidArgumentError(
+                f"DistributedExecutor: the nccl backend communicates CUDA tensors, but device={self.device}; "
+                f"use device='cuda:<local_rank>' or the gloo backend on CPU."
+            )
+        # Where predictions travel: nccl needs them on this rank's GPU; gloo gets them on the CPU.
+        self._comm_device = self.device if self.backend == "nccl" else torch.device("cpu")
+
+        if control_group is not None:
+            self._control = control_group
+            self._own_control = False
+        elif self.backend == "gloo":
+            self._control = group
+            self._own_control = False
+        else:
+            ranks = dist.get_process_group_ranks(group) if group is not None else None
+            self._control = dist.new_group(
+                ranks=ranks, backend="gloo", timeout=datetime.timedelta(seconds=max(self.timeout, 1.0))
+            )
+            self._own_control = True
+        if str(dist.get_backend(self._control)).lower() != "gloo":
+            raise InvalidArgumentError("DistributedExecutor: control_group must be a gloo process group.")
+        # One all-gather per round when the predictions can ride on the gloo status exchange.
+        self._fused = self.backend == "gloo" and self._control is group
+        self._round = 0
+        self._broken: Optional[str] = None
+        self._validated: Optional[tuple] = None
+        self._closed = False
+
+        # Who is where (for describe()), exchanged once; also checks that every rank made the executor.
+        me = f"{socket.gethostname()}|{self.device if self.device is not None else 'inputs'}"
+        replies = self._gather_text(me, what="setup")
+        self._hosts = [r.split("|", 1)[0] for r in replies]
+        self._devices = [r.split("|", 1)[1] if "|" in r else "?" for r in replies]
+
+    # ----------------------------------------------------------------------------------------- info
+
+    def shares(self, k: int) -> List[int]:
+        """The planned number of drafts per rank for a round of ``k`` drafts (rank order = draft order).
+
+        A single draft is evaluated by every rank (no communication); the list then says ``[1, 0, ...]``
+        for the share that counts.
+        """
+        return even_shares(k, self.world_size)
+
+    def describe(self) -> str:
+        nodes = len(set(self._hosts))
+        devs = sorted(set(self._devices))
+        per_rank = devs[0] if len(devs) == 1 else ", ".join(f"{r}:{d}" for r, d in enumerate(self._devices))
+        if per_rank == "inputs":
+            per_rank = "the inputs' device"
+        return (
+            f"DistributedExecutor(world_size={self.world_size}, backend={self.backend}, nodes={nodes}, "
+            f"device per rank: {per_rank}, timeout={self.timeout:g}s)"
+        )
+
+    def close(self) -> None:
+        """Destroy the gloo side group this executor made (never the user's group). Safe to call twice."""
+        if self._own_control and not self._closed:
+            try:
+                dist.destroy_process_group(self._control)
+            except Exception:  # pragma: no cover - best effort on teardown
+                pass
+        self._closed = True
+        self._broken = self._broken or "the executor was closed"
+
+    # ------------------------------------------------------------------------------------- evaluate
+
+    def evaluate(
+        self,
+        predictor: Predictor,
+        xs: torch.Tensor,
+        ts: torch.Tensor,
+        cond: Optional[Mapping[str, Any]] = None,
+    ) -> torch.Tensor:
+        if self._broken is not None:
+            raise ExecutorError(
+                f"DistributedExecutor (rank {self.rank}): an earlier round failed ({self._broken}); the process "
+                f"group cannot be trusted any more. End the job and relaunch it."
+            )
+        if not isinstance(xs, torch.Tensor) or not isinstance(ts, torch.Tensor) or xs.dim() < 1:
+            raise InvalidArgumentError("DistributedExecutor: xs and ts must be tensors [K, B, ...] and [K, B].")
+        k = xs.shape[0]
+        if ts.shape[0] != k:
+            raise InvalidArgumentError(
+                f"DistributedExecutor: xs holds {k} drafts but ts holds {ts.shape[0]}; they must match."
+            )
+        if k < 1:
+            raise InvalidArgumentError("DistributedExecutor: a round needs at least one draft.")
+        cond = dict(cond or {})
+        self._round += 1
+        if k == 1:
+            # Every rank computes the single call itself: nothing to gain from communicating.
+            try:
+                return torch.stack([predictor(xs[0], ts[0], **cond)])
+            except Exception as e:
+                raise ExecutorError(
+                    f"DistributedExecutor: the predictor raised on rank {self.rank} (of {self.world_size}) in "
+                    f"round {self._round}: {type(e).__name__}: {e}"
+                ) from e
+
+        sizes = self.shares(k)
+        offsets = _offsets(sizes)
+        mine, start = sizes[self.rank], offsets[self.rank]
+        most = max(sizes)
+
+        # 1. this rank's share, one call per draft (as the serial executor does)
+        out: Optional[torch.Tensor] = None
+        code, message, cause = _OK, "", None
+        if mine:
+            dev = self.device
+            x_part = xs[start : start + mine]
+            t_part = ts[start : start + mine]
+            c = cond
+            if dev is not None:
+                x_part, t_part = x_part.to(dev), t_part.to(dev)
+                c = {n: (v.to(dev) if isinstance(v, torch.Tensor) else v) for n, v in cond.items()}
+            try:
+                outs = [predictor(x_part[j], t_part[j], **c) for j in range(mine)]
+            except Exception as e:  # reported to every rank below
+                code, message, cause = _RAISED, f"{type(e).__name__}: {e}", e
+            else:
+                bad = [o for o in outs if not isinstance(o, torch.Tensor)]
+                if bad:
+                    code, message = _BAD_OUTPUT, f"the predictor returned {type(bad[0]).__name__}, not a Tensor"
+                elif len({(tuple(o.shape), o.dtype) for o in outs}) > 1:
+                    code = _BAD_OUTPUT
+                    message = "the predictor returned predictions of different shapes or dtypes: " + ", ".join(
+                        f"{tuple(o.shape)} {o.dtype}" for o in outs
+                    )
+                elif outs[0].dim() + 1 > _MAXD:
+                    code, message = _BAD_OUTPUT, f"predictions with {outs[0].dim()} dimensions are not supported"
+                else:
+                    out = torch.stack(outs)
+
+        # 2. the status header (and, with gloo, the predictions in the same all-gather)
+        fits = out is None or (tuple(out.shape[1:]) == tuple(xs.shape[1:]) and out.dtype == xs.dtype)
+        header = self._header(code, k, xs, ts, cond, out, fits)
+        row_shape = tuple(xs.shape[1:])
+        row_bytes = _numel(row_shape) * _item_size(xs.dtype)
+        # The fused path needs every rank to size its buffer alike, so a new kind of input (first round,
+        # new shapes) goes through a header-only exchange first: misconfigured ranks get a clear error.
+        desc = (tuple(xs.shape[1:]), xs.dtype, xs.device.type, ts.dtype, header[_F_COND].item())
+        fused = self._fused and desc == self._validated
+        if fused:
+            buf = torch.zeros(_HEADER_BYTES + most * row_bytes, dtype=torch.uint8)
+            buf[:_HEADER_BYTES] = header.view(torch.uint8)
+            if out is not None and fits:
+                payload = _to_bytes(out.detach().to("cpu"))
+                buf[_HEADER_BYTES : _HEADER_BYTES + payload.numel()] = payload
+            chunks = self._all_gather(buf, self._control, what="status and predictions", fault=cause)
+            headers = [c[:_HEADER_BYTES].view(torch.int64) for c in chunks]
+        else:
+            chunks = None
+            headers = self._all_gather(header, self._control, what="status", fault=cause)
+
+        # 3. errors, then consistency, then the predictions in draft order
+        self._check_status(headers, cause, code, message)
+        out_shape, out_dtype = self._check_consistency(headers, sizes)
+        self._validated = desc
+        if chunks is not None and all(int(h[_F_FITS]) for h in headers):
+            parts = [
+                _from_bytes(chunks[r][_HEADER_BYTES : _HEADER_BYTES + sizes[r] * row_bytes], xs.dtype,
+                            (sizes[r],) + row_shape)
+                for r in range(self.world_size)
+                if sizes[r]
+            ]
+            return torch.cat(parts).to(xs.device)
+
+        # predictions of an unexpected shape/dtype (gloo), or the nccl data path
+        row_bytes = _numel(out_shape) * _item_size(out_dtype)
+        buf = torch.zeros(most * row_bytes, dtype=torch.uint8, device=self._comm_device)
+        if out is not None:
+            payload = _to_bytes(out.detach().to(self._comm_device))
+            buf[: payload.numel()] = payload
+        group = self.group
+        chunks = self._all_gather(buf, group, what="predictions", fault=None, blocking=self.backend != "nccl")
+        parts = [
+            _from_bytes(chunks[r][: sizes[r] * row_bytes], out_dtype, (sizes[r],) + tuple(out_shape))
+            for r in range(self.world_size)
+            if sizes[r]
+        ]
+        return torch.cat(parts).to(xs.device)
+
+    # -------------------------------------------------------------------------------------- plumbing
+
+    def _header(self, code, k, xs, ts, cond, out, fits) -> torch.Tensor:
+        h = torch.full((_HEADER_LEN,), -1, dtype=torch.int64)
+        h[_F_CODE] = code
+        h[_F_ROUND] = self._round
+        h[_F_K] = k
+        xd = min(xs.dim(), _MAXD)
+        h[_F_XNDIM] = xs.dim()
+        h[_F_XDTYPE] = _dtype_code(xs.dtype)
+        h[_F_XDEV] = _device_code(xs.device)
+        h[_F_TDTYPE] = _dtype_code(ts.dtype)
+        h[_F_COND] = _cond_signature(cond)
+        h[_F_XDIMS : _F_XDIMS + xd] = torch.tensor(xs.shape[:xd], dtype=torch.int64)
+        h[_F_HASOUT] = 0 if out is None else 1
+        h[_F_FITS] = 1 if fits else 0
+        if out is not None:
+            h[_F_ONDIM] = out.dim()
+            h[_F_ODTYPE] = _dtype_code(out.dtype)
+            h[_F_ODIMS : _F_ODIMS + out.dim()] = torch.tensor(out.shape, dtype=torch.int64)
+        return h
+
+    def _check_status(self, headers, cause, code, message) -> None:
+        failed = [r for r, h in enumerate(headers) if int(h[_F_CODE]) != _OK]
+        if not failed:
+            return
+        # Everyone learns what went wrong where (a second small all-gather, only on failure).
+        texts = self._gather_text(message if code != _OK else "", what="error messages")
+        detail = "; ".join(f"rank {r}: {texts[r] or 'failed'}" for r in failed)
+        raised = [r for r in failed if int(headers[r][_F_CODE]) == _RAISED]
+        what = "the predictor raised" if raised else "the predictor returned unusable output"
+        who = ", ".join(str(r) for r in failed)
+        text = (
+            f"DistributedExecutor: {what} on rank{'s' if len(failed) > 1 else ''} {who} "
+            f"(of {self.world_size}) in round {self._round}: {detail}"
+        )
+        err_type = ExecutorError if raised else PredictorOutputError
+        if cause is not None:
+            raise err_type(text) from cause
+        raise err_type(text)
+
+    def _check_consistency(self, headers, sizes) -> Tuple[Tuple[int, ...], torch.dtype]:
+        def xs_desc(h):
+            return (
+                f"xs {_dims(h, _F_XDIMS, min(int(h[_F_XNDIM]), _MAXD))} {_dtype_name(int(h[_F_XDTYPE]))} "
+                f"on {_device_name(int(h[_F_XDEV]))}, ts {_dtype_name(int(h[_F_TDTYPE]))}"
+            )
+
+        fields = [_F_ROUND, _F_K, _F_XNDIM, _F_XDTYPE, _F_XDEV, _F_TDTYPE, _F_COND]
+        ref = headers[0]
+        bad = [r for r, h in enumerate(headers) if any(int(h[f]) != int(ref[f]) for f in fields)
+               or not torch.equal(h[_F_XDIMS:_F_ODIMS], ref[_F_XDIMS:_F_ODIMS])]
+        if bad:
+            self._broken = "the ranks were out of step"
+            listing = "; ".join(
+                f"rank {r}: round {int(h[_F_ROUND])}, {xs_desc(h)}, cond signature {int(h[_F_COND])}"
+                for r, h in enumerate(headers)
+            )
+            raise ExecutorError(
+                "DistributedExecutor: the ranks called evaluate with different inputs "
+                f"(different shapes, dtypes, device types, conditioning or round numbers): {listing}. Every "
+                "rank must run the same sampler on the same inputs (same starting state, seed, dtype and "
+                "device type)."
+            )
+        with_out = [(r, h) for r, h in enumerate(headers) if int(h[_F_HASOUT])]
+        descs = {
+            (_dims(h, _F_ODIMS + 1, int(h[_F_ONDIM]) - 1), int(h[_F_ODTYPE])) for _, h in with_out
+        }
+        if len(descs) > 1:
+            listing = "; ".join(
+                f"rank {r}: {_dims(h, _F_ODIMS + 1, int(h[_F_ONDIM]) - 1)} {_dtype_name(int(h[_F_ODTYPE]))}"
+                for r, h in with_out
+            )
+            raise PredictorOutputError(
+                f"DistributedExecutor: the ranks' predictions differ in shape or dtype in round {self._round} "
+                f"({listing}); the predictor must return one prediction shaped like its input on every rank."
+            )
+        shape, dcode = next(iter(descs))
+        if not 0 <= dcode < len(_DTYPES):
+            raise PredictorOutputError(
+                "DistributedExecutor: the predictor returned a tensor of an unsupported dtype."
+            )
+        return shape, _DTYPES[dcode]
+
+    def _all_gather(self, t: torch.Tensor, group, what: str, fault=None, blocking: bool = True) -> List[torch.Tensor]:
+        outs = [torch.empty_like(t) for _ in range(self.world_size)]
+        try:
+            work = dist.all_gather(outs, t, group=group, async_op=True)
+            if blocking:
+                work.wait(timeout=datetime.timedelta(seconds=self.timeout))
+            else:
+                work.wait()  # nccl: the stream waits; the process group's watchdog bounds it
+        except Exception as e:
+            self._comm_failed(what, e, fault)
+        return outs
+
+    def _gather_text(self, text: str, what: str) -> List[str]:
+        raw = text.encode("utf-8", errors="replace")[: _MSG_BYTES - 4]
+        buf = torch.zeros(_MSG_BYTES, dtype=torch.uint8)
+        buf[:4] = torch.tensor(list(len(raw).to_bytes(4, "little")), dtype=torch.uint8)
+        if raw:
+            buf[4 : 4 + len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        chunks = self._all_gather(buf, self._control, what=what)
+        texts = []
+        for c in chunks:
+            n = int.from_bytes(bytes(c[:4].tolist()), "little")
+            texts.append(bytes(c[4 : 4 + min(n, _MSG_BYTES - 4)].tolist()).decode("utf-8", errors="replace"))
+        return texts
+
+    def _comm_failed(self, what: str, error: BaseException, fault) -> None:
+        self._broken = f"the {what} exchange failed"
+        diagnosis = self._diagnose()
+        local = ""
+        if fault is not None:
+            local = f" (this rank's predictor had raised {type(fault).__name__}: {fault})"
+        raise ExecutorError(
+            f"DistributedExecutor: rank {self.rank} (of {self.world_size}) could not complete the {what} "
+            f"exchange of round {self._round} (waiting at most {self.timeout:g}s): {type(error).__name__}: "
+            f"{_first_line(str(error))}. {diagnosis}{local} A rank probably died, hung or fell out of step; "
+            f"check the other ranks' logs, then relaunch the job."
+        ) from error
+
+    def _diagnose(self) -> str:
+        """Find out which ranks still answer (best effort, at most ``diagnose_timeout`` seconds).
+
+        Like ``monitored_barrier(wait_all_ranks=True)``, but a peer whose connection is already gone
+        counts as missing instead of aborting the check: rank 0 waits for a hello from every rank and
+        sends each one that answered the list of the missing.
+        """
+        if self.diagnose_timeout <= 0 or self._closed:
+            return ""
+        deadline = time.monotonic() + self.diagnose_timeout
+        group = self._control
+
+        def left() -> datetime.timedelta:
+            return datetime.timedelta(seconds=max(0.01, deadline - time.monotonic()))
+
+        def peer(r: int) -> int:
+            return r if group is None else dist.get_global_rank(group, r)
+
+        verdict = torch.full((self.world_size + 1,), -1, dtype=torch.int64)
+        if self.rank == 0:
+            hellos = {r: torch.zeros(1, dtype=torch.int64) for r in range(1, self.world_size)}
+            works, missing = {}, []
+            for r, buf in hellos.items():
+                try:
+                    works[r] = dist.irecv(buf, src=peer(r), group=group, tag=_PROBE_TAG)
+                except Exception:
+                    missing.append(r)
+            for r, w in works.items():
+                try:
+                    w.wait(timeout=left())
+                except Exception:
+                    missing.append(r)
+            missing.sort()
+            verdict[0] = len(missing)
+            verdict[1 : 1 + len(missing)] = torch.tensor(missing, dtype=torch.int64)
+            for r in hellos:
+                if r not in missing:
+                    try:
+                        dist.isend(verdict, dst=peer(r), group=group, tag=_PROBE_TAG + 1).wait(timeout=left())
+                    except Exception:
+                        pass
+            if not missing:
+                return "Every rank answered a check afterwards, so a rank fell out of step rather than died."
+            return f"Ranks that did not answer: {', '.join(map(str, missing))}."
+        try:
+            dist.isend(torch.tensor([self.rank], dtype=torch.int64), dst=peer(0), group=group,
+                       tag=_PROBE_TAG).wait(timeout=left())
+            dist.irecv(verdict, src=peer(0), group=group, tag=_PROBE_TAG + 1).wait(timeout=left())
+        except Exception:
+            return "Rank 0, which checks who is alive, did not answer: rank 0 probably died or hangs."
+        missing = [int(r) for r in verdict[1 : 1 + int(verdict[0])].tolist()]
+        if not missing:
+            return "Every rank answered a check afterwards, so a rank fell out of step rather than died."
+        return f"Ranks that did not answer (seen by rank 0): {', '.join(map(str, missing))}."

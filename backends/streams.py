@@ -1,0 +1,236 @@
+"""Several GPUs in one process: one model replica and one CUDA stream per device.
+
+A round's K drafts are split over the streams in contiguous, as-even-as-possible shares. Each share is
+launched on its own CUDA stream (inputs copied to that device without blocking the host, the replica run
+under ``torch.cuda.stream``), so the devices work at the same time while the Python thread only queues
+kernels; the predictions are then gathered back, in draft order, onto the device of the inputs.
+
+Several streams may share one GPU (``devices=["cuda:0", "cuda:0"]``): small models that leave the GPU
+idle between kernels then overlap their rounds' drafts.
+
+Synchronisation: every side stream first waits for the work queued on the inputs' stream (so it reads
+finished inputs); the inputs' stream waits for every side stream before the gathered result is used
+(events via ``wait_stream``; cross-device copies synchronise both devices' streams); tensors made on one
+stream and used on another are marked with ``record_stream`` so the caching allocator does not hand
+their memory out too early.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, List, Mapping, Optional, Sequence
+
+import torch
+
+from driffusion_core.errors import ExecutorError, InvalidArgumentError
+from driffusion_core.executor import Executor, Predictor
+
+__all__ = ["StreamExecutor"]
+
+
+def _shares(k: int, n: int) -> List[int]:
+    base, extra = divmod(k, n)
+    return [base + (1 if i < extra else 0) for i in range(n)]
+
+
+def _module_device(obj: Any) -> Optional[torch.device]:
+    if isinstance(obj, torch.nn.Module):
+        for p in obj.parameters():
+            return p.device
+        for b in obj.buffers():
+            return b.device
+    return None
+
+
+def _cuda_device(d: Any, count: int) -> torch.device:
+    try:
+        dev = torch.device(d)
+    except Exception as e:
+        raise InvalidArgumentError(f"StreamExecutor: {d!r} is not a device.") from e
+    if dev.type != "cuda":
+        raise InvalidArgumentError(
+            f"StreamExecutor: devices must be CUDA devices ('cuda:0', 'cuda:1', ...), got {d!r}. "
+            f"For the CPU use backends.BatchedExecutor."
+        )
+    if dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    if not 0 <= dev.index < count:
+        raise InvalidArgumentError(f"StreamExecutor: {dev} does not exist; this machine shows {count} GPU(s).")
+    return dev
+
+
+class StreamExecutor(Executor):
+    """Spreads a round's drafts over CUDA devices, one stream (and one model replica) per entry.
+
+    Arguments:
+        replicas: one predictor per entry of ``devices`` (e.g. copies of the model, each on its GPU).
+        devices: the CUDA devices, one stream each; repeat a device for several streams on it. Default:
+            the replicas' devices (for ``torch.nn.Module`` replicas), else every visible GPU.
+        factory: ``factory(device) -> predictor``, called once per distinct device, instead of ``replicas``.
+
+    With neither ``replicas`` nor ``factory``, :meth:`evaluate` runs the ``predictor`` it is given on every
+    device; that suits predictors that work on any device (closed-form oracles, functions of their
+    inputs). A ``torch.nn.Module`` lives on one device: give it per device with
+    :meth:`from_module` (deep copies), ``replicas`` or ``factory``. When replicas are set, the
+    ``predictor`` argument of :meth:`evaluate` is not called.
+
+    Raises:
+        ExecutorError: CUDA is not available (use :class:`~backends.BatchedExecutor` instead).
+    """
+
+    def __init__(
+        self,
+        replicas: Optional[Sequence[Predictor]] = None,
+        devices: Optional[Sequence[Any]] = None,
+        factory: Optional[Callable[[torch.device], Predictor]] = None,
+    ):
+        if not torch.cuda.is_available():
+            raise ExecutorError(
+                "StreamExecutor needs CUDA, but torch.cuda.is_available() is False (no GPU visible, or a "
+                "CPU-only torch build). On the CPU or a single device use backends.BatchedExecutor (all drafts "
+                "of a round in one batched call), or backends.DistributedExecutor across processes."
+            )
+        if replicas is not None and factory is not None:
+            raise InvalidArgumentError("StreamExecutor: give replicas or factory, not both.")
+        count = torch.cuda.device_count()
+        if replicas is not None:
+            replicas = list(replicas)
+            if not replicas:
+                raise InvalidArgumentError("StreamExecutor: replicas is empty; give one predictor per device.")
+            bad = [i for i, r in enumerate(replicas) if not callable(r)]
+            if bad:
+                raise InvalidArgumentError(f"StreamExecutor: replicas {bad} are not callable.")
+        if devices is None:
+            if replicas is not None:
+                devices = [_module_device(r) or torch.device("cuda", i % count) for i, r in enumerate(replicas)]
+            else:
+                devices = [torch.device("cuda", i) for i in range(count)]
+        devices = [_cuda_device(d, count) for d in devices]
+        if not devices:
+            raise InvalidArgumentError("StreamExecutor: devices is empty; give at least one CUDA device.")
+        if replicas is not None and len(replicas) != len(devices):
+            raise InvalidArgumentError(
+                f"StreamExecutor: {len(replicas)} replicas for {len(devices)} devices; give one per device."
+            )
+        if factory is not None:
+            if not callable(factory):
+                raise InvalidArgumentError("StreamExecutor: factory must be callable: factory(device) -> predictor.")
+            made = {}
+            for d in devices:
+                if d not in made:
+                    made[d] = factory(d)
+            replicas = [made[d] for d in devices]
+        if replicas is not None:
+            for r, d in zip(replicas, devices):
+                md = _module_device(r)
+                if md is not None and md != d:
+                    raise InvalidArgumentError(
+                        f"StreamExecutor: a replica's parameters are on {md} but it is assigned to {d}; "
+                        f"move it there (e.g. StreamExecutor.from_module(model, devices))."
+                    )
+        self.devices: List[torch.device] = devices
+        self.replicas: Optional[List[Predictor]] = replicas
+        self.streams = [torch.cuda.Stream(device=d) for d in devices]
+
+    @classmethod
+    def from_module(cls, module: torch.nn.Module, devices: Optional[Sequence[Any]] = None) -> "StreamExecutor":
+        """One deep copy of ``module`` per distinct device (the module itself where it already lives)."""
+        if not isinstance(module, torch.nn.Module):
+            raise InvalidArgumentError("StreamExecutor.from_module needs a torch.nn.Module.")
+        home = _module_device(module)
+
+        def factory(d):
+            return module if home == d else copy.deepcopy(module).to(d)
+
+        return cls(devices=devices, factory=factory)
+
+    def shares(self, k: int) -> List[int]:
+        """Drafts per stream for a round of ``k`` drafts (stream order = draft order)."""
+        return _shares(k, len(self.streams))
+
+    def describe(self) -> str:
+        devs = ", ".join(str(d) for d in self.devices)
+        who = "replicas" if self.replicas is not None else "the given predictor"
+        return f"StreamExecutor({len(self.streams)} streams on {devs}; runs {who})"
+
+    def close(self) -> None:
+        for s in self.streams:
+            s.synchronize()
+        self.streams = []
+        self.replicas = None
+
+    def evaluate(
+        self,
+        predictor: Predictor,
+        xs: torch.Tensor,
+        ts: torch.Tensor,
+        cond: Optional[Mapping[str, Any]] = None,
+    ) -> torch.Tensor:
+        if not self.streams:
+            raise ExecutorError("StreamExecutor: the executor was closed.")
+        k = xs.shape[0]
+        if ts.shape[0] != k:
+            raise InvalidArgumentError(f"StreamExecutor: xs holds {k} drafts but ts holds {ts.shape[0]}.")
+        cond = dict(cond or {})
+        anchor = xs.device
+        anchor_stream = torch.cuda.current_stream(anchor) if anchor.type == "cuda" else None
+
+        # 1. launch every share on its stream (the host only queues work)
+        launched = []
+        start = 0
+        for i, size in enumerate(self.shares(k)):
+            if size == 0:
+                continue
+            dev, s = self.devices[i], self.streams[i]
+            f = self.replicas[i] if self.replicas is not None else predictor
+            if self.replicas is None:
+                md = _module_device(f)
+                if md is not None and md != dev:
+                    raise InvalidArgumentError(
+                        f"StreamExecutor: the predictor is a module on {md} but would run on {dev}; give one "
+                        f"replica per device: StreamExecutor.from_module(model, devices=...), replicas=[...] "
+                        f"or factory=lambda d: ..."
+                    )
+            # the stream starts after the inputs are ready (queued on the inputs' stream / its device's stream)
+            if anchor_stream is not None:
+                s.wait_stream(anchor_stream)
+            if anchor_stream is None or dev != anchor:
+                s.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.device(dev), torch.cuda.stream(s):
+                x_part = self._to(xs[start : start + size], dev, s)
+                t_part = self._to(ts[start : start + size], dev, s)
+                c = {n: (self._to(v, dev, s) if isinstance(v, torch.Tensor) else v) for n, v in cond.items()}
+                try:
+                    out = torch.stack([f(x_part[j], t_part[j], **c) for j in range(size)])
+                except Exception as e:
+                    raise ExecutorError(
+                        f"StreamExecutor: the predictor raised on {dev} (stream {i}, drafts {start}..{start + size - 1}): "
+                        f"{type(e).__name__}: {e}"
+                    ) from e
+            launched.append((dev, s, out))
+            start += size
+
+        # 2. gather in draft order onto the inputs' device
+        results = []
+        for dev, s, out in launched:
+            if anchor_stream is not None and dev == anchor:
+                anchor_stream.wait_stream(s)
+                out.record_stream(anchor_stream)  # made on s, read on the anchor's stream
+                results.append(out)
+            elif anchor_stream is not None:
+                # cross-device copy queued on s (the source's current stream); the anchor's stream waits for it
+                with torch.cuda.device(dev), torch.cuda.stream(s):
+                    results.append(out.to(anchor, non_blocking=True))
+            else:
+                # CPU inputs: a blocking copy on s waits for that stream's work only
+                with torch.cuda.device(dev), torch.cuda.stream(s):
+                    results.append(out.to(anchor))
+        return results[0] if len(results) == 1 else torch.cat(results)
+
+    @staticmethod
+    def _to(t: torch.Tensor, dev: torch.device, s: "torch.cuda.Stream") -> torch.Tensor:
+        """``t`` on ``dev`` for use on stream ``s`` (called inside ``torch.cuda.stream(s)``)."""
+        if t.device == dev:
+            if t.dim() > 0 and t.numel() > 0:
+                t.record_stream(s)  # made on another stream, read on s
+            return t
+        return t.to(dev, non_blocking=True)

@@ -1,0 +1,424 @@
+"""DistributedExecutor: 2 gloo processes on the CPU reproduce the serial executor; faults never hang.
+
+Each test launches two child processes (this file run as a script, one thread each, gloo over
+tcp://127.0.0.1:<free port>); the children write their results to a file and the test compares them.
+Every launch is bounded: children still running after the deadline are killed and the test fails.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+pytestmark = pytest.mark.distributed
+
+TIMEOUT = 3.0  # executor timeout in the fault tests (seconds)
+DIAGNOSE = 2.0  # monitored-barrier time after a failed exchange
+
+
+# ------------------------------------------------------------------------------------- parent side
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(scenario: str, world: int = 2, deadline: float = 60.0, use_env: bool = False):
+    """Run ``scenario`` on ``world`` child processes; returns (results by rank, exit codes, seconds)."""
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = []
+        start = time.monotonic()
+        for rank in range(world):
+            env = dict(os.environ)
+            env.update(
+                PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+                OMP_NUM_THREADS="1",
+                MKL_NUM_THREADS="1",
+            )
+            if use_env:  # what torchrun would set
+                env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                           LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            cmd = [sys.executable, __file__, scenario, str(rank), str(world), str(port), tmp, str(int(use_env))]
+            procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        codes, logs = [], []
+        for p in procs:
+            left = max(0.1, deadline - (time.monotonic() - start))
+            try:
+                out, _ = p.communicate(timeout=left)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                out, _ = p.communicate()
+            codes.append(p.returncode)
+            logs.append(out.decode(errors="replace"))
+        elapsed = time.monotonic() - start
+        results = {}
+        for rank in range(world):
+            f = Path(tmp) / f"rank{rank}.pt"
+            if f.exists():
+                results[rank] = torch.load(f, weights_only=False)
+    if elapsed >= deadline:
+        pytest.fail(f"scenario {scenario!r} ran past its {deadline}s deadline (a hang); logs:\n" + "\n".join(logs))
+    return results, codes, elapsed, logs
+
+
+def _need(results, ranks, logs):
+    missing = [r for r in ranks if r not in results]
+    assert not missing, f"ranks {missing} wrote no result; logs:\n" + "\n----\n".join(logs)
+
+
+# --------------------------------------------------------------------------------------- the tests
+
+
+def test_equals_serial_for_uneven_shares():
+    results, codes, elapsed, logs = _launch("basic", use_env=True)
+    _need(results, [0, 1], logs)
+    assert codes == [0, 0], logs
+    r0, r1 = results[0], results[1]
+    assert r0["shares"] == {1: [1, 0], 2: [1, 1], 3: [2, 1], 5: [3, 2]}
+    assert "world_size=2" in r0["describe"] and "gloo" in r0["describe"]
+    for key, (got, ref) in r0["pairs"].items():
+        assert got.dtype == ref.dtype and got.shape == ref.shape, key
+        assert torch.equal(got, ref), f"{key}: distributed != serial"
+    for key in r0["pairs"]:
+        assert torch.equal(r0["pairs"][key][0], r1["pairs"][key][0]), f"{key}: ranks disagree"
+
+
+def test_nan_and_unexpected_shape_are_kept():
+    results, codes, _, logs = _launch("odd_outputs")
+    _need(results, [0, 1], logs)
+    for rank in (0, 1):
+        for key, (got, ref) in results[rank]["pairs"].items():
+            assert got.shape == ref.shape, key
+            assert torch.equal(torch.nan_to_num(got, 7.0), torch.nan_to_num(ref, 7.0)), key
+            assert torch.equal(got.isnan(), ref.isnan()), key
+    assert torch.isnan(results[0]["pairs"]["nan"][0]).any()
+    assert torch.isinf(results[0]["pairs"]["inf"][0]).any()
+
+
+def test_predictor_raising_on_one_rank_fails_every_rank():
+    results, codes, elapsed, logs = _launch("raise")
+    _need(results, [0, 1], logs)
+    for rank in (0, 1):
+        res = results[rank]
+        assert res["error_type"] == "ExecutorError", res
+        assert "rank 1" in res["message"] and "ValueError" in res["message"] and "boom on purpose" in res["message"]
+        assert res["seconds"] < TIMEOUT, res
+        # the process group stays consistent: the next round works on both ranks
+        assert res["after"] is True
+    assert codes == [0, 0]
+
+
+@pytest.mark.parametrize("dying", [1, 0])
+def test_dead_rank_makes_the_survivor_fail_within_the_timeout(dying):
+    results, codes, elapsed, logs = _launch(f"die{dying}", deadline=40.0)
+    survivor = 1 - dying
+    _need(results, [survivor], logs)
+    assert codes[dying] == 17, logs  # died on purpose
+    res = results[survivor]
+    assert res["error_type"] == "ExecutorError", res
+    assert res["seconds"] < TIMEOUT + DIAGNOSE + 2.0, res
+    assert f"rank {survivor} (of 2)" in res["message"]
+    if survivor == 0:
+        assert "did not answer: 1" in res["message"], res["message"]
+    else:
+        assert "Rank 0" in res["message"] and "did not answer" in res["message"], res["message"]
+    assert res["refused_after"], "a broken executor must refuse further rounds"
+    assert codes[survivor] == 0, logs  # and the survivor exits normally (no hang at exit)
+
+
+def test_hung_rank_makes_the_other_fail_within_the_timeout():
+    results, codes, elapsed, logs = _launch("hang", deadline=40.0)
+    _need(results, [0], logs)
+    res = results[0]
+    assert res["error_type"] == "ExecutorError", res
+    assert TIMEOUT - 0.5 <= res["seconds"] < TIMEOUT + DIAGNOSE + 2.0, res
+    assert "did not answer: 1" in res["message"], res["message"]
+    assert elapsed < 35.0
+
+
+def test_mismatched_inputs_are_explained():
+    results, codes, _, logs = _launch("mismatch")
+    _need(results, [0, 1], logs)
+    for rank in (0, 1):
+        res = results[rank]
+        assert res["error_type"] == "ExecutorError", res
+        assert "different inputs" in res["message"] and "float64" in res["message"], res["message"]
+
+
+def test_not_initialised_is_explained(monkeypatch):
+    import torch.distributed as dist
+
+    from backends.distributed import DistributedExecutor, init_from_env
+    from driffusion_core.errors import ExecutorError
+
+    if dist.is_initialized():  # pragma: no cover - another test left a group behind
+        pytest.skip("a process group is already initialised in this process")
+    with pytest.raises(ExecutorError, match="init_from_env"):
+        DistributedExecutor()
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ExecutorError, match="torchrun"):
+        init_from_env()
+
+
+def test_even_shares():
+    from backends.distributed import even_shares
+
+    assert even_shares(5, 2) == [3, 2]
+    assert even_shares(1, 3) == [1, 0, 0]
+    assert even_shares(6, 3) == [2, 2, 2]
+    for k in range(0, 12):
+        for n in range(1, 6):
+            s = even_shares(k, n)
+            assert sum(s) == k and max(s) - min(s) <= 1 and s == sorted(s, reverse=True)
+
+
+def _scheduler_available() -> bool:
+    try:
+        import driffusion_core  # noqa: F401
+        import solvers  # noqa: F401
+
+        return hasattr(driffusion_core, "DraftRefineScheduler") and hasattr(solvers, "DDIMSkip")
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not _scheduler_available(), reason="driffusion_core.DraftRefineScheduler not available")
+@pytest.mark.parametrize("family", ["ddpm", "ddim", "flow"])
+def test_sampling_end_to_end_equals_serial(family):
+    results, codes, _, logs = _launch(f"e2e_{family}", deadline=90.0)
+    _need(results, [0, 1], logs)
+    assert codes == [0, 0], logs
+    r0, r1 = results[0], results[1]
+    assert len(r0["runs"]) == 4  # 2 modes x widths 2 and 3
+    for key, run in r0["runs"].items():
+        assert torch.equal(run["x"], run["x_serial"]), f"{family} {key}: distributed != serial executor"
+        assert run["rounds"] == run["rounds_serial"] and run["evals"] == run["evals_serial"], key
+        assert torch.equal(run["x"], r1["runs"][key]["x"]), f"{family} {key}: ranks disagree"
+        assert torch.isfinite(run["x"]).all()
+
+
+# -------------------------------------------------------------------------------------- child side
+
+
+def _predictor(x, t, scale=None, tag="plain"):
+    """Deterministic, row-independent, depends on x, t and the conditioning."""
+    tt = t.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+    y = torch.sin(1.3 * x + 0.01 * tt) + 0.1 * x * x
+    if scale is not None:
+        y = y * scale.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+    return y
+
+
+def _init(rank, world, port, use_env):
+    import torch.distributed as dist
+
+    from backends import init_from_env
+
+    torch.set_num_threads(1)
+    if use_env:
+        env = init_from_env(backend="gloo", timeout=30)
+        assert env.rank == rank and env.world_size == world
+    else:
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+            timeout=datetime.timedelta(seconds=30),
+        )
+
+
+def _scenario_basic(rank, world):
+    from backends import DistributedExecutor, SerialExecutor
+
+    ex = DistributedExecutor(timeout=20)
+    serial = SerialExecutor()
+    g = torch.Generator().manual_seed(0)
+    pairs = {}
+    for k in (1, 2, 3, 5):
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+            xs = torch.randn(k, 4, 3, 2, generator=g).to(dtype)
+            ts = torch.randint(0, 1000, (k, 1), generator=g).expand(k, 4).to(torch.float32)
+            cond = {"scale": torch.rand(4, generator=g), "tag": "x"}
+            pairs[(k, str(dtype))] = (ex.evaluate(_predictor, xs, ts, cond), serial.evaluate(_predictor, xs, ts, cond))
+    # a torch module predictor (same seed, same weights on every rank), no conditioning
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.SiLU(), torch.nn.Linear(32, 6))
+    model = lambda x, t: net(x) * t[:, None] / 1000  # noqa: E731
+    with torch.no_grad():
+        xs = torch.randn(3, 5, 6, generator=g)
+        ts = torch.full((3, 5), 500.0)
+        pairs[("mlp", 3)] = (ex.evaluate(model, xs, ts), serial.evaluate(model, xs, ts))
+    return {"pairs": pairs, "shares": {k: ex.shares(k) for k in (1, 2, 3, 5)}, "describe": ex.describe()}
+
+
+def _scenario_odd_outputs(rank, world):
+    from backends import DistributedExecutor, SerialExecutor
+
+    ex = DistributedExecutor(timeout=20)
+    serial = SerialExecutor()
+    g = torch.Generator().manual_seed(1)
+    xs = torch.randn(3, 4, 5, generator=g)
+    ts = torch.zeros(3, 4)
+
+    def nan_pred(x, t):
+        y = x.clone()
+        y[0, 0] = float("nan")
+        return y
+
+    def inf_pred(x, t):
+        return x / 0.0
+
+    def wide(x, t):  # the wrong shape, but the same on every rank: kept as is
+        return torch.cat([x, x[..., :1]], -1).double()
+
+    pairs = {}
+    for name, f in (("nan", nan_pred), ("inf", inf_pred), ("wide", wide)):
+        for k in (2, 3):
+            pairs[name if k == 3 else f"{name}{k}"] = (ex.evaluate(f, xs[:k], ts[:k]), serial.evaluate(f, xs[:k], ts[:k]))
+    return {"pairs": pairs}
+
+
+def _fault_result(fn):
+    from driffusion_core.errors import DriffusionError
+
+    t0 = time.monotonic()
+    try:
+        fn()
+    except DriffusionError as e:
+        return {"error_type": type(e).__name__, "message": str(e), "seconds": time.monotonic() - t0}
+    return {"error_type": None, "message": "", "seconds": time.monotonic() - t0}
+
+
+def _scenario_raise(rank, world):
+    from backends import DistributedExecutor
+
+    ex = DistributedExecutor(timeout=TIMEOUT, diagnose_timeout=DIAGNOSE)
+    xs, ts = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(3)), torch.zeros(2, 3)
+    ex.evaluate(_predictor, xs, ts)  # a healthy round first
+
+    def bad(x, t):
+        if rank == 1:
+            raise ValueError("boom on purpose")
+        return x
+
+    res = _fault_result(lambda: ex.evaluate(bad, xs, ts))
+    res["after"] = bool(torch.equal(ex.evaluate(_predictor, xs, ts), torch.stack([_predictor(xs[i], ts[i]) for i in range(2)])))
+    return res
+
+
+def _scenario_die(rank, world, dying=1):
+    from backends import DistributedExecutor
+
+    ex = DistributedExecutor(timeout=TIMEOUT, diagnose_timeout=DIAGNOSE)
+    xs, ts = torch.randn(4, 3, 4, generator=torch.Generator().manual_seed(3)), torch.zeros(4, 3)
+    ex.evaluate(_predictor, xs, ts)
+
+    def die(x, t):
+        if rank == dying:
+            os._exit(17)
+        return x
+
+    res = _fault_result(lambda: ex.evaluate(die, xs, ts))
+    again = _fault_result(lambda: ex.evaluate(_predictor, xs, ts))
+    res["refused_after"] = again["error_type"] == "ExecutorError" and again["seconds"] < 0.5
+    return res
+
+
+def _scenario_hang(rank, world):
+    from backends import DistributedExecutor
+
+    ex = DistributedExecutor(timeout=TIMEOUT, diagnose_timeout=DIAGNOSE)
+    xs, ts = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(3)), torch.zeros(2, 3)
+    ex.evaluate(_predictor, xs, ts)
+
+    def slow(x, t):
+        if rank == 1:
+            time.sleep(TIMEOUT + DIAGNOSE + 1)
+        return x
+
+    return _fault_result(lambda: ex.evaluate(slow, xs, ts))
+
+
+def _scenario_mismatch(rank, world):
+    from backends import DistributedExecutor
+
+    ex = DistributedExecutor(timeout=TIMEOUT, diagnose_timeout=DIAGNOSE)
+    dtype = torch.float64 if rank == 1 else torch.float32
+    xs, ts = torch.randn(2, 3, 4, dtype=dtype), torch.zeros(2, 3)
+    return _fault_result(lambda: ex.evaluate(_predictor, xs, ts))
+
+
+def _e2e(family):
+    import driffusion_core as core
+    import solvers
+    from backends import DistributedExecutor, SerialExecutor
+
+    mixture = solvers.ring_mixture(4)
+    if family == "flow":
+        schedule = core.FlowSchedule()
+        transition = solvers.FlowEulerSkip(schedule)
+        predictor = mixture.predictor(schedule, "velocity")
+    else:
+        schedule = core.VPSchedule.linear()
+        transition = solvers.DDPMSkip(schedule) if family == "ddpm" else solvers.DDIMSkip(schedule, eta=0.5)
+        predictor = mixture.predictor(schedule, "epsilon")
+    grid = schedule.timesteps(10)
+    ex = DistributedExecutor(timeout=20)
+    runs = {}
+    for mode in ("aggressive", "conservative"):
+        for width in (2, 3):
+            sched = core.DraftRefineScheduler(transition, grid, width=width, mode=mode)
+            x = core.NoiseSource(123).initial((6, 2))
+            got = sched.sample(predictor, x, executor=ex, noise=core.NoiseSource(7))
+            ref = sched.sample(predictor, x, executor=SerialExecutor(), noise=core.NoiseSource(7))
+            runs[f"{mode}-n{width}"] = {
+                "x": got.x, "x_serial": ref.x, "rounds": got.rounds, "rounds_serial": ref.rounds,
+                "evals": got.evals, "evals_serial": ref.evals,
+            }
+    return {"runs": runs}
+
+
+SCENARIOS = {
+    "basic": _scenario_basic,
+    "odd_outputs": _scenario_odd_outputs,
+    "raise": _scenario_raise,
+    "die0": lambda rank, world: _scenario_die(rank, world, dying=0),
+    "die1": lambda rank, world: _scenario_die(rank, world, dying=1),
+    "hang": _scenario_hang,
+    "mismatch": _scenario_mismatch,
+    "e2e_ddpm": lambda rank, world: _e2e("ddpm"),
+    "e2e_ddim": lambda rank, world: _e2e("ddim"),
+    "e2e_flow": lambda rank, world: _e2e("flow"),
+}
+
+
+def _child_main(argv):
+    scenario, rank, world, port, outdir, use_env = argv[0], int(argv[1]), int(argv[2]), int(argv[3]), argv[4], argv[5] == "1"
+    _init(rank, world, port, use_env)
+    result = SCENARIOS[scenario](rank, world)
+    torch.save(result, Path(outdir) / f"rank{rank}.pt")
+    sys.stdout.flush()
+    if scenario == "hang" and rank == 0:
+        os._exit(0)  # rank 1 is still asleep in its predictor; nothing left to tear down cleanly
+    if scenario not in ("die0", "die1", "hang"):
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _child_main(sys.argv[1:])

@@ -1,0 +1,126 @@
+"""StreamExecutor: several CUDA streams / GPUs reproduce the serial executor; without CUDA it says so."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from backends import SerialExecutor, StreamExecutor  # noqa: E402
+from driffusion_core.errors import ExecutorError, InvalidArgumentError  # noqa: E402
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: torch.cuda.is_available() is False")
+
+
+def _predictor(x, t, scale=None):
+    tt = t.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+    y = torch.sin(1.3 * x + 0.01 * tt) + 0.1 * x * x
+    if scale is not None:
+        y = y * scale.reshape(-1, *([1] * (x.dim() - 1)))
+    return y
+
+
+def test_without_cuda_construction_explains(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ExecutorError, match="CUDA") as info:
+        StreamExecutor()
+    assert "BatchedExecutor" in str(info.value)
+
+
+def _device_lists():
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    lists = [["cuda:0"], ["cuda:0", "cuda:0"], ["cuda:0", "cuda:0", "cuda:0"]]
+    if n >= 2:
+        lists += [[f"cuda:{i}" for i in range(n)], ["cuda:1", "cuda:0", "cuda:1"]]
+    return lists
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("devices", _device_lists(), ids=lambda d: "+".join(d))
+@pytest.mark.parametrize("anchor", ["cuda:0", "cpu"])
+def test_streams_equal_serial(devices, anchor):
+    ex = StreamExecutor(devices=devices)
+    serial = SerialExecutor()
+    g = torch.Generator().manual_seed(0)
+    for k in (1, 2, 3, 5, 8):
+        xs = torch.randn(k, 4, 3, 8, generator=g).to(anchor)
+        ts = torch.randint(0, 1000, (k, 4), generator=g).float().to(anchor)
+        cond = {"scale": torch.rand(4, generator=g).to(anchor)}
+        got = ex.evaluate(_predictor, xs, ts, cond)
+        ref = serial.evaluate(_predictor, xs, ts, cond)
+        assert got.device == xs.device and got.shape == ref.shape
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    assert ex.shares(5) == [len(r) for r in _split(5, len(devices))]
+
+
+def _split(k, n):
+    base, extra = divmod(k, n)
+    out, start = [], 0
+    for i in range(n):
+        size = base + (1 if i < extra else 0)
+        out.append(list(range(start, start + size)))
+        start += size
+    return out
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_module_replicas_equal_serial():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 256), torch.nn.SiLU(), torch.nn.Linear(256, 16)).cuda()
+
+    class Model(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x, t):
+            return self.net(x) * (t[:, None] / 1000)
+
+    model = Model(net)
+    n = torch.cuda.device_count()
+    devices = [f"cuda:{i}" for i in range(n)] + ["cuda:0"]
+    ex = StreamExecutor.from_module(model, devices=devices)
+    xs = torch.randn(7, 5, 16, device="cuda:0")
+    ts = torch.rand(7, 5, device="cuda:0") * 1000
+    with torch.no_grad():
+        got = ex.evaluate(model, xs, ts)
+        ref = SerialExecutor().evaluate(model, xs, ts)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    if n >= 2:  # one module cannot serve two GPUs: the error says how to give replicas
+        with pytest.raises(InvalidArgumentError, match="replica"):
+            StreamExecutor(devices=["cuda:0", "cuda:1"]).evaluate(model, xs, ts)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_predictor_error_is_wrapped():
+    ex = StreamExecutor(devices=["cuda:0", "cuda:0"])
+
+    def bad(x, t):
+        raise ValueError("boom")
+
+    with pytest.raises(ExecutorError, match="ValueError: boom"):
+        ex.evaluate(bad, torch.zeros(2, 3, 4, device="cuda:0"), torch.zeros(2, 3, device="cuda:0"))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_sampling_end_to_end_equals_serial():
+    core = pytest.importorskip("driffusion_core")
+    solvers = pytest.importorskip("solvers")
+    schedule = core.VPSchedule.linear()
+    predictor = solvers.ring_mixture(4).predictor(schedule, "epsilon")
+    for transition in (solvers.DDIMSkip(schedule), solvers.DDPMSkip(schedule)):
+        sched = core.DraftRefineScheduler(transition, schedule.timesteps(12), width=3, mode="aggressive")
+        x = core.NoiseSource(1).initial((6, 2)).cuda()
+        got = sched.sample(predictor, x, executor=StreamExecutor(devices=["cuda:0"] * 3), noise=core.NoiseSource(2))
+        ref = sched.sample(predictor, x, executor=SerialExecutor(), noise=core.NoiseSource(2))
+        torch.testing.assert_close(got.x, ref.x, rtol=1e-5, atol=1e-6)
+        assert got.rounds == ref.rounds
