@@ -1,0 +1,285 @@
+"""Wall-clock speedup of DistributedExecutor (2 gloo processes) over the serial sampler (1 process).
+
+The model is a compute-bound MLP (one call takes about 10-30 ms on one CPU thread), so the rounds,
+not the bookkeeping, dominate. Every process runs with one thread:
+
+* baseline: ``solvers.sample_serial`` in one process (T sequential model calls);
+* DRiffusion: ``DraftRefineScheduler(DDIMSkip, width=2, mode="aggressive")`` with a
+  ``DistributedExecutor`` over 2 processes (gloo on the CPU), 1 + ceil((T - 1) / 2) rounds.
+
+The ideal speedup is T / rounds (-> 2 for long grids). Besides the speedup it reports the per-round
+overhead as a fraction of one model call:
+
+* ``comm_overhead_frac``: an executor-level round of 2 drafts (one per process, plus the all-gather)
+  minus one model call, over one model call;
+* ``round_overhead_frac``: the sampler's time per round minus one model call (communication plus
+  drafting, refining and scheduling), over one model call.
+
+Run ``python -m benchmarks.distributed_speedup [--quick]`` or call :func:`run`.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+
+__all__ = ["run", "format_table"]
+
+_SETTINGS = {
+    # T, repeats of each timed sampling run, MLP size, executor-level rounds timed
+    False: dict(steps=50, repeats=5, batch=32, dim=64, hidden=1536, depth=4, rounds=40),
+    True: dict(steps=20, repeats=2, batch=32, dim=64, hidden=1536, depth=4, rounds=15),
+}
+
+
+# ------------------------------------------------------------------------------------------- shared
+
+
+def _model(dim: int, hidden: int, depth: int):
+    """A deterministic MLP eps-predictor f(x, t) (same weights in every process)."""
+    import torch
+
+    torch.manual_seed(0)
+    layers: List = [torch.nn.Linear(dim + 1, hidden), torch.nn.SiLU()]
+    for _ in range(depth - 2):
+        layers += [torch.nn.Linear(hidden, hidden), torch.nn.SiLU()]
+    layers.append(torch.nn.Linear(hidden, dim))
+    net = torch.nn.Sequential(*layers).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+
+    def predictor(x, t):
+        with torch.no_grad():
+            return 0.1 * net(torch.cat([x, (t / 1000.0)[:, None].to(x.dtype)], 1))
+
+    return predictor
+
+
+def _median_call(predictor, x, t, n: int = 15) -> float:
+    predictor(x, t)
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        predictor(x, t)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _problem(s: dict):
+    import driffusion_core as core
+    import solvers
+
+    schedule = core.VPSchedule.linear()
+    transition = solvers.DDIMSkip(schedule)
+    grid = schedule.timesteps(s["steps"])
+    x = core.NoiseSource(1).initial((s["batch"], s["dim"]))
+    return core, solvers, transition, grid, x
+
+
+# ------------------------------------------------------------------------------------------ workers
+
+
+def _worker_serial(s: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    core, solvers, transition, grid, x = _problem(s)
+    predictor = _model(s["dim"], s["hidden"], s["depth"])
+    call = _median_call(predictor, x, torch.full((s["batch"],), 500.0))
+    times = []
+    for _ in range(s["repeats"]):
+        t0 = time.perf_counter()
+        out = solvers.sample_serial(predictor, x, transition, grid)
+        times.append(time.perf_counter() - t0)
+    # the same DRiffusion sampler on one process (its result is what the distributed run must give)
+    sched = core.DraftRefineScheduler(transition, grid, width=2, mode="aggressive")
+    ref = sched.sample(predictor, x, executor=core.SerialExecutor())
+    torch.save(ref.x, s["out"] + ".ref.pt")
+    return {"call_s": call, "serial_s": statistics.median(times), "evals": out.evals, "serial_rounds": out.rounds}
+
+
+def _worker_dist(s: dict, rank: int) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{s['port']}", rank=rank, world_size=2,
+        timeout=datetime.timedelta(seconds=120),
+    )
+    from backends import DistributedExecutor
+
+    core, solvers, transition, grid, x = _problem(s)
+    predictor = _model(s["dim"], s["hidden"], s["depth"])
+    ex = DistributedExecutor(timeout=60)
+    call = _median_call(predictor, x, torch.full((s["batch"],), 500.0))
+
+    # executor level: one round of 2 drafts = one call per process + the exchange
+    xs = torch.stack([x, x + 0.1])
+    ts = torch.full((2, s["batch"]), 500.0)
+    ex.evaluate(predictor, xs, ts)
+    rounds = []
+    for _ in range(s["rounds"]):
+        dist.barrier()
+        t0 = time.perf_counter()
+        ex.evaluate(predictor, xs, ts)
+        rounds.append(time.perf_counter() - t0)
+
+    sched = core.DraftRefineScheduler(transition, grid, width=2, mode="aggressive")
+    sched.sample(predictor, x, executor=ex)  # warm-up
+    times = []
+    for _ in range(s["repeats"]):
+        dist.barrier()
+        t0 = time.perf_counter()
+        out = sched.sample(predictor, x, executor=ex)
+        times.append(time.perf_counter() - t0)
+    result = {
+        "call_s": call,
+        "round_s": statistics.median(rounds),
+        "dist_s": statistics.median(times),
+        "rounds": out.rounds,
+        "evals": out.evals,
+        "describe": ex.describe(),
+    }
+    if rank == 0:
+        torch.save(out.x, s["out"] + ".dist.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+    return result
+
+
+# ------------------------------------------------------------------------------------------- driver
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _spawn(role: str, settings: dict, ranks: List[int], deadline: float) -> List[dict]:
+    env = dict(os.environ)
+    env.update(PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               MKL_NUM_THREADS="1")
+    procs = []
+    for rank in ranks:
+        out = f"{settings['out']}.{role}{rank}.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", role, "--rank", str(rank),
+               "--settings", json.dumps(settings), "--result", out]
+        procs.append((subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT), out))
+    start, results = time.monotonic(), []
+    for p, out in procs:
+        try:
+            log, _ = p.communicate(timeout=max(1.0, deadline - (time.monotonic() - start)))
+        except subprocess.TimeoutExpired:
+            for q, _ in procs:
+                q.kill()
+            raise RuntimeError(f"distributed_speedup: the {role} worker ran past {deadline:.0f}s")
+        if p.returncode != 0:
+            raise RuntimeError(f"distributed_speedup: the {role} worker failed:\n{log.decode(errors='replace')}")
+        with open(out) as f:
+            results.append(json.load(f))
+    return results
+
+
+def run(quick: bool = False, **overrides) -> Dict[str, float]:
+    """Time the serial sampler and 2-process DRiffusion (aggressive, width 2); returns the numbers.
+
+    Arguments:
+        quick: a shorter grid and fewer repeats.
+        overrides: any of ``steps``, ``repeats``, ``batch``, ``dim``, ``hidden``, ``depth``, ``rounds``.
+
+    Returns:
+        A dict with ``steps``, ``rounds``, ``call_ms`` (one model call), ``serial_s``, ``distributed_s``
+        (medians), ``speedup``, ``ideal_speedup`` (T / rounds), ``efficiency`` (speedup / ideal),
+        ``round_ms`` (an executor-level round of 2 drafts), ``comm_overhead_frac``,
+        ``round_overhead_frac``, ``matches_serial_executor`` and ``executor``.
+    """
+    import torch
+
+    s = dict(_SETTINGS[bool(quick)])
+    unknown = set(overrides) - set(s)
+    if unknown:
+        raise ValueError(f"unknown settings {sorted(unknown)}; known: {sorted(s)}")
+    s.update(overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        s["out"] = str(Path(tmp) / "bench")
+        deadline = 120.0 + 4.0 * s["repeats"] * s["steps"]
+        serial = _spawn("serial", s, [0], deadline)[0]
+        s["port"] = _free_port()
+        d0, d1 = _spawn("dist", s, [0, 1], deadline)
+        same = bool(torch.equal(torch.load(s["out"] + ".ref.pt"), torch.load(s["out"] + ".dist.pt")))
+    call = statistics.median([serial["call_s"], d0["call_s"], d1["call_s"]])
+    dist_s = max(d0["dist_s"], d1["dist_s"])
+    round_s = max(d0["round_s"], d1["round_s"])
+    rounds = d0["rounds"]
+    speedup = serial["serial_s"] / dist_s
+    ideal = s["steps"] / rounds
+    return {
+        "steps": s["steps"],
+        "rounds": rounds,
+        "evals": d0["evals"],
+        "call_ms": 1e3 * call,
+        "serial_s": serial["serial_s"],
+        "distributed_s": dist_s,
+        "speedup": speedup,
+        "ideal_speedup": ideal,
+        "efficiency": speedup / ideal,
+        "round_ms": 1e3 * round_s,
+        "comm_overhead_frac": (round_s - call) / call,
+        "round_overhead_frac": (dist_s / rounds - call) / call,
+        "matches_serial_executor": same,
+        "executor": d0["describe"],
+        "mlp": f"batch {s['batch']}, dim {s['dim']}, hidden {s['hidden']}, depth {s['depth']}, 1 thread/process",
+    }
+
+
+def format_table(r: Dict[str, float]) -> str:
+    rows = [
+        ("grid steps T / DRiffusion rounds", f"{r['steps']} / {r['rounds']}"),
+        ("one model call", f"{r['call_ms']:.1f} ms"),
+        ("serial sampler (1 process)", f"{r['serial_s']:.3f} s"),
+        ("DRiffusion n=2 (2 processes)", f"{r['distributed_s']:.3f} s"),
+        ("speedup (ideal T/rounds)", f"{r['speedup']:.2f}x ({r['ideal_speedup']:.2f}x, {100 * r['efficiency']:.0f}%)"),
+        ("executor round of 2 drafts", f"{r['round_ms']:.1f} ms"),
+        ("communication overhead / call", f"{100 * r['comm_overhead_frac']:.1f}%"),
+        ("per-round overhead / call", f"{100 * r['round_overhead_frac']:.1f}%"),
+        ("result equals the serial executor's", str(r["matches_serial_executor"])),
+    ]
+    w = max(len(a) for a, _ in rows)
+    return "\n".join(f"{a:<{w}}  {b}" for a, b in rows)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--worker", choices=["serial", "dist"], help=argparse.SUPPRESS)
+    ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--settings", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        if str(ROOT) not in sys.path:
+            sys.path.insert(0, str(ROOT))
+        s = json.loads(args.settings)
+        res = _worker_serial(s) if args.worker == "serial" else _worker_dist(s, args.rank)
+        with open(args.result, "w") as f:
+            json.dump(res, f)
+        return
+    r = run(quick=args.quick)
+    print(format_table(r))
+
+
+if __name__ == "__main__":
+    main()
