@@ -334,7 +334,8 @@ class DistributedExecutor(Executor):
 
         # Who is where (for describe()), exchanged once; also checks that every rank made the executor.
         me = f"{socket.gethostname()}|{self.device if self.device is not None else 'inputs'}"
-        replies = self._gather_text(me, what="setup")
+        # (bounded by the process group's timeout, not ``timeout``: ranks may load models at different speeds)
+        replies = self._gather_text(me, what="setup", bounded=False)
         self._hosts = [r.split("|", 1)[0] for r in replies]
         self._devices = [r.split("|", 1)[1] if "|" in r else "?" for r in replies]
 
@@ -396,13 +397,23 @@ class DistributedExecutor(Executor):
         self._round += 1
         if k == 1:
             # Every rank computes the single call itself: nothing to gain from communicating.
+            x0, t0, c = xs[0], ts[0], cond
+            if self.device is not None:
+                x0, t0 = x0.to(self.device), t0.to(self.device)
+                c = {n: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for n, v in cond.items()}
             try:
-                return torch.stack([predictor(xs[0], ts[0], **cond)])
+                pred = predictor(x0, t0, **c)
             except Exception as e:
                 raise ExecutorError(
                     f"DistributedExecutor: the predictor raised on rank {self.rank} (of {self.world_size}) in "
                     f"round {self._round}: {type(e).__name__}: {e}"
                 ) from e
+            if not isinstance(pred, torch.Tensor):
+                raise PredictorOutputError(
+                    f"DistributedExecutor: the predictor returned {type(pred).__name__}, not a Tensor "
+                    f"(rank {self.rank}, round {self._round})."
+                )
+            return pred.unsqueeze(0).to(xs.device)
 
         sizes = self.shares(k)
         offsets = _offsets(sizes)
@@ -479,7 +490,7 @@ class DistributedExecutor(Executor):
             payload = _to_bytes(out.detach().to(self._comm_device))
             buf[: payload.numel()] = payload
         group = self.group
-        chunks = self._all_gather(buf, group, what="predictions", fault=None, blocking=self.backend != "nccl")
+        chunks = self._all_gather(buf, group, what="predictions", fault=None, bounded=self.backend != "nccl")
         parts = [
             _from_bytes(chunks[r][: sizes[r] * row_bytes], out_dtype, (sizes[r],) + tuple(out_shape))
             for r in range(self.world_size)
@@ -571,25 +582,26 @@ class DistributedExecutor(Executor):
             )
         return shape, _DTYPES[dcode]
 
-    def _all_gather(self, t: torch.Tensor, group, what: str, fault=None, blocking: bool = True) -> List[torch.Tensor]:
+    def _all_gather(self, t: torch.Tensor, group, what: str, fault=None, bounded: bool = True) -> List[torch.Tensor]:
         outs = [torch.empty_like(t) for _ in range(self.world_size)]
         try:
             work = dist.all_gather(outs, t, group=group, async_op=True)
-            if blocking:
+            if bounded:
                 work.wait(timeout=datetime.timedelta(seconds=self.timeout))
             else:
-                work.wait()  # nccl: the stream waits; the process group's watchdog bounds it
+                # nccl: the stream waits, no host sync; the process group's timeout (watchdog) bounds it
+                work.wait()
         except Exception as e:
             self._comm_failed(what, e, fault)
         return outs
 
-    def _gather_text(self, text: str, what: str) -> List[str]:
+    def _gather_text(self, text: str, what: str, bounded: bool = True) -> List[str]:
         raw = text.encode("utf-8", errors="replace")[: _MSG_BYTES - 4]
         buf = torch.zeros(_MSG_BYTES, dtype=torch.uint8)
         buf[:4] = torch.tensor(list(len(raw).to_bytes(4, "little")), dtype=torch.uint8)
         if raw:
             buf[4 : 4 + len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-        chunks = self._all_gather(buf, self._control, what=what)
+        chunks = self._all_gather(buf, self._control, what=what, bounded=bounded)
         texts = []
         for c in chunks:
             n = int.from_bytes(bytes(c[:4].tolist()), "little")

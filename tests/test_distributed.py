@@ -262,6 +262,16 @@ def _scenario_basic(rank, world):
         xs = torch.randn(3, 5, 6, generator=g)
         ts = torch.full((3, 5), 500.0)
         pairs[("mlp", 3)] = (ex.evaluate(model, xs, ts), serial.evaluate(model, xs, ts))
+    # the two-phase path nccl uses (status over a gloo side group, predictions over the main group)
+    import torch.distributed as dist
+
+    ex2 = DistributedExecutor(timeout=20, control_group=dist.new_group(backend="gloo"))
+    assert not ex2._fused
+    for k in (2, 3, 5):
+        xs = torch.randn(k, 4, 3, generator=g)
+        ts = torch.full((k, 4), 10.0 * k)
+        cond = {"scale": torch.rand(4, generator=g)}
+        pairs[("two-phase", k)] = (ex2.evaluate(_predictor, xs, ts, cond), serial.evaluate(_predictor, xs, ts, cond))
     return {"pairs": pairs, "shares": {k: ex.shares(k) for k in (1, 2, 3, 5)}, "describe": ex.describe()}
 
 
