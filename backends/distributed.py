@@ -144,7 +144,7 @@ def init_from_env(backend: Optional[str] = None, timeout: float = 120.0) -> Dist
     if backend is None:
         backend = "nccl" if (torch.cuda.is_available() and dist.is_nccl_available()) else "gloo"
     backend = str(backend).lower()
-    if backend == "nccl":
+    if "nccl" in backend:
         if not torch.cuda.is_available():
             raise ExecutorError(
                 "init_from_env: backend 'nccl' needs CUDA, but torch.cuda.is_available() is False; "
@@ -258,8 +258,8 @@ class DistributedExecutor(Executor):
         control_group: a gloo group with the same ranks for the status exchange. Made automatically
             (``new_group(backend="gloo")``) when ``group`` is not gloo; pass one when ``group`` is a
             non-gloo subgroup, since making a group is a collective of the whole world.
-        diagnose_timeout: seconds spent, after a failed exchange, on a ``monitored_barrier`` that names
-            the ranks that did not answer (default ``min(5, timeout)``).
+        diagnose_timeout: seconds spent, after a failed exchange, finding out which ranks still answer
+            (like ``monitored_barrier``), so the error names the missing ones (default ``min(5, timeout)``).
 
     Raises:
         ExecutorError: torch.distributed is unavailable, or the process group is not initialised
@@ -296,20 +296,22 @@ class DistributedExecutor(Executor):
             raise InvalidArgumentError("DistributedExecutor: this process is not a member of the given group.")
         self.world_size = dist.get_world_size(group)
         self.backend = str(dist.get_backend(group)).lower()
+        # "nccl", or a multi-device group such as "cpu:gloo,cuda:nccl": predictions travel on the GPU
+        self._nccl = "nccl" in self.backend
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
 
-        if device is None and self.backend == "nccl":
+        if device is None and self._nccl:
             device = torch.device("cuda", self.local_rank) if "LOCAL_RANK" in os.environ else torch.device(
                 "cuda", torch.cuda.current_device()
             )
         self.device: Optional[torch.device] = torch.device(device) if device is not None else None
-        if self.backend == "nccl" and (self.device is None or self.device.type != "cuda"):
+        if self._nccl and (self.device is None or self.device.type != "cuda"):
             raise InvalidArgumentError(
                 f"DistributedExecutor: the nccl backend communicates CUDA tensors, but device={self.device}; "
                 f"use device='cuda:<local_rank>' or the gloo backend on CPU."
             )
         # Where predictions travel: nccl needs them on this rank's GPU; gloo gets them on the CPU.
-        self._comm_device = self.device if self.backend == "nccl" else torch.device("cpu")
+        self._comm_device = self.device if self._nccl else torch.device("cpu")
 
         if control_group is not None:
             self._control = control_group
@@ -320,7 +322,7 @@ class DistributedExecutor(Executor):
         else:
             ranks = dist.get_process_group_ranks(group) if group is not None else None
             self._control = dist.new_group(
-                ranks=ranks, backend="gloo", timeout=datetime.timedelta(seconds=max(self.timeout, 1.0))
+                ranks=ranks, backend="gloo", timeout=datetime.timedelta(seconds=max(self.timeout, 300.0))
             )
             self._own_control = True
         if str(dist.get_backend(self._control)).lower() != "gloo":
@@ -490,7 +492,7 @@ class DistributedExecutor(Executor):
             payload = _to_bytes(out.detach().to(self._comm_device))
             buf[: payload.numel()] = payload
         group = self.group
-        chunks = self._all_gather(buf, group, what="predictions", fault=None, bounded=self.backend != "nccl")
+        chunks = self._all_gather(buf, group, what="predictions", fault=None, bounded=not self._nccl)
         parts = [
             _from_bytes(chunks[r][: sizes[r] * row_bytes], out_dtype, (sizes[r],) + tuple(out_shape))
             for r in range(self.world_size)
