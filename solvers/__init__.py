@@ -4,6 +4,9 @@ from solvers.ddpm import DDPMSkip
 from solvers.flow import FlowEulerSkip
 from solvers.oracles import GaussianMixture, ring_mixture
 from solvers.serial import coarse_indices, sample_serial, sample_step_skipping
+from solvers.ve import VEEulerSkip, VESchedule
+# interop never imports diffusers at import time (only when a pipeline or a scheduler config is used)
+from solvers.interop import from_diffusers, sample_driffusion
 
 __all__ = [
     "DDIMSkip",
@@ -14,4 +17,8 @@ __all__ = [
     "coarse_indices",
     "GaussianMixture",
     "ring_mixture",
+    "VESchedule",
+    "VEEulerSkip",
+    "from_diffusers",
+    "sample_driffusion",
 ]

@@ -1,0 +1,179 @@
+r"""A predictor ``f(x, t, **cond)`` for diffusers denoisers, with classifier-free guidance in one call.
+
+Key (Ho & Salimans 2022; diffusers' pipelines): with guidance scale w > 1, conditional and
+unconditional (negative) outputs c and u of the same state are combined as
+
+    p = u + w (c - u),
+    p <- phi * p * std(c) / std(p) + (1 - phi) * p      (guidance_rescale phi, Lin et al. 2024; std per row).
+
+Both halves come from **one** model call on a doubled batch ``[x; x]`` with conditioning
+``[negative; positive]`` (diffusers' row order: unconditional first). This composes with
+:class:`backends.BatchedExecutor`: the executor hands the wrapper K*B rows (drafts concatenated,
+conditioning repeated K times, draft-major), the wrapper doubles them to 2*K*B rows, and the split
+``chunk(2)`` gives back the K*B unconditional and K*B conditional rows in the same order.
+
+Calling styles (``style``), taken from the model's class name by default:
+
+* ``"unet2d"``: ``UNet2DModel(sample, timestep, class_labels=None)``; cond: ``class_labels``.
+* ``"unet2d_condition"``: ``UNet2DConditionModel(sample, timestep, encoder_hidden_states)``;
+  cond: ``encoder_hidden_states`` (``[B, L, D]``), plus ``encoder_attention_mask``, ``class_labels``, ``timestep_cond``.
+* ``"sd3"``: ``SD3Transformer2DModel(hidden_states=, timestep=, encoder_hidden_states=, pooled_projections=)``;
+  cond: ``encoder_hidden_states``, ``pooled_projections``.
+
+For guidance pass, for every conditioning tensor ``name``, its negative as ``negative_<name>``.
+Outputs may be a tensor, an object with ``.sample``, or a tuple (first element); a model that also
+predicts a variance (2C output channels for C input channels) gives its first C channels.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+
+from driffusion_core.errors import InvalidArgumentError, PredictorOutputError
+
+__all__ = ["DiffusersPredictor", "STYLES", "rescale_guidance"]
+
+#: class name -> calling style
+STYLES: Dict[str, str] = {
+    "UNet2DModel": "unet2d",
+    "UNet2DConditionModel": "unet2d_condition",
+    "SD3Transformer2DModel": "sd3",
+}
+
+#: conditioning names each style accepts (their negatives are ``negative_<name>``)
+COND_NAMES: Dict[str, tuple] = {
+    "unet2d": ("class_labels",),
+    "unet2d_condition": ("encoder_hidden_states", "encoder_attention_mask", "class_labels", "timestep_cond"),
+    "sd3": ("encoder_hidden_states", "pooled_projections"),
+}
+_REQUIRED = {"unet2d": (), "unet2d_condition": ("encoder_hidden_states",), "sd3": ("encoder_hidden_states", "pooled_projections")}
+
+
+def rescale_guidance(guided: torch.Tensor, cond_out: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
+    r"""Guidance rescale (Lin et al. 2024, sec. 3.4): :math:`\phi\, p\, \mathrm{std}(c)/\mathrm{std}(p) + (1-\phi) p`, per row."""
+    dims = list(range(1, guided.dim()))
+    rescaled = guided * (cond_out.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return guidance_rescale * rescaled + (1 - guidance_rescale) * guided
+
+
+def _unwrap(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "sample") and isinstance(out.sample, torch.Tensor):
+        return out.sample
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise PredictorOutputError(
+        f"The model returned {type(out).__name__}; expected a tensor, an output with .sample, or a tuple."
+    )
+
+
+class DiffusersPredictor:
+    """Wrap a diffusers denoiser as ``predictor(x, t, **cond) -> Tensor`` shaped like x.
+
+    Arguments:
+        model: a ``UNet2DModel``, ``UNet2DConditionModel`` or ``SD3Transformer2DModel`` (or any module
+            with one of their calling styles; then give ``style``).
+        guidance_scale: w; classifier-free guidance runs when w > 1 (as in diffusers' pipelines) and
+            then every conditioning tensor needs its ``negative_<name>``.
+        guidance_rescale: phi in [0, 1] (diffusers' ``guidance_rescale``); 0 disables it.
+        style: ``"unet2d"``, ``"unet2d_condition"`` or ``"sd3"``; default from the class name.
+        model_kwargs: fixed keyword arguments for every call (e.g. ``cross_attention_kwargs``,
+            ``joint_attention_kwargs``); never batched.
+        enable_grad: run the model with autograd on (default: under ``torch.no_grad()``).
+
+    Example::
+
+        f = DiffusersPredictor(pipe.unet, guidance_scale=7.5)
+        eps = f(x, t, encoder_hidden_states=emb, negative_encoder_hidden_states=neg_emb)
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        guidance_scale: float = 1.0,
+        guidance_rescale: float = 0.0,
+        style: Optional[str] = None,
+        model_kwargs: Optional[Mapping[str, Any]] = None,
+        enable_grad: bool = False,
+    ):
+        if not callable(model):
+            raise InvalidArgumentError(f"model must be callable (a torch module), got {type(model).__name__}.")
+        if style is None:
+            name = type(model).__name__
+            if name not in STYLES:
+                raise InvalidArgumentError(
+                    f"Unknown model class {name}: pass style='unet2d', 'unet2d_condition' or 'sd3' "
+                    f"(the calling style of UNet2DModel, UNet2DConditionModel or SD3Transformer2DModel)."
+                )
+            style = STYLES[name]
+        if style not in COND_NAMES:
+            raise InvalidArgumentError(f"style must be one of {tuple(COND_NAMES)}, got {style!r}.")
+        if not 0.0 <= guidance_rescale <= 1.0:
+            raise InvalidArgumentError(f"guidance_rescale must lie in [0, 1], got {guidance_rescale}.")
+        self.model = model
+        self.style = style
+        self.guidance_scale = float(guidance_scale)
+        self.guidance_rescale = float(guidance_rescale)
+        self.model_kwargs = dict(model_kwargs or {})
+        self.enable_grad = bool(enable_grad)
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    def _split_cond(self, cond: Mapping[str, Any]):
+        allowed = COND_NAMES[self.style]
+        pos, neg = {}, {}
+        for key, value in cond.items():
+            base = key[len("negative_"):] if key.startswith("negative_") else key
+            if base not in allowed:
+                accepted = ", ".join(allowed + tuple("negative_" + a for a in allowed))
+                raise InvalidArgumentError(f"Unknown conditioning {key!r} for style {self.style!r}; accepted: {accepted}.")
+            (neg if key.startswith("negative_") else pos)[base] = value
+        for name in _REQUIRED[self.style]:
+            if pos.get(name) is None:
+                raise InvalidArgumentError(f"Style {self.style!r} needs cond {name!r} (a tensor with leading dim B).")
+        if self.do_classifier_free_guidance:
+            missing = [n for n, v in pos.items() if v is not None and neg.get(n) is None]
+            if missing:
+                raise InvalidArgumentError(
+                    f"guidance_scale={self.guidance_scale:g} > 1 needs the negative conditioning "
+                    f"{', '.join('negative_' + m for m in missing)} (e.g. the empty prompt's embeddings)."
+                )
+        return pos, neg
+
+    def _call(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, Any]) -> torch.Tensor:
+        kw = {k: v for k, v in cond.items() if v is not None}
+        if self.style == "sd3":
+            out = self.model(hidden_states=x, timestep=t, return_dict=False, **kw, **self.model_kwargs)
+        else:
+            out = self.model(x, t, return_dict=False, **kw, **self.model_kwargs)
+        out = _unwrap(out)
+        if out.shape != x.shape and out.dim() == x.dim() and out.shape[1] == 2 * x.shape[1]:
+            out = out[:, : x.shape[1]]  # a learned-variance head: keep the mean prediction
+        return out
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
+        """The (guided) model output at states x (``[N, ...]``) and model times t (``[N]``)."""
+        pos, neg = self._split_cond(cond)
+        t = t.expand(x.shape[0]) if t.dim() == 0 else t
+        with torch.set_grad_enabled(self.enable_grad and torch.is_grad_enabled()):
+            if not self.do_classifier_free_guidance:
+                return self._call(x, t, pos).to(x.dtype)
+            both = {}
+            for name, value in pos.items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0:
+                    both[name] = torch.cat([neg[name], value])
+                else:
+                    both[name] = value
+            out = self._call(torch.cat([x, x]), torch.cat([t, t]), both)
+            uncond, cond_out = out.chunk(2)
+            guided = uncond + self.guidance_scale * (cond_out - uncond)
+            if self.guidance_rescale > 0:
+                guided = rescale_guidance(guided, cond_out, self.guidance_rescale)
+            return guided.to(x.dtype)
+
+    def __repr__(self) -> str:
+        return f"DiffusersPredictor({type(self.model).__name__}, style={self.style!r}, guidance_scale={self.guidance_scale:g})"

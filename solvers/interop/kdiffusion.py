@@ -1,0 +1,119 @@
+r"""DRiffusion with k-diffusion's sampler conventions: ``sample_driffusion(model, x, sigmas, ...)``.
+
+Key (Karras et al. 2022; k-diffusion ``sampling.py``): ``model(x, sigma, **extra_args)`` is a
+denoiser D returning x0_hat, called with one sigma per row; ``sigmas`` decrease and usually end
+in 0; ``x`` starts at ``sigmas[0]`` (x = x0 + sigma eps, already scaled: ``noise * sigmas[0]``).
+k-diffusion's ``sample_euler`` (s_churn = 0) steps
+
+    d_i = (x_i - D(x_i, sigma_i)) / sigma_i,       x_{i+1} = x_i + (sigma_{i+1} - sigma_i) d_i,
+
+which is :class:`solvers.ve.VEEulerSkip` on :class:`solvers.ve.VESchedule` (levels = sigmas). A draft
+freezes d (equivalently x0_hat), so the big step x_a + (sigma_{a+j} - sigma_a) d_a is exact Euler on
+the frozen slope; width 1 is ``sample_euler`` itself.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional, Union
+
+import torch
+
+from driffusion_core.errors import InvalidArgumentError, InvalidTimestepsError
+from driffusion_core.executor import Executor, SerialExecutor
+from driffusion_core.grid import TimeGrid
+from driffusion_core.scheduler import DraftRefineScheduler, SampleOutput, check_inputs
+from solvers.ve import VEEulerSkip, VESchedule
+
+__all__ = ["sample_driffusion", "sigmas_grid"]
+
+
+def sigmas_grid(sigmas: torch.Tensor, dtype: torch.dtype = torch.float32) -> TimeGrid:
+    """The grid of k-diffusion's ``sigmas``: step i goes from sigmas[i] to sigmas[i+1], model time sigmas[i].
+
+    The model times keep the values of ``sigmas`` (cast to ``dtype``, the state's), as k-diffusion
+    passes ``sigmas[i] * x.new_ones([B])``.
+    """
+    if not isinstance(sigmas, torch.Tensor):
+        sigmas = torch.as_tensor(sigmas)
+    if sigmas.dim() != 1 or sigmas.shape[0] < 2:
+        raise InvalidTimestepsError(
+            f"sigmas must be a 1-D tensor of at least 2 noise levels (the last usually 0), got shape {tuple(sigmas.shape)}."
+        )
+    sig = sigmas.detach().to("cpu")
+    levels = sig.to(torch.float64)
+    if (levels < 0).any() or not torch.isfinite(levels).all():
+        raise InvalidTimestepsError("sigmas must be finite and non-negative.")
+    if (levels[1:] >= levels[:-1]).any():
+        i = int(torch.nonzero(levels[1:] >= levels[:-1])[0])
+        raise InvalidTimestepsError(
+            f"sigmas must strictly decrease (noisy to clean), but sigmas[{i}] = {levels[i]:g} and "
+            f"sigmas[{i + 1}] = {levels[i + 1]:g}; k-diffusion's get_sigmas_* return them in sampling order."
+        )
+    return TimeGrid(levels[:-1].clone(), levels[1:].clone(), sig[:-1].to(dtype).clone())
+
+
+def sample_driffusion(
+    model: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    extra_args: Optional[Mapping[str, Any]] = None,
+    callback: Optional[Callable[[dict], Any]] = None,
+    disable: Optional[bool] = None,
+    width: int = 2,
+    mode: str = "aggressive",
+    executor: Optional[Executor] = None,
+    return_output: bool = False,
+) -> Union[torch.Tensor, SampleOutput]:
+    """DRiffusion's draft-and-refine Euler sampler for a k-diffusion denoiser.
+
+    Arguments:
+        model: ``D(x, sigma, **extra_args) -> x0_hat``, sigma a ``Tensor[B]`` (a k-diffusion wrapped model).
+        x: the starting state at ``sigmas[0]`` (``torch.randn_like(x) * sigmas[0]``), ``Tensor[B, ...]``.
+        sigmas: decreasing noise levels, usually ending in 0 (``k_diffusion.sampling.get_sigmas_karras``).
+        extra_args: keyword arguments for the model; tensors need leading dimension B.
+        callback: called once per step i, in order, with k-diffusion's dict
+            ``{'x', 'i', 'sigma', 'sigma_hat', 'denoised'}`` (x the refined state at sigma_i, denoised the
+            x0_hat that step used).
+        disable: disable the progress bar (tqdm's meaning: None hides it off a terminal).
+        width: drafts per round (1 is ``sample_euler``).
+        mode: ``"aggressive"`` or ``"conservative"``.
+        executor: how a round runs (default: serial; ``backends.BatchedExecutor()`` batches the drafts).
+        return_output: return the :class:`~driffusion_core.SampleOutput` (with rounds and evals), not just x.
+
+    Returns:
+        The sample at ``sigmas[-1]`` (as k-diffusion's samplers), or the SampleOutput.
+    """
+    if not callable(model):
+        raise InvalidArgumentError(f"model must be a denoiser D(x, sigma) -> x0, got {type(model).__name__}.")
+    cond = check_inputs(x, extra_args)
+    grid = sigmas_grid(sigmas, x.dtype)
+    transition = VEEulerSkip(VESchedule(), prediction="sample")
+    sched = DraftRefineScheduler(transition, grid, width, mode)
+    executor = executor if executor is not None else SerialExecutor()
+    if not isinstance(executor, Executor):
+        raise InvalidArgumentError(f"executor must be an Executor, got {type(executor).__name__}.")
+    state = sched.start(x, keep_trajectory=callback is not None)
+    bar = None
+    if disable is not True:
+        from tqdm.auto import trange
+
+        bar = trange(len(grid), disable=disable, desc=f"DRiffusion n={width}")
+    used = {}  # step index -> the x0_hat it used (kept only for the callback)
+    b = x.shape[0]
+    while (rnd := state.plan()) is not None:
+        ts = grid.model_times[rnd.steps].to(x.device).unsqueeze(1).expand(len(rnd.steps), b)
+        preds = executor.evaluate(model, rnd.xs, ts, cond)
+        if callback is not None:
+            used.update({i: preds[k] for k, i in enumerate(rnd.steps)})
+        before = state.a
+        state.absorb(rnd, preds)
+        for i in range(before, state.a):
+            if callback is not None:
+                sigma = sigmas[i]
+                callback({"x": state.trajectory[i], "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": used.pop(i)})
+                state.trajectory[i] = None  # the callback has seen it
+        if bar is not None:
+            bar.update(state.a - before)
+    if bar is not None:
+        bar.close()
+    out = SampleOutput(state.x, state.rounds, state.evals, info={"drafts_per_round": state.drafts_per_round})
+    return out if return_output else out.x

@@ -1,0 +1,284 @@
+r"""A drop-in that runs a diffusers pipeline's denoising loop with DRiffusion.
+
+``DRiffusionPipeline(pipe, width=4)(**the pipeline's own arguments)`` keeps everything of the
+pipeline but its loop: the pipeline's own ``check_inputs``, ``encode_prompt`` (so ``prompt_embeds`` /
+``negative_prompt_embeds`` work without a tokenizer), ``prepare_latents`` (the same initial noise for
+the same ``generator``), VAE decode, safety checker and ``image_processor.postprocess``. The loop
+``for t: x = scheduler.step(model(x, t), t, x)`` becomes
+
+    transition, grid = from_diffusers(pipe.scheduler, T)
+    DraftRefineScheduler(transition, grid, width, mode).sample(DiffusersPredictor(model, w), latents, executor)
+
+with classifier-free guidance in one batched call per draft batch. Width 1 reproduces the pipeline
+(for DDIM with eta = 0 and flow matching: the same images for the same generator).
+
+Supported: ``DDPMPipeline`` / ``DDIMPipeline`` (unconditional), ``StableDiffusionPipeline`` and
+``StableDiffusion3Pipeline`` (and their subclasses), with a ``DDIMScheduler``, ``DDPMScheduler`` or
+``FlowMatchEulerDiscreteScheduler``. Note the two widths: ``DRiffusionPipeline(width=...)`` is the
+number of drafts per round, the call's ``width=`` the image width, as in diffusers.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import torch
+
+from driffusion_core.errors import InvalidArgumentError, InvalidWidthError
+from driffusion_core.executor import Executor
+from driffusion_core.noise import NoiseSource
+from driffusion_core.scheduler import DraftRefineScheduler, SampleOutput
+from solvers.interop.diffusers_models import DiffusersPredictor
+from solvers.interop.diffusers_schedulers import from_diffusers
+
+__all__ = ["DRiffusionPipeline", "calculate_shift", "pipeline_family"]
+
+FAMILIES = {
+    "DDPMPipeline": "unconditional",
+    "DDIMPipeline": "unconditional",
+    "StableDiffusionPipeline": "stable_diffusion",
+    "StableDiffusion3Pipeline": "stable_diffusion_3",
+}
+
+
+def pipeline_family(pipe: Any) -> str:
+    """``"unconditional"``, ``"stable_diffusion"`` or ``"stable_diffusion_3"``, from the pipeline's class (or a base)."""
+    for cls in type(pipe).__mro__:
+        if cls.__name__ in FAMILIES:
+            return FAMILIES[cls.__name__]
+    raise InvalidArgumentError(
+        f"DRiffusionPipeline supports {', '.join(FAMILIES)} (and subclasses), got {type(pipe).__name__}. "
+        f"For another pipeline, drive DraftRefineScheduler with from_diffusers() and DiffusersPredictor."
+    )
+
+
+def calculate_shift(image_seq_len: int, config: Mapping[str, Any]) -> float:
+    r"""The dynamic shift :math:`\mu`, linear in the image sequence length (as diffusers' SD3 / Flux pipelines).
+
+    :math:`\mu = b_0 + (L - L_0)(b_1 - b_0)/(L_1 - L_0)` with ``base_image_seq_len`` L_0, ``max_image_seq_len`` L_1,
+    ``base_shift`` b_0, ``max_shift`` b_1 from the scheduler config.
+    """
+    l0, l1 = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    b0, b1 = config.get("base_shift", 0.5), config.get("max_shift", 1.16)
+    m = (b1 - b0) / (l1 - l0)
+    return image_seq_len * m + (b0 - m * l0)
+
+
+def _noise_for(generator, noise: Optional[NoiseSource]) -> Optional[NoiseSource]:
+    """The per-step noise: the given NoiseSource, else one seeded from the pipeline's generator."""
+    if noise is not None or generator is None:
+        return noise
+    g = generator[0] if isinstance(generator, (list, tuple)) else generator
+    return NoiseSource(int(torch.randint(0, 2**62, (1,), generator=g, device=g.device).item()))
+
+
+class DRiffusionPipeline:
+    """Run a diffusers pipeline with DRiffusion's draft-and-refine loop.
+
+    Arguments:
+        pipe: a ``DDPMPipeline``, ``DDIMPipeline``, ``StableDiffusionPipeline`` or ``StableDiffusion3Pipeline``.
+        width: drafts per round, n >= 1 (1 reproduces the pipeline's serial loop).
+        mode: ``"aggressive"`` (1 + ceil((T-1)/n) rounds) or ``"conservative"``.
+        executor: how a round runs (default ``backends.BatchedExecutor()``: the drafts and both CFG
+            halves in one model call).
+        progress: show a progress bar.
+
+    Calling it takes the pipeline's own keyword arguments (``prompt_embeds``, ``num_inference_steps``,
+    ``guidance_scale``, ``generator``, ``output_type``, ``height``/``width`` of the image, ...) plus
+    ``noise``: a :class:`~driffusion_core.NoiseSource` for stochastic schedulers (default: seeded from
+    ``generator``). It returns what the pipeline returns; the sampler's counts are in ``last_output``
+    (:class:`~driffusion_core.SampleOutput`: ``.rounds``, ``.evals``).
+    """
+
+    def __init__(self, pipe: Any, width: int = 2, mode: str = "aggressive", executor: Optional[Executor] = None, progress: bool = False):
+        self.family = pipeline_family(pipe)
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise InvalidWidthError(f"width (drafts per round) must be an int >= 1, got {width!r}; 1 is the serial loop.")
+        if mode not in ("aggressive", "conservative"):
+            raise InvalidArgumentError(f"mode must be 'aggressive' or 'conservative', got {mode!r}.")
+        if executor is None:
+            from backends import BatchedExecutor
+
+            executor = BatchedExecutor()
+        self.pipe, self.width, self.mode, self.executor, self.progress = pipe, width, mode, executor, progress
+        self.last_output: Optional[SampleOutput] = None
+
+    # ----------------------------------------------------------------- the loop
+    def _sample(self, model, guidance_scale, transition, grid, latents, cond, noise, model_kwargs=None, guidance_rescale=0.0):
+        predictor = DiffusersPredictor(model, guidance_scale, guidance_rescale, model_kwargs=model_kwargs)
+        cond = {k: v for k, v in cond.items() if v is not None}
+        sched = DraftRefineScheduler(transition, grid, self.width, self.mode)
+        out = sched.sample(predictor, latents, executor=self.executor, noise=noise, cond=cond, progress=self.progress)
+        self.last_output = out
+        return out.x
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        """The pipeline's call (same arguments, same output type), its denoising loop run with DRiffusion."""
+        run = {"unconditional": self._unconditional, "stable_diffusion": self._stable_diffusion,
+               "stable_diffusion_3": self._stable_diffusion_3}[self.family]
+        with torch.no_grad():
+            return run(*args, **kwargs)
+
+    # ----------------------------------------------------------------- DDPM / DDIM pipelines
+    def _unconditional(
+        self,
+        batch_size: int = 1,
+        generator=None,
+        num_inference_steps: Optional[int] = None,
+        eta: float = 0.0,
+        use_clipped_model_output: Optional[bool] = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        latents: Optional[torch.Tensor] = None,
+        noise: Optional[NoiseSource] = None,
+    ):
+        from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+        from diffusers.utils.torch_utils import randn_tensor
+
+        pipe, unet = self.pipe, self.pipe.unet
+        if num_inference_steps is None:
+            num_inference_steps = 1000 if type(pipe).__name__ == "DDPMPipeline" else 50
+        size = unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        shape = (batch_size, unet.config.in_channels, *size)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=pipe._execution_device, dtype=unet.dtype)
+        extra = {"eta": eta, "use_clipped_model_output": bool(use_clipped_model_output)} if eta or use_clipped_model_output else {}
+        transition, grid = from_diffusers(pipe.scheduler, num_inference_steps, **extra)
+        image = self._sample(unet, 1.0, transition, grid, latents, {}, _noise_for(generator, noise) if transition.stochastic else None)
+        image = (image / 2 + 0.5).clamp(0, 1)
+        if output_type != "pt":
+            image = image.cpu().permute(0, 2, 3, 1).numpy()
+            if output_type == "pil":
+                image = pipe.numpy_to_pil(image)
+        pipe.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=image) if return_dict else (image,)
+
+    # ----------------------------------------------------------------- Stable Diffusion (UNet2DCondition + VAE)
+    def _stable_diffusion(
+        self,
+        prompt=None,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt=None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator=None,
+        latents: Optional[torch.Tensor] = None,
+        prompt_embeds: Optional[torch.Tensor] = None,
+        negative_prompt_embeds: Optional[torch.Tensor] = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: Optional[dict] = None,
+        guidance_rescale: float = 0.0,
+        clip_skip: Optional[int] = None,
+        noise: Optional[NoiseSource] = None,
+    ):
+        from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+
+        pipe, unet = self.pipe, self.pipe.unet
+        if unet.config.time_cond_proj_dim is not None:
+            raise InvalidArgumentError("UNets with time_cond_proj_dim (guidance embedding, LCM) are not supported.")
+        size = unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        height = height or size[0] * pipe.vae_scale_factor
+        width = width or size[1] * pipe.vae_scale_factor
+        pipe.check_inputs(prompt, height, width, None, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        do_cfg = guidance_scale > 1
+        device = pipe._execution_device
+        lora_scale = (cross_attention_kwargs or {}).get("scale")
+        prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
+            prompt, device, num_images_per_prompt, do_cfg, negative_prompt,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            lora_scale=lora_scale, clip_skip=clip_skip,
+        )
+        batch = prompt_embeds.shape[0]
+        latents = pipe.prepare_latents(batch, unet.config.in_channels, height, width, prompt_embeds.dtype, device, generator, latents)
+        transition, grid = from_diffusers(pipe.scheduler, num_inference_steps, eta=eta)
+        cond = {"encoder_hidden_states": prompt_embeds, "negative_encoder_hidden_states": negative_prompt_embeds if do_cfg else None}
+        model_kwargs = {"cross_attention_kwargs": cross_attention_kwargs} if cross_attention_kwargs else None
+        latents = self._sample(unet, guidance_scale, transition, grid, latents, cond,
+                               _noise_for(generator, noise) if transition.stochastic else None, model_kwargs, guidance_rescale)
+        if output_type == "latent":
+            image, nsfw = latents, None
+        else:
+            image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
+            image, nsfw = pipe.run_safety_checker(image, device, prompt_embeds.dtype)
+        denormalize = [True] * image.shape[0] if nsfw is None else [not n for n in nsfw]
+        image = pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=denormalize)
+        pipe.maybe_free_model_hooks()
+        return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=nsfw) if return_dict else (image, nsfw)
+
+    # ----------------------------------------------------------------- Stable Diffusion 3 (flow matching)
+    def _stable_diffusion_3(
+        self,
+        prompt=None,
+        prompt_2=None,
+        prompt_3=None,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        num_inference_steps: int = 28,
+        guidance_scale: float = 7.0,
+        negative_prompt=None,
+        negative_prompt_2=None,
+        negative_prompt_3=None,
+        num_images_per_prompt: int = 1,
+        generator=None,
+        latents: Optional[torch.Tensor] = None,
+        prompt_embeds: Optional[torch.Tensor] = None,
+        negative_prompt_embeds: Optional[torch.Tensor] = None,
+        pooled_prompt_embeds: Optional[torch.Tensor] = None,
+        negative_pooled_prompt_embeds: Optional[torch.Tensor] = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        joint_attention_kwargs: Optional[dict] = None,
+        clip_skip: Optional[int] = None,
+        max_sequence_length: int = 256,
+        mu: Optional[float] = None,
+        noise: Optional[NoiseSource] = None,
+    ):
+        from diffusers.pipelines.stable_diffusion_3 import StableDiffusion3PipelineOutput
+
+        pipe, model = self.pipe, self.pipe.transformer
+        height = height or pipe.default_sample_size * pipe.vae_scale_factor
+        width = width or pipe.default_sample_size * pipe.vae_scale_factor
+        pipe.check_inputs(
+            prompt, prompt_2, prompt_3, height, width,
+            negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            max_sequence_length=max_sequence_length,
+        )
+        do_cfg = guidance_scale > 1
+        device = pipe._execution_device
+        pe, npe, ppe, nppe = pipe.encode_prompt(
+            prompt=prompt, prompt_2=prompt_2, prompt_3=prompt_3,
+            negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3,
+            do_classifier_free_guidance=do_cfg, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            device=device, clip_skip=clip_skip, num_images_per_prompt=num_images_per_prompt,
+            max_sequence_length=max_sequence_length, lora_scale=(joint_attention_kwargs or {}).get("scale"),
+        )
+        latents = pipe.prepare_latents(pe.shape[0], model.config.in_channels, height, width, pe.dtype, device, generator, latents)
+        if pipe.scheduler.config.get("use_dynamic_shifting", False) and mu is None:
+            patch = model.config.patch_size
+            mu = calculate_shift((latents.shape[2] // patch) * (latents.shape[3] // patch), pipe.scheduler.config)
+        transition, grid = from_diffusers(pipe.scheduler, num_inference_steps, mu=mu)
+        cond = {"encoder_hidden_states": pe, "pooled_projections": ppe}
+        if do_cfg:
+            cond.update(negative_encoder_hidden_states=npe, negative_pooled_projections=nppe)
+        model_kwargs = {"joint_attention_kwargs": joint_attention_kwargs} if joint_attention_kwargs else None
+        latents = self._sample(model, guidance_scale, transition, grid, latents, cond, None, model_kwargs)
+        if output_type == "latent":
+            image = latents
+        else:
+            vae_cfg = pipe.vae.config
+            latents = latents / vae_cfg.scaling_factor + (vae_cfg.shift_factor or 0.0)
+            image = pipe.vae.decode(latents, return_dict=False)[0]
+            image = pipe.image_processor.postprocess(image, output_type=output_type)
+        pipe.maybe_free_model_hooks()
+        return StableDiffusion3PipelineOutput(images=image) if return_dict else (image,)
+
+    def __repr__(self) -> str:
+        return f"DRiffusionPipeline({type(self.pipe).__name__}, width={self.width}, mode={self.mode!r})"

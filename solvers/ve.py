@@ -1,0 +1,102 @@
+r"""Variance-exploding (EDM / k-diffusion) schedule and its Euler skip transition.
+
+Key (Karras et al. 2022, k-diffusion): the level *is* the noise level sigma,
+
+    x_sigma = x0 + sigma eps,           (alpha, sigma) = (1, sigma),   clean end sigma = 0;
+    D(x, sigma) = x0_hat                 a denoiser; eps_hat = (x - x0_hat) / sigma = d, the ODE slope;
+    x_s = x_t + (s - t) eps_hat          the Euler step of dx/dsigma = eps_hat (k-diffusion's sample_euler).
+
+With a frozen eps_hat the big step composes exactly: (s - t) + (u - s) = u - t, and
+x_t + (s - t) eps_hat = x0_hat + s eps_hat, so a draft is DDIM written in VE form. The step is
+the same "Euler coefficient" s - t as the flow-matching step
+(:func:`driffusion_core.coefficients.flow_euler_coefficient`), applied to eps_hat instead of v.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+
+from driffusion_core import coefficients as C
+from driffusion_core.errors import InvalidArgumentError
+from driffusion_core.parameterization import Prediction, X0Transform, broadcast_coef
+from driffusion_core.schedules import Schedule, TimeLike
+from driffusion_core.transition import Levels, SkipTransition, as_levels, zero_length_identity
+
+__all__ = ["VESchedule", "VEEulerSkip"]
+
+
+def _levels(t: TimeLike) -> torch.Tensor:
+    if isinstance(t, torch.Tensor):
+        return t.detach().to("cpu", torch.float64)
+    return torch.as_tensor(t, dtype=torch.float64)
+
+
+class VESchedule(Schedule):
+    r"""The variance-exploding interpolant :math:`x_\sigma = x_0 + \sigma\epsilon`; levels are sigmas.
+
+    Arguments:
+        sigma_max: the largest level a grid may start from (default: no bound).
+
+    The predictor is called with sigma itself (``model_time(sigma) = sigma``), as k-diffusion's
+    denoisers ``D(x, sigma)`` are.
+    """
+
+    terminal_level = 0.0
+
+    def __init__(self, sigma_max: float = math.inf):
+        if not sigma_max > 0:
+            raise InvalidArgumentError(f"sigma_max must be positive, got {sigma_max}.")
+        self.sigma_max = float(sigma_max)
+
+    def level_range(self) -> Tuple[float, float]:
+        return 0.0, self.sigma_max
+
+    def alpha_sigma(self, t: TimeLike) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:math:`(\\alpha, \\sigma) = (1, t)` in float64."""
+        t = _levels(t)
+        return torch.ones_like(t), t
+
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(t, dtype=torch.float64).to(torch.float32)
+
+    def level_of_model_time(self, t: torch.Tensor) -> torch.Tensor:
+        return _levels(t)
+
+    def __repr__(self) -> str:
+        return f"VESchedule(sigma_max={self.sigma_max:g})"
+
+
+class VEEulerSkip(SkipTransition):
+    """The Euler step of the probability-flow ODE in sigma, across any pair of sigmas.
+
+    Arguments:
+        schedule: a :class:`VESchedule`.
+        prediction: ``"sample"`` (a denoiser D(x, sigma) -> x0, the default) or ``"epsilon"``.
+        x0_transform: optional clipping / thresholding of x0_hat.
+    """
+
+    stochastic = False
+    composes_exactly = True
+
+    def __init__(
+        self,
+        schedule: VESchedule,
+        prediction: Union[str, Prediction] = "sample",
+        x0_transform: Optional[X0Transform] = None,
+    ):
+        if not isinstance(schedule, VESchedule):
+            raise InvalidArgumentError(f"VEEulerSkip needs a VESchedule, got {type(schedule).__name__}.")
+        super().__init__(schedule, prediction, x0_transform)
+        if self.prediction not in (Prediction.SAMPLE, Prediction.EPSILON):
+            raise InvalidArgumentError(
+                f"VEEulerSkip takes 'sample' (a denoiser) or 'epsilon', got {self.prediction.value!r}: "
+                f"v_prediction is a VP parameterization and 'velocity' a flow one."
+            )
+
+    def __call__(self, x, pred, t_from: Levels, t_to: Levels, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        t_from, t_to = as_levels(t_from, x.shape[0]), as_levels(t_to, x.shape[0])
+        _, eps_hat = self.to_x0_eps(x, pred, t_from)
+        out = x + broadcast_coef(C.flow_euler_coefficient(t_from, t_to), x) * eps_hat
+        return zero_length_identity(out, x, t_from, t_to)

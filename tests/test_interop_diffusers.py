@@ -1,0 +1,428 @@
+"""diffusers interop: from_diffusers, DiffusersPredictor (CFG in one call), DRiffusionPipeline.
+
+References are diffusers itself: the scheduler's own loop (``set_timesteps`` + ``step``) and the
+pipelines' own ``__call__``, on tiny randomly initialised models built from configs (nothing is
+downloaded).
+
+Stochastic steps get *our* per-step noise z_i on both sides: DDIM's ``step`` takes it as
+``variance_noise``; DDPM's ``step`` only takes a generator and draws with the module-level
+``randn_tensor``, so the reference loop replaces ``diffusers.schedulers.scheduling_ddpm.randn_tensor``
+(monkeypatch) by a function returning z_i for the step in progress. The real ``step`` code then runs
+unchanged, and the test checks the patch was hit once per noisy step.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+from backends import BatchedExecutor, SerialExecutor  # noqa: E402
+from driffusion_core import DraftRefineScheduler, InvalidArgumentError, InvalidWidthError, NoiseSource, expected_rounds  # noqa: E402
+from solvers import from_diffusers  # noqa: E402
+from solvers.interop import DiffusersPredictor, DRiffusionPipeline, calculate_shift  # noqa: E402
+
+pytestmark = pytest.mark.diffusers
+
+
+def need(name: str):
+    """The diffusers class, or a skip that names it."""
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        pytest.skip(f"diffusers {diffusers.__version__} has no {name}")
+    return cls
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight the other tests for the cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _seeded(build):
+    torch.manual_seed(0)
+    return build().eval()
+
+
+@pytest.fixture(scope="module")
+def unet2d():
+    return _seeded(lambda: need("UNet2DModel")(
+        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), norm_num_groups=4,
+        layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+    ))
+
+
+@pytest.fixture(scope="module")
+def unet_cond():
+    return _seeded(lambda: need("UNet2DConditionModel")(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), norm_num_groups=4,
+        layers_per_block=1, cross_attention_dim=8, attention_head_dim=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    ))
+
+
+@pytest.fixture(scope="module")
+def sd3_transformer():
+    return _seeded(lambda: need("SD3Transformer2DModel")(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=8, caption_projection_dim=16, pooled_projection_dim=8,
+        pos_embed_max_size=16,
+    ))
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return _seeded(lambda: need("AutoencoderKL")(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=4,
+        layers_per_block=1, sample_size=16, shift_factor=0.06,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"), up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    ))
+
+
+# ============================================================================ schedulers: width 1 == diffusers' loop
+
+SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+SCHEDULER_CASES = [
+    # (class, config, num_inference_steps, run options)
+    ("DDIMScheduler", {}, 10, {}),  # leading, clip_sample=True (the default), set_alpha_to_one
+    ("DDIMScheduler", dict(timestep_spacing="trailing", clip_sample=False), 7, {}),  # steps to t - 1000 // 7: not the next one
+    ("DDIMScheduler", dict(timestep_spacing="linspace", clip_sample=False), 10, {}),  # 999 -> 899, next listed is 888
+    ("DDIMScheduler", dict(steps_offset=1, set_alpha_to_one=False, clip_sample=False, **SD_BETAS), 10, {}),
+    ("DDIMScheduler", dict(clip_sample=True, clip_sample_range=0.5, prediction_type="sample"), 10, {}),
+    ("DDIMScheduler", dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.5), 10, {}),
+    ("DDIMScheduler", dict(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                           clip_sample=False), 10, {}),
+    ("DDIMScheduler", dict(beta_schedule="squaredcos_cap_v2"), 10, dict(eta=0.5, use_clipped_model_output=True)),
+    ("DDIMScheduler", dict(clip_sample=False, timestep_spacing="trailing"), 10, dict(eta=1.0)),
+    ("DDPMScheduler", {}, 10, {}),  # leading, fixed_small, clip_sample
+    ("DDPMScheduler", dict(variance_type="fixed_large", timestep_spacing="trailing", clip_sample=False), 10, {}),
+    ("DDPMScheduler", dict(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="linspace",
+                           clip_sample=False), 10, {}),
+    ("DDPMScheduler", dict(steps_offset=1, variance_type="fixed_small_log", thresholding=True, prediction_type="sample",
+                           **SD_BETAS), 10, {}),
+    ("DDPMScheduler", dict(beta_schedule="squaredcos_cap_v2", clip_sample=True, clip_sample_range=2.0), 10, {}),
+    ("FlowMatchEulerDiscreteScheduler", {}, 10, {}),
+    ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0), 10, {}),
+    ("FlowMatchEulerDiscreteScheduler", dict(use_dynamic_shifting=True), 10, dict(mu=0.8)),
+    ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0, shift_terminal=0.1, use_karras_sigmas=True), 10, {}),
+]
+
+
+def diffusers_loop(scheduler, model, x, num_steps, noise, monkeypatch, eta=0.0, use_clipped_model_output=False, mu=None):
+    """The scheduler's own sampling loop, fed our per-step noise z_i (see the module docstring)."""
+    import diffusers.schedulers.scheduling_ddpm as ddpm_module
+
+    scheduler.set_timesteps(num_steps, **({"mu": mu} if mu is not None else {}))
+    step = {"i": None, "draws": 0}
+
+    def randn_tensor(shape, generator=None, device=None, dtype=None, **_):
+        step["draws"] += 1
+        return noise(step["i"], shape, dtype or torch.float32, device)
+
+    monkeypatch.setattr(ddpm_module, "randn_tensor", randn_tensor)
+    with torch.no_grad():
+        for i, t in enumerate(scheduler.timesteps):
+            step["i"] = i
+            out = model(x, t).sample
+            kw = {}
+            if type(scheduler).__name__ == "DDIMScheduler":
+                kw = dict(eta=eta, use_clipped_model_output=use_clipped_model_output)
+                if eta > 0:
+                    kw["variance_noise"] = noise(i, x.shape, x.dtype, x.device)
+            x = scheduler.step(out, t, x, **kw).prev_sample
+    return x, step["draws"]
+
+
+@pytest.mark.parametrize("name,config,num_steps,options", SCHEDULER_CASES,
+                         ids=[f"{c[0][:4]}-{'-'.join(f'{k}={v}' for k, v in {**c[1], **c[3]}.items()) or 'default'}"
+                              for c in SCHEDULER_CASES])
+def test_width1_matches_diffusers_scheduler_loop(name, config, num_steps, options, unet2d, monkeypatch):
+    scheduler = need(name)(**config)
+    noise = NoiseSource(5)
+    x = NoiseSource(0).initial((2, 3, 8, 8))
+    mu = options.get("mu")
+    step_options = {k: v for k, v in options.items() if k != "mu"}
+    transition, grid = from_diffusers(scheduler, num_steps, mu=mu, **step_options)
+
+    ours = DraftRefineScheduler(transition, grid, width=1).sample(DiffusersPredictor(unet2d), x, noise=noise)
+    ref, draws = diffusers_loop(scheduler, unet2d, x, num_steps, noise, monkeypatch, mu=mu, **step_options)
+
+    # the grid is diffusers' own: the model sees the very timesteps the scheduler lists
+    assert torch.equal(grid.model_times, scheduler.timesteps.cpu().to(grid.model_times.dtype))
+    if name == "DDPMScheduler":  # the patched draw was used, once per step from t > 0
+        assert draws == int((scheduler.timesteps > 0).sum())
+    assert ours.rounds == ours.evals == num_steps
+    scale = max(1.0, ref.abs().max().item())
+    assert (ours.x - ref).abs().max().item() <= 1e-4 * scale, f"{name} {config} {options}"
+
+
+def test_from_config_equals_from_scheduler(unet2d):
+    scheduler = need("DDIMScheduler")(timestep_spacing="trailing", clip_sample=False, prediction_type="v_prediction")
+    tr_a, grid_a = from_diffusers(scheduler, 8)
+    tr_b, grid_b = from_diffusers(scheduler.config, 8)  # built in code: no _class_name, told by its options
+    tr_c, _ = from_diffusers({**scheduler.config, "_class_name": "DDIMScheduler"}, 8)  # as a saved config
+    assert type(tr_c) is type(tr_b) is type(tr_a)
+    assert torch.equal(grid_a.t_from, grid_b.t_from) and torch.equal(grid_a.t_to, grid_b.t_to)
+    assert torch.equal(tr_a.schedule.alphas_cumprod, tr_b.schedule.alphas_cumprod)
+    assert tr_b.prediction.value == "v_prediction"
+    x = NoiseSource(1).initial((1, 3, 8, 8))
+    f = DiffusersPredictor(unet2d)
+    a = DraftRefineScheduler(tr_a, grid_a, width=3).sample(f, x).x
+    b = DraftRefineScheduler(tr_b, grid_b, width=3).sample(f, x).x
+    assert torch.equal(a, b)
+
+
+def test_from_diffusers_rejects_what_it_cannot_reproduce():
+    with pytest.raises(InvalidArgumentError, match="DDIMScheduler"):
+        from_diffusers(need("EulerDiscreteScheduler")(), 10)
+    with pytest.raises(InvalidArgumentError, match="learned"):
+        from_diffusers(need("DDPMScheduler")(variance_type="learned_range"), 10)
+    with pytest.raises(InvalidArgumentError, match="mu"):
+        from_diffusers(need("FlowMatchEulerDiscreteScheduler")(use_dynamic_shifting=True), 10)
+    with pytest.raises(InvalidArgumentError, match="stochastic_sampling"):
+        from_diffusers(need("FlowMatchEulerDiscreteScheduler")(stochastic_sampling=True), 10)
+    with pytest.raises(InvalidArgumentError, match="eta"):
+        from_diffusers(need("DDPMScheduler")(), 10, eta=0.5)
+    with pytest.raises(InvalidArgumentError, match="_class_name"):
+        from_diffusers({"num_train_timesteps": 1000}, 10)
+    with pytest.raises(InvalidArgumentError, match="PNDMScheduler"):
+        from_diffusers({"_class_name": "PNDMScheduler", "num_train_timesteps": 1000}, 10)
+
+
+def test_from_diffusers_does_not_touch_the_scheduler():
+    scheduler = need("FlowMatchEulerDiscreteScheduler")(shift=3.0, use_karras_sigmas=True)
+    before = scheduler.sigmas.clone()
+    from_diffusers(scheduler, 6)
+    assert scheduler.step_index is None and torch.equal(scheduler.sigmas, before)
+
+
+# ============================================================================ classifier-free guidance
+
+def _counting(model):
+    """Record the batch size of every forward call of a module."""
+    calls = []
+    handle = model.register_forward_pre_hook(
+        lambda mod, args, kwargs: calls.append((args[0] if args else kwargs["hidden_states"]).shape[0]), with_kwargs=True
+    )
+    return calls, handle
+
+
+def _two_call_cfg(model, style, x, t, pos: dict, neg: dict, w):
+    """The unbatched reference: u = model(x, negative), c = model(x, positive), u + w (c - u)."""
+    def call(cond):
+        if style == "sd3":
+            return model(hidden_states=x, timestep=t, **cond).sample
+        return model(x, t, **cond).sample
+
+    with torch.no_grad():
+        u, c = call(neg), call(pos)
+    return u + w * (c - u), c
+
+
+@pytest.fixture(params=["unet2d_condition", "sd3"])
+def guided_model(request, unet_cond, sd3_transformer):
+    g = torch.Generator().manual_seed(3)
+    b = 2  # two samples with different prompts, so a row mix-up shows
+    if request.param == "sd3":
+        pos = {"encoder_hidden_states": torch.randn(b, 5, 8, generator=g), "pooled_projections": torch.randn(b, 8, generator=g)}
+        neg = {"encoder_hidden_states": torch.randn(b, 5, 8, generator=g), "pooled_projections": torch.randn(b, 8, generator=g)}
+        return request.param, sd3_transformer, pos, neg, torch.tensor([900.0, 350.0])
+    pos = {"encoder_hidden_states": torch.randn(b, 5, 8, generator=g)}
+    neg = {"encoder_hidden_states": torch.randn(b, 5, 8, generator=g)}
+    return request.param, unet_cond, pos, neg, torch.tensor([900, 350])
+
+
+def _cond(pos, neg):
+    return {**pos, **{"negative_" + k: v for k, v in neg.items()}}
+
+
+def test_cfg_one_call_matches_two_calls(guided_model):
+    style, model, pos, neg, t = guided_model
+    x = NoiseSource(7).initial((2, 4, 8, 8))
+    f = DiffusersPredictor(model, guidance_scale=4.5)
+    calls, handle = _counting(model)
+    try:
+        got = f(x, t, **_cond(pos, neg))
+    finally:
+        handle.remove()
+    want, _ = _two_call_cfg(model, style, x, t, pos, neg, 4.5)
+    assert calls == [4]  # one call on the doubled batch
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_cfg_composes_with_batched_drafts(guided_model):
+    """K drafts x B samples, CFG inside: one model call of 2*K*B rows, each row guided with its own prompt."""
+    style, model, pos, neg, t = guided_model
+    k, b = 3, 2
+    xs = NoiseSource(8).initial((k, b, 4, 8, 8))
+    ts = torch.stack([t * (1 - 0.2 * j) for j in range(k)]).to(t.dtype)  # every draft at its own level
+    f = DiffusersPredictor(model, guidance_scale=3.0)
+    calls, handle = _counting(model)
+    try:
+        batched = BatchedExecutor().evaluate(f, xs, ts, _cond(pos, neg))
+    finally:
+        handle.remove()
+    assert calls == [2 * k * b]
+    serial = SerialExecutor().evaluate(f, xs, ts, _cond(pos, neg))
+    torch.testing.assert_close(batched, serial, rtol=1e-5, atol=1e-5)
+    for j in range(k):
+        want, _ = _two_call_cfg(model, style, xs[j], ts[j], pos, neg, 3.0)
+        torch.testing.assert_close(batched[j], want, rtol=1e-5, atol=1e-5)
+
+
+def test_guidance_rescale_matches_diffusers(unet_cond):
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    g = torch.Generator().manual_seed(4)
+    pos, neg = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    x, t = NoiseSource(2).initial((2, 4, 8, 8)), torch.tensor([500, 20])
+    got = DiffusersPredictor(unet_cond, guidance_scale=6.0, guidance_rescale=0.7)(
+        x, t, encoder_hidden_states=pos, negative_encoder_hidden_states=neg)
+    guided, cond_out = _two_call_cfg(unet_cond, "unet2d_condition", x, t, {"encoder_hidden_states": pos},
+                                     {"encoder_hidden_states": neg}, 6.0)
+    torch.testing.assert_close(got, rescale_noise_cfg(guided, cond_out, guidance_rescale=0.7), rtol=1e-5, atol=1e-5)
+
+
+def test_no_guidance_is_one_plain_call(unet_cond):
+    emb = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0))
+    x, t = NoiseSource(2).initial((2, 4, 8, 8)), torch.tensor([500, 20])
+    got = DiffusersPredictor(unet_cond, guidance_scale=1.0)(x, t, encoder_hidden_states=emb)
+    with torch.no_grad():
+        want = unet_cond(x, t, emb).sample
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_predictor_errors(unet_cond):
+    f = DiffusersPredictor(unet_cond, guidance_scale=5.0)
+    x, t, emb = torch.zeros(1, 4, 8, 8), torch.tensor([10]), torch.zeros(1, 5, 8)
+    with pytest.raises(InvalidArgumentError, match="negative_encoder_hidden_states"):
+        f(x, t, encoder_hidden_states=emb)
+    with pytest.raises(InvalidArgumentError, match="Unknown conditioning"):
+        f(x, t, encoder_hidden_states=emb, negative_encoder_hidden_states=emb, prompt=emb)
+    with pytest.raises(InvalidArgumentError, match="needs cond 'encoder_hidden_states'"):
+        f(x, t)
+    with pytest.raises(InvalidArgumentError, match="style="):
+        DiffusersPredictor(torch.nn.Identity())
+
+
+# ============================================================================ pipelines
+
+def _rel(a, b, c):
+    """||a - b|| / ||c - b||: how far a is from b, against an independent sample c."""
+    a, b, c = (torch.as_tensor(v, dtype=torch.float64) for v in (a, b, c))
+    return ((a - b).norm() / (c - b).norm()).item()
+
+
+def _quiet(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_ddim_pipeline(unet2d):
+    pipe = _quiet(need("DDIMPipeline")(unet=unet2d, scheduler=need("DDIMScheduler")(clip_sample=False)))
+    gen = lambda seed=1: torch.Generator().manual_seed(seed)
+    kw = dict(batch_size=2, num_inference_steps=12, output_type="np")
+    ref = pipe(generator=gen(), **kw).images
+    w1 = DRiffusionPipeline(pipe, width=1)(generator=gen(), **kw).images
+    np_testing_close(w1, ref, 1e-4)
+    other = DRiffusionPipeline(pipe, width=1)(generator=gen(2), **kw).images
+    for width, mode in ((3, "aggressive"), (3, "conservative")):
+        fast = DRiffusionPipeline(pipe, width=width, mode=mode)
+        out = fast(generator=gen(), **kw)
+        assert fast.last_output.rounds == expected_rounds(12, width, mode) and fast.last_output.evals == 12
+        assert _rel(out.images, w1, other) < 0.25
+
+
+def test_ddpm_pipeline_with_our_noise(unet2d, monkeypatch):
+    """DDPMPipeline's own loop with z_i as its step noise equals width 1; width 4 lands close."""
+    import diffusers.schedulers.scheduling_ddpm as ddpm_module
+
+    pipe = _quiet(need("DDPMPipeline")(unet=unet2d, scheduler=need("DDPMScheduler")(clip_sample=False, timestep_spacing="trailing")))
+    noise = NoiseSource(9)
+    draws = []
+    monkeypatch.setattr(ddpm_module, "randn_tensor",
+                        lambda shape, generator=None, device=None, dtype=None: draws.append(0) or noise(len(draws) - 1, shape, dtype, device))
+    kw = dict(batch_size=2, num_inference_steps=10, output_type="pt")
+    ref = pipe(generator=torch.Generator().manual_seed(1), **kw).images
+    assert len(draws) == 10  # trailing: every step starts from t > 0
+    w1 = DRiffusionPipeline(pipe, width=1)(generator=torch.Generator().manual_seed(1), noise=noise, **kw).images
+    torch.testing.assert_close(w1, ref, rtol=1e-4, atol=1e-4)
+    fast = DRiffusionPipeline(pipe, width=4, executor=BatchedExecutor())
+    out = fast(generator=torch.Generator().manual_seed(1), noise=noise, **kw).images
+    other = DRiffusionPipeline(pipe, width=1)(generator=torch.Generator().manual_seed(2), noise=NoiseSource(10), **kw).images
+    assert fast.last_output.rounds == expected_rounds(10, 4)
+    assert _rel(out, w1, other) < 0.25
+
+
+def np_testing_close(a, b, tol):
+    assert abs(a - b).max() <= tol, f"max abs difference {abs(a - b).max():g} > {tol:g}"
+
+
+def test_stable_diffusion_pipeline(unet_cond, vae):
+    scheduler = need("DDIMScheduler")(steps_offset=1, clip_sample=False, timestep_spacing="leading", **SD_BETAS)
+    pipe = _quiet(need("StableDiffusionPipeline")(
+        vae=vae, text_encoder=None, tokenizer=None, unet=unet_cond, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ))
+    g = torch.Generator().manual_seed(0)
+    pe, ne = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    kw = dict(prompt_embeds=pe, negative_prompt_embeds=ne, num_inference_steps=10, guidance_scale=5.0, output_type="np")
+    gen = lambda seed=1: torch.Generator().manual_seed(seed)
+    ref = pipe(generator=gen(), **kw).images
+    w1 = DRiffusionPipeline(pipe, width=1)(generator=gen(), **kw).images
+    assert ref.shape == (2, 16, 16, 3)
+    np_testing_close(w1, ref, 1e-4)
+    other = DRiffusionPipeline(pipe, width=1)(generator=gen(2), **kw).images
+    fast = DRiffusionPipeline(pipe, width=3)
+    out = fast(generator=gen(), **kw)
+    assert fast.last_output.rounds == expected_rounds(10, 3) and out.nsfw_content_detected is None
+    assert _rel(out.images, w1, other) < 0.25
+    # output_type="latent" skips the VAE and returns the latents the loop ended with
+    latents = DRiffusionPipeline(pipe, width=1)(generator=gen(), **{**kw, "output_type": "latent"}).images
+    ref_latents = pipe(generator=gen(), **{**kw, "output_type": "latent"}).images
+    torch.testing.assert_close(latents, ref_latents, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("flow_config", [dict(shift=3.0), dict(use_dynamic_shifting=True, base_image_seq_len=4,
+                                                                 max_image_seq_len=64, base_shift=0.5, max_shift=1.15)])
+def test_stable_diffusion_3_pipeline(sd3_transformer, vae, flow_config):
+    pipe = _quiet(need("StableDiffusion3Pipeline")(
+        transformer=sd3_transformer, scheduler=need("FlowMatchEulerDiscreteScheduler")(**flow_config), vae=vae,
+        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
+    ))
+    g = torch.Generator().manual_seed(0)
+    kw = dict(prompt_embeds=torch.randn(2, 5, 8, generator=g), negative_prompt_embeds=torch.randn(2, 5, 8, generator=g),
+              pooled_prompt_embeds=torch.randn(2, 8, generator=g), negative_pooled_prompt_embeds=torch.randn(2, 8, generator=g),
+              num_inference_steps=10, guidance_scale=5.0, output_type="np")
+    gen = lambda seed=1: torch.Generator().manual_seed(seed)
+    ref = pipe(generator=gen(), **kw).images  # with dynamic shifting the pipeline computes mu itself
+    w1 = DRiffusionPipeline(pipe, width=1)(generator=gen(), **kw).images
+    np_testing_close(w1, ref, 1e-5)
+    other = DRiffusionPipeline(pipe, width=1)(generator=gen(2), **kw).images
+    for mode in ("aggressive", "conservative"):
+        fast = DRiffusionPipeline(pipe, width=4, mode=mode)
+        out = fast(generator=gen(), **kw).images
+        assert fast.last_output.rounds == expected_rounds(10, 4, mode)
+        assert _rel(out, w1, other) < 0.25
+
+
+def test_calculate_shift_matches_diffusers():
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift as theirs
+
+    cfg = dict(base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
+    for seq in (16, 256, 1024, 4096):
+        assert calculate_shift(seq, cfg) == pytest.approx(theirs(seq, 256, 4096, 0.5, 1.15), rel=1e-12)
+
+
+def test_pipeline_errors(unet2d):
+    with pytest.raises(InvalidArgumentError, match="supports"):
+        DRiffusionPipeline(object())
+    pipe = need("DDIMPipeline")(unet=unet2d, scheduler=need("DDIMScheduler")())
+    with pytest.raises(InvalidWidthError, match="width"):
+        DRiffusionPipeline(pipe, width=0)
+    pipe_euler = need("DDPMPipeline")(unet=unet2d, scheduler=need("EulerDiscreteScheduler")())  # DDIMPipeline converts it
+    with pytest.raises(InvalidArgumentError, match="from_config"):
+        DRiffusionPipeline(pipe_euler, width=2)(num_inference_steps=4, output_type="np")

@@ -1,0 +1,169 @@
+"""k-diffusion conventions: sample_driffusion(model, x, sigmas, ...) and the VE Euler skip.
+
+The reference is k-diffusion's published ``sample_euler`` (s_churn = 0), written out inline below
+from its algorithm, driven by an exact Gaussian-mixture denoiser D(x, sigma) = E[x0 | x0 + sigma eps = x].
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from backends import BatchedExecutor
+from driffusion_core import InvalidArgumentError, InvalidTimestepsError, NoiseSource, expected_rounds
+from solvers import VEEulerSkip, VESchedule, ring_mixture, sample_driffusion, sample_step_skipping
+from solvers.interop import sigmas_grid
+
+MIXTURE = ring_mixture()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small tensors run fastest on one thread (and do not fight the other tests for the cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def denoiser(x: torch.Tensor, sigma: torch.Tensor, **_) -> torch.Tensor:
+    """The exact denoiser of the ring mixture in VE form (alpha = 1), one sigma per row."""
+    s = sigma.to(torch.float64)
+    return MIXTURE.x0_eps(x, torch.ones_like(s), s)[0].to(x.dtype)
+
+
+def cond_denoiser(x, sigma, shift):
+    """A denoiser with a per-sample conditioning tensor (k-diffusion's extra_args)."""
+    return denoiser(x - shift, sigma) + shift
+
+
+def sample_euler_reference(model, x, sigmas, extra_args=None, callback=None):
+    """k-diffusion's sample_euler with s_churn = 0: x <- x + (sigma_next - sigma) (x - D(x, sigma)) / sigma."""
+    extra_args = extra_args or {}
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        x = x + (sigmas[i + 1] - sigmas[i]) * (x - denoised) / sigmas[i]
+    return x
+
+
+def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, dtype=torch.float32):
+    """k-diffusion's get_sigmas_karras (Karras et al. 2022, eq. 5), with the final 0 appended."""
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    max_inv, min_inv = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    sigmas = (max_inv + ramp * (min_inv - max_inv)) ** rho
+    return torch.cat([sigmas, sigmas.new_zeros(1)]).to(dtype)
+
+
+def _start(sigmas, batch=128, dtype=torch.float32):
+    return NoiseSource(0).initial((batch, 2), dtype) * sigmas[0].to(dtype)
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("sigmas_kind", ["karras", "ending_above_zero", "linear"])
+def test_width1_equals_sample_euler(dtype, sigmas_kind):
+    if sigmas_kind == "karras":
+        sigmas = karras_sigmas(12, dtype=dtype)
+    elif sigmas_kind == "ending_above_zero":
+        sigmas = karras_sigmas(12, dtype=dtype)[:-1]  # stops at sigma_min > 0
+    else:
+        sigmas = torch.linspace(14.6, 0.0, 16, dtype=dtype)
+    x = _start(sigmas, dtype=dtype)
+    ref = sample_euler_reference(denoiser, x, sigmas)
+    out = sample_driffusion(denoiser, x, sigmas, width=1, disable=True, return_output=True)
+    assert out.rounds == out.evals == len(sigmas) - 1
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(out.x, ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+def test_extra_args_and_executors():
+    """extra_args reach the model per sample; batched drafts give the serial executor's result."""
+    sigmas = karras_sigmas(10)
+    x = _start(sigmas, batch=8)
+    shift = torch.linspace(-1, 1, 8)[:, None].expand(8, 2).contiguous()
+    ref = sample_euler_reference(cond_denoiser, x, sigmas, {"shift": shift})
+    w1 = sample_driffusion(cond_denoiser, x, sigmas, {"shift": shift}, width=1, disable=True)
+    torch.testing.assert_close(w1, ref, rtol=1e-5, atol=1e-5)
+    for mode in ("aggressive", "conservative"):
+        serial = sample_driffusion(cond_denoiser, x, sigmas, {"shift": shift}, width=3, mode=mode, disable=True, return_output=True)
+        batched = sample_driffusion(cond_denoiser, x, sigmas, {"shift": shift}, width=3, mode=mode, disable=True,
+                                    executor=BatchedExecutor(), return_output=True)
+        assert serial.rounds == batched.rounds == expected_rounds(10, 3, mode)
+        torch.testing.assert_close(batched.x, serial.x, rtol=1e-6, atol=1e-6)
+
+
+def test_callback_follows_k_diffusion():
+    """Width 1: the same callback dicts as sample_euler; wider: every step once, in order."""
+    sigmas = karras_sigmas(8)
+    x = _start(sigmas, batch=16)
+    seen_ref, seen = [], []
+    sample_euler_reference(denoiser, x, sigmas, callback=seen_ref.append)
+    sample_driffusion(denoiser, x, sigmas, callback=seen.append, width=1, disable=True)
+    assert [d["i"] for d in seen] == list(range(8))
+    for a, b in zip(seen, seen_ref):
+        assert set(a) == set(b) and a["sigma"] == b["sigma"] == a["sigma_hat"]
+        torch.testing.assert_close(a["x"], b["x"], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(a["denoised"], b["denoised"], rtol=1e-5, atol=1e-4)
+    wide = []
+    sample_driffusion(denoiser, x, sigmas, callback=wide.append, width=3, disable=True)
+    assert [d["i"] for d in wide] == list(range(8)) and torch.equal(wide[0]["x"], x)
+
+
+def test_wide_beats_step_skipping_and_converges():
+    """Against the serial Euler run: DRiffusion is closer than serial Euler on the coarse grid at the same
+    rounds, and its gap to serial shrinks as the grid is refined."""
+    gaps = []
+    for steps in (20, 40):
+        sigmas = karras_sigmas(steps)
+        x = _start(sigmas)
+        serial = sample_driffusion(denoiser, x, sigmas, width=1, disable=True)
+        for width, mode in ((2, "aggressive"), (4, "aggressive"), (4, "conservative")):
+            out = sample_driffusion(denoiser, x, sigmas, width=width, mode=mode, disable=True, return_output=True)
+            skip = sample_step_skipping(denoiser, x, VEEulerSkip(VESchedule()), sigmas_grid(sigmas), out.rounds)
+            if steps == 40:
+                assert _rel(out.x, serial) < _rel(skip.x, serial), (width, mode)
+            if (width, mode) == (2, "aggressive"):
+                gaps.append(_rel(out.x, serial))
+    assert gaps[1] < gaps[0] / 2
+
+
+def test_ve_skip_composes_and_drafts_are_frozen_euler():
+    S = VEEulerSkip(VESchedule(), prediction="epsilon")
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(4, 3, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(S(S(x, eps, 10.0, 3.0), eps, 3.0, 0.5), S(x, eps, 10.0, 0.5), rtol=1e-12, atol=1e-12)
+    D = VEEulerSkip(VESchedule())  # a denoiser: x0_hat frozen at the anchor means d frozen
+    x0 = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    t_from, t_to = torch.tensor([8.0, 5.0, 2.0], dtype=torch.float64), torch.tensor([5.0, 2.0, 0.0], dtype=torch.float64)
+    drafts = D.drafts(x, x0, t_from, t_to)
+    d = (x - x0) / 8.0
+    for j in range(3):
+        torch.testing.assert_close(drafts[j], x + (t_to[j] - 8.0) * d, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(drafts[-1], x0, rtol=1e-12, atol=1e-12)  # a frozen-x0 jump to sigma = 0 lands on x0
+
+
+def test_bad_input_says_what_is_wrong():
+    x = torch.zeros(2, 2)
+    with pytest.raises(InvalidTimestepsError, match="strictly decrease"):
+        sample_driffusion(denoiser, x, torch.tensor([1.0, 2.0, 0.0]), disable=True)
+    with pytest.raises(InvalidTimestepsError, match="1-D"):
+        sample_driffusion(denoiser, x, torch.tensor([[1.0, 0.0]]), disable=True)
+    with pytest.raises(InvalidTimestepsError, match="non-negative"):
+        sample_driffusion(denoiser, x, torch.tensor([1.0, -1.0]), disable=True)
+    with pytest.raises(InvalidArgumentError, match="leading dimension"):
+        sample_driffusion(cond_denoiser, x, karras_sigmas(4), {"shift": torch.zeros(3, 2)}, disable=True)
+    with pytest.raises(InvalidArgumentError, match="v_prediction"):
+        VEEulerSkip(VESchedule(), prediction="v_prediction")
+
+
+def test_import_solvers_does_not_import_diffusers():
+    code = "import sys, solvers; assert 'diffusers' not in sys.modules, 'solvers imported diffusers'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
