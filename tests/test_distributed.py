@@ -188,6 +188,21 @@ def test_even_shares():
             assert sum(s) == k and max(s) - min(s) <= 1 and s == sorted(s, reverse=True)
 
 
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64, torch.int64, torch.bool]
+)
+def test_byte_transport_is_bit_exact(dtype):
+    from backends.distributed import _from_bytes, _to_bytes
+
+    x = (torch.randn(3, 4, 5) * 100).to(dtype)
+    if dtype.is_floating_point:
+        x[0, 0, 0], x[1, 1, 1], x[2, 2, 2] = float("nan"), float("inf"), -0.0
+    b = _to_bytes(x[:, ::2])  # a non-contiguous view
+    assert b.dtype == torch.uint8
+    y = _from_bytes(b, dtype, (3, 2, 5))
+    assert y.dtype == dtype and torch.equal(_to_bytes(y), _to_bytes(x[:, ::2].contiguous()))
+
+
 def _scheduler_available() -> bool:
     try:
         import driffusion_core  # noqa: F401
