@@ -101,7 +101,8 @@ class StreamExecutor(Executor):
                 raise InvalidArgumentError(f"StreamExecutor: replicas {bad} are not callable.")
         if devices is None:
             if replicas is not None:
-                devices = [_module_device(r) or torch.device("cuda", i % count) for i, r in enumerate(replicas)]
+                homes = [_module_device(r) for r in replicas]
+                devices = [h if h is not None else torch.device("cuda", i % count) for i, h in enumerate(homes)]
             else:
                 devices = [torch.device("cuda", i) for i in range(count)]
         devices = [_cuda_device(d, count) for d in devices]
