@@ -1,0 +1,128 @@
+"""PNG figures of the report (matplotlib, Agg backend; nothing is shown on screen).
+
+* ``speedup.png``: speedup against width, in rounds (T / rounds, what n devices give when a round
+  costs one model call) and in wall-clock per executor (from the latency table);
+* ``error_vs_rounds.png``: RMSE to the serial output against rounds, one panel per quality table,
+  one line per method;
+* ``digits_samples.png``: digit samples from the same noise: serial, DRiffusion and step skipping
+  at DRiffusion's rounds.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from driffusion_core import expected_rounds  # noqa: E402
+
+__all__ = ["plot_speedup", "plot_error_vs_rounds", "plot_digit_grid"]
+
+STYLE = {
+    "DRiffusion aggressive": dict(color="C0", marker="o"),
+    "DRiffusion conservative": dict(color="C1", marker="s"),
+    "step skipping": dict(color="C3", marker="v", linestyle="--"),
+    "Picard (frozen)": dict(color="C2", marker="^", linestyle=":"),
+    "Picard (skip)": dict(color="C4", marker="D", linestyle=":"),
+    "Picard (frozen) converged": dict(color="C2", marker="*", linestyle="none", markersize=11),
+    "Picard (skip) converged": dict(color="C4", marker="*", linestyle="none", markersize=11),
+}
+
+
+def plot_speedup(num_steps: int, widths: List[int], latency: Optional[dict], path: Path,
+                 distributed: Optional[dict] = None) -> Path:
+    """Speedup against width: rounds (closed form = the scheduler's counts) and measured wall-clock.
+
+    ``distributed`` (``benchmarks.distributed_speedup.run``'s dict) adds its 2-process point.
+    """
+    ncols = 2 if latency else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 4), squeeze=False)
+    ax = axes[0, 0]
+    ws = list(range(1, max(widths) + 1))
+    for mode, style in (("aggressive", STYLE["DRiffusion aggressive"]), ("conservative", STYLE["DRiffusion conservative"])):
+        ax.plot(ws, [num_steps / expected_rounds(num_steps, w, mode) for w in ws], label=f"DRiffusion {mode}", **style)
+    ax.plot(ws, ws, color="grey", linestyle="--", label="ideal n")
+    ax.set(xlabel="width n (drafts per round)", ylabel="T / rounds", title=f"Speedup in rounds (T = {num_steps})")
+    ax.set_xticks(ws)
+    ax.legend()
+    if latency:
+        ax = axes[0, 1]
+        for i, model in enumerate(dict.fromkeys(r["model"] for r in latency["rows"])):
+            for ex, ls in (("BatchedExecutor", "-"), ("SerialExecutor", ":")):
+                rows = [r for r in latency["rows"] if r["model"] == model and r["executor"] == ex
+                        and r["method"] == "DRiffusion aggressive"]
+                if rows:
+                    ax.plot([r["width"] for r in rows], [r["speedup"] for r in rows], linestyle=ls, marker="o",
+                            color=f"C{i}", label=f"{model}, {ex}")
+        if distributed:
+            ax.plot([2], [distributed["speedup"]], marker="*", markersize=13, color="k", linestyle="none",
+                    label=f"DistributedExecutor, 2 processes (T/rounds {distributed['ideal_speedup']:.2f})")
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set(xlabel="width n", ylabel="serial wall-clock / wall-clock",
+               title=f"Wall-clock speedup, aggressive ({latency['threads']} CPU threads)")
+        ax.set_xticks(sorted({r["width"] for r in latency["rows"]}))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_error_vs_rounds(tables: List[dict], path: Path) -> Path:
+    """RMSE to the serial sample against rounds: one panel per table, one line per method."""
+    n = len(tables)
+    ncols = min(3, n)
+    nrows = (n + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.6 * nrows), squeeze=False)
+    for k, table in enumerate(tables):
+        ax = axes[k // ncols, k % ncols]
+        for method, style in STYLE.items():
+            pts = sorted({(r["rounds"], r["rmse"]) for r in table["rows"] if r["method"] == method and r.get("rmse", 0) > 0})
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=method, **style)
+        ax.set_yscale("log")
+        ax.set(title=f"{table['model']} / {table['family']} (T = {table['num_steps']})", xlabel="rounds",
+               ylabel="RMSE to serial")
+        ax.grid(alpha=0.3)
+    for k in range(n, nrows * ncols):
+        axes[k // ncols, k % ncols].axis("off")
+    handles, labels = {}, {}
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.legend(list(handles.values()), list(handles.keys()), loc="lower center", ncol=4, fontsize=8)
+    fig.tight_layout(rect=(0, 0.06 if nrows > 1 else 0.12, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _tile(images: torch.Tensor, cols: int) -> torch.Tensor:
+    """``[N, 1, h, w]`` -> one ``[rows*(h+1), cols*(w+1)]`` image with 1-pixel gutters."""
+    n, _, h, w = images.shape
+    rows = (n + cols - 1) // cols
+    out = torch.full((rows * (h + 1) - 1, cols * (w + 1) - 1), float("nan"))
+    for i in range(n):
+        r, c = divmod(i, cols)
+        out[r * (h + 1): r * (h + 1) + h, c * (w + 1): c * (w + 1) + w] = images[i, 0]
+    return out
+
+
+def plot_digit_grid(panels: Dict[str, torch.Tensor], path: Path, count: int = 32, cols: int = 8) -> Path:
+    """Panels of digit samples side by side (same noise in every panel), data scale [-1, 1]."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.0 * count / (cols * 2) + 0.9))
+    axes = [axes] if len(panels) == 1 else list(axes)
+    cmap = matplotlib.colormaps["gray_r"].copy()
+    cmap.set_bad("white")
+    for ax, (title, x) in zip(axes, panels.items()):
+        ax.imshow(_tile(x[:count].float().clamp(-1, 1).cpu(), cols), cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,193 @@
+"""Smoke test of the benchmark suite: a tiny configuration of every table, checked against references.
+
+One run of the runner (oracle, digits, time series, latency) into a temporary folder; then the
+report and plots must exist and the numbers must agree with what the library computes directly:
+rounds equal ``expected_rounds``, width 1 is the serial sample exactly, a DRiffusion row's RMSE is
+the RMSE of a fresh DRiffusion run against a fresh serial run, every ratio is the quotient of its
+two rows. The metrics are checked against independent references (scikit-learn's RBF kernel,
+closed-form 1-D Wasserstein distances).
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks.__main__ import parse_args
+from benchmarks.cases import family, oracle_cases
+from benchmarks.config import QUICK
+from benchmarks.metrics import median_bandwidth, mmd2_rbf, rmse, sliced_wasserstein
+from benchmarks.quality import MODES, row_label
+from benchmarks.runner import run
+from driffusion_core import DraftRefineScheduler, NoiseSource, expected_rounds
+from backends import BatchedExecutor
+from solvers import sample_serial, sample_step_skipping
+
+TINY = QUICK.with_(
+    name="tiny", num_steps=7, widths=(1, 2, 3), oracle_batch=64, oracle_data=128, digits_batch=24,
+    timeseries_batch=24, latency_steps=5, latency_widths=(1, 2), latency_repeats=1, latency_digits_batch=4,
+    mlp_batch=8, mlp_hidden=64, mlp_depth=2, memory_steps=3, memory_families=("ddim",), overhead_steps=5, overhead_repeats=1, threads=1,
+)
+SECTIONS = ["oracle", "digits", "timeseries", "latency"]
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    results = run(TINY, SECTIONS, out, progress=False, echo=lambda _: None)
+    return out, results
+
+
+def quality_tables(results):
+    return [t for s in ("oracle", "digits", "timeseries") for t in results[s].get("tables", [])]
+
+
+def test_outputs_written(bench):
+    out, results = bench
+    for name in ("report.md", "results.json", "speedup.png", "error_vs_rounds.png"):
+        assert (out / name).stat().st_size > 0, f"{name} was not written"
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["config"]["num_steps"] == TINY.num_steps
+    report = (out / "report.md").read_text()
+    for title in ("## Summary", "## Quality: Exact Gaussian-mixture oracles", "## Latency", "### Extra memory",
+                  "### Scheduler overhead per step"):
+        assert title in report
+    if "tables" in results["digits"]:
+        assert (out / "digits_samples.png").stat().st_size > 0
+
+
+def test_trained_models_ran_or_say_why(bench):
+    _, results = bench
+    for sec in ("digits", "timeseries"):
+        val = results[sec]
+        assert ("tables" in val) != ("skipped" in val)
+        if "skipped" in val:
+            assert "weights" in val["skipped"]
+
+
+def test_rounds_calls_and_width_one(bench):
+    _, results = bench
+    tables = quality_tables(results)
+    assert len(tables) >= 2 * len(TINY.oracle_families)
+    for t in tables:
+        T = t["num_steps"]
+        rows = {r["label"]: r for r in t["rows"] if r.get("label")}
+        for width in TINY.widths:
+            for mode in MODES:
+                r = rows[row_label(mode, width)]
+                assert r["rounds"] == expected_rounds(T, width, mode)
+                assert r["evals"] == T
+                if width == 1:
+                    assert r["rmse"] == 0.0, f"{t['model']}/{t['family']}: width 1 must equal the serial sample"
+        for r in t["rows"]:
+            if r.get("matched"):
+                d = rows[r["matched"]]
+                if r["method"] == "step skipping":
+                    assert r["rounds"] == d["rounds"] and r["evals"] == d["rounds"]
+                want = d["rmse"] / r["rmse"] if r["rmse"] > 0 else None
+                assert r["ratio"] == pytest.approx(want)
+        assert all(c["ok"] for c in t["checks"]), [c for c in t["checks"] if not c["ok"]]
+
+
+def test_table_matches_direct_computation(bench):
+    """The ring/DDPM table's numbers equal a direct run of the library from the same noise."""
+    _, results = bench
+    table = next(t for t in results["oracle"]["tables"] if t["model"] == "ring" and t["family"] == "ddpm")
+    case = next(c for c in oracle_cases(TINY) if c.model == "ring" and c.family == "ddpm")
+    x = NoiseSource(TINY.seed_x).initial(case.shape, case.dtype)
+    noise = NoiseSource(TINY.seed_noise)
+    serial = sample_serial(case.predictor, x, case.transition, case.grid, noise=noise).x
+    out = DraftRefineScheduler(case.transition, case.grid, width=3, mode="aggressive").sample(
+        case.predictor, x, executor=BatchedExecutor(), noise=noise)
+    skip = sample_step_skipping(case.predictor, x, case.transition, case.grid, out.rounds, noise=noise).x
+    rows = table["rows"]
+    a3 = next(r for r in rows if r.get("label") == "a3")
+    skip_row = next(r for r in rows if r.get("matched") == "a3" and r["method"] == "step skipping")
+    assert a3["rmse"] == pytest.approx(rmse(out.x, serial), rel=1e-12)
+    assert skip_row["rmse"] == pytest.approx(rmse(skip, serial), rel=1e-12)
+    assert a3["sliced W2"] == pytest.approx(case.score(out.x)["sliced W2"], rel=1e-12)
+    serial_row = next(r for r in rows if r["method"] == "serial")
+    assert serial_row["MMD²"] == pytest.approx(case.score(serial)["MMD²"], rel=1e-9)
+
+
+def test_latency_tables(bench):
+    _, results = bench
+    lat = results["latency"]
+    T = TINY.latency_steps
+    for r in lat["executors"]["rows"]:
+        mode = r["method"].split()[-1]
+        if r["method"].startswith("DRiffusion"):
+            assert r["rounds"] == expected_rounds(T, r["width"], mode)
+            assert r["rounds_speedup"] == pytest.approx(T / r["rounds"])
+        assert r["seconds"] > 0
+    mem = lat["memory"]["rows"]
+    assert all(r["peak_bytes"] is None or r["peak_bytes"] > 0 for r in mem)
+    for r in mem:
+        if r["executor"] == "SerialExecutor":  # holds the drafts and their predictions at least
+            assert r["extra_bytes"] >= r["state_bytes"]
+    ov = lat["overhead"]
+    assert all(r["us_per_step"] > 0 for r in ov["rows"] if r["us_per_step"] is not None)
+    assert all(c["ok"] for c in ov["checks"]), ov["checks"]
+
+
+# ----------------------------------------------------------------------------------------- metrics
+
+
+def test_rmse_and_sliced_wasserstein_references():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 1, generator=g, dtype=torch.float64)
+    assert rmse(a, a) == 0.0
+    assert rmse(a, a + 0.5) == pytest.approx(0.5)
+    # in 1-D every direction is +-1: SW2 is the 1-D W2; a shift by c moves every quantile by c
+    assert sliced_wasserstein(a, a + 0.7, n_projections=8) == pytest.approx(0.7)
+    # W2(a, s a) for a centred a = |s - 1| sqrt(mean(a^2)) (quantiles scale)
+    ac = a - a.mean()
+    assert sliced_wasserstein(ac, 3 * ac, n_projections=4) == pytest.approx(2 * float(ac.pow(2).mean().sqrt()))
+    # a shift v in D dims: mean over directions of (u.v)^2, with the same directions
+    b = torch.randn(200, 3, generator=g, dtype=torch.float64)
+    v = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64)
+    u = torch.randn(3, 64, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    u = u / u.norm(dim=0, keepdim=True)
+    want = float((v @ u).pow(2).mean().sqrt())
+    assert sliced_wasserstein(b, b + v, n_projections=64, seed=5) == pytest.approx(want)
+    with pytest.raises(ValueError):
+        rmse(a, b)
+
+
+def test_mmd_against_sklearn_kernel():
+    from sklearn.metrics.pairwise import euclidean_distances, rbf_kernel
+
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(60, 4, generator=g, dtype=torch.float64)
+    b = torch.randn(50, 4, generator=g, dtype=torch.float64) + 0.4
+    pooled = torch.cat([a, b]).numpy()
+    d = euclidean_distances(pooled)
+    h = float(torch.tensor(d[~torch.eye(110, dtype=torch.bool).numpy()]).median())
+    gamma = 1 / (2 * h * h)
+    kaa, kbb, kab = rbf_kernel(a.numpy(), gamma=gamma), rbf_kernel(b.numpy(), gamma=gamma), rbf_kernel(a.numpy(), b.numpy(), gamma=gamma)
+    want = (kaa.sum() - 60) / (60 * 59) + (kbb.sum() - 50) / (50 * 49) - 2 * kab.mean()
+    assert median_bandwidth(a, b) == pytest.approx(h, rel=1e-9)
+    assert mmd2_rbf(a, b) == pytest.approx(want, rel=1e-9)
+    assert mmd2_rbf(a, b, bandwidth=0.8) != pytest.approx(want)
+    assert mmd2_rbf(a, b) > mmd2_rbf(a, torch.randn(50, 4, generator=g, dtype=torch.float64)) - 1e-12
+
+
+# -------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_options():
+    args = parse_args(["--quick", "--only", "oracle,latency"])
+    assert args.quick and args.sections == ["oracle", "latency"]
+    assert parse_args([]).sections[0] == "oracle"
+    with pytest.raises(SystemExit):
+        parse_args(["--only", "oracles"])
+
+
+def test_family_grids_have_T_steps():
+    for name in ("ddim", "ddpm", "flow"):
+        transition, grid, _ = family(name, 12)
+        assert len(grid) == 12
+    with pytest.raises(ValueError, match="ddim, ddpm or flow"):
+        family("euler", 12)
