@@ -121,7 +121,14 @@ def ddim_coefficients(abar_t: Any, abar_s: Any, eta: Any = 0):
     """
     sigma_ts = eta * sqrt((1 - abar_s) / (1 - abar_t)) * sqrt(1 - abar_t / abar_s)
     c_x0 = sqrt(abar_s)
-    c_eps = sqrt(1 - abar_s - sigma_ts**2)
+    if isinstance(eta, (int, float)) and eta == 0:
+        c_eps = sqrt(1 - abar_s)
+    else:
+        # 1 - abar_s - sigma_ts^2 as a sum of non-negative terms (for eta <= 1): written as the
+        # difference it cancels to a tiny negative number when abar_t << abar_s and eta = 1 (NaN).
+        c_eps = sqrt(
+            (1 - abar_s) * ((1 - eta**2) * (1 - abar_t / abar_s) + abar_t * (1 - abar_s) / abar_s) / (1 - abar_t)
+        )
     return c_x0, c_eps, sigma_ts
 
 
