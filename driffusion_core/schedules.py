@@ -29,6 +29,14 @@ def _levels(t: TimeLike) -> torch.Tensor:
     return torch.as_tensor(t, dtype=torch.float64).cpu() if not isinstance(t, torch.Tensor) else t.detach().to("cpu", torch.float64)
 
 
+def _sigmoid(v: float) -> float:
+    """The logistic function on a Python float, without overflow."""
+    if v >= 0:
+        return 1.0 / (1.0 + math.exp(-v))
+    e = math.exp(v)
+    return e / (1.0 + e)
+
+
 class Schedule:
     """Common interface of a schedule: the interpolant at any level, and time grids."""
 
@@ -53,6 +61,14 @@ class Schedule:
 
     def grid(self, levels: Union[Sequence[float], torch.Tensor, TimeGrid]) -> TimeGrid:
         """A validated grid from explicit levels (contiguous, ending at the clean end) or a TimeGrid."""
+        if not isinstance(levels, TimeGrid):
+            flat = torch.as_tensor(levels, dtype=torch.float64).flatten()
+            if flat.numel() >= 1 and flat[-1] <= self.terminal_level:
+                raise InvalidTimestepsError(
+                    f"The last level {flat[-1].item()!r} is the clean end. Pass the levels the model is "
+                    f"evaluated at; the grid adds the final step to the clean end "
+                    f"({self.terminal_level:g}) itself, so drop the trailing {flat[-1].item()!r}."
+                )
         g = levels if isinstance(levels, TimeGrid) else TimeGrid.from_levels(
             levels, self.terminal_level, self.model_time(torch.as_tensor(levels, dtype=torch.float64).flatten())
         )
@@ -66,8 +82,8 @@ class Schedule:
             if bad.any():
                 i = int(torch.nonzero(bad)[0])
                 raise InvalidTimestepsError(
-                    f"Level {v[i].item():g} ({name}[{i}]) is out of range for {type(self).__name__}: "
-                    f"levels must lie in [{lo:g}, {hi:g}]."
+                    f"Level {v[i].item()!r} ({name}[{i}]) is out of range for {type(self).__name__}: "
+                    f"levels must lie in [{lo!r}, {hi!r}]."
                 )
         if (grid.t_from <= lo).any():
             raise InvalidTimestepsError(
@@ -154,7 +170,8 @@ class VPSchedule(Schedule):
         return -1.0, float(self.num_train_timesteps - 1)
 
     def alpha_bar(self, t: TimeLike) -> torch.Tensor:
-        r""":math:`\bar\alpha_t` (float64) at level(s) t; exact table values at integer t, log-SNR interpolation between."""
+        r""":math:`\bar\alpha_t` (float64) at level(s) t; exact table values at integer t, log-SNR interpolation
+        between (linear in alpha-bar next to a zero-terminal-SNR end); levels below 0 are the clean end."""
         t = _levels(t)
         ac = self.alphas_cumprod
         n = ac.shape[0]
@@ -166,11 +183,32 @@ class VPSchedule(Schedule):
         if (frac > 0).any():
             lam = torch.log(ac) - torch.log1p(-ac)
             lam_t = lam[lo] + frac * (lam[hi] - lam[lo])
-            out = torch.where(frac > 0, torch.sigmoid(lam_t), out)
+            # sigmoid of each distinct level in Python floats: torch's vectorised and scalar exp differ
+            # in the last bit, so a batched torch.sigmoid gives a level different bits alone and in a
+            # batch of rows (and per-row drafts would stop matching the serial step bit for bit)
+            uniq, inverse = torch.unique(lam_t, return_inverse=True)
+            interp = torch.tensor([_sigmoid(v) for v in uniq.tolist()], dtype=torch.float64)[inverse]
+            # next to a zero-terminal-SNR end (log-SNR -inf) interpolate alpha-bar linearly instead,
+            # or the whole last interval would collapse onto alpha-bar = 0
+            interp = torch.where(torch.isfinite(lam_t), interp, (1 - frac) * ac[lo] + frac * ac[hi])
+            # rounding may put sigmoid(logit(a)) an ulp outside the table: keep alpha-bar monotone
+            interp = torch.minimum(torch.maximum(interp, ac[hi]), ac[lo])
+            out = torch.where(frac > 0, interp, out)
         return torch.where(t < 0, torch.full_like(out, self.final_alpha_cumprod), out)
 
     def alpha_sigma(self, t: TimeLike) -> Tuple[torch.Tensor, torch.Tensor]:
         return C.vp_alpha_sigma(self.alpha_bar(t))
+
+    def validate(self, grid: TimeGrid) -> None:
+        super().validate(grid)
+        bad = grid.t_from < 0
+        if bad.any():
+            i = int(torch.nonzero(bad)[0])
+            raise InvalidTimestepsError(
+                f"Step {i} starts at level {grid.t_from[i].item():g}, but every VP level below 0 is the clean "
+                f"end (alpha-bar = final_alpha_cumprod); steps start at levels in "
+                f"[0, {self.num_train_timesteps - 1}]. End the grid with a step *to* -1."
+            )
 
     def level_of_model_time(self, t: torch.Tensor) -> torch.Tensor:
         return _levels(t)
@@ -246,7 +284,8 @@ class FlowSchedule(Schedule):
         self.use_dynamic_shifting = bool(use_dynamic_shifting)
 
     def level_range(self) -> Tuple[float, float]:
-        return 0.0, 1.0
+        # sigma = 1 rounds to 1 + 2**-23 in float32 for many shifts (diffusers' own sigmas do too)
+        return 0.0, 1.0 + 2.0**-23
 
     def alpha_sigma(self, t: TimeLike) -> Tuple[torch.Tensor, torch.Tensor]:
         return C.flow_alpha_sigma(_levels(t))
