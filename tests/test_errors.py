@@ -1,0 +1,261 @@
+"""Each bad input gets a clear error (a driffusion_core.errors class) naming what was wrong."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backends import BatchedExecutor
+from driffusion_core import (
+    DeviceMismatchError,
+    DraftRefineScheduler,
+    DriffusionError,
+    FlowSchedule,
+    InvalidArgumentError,
+    InvalidTimestepsError,
+    InvalidWidthError,
+    NoiseSource,
+    PredictorOutputError,
+    TimeGrid,
+    VPSchedule,
+)
+from solvers import DDIMSkip, DDPMSkip, FlowEulerSkip, ring_mixture, sample_serial
+
+from _metrics import one_torch_thread  # noqa: F401  (autouse fixture)
+
+VP = VPSchedule.linear()
+FLOW = FlowSchedule()
+GRID = VP.timesteps(10)
+
+
+def eps_model(x, t, **cond):
+    return 0.1 * x
+
+
+def scheduler(width=2, mode="aggressive", transition=None, grid=GRID):
+    return DraftRefineScheduler(transition or DDIMSkip(VP), grid, width=width, mode=mode)
+
+
+def x0(b=3):
+    return torch.randn(b, 2, generator=torch.Generator().manual_seed(0))
+
+
+def test_errors_are_driffusion_errors_and_builtin_ones():
+    assert issubclass(InvalidTimestepsError, (DriffusionError, ValueError))
+    assert issubclass(PredictorOutputError, (DriffusionError, RuntimeError))
+
+
+# --------------------------------------------------------------------------- time grids
+
+
+@pytest.mark.parametrize(
+    "levels,match",
+    [
+        ([500, 600, 100], r"strictly decrease.*step 0 is at level 500 and step 1 at 600"),
+        ([500, 500, 100], r"strictly decrease"),
+        ([1500, 10], r"Level 1500\.0 \(t_from\[0\]\) is out of range for VPSchedule.*\[-1\.0, 999\.0\]"),
+        ([500, -0.5], r"Step 1 starts at level -0\.5.*clean end"),
+        ([500, -1], r"last level -1\.0 is the clean end.*drop the trailing -1\.0"),
+        ([500, -2], r"last level -2\.0 is the clean end"),
+        ([], r"time grid is empty"),
+        ([500, float("nan")], r"NaN or inf"),
+    ],
+)
+def test_bad_vp_timesteps(levels, match):
+    with pytest.raises(InvalidTimestepsError, match=match):
+        scheduler(grid=levels)
+    with pytest.raises(InvalidTimestepsError, match=match):
+        sample_serial(eps_model, x0(), DDIMSkip(VP), levels)
+
+
+@pytest.mark.parametrize(
+    "levels,match",
+    [
+        ([1.5, 0.5], r"Level 1\.5 \(t_from\[0\]\) is out of range for FlowSchedule"),
+        ([0.5, 0.7], r"strictly decrease"),
+        ([0.5, 0.0], r"last level 0\.0 is the clean end.*drop the trailing 0\.0"),
+        ([0.0], r"last level 0\.0 is the clean end"),
+    ],
+)
+def test_bad_flow_timesteps(levels, match):
+    with pytest.raises(InvalidTimestepsError, match=match):
+        scheduler(transition=FlowEulerSkip(FLOW), grid=levels)
+
+
+def test_grid_step_that_does_not_go_to_a_cleaner_level():
+    t = torch.tensor([500.0, 300.0], dtype=torch.float64)
+    with pytest.raises(InvalidTimestepsError, match=r"Step 1 goes from level 300 to 400"):
+        TimeGrid(t, torch.tensor([300.0, 400.0], dtype=torch.float64), t.long())
+
+
+@pytest.mark.parametrize("num_steps", [0, 1001, 2.5])
+def test_bad_num_steps(num_steps):
+    with pytest.raises(InvalidTimestepsError, match=r"num_steps must be an int in \[1, 1000\]"):
+        VP.timesteps(num_steps)
+
+
+def test_bad_spacing_names_the_options():
+    with pytest.raises(InvalidArgumentError, match=r"spacing must be 'leading', 'trailing' or 'linspace', got 'trailling'"):
+        VP.timesteps(10, "trailling")
+
+
+# --------------------------------------------------------------------------- width and mode
+
+
+@pytest.mark.parametrize("width", [0, -1, 1.5, True, "4", None])
+def test_bad_width(width):
+    with pytest.raises(InvalidWidthError, match=r"width must be an int >= 1 .*got " + repr(width).replace(".", r"\.")):
+        scheduler(width=width)
+
+
+def test_mode_typo():
+    with pytest.raises(InvalidArgumentError, match=r"mode must be 'aggressive' or 'conservative', got 'agressive'"):
+        scheduler(mode="agressive")
+
+
+def test_transition_of_the_wrong_type():
+    with pytest.raises(InvalidArgumentError, match=r"transition must be a SkipTransition .*got VPSchedule"):
+        DraftRefineScheduler(VP, GRID)
+
+
+# --------------------------------------------------------------------------- the predictor's output
+
+
+def run_both(predictor, x=None, width=2, **kw):
+    """Raise from the scheduler and from sample_serial alike (yields the two callables)."""
+    x = x0() if x is None else x
+    return [
+        lambda: scheduler(width=width).sample(predictor, x, **kw),
+        lambda: scheduler(width=width).sample(predictor, x, executor=BatchedExecutor(), **kw),
+        lambda: sample_serial(predictor, x, DDIMSkip(VP), GRID, **kw),
+    ]
+
+
+def test_predictor_returns_the_wrong_shape():
+    bad = lambda x, t: torch.zeros(x.shape[0], 5)
+    for call in run_both(bad):
+        with pytest.raises(PredictorOutputError, match=r"returned shape \(3, 5\) at step 0 \(level 900.*state has shape \(3, 2\)"):
+            call()
+
+
+def test_predictor_returns_a_non_tensor():
+    for call in run_both(lambda x, t: x.tolist()):
+        with pytest.raises((PredictorOutputError, InvalidArgumentError), match=r"returned list.*must return"):
+            call()
+
+
+@pytest.mark.parametrize("value,kind", [(float("nan"), "NaN"), (float("inf"), "inf"), (float("-inf"), "inf")])
+def test_predictor_returns_nan_or_inf_names_the_step_and_level(value, kind):
+    """The bad value appears at model time 300 (step 6 of the 10-step leading grid 900, 800, ..., 0)."""
+
+    def bad(x, t):
+        out = 0.1 * x
+        return torch.where((t == 300)[:, None], torch.full_like(out, value), out)
+
+    for call in run_both(bad, width=3):
+        with pytest.raises(PredictorOutputError, match=rf"returned {kind} at step 6 \(level 300, model time 300\)"):
+            call()
+
+
+def test_predictor_returns_another_dtype():
+    for call in run_both(lambda x, t: (0.1 * x).double()):
+        with pytest.raises(DeviceMismatchError, match=r"returned torch\.float64 on cpu at step 0.*state is torch\.float32"):
+            call()
+
+
+def test_predictor_returns_another_device():
+    for call in run_both(lambda x, t: torch.empty(x.shape, device="meta")):
+        with pytest.raises(DeviceMismatchError, match=r"on meta at step 0.*state is torch\.float32 on cpu"):
+            call()
+
+
+def test_batched_executor_wrong_row_count():
+    with pytest.raises(InvalidArgumentError, match=r"returned \(1, 2\) for a batch of 3 rows"):
+        scheduler().sample(lambda x, t: x[:1], x0(), executor=BatchedExecutor())
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def test_cond_on_another_device():
+    cond = {"c": torch.empty(3, 2, device="meta")}
+    with pytest.raises(DeviceMismatchError, match=r"cond\['c'\] is on meta but x is on cpu"):
+        scheduler().sample(eps_model, x0(), cond=cond)
+    with pytest.raises(DeviceMismatchError, match=r"cond\['c'\] is on meta"):
+        sample_serial(eps_model, x0(), DDIMSkip(VP), GRID, cond=cond)
+
+
+def test_cond_with_the_wrong_batch_size():
+    with pytest.raises(InvalidArgumentError, match=r"cond\['c'\] has leading dimension 4, but x has batch size 3"):
+        scheduler().sample(eps_model, x0(), cond={"c": torch.zeros(4, 2)})
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_x_with_nan_or_inf(bad):
+    x = x0()
+    x[1, 0] = bad
+    for call in run_both(eps_model, x=x):
+        with pytest.raises(InvalidArgumentError, match=r"starting state x holds NaN or inf"):
+            call()
+
+
+@pytest.mark.parametrize("x", [[[0.0, 1.0]], torch.zeros(3, 2, dtype=torch.long)])
+def test_x_not_a_float_tensor(x):
+    with pytest.raises(InvalidArgumentError, match=r"x must be a floating-point tensor"):
+        scheduler().sample(eps_model, x)
+
+
+def test_noise_source_of_the_wrong_type():
+    for call in run_both(eps_model, noise=42):
+        with pytest.raises(InvalidArgumentError, match=r"noise must be a NoiseSource or None, got int"):
+            call()
+
+
+def test_predictor_not_callable():
+    with pytest.raises(InvalidArgumentError, match=r"predictor must be callable, got Tensor"):
+        scheduler().sample(torch.zeros(3), x0())
+
+
+def test_executor_of_the_wrong_type():
+    with pytest.raises(InvalidArgumentError, match=r"executor must be an Executor, got str"):
+        scheduler().sample(eps_model, x0(), executor="batched")
+
+
+# --------------------------------------------------------------------------- transitions and schedules
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: DDIMSkip(FLOW), r"DDIMSkip needs a VPSchedule, got FlowSchedule"),
+        (lambda: DDPMSkip(FLOW), r"DDPMSkip needs a VPSchedule, got FlowSchedule"),
+        (lambda: FlowEulerSkip(VP), r"FlowEulerSkip needs a FlowSchedule, got VPSchedule"),
+        (lambda: DDIMSkip(VP, "velocity"), r"'velocity' is for FlowEulerSkip"),
+        (lambda: DDPMSkip(VP, "velocity"), r"'velocity' is for FlowEulerSkip"),
+        (lambda: FlowEulerSkip(FLOW, "v_prediction"), r"v_prediction is a VP parameterization"),
+        (lambda: DDIMSkip(VP, "eps"), r"Unknown prediction type 'eps'; use one of 'epsilon', 'sample'"),
+        (lambda: DDIMSkip(VP, eta=-0.1), r"eta must be >= 0, got -0\.1"),
+        (lambda: DDPMSkip(VP, variance_type="learned"), r"variance_type must be one of .*got 'learned'"),
+        (lambda: FlowSchedule(shift=0), r"shift must be positive"),
+        (lambda: VPSchedule([0.5, 0.9]), r"alphas_cumprod must not increase"),
+    ],
+)
+def test_bad_transition_or_schedule(make, match):
+    with pytest.raises(InvalidArgumentError, match=match):
+        make()
+
+
+def test_per_row_levels_of_the_wrong_length():
+    tr = DDIMSkip(VP)
+    with pytest.raises(InvalidArgumentError, match=r"one level per row \(3\), got shape \(2,\)"):
+        tr(x0(), x0(), torch.tensor([500.0, 400.0]), 100.0)
+
+
+def test_oracle_predictor_with_unknown_prediction():
+    with pytest.raises(InvalidArgumentError, match=r"Unknown prediction type 'x0'"):
+        ring_mixture().predictor(VP, "x0")
+
+
+def test_noise_source_is_keyed_by_seed_and_step():
+    """Not an error, but the contract the errors above protect: same (seed, step) -> same noise."""
+    a, b = NoiseSource(5), NoiseSource(5)
+    assert torch.equal(a(3, (2, 2)), b(3, (2, 2))) and not torch.equal(a(3, (2, 2)), a(4, (2, 2)))

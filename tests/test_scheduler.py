@@ -1,0 +1,234 @@
+"""The draft-and-refine scheduler against the serial sampler, its round counts, and the executors.
+
+* Width 1 reproduces ``sample_serial`` exactly (``torch.equal``, same dtype, CPU) in both modes, for
+  DDIM (eta = 0 and eta > 0), DDPM and flow, in float32 and float64, on contiguous and
+  non-contiguous (diffusers DDIM ``step_to="stride"``) grids, with any executor.
+* ``rounds == 1 + ceil((T-1)/n)`` (aggressive) and ``2 ceil(T/(n+1)) - [T mod (n+1) == 1]``
+  (conservative), ``evals == T``, counted by a predictor that records its own calls; every level
+  is evaluated exactly once and none past t_{T-1}.
+* Every executor gives the SerialExecutor's result, with conditioning.
+* The trajectory has T+1 states; ``progress=True`` works.
+"""
+from __future__ import annotations
+
+import math
+from typing import List
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from backends import BatchedExecutor, SerialExecutor
+from driffusion_core import DraftRefineScheduler, FlowSchedule, NoiseSource, VPSchedule
+from solvers import DDIMSkip, DDPMSkip, FlowEulerSkip, ring_mixture, sample_serial
+
+from _metrics import one_torch_thread  # noqa: F401  (autouse fixture)
+
+MODES = ["aggressive", "conservative"]
+
+
+def aggressive_rounds(T: int, n: int) -> int:
+    return 1 + math.ceil((T - 1) / n)
+
+
+def conservative_rounds(T: int, n: int) -> int:
+    return 2 * math.ceil(T / (n + 1)) - (1 if T % (n + 1) == 1 else 0)
+
+
+ROUNDS = {"aggressive": aggressive_rounds, "conservative": conservative_rounds}
+
+
+# --------------------------------------------------------------------------- the sampler set-ups
+
+VP = VPSchedule.linear()
+FLOW = FlowSchedule(shift=3.0)
+
+# (id, transition, grid, prediction, noise): each family on contiguous and non-contiguous grids
+SETUPS = [
+    ("ddim_eta0-leading-next", DDIMSkip(VP), VP.timesteps(8, "leading"), "epsilon", None),
+    ("ddim_eta0-trailing-stride", DDIMSkip(VP), VP.timesteps(7, "trailing", step_to="stride"), "epsilon", None),
+    ("ddim_eta0.5-linspace-stride", DDIMSkip(VP, eta=0.5), VP.timesteps(7, "linspace", step_to="stride"), "epsilon", NoiseSource(11)),
+    ("ddim_eta1-v-trailing-next", DDIMSkip(VP, "v_prediction", eta=1.0), VP.timesteps(9, "trailing"), "v_prediction", NoiseSource(12)),
+    ("ddpm_small-leading-next", DDPMSkip(VP), VP.timesteps(9, "leading"), "epsilon", NoiseSource(13)),
+    ("ddpm_large-sample-trailing-stride", DDPMSkip(VP, "sample", "fixed_large"), VP.timesteps(7, "trailing", step_to="stride"), "sample", NoiseSource(14, per_sample=True)),
+    ("flow_euler", FlowEulerSkip(FLOW), FLOW.timesteps(8), "velocity", None),
+]
+SETUP_PARAMS = [pytest.param(*s[1:], id=s[0]) for s in SETUPS]
+
+
+def test_setups_cover_non_contiguous_grids():
+    """The 'stride' grids above really are non-contiguous (t_to[i] != t_from[i+1] somewhere)."""
+    assert not VP.timesteps(7, "trailing", step_to="stride").is_contiguous
+    assert not VP.timesteps(7, "linspace", step_to="stride").is_contiguous
+    assert VP.timesteps(8, "leading").is_contiguous
+
+
+@pytest.mark.parametrize("transition,grid,prediction,noise", SETUP_PARAMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", MODES)
+def test_width_one_reproduces_sample_serial_exactly(transition, grid, prediction, noise, dtype, mode):
+    f = ring_mixture().predictor(transition.schedule, prediction)
+    x = NoiseSource(0).initial((5, 2), dtype)
+    ser = sample_serial(f, x, transition, grid, noise=noise, return_trajectory=True)
+    for executor in (None, SerialExecutor(), BatchedExecutor()):
+        out = DraftRefineScheduler(transition, grid, width=1, mode=mode).sample(
+            f, x, executor=executor, noise=noise, return_trajectory=True
+        )
+        assert out.x.dtype == dtype
+        assert torch.equal(out.x, ser.x), f"width 1 ({mode}, {executor}) differs from sample_serial"
+        assert len(out.trajectory) == len(grid) + 1
+        assert all(torch.equal(a, b) for a, b in zip(out.trajectory, ser.trajectory))
+        assert out.evals == len(grid)
+
+
+def test_stochastic_samplers_depend_on_the_noise_source():
+    """Sanity for the test above: a different NoiseSource changes a DDPM sample, so equal noise matters."""
+    tr, grid = DDPMSkip(VP), VP.timesteps(6)
+    f = ring_mixture().predictor(VP)
+    x = NoiseSource(0).initial((5, 2))
+    a = DraftRefineScheduler(tr, grid, width=1).sample(f, x, noise=NoiseSource(1)).x
+    b = DraftRefineScheduler(tr, grid, width=1).sample(f, x, noise=NoiseSource(2)).x
+    assert not torch.allclose(a, b)
+
+
+# --------------------------------------------------------------------------- rounds and evals
+
+
+class RecordingPredictor:
+    """A predictor that records every call: its rows and the model times it was called with."""
+
+    def __init__(self):
+        self.calls: List[torch.Tensor] = []
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        assert x.shape[0] == t.shape[0]
+        self.calls.append(t.clone())
+        return 0.1 * x + 0.01 * t.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+
+    @property
+    def rows(self) -> int:
+        return sum(int(t.shape[0]) for t in self.calls)
+
+
+@settings(max_examples=40, deadline=None)
+@given(T=st.integers(1, 40), n=st.integers(1, 48), mode=st.sampled_from(MODES))
+def test_rounds_and_evals_counted_by_the_predictor(T, n, mode):
+    """One batched call per round: calls == rounds == the closed form; rows == T * B; one call per
+    level with the serial executor; every level exactly once, none past t_{T-1}."""
+    B = 2
+    grid = VP.timesteps(T, "trailing")
+    tr = DDIMSkip(VP)
+    x = torch.randn(B, 3, generator=torch.Generator().manual_seed(T * 100 + n))
+    expected = ROUNDS[mode](T, n)
+
+    batched = RecordingPredictor()
+    out = DraftRefineScheduler(tr, grid, width=n, mode=mode).sample(batched, x, executor=BatchedExecutor())
+    assert out.rounds == expected == len(batched.calls), f"T={T}, n={n}, {mode}"
+    assert out.evals == T and batched.rows == T * B
+
+    serial = RecordingPredictor()
+    out_s = DraftRefineScheduler(tr, grid, width=n, mode=mode).sample(serial, x, executor=SerialExecutor())
+    assert out_s.rounds == expected and out_s.evals == T
+    assert len(serial.calls) == T and all(t.shape[0] == B and bool((t == t[0]).all()) for t in serial.calls)
+    levels = sorted(float(t[0]) for t in serial.calls)
+    assert levels == sorted(grid.model_times.tolist()), "each level must be evaluated exactly once"
+    assert min(levels) >= float(grid.model_times[-1]), "evaluated past t_{T-1}"
+    # the batched rows are the same multiset of levels, B rows each
+    batched_levels = sorted(torch.cat(batched.calls).tolist())
+    assert batched_levels == sorted(grid.model_times.repeat_interleave(B).tolist())
+    assert torch.allclose(out.x, out_s.x, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "T,n,mode,rounds",
+    [
+        (1, 1, "aggressive", 1),
+        (1, 4, "conservative", 1),
+        (5, 4, "conservative", 2),  # one iteration: anchor call, then 4 drafts
+        (6, 4, "conservative", 3),  # 6 = 5 + 1: the last iteration is only the anchor's exact call
+        (51, 4, "conservative", 21),
+        (10, 20, "aggressive", 2),
+        (50, 4, "aggressive", 14),
+        (50, 4, "conservative", 20),
+    ],
+)
+def test_round_counts_at_the_edges(T, n, mode, rounds):
+    """Hand-checked cases (n > T, T = 1, the anchor-only last conservative iteration)."""
+    assert ROUNDS[mode](T, n) == rounds
+    sched = DraftRefineScheduler(DDIMSkip(VP), VP.timesteps(T), width=n, mode=mode)
+    rec = RecordingPredictor()
+    out = sched.sample(rec, torch.ones(1, 2), executor=BatchedExecutor())
+    assert out.rounds == len(rec.calls) == rounds == sched.expected_rounds()
+    assert out.evals == rec.rows == T
+
+
+# --------------------------------------------------------------------------- executors
+
+
+def conditioned_predictor(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """A vmap-compatible nonlinear predictor that uses a per-row conditioning tensor ``c``."""
+    return torch.tanh(1.3 * x + c) * (0.5 + t.to(x.dtype)[:, None] / 1000) * scale
+
+
+EXECUTORS = [
+    pytest.param(BatchedExecutor(), id="concat"),
+    pytest.param(BatchedExecutor(vmap=True), id="vmap"),
+    pytest.param(BatchedExecutor(max_batch=3), id="max_batch=B"),
+    pytest.param(BatchedExecutor(max_batch=7), id="max_batch=2B+1"),
+]
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "transition,noise",
+    [
+        pytest.param(DDIMSkip(VP), None, id="ddim"),
+        pytest.param(DDPMSkip(VP), NoiseSource(4), id="ddpm"),
+    ],
+)
+def test_every_executor_gives_the_serial_executors_result(executor, mode, transition, noise):
+    B, T = 3, 12
+    grid = VP.timesteps(T, "trailing")
+    x = NoiseSource(1).initial((B, 2))
+    c = torch.randn(B, 2, generator=torch.Generator().manual_seed(5))
+    cond = {"c": c, "scale": 0.7}
+    sched = DraftRefineScheduler(transition, grid, width=4, mode=mode)
+    ref = sched.sample(conditioned_predictor, x, executor=SerialExecutor(), noise=noise, cond=cond)
+    out = sched.sample(conditioned_predictor, x, executor=executor, noise=noise, cond=cond)
+    assert out.x.dtype == ref.x.dtype and (out.rounds, out.evals) == (ref.rounds, ref.evals)
+    torch.testing.assert_close(out.x, ref.x, rtol=1e-5, atol=1e-6)
+    # the conditioning reaches the predictor row by row: other rows' cond changes the result
+    other = sched.sample(conditioned_predictor, x, executor=executor, noise=noise, cond={"c": c.flip(0), "scale": 0.7})
+    assert not torch.allclose(other.x, out.x)
+
+
+def test_executor_receives_the_rounds_states_and_times():
+    """SerialExecutor.evaluate is f mapped over K (state, time) pairs, in order."""
+    xs = torch.randn(4, 3, 2)
+    ts = torch.arange(4).repeat_interleave(3).reshape(4, 3) * 100
+    c = torch.randn(3, 2)
+    out = SerialExecutor().evaluate(conditioned_predictor, xs, ts, {"c": c})
+    for k in range(4):
+        assert torch.equal(out[k], conditioned_predictor(xs[k], ts[k], c))
+    torch.testing.assert_close(BatchedExecutor().evaluate(conditioned_predictor, xs, ts, {"c": c}), out)
+
+
+# --------------------------------------------------------------------------- trajectory and progress
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_trajectory_has_T_plus_one_states_and_progress_works(mode):
+    T = 11
+    tr, grid = DDPMSkip(VP), VP.timesteps(T)
+    f = ring_mixture().predictor(VP)
+    x = NoiseSource(0).initial((4, 2))
+    sched = DraftRefineScheduler(tr, grid, width=3, mode=mode)
+    out = sched.sample(f, x, noise=NoiseSource(2), return_trajectory=True, progress=True)
+    assert len(out.trajectory) == T + 1
+    assert torch.equal(out.trajectory[0], x) and torch.equal(out.trajectory[-1], out.x)
+    quiet = sched.sample(f, x, noise=NoiseSource(2))
+    assert torch.equal(quiet.x, out.x) and quiet.trajectory is None
+    ser = sample_serial(f, x, tr, grid, noise=NoiseSource(2), progress=True, return_trajectory=True)
+    assert len(ser.trajectory) == T + 1 and torch.equal(ser.trajectory[-1], ser.x)
