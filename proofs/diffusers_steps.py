@@ -1,0 +1,151 @@
+r"""Each family's one-level step equals the update of the matching diffusers scheduler.
+
+The diffusers updates are transcribed below, symbol for symbol, from diffusers 0.42
+(``src/diffusers/schedulers/``); ``** 0.5`` is written ``** HALF``. Names follow diffusers:
+``alpha_prod_t`` is :math:`\bar\alpha_t`, ``alpha_prod_t_prev`` is :math:`\bar\alpha_s` of the next
+level s (``final_alpha_cumprod`` / ``one`` at the clean end), ``sample`` the state x_t,
+``model_output`` the prediction, ``variance_noise`` / ``noise`` the step's z. Thresholding and
+clipping act on ``pred_original_sample`` only, identically on both sides (our ``x0_transform``).
+"""
+from __future__ import annotations
+
+import sympy as sp
+
+from proofs.algebra import Domain, EtaInUnitInterval, Levels, check, real
+from proofs.flow import flow_times
+from proofs.operators import ddim_step, ddpm_step, flow_step, vp_x0_eps
+from proofs.registry import Result, identity
+
+__all__ = ["diffusers_ddim_step", "diffusers_ddpm_step", "diffusers_flow_euler_step"]
+
+HALF = sp.Rational(1, 2)
+VP_PREDICTIONS = ("epsilon", "sample", "v_prediction")
+
+
+def _diffusers_pred_original_sample(prediction_type, sample, model_output, alpha_prod_t):
+    # scheduling_ddim.py DDIMScheduler.step, "3. compute predicted original sample" (the same lines
+    # appear in scheduling_ddpm.py DDPMScheduler.step, "2. compute predicted original sample")
+    beta_prod_t = 1 - alpha_prod_t
+    if prediction_type == "epsilon":
+        pred_original_sample = (sample - beta_prod_t ** (HALF) * model_output) / alpha_prod_t ** (HALF)
+        pred_epsilon = model_output
+    elif prediction_type == "sample":
+        pred_original_sample = model_output
+        pred_epsilon = (sample - alpha_prod_t ** (HALF) * pred_original_sample) / beta_prod_t ** (HALF)
+    elif prediction_type == "v_prediction":
+        pred_original_sample = (alpha_prod_t**HALF) * sample - (beta_prod_t**HALF) * model_output
+        pred_epsilon = (alpha_prod_t**HALF) * model_output + (beta_prod_t**HALF) * sample
+    else:
+        raise ValueError(prediction_type)
+    return pred_original_sample, pred_epsilon
+
+
+def diffusers_ddim_step(prediction_type, sample, model_output, alpha_prod_t, alpha_prod_t_prev, eta, variance_noise):
+    """scheduling_ddim.py: ``DDIMScheduler.step`` with ``DDIMScheduler._get_variance``."""
+    pred_original_sample, pred_epsilon = _diffusers_pred_original_sample(
+        prediction_type, sample, model_output, alpha_prod_t
+    )
+    # _get_variance(timestep, prev_timestep)
+    beta_prod_t = 1 - alpha_prod_t
+    beta_prod_t_prev = 1 - alpha_prod_t_prev
+    variance = (beta_prod_t_prev / beta_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
+    # 5. compute variance: "sigma_t(eta)"
+    std_dev_t = eta * variance ** (HALF)
+    # 6. compute "direction pointing to x_t"
+    pred_sample_direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** (HALF) * pred_epsilon
+    # 7. compute x_t without "random noise"
+    prev_sample = alpha_prod_t_prev ** (HALF) * pred_original_sample + pred_sample_direction
+    if eta != 0:  # `if eta > 0:` (eta is a symbol here)
+        prev_sample = prev_sample + std_dev_t * variance_noise
+    return prev_sample
+
+
+def diffusers_ddim_clipped_eps(sample, pred_original_sample, alpha_prod_t):
+    """scheduling_ddim.py ``DDIMScheduler.step``, ``if use_clipped_model_output:`` (eps from the clipped x0)."""
+    beta_prod_t = 1 - alpha_prod_t
+    return (sample - alpha_prod_t ** (HALF) * pred_original_sample) / beta_prod_t ** (HALF)
+
+
+def diffusers_ddpm_step(prediction_type, sample, model_output, alpha_prod_t, alpha_prod_t_prev, variance_type, noise):
+    """scheduling_ddpm.py: ``DDPMScheduler.step`` with ``DDPMScheduler._get_variance`` (t > 0)."""
+    beta_prod_t = 1 - alpha_prod_t
+    beta_prod_t_prev = 1 - alpha_prod_t_prev
+    current_alpha_t = alpha_prod_t / alpha_prod_t_prev
+    current_beta_t = 1 - current_alpha_t
+    pred_original_sample, _ = _diffusers_pred_original_sample(prediction_type, sample, model_output, alpha_prod_t)
+    # 4. Compute coefficients for pred_original_sample x_0 and current sample x_t
+    pred_original_sample_coeff = (alpha_prod_t_prev ** (HALF) * current_beta_t) / beta_prod_t
+    current_sample_coeff = current_alpha_t ** (HALF) * beta_prod_t_prev / beta_prod_t
+    # 5. Compute predicted previous sample mu_t
+    pred_prev_sample = pred_original_sample_coeff * pred_original_sample + current_sample_coeff * sample
+    # _get_variance(t): torch.clamp(variance, min=1e-20) is the identity where variance > 0
+    variance = (1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * current_beta_t
+    if variance_type == "fixed_small":
+        variance = variance
+    elif variance_type == "fixed_large":
+        variance = current_beta_t
+    else:
+        raise ValueError(variance_type)
+    # 6. Add noise (t > 0): variance = (self._get_variance(t, ...) ** 0.5) * variance_noise
+    return pred_prev_sample + (variance**HALF) * noise
+
+
+def diffusers_flow_euler_step(sample, model_output, sigma, sigma_next):
+    """scheduling_flow_match_euler_discrete.py: ``FlowMatchEulerDiscreteScheduler.step`` (deterministic)."""
+    dt = sigma_next - sigma
+    prev_sample = sample + dt * model_output
+    return prev_sample
+
+
+@identity(
+    "diffusers.ddim_step",
+    "diffusers",
+    "DDIMSkip's one-level step (x0_eps_coefficients + ddim_coefficients) equals DDIMScheduler.step for "
+    "prediction_type epsilon / sample / v_prediction and eta = 0, eta = 1 and every 0 < eta < 1, noise "
+    "included; its eps re-derived from a clipped x0 equals use_clipped_model_output.",
+)
+def ddim_step_matches() -> Result:
+    lv = Levels(["t", "s"])
+    a_t, a_s = lv.abar["t"], lv.abar["s"]
+    eta = EtaInUnitInterval()
+    x, p, z, x0c = real("x p z x0_clipped")
+    res = {}
+    for kind in VP_PREDICTIONS:
+        for name, e in (("0", 0), ("1", 1), ("in (0,1)", eta.eta)):
+            ours = ddim_step(kind, x, p, a_t, a_s, e, z)
+            res[f"{kind}, eta {name}"] = ours - diffusers_ddim_step(kind, x, p, a_t, a_s, e, z)
+    _, eps_from_clipped = vp_x0_eps("sample", x, x0c, a_t)  # DDIMSkip(recompute_eps=True)
+    res["use_clipped_model_output"] = eps_from_clipped - diffusers_ddim_clipped_eps(x, x0c, a_t)
+    return check(res, lv.domain & eta.domain & Domain.free([x, p, z, x0c]))
+
+
+@identity(
+    "diffusers.ddpm_step",
+    "diffusers",
+    "DDPMSkip's one-level step (ddpm_posterior_coefficients, _std) equals DDPMScheduler.step with "
+    "_get_variance, for variance_type fixed_small and fixed_large and prediction_type epsilon / sample / "
+    "v_prediction, noise included (t > 0; at t = 0 both add no noise).",
+)
+def ddpm_step_matches() -> Result:
+    lv = Levels(["t", "s"])
+    a_t, a_s = lv.abar["t"], lv.abar["s"]
+    x, p, z = real("x p z")
+    res = {}
+    for vt in ("fixed_small", "fixed_large"):
+        for kind in VP_PREDICTIONS:
+            ours = ddpm_step(kind, x, p, a_t, a_s, z, vt)
+            res[f"{vt}, {kind}"] = ours - diffusers_ddpm_step(kind, x, p, a_t, a_s, vt, z)
+    return check(res, lv.domain & Domain.free([x, p, z]))
+
+
+@identity(
+    "diffusers.flow_euler_step",
+    "diffusers",
+    "FlowEulerSkip's one-level step (flow_euler_coefficient) equals FlowMatchEulerDiscreteScheduler.step: "
+    "prev_sample = sample + (sigma_next - sigma) model_output.",
+)
+def flow_euler_step_matches() -> Result:
+    (t, s), domain = flow_times("t s")
+    x, v = real("x v")
+    res = {"velocity": flow_step("velocity", x, v, t, s) - diffusers_flow_euler_step(x, v, t, s)}
+    return check(res, domain & Domain.free([x, v]))

@@ -1,0 +1,172 @@
+r"""Round counts of the scheduler's actual plan, and their limits.
+
+Key: T model calls (grid steps), width n, R the sequential rounds (the latency in model calls).
+
+* aggressive:   :math:`R_a(T, n) = 1 + \lceil (T-1)/n \rceil`
+* conservative: :math:`R_c(T, n) = 2\lceil T/(n+1) \rceil - [T \bmod (n+1) = 1]`
+
+The counts are read from the scheduler itself: :class:`~driffusion_core.DraftRefineState` is driven
+through ``plan`` / ``absorb`` with a dummy predictor (zeros) for every T <= T_MAX and n <= N_MAX, as
+``DraftRefineScheduler.sample`` drives it, and compared with the closed forms above and with
+``driffusion_core.expected_rounds``. The limits :math:`T/R \to n` and :math:`(n+1)/2` are proved with
+sympy, directly and by squeezing R between bounds without the ceiling.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Dict, List, Tuple
+
+import sympy as sp
+import torch
+
+from driffusion_core import DraftRefineScheduler, FlowSchedule, expected_rounds
+from proofs.registry import Result, Status, identity
+
+__all__ = ["T_MAX", "N_MAX", "closed_form", "drive", "plans"]
+
+T_MAX, N_MAX = 60, 10
+MODES = ("aggressive", "conservative")
+
+_T, _N = sp.symbols("T n", positive=True, integer=True)
+
+
+def closed_form(mode: str) -> sp.Expr:
+    """The claimed round count as a sympy expression of T and n."""
+    if mode == "aggressive":
+        return 1 + sp.ceiling((_T - 1) / _N)
+    return 2 * sp.ceiling(_T / (_N + 1)) - sp.Piecewise((1, sp.Eq(sp.Mod(_T, _N + 1), 1)), (0, True))
+
+
+def drive(num_steps: int, width: int, mode: str) -> Tuple[int, int, List[List[int]]]:
+    """Run the state machine with a zero predictor: (rounds it counted, model calls, steps of each round)."""
+    from solvers import FlowEulerSkip
+
+    schedule = FlowSchedule()
+    scheduler = DraftRefineScheduler(FlowEulerSkip(schedule), schedule.timesteps(num_steps), width=width, mode=mode)
+    state = scheduler.start(torch.zeros(1, 1, dtype=torch.float64))
+    planned = []
+    while True:
+        rnd = state.plan()
+        if rnd is None:
+            break
+        planned.append(list(rnd.steps))
+        state.absorb(rnd, torch.zeros_like(rnd.xs))
+    if len(planned) != state.rounds:
+        raise AssertionError(f"T={num_steps} n={width} {mode}: {len(planned)} rounds planned, {state.rounds} counted")
+    return state.rounds, state.evals, planned
+
+
+@lru_cache(maxsize=None)
+def plans() -> Dict[Tuple[int, int, str], Tuple[int, int, Tuple[Tuple[int, ...], ...]]]:
+    """Every (T, n, mode) for T <= T_MAX, n <= N_MAX, driven once (shared by the identities)."""
+    out = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: thread wake-ups would cost more than the ops
+    try:
+        for mode in MODES:
+            for n in range(1, N_MAX + 1):
+                for T in range(1, T_MAX + 1):
+                    rounds, evals, planned = drive(T, n, mode)
+                    out[(T, n, mode)] = (rounds, evals, tuple(tuple(p) for p in planned))
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _rounds_identity(mode: str) -> Result:
+    form = closed_form(mode)
+    mismatches = []
+    for (T, n, m), (rounds, _, _) in plans().items():
+        if m != mode:
+            continue
+        claimed = int(form.xreplace({_T: sp.Integer(T), _N: sp.Integer(n)}))
+        if not rounds == claimed == expected_rounds(T, n, mode):
+            mismatches.append({"T": T, "n": n, "rounds": rounds, "closed form": claimed,
+                               "expected_rounds": expected_rounds(T, n, mode)})
+    cases = T_MAX * N_MAX
+    if mismatches:
+        first = mismatches[0]
+        return Result(Status.FAILS, {}, f"{len(mismatches)}/{cases} (T, n) differ, first: {first}", first)
+    return Result(Status.VERIFIED, {"R(T, n)": form},
+                  f"all {cases} pairs T = 1..{T_MAX}, n = 1..{N_MAX}: the state machine's count = closed form "
+                  f"= driffusion_core.expected_rounds.")
+
+
+@identity(
+    "rounds.aggressive",
+    "Rounds",
+    "Aggressive mode: the scheduler's plan takes R = 1 + ceil((T-1)/n) rounds (drive DraftRefineState with a "
+    "dummy predictor over every T <= 60, n <= 10).",
+)
+def rounds_aggressive() -> Result:
+    return _rounds_identity("aggressive")
+
+
+@identity(
+    "rounds.conservative",
+    "Rounds",
+    "Conservative mode: R = 2 ceil(T/(n+1)) - [T mod (n+1) = 1] rounds (same enumeration).",
+)
+def rounds_conservative() -> Result:
+    return _rounds_identity("conservative")
+
+
+@identity(
+    "rounds.each_level_once",
+    "Rounds",
+    "Both modes make exactly T model calls: the rounds' steps are 0, 1, ..., T-1, each exactly once, in "
+    "order, and never past t_{T-1} (same enumeration).",
+)
+def each_level_once() -> Result:
+    bad = []
+    for (T, n, mode), (_, evals, planned) in plans().items():
+        steps = [i for rnd in planned for i in rnd]
+        if evals != T or steps != list(range(T)):
+            bad.append({"T": T, "n": n, "mode": mode, "evals": evals, "steps": steps})
+    if bad:
+        return Result(Status.FAILS, {}, f"{len(bad)} cases differ, first: {bad[0]}", bad[0])
+    return Result(Status.VERIFIED, {}, f"all {len(plans())} (T, n, mode) cases.")
+
+
+def _limit_identity(mode: str, target: sp.Expr) -> Result:
+    R = closed_form(mode)
+    if mode == "aggressive":
+        c = sp.ceiling((_T - 1) / _N)
+        lo, hi = 1 + (_T - 1) / _N, 2 + (_T - 1) / _N  # x <= ceil(x) < x + 1
+        direct = sp.limit(_T / R, _T, sp.oo)
+    else:
+        c = sp.ceiling(_T / (_N + 1))
+        lo, hi = 2 * _T / (_N + 1) - 1, 2 * _T / (_N + 1) + 2  # 2c - 1 <= R <= 2c, x <= c < x + 1
+        direct = sp.Min(sp.limit(_T / (2 * c), _T, sp.oo), sp.limit(_T / (2 * c - 1), _T, sp.oo))
+    squeeze = (sp.limit(_T / hi, _T, sp.oo), sp.limit(_T / lo, _T, sp.oo))
+    res = {
+        "lim T/R (sympy, with ceiling) - target": sp.simplify(direct - target),
+        "lim T/upper bound - target": sp.simplify(squeeze[0] - target),
+        "lim T/lower bound - target": sp.simplify(squeeze[1] - target),
+    }
+    # the bounds themselves, checked on the enumeration (they follow from x <= ceil(x) < x + 1)
+    for (T, n, m), (rounds, _, _) in plans().items():
+        at = {_T: sp.Integer(T), _N: sp.Integer(n)}
+        if m == mode and not (lo.xreplace(at) <= rounds <= hi.xreplace(at)):
+            res["bounds"] = sp.Integer(1)
+    ok = all(v == 0 for v in res.values())
+    detail = f"{sp.sstr(lo)} <= R <= {sp.sstr(hi)}, both bounds give T/R -> {target}; sympy's limit of T/R agrees."
+    return Result(Status.PROVED if ok else Status.FAILS, res, detail)
+
+
+@identity(
+    "rounds.aggressive_limit",
+    "Rounds",
+    "Aggressive speed-up: T / R_a(T, n) -> n as T -> oo.",
+)
+def aggressive_limit() -> Result:
+    return _limit_identity("aggressive", _N)
+
+
+@identity(
+    "rounds.conservative_limit",
+    "Rounds",
+    "Conservative speed-up: T / R_c(T, n) -> (n+1)/2 as T -> oo.",
+)
+def conservative_limit() -> Result:
+    return _limit_identity("conservative", (_N + 1) / 2)
