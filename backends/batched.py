@@ -75,18 +75,16 @@ class BatchedExecutor(Executor):
         if self.max_batch is None or k * b <= self.max_batch:
             out = predictor(flat_x, flat_t, **repeat_cond(cond, k))
         else:
-            # chunk by whole drafts where possible so the conditioning lines up
-            per = max(1, self.max_batch // b)
+            # chunks of at most max_batch rows; the conditioning is repeated once and sliced alike
+            full_cond = repeat_cond(cond, k)
             chunks = []
-            for start in range(0, k, per):
-                stop = min(k, start + per)
-                chunks.append(
-                    predictor(
-                        flat_x[start * b : stop * b],
-                        flat_t[start * b : stop * b],
-                        **repeat_cond(cond, stop - start),
-                    )
-                )
+            for start in range(0, k * b, self.max_batch):
+                stop = min(k * b, start + self.max_batch)
+                part = {
+                    n: (v[start:stop] if isinstance(v, torch.Tensor) and v.dim() > 0 else v)
+                    for n, v in full_cond.items()
+                }
+                chunks.append(predictor(flat_x[start:stop], flat_t[start:stop], **part))
             out = torch.cat(chunks)
         if not isinstance(out, torch.Tensor) or out.shape[0] != k * b:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__

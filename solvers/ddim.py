@@ -48,8 +48,11 @@ class DDIMSkip(SkipTransition):
         super().__init__(schedule, prediction, x0_transform, recompute_eps)
         if self.prediction is Prediction.VELOCITY:
             raise InvalidArgumentError("DDIMSkip takes epsilon, sample or v_prediction; 'velocity' is for FlowEulerSkip.")
-        if not 0 <= eta:
-            raise InvalidArgumentError(f"eta must be >= 0, got {eta}.")
+        if not 0 <= eta <= 1:
+            raise InvalidArgumentError(
+                f"eta must lie in [0, 1] (0: deterministic DDIM, 1: the DDPM posterior), got {eta}; "
+                f"above 1 the step variance exceeds 1 - abar_s and the skip is undefined."
+            )
         self.eta = float(eta)
         self.stochastic = self.eta > 0
         self.composes_exactly = self.eta == 0

@@ -233,7 +233,7 @@ def test_executor_of_the_wrong_type():
         (lambda: DDPMSkip(VP, "velocity"), r"'velocity' is for FlowEulerSkip"),
         (lambda: FlowEulerSkip(FLOW, "v_prediction"), r"v_prediction is a VP parameterization"),
         (lambda: DDIMSkip(VP, "eps"), r"Unknown prediction type 'eps'; use one of 'epsilon', 'sample'"),
-        (lambda: DDIMSkip(VP, eta=-0.1), r"eta must be >= 0, got -0\.1"),
+        (lambda: DDIMSkip(VP, eta=-0.1), r"eta must lie in \[0, 1\].*got -0\.1"),
         (lambda: DDPMSkip(VP, variance_type="learned"), r"variance_type must be one of .*got 'learned'"),
         (lambda: FlowSchedule(shift=0), r"shift must be positive"),
         (lambda: VPSchedule([0.5, 0.9]), r"alphas_cumprod must not increase"),
@@ -259,3 +259,21 @@ def test_noise_source_is_keyed_by_seed_and_step():
     """Not an error, but the contract the errors above protect: same (seed, step) -> same noise."""
     a, b = NoiseSource(5), NoiseSource(5)
     assert torch.equal(a(3, (2, 2)), b(3, (2, 2))) and not torch.equal(a(3, (2, 2)), a(4, (2, 2)))
+
+
+def test_ddim_eta_above_one_is_rejected():
+    from solvers import DDIMSkip
+
+    with pytest.raises(InvalidArgumentError, match=r"eta must lie in \[0, 1\]"):
+        DDIMSkip(VPSchedule.linear(), eta=1.5)
+
+
+def test_flow_epsilon_model_at_sigma_one_is_rejected():
+    from driffusion_core import DraftRefineScheduler, FlowSchedule
+    from solvers import FlowEulerSkip
+
+    schedule = FlowSchedule()
+    with pytest.raises(InvalidArgumentError, match=r"undefined at sigma = 1"):
+        DraftRefineScheduler(FlowEulerSkip(schedule, prediction="epsilon"), schedule.timesteps(10))
+    # below sigma = 1 it is fine
+    DraftRefineScheduler(FlowEulerSkip(schedule, prediction="epsilon"), [0.9, 0.5, 0.2])

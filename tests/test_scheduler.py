@@ -176,6 +176,7 @@ EXECUTORS = [
     pytest.param(BatchedExecutor(vmap=True), id="vmap"),
     pytest.param(BatchedExecutor(max_batch=3), id="max_batch=B"),
     pytest.param(BatchedExecutor(max_batch=7), id="max_batch=2B+1"),
+    pytest.param(BatchedExecutor(max_batch=2), id="max_batch<B"),
 ]
 
 
