@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from benchmarks.config import BenchConfig
-from benchmarks.metrics import median_bandwidth, mmd2_rbf, sliced_wasserstein
+from benchmarks.metrics import MMDTo, SlicedWassersteinTo
 from driffusion_core import FlowSchedule, TimeGrid, VPSchedule
 from driffusion_core.transition import SkipTransition
 from solvers import DDIMSkip, DDPMSkip, FlowEulerSkip, GaussianMixture, ring_mixture
@@ -46,6 +46,8 @@ class Case:
         score: sample set -> {distance name: value} (distance to the data; lower is better).
         floor: the same distances for an independent set of true data (the finite-sample floor).
         metric_names: the distance columns, in order.
+        picard_widths: the widths that get Picard rows (None: every width above 1).
+        picard_sweep: the tolerances of the Picard runs the equal-rounds baselines are chosen from.
     """
 
     model: str
@@ -59,6 +61,8 @@ class Case:
     floor: Dict[str, float]
     metric_names: List[str]
     notes: List[str] = field(default_factory=list)
+    picard_widths: Optional[Tuple[int, ...]] = None
+    picard_sweep: Tuple[float, ...] = ()
 
     @property
     def name(self) -> str:
@@ -71,6 +75,7 @@ def vp_schedule() -> VPSchedule:
 
 
 FLOW_SHIFT = 3.0  # SD3's shift
+MMD_POINTS = 1000  # MMD² uses the first 1000 samples and 1000 data points (its cost is quadratic)
 
 
 def family(name: str, num_steps: int) -> Tuple[SkipTransition, TimeGrid, object]:
@@ -104,10 +109,10 @@ def _oracle_scorer(gmm: GaussianMixture, n_data: int, n_floor: int, seed: int) -
     """Distances to ``n_data`` exact samples; the floor scores ``n_floor`` (the batch size) other exact samples."""
     data = gmm.sample(n_data, torch.Generator().manual_seed(seed))
     other = gmm.sample(n_floor, torch.Generator().manual_seed(seed + 1))
-    h = median_bandwidth(data)
+    sw, mmd = SlicedWassersteinTo(data), MMDTo(data[:MMD_POINTS])
 
     def score(x: torch.Tensor) -> Dict[str, float]:
-        return {"sliced W2": sliced_wasserstein(x, data), "MMD²": mmd2_rbf(x, data, h)}
+        return {"sliced W2": sw(x), "MMD²": mmd(x[:MMD_POINTS])}
 
     return score, score(other)
 
@@ -126,7 +131,7 @@ def oracle_cases(cfg: BenchConfig) -> List[Case]:
             prediction = "velocity" if fam == "flow" else "epsilon"
             cases.append(
                 Case(model, fam, transition, grid, gmm.predictor(schedule, prediction), (cfg.oracle_batch, gmm.dim),
-                     torch.float64, score, floor, ["sliced W2", "MMD²"])
+                     torch.float64, score, floor, ["sliced W2", "MMD²"], picard_sweep=cfg.picard_sweep)
             )
     return cases
 
@@ -168,7 +173,8 @@ def digits_cases(cfg: BenchConfig) -> List[Case]:
         cases.append(
             Case("digits", fam, transition, grid, _as_predictor(unet), (cfg.digits_batch, 1, 8, 8), torch.float32,
                  score, floor, ["Fréchet"],
-                 [f"floor: {cfg.digits_batch} training digits against the {ref.shape[0]} test digits"])
+                 [f"floor: {cfg.digits_batch} training digits against the {ref.shape[0]} test digits"],
+                 cfg.learned_picard_widths, cfg.learned_picard_sweep)
         )
     return cases
 
@@ -178,12 +184,12 @@ def timeseries_cases(cfg: BenchConfig) -> List[Case]:
     from benchmarks.models import load_timeseries_model, timeseries_data
 
     net = _load(load_timeseries_model)
-    n = max(cfg.timeseries_batch, 1000)
-    data = timeseries_data(n, seed=cfg.seed_data)
-    other = timeseries_data(cfg.timeseries_batch, seed=cfg.seed_data + 1)
+    n = cfg.timeseries_batch
+    sw = SlicedWassersteinTo(timeseries_data(n, seed=cfg.seed_data))
+    other = timeseries_data(n, seed=cfg.seed_data + 1)
 
     def score(x: torch.Tensor) -> Dict[str, float]:
-        return {"sliced W2": sliced_wasserstein(x, data)}
+        return {"sliced W2": sw(x)}
 
     cases = []
     for fam in cfg.learned_families:
@@ -191,6 +197,7 @@ def timeseries_cases(cfg: BenchConfig) -> List[Case]:
         cases.append(
             Case("timeseries", fam, transition, grid, _as_predictor(net), (cfg.timeseries_batch, 1, 32), torch.float32,
                  score, score(other), ["sliced W2"],
-                 [f"floor: {cfg.timeseries_batch} fresh series against {n} others"])
+                 [f"floor: {n} fresh series against the {n} reference series"],
+                 cfg.learned_picard_widths, cfg.learned_picard_sweep)
         )
     return cases

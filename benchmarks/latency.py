@@ -11,6 +11,7 @@ when a round costs one model call. Multi-process numbers come from ``benchmarks.
 """
 from __future__ import annotations
 
+import statistics
 from typing import Callable, Dict, List, Tuple
 
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 from backends import BatchedExecutor, SerialExecutor
 from benchmarks.cases import ModelUnavailable, family
 from benchmarks.config import BenchConfig
-from benchmarks.timing import median_seconds
+from benchmarks.timing import median_seconds, timed_runs
 from driffusion_core import DraftRefineScheduler, NoiseSource
 from solvers import sample_serial
 
@@ -96,8 +97,8 @@ def run_latency(cfg: BenchConfig, tick: Callable[[str], None] = lambda _: None) 
                     continue
                 sched = DraftRefineScheduler(transition, grid, width=width, mode=mode)
                 for ex in (SerialExecutor(), BatchedExecutor()):
-                    rounds = sched.sample(f, x, executor=ex).rounds
-                    sec = median_seconds(lambda: sched.sample(f, x, executor=ex), cfg.latency_repeats)
+                    times, out = timed_runs(lambda: sched.sample(f, x, executor=ex), cfg.latency_repeats)
+                    sec, rounds = statistics.median(times), out.rounds
                     tick(m["name"])
                     rows.append({"model": m["name"], "method": f"DRiffusion {mode}", "executor": type(ex).__name__,
                                  "width": width, "rounds": rounds, "seconds": sec, "speedup": serial / sec,

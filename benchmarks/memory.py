@@ -122,7 +122,7 @@ def run_memory(cfg: BenchConfig, tick: Callable[[str], None] = lambda _: None) -
                              "executor": "-", "width": 1, "peak_bytes": serial, "extra_bytes": 0,
                              "state_bytes": state_bytes, "analytic_extra_bytes": 0})
                 per_draft = 3 if transition.stochastic else 2
-                for width in [w for w in cfg.latency_widths if w > 1]:
+                for width in memory_widths(cfg):
                     sched = DraftRefineScheduler(transition, grid, width=width)
                     for ex in (SerialExecutor(), BatchedExecutor()):
                         peak = measure(lambda: sched.sample(f, x, executor=ex, noise=noise))
@@ -138,7 +138,12 @@ def run_memory(cfg: BenchConfig, tick: Callable[[str], None] = lambda _: None) -
             "rows": rows}
 
 
+def memory_widths(cfg: BenchConfig) -> List[int]:
+    """The largest timed width (the extra grows linearly in n; one width shows it)."""
+    return [max(cfg.latency_widths)] if max(cfg.latency_widths) > 1 else []
+
+
 def memory_runs(cfg: BenchConfig) -> int:
-    wide = [w for w in cfg.latency_widths if w > 1]
+    wide = memory_widths(cfg)
     devices = 1 + (1 if torch.cuda.is_available() else 0)
     return len(cfg.memory_families) * 2 * devices * (1 + 2 * len(wide))

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["rmse", "sliced_wasserstein", "mmd2_rbf", "median_bandwidth"]
+__all__ = ["rmse", "sliced_wasserstein", "mmd2_rbf", "median_bandwidth", "SlicedWassersteinTo", "MMDTo"]
 
 
 def _flat(a: torch.Tensor) -> torch.Tensor:
@@ -101,3 +101,54 @@ def mmd2_rbf(a: torch.Tensor, b: torch.Tensor, bandwidth: Optional[float] = None
     saa = (kaa.sum() - kaa.diagonal().sum()) / (n * (n - 1))
     sbb = (kbb.sum() - kbb.diagonal().sum()) / (m * (m - 1))
     return float(saa + sbb - 2.0 * kab.mean())
+
+
+class SlicedWassersteinTo:
+    """:func:`sliced_wasserstein` against one fixed reference set, its projections sorted once.
+
+    ``SlicedWassersteinTo(data)(x) == sliced_wasserstein(x, data)`` for the same projections and seed.
+    """
+
+    def __init__(self, data: torch.Tensor, n_projections: int = 256, seed: int = 0):
+        self.data = _flat(data)
+        g = torch.Generator().manual_seed(seed)
+        u = torch.randn(self.data.shape[1], n_projections, generator=g, dtype=torch.float64)
+        self.u = u / u.norm(dim=0, keepdim=True)
+        self.sorted = (self.data @ self.u).sort(dim=0).values
+
+    def __call__(self, x: torch.Tensor) -> float:
+        x = _flat(x)
+        if x.shape[1] != self.data.shape[1]:
+            raise ValueError(f"sliced_wasserstein: dimension mismatch {x.shape[1]} vs {self.data.shape[1]}")
+        k = max(x.shape[0], self.data.shape[0])
+        qb = self.sorted if self.data.shape[0] == k else _quantiles(self.data @ self.u, k)
+        return float((_quantiles(x @ self.u, k) - qb).pow(2).mean().sqrt())
+
+
+class MMDTo:
+    """:func:`mmd2_rbf` against one fixed reference set, with its bandwidth and self-term computed once.
+
+    Arguments:
+        data: the reference set.
+        bandwidth: the kernel width h (default: the median heuristic on ``data``).
+    """
+
+    def __init__(self, data: torch.Tensor, bandwidth: Optional[float] = None):
+        self.data = _flat(data)
+        m = self.data.shape[0]
+        if m < 2:
+            raise ValueError("MMDTo needs at least 2 reference samples")
+        self.h = median_bandwidth(self.data) if bandwidth is None else float(bandwidth)
+        self.gamma = 1.0 / (2.0 * self.h * self.h)
+        kbb = torch.exp(-self.gamma * _sq_dists(self.data, self.data))
+        self.sbb = float((kbb.sum() - kbb.diagonal().sum()) / (m * (m - 1)))
+
+    def __call__(self, x: torch.Tensor) -> float:
+        a = _flat(x)
+        n = a.shape[0]
+        if n < 2:
+            raise ValueError(f"mmd2_rbf needs at least 2 samples per set, got {n}")
+        kaa = torch.exp(-self.gamma * _sq_dists(a, a))
+        kab = torch.exp(-self.gamma * _sq_dists(a, self.data))
+        saa = (kaa.sum() - kaa.diagonal().sum()) / (n * (n - 1))
+        return float(saa + self.sbb - 2.0 * kab.mean())

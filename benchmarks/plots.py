@@ -3,7 +3,8 @@
 * ``speedup.png``: speedup against width, in rounds (T / rounds, what n devices give when a round
   costs one model call) and in wall-clock per executor (from the latency table);
 * ``error_vs_rounds.png``: RMSE to the serial output against rounds, one panel per quality table,
-  one line per method;
+  one line per method (DRiffusion over widths, step skipping at DRiffusion's rounds, Picard over its
+  tolerance sweep at the widest window, converged Picard as stars);
 * ``digits_samples.png``: digit samples from the same noise: serial, DRiffusion and step skipping
   at DRiffusion's rounds.
 """
@@ -26,8 +27,8 @@ STYLE = {
     "DRiffusion aggressive": dict(color="C0", marker="o"),
     "DRiffusion conservative": dict(color="C1", marker="s"),
     "step skipping": dict(color="C3", marker="v", linestyle="--"),
-    "Picard (frozen)": dict(color="C2", marker="^", linestyle=":"),
-    "Picard (skip)": dict(color="C4", marker="D", linestyle=":"),
+    "Picard (frozen) sweep": dict(color="C2", marker="^", linestyle=":"),
+    "Picard (skip) sweep": dict(color="C4", marker="D", linestyle=":"),
     "Picard (frozen) converged": dict(color="C2", marker="*", linestyle="none", markersize=11),
     "Picard (skip) converged": dict(color="C4", marker="*", linestyle="none", markersize=11),
 }
@@ -80,10 +81,20 @@ def plot_error_vs_rounds(tables: List[dict], path: Path) -> Path:
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.6 * nrows), squeeze=False)
     for k, table in enumerate(tables):
         ax = axes[k // ncols, k % ncols]
+        sweep = table.get("picard_sweep", [])
+        widest = max((p["width"] for p in sweep), default=None)
         for method, style in STYLE.items():
-            pts = sorted({(r["rounds"], r["rmse"]) for r in table["rows"] if r["method"] == method and r.get("rmse", 0) > 0})
+            if method.endswith(" sweep"):  # Picard's tolerance sweep at the widest window: its error-rounds frontier
+                init = method.split("(")[1].split(")")[0]
+                pts = sorted({(p["rounds"], p["rmse"]) for p in sweep if p["init"] == init and p["width"] == widest
+                              and p["rmse"] > 0})
+                label = f"Picard ({init}), tolerance sweep, n = max"
+            else:
+                pts = sorted({(r["rounds"], r["rmse"]) for r in table["rows"] if r["method"] == method
+                              and (r.get("rmse") or 0) > 0})
+                label = method
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=method, **style)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **style)
         ax.set_yscale("log")
         ax.set(title=f"{table['model']} / {table['family']} (T = {table['num_steps']})", xlabel="rounds",
                ylabel="RMSE to serial")

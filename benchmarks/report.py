@@ -24,7 +24,7 @@ def fmt(v, kind: str = "g") -> str:
     if kind == "e":
         return "0" if v == 0 else f"{v:.2e}"
     if kind == "x":
-        return f"{v:.2f}"
+        return f"{v:.2f}" if abs(v) < 100 else f"{v:.1e}"
     if kind == "kb":
         return f"{v / 2**10:.1f}"
     if isinstance(v, int):
@@ -46,10 +46,13 @@ def _metric_fmt(name: str) -> str:
 
 def _method_cell(r: dict) -> str:
     m = r["method"]
+    if r.get("tolerance") is not None:
+        m += f" τ={r['tolerance']}"
     if r.get("label"):
         return f"**{m}** ({r['label']})"
     if r.get("matched"):
-        return f"{m} (vs {r['matched']})"
+        over = "" if r.get("within_rounds", True) else ", over its rounds"
+        return f"{m} (vs {r['matched']}{over})"
     return m
 
 
@@ -195,7 +198,9 @@ RMSE to serial = root-mean-square distance to the serial sampler's output from t
 identical); the distances to the data are measured against true data (lower is better, and the
 *data floor* row is an independent set of true data: no sampler can beat it by more than noise);
 DRiffusion ÷ baseline = the matched DRiffusion row's RMSE divided by the baseline row's (below 1:
-DRiffusion is closer to the serial output at the same rounds and width)."""
+DRiffusion is closer to the serial output at the same rounds and width). Picard at equal rounds is the
+best run of a tolerance sweep (τ) that finishes within the DRiffusion row's rounds, window n; the
+converged rows run to the smallest τ, whatever rounds that takes."""
 
 
 def render_report(results: dict, plots: Dict[str, str]) -> str:

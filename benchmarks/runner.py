@@ -60,7 +60,7 @@ def _quality(builder: Callable[[BenchConfig], list], cfg: BenchConfig, bar_on: b
         cases = builder(cfg)
     except cases_mod.ModelUnavailable as e:
         return {"skipped": str(e)}, {}
-    bar = _Bar(bar_on, runs_per_case(cfg) * len(cases), desc)
+    bar = _Bar(bar_on, sum(runs_per_case(c, cfg) for c in cases), desc)
     tables, samples = [], {}
     try:
         for case in cases:
@@ -119,6 +119,8 @@ def _jsonable(obj):
         return obj.tolist()
     if isinstance(obj, float) and obj != obj:
         return None
+    if isinstance(obj, float) and obj in (float("inf"), float("-inf")):
+        return "inf" if obj > 0 else "-inf"
     if isinstance(obj, (str, int, float, bool)) or obj is None:
         return obj
     return repr(obj)
@@ -171,11 +173,12 @@ def run(
     results["environment"] = _environment(cfg)
     plot_files: Dict[str, str] = dict(results.get("plots", {}))
     section_seconds: Dict[str, float] = dict(results.get("section_seconds", {}))
+    section_cpu: Dict[str, float] = dict(results.get("section_cpu_seconds", {}))
 
     for sec in SECTIONS:
         if sec not in sections:
             continue
-        s0 = time.perf_counter()
+        s0, c0 = time.perf_counter(), time.process_time()
         if sec == "oracle":
             results[sec], _ = _quality(cases_mod.oracle_cases, cfg, progress, sec)
         elif sec == "digits":
@@ -202,6 +205,7 @@ def run(
                 plot_files["picard"] = "picard_error_vs_rounds.png"
             results[sec] = study
         section_seconds[sec] = time.perf_counter() - s0
+        section_cpu[sec] = time.process_time() - c0
 
     quality = [t for s in ("oracle", "digits", "timeseries") for t in results.get(s, {}).get("tables", [])]
     if quality:
@@ -213,6 +217,7 @@ def run(
     plot_files["speedup"] = "speedup.png"
 
     results["section_seconds"] = section_seconds
+    results["section_cpu_seconds"] = section_cpu
     results["total_seconds"] = sum(section_seconds.values()) if section_seconds else time.perf_counter() - t0
     results["plots"] = plot_files
     results = _jsonable(results)

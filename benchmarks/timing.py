@@ -3,29 +3,32 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, List
+from typing import Callable, List, Tuple, TypeVar
 
 import torch
 
-__all__ = ["median_seconds", "seconds_list", "zero_predictor"]
+__all__ = ["median_seconds", "timed_runs", "zero_predictor"]
+
+T = TypeVar("T")
 
 
-def seconds_list(fn: Callable[[], object], repeats: int, warmup: int = 1) -> List[float]:
-    """Wall-clock seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls (under no_grad)."""
+def timed_runs(fn: Callable[[], T], repeats: int, warmup: int = 1) -> Tuple[List[float], T]:
+    """Wall-clock seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls (under no_grad),
+    and the last call's result."""
     with torch.no_grad():
         for _ in range(warmup):
             fn()
-        out = []
-        for _ in range(repeats):
+        out, result = [], None
+        for _ in range(max(1, repeats)):
             t0 = time.perf_counter()
-            fn()
+            result = fn()
             out.append(time.perf_counter() - t0)
-    return out
+    return out, result
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    """The median of :func:`seconds_list`."""
-    return statistics.median(seconds_list(fn, repeats, warmup))
+    """The median wall-clock of :func:`timed_runs`."""
+    return statistics.median(timed_runs(fn, repeats, warmup)[0])
 
 
 def zero_predictor() -> Callable[..., torch.Tensor]:
