@@ -127,10 +127,9 @@ def plot_digit_grid(panels: Dict[str, torch.Tensor], path: Path, count: int = 32
     """Panels of digit samples side by side (same noise in every panel), data scale [-1, 1]."""
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.0 * count / (cols * 2) + 0.9))
     axes = [axes] if len(panels) == 1 else list(axes)
-    cmap = matplotlib.colormaps["gray_r"].copy()
-    cmap.set_bad("white")
+    cmap = matplotlib.colormaps["gray_r"].with_extremes(bad="white")
     for ax, (title, x) in zip(axes, panels.items()):
-        ax.imshow(_tile(x[:count].float().clamp(-1, 1).cpu(), cols), cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")
+        ax.imshow(_tile(x[:count].float().clamp(-1, 1).cpu(), cols).numpy(), cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     fig.tight_layout()

@@ -149,6 +149,27 @@ def _generic_md(obj: dict) -> str:
     return "\n\n".join(parts)
 
 
+PICARD_TABLES = ("at_driffusion_rounds", "rounds_to_tolerance")
+
+PICARD_INTRO = """From `benchmarks/picard_study.py`, on the exact 2-D ring. Unlike the quality tables above (pure
+Picard iteration, best tolerance within the rounds), its "at DRiffusion's rounds" protocol runs
+`PicardScheduler(max_rounds=R)`: Picard while the budget allows, then draft-and-refine to finish within R
+rounds. Errors here are relative: ||x - x_serial|| / ||x_serial||. The full sweeps (`budget_sweep`,
+`curves`) are in `results.json`."""
+
+
+def _picard_md(res: dict) -> str:
+    """The Picard study's scalars and its two summary tables (the long sweeps stay in results.json)."""
+    parts = ["\n".join(f"- {k}: {fmt(v)}" for k, v in res.items() if isinstance(v, (int, float, str)))]
+    for key in PICARD_TABLES:
+        rows = res.get(key)
+        if rows:
+            cols = list(dict.fromkeys(k for r in rows for k in r))
+            cell = lambda v: fmt(v, "e") if isinstance(v, float) and abs(v) < 1e-2 else fmt(v)
+            parts.append(f"*{key}*\n\n" + md_table(cols, [[cell(r.get(c)) for c in cols] for r in rows]))
+    return "\n\n".join(parts)
+
+
 def _latency_md(lat: dict) -> str:
     parts = []
     ex = lat.get("executors")
@@ -253,6 +274,6 @@ def render_report(results: dict, plots: Dict[str, str]) -> str:
         elif sec == "distributed":
             out += [DISTRIBUTED_INTRO, "", md_table(["quantity", "value"], [[k, fmt(v)] for k, v in val["result"].items()]), ""]
         else:
-            out += [_generic_md(val.get("result", val)), ""]
+            out += [PICARD_INTRO, "", _picard_md(val["result"]), ""]
     out += ["## Configuration", "", "```", *(f"{k} = {v}" for k, v in cfg.items() if k != "extra"), "```", ""]
     return "\n".join(out)
