@@ -58,7 +58,7 @@ class BenchConfig:
     learned_picard_widths: Tuple[int, ...] = (4,)
     latency_steps: int = 50
     latency_widths: Tuple[int, ...] = (1, 2, 4)
-    latency_repeats: int = 3
+    latency_repeats: int = 5
     latency_digits_batch: int = 16
     mlp_batch: int = 64
     mlp_dim: int = 64

@@ -12,7 +12,8 @@ when a round costs one model call. Multi-process numbers come from ``benchmarks.
 from __future__ import annotations
 
 import statistics
-from typing import Callable, Dict, List, Tuple
+import time
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ from torch import nn
 from backends import BatchedExecutor, SerialExecutor
 from benchmarks.cases import ModelUnavailable, family
 from benchmarks.config import BenchConfig
-from benchmarks.timing import median_seconds, timed_runs
+from benchmarks.timing import median_seconds
 from driffusion_core import DraftRefineScheduler, NoiseSource
 from solvers import sample_serial
 
@@ -77,32 +78,51 @@ def latency_models(cfg: BenchConfig) -> List[dict]:
     ]
 
 
+def _configs(transition, grid, widths) -> List[Tuple[str, str, int, Optional[DraftRefineScheduler], object]]:
+    """(method, executor, width, scheduler, executor object) of every timed run; the first is the serial sampler."""
+    out = [("serial sampler", "-", 1, None, None)]
+    for width in widths:
+        for mode in MODES:
+            if width == 1 and mode == "conservative":
+                continue
+            sched = DraftRefineScheduler(transition, grid, width=width, mode=mode)
+            for ex in (SerialExecutor(), BatchedExecutor()):
+                out.append((f"DRiffusion {mode}", type(ex).__name__, width, sched, ex))
+    return out
+
+
 def run_latency(cfg: BenchConfig, tick: Callable[[str], None] = lambda _: None) -> dict:
-    """The executor table: for each model, the serial sampler and DRiffusion per executor and width."""
+    """The executor table: for each model, the serial sampler and DRiffusion per executor and width.
+
+    The repeats are interleaved (every configuration once, then again...), so a burst of load
+    from elsewhere on the machine spreads over the configurations instead of hitting one.
+    """
     transition, grid, _ = family("ddim", cfg.latency_steps)
     T = len(grid)
     rows: List[dict] = []
     models = latency_models(cfg)
     for m in models:
         f, x = m["predictor"], NoiseSource(cfg.seed_x).initial(m["shape"])
-        call = median_seconds(lambda: f(x, grid.model_times[:1].expand(x.shape[0])), max(5, cfg.latency_repeats))
-        serial = median_seconds(lambda: sample_serial(f, x, transition, grid), cfg.latency_repeats)
-        tick(m["name"])
-        rows.append({"model": m["name"], "method": "serial sampler", "executor": "-", "width": 1, "rounds": T,
-                     "seconds": serial, "speedup": 1.0, "rounds_speedup": 1.0})
-        m["call_seconds"] = call
-        for width in cfg.latency_widths:
-            for mode in MODES:
-                if width == 1 and mode == "conservative":
-                    continue
-                sched = DraftRefineScheduler(transition, grid, width=width, mode=mode)
-                for ex in (SerialExecutor(), BatchedExecutor()):
-                    times, out = timed_runs(lambda: sched.sample(f, x, executor=ex), cfg.latency_repeats)
-                    sec, rounds = statistics.median(times), out.rounds
+        m["call_seconds"] = median_seconds(lambda: f(x, grid.model_times[:1].expand(x.shape[0])), max(5, cfg.latency_repeats))
+        configs = _configs(transition, grid, cfg.latency_widths)
+        runs = [(lambda: sample_serial(f, x, transition, grid)) if sched is None
+                else (lambda sched=sched, ex=ex: sched.sample(f, x, executor=ex)) for _, _, _, sched, ex in configs]
+        times: List[List[float]] = [[] for _ in runs]
+        rounds: List[int] = [0] * len(runs)
+        with torch.no_grad():
+            for fn in runs:  # warm-up
+                fn()
+            for _ in range(max(1, cfg.latency_repeats)):
+                for k, fn in enumerate(runs):
+                    t0 = time.perf_counter()
+                    rounds[k] = fn().rounds
+                    times[k].append(time.perf_counter() - t0)
                     tick(m["name"])
-                    rows.append({"model": m["name"], "method": f"DRiffusion {mode}", "executor": type(ex).__name__,
-                                 "width": width, "rounds": rounds, "seconds": sec, "speedup": serial / sec,
-                                 "rounds_speedup": T / rounds})
+        serial = statistics.median(times[0])
+        for (method, executor, width, _, _), ts, r in zip(configs, times, rounds):
+            sec = statistics.median(ts)
+            rows.append({"model": m["name"], "method": method, "executor": executor, "width": width, "rounds": r,
+                         "seconds": sec, "speedup": serial / sec, "rounds_speedup": T / r})
     return {
         "num_steps": T,
         "repeats": cfg.latency_repeats,
@@ -113,6 +133,6 @@ def run_latency(cfg: BenchConfig, tick: Callable[[str], None] = lambda _: None) 
 
 
 def latency_runs(cfg: BenchConfig) -> int:
-    """Timed configurations (for the progress bar's total)."""
+    """Timed runs (for the progress bar's total)."""
     per_model = 1 + sum(2 * (1 if w == 1 else 2) for w in cfg.latency_widths)
-    return 2 * per_model
+    return 2 * per_model * max(1, cfg.latency_repeats)

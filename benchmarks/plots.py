@@ -123,9 +123,10 @@ def _tile(images: torch.Tensor, cols: int) -> torch.Tensor:
     return out
 
 
-def plot_digit_grid(panels: Dict[str, torch.Tensor], path: Path, count: int = 32, cols: int = 8) -> Path:
+def plot_digit_grid(panels: Dict[str, torch.Tensor], path: Path, count: int = 64, cols: int = 8) -> Path:
     """Panels of digit samples side by side (same noise in every panel), data scale [-1, 1]."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.0 * count / (cols * 2) + 0.9))
+    rows = (min(count, min(len(x) for x in panels.values())) + cols - 1) // cols
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2 * rows / cols + 0.5))
     axes = [axes] if len(panels) == 1 else list(axes)
     cmap = matplotlib.colormaps["gray_r"].with_extremes(bad="white")
     for ax, (title, x) in zip(axes, panels.items()):

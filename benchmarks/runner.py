@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import re
 import time
@@ -107,7 +108,17 @@ def _environment(cfg: BenchConfig) -> dict:
         "machine": f"{platform.machine()} {platform.processor() or platform.system()}".strip(),
         "python": platform.python_version(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cpus": os.cpu_count(),
+        "load_start": _load(),
     }
+
+
+def _load() -> Optional[float]:
+    """The 1-minute load average (other processes make wall-clock noisy), where the OS reports it."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def _jsonable(obj):
@@ -216,6 +227,7 @@ def run(
                        results.get("distributed", {}).get("result"))
     plot_files["speedup"] = "speedup.png"
 
+    results["environment"]["load_end"] = _load()
     results["section_seconds"] = section_seconds
     results["section_cpu_seconds"] = section_cpu
     results["total_seconds"] = sum(section_seconds.values()) if section_seconds else time.perf_counter() - t0
