@@ -14,7 +14,10 @@ overhead as a fraction of one model call:
 * ``comm_overhead_frac``: an executor-level round of 2 drafts (one per process, plus the all-gather)
   minus one model call, over one model call (timed with both processes computing);
 * ``round_overhead_frac``: the sampler's time per round minus one model call (communication plus
-  drafting, refining and scheduling), over one model call.
+  drafting, refining and scheduling), over one model call; ``sched_overhead_frac`` is the part the
+  scheduler's own bookkeeping takes (timed with a free predictor);
+* ``contention_frac``: how much slower one call gets when both processes compute at once (shared
+  cores, caches, memory bandwidth) -- a cost of the machine, not of the executor.
 
 On a machine with other work running the numbers are noisy (each process needs a core of its own).
 
@@ -41,8 +44,8 @@ __all__ = ["run", "format_table"]
 
 _SETTINGS = {
     # T, repeats of each timed sampling run, MLP size, executor-level rounds timed
-    False: dict(steps=50, repeats=5, batch=32, dim=64, hidden=1536, depth=4, rounds=40),
-    True: dict(steps=20, repeats=2, batch=32, dim=64, hidden=1536, depth=4, rounds=15),
+    False: dict(steps=50, repeats=5, batch=64, dim=64, hidden=2048, depth=4, rounds=40),
+    True: dict(steps=20, repeats=2, batch=64, dim=64, hidden=2048, depth=4, rounds=15),
 }
 
 
@@ -154,6 +157,15 @@ def _worker(s: dict, rank: int) -> dict:
         "describe": ex.describe(),
     }
     if rank == 0:
+        # the scheduler's own work per round (drafting, refining, checks) with a free predictor
+        def free(xx, tt):
+            return xx * 0.01
+
+        sched.sample(free, x)
+        t0 = time.perf_counter()
+        for _ in range(3):
+            free_out = sched.sample(free, x)
+        result["sched_s"] = (time.perf_counter() - t0) / (3 * free_out.rounds)
         same = sched.sample(predictor, x, executor=core.SerialExecutor()).x
         result.update(
             serial_s=statistics.median(serial_times),
@@ -211,7 +223,8 @@ def run(quick: bool = False, **overrides) -> Dict[str, float]:
         call while both processes compute), ``serial_s``, ``distributed_s``
         (medians), ``speedup``, ``ideal_speedup`` (T / rounds), ``efficiency`` (speedup / ideal),
         ``round_ms`` (an executor-level round of 2 drafts), ``comm_overhead_frac``,
-        ``round_overhead_frac``, ``matches_serial_executor`` and ``executor``.
+        ``round_overhead_frac``, ``sched_overhead_frac``, ``contention_frac``,
+        ``matches_serial_executor``, ``executor`` and ``mlp``.
     """
     s = dict(_SETTINGS[bool(quick)])
     unknown = set(overrides) - set(s)
@@ -243,6 +256,8 @@ def run(quick: bool = False, **overrides) -> Dict[str, float]:
         "round_ms": 1e3 * round_s,
         "comm_overhead_frac": (round_s - call_both) / call_both,
         "round_overhead_frac": (dist_s / rounds - call_both) / call_both,
+        "sched_overhead_frac": d0["sched_s"] / call_both,
+        "contention_frac": (call_both - call) / call,
         "matches_serial_executor": d0["matches_serial_executor"],
         "executor": d0["describe"],
         "mlp": f"batch {s['batch']}, dim {s['dim']}, hidden {s['hidden']}, depth {s['depth']}, 1 thread/process",
@@ -259,6 +274,8 @@ def format_table(r: Dict[str, float]) -> str:
         ("executor round of 2 drafts", f"{r['round_ms']:.1f} ms"),
         ("communication overhead / call", f"{100 * r['comm_overhead_frac']:.1f}%"),
         ("per-round overhead / call", f"{100 * r['round_overhead_frac']:.1f}%"),
+        ("  of which scheduler bookkeeping", f"{100 * r['sched_overhead_frac']:.1f}%"),
+        ("call slowdown with both processes busy", f"{100 * r['contention_frac']:.1f}%"),
         ("result equals the serial executor's", str(r["matches_serial_executor"])),
     ]
     w = max(len(a) for a, _ in rows)
