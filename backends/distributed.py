@@ -45,6 +45,7 @@ model calls.
 """
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
 import re
@@ -70,6 +71,24 @@ __all__ = ["DistributedExecutor", "init_from_env", "DistEnv", "even_shares"]
 
 
 # --------------------------------------------------------------------------------------------- helpers
+
+# Buffers of exchanges that failed while the backend may still be working on them. A gloo work that
+# ends after Python dropped its tensors frees them from its own thread, which must take the GIL; at
+# interpreter shutdown that thread is killed mid-destructor and the process aborts ("terminate called
+# without an active exception"). Keeping the buffers referenced for the life of the process (the list
+# itself is leaked, so shutdown does not free it either) makes the backend's release a plain refcount
+# decrement. Only failed exchanges land here, once per broken executor.
+_ABANDONED: List[Any] = []
+try:
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(_ABANDONED))
+except Exception:  # pragma: no cover - not CPython
+    pass
+
+
+def _abandon(*objects: Any) -> None:
+    """Keep ``objects`` (a failed work and its tensors) alive until the process exits."""
+    _ABANDONED.append(objects)
+
 
 
 def even_shares(k: int, n: int) -> List[int]:
@@ -586,6 +605,7 @@ class DistributedExecutor(Executor):
 
     def _all_gather(self, t: torch.Tensor, group, what: str, fault=None, bounded: bool = True) -> List[torch.Tensor]:
         outs = [torch.empty_like(t) for _ in range(self.world_size)]
+        work = None
         try:
             work = dist.all_gather(outs, t, group=group, async_op=True)
             if bounded:
@@ -594,6 +614,7 @@ class DistributedExecutor(Executor):
                 # nccl: the stream waits, no host sync; the process group's timeout (watchdog) bounds it
                 work.wait()
         except Exception as e:
+            _abandon(work, t, outs)
             self._comm_failed(what, e, fault)
         return outs
 
@@ -654,24 +675,30 @@ class DistributedExecutor(Executor):
                 try:
                     w.wait(timeout=left())
                 except Exception:
+                    _abandon(w, hellos[r])
                     missing.append(r)
             missing.sort()
             verdict[0] = len(missing)
             verdict[1 : 1 + len(missing)] = torch.tensor(missing, dtype=torch.int64)
             for r in hellos:
                 if r not in missing:
+                    w = None
                     try:
-                        dist.isend(verdict, dst=peer(r), group=group, tag=_PROBE_TAG + 1).wait(timeout=left())
+                        w = dist.isend(verdict, dst=peer(r), group=group, tag=_PROBE_TAG + 1)
+                        w.wait(timeout=left())
                     except Exception:
-                        pass
+                        _abandon(w, verdict)
             if not missing:
                 return "Every rank answered a check afterwards, so a rank fell out of step rather than died."
             return f"Ranks that did not answer: {', '.join(map(str, missing))}."
+        hello, w = torch.tensor([self.rank], dtype=torch.int64), None
         try:
-            dist.isend(torch.tensor([self.rank], dtype=torch.int64), dst=peer(0), group=group,
-                       tag=_PROBE_TAG).wait(timeout=left())
-            dist.irecv(verdict, src=peer(0), group=group, tag=_PROBE_TAG + 1).wait(timeout=left())
+            w = dist.isend(hello, dst=peer(0), group=group, tag=_PROBE_TAG)
+            w.wait(timeout=left())
+            w = dist.irecv(verdict, src=peer(0), group=group, tag=_PROBE_TAG + 1)
+            w.wait(timeout=left())
         except Exception:
+            _abandon(w, hello, verdict)
             return "Rank 0, which checks who is alive, did not answer: rank 0 probably died or hangs."
         missing = [int(r) for r in verdict[1 : 1 + int(verdict[0])].tolist()]
         if not missing:
