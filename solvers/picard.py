@@ -35,7 +35,10 @@ copies of x_0 for both inits. Levels that enter the window later get
 * ``init="skip"`` (DRiffusion's drafts): ``S.drafts(x_c, p_c, t_c -> ...)`` from the latest
   final level c that has a prediction (c = a' when a' was in the window, else a'-1), with the
   same per-step noise coupled as the serial chain would use it: the serial chain with the
-  prediction frozen, a far better guess than a frozen state.
+  prediction frozen, a far better guess than a frozen state. When x_c moved by more than one
+  noise std in the latest sweep (possible only for a tolerance above 1), p_c was taken at a
+  state far from x_c and would mean a wrong x0_hat there (the error amplified by
+  sigma_c / alpha_c); the draft then freezes the x0_hat p_c meant at the state it was taken at.
 
 **Budget.** ``max_rounds`` bounds the rounds. Before each Picard round the scheduler checks
 that, even if this round finalised one level only, draft-and-refine (aggressive, same width)
@@ -87,7 +90,9 @@ from driffusion_core.scheduler import (
     default_noise,
     progress_bar,
 )
-from driffusion_core.transition import SkipTransition
+from driffusion_core.coefficients import prediction_coefficients
+from driffusion_core.parameterization import broadcast_coef, lincomb
+from driffusion_core.transition import SkipTransition, as_levels
 
 __all__ = ["PicardScheduler", "PicardState", "INITS", "fewest_rounds"]
 
@@ -157,6 +162,8 @@ class PicardState:
         self._inner: Optional[Round] = None
         self.xs: List[Optional[torch.Tensor]] = [None] * (self.T + 1)
         self.preds: List[Optional[torch.Tensor]] = [None] * self.T
+        self.at: List[Optional[torch.Tensor]] = [None] * self.T  # the state each prediction was taken at
+        self.moved: dict = {}  # level -> its normalised change in the latest sweep
         self.xs[0] = x
         for k in range(1, min(width, self.T) + 1):
             self.xs[k] = x  # nothing is known before the first call: copies of x_0
@@ -259,8 +266,9 @@ class PicardState:
         self.picard_rounds += 1
         self.evals += len(rnd.steps)
         a, hi = self.a, rnd.steps[-1] + 1
-        for k, p in zip(rnd.steps, preds):
+        for k, p, xk in zip(rnd.steps, preds, rnd.xs):
             self.preds[k] = p
+            self.at[k] = xk
         # the Picard sweep from the final x_a, and each level's normalised change
         y, changes = self.xs[a], []
         for k in range(a, hi):
@@ -273,6 +281,7 @@ class PicardState:
         var = self.sigma2[a + 1 : hi + 1]
         ratio = torch.where(var > 0, change / var.clamp(min=1e-300), torch.where(change > 0, math.inf, 0.0))
         ok = (ratio <= self.tolerance**2).tolist()
+        self.moved = {a + 1 + j: float(r) for j, r in enumerate(ratio.tolist())}
         lead = next((j for j, good in enumerate(ok) if not good), len(ok))
         new_a = a + min(1 + lead, hi - a)
         self.advances.append(new_a - a)
@@ -292,11 +301,15 @@ class PicardState:
                 self.xs[k] = self.xs[hi]
             return
         c, g = self._anchor(), self.grid
-        x_c = self.xs[c]
+        x_c, p_c = self.xs[c], self.preds[c]
+        if self.moved.get(c, 0.0) > 1.0 and self.at[c] is not None:
+            # x_c moved by more than one noise std since p_c was taken at at[c]: p_c would mean
+            # a far-off x0_hat at x_c (amplified by sigma_c / alpha_c), so keep the x0_hat it meant
+            p_c = _refreeze(self.transition, x_c, self.at[c], p_c, g.t_from[c])
         noises = None
         if self.transition.stochastic and self.noise is not None:
             noises = torch.stack([self._z(i, x_c) for i in range(c, top)])
-        drafts = self.transition.drafts(x_c, self.preds[c], g.t_from[c:top], g.t_to[c:top], noises)
+        drafts = self.transition.drafts(x_c, p_c, g.t_from[c:top], g.t_to[c:top], noises)
         for k in range(hi + 1, top + 1):
             self.xs[k] = drafts[k - c - 1]
 
@@ -307,9 +320,24 @@ class PicardState:
         for k in range(max(0, self.a - 1)):
             self.xs[k] = None
             self.preds[k] = None
+            self.at[k] = None
 
     def trajectory(self) -> List[torch.Tensor]:
         return list(self.xs)
+
+
+def _refreeze(transition: SkipTransition, y: torch.Tensor, x_eval: torch.Tensor, pred: torch.Tensor, level) -> torch.Tensor:
+    r"""The model output that means, at state y, the x0_hat that ``pred`` meant at ``x_eval`` (same level).
+
+    With :math:`\hat x_0` from (x_eval, pred) and :math:`\epsilon' = (y - \alpha\hat x_0)/\sigma`, returns
+    :math:`c_{x_0}\hat x_0 + c_\epsilon\epsilon'` (``prediction_coefficients``), so a draft from y
+    freezes that x0_hat. (The x0 transforms are idempotent, so converting again changes nothing.)
+    """
+    alpha, sigma = transition.schedule.alpha_sigma(as_levels(level, y.shape[0]))
+    x0, _ = transition.to_x0_eps(x_eval, pred, level)
+    eps = (y - broadcast_coef(alpha, y) * x0) / broadcast_coef(sigma, y)
+    c_x0, c_eps = prediction_coefficients(transition.prediction.value, alpha, sigma)
+    return lincomb(x0, c_x0, eps, c_eps)
 
 
 def _check_tolerance(tolerance: Any) -> float:
