@@ -227,6 +227,10 @@ class DraftRefineState:
             return None
         if self.pred is None:
             return Round([self.a], self.x.unsqueeze(0), anchor_call=True)
+        if self.a == self.T - 1:  # a caller handed in the last level's prediction: no call left to make
+            self._advance(self.step(self.x, self.pred, self.a))
+            self.pred = None
+            return None
         a, g = self.a, self.grid
         m = min(self.width, self.T - 1 - a)
         noises = None

@@ -233,3 +233,25 @@ def test_trajectory_has_T_plus_one_states_and_progress_works(mode):
     assert torch.equal(quiet.x, out.x) and quiet.trajectory is None
     ser = sample_serial(f, x, tr, grid, noise=NoiseSource(2), progress=True, return_trajectory=True)
     assert len(ser.trajectory) == T + 1 and torch.equal(ser.trajectory[-1], ser.x)
+
+
+@pytest.mark.parametrize("steps_left", [1, 3])
+def test_state_handed_a_prediction_finishes_without_an_extra_call(steps_left):
+    """A DraftRefineState given its anchor's prediction (as PicardScheduler's fallback does) makes no
+    call for it; with one step left it finishes in plan() with the serial step."""
+    from driffusion_core import DraftRefineState
+
+    schedule = VPSchedule.linear()
+    tr, f = DDPMSkip(schedule), ring_mixture().predictor(schedule, "epsilon")
+    grid = schedule.timesteps(10).sub(10 - steps_left, 10)
+    x = NoiseSource(0).initial((8, 2), torch.float64)
+    ref = sample_serial(f, x, tr, grid, noise=NoiseSource(4))
+    st = DraftRefineState(tr, grid, 1, "aggressive", x, NoiseSource(4))  # width 1: the serial chain
+    st.pred = f(x, grid.model_times[0].expand(8))
+    calls = 0
+    while (rnd := st.plan()) is not None:
+        preds = torch.stack([f(xk, grid.model_times[s].expand(8)) for xk, s in zip(rnd.xs, rnd.steps)])
+        calls += len(rnd.steps)
+        st.absorb(rnd, preds)
+    assert calls == steps_left - 1
+    assert torch.equal(st.x, ref.x)
