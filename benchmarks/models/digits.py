@@ -185,7 +185,8 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
     m = sqrt_a @ cov_b @ sqrt_a
     tr_covmean = float(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0.0, None)).sum())
     diff = mu_a - mu_b
-    return float(diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2.0 * tr_covmean)
+    # rounding (which BLAS threads vary) can leave -1e-14 for identical sets; a distance is >= 0
+    return max(0.0, float(diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2.0 * tr_covmean))
 
 
 @torch.no_grad()
