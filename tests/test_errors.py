@@ -81,6 +81,18 @@ def test_bad_flow_timesteps(levels, match):
         scheduler(transition=FlowEulerSkip(FLOW), grid=levels)
 
 
+@pytest.mark.parametrize("shift", [0.01, 0.05, 0.548, 1.0, 3.0, 20.0])
+def test_flow_grids_from_any_shift_are_valid(shift):
+    """The float32 shift puts sigma = 1 a little above 1 (1.5e-4 at shift 0.01, as in diffusers);
+    such grids must still validate, and a model time passed as a level must not."""
+    for n in (1, 2, 28):
+        grid = FlowSchedule(shift=shift).timesteps(n)
+        assert abs(float(grid.t_from[0]) - 1.0) < 1e-3 and float(grid.t_to[-1]) == 0.0
+        scheduler(transition=FlowEulerSkip(FlowSchedule(shift=shift)), grid=grid)
+    with pytest.raises(InvalidTimestepsError, match="out of range for FlowSchedule"):
+        scheduler(transition=FlowEulerSkip(FLOW), grid=[1.002, 0.5])
+
+
 def test_grid_step_that_does_not_go_to_a_cleaner_level():
     t = torch.tensor([500.0, 300.0], dtype=torch.float64)
     with pytest.raises(InvalidTimestepsError, match=r"Step 1 goes from level 300 to 400"):
