@@ -1,4 +1,16 @@
-"""Shared pytest configuration (the markers are declared in pyproject.toml)."""
+"""Shared pytest configuration (the markers are declared in pyproject.toml).
+
+Hypothesis runs derandomized by default, so `make test` (and CI) is reproducible: the same examples
+on every run. `HYPOTHESIS_PROFILE=explore make test` draws fresh examples each run, to hunt for
+new counterexamples.
+"""
+import os
+
+from hypothesis import settings
+
+settings.register_profile("default", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 def pytest_sessionstart(session):
