@@ -200,6 +200,11 @@ class DraftRefineState:
         self.evals = 0
         self.drafts_per_round: List[int] = []
         self.trajectory: Optional[List[torch.Tensor]] = [x] if keep_trajectory else None
+        # from plan() to absorb(): the window's per-step noise, and its first draft, which is the
+        # refine's first step S(x_a, p_a, z_a) bit for bit (``SkipTransition.drafts``), so neither
+        # is computed twice (copied: a predictor may write into its inputs)
+        self._noise_cache: dict = {}
+        self._first_step: Optional[torch.Tensor] = None
 
     @property
     def done(self) -> bool:
@@ -208,7 +213,8 @@ class DraftRefineState:
     def _z(self, i: int) -> Optional[torch.Tensor]:
         if self.noise is None or not self.transition.stochastic:
             return None
-        return self.noise(i, self.x.shape, self.x.dtype, self.x.device)
+        z = self._noise_cache.pop(i, None)
+        return z if z is not None else self.noise(i, self.x.shape, self.x.dtype, self.x.device)
 
     def step(self, x: torch.Tensor, pred: torch.Tensor, i: int) -> torch.Tensor:
         """The serial update x_{i+1} = S(x_i, p_i, t_from[i] -> t_to[i], z_i)."""
@@ -236,7 +242,9 @@ class DraftRefineState:
         noises = None
         if self.transition.stochastic and self.noise is not None:
             noises = torch.stack([self._z(i) for i in range(a, a + m)])
+            self._noise_cache = {a + j: noises[j] for j in range(m)}
         xs = self.transition.drafts(self.x, self.pred, g.t_from[a : a + m], g.t_to[a : a + m], noises)
+        self._first_step = xs[0].clone()
         return Round(list(range(a + 1, a + m + 1)), xs, anchor_call=False)
 
     def absorb(self, rnd: Round, preds: torch.Tensor) -> None:
@@ -249,7 +257,9 @@ class DraftRefineState:
         else:
             self.drafts_per_round.append(len(rnd.steps))
             # refine: x_{a+1} = S(x_a, p_a); x_{a+j+1} = S(x_{a+j}, p~_{a+j})
-            x = self.step(self.x, self.pred, self.a)
+            x = self._first_step if self._first_step is not None else self.step(self.x, self.pred, self.a)
+            self._first_step = None
+            self._noise_cache.pop(self.a, None)
             last = len(rnd.steps) if self.mode == "conservative" else len(rnd.steps) - 1
             for j in range(last):
                 self._advance(x)

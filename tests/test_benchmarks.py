@@ -212,3 +212,31 @@ def test_family_grids_have_T_steps():
         assert len(grid) == 12
     with pytest.raises(ValueError, match="ddim, ddpm or flow"):
         family("euler", 12)
+
+
+def test_gpu_latency_module_runs_on_the_cpu(tmp_path):
+    """benchmarks.gpu_latency (meant for a lent GPU) on the CPU: every row's rounds are the closed form,
+    the executors agree with SerialExecutor, and the CLI writes its table."""
+    from benchmarks import gpu_latency
+
+    res = gpu_latency.run("cpu", steps=6, widths=(1, 2), repeats=1, include_diffusers=True)
+    names = {m["name"] for m in res["models"]}
+    assert any("digits UNet" in n for n in names)
+    rows = res["rows"]
+    assert {(r["method"], r["width"]) for r in rows} >= {("serial sampler", 1), ("DRiffusion aggressive", 1),
+                                                        ("DRiffusion aggressive", 2), ("DRiffusion conservative", 2)}
+    for r in rows:
+        mode = "aggressive" if "aggressive" in r["method"] else "conservative"
+        want = 6 if r["method"] == "serial sampler" else expected_rounds(6, r["width"], mode)
+        assert r["rounds"] == want, r
+        if r["width"] == 1 and r["method"] != "serial sampler":
+            assert r["max_diff_vs_serial_executor"] == 0.0, r  # width 1, one draft: the same call
+        elif r["max_diff_vs_serial_executor"] is not None:  # float32 batched kernels round differently
+            assert r["max_diff_vs_serial_executor"] < 1e-3, r
+        assert r["seconds"] > 0 and r["speedup"] == pytest.approx(
+            next(s["seconds"] for s in rows if s["model"] == r["model"] and s["method"] == "serial sampler") / r["seconds"])
+    assert gpu_latency.main(["--device", "cpu", "--steps", "4", "--widths", "1,2", "--repeats", "1",
+                             "--no-diffusers", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "gpu_latency.md").read_text()
+    assert "| DRiffusion aggressive | BatchedExecutor | 2 |" in text
+    assert json.loads((tmp_path / "gpu_latency.json").read_text())["num_steps"] == 4

@@ -1,0 +1,216 @@
+"""Latency on one accelerator: DRiffusion's executors against the serial sampler on the same device.
+
+    python -m benchmarks.gpu_latency [--device cuda] [--steps 50] [--repeats 7] [--out DIR]
+
+What a lent GPU is for (the CPU suite cannot show it): a small model at batch size 1 leaves most of
+a GPU idle, so K drafts in one batched call cost about one call, and the rounds speedup T / rounds
+turns into wall-clock. For each model it times, with interleaved repeats (medians):
+
+* the serial sampler (T calls, one after another);
+* DRiffusion, aggressive and conservative, widths 1 to 4, with ``BatchedExecutor`` (one call per
+  round) and, on CUDA for widths > 1, ``StreamExecutor`` with ``width`` streams on the one device;
+
+and reports the wall-clock speedup over the serial sampler next to the rounds speedup T / rounds
+(the ceiling), the peak extra device memory (CUDA: ``torch.cuda.max_memory_allocated``), and the
+largest difference of each executor's sample from ``SerialExecutor``'s for the same scheduler
+(the executor invariant; batched kernels may round differently, so it is reported, not asserted).
+
+Models: the trained digits eps-UNet (8x8, 0.29 M parameters) and, when diffusers is installed, a
+``UNet2DModel`` at 32x32 built from a config with random weights (timing does not depend on the
+weights). Nothing is downloaded. On a CPU the module runs too (``--device cpu``), which is how the
+test suite checks it; the numbers only mean something on an accelerator.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from backends import BatchedExecutor, SerialExecutor, StreamExecutor
+from benchmarks.cases import family
+from driffusion_core import DraftRefineScheduler, NoiseSource
+from solvers import sample_serial
+
+__all__ = ["gpu_models", "run", "to_markdown", "main"]
+
+MODES = ("aggressive", "conservative")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gpu_models(device: torch.device, batch: int = 1, include_diffusers: bool = True) -> List[dict]:
+    """The timed models on ``device``: name, predictor, state shape, parameter count."""
+    from benchmarks.models import load_digits_unet
+
+    out = []
+    unet = load_digits_unet(device)
+    out.append({"name": f"digits UNet 8x8, batch {batch}", "predictor": unet, "shape": (batch, 1, 8, 8),
+                "params": sum(p.numel() for p in unet.parameters())})
+    if include_diffusers:
+        try:
+            from diffusers import UNet2DModel
+        except Exception:  # the optional extra is missing
+            UNet2DModel = None
+        if UNet2DModel is not None:
+            torch.manual_seed(0)
+            net = UNet2DModel(
+                sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
+                block_out_channels=(64, 128, 128),
+                down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+            ).to(device).eval().requires_grad_(False)
+
+            def f(x: torch.Tensor, t: torch.Tensor, net=net) -> torch.Tensor:
+                return net(x, t).sample
+
+            out.append({"name": f"diffusers UNet2DModel 32x32, batch {batch}", "predictor": f,
+                        "shape": (batch, 3, 32, 32), "params": sum(p.numel() for p in net.parameters())})
+    return out
+
+
+def _configs(transition, grid, widths: Sequence[int], device: torch.device):
+    """(method, executor name, width, scheduler, executor); the first row is the serial sampler."""
+    rows = [("serial sampler", "-", 1, None, None)]
+    for width in widths:
+        for mode in MODES:
+            if width == 1 and mode == "conservative":
+                continue
+            sched = DraftRefineScheduler(transition, grid, width=width, mode=mode)
+            rows.append((f"DRiffusion {mode}", "BatchedExecutor", width, sched, BatchedExecutor()))
+            if device.type == "cuda" and width > 1:
+                ex = StreamExecutor(devices=[device] * width)
+                rows.append((f"DRiffusion {mode}", f"StreamExecutor ({width} streams)", width, sched, ex))
+    return rows
+
+
+def run(
+    device: str = "cuda",
+    steps: int = 50,
+    widths: Sequence[int] = (1, 2, 3, 4),
+    repeats: int = 7,
+    batch: int = 1,
+    include_diffusers: bool = True,
+    tick: Callable[[str], None] = lambda _: None,
+) -> dict:
+    """Time every configuration on ``device``; returns the rows and the machine's description."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("benchmarks.gpu_latency: CUDA is not available here; pass --device cpu to try it on the CPU.")
+    transition, grid, _ = family("ddim", steps)
+    T = len(grid)
+    models = gpu_models(dev, batch, include_diffusers)
+    rows: List[dict] = []
+    for m in models:
+        f = m["predictor"]
+        x = NoiseSource(0).initial(m["shape"]).to(dev)
+        configs = _configs(transition, grid, widths, dev)
+        outputs: Dict[int, torch.Tensor] = {}
+        rounds: Dict[int, int] = {}
+
+        def call(k: int):
+            _, _, _, sched, ex = configs[k]
+            out = sample_serial(f, x, transition, grid) if sched is None else sched.sample(f, x, executor=ex)
+            _sync(dev)
+            return out
+
+        times: List[List[float]] = [[] for _ in configs]
+        peaks: List[Optional[int]] = [None] * len(configs)
+        with torch.no_grad():
+            for k in range(len(configs)):  # warm-up, results, memory
+                if dev.type == "cuda":
+                    _sync(dev)
+                    torch.cuda.reset_peak_memory_stats(dev)
+                    base = torch.cuda.memory_allocated(dev)
+                out = call(k)
+                if dev.type == "cuda":
+                    peaks[k] = torch.cuda.max_memory_allocated(dev) - base
+                outputs[k], rounds[k] = out.x, out.rounds
+            # the executor invariant: the SerialExecutor result of the same scheduler
+            reference: Dict[int, torch.Tensor] = {}
+            for k, (_, _, _, sched, _) in enumerate(configs):
+                if sched is not None and id(sched) not in reference:
+                    reference[id(sched)] = sched.sample(f, x, executor=SerialExecutor()).x
+            for _ in range(max(1, repeats)):
+                for k in range(len(configs)):
+                    t0 = time.perf_counter()
+                    call(k)
+                    times[k].append(time.perf_counter() - t0)
+                    tick(m["name"])
+        serial = statistics.median(times[0])
+        serial_peak = peaks[0]
+        call_s = serial / T
+        for k, (method, exname, width, sched, _) in enumerate(configs):
+            sec = statistics.median(times[k])
+            diff = None if sched is None else float((outputs[k] - reference[id(sched)]).abs().max())
+            rows.append({
+                "model": m["name"], "method": method, "executor": exname, "width": width, "rounds": rounds[k],
+                "seconds": sec, "speedup": serial / sec, "rounds_speedup": T / rounds[k],
+                "extra_memory_bytes": None if peaks[k] is None or serial_peak is None else peaks[k] - serial_peak,
+                "max_diff_vs_serial_executor": diff,
+            })
+        m["serial_call_seconds"] = call_s
+    return {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+        "device_type": dev.type,
+        "torch": torch.__version__,
+        "num_steps": T,
+        "repeats": repeats,
+        "models": [{"name": m["name"], "params": m["params"], "serial_call_seconds": m["serial_call_seconds"]}
+                   for m in models],
+        "rows": rows,
+    }
+
+
+def to_markdown(result: dict) -> str:
+    """The table, one section per model."""
+    lines = [f"# Latency on {result['device']} ({result['device_type']}, torch {result['torch']})", "",
+             f"T = {result['num_steps']} DDIM steps, medians of {result['repeats']} interleaved repeats. "
+             "Speedup: the serial sampler's wall-clock over the row's; rounds speedup T / rounds is the ceiling. "
+             "Max diff: largest |x - x_SerialExecutor| for the same scheduler (executor invariant).", ""]
+    for m in result["models"]:
+        lines += [f"## {m['name']} ({m['params'] / 1e6:.2f} M parameters; serial: "
+                  f"{m['serial_call_seconds'] * 1e3:.2f} ms per step)", "",
+                  "| method | executor | width | rounds | seconds | speedup | rounds speedup | extra memory | max diff |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in (r for r in result["rows"] if r["model"] == m["name"]):
+            mem = "-" if r["extra_memory_bytes"] is None else f"{r['extra_memory_bytes'] / 2**20:.2f} MiB"
+            diff = "-" if r["max_diff_vs_serial_executor"] is None else f"{r['max_diff_vs_serial_executor']:.1e}"
+            lines.append(f"| {r['method']} | {r['executor']} | {r['width']} | {r['rounds']} | {r['seconds']:.4f} | "
+                         f"{r['speedup']:.2f} | {r['rounds_speedup']:.2f} | {mem} | {diff} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_latency", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--widths", default="1,2,3,4", help="comma-separated widths")
+    p.add_argument("--no-diffusers", action="store_true", help="time the digits UNet only")
+    p.add_argument("--out", default=None, help="folder for gpu_latency.md and gpu_latency.json")
+    a = p.parse_args(argv)
+    widths = [int(w) for w in a.widths.split(",") if w]
+    result = run(a.device, a.steps, widths, a.repeats, a.batch, not a.no_diffusers)
+    text = to_markdown(result)
+    print(text)
+    if a.out:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "gpu_latency.md").write_text(text + "\n")
+        (out / "gpu_latency.json").write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
