@@ -36,9 +36,9 @@ copies of x_0 for both inits. Levels that enter the window later get
   final level c that has a prediction (c = a' when a' was in the window, else a'-1), with the
   same per-step noise coupled as the serial chain would use it: the serial chain with the
   prediction frozen, a far better guess than a frozen state. When x_c moved by more than one
-  noise std in the latest sweep (possible only for a tolerance above 1), p_c was taken at a
-  state far from x_c and would mean a wrong x0_hat there (the error amplified by
-  sigma_c / alpha_c); the draft then freezes the x0_hat p_c meant at the state it was taken at.
+  noise std in the latest sweep (a loose tolerance, or c the first level that did not converge),
+  p_c was taken at a state far from x_c and would mean a wrong x0_hat there (the error amplified
+  by sigma_c / alpha_c); the draft then freezes the x0_hat p_c meant at the state it was taken at.
 
 **Budget.** ``max_rounds`` bounds the rounds. Before each Picard round the scheduler checks
 that, even if this round finalised one level only, draft-and-refine (aggressive, same width)
