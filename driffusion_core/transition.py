@@ -93,9 +93,14 @@ class SkipTransition(abc.ABC):
             ``Tensor[B, ...]``, the state at ``t_to``, in x's dtype.
         """
 
-    def to_x0_eps(self, x: torch.Tensor, pred: torch.Tensor, t: Levels) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(x0_hat, eps_hat) of a model output at level t (with the x0 transform applied)."""
-        alpha, sigma = self.schedule.alpha_sigma(as_levels(t, x.shape[0]))
+    def to_x0_eps(
+        self, x: torch.Tensor, pred: torch.Tensor, t: Levels, alpha_sigma: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(x0_hat, eps_hat) of a model output at level t (with the x0 transform applied).
+
+        ``alpha_sigma``: the interpolant's (alpha, sigma) at t, when the caller has them already.
+        """
+        alpha, sigma = alpha_sigma if alpha_sigma is not None else self.schedule.alpha_sigma(as_levels(t, x.shape[0]))
         return to_x0_eps(self.prediction, x, pred, alpha, sigma, self.x0_transform, self.recompute_eps)
 
     # ----------------------------------------------------------------- drafts

@@ -56,8 +56,9 @@ class DDPMSkip(SkipTransition):
             raise InvalidArgumentError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}.")
         self.variance_type = variance_type
 
-    def _std(self, abar_t, abar_s, t_from):
-        _, _, var = C.ddpm_posterior_coefficients(abar_t, abar_s)
+    def _std(self, abar_t, abar_s, t_from, var=None):
+        if var is None:
+            _, _, var = C.ddpm_posterior_coefficients(abar_t, abar_s)
         if self.variance_type == "fixed_large":
             var = C.ddpm_large_variance(abar_t, abar_s)
         return torch.where(t_from > 0, var.clamp(min=0).sqrt(), torch.zeros_like(var))
@@ -65,11 +66,11 @@ class DDPMSkip(SkipTransition):
     def __call__(self, x, pred, t_from: Levels, t_to: Levels, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         t_from, t_to = as_levels(t_from, x.shape[0]), as_levels(t_to, x.shape[0])
         abar_t, abar_s = self.schedule.alpha_bar(t_from), self.schedule.alpha_bar(t_to)
-        x0_hat, _ = self.to_x0_eps(x, pred, t_from)
-        c_x0, c_xt, _ = C.ddpm_posterior_coefficients(abar_t, abar_s)
+        x0_hat, _ = self.to_x0_eps(x, pred, t_from, C.vp_alpha_sigma(abar_t))
+        c_x0, c_xt, var = C.ddpm_posterior_coefficients(abar_t, abar_s)
         out = broadcast_coef(c_x0, x) * x0_hat + broadcast_coef(c_xt, x) * x
         if noise is not None:
-            out = out + broadcast_coef(self._std(abar_t, abar_s, t_from), x) * noise
+            out = out + broadcast_coef(self._std(abar_t, abar_s, t_from, var), x) * noise
         return zero_length_identity(out, x, t_from, t_to)
 
     def chain_factors(self, t_from: torch.Tensor, t_to: torch.Tensor):
