@@ -28,19 +28,17 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from backends import BatchedExecutor, SerialExecutor, StreamExecutor
 from benchmarks.cases import family
+from benchmarks.latency import configs as latency_configs
 from driffusion_core import DraftRefineScheduler, NoiseSource
 from solvers import sample_serial
 
 __all__ = ["gpu_models", "run", "to_markdown", "main"]
-
-MODES = ("aggressive", "conservative")
-
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -77,19 +75,16 @@ def gpu_models(device: torch.device, batch: int = 1, include_diffusers: bool = T
     return out
 
 
-def _configs(transition, grid, widths: Sequence[int], device: torch.device):
-    """(method, executor name, width, scheduler, executor); the first row is the serial sampler."""
-    rows = [("serial sampler", "-", 1, None, None)]
-    for width in widths:
-        for mode in MODES:
-            if width == 1 and mode == "conservative":
-                continue
-            sched = DraftRefineScheduler(transition, grid, width=width, mode=mode)
-            rows.append((f"DRiffusion {mode}", "BatchedExecutor", width, sched, BatchedExecutor()))
-            if device.type == "cuda" and width > 1:
-                ex = StreamExecutor(devices=[device] * width)
-                rows.append((f"DRiffusion {mode}", f"StreamExecutor ({width} streams)", width, sched, ex))
-    return rows
+def _executors(device: torch.device) -> Callable[[int], List[Tuple[str, object]]]:
+    """BatchedExecutor at every width; on CUDA, also one stream per draft on the one device."""
+
+    def executors(width: int) -> List[Tuple[str, object]]:
+        out: List[Tuple[str, object]] = [("BatchedExecutor", BatchedExecutor())]
+        if device.type == "cuda" and width > 1:
+            out.append((f"StreamExecutor ({width} streams)", StreamExecutor(devices=[device] * width)))
+        return out
+
+    return executors
 
 
 def run(
@@ -112,7 +107,7 @@ def run(
     for m in models:
         f = m["predictor"]
         x = NoiseSource(0).initial(m["shape"]).to(dev)
-        configs = _configs(transition, grid, widths, dev)
+        configs = latency_configs(transition, grid, widths, _executors(dev))
         outputs: Dict[int, torch.Tensor] = {}
         rounds: Dict[int, int] = {}
 
@@ -147,7 +142,6 @@ def run(
                     tick(m["name"])
         serial = statistics.median(times[0])
         serial_peak = peaks[0]
-        call_s = serial / T
         for k, (method, exname, width, sched, _) in enumerate(configs):
             sec = statistics.median(times[k])
             diff = None if sched is None else float((outputs[k] - reference[id(sched)]).abs().max())
@@ -157,14 +151,14 @@ def run(
                 "extra_memory_bytes": None if peaks[k] is None or serial_peak is None else peaks[k] - serial_peak,
                 "max_diff_vs_serial_executor": diff,
             })
-        m["serial_call_seconds"] = call_s
+        m["serial_seconds_per_step"] = serial / T
     return {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
         "device_type": dev.type,
         "torch": torch.__version__,
         "num_steps": T,
         "repeats": repeats,
-        "models": [{"name": m["name"], "params": m["params"], "serial_call_seconds": m["serial_call_seconds"]}
+        "models": [{"name": m["name"], "params": m["params"], "serial_seconds_per_step": m["serial_seconds_per_step"]}
                    for m in models],
         "rows": rows,
     }
@@ -178,7 +172,7 @@ def to_markdown(result: dict) -> str:
              "Max diff: largest |x - x_SerialExecutor| for the same scheduler (executor invariant).", ""]
     for m in result["models"]:
         lines += [f"## {m['name']} ({m['params'] / 1e6:.2f} M parameters; serial: "
-                  f"{m['serial_call_seconds'] * 1e3:.2f} ms per step)", "",
+                  f"{m['serial_seconds_per_step'] * 1e3:.2f} ms per step)", "",
                   "| method | executor | width | rounds | seconds | speedup | rounds speedup | extra memory | max diff |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in (r for r in result["rows"] if r["model"] == m["name"]):

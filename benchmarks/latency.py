@@ -78,16 +78,25 @@ def latency_models(cfg: BenchConfig) -> List[dict]:
     ]
 
 
-def _configs(transition, grid, widths) -> List[Tuple[str, str, int, Optional[DraftRefineScheduler], object]]:
-    """(method, executor, width, scheduler, executor object) of every timed run; the first is the serial sampler."""
+def _cpu_executors(width: int) -> List[Tuple[str, object]]:
+    return [("SerialExecutor", SerialExecutor()), ("BatchedExecutor", BatchedExecutor())]
+
+
+def configs(
+    transition, grid, widths, executors: Callable[[int], List[Tuple[str, object]]] = _cpu_executors
+) -> List[Tuple[str, str, int, Optional[DraftRefineScheduler], object]]:
+    """(method, executor name, width, scheduler, executor) of every timed run; the first is the serial sampler.
+
+    ``executors(width)`` gives the (name, executor) pairs timed at that width, for both modes.
+    """
     out = [("serial sampler", "-", 1, None, None)]
     for width in widths:
         for mode in MODES:
             if width == 1 and mode == "conservative":
                 continue
             sched = DraftRefineScheduler(transition, grid, width=width, mode=mode)
-            for ex in (SerialExecutor(), BatchedExecutor()):
-                out.append((f"DRiffusion {mode}", type(ex).__name__, width, sched, ex))
+            for name, ex in executors(width):
+                out.append((f"DRiffusion {mode}", name, width, sched, ex))
     return out
 
 
@@ -104,9 +113,9 @@ def run_latency(cfg: BenchConfig, tick: Callable[[str], None] = lambda _: None) 
     for m in models:
         f, x = m["predictor"], NoiseSource(cfg.seed_x).initial(m["shape"])
         m["call_seconds"] = median_seconds(lambda: f(x, grid.model_times[:1].expand(x.shape[0])), max(5, cfg.latency_repeats))
-        configs = _configs(transition, grid, cfg.latency_widths)
+        runs_cfg = configs(transition, grid, cfg.latency_widths)
         runs = [(lambda: sample_serial(f, x, transition, grid)) if sched is None
-                else (lambda sched=sched, ex=ex: sched.sample(f, x, executor=ex)) for _, _, _, sched, ex in configs]
+                else (lambda sched=sched, ex=ex: sched.sample(f, x, executor=ex)) for _, _, _, sched, ex in runs_cfg]
         times: List[List[float]] = [[] for _ in runs]
         rounds: List[int] = [0] * len(runs)
         with torch.no_grad():
@@ -119,7 +128,7 @@ def run_latency(cfg: BenchConfig, tick: Callable[[str], None] = lambda _: None) 
                     times[k].append(time.perf_counter() - t0)
                     tick(m["name"])
         serial = statistics.median(times[0])
-        for (method, executor, width, _, _), ts, r in zip(configs, times, rounds):
+        for (method, executor, width, _, _), ts, r in zip(runs_cfg, times, rounds):
             sec = statistics.median(ts)
             rows.append({"model": m["name"], "method": method, "executor": executor, "width": width, "rounds": r,
                          "seconds": sec, "speedup": serial / sec, "rounds_speedup": T / r})

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 
 import torch
 
@@ -203,7 +203,7 @@ class DraftRefineState:
         # from plan() to absorb(): the window's per-step noise, and its first draft, which is the
         # refine's first step S(x_a, p_a, z_a) bit for bit (``SkipTransition.drafts``), so neither
         # is computed twice (copied: a predictor may write into its inputs)
-        self._noise_cache: dict = {}
+        self._noise_cache: Dict[int, torch.Tensor] = {}
         self._first_step: Optional[torch.Tensor] = None
 
     @property
@@ -233,9 +233,7 @@ class DraftRefineState:
             return None
         if self.pred is None:
             return Round([self.a], self.x.unsqueeze(0), anchor_call=True)
-        if self.a == self.T - 1:  # a caller handed in the last level's prediction: no call left to make
-            self._advance(self.step(self.x, self.pred, self.a))
-            self.pred = None
+        if self._finish_if_last():  # a caller handed in the last level's prediction
             return None
         a, g = self.a, self.grid
         m = min(self.width, self.T - 1 - a)
@@ -266,10 +264,15 @@ class DraftRefineState:
                 x = self.step(x, preds[j], self.a)
             self._advance(x)
             self.pred = preds[-1] if self.mode == "aggressive" else None
-        # the last level's prediction is known: finish without a model call
-        if self.pred is not None and self.a == self.T - 1:
-            self._advance(self.step(self.x, self.pred, self.a))
-            self.pred = None
+        self._finish_if_last()
+
+    def _finish_if_last(self) -> bool:
+        """When the last level's prediction is known, take the last step without a model call."""
+        if self.pred is None or self.a != self.T - 1:
+            return False
+        self._advance(self.step(self.x, self.pred, self.a))
+        self.pred = None
+        return True
 
 
 class DraftRefineScheduler:

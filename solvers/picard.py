@@ -73,7 +73,7 @@ from __future__ import annotations
 
 import math
 from numbers import Real
-from typing import Any, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 import torch
 
@@ -163,7 +163,7 @@ class PicardState:
         self.xs: List[Optional[torch.Tensor]] = [None] * (self.T + 1)
         self.preds: List[Optional[torch.Tensor]] = [None] * self.T
         self.at: List[Optional[torch.Tensor]] = [None] * self.T  # the state each prediction was taken at
-        self.moved: dict = {}  # level -> its normalised change in the latest sweep
+        self.moved: Dict[int, float] = {}  # level -> its normalised change in the latest sweep
         self.xs[0] = x
         for k in range(1, min(width, self.T) + 1):
             self.xs[k] = x  # nothing is known before the first call: copies of x_0
@@ -210,10 +210,6 @@ class PicardState:
         c = max(self.a - 1, 0)  # its prediction was taken at its final state (to tolerance)
         self.fallback_from = c
         x_c, p_c = self.xs[c], self.preds[c]
-        if p_c is not None and c == self.T - 1:  # one step left and its prediction known
-            self.xs[self.T] = self.step(x_c, p_c, c)
-            self.a = self.T
-            return
         noise = _OffsetNoise(self.noise, c) if self.noise is not None else None
         st = DraftRefineState(
             self.transition, self.grid.sub(c, self.T), self.width, "aggressive", x_c, noise, self.keep_trajectory
@@ -236,11 +232,9 @@ class PicardState:
             return None
         if self.fallback is None and not self._picard_fits():
             self._start_fallback()
-            if self.done:
-                return None
         if self.fallback is not None:
             inner = self.fallback.plan()
-            if inner is None:  # pragma: no cover - absorb finishes the fallback first
+            if inner is None:  # pragma: no cover - the fallback starts at a-1 <= T-2, and absorb finishes it
                 self._finish_fallback()
                 return None
             self._inner = inner
