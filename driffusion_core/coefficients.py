@@ -192,8 +192,9 @@ def chain_noise_weights(c_x: Sequence[Any], std: Sequence[Any]) -> list:
               w_k = s_k \prod_{m>k} B_m .
 
     ``c_x`` are the :math:`B_k`, ``std`` the :math:`s_k`; returns ``[w_0, ..., w_{n-1}]``.
-    A draft uses the unit noise :math:`\sum_k w_k z_k / \|w\|`: the same per-step noise as
-    the serial chain, so for DDPM the draft *equals* the chain (not only in distribution).
+    A draft's noise is built from the same per-step noise as the serial chain: for DDPM the draft
+    adds :math:`\sum_k w_k z_k` itself and *equals* the chain (not only in distribution); DDIM with
+    eta > 0 takes the unit noise :math:`\sum_k w_k z_k / \|w\|` (a marginal-consistent big step).
     """
     n = len(c_x)
     weights = []

@@ -48,6 +48,9 @@ class SkipTransition(abc.ABC):
     Attributes:
         stochastic: whether the step adds noise (then the sampler passes per-step noise).
         composes_exactly: whether ``S(S(x,p,t->s),p,s->u) == S(x,p,t->u)`` for a frozen prediction.
+        draft_is_chain: stochastic transitions whose big-step mean is the mean of the chain with x0_hat
+            frozen (DDPM): a draft is then the chain itself, noise included (see :meth:`coupled_noise`).
+            Otherwise (DDIM, eta > 0) a draft is the marginal-consistent big step on unit coupled noise.
         schedule: the noise schedule.
         prediction: what the predictor returns.
         x0_transform: optional clipping / thresholding of x0_hat.
@@ -55,6 +58,7 @@ class SkipTransition(abc.ABC):
 
     stochastic: bool = False
     composes_exactly: bool = False
+    draft_is_chain: bool = False
 
     def __init__(
         self,
@@ -104,6 +108,11 @@ class SkipTransition(abc.ABC):
         return to_x0_eps(self.prediction, x, pred, alpha, sigma, self.x0_transform, self.recompute_eps)
 
     # ----------------------------------------------------------------- drafts
+    def draft_noise_std(self, t_from: torch.Tensor, t_to: torch.Tensor) -> torch.Tensor:
+        """``Tensor[n]``: the std of the skip from ``t_from[0]`` to each ``t_to[j]`` (transitions with
+        :attr:`draft_is_chain` only)."""
+        raise NotImplementedError(f"{type(self).__name__} does not make its drafts the chain itself.")
+
     def chain_factors(self, t_from: torch.Tensor, t_to: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per-step (B_k, s_k) of the one-level chain with x0_hat frozen: ``x_{k+1} = A_k x0 + B_k x_k + s_k z_k``.
 
@@ -112,19 +121,23 @@ class SkipTransition(abc.ABC):
         raise NotImplementedError(f"{type(self).__name__} is deterministic; it has no chain noise.")
 
     def coupled_noise(self, t_from: torch.Tensor, t_to: torch.Tensor, noises: torch.Tensor) -> torch.Tensor:
-        """Unit noise of each draft, from the chain's per-step noise.
+        """The noise each draft's skip is given, from the chain's per-step noise.
 
         ``noises[k]`` is z_{a+k}; returns ``Tensor[n, B, ...]`` whose row j is
-        :math:`\\sum_{k \\le j} w_{jk} z_k / \\|w_j\\|` (row 0 is z_a itself, bit for bit).
+        :math:`\\sum_{k \\le j} w_{jk} z_k / \\nu_j` (row 0 is z_a itself, bit for bit), with
+        :math:`\\nu_j = \\|w_j\\|` (unit noise: the draft is the marginal-consistent big step) or, where
+        :attr:`draft_is_chain`, the big step's own std (then std * noise is the chain's noise
+        :math:`\\sum_k w_{jk} z_k` exactly, whatever the big step's variance).
         """
         from driffusion_core.coefficients import chain_noise_weights
 
         n = noises.shape[0]
         c_x, std = self.chain_factors(t_from, t_to)
+        big = self.draft_noise_std(t_from, t_to) if self.draft_is_chain else None
         u = torch.zeros(n, n, dtype=torch.float64)
         for j in range(n):
             w = torch.stack(chain_noise_weights(c_x[: j + 1], std[: j + 1]))
-            norm = torch.linalg.vector_norm(w)
+            norm = torch.linalg.vector_norm(w) if big is None else big[j]
             if norm > 0:
                 u[j, : j + 1] = w / norm
             else:

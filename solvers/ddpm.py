@@ -7,8 +7,11 @@ Key: alpha_{t|s} = abar_t / abar_s, beta_{t|s} = 1 - alpha_{t|s}.
     x_s  = mean + sqrt(var) z          (no noise when t = 0, as diffusers)
 
 With x0_hat frozen, the multi-level posterior equals the chain of one-level posteriors in
-distribution ("fixed_small"). With *coupled* noise (z the chain's own per-step noise, combined
-with :func:`~driffusion_core.coefficients.chain_noise_weights`) it equals the chain exactly.
+distribution ("fixed_small"). A *draft* equals the chain exactly, for both variance types: its
+mean is the multi-level posterior mean (the chain's, whatever the variance), and its noise is the
+chain's own per-step noise combined with :func:`~driffusion_core.coefficients.chain_noise_weights`,
+sum_k w_k z_k (for fixed_small its std is sqrt(var) exactly; for fixed_large it is below
+sqrt(beta_{t|s}): a fixed_large multi-level *skip* is noisier than the chain, its draft is not).
 """
 from __future__ import annotations
 
@@ -38,7 +41,8 @@ class DDPMSkip(SkipTransition):
     """
 
     stochastic = True
-    composes_exactly = False  # in distribution (and exactly with coupled noise), see the module doc
+    composes_exactly = False  # in distribution (fixed_small), see the module doc
+    draft_is_chain = True  # drafts are the chain with x0_hat frozen, noise included (both variance types)
 
     def __init__(
         self,
@@ -72,6 +76,9 @@ class DDPMSkip(SkipTransition):
         if noise is not None:
             out = out + broadcast_coef(self._std(abar_t, abar_s, t_from, var), x) * noise
         return zero_length_identity(out, x, t_from, t_to)
+
+    def draft_noise_std(self, t_from: torch.Tensor, t_to: torch.Tensor) -> torch.Tensor:
+        return self._std(self.schedule.alpha_bar(t_from[0]), self.schedule.alpha_bar(t_to), t_from[0])
 
     def chain_factors(self, t_from: torch.Tensor, t_to: torch.Tensor):
         abar_t, abar_s = self.schedule.alpha_bar(t_from), self.schedule.alpha_bar(t_to)
