@@ -1,27 +1,56 @@
 """One device, one call: the K drafts of a round as a single batched model call."""
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-from driffusion_core.errors import InvalidArgumentError
-from driffusion_core.executor import Executor, Predictor
+from driffusion_core.errors import InvalidArgumentError, PredictorOutputError
+from driffusion_core.executor import Executor, Predictor, map_tensors
 
 
 def repeat_cond(cond: Mapping[str, Any], k: int) -> dict:
-    """Repeat every tensor of ``cond`` K times along dim 0 (draft-major order).
+    """Repeat every tensor of ``cond`` K times along dim 0 (draft-major order), nested ones too.
 
     Row ``k * B + b`` of the result is row ``b`` of the input, matching
-    ``xs.reshape(K * B, ...)``. Non-tensor values pass through unchanged.
+    ``xs.reshape(K * B, ...)``. 0-d tensors and non-tensor values pass through unchanged.
     """
-    out = {}
-    for name, value in cond.items():
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            out[name] = value.repeat(k, *([1] * (value.dim() - 1)))
-        else:
-            out[name] = value
-    return out
+    return map_tensors(lambda v: v.repeat(k, *([1] * (v.dim() - 1))) if v.dim() > 0 else v, dict(cond))
+
+
+def _rows(cond: Mapping[str, Any], start: int, stop: int) -> dict:
+    return map_tensors(lambda v: v[start:stop] if v.dim() > 0 else v, dict(cond))
+
+
+def per_sample(f: Callable[..., torch.Tensor]) -> Predictor:
+    """A batch predictor made from ``f`` written for a single sample, with ``torch.func.vmap``.
+
+    ``f(x: Tensor[...], t: Tensor[], **cond_row) -> Tensor[...]`` sees one row: the state, its 0-d
+    model time and that row of every conditioning tensor (0-d tensors and other values whole).
+    The result is ``F(x: Tensor[B, ...], t: Tensor[B], **cond) -> Tensor[B, ...]``, usable with every
+    sampler and executor; with :class:`BatchedExecutor` the K drafts of a round are K * B rows of one
+    vmapped call. ``f`` must be vmap-compatible (no data-dependent Python control flow).
+    """
+    if not callable(f):
+        raise InvalidArgumentError(f"per_sample needs a callable, got {type(f).__name__}.")
+
+    def batched(x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
+        dims = map_tensors(lambda v: 0 if v.dim() > 0 else None, cond)
+        dims = _none_for_leaves(dims)
+        return torch.func.vmap(lambda xx, tt, cc: f(xx, tt, **cc), in_dims=(0, 0, dims))(x, t, cond)
+
+    batched.__name__ = f"per_sample({getattr(f, '__name__', type(f).__name__)})"
+    batched.__wrapped__ = f
+    return batched
+
+
+def _none_for_leaves(dims: Any) -> Any:
+    """vmap's in_dims for a conditioning tree: 0 for batched tensors, None for every other leaf."""
+    if isinstance(dims, Mapping):
+        return {k: _none_for_leaves(v) for k, v in dims.items()}
+    if isinstance(dims, (list, tuple)):
+        return type(dims)(_none_for_leaves(v) for v in dims)
+    return dims if dims == 0 else None
 
 
 class BatchedExecutor(Executor):
@@ -36,15 +65,24 @@ class BatchedExecutor(Executor):
       predictor written for one batch whose internals cannot take a larger
       batch (it must be vmap-compatible: no data-dependent Python control flow).
 
+    A predictor written for a *single sample* (no batch dimension) is wrapped with
+    :func:`per_sample`; the concatenated rounds are then one vmapped call.
+
     Arguments:
         vmap: use ``torch.func.vmap`` instead of concatenation.
         max_batch: if given, split the ``K * B`` rows into chunks of at most
             this many rows (bounds peak memory; chunks run one after another).
+            Concatenation only.
     """
 
     def __init__(self, vmap: bool = False, max_batch: Optional[int] = None):
-        if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
+        if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
             raise InvalidArgumentError(f"max_batch must be a positive int or None, got {max_batch!r}.")
+        if vmap and max_batch is not None:
+            raise InvalidArgumentError(
+                "BatchedExecutor: max_batch splits the concatenated rows and does not apply with vmap=True "
+                "(vmap maps the whole round at once); drop one of them."
+            )
         self.vmap = vmap
         self.max_batch = max_batch
 
@@ -61,15 +99,8 @@ class BatchedExecutor(Executor):
     ) -> torch.Tensor:
         cond = dict(cond or {})
         k, b = xs.shape[0], xs.shape[1]
-        if self.vmap:
-            tensor_names = [n for n, v in cond.items() if isinstance(v, torch.Tensor)]
-            static = {n: v for n, v in cond.items() if n not in tensor_names}
-
-            def single(x, t, *cond_tensors):
-                return predictor(x, t, **dict(zip(tensor_names, cond_tensors)), **static)
-
-            in_dims = (0, 0) + (None,) * len(tensor_names)
-            return torch.func.vmap(single, in_dims=in_dims)(xs, ts, *[cond[n] for n in tensor_names])
+        if self.vmap:  # each draft sees the whole batch and the whole conditioning
+            return torch.func.vmap(lambda x, t: predictor(x, t, **cond))(xs, ts)
         flat_x = xs.reshape(k * b, *xs.shape[2:])
         flat_t = ts.reshape(k * b)
         if self.max_batch is None or k * b <= self.max_batch:
@@ -80,16 +111,21 @@ class BatchedExecutor(Executor):
             chunks = []
             for start in range(0, k * b, self.max_batch):
                 stop = min(k * b, start + self.max_batch)
-                part = {
-                    n: (v[start:stop] if isinstance(v, torch.Tensor) and v.dim() > 0 else v)
-                    for n, v in full_cond.items()
-                }
-                chunks.append(predictor(flat_x[start:stop], flat_t[start:stop], **part))
+                chunks.append(_checked(predictor(flat_x[start:stop], flat_t[start:stop], **_rows(full_cond, start, stop)),
+                                       stop - start, flat_t[start:stop]))
             out = torch.cat(chunks)
-        if not isinstance(out, torch.Tensor) or out.shape[0] != k * b:
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise InvalidArgumentError(
-                f"BatchedExecutor: the predictor returned {got} for a batch of {k * b} rows; "
-                f"it must return one prediction per input row."
-            )
+        out = _checked(out, k * b, flat_t)
         return out.reshape(k, b, *out.shape[1:])
+
+
+def _checked(out: Any, rows: int, ts: torch.Tensor) -> torch.Tensor:
+    if isinstance(out, torch.Tensor) and out.dim() >= 1 and out.shape[0] == rows:
+        return out
+    got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+    times = sorted(set(ts.reshape(-1).tolist()), reverse=True)
+    shown = ", ".join(f"{t:g}" for t in times[:6]) + (", ..." if len(times) > 6 else "")
+    raise PredictorOutputError(
+        f"BatchedExecutor: the predictor returned {got} for a batch of {rows} rows (the drafts of a round "
+        f"stacked along the batch dimension, model times {shown}); it must return one prediction per "
+        f"input row, shaped like its input x."
+    )

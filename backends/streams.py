@@ -22,7 +22,7 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence
 import torch
 
 from driffusion_core.errors import ExecutorError, InvalidArgumentError
-from driffusion_core.executor import Executor, Predictor
+from driffusion_core.executor import Executor, Predictor, map_tensors
 
 __all__ = ["StreamExecutor"]
 
@@ -199,7 +199,7 @@ class StreamExecutor(Executor):
             with torch.cuda.device(dev), torch.cuda.stream(s):
                 x_part = self._to(xs[start : start + size], dev, s)
                 t_part = self._to(ts[start : start + size], dev, s)
-                c = {n: (self._to(v, dev, s) if isinstance(v, torch.Tensor) else v) for n, v in cond.items()}
+                c = map_tensors(lambda v: self._to(v, dev, s), cond)
                 try:
                     out = torch.stack([f(x_part[j], t_part[j], **c) for j in range(size)])
                 except Exception as e:

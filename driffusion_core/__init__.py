@@ -12,6 +12,7 @@ from driffusion_core.errors import (
     InvalidTimestepsError,
     InvalidWidthError,
     PredictorOutputError,
+    SamplingError,
 )
 from driffusion_core.executor import Executor, SerialExecutor
 from driffusion_core.grid import TimeGrid
@@ -48,4 +49,5 @@ __all__ = [
     "DeviceMismatchError",
     "PredictorOutputError",
     "ExecutorError",
+    "SamplingError",
 ]

@@ -34,3 +34,7 @@ class PredictorOutputError(DriffusionError, RuntimeError):
 
 class ExecutorError(DriffusionError, RuntimeError):
     """An executor failed to evaluate a round (a rank died, a device failed, ...)."""
+
+
+class SamplingError(DriffusionError, RuntimeError):
+    """Sampling produced an unusable state (NaN or inf) although every model output was finite."""

@@ -8,18 +8,50 @@ Executors know nothing about diffusion. Given a predictor ``f`` and K
 ``xs`` is ``Tensor[K, B, ...]`` (K drafts of a batch of B samples), ``ts`` is
 ``Tensor[K, B]`` (the model time of every row) and ``cond`` a dict of keyword
 arguments for the predictor whose tensors have a leading batch dimension B
-(non-tensor values are passed through unchanged). Every executor must return
+(0-d tensors and non-tensor values are passed through unchanged; tensors may
+nest in dicts, lists and tuples: :func:`map_tensors`). Every executor must return
 what :class:`backends.SerialExecutor` returns for the same inputs (to float
 tolerance when kernels batch differently).
 """
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional, Tuple
 
 import torch
 
 Predictor = Callable[..., torch.Tensor]
+
+
+def map_tensors(fn: Callable[[torch.Tensor], Any], obj: Any) -> Any:
+    """``obj`` with ``fn`` applied to every tensor in it, through dicts, lists and tuples.
+
+    Conditioning may nest (diffusers' ``added_cond_kwargs={"text_embeds": ..., "time_ids": ...}``);
+    executors repeat, slice and move its tensors with this. Other values are returned as they are.
+    """
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, Mapping):
+        return {k: map_tensors(fn, v) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple
+        return type(obj)(*(map_tensors(fn, v) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(map_tensors(fn, v) for v in obj)
+    return obj
+
+
+def batched_tensors(cond: Any, prefix: str = "cond") -> Iterator[Tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of ``cond`` with a batch dimension (``dim() > 0``), nested ones
+    named like ``cond['added_cond_kwargs']['time_ids']``."""
+    if isinstance(cond, torch.Tensor):
+        if cond.dim() > 0:
+            yield prefix, cond
+    elif isinstance(cond, Mapping):
+        for k, v in cond.items():
+            yield from batched_tensors(v, f"{prefix}[{k!r}]")
+    elif isinstance(cond, (list, tuple)):
+        for i, v in enumerate(cond):
+            yield from batched_tensors(v, f"{prefix}[{i}]")
 
 
 class Executor(abc.ABC):

@@ -8,8 +8,8 @@ the next listed timestep; the grid keeps both so that case is reproduced.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence, Union
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -27,11 +27,15 @@ class TimeGrid:
         t_to: ``Tensor[T]`` float64, the level each step goes to (``t_to[i] < t_from[i]``).
         model_times: ``Tensor[T]``, the time the predictor is called with at each step
             (int64 training timesteps for VP, float32 ``sigma * num_train_timesteps`` for flow).
+        kind: the kind of schedule whose levels these are (``"vp"``, ``"flow"``, ``"ve"``), set by
+            the schedule that made the grid; a transition refuses a grid of another kind. ``None``
+            (a grid built by hand) is not checked.
     """
 
     t_from: torch.Tensor
     t_to: torch.Tensor
     model_times: torch.Tensor
+    kind: Optional[str] = None
 
     def __post_init__(self):
         for name in ("t_from", "t_to", "model_times"):
@@ -92,7 +96,11 @@ class TimeGrid:
 
     def sub(self, start: int, stop: int) -> "TimeGrid":
         """Steps ``start .. stop - 1`` as a grid of their own."""
-        return TimeGrid(self.t_from[start:stop], self.t_to[start:stop], self.model_times[start:stop])
+        return TimeGrid(self.t_from[start:stop], self.t_to[start:stop], self.model_times[start:stop], self.kind)
+
+    def with_kind(self, kind: Optional[str]) -> "TimeGrid":
+        """This grid, marked as made of ``kind`` levels."""
+        return self if kind == self.kind else replace(self, kind=kind)
 
     def __repr__(self) -> str:
         head = ", ".join(f"{v:g}" for v in self.t_from[:4].tolist())

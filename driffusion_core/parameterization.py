@@ -61,6 +61,12 @@ def lincomb(x: torch.Tensor, cx, p: torch.Tensor, cp) -> torch.Tensor:
     return terms[0] if len(terms) == 1 else terms[0] + terms[1]
 
 
+def _any_nonpositive(c) -> bool:
+    if not isinstance(c, torch.Tensor):
+        return c <= 0
+    return c.item() <= 0 if c.dim() == 0 else bool((c <= 0).any())
+
+
 def to_x0_eps(
     prediction: Prediction,
     x: torch.Tensor,
@@ -75,6 +81,11 @@ def to_x0_eps(
     ``x0_transform`` (clipping / thresholding) is applied to x0_hat; like diffusers, eps_hat is
     re-derived from the transformed x0_hat only if ``recompute_eps`` (``use_clipped_model_output``).
     """
+    if prediction is Prediction.EPSILON and _any_nonpositive(alpha):
+        raise InvalidArgumentError(
+            "An epsilon prediction cannot give x0_hat where alpha = 0 (zero terminal SNR, or sigma = 1 in flow "
+            "matching): x0_hat = (x - sigma * eps) / 0. Use a v_prediction, sample or velocity model there."
+        )
     (a_x, a_p), (b_x, b_p) = C.x0_eps_coefficients(prediction.value, alpha, sigma)
     x0_hat = lincomb(x, a_x, pred, a_p)
     eps_hat = lincomb(x, b_x, pred, b_p)

@@ -21,8 +21,9 @@ The scheduler is a pure state machine (:class:`DraftRefineState`: ``plan`` the n
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -31,8 +32,9 @@ from driffusion_core.errors import (
     InvalidArgumentError,
     InvalidWidthError,
     PredictorOutputError,
+    SamplingError,
 )
-from driffusion_core.executor import Executor, Predictor, SerialExecutor
+from driffusion_core.executor import Executor, Predictor, SerialExecutor, batched_tensors
 from driffusion_core.grid import TimeGrid
 from driffusion_core.noise import NoiseSource
 from driffusion_core.transition import SkipTransition
@@ -45,8 +47,11 @@ __all__ = [
     "expected_rounds",
     "check_inputs",
     "check_predictions",
+    "check_finite_sample",
+    "note_where",
     "default_noise",
     "progress_bar",
+    "run_rounds",
 ]
 
 MODES = ("aggressive", "conservative")
@@ -83,12 +88,16 @@ def expected_rounds(num_steps: int, width: int, mode: str = "aggressive") -> int
 
 
 def _check_width(width: Any) -> int:
-    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+    try:
+        n = None if isinstance(width, bool) else operator.index(width)  # int, numpy and 0-d tensor integers
+    except TypeError:
+        n = None
+    if n is None or n < 1:
         raise InvalidWidthError(
             f"width must be an int >= 1 (the number of drafts per round), got {width!r}. "
             f"Width 1 is the serial sampler."
         )
-    return width
+    return n
 
 
 def check_inputs(x: Any, cond: Optional[Mapping[str, Any]]) -> dict:
@@ -99,28 +108,63 @@ def check_inputs(x: Any, cond: Optional[Mapping[str, Any]]) -> dict:
         raise InvalidArgumentError(f"x must have a batch dimension, got shape {tuple(x.shape)}.")
     if not torch.isfinite(x).all():
         raise InvalidArgumentError("The starting state x holds NaN or inf.")
-    cond = dict(cond or {})
-    for name, v in cond.items():
-        if isinstance(v, torch.Tensor) and v.dim() > 0:
-            if v.device != x.device:
-                raise DeviceMismatchError(
-                    f"cond[{name!r}] is on {v.device} but x is on {x.device}; move them to one device."
-                )
-            if v.shape[0] != x.shape[0]:
-                raise InvalidArgumentError(
-                    f"cond[{name!r}] has leading dimension {v.shape[0]}, but x has batch size {x.shape[0]}; "
-                    f"conditioning tensors need one row per sample."
-                )
+    if cond is None:
+        return {}
+    if not isinstance(cond, Mapping):
+        raise InvalidArgumentError(
+            f"cond must be a dict of keyword arguments for the predictor (e.g. cond={{'labels': y}} calls "
+            f"predictor(x, t, labels=y)), got {type(cond).__name__}."
+        )
+    bad_keys = [k for k in cond if not isinstance(k, str)]
+    if bad_keys:
+        raise InvalidArgumentError(f"cond's keys are keyword-argument names and must be strings, got {bad_keys!r}.")
+    cond = dict(cond)
+    for name, v in batched_tensors(cond):
+        if v.device != x.device:
+            raise DeviceMismatchError(f"{name} is on {v.device} but x is on {x.device}; move them to one device.")
+        if v.shape[0] != x.shape[0]:
+            raise InvalidArgumentError(
+                f"{name} has leading dimension {v.shape[0]}, but x has batch size {x.shape[0]}; "
+                f"conditioning tensors need one row per sample (0-d tensors and other values are passed as they are)."
+            )
     return cond
+
+
+def where_steps(grid: TimeGrid, steps: List[int]) -> str:
+    """'step 3 (level 700, model time 700)' or 'steps 3..6 (levels 700..400)', for error messages."""
+    first, last = steps[0], steps[-1]
+    if len(steps) == 1:
+        return f"step {first} (level {grid.t_from[first].item():g}, model time {grid.model_times[first].item():g})"
+    return f"steps {first}..{last} (levels {grid.t_from[first].item():g}..{grid.t_from[last].item():g})"
+
+
+def note_where(error: BaseException, grid: TimeGrid, steps: List[int], x: torch.Tensor) -> None:
+    """Add to an exception from the predictor or executor where sampling was (Python >= 3.11 notes).
+
+    The exception keeps its type, so callers catching the model's own errors still do."""
+    if hasattr(error, "add_note"):
+        error.add_note(
+            f"driffusion: raised while evaluating {where_steps(grid, steps)}; the state is "
+            f"{x.dtype} {tuple(x.shape)} on {x.device}."
+        )
+
+
+def check_finite_sample(x: torch.Tensor, sampler: str) -> torch.Tensor:
+    """The final sample, or a SamplingError when it holds NaN or inf (every model output was finite)."""
+    if not bool(torch.isfinite(x).all()):
+        raise SamplingError(
+            f"{sampler}: the sample holds NaN or inf although every model output was finite. The state overflowed "
+            f"its dtype ({x.dtype}; sample in float32 if this is float16/bfloat16), or the transition's "
+            f"coefficients are degenerate on this grid (check the schedule's alpha-bar at the grid's levels)."
+        )
+    return x
 
 
 def check_predictions(
     preds: Any, xs: torch.Tensor, steps: List[int], grid: TimeGrid
 ) -> torch.Tensor:
     """Check a round's predictions: a tensor like ``xs``, same device and dtype, all finite."""
-    where = lambda k: (
-        f"step {steps[k]} (level {grid.t_from[steps[k]].item():g}, model time {grid.model_times[steps[k]].item():g})"
-    )
+    where = lambda k: where_steps(grid, [steps[k]])
     if not isinstance(preds, torch.Tensor):
         raise PredictorOutputError(f"The predictor returned {type(preds).__name__} at {where(0)}; it must return a tensor.")
     if preds.shape != xs.shape:
@@ -142,6 +186,50 @@ def check_predictions(
             f"(and the input state: {'finite' if torch.isfinite(xs[k]).all() else 'already non-finite'})."
         )
     return preds
+
+
+def run_rounds(
+    make_state: Callable[[], Any],
+    grid: TimeGrid,
+    predictor: Predictor,
+    x: torch.Tensor,
+    executor: Optional[Executor],
+    cond: Optional[Mapping[str, Any]],
+    progress: bool,
+    desc: str,
+) -> Tuple[Any, Executor]:
+    """Drive a round state machine (``plan()`` / ``absorb()``, e.g. :class:`DraftRefineState`) to the end.
+
+    Checks the predictor, the inputs and the executor, then makes the state with ``make_state()``;
+    each round's states go to ``executor.evaluate`` with their model times. Returns the finished
+    state and the executor used (the serial one by default).
+    """
+    if not callable(predictor):
+        raise InvalidArgumentError(f"predictor must be callable, got {type(predictor).__name__}.")
+    cond = check_inputs(x, cond)
+    executor = executor if executor is not None else SerialExecutor()
+    if not isinstance(executor, Executor):
+        raise InvalidArgumentError(f"executor must be an Executor, got {type(executor).__name__}.")
+    state = make_state()
+    bar = progress_bar(progress, len(grid), desc)
+    b = x.shape[0]
+    while True:
+        rnd = state.plan()
+        if rnd is None:
+            break
+        ts = grid.model_times[rnd.steps].to(x.device).unsqueeze(1).expand(len(rnd.steps), b)
+        before = state.a
+        try:
+            preds = executor.evaluate(predictor, rnd.xs, ts, cond)
+        except Exception as e:
+            note_where(e, grid, rnd.steps, x)
+            raise
+        state.absorb(rnd, preds)
+        if bar is not None:
+            bar.update(state.a - before)
+    if bar is not None:
+        bar.close()
+    return state, executor
 
 
 def default_noise(transition: SkipTransition, noise: Optional[NoiseSource]) -> Optional[NoiseSource]:
@@ -348,29 +436,11 @@ class DraftRefineScheduler:
         Returns:
             :class:`SampleOutput` with the sample, the rounds and the model calls made.
         """
-        if not callable(predictor):
-            raise InvalidArgumentError(f"predictor must be callable, got {type(predictor).__name__}.")
-        cond = check_inputs(x, cond)
-        executor = executor if executor is not None else SerialExecutor()
-        if not isinstance(executor, Executor):
-            raise InvalidArgumentError(f"executor must be an Executor, got {type(executor).__name__}.")
-        state = self.start(x, noise, return_trajectory)
-        bar = progress_bar(progress, self.num_steps, f"DRiffusion {self.mode} n={self.width}")
-        b = x.shape[0]
-        while True:
-            rnd = state.plan()
-            if rnd is None:
-                break
-            mt = self.grid.model_times[rnd.steps]
-            ts = mt.to(x.device).unsqueeze(1).expand(len(rnd.steps), b)
-            before = state.a
-            state.absorb(rnd, executor.evaluate(predictor, rnd.xs, ts, cond))
-            if bar is not None:
-                bar.update(state.a - before)
-        if bar is not None:
-            bar.close()
+        state, executor = run_rounds(
+            lambda: self.start(x, noise, return_trajectory), self.grid, predictor, x, executor, cond, progress, f"DRiffusion {self.mode} n={self.width}"
+        )
         return SampleOutput(
-            state.x,
+            check_finite_sample(state.x, "DraftRefineScheduler"),
             state.rounds,
             state.evals,
             state.trajectory,

@@ -42,6 +42,8 @@ class Schedule:
 
     #: level of the clean end of the grid
     terminal_level: float = 0.0
+    #: what a level means (``TimeGrid.kind`` of the grids this schedule makes)
+    kind: str = ""
 
     def alpha_sigma(self, t: TimeLike) -> Tuple[torch.Tensor, torch.Tensor]:
         """Interpolant coefficients (float64) at level(s) t: :math:`x_t = \\alpha x_0 + \\sigma\\epsilon`."""
@@ -62,7 +64,13 @@ class Schedule:
     def grid(self, levels: Union[Sequence[float], torch.Tensor, TimeGrid]) -> TimeGrid:
         """A validated grid from explicit levels (contiguous, ending at the clean end) or a TimeGrid."""
         if not isinstance(levels, TimeGrid):
-            flat = torch.as_tensor(levels, dtype=torch.float64).flatten()
+            given = torch.as_tensor(levels, dtype=torch.float64)
+            if given.dim() > 1:
+                raise InvalidTimestepsError(
+                    f"Timesteps must be a 1-D sequence of levels, got shape {tuple(given.shape)}; pass one "
+                    f"level per step (e.g. [999, 799, ...]), not a batch of grids."
+                )
+            flat = given.flatten()
             if flat.numel() >= 1 and flat[-1] <= self.terminal_level:
                 raise InvalidTimestepsError(
                     f"The last level {flat[-1].item()!r} is the clean end. Pass the levels the model is "
@@ -71,11 +79,18 @@ class Schedule:
                 )
         g = levels if isinstance(levels, TimeGrid) else TimeGrid.from_levels(
             levels, self.terminal_level, self.model_time(torch.as_tensor(levels, dtype=torch.float64).flatten())
-        )
+        ).with_kind(self.kind)
         self.validate(g)
         return g
 
     def validate(self, grid: TimeGrid) -> None:
+        if grid.kind is not None and self.kind and grid.kind != self.kind:
+            raise InvalidTimestepsError(
+                f"This grid holds {grid.kind!r} levels (made by another kind of schedule), but the "
+                f"transition's schedule is a {type(self).__name__} ({self.kind!r} levels): the same numbers "
+                f"mean other noise levels there. Make the grid with the transition's own schedule, e.g. "
+                f"transition.schedule.timesteps(num_steps)."
+            )
         lo, hi = self.level_range()
         for name, v in (("t_from", grid.t_from), ("t_to", grid.t_to)):
             bad = (v < lo) | (v > hi)
@@ -112,6 +127,7 @@ class VPSchedule(Schedule):
     """
 
     terminal_level = -1.0
+    kind = "vp"
 
     def __init__(self, alphas_cumprod: Union[Sequence[float], torch.Tensor], final_alpha_cumprod: float = 1.0):
         ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).detach().cpu().flatten().clone()
@@ -256,7 +272,7 @@ class VPSchedule(Schedule):
             t_to = (t_from - (n // num_steps)).clamp(min=-1.0)
         else:
             raise InvalidArgumentError(f"step_to must be 'next' or 'stride', got {step_to!r}.")
-        grid = TimeGrid(t_from, t_to, t_from.long())
+        grid = TimeGrid(t_from, t_to, t_from.long(), self.kind)
         self.validate(grid)
         return grid
 
@@ -275,6 +291,7 @@ class FlowSchedule(Schedule):
     """
 
     terminal_level = 0.0
+    kind = "flow"
 
     def __init__(self, shift: float = 1.0, num_train_timesteps: int = 1000, use_dynamic_shifting: bool = False):
         if shift <= 0:
@@ -317,7 +334,7 @@ class FlowSchedule(Schedule):
         sig = np.linspace(sigma_max * n, sigma_min * n, num_steps) / n
         sig = self.shift_sigmas(sig, mu).astype(np.float32)
         t_from = torch.tensor(sig, dtype=torch.float64)
-        grid = TimeGrid.from_levels(t_from, 0.0, torch.from_numpy(sig) * n)
+        grid = TimeGrid.from_levels(t_from, 0.0, torch.from_numpy(sig) * n).with_kind(self.kind)
         self.validate(grid)
         return grid
 

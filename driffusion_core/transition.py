@@ -177,8 +177,24 @@ class SkipTransition(abc.ABC):
 
     # ----------------------------------------------------------------- grids
     def make_grid(self, timesteps: Union[TimeGrid, torch.Tensor, list, tuple]) -> TimeGrid:
-        """A validated TimeGrid from a TimeGrid or a sequence of decreasing levels."""
-        return self.schedule.grid(timesteps)
+        """A validated TimeGrid from a TimeGrid or a sequence of decreasing levels.
+
+        Besides the schedule's checks, an epsilon model must not be asked for x0_hat where alpha = 0
+        (zero terminal SNR, or sigma = 1 in flow matching): :math:`\\hat x_0 = (x - \\sigma\\hat\\epsilon)/\\alpha`.
+        """
+        grid = self.schedule.grid(timesteps)
+        if self.prediction is Prediction.EPSILON:
+            alpha, _ = self.schedule.alpha_sigma(grid.t_from)
+            bad = alpha <= 0
+            if bool(bad.any()):
+                i = int(torch.nonzero(bad)[0])
+                raise InvalidArgumentError(
+                    f"{type(self).__name__}: an epsilon-prediction model cannot give x0_hat at step {i} (level "
+                    f"{grid.t_from[i].item():g}), where alpha = 0 (zero terminal SNR, or sigma = 1 in flow "
+                    f"matching): x0_hat = (x - sigma * eps) / 0. Use a v_prediction, sample or velocity model "
+                    f"(zero-terminal-SNR schedules are meant for v_prediction), or start the grid below that level."
+                )
+        return grid
 
     def __repr__(self) -> str:
         extra = f", x0_transform={self.x0_transform!r}" if self.x0_transform is not None else ""

@@ -143,7 +143,8 @@ def conditional_path_exact() -> Result:
     "DDIM",
     "0 < eta < 1, x0_hat frozen: two steps t->s->u do NOT have the law of the one step t->u given "
     "(x_t, x0_hat), so a DDIM(eta) draft is not the chain even in distribution. The defect vanishes at "
-    "eta = 0 and eta = 1; both are marginal-consistent, so B^2 (1-abar_t) + variance agrees.",
+    "eta = 0 and eta = 1. Both the chain and the one step are marginal-consistent: the chain's larger "
+    "variance is balanced by a smaller x_t coefficient B, so B^2 (1 - abar_t) + variance is 1 - abar_u for both.",
     expect_holds=False,
 )
 def eta_composition_not_exact() -> Result:

@@ -44,16 +44,6 @@ class FlowEulerSkip(SkipTransition):
         if self.prediction is Prediction.V_PREDICTION:
             raise InvalidArgumentError("FlowEulerSkip takes velocity, epsilon or sample; v_prediction is a VP parameterization.")
 
-    def make_grid(self, timesteps):
-        grid = super().make_grid(timesteps)
-        if self.prediction is Prediction.EPSILON and bool((grid.t_from >= 1).any()):
-            raise InvalidArgumentError(
-                "An epsilon-prediction flow model is undefined at sigma = 1 (x0_hat = (x - eps) / 0), and this "
-                "grid starts there. Start below 1 (e.g. FlowSchedule(...).timesteps(n) with a shift and drop "
-                "the first level) or use a velocity model."
-            )
-        return grid
-
     def velocity(self, x: torch.Tensor, pred: torch.Tensor, t_from: Levels) -> torch.Tensor:
         """The velocity v = eps_hat - x0_hat at level t_from (the model output itself for velocity models)."""
         if self.prediction is Prediction.VELOCITY and self.x0_transform is None:

@@ -78,17 +78,17 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 import torch
 
 from driffusion_core.errors import InvalidArgumentError, InvalidWidthError
-from driffusion_core.executor import Executor, Predictor, SerialExecutor
+from driffusion_core.executor import Executor, Predictor
 from driffusion_core.grid import TimeGrid
 from driffusion_core.noise import NoiseSource
 from driffusion_core.scheduler import (
     DraftRefineState,
     Round,
     SampleOutput,
-    check_inputs,
+    check_finite_sample,
     check_predictions,
     default_noise,
-    progress_bar,
+    run_rounds,
 )
 from driffusion_core.coefficients import prediction_coefficients
 from driffusion_core.parameterization import broadcast_coef, lincomb
@@ -453,26 +453,7 @@ class PicardScheduler:
             level draft-and-refine started from, or None), ``advances`` (levels finalised per
             Picard round), and the settings.
         """
-        if not callable(predictor):
-            raise InvalidArgumentError(f"predictor must be callable, got {type(predictor).__name__}.")
-        cond = check_inputs(x, cond)
-        executor = executor if executor is not None else SerialExecutor()
-        if not isinstance(executor, Executor):
-            raise InvalidArgumentError(f"executor must be an Executor, got {type(executor).__name__}.")
-        state = self.start(x, noise, return_trajectory)
-        bar = progress_bar(progress, self.num_steps, f"Picard {self.init} n={self.width}")
-        b = x.shape[0]
-        while True:
-            rnd = state.plan()
-            if rnd is None:
-                break
-            ts = self.grid.model_times[rnd.steps].to(x.device).unsqueeze(1).expand(len(rnd.steps), b)
-            before = state.a
-            state.absorb(rnd, executor.evaluate(predictor, rnd.xs, ts, cond))
-            if bar is not None:
-                bar.update(state.a - before)
-        if bar is not None:
-            bar.close()
+        state, executor = run_rounds(lambda: self.start(x, noise, return_trajectory), self.grid, predictor, x, executor, cond, progress, f"Picard {self.init} n={self.width}")
         info = {
             "calls_beyond_T": state.evals - self.num_steps,
             "converged": state.fallback_from is None,
@@ -487,7 +468,7 @@ class PicardScheduler:
             "executor": executor.describe(),
         }
         traj = state.trajectory() if return_trajectory else None
-        return SampleOutput(state.x, state.rounds, state.evals, traj, info)
+        return SampleOutput(check_finite_sample(state.x, "PicardScheduler"), state.rounds, state.evals, traj, info)
 
     def __repr__(self) -> str:
         budget = f", max_rounds={self.max_rounds}" if self.max_rounds is not None else ""

@@ -19,7 +19,15 @@ from driffusion_core.errors import InvalidArgumentError
 from driffusion_core.executor import Predictor
 from driffusion_core.grid import TimeGrid
 from driffusion_core.noise import NoiseSource
-from driffusion_core.scheduler import SampleOutput, check_inputs, check_predictions, default_noise, progress_bar
+from driffusion_core.scheduler import (
+    SampleOutput,
+    check_finite_sample,
+    check_inputs,
+    check_predictions,
+    default_noise,
+    note_where,
+    progress_bar,
+)
 from driffusion_core.transition import SkipTransition
 
 __all__ = ["sample_serial", "sample_step_skipping", "coarse_indices"]
@@ -27,7 +35,11 @@ __all__ = ["sample_serial", "sample_step_skipping", "coarse_indices"]
 
 def _call(predictor, x, grid: TimeGrid, i: int, cond: dict) -> torch.Tensor:
     t = grid.model_times[i : i + 1].to(x.device).expand(x.shape[0])
-    pred = predictor(x, t, **cond)
+    try:
+        pred = predictor(x, t, **cond)
+    except Exception as e:
+        note_where(e, grid, [i], x)
+        raise
     return check_predictions(pred.unsqueeze(0) if isinstance(pred, torch.Tensor) else pred, x.unsqueeze(0), [i], grid)[0]
 
 
@@ -69,7 +81,7 @@ def sample_serial(
             bar.update(1)
     if bar is not None:
         bar.close()
-    return SampleOutput(x, len(grid), len(grid), traj)
+    return SampleOutput(check_finite_sample(x, "sample_serial"), len(grid), len(grid), traj)
 
 
 def coarse_indices(num_steps: int, rounds: int) -> list:
@@ -105,4 +117,4 @@ def sample_step_skipping(
         if transition.stochastic and noise is not None:
             noises = noise.steps(a, b, x.shape, x.dtype, x.device)
         x = transition.drafts(x, pred, grid.t_from[a:b], grid.t_to[a:b], noises)[-1]
-    return SampleOutput(x, rounds, rounds)
+    return SampleOutput(check_finite_sample(x, "sample_step_skipping"), rounds, rounds)

@@ -44,6 +44,7 @@ class VESchedule(Schedule):
     """
 
     terminal_level = 0.0
+    kind = "ve"
 
     def __init__(self, sigma_max: float = math.inf):
         if not sigma_max > 0:

@@ -1,6 +1,7 @@
 """Each bad input gets a clear error (a driffusion_core.errors class) naming what was wrong."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -181,8 +182,36 @@ def test_predictor_returns_another_device():
 
 
 def test_batched_executor_wrong_row_count():
-    with pytest.raises(InvalidArgumentError, match=r"returned \(1, 2\) for a batch of 3 rows"):
+    with pytest.raises(PredictorOutputError, match=r"returned shape \(1, 2\) for a batch of 3 rows.*model times 900") as info:
         scheduler().sample(lambda x, t: x[:1], x0(), executor=BatchedExecutor())
+    if hasattr(info.value, "__notes__"):  # Python >= 3.11: the sampler adds where it was
+        assert any("step 0 (level 900" in n for n in info.value.__notes__)
+    # a draft round: the drafts' model times
+    with pytest.raises(PredictorOutputError, match=r"for a batch of 6 rows.*model times 800, 700"):
+        scheduler().sample(lambda x, t: x if x.shape[0] == 3 else x[:1], x0(), executor=BatchedExecutor())
+    with pytest.raises(PredictorOutputError, match=r"for a batch of 2 rows"):
+        scheduler().sample(lambda x, t: x[:1], x0(), executor=BatchedExecutor(max_batch=2))
+
+
+def test_batched_executor_vmap_with_max_batch_is_refused():
+    with pytest.raises(InvalidArgumentError, match=r"max_batch .* does not apply with vmap=True"):
+        BatchedExecutor(vmap=True, max_batch=4)
+
+
+def test_predictor_exception_keeps_its_type_and_says_where():
+    def broken(x, t):
+        if int(t[0]) < 500:
+            raise KeyError("my model's own error")
+        return 0.1 * x
+
+    for run in (
+        lambda: scheduler(width=3).sample(broken, x0(), executor=BatchedExecutor()),
+        lambda: sample_serial(broken, x0(), DDIMSkip(VP), GRID),
+    ):
+        with pytest.raises(KeyError, match="my model's own error") as info:
+            run()
+        if hasattr(info.value, "__notes__"):
+            assert any("driffusion: raised while evaluating step" in n and "level" in n for n in info.value.__notes__)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -285,7 +314,70 @@ def test_flow_epsilon_model_at_sigma_one_is_rejected():
     from solvers import FlowEulerSkip
 
     schedule = FlowSchedule()
-    with pytest.raises(InvalidArgumentError, match=r"undefined at sigma = 1"):
+    with pytest.raises(InvalidArgumentError, match=r"epsilon-prediction model cannot give x0_hat at step 0 \(level 1\)"):
         DraftRefineScheduler(FlowEulerSkip(schedule, prediction="epsilon"), schedule.timesteps(10))
     # below sigma = 1 it is fine
     DraftRefineScheduler(FlowEulerSkip(schedule, prediction="epsilon"), [0.9, 0.5, 0.2])
+
+
+@pytest.mark.parametrize("make", [lambda s: DDIMSkip(s), lambda s: DDIMSkip(s, eta=1.0), lambda s: DDPMSkip(s)])
+def test_epsilon_model_on_a_zero_terminal_snr_schedule_is_rejected(make):
+    """alpha-bar = 0 at the first level: x0_hat = (x - sigma eps) / 0. diffusers returns NaN here; we say why."""
+    zsnr = VPSchedule.linear(rescale_betas_zero_snr=True)
+    assert float(zsnr.alpha_bar(999)) == 0.0
+    grid = zsnr.timesteps(10, "trailing")
+    tr = make(zsnr)
+    for build in (lambda: DraftRefineScheduler(tr, grid, width=2), lambda: sample_serial(eps_model, x0(), tr, grid)):
+        with pytest.raises(InvalidArgumentError, match=r"epsilon-prediction model cannot give x0_hat at step 0 \(level 999\).*v_prediction"):
+            build()
+    with pytest.raises(InvalidArgumentError, match=r"alpha = 0"):  # the operator itself, called directly
+        tr(x0(), x0(), 999, 899)
+    # below the zero-SNR level, and with v_prediction everywhere, it samples
+    out = sample_serial(eps_model, x0(), tr, [899, 499, 99])
+    assert torch.isfinite(out.x).all()
+    assert torch.isfinite(sample_serial(eps_model, x0(), make(zsnr).__class__(zsnr, "v_prediction"), grid, noise=NoiseSource(0)).x).all()
+
+
+def test_a_state_that_overflows_is_reported():
+    """Finite model outputs, but a float16 state overflows: the sample is refused, not returned as inf."""
+    from driffusion_core import SamplingError
+
+    x = x0().to(torch.float16)
+    huge = lambda x, t: torch.full_like(x, 6e4)  # finite in float16; x0_hat = 6e4 makes eps_hat overflow
+    tr = DDIMSkip(VP, "sample")
+    with pytest.raises(SamplingError, match=r"NaN or inf although every model output was finite.*float16"):
+        sample_serial(huge, x, tr, GRID)
+    with pytest.raises(SamplingError, match=r"DraftRefineScheduler"):
+        DraftRefineScheduler(tr, GRID, width=1).sample(huge, x)
+
+
+@pytest.mark.parametrize("cond", [torch.zeros(3, 2), torch.zeros(1), [torch.zeros(3, 2)], "labels"])
+def test_cond_that_is_not_a_dict(cond):
+    with pytest.raises(InvalidArgumentError, match=r"cond must be a dict of keyword arguments"):
+        scheduler().sample(eps_model, x0(), cond=cond)
+
+
+def test_nested_cond_with_the_wrong_batch_size_is_named():
+    cond = {"added": {"text_embeds": torch.zeros(3, 4), "time_ids": torch.zeros(2, 6)}}
+    with pytest.raises(InvalidArgumentError, match=r"cond\['added'\]\['time_ids'\] has leading dimension 2"):
+        scheduler().sample(eps_model, x0(), cond=cond)
+
+
+def test_grid_from_another_kind_of_schedule_is_refused():
+    with pytest.raises(InvalidTimestepsError, match=r"'flow' levels .* VPSchedule .* transition.schedule.timesteps"):
+        DraftRefineScheduler(DDIMSkip(VP), FLOW.timesteps(5))
+    with pytest.raises(InvalidTimestepsError, match=r"'vp' levels .* FlowSchedule"):
+        sample_serial(eps_model, x0(), FlowEulerSkip(FLOW), GRID)
+    # a hand-made grid carries no kind and is only range-checked
+    DraftRefineScheduler(DDIMSkip(VP), TimeGrid.from_levels([900.0, 500.0], -1.0))
+
+
+def test_timesteps_of_two_dimensions_are_refused():
+    with pytest.raises(InvalidTimestepsError, match=r"1-D sequence of levels, got shape \(1, 2\)"):
+        DraftRefineScheduler(DDIMSkip(VP), [[900, 500]])
+
+
+@pytest.mark.parametrize("width", [np.int64(3), torch.tensor(3), 3])
+def test_integer_widths_of_any_integer_type(width):
+    sched = scheduler(width=width)
+    assert sched.width == 3 and type(sched.width) is int

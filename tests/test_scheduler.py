@@ -19,7 +19,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backends import BatchedExecutor, SerialExecutor
+from backends import BatchedExecutor, SerialExecutor, per_sample
 from driffusion_core import DraftRefineScheduler, FlowSchedule, NoiseSource, VPSchedule
 from solvers import DDIMSkip, DDPMSkip, FlowEulerSkip, ring_mixture, sample_serial
 
@@ -203,6 +203,49 @@ def test_every_executor_gives_the_serial_executors_result(executor, mode, transi
     # the conditioning reaches the predictor row by row: other rows' cond changes the result
     other = sched.sample(conditioned_predictor, x, executor=executor, noise=noise, cond={"c": c.flip(0), "scale": 0.7})
     assert not torch.allclose(other.x, out.x)
+
+
+def nested_predictor(x, t, extra, scale=1.0):
+    """Conditioning nested as diffusers' added_cond_kwargs: a dict of per-row tensors, and a list."""
+    return torch.tanh(x * extra["w"] + extra["pair"][1]) * (0.5 + t.to(x.dtype)[:, None] / 1000) * scale
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_nested_conditioning_reaches_every_executor_row_by_row(executor):
+    B, T = 3, 9
+    gen = torch.Generator().manual_seed(2)
+    x = NoiseSource(1).initial((B, 2))
+    cond = {"extra": {"w": torch.rand(B, 2, generator=gen) + 0.5, "pair": [torch.tensor(1.0), torch.randn(B, 2, generator=gen)]},
+            "scale": 0.8}
+    sched = DraftRefineScheduler(DDIMSkip(VP), VP.timesteps(T, "trailing"), width=3)
+    ref = sched.sample(nested_predictor, x, executor=SerialExecutor(), cond=cond)
+    out = sched.sample(nested_predictor, x, executor=executor, cond=cond)
+    torch.testing.assert_close(out.x, ref.x, rtol=1e-5, atol=1e-6)
+    flipped = {"extra": {"w": cond["extra"]["w"], "pair": [torch.tensor(1.0), cond["extra"]["pair"][1].flip(0)]}, "scale": 0.8}
+    assert not torch.allclose(sched.sample(nested_predictor, x, executor=executor, cond=flipped).x, out.x)
+
+
+def single_sample_predictor(x, t, c, scale=1.0):
+    """Written for ONE sample: x is [D], t is 0-d, c is [D] (a batch would break the dot product)."""
+    return torch.tanh(x * torch.dot(x, c) + c) * (0.5 + t.to(x.dtype) / 1000) * scale
+
+
+@pytest.mark.parametrize("executor", [SerialExecutor(), BatchedExecutor(), BatchedExecutor(vmap=True), BatchedExecutor(max_batch=2)])
+def test_per_sample_turns_a_single_sample_predictor_into_a_batch_one(executor):
+    B = 3
+    x = NoiseSource(3).initial((B, 4))
+    c = torch.randn(B, 4, generator=torch.Generator().manual_seed(7))
+    f = per_sample(single_sample_predictor)
+    t = torch.tensor([900, 500, 100])
+    loop = torch.stack([single_sample_predictor(x[b], t[b], c[b], scale=0.5) for b in range(B)])
+    torch.testing.assert_close(f(x, t, c=c, scale=0.5), loop)
+    sched = DraftRefineScheduler(DDIMSkip(VP), VP.timesteps(10, "trailing"), width=4)
+    ref = sample_serial(f, x, DDIMSkip(VP), VP.timesteps(10, "trailing"), cond={"c": c, "scale": 0.5})
+    wide = sched.sample(f, x, executor=executor, cond={"c": c, "scale": 0.5})
+    one = DraftRefineScheduler(DDIMSkip(VP), VP.timesteps(10, "trailing"), width=1).sample(f, x, executor=executor, cond={"c": c, "scale": 0.5})
+    torch.testing.assert_close(one.x, ref.x, rtol=1e-5, atol=1e-6)
+    assert wide.rounds == sched.expected_rounds() and torch.isfinite(wide.x).all()
+    torch.testing.assert_close(wide.x, sched.sample(f, x, executor=SerialExecutor(), cond={"c": c, "scale": 0.5}).x, rtol=1e-5, atol=1e-6)
 
 
 def test_executor_receives_the_rounds_states_and_times():
