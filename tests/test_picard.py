@@ -114,8 +114,10 @@ def test_skip_beats_driffusion_and_paradigms_at_driffusion_rounds(name):
     """Same width, same rounds as DRiffusion (aggressive): skip-drafted Picard is closest to serial.
 
     Both Picard inits run under ``max_rounds = R`` (DRiffusion's rounds) at every tolerance of
-    one grid, and each is scored by its best tolerance (tuned the same way; DRiffusion has no
-    knob). DDIM 50 steps and flow 28 steps, widths 2..4.
+    one grid, and each is scored by its best tolerance, picked against the serial output (tuned
+    the same way for both; DRiffusion has no knob). That is the claim's scope: at one *fixed*
+    tolerance skip-Picard can lose to DRiffusion under this budget (solvers/PICARD.md).
+    DDIM 50 steps and flow 28 steps, widths 2..4.
     """
     tr, grid, f, noise = family(name)
     x = start(128)
@@ -138,12 +140,27 @@ def test_skip_beats_driffusion_and_paradigms_at_driffusion_rounds(name):
 
 @pytest.mark.parametrize("name", ["ddim", "ddpm", "flow"])
 def test_skip_needs_no_more_rounds_than_frozen(name):
-    """To meet the same tolerance, skip drafts never need more rounds than ParaDiGMS' copies."""
+    """To meet the same tolerance, skip drafts need no more rounds than ParaDiGMS' copies: at the
+    benchmarks' grids (50-step DDIM and DDPM, 28-step flow... here T = 30) without exception, and
+    over a sweep of shorter grids in total, never more than one round more in any one setting.
+
+    It is not a theorem (a better initial guess need not converge in fewer sweeps): in the sweep
+    below a handful of short-grid settings take one round more (solvers/PICARD.md lists them).
+    """
     for width in (2, 4):
         for tol in (1.0, 0.1, 1e-2, 1e-3, 1e-4):
             skip = picard(name, width, tol, "skip", num_steps=30)
             frozen = picard(name, width, tol, "frozen", num_steps=30)
             assert skip.rounds <= frozen.rounds, f"{name} n={width} tau={tol}: {skip.rounds} > {frozen.rounds}"
+    total = {"skip": 0, "frozen": 0}
+    for num_steps in (8, 16):
+        for width in (2, 3, 4, 5):
+            for tol in (1.0, 0.3, 0.1, 1e-2, 1e-3):
+                rounds = {init: picard(name, width, tol, init, num_steps=num_steps, x=start(32)).rounds for init in total}
+                assert rounds["skip"] <= rounds["frozen"] + 1, (name, num_steps, width, tol, rounds)
+                for init in total:
+                    total[init] += rounds[init]
+    assert total["skip"] <= total["frozen"], total
 
 
 def test_tighter_tolerance_is_closer_to_serial():
