@@ -6,11 +6,14 @@ downloaded).
 
 Stochastic steps get *our* per-step noise z_i on both sides: DDIM's ``step`` takes it as
 ``variance_noise``; DDPM's ``step`` only takes a generator and draws with the module-level
-``randn_tensor``, so the reference loop replaces ``diffusers.schedulers.scheduling_ddpm.randn_tensor``
-(monkeypatch) by a function returning z_i for the step in progress. The real ``step`` code then runs
-unchanged, and the test checks the patch was hit once per noisy step.
+``randn_tensor``, so the reference loop replaces the ``randn_tensor`` of the scheduler's module
+(``diffusers.schedulers.scheduling_ddpm``; monkeypatch) by a function returning z_i for the step in
+progress. The real ``step`` code then runs unchanged, and the test checks the patch was hit once per
+noisy step.
 """
 from __future__ import annotations
+
+import sys
 
 import pytest
 import torch
@@ -97,6 +100,9 @@ SCHEDULER_CASES = [
                            clip_sample=False), 10, {}),
     ("DDIMScheduler", dict(beta_schedule="squaredcos_cap_v2"), 10, dict(eta=0.5, use_clipped_model_output=True)),
     ("DDIMScheduler", dict(clip_sample=False, timestep_spacing="trailing"), 10, dict(eta=1.0)),
+    # steps_offset only moves leading timesteps: trailing and linspace ignore it (in diffusers too)
+    ("DDIMScheduler", dict(steps_offset=1, timestep_spacing="trailing", clip_sample=False), 7, {}),
+    ("DDIMScheduler", dict(steps_offset=1, timestep_spacing="linspace", clip_sample=False), 10, {}),
     ("DDPMScheduler", {}, 10, {}),  # leading, fixed_small, clip_sample
     ("DDPMScheduler", dict(variance_type="fixed_large", timestep_spacing="trailing", clip_sample=False), 10, {}),
     ("DDPMScheduler", dict(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="linspace",
@@ -104,6 +110,8 @@ SCHEDULER_CASES = [
     ("DDPMScheduler", dict(steps_offset=1, variance_type="fixed_small_log", thresholding=True, prediction_type="sample",
                            **SD_BETAS), 10, {}),
     ("DDPMScheduler", dict(beta_schedule="squaredcos_cap_v2", clip_sample=True, clip_sample_range=2.0), 10, {}),
+    ("DDPMScheduler", dict(steps_offset=1, timestep_spacing="trailing", clip_sample=False), 10, {}),
+    ("DDPMScheduler", dict(steps_offset=1, timestep_spacing="linspace", clip_sample=False), 10, {}),
     ("FlowMatchEulerDiscreteScheduler", {}, 10, {}),
     ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0), 10, {}),
     ("FlowMatchEulerDiscreteScheduler", dict(use_dynamic_shifting=True), 10, dict(mu=0.8)),
@@ -113,8 +121,6 @@ SCHEDULER_CASES = [
 
 def diffusers_loop(scheduler, model, x, num_steps, noise, monkeypatch, eta=0.0, use_clipped_model_output=False, mu=None):
     """The scheduler's own sampling loop, fed our per-step noise z_i (see the module docstring)."""
-    import diffusers.schedulers.scheduling_ddpm as ddpm_module
-
     scheduler.set_timesteps(num_steps, **({"mu": mu} if mu is not None else {}))
     step = {"i": None, "draws": 0}
 
@@ -122,13 +128,13 @@ def diffusers_loop(scheduler, model, x, num_steps, noise, monkeypatch, eta=0.0, 
         step["draws"] += 1
         return noise(step["i"], shape, dtype or torch.float32, device)
 
-    monkeypatch.setattr(ddpm_module, "randn_tensor", randn_tensor)
+    monkeypatch.setattr(sys.modules[type(scheduler).__module__], "randn_tensor", randn_tensor, raising=False)
     with torch.no_grad():
         for i, t in enumerate(scheduler.timesteps):
             step["i"] = i
             out = model(x, t).sample
             kw = {}
-            if type(scheduler).__name__ == "DDIMScheduler":
+            if type(scheduler).__name__ in ("DDIMScheduler", "DDIMParallelScheduler"):
                 kw = dict(eta=eta, use_clipped_model_output=use_clipped_model_output)
                 if eta > 0:
                     kw["variance_noise"] = noise(i, x.shape, x.dtype, x.device)
@@ -197,6 +203,55 @@ def test_from_diffusers_does_not_touch_the_scheduler():
     before = scheduler.sigmas.clone()
     from_diffusers(scheduler, 6)
     assert scheduler.step_index is None and torch.equal(scheduler.sigmas, before)
+
+
+# Schedulers whose configs share options with DDIM (set_alpha_to_one), DDPM (variance_type) or
+# FlowMatchEuler (shift): a config without _class_name must not be taken for one of those.
+OTHER_SCHEDULERS = ["PNDMScheduler", "LCMScheduler", "TCDScheduler", "DDIMInverseScheduler", "CogVideoXDDIMScheduler",
+                    "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "SASolverScheduler", "UnCLIPScheduler",
+                    "FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler", "EulerDiscreteScheduler"]
+
+
+@pytest.mark.parametrize("name", OTHER_SCHEDULERS)
+def test_from_diffusers_refuses_configs_of_other_schedulers(name):
+    scheduler = need(name)()
+    built_in_code = {k: v for k, v in scheduler.config.items() if k != "_class_name"}
+    with pytest.raises(InvalidArgumentError, match="_class_name") as refused:
+        from_diffusers(built_in_code, 10)
+    assert "scheduler object" in str(refused.value)
+    with pytest.raises(InvalidArgumentError, match=name):  # as saved: its _class_name names it
+        from_diffusers({**built_in_code, "_class_name": name}, 10)
+    with pytest.raises(InvalidArgumentError, match=name):
+        from_diffusers(scheduler, 10)
+
+
+@pytest.mark.parametrize("name", ["DDIMParallelScheduler", "DDPMParallelScheduler"])
+def test_config_with_the_same_options_steps_the_same(name, unet2d, monkeypatch):
+    """DDIMParallel / DDPMParallel configs have exactly DDIM's / DDPM's options: read as those, width 1 is their loop."""
+    scheduler = need(name)(timestep_spacing="trailing", clip_sample=False)
+    config = {k: v for k, v in scheduler.config.items() if k != "_class_name"}
+    noise = NoiseSource(5)
+    x = NoiseSource(0).initial((2, 3, 8, 8))
+    transition, grid = from_diffusers(config, 10)
+    ours = DraftRefineScheduler(transition, grid, width=1).sample(DiffusersPredictor(unet2d), x, noise=noise)
+    ref, draws = diffusers_loop(scheduler, unet2d, x, 10, noise, monkeypatch)
+    assert draws == (10 if name == "DDPMParallelScheduler" else 0)
+    assert (ours.x - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.parametrize("shift,new_shift,config", [(1.0, 3.0, {}), (3.0, 1.5, {}), (1.0, 3.0, dict(use_karras_sigmas=True))])
+def test_flow_after_set_shift_matches_diffusers_loop(shift, new_shift, config, unet2d, monkeypatch):
+    """set_shift changes the shift but not sigma_max / sigma_min, which diffusers keeps from construction."""
+    scheduler = need("FlowMatchEulerDiscreteScheduler")(shift=shift, **config)
+    scheduler.set_shift(new_shift)
+    x = NoiseSource(0).initial((2, 3, 8, 8))
+    transition, grid = from_diffusers(scheduler, 10)
+    ours = DraftRefineScheduler(transition, grid, width=1).sample(DiffusersPredictor(unet2d), x)
+    ref, _ = diffusers_loop(scheduler, unet2d, x, 10, NoiseSource(5), monkeypatch)
+    assert torch.equal(grid.model_times, scheduler.timesteps.cpu().to(grid.model_times.dtype))
+    assert torch.equal(grid.t_from, scheduler.sigmas[:-1].cpu().double())
+    assert torch.equal(grid.t_to, scheduler.sigmas[1:].cpu().double())
+    assert (ours.x - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
 
 
 # ============================================================================ classifier-free guidance
@@ -407,6 +462,39 @@ def test_stable_diffusion_3_pipeline(sd3_transformer, vae, flow_config):
         out = fast(generator=gen(), **kw).images
         assert fast.last_output.rounds == expected_rounds(10, 4, mode)
         assert _rel(out, w1, other) < 0.25
+
+
+def _per_image(embeds: dict, n: int) -> dict:
+    """Each prompt's embeddings n times in a row, as diffusers' encode_prompt repeats them."""
+    return {k: v.repeat_interleave(n, dim=0) for k, v in embeds.items()}
+
+
+def test_num_images_per_prompt_with_prompt_embeds(unet_cond, sd3_transformer, vae):
+    """Given embeddings are repeated per image, as diffusers' StableDiffusionPipeline.encode_prompt does."""
+    g = torch.Generator().manual_seed(0)
+    gen = lambda: torch.Generator().manual_seed(1)
+    sd = _quiet(need("StableDiffusionPipeline")(
+        vae=vae, text_encoder=None, tokenizer=None, unet=unet_cond, safety_checker=None, feature_extractor=None,
+        scheduler=need("DDIMScheduler")(steps_offset=1, clip_sample=False, **SD_BETAS), requires_safety_checker=False,
+    ))
+    embeds = dict(prompt_embeds=torch.randn(2, 5, 8, generator=g), negative_prompt_embeds=torch.randn(2, 5, 8, generator=g))
+    kw = dict(num_inference_steps=4, guidance_scale=5.0, output_type="latent")
+    ref = sd(generator=gen(), num_images_per_prompt=2, **embeds, **kw).images
+    assert ref.shape[0] == 4
+    torch.testing.assert_close(sd(generator=gen(), **_per_image(embeds, 2), **kw).images, ref, rtol=0, atol=0)
+    ours = DRiffusionPipeline(sd, width=1)(generator=gen(), num_images_per_prompt=2, **embeds, **kw).images
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+    sd3 = _quiet(need("StableDiffusion3Pipeline")(
+        transformer=sd3_transformer, scheduler=need("FlowMatchEulerDiscreteScheduler")(shift=3.0), vae=vae,
+        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
+    ))
+    embeds = dict(prompt_embeds=torch.randn(2, 5, 8, generator=g), negative_prompt_embeds=torch.randn(2, 5, 8, generator=g),
+                  pooled_prompt_embeds=torch.randn(2, 8, generator=g), negative_pooled_prompt_embeds=torch.randn(2, 8, generator=g))
+    ref = sd3(generator=gen(), **_per_image(embeds, 3), **kw).images
+    ours = DRiffusionPipeline(sd3, width=1)(generator=gen(), num_images_per_prompt=3, **embeds, **kw).images
+    assert ours.shape == ref.shape and ref.shape[0] == 6
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_calculate_shift_matches_diffusers():

@@ -15,13 +15,18 @@ Key (diffusers' names -> ours):
 * ``thresholding`` -> :class:`~driffusion_core.DynamicThreshold`, else ``clip_sample`` ->
   :class:`~driffusion_core.ClipSample` (diffusers' precedence);
 * DDPM ``variance_type`` fixed_small / fixed_small_log / fixed_large -> :class:`~solvers.DDPMSkip`;
-* flow ``shift`` / ``use_dynamic_shifting`` with ``mu`` -> :meth:`FlowSchedule.timesteps`; the other sigma
-  options (``shift_terminal``, Karras / exponential / beta sigmas, linear time shift) are read from the
-  scheduler's own ``set_timesteps`` on a private copy (the step is the same Euler step).
+* flow sigmas (``shift`` or a later ``set_shift()``, ``use_dynamic_shifting`` with ``mu``, ``shift_terminal``,
+  Karras / exponential / beta sigmas, linear time shift) -> read from the scheduler's own ``set_timesteps``
+  on a private copy, so the grid is diffusers' own (the step is the same Euler step).
+
+A config (a mapping) is instantiated with diffusers; its class is its ``_class_name``, or, for the
+``config`` of a scheduler built in code (no ``_class_name``), the supported class whose options are
+exactly the config's keys; any other config is refused.
 """
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any, Mapping, Optional, Tuple
 
 import torch
@@ -42,34 +47,56 @@ SUPPORTED_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "FlowMatchEulerDiscret
 _DDPM_VARIANCE = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large"}
 
 
-def _class_of_config(cfg: Mapping[str, Any]) -> Optional[str]:
-    """The scheduler class a config belongs to: its ``_class_name`` (saved configs carry it), else the
-    option only that class has (``scheduler.config`` of a scheduler built in code has no ``_class_name``)."""
+def _config_keys(diffusers, name: str) -> frozenset:
+    """The options of a diffusers scheduler class: its ``__init__`` parameters (what its ``config`` holds)."""
+    params = inspect.signature(getattr(diffusers, name).__init__).parameters.values()
+    return frozenset(p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+
+
+def _class_of_config(diffusers, cfg: Mapping[str, Any]) -> Tuple[Optional[str], str]:
+    """The scheduler class a config belongs to, and why not when it is ``None``.
+
+    A saved config names it (``_class_name``). The ``config`` of a scheduler built in code has no
+    ``_class_name``: it is taken for a supported class only when its options (keys not starting with
+    ``_``) are exactly that class's. One shared option is not enough: PNDM, LCM, TCD and DDIMInverse
+    configs have DDIM's ``set_alpha_to_one``, DPM-Solver's and UnCLIP's have DDPM's ``variance_type``,
+    FlowMatchHeun's has ``shift``. (DDIMParallel and DDPMParallel have exactly DDIM's and DDPM's options
+    and step as they do, so their configs read as those.)
+    """
     if "_class_name" in cfg:
-        return cfg["_class_name"]
-    if "set_alpha_to_one" in cfg:
-        return "DDIMScheduler"
-    if "variance_type" in cfg:
-        return "DDPMScheduler"
-    if "shift" in cfg and "beta_start" not in cfg:
-        return "FlowMatchEulerDiscreteScheduler"
-    return None
+        return cfg["_class_name"], ""
+    keys = frozenset(k for k in cfg if not str(k).startswith("_"))
+    known = {name: _config_keys(diffusers, name) for name in SUPPORTED_SCHEDULERS if hasattr(diffusers, name)}
+    matches = [name for name, k in known.items() if k == keys]
+    if len(matches) == 1:
+        return matches[0], ""
+    if not known:  # pragma: no cover - a diffusers without any of them
+        return None, ""
+    why = " Its options are not exactly those of any of them: it may belong to another scheduler that shares some."
+    closest = min(known, key=lambda name: len(known[name] ^ keys))
+    extra, missing = sorted(keys - known[closest]), sorted(known[closest] - keys)
+    if len(extra) + len(missing) <= 4:  # a near miss (e.g. a config of another diffusers version): say where
+        why += f" Against {closest}: extra {extra}, missing {missing}."
+    return None, why
 
 
 def _as_scheduler(scheduler_or_config: Any):
     """The scheduler object and its class name; a config is instantiated with diffusers."""
     if isinstance(scheduler_or_config, Mapping):
         cfg = dict(scheduler_or_config)
-        name = _class_of_config(cfg)
-        if name not in SUPPORTED_SCHEDULERS:
-            raise InvalidArgumentError(
-                f"This config is not one of {SUPPORTED_SCHEDULERS} (its '_class_name' is {cfg.get('_class_name')!r}). "
-                f"Pass the scheduler object, or the config of one of these schedulers."
-            )
         try:
             import diffusers
         except ImportError as e:  # pragma: no cover - exercised only without the extra
             raise ImportError("from_diffusers(config) needs diffusers: pip install 'driffusion[diffusers]'.") from e
+        name, why = _class_of_config(diffusers, cfg)
+        if name not in SUPPORTED_SCHEDULERS or not hasattr(diffusers, name):
+            told = (f"its '_class_name' is {name!r}" if "_class_name" in cfg
+                    else "it has no '_class_name', as the config of a scheduler built in code")
+            raise InvalidArgumentError(
+                f"This config is not one of {SUPPORTED_SCHEDULERS}: {told}.{why} Pass the scheduler object, or a "
+                f"config whose '_class_name' names its class (as saved configs have); to sample with DDIM "
+                f"instead, pass DDIMScheduler.from_config(config)."
+            )
         return getattr(diffusers, name).from_config(cfg), name
     name = type(scheduler_or_config).__name__
     if name not in SUPPORTED_SCHEDULERS or not hasattr(scheduler_or_config, "config"):
@@ -132,9 +159,6 @@ def _ddpm(scheduler, cfg, num_inference_steps: int):
     return transition, _vp_grid(schedule, cfg, num_inference_steps, "next")
 
 
-_FLOW_FROM_SCHEDULER = ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
-
-
 def _flow(scheduler, cfg, num_inference_steps: int, mu: Optional[float]):
     for option in ("invert_sigmas", "stochastic_sampling"):
         if cfg.get(option, False):
@@ -149,16 +173,17 @@ def _flow(scheduler, cfg, num_inference_steps: int, mu: Optional[float]):
             "sequence length, e.g. solvers.interop.pipelines.calculate_shift(seq_len, scheduler.config))."
         )
     n_train = int(cfg.get("num_train_timesteps", 1000))
+    # the scheduler's current shift: set_shift() changes it, not its config
     schedule = FlowSchedule(float(getattr(scheduler, "shift", cfg.get("shift", 1.0))), n_train, dynamic)
     transition = FlowEulerSkip(schedule, prediction="velocity")
-    exotic = any(cfg.get(k) for k in _FLOW_FROM_SCHEDULER) or (dynamic and cfg.get("time_shift_type", "exponential") != "exponential")
-    if not exotic:
-        return transition, schedule.timesteps(num_inference_steps, mu=mu)
-    # The sigmas come from the scheduler's own set_timesteps, on a copy so the user's is untouched.
+    # The sigmas are the scheduler's own set_timesteps, on a copy so the user's is untouched: it spans
+    # sigma_max..sigma_min as computed at construction (set_shift() does not move them) and applies
+    # shift_terminal, Karras / exponential / beta sigmas and the linear time shift.
     probe = copy.deepcopy(scheduler)
     probe.set_timesteps(num_inference_steps, device="cpu", **({"mu": mu} if mu is not None else {}))
     sigmas = probe.sigmas.detach().cpu()
-    grid = TimeGrid(sigmas[:-1].to(torch.float64), sigmas[1:].to(torch.float64), probe.timesteps.detach().cpu().clone())
+    grid = TimeGrid(sigmas[:-1].to(torch.float64), sigmas[1:].to(torch.float64), probe.timesteps.detach().cpu().clone(),
+                    schedule.kind)
     schedule.validate(grid)
     return transition, grid
 
@@ -175,8 +200,8 @@ def from_diffusers(
 
     Arguments:
         scheduler_or_config: a ``DDIMScheduler``, ``DDPMScheduler`` or ``FlowMatchEulerDiscreteScheduler``,
-            or its ``config`` (a mapping; its class is its ``_class_name``, or told by the options only
-            that class has; instantiating it needs diffusers).
+            or its ``config`` (a mapping; its class is its ``_class_name``, or the supported class whose
+            options are exactly the config's keys; instantiating it needs diffusers).
         num_inference_steps: T, the number of model calls (as ``scheduler.set_timesteps(T)``).
         mu: the dynamic shift of a flow scheduler with ``use_dynamic_shifting=True`` (as
             ``set_timesteps(T, mu=mu)``); ignored otherwise, as diffusers does.
@@ -191,7 +216,7 @@ def from_diffusers(
         ``FlowEulerSkip``) and the :class:`~driffusion_core.TimeGrid` whose ``model_times`` are the
         timesteps diffusers passes to the model.
 
-    The scheduler is only read (a copy is stepped through ``set_timesteps`` for exotic flow sigmas).
+    The scheduler is only read (a flow scheduler's sigmas come from ``set_timesteps`` on a copy).
     """
     scheduler, name = _as_scheduler(scheduler_or_config)
     cfg = dict(scheduler.config)

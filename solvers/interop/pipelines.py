@@ -2,7 +2,8 @@ r"""A drop-in that runs a diffusers pipeline's denoising loop with DRiffusion.
 
 ``DRiffusionPipeline(pipe, width=4)(**the pipeline's own arguments)`` keeps everything of the
 pipeline but its loop: the pipeline's own ``check_inputs``, ``encode_prompt`` (so ``prompt_embeds`` /
-``negative_prompt_embeds`` work without a tokenizer), ``prepare_latents`` (the same initial noise for
+``negative_prompt_embeds`` work without a tokenizer; given embeddings are repeated per image for
+``num_images_per_prompt``, as StableDiffusionPipeline does, SD3 included), ``prepare_latents`` (the same initial noise for
 the same ``generator``), VAE decode, safety checker and ``image_processor.postprocess``. The loop
 ``for t: x = scheduler.step(model(x, t), t, x)`` becomes
 
@@ -69,6 +70,20 @@ def _noise_for(generator, noise: Optional[NoiseSource]) -> Optional[NoiseSource]
         return noise
     g = generator[0] if isinstance(generator, (list, tuple)) else generator
     return NoiseSource(int(torch.randint(0, 2**62, (1,), generator=g, device=g.device).item()))
+
+
+def _per_image(embeds: Optional[torch.Tensor], batch: int, num_images_per_prompt: int, name: str) -> Optional[torch.Tensor]:
+    """Embeddings with one row per image: rows given per prompt are repeated ``num_images_per_prompt`` times
+    in a row, as diffusers' ``encode_prompt`` repeats the ones it encodes (and StableDiffusionPipeline's
+    the ones it is given)."""
+    if embeds is None or embeds.shape[0] == batch * num_images_per_prompt:
+        return embeds
+    if embeds.shape[0] == batch:
+        return embeds.repeat_interleave(num_images_per_prompt, dim=0)
+    raise InvalidArgumentError(
+        f"{name} has {embeds.shape[0]} rows; with {batch} prompt(s) and num_images_per_prompt={num_images_per_prompt} "
+        f"it needs {batch} (one per prompt) or {batch * num_images_per_prompt} (one per image)."
+    )
 
 
 class DRiffusionPipeline:
@@ -260,6 +275,12 @@ class DRiffusionPipeline:
             device=device, clip_skip=clip_skip, num_images_per_prompt=num_images_per_prompt,
             max_sequence_length=max_sequence_length, lora_scale=(joint_attention_kwargs or {}).get("scale"),
         )
+        # encode_prompt repeats what it encodes per image, but passes given embeddings through as they are
+        # (diffusers' SD3 pipeline then fails on num_images_per_prompt > 1): repeat those as SD's does.
+        batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        pe, npe, ppe, nppe = (_per_image(v, batch, num_images_per_prompt, name) for v, name in (
+            (pe, "prompt_embeds"), (npe, "negative_prompt_embeds"),
+            (ppe, "pooled_prompt_embeds"), (nppe, "negative_pooled_prompt_embeds")))
         latents = pipe.prepare_latents(pe.shape[0], model.config.in_channels, height, width, pe.dtype, device, generator, latents)
         if pipe.scheduler.config.get("use_dynamic_shifting", False) and mu is None:
             patch = model.config.patch_size
