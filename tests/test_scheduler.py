@@ -225,9 +225,9 @@ def test_nested_conditioning_reaches_every_executor_row_by_row(executor):
     assert not torch.allclose(sched.sample(nested_predictor, x, executor=executor, cond=flipped).x, out.x)
 
 
-def single_sample_predictor(x, t, c, scale=1.0):
+def single_sample_predictor(x, t, c, scale=1.0, offset=0):
     """Written for ONE sample: x is [D], t is 0-d, c is [D] (a batch would break the dot product)."""
-    return torch.tanh(x * torch.dot(x, c) + c) * (0.5 + t.to(x.dtype) / 1000) * scale
+    return torch.tanh(x * torch.dot(x, c) + c + offset) * (0.5 + t.to(x.dtype) / 1000) * scale
 
 
 @pytest.mark.parametrize("executor", [SerialExecutor(), BatchedExecutor(), BatchedExecutor(vmap=True), BatchedExecutor(max_batch=2)])
@@ -239,6 +239,7 @@ def test_per_sample_turns_a_single_sample_predictor_into_a_batch_one(executor):
     t = torch.tensor([900, 500, 100])
     loop = torch.stack([single_sample_predictor(x[b], t[b], c[b], scale=0.5) for b in range(B)])
     torch.testing.assert_close(f(x, t, c=c, scale=0.5), loop)
+    torch.testing.assert_close(f(x, t, c=c, scale=0.5, offset=0), loop)  # a plain 0 is not a batch dimension
     sched = DraftRefineScheduler(DDIMSkip(VP), VP.timesteps(10, "trailing"), width=4)
     ref = sample_serial(f, x, DDIMSkip(VP), VP.timesteps(10, "trailing"), cond={"c": c, "scale": 0.5})
     wide = sched.sample(f, x, executor=executor, cond={"c": c, "scale": 0.5})
