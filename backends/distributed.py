@@ -19,29 +19,42 @@ and in the script::
     out = DraftRefineScheduler(transition, grid, width=env.world_size).sample(model, x, executor=executor,
                                                                               noise=NoiseSource(seed))
 
-A round (K > 1 drafts):
+A round of K drafts:
 
 1. each rank calls the predictor on its share (``shares(K)``), one call per draft, as
-   :class:`~backends.SerialExecutor` does (so the predictions are bit for bit the serial ones);
+   :class:`~backends.SerialExecutor` does (so the predictions are bit for bit the serial ones). A round
+   of one draft (the first anchor, conservative mode's anchor calls) is computed by every rank itself;
 2. the ranks exchange a small status header (ok / the predictor raised / bad output, plus a descriptor
-   of the inputs and outputs, so ranks that were given different shapes, dtypes or device types are
-   caught instead of exchanging garbage). With gloo the header and the predictions travel in **one**
-   all-gather; with nccl the header goes over a small gloo side group on the CPU and the predictions
-   over nccl;
+   of the inputs and outputs, so ranks that were given different shapes, dtypes, K or device types are
+   caught instead of exchanging garbage). One-draft rounds exchange it too, so a predictor that raises
+   there fails every rank at once, with its cause. With gloo the header and the predictions travel in
+   **one** all-gather per round; with nccl the header goes over a small gloo side group on the CPU and
+   the predictions over nccl;
 3. if some rank failed, every rank raises :class:`~driffusion_core.errors.ExecutorError` naming the
-   failing ranks, the exception type and message; otherwise the padded shares are assembled in draft
-   order (K need not be a multiple of the world size: shares are padded to the largest for the
-   all-gather and the padding dropped).
+   failing ranks, the exception type and message; if the ranks' inputs differ, every rank raises one
+   listing them; otherwise the padded shares are assembled in draft order (K need not be a multiple of
+   the world size: shares are padded to the largest for the all-gather and the padding dropped).
 
-A round with one draft (the anchor's exact call in conservative mode, the first anchor) needs no
-communication: every rank calls the predictor itself.
+Sizes. Every all-gather has a size all ranks agree on from earlier collective information only, never
+from a rank's own inputs (the backend aborts the process on a size mismatch). The gloo exchange sends
+``header + cap * row`` bytes, where the row (one prediction's shape and dtype) and ``cap`` (drafts per
+rank) are agreed from the gathered headers of the last round in which all ranks agreed; before any
+agreement it is the header alone. A rank whose share does not fit the agreed size says so in its
+header and sends no payload; after the checks the predictions then go in a second all-gather sized
+from the headers, and the agreed size grows (``cap`` = the largest share seen). So only a round that
+brings a new prediction shape or dtype, or a larger share than before, costs two all-gathers; every
+other round (in a sampling run: all but at most the first multi-draft one) costs one.
 
-Faults. Every wait on another rank is bounded by ``timeout`` seconds: a rank that dies, hangs or falls
-out of step makes the others raise ``ExecutorError`` instead of hanging. After such a communication
-failure a short ``monitored_barrier`` (at most ``diagnose_timeout`` seconds) names the ranks that did not
-answer; the process group is then unusable (the executor refuses further rounds) and the job should
-exit. ``timeout`` must exceed the longest a healthy rank can keep the others waiting, i.e. one share of
-model calls.
+Faults. Every wait on another rank in a round is bounded by ``timeout`` seconds: a rank that dies,
+hangs or falls out of step makes the others raise ``ExecutorError`` instead of hanging. After such a
+communication failure a short check (at most ``diagnose_timeout`` seconds, like ``monitored_barrier``)
+names the ranks that did not answer, so the error surfaces within about ``timeout + diagnose_timeout``
+seconds (sooner when a dead rank's connection closes). The process group is then unusable (the
+executor refuses further rounds) and the job should exit. ``timeout`` must exceed the longest a healthy
+rank can keep the others waiting, i.e. one share of model calls. Not bounded by ``timeout``: the
+one-time setup exchange in the constructor (ranks may load models at different speeds) and, with nccl,
+the prediction transfer itself (it waits on the GPU stream); both are bounded by the process group's
+own timeout (``init_from_env(timeout=...)``, NCCL's watchdog).
 """
 from __future__ import annotations
 
@@ -52,12 +65,12 @@ import re
 import socket
 import time
 import zlib
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 from driffusion_core.errors import ExecutorError, InvalidArgumentError, PredictorOutputError
-from driffusion_core.executor import Executor, Predictor
+from driffusion_core.executor import Executor, Predictor, map_tensors
 
 try:  # torch may be built without distributed support
     import torch.distributed as dist
@@ -217,11 +230,17 @@ def _device_name(code: int) -> str:
 
 
 def _cond_signature(cond: Mapping[str, Any]) -> int:
-    parts = []
-    for name in sorted(cond):
-        v = cond[name]
-        parts.append(f"{name}:{tuple(v.shape)}:{v.dtype}" if isinstance(v, torch.Tensor) else name)
-    return zlib.crc32("|".join(parts).encode())
+    """A checksum of the conditioning's structure: names, nesting, and each tensor's shape and dtype."""
+    def sig(v: Any) -> str:
+        if isinstance(v, torch.Tensor):
+            return f"{tuple(v.shape)}:{v.dtype}"
+        if isinstance(v, Mapping):
+            return "{" + ",".join(f"{k}={sig(v[k])}" for k in sorted(v, key=str)) + "}"
+        if isinstance(v, (list, tuple)):
+            return "[" + ",".join(sig(e) for e in v) + "]"
+        return type(v).__name__
+
+    return zlib.crc32(sig(dict(cond)).encode())
 
 
 def _dims(h: torch.Tensor, start: int, ndim: int) -> Tuple[int, ...]:
@@ -270,7 +289,9 @@ class DistributedExecutor(Executor):
     Arguments:
         group: the process group (default: the world). Every rank of it runs the same sampler.
         timeout: seconds any rank waits for the others in one exchange before raising
-            :class:`~driffusion_core.errors.ExecutorError` (must exceed one share's model calls).
+            :class:`~driffusion_core.errors.ExecutorError` (must exceed one share's model calls). A
+            failure surfaces within about ``timeout + diagnose_timeout``; the constructor's setup
+            exchange and the nccl prediction transfer are bounded by the process group's timeout.
         device: where this rank evaluates its share. Default: ``cuda:LOCAL_RANK`` with nccl, and
             wherever the inputs already are with gloo. Inputs are moved there; the gathered
             predictions are returned on the inputs' device.
@@ -350,7 +371,13 @@ class DistributedExecutor(Executor):
         self._fused = self.backend == "gloo" and self._control is group
         self._round = 0
         self._broken: Optional[str] = None
-        self._validated: Optional[tuple] = None
+        # The agreed size of the fused exchange: the row (shape, dtype) of one prediction and the capacity
+        # in drafts per rank. Set only from gathered headers after a round in which all ranks agreed, so it
+        # is the same on every rank; before any agreement the exchange is header-only.
+        self._agreed_row: Optional[Tuple[Tuple[int, ...], torch.dtype]] = None
+        self._cap = 0
+        self._row_bytes = 0
+        self._max_k = 0
         self._closed = False
 
         # Who is where (for describe()), exchanged once; also checks that every rank made the executor.
@@ -365,21 +392,49 @@ class DistributedExecutor(Executor):
     def shares(self, k: int) -> List[int]:
         """The planned number of drafts per rank for a round of ``k`` drafts (rank order = draft order).
 
-        A single draft is evaluated by every rank (no communication); the list then says ``[1, 0, ...]``
-        for the share that counts.
+        A single draft is evaluated by every rank (only the status is exchanged); the list then says
+        ``[1, 0, ...]`` for the share that counts.
         """
         return even_shares(k, self.world_size)
 
-    def describe(self) -> str:
+    def plan(self, width: int) -> List[int]:
+        """Drafts per rank in a full round of ``width`` drafts (rank order = draft order).
+
+        The rounds near the end of the grid may hold fewer drafts (``shares(K)`` for those); a round of
+        one draft (the first anchor, conservative mode's anchor calls) is computed by every rank.
+        """
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise InvalidArgumentError(f"width must be a positive int, got {width!r}.")
+        return self.shares(width)
+
+    def describe(self, width: Optional[int] = None) -> str:
+        """One line: world size, backend, nodes, the device of each rank and the planned drafts per round
+        per rank for ``width`` drafts per round (default: the largest round evaluated so far, if any)."""
         nodes = len(set(self._hosts))
         devs = sorted(set(self._devices))
         per_rank = devs[0] if len(devs) == 1 else ", ".join(f"{r}:{d}" for r, d in enumerate(self._devices))
         if per_rank == "inputs":
             per_rank = "the inputs' device"
-        return (
+        text = (
             f"DistributedExecutor(world_size={self.world_size}, backend={self.backend}, nodes={nodes}, "
-            f"device per rank: {per_rank}, timeout={self.timeout:g}s)"
+            f"device per rank: {per_rank}, timeout={self.timeout:g}s"
         )
+        if width is None and self._max_k > 1:
+            width = self._max_k
+        if width is not None:
+            sizes = self.plan(width)
+            if width == 1:
+                return text + ", drafts per round at width 1: every rank computes the one draft itself)"
+            runs, r = [], 0
+            while r < len(sizes):  # consecutive ranks with the same share, e.g. "ranks 0-2: 2"
+                e = r
+                while e + 1 < len(sizes) and sizes[e + 1] == sizes[r]:
+                    e += 1
+                who = f"rank {r}" if e == r else f"ranks {r}-{e}"
+                runs.append(f"{who}: {sizes[r]}")
+                r = e + 1
+            text += f", drafts per round at width {width}: {', '.join(runs)} (a one-draft round runs on every rank)"
+        return text + ")"
 
     def close(self) -> None:
         """Destroy the gloo side group this executor made (never the user's group). Safe to call twice."""
@@ -416,95 +471,61 @@ class DistributedExecutor(Executor):
             raise InvalidArgumentError("DistributedExecutor: a round needs at least one draft.")
         cond = dict(cond or {})
         self._round += 1
-        if k == 1:
-            # Every rank computes the single call itself: nothing to gain from communicating.
-            x0, t0, c = xs[0], ts[0], cond
-            if self.device is not None:
-                x0, t0 = x0.to(self.device), t0.to(self.device)
-                c = {n: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for n, v in cond.items()}
-            try:
-                pred = predictor(x0, t0, **c)
-            except Exception as e:
-                raise ExecutorError(
-                    f"DistributedExecutor: the predictor raised on rank {self.rank} (of {self.world_size}) in "
-                    f"round {self._round}: {type(e).__name__}: {e}"
-                ) from e
-            if not isinstance(pred, torch.Tensor):
-                raise PredictorOutputError(
-                    f"DistributedExecutor: the predictor returned {type(pred).__name__}, not a Tensor "
-                    f"(rank {self.rank}, round {self._round})."
-                )
-            return pred.unsqueeze(0).to(xs.device)
+        self._max_k = max(self._max_k, k)
 
         sizes = self.shares(k)
         offsets = _offsets(sizes)
-        mine, start = sizes[self.rank], offsets[self.rank]
         most = max(sizes)
+        # A one-draft round (the first anchor, conservative mode's anchor calls) is computed by every rank
+        # itself, so nothing but the status travels; a round of K > 1 drafts gives each rank its share.
+        start, mine = (0, 1) if k == 1 else (offsets[self.rank], sizes[self.rank])
 
-        # 1. this rank's share, one call per draft (as the serial executor does)
-        out: Optional[torch.Tensor] = None
-        code, message, cause = _OK, "", None
-        if mine:
-            dev = self.device
-            x_part = xs[start : start + mine]
-            t_part = ts[start : start + mine]
-            c = cond
-            if dev is not None:
-                x_part, t_part = x_part.to(dev), t_part.to(dev)
-                c = {n: (v.to(dev) if isinstance(v, torch.Tensor) else v) for n, v in cond.items()}
-            try:
-                outs = [predictor(x_part[j], t_part[j], **c) for j in range(mine)]
-            except Exception as e:  # reported to every rank below
-                code, message, cause = _RAISED, f"{type(e).__name__}: {e}", e
-            else:
-                bad = [o for o in outs if not isinstance(o, torch.Tensor)]
-                if bad:
-                    code, message = _BAD_OUTPUT, f"the predictor returned {type(bad[0]).__name__}, not a Tensor"
-                elif len({(tuple(o.shape), o.dtype) for o in outs}) > 1:
-                    code = _BAD_OUTPUT
-                    message = "the predictor returned predictions of different shapes or dtypes: " + ", ".join(
-                        f"{tuple(o.shape)} {o.dtype}" for o in outs
-                    )
-                elif outs[0].dim() + 1 > _MAXD:
-                    code, message = _BAD_OUTPUT, f"predictions with {outs[0].dim()} dimensions are not supported"
-                else:
-                    out = torch.stack(outs)
+        # 1. this rank's drafts, one call per draft (as the serial executor does)
+        out, code, message, cause = self._compute(predictor, xs, ts, cond, start, mine)
 
-        # 2. the status header (and, with gloo, the predictions in the same all-gather)
-        fits = out is None or (tuple(out.shape[1:]) == tuple(xs.shape[1:]) and out.dtype == xs.dtype)
+        # 2. the status header (and, with gloo, the predictions in the same all-gather). Every all-gather
+        #    has a size all ranks agree on from earlier collective information only (the agreed row and
+        #    capacity), never from this rank's own inputs, so diverging ranks still exchange equal buffers
+        #    and get the clear error of step 3 instead of a backend abort.
+        agreed_row, cap, row_bytes = self._agreed_row, self._cap, self._row_bytes
+        if k == 1 or out is None:
+            fits = code == _OK  # nothing to send (or it failed: the status says so)
+        else:
+            fits = (
+                agreed_row is not None and mine <= cap
+                and (tuple(out.shape[1:]), out.dtype) == agreed_row
+            )
         header = self._header(code, k, xs, ts, cond, out, fits)
-        row_shape = tuple(xs.shape[1:])
-        row_bytes = _numel(row_shape) * _item_size(xs.dtype)
-        # The fused path needs every rank to size its buffer alike, so a new kind of input (first round,
-        # new shapes) goes through a header-only exchange first: misconfigured ranks get a clear error.
-        desc = (tuple(xs.shape[1:]), xs.dtype, xs.device.type, ts.dtype, header[_F_COND].item())
-        fused = self._fused and desc == self._validated
-        if fused:
-            buf = torch.zeros(_HEADER_BYTES + most * row_bytes, dtype=torch.uint8)
+        if self._fused:
+            buf = torch.zeros(_HEADER_BYTES + cap * row_bytes, dtype=torch.uint8)
             buf[:_HEADER_BYTES] = header.view(torch.uint8)
-            if out is not None and fits:
+            if k > 1 and out is not None and fits:
                 payload = _to_bytes(out.detach().to("cpu"))
                 buf[_HEADER_BYTES : _HEADER_BYTES + payload.numel()] = payload
-            chunks = self._all_gather(buf, self._control, what="status and predictions", fault=cause)
+            what = "status and predictions" if cap else "status"
+            chunks = self._all_gather(buf, self._control, what=what, fault=cause)
             headers = [c[:_HEADER_BYTES].view(torch.int64) for c in chunks]
         else:
             chunks = None
             headers = self._all_gather(header, self._control, what="status", fault=cause)
 
-        # 3. errors, then consistency, then the predictions in draft order
+        # 3. errors, then consistency (so from here on every rank has the same k, shapes and dtypes),
+        #    then the predictions in draft order
         self._check_status(headers, cause, code, message)
         out_shape, out_dtype = self._check_consistency(headers, sizes)
-        self._validated = desc
+        self._agree(out_shape, out_dtype, most)
+        if k == 1:
+            return out.to(xs.device)
         if chunks is not None and all(int(h[_F_FITS]) for h in headers):
             parts = [
-                _from_bytes(chunks[r][_HEADER_BYTES : _HEADER_BYTES + sizes[r] * row_bytes], xs.dtype,
-                            (sizes[r],) + row_shape)
+                _from_bytes(chunks[r][_HEADER_BYTES : _HEADER_BYTES + sizes[r] * row_bytes], agreed_row[1],
+                            (sizes[r],) + agreed_row[0])
                 for r in range(self.world_size)
                 if sizes[r]
             ]
             return torch.cat(parts).to(xs.device)
 
-        # predictions of an unexpected shape/dtype (gloo), or the nccl data path
+        # the first round of a new kind of output (gloo), or the nccl data path; sized from the headers
         row_bytes = _numel(out_shape) * _item_size(out_dtype)
         buf = torch.zeros(most * row_bytes, dtype=torch.uint8, device=self._comm_device)
         if out is not None:
@@ -520,6 +541,45 @@ class DistributedExecutor(Executor):
         return torch.cat(parts).to(xs.device)
 
     # -------------------------------------------------------------------------------------- plumbing
+
+    def _compute(self, predictor, xs, ts, cond, start, mine):
+        """This rank's drafts ``start .. start + mine``: (stacked output or None, code, message, cause)."""
+        if not mine:
+            return None, _OK, "", None
+        dev = self.device
+        x_part = xs[start : start + mine]
+        t_part = ts[start : start + mine]
+        c = cond
+        if dev is not None:
+            x_part, t_part = x_part.to(dev), t_part.to(dev)
+            c = map_tensors(lambda v: v.to(dev), cond)
+        try:
+            outs = [predictor(x_part[j], t_part[j], **c) for j in range(mine)]
+        except Exception as e:  # reported to every rank
+            return None, _RAISED, f"{type(e).__name__}: {e}", e
+        bad = [o for o in outs if not isinstance(o, torch.Tensor)]
+        if bad:
+            return None, _BAD_OUTPUT, f"the predictor returned {type(bad[0]).__name__}, not a Tensor", None
+        if len({(tuple(o.shape), o.dtype) for o in outs}) > 1:
+            message = "the predictor returned predictions of different shapes or dtypes: " + ", ".join(
+                f"{tuple(o.shape)} {o.dtype}" for o in outs
+            )
+            return None, _BAD_OUTPUT, message, None
+        if outs[0].dim() + 1 > _MAXD:
+            return None, _BAD_OUTPUT, f"predictions with {outs[0].dim()} dimensions are not supported", None
+        if _dtype_code(outs[0].dtype) == 99:
+            return None, _BAD_OUTPUT, f"predictions of dtype {outs[0].dtype} are not supported", None
+        return torch.stack(outs), _OK, "", None
+
+    def _agree(self, out_shape, out_dtype, most: int) -> None:
+        """Update the agreed row and capacity from a round whose headers all agreed (so every rank
+        computes the same values: they come from the gathered headers, not from local inputs)."""
+        row = (tuple(int(d) for d in out_shape), out_dtype)
+        if row != self._agreed_row:
+            self._agreed_row, self._cap = row, most
+        else:
+            self._cap = max(self._cap, most)
+        self._row_bytes = _numel(row[0]) * _item_size(out_dtype)
 
     def _header(self, code, k, xs, ts, cond, out, fits) -> torch.Tensor:
         h = torch.full((_HEADER_LEN,), -1, dtype=torch.int64)

@@ -55,7 +55,7 @@ def main() -> None:
 
     if env.rank == 0:
         ref = sample_serial(predictor, x, transition, grid, noise=NoiseSource(args.seed + 1))
-        print(executor.describe())
+        print(executor.describe(width))  # world size, backend, nodes, device and drafts per round per rank
         print(f"{sched}: {out.rounds} rounds for {out.evals} model calls (serial: {ref.rounds} rounds)")
         print(f"max |DRiffusion - serial| = {(out.x - ref.x).abs().max().item():.3e}")
         print(out.x[:4])

@@ -91,6 +91,9 @@ def test_equals_serial_for_uneven_shares():
     r0, r1 = results[0], results[1]
     assert r0["shares"] == {1: [1, 0], 2: [1, 1], 3: [2, 1], 5: [3, 2]}
     assert "world_size=2" in r0["describe"] and "gloo" in r0["describe"]
+    assert r0["plan"] == [2, 1]
+    assert "drafts per round at width 3: rank 0: 2, rank 1: 1" in r0["describe3"], r0["describe3"]
+    assert "width 5: rank 0: 3, rank 1: 2" in r0["describe"], r0["describe"]  # the largest round so far
     for key, (got, ref) in r0["pairs"].items():
         assert got.dtype == ref.dtype and got.shape == ref.shape, key
         assert torch.equal(got, ref), f"{key}: distributed != serial"
@@ -228,6 +231,45 @@ def test_sampling_end_to_end_equals_serial(family):
         assert torch.isfinite(run["x"]).all()
 
 
+@pytest.mark.parametrize("what", ["dtype", "k", "shape", "one_draft"])
+def test_one_rank_diverging_after_the_first_round_is_explained(what):
+    """After a round that fixed the fused exchange's size, rank 1 alone changes its dtype, K, batch or
+    goes to a one-draft round: the buffers stay the same size on every rank (no gloo abort) and every
+    rank raises the 'different inputs' error at once."""
+    results, codes, _, logs = _launch(f"diverge_{what}")
+    _need(results, [0, 1], logs)
+    assert codes == [0, 0], logs  # no SIGABRT from a size mismatch in the backend
+    for rank in (0, 1):
+        res = results[rank]
+        assert res["error_type"] == "ExecutorError", res
+        assert "different inputs" in res["message"] and "round 2" in res["message"], res["message"]
+        assert res["seconds"] < TIMEOUT, res
+        assert res["refused_after"], "ranks out of step must refuse further rounds"
+    if what == "dtype":
+        assert "float64" in results[0]["message"]
+
+
+@pytest.mark.skipif(not _scheduler_available(), reason="driffusion_core.DraftRefineScheduler not available")
+@pytest.mark.parametrize("mode", ["aggressive", "conservative"])
+def test_predictor_raising_in_a_one_draft_round_fails_every_rank_at_once(mode):
+    """The predictor raises on rank 1 in a one-draft round (aggressive: the first anchor; conservative:
+    the anchor call of the second iteration): every rank raises, in that round, an error naming rank 1
+    and the exception, long before the timeout; the group stays usable."""
+    results, codes, _, logs = _launch(f"raise_anchor_{mode}")
+    _need(results, [0, 1], logs)
+    assert codes == [0, 0], logs
+    round_ = 1 if mode == "aggressive" else 3
+    for rank in (0, 1):
+        res = results[rank]
+        assert res["error_type"] == "ExecutorError", res
+        msg = res["message"]
+        assert "rank 1" in msg and "ValueError" in msg and "anchor boom on purpose" in msg, msg
+        assert f"in round {round_}:" in msg and "did not answer" not in msg, msg
+        assert res["k_at_failure"] == 1, res
+        assert res["seconds"] < TIMEOUT, res
+        assert res["after"] is True, "the next sample must work and equal the serial executor's"
+
+
 # -------------------------------------------------------------------------------------- child side
 
 
@@ -269,6 +311,13 @@ def _scenario_basic(rank, world):
             ts = torch.randint(0, 1000, (k, 1), generator=g).expand(k, 4).to(torch.float32)
             cond = {"scale": torch.rand(4, generator=g), "tag": "x"}
             pairs[(k, str(dtype))] = (ex.evaluate(_predictor, xs, ts, cond), serial.evaluate(_predictor, xs, ts, cond))
+    # conditioning nested as diffusers' added_cond_kwargs (a dict holding a list of tensors)
+    nested = lambda x, t, extra: _predictor(x, t, extra["scales"][0]) + extra["scales"][1].reshape(-1, 1, 1)  # noqa: E731
+    for k in (1, 3):
+        xs = torch.randn(k, 4, 3, 2, generator=g)
+        ts = torch.full((k, 4), 700.0)
+        cond = {"extra": {"scales": [torch.rand(4, generator=g), torch.rand(4, generator=g)]}}
+        pairs[("nested", k)] = (ex.evaluate(nested, xs, ts, cond), serial.evaluate(nested, xs, ts, cond))
     # a torch module predictor (same seed, same weights on every rank), no conditioning
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.SiLU(), torch.nn.Linear(32, 6))
@@ -282,12 +331,13 @@ def _scenario_basic(rank, world):
 
     ex2 = DistributedExecutor(timeout=20, control_group=dist.new_group(backend="gloo"))
     assert not ex2._fused
-    for k in (2, 3, 5):
+    for k in (1, 2, 3, 5):
         xs = torch.randn(k, 4, 3, generator=g)
         ts = torch.full((k, 4), 10.0 * k)
         cond = {"scale": torch.rand(4, generator=g)}
         pairs[("two-phase", k)] = (ex2.evaluate(_predictor, xs, ts, cond), serial.evaluate(_predictor, xs, ts, cond))
-    return {"pairs": pairs, "shares": {k: ex.shares(k) for k in (1, 2, 3, 5)}, "describe": ex.describe()}
+    return {"pairs": pairs, "shares": {k: ex.shares(k) for k in (1, 2, 3, 5)}, "describe": ex.describe(),
+            "describe3": ex.describe(3), "plan": ex.plan(3)}
 
 
 def _scenario_odd_outputs(rank, world):
@@ -387,6 +437,64 @@ def _scenario_mismatch(rank, world):
     return _fault_result(lambda: ex.evaluate(_predictor, xs, ts))
 
 
+def _scenario_diverge(rank, world, what):
+    from backends import DistributedExecutor
+
+    ex = DistributedExecutor(timeout=TIMEOUT, diagnose_timeout=DIAGNOSE)
+    g = torch.Generator().manual_seed(5)
+    xs, ts = torch.randn(2, 3, 4, generator=g), torch.zeros(2, 3)
+    ex.evaluate(_predictor, xs, ts)  # round 1: all agree, the fused exchange now carries a draft per rank
+    if rank == 1:
+        if what == "dtype":
+            xs = xs.double()
+        elif what == "k":  # shares [2, 1]: rank 1's share still fits, rank 0's round is K=2
+            xs, ts = torch.randn(3, 3, 4, generator=g), torch.zeros(3, 3)
+        elif what == "shape":  # a larger batch: rows that no longer fit
+            xs, ts = torch.randn(2, 5, 4, generator=g), torch.zeros(2, 5)
+        elif what == "one_draft":  # a one-draft round against rank 0's two-draft round
+            xs, ts = xs[:1], ts[:1]
+    res = _fault_result(lambda: ex.evaluate(_predictor, xs, ts))
+    again = _fault_result(lambda: ex.evaluate(_predictor, xs, ts))
+    res["refused_after"] = again["error_type"] == "ExecutorError" and "earlier round failed" in again["message"]
+    return res
+
+
+def _scenario_raise_anchor(rank, world, mode):
+    import driffusion_core as core
+    import solvers
+    from backends import DistributedExecutor, SerialExecutor
+
+    ex = DistributedExecutor(timeout=TIMEOUT, diagnose_timeout=DIAGNOSE)
+    schedule = core.VPSchedule.linear()
+    predictor = solvers.ring_mixture(4).predictor(schedule, "epsilon")
+    sched = core.DraftRefineScheduler(solvers.DDIMSkip(schedule), schedule.timesteps(10), width=2, mode=mode)
+    # rank 1's calls: aggressive: 1 = the first anchor; conservative: 1 = anchor, 2 = its share of the
+    # two drafts, 3 = the next anchor call. Both are one-draft rounds.
+    bad_call = 1 if mode == "aggressive" else 3
+    calls, ks = [0], []
+    evaluate = ex.evaluate
+
+    def counting_evaluate(pred, xs, ts, cond=None):
+        ks.append(xs.shape[0])
+        return evaluate(pred, xs, ts, cond)
+
+    ex.evaluate = counting_evaluate
+
+    def flaky(x, t, **c):
+        calls[0] += 1
+        if rank == 1 and calls[0] == bad_call:
+            raise ValueError("anchor boom on purpose")
+        return predictor(x, t, **c)
+
+    x = core.NoiseSource(123).initial((6, 2))
+    res = _fault_result(lambda: sched.sample(flaky, x, executor=ex, noise=core.NoiseSource(7)))
+    res["k_at_failure"] = ks[-1] if ks else None
+    got = sched.sample(predictor, x, executor=ex, noise=core.NoiseSource(7)).x
+    ref = sched.sample(predictor, x, executor=SerialExecutor(), noise=core.NoiseSource(7)).x
+    res["after"] = bool(torch.equal(got, ref))
+    return res
+
+
 def _e2e(family):
     import driffusion_core as core
     import solvers
@@ -425,6 +533,10 @@ SCENARIOS = {
     "die1": lambda rank, world: _scenario_die(rank, world, dying=1),
     "hang": _scenario_hang,
     "mismatch": _scenario_mismatch,
+    **{f"diverge_{w}": (lambda w: lambda rank, world: _scenario_diverge(rank, world, w))(w)
+       for w in ("dtype", "k", "shape", "one_draft")},
+    "raise_anchor_aggressive": lambda rank, world: _scenario_raise_anchor(rank, world, "aggressive"),
+    "raise_anchor_conservative": lambda rank, world: _scenario_raise_anchor(rank, world, "conservative"),
     "e2e_ddpm": lambda rank, world: _e2e("ddpm"),
     "e2e_ddim": lambda rank, world: _e2e("ddim"),
     "e2e_flow": lambda rank, world: _e2e("flow"),
