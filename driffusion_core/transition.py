@@ -107,6 +107,30 @@ class SkipTransition(abc.ABC):
         alpha, sigma = alpha_sigma if alpha_sigma is not None else self.schedule.alpha_sigma(as_levels(t, x.shape[0]))
         return to_x0_eps(self.prediction, x, pred, alpha, sigma, self.x0_transform, self.recompute_eps)
 
+    # ----------------------------------------------------------------- coefficient cache
+    _CACHE_SIZE = 4096
+
+    def cached(self, t_from: torch.Tensor, t_to: torch.Tensor, compute):
+        """``compute(t_from, t_to)``, remembered per pair of scalar levels.
+
+        A sampler takes the same steps on every call (and the same step in every batch), so the
+        float64 schedule arithmetic of a scalar step is done once per transition. Per-row levels
+        (drafts) are computed each time. The cached values are the ones ``compute`` returns, so
+        results are bit for bit those without the cache.
+        """
+        if t_from.dim() or t_to.dim():
+            return compute(t_from, t_to)
+        return self._memo((compute.__name__, t_from.item(), t_to.item()), lambda: compute(t_from, t_to))
+
+    def _memo(self, key, make):
+        cache = self.__dict__.setdefault("_coefficient_cache", {})
+        hit = cache.get(key)
+        if hit is None:
+            if len(cache) >= self._CACHE_SIZE:
+                cache.clear()
+            hit = cache[key] = make()
+        return hit
+
     # ----------------------------------------------------------------- drafts
     def draft_noise_std(self, t_from: torch.Tensor, t_to: torch.Tensor) -> torch.Tensor:
         """``Tensor[n]``: the std of the skip from ``t_from[0]`` to each ``t_to[j]`` (transitions with
@@ -129,9 +153,18 @@ class SkipTransition(abc.ABC):
         :attr:`draft_is_chain`, the big step's own std (then std * noise is the chain's noise
         :math:`\\sum_k w_{jk} z_k` exactly, whatever the big step's variance).
         """
+        n = noises.shape[0]
+        u = self._memo(("coupling", tuple(t_from.tolist()), tuple(t_to.tolist())), lambda: self._coupling(t_from, t_to))
+        flat = noises.reshape(n, -1)
+        out = (u.to(device=flat.device, dtype=flat.dtype) @ flat).reshape(noises.shape)
+        out[0] = noises[0]
+        return out
+
+    def _coupling(self, t_from: torch.Tensor, t_to: torch.Tensor) -> torch.Tensor:
+        """The lower-triangular ``[n, n]`` float64 matrix of :meth:`coupled_noise`: row j is w_j / nu_j."""
         from driffusion_core.coefficients import chain_noise_weights
 
-        n = noises.shape[0]
+        n = int(t_from.shape[0])
         c_x, std = self.chain_factors(t_from, t_to)
         big = self.draft_noise_std(t_from, t_to) if self.draft_is_chain else None
         u = torch.zeros(n, n, dtype=torch.float64)
@@ -142,10 +175,7 @@ class SkipTransition(abc.ABC):
                 u[j, : j + 1] = w / norm
             else:
                 u[j, j] = 1.0
-        flat = noises.reshape(n, -1)
-        out = (u.to(device=flat.device, dtype=flat.dtype) @ flat).reshape(noises.shape)
-        out[0] = noises[0]
-        return out
+        return u
 
     def drafts(
         self,

@@ -57,11 +57,15 @@ class DDIMSkip(SkipTransition):
         self.stochastic = self.eta > 0
         self.composes_exactly = self.eta == 0
 
+    def _coefficients(self, t_from: torch.Tensor, t_to: torch.Tensor):
+        """((alpha_t, sigma_t), (c_x0, c_eps, sigma_ts)) of the skip t_from -> t_to."""
+        abar_t, abar_s = self.schedule.alpha_bar(t_from), self.schedule.alpha_bar(t_to)
+        return C.vp_alpha_sigma(abar_t), C.ddim_coefficients(abar_t, abar_s, self.eta)
+
     def __call__(self, x, pred, t_from: Levels, t_to: Levels, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         t_from, t_to = as_levels(t_from, x.shape[0]), as_levels(t_to, x.shape[0])
-        abar_t, abar_s = self.schedule.alpha_bar(t_from), self.schedule.alpha_bar(t_to)
-        x0_hat, eps_hat = self.to_x0_eps(x, pred, t_from, C.vp_alpha_sigma(abar_t))
-        c_x0, c_eps, sigma = C.ddim_coefficients(abar_t, abar_s, self.eta)
+        alpha_sigma, (c_x0, c_eps, sigma) = self.cached(t_from, t_to, self._coefficients)
+        x0_hat, eps_hat = self.to_x0_eps(x, pred, t_from, alpha_sigma)
         out = broadcast_coef(c_x0, x) * x0_hat + broadcast_coef(c_eps, x) * eps_hat
         if self.stochastic and noise is not None:
             out = out + broadcast_coef(sigma, x) * noise

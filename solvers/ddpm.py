@@ -67,14 +67,19 @@ class DDPMSkip(SkipTransition):
             var = C.ddpm_large_variance(abar_t, abar_s)
         return torch.where(t_from > 0, var.clamp(min=0).sqrt(), torch.zeros_like(var))
 
+    def _coefficients(self, t_from: torch.Tensor, t_to: torch.Tensor):
+        """((alpha_t, sigma_t), (c_x0, c_xt, std)) of the posterior step t_from -> t_to."""
+        abar_t, abar_s = self.schedule.alpha_bar(t_from), self.schedule.alpha_bar(t_to)
+        c_x0, c_xt, var = C.ddpm_posterior_coefficients(abar_t, abar_s)
+        return C.vp_alpha_sigma(abar_t), (c_x0, c_xt, self._std(abar_t, abar_s, t_from, var))
+
     def __call__(self, x, pred, t_from: Levels, t_to: Levels, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         t_from, t_to = as_levels(t_from, x.shape[0]), as_levels(t_to, x.shape[0])
-        abar_t, abar_s = self.schedule.alpha_bar(t_from), self.schedule.alpha_bar(t_to)
-        x0_hat, _ = self.to_x0_eps(x, pred, t_from, C.vp_alpha_sigma(abar_t))
-        c_x0, c_xt, var = C.ddpm_posterior_coefficients(abar_t, abar_s)
+        alpha_sigma, (c_x0, c_xt, std) = self.cached(t_from, t_to, self._coefficients)
+        x0_hat, _ = self.to_x0_eps(x, pred, t_from, alpha_sigma)
         out = broadcast_coef(c_x0, x) * x0_hat + broadcast_coef(c_xt, x) * x
         if noise is not None:
-            out = out + broadcast_coef(self._std(abar_t, abar_s, t_from, var), x) * noise
+            out = out + broadcast_coef(std, x) * noise
         return zero_length_identity(out, x, t_from, t_to)
 
     def draft_noise_std(self, t_from: torch.Tensor, t_to: torch.Tensor) -> torch.Tensor:

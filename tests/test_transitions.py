@@ -430,3 +430,36 @@ def test_serial_sampler_converges_at_first_order(kind):
     errors = [float((sample_serial(f, x, tr, grid(T)).x - ref).pow(2).mean().sqrt()) for T in steps]
     orders = [math.log2(a / b) for a, b in zip(errors, errors[1:])]
     assert all(0.85 <= o <= 1.2 for o in orders), f"errors {errors}, observed orders {orders}"
+
+
+@pytest.mark.parametrize(
+    "make,noise",
+    [
+        pytest.param(lambda: DDIMSkip(VPSchedule.linear(), eta=0.3), NoiseSource(3), id="ddim_eta0.3"),
+        pytest.param(lambda: DDPMSkip(VPSchedule.linear(), variance_type="fixed_large"), NoiseSource(3), id="ddpm"),
+        pytest.param(lambda: DDIMSkip(VPSchedule.scaled_linear(), "v_prediction"), None, id="ddim_v"),
+    ],
+)
+def test_coefficient_cache_changes_no_bit(make, noise):
+    """Transitions remember a scalar step's coefficients and a window's noise coupling; a warm cache, a
+    cold one and a bounded one give the same bits, serial and draft-and-refine alike."""
+    from driffusion_core import DraftRefineScheduler
+
+    grid = VPSchedule.linear().timesteps(12, "trailing")
+    x, f = randn(5, 3, seed=1), (lambda x, t: torch.tanh(x) * (t.to(x.dtype)[:, None] / 1000))
+    warm = make()
+    runs = [sample_serial(f, x, warm, grid, noise=noise).x for _ in range(2)]
+    runs.append(sample_serial(f, x, make(), grid, noise=noise).x)
+    tiny = make()
+    tiny._CACHE_SIZE = 3  # evicts all the time
+    runs.append(sample_serial(f, x, tiny, grid, noise=noise).x)
+    assert len(tiny._coefficient_cache) <= 3
+    assert all(torch.equal(r, runs[0]) for r in runs)
+    wide = [DraftRefineScheduler(tr, grid, width=4).sample(f, x, noise=noise).x for tr in (warm, warm, make(), tiny)]
+    assert all(torch.equal(r, wide[0]) for r in wide)
+    # the scalar step equals a per-row step (never cached) bit for bit
+    p = randn(5, 3, seed=2)
+    z = randn(5, 3, seed=4)
+    t, s = torch.tensor(523.0, dtype=F64), torch.tensor(311.0, dtype=F64)
+    assert torch.equal(warm(x, p, t, s, z), warm(x, p, t.expand(5), s.expand(5), z))
+    assert torch.equal(warm(x, p, t, s, z), warm(x, p, t, s, z))
