@@ -109,18 +109,24 @@ class SkipTransition(abc.ABC):
 
     # ----------------------------------------------------------------- coefficient cache
     _CACHE_SIZE = 4096
+    _CACHE_ROWS = 1024
 
     def cached(self, t_from: torch.Tensor, t_to: torch.Tensor, compute):
-        """``compute(t_from, t_to)``, remembered per pair of scalar levels.
+        """``compute(t_from, t_to)``, remembered per pair of levels (scalars, or up to
+        :attr:`_CACHE_ROWS` per-row levels, as a window's drafts have).
 
         A sampler takes the same steps on every call (and the same step in every batch), so the
-        float64 schedule arithmetic of a scalar step is done once per transition. Per-row levels
-        (drafts) are computed each time. The cached values are the ones ``compute`` returns, so
-        results are bit for bit those without the cache.
+        float64 schedule arithmetic of a step or a window of drafts is done once per transition.
+        The cached values are the ones ``compute`` returns, so results are bit for bit those
+        without the cache.
         """
-        if t_from.dim() or t_to.dim():
+        if t_from.dim() == 0 and t_to.dim() == 0:
+            key = (compute.__name__, t_from.item(), t_to.item())
+        elif t_from.numel() <= self._CACHE_ROWS and t_to.numel() <= self._CACHE_ROWS:
+            key = (compute.__name__, t_from.dim(), t_from.numpy().tobytes(), t_to.dim(), t_to.numpy().tobytes())
+        else:
             return compute(t_from, t_to)
-        return self._memo((compute.__name__, t_from.item(), t_to.item()), lambda: compute(t_from, t_to))
+        return self._memo(key, lambda: compute(t_from, t_to))
 
     def _memo(self, key, make):
         cache = self.__dict__.setdefault("_coefficient_cache", {})

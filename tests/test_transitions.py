@@ -441,8 +441,8 @@ def test_serial_sampler_converges_at_first_order(kind):
     ],
 )
 def test_coefficient_cache_changes_no_bit(make, noise):
-    """Transitions remember a scalar step's coefficients and a window's noise coupling; a warm cache, a
-    cold one and a bounded one give the same bits, serial and draft-and-refine alike."""
+    """Transitions remember a step's (or a window of drafts') coefficients and a window's noise coupling;
+    a warm cache, a cold one and an evicting one give the bits of no cache, serial and draft-and-refine alike."""
     from driffusion_core import DraftRefineScheduler
 
     grid = VPSchedule.linear().timesteps(12, "trailing")
@@ -454,8 +454,12 @@ def test_coefficient_cache_changes_no_bit(make, noise):
     tiny._CACHE_SIZE = 3  # evicts all the time
     runs.append(sample_serial(f, x, tiny, grid, noise=noise).x)
     assert len(tiny._coefficient_cache) <= 3
+    nocache = make()  # the reference: every coefficient computed afresh
+    nocache.cached = lambda t_from, t_to, compute: compute(t_from, t_to)
+    nocache._memo = lambda key, make_value: make_value()
+    runs.append(sample_serial(f, x, nocache, grid, noise=noise).x)
     assert all(torch.equal(r, runs[0]) for r in runs)
-    wide = [DraftRefineScheduler(tr, grid, width=4).sample(f, x, noise=noise).x for tr in (warm, warm, make(), tiny)]
+    wide = [DraftRefineScheduler(tr, grid, width=4).sample(f, x, noise=noise).x for tr in (nocache, warm, warm, make(), tiny)]
     assert all(torch.equal(r, wide[0]) for r in wide)
     # the scalar step equals a per-row step (never cached) bit for bit
     p = randn(5, 3, seed=2)
