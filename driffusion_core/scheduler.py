@@ -177,8 +177,8 @@ def check_predictions(
             f"The predictor returned {preds.dtype} on {preds.device} at {where(0)}, but the state is "
             f"{xs.dtype} on {xs.device}; cast the model output (or run the sampler in the model's dtype)."
         )
-    finite = torch.isfinite(preds).reshape(preds.shape[0], -1).all(dim=1)
-    if not finite.all():
+    if not bool(torch.isfinite(preds).all()):  # one reduction; find the draft only on failure
+        finite = torch.isfinite(preds).reshape(preds.shape[0], -1).all(dim=1)
         k = int(torch.nonzero(~finite)[0])
         kind = "NaN" if torch.isnan(preds[k]).any() else "inf"
         raise PredictorOutputError(
