@@ -35,23 +35,13 @@ def per_sample(f: Callable[..., torch.Tensor]) -> Predictor:
         raise InvalidArgumentError(f"per_sample needs a callable, got {type(f).__name__}.")
 
     def batched(x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
-        dims = _in_dims(cond)
+        # vmap's in_dims for the conditioning tree: rows of batched tensors, everything else whole
+        dims = map_tensors(lambda v: 0 if v.dim() > 0 else None, cond, leaf=lambda v: None)
         return torch.func.vmap(lambda xx, tt, cc: f(xx, tt, **cc), in_dims=(0, 0, dims))(x, t, cond)
 
     batched.__name__ = f"per_sample({getattr(f, '__name__', type(f).__name__)})"
     batched.__wrapped__ = f
     return batched
-
-
-def _in_dims(cond: Any) -> Any:
-    """vmap's in_dims for a conditioning tree: 0 for tensors with a batch dimension, None for every other leaf."""
-    if isinstance(cond, torch.Tensor):
-        return 0 if cond.dim() > 0 else None
-    if isinstance(cond, Mapping):
-        return {k: _in_dims(v) for k, v in cond.items()}
-    if isinstance(cond, (list, tuple)):
-        return type(cond)(_in_dims(v) for v in cond) if not hasattr(cond, "_fields") else type(cond)(*map(_in_dims, cond))
-    return None
 
 
 class BatchedExecutor(Executor):

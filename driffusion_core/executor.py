@@ -23,21 +23,22 @@ import torch
 Predictor = Callable[..., torch.Tensor]
 
 
-def map_tensors(fn: Callable[[torch.Tensor], Any], obj: Any) -> Any:
+def map_tensors(fn: Callable[[torch.Tensor], Any], obj: Any, leaf: Callable[[Any], Any] = lambda v: v) -> Any:
     """``obj`` with ``fn`` applied to every tensor in it, through dicts, lists and tuples.
 
     Conditioning may nest (diffusers' ``added_cond_kwargs={"text_embeds": ..., "time_ids": ...}``);
-    executors repeat, slice and move its tensors with this. Other values are returned as they are.
+    executors repeat, slice and move its tensors with this. Other values become ``leaf(value)``
+    (themselves by default).
     """
     if isinstance(obj, torch.Tensor):
         return fn(obj)
     if isinstance(obj, Mapping):
-        return {k: map_tensors(fn, v) for k, v in obj.items()}
+        return {k: map_tensors(fn, v, leaf) for k, v in obj.items()}
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple
-        return type(obj)(*(map_tensors(fn, v) for v in obj))
+        return type(obj)(*(map_tensors(fn, v, leaf) for v in obj))
     if isinstance(obj, (list, tuple)):
-        return type(obj)(map_tensors(fn, v) for v in obj)
-    return obj
+        return type(obj)(map_tensors(fn, v, leaf) for v in obj)
+    return leaf(obj)
 
 
 def batched_tensors(cond: Any, prefix: str = "cond") -> Iterator[Tuple[str, torch.Tensor]]:
