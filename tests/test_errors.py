@@ -381,3 +381,20 @@ def test_timesteps_of_two_dimensions_are_refused():
 def test_integer_widths_of_any_integer_type(width):
     sched = scheduler(width=width)
     assert sched.width == 3 and type(sched.width) is int
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_agrees_with_isfinite(dtype):
+    """The NaN/inf check the samplers run on every prediction, against torch.isfinite."""
+    from driffusion_core.scheduler import all_finite
+
+    big = torch.finfo(dtype).max
+    base = torch.tensor([[big, -big, 0.0, -0.0], [1e-3, big, big, 3.0]], dtype=dtype)  # finite, sums would overflow
+    cases = [base]
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for pos in ((0, 0), (1, 3)):
+            t = base.clone()
+            t[pos] = bad
+            cases.append(t)
+    for t in cases:
+        assert all_finite(t) == bool(torch.isfinite(t).all()), t
