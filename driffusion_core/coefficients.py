@@ -31,6 +31,7 @@ __all__ = [
     "ddim_chain_coefficients",
     "flow_euler_coefficient",
     "chain_noise_weights",
+    "chain_draft_coefficients",
 ]
 
 
@@ -183,6 +184,28 @@ def flow_euler_coefficient(t: Any, s: Any) -> Any:
 # --------------------------------------------------------------------------- coupled noise
 
 
+def chain_draft_coefficients(A: Sequence[Any], B: Sequence[Any], s: Sequence[Any]) -> Tuple[list, list, list]:
+    r"""The chain :math:`x_{k+1} = A_k \hat x_0 + B_k x_k + s_k z_k` (k = 0..n-1, x0_hat frozen), unrolled.
+
+    .. math:: x_{j+1} = \tilde A_j \hat x_0 + \tilde B_j x_0' + \textstyle\sum_{k \le j} W_{jk} z_k,\qquad
+              \tilde B_j = \prod_{k \le j} B_k,\quad \tilde A_j = \tilde A_{j-1} B_j + A_j,\quad
+              W_{jk} = s_k \prod_{k < m \le j} B_m .
+
+    Returns ``(A~, B~, W)``: two lists of n values and a list of n rows (row j has j+1 entries, the
+    :func:`chain_noise_weights` of the first j+1 steps). A stochastic transition's drafts are this.
+    """
+    n = len(A)
+    At, Bt, W = [], [], []
+    a, b = 0, 1
+    for j in range(n):
+        a = a * B[j] + A[j]
+        b = b * B[j]
+        At.append(a)
+        Bt.append(b)
+        W.append(chain_noise_weights(B[: j + 1], s[: j + 1]))
+    return At, Bt, W
+
+
 def chain_noise_weights(c_x: Sequence[Any], std: Sequence[Any]) -> list:
     r"""Noise weights of a chain of one-level steps with x0_hat frozen.
 
@@ -192,9 +215,9 @@ def chain_noise_weights(c_x: Sequence[Any], std: Sequence[Any]) -> list:
               w_k = s_k \prod_{m>k} B_m .
 
     ``c_x`` are the :math:`B_k`, ``std`` the :math:`s_k`; returns ``[w_0, ..., w_{n-1}]``.
-    A draft's noise is built from the same per-step noise as the serial chain: for DDPM the draft
-    adds :math:`\sum_k w_k z_k` itself and *equals* the chain (not only in distribution); DDIM with
-    eta > 0 takes the unit noise :math:`\sum_k w_k z_k / \|w\|` (a marginal-consistent big step).
+    A draft adds :math:`\sum_k w_k z_k` itself (:func:`chain_draft_coefficients`) and so *equals* the
+    chain (not only in distribution); a big skip over the window takes the unit noise
+    :math:`\sum_k w_k z_k / \|w\|`.
     """
     n = len(c_x)
     weights = []

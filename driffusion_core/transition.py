@@ -7,10 +7,15 @@ the start: ``t_from`` and ``t_to`` may hold one level per row, so K drafts of a 
 are K*B rows of a single call.
 
 A *draft* of level a+j from the anchor (x_a, p_a) is the serial chain of j steps with the
-anchor's prediction frozen (as x0_hat and eps_hat, converted at the anchor's level) and the
-same per-step noise z_a .. z_{a+j-1}; :meth:`SkipTransition.drafts` computes all of them in
-one call, in closed form: ``S(x_a, p_a, t_a -> t_to[a+j-1], z~_j)`` where z~_j is the unit
-noise the chain would have accumulated (:func:`~driffusion_core.coefficients.chain_noise_weights`).
+anchor's prediction frozen (converted at the anchor's level) and the same per-step noise
+z_a .. z_{a+j-1}; :meth:`SkipTransition.drafts` computes all of them in one call, in closed form.
+Deterministic transitions (DDIM at eta = 0, flow) compose exactly, so a draft is the skip
+``S(x_a, p_a, t_a -> t_to[a+j-1])`` with (x0_hat, eps_hat) frozen. Stochastic ones (DDPM, DDIM at
+eta > 0) unroll the chain with x0_hat frozen, :math:`x_{k+1} = A_k \hat x_0 + B_k x_k + s_k z_k`,
+into :math:`\tilde A_j \hat x_0 + \tilde B_j x_a + \sum_{k \le j} W_{jk} z_k`
+(:func:`~driffusion_core.coefficients.chain_draft_coefficients`), pathwise the chain, whatever the
+multi-level skip's own variance (DDIM's big skip at 0 < eta < 1 and DDPM's fixed_large one are not
+the chain).
 """
 from __future__ import annotations
 
@@ -48,9 +53,6 @@ class SkipTransition(abc.ABC):
     Attributes:
         stochastic: whether the step adds noise (then the sampler passes per-step noise).
         composes_exactly: whether ``S(S(x,p,t->s),p,s->u) == S(x,p,t->u)`` for a frozen prediction.
-        draft_is_chain: stochastic transitions whose big-step mean is the mean of the chain with x0_hat
-            frozen (DDPM): a draft is then the chain itself, noise included (see :meth:`coupled_noise`).
-            Otherwise (DDIM, eta > 0) a draft is the marginal-consistent big step on unit coupled noise.
         schedule: the noise schedule.
         prediction: what the predictor returns.
         x0_transform: optional clipping / thresholding of x0_hat.
@@ -58,7 +60,6 @@ class SkipTransition(abc.ABC):
 
     stochastic: bool = False
     composes_exactly: bool = False
-    draft_is_chain: bool = False
 
     def __init__(
         self,
@@ -138,26 +139,20 @@ class SkipTransition(abc.ABC):
         return hit
 
     # ----------------------------------------------------------------- drafts
-    def draft_noise_std(self, t_from: torch.Tensor, t_to: torch.Tensor) -> torch.Tensor:
-        """``Tensor[n]``: the std of the skip from ``t_from[0]`` to each ``t_to[j]`` (transitions with
-        :attr:`draft_is_chain` only)."""
-        raise NotImplementedError(f"{type(self).__name__} does not make its drafts the chain itself.")
+    def chain_factors(self, t_from: torch.Tensor, t_to: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-step ``(A_k, B_k, s_k)``, each ``Tensor[n]`` float64, of the one-level chain with x0_hat
+        frozen: ``x_{k+1} = A_k x0_hat + B_k x_k + s_k z_k``.
 
-    def chain_factors(self, t_from: torch.Tensor, t_to: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Per-step (B_k, s_k) of the one-level chain with x0_hat frozen: ``x_{k+1} = A_k x0 + B_k x_k + s_k z_k``.
-
-        Only stochastic transitions need it (to couple a draft's noise to the chain's).
+        Only stochastic transitions need it (their drafts are this chain, their coupled noise its noise).
         """
         raise NotImplementedError(f"{type(self).__name__} is deterministic; it has no chain noise.")
 
     def coupled_noise(self, t_from: torch.Tensor, t_to: torch.Tensor, noises: torch.Tensor) -> torch.Tensor:
-        """The noise each draft's skip is given, from the chain's per-step noise.
+        """Unit noise for a skip over a window, coupled to the chain's per-step noise.
 
         ``noises[k]`` is z_{a+k}; returns ``Tensor[n, B, ...]`` whose row j is
-        :math:`\\sum_{k \\le j} w_{jk} z_k / \\nu_j` (row 0 is z_a itself, bit for bit), with
-        :math:`\\nu_j = \\|w_j\\|` (unit noise: the draft is the marginal-consistent big step) or, where
-        :attr:`draft_is_chain`, the big step's own std (then std * noise is the chain's noise
-        :math:`\\sum_k w_{jk} z_k` exactly, whatever the big step's variance).
+        :math:`\\sum_{k \\le j} w_{jk} z_k / \\|w_j\\|` (row 0 is z_a itself, bit for bit): the noise
+        the chain accumulates over steps 0..j, normalised. :meth:`skip` gives it to the one big step.
         """
         n = noises.shape[0]
         u = self._memo(("coupling", tuple(t_from.tolist()), tuple(t_to.tolist())), lambda: self._coupling(t_from, t_to))
@@ -167,21 +162,39 @@ class SkipTransition(abc.ABC):
         return out
 
     def _coupling(self, t_from: torch.Tensor, t_to: torch.Tensor) -> torch.Tensor:
-        """The lower-triangular ``[n, n]`` float64 matrix of :meth:`coupled_noise`: row j is w_j / nu_j."""
-        from driffusion_core.coefficients import chain_noise_weights
-
-        n = int(t_from.shape[0])
-        c_x, std = self.chain_factors(t_from, t_to)
-        big = self.draft_noise_std(t_from, t_to) if self.draft_is_chain else None
-        u = torch.zeros(n, n, dtype=torch.float64)
-        for j in range(n):
-            w = torch.stack(chain_noise_weights(c_x[: j + 1], std[: j + 1]))
-            norm = torch.linalg.vector_norm(w) if big is None else big[j]
-            if norm > 0:
-                u[j, : j + 1] = w / norm
-            else:
-                u[j, j] = 1.0
+        """The lower-triangular ``[n, n]`` float64 matrix of :meth:`coupled_noise`: row j is w_j / |w_j|."""
+        _, _, W = self._chain(t_from, t_to)
+        norms = torch.linalg.vector_norm(W, dim=1, keepdim=True)
+        u = torch.where(norms > 0, W / torch.where(norms > 0, norms, torch.ones_like(norms)), torch.zeros_like(W))
+        zero = (norms[:, 0] == 0).nonzero().flatten()
+        u[zero, zero] = 1.0
         return u
+
+    def _chain(self, t_from: torch.Tensor, t_to: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A~ [n], B~ [n], W [n, n]) of the window's chain, float64, remembered per window."""
+
+        def make():
+            from driffusion_core.coefficients import chain_draft_coefficients
+
+            A, B, s = self.chain_factors(t_from, t_to)
+            At, Bt, W = chain_draft_coefficients(list(A), list(B), list(s))
+            n = len(At)
+            mat = torch.zeros(n, n, dtype=torch.float64)
+            for j, row in enumerate(W):
+                mat[j, : j + 1] = torch.stack(row)
+            return torch.stack(At), torch.stack(Bt), mat
+
+        return self._memo(("chain", tuple(t_from.tolist()), tuple(t_to.tolist())), make)
+
+    def skip(self, x: torch.Tensor, pred: torch.Tensor, t_from: torch.Tensor, t_to: torch.Tensor,
+             noises: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The one big step over a window, ``S(x, pred, t_from[0] -> t_to[-1], z~)``, its unit noise z~
+        coupled to the window's per-step noise (:meth:`coupled_noise`): serial sampling on a coarser grid
+        that still sees the fine grid's noise (the step-skipping baseline). One step is the serial step."""
+        z = None
+        if self.stochastic and noises is not None:
+            z = noises[0] if noises.shape[0] == 1 else self.coupled_noise(t_from, t_to, noises)[-1]
+        return self(x, pred, t_from[0], t_to[-1], z)
 
     def drafts(
         self,
@@ -191,25 +204,34 @@ class SkipTransition(abc.ABC):
         t_to: torch.Tensor,
         noises: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """All drafts of a window, in one batched operator call.
+        """All drafts of a window, in one batched call: the chain with the anchor's prediction frozen.
 
         Arguments:
             x, pred: the anchor state and its prediction, ``Tensor[B, ...]``.
             t_from, t_to: ``Tensor[n]``, the levels of the window's n steps (``t_from[0]`` is the anchor's).
-            noises: ``Tensor[n, B, ...]``, the per-step noise z_a .. z_{a+n-1} (stochastic only).
+            noises: ``Tensor[n, B, ...]``, the per-step noise z_a .. z_{a+n-1} (stochastic only; without
+                it a stochastic transition gives the chain's mean).
 
         Returns:
             ``Tensor[n, B, ...]``; row j is the state after j+1 steps with the prediction frozen.
             Row 0 equals the serial step ``S(x, pred, t_from[0], t_to[0], z_a)`` bit for bit.
         """
         n, b = int(t_from.shape[0]), x.shape[0]
-        rows = lambda v: v.unsqueeze(0).expand(n, *v.shape).reshape(n * b, *v.shape[1:])
-        src = t_from[0].expand(n * b)
-        dst = t_to.to(torch.float64).repeat_interleave(b)
-        z = None
-        if self.stochastic and noises is not None:
-            z = self.coupled_noise(t_from, t_to, noises).reshape(n * b, *x.shape[1:])
-        return self(rows(x), rows(pred), src, dst, z).reshape(n, *x.shape)
+        if not self.stochastic:  # composes exactly: the skips from the anchor, one batched call
+            rows = lambda v: v.unsqueeze(0).expand(n, *v.shape).reshape(n * b, *v.shape[1:])
+            src = t_from[0].expand(n * b)
+            dst = t_to.to(torch.float64).repeat_interleave(b)
+            return self(rows(x), rows(pred), src, dst, None).reshape(n, *x.shape)
+        # the chain with x0_hat frozen, unrolled: A~_j x0_hat + B~_j x_a + sum_k W_jk z_k
+        At, Bt, W = self._chain(t_from, t_to)
+        x0_hat, _ = self.to_x0_eps(x, pred, t_from[0])
+        per_draft = lambda c: c.to(device=x.device, dtype=x.dtype).reshape(n, *([1] * x.dim()))
+        out = per_draft(At) * x0_hat + per_draft(Bt) * x
+        if noises is not None:
+            flat = noises.reshape(n, -1)
+            out = out + (W.to(device=flat.device, dtype=flat.dtype) @ flat).reshape(out.shape)
+        out[0] = self(x, pred, t_from[0], t_to[0], noises[0] if noises is not None else None)
+        return out
 
     # ----------------------------------------------------------------- grids
     def make_grid(self, timesteps: Union[TimeGrid, torch.Tensor, list, tuple]) -> TimeGrid:

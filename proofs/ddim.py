@@ -4,7 +4,7 @@ and the failure of composition at 0 < eta < 1.
 Key: levels t (noisy) -> s -> u (clean); the step is :func:`proofs.operators.ddim_step`
 (``DDIMSkip.__call__``: convert the output at t, then ``ddim_coefficients``). With x0_hat frozen
 and eps_hat re-derived from the state, one step is :math:`x_s = A x_0 + B x_t + \sigma_{t\to s} z`,
-``(A, B, sigma) = ddim_chain_coefficients`` (the factors ``DDIMSkip.chain_factors`` couples noise with).
+``(A, B, sigma) = ddim_chain_coefficients`` (``DDIMSkip.chain_factors``: the chain its drafts unroll).
 """
 from __future__ import annotations
 
@@ -142,7 +142,8 @@ def conditional_path_exact() -> Result:
     "ddim.eta_composition_not_exact",
     "DDIM",
     "0 < eta < 1, x0_hat frozen: two steps t->s->u do NOT have the law of the one step t->u given "
-    "(x_t, x0_hat), so a DDIM(eta) draft is not the chain even in distribution. The defect vanishes at "
+    "(x_t, x0_hat), so a multi-level DDIM(eta) skip is not the chain even in distribution (drafts are the "
+    "chain itself: ddim.chain_drafts_3). The defect vanishes at "
     "eta = 0 and eta = 1. Both the chain and the one step are marginal-consistent: the chain's larger "
     "variance is balanced by a smaller x_t coefficient B, so B^2 (1 - abar_t) + variance is 1 - abar_u for both.",
     expect_holds=False,
@@ -184,3 +185,27 @@ def _eta_chain_residuals(lv: Levels, eta):
         "x_t coefficient": B2 * B1 - B,
         "variance": B2**2 * s1**2 + s2**2 - s**2,
     }
+
+
+@identity(
+    "ddim.chain_drafts_3",
+    "DDIM",
+    "Any eta, x0_hat frozen: the draft of SkipTransition.drafts (chain_draft_coefficients of the "
+    "ddim_chain_coefficients steps: A~ x0 + B~ x_t + sum_k W_k z_k) is the chain of three one-level DDIM(eta) "
+    "steps on the same z_k, pathwise, although the one big skip is not (ddim.eta_composition_not_exact).",
+)
+def chain_drafts_3() -> Result:
+    from proofs.ddpm import chain_unrolled
+
+    names = ["t0", "t1", "t2", "t3"]
+    lv = Levels(names)
+    eta = EtaInUnitInterval()
+    steps = [C.ddim_chain_coefficients(lv.abar[a], lv.abar[b], eta.eta) for a, b in zip(names, names[1:])]
+    x0, xt = real("x0 x_t")
+    zs = real("z0 z1 z2")
+    At, Bt, W = C.chain_draft_coefficients(*(list(col) for col in zip(*steps)))
+    res = {}
+    for j in range(3):  # every row of the window
+        draft = At[j] * x0 + Bt[j] * xt + sum(w * z for w, z in zip(W[j], zs))
+        res[f"draft {j} - chain of {j + 1} steps"] = draft - chain_unrolled(steps[: j + 1], x0, xt, zs)
+    return check(res, lv.domain & eta.domain & Domain.free([x0, xt, *zs]))

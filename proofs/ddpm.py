@@ -144,28 +144,27 @@ def _coupled(m: int, variance_type: str = "fixed_small") -> Result:
     steps = _chain(lv, variance_type)
     x0, xt = real("x0 x_t")
     zs = real(" ".join(f"z{k}" for k in range(m)))
-    w = C.chain_noise_weights([B for _, B, _ in steps], [s for _, _, s in steps])
+    # SkipTransition.drafts: the chain unrolled, A~ x0 + B~ x_t + sum_k W_k z_k (last row)
+    At, Bt, W = C.chain_draft_coefficients(*(list(col) for col in zip(*steps)))
+    draft = At[-1] * x0 + Bt[-1] * xt + sum(wk * zk for wk, zk in zip(W[-1], zs))
+    chain = chain_unrolled(steps, x0, xt, zs)
     A, B, var = C.ddpm_posterior_coefficients(lv.abar[names[0]], lv.abar[names[-1]])
-    s = ddpm_std(lv.abar[names[0]], lv.abar[names[-1]], variance_type)
-    # DDPMSkip.drafts: the big step on coupled noise sum w_k z_k / s (DDPMSkip.draft_is_chain)
-    draft = A * x0 + B * xt + s * (sum(wk * zk for wk, zk in zip(w, zs)) / s)
-    chain = chain_unrolled(steps, x0, xt, zs)  # linear in x0, x_t, z: coefficients by differentiation
     residuals = {
-        "x_t coefficient": sp.diff(chain, xt) - B,
-        "x0 coefficient": sp.diff(chain, x0) - A,
         "draft - chain (pathwise)": draft - chain,
+        "x_t coefficient - one-step posterior's": Bt[-1] - B,
+        "x0 coefficient - one-step posterior's": At[-1] - A,
     }
-    if variance_type == "fixed_small":  # the coupled noise is then unit noise: the draft is also the skip
-        residuals["sum w_k^2 - Var"] = sum(wk**2 for wk in w) - var
+    if variance_type == "fixed_small":  # the chain's noise variance is the one-step posterior's
+        residuals["sum w_k^2 - Var"] = sum(wk**2 for wk in W[-1]) - var
     return check(residuals, lv.domain & Domain.free([x0, xt, *zs]))
 
 
 @identity(
     "ddpm.coupled_noise_2",
     "DDPM",
-    "Coupled noise, 2 steps, fixed_small: with w = chain_noise_weights(B_k = c_xt, s_k = sqrt(Var_k)), the "
-    "mean coefficients agree, so the draft (mean + sum w_k z_k) equals the chain of one-level posteriors on "
-    "the same z_k, pathwise; and sum w_k^2 is the one-step variance (the coupled noise is unit noise).",
+    "Coupled noise, 2 steps, fixed_small: the draft (chain_draft_coefficients: A~ x0 + B~ x_t + sum w_k z_k) "
+    "is the chain of one-level posteriors on the same z_k, pathwise; its mean coefficients are the one-step "
+    "posterior's and sum w_k^2 its variance, so the multi-level skip on unit coupled noise has the same law.",
 )
 def coupled_noise_2() -> Result:
     return _coupled(2)
@@ -183,9 +182,9 @@ def coupled_noise_3() -> Result:
 @identity(
     "ddpm.coupled_noise_fixed_large_3",
     "DDPM",
-    "Coupled noise, 3 steps, fixed_large: the chain's mean coefficients are the one-step posterior's (the "
-    "mean does not depend on the variance type), so the draft (mean + sum w_k z_k, w from the fixed_large "
-    "per-step std) is the chain pathwise, although the multi-level fixed_large skip is noisier than it.",
+    "Coupled noise, 3 steps, fixed_large: the draft is the chain pathwise, and its mean coefficients are "
+    "still the one-step posterior's (the mean does not depend on the variance type), although the "
+    "multi-level fixed_large skip is noisier than the chain.",
 )
 def coupled_noise_fixed_large_3() -> Result:
     return _coupled(3, "fixed_large")

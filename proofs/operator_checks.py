@@ -97,9 +97,9 @@ def match_symbolic_mirrors() -> Result:
 @identity(
     "operators.one_level_draft_is_step",
     "Operators (code)",
-    "A window's first draft is the serial step: chain_noise_weights of one step is [s_0], so the unit noise "
-    "is z_a itself, and drafts(x, p, t_from[a:a+n], t_to[a:a+n], z)[0] == S(x, p, t_from[a] -> t_to[a], z_a) "
-    "bit for bit for every operator, float32 and float64.",
+    "A window's first draft is the serial step: chain_noise_weights of one step is [s_0] (the unit coupled "
+    "noise of one step is z_a itself), and drafts(x, p, t_from[a:a+n], t_to[a:a+n], z)[0] == "
+    "S(x, p, t_from[a] -> t_to[a], z_a) bit for bit for every operator, float32 and float64.",
 )
 def one_level_draft_is_step() -> Result:
     B, s = sp.symbols("B_0 s_0", positive=True)

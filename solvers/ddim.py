@@ -72,8 +72,7 @@ class DDIMSkip(SkipTransition):
         return zero_length_identity(out, x, t_from, t_to)
 
     def chain_factors(self, t_from: torch.Tensor, t_to: torch.Tensor):
-        _, c_x, sigma = C.ddim_chain_coefficients(self.schedule.alpha_bar(t_from), self.schedule.alpha_bar(t_to), self.eta)
-        return c_x, sigma
+        return C.ddim_chain_coefficients(self.schedule.alpha_bar(t_from), self.schedule.alpha_bar(t_to), self.eta)
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", eta={self.eta:g})"

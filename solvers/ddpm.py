@@ -7,11 +7,9 @@ Key: alpha_{t|s} = abar_t / abar_s, beta_{t|s} = 1 - alpha_{t|s}.
     x_s  = mean + sqrt(var) z          (no noise when t = 0, as diffusers)
 
 With x0_hat frozen, the multi-level posterior equals the chain of one-level posteriors in
-distribution ("fixed_small"). A *draft* equals the chain exactly, for both variance types: its
-mean is the multi-level posterior mean (the chain's, whatever the variance), and its noise is the
-chain's own per-step noise combined with :func:`~driffusion_core.coefficients.chain_noise_weights`,
-sum_k w_k z_k (for fixed_small its std is sqrt(var) exactly; for fixed_large it is below
-sqrt(beta_{t|s}): a fixed_large multi-level *skip* is noisier than the chain, its draft is not).
+distribution ("fixed_small"). A *draft* is the chain itself, pathwise, for both variance types
+(``SkipTransition.drafts``: the chain unrolled, on the chain's own per-step noise); a fixed_large
+multi-level *skip* is noisier than the chain (variance beta_{t|s}).
 """
 from __future__ import annotations
 
@@ -42,7 +40,6 @@ class DDPMSkip(SkipTransition):
 
     stochastic = True
     composes_exactly = False  # in distribution (fixed_small), see the module doc
-    draft_is_chain = True  # drafts are the chain with x0_hat frozen, noise included (both variance types)
 
     def __init__(
         self,
@@ -82,13 +79,10 @@ class DDPMSkip(SkipTransition):
             out = out + broadcast_coef(std, x) * noise
         return zero_length_identity(out, x, t_from, t_to)
 
-    def draft_noise_std(self, t_from: torch.Tensor, t_to: torch.Tensor) -> torch.Tensor:
-        return self._std(self.schedule.alpha_bar(t_from[0]), self.schedule.alpha_bar(t_to), t_from[0])
-
     def chain_factors(self, t_from: torch.Tensor, t_to: torch.Tensor):
         abar_t, abar_s = self.schedule.alpha_bar(t_from), self.schedule.alpha_bar(t_to)
-        _, c_xt, _ = C.ddpm_posterior_coefficients(abar_t, abar_s)
-        return c_xt, self._std(abar_t, abar_s, t_from)
+        c_x0, c_xt, var = C.ddpm_posterior_coefficients(abar_t, abar_s)
+        return c_x0, c_xt, self._std(abar_t, abar_s, t_from, var)
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", variance_type={self.variance_type!r})"

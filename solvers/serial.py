@@ -116,5 +116,5 @@ def sample_step_skipping(
         noises = None
         if transition.stochastic and noise is not None:
             noises = noise.steps(a, b, x.shape, x.dtype, x.device)
-        x = transition.drafts(x, pred, grid.t_from[a:b], grid.t_to[a:b], noises)[-1]
+        x = transition.skip(x, pred, grid.t_from[a:b], grid.t_to[a:b], noises)
     return SampleOutput(check_finite_sample(x, "sample_step_skipping"), rounds, rounds)
