@@ -196,10 +196,13 @@ def init_from_env(backend: Optional[str] = None, timeout: float = 120.0) -> Dist
 # The per-round status header: int64 fields, then the dims of xs and of the stacked output.
 _MAXD = 24
 (_F_CODE, _F_ROUND, _F_K, _F_XNDIM, _F_XDTYPE, _F_XDEV, _F_TDTYPE, _F_COND,
- _F_HASOUT, _F_ONDIM, _F_ODTYPE, _F_FITS) = range(12)
-_F_XDIMS = 12
+ _F_HASOUT, _F_ONDIM, _F_ODTYPE, _F_FITS, _F_XSUM, _F_XABS) = range(14)
+_F_XDIMS = 14
 _F_ODIMS = _F_XDIMS + _MAXD
-_HEADER_LEN = _F_ODIMS + _MAXD  # 60 int64 = 480 bytes (a multiple of 16: any dtype can follow it)
+_HEADER_LEN = _F_ODIMS + _MAXD  # 62 int64 = 496 bytes (a multiple of 16: any dtype can follow it)
+# The ranks' states must agree in value, not only in shape: sum(xs) may differ in the last bits between
+# ranks (reduction order follows the thread count), so it is compared to this fraction of sum(|xs|).
+_VALUE_RTOL = 1e-9
 _HEADER_BYTES = _HEADER_LEN * 8
 
 _OK, _RAISED, _BAD_OUTPUT = 0, 1, 2
@@ -592,6 +595,8 @@ class DistributedExecutor(Executor):
         h[_F_XDEV] = _device_code(xs.device)
         h[_F_TDTYPE] = _dtype_code(ts.dtype)
         h[_F_COND] = _cond_signature(cond)
+        wide = xs.detach().to(torch.float64)
+        h[_F_XSUM : _F_XABS + 1] = torch.stack([wide.sum(), wide.abs().sum()]).cpu().view(torch.int64)
         h[_F_XDIMS : _F_XDIMS + xd] = torch.tensor(xs.shape[:xd], dtype=torch.int64)
         h[_F_HASOUT] = 0 if out is None else 1
         h[_F_FITS] = 1 if fits else 0
@@ -642,6 +647,21 @@ class DistributedExecutor(Executor):
                 f"(different shapes, dtypes, device types, conditioning or round numbers): {listing}. Every "
                 "rank must run the same sampler on the same inputs (same starting state, seed, dtype and "
                 "device type)."
+            )
+        sums = [h[_F_XSUM : _F_XABS + 1].clone().view(torch.float64) for h in headers]
+        ref_sum, ref_abs = float(sums[0][0]), float(sums[0][1])
+        differ = [
+            r for r, (h, v) in enumerate(zip(headers, sums))
+            if int(h[_F_XSUM]) != int(ref[_F_XSUM]) and not abs(float(v[0]) - ref_sum) <= _VALUE_RTOL * max(ref_abs, 1e-300)
+        ]
+        if differ:
+            self._broken = "the ranks' states differed"
+            listing = "; ".join(f"rank {r}: sum {float(v[0]):.9g}, sum of |x| {float(v[1]):.9g}" for r, v in enumerate(sums))
+            raise ExecutorError(
+                f"DistributedExecutor: the ranks' states differ in value in round {int(ref[_F_ROUND])} ({listing}), so "
+                "their samples would differ and the gathered predictions would mix them. Every rank must start "
+                "from the same x (e.g. NoiseSource(seed).initial(shape), not torch.randn on each rank) and use the "
+                "same NoiseSource seed for the per-step noise."
             )
         with_out = [(r, h) for r, h in enumerate(headers) if int(h[_F_HASOUT])]
         descs = {

@@ -206,17 +206,6 @@ def test_byte_transport_is_bit_exact(dtype):
     assert y.dtype == dtype and torch.equal(_to_bytes(y), _to_bytes(x[:, ::2].contiguous()))
 
 
-def _scheduler_available() -> bool:
-    try:
-        import driffusion_core  # noqa: F401
-        import solvers  # noqa: F401
-
-        return hasattr(driffusion_core, "DraftRefineScheduler") and hasattr(solvers, "DDIMSkip")
-    except Exception:
-        return False
-
-
-@pytest.mark.skipif(not _scheduler_available(), reason="driffusion_core.DraftRefineScheduler not available")
 @pytest.mark.parametrize("family", ["ddpm", "ddim", "flow"])
 def test_sampling_end_to_end_equals_serial(family):
     results, codes, _, logs = _launch(f"e2e_{family}", deadline=90.0)
@@ -249,7 +238,22 @@ def test_one_rank_diverging_after_the_first_round_is_explained(what):
         assert "float64" in results[0]["message"]
 
 
-@pytest.mark.skipif(not _scheduler_available(), reason="driffusion_core.DraftRefineScheduler not available")
+@pytest.mark.parametrize("what,round_", [("start", 1), ("noise", 2)])
+def test_ranks_with_different_values_are_explained(what, round_):
+    """Shapes agree but values do not: each rank drew its own starting state (round 1 already differs),
+    or its own noise seed (the states part after the first stochastic step, at the first draft round).
+    Every rank raises, naming the cause, instead of returning samples that differ between ranks."""
+    results, codes, _, logs = _launch(f"values_{what}")
+    _need(results, [0, 1], logs)
+    assert codes == [0, 0], logs
+    for rank in (0, 1):
+        res = results[rank]
+        assert res["error_type"] == "ExecutorError", res
+        assert "states differ in value" in res["message"] and f"round {round_}" in res["message"], res["message"]
+        assert "NoiseSource" in res["message"]
+        assert res["seconds"] < TIMEOUT, res
+
+
 @pytest.mark.parametrize("mode", ["aggressive", "conservative"])
 def test_predictor_raising_in_a_one_draft_round_fails_every_rank_at_once(mode):
     """The predictor raises on rank 1 in a one-draft round (aggressive: the first anchor; conservative:
@@ -459,6 +463,23 @@ def _scenario_diverge(rank, world, what):
     return res
 
 
+def _scenario_values(rank, world, what):
+    """Same shapes on every rank, different values: a per-rank starting state, or per-rank noise seeds."""
+    import driffusion_core as core
+    import solvers
+    from backends import DistributedExecutor
+
+    ex = DistributedExecutor(timeout=TIMEOUT, diagnose_timeout=DIAGNOSE)
+    schedule = core.VPSchedule.linear()
+    predictor = solvers.ring_mixture(4).predictor(schedule, "epsilon")
+    sched = core.DraftRefineScheduler(solvers.DDPMSkip(schedule), schedule.timesteps(10), width=2)
+    if what == "start":
+        x, noise = torch.randn(6, 2, generator=torch.Generator().manual_seed(rank)), core.NoiseSource(7)
+    else:
+        x, noise = core.NoiseSource(123).initial((6, 2)), core.NoiseSource(7 + rank)
+    return _fault_result(lambda: sched.sample(predictor, x, executor=ex, noise=noise))
+
+
 def _scenario_raise_anchor(rank, world, mode):
     import driffusion_core as core
     import solvers
@@ -535,6 +556,8 @@ SCENARIOS = {
     "mismatch": _scenario_mismatch,
     **{f"diverge_{w}": (lambda w: lambda rank, world: _scenario_diverge(rank, world, w))(w)
        for w in ("dtype", "k", "shape", "one_draft")},
+    "values_start": lambda rank, world: _scenario_values(rank, world, "start"),
+    "values_noise": lambda rank, world: _scenario_values(rank, world, "noise"),
     "raise_anchor_aggressive": lambda rank, world: _scenario_raise_anchor(rank, world, "aggressive"),
     "raise_anchor_conservative": lambda rank, world: _scenario_raise_anchor(rank, world, "conservative"),
     "e2e_ddpm": lambda rank, world: _e2e("ddpm"),
