@@ -66,7 +66,9 @@ class SampleOutput:
         rounds: sequential rounds of model calls (the latency, in model calls).
         evals: model calls made in total (rows of a batch count once).
         trajectory: the refined states x_0 .. x_T, when asked for.
-        info: anything else the sampler reports (e.g. drafts per round).
+        info: anything else the sampler reports. DRiffusion: ``drafts_per_round``, the drafts of each
+            draft round in order (the exact anchor calls, one per conservative iteration and the
+            first, are the rounds not listed), and ``executor``, how rounds ran.
     """
 
     x: torch.Tensor
@@ -109,7 +111,10 @@ def _check_width(width: Any) -> int:
 def check_inputs(x: Any, cond: Optional[Mapping[str, Any]]) -> dict:
     """Validate the starting state and the conditioning; returns cond as a dict."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise InvalidArgumentError(f"x must be a floating-point tensor [B, ...], got {type(x).__name__}.")
+        got = f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise InvalidArgumentError(
+            f"x must be a floating-point tensor [B, ...] (float32, float64, float16 or bfloat16), got {got}."
+        )
     if x.dim() < 1 or x.shape[0] < 1:
         raise InvalidArgumentError(f"x must have a batch dimension, got shape {tuple(x.shape)}.")
     if not all_finite(x):
@@ -151,7 +156,8 @@ def note_where(error: BaseException, grid: TimeGrid, steps: List[int], x: torch.
     if hasattr(error, "add_note"):
         error.add_note(
             f"driffusion: raised while evaluating {where_steps(grid, steps)}; the state is "
-            f"{x.dtype} {tuple(x.shape)} on {x.device}."
+            f"{x.dtype} {tuple(x.shape)} on {x.device} (a model with parameters of another dtype or device "
+            f"needs x there too)."
         )
 
 
@@ -187,9 +193,16 @@ def check_predictions(
         finite = torch.isfinite(preds).reshape(preds.shape[0], -1).all(dim=1)
         k = int(torch.nonzero(~finite)[0])
         kind = "NaN" if torch.isnan(preds[k]).any() else "inf"
+        if not all_finite(xs[k]):  # the model was handed a broken state: the sampler's fault, not the model's
+            raise SamplingError(
+                f"The state reaching {where(k)} already holds NaN or inf (and the predictor returned {kind} "
+                f"on it): an earlier step overflowed the state's dtype ({xs.dtype}; sample in float32 if this "
+                f"is float16/bfloat16, or check predictions of very large magnitude), or the transition's "
+                f"coefficients are degenerate on this grid."
+            )
         raise PredictorOutputError(
-            f"The predictor returned {kind} at {where(k)}. Check the model at this noise level "
-            f"(and the input state: {'finite' if torch.isfinite(xs[k]).all() else 'already non-finite'})."
+            f"The predictor returned {kind} at {where(k)} on a finite input state. Check the model at this "
+            f"noise level."
         )
     return preds
 
@@ -381,8 +394,9 @@ class DraftRefineScheduler:
 
     Example::
 
-        sched = DraftRefineScheduler(DDIMSkip(VPSchedule.linear()), schedule.timesteps(50), width=4)
-        out = sched.sample(model, torch.randn(8, 2), executor=BatchedExecutor())
+        schedule = VPSchedule.linear()
+        sched = DraftRefineScheduler(DDIMSkip(schedule), schedule.timesteps(50, "trailing"), width=4)
+        out = sched.sample(model, NoiseSource(0).initial((8, 2)), executor=BatchedExecutor())
         out.x, out.rounds, out.evals
     """
 

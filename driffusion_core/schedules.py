@@ -86,10 +86,10 @@ class Schedule:
     def validate(self, grid: TimeGrid) -> None:
         if grid.kind is not None and self.kind and grid.kind != self.kind:
             raise InvalidTimestepsError(
-                f"This grid holds {grid.kind!r} levels (made by another kind of schedule), but the "
-                f"transition's schedule is a {type(self).__name__} ({self.kind!r} levels): the same numbers "
-                f"mean other noise levels there. Make the grid with the transition's own schedule, e.g. "
-                f"transition.schedule.timesteps(num_steps)."
+                f"This grid holds {grid.kind!r} levels (made by another schedule: kind / number of training "
+                f"timesteps), but the transition's schedule is a {type(self).__name__} with {self.kind!r} "
+                f"levels: the same numbers mean other noise levels (or model times) there. Make the grid with "
+                f"the transition's own schedule, e.g. transition.schedule.timesteps(num_steps)."
             )
         lo, hi = self.level_range()
         for name, v in (("t_from", grid.t_from), ("t_to", grid.t_to)):
@@ -127,7 +127,11 @@ class VPSchedule(Schedule):
     """
 
     terminal_level = -1.0
-    kind = "vp"
+
+    @property
+    def kind(self) -> str:
+        """``"vp/N"``: levels are training timesteps of an N-step table."""
+        return f"vp/{self.num_train_timesteps}"
 
     def __init__(self, alphas_cumprod: Union[Sequence[float], torch.Tensor], final_alpha_cumprod: float = 1.0):
         ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).detach().cpu().flatten().clone()
@@ -217,6 +221,14 @@ class VPSchedule(Schedule):
 
     def validate(self, grid: TimeGrid) -> None:
         super().validate(grid)
+        t = grid.t_from
+        if len(grid) >= 2 and self.num_train_timesteps > 2 and bool((t <= 1).all()) and not torch.equal(t, t.round()):
+            raise InvalidTimestepsError(
+                f"Every level of this grid lies in [0, 1] ({t[0].item():g}, {t[1].item():g}, ...) and some are "
+                f"fractions: they look like sigmas or times in [0, 1], but VPSchedule levels are training "
+                f"timesteps 0..{self.num_train_timesteps - 1} (alpha-bar's table index). Pass timesteps (e.g. "
+                f"schedule.timesteps(num_steps)), or levels * {self.num_train_timesteps - 1}."
+            )
         bad = grid.t_from < 0
         if bad.any():
             i = int(torch.nonzero(bad)[0])
@@ -277,7 +289,8 @@ class VPSchedule(Schedule):
         return grid
 
     def __repr__(self) -> str:
-        return f"VPSchedule(N={self.num_train_timesteps}, final_alpha_cumprod={self.final_alpha_cumprod:g})"
+        zsnr = ", zero terminal SNR" if float(self.alphas_cumprod[-1]) == 0.0 else ""
+        return f"VPSchedule(N={self.num_train_timesteps}, final_alpha_cumprod={self.final_alpha_cumprod:g}{zsnr})"
 
 
 class FlowSchedule(Schedule):
@@ -291,13 +304,23 @@ class FlowSchedule(Schedule):
     """
 
     terminal_level = 0.0
-    kind = "flow"
+
+    @property
+    def kind(self) -> str:
+        """``"flow/N"``: levels are sigmas; the model is called with sigma * N."""
+        return f"flow/{self.num_train_timesteps}"
 
     def __init__(self, shift: float = 1.0, num_train_timesteps: int = 1000, use_dynamic_shifting: bool = False):
         if shift <= 0:
             raise InvalidArgumentError(f"shift must be positive, got {shift}.")
+        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
+            raise InvalidArgumentError(
+                f"num_train_timesteps must be an int >= 2, got {num_train_timesteps!r}. The model is called with "
+                f"sigma * num_train_timesteps, as diffusers does; for a model that takes sigma in [0, 1] keep the "
+                f"default and wrap it: predictor = lambda x, t, **c: model(x, t / 1000, **c)."
+            )
         self.shift = float(shift)
-        self.num_train_timesteps = int(num_train_timesteps)
+        self.num_train_timesteps = num_train_timesteps
         self.use_dynamic_shifting = bool(use_dynamic_shifting)
 
     def level_range(self) -> Tuple[float, float]:

@@ -3,7 +3,7 @@ from solvers.ddim import DDIMSkip
 from solvers.ddpm import DDPMSkip
 from solvers.flow import FlowEulerSkip
 from solvers.oracles import GaussianMixture, ring_mixture
-from solvers.picard import PicardScheduler
+from solvers.picard import PicardScheduler, fewest_rounds
 from solvers.serial import coarse_indices, sample_serial, sample_step_skipping
 from solvers.ve import VEEulerSkip, VESchedule
 # interop never imports diffusers at import time (only when a pipeline or a scheduler config is used)
@@ -23,4 +23,5 @@ __all__ = [
     "from_diffusers",
     "sample_driffusion",
     "PicardScheduler",
+    "fewest_rounds",
 ]

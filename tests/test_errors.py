@@ -364,10 +364,15 @@ def test_nested_cond_with_the_wrong_batch_size_is_named():
 
 
 def test_grid_from_another_kind_of_schedule_is_refused():
-    with pytest.raises(InvalidTimestepsError, match=r"'flow' levels .* VPSchedule .* transition.schedule.timesteps"):
+    with pytest.raises(InvalidTimestepsError, match=r"'flow/1000' levels .* VPSchedule with 'vp/1000' .* transition.schedule.timesteps"):
         DraftRefineScheduler(DDIMSkip(VP), FLOW.timesteps(5))
-    with pytest.raises(InvalidTimestepsError, match=r"'vp' levels .* FlowSchedule"):
+    with pytest.raises(InvalidTimestepsError, match=r"'vp/1000' levels .* FlowSchedule"):
         sample_serial(eps_model, x0(), FlowEulerSkip(FLOW), GRID)
+    # the same kind, another table: timestep 475 of 500 is not timestep 475 of 1000
+    with pytest.raises(InvalidTimestepsError, match=r"'vp/500' levels .* 'vp/1000' levels"):
+        DraftRefineScheduler(DDIMSkip(VP), VPSchedule.linear(500).timesteps(10, "trailing"))
+    with pytest.raises(InvalidTimestepsError, match=r"'flow/500' levels .* 'flow/1000' levels"):
+        DraftRefineScheduler(FlowEulerSkip(FLOW), FlowSchedule(num_train_timesteps=500).timesteps(10))
     # a hand-made grid carries no kind and is only range-checked
     DraftRefineScheduler(DDIMSkip(VP), TimeGrid.from_levels([900.0, 500.0], -1.0))
 
@@ -398,3 +403,32 @@ def test_all_finite_agrees_with_isfinite(dtype):
             cases.append(t)
     for t in cases:
         assert all_finite(t) == bool(torch.isfinite(t).all()), t
+
+
+def test_vp_levels_that_look_like_sigmas_are_refused():
+    """Fractions in [0, 1] handed to a 1000-step VP schedule: near-clean timesteps, surely a unit mix-up."""
+    with pytest.raises(InvalidTimestepsError, match=r"look like sigmas or times in \[0, 1\].*training timesteps 0..999"):
+        DraftRefineScheduler(DDIMSkip(VP), torch.linspace(1, 0, 21)[:-1])
+    DraftRefineScheduler(DDIMSkip(VP), [1.0, 0.0])  # integer timesteps near the clean end are fine
+
+
+@pytest.mark.parametrize("n", [1, 0, 2.5, True])
+def test_flow_schedule_with_too_few_training_timesteps(n):
+    with pytest.raises(InvalidArgumentError, match=r"num_train_timesteps must be an int >= 2.*t / 1000"):
+        FlowSchedule(num_train_timesteps=n)
+
+
+def test_x_of_an_integer_dtype_names_it():
+    with pytest.raises(InvalidArgumentError, match=r"floating-point tensor .* got a torch.int64 tensor"):
+        scheduler().sample(eps_model, torch.zeros(3, 2, dtype=torch.long))
+
+
+def test_a_state_gone_non_finite_is_a_sampling_error_at_the_step_it_reaches():
+    """Finite predictions overflow the float16 state (eps_hat = (x - sqrt(abar) x0_hat) / sqrt(1 - abar) near
+    the clean end); the next model call sees inf and returns NaN: reported as the sampler's state going bad,
+    not as a broken model."""
+    from driffusion_core import SamplingError
+
+    huge = lambda x, t: torch.full_like(x, 6e4) + 0 * x  # noqa: E731  (finite on a finite input, NaN on inf)
+    with pytest.raises(SamplingError, match=r"state reaching step \d+ .* already holds NaN or inf .* float16"):
+        DraftRefineScheduler(DDIMSkip(VP, "sample"), GRID, width=1).sample(huge, x0().half())
