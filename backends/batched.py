@@ -35,6 +35,7 @@ def per_sample(f: Callable[..., torch.Tensor]) -> Predictor:
         raise InvalidArgumentError(f"per_sample needs a callable, got {type(f).__name__}.")
 
     def batched(x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
+        cond = map_tensors(lambda v: v, cond)  # plain dicts all the way down (vmap sees a FrozenDict as a leaf)
         # vmap's in_dims for the conditioning tree: rows of batched tensors, everything else whole
         dims = map_tensors(lambda v: 0 if v.dim() > 0 else None, cond, leaf=lambda v: None)
         return torch.func.vmap(lambda xx, tt, cc: f(xx, tt, **cc), in_dims=(0, 0, dims))(x, t, cond)

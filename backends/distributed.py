@@ -23,11 +23,11 @@ A round of K drafts:
 
 1. each rank calls the predictor on its share (``shares(K)``), one call per draft, as
    :class:`~backends.SerialExecutor` does (so the predictions are bit for bit the serial ones). A round
-   of one draft (the first anchor, conservative mode's anchor calls) is computed by every rank itself;
+   of one draft (the first anchor, conservative mode's anchor calls) is rank 0's, shared like the others,
+   so all ranks go on from the same bits even when the model is not bitwise reproducible across ranks;
 2. the ranks exchange a small status header (ok / the predictor raised / bad output, plus a descriptor
    of the inputs and outputs, so ranks that were given different shapes, dtypes, K or device types are
-   caught instead of exchanging garbage). One-draft rounds exchange it too, so a predictor that raises
-   there fails every rank at once, with its cause. With gloo the header and the predictions travel in
+   caught instead of exchanging garbage). With gloo the header and the predictions travel in
    **one** all-gather per round; with nccl the header goes over a small gloo side group on the CPU and
    the predictions over nccl;
 3. if some rank failed, every rank raises :class:`~driffusion_core.errors.ExecutorError` naming the
@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime
+import math
 import os
 import re
 import socket
@@ -395,8 +396,7 @@ class DistributedExecutor(Executor):
     def shares(self, k: int) -> List[int]:
         """The planned number of drafts per rank for a round of ``k`` drafts (rank order = draft order).
 
-        A single draft is evaluated by every rank (only the status is exchanged); the list then says
-        ``[1, 0, ...]`` for the share that counts.
+        A single draft is rank 0's: ``[1, 0, ...]``.
         """
         return even_shares(k, self.world_size)
 
@@ -404,7 +404,7 @@ class DistributedExecutor(Executor):
         """Drafts per rank in a full round of ``width`` drafts (rank order = draft order).
 
         The rounds near the end of the grid may hold fewer drafts (``shares(K)`` for those); a round of
-        one draft (the first anchor, conservative mode's anchor calls) is computed by every rank.
+        one draft (the first anchor, conservative mode's anchor calls) is rank 0's.
         """
         if isinstance(width, bool) or not isinstance(width, int) or width < 1:
             raise InvalidArgumentError(f"width must be a positive int, got {width!r}.")
@@ -427,7 +427,7 @@ class DistributedExecutor(Executor):
         if width is not None:
             sizes = self.plan(width)
             if width == 1:
-                return text + ", drafts per round at width 1: every rank computes the one draft itself)"
+                return text + ", drafts per round at width 1: rank 0 computes the one draft)"
             runs, r = [], 0
             while r < len(sizes):  # consecutive ranks with the same share, e.g. "ranks 0-2: 2"
                 e = r
@@ -436,7 +436,7 @@ class DistributedExecutor(Executor):
                 who = f"rank {r}" if e == r else f"ranks {r}-{e}"
                 runs.append(f"{who}: {sizes[r]}")
                 r = e + 1
-            text += f", drafts per round at width {width}: {', '.join(runs)} (a one-draft round runs on every rank)"
+            text += f", drafts per round at width {width}: {', '.join(runs)} (a one-draft round runs on rank 0)"
         return text + ")"
 
     def close(self) -> None:
@@ -479,9 +479,11 @@ class DistributedExecutor(Executor):
         sizes = self.shares(k)
         offsets = _offsets(sizes)
         most = max(sizes)
-        # A one-draft round (the first anchor, conservative mode's anchor calls) is computed by every rank
-        # itself, so nothing but the status travels; a round of K > 1 drafts gives each rank its share.
-        start, mine = (0, 1) if k == 1 else (offsets[self.rank], sizes[self.rank])
+        # Each rank evaluates its share; a one-draft round (the first anchor, conservative mode's anchor
+        # calls) is rank 0's, and its prediction is shared like any other, so every rank continues from the
+        # same bits even when the model is not bit for bit reproducible across ranks (cudnn autotuning,
+        # nondeterministic kernels).
+        start, mine = offsets[self.rank], sizes[self.rank]
 
         # 1. this rank's drafts, one call per draft (as the serial executor does)
         out, code, message, cause = self._compute(predictor, xs, ts, cond, start, mine)
@@ -491,7 +493,7 @@ class DistributedExecutor(Executor):
         #    capacity), never from this rank's own inputs, so diverging ranks still exchange equal buffers
         #    and get the clear error of step 3 instead of a backend abort.
         agreed_row, cap, row_bytes = self._agreed_row, self._cap, self._row_bytes
-        if k == 1 or out is None:
+        if out is None:
             fits = code == _OK  # nothing to send (or it failed: the status says so)
         else:
             fits = (
@@ -502,7 +504,7 @@ class DistributedExecutor(Executor):
         if self._fused:
             buf = torch.zeros(_HEADER_BYTES + cap * row_bytes, dtype=torch.uint8)
             buf[:_HEADER_BYTES] = header.view(torch.uint8)
-            if k > 1 and out is not None and fits:
+            if out is not None and fits:
                 payload = _to_bytes(out.detach().to("cpu"))
                 buf[_HEADER_BYTES : _HEADER_BYTES + payload.numel()] = payload
             what = "status and predictions" if cap else "status"
@@ -517,8 +519,6 @@ class DistributedExecutor(Executor):
         self._check_status(headers, cause, code, message)
         out_shape, out_dtype = self._check_consistency(headers, sizes)
         self._agree(out_shape, out_dtype, most)
-        if k == 1:
-            return out.to(xs.device)
         if chunks is not None and all(int(h[_F_FITS]) for h in headers):
             parts = [
                 _from_bytes(chunks[r][_HEADER_BYTES : _HEADER_BYTES + sizes[r] * row_bytes], agreed_row[1],
@@ -595,7 +595,7 @@ class DistributedExecutor(Executor):
         h[_F_XDEV] = _device_code(xs.device)
         h[_F_TDTYPE] = _dtype_code(ts.dtype)
         h[_F_COND] = _cond_signature(cond)
-        wide = xs.detach().to(torch.float64)
+        wide = xs.detach().to("cpu" if xs.device.type == "mps" else xs.device, torch.float64)  # MPS has no float64
         h[_F_XSUM : _F_XABS + 1] = torch.stack([wide.sum(), wide.abs().sum()]).cpu().view(torch.int64)
         h[_F_XDIMS : _F_XDIMS + xd] = torch.tensor(xs.shape[:xd], dtype=torch.int64)
         h[_F_HASOUT] = 0 if out is None else 1
@@ -650,9 +650,11 @@ class DistributedExecutor(Executor):
             )
         sums = [h[_F_XSUM : _F_XABS + 1].clone().view(torch.float64) for h in headers]
         ref_sum, ref_abs = float(sums[0][0]), float(sums[0][1])
+        finite = all(math.isfinite(float(v[1])) for v in sums)  # NaN/inf states: the sampler reports those
         differ = [
             r for r, (h, v) in enumerate(zip(headers, sums))
-            if int(h[_F_XSUM]) != int(ref[_F_XSUM]) and not abs(float(v[0]) - ref_sum) <= _VALUE_RTOL * max(ref_abs, 1e-300)
+            if finite and int(h[_F_XSUM]) != int(ref[_F_XSUM])
+            and not abs(float(v[0]) - ref_sum) <= _VALUE_RTOL * max(ref_abs, 1e-300)
         ]
         if differ:
             self._broken = "the ranks' states differed"

@@ -49,6 +49,14 @@ class Schedule:
         """Interpolant coefficients (float64) at level(s) t: :math:`x_t = \\alpha x_0 + \\sigma\\epsilon`."""
         raise NotImplementedError
 
+    def cache_token(self) -> tuple:
+        """What the values a transition caches depend on; when it changes (an attribute set, a table
+        edited in place), transitions recompute. Default: every attribute, tensors by identity and
+        in-place version."""
+        return tuple(
+            (k, (id(v), v._version) if isinstance(v, torch.Tensor) else v) for k, v in sorted(vars(self).items())
+        )
+
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
         """The time the predictor is called with at level(s) t."""
         raise NotImplementedError

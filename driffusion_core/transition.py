@@ -20,7 +20,7 @@ the chain).
 from __future__ import annotations
 
 import abc
-from typing import Optional, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
 import torch
 
@@ -109,8 +109,16 @@ class SkipTransition(abc.ABC):
         return to_x0_eps(self.prediction, x, pred, alpha, sigma, self.x0_transform, self.recompute_eps)
 
     # ----------------------------------------------------------------- coefficient cache
-    _CACHE_SIZE = 4096
-    _CACHE_ROWS = 1024
+    _CACHE_SIZE = 4096  # entries for scalar steps and windows (a few small tensors each)
+    _CACHE_ROWS = 1024  # per-row levels up to this many rows are cached too ...
+    _CACHE_ROW_ENTRIES = 256  # ... in at most this many entries (about 56 KB each at 1024 rows)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # the cache holds values computed from the public settings (eta, variance_type, schedule, ...):
+        # changing one starts a fresh cache (a shallow copy then no longer shares it either)
+        object.__setattr__(self, name, value)
+        if not name.startswith("_"):
+            self.__dict__.pop("_coefficient_cache", None)
 
     def cached(self, t_from: torch.Tensor, t_to: torch.Tensor, compute):
         """``compute(t_from, t_to)``, remembered per pair of levels (scalars, or up to
@@ -119,21 +127,26 @@ class SkipTransition(abc.ABC):
         A sampler takes the same steps on every call (and the same step in every batch), so the
         float64 schedule arithmetic of a step or a window of drafts is done once per transition.
         The cached values are the ones ``compute`` returns, so results are bit for bit those
-        without the cache.
+        without the cache. Setting a public attribute of the transition, or changing its schedule
+        (``Schedule.cache_token``), starts a fresh cache.
         """
         if t_from.dim() == 0 and t_to.dim() == 0:
-            key = (compute.__name__, t_from.item(), t_to.item())
-        elif t_from.numel() <= self._CACHE_ROWS and t_to.numel() <= self._CACHE_ROWS:
+            return self._memo((compute.__name__, t_from.item(), t_to.item()), lambda: compute(t_from, t_to))
+        if t_from.numel() <= self._CACHE_ROWS and t_to.numel() <= self._CACHE_ROWS:
             key = (compute.__name__, t_from.dim(), t_from.numpy().tobytes(), t_to.dim(), t_to.numpy().tobytes())
-        else:
-            return compute(t_from, t_to)
-        return self._memo(key, lambda: compute(t_from, t_to))
+            return self._memo(key, lambda: compute(t_from, t_to), rows=True)
+        return compute(t_from, t_to)
 
-    def _memo(self, key, make):
-        cache = self.__dict__.setdefault("_coefficient_cache", {})
+    def _memo(self, key, make, rows: bool = False):
+        token = self.schedule.cache_token()
+        caches = self.__dict__.get("_coefficient_cache")
+        if caches is None or caches[0] != token:
+            caches = (token, {}, {})
+            object.__setattr__(self, "_coefficient_cache", caches)
+        cache, limit = (caches[2], self._CACHE_ROW_ENTRIES) if rows else (caches[1], self._CACHE_SIZE)
         hit = cache.get(key)
         if hit is None:
-            if len(cache) >= self._CACHE_SIZE:
+            if len(cache) >= limit:
                 cache.clear()
             hit = cache[key] = make()
         return hit

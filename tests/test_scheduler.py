@@ -240,6 +240,14 @@ def test_per_sample_turns_a_single_sample_predictor_into_a_batch_one(executor):
     loop = torch.stack([single_sample_predictor(x[b], t[b], c[b], scale=0.5) for b in range(B)])
     torch.testing.assert_close(f(x, t, c=c, scale=0.5), loop)
     torch.testing.assert_close(f(x, t, c=c, scale=0.5, offset=0), loop)  # a plain 0 is not a batch dimension
+    # conditioning nested in a Mapping that is not a dict (diffusers' FrozenDict is an OrderedDict)
+    from collections import OrderedDict
+
+    class Frozen(OrderedDict):
+        pass
+
+    nested = per_sample(lambda x, t, extra: single_sample_predictor(x, t, extra["c"], scale=0.5))
+    torch.testing.assert_close(nested(x, t, extra=Frozen(c=c)), loop)
     sched = DraftRefineScheduler(DDIMSkip(VP), VP.timesteps(10, "trailing"), width=4)
     ref = sample_serial(f, x, DDIMSkip(VP), VP.timesteps(10, "trailing"), cond={"c": c, "scale": 0.5})
     wide = sched.sample(f, x, executor=executor, cond={"c": c, "scale": 0.5})

@@ -452,7 +452,7 @@ def test_coefficient_cache_changes_no_bit(make, noise):
     tiny = make()
     tiny._CACHE_SIZE = 3  # evicts all the time
     runs.append(sample_serial(f, x, tiny, grid, noise=noise).x)
-    assert len(tiny._coefficient_cache) <= 3
+    assert len(tiny._coefficient_cache[1]) <= 3
     nocache = make()  # the reference: every coefficient computed afresh
     nocache.cached = lambda t_from, t_to, compute: compute(t_from, t_to)
     nocache._memo = lambda key, make_value: make_value()
@@ -466,3 +466,29 @@ def test_coefficient_cache_changes_no_bit(make, noise):
     t, s = torch.tensor(523.0, dtype=F64), torch.tensor(311.0, dtype=F64)
     assert torch.equal(warm(x, p, t, s, z), warm(x, p, t.expand(5), s.expand(5), z))
     assert torch.equal(warm(x, p, t, s, z), warm(x, p, t, s, z))
+
+
+def test_coefficient_cache_follows_changed_settings():
+    """Changing a transition's settings, a copy's, or its schedule's table after use gives what a fresh
+    transition with those settings gives, never the cached coefficients of the old ones."""
+    import copy
+
+    grid = VPSchedule.linear().timesteps(8, "trailing")
+    x, f = randn(4, 2, seed=3), (lambda x, t: torch.tanh(x))
+    run = lambda tr: sample_serial(f, x, tr, grid, noise=NoiseSource(1)).x  # noqa: E731
+    tr = DDIMSkip(VPSchedule.linear(), eta=0.3)
+    run(tr)
+    twin = copy.copy(tr)
+    tr.eta = 1.0
+    assert torch.equal(run(tr), run(DDIMSkip(VPSchedule.linear(), eta=1.0)))
+    assert torch.equal(run(twin), run(DDIMSkip(VPSchedule.linear(), eta=0.3)))  # the copy kept its own
+    ddpm = DDPMSkip(VPSchedule.linear())
+    run(ddpm)
+    ddpm.variance_type = "fixed_large"
+    assert torch.equal(run(ddpm), run(DDPMSkip(VPSchedule.linear(), variance_type="fixed_large")))
+    schedule = VPSchedule.linear()
+    tr = DDIMSkip(schedule, eta=0.3)
+    run(tr)
+    schedule.alphas_cumprod.mul_(0.99)  # edited in place
+    fresh = VPSchedule(schedule.alphas_cumprod.clone())
+    assert torch.equal(run(tr), run(DDIMSkip(fresh, eta=0.3)))
