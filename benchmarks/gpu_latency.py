@@ -35,7 +35,7 @@ import torch
 from backends import BatchedExecutor, SerialExecutor, StreamExecutor
 from benchmarks.cases import family
 from benchmarks.latency import configs as latency_configs
-from driffusion_core import DraftRefineScheduler, NoiseSource
+from driffusion_core import NoiseSource
 from solvers import sample_serial
 
 __all__ = ["gpu_models", "run", "to_markdown", "main"]

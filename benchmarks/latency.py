@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from backends import BatchedExecutor, SerialExecutor
-from benchmarks.cases import ModelUnavailable, family
+from benchmarks.cases import family
 from benchmarks.config import BenchConfig
 from benchmarks.timing import median_seconds
 from driffusion_core import DraftRefineScheduler, NoiseSource

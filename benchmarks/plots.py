@@ -101,7 +101,7 @@ def plot_error_vs_rounds(tables: List[dict], path: Path) -> Path:
         ax.grid(alpha=0.3)
     for k in range(n, nrows * ncols):
         axes[k // ncols, k % ncols].axis("off")
-    handles, labels = {}, {}
+    handles = {}
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)

@@ -6,7 +6,7 @@ overhead; ``picard``, ``distributed``: the studies' own dicts), or ``{"skipped":
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Sequence
 
 __all__ = ["render_report", "summary_rows", "render_summary", "fmt"]
 

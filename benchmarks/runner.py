@@ -16,7 +16,7 @@ import platform
 import re
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, Optional
 
 import torch
 

@@ -20,7 +20,7 @@ import torch
 
 from driffusion_core.errors import InvalidArgumentError
 from driffusion_core.parameterization import Prediction
-from driffusion_core.schedules import FlowSchedule, Schedule, VPSchedule
+from driffusion_core.schedules import Schedule
 from driffusion_core import coefficients as C
 
 __all__ = ["GaussianMixture", "ring_mixture"]

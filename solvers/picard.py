@@ -199,7 +199,7 @@ class PicardState:
         """Whether one more Picard round still leaves draft-and-refine enough rounds (worst case)."""
         if self.max_rounds is None:
             return True
-        a, m = self.a, min(self.width, self.T - self.a)
+        a = self.a
         if a + 1 >= self.T:
             return self.rounds + 1 <= self.max_rounds
         # worst case: the round finalises level a+1 only; draft-and-refine then starts from level a
