@@ -231,19 +231,25 @@ class SkipTransition(abc.ABC):
         """
         n, b = int(t_from.shape[0]), x.shape[0]
         if not self.stochastic:  # composes exactly: the skips from the anchor, one batched call
+            if n == 1:
+                return self(x, pred, t_from[0], t_to[0], None).unsqueeze(0)
             rows = lambda v: v.unsqueeze(0).expand(n, *v.shape).reshape(n * b, *v.shape[1:])
             src = t_from[0].expand(n * b)
             dst = t_to.to(torch.float64).repeat_interleave(b)
             return self(rows(x), rows(pred), src, dst, None).reshape(n, *x.shape)
-        # the chain with x0_hat frozen, unrolled: A~_j x0_hat + B~_j x_a + sum_k W_jk z_k
-        At, Bt, W = self._chain(t_from, t_to)
-        x0_hat, _ = self.to_x0_eps(x, pred, t_from[0])
-        per_draft = lambda c: c.to(device=x.device, dtype=x.dtype).reshape(n, *([1] * x.dim()))
-        out = per_draft(At) * x0_hat + per_draft(Bt) * x
-        if noises is not None:
-            flat = noises.reshape(n, -1)
-            out = out + (W.to(device=flat.device, dtype=flat.dtype) @ flat).reshape(out.shape)
+        # row 0 is the serial step itself; rows 1.. the chain with x0_hat frozen, unrolled:
+        # A~_j x0_hat + B~_j x_a + sum_k W_jk z_k
+        out = torch.empty(n, *x.shape, dtype=x.dtype, device=x.device)
         out[0] = self(x, pred, t_from[0], t_to[0], noises[0] if noises is not None else None)
+        if n > 1:
+            At, Bt, W = self._chain(t_from, t_to)
+            x0_hat, _ = self.to_x0_eps(x, pred, t_from[0])
+            per_draft = lambda c: c[1:].to(device=x.device, dtype=x.dtype).reshape(n - 1, *([1] * x.dim()))
+            rest = per_draft(At) * x0_hat + per_draft(Bt) * x
+            if noises is not None:
+                flat = noises.reshape(n, -1)
+                rest = rest + (W[1:].to(device=flat.device, dtype=flat.dtype) @ flat).reshape(rest.shape)
+            out[1:] = rest
         return out
 
     # ----------------------------------------------------------------- grids
