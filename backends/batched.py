@@ -15,11 +15,11 @@ def repeat_cond(cond: Mapping[str, Any], k: int) -> dict:
     Row ``k * B + b`` of the result is row ``b`` of the input, matching
     ``xs.reshape(K * B, ...)``. 0-d tensors and non-tensor values pass through unchanged.
     """
-    return map_tensors(lambda v: v.repeat(k, *([1] * (v.dim() - 1))) if v.dim() > 0 else v, dict(cond))
+    return map_tensors(lambda v: v.repeat(k, *([1] * (v.dim() - 1))) if v.dim() > 0 else v, cond)
 
 
 def _rows(cond: Mapping[str, Any], start: int, stop: int) -> dict:
-    return map_tensors(lambda v: v[start:stop] if v.dim() > 0 else v, dict(cond))
+    return map_tensors(lambda v: v[start:stop] if v.dim() > 0 else v, cond)
 
 
 def per_sample(f: Callable[..., torch.Tensor]) -> Predictor:

@@ -247,6 +247,16 @@ def _cond_signature(cond: Mapping[str, Any]) -> int:
     return zlib.crc32(sig(dict(cond)).encode())
 
 
+def _assemble(chunks: List[torch.Tensor], offset: int, sizes: List[int], shape: Tuple[int, ...],
+              dtype: torch.dtype) -> torch.Tensor:
+    """The predictions in draft order: rank r's ``sizes[r]`` rows of ``shape``/``dtype`` from byte ``offset``
+    of its gathered chunk (the padding after them dropped)."""
+    row_bytes = _numel(shape) * _item_size(dtype)
+    return torch.cat([
+        _from_bytes(c[offset : offset + n * row_bytes], dtype, (n,) + tuple(shape)) for c, n in zip(chunks, sizes) if n
+    ])
+
+
 def _dims(h: torch.Tensor, start: int, ndim: int) -> Tuple[int, ...]:
     return tuple(int(d) for d in h[start : start + ndim].tolist())
 
@@ -380,7 +390,6 @@ class DistributedExecutor(Executor):
         # is the same on every rank; before any agreement the exchange is header-only.
         self._agreed_row: Optional[Tuple[Tuple[int, ...], torch.dtype]] = None
         self._cap = 0
-        self._row_bytes = 0
         self._max_k = 0
         self._closed = False
 
@@ -492,7 +501,8 @@ class DistributedExecutor(Executor):
         #    has a size all ranks agree on from earlier collective information only (the agreed row and
         #    capacity), never from this rank's own inputs, so diverging ranks still exchange equal buffers
         #    and get the clear error of step 3 instead of a backend abort.
-        agreed_row, cap, row_bytes = self._agreed_row, self._cap, self._row_bytes
+        agreed_row, cap = self._agreed_row, self._cap
+        row_bytes = _numel(agreed_row[0]) * _item_size(agreed_row[1]) if agreed_row is not None else 0
         if out is None:
             fits = code == _OK  # nothing to send (or it failed: the status says so)
         else:
@@ -520,13 +530,7 @@ class DistributedExecutor(Executor):
         out_shape, out_dtype = self._check_consistency(headers, sizes)
         self._agree(out_shape, out_dtype, most)
         if chunks is not None and all(int(h[_F_FITS]) for h in headers):
-            parts = [
-                _from_bytes(chunks[r][_HEADER_BYTES : _HEADER_BYTES + sizes[r] * row_bytes], agreed_row[1],
-                            (sizes[r],) + agreed_row[0])
-                for r in range(self.world_size)
-                if sizes[r]
-            ]
-            return torch.cat(parts).to(xs.device)
+            return _assemble(chunks, _HEADER_BYTES, sizes, *agreed_row).to(xs.device)
 
         # the first round of a new kind of output (gloo), or the nccl data path; sized from the headers
         row_bytes = _numel(out_shape) * _item_size(out_dtype)
@@ -536,12 +540,7 @@ class DistributedExecutor(Executor):
             buf[: payload.numel()] = payload
         group = self.group
         chunks = self._all_gather(buf, group, what="predictions", fault=None, bounded=not self._nccl)
-        parts = [
-            _from_bytes(chunks[r][: sizes[r] * row_bytes], out_dtype, (sizes[r],) + tuple(out_shape))
-            for r in range(self.world_size)
-            if sizes[r]
-        ]
-        return torch.cat(parts).to(xs.device)
+        return _assemble(chunks, 0, sizes, tuple(out_shape), out_dtype).to(xs.device)
 
     # -------------------------------------------------------------------------------------- plumbing
 
@@ -570,7 +569,7 @@ class DistributedExecutor(Executor):
             return None, _BAD_OUTPUT, message, None
         if outs[0].dim() + 1 > _MAXD:
             return None, _BAD_OUTPUT, f"predictions with {outs[0].dim()} dimensions are not supported", None
-        if _dtype_code(outs[0].dtype) == 99:
+        if outs[0].dtype not in _DTYPES:
             return None, _BAD_OUTPUT, f"predictions of dtype {outs[0].dtype} are not supported", None
         return torch.stack(outs), _OK, "", None
 
@@ -582,7 +581,6 @@ class DistributedExecutor(Executor):
             self._agreed_row, self._cap = row, most
         else:
             self._cap = max(self._cap, most)
-        self._row_bytes = _numel(row[0]) * _item_size(out_dtype)
 
     def _header(self, code, k, xs, ts, cond, out, fits) -> torch.Tensor:
         h = torch.full((_HEADER_LEN,), -1, dtype=torch.int64)

@@ -27,9 +27,9 @@ class TimeGrid:
         t_to: ``Tensor[T]`` float64, the level each step goes to (``t_to[i] < t_from[i]``).
         model_times: ``Tensor[T]``, the time the predictor is called with at each step
             (int64 training timesteps for VP, float32 ``sigma * num_train_timesteps`` for flow).
-        kind: the kind of schedule whose levels these are (``"vp"``, ``"flow"``, ``"ve"``), set by
-            the schedule that made the grid; a transition refuses a grid of another kind. ``None``
-            (a grid built by hand) is not checked.
+        kind: what the levels mean, set by the schedule that made the grid (``Schedule.kind``:
+            ``"vp/1000"``, ``"flow/1000"``, ``"ve"``); a transition refuses a grid of another kind.
+            ``None`` (a grid built by hand) is not checked.
     """
 
     t_from: torch.Tensor

@@ -161,13 +161,19 @@ def note_where(error: BaseException, grid: TimeGrid, steps: List[int], x: torch.
         )
 
 
+def _overflow_hint(dtype: torch.dtype) -> str:
+    return (
+        f"the state overflowed its dtype ({dtype}; sample in float32 if this is float16/bfloat16, or check "
+        f"predictions of very large magnitude), or the transition's coefficients are degenerate on this grid "
+        f"(check the schedule's alpha-bar at the grid's levels)."
+    )
+
+
 def check_finite_sample(x: torch.Tensor, sampler: str) -> torch.Tensor:
     """The final sample, or a SamplingError when it holds NaN or inf (every model output was finite)."""
     if not all_finite(x):
         raise SamplingError(
-            f"{sampler}: the sample holds NaN or inf although every model output was finite. The state overflowed "
-            f"its dtype ({x.dtype}; sample in float32 if this is float16/bfloat16), or the transition's "
-            f"coefficients are degenerate on this grid (check the schedule's alpha-bar at the grid's levels)."
+            f"{sampler}: the sample holds NaN or inf although every model output was finite: " + _overflow_hint(x.dtype)
         )
     return x
 
@@ -196,9 +202,7 @@ def check_predictions(
         if not all_finite(xs[k]):  # the model was handed a broken state: the sampler's fault, not the model's
             raise SamplingError(
                 f"The state reaching {where(k)} already holds NaN or inf (and the predictor returned {kind} "
-                f"on it): an earlier step overflowed the state's dtype ({xs.dtype}; sample in float32 if this "
-                f"is float16/bfloat16, or check predictions of very large magnitude), or the transition's "
-                f"coefficients are degenerate on this grid."
+                f"on it): in an earlier step " + _overflow_hint(xs.dtype)
             )
         raise PredictorOutputError(
             f"The predictor returned {kind} at {where(k)} on a finite input state. Check the model at this "

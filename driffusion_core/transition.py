@@ -133,8 +133,7 @@ class SkipTransition(abc.ABC):
         if t_from.dim() == 0 and t_to.dim() == 0:
             return self._memo((compute.__name__, t_from.item(), t_to.item()), lambda: compute(t_from, t_to))
         if t_from.numel() <= self._CACHE_ROWS and t_to.numel() <= self._CACHE_ROWS:
-            key = (compute.__name__, t_from.dim(), t_from.numpy().tobytes(), t_to.dim(), t_to.numpy().tobytes())
-            return self._memo(key, lambda: compute(t_from, t_to), rows=True)
+            return self._memo((compute.__name__, *_levels_key(t_from, t_to)), lambda: compute(t_from, t_to), rows=True)
         return compute(t_from, t_to)
 
     def _memo(self, key, make, rows: bool = False):
@@ -168,7 +167,7 @@ class SkipTransition(abc.ABC):
         the chain accumulates over steps 0..j, normalised. :meth:`skip` gives it to the one big step.
         """
         n = noises.shape[0]
-        u = self._memo(("coupling", tuple(t_from.tolist()), tuple(t_to.tolist())), lambda: self._coupling(t_from, t_to))
+        u = self._memo(("coupling", *_levels_key(t_from, t_to)), lambda: self._coupling(t_from, t_to))
         flat = noises.reshape(n, -1)
         out = (u.to(device=flat.device, dtype=flat.dtype) @ flat).reshape(noises.shape)
         out[0] = noises[0]
@@ -178,9 +177,9 @@ class SkipTransition(abc.ABC):
         """The lower-triangular ``[n, n]`` float64 matrix of :meth:`coupled_noise`: row j is w_j / |w_j|."""
         _, _, W = self._chain(t_from, t_to)
         norms = torch.linalg.vector_norm(W, dim=1, keepdim=True)
-        u = torch.where(norms > 0, W / torch.where(norms > 0, norms, torch.ones_like(norms)), torch.zeros_like(W))
+        u = W / torch.where(norms > 0, norms, torch.ones_like(norms))  # a noiseless row stays 0 ...
         zero = (norms[:, 0] == 0).nonzero().flatten()
-        u[zero, zero] = 1.0
+        u[zero, zero] = 1.0  # ... and passes its own step's noise on (its std is 0 anyway)
         return u
 
     def _chain(self, t_from: torch.Tensor, t_to: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -197,7 +196,7 @@ class SkipTransition(abc.ABC):
                 mat[j, : j + 1] = torch.stack(row)
             return torch.stack(At), torch.stack(Bt), mat
 
-        return self._memo(("chain", tuple(t_from.tolist()), tuple(t_to.tolist())), make)
+        return self._memo(("chain", *_levels_key(t_from, t_to)), make)
 
     def skip(self, x: torch.Tensor, pred: torch.Tensor, t_from: torch.Tensor, t_to: torch.Tensor,
              noises: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -276,6 +275,11 @@ class SkipTransition(abc.ABC):
     def __repr__(self) -> str:
         extra = f", x0_transform={self.x0_transform!r}" if self.x0_transform is not None else ""
         return f"{type(self).__name__}({self.schedule!r}, prediction={self.prediction.value!r}{extra})"
+
+
+def _levels_key(t_from: torch.Tensor, t_to: torch.Tensor) -> tuple:
+    """A cache key for float64 CPU levels (scalars or per-row): their shapes and bytes."""
+    return (tuple(t_from.shape), t_from.numpy().tobytes(), tuple(t_to.shape), t_to.numpy().tobytes())
 
 
 def zero_length_identity(out: torch.Tensor, x: torch.Tensor, t_from: torch.Tensor, t_to: torch.Tensor) -> torch.Tensor:

@@ -57,9 +57,7 @@ class DDPMSkip(SkipTransition):
             raise InvalidArgumentError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}.")
         self.variance_type = variance_type
 
-    def _std(self, abar_t, abar_s, t_from, var=None):
-        if var is None:
-            _, _, var = C.ddpm_posterior_coefficients(abar_t, abar_s)
+    def _std(self, abar_t, abar_s, t_from, var):
         if self.variance_type == "fixed_large":
             var = C.ddpm_large_variance(abar_t, abar_s)
         return torch.where(t_from > 0, var.clamp(min=0).sqrt(), torch.zeros_like(var))
@@ -80,9 +78,7 @@ class DDPMSkip(SkipTransition):
         return zero_length_identity(out, x, t_from, t_to)
 
     def chain_factors(self, t_from: torch.Tensor, t_to: torch.Tensor):
-        abar_t, abar_s = self.schedule.alpha_bar(t_from), self.schedule.alpha_bar(t_to)
-        c_x0, c_xt, var = C.ddpm_posterior_coefficients(abar_t, abar_s)
-        return c_x0, c_xt, self._std(abar_t, abar_s, t_from, var)
+        return self._coefficients(t_from, t_to)[1]  # the step x_s = c_x0 x0_hat + c_xt x_t + std z
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", variance_type={self.variance_type!r})"
