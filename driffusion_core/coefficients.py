@@ -30,6 +30,9 @@ __all__ = [
     "ddpm_large_variance",
     "ddim_chain_coefficients",
     "flow_euler_coefficient",
+    "log",
+    "dpm_solver_pp_coefficients",
+    "dpm_solver_pp_2m_coefficients",
     "chain_noise_weights",
     "chain_draft_coefficients",
 ]
@@ -48,6 +51,17 @@ def sqrt(v: Any) -> Any:
     if hasattr(v, "sqrt") and not isinstance(v, (int, float)):
         return v.sqrt()
     return math.sqrt(v)
+
+
+def log(v: Any) -> Any:
+    """Natural logarithm that keeps the type: math for floats, torch for tensors, exact for sympy."""
+    if _is_sympy(v):
+        import sympy
+
+        return sympy.log(v)
+    if hasattr(v, "log") and not isinstance(v, (int, float)):
+        return v.log()
+    return math.log(v)
 
 
 # --------------------------------------------------------------------------- interpolants
@@ -179,6 +193,56 @@ def ddpm_large_variance(abar_t: Any, abar_s: Any) -> Any:
 def flow_euler_coefficient(t: Any, s: Any) -> Any:
     r"""Euler big step of a flow: :math:`x_s = x_t + (s - t)\,v`. Returns :math:`s - t`."""
     return s - t
+
+
+# --------------------------------------------------------------------------- DPM-Solver++
+
+
+def dpm_solver_pp_coefficients(alpha_s: Any, sigma_s: Any, alpha_t: Any, sigma_t: Any):
+    r"""First-order DPM-Solver++ (Lu et al. 2022, data prediction) from level s to the cleaner level t.
+
+    With :math:`\lambda = \log(\alpha/\sigma)`, :math:`h = \lambda_t - \lambda_s` and so
+    :math:`\alpha_t e^{-h} = \sigma_t\alpha_s/\sigma_s`:
+
+    .. math:: x_t = \frac{\sigma_t}{\sigma_s} x_s + \alpha_t (1 - e^{-h})\,\hat x_0
+              = \frac{\sigma_t}{\sigma_s} x_s + \Big(\alpha_t - \frac{\sigma_t\alpha_s}{\sigma_s}\Big)\hat x_0 .
+
+    Returns ``(c_x, c_x0)``. It is DDIM (eta = 0) written against (x_s, x0_hat), finite at
+    :math:`\sigma_t = 0` (the step to the clean end returns x0_hat).
+    """
+    c_x = sigma_t / sigma_s
+    return c_x, alpha_t - alpha_s * c_x
+
+
+def dpm_solver_pp_2m_coefficients(
+    alpha_p: Any, sigma_p: Any, alpha_s: Any, sigma_s: Any, alpha_t: Any, sigma_t: Any, solver_type: str = "midpoint"
+):
+    r"""Second-order multistep DPM-Solver++ (2M) step s -> t, using the previous level p > s too.
+
+    With :math:`h = \lambda_t - \lambda_s`, :math:`h_0 = \lambda_s - \lambda_p`, :math:`r_0 = h_0/h`,
+    :math:`D_0 = \hat x_0^{(s)}` and :math:`D_1 = (\hat x_0^{(s)} - \hat x_0^{(p)})/r_0`
+    (diffusers' ``multistep_dpm_solver_second_order_update``):
+
+    .. math::
+        \text{midpoint: } x_t = \tfrac{\sigma_t}{\sigma_s} x_s + \alpha_t(1-e^{-h}) D_0
+                             + \tfrac12\alpha_t(1-e^{-h}) D_1,\qquad
+        \text{heun: } x_t = \tfrac{\sigma_t}{\sigma_s} x_s + \alpha_t(1-e^{-h}) D_0
+                             + \alpha_t\Big(1 - \tfrac{1-e^{-h}}{h}\Big) D_1 .
+
+    Returns ``(c_x, c_x0, c_prev)`` with :math:`x_t = c_x x_s + c_{x_0}\hat x_0^{(s)} + c_{prev}\hat x_0^{(p)}`.
+    With :math:`\hat x_0^{(p)} = \hat x_0^{(s)}` it is the first-order step (:func:`dpm_solver_pp_coefficients`).
+    """
+    c_x, c_0 = dpm_solver_pp_coefficients(alpha_s, sigma_s, alpha_t, sigma_t)
+    lam = lambda a, s: log(a) - log(s)
+    h = lam(alpha_t, sigma_t) - lam(alpha_s, sigma_s)
+    h0 = lam(alpha_s, sigma_s) - lam(alpha_p, sigma_p)
+    if solver_type == "midpoint":
+        d = c_0 * h / (2 * h0)
+    elif solver_type == "heun":
+        d = (alpha_t * h - c_0) / h0  # alpha_t (1 - (1 - e^{-h})/h) * h / h0
+    else:
+        raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
+    return c_x, c_0 + d, -d
 
 
 # --------------------------------------------------------------------------- coupled noise

@@ -316,6 +316,8 @@ class DraftRefineState:
         # is computed twice (copied: a predictor may write into its inputs)
         self._noise_cache: Dict[int, torch.Tensor] = {}
         self._first_step: Optional[torch.Tensor] = None
+        # a multistep transition's memory: the last (x_i, p_i, t_i) of the refined chain, oldest first
+        self._history: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     @property
     def done(self) -> bool:
@@ -328,9 +330,17 @@ class DraftRefineState:
         return z if z is not None else self.noise(i, self.x.shape, self.x.dtype, self.x.device)
 
     def step(self, x: torch.Tensor, pred: torch.Tensor, i: int) -> torch.Tensor:
-        """The serial update x_{i+1} = S(x_i, p_i, t_from[i] -> t_to[i], z_i)."""
-        g = self.grid
-        return self.transition(x, pred, g.t_from[i], g.t_to[i], self._z(i))
+        """The serial update x_{i+1} = S(x_i, p_i, t_from[i] -> t_to[i], z_i) (a multistep transition also
+        combines the earlier refined steps)."""
+        out = self.transition.grid_step(x, pred, self.grid, i, self._history, self._z(i))
+        self._remember(x, pred, i)
+        return out
+
+    def _remember(self, x: torch.Tensor, pred: torch.Tensor, i: int) -> None:
+        """Keep (x_i, p_i, t_i) of the refined chain for a multistep transition's next steps."""
+        keep = self.transition.history
+        if keep:
+            self._history = (self._history + [(x, pred, self.grid.t_from[i])])[-keep:]
 
     def _advance(self, x: torch.Tensor) -> None:
         self.a += 1
@@ -352,7 +362,10 @@ class DraftRefineState:
         if self.transition.stochastic and self.noise is not None:
             noises = torch.stack([self._z(i) for i in range(a, a + m)])
             self._noise_cache = {a + j: noises[j] for j in range(m)}
-        xs = self.transition.drafts(self.x, self.pred, g.t_from[a : a + m], g.t_to[a : a + m], noises)
+        tr = self.transition
+        h = tr.history_at(g, a) if tr.history else 0
+        extra = {"history": self._history[len(self._history) - h :]} if h else {}
+        xs = tr.drafts(self.x, self.pred, g.t_from[a : a + m], g.t_to[a : a + m], noises, **extra)
         self._first_step = xs[0].clone()
         return Round(list(range(a + 1, a + m + 1)), xs, anchor_call=False)
 
@@ -366,7 +379,11 @@ class DraftRefineState:
         else:
             self.drafts_per_round.append(len(rnd.steps))
             # refine: x_{a+1} = S(x_a, p_a); x_{a+j+1} = S(x_{a+j}, p~_{a+j})
-            x = self._first_step if self._first_step is not None else self.step(self.x, self.pred, self.a)
+            if self._first_step is not None:
+                x = self._first_step
+                self._remember(self.x, self.pred, self.a)
+            else:
+                x = self.step(self.x, self.pred, self.a)
             self._first_step = None
             self._noise_cache.pop(self.a, None)
             last = len(rnd.steps) if self.mode == "conservative" else len(rnd.steps) - 1

@@ -20,7 +20,7 @@ the chain).
 from __future__ import annotations
 
 import abc
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -29,9 +29,11 @@ from driffusion_core.grid import TimeGrid
 from driffusion_core.parameterization import Prediction, X0Transform, to_x0_eps
 from driffusion_core.schedules import Schedule
 
-__all__ = ["SkipTransition", "as_levels", "zero_length_identity"]
+__all__ = ["SkipTransition", "History", "as_levels", "zero_length_identity"]
 
 Levels = Union[float, int, torch.Tensor]
+History = Sequence[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+"""Earlier steps of the serial chain, oldest first: ``(x_i, p_i, t_from[i])`` (state, prediction, level)."""
 
 
 def as_levels(t: Levels, batch: int) -> torch.Tensor:
@@ -53,6 +55,9 @@ class SkipTransition(abc.ABC):
     Attributes:
         stochastic: whether the step adds noise (then the sampler passes per-step noise).
         composes_exactly: whether ``S(S(x,p,t->s),p,s->u) == S(x,p,t->u)`` for a frozen prediction.
+        history: how many earlier steps a step may combine with its own prediction (0 for one-step
+            samplers; 1 for a second-order multistep solver such as DPM-Solver++ 2M, which then
+            implements :meth:`history_at` and :meth:`multistep`).
         schedule: the noise schedule.
         prediction: what the predictor returns.
         x0_transform: optional clipping / thresholding of x0_hat.
@@ -60,6 +65,7 @@ class SkipTransition(abc.ABC):
 
     stochastic: bool = False
     composes_exactly: bool = False
+    history: int = 0
 
     def __init__(
         self,
@@ -97,6 +103,45 @@ class SkipTransition(abc.ABC):
         Returns:
             ``Tensor[B, ...]``, the state at ``t_to``, in x's dtype.
         """
+
+    # ----------------------------------------------------------------- multistep solvers
+    def history_at(self, grid: TimeGrid, i: int) -> int:
+        """How many earlier steps step ``i`` of ``grid`` combines (0: the one-step :meth:`__call__`).
+
+        At most ``min(i, self.history)``: a multistep solver starts at first order and may drop back to
+        it at the end of the grid (diffusers' ``lower_order_final``).
+        """
+        return 0
+
+    def multistep(
+        self,
+        x: torch.Tensor,
+        pred: torch.Tensor,
+        t_from: Levels,
+        t_to: Levels,
+        history: History,
+        noise: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """The step from ``t_from`` to ``t_to`` that also uses the earlier steps' ``history``
+        (``(x_i, p_i, t_from[i])``, oldest first, as many as :meth:`history_at` asked for)."""
+        raise NotImplementedError(f"{type(self).__name__} is a one-step transition; it has no multistep update.")
+
+    def grid_step(
+        self,
+        x: torch.Tensor,
+        pred: torch.Tensor,
+        grid: TimeGrid,
+        i: int,
+        history: History = (),
+        noise: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Step ``i`` of ``grid``, as a serial sampler takes it: ``S(x_i, p_i, t_from[i] -> t_to[i], z_i)``,
+        or the :meth:`multistep` update where :meth:`history_at` asks for earlier steps (``history``
+        holds at least that many, oldest first)."""
+        h = self.history_at(grid, i) if self.history else 0
+        if h:
+            return self.multistep(x, pred, grid.t_from[i], grid.t_to[i], list(history)[-h:], noise)
+        return self(x, pred, grid.t_from[i], grid.t_to[i], noise)
 
     def to_x0_eps(
         self, x: torch.Tensor, pred: torch.Tensor, t: Levels, alpha_sigma: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
@@ -215,6 +260,7 @@ class SkipTransition(abc.ABC):
         t_from: torch.Tensor,
         t_to: torch.Tensor,
         noises: Optional[torch.Tensor] = None,
+        history: Optional[History] = None,
     ) -> torch.Tensor:
         """All drafts of a window, in one batched call: the chain with the anchor's prediction frozen.
 
@@ -223,11 +269,17 @@ class SkipTransition(abc.ABC):
             t_from, t_to: ``Tensor[n]``, the levels of the window's n steps (``t_from[0]`` is the anchor's).
             noises: ``Tensor[n, B, ...]``, the per-step noise z_a .. z_{a+n-1} (stochastic only; without
                 it a stochastic transition gives the chain's mean).
+            history: for multistep transitions, the earlier steps the anchor's own step combines
+                (:meth:`history_at`); a one-step transition takes none.
 
         Returns:
             ``Tensor[n, B, ...]``; row j is the state after j+1 steps with the prediction frozen.
             Row 0 equals the serial step ``S(x, pred, t_from[0], t_to[0], z_a)`` bit for bit.
         """
+        if history:
+            raise NotImplementedError(
+                f"{type(self).__name__}: a multistep transition must implement drafts(..., history=...)."
+            )
         n, b = int(t_from.shape[0]), x.shape[0]
         if not self.stochastic:  # composes exactly: the skips from the anchor, one batched call
             if n == 1:

@@ -1,6 +1,7 @@
 """Concrete skip-transition families, the serial reference sampler, baselines and oracles."""
 from solvers.ddim import DDIMSkip
 from solvers.ddpm import DDPMSkip
+from solvers.dpm import DPMSolverSkip
 from solvers.flow import FlowEulerSkip
 from solvers.oracles import GaussianMixture, ring_mixture
 from solvers.picard import PicardScheduler, fewest_rounds
@@ -12,6 +13,7 @@ from solvers.interop import from_diffusers, sample_driffusion
 __all__ = [
     "DDIMSkip",
     "DDPMSkip",
+    "DPMSolverSkip",
     "FlowEulerSkip",
     "sample_serial",
     "sample_step_skipping",

@@ -388,6 +388,12 @@ class PicardScheduler:
             raise InvalidArgumentError(
                 f"init must be 'skip' (skip-transition drafts) or 'frozen' (ParaDiGMS' copies of the last state), got {init!r}."
             )
+        if transition.history:
+            raise InvalidArgumentError(
+                f"PicardScheduler takes one-step transitions; {type(transition).__name__} is multistep (it combines "
+                f"{transition.history} earlier step(s)). Use DraftRefineScheduler, or a one-step transition "
+                f"(DPMSolverSkip(order=1) is DDIM)."
+            )
         self.transition = transition
         self.grid = transition.make_grid(timesteps)
         self.width = width

@@ -71,10 +71,14 @@ def sample_serial(
     noise = default_noise(transition, noise)
     traj = [x] if return_trajectory else None
     bar = progress_bar(progress, len(grid), "serial")
+    history: list = []  # (x_i, p_i, t_i) of the last steps, for a multistep transition
     for i in range(len(grid)):
         pred = _call(predictor, x, grid, i, cond)
         z = noise(i, x.shape, x.dtype, x.device) if (transition.stochastic and noise is not None) else None
-        x = transition(x, pred, grid.t_from[i], grid.t_to[i], z)
+        x_next = transition.grid_step(x, pred, grid, i, history, z)
+        if transition.history:
+            history = (history + [(x, pred, grid.t_from[i])])[-transition.history :]
+        x = x_next
         if traj is not None:
             traj.append(x)
         if bar is not None:
@@ -111,6 +115,21 @@ def sample_step_skipping(
     grid = transition.make_grid(timesteps)
     noise = default_noise(transition, noise)
     idx = coarse_indices(len(grid), rounds)
+    if transition.history:  # a multistep solver runs its own update on the coarse grid
+        if transition.stochastic:
+            raise InvalidArgumentError(
+                f"sample_step_skipping: {type(transition).__name__} is stochastic and multistep; the coarse grid "
+                f"cannot couple its noise to the fine grid's."
+            )
+        starts, ends = torch.tensor(idx[:-1]), torch.tensor(idx[1:]) - 1
+        coarse = TimeGrid(grid.t_from[starts], grid.t_to[ends], grid.model_times[starts], grid.kind)
+        history: list = []
+        for k, a in enumerate(idx[:-1]):
+            pred = _call(predictor, x, grid, a, cond)
+            x_next = transition.grid_step(x, pred, coarse, k, history)
+            history = (history + [(x, pred, coarse.t_from[k])])[-transition.history :]
+            x = x_next
+        return SampleOutput(check_finite_sample(x, "sample_step_skipping"), rounds, rounds)
     for a, b in zip(idx[:-1], idx[1:]):
         pred = _call(predictor, x, grid, a, cond)
         noises = None

@@ -1,0 +1,177 @@
+r"""DPM-Solver++ (Lu et al. 2022): first order, and the second-order multistep solver 2M.
+
+Key: :math:`x_t = \alpha_t x_0 + \sigma_t \epsilon`, :math:`\lambda_t = \log(\alpha_t/\sigma_t)` (half the
+log-SNR), :math:`\hat x_0^{(i)}` the prediction converted to x0 at step i (data prediction).
+
+**First order** (one step, the skip): from level s to any later level t,
+
+.. math:: x_t = \frac{\sigma_t}{\sigma_s} x_s + \alpha_t(1 - e^{-h})\,\hat x_0^{(s)},\qquad h = \lambda_t - \lambda_s,
+
+which is DDIM (eta = 0): it composes exactly with a frozen x0_hat.
+
+**2M** (multistep): step i also combines the previous step's x0_hat, with
+:math:`h_0 = \lambda_{t_i} - \lambda_{t_{i-1}}`, :math:`r_0 = h_0/h` and
+:math:`D_1 = (\hat x_0^{(i)} - \hat x_0^{(i-1)})/r_0` (midpoint: :math:`+\tfrac12\alpha_t(1-e^{-h})D_1`;
+heun: :math:`+\alpha_t(1 - (1-e^{-h})/h)D_1`). The first step is first order (there is no previous
+one), and so is the last where diffusers' ``lower_order_final`` / ``euler_at_final`` ask for it or where
+it goes to sigma = 0.
+
+**Drafts.** The anchor's own step is the 2M step (it needs no model call beyond the anchor's); the
+chain after it, with the anchor's x0_hat frozen, has :math:`D_1 = 0` at every step, so it is the
+first-order chain, which composes exactly: draft j is the first-order skip from the first draft to
+:math:`t_{a+j}` with x0_hat frozen, one batched call.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from driffusion_core import coefficients as C
+from driffusion_core.errors import InvalidArgumentError
+from driffusion_core.grid import TimeGrid
+from driffusion_core.parameterization import Prediction, X0Transform, broadcast_coef
+from driffusion_core.schedules import Schedule
+from driffusion_core.transition import History, Levels, SkipTransition, as_levels, zero_length_identity
+
+__all__ = ["DPMSolverSkip"]
+
+SOLVER_TYPES = ("midpoint", "heun")
+
+
+class DPMSolverSkip(SkipTransition):
+    """DPM-Solver++ (data prediction), first order or the second-order multistep 2M.
+
+    Arguments:
+        schedule: a :class:`~driffusion_core.VPSchedule` or :class:`~driffusion_core.FlowSchedule`
+            (any interpolant with :math:`\\lambda = \\log(\\alpha/\\sigma)`).
+        prediction: ``"epsilon"``, ``"sample"``, ``"v_prediction"`` (VP) or ``"velocity"`` (flow).
+        order: 1 (DDIM in DPM-Solver++ form) or 2 (2M, diffusers' default ``solver_order=2``).
+        solver_type: ``"midpoint"`` (diffusers' default) or ``"heun"``.
+        lower_order_final: take the last step at first order on grids of fewer than 15 steps.
+        euler_at_final: take the last step at first order always.
+        x0_transform: optional :class:`~driffusion_core.ClipSample` / :class:`~driffusion_core.DynamicThreshold`.
+
+    The step to a level with sigma = 0 (the clean end) is always first order (it returns x0_hat), as in
+    diffusers' ``final_sigmas_type="zero"``.
+    """
+
+    stochastic = False
+    composes_exactly = True  # the one-step skip (first order) is DDIM
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        prediction: Union[str, Prediction] = "epsilon",
+        order: int = 2,
+        solver_type: str = "midpoint",
+        lower_order_final: bool = True,
+        euler_at_final: bool = False,
+        x0_transform: Optional[X0Transform] = None,
+    ):
+        super().__init__(schedule, prediction, x0_transform)
+        if isinstance(order, bool) or order not in (1, 2):
+            raise InvalidArgumentError(
+                f"DPMSolverSkip order must be 1 or 2, got {order!r} (third order is not implemented; diffusers' "
+                f"solver_order=3 needs two earlier steps)."
+            )
+        if solver_type not in SOLVER_TYPES:
+            raise InvalidArgumentError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}.")
+        self.order = int(order)
+        self.history = self.order - 1
+        self.solver_type = solver_type
+        self.lower_order_final = bool(lower_order_final)
+        self.euler_at_final = bool(euler_at_final)
+
+    # ----------------------------------------------------------------- first order (the skip)
+    def _first(self, t_from: torch.Tensor, t_to: torch.Tensor):
+        """((alpha_s, sigma_s), (c_x, c_x0)) of the first-order step t_from -> t_to."""
+        a_s, s_s = self.schedule.alpha_sigma(t_from)
+        a_t, s_t = self.schedule.alpha_sigma(t_to)
+        return (a_s, s_s), C.dpm_solver_pp_coefficients(a_s, s_s, a_t, s_t)
+
+    def x0_hat(self, x: torch.Tensor, pred: torch.Tensor, t: Levels, alpha_sigma=None) -> torch.Tensor:
+        """The model output converted to x0_hat at level t (with the x0 transform)."""
+        return self.to_x0_eps(x, pred, t, alpha_sigma)[0]
+
+    def _from_x0(self, x: torch.Tensor, x0_hat: torch.Tensor, c) -> torch.Tensor:
+        c_x, c_x0 = c
+        return broadcast_coef(c_x, x) * x + broadcast_coef(c_x0, x) * x0_hat
+
+    def __call__(self, x, pred, t_from: Levels, t_to: Levels, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        t_from, t_to = as_levels(t_from, x.shape[0]), as_levels(t_to, x.shape[0])
+        alpha_sigma, c = self.cached(t_from, t_to, self._first)
+        out = self._from_x0(x, self.x0_hat(x, pred, t_from, alpha_sigma), c)
+        return zero_length_identity(out, x, t_from, t_to)
+
+    # ----------------------------------------------------------------- 2M
+    def history_at(self, grid: TimeGrid, i: int) -> int:
+        if self.order == 1 or i == 0:
+            return 0
+        last = i == len(grid) - 1
+        if last and (self.euler_at_final or (self.lower_order_final and len(grid) < 15)):
+            return 0
+        if float(self.schedule.alpha_sigma(grid.t_to[i : i + 1])[1][0]) == 0.0:  # to the clean end: x0_hat
+            return 0
+        return 1
+
+    def _second(self, t_prev: torch.Tensor, t_from: torch.Tensor, t_to: torch.Tensor):
+        a_p, s_p = self.schedule.alpha_sigma(t_prev)
+        a_s, s_s = self.schedule.alpha_sigma(t_from)
+        a_t, s_t = self.schedule.alpha_sigma(t_to)
+        return (a_p, s_p), (a_s, s_s), C.dpm_solver_pp_2m_coefficients(a_p, s_p, a_s, s_s, a_t, s_t, self.solver_type)
+
+    def multistep(
+        self,
+        x: torch.Tensor,
+        pred: torch.Tensor,
+        t_from: Levels,
+        t_to: Levels,
+        history: History,
+        noise: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """The 2M step :math:`x_t = c_x x_s + c_{x_0}\\hat x_0^{(s)} + c_{prev}\\hat x_0^{(p)}` with
+        ``history = [(x_p, p_p, t_p)]``, the previous step (its x0_hat is converted again, bit for bit)."""
+        if len(history) != 1:
+            raise InvalidArgumentError(f"DPMSolverSkip.multistep takes the one previous step, got {len(history)}.")
+        x_p, p_p, t_p = history[0]
+        b = x.shape[0]
+        t_p, t_from, t_to = as_levels(t_p, b), as_levels(t_from, b), as_levels(t_to, b)
+        if t_p.dim() == 0 and t_from.dim() == 0 and t_to.dim() == 0:
+            key = ("2m", self.solver_type, t_p.item(), t_from.item(), t_to.item())
+            as_p, as_s, (c_x, c_x0, c_p) = self._memo(key, lambda: self._second(t_p, t_from, t_to))
+        else:
+            as_p, as_s, (c_x, c_x0, c_p) = self._second(t_p, t_from, t_to)
+        x0_s = self.x0_hat(x, pred, t_from, as_s)
+        x0_p = self.x0_hat(x_p, p_p, t_p, as_p)
+        out = self._from_x0(x, x0_s, (c_x, c_x0)) + broadcast_coef(c_p, x) * x0_p
+        return zero_length_identity(out, x, t_from, t_to)
+
+    def drafts(
+        self,
+        x: torch.Tensor,
+        pred: torch.Tensor,
+        t_from: torch.Tensor,
+        t_to: torch.Tensor,
+        noises: Optional[torch.Tensor] = None,
+        history: Optional[History] = None,
+    ) -> torch.Tensor:
+        """The chain with the anchor's x0_hat frozen. With ``history`` the anchor's step is the 2M step
+        (row 0, the serial step bit for bit) and every later draft the first-order skip from row 0 with
+        that x0_hat (the chain's D_1 is 0 once the prediction is frozen)."""
+        if not history:
+            return super().drafts(x, pred, t_from, t_to, noises)
+        n, b = int(t_from.shape[0]), x.shape[0]
+        first = self.multistep(x, pred, t_from[0], t_to[0], history)
+        if n == 1:
+            return first.unsqueeze(0)
+        x0_a = self.x0_hat(x, pred, t_from[0])
+        src = t_to[0].expand((n - 1) * b)
+        dst = t_to[1:].to(torch.float64).repeat_interleave(b)
+        _, c = self.cached(src, dst, self._first)
+        rows = lambda v: v.unsqueeze(0).expand(n - 1, *v.shape).reshape((n - 1) * b, *v.shape[1:])
+        rest = self._from_x0(rows(first), rows(x0_a), c).reshape(n - 1, *x.shape)
+        return torch.cat([first.unsqueeze(0), rest])
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f", order={self.order}, solver_type={self.solver_type!r})"
