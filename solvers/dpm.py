@@ -119,7 +119,13 @@ class DPMSolverSkip(SkipTransition):
         a_p, s_p = self.schedule.alpha_sigma(t_prev)
         a_s, s_s = self.schedule.alpha_sigma(t_from)
         a_t, s_t = self.schedule.alpha_sigma(t_to)
-        return (a_p, s_p), (a_s, s_s), C.dpm_solver_pp_2m_coefficients(a_p, s_p, a_s, s_s, a_t, s_t, self.solver_type)
+        c_x, c_x0, c_p = C.dpm_solver_pp_2m_coefficients(a_p, s_p, a_s, s_s, a_t, s_t, self.solver_type)
+        clean = s_t == 0  # h = inf: the step to sigma = 0 is first order (it returns x0_hat)
+        if bool(clean.any()):
+            _, c_first = C.dpm_solver_pp_coefficients(a_s, s_s, a_t, s_t)
+            c_x0 = torch.where(clean, c_first, c_x0)
+            c_p = torch.where(clean, torch.zeros_like(c_p), c_p)
+        return (a_p, s_p), (a_s, s_s), (c_x, c_x0, c_p)
 
     def multistep(
         self,
@@ -131,7 +137,8 @@ class DPMSolverSkip(SkipTransition):
         noise: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """The 2M step :math:`x_t = c_x x_s + c_{x_0}\\hat x_0^{(s)} + c_{prev}\\hat x_0^{(p)}` with
-        ``history = [(x_p, p_p, t_p)]``, the previous step (its x0_hat is converted again, bit for bit)."""
+        ``history = [(x_p, p_p, t_p)]``, the previous step (its x0_hat is converted again, bit for bit).
+        A step to sigma = 0 is the first-order one (2M's coefficients diverge there)."""
         if len(history) != 1:
             raise InvalidArgumentError(f"DPMSolverSkip.multistep takes the one previous step, got {len(history)}.")
         x_p, p_p, t_p = history[0]
