@@ -9,8 +9,9 @@ Built-in models (all made by the project's own code, nothing downloaded):
   scored by the Fréchet distance in the digits classifier's feature space against held-out digits;
 * ``timeseries``: the 1-D time-series eps model, scored by sliced Wasserstein against fresh data.
 
-The oracles run DDIM, DDPM and flow matching (the oracle gives the exact velocity for a
-``FlowSchedule``); the trained models are VP eps-models, so they run DDIM and DDPM.
+The oracles run DDIM, DDPM, flow matching (the oracle gives the exact velocity for a
+``FlowSchedule``) and DPM-Solver++ 2M; the trained models are VP eps-models, so they run DDIM,
+DDPM and DPM-Solver++ 2M. Picard needs a one-step transition, so the 2M tables have no Picard rows.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from benchmarks.config import BenchConfig
 from benchmarks.metrics import MMDTo, SlicedWassersteinTo
 from driffusion_core import FlowSchedule, TimeGrid, VPSchedule
 from driffusion_core.transition import SkipTransition
-from solvers import DDIMSkip, DDPMSkip, FlowEulerSkip, GaussianMixture, ring_mixture
+from solvers import DDIMSkip, DDPMSkip, DPMSolverSkip, FlowEulerSkip, GaussianMixture, ring_mixture
 
 __all__ = ["Case", "ModelUnavailable", "oracle_cases", "digits_cases", "timeseries_cases", "vp_schedule", "family"]
 
@@ -82,7 +83,8 @@ def family(name: str, num_steps: int) -> Tuple[SkipTransition, TimeGrid, object]
     """(transition, grid, schedule) of a sampler family with T = ``num_steps``.
 
     DDIM steps as diffusers' DDIMScheduler with trailing spacing; DDPM uses the closed-form posterior
-    between consecutive listed timesteps; flow uses SD3's shifted sigmas.
+    between consecutive listed timesteps; flow uses SD3's shifted sigmas; dpm is DPM-Solver++ 2M
+    (midpoint, diffusers' DPMSolverMultistepScheduler default) on the trailing grid to sigma = 0.
     """
     if name == "ddim":
         s = vp_schedule()
@@ -93,7 +95,15 @@ def family(name: str, num_steps: int) -> Tuple[SkipTransition, TimeGrid, object]
     if name == "flow":
         s = FlowSchedule(shift=FLOW_SHIFT)
         return FlowEulerSkip(s), s.timesteps(num_steps), s
-    raise ValueError(f"unknown sampler family {name!r}; choose ddim, ddpm or flow")
+    if name == "dpm":
+        s = vp_schedule()
+        return DPMSolverSkip(s), s.timesteps(num_steps, "trailing"), s
+    raise ValueError(f"unknown sampler family {name!r}; choose ddim, ddpm, flow or dpm")
+
+
+def _picard_widths(transition: SkipTransition, widths: Optional[Tuple[int, ...]]) -> Optional[Tuple[int, ...]]:
+    """Picard rows need a one-step transition: none for a multistep one (DPM-Solver++ 2M)."""
+    return () if transition.history else widths
 
 
 def unequal_mixture(dim: int, components: int, seed: int) -> GaussianMixture:
@@ -131,7 +141,8 @@ def oracle_cases(cfg: BenchConfig) -> List[Case]:
             prediction = "velocity" if fam == "flow" else "epsilon"
             cases.append(
                 Case(model, fam, transition, grid, gmm.predictor(schedule, prediction), (cfg.oracle_batch, gmm.dim),
-                     torch.float64, score, floor, ["sliced W2", "MMD²"], picard_sweep=cfg.picard_sweep)
+                     torch.float64, score, floor, ["sliced W2", "MMD²"], picard_widths=_picard_widths(transition, None),
+                     picard_sweep=cfg.picard_sweep)
             )
     return cases
 
@@ -174,7 +185,7 @@ def digits_cases(cfg: BenchConfig) -> List[Case]:
             Case("digits", fam, transition, grid, _as_predictor(unet), (cfg.digits_batch, 1, 8, 8), torch.float32,
                  score, floor, ["Fréchet"],
                  [f"floor: {cfg.digits_batch} training digits against the {ref.shape[0]} test digits"],
-                 cfg.learned_picard_widths, cfg.learned_picard_sweep)
+                 _picard_widths(transition, cfg.learned_picard_widths), cfg.learned_picard_sweep)
         )
     return cases
 
@@ -198,6 +209,6 @@ def timeseries_cases(cfg: BenchConfig) -> List[Case]:
             Case("timeseries", fam, transition, grid, _as_predictor(net), (cfg.timeseries_batch, 1, 32), torch.float32,
                  score, score(other), ["sliced W2"],
                  [f"floor: {n} fresh series against the {n} reference series"],
-                 cfg.learned_picard_widths, cfg.learned_picard_sweep)
+                 _picard_widths(transition, cfg.learned_picard_widths), cfg.learned_picard_sweep)
         )
     return cases

@@ -196,12 +196,14 @@ def _latency_md(lat: dict) -> str:
              for r in mem["rows"]]))
     ov = lat.get("overhead")
     if ov:
-        parts.append(f"### Scheduler overhead per step\n\nA zero-cost predictor (it returns a cached zero tensor), DDIM, "
-                     f"T = {ov['num_steps']}, median of {ov['repeats']}: the time is all outside the model. "
-                     "diffusers' DDIMScheduler.step is timed on the same tensors in the same run.\n")
+        parts.append(f"### Scheduler overhead per step\n\nA zero-cost predictor (it returns a cached zero tensor), DDIM "
+                     f"and DPM-Solver++ 2M, T = {ov['num_steps']}, median of {ov['repeats']}: the time is all outside "
+                     "the model. diffusers' DDIMScheduler.step and DPMSolverMultistepScheduler.step are timed on the same "
+                     "tensors in the same run.\n")
         parts.append(md_table(
-            ["state shape", "method", "executor", "n", "µs per step"],
-            [[r["shape"], r["method"], r["executor"], fmt(r["width"]), fmt(r["us_per_step"])] for r in ov["rows"]]))
+            ["family", "state shape", "method", "executor", "n", "µs per step"],
+            [[r.get("family", "ddim"), r["shape"], r["method"], r["executor"], fmt(r["width"]), fmt(r["us_per_step"])]
+             for r in ov["rows"]]))
     return "\n\n".join(parts)
 
 

@@ -20,7 +20,7 @@ from driffusion_core.noise import NoiseSource
 from driffusion_core.parameterization import ClipSample, DynamicThreshold, Prediction
 from driffusion_core.scheduler import DraftRefineScheduler, DraftRefineState, Round, SampleOutput, expected_rounds
 from driffusion_core.schedules import FlowSchedule, Schedule, VPSchedule
-from driffusion_core.transition import SkipTransition
+from driffusion_core.transition import History, SkipTransition
 
 __version__ = "0.1.0"
 
@@ -34,6 +34,7 @@ __all__ = [
     "ClipSample",
     "DynamicThreshold",
     "SkipTransition",
+    "History",
     "NoiseSource",
     "Executor",
     "SerialExecutor",

@@ -149,10 +149,22 @@ class DPMSolverSkip(SkipTransition):
             as_p, as_s, (c_x, c_x0, c_p) = self._memo(key, lambda: self._second(t_p, t_from, t_to))
         else:
             as_p, as_s, (c_x, c_x0, c_p) = self._second(t_p, t_from, t_to)
+        x0_p = self._remembered_x0(x_p, p_p, t_p)
+        if x0_p is None:
+            x0_p = self.x0_hat(x_p, p_p, t_p, as_p)
         x0_s = self.x0_hat(x, pred, t_from, as_s)
-        x0_p = self.x0_hat(x_p, p_p, t_p, as_p)
+        self._x0_memo = (x, pred, t_from, x0_s)
         out = self._from_x0(x, x0_s, (c_x, c_x0)) + broadcast_coef(c_p, x) * x0_p
         return zero_length_identity(out, x, t_from, t_to)
+
+    def _remembered_x0(self, x: torch.Tensor, pred: torch.Tensor, t: torch.Tensor) -> Optional[torch.Tensor]:
+        """The x0_hat the last :meth:`multistep` computed, if it was for these very tensors (``is``) and level:
+        a serial chain converts each prediction once, not again as the next step's history (the same
+        inputs give the same bits either way)."""
+        memo = self.__dict__.get("_x0_memo")
+        if memo is None or memo[0] is not x or memo[1] is not pred:
+            return None
+        return memo[3] if torch.equal(memo[2], t) else None
 
     def drafts(
         self,

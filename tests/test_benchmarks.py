@@ -207,10 +207,10 @@ def test_cli_options():
 
 
 def test_family_grids_have_T_steps():
-    for name in ("ddim", "ddpm", "flow"):
+    for name in ("ddim", "ddpm", "flow", "dpm"):
         transition, grid, _ = family(name, 12)
         assert len(grid) == 12
-    with pytest.raises(ValueError, match="ddim, ddpm or flow"):
+    with pytest.raises(ValueError, match="ddim, ddpm, flow or dpm"):
         family("euler", 12)
 
 

@@ -206,7 +206,7 @@ def test_byte_transport_is_bit_exact(dtype):
     assert y.dtype == dtype and torch.equal(_to_bytes(y), _to_bytes(x[:, ::2].contiguous()))
 
 
-@pytest.mark.parametrize("family", ["ddpm", "ddim", "flow"])
+@pytest.mark.parametrize("family", ["ddpm", "ddim", "flow", "dpm"])
 def test_sampling_end_to_end_equals_serial(family):
     results, codes, _, logs = _launch(f"e2e_{family}", deadline=90.0)
     _need(results, [0, 1], logs)
@@ -557,7 +557,8 @@ def _e2e(family):
         predictor = mixture.predictor(schedule, "velocity")
     else:
         schedule = core.VPSchedule.linear()
-        transition = solvers.DDPMSkip(schedule) if family == "ddpm" else solvers.DDIMSkip(schedule, eta=0.5)
+        transition = {"ddpm": solvers.DDPMSkip(schedule), "ddim": solvers.DDIMSkip(schedule, eta=0.5),
+                      "dpm": solvers.DPMSolverSkip(schedule)}[family]  # dpm: the multistep 2M
         predictor = mixture.predictor(schedule, "epsilon")
     grid = schedule.timesteps(10)
     ex = DistributedExecutor(timeout=20)
@@ -594,6 +595,7 @@ SCENARIOS = {
     "e2e_ddpm": lambda rank, world: _e2e("ddpm"),
     "e2e_ddim": lambda rank, world: _e2e("ddim"),
     "e2e_flow": lambda rank, world: _e2e("flow"),
+    "e2e_dpm": lambda rank, world: _e2e("dpm"),
 }
 
 
