@@ -11,7 +11,7 @@ Built-in models (all made by the project's own code, nothing downloaded):
 
 The oracles run DDIM, DDPM, flow matching (the oracle gives the exact velocity for a
 ``FlowSchedule``) and DPM-Solver++ 2M; the trained models are VP eps-models, so they run DDIM,
-DDPM and DPM-Solver++ 2M. Picard needs a one-step transition, so the 2M tables have no Picard rows.
+DDPM and DPM-Solver++ 2M.
 """
 from __future__ import annotations
 
@@ -101,10 +101,6 @@ def family(name: str, num_steps: int) -> Tuple[SkipTransition, TimeGrid, object]
     raise ValueError(f"unknown sampler family {name!r}; choose ddim, ddpm, flow or dpm")
 
 
-def _picard_widths(transition: SkipTransition, widths: Optional[Tuple[int, ...]]) -> Optional[Tuple[int, ...]]:
-    """Picard rows need a one-step transition: none for a multistep one (DPM-Solver++ 2M)."""
-    return () if transition.history else widths
-
 
 def unequal_mixture(dim: int, components: int, seed: int) -> GaussianMixture:
     """Means ~ N(0, I), per-component per-coordinate variances in [0.01, 0.25]: unit-scale data, unequal spreads."""
@@ -141,8 +137,7 @@ def oracle_cases(cfg: BenchConfig) -> List[Case]:
             prediction = "velocity" if fam == "flow" else "epsilon"
             cases.append(
                 Case(model, fam, transition, grid, gmm.predictor(schedule, prediction), (cfg.oracle_batch, gmm.dim),
-                     torch.float64, score, floor, ["sliced W2", "MMD²"], picard_widths=_picard_widths(transition, None),
-                     picard_sweep=cfg.picard_sweep)
+                     torch.float64, score, floor, ["sliced W2", "MMD²"], picard_sweep=cfg.picard_sweep)
             )
     return cases
 
@@ -185,7 +180,7 @@ def digits_cases(cfg: BenchConfig) -> List[Case]:
             Case("digits", fam, transition, grid, _as_predictor(unet), (cfg.digits_batch, 1, 8, 8), torch.float32,
                  score, floor, ["Fréchet"],
                  [f"floor: {cfg.digits_batch} training digits against the {ref.shape[0]} test digits"],
-                 _picard_widths(transition, cfg.learned_picard_widths), cfg.learned_picard_sweep)
+                 cfg.learned_picard_widths, cfg.learned_picard_sweep)
         )
     return cases
 
@@ -209,6 +204,6 @@ def timeseries_cases(cfg: BenchConfig) -> List[Case]:
             Case("timeseries", fam, transition, grid, _as_predictor(net), (cfg.timeseries_batch, 1, 32), torch.float32,
                  score, score(other), ["sliced W2"],
                  [f"floor: {n} fresh series against the {n} reference series"],
-                 _picard_widths(transition, cfg.learned_picard_widths), cfg.learned_picard_sweep)
+                 cfg.learned_picard_widths, cfg.learned_picard_sweep)
         )
     return cases

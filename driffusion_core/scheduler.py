@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -288,7 +288,9 @@ class Round:
 class DraftRefineState:
     """The draft-and-refine state machine: ``plan()`` a round, ``absorb()`` its predictions.
 
-    Holds the anchor index a, the anchor state x_a and, when known, its prediction p_a.
+    Holds the anchor index a, the anchor state x_a and, when known, its prediction p_a. It may start
+    at step ``start`` of the grid with x = x_start (a caller that finished steps 0..start-1 another
+    way); a multistep transition then needs the ``history`` of the steps before, ``(x_i, p_i, t_from[i])``.
     """
 
     def __init__(
@@ -300,11 +302,15 @@ class DraftRefineState:
         x: torch.Tensor,
         noise: Optional[NoiseSource],
         keep_trajectory: bool = False,
+        start: int = 0,
+        history: Sequence[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = (),
     ):
         self.transition, self.grid, self.width, self.mode = transition, grid, width, mode
         self.noise = noise
         self.T = len(grid)
-        self.a = 0
+        if not 0 <= start < self.T:
+            raise InvalidArgumentError(f"start must be a step of the grid, 0 <= start < {self.T}, got {start}.")
+        self.a = start
         self.x = x
         self.pred: Optional[torch.Tensor] = None
         self.rounds = 0
@@ -317,7 +323,7 @@ class DraftRefineState:
         self._noise_cache: Dict[int, torch.Tensor] = {}
         self._first_step: Optional[torch.Tensor] = None
         # a multistep transition's memory: the last (x_i, p_i, t_i) of the refined chain, oldest first
-        self._history: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._history: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = list(history)
 
     @property
     def done(self) -> bool:

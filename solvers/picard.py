@@ -40,6 +40,10 @@ copies of x_0 for both inits. Levels that enter the window later get
   p_c was taken at a state far from x_c and would mean a wrong x0_hat there (the error amplified
   by sigma_c / alpha_c); the draft then freezes the x0_hat p_c meant at the state it was taken at.
 
+**Multistep transitions** (DPM-Solver++ 2M): step k of the sweep also combines step k-1 of the
+same iterate (for k = a, the final x_{a-1} and its prediction), drafts from c take the 2M step
+with level c-1 as history, and the budget's draft-and-refine finish starts with that history.
+
 **Budget.** ``max_rounds`` bounds the rounds. Before each Picard round the scheduler checks
 that, even if this round finalised one level only, draft-and-refine (aggressive, same width)
 could still finish within the budget; when it could not, it stops iterating and finishes with
@@ -116,17 +120,6 @@ def fewest_rounds(num_steps: int, width: int) -> int:
     return 1 + _refine_rounds(num_steps, 0, width)
 
 
-class _OffsetNoise(NoiseSource):
-    """The noise of a sub-grid starting at step ``offset``: step i is the parent's step offset + i."""
-
-    def __init__(self, parent: NoiseSource, offset: int):
-        super().__init__(parent.seed, parent.per_sample)
-        self.parent, self.offset = parent, offset
-
-    def __call__(self, step, shape, dtype=torch.float32, device=None):
-        return self.parent(step + self.offset, shape, dtype, device)
-
-
 class PicardState:
     """The sliding-window Picard state machine: ``plan()`` a round, ``absorb()`` its predictions.
 
@@ -185,10 +178,16 @@ class PicardState:
             return None
         return self.noise(i, like.shape, like.dtype, like.device)
 
-    def step(self, x: torch.Tensor, pred: torch.Tensor, i: int) -> torch.Tensor:
-        """The serial update x_{i+1} = S(x_i, p_i, t_from[i] -> t_to[i], z_i)."""
-        g = self.grid
-        return self.transition(x, pred, g.t_from[i], g.t_to[i], self._z(i, x))
+    def step(self, x: torch.Tensor, pred: torch.Tensor, i: int, history=()) -> torch.Tensor:
+        """The serial update x_{i+1} = S(x_i, p_i, t_from[i] -> t_to[i], z_i) (a multistep transition
+        also combines ``history``, the earlier steps of the same iterate)."""
+        return self.transition.grid_step(x, pred, self.grid, i, history, self._z(i, x))
+
+    def _history(self, k: int) -> list:
+        """What step k of a multistep transition combines: ``[(x_{k-1}, p_{k-1}, t_from[k-1])]`` (or nothing)."""
+        if not self.transition.history or self.transition.history_at(self.grid, k) == 0:
+            return []
+        return [(self.xs[k - 1], self.preds[k - 1], self.grid.t_from[k - 1])]
 
     def _anchor(self) -> int:
         """The latest final level with a prediction: a if a was evaluated, else a - 1 (or a = 0, none)."""
@@ -210,9 +209,9 @@ class PicardState:
         c = max(self.a - 1, 0)  # its prediction was taken at its final state (to tolerance)
         self.fallback_from = c
         x_c, p_c = self.xs[c], self.preds[c]
-        noise = _OffsetNoise(self.noise, c) if self.noise is not None else None
         st = DraftRefineState(
-            self.transition, self.grid.sub(c, self.T), self.width, "aggressive", x_c, noise, self.keep_trajectory
+            self.transition, self.grid, self.width, "aggressive", x_c, self.noise, self.keep_trajectory,
+            start=c, history=self._history(c),
         )
         st.pred = p_c
         self.fallback = st
@@ -238,8 +237,7 @@ class PicardState:
                 self._finish_fallback()
                 return None
             self._inner = inner
-            c = self.fallback_from
-            return Round([c + s for s in inner.steps], inner.xs, inner.anchor_call)
+            return inner
         a, m = self.a, min(self.width, self.T - self.a)
         steps = list(range(a, a + m))
         return Round(steps, torch.stack([self.xs[k] for k in steps]), anchor_call=False)
@@ -265,8 +263,12 @@ class PicardState:
             self.at[k] = xk
         # the Picard sweep from the final x_a, and each level's normalised change
         y, changes = self.xs[a], []
+        hist = self._history(a)
         for k in range(a, hi):
-            y = self.step(y, self.preds[k], k)
+            y_next = self.step(y, self.preds[k], k, hist)
+            if self.transition.history:  # the next step combines this one, of the same iterate
+                hist = [(y, self.preds[k], self.grid.t_from[k])]
+            y = y_next
             old = self.xs[k + 1]
             d = (y - old).to(torch.float64).reshape(y.shape[0], -1)
             changes.append(d.pow(2).mean(dim=1).max())
@@ -303,7 +305,9 @@ class PicardState:
         noises = None
         if self.transition.stochastic and self.noise is not None:
             noises = torch.stack([self._z(i, x_c) for i in range(c, top)])
-        drafts = self.transition.drafts(x_c, p_c, g.t_from[c:top], g.t_to[c:top], noises)
+        hist = self._history(c)
+        extra = {"history": hist} if hist else {}
+        drafts = self.transition.drafts(x_c, p_c, g.t_from[c:top], g.t_to[c:top], noises, **extra)
         for k in range(hi + 1, top + 1):
             self.xs[k] = drafts[k - c - 1]
 
@@ -311,7 +315,8 @@ class PicardState:
         """Drop states and predictions no longer needed (levels before a - 1), unless keeping the trajectory."""
         if self.keep_trajectory:
             return
-        for k in range(max(0, self.a - 1)):
+        keep = 2 if self.transition.history else 1  # a multistep anchor a-1 needs level a-2 too
+        for k in range(max(0, self.a - keep)):
             self.xs[k] = None
             self.preds[k] = None
             self.at[k] = None
@@ -387,12 +392,6 @@ class PicardScheduler:
         if init not in INITS:
             raise InvalidArgumentError(
                 f"init must be 'skip' (skip-transition drafts) or 'frozen' (ParaDiGMS' copies of the last state), got {init!r}."
-            )
-        if transition.history:
-            raise InvalidArgumentError(
-                f"PicardScheduler takes one-step transitions; {type(transition).__name__} is multistep (it combines "
-                f"{transition.history} earlier step(s)). Use DraftRefineScheduler, or a one-step transition "
-                f"(DPMSolverSkip(order=1) is DDIM)."
             )
         self.transition = transition
         self.grid = transition.make_grid(timesteps)

@@ -23,7 +23,7 @@ from backends import BatchedExecutor, SerialExecutor
 from driffusion_core import DraftRefineScheduler, FlowSchedule, NoiseSource, TimeGrid, VPSchedule
 from driffusion_core import coefficients as C
 from driffusion_core.errors import InvalidArgumentError
-from solvers import DDIMSkip, DPMSolverSkip, GaussianMixture, PicardScheduler, ring_mixture, sample_serial, sample_step_skipping
+from solvers import DDIMSkip, DPMSolverSkip, GaussianMixture, ring_mixture, sample_serial, sample_step_skipping
 
 from _metrics import one_torch_thread  # noqa: F401  (autouse fixture)
 
@@ -220,9 +220,6 @@ def test_bad_settings_are_refused():
         DPMSolverSkip(VP, order=3)
     with pytest.raises(InvalidArgumentError, match="solver_type"):
         DPMSolverSkip(VP, solver_type="bh2")
-    with pytest.raises(InvalidArgumentError, match="multistep"):
-        PicardScheduler(DPMSolverSkip(VP), VP.timesteps(10), width=2)
-    PicardScheduler(DPMSolverSkip(VP, order=1), VP.timesteps(10), width=2)  # the first-order skip is fine
     tr = DPMSolverSkip(VP)
     x = torch.zeros(2, 3)
     with pytest.raises(InvalidArgumentError, match="previous step"):
