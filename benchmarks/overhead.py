@@ -10,6 +10,7 @@ without it those rows say so.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, List, Optional
 
 import torch
@@ -45,7 +46,9 @@ def _diffusers_loop(kind: str, num_steps: int) -> Optional[Callable[[torch.Tenso
         kw = {}
 
     def loop(x: torch.Tensor) -> torch.Tensor:
-        sched.set_timesteps(num_steps)
+        with warnings.catch_warnings():  # diffusers' own numpy-2 DeprecationWarning in set_timesteps
+            warnings.simplefilter("ignore", DeprecationWarning)
+            sched.set_timesteps(num_steps)
         eps = torch.zeros_like(x)
         for t in sched.timesteps:
             x = sched.step(eps, t, x, **kw).prev_sample
