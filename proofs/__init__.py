@@ -8,14 +8,18 @@ state machine, so a proof cannot drift from the code. Families:
 * :mod:`proofs.ddim`              eta = 0 composes, eta = 1 is DDPM, the marginal at any eta,
                                   and the known failure to compose at 0 < eta < 1
 * :mod:`proofs.flow`              Euler composes, exact on the conditional path
+* :mod:`proofs.dpm`               DPM-Solver++: first order is DDIM and composes, 2M with a frozen
+                                  prediction is first order, heun exact for x0_hat linear in lambda
+                                  (midpoint's defect recorded), exact on the conditional path
 * :mod:`proofs.parameterization`  epsilon / sample / v_prediction / velocity conversions are inverses
-* :mod:`proofs.diffusers_steps`   one-level steps = diffusers' DDIM, DDPM, FlowMatchEuler updates
+* :mod:`proofs.diffusers_steps`   one-level steps = diffusers' DDIM, DDPM, FlowMatchEuler, DPMSolverMultistep
+                                  (first order and 2M) updates
 * :mod:`proofs.operator_checks`   the torch operators agree with the proved symbolic steps
 * :mod:`proofs.rounds`            round counts of the scheduler's plan, and their limits
 
 Shared pieces: :mod:`proofs.registry` (results, the ``@identity`` registry), :mod:`proofs.algebra`
-(symbols, domains, the exact zero test), :mod:`proofs.operators` (the operators on symbols),
-:mod:`proofs.report` / :mod:`proofs.display` (the table).
+(symbols, domains including DPM-Solver's lambda levels, the exact zero test), :mod:`proofs.operators`
+(the operators on symbols), :mod:`proofs.report` / :mod:`proofs.display` (the table).
 
 Use::
 
@@ -31,7 +35,7 @@ from proofs.registry import IDENTITIES, Identity, Outcome, Result, Status, ident
 
 __all__ = ["IDENTITIES", "Identity", "Outcome", "Result", "Status", "identity", "load", "run_all"]
 
-_MODULES = ("ddpm", "ddim", "flow", "parameterization", "diffusers_steps", "operator_checks", "rounds")
+_MODULES = ("ddpm", "ddim", "flow", "dpm", "parameterization", "diffusers_steps", "operator_checks", "rounds")
 
 
 def load() -> List[Identity]:

@@ -10,6 +10,12 @@ Key (notation of the paper and of ``driffusion_core.coefficients``):
   above, and every square root a coefficient takes is then the root of a positive rational
   function, which sympy can factor, split and cancel (see :func:`canon`).
 * ``eta`` in (0, 1) is written :math:`\eta = 1/\sqrt{1+k}`, k > 0, for the same reason.
+* ``lambda`` :math:`\lambda = \log(\alpha/\sigma)` (DPM-Solver's half log-SNR): :class:`LambdaLevels` gives
+  each level a positive :math:`q = e^\lambda = \alpha/\sigma` and builds its interpolant from q without
+  logarithms (VP: :math:`\bar\alpha = q^2/(1+q^2)`); the lambdas are a real symbol and positive gaps
+  :math:`h > 0`. :meth:`LambdaLevels.form` turns the logarithms a coefficient takes into lambdas and the
+  exponentials of lambdas into q's, and the zero test then treats q's and lambdas as independent: a
+  residual that vanishes for independent (q, lambda) vanishes in particular at :math:`q = e^\lambda`.
 
 The zero test (:func:`canon`): a residual is split into its coefficients as a polynomial in the
 state symbols (x, x0, eps, z...). Each coefficient is evaluated exactly in a field of rational
@@ -29,12 +35,14 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import sympy as sp
 from sympy.polys.fields import field
 
+from driffusion_core import coefficients as C
 from proofs.registry import Result, Status
 
 __all__ = [
     "real",
     "Levels",
     "EtaInUnitInterval",
+    "LambdaLevels",
     "Domain",
     "canon",
     "check",
@@ -155,6 +163,109 @@ class EtaInUnitInterval:
             return {self.k: sp.Rational(k.numerator, k.denominator)}, shown
 
         self.domain = Domain(lambda rng: point(Fraction(rng.randint(1, 99), 100)), point(Fraction(1, 2)))
+
+
+class LambdaLevels:
+    r"""A chain of levels ``names[0] -> ... -> names[-1]`` (noisiest first) in :math:`\lambda = \log(\alpha/\sigma)`.
+
+    :math:`\lambda` grows along the chain: the first level's is a real symbol ``lambda_<name>``, each next
+    one adds a positive gap ``h_<name>`` (named after the level it starts from: DPM-Solver's h of the
+    step out of that level). Each level also gets a positive symbol ``q_<name>`` :math:`= e^\lambda =
+    \alpha/\sigma`, from which its interpolant is built without logarithms:
+
+    * ``"vp"``:   ``level`` is :math:`\bar\alpha = q^2/(1+q^2)` (what the VP mirrors take),
+      ``(alpha, sigma) = vp_alpha_sigma(abar)``;
+    * ``"flow"``: ``level`` is :math:`t = 1/(1+q)`, ``(alpha, sigma) = flow_alpha_sigma(t)``;
+    * ``"any"``:  alpha a free positive symbol ``alpha_<name>`` and :math:`\sigma = \alpha/q`, i.e. every
+      interpolant (``level`` is None).
+
+    Attributes:
+        lam, q, level, alpha, sigma: name -> expression; symbols: the free symbols of the chain;
+        domain: the :class:`Domain`: increasing rational q's (fixed: q = 1/3, 1, 3 for three levels,
+        abar = 1/10, 1/2, 9/10 on VP) with :math:`\lambda = \log q` exactly (alpha = 1/2, 1/3, ... for "any").
+    """
+
+    def __init__(self, names: Sequence[str], interpolant: str = "vp"):
+        if interpolant not in ("vp", "flow", "any"):
+            raise ValueError(f"interpolant must be 'vp', 'flow' or 'any', got {interpolant!r}")
+        self.names, self.interpolant = list(names), interpolant
+        self.q = {n: sp.Symbol(f"q_{n}", positive=True) for n in names}
+        self.lam0 = sp.Symbol(f"lambda_{names[0]}", real=True)
+        self.gaps = {n: sp.Symbol(f"h_{n}", positive=True) for n in names[:-1]}
+        self.lam = {names[0]: self.lam0}
+        for a, b in zip(names, names[1:]):
+            self.lam[b] = self.lam[a] + self.gaps[a]
+        self.level: Dict[str, Any] = {}
+        self.alpha: Dict[str, Any] = {}
+        self.sigma: Dict[str, Any] = {}
+        for n in names:
+            q = self.q[n]
+            if interpolant == "vp":
+                self.level[n] = q**2 / (1 + q**2)
+                self.alpha[n], self.sigma[n] = C.vp_alpha_sigma(self.level[n])
+            elif interpolant == "flow":
+                self.level[n] = 1 / (1 + q)
+                self.alpha[n], self.sigma[n] = C.flow_alpha_sigma(self.level[n])
+            else:
+                self.level[n] = None
+                self.alpha[n] = sp.Symbol(f"alpha_{n}", positive=True)
+                self.sigma[n] = self.alpha[n] / q
+        self.symbols = [self.lam0, *self.gaps.values(), *self.q.values()]
+        if interpolant == "any":
+            self.symbols += [self.alpha[n] for n in names]
+        m = len(names)
+        self.domain = Domain(self._sample, self._point([Fraction(i + 1, m - i) for i in range(m)]))
+
+    def _point(self, qs: Sequence[Fraction], alphas: Optional[Sequence[Fraction]] = None) -> Sample:
+        if not all(q > 0 for q in qs) or any(b <= a for a, b in zip(qs, qs[1:])):
+            raise ValueError(f"levels need 0 < q_0 < ... < q_m, got {qs}")
+        qv = {n: sp.Rational(q.numerator, q.denominator) for n, q in zip(self.names, qs)}
+        subs: Dict[sp.Symbol, sp.Expr] = {self.q[n]: v for n, v in qv.items()}
+        subs[self.lam0] = sp.log(qv[self.names[0]])
+        for a, b in zip(self.names, self.names[1:]):
+            subs[self.gaps[a]] = sp.log(qv[b] / qv[a])
+        shown = {f"lambda_{n}": sp.log(v) for n, v in qv.items()}
+        if self.interpolant == "any":
+            alphas = alphas or [Fraction(1, i + 2) for i in range(len(self.names))]
+            for n, a in zip(self.names, alphas):
+                subs[self.alpha[n]] = shown[f"alpha_{n}"] = sp.Rational(a.numerator, a.denominator)
+        return subs, shown
+
+    def _sample(self, rng: random.Random) -> Sample:
+        qs = [Fraction(v, 100) for v in sorted(rng.sample(range(1, 1000), len(self.names)))]
+        return self._point(qs, [Fraction(rng.randint(1, 99), 100) for _ in self.names])
+
+    def form(self, expr: sp.Expr) -> sp.Expr:
+        """``expr`` with every logarithm of the chain's positive quantities written in the lambdas and every
+        exponential of lambdas in the q's: ``log(alpha/sigma)`` of a level becomes its lambda,
+        ``exp(lambda_t - lambda_s)`` becomes ``q_t/q_s``. Raises if a logarithm is left over."""
+
+        def split(log: sp.Expr) -> sp.Expr:
+            # log of a product of positive factors (radicands factored first) = the sum of their logs
+            arg = log.args[0].replace(_is_root, lambda p: sp.Pow(sp.factor(sp.cancel(sp.together(p.base))), p.exp))
+            return sp.expand_log(sp.log(sp.factor(sp.expand_power_base(arg))), force=False)
+
+        e = sp.sympify(expr).replace(lambda a: isinstance(a, sp.log), split)
+        e = e.xreplace({sp.log(self.q[n]): self.lam[n] for n in self.names})
+        left = [a for a in e.atoms(sp.log) if a.free_symbols]
+        if left:
+            raise ValueError(f"logarithms not in the lambdas of the chain: {left}")
+        base = [self.lam0, *self.gaps.values()]
+        # e^{lambda_0} = q_0 and e^{h_a} = q_b/q_a
+        value = [self.q[self.names[0]]] + [self.q[b] / self.q[a] for a, b in zip(self.names, self.names[1:])]
+
+        def power(ex: sp.Expr) -> sp.Expr:
+            arg = sp.expand(ex.args[0])
+            coeffs = [arg.coeff(v) for v in base]
+            rest = sp.expand(arg - sum(c * v for c, v in zip(coeffs, base)))
+            if any(not c.is_Rational for c in coeffs) or rest.free_symbols & set(base):
+                raise ValueError(f"exponential not linear in the lambdas: {ex}")
+            out = sp.exp(rest)
+            for c, v in zip(coeffs, value):
+                out = out * v**c
+            return out
+
+        return e.replace(lambda a: isinstance(a, sp.exp), power)
 
 
 class _Unsupported(Exception):

@@ -6,19 +6,41 @@ The diffusers updates are transcribed below, symbol for symbol, from diffusers 0
 level s (``final_alpha_cumprod`` / ``one`` at the clean end), ``sample`` the state x_t,
 ``model_output`` the prediction, ``variance_noise`` / ``noise`` the step's z. Thresholding and
 clipping act on ``pred_original_sample`` only, identically on both sides (our ``x0_transform``).
+
+DPMSolverMultistepScheduler (``scheduling_dpmsolver_multistep.py``, ``algorithm_type="dpmsolver++"``) works
+in its sigmas ``((1 - alphas_cumprod) / alphas_cumprod) ** 0.5``; ``self.sigmas[self.step_index - 1]``,
+``[self.step_index]``, ``[self.step_index + 1]`` are passed as ``sigma_s1``, ``sigma_s0`` / ``sigma_s``,
+``sigma_t``; ``torch.log`` / ``torch.exp`` are sympy's (the stand-in ``torch`` below), and the float
+literals ``1.0`` / ``0.5`` are ``ONE`` / ``HALF``.
 """
 from __future__ import annotations
 
 import sympy as sp
 
-from proofs.algebra import Domain, EtaInUnitInterval, Levels, check, real
+from proofs.algebra import Domain, EtaInUnitInterval, LambdaLevels, Levels, check, real
 from proofs.flow import flow_times
-from proofs.operators import ddim_step, ddpm_step, flow_step, vp_x0_eps
+from proofs.operators import ddim_step, ddpm_step, dpm_2m_step, dpm_step, flow_step, vp_x0_eps
 from proofs.registry import Result, identity
 
-__all__ = ["diffusers_ddim_step", "diffusers_ddpm_step", "diffusers_flow_euler_step"]
+__all__ = [
+    "diffusers_ddim_step",
+    "diffusers_ddpm_step",
+    "diffusers_flow_euler_step",
+    "diffusers_dpm_sigma",
+    "diffusers_dpm_convert_model_output",
+    "diffusers_dpm_first_order_update",
+    "diffusers_dpm_second_order_update",
+]
 
 HALF = sp.Rational(1, 2)
+ONE = sp.Integer(1)
+
+
+class torch:  # noqa: N801  (so that the transcriptions below read as diffusers' lines)
+    """``torch.log`` / ``torch.exp`` of the diffusers code, on sympy expressions."""
+
+    log = staticmethod(sp.log)
+    exp = staticmethod(sp.exp)
 VP_PREDICTIONS = ("epsilon", "sample", "v_prediction")
 
 
@@ -149,3 +171,104 @@ def flow_euler_step_matches() -> Result:
     x, v = real("x v")
     res = {"velocity": flow_step("velocity", x, v, t, s) - diffusers_flow_euler_step(x, v, t, s)}
     return check(res, domain & Domain.free([x, v]))
+
+
+def diffusers_dpm_sigma(alpha_prod):
+    """scheduling_dpmsolver_multistep.py ``__init__`` / ``set_timesteps``:
+    ``sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5``."""
+    return ((1 - alpha_prod) / alpha_prod) ** HALF
+
+
+def _sigma_to_alpha_sigma_t(sigma):
+    # DPMSolverMultistepScheduler._sigma_to_alpha_sigma_t (use_flow_sigmas=False)
+    alpha_t = 1 / ((sigma**2 + 1) ** HALF)
+    sigma_t = sigma * alpha_t
+    return alpha_t, sigma_t
+
+
+def diffusers_dpm_convert_model_output(prediction_type, model_output, sample, sigma):
+    """``DPMSolverMultistepScheduler.convert_model_output``, ``algorithm_type="dpmsolver++"`` (no thresholding);
+    ``sigma`` is ``self.sigmas[self.step_index]``."""
+    if prediction_type == "epsilon":
+        alpha_t, sigma_t = _sigma_to_alpha_sigma_t(sigma)
+        x0_pred = (sample - sigma_t * model_output) / alpha_t
+    elif prediction_type == "sample":
+        x0_pred = model_output
+    elif prediction_type == "v_prediction":
+        alpha_t, sigma_t = _sigma_to_alpha_sigma_t(sigma)
+        x0_pred = alpha_t * sample - sigma_t * model_output
+    else:
+        raise ValueError(prediction_type)
+    return x0_pred
+
+
+def diffusers_dpm_first_order_update(model_output, sample, sigma_t, sigma_s):
+    """``DPMSolverMultistepScheduler.dpm_solver_first_order_update``, ``"dpmsolver++"`` (``model_output`` is
+    the converted x0_pred)."""
+    alpha_t, sigma_t = _sigma_to_alpha_sigma_t(sigma_t)
+    alpha_s, sigma_s = _sigma_to_alpha_sigma_t(sigma_s)
+    lambda_t = torch.log(alpha_t) - torch.log(sigma_t)
+    lambda_s = torch.log(alpha_s) - torch.log(sigma_s)
+
+    h = lambda_t - lambda_s
+    x_t = (sigma_t / sigma_s) * sample - (alpha_t * (torch.exp(-h) - ONE)) * model_output
+    return x_t
+
+
+def diffusers_dpm_second_order_update(model_output_list, sample, sigma_t, sigma_s0, sigma_s1, solver_type):
+    """``DPMSolverMultistepScheduler.multistep_dpm_solver_second_order_update``, ``"dpmsolver++"``, ``solver_type``
+    midpoint or heun (``model_output_list[-2:]``: the converted x0_pred of the previous and current steps)."""
+    alpha_t, sigma_t = _sigma_to_alpha_sigma_t(sigma_t)
+    alpha_s0, sigma_s0 = _sigma_to_alpha_sigma_t(sigma_s0)
+    alpha_s1, sigma_s1 = _sigma_to_alpha_sigma_t(sigma_s1)
+
+    lambda_t = torch.log(alpha_t) - torch.log(sigma_t)
+    lambda_s0 = torch.log(alpha_s0) - torch.log(sigma_s0)
+    lambda_s1 = torch.log(alpha_s1) - torch.log(sigma_s1)
+
+    m0, m1 = model_output_list[-1], model_output_list[-2]
+
+    h, h_0 = lambda_t - lambda_s0, lambda_s0 - lambda_s1
+    r0 = h_0 / h
+    D0, D1 = m0, (ONE / r0) * (m0 - m1)
+    if solver_type == "midpoint":
+        x_t = (
+            (sigma_t / sigma_s0) * sample
+            - (alpha_t * (torch.exp(-h) - ONE)) * D0
+            - HALF * (alpha_t * (torch.exp(-h) - ONE)) * D1
+        )
+    elif solver_type == "heun":
+        x_t = (
+            (sigma_t / sigma_s0) * sample
+            - (alpha_t * (torch.exp(-h) - ONE)) * D0
+            + (alpha_t * ((torch.exp(-h) - ONE) / h + ONE)) * D1
+        )
+    else:
+        raise ValueError(solver_type)
+    return x_t
+
+
+@identity(
+    "diffusers.dpm_solver_pp_step",
+    "diffusers",
+    "DPMSolverSkip's first-order step (__call__) and 2M step (multistep, midpoint and heun) equal "
+    "DPMSolverMultistepScheduler's dpmsolver++ updates (dpm_solver_first_order_update, "
+    "multistep_dpm_solver_second_order_update, after convert_model_output at each step's own level, "
+    "_sigma_to_alpha_sigma_t of sigma = sqrt((1 - abar)/abar)), for prediction_type epsilon / sample / "
+    "v_prediction.",
+)
+def dpm_solver_pp_step_matches() -> Result:
+    lv = LambdaLevels(["p", "s", "t"], "vp")
+    a_p, a_s, a_t = (lv.level[n] for n in "pst")
+    sig_p, sig_s, sig_t = (diffusers_dpm_sigma(a) for a in (a_p, a_s, a_t))
+    x_p, p_p, x, p = real("x_p p_p x p")
+    res = {}
+    for kind in VP_PREDICTIONS:
+        m1 = diffusers_dpm_convert_model_output(kind, p_p, x_p, sig_p)  # the previous step's, at its level
+        m0 = diffusers_dpm_convert_model_output(kind, p, x, sig_s)
+        theirs = diffusers_dpm_first_order_update(m0, x, sig_t, sig_s)
+        res[f"{kind}, first order"] = lv.form(dpm_step(kind, x, p, a_s, a_t) - theirs)
+        for st in ("midpoint", "heun"):
+            theirs = diffusers_dpm_second_order_update([m1, m0], x, sig_t, sig_s, sig_p, st)
+            res[f"{kind}, 2M {st}"] = lv.form(dpm_2m_step(kind, x, p, (x_p, p_p, a_p), a_s, a_t, st) - theirs)
+    return check(res, lv.domain & Domain.free([x_p, p_p, x, p]))

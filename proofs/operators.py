@@ -6,7 +6,8 @@ same way, and nothing else. ``proofs.operator_checks`` checks numerically that e
 agrees with its mirror; the symbolic proofs are about the mirrors.
 
 Key: x the state at level t (VP: :math:`\bar\alpha_t`; flow: sigma t), p the model output of kind
-``prediction``, s the target level, z the step's standard normal noise.
+``prediction``, s the target level, z the step's standard normal noise. DPM-Solver++'s 2M step follows
+``dpm_solver_pp_2m_coefficients`` instead: previous level p, current level s, target level t.
 """
 from __future__ import annotations
 
@@ -14,7 +15,17 @@ from typing import Any, Tuple
 
 from driffusion_core import coefficients as C
 
-__all__ = ["vp_x0_eps", "flow_x0_eps", "ddim_step", "ddpm_std", "ddpm_step", "flow_velocity", "flow_step"]
+__all__ = [
+    "vp_x0_eps",
+    "flow_x0_eps",
+    "ddim_step",
+    "ddpm_std",
+    "ddpm_step",
+    "flow_velocity",
+    "flow_step",
+    "dpm_step",
+    "dpm_2m_step",
+]
 
 
 def _x0_eps(prediction: str, x: Any, pred: Any, alpha: Any, sigma: Any) -> Tuple[Any, Any]:
@@ -68,3 +79,44 @@ def flow_velocity(prediction: str, x: Any, pred: Any, t: Any) -> Any:
 def flow_step(prediction: str, x: Any, pred: Any, t: Any, s: Any) -> Any:
     """``solvers.flow.FlowEulerSkip.__call__``: x_s = x_t + (s - t) v."""
     return x + C.flow_euler_coefficient(t, s) * flow_velocity(prediction, x, pred, t)
+
+
+_ALPHA_SIGMA = {"vp": C.vp_alpha_sigma, "flow": C.flow_alpha_sigma}
+
+
+def dpm_step(prediction: str, x: Any, pred: Any, level_t: Any, level_s: Any, interpolant: str = "vp") -> Any:
+    """``solvers.dpm.DPMSolverSkip.__call__`` (first order, the skip t -> s): x_s = c_x x_t + c_x0 x0_hat,
+    ``(c_x, c_x0) = dpm_solver_pp_coefficients`` (levels: abar on ``"vp"``, sigma t on ``"flow"``)."""
+    alpha_sigma = _ALPHA_SIGMA[interpolant]
+    a_t, s_t = alpha_sigma(level_t)
+    a_s, s_s = alpha_sigma(level_s)
+    x0_hat, _ = _x0_eps(prediction, x, pred, a_t, s_t)
+    c_x, c_x0 = C.dpm_solver_pp_coefficients(a_t, s_t, a_s, s_s)
+    return c_x * x + c_x0 * x0_hat
+
+
+def dpm_2m_step(
+    prediction: str,
+    x: Any,
+    pred: Any,
+    history: Tuple[Any, Any, Any],
+    level_s: Any,
+    level_t: Any,
+    solver_type: str = "midpoint",
+    interpolant: str = "vp",
+) -> Any:
+    """``solvers.dpm.DPMSolverSkip.multistep`` s -> t with ``history = (x_p, pred_p, level_p)``, the previous
+    step: x_t = c_x x_s + c_x0 x0_hat_s + c_prev x0_hat_p (``dpm_solver_pp_2m_coefficients``), each x0_hat
+    converted at its own level; to sigma_t = 0 the first-order coefficients (``DPMSolverSkip._second``)."""
+    x_p, pred_p, level_p = history
+    alpha_sigma = _ALPHA_SIGMA[interpolant]
+    a_p, s_p = alpha_sigma(level_p)
+    a_s, s_s = alpha_sigma(level_s)
+    a_t, s_t = alpha_sigma(level_t)
+    if s_t == 0:  # the operator's torch.where(clean, first order, 2M)
+        (c_x, c_x0), c_p = C.dpm_solver_pp_coefficients(a_s, s_s, a_t, s_t), 0
+    else:
+        c_x, c_x0, c_p = C.dpm_solver_pp_2m_coefficients(a_p, s_p, a_s, s_s, a_t, s_t, solver_type)
+    x0_p, _ = _x0_eps(prediction, x_p, pred_p, a_p, s_p)
+    x0_s, _ = _x0_eps(prediction, x, pred, a_s, s_s)
+    return c_x * x + c_x0 * x0_s + c_p * x0_p

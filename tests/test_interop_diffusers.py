@@ -10,10 +10,16 @@ Stochastic steps get *our* per-step noise z_i on both sides: DDIM's ``step`` tak
 (``diffusers.schedulers.scheduling_ddpm``; monkeypatch) by a function returning z_i for the step in
 progress. The real ``step`` code then runs unchanged, and the test checks the patch was hit once per
 noisy step.
+
+DPM-Solver++ (``DPMSolverMultistepScheduler``, last section): a random UNet alone is a poor epsilon
+model for it: at t = 999 (alpha ~ 0.006) its x0_hat is in the hundreds, and a tolerance relative to
+that hides options that move the sample by 1e-3. Those width-1 checks use :class:`Tame`: the exact
+prediction for N(0, I) data plus a small UNet term, so x0_hat stays O(1) and the tolerance is tight.
 """
 from __future__ import annotations
 
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,10 +28,12 @@ diffusers = pytest.importorskip("diffusers")
 
 from backends import BatchedExecutor, SerialExecutor  # noqa: E402
 from driffusion_core import DraftRefineScheduler, InvalidArgumentError, InvalidWidthError, NoiseSource, expected_rounds  # noqa: E402
-from solvers import from_diffusers  # noqa: E402
+from solvers import DPMSolverSkip, from_diffusers, sample_serial  # noqa: E402
 from solvers.interop import DiffusersPredictor, DRiffusionPipeline, calculate_shift  # noqa: E402
 
-pytestmark = pytest.mark.diffusers
+pytestmark = [pytest.mark.diffusers,
+              # DPMSolverMultistepScheduler.set_timesteps (the reference loops) calls np.array on a tensor under numpy 2
+              pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]
 
 
 def need(name: str):
@@ -205,11 +213,13 @@ def test_from_diffusers_does_not_touch_the_scheduler():
     assert scheduler.step_index is None and torch.equal(scheduler.sigmas, before)
 
 
-# Schedulers whose configs share options with DDIM (set_alpha_to_one), DDPM (variance_type) or
-# FlowMatchEuler (shift): a config without _class_name must not be taken for one of those.
+# Schedulers whose configs share options with DDIM (set_alpha_to_one), DDPM (variance_type),
+# FlowMatchEuler (shift) or DPMSolverMultistep: a config without _class_name must not be taken for one of those.
 OTHER_SCHEDULERS = ["PNDMScheduler", "LCMScheduler", "TCDScheduler", "DDIMInverseScheduler", "CogVideoXDDIMScheduler",
-                    "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "SASolverScheduler", "UnCLIPScheduler",
-                    "FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler", "EulerDiscreteScheduler"]
+                    "DPMSolverSinglestepScheduler", "SASolverScheduler", "UnCLIPScheduler",
+                    "FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler", "EulerDiscreteScheduler",
+                    # DPMSolverMultistep's options less a few (DPMSolverMultistep itself: tests/test_interop_dpm.py)
+                    "DPMSolverMultistepInverseScheduler", "DEISMultistepScheduler"]
 
 
 @pytest.mark.parametrize("name", OTHER_SCHEDULERS)
@@ -514,3 +524,194 @@ def test_pipeline_errors(unet2d):
     pipe_euler = need("DDPMPipeline")(unet=unet2d, scheduler=need("EulerDiscreteScheduler")())  # DDIMPipeline converts it
     with pytest.raises(InvalidArgumentError, match="from_config"):
         DRiffusionPipeline(pipe_euler, width=2)(num_inference_steps=4, output_type="np")
+
+
+# ============================================================================ DPM-Solver++ (DPMSolverMultistepScheduler)
+
+class Tame(torch.nn.Module):
+    """The exact prediction for N(0, I) data at level t (epsilon: sqrt(1 - abar) x; sample: sqrt(abar) x;
+    v: 0) plus ``scale`` times the UNet; called as diffusers' loop calls a UNet (``.sample``)."""
+
+    def __init__(self, unet, alphas_cumprod, prediction: str, scale: float = 0.3):
+        super().__init__()
+        self.unet, self.ac, self.prediction, self.scale = unet, alphas_cumprod.to(torch.float32), prediction, scale
+
+    def forward(self, x, t):
+        ab = self.ac[torch.as_tensor(t).long()].reshape(-1, *[1] * (x.dim() - 1)).to(x.dtype)
+        base = {"epsilon": (1 - ab).sqrt() * x, "sample": ab.sqrt() * x, "v_prediction": torch.zeros_like(x)}
+        return SimpleNamespace(sample=base[self.prediction] + self.scale * self.unet(x, t).sample)
+
+    @torch.no_grad()
+    def predictor(self, x, t):
+        return self(x, t).sample
+
+
+def _dpm(**config):
+    return need("DPMSolverMultistepScheduler")(**config)
+
+
+DPM_CASES = [
+    # (config, num_inference_steps, the level the last step goes to)
+    ({}, 20, -1.0),  # linspace, 2M midpoint, the step to sigma = 0 first order
+    ({}, 10, -1.0),  # lower_order_final (< 15 steps)
+    (dict(solver_type="heun"), 20, -1.0),
+    (dict(solver_order=1), 20, -1.0),
+    (dict(prediction_type="v_prediction"), 20, -1.0),
+    (dict(prediction_type="sample"), 20, -1.0),
+    (dict(prediction_type="sample", thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.2), 20, -1.0),
+    (dict(timestep_spacing="leading", steps_offset=1, **SD_BETAS), 20, -1.0),  # leading divides by T + 1: 941, 894, ...
+    (dict(timestep_spacing="trailing"), 20, -1.0),
+    (dict(final_sigmas_type="sigma_min"), 20, 0.0),  # the last step is 2M, to alphas_cumprod[0]
+    (dict(final_sigmas_type="sigma_min", euler_at_final=True), 20, 0.0),
+    (dict(final_sigmas_type="sigma_min", lower_order_final=False), 10, 0.0),
+    (dict(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing"), 20, -1.0),
+    (dict(beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-5.1), 20, -1.0),  # starts at 995
+    # diffusers maps deis to dpmsolver++ and bh2 to midpoint (and then wants sigma_min)
+    (dict(algorithm_type="deis", solver_type="bh2", final_sigmas_type="sigma_min"), 12, 0.0),
+]
+
+
+@pytest.mark.parametrize("config,num_steps,last", DPM_CASES,
+                         ids=[("-".join(f"{k}={v}" for k, v in c[0].items() if k not in SD_BETAS) or "default") + f"-{c[1]}"
+                              for c in DPM_CASES])
+def test_dpm_width1_matches_diffusers_loop(config, num_steps, last, unet2d, monkeypatch):
+    scheduler = _dpm(**config)
+    model = Tame(unet2d, scheduler.alphas_cumprod, scheduler.config.prediction_type)
+    x = NoiseSource(0).initial((2, 3, 8, 8))
+    transition, grid = from_diffusers(scheduler, num_steps)
+    assert isinstance(transition, DPMSolverSkip) and transition.order == scheduler.config.solver_order
+
+    ours = DraftRefineScheduler(transition, grid, width=1).sample(model.predictor, x)
+    serial = sample_serial(model.predictor, x, transition, grid)
+    ref, draws = diffusers_loop(scheduler, model, x, num_steps, None, monkeypatch)
+
+    assert torch.equal(grid.model_times, scheduler.timesteps.cpu().to(grid.model_times.dtype))
+    assert grid.t_to[-1].item() == last and grid.is_contiguous and draws == 0
+    assert torch.equal(ours.x, serial.x)
+    assert ours.rounds == ours.evals == num_steps
+    scale = max(1.0, ref.abs().max().item())
+    assert (ours.x - ref).abs().max().item() <= 5e-6 * scale, f"{config} {num_steps}"  # measured: at most 7.3e-7
+
+
+def test_dpm_options_matter(unet2d):
+    """The width-1 checks above tell the options apart: each moves the sample far more than their tolerance."""
+    x = NoiseSource(0).initial((2, 3, 8, 8))
+
+    def run(n, **config):
+        scheduler = _dpm(**config)
+        model = Tame(unet2d, scheduler.alphas_cumprod, scheduler.config.prediction_type)
+        return sample_serial(model.predictor, x, *from_diffusers(scheduler, n)).x
+
+    base, sigma_min = run(20), run(20, final_sigmas_type="sigma_min")
+    for other in (run(20, solver_type="heun"), run(20, solver_order=1), run(10), sigma_min):
+        assert (other - base).abs().max().item() > 1e-3
+    assert (run(20, final_sigmas_type="sigma_min", euler_at_final=True) - sigma_min).abs().max().item() > 1e-3
+    short = run(10, final_sigmas_type="sigma_min")
+    assert (run(10, final_sigmas_type="sigma_min", lower_order_final=False) - short).abs().max().item() > 1e-3
+    assert torch.equal(run(20, euler_at_final=True), base)  # the step to sigma = 0 is first order anyway
+    sample = run(20, prediction_type="sample")
+    assert (run(20, prediction_type="sample", thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.2)
+            - sample).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("config", [{}, dict(solver_type="heun", prediction_type="v_prediction", final_sigmas_type="sigma_min")])
+def test_dpm_wider_runs_and_stays_close(config, unet2d):
+    scheduler = _dpm(**config)
+    model = Tame(unet2d, scheduler.alphas_cumprod, scheduler.config.prediction_type)
+    transition, grid = from_diffusers(scheduler, 20)
+    x, other_x = NoiseSource(0).initial((2, 3, 8, 8)), NoiseSource(1).initial((2, 3, 8, 8))
+    serial = sample_serial(model.predictor, x, transition, grid).x
+    other = sample_serial(model.predictor, other_x, transition, grid).x
+    for width, mode in ((3, "aggressive"), (3, "conservative")):
+        out = DraftRefineScheduler(transition, grid, width, mode).sample(model.predictor, x)
+        assert out.x.shape == x.shape and torch.isfinite(out.x).all()
+        assert out.rounds == expected_rounds(20, width, mode) and out.evals == 20
+        assert _rel(out.x, serial, other) < 0.25
+    batched = DraftRefineScheduler(transition, grid, 3).sample(model.predictor, x, executor=BatchedExecutor())
+    one_by_one = DraftRefineScheduler(transition, grid, 3).sample(model.predictor, x, executor=SerialExecutor())
+    torch.testing.assert_close(batched.x, one_by_one.x, rtol=1e-5, atol=1e-5)
+
+
+def test_dpm_config_equals_scheduler():
+    scheduler = _dpm(timestep_spacing="trailing", prediction_type="v_prediction", solver_type="heun", **SD_BETAS)
+    before = scheduler.timesteps.clone()
+    tr_a, grid_a = from_diffusers(scheduler, 8)
+    assert scheduler.step_index is None and torch.equal(scheduler.timesteps, before)  # only read
+    tr_b, grid_b = from_diffusers(dict(scheduler.config), 8)  # built in code: no _class_name, told by its options
+    tr_c, grid_c = from_diffusers({**scheduler.config, "_class_name": "DPMSolverMultistepScheduler"}, 8)  # as saved
+    for tr, grid in ((tr_b, grid_b), (tr_c, grid_c)):
+        assert isinstance(tr, DPMSolverSkip) and tr.solver_type == "heun" and tr.prediction.value == "v_prediction"
+        assert torch.equal(tr.schedule.alphas_cumprod, tr_a.schedule.alphas_cumprod)
+        assert torch.equal(grid.t_from, grid_a.t_from) and torch.equal(grid.t_to, grid_a.t_to)
+
+
+DPM_REFUSED = [
+    (dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min"), "algorithm_type='dpmsolver'"),
+    (dict(algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min"), "algorithm_type='sde-dpmsolver'"),
+    (dict(algorithm_type="sde-dpmsolver++"), "algorithm_type='sde-dpmsolver\\+\\+'"),
+    (dict(solver_order=3), "solver_order=3"),
+    (dict(use_karras_sigmas=True), "use_karras_sigmas"),
+    (dict(use_exponential_sigmas=True), "use_exponential_sigmas"),
+    (dict(use_beta_sigmas=True), "use_beta_sigmas"),
+    (dict(use_lu_lambdas=True), "use_lu_lambdas"),
+    (dict(use_flow_sigmas=True, prediction_type="flow_prediction"), "use_flow_sigmas"),
+    (dict(variance_type="learned"), "variance_type='learned'"),
+    (dict(variance_type="learned_range"), "variance_type='learned_range'"),
+    (dict(prediction_type="flow_prediction"), "prediction_type='flow_prediction'"),
+]
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # diffusers deprecates dpmsolver / sde-dpmsolver
+@pytest.mark.parametrize("config,option", DPM_REFUSED, ids=[o.replace("\\", "") for _, o in DPM_REFUSED])
+def test_dpm_refused_options_are_named(config, option):
+    if config.get("use_beta_sigmas"):
+        pytest.importorskip("scipy")
+    scheduler = _dpm(**config)
+    for given in (scheduler, dict(scheduler.config)):
+        with pytest.raises(InvalidArgumentError, match=option):
+            from_diffusers(given, 10)
+
+
+def test_dpm_grids_it_cannot_reproduce():
+    with pytest.raises(InvalidArgumentError, match="final_sigmas_type='sigma_min'.*length zero"):
+        from_diffusers(_dpm(final_sigmas_type="sigma_min", timestep_spacing="trailing"), 1000)  # ..., 1, 0 -> sigma_min
+    from_diffusers(_dpm(timestep_spacing="trailing"), 1000)  # to sigma = 0 it is fine
+    with pytest.raises(InvalidArgumentError, match="twice"):
+        from_diffusers(_dpm(), 1000)  # linspace rounds two steps onto one timestep
+    # rescale_betas_zero_snr puts 2**-24 at t = 999, above alphas_cumprod[996..998] (linear betas)
+    with pytest.raises(InvalidArgumentError, match="rescale_betas_zero_snr"):
+        from_diffusers(_dpm(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing"), 400)
+
+
+def test_stable_diffusion_pipeline_with_dpm_solver(unet_cond, vae):
+    ddim = need("DDIMScheduler")(steps_offset=1, clip_sample=False, timestep_spacing="leading", **SD_BETAS)
+    pipe = _quiet(need("StableDiffusionPipeline")(
+        vae=vae, text_encoder=None, tokenizer=None, unet=unet_cond, safety_checker=None, feature_extractor=None,
+        scheduler=need("DPMSolverMultistepScheduler").from_config(ddim.config), requires_safety_checker=False,
+    ))
+    assert pipe.scheduler.config.timestep_spacing == "leading" and pipe.scheduler.config.steps_offset == 1
+    g = torch.Generator().manual_seed(0)
+    kw = dict(prompt_embeds=torch.randn(2, 5, 8, generator=g), negative_prompt_embeds=torch.randn(2, 5, 8, generator=g),
+              num_inference_steps=10, guidance_scale=5.0, output_type="np")
+    gen = lambda seed=1: torch.Generator().manual_seed(seed)
+    ref = pipe(generator=gen(), **kw).images
+    w1 = DRiffusionPipeline(pipe, width=1)(generator=gen(), **kw).images
+    np_testing_close(w1, ref, 1e-4)
+    other = DRiffusionPipeline(pipe, width=1)(generator=gen(2), **kw).images
+    fast = DRiffusionPipeline(pipe, width=2)
+    out = fast(generator=gen(), **kw).images
+    assert fast.last_output.rounds == expected_rounds(10, 2) and fast.last_output.evals == 10
+    assert _rel(out, w1, other) < 0.25
+
+
+def test_ddpm_pipeline_with_dpm_solver(unet2d):
+    """An unconditional pipeline (DDPMPipeline keeps the scheduler it is given; DDIMPipeline would convert it)."""
+    pipe = _quiet(need("DDPMPipeline")(unet=unet2d, scheduler=_dpm(timestep_spacing="trailing", prediction_type="sample")))
+    kw = dict(batch_size=2, num_inference_steps=8, output_type="np")
+    gen = lambda seed=1: torch.Generator().manual_seed(seed)
+    ref = pipe(generator=gen(), **kw).images
+    w1 = DRiffusionPipeline(pipe, width=1)(generator=gen(), **kw).images
+    np_testing_close(w1, ref, 1e-5)
+    fast = DRiffusionPipeline(pipe, width=3, mode="conservative")
+    out = fast(generator=gen(), **kw).images
+    assert fast.last_output.rounds == expected_rounds(8, 3, "conservative") and out.shape == ref.shape

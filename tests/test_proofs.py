@@ -18,7 +18,7 @@ import pytest
 import sympy as sp
 
 import proofs
-from proofs.algebra import Domain, Levels, canon, check, real
+from proofs.algebra import Domain, LambdaLevels, Levels, canon, check, real
 from proofs.registry import Status
 
 from _metrics import one_torch_thread  # noqa: F401  (autouse fixture)
@@ -26,10 +26,13 @@ from _metrics import one_torch_thread  # noqa: F401  (autouse fixture)
 ROOT = Path(__file__).resolve().parents[1]
 
 # identities checked symbolically must be proved symbolically, not only numerically
-SYMBOLIC_FAMILIES = ("param.", "ddpm.", "ddim.", "flow.", "diffusers.", "rounds.aggressive_limit",
+SYMBOLIC_FAMILIES = ("param.", "ddpm.", "ddim.", "flow.", "dpm.", "diffusers.", "rounds.aggressive_limit",
                      "rounds.conservative_limit")
 KNOWN_NON_IDENTITIES = {"ddim.eta_composition_not_exact", "ddim.frozen_v_does_not_compose",
-                        "ddpm.fixed_large_not_composable"}
+                        "ddpm.fixed_large_not_composable", "dpm.2m_midpoint_not_exact"}
+DPM_IDENTITIES = {"dpm.first_order_is_ddim", "dpm.first_order_composes", "dpm.2m_frozen_is_first_order",
+                  "dpm.2m_heun_exact_linear_x0", "dpm.2m_midpoint_not_exact", "dpm.conditional_path_exact",
+                  "diffusers.dpm_solver_pp_step", "operators.dpm_2m_matches_mirror"}
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +61,9 @@ def test_python_m_proofs_exits_zero(run):
 def test_registry_is_complete(outcomes):
     assert set(outcomes) == {i.name for i in proofs.load()}
     families = {r["family"] for r in outcomes.values()}
-    assert {"DDPM", "DDIM", "Flow", "Parameterizations", "diffusers", "Rounds"} <= families
+    assert {"DDPM", "DDIM", "Flow", "DPM-Solver++", "Parameterizations", "diffusers", "Rounds"} <= families
     assert {n for n, r in outcomes.items() if not r["expect_holds"]} == KNOWN_NON_IDENTITIES
+    assert DPM_IDENTITIES <= set(outcomes)
 
 
 @pytest.mark.parametrize("name", [i.name for i in proofs.load()])
@@ -86,6 +90,51 @@ def test_ddim_eta_composition_defect_is_reported(outcomes):
     assert "At eta = 0 and eta = 1 the residuals are 0 (proved)" in r["detail"]
     assert r["counterexample"]["point"] == {"abar_t": "1/4", "abar_s": "1/2", "abar_u": "3/4", "eta": "1/2"}
     assert float(r["counterexample"]["residuals"]["variance"]) > 0
+
+
+def test_dpm_midpoint_defect_is_reported(outcomes):
+    """2M midpoint minus the exact step for x0_hat linear in lambda: alpha_t D phi(h), phi = -h^3/12 + O(h^4)."""
+    from proofs.dpm import midpoint_defect_coefficients
+
+    assert midpoint_defect_coefficients() == {3: sp.Rational(-1, 12), 4: sp.Rational(1, 24), 5: sp.Rational(-1, 80)}
+    r = outcomes["dpm.2m_midpoint_not_exact"]
+    assert r["status"] == "FAILS"
+    assert "(proved); phi(h) = -h^3/12 + h^4/24 - h^5/80 + O(h^6)" in r["detail"]
+    assert "leading term (-h^3/12) alpha_t D" in r["detail"]
+    assert r["counterexample"]["point"]["lambda_t"] == "log(3)"
+    # h = h0 = log 3, alpha_t = 1/4, D = (x0_s - x0_p)/h0 = (-1 - 4/3)/log 3: the defect alpha_t D phi(h) there
+    h = sp.log(3)
+    phi = h * (1 - sp.exp(-h)) / 2 - (h - 1 + sp.exp(-h))
+    expected = sp.Rational(1, 4) * (-1 - sp.Rational(4, 3)) / h * phi
+    assert abs(float(r["counterexample"]["residuals"]["midpoint - exact"]) - float(expected)) < 1e-5
+    heun = outcomes["dpm.2m_heun_exact_linear_x0"]
+    assert heun["status"] == "PROVED" and set(heun["residuals"]) == {
+        "heun, x0 linear in lambda", "midpoint, constant x0", "heun, constant x0", "first order, constant x0"}
+
+
+def test_lambda_levels_form():
+    """LambdaLevels.form turns the library's log(alpha) - log(sigma) into lambda and exp(-h) into q_s/q_t,
+    and refuses a logarithm it cannot write in the lambdas."""
+    from driffusion_core import coefficients as C
+
+    for interpolant in ("vp", "flow", "any"):
+        lv = LambdaLevels(["s", "t"], interpolant)
+        for n in "st":
+            assert lv.form(C.log(lv.alpha[n]) - C.log(lv.sigma[n])) == lv.lam[n]
+            assert canon(lv.alpha[n] / lv.sigma[n] - lv.q[n]) == 0
+        assert lv.form(sp.exp(-(lv.lam["t"] - lv.lam["s"]))) == lv.q["s"] / lv.q["t"]
+        with pytest.raises(ValueError):
+            lv.form(sp.log(1 + lv.q["s"]))
+    lv = LambdaLevels(["s", "t"])
+    (subs, shown) = lv.domain.fixed
+    assert shown == {"lambda_s": sp.log(sp.Rational(1, 2)), "lambda_t": sp.log(2)}
+    assert subs[lv.gaps["s"]] == sp.log(4) and subs[lv.q["t"]] == 2
+    # a near miss: the first-order coefficient against exp(-h) in place of e^{-2h} is caught
+    c_x, c_x0 = C.dpm_solver_pp_coefficients(lv.alpha["s"], lv.sigma["s"], lv.alpha["t"], lv.sigma["t"])
+    h = lv.gaps["s"]
+    assert check({"ok": lv.form(c_x0 - lv.alpha["t"] * (1 - sp.exp(-h)))}, lv.domain).status is Status.PROVED
+    miss = check({"miss": lv.form(c_x0 - lv.alpha["t"] * (1 - sp.exp(-2 * h)))}, lv.domain)
+    assert miss.status is Status.FAILS
 
 
 def test_zero_test_is_not_vacuous():
@@ -118,6 +167,29 @@ def test_a_wrong_coefficient_is_caught(monkeypatch):
 
     monkeypatch.setattr(C, "ddpm_posterior_coefficients", wrong)
     for name in ("ddpm.posterior_bayes", "ddpm.coupled_noise_2", "ddim.eta1_is_ddpm_posterior", "diffusers.ddpm_step"):
+        (o,) = proofs.run_all(name)
+        assert o.result.status is Status.FAILS and not o.as_expected, name
+
+
+def test_a_wrong_dpm_coefficient_is_caught(monkeypatch):
+    """Heun's 2M coefficients swapped for midpoint's, or a perturbed first-order step: the DPM identities fail."""
+    from driffusion_core import coefficients as C
+
+    right_2m, right_1 = C.dpm_solver_pp_2m_coefficients, C.dpm_solver_pp_coefficients
+    monkeypatch.setattr(C, "dpm_solver_pp_2m_coefficients",
+                        lambda *args: right_2m(*args[:6], "midpoint"))
+    for name in ("dpm.2m_heun_exact_linear_x0", "diffusers.dpm_solver_pp_step"):
+        (o,) = proofs.run_all(name)
+        assert o.result.status is Status.FAILS and not o.as_expected, name
+    monkeypatch.setattr(C, "dpm_solver_pp_2m_coefficients", right_2m)
+
+    def wrong(alpha_s, sigma_s, alpha_t, sigma_t):
+        c_x, c_x0 = right_1(alpha_s, sigma_s, alpha_t, sigma_t)
+        return c_x, c_x0 * (1 + sigma_t / 1000)
+
+    monkeypatch.setattr(C, "dpm_solver_pp_coefficients", wrong)
+    for name in ("dpm.first_order_is_ddim", "dpm.first_order_composes", "dpm.2m_heun_exact_linear_x0",
+                 "dpm.conditional_path_exact", "diffusers.dpm_solver_pp_step"):
         (o,) = proofs.run_all(name)
         assert o.result.status is Status.FAILS and not o.as_expected, name
 

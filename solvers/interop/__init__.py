@@ -5,7 +5,8 @@ imports it when used), so ``import solvers`` works without the optional extra.
 
 * :func:`from_diffusers` -- a diffusers scheduler (or config) to ``(transition, grid)``.
 * :class:`DiffusersPredictor` -- UNet2D / UNet2DCondition / SD3 transformer as ``f(x, t, **cond)``, CFG in one call.
-* :class:`DRiffusionPipeline` -- run a DDPM / DDIM / Stable Diffusion / SD3 pipeline with DRiffusion.
+* :class:`DRiffusionPipeline` -- run a DDPM / DDIM / Stable Diffusion / SD3 pipeline with DRiffusion
+  (DDIM, DDPM, DPM-Solver++ multistep or flow-matching Euler scheduler).
 * :func:`sample_driffusion` -- k-diffusion-style sampler for denoisers ``D(x, sigma) -> x0``.
 """
 from solvers.interop.diffusers_models import DiffusersPredictor

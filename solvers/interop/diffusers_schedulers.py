@@ -17,7 +17,14 @@ Key (diffusers' names -> ours):
 * DDPM ``variance_type`` fixed_small / fixed_small_log / fixed_large -> :class:`~solvers.DDPMSkip`;
 * flow sigmas (``shift`` or a later ``set_shift()``, ``use_dynamic_shifting`` with ``mu``, ``shift_terminal``,
   Karras / exponential / beta sigmas, linear time shift) -> read from the scheduler's own ``set_timesteps``
-  on a private copy, so the grid is diffusers' own (the step is the same Euler step).
+  on a private copy, so the grid is diffusers' own (the step is the same Euler step);
+* ``DPMSolverMultistepScheduler`` (``algorithm_type="dpmsolver++"``) -> :class:`~solvers.DPMSolverSkip`
+  (``solver_order`` 1 or 2, ``solver_type``, ``lower_order_final``, ``euler_at_final``); its timesteps
+  (``timestep_spacing``, ``steps_offset``, ``lambda_min_clipped``) are read from its own ``set_timesteps``
+  on a private copy, and the last step goes to level -1 (sigma = 0, ``final_sigmas_type="zero"``) or to
+  level 0 (``alphas_cumprod[0]``, ``final_sigmas_type="sigma_min"``). Refused: the noise-prediction and
+  SDE variants, third order, Karras / exponential / beta / Lu-lambda / flow sigmas (their levels are not
+  training timesteps), learned variances and ``flow_prediction``.
 
 A config (a mapping) is instantiated with diffusers; its class is its ``_class_name``, or, for the
 ``config`` of a scheduler built in code (no ``_class_name``), the supported class whose options are
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import warnings
 from typing import Any, Mapping, Optional, Tuple
 
 import torch
@@ -38,11 +46,14 @@ from driffusion_core.schedules import FlowSchedule, VPSchedule
 from driffusion_core.transition import SkipTransition
 from solvers.ddim import DDIMSkip
 from solvers.ddpm import DDPMSkip
+from solvers.dpm import DPMSolverSkip
 from solvers.flow import FlowEulerSkip
 
 __all__ = ["from_diffusers", "SUPPORTED_SCHEDULERS"]
 
-SUPPORTED_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "FlowMatchEulerDiscreteScheduler")
+SUPPORTED_SCHEDULERS = (
+    "DDIMScheduler", "DDPMScheduler", "FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler",
+)
 
 _DDPM_VARIANCE = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large"}
 
@@ -59,9 +70,10 @@ def _class_of_config(diffusers, cfg: Mapping[str, Any]) -> Tuple[Optional[str], 
     A saved config names it (``_class_name``). The ``config`` of a scheduler built in code has no
     ``_class_name``: it is taken for a supported class only when its options (keys not starting with
     ``_``) are exactly that class's. One shared option is not enough: PNDM, LCM, TCD and DDIMInverse
-    configs have DDIM's ``set_alpha_to_one``, DPM-Solver's and UnCLIP's have DDPM's ``variance_type``,
-    FlowMatchHeun's has ``shift``. (DDIMParallel and DDPMParallel have exactly DDIM's and DDPM's options
-    and step as they do, so their configs read as those.)
+    configs have DDIM's ``set_alpha_to_one``, DPM-Solver single-step's and UnCLIP's have DDPM's ``variance_type``,
+    FlowMatchHeun's has ``shift``, DPMSolverMultistepInverse's and DEIS's are DPMSolverMultistep's less a few.
+    (DDIMParallel and DDPMParallel have exactly DDIM's and DDPM's options and step as they do, so their
+    configs read as those.)
     """
     if "_class_name" in cfg:
         return cfg["_class_name"], ""
@@ -102,7 +114,7 @@ def _as_scheduler(scheduler_or_config: Any):
     if name not in SUPPORTED_SCHEDULERS or not hasattr(scheduler_or_config, "config"):
         raise InvalidArgumentError(
             f"from_diffusers supports {', '.join(SUPPORTED_SCHEDULERS)}, got {name}. Swap the pipeline's scheduler, "
-            f"e.g. pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)."
+            f"e.g. pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config) (or DDIMScheduler)."
         )
     return scheduler_or_config, name
 
@@ -188,6 +200,99 @@ def _flow(scheduler, cfg, num_inference_steps: int, mu: Optional[float]):
     return transition, grid
 
 
+# DPMSolverMultistepScheduler's sigma options: each puts the levels between training timesteps
+_DPM_SIGMAS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas")
+
+
+def _refuse_dpm(option: str, value: Any, why: str, instead: str):
+    raise InvalidArgumentError(f"DPMSolverMultistepScheduler({option}={value!r}) is not supported: {why}. {instead}")
+
+
+def _dpm(scheduler, cfg, num_inference_steps: int):
+    algorithm = cfg.get("algorithm_type", "dpmsolver++")
+    if algorithm != "dpmsolver++":
+        _refuse_dpm("algorithm_type", algorithm,
+                    "only DPM-Solver++ (data prediction, deterministic) is implemented; the noise-prediction "
+                    "('dpmsolver') and stochastic ('sde-dpmsolver', 'sde-dpmsolver++') variants are not",
+                    "Use algorithm_type='dpmsolver++' (diffusers' default), e.g. "
+                    "DPMSolverMultistepScheduler.from_config(config, algorithm_type='dpmsolver++').")
+    for option in _DPM_SIGMAS:
+        if cfg.get(option, False):
+            _refuse_dpm(option, cfg[option],
+                        "its levels are sigmas between the training timesteps (fractional timesteps, or a flow "
+                        "interpolant), not the training timesteps DRiffusion's VP grid reproduces; not implemented",
+                        f"Leave {option}=False (timestep_spacing chooses the timesteps), or drive DPMSolverSkip "
+                        f"with your own TimeGrid.")
+    order = cfg.get("solver_order", 2)
+    if order not in (1, 2):
+        _refuse_dpm("solver_order", order, "DPMSolverSkip has first order and the second-order multistep 2M only",
+                    "Use solver_order=2 (diffusers' default, recommended for guided sampling) or 1.")
+    if cfg.get("variance_type") is not None:
+        _refuse_dpm("variance_type", cfg["variance_type"],
+                    "a model that also predicts its variance returns extra channels, which diffusers' step "
+                    "drops (it keeps the first three)",
+                    "Use variance_type=None and wrap the model to return only its epsilon channels.")
+    prediction = cfg.get("prediction_type", "epsilon")
+    if prediction not in ("epsilon", "sample", "v_prediction"):
+        _refuse_dpm("prediction_type", prediction,
+                    "flow_prediction goes with use_flow_sigmas (a flow interpolant), which is not implemented",
+                    "For a flow-matching model use FlowMatchEulerDiscreteScheduler, or "
+                    "DPMSolverSkip(FlowSchedule(...), prediction='velocity') with your own grid.")
+    final = cfg.get("final_sigmas_type", "zero")
+    if final not in ("zero", "sigma_min"):  # pragma: no cover - diffusers refuses it in set_timesteps
+        _refuse_dpm("final_sigmas_type", final, "it is neither 'zero' nor 'sigma_min'", "Use 'zero' or 'sigma_min'.")
+
+    # alphas_cumprod as the scheduler holds it: every beta_schedule and trained_betas, and with
+    # rescale_betas_zero_snr diffusers' alphas_cumprod[-1] = 2**-24 (not 0, so sigma stays finite).
+    # That can sit above the entries just before it (linear betas: timesteps 996..998 are below 2**-24),
+    # which a VPSchedule (alpha-bar never increasing) cannot hold: those entries are raised to 2**-24,
+    # and a grid that visits one of them is refused below (diffusers would step *up* in noise there).
+    table = scheduler.alphas_cumprod.detach().cpu().to(torch.float64)
+    monotone = torch.flip(torch.cummax(torch.flip(table, [0]), 0).values, [0])
+    raised = monotone != table
+    schedule = VPSchedule(monotone, final_alpha_cumprod=1.0)
+    transition = DPMSolverSkip(
+        schedule,
+        prediction=prediction,
+        order=int(order),
+        solver_type=cfg.get("solver_type", "midpoint"),
+        lower_order_final=bool(cfg.get("lower_order_final", True)),
+        euler_at_final=bool(cfg.get("euler_at_final", False)),
+        x0_transform=_x0_transform(cfg),
+    )
+    # The timesteps are the scheduler's own set_timesteps (on a copy): DPM-Solver's leading spacing
+    # divides by T + 1, lambda_min_clipped shortens the range. The levels are those training timesteps
+    # (diffusers' sigmas are the table's there), then -1 (sigma = 0) or 0 (the sigma of alphas_cumprod[0]).
+    probe = copy.deepcopy(scheduler)
+    with warnings.catch_warnings():  # diffusers' own numpy-2 DeprecationWarning (np.array of a tensor)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        probe.set_timesteps(num_inference_steps, device="cpu")
+    timesteps = probe.timesteps.detach().cpu().clone()
+    t_from = timesteps.to(torch.float64)
+    if bool((t_from[1:] >= t_from[:-1]).any()):
+        raise InvalidArgumentError(
+            f"DPMSolverMultistepScheduler.set_timesteps({num_inference_steps}) lists a timestep twice: more steps "
+            f"than timestep_spacing={cfg.get('timestep_spacing')!r} has distinct training timesteps "
+            f"(lambda_min_clipped={cfg.get('lambda_min_clipped')} may shorten the range). Use fewer inference steps."
+        )
+    if final == "sigma_min" and float(t_from[-1]) <= 0.0:
+        raise InvalidArgumentError(
+            f"DPMSolverMultistepScheduler(final_sigmas_type='sigma_min') with {num_inference_steps} steps: the last "
+            f"timestep is already 0, whose sigma is sigma_min, so the last step would have length zero (diffusers "
+            f"divides by h = 0 there). Use final_sigmas_type='zero', fewer steps, or another timestep_spacing."
+        )
+    if bool(raised[timesteps.long()].any()):
+        bad = [int(t) for t in timesteps.tolist() if bool(raised[int(t)])]
+        raise InvalidArgumentError(
+            f"DPMSolverMultistepScheduler.set_timesteps({num_inference_steps}) visits timesteps {bad}, whose "
+            f"alphas_cumprod lie below the 2**-24 diffusers puts at the last timestep for rescale_betas_zero_snr: "
+            f"alpha-bar would increase with the noise level there. Use fewer inference steps."
+        )
+    last = t_from.new_tensor([-1.0 if final == "zero" else 0.0])
+    grid = transition.make_grid(TimeGrid(t_from, torch.cat([t_from[1:], last]), timesteps, schedule.kind))
+    return transition, grid
+
+
 def from_diffusers(
     scheduler_or_config: Any,
     num_inference_steps: int,
@@ -199,9 +304,10 @@ def from_diffusers(
     """The skip transition and time grid that reproduce a diffusers scheduler's sampling loop.
 
     Arguments:
-        scheduler_or_config: a ``DDIMScheduler``, ``DDPMScheduler`` or ``FlowMatchEulerDiscreteScheduler``,
-            or its ``config`` (a mapping; its class is its ``_class_name``, or the supported class whose
-            options are exactly the config's keys; instantiating it needs diffusers).
+        scheduler_or_config: a ``DDIMScheduler``, ``DDPMScheduler``, ``FlowMatchEulerDiscreteScheduler`` or
+            ``DPMSolverMultistepScheduler`` (DPM-Solver++ of order 1 or 2), or its ``config`` (a mapping;
+            its class is its ``_class_name``, or the supported class whose options are exactly the
+            config's keys; instantiating it needs diffusers).
         num_inference_steps: T, the number of model calls (as ``scheduler.set_timesteps(T)``).
         mu: the dynamic shift of a flow scheduler with ``use_dynamic_shifting=True`` (as
             ``set_timesteps(T, mu=mu)``); ignored otherwise, as diffusers does.
@@ -212,11 +318,12 @@ def from_diffusers(
             clipped x0_hat).
 
     Returns:
-        ``(transition, grid)``: a :class:`~driffusion_core.SkipTransition` (``DDIMSkip``, ``DDPMSkip`` or
-        ``FlowEulerSkip``) and the :class:`~driffusion_core.TimeGrid` whose ``model_times`` are the
-        timesteps diffusers passes to the model.
+        ``(transition, grid)``: a :class:`~driffusion_core.SkipTransition` (``DDIMSkip``, ``DDPMSkip``,
+        ``FlowEulerSkip`` or ``DPMSolverSkip``) and the :class:`~driffusion_core.TimeGrid` whose
+        ``model_times`` are the timesteps diffusers passes to the model.
 
-    The scheduler is only read (a flow scheduler's sigmas come from ``set_timesteps`` on a copy).
+    The scheduler is only read (a flow or DPM-Solver scheduler's grid comes from ``set_timesteps`` on a
+    copy). Options it cannot reproduce raise :class:`~driffusion_core.errors.InvalidArgumentError` naming them.
     """
     scheduler, name = _as_scheduler(scheduler_or_config)
     cfg = dict(scheduler.config)
@@ -228,4 +335,6 @@ def from_diffusers(
         return _ddim(scheduler, cfg, num_inference_steps, float(eta), bool(use_clipped_model_output))
     if name == "DDPMScheduler":
         return _ddpm(scheduler, cfg, num_inference_steps)
+    if name == "DPMSolverMultistepScheduler":
+        return _dpm(scheduler, cfg, num_inference_steps)
     return _flow(scheduler, cfg, num_inference_steps, mu)

@@ -11,12 +11,14 @@ the same ``generator``), VAE decode, safety checker and ``image_processor.postpr
     DraftRefineScheduler(transition, grid, width, mode).sample(DiffusersPredictor(model, w), latents, executor)
 
 with classifier-free guidance in one batched call per draft batch. Width 1 reproduces the pipeline
-(for DDIM with eta = 0 and flow matching: the same images for the same generator).
+(for DDIM with eta = 0, DPM-Solver++ and flow matching: the same images for the same generator).
 
 Supported: ``DDPMPipeline`` / ``DDIMPipeline`` (unconditional), ``StableDiffusionPipeline`` and
-``StableDiffusion3Pipeline`` (and their subclasses), with a ``DDIMScheduler``, ``DDPMScheduler`` or
-``FlowMatchEulerDiscreteScheduler``. Note the two widths: ``DRiffusionPipeline(width=...)`` is the
-number of drafts per round, the call's ``width=`` the image width, as in diffusers.
+``StableDiffusion3Pipeline`` (and their subclasses), with any scheduler :func:`from_diffusers` takes:
+``DDIMScheduler``, ``DDPMScheduler``, ``FlowMatchEulerDiscreteScheduler`` or ``DPMSolverMultistepScheduler``
+(diffusers' ``DDIMPipeline`` turns the scheduler it is given into DDIM; ``DDPMPipeline`` keeps it).
+Note the two widths: ``DRiffusionPipeline(width=...)`` is the number of drafts per round, the call's
+``width=`` the image width, as in diffusers.
 """
 from __future__ import annotations
 
