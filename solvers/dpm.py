@@ -153,18 +153,20 @@ class DPMSolverSkip(SkipTransition):
         if x0_p is None:
             x0_p = self.x0_hat(x_p, p_p, t_p, as_p)
         x0_s = self.x0_hat(x, pred, t_from, as_s)
-        self._x0_memo = (x, pred, t_from, x0_s)
+        self._x0_memo = (x, pred, t_from, x0_s, x._version, pred._version)
         out = self._from_x0(x, x0_s, (c_x, c_x0)) + broadcast_coef(c_p, x) * x0_p
         return zero_length_identity(out, x, t_from, t_to)
 
     def _remembered_x0(self, x: torch.Tensor, pred: torch.Tensor, t: torch.Tensor) -> Optional[torch.Tensor]:
-        """The x0_hat the last :meth:`multistep` computed, if it was for these very tensors (``is``) and level:
-        a serial chain converts each prediction once, not again as the next step's history (the same
-        inputs give the same bits either way)."""
+        """The x0_hat the last :meth:`multistep` computed, if it was for these very tensors (``is``, not
+        modified in place since: torch's version counters) and level: a serial chain converts each
+        prediction once, not again as the next step's history (the same inputs give the same bits either way)."""
         memo = self.__dict__.get("_x0_memo")
         if memo is None or memo[0] is not x or memo[1] is not pred:
             return None
-        return memo[3] if torch.equal(memo[2], t) else None
+        if memo[4] != x._version or memo[5] != pred._version or not torch.equal(memo[2], t):
+            return None
+        return memo[3]
 
     def drafts(
         self,

@@ -226,3 +226,17 @@ def test_bad_settings_are_refused():
         tr.multistep(x, x, 500.0, 400.0, [])
     with pytest.raises(NotImplementedError, match="multistep"):
         DDIMSkip(VP).drafts(x, x, torch.tensor([500.0]), torch.tensor([400.0]), history=[(x, x, 600.0)])
+
+
+def test_remembered_x0_is_not_stale_after_an_in_place_change():
+    """The 2M step reuses the previous step's x0_hat only for the very same, unmodified tensors."""
+    tr, fresh = DPMSolverSkip(VP), DPMSolverSkip(VP)
+    x, p = randn(3, 2, seed=1), randn(3, 2, seed=2)
+    tr.multistep(x, p, 500.0, 400.0, [(randn(3, 2, seed=3), randn(3, 2, seed=4), 600.0)])
+    y, q = randn(3, 2, seed=5), randn(3, 2, seed=6)
+    before = tr.multistep(y, q, 400.0, 300.0, [(x, p, 500.0)])
+    assert torch.equal(before, fresh.multistep(y, q, 400.0, 300.0, [(x, p, 500.0)]))
+    x.mul_(2.0)  # a caller reusing its buffer
+    after = tr.multistep(y, q, 400.0, 300.0, [(x, p, 500.0)])
+    assert torch.equal(after, DPMSolverSkip(VP).multistep(y, q, 400.0, 300.0, [(x, p, 500.0)]))
+    assert not torch.equal(after, before)
