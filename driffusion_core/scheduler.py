@@ -324,6 +324,15 @@ class DraftRefineState:
         self._first_step: Optional[torch.Tensor] = None
         # a multistep transition's memory: the last (x_i, p_i, t_i) of the refined chain, oldest first
         self._history: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = list(history)
+        need = transition.history_at(grid, start) if transition.history else 0
+        got = [float(h[2]) for h in self._history[len(self._history) - need:]] if need else []
+        want = grid.t_from[start - need : start].tolist()
+        if need and (len(self._history) < need or got != want):
+            raise InvalidArgumentError(
+                f"{type(transition).__name__} is multistep: starting at step {start} it combines the {need} step(s) "
+                f"before, so pass history=[(x_i, p_i, t_from[i]) for i in {list(range(start - need, start))}] "
+                f"(levels {want}), got levels {[float(h[2]) for h in self._history]}."
+            )
 
     @property
     def done(self) -> bool:

@@ -277,8 +277,13 @@ class SkipTransition(abc.ABC):
             Row 0 equals the serial step ``S(x, pred, t_from[0], t_to[0], z_a)`` bit for bit.
         """
         if history:
+            if not self.history:
+                raise InvalidArgumentError(
+                    f"{type(self).__name__} is a one-step transition (history = 0): its drafts take no history."
+                )
             raise NotImplementedError(
-                f"{type(self).__name__}: a multistep transition must implement drafts(..., history=...)."
+                f"{type(self).__name__} is multistep (history = {self.history}): it must implement "
+                f"drafts(..., history=...)."
             )
         n, b = int(t_from.shape[0]), x.shape[0]
         if not self.stochastic:  # composes exactly: the skips from the anchor, one batched call

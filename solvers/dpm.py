@@ -70,18 +70,29 @@ class DPMSolverSkip(SkipTransition):
         x0_transform: Optional[X0Transform] = None,
     ):
         super().__init__(schedule, prediction, x0_transform)
-        if isinstance(order, bool) or order not in (1, 2):
-            raise InvalidArgumentError(
-                f"DPMSolverSkip order must be 1 or 2, got {order!r} (third order is not implemented; diffusers' "
-                f"solver_order=3 needs two earlier steps)."
-            )
-        if solver_type not in SOLVER_TYPES:
-            raise InvalidArgumentError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}.")
-        self.order = int(order)
-        self.history = self.order - 1
+        self.order = order
         self.solver_type = solver_type
         self.lower_order_final = bool(lower_order_final)
         self.euler_at_final = bool(euler_at_final)
+
+    @property
+    def history(self) -> int:
+        """Earlier steps a step combines: ``order - 1``."""
+        return self.order - 1
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "order":
+            if isinstance(value, bool) or value not in (1, 2):
+                raise InvalidArgumentError(
+                    f"DPMSolverSkip order must be 1 or 2, got {value!r} (third order is not implemented; diffusers' "
+                    f"solver_order=3 needs two earlier steps)."
+                )
+            value = int(value)
+        if name == "solver_type" and value not in SOLVER_TYPES:
+            raise InvalidArgumentError(f"solver_type must be 'midpoint' or 'heun', got {value!r}.")
+        super().__setattr__(name, value)
+        if not name.startswith("_"):  # the remembered x0_hat depends on prediction, x0_transform, schedule
+            self.__dict__.pop("_x0_memo", None)
 
     # ----------------------------------------------------------------- first order (the skip)
     def _first(self, t_from: torch.Tensor, t_to: torch.Tensor):
@@ -142,6 +153,12 @@ class DPMSolverSkip(SkipTransition):
         if len(history) != 1:
             raise InvalidArgumentError(f"DPMSolverSkip.multistep takes the one previous step, got {len(history)}.")
         x_p, p_p, t_p = history[0]
+        if x_p.shape != x.shape or p_p.shape != x.shape or x_p.dtype != x.dtype or x_p.device != x.device:
+            raise InvalidArgumentError(
+                f"DPMSolverSkip.multistep: the previous step's state is {x_p.dtype} {tuple(x_p.shape)} on "
+                f"{x_p.device} (prediction {tuple(p_p.shape)}), but x is {x.dtype} {tuple(x.shape)} on {x.device}; "
+                f"history holds (x_prev, p_prev, t_prev) of the same batch."
+            )
         b = x.shape[0]
         t_p, t_from, t_to = as_levels(t_p, b), as_levels(t_from, b), as_levels(t_to, b)
         if t_p.dim() == 0 and t_from.dim() == 0 and t_to.dim() == 0:
@@ -153,7 +170,10 @@ class DPMSolverSkip(SkipTransition):
         if x0_p is None:
             x0_p = self.x0_hat(x_p, p_p, t_p, as_p)
         x0_s = self.x0_hat(x, pred, t_from, as_s)
-        self._x0_memo = (x, pred, t_from, x0_s, x._version, pred._version)
+        if x.is_inference() or pred.is_inference():  # no version counters to tell an in-place change
+            self.__dict__.pop("_x0_memo", None)
+        else:
+            self._x0_memo = (x, pred, t_from, x0_s, x._version, pred._version, self.schedule.cache_token())
         out = self._from_x0(x, x0_s, (c_x, c_x0)) + broadcast_coef(c_p, x) * x0_p
         return zero_length_identity(out, x, t_from, t_to)
 
@@ -162,11 +182,11 @@ class DPMSolverSkip(SkipTransition):
         modified in place since: torch's version counters) and level: a serial chain converts each
         prediction once, not again as the next step's history (the same inputs give the same bits either way)."""
         memo = self.__dict__.get("_x0_memo")
-        if memo is None or memo[0] is not x or memo[1] is not pred:
+        if memo is None or memo[0] is not x or memo[1] is not pred or x.is_inference() or pred.is_inference():
             return None
-        if memo[4] != x._version or memo[5] != pred._version or not torch.equal(memo[2], t):
+        if memo[4] != x._version or memo[5] != pred._version or memo[6] != self.schedule.cache_token():
             return None
-        return memo[3]
+        return memo[3] if torch.equal(memo[2], t) else None
 
     def drafts(
         self,

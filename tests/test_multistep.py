@@ -224,8 +224,60 @@ def test_bad_settings_are_refused():
     x = torch.zeros(2, 3)
     with pytest.raises(InvalidArgumentError, match="previous step"):
         tr.multistep(x, x, 500.0, 400.0, [])
-    with pytest.raises(NotImplementedError, match="multistep"):
+    with pytest.raises(InvalidArgumentError, match="one-step"):
         DDIMSkip(VP).drafts(x, x, torch.tensor([500.0]), torch.tensor([400.0]), history=[(x, x, 600.0)])
+    with pytest.raises(InvalidArgumentError, match="previous step's state"):
+        tr.multistep(x, x, 500.0, 400.0, [(x.double(), x.double(), 600.0)])
+    with pytest.raises(InvalidArgumentError, match="order"):
+        tr.order = 3
+    tr.order = 1  # settable, and history follows
+    assert tr.history == 0 and DPMSolverSkip(VP).history == 1
+    with pytest.raises(InvalidArgumentError, match="solver_type"):
+        tr.solver_type = "bh2"
+
+
+def test_a_state_started_mid_grid_needs_the_history_before():
+    from driffusion_core import DraftRefineState
+
+    tr, grid = DPMSolverSkip(VP), VP.timesteps(20, "trailing")
+    f = ring_mixture(4).predictor(VP, "epsilon")
+    x = NoiseSource(0).initial((4, 2), F64)
+    ref = sample_serial(f, x, tr, grid, return_trajectory=True)
+    with pytest.raises(InvalidArgumentError, match="history"):
+        DraftRefineState(tr, grid, 2, "aggressive", ref.trajectory[5], None, start=5)
+    with pytest.raises(InvalidArgumentError, match="history"):  # the wrong level
+        DraftRefineState(tr, grid, 2, "aggressive", ref.trajectory[5], None, start=5,
+                         history=[(ref.trajectory[2], ref.trajectory[2], grid.t_from[2])])
+    p4 = f(ref.trajectory[4], grid.model_times[4:5].expand(4))
+    st = DraftRefineState(tr, grid, 1, "aggressive", ref.trajectory[5], None, start=5,
+                          history=[(ref.trajectory[4], p4, grid.t_from[4])])
+    while (rnd := st.plan()) is not None:
+        st.absorb(rnd, torch.stack([f(xk, grid.model_times[k : k + 1].expand(4)) for xk, k in zip(rnd.xs, rnd.steps)]))
+    assert torch.equal(st.x, ref.x)
+
+
+def test_2m_under_inference_mode_equals_grad_mode():
+    f = ring_mixture(4).predictor(VP, "epsilon")
+    grid = VP.timesteps(10, "trailing")
+    x = NoiseSource(0).initial((4, 2))
+    ref = DraftRefineScheduler(DPMSolverSkip(VP), grid, width=3).sample(f, x).x
+    with torch.inference_mode():
+        assert torch.equal(sample_serial(f, x, DPMSolverSkip(VP), grid).x,
+                           sample_serial(f, x.clone(), DPMSolverSkip(VP), grid).x)
+        out = DraftRefineScheduler(DPMSolverSkip(VP), grid, width=3).sample(f, x).x
+    assert torch.equal(out, ref)
+
+
+def test_remembered_x0_forgets_a_changed_setting():
+    tr = DPMSolverSkip(VP, "sample")
+    x, p = randn(3, 2, seed=1), randn(3, 2, seed=2)
+    tr.multistep(x, p, 500.0, 400.0, [(randn(3, 2, seed=3), randn(3, 2, seed=4), 600.0)])
+    y, q = randn(3, 2, seed=5), randn(3, 2, seed=6)
+    from driffusion_core import ClipSample
+
+    tr.x0_transform = ClipSample(0.1)
+    fresh = DPMSolverSkip(VP, "sample", x0_transform=ClipSample(0.1))
+    assert torch.equal(tr.multistep(y, q, 400.0, 300.0, [(x, p, 500.0)]), fresh.multistep(y, q, 400.0, 300.0, [(x, p, 500.0)]))
 
 
 def test_remembered_x0_is_not_stale_after_an_in_place_change():
