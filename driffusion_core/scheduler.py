@@ -47,6 +47,8 @@ __all__ = [
     "expected_rounds",
     "check_inputs",
     "check_predictions",
+    "check_input_untouched",
+    "input_version",
     "check_finite_sample",
     "note_where",
     "default_noise",
@@ -178,6 +180,21 @@ def check_finite_sample(x: torch.Tensor, sampler: str) -> torch.Tensor:
     return x
 
 
+def input_version(x: torch.Tensor) -> Optional[int]:
+    """torch's in-place version counter of a model input (None for inference tensors, which have none)."""
+    return None if x.is_inference() else x._version
+
+
+def check_input_untouched(x: torch.Tensor, version: Optional[int], grid: TimeGrid, steps: List[int]) -> None:
+    """Refuse a predictor that wrote into its input: the sampler still needs that state, and a serial
+    and a parallel sampler would silently part ways (one steps from the altered state, one not)."""
+    if version is not None and x._version != version:
+        raise PredictorOutputError(
+            f"The predictor modified its input x in place at {where_steps(grid, steps)}; the sampler still needs "
+            f"that state. Work on a copy inside the model (e.g. x = x.clone() before an in-place op)."
+        )
+
+
 def check_predictions(
     preds: Any, xs: torch.Tensor, steps: List[int], grid: TimeGrid
 ) -> torch.Tensor:
@@ -242,11 +259,13 @@ def run_rounds(
             break
         ts = grid.model_times[rnd.steps].to(x.device).unsqueeze(1).expand(len(rnd.steps), b)
         before = state.a
+        version = input_version(rnd.xs)
         try:
             preds = executor.evaluate(predictor, rnd.xs, ts, cond)
         except Exception as e:
             note_where(e, grid, rnd.steps, x)
             raise
+        check_input_untouched(rnd.xs, version, grid, rnd.steps)
         state.absorb(rnd, preds)
         if bar is not None:
             bar.update(state.a - before)

@@ -22,6 +22,8 @@ from driffusion_core.noise import NoiseSource
 from driffusion_core.scheduler import (
     SampleOutput,
     check_finite_sample,
+    check_input_untouched,
+    input_version,
     check_inputs,
     check_predictions,
     default_noise,
@@ -35,11 +37,13 @@ __all__ = ["sample_serial", "sample_step_skipping", "coarse_indices"]
 
 def _call(predictor, x, grid: TimeGrid, i: int, cond: dict) -> torch.Tensor:
     t = grid.model_times[i : i + 1].to(x.device).expand(x.shape[0])
+    version = input_version(x)
     try:
         pred = predictor(x, t, **cond)
     except Exception as e:
         note_where(e, grid, [i], x)
         raise
+    check_input_untouched(x, version, grid, [i])
     return check_predictions(pred.unsqueeze(0) if isinstance(pred, torch.Tensor) else pred, x.unsqueeze(0), [i], grid)[0]
 
 

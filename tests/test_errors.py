@@ -432,3 +432,23 @@ def test_a_state_gone_non_finite_is_a_sampling_error_at_the_step_it_reaches():
     huge = lambda x, t: torch.full_like(x, 6e4) + 0 * x  # noqa: E731  (finite on a finite input, NaN on inf)
     with pytest.raises(SamplingError, match=r"state reaching step \d+ .* already holds NaN or inf .* float16"):
         DraftRefineScheduler(DDIMSkip(VP, "sample"), GRID, width=1).sample(huge, x0().half())
+
+
+@pytest.mark.parametrize("mode", ["aggressive", "conservative"])
+def test_a_predictor_that_writes_into_its_input_is_refused(mode):
+    """A model that changes x in place would make the serial and the parallel sampler part ways silently."""
+    schedule = VPSchedule.linear()
+    grid = schedule.timesteps(8)
+
+    def in_place(x, t):
+        x.mul_(1.0)  # even a no-op in-place write
+        return 0.1 * x
+
+    x = NoiseSource(0).initial((3, 2))
+    with pytest.raises(PredictorOutputError, match="in place at step 0"):
+        sample_serial(in_place, x, DDIMSkip(schedule), grid)
+    for executor in (None, BatchedExecutor()):
+        with pytest.raises(PredictorOutputError, match="in place"):
+            DraftRefineScheduler(DDIMSkip(schedule), grid, width=3, mode=mode).sample(in_place, x, executor=executor)
+    with torch.inference_mode():  # inference tensors have no version counter: nothing to check, nothing breaks
+        DraftRefineScheduler(DDIMSkip(schedule), grid, width=3, mode=mode).sample(lambda x, t: 0.1 * x, x)
