@@ -42,26 +42,25 @@ def _is_sympy(v: Any) -> bool:
     return type(v).__module__.startswith("sympy")
 
 
-def sqrt(v: Any) -> Any:
-    """Square root that keeps the type: math for floats, torch for tensors, exact for sympy."""
+def _keep_type(v: Any, name: str) -> Any:
+    """``name`` ("sqrt", "log") of v, keeping its type: math for floats, torch for tensors, exact for sympy."""
     if _is_sympy(v):
         import sympy
 
-        return sympy.sqrt(v)
-    if hasattr(v, "sqrt") and not isinstance(v, (int, float)):
-        return v.sqrt()
-    return math.sqrt(v)
+        return getattr(sympy, name)(v)
+    if hasattr(v, name) and not isinstance(v, (int, float)):
+        return getattr(v, name)()
+    return getattr(math, name)(v)
+
+
+def sqrt(v: Any) -> Any:
+    """Square root that keeps the type: math for floats, torch for tensors, exact for sympy."""
+    return _keep_type(v, "sqrt")
 
 
 def log(v: Any) -> Any:
     """Natural logarithm that keeps the type: math for floats, torch for tensors, exact for sympy."""
-    if _is_sympy(v):
-        import sympy
-
-        return sympy.log(v)
-    if hasattr(v, "log") and not isinstance(v, (int, float)):
-        return v.log()
-    return math.log(v)
+    return _keep_type(v, "log")
 
 
 # --------------------------------------------------------------------------- interpolants

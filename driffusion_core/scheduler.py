@@ -372,9 +372,8 @@ class DraftRefineState:
 
     def _remember(self, x: torch.Tensor, pred: torch.Tensor, i: int) -> None:
         """Keep (x_i, p_i, t_i) of the refined chain for a multistep transition's next steps."""
-        keep = self.transition.history
-        if keep:
-            self._history = (self._history + [(x, pred, self.grid.t_from[i])])[-keep:]
+        if self.transition.history:
+            self._history = self.transition.remember(self._history, x, pred, self.grid.t_from[i])
 
     def _advance(self, x: torch.Tensor) -> None:
         self.a += 1

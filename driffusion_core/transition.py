@@ -29,7 +29,7 @@ from driffusion_core.grid import TimeGrid
 from driffusion_core.parameterization import Prediction, X0Transform, to_x0_eps
 from driffusion_core.schedules import Schedule
 
-__all__ = ["SkipTransition", "History", "as_levels", "zero_length_identity"]
+__all__ = ["SkipTransition", "History", "as_levels", "repeat_rows", "zero_length_identity"]
 
 Levels = Union[float, int, torch.Tensor]
 History = Sequence[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -125,6 +125,11 @@ class SkipTransition(abc.ABC):
         """The step from ``t_from`` to ``t_to`` that also uses the earlier steps' ``history``
         (``(x_i, p_i, t_from[i])``, oldest first, as many as :meth:`history_at` asked for)."""
         raise NotImplementedError(f"{type(self).__name__} is a one-step transition; it has no multistep update.")
+
+    def remember(self, history: History, x: torch.Tensor, pred: torch.Tensor, level: torch.Tensor) -> list:
+        """``history`` with step ``(x, pred, level)`` appended, keeping the last :attr:`history` steps
+        (empty for a one-step transition): what the next :meth:`grid_step` combines."""
+        return (list(history) + [(x, pred, level)])[-self.history :] if self.history else []
 
     def grid_step(
         self,
@@ -289,10 +294,9 @@ class SkipTransition(abc.ABC):
         if not self.stochastic:  # composes exactly: the skips from the anchor, one batched call
             if n == 1:
                 return self(x, pred, t_from[0], t_to[0], None).unsqueeze(0)
-            rows = lambda v: v.unsqueeze(0).expand(n, *v.shape).reshape(n * b, *v.shape[1:])
             src = t_from[0].expand(n * b)
             dst = t_to.to(torch.float64).repeat_interleave(b)
-            return self(rows(x), rows(pred), src, dst, None).reshape(n, *x.shape)
+            return self(repeat_rows(x, n), repeat_rows(pred, n), src, dst, None).reshape(n, *x.shape)
         # row 0 is the serial step itself; rows 1.. the chain with x0_hat frozen, unrolled:
         # A~_j x0_hat + B~_j x_a + sum_k W_jk z_k
         out = torch.empty(n, *x.shape, dtype=x.dtype, device=x.device)
@@ -332,6 +336,11 @@ class SkipTransition(abc.ABC):
     def __repr__(self) -> str:
         extra = f", x0_transform={self.x0_transform!r}" if self.x0_transform is not None else ""
         return f"{type(self).__name__}({self.schedule!r}, prediction={self.prediction.value!r}{extra})"
+
+
+def repeat_rows(v: torch.Tensor, n: int) -> torch.Tensor:
+    """``Tensor[B, ...]`` -> ``Tensor[n * B, ...]``: n copies of the batch, one per draft (as per-row levels)."""
+    return v.unsqueeze(0).expand(n, *v.shape).reshape(n * v.shape[0], *v.shape[1:])
 
 
 def _levels_key(t_from: torch.Tensor, t_to: torch.Tensor) -> tuple:

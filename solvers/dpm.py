@@ -32,7 +32,7 @@ from driffusion_core.errors import InvalidArgumentError
 from driffusion_core.grid import TimeGrid
 from driffusion_core.parameterization import Prediction, X0Transform, broadcast_coef
 from driffusion_core.schedules import Schedule
-from driffusion_core.transition import History, Levels, SkipTransition, as_levels, zero_length_identity
+from driffusion_core.transition import History, Levels, SkipTransition, as_levels, repeat_rows, zero_length_identity
 
 __all__ = ["DPMSolverSkip"]
 
@@ -210,8 +210,7 @@ class DPMSolverSkip(SkipTransition):
         src = t_to[0].expand((n - 1) * b)
         dst = t_to[1:].to(torch.float64).repeat_interleave(b)
         _, c = self.cached(src, dst, self._first)
-        rows = lambda v: v.unsqueeze(0).expand(n - 1, *v.shape).reshape((n - 1) * b, *v.shape[1:])
-        rest = self._from_x0(rows(first), rows(x0_a), c).reshape(n - 1, *x.shape)
+        rest = self._from_x0(repeat_rows(first, n - 1), repeat_rows(x0_a, n - 1), c).reshape(n - 1, *x.shape)
         return torch.cat([first.unsqueeze(0), rest])
 
     def __repr__(self) -> str:

@@ -266,8 +266,7 @@ class PicardState:
         hist = self._history(a)
         for k in range(a, hi):
             y_next = self.step(y, self.preds[k], k, hist)
-            if self.transition.history:  # the next step combines this one, of the same iterate
-                hist = [(y, self.preds[k], self.grid.t_from[k])]
+            hist = self.transition.remember(hist, y, self.preds[k], self.grid.t_from[k])  # of the same iterate
             y = y_next
             old = self.xs[k + 1]
             d = (y - old).to(torch.float64).reshape(y.shape[0], -1)

@@ -80,8 +80,7 @@ def sample_serial(
         pred = _call(predictor, x, grid, i, cond)
         z = noise(i, x.shape, x.dtype, x.device) if (transition.stochastic and noise is not None) else None
         x_next = transition.grid_step(x, pred, grid, i, history, z)
-        if transition.history:
-            history = (history + [(x, pred, grid.t_from[i])])[-transition.history :]
+        history = transition.remember(history, x, pred, grid.t_from[i])
         x = x_next
         if traj is not None:
             traj.append(x)
@@ -112,8 +111,9 @@ def sample_step_skipping(
     """Serial sampling on R of the T levels: the baseline at equal sequential rounds.
 
     Coarse step k jumps from fine level i_k to i_{k+1} with one model call, as the skip
-    transition (its noise coupled to z_{i_k} .. z_{i_{k+1}-1}, the fine grid's noise).
-    With ``rounds == T`` it is :func:`sample_serial`.
+    transition (its noise coupled to z_{i_k} .. z_{i_{k+1}-1}, the fine grid's noise). A multistep
+    transition (DPM-Solver++ 2M) is :func:`sample_serial` on that coarse grid, its own update combining
+    the coarse steps. With ``rounds == T`` it is :func:`sample_serial`.
     """
     cond = check_inputs(x, cond)
     grid = transition.make_grid(timesteps)
@@ -127,13 +127,7 @@ def sample_step_skipping(
             )
         starts, ends = torch.tensor(idx[:-1]), torch.tensor(idx[1:]) - 1
         coarse = TimeGrid(grid.t_from[starts], grid.t_to[ends], grid.model_times[starts], grid.kind)
-        history: list = []
-        for k, a in enumerate(idx[:-1]):
-            pred = _call(predictor, x, grid, a, cond)
-            x_next = transition.grid_step(x, pred, coarse, k, history)
-            history = (history + [(x, pred, coarse.t_from[k])])[-transition.history :]
-            x = x_next
-        return SampleOutput(check_finite_sample(x, "sample_step_skipping"), rounds, rounds)
+        return sample_serial(predictor, x, transition, coarse, cond=cond)
     for a, b in zip(idx[:-1], idx[1:]):
         pred = _call(predictor, x, grid, a, cond)
         noises = None
