@@ -23,6 +23,7 @@ first-order chain, which composes exactly: draft j is the first-order skip from 
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional, Union
 
 import torch
@@ -170,19 +171,39 @@ class DPMSolverSkip(SkipTransition):
         if x0_p is None:
             x0_p = self.x0_hat(x_p, p_p, t_p, as_p)
         x0_s = self.x0_hat(x, pred, t_from, as_s)
-        if x.is_inference() or pred.is_inference():  # no version counters to tell an in-place change
-            self.__dict__.pop("_x0_memo", None)
-        else:
-            self._x0_memo = (x, pred, t_from, x0_s, x._version, pred._version, self.schedule.cache_token())
+        self._remember_x0(x, pred, t_from, x0_s)
         out = self._from_x0(x, x0_s, (c_x, c_x0)) + broadcast_coef(c_p, x) * x0_p
         return zero_length_identity(out, x, t_from, t_to)
+
+    def _remember_x0(self, x: torch.Tensor, pred: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> None:
+        """Keep ``x0`` for the next step's history. The memo holds ``x`` and ``pred`` weakly and dies with
+        either, so the transition holds no batch-sized tensor once the sampler has let go of its states."""
+        self.__dict__.pop("_x0_memo", None)
+        if x.is_inference() or pred.is_inference():  # no version counters to tell an in-place change
+            return
+        owner = weakref.ref(self)
+
+        def drop(ref) -> None:  # x or pred was freed: forget the memo if it is still this one
+            me = owner()
+            if me is not None:
+                memo = me.__dict__.get("_x0_memo")
+                if memo is not None and (memo[0] is ref or memo[1] is ref):
+                    me.__dict__.pop("_x0_memo", None)
+
+        self._x0_memo = (weakref.ref(x, drop), weakref.ref(pred, drop), t, x0, x._version, pred._version,
+                         self.schedule.cache_token())
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()  # copies and pickles of the transition carry no memo (it holds weakrefs)
+        state.pop("_x0_memo", None)
+        return state
 
     def _remembered_x0(self, x: torch.Tensor, pred: torch.Tensor, t: torch.Tensor) -> Optional[torch.Tensor]:
         """The x0_hat the last :meth:`multistep` computed, if it was for these very tensors (``is``, not
         modified in place since: torch's version counters) and level: a serial chain converts each
         prediction once, not again as the next step's history (the same inputs give the same bits either way)."""
         memo = self.__dict__.get("_x0_memo")
-        if memo is None or memo[0] is not x or memo[1] is not pred or x.is_inference() or pred.is_inference():
+        if memo is None or memo[0]() is not x or memo[1]() is not pred or x.is_inference() or pred.is_inference():
             return None
         if memo[4] != x._version or memo[5] != pred._version or memo[6] != self.schedule.cache_token():
             return None

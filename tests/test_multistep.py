@@ -292,3 +292,36 @@ def test_remembered_x0_is_not_stale_after_an_in_place_change():
     after = tr.multistep(y, q, 400.0, 300.0, [(x, p, 500.0)])
     assert torch.equal(after, DPMSolverSkip(VP).multistep(y, q, 400.0, 300.0, [(x, p, 500.0)]))
     assert not torch.equal(after, before)
+
+
+def test_transition_lets_go_of_the_batch_after_sampling():
+    """The x0_hat memo holds the states weakly: once a sampler returns, the transition keeps no batch tensor
+    (a GPU batch would otherwise stay allocated for as long as the transition lives); copies carry no memo."""
+    import copy
+    import gc
+    import pickle
+
+    f = ring_mixture(4).predictor(VP, "epsilon")
+    grid = VP.timesteps(12, "trailing")
+    x = NoiseSource(0).initial((5, 2), dtype=F64)
+    for run in (lambda tr: sample_serial(f, x, tr, grid),
+                lambda tr: DraftRefineScheduler(tr, grid, width=3).sample(f, x)):
+        tr = DPMSolverSkip(VP)
+        out = run(tr)
+        gc.collect()
+        assert "_x0_memo" not in tr.__dict__
+        assert not [v for v in vars(tr).values() if isinstance(v, torch.Tensor) and v.shape[:1] == (5,)]
+        again = run(DPMSolverSkip(VP))
+        assert torch.equal(again.x, out.x)
+    tr = DPMSolverSkip(VP)
+    a, p = randn(3, 2, seed=1), randn(3, 2, seed=2)
+    tr.multistep(a, p, 500.0, 400.0, [(randn(3, 2, seed=3), randn(3, 2, seed=4), 600.0)])
+    assert "_x0_memo" in tr.__dict__  # alive while its inputs are
+    for twin in (copy.deepcopy(tr), pickle.loads(pickle.dumps(tr))):
+        assert "_x0_memo" not in twin.__dict__ and twin.order == tr.order
+        y, q = randn(3, 2, seed=5), randn(3, 2, seed=6)
+        assert torch.equal(twin.multistep(y, q, 400.0, 300.0, [(a, p, 500.0)]),
+                           tr.multistep(y, q, 400.0, 300.0, [(a, p, 500.0)]))
+    del a, p
+    gc.collect()
+    assert "_x0_memo" in tr.__dict__  # the last call's inputs y, q are still alive here
