@@ -12,7 +12,11 @@ The ideal speedup is T / rounds (-> 2 for long grids). Besides the speedup it re
 overhead as a fraction of one model call:
 
 * ``comm_overhead_frac``: an executor-level round of 2 drafts (one per process, plus the all-gather)
-  minus one model call, over one model call (timed with both processes computing);
+  minus one model call, over one model call (timed with both processes computing). Each round also
+  times both processes' own calls, which splits it (medians, so about): ``exchange_frac``, the round
+  after the slower call ended (the gloo all-gather and the executor's status and consistency checks),
+  and ``imbalance_frac``, how much longer the slower of the two calls took than a median call (the
+  faster process waits for it: call-time jitter on shared cores, not a cost of the executor);
 * ``round_overhead_frac``: the sampler's time per round minus one model call (communication plus
   drafting, refining and scheduling), over one model call; ``sched_overhead_frac`` is the part the
   scheduler's own bookkeeping takes (timed with a free predictor);
@@ -126,12 +130,20 @@ def _worker(s: dict, rank: int) -> dict:
     # executor level: one round of 2 drafts = one call per process + the exchange
     xs = torch.stack([x, x + 0.1])
     ts = torch.full((2, s["batch"]), 500.0)
+    calls: List[float] = []
+
+    def timed(xx, tt):  # this rank's own model call inside the round
+        t0 = time.perf_counter()
+        y = predictor(xx, tt)
+        calls.append(time.perf_counter() - t0)
+        return y
+
     ex.evaluate(predictor, xs, ts)
     rounds = []
     for _ in range(s["rounds"]):
         dist.barrier()
         t0 = time.perf_counter()
-        ex.evaluate(predictor, xs, ts)
+        ex.evaluate(timed, xs, ts)
         rounds.append(time.perf_counter() - t0)
 
     sched = core.DraftRefineScheduler(transition, grid, width=2, mode="aggressive")
@@ -150,7 +162,8 @@ def _worker(s: dict, rank: int) -> dict:
     result = {
         "call_alone_s": call_alone,
         "call_both_s": call_both,
-        "round_s": statistics.median(rounds),
+        "round_list": rounds,
+        "call_list": calls,
         "dist_s": statistics.median(dist_times),
         "rounds": out.rounds,
         "evals": out.evals,
@@ -222,7 +235,8 @@ def run(quick: bool = False, **overrides) -> Dict[str, float]:
         A dict with ``steps``, ``rounds``, ``call_ms`` (one model call alone), ``call_both_busy_ms`` (one
         call while both processes compute), ``serial_s``, ``distributed_s``
         (medians), ``speedup``, ``ideal_speedup`` (T / rounds), ``efficiency`` (speedup / ideal),
-        ``round_ms`` (an executor-level round of 2 drafts), ``comm_overhead_frac``,
+        ``round_ms`` (an executor-level round of 2 drafts), ``exchange_ms`` (its part after the slower
+        call), ``comm_overhead_frac`` (about ``exchange_frac`` + ``imbalance_frac``),
         ``round_overhead_frac``, ``sched_overhead_frac``, ``contention_frac``,
         ``matches_serial_executor``, ``executor`` and ``mlp``.
     """
@@ -238,7 +252,12 @@ def run(quick: bool = False, **overrides) -> Dict[str, float]:
     call = d0["call_alone_s"]
     call_both = max(d0["call_both_s"], d1["call_both_s"])
     dist_s = max(d0["dist_s"], d1["dist_s"])
-    round_s = max(d0["round_s"], d1["round_s"])
+    # per executor round: the round takes as long as the slower process's call plus the exchange
+    per_round = [(max(a, b), max(c, d)) for a, b, c, d in
+                 zip(d0["round_list"], d1["round_list"], d0["call_list"], d1["call_list"])]
+    round_s = statistics.median(r for r, _ in per_round)
+    exchange_s = statistics.median(r - c for r, c in per_round)
+    slower_call_s = statistics.median(c for _, c in per_round)
     rounds = d0["rounds"]
     speedup = d0["serial_s"] / dist_s
     ideal = s["steps"] / rounds
@@ -254,7 +273,10 @@ def run(quick: bool = False, **overrides) -> Dict[str, float]:
         "ideal_speedup": ideal,
         "efficiency": speedup / ideal,
         "round_ms": 1e3 * round_s,
+        "exchange_ms": 1e3 * exchange_s,
         "comm_overhead_frac": (round_s - call_both) / call_both,
+        "exchange_frac": exchange_s / call_both,
+        "imbalance_frac": (slower_call_s - call_both) / call_both,
         "round_overhead_frac": (dist_s / rounds - call_both) / call_both,
         "sched_overhead_frac": d0["sched_s"] / call_both,
         "contention_frac": (call_both - call) / call,
@@ -273,6 +295,8 @@ def format_table(r: Dict[str, float]) -> str:
         ("speedup (ideal T/rounds)", f"{r['speedup']:.2f}x ({r['ideal_speedup']:.2f}x, {100 * r['efficiency']:.0f}%)"),
         ("executor round of 2 drafts", f"{r['round_ms']:.1f} ms"),
         ("communication overhead / call", f"{100 * r['comm_overhead_frac']:.1f}%"),
+        ("  exchange after the slower call", f"{100 * r['exchange_frac']:.1f}% ({r['exchange_ms']:.2f} ms)"),
+        ("  the slower of the two calls, beyond a median call", f"{100 * r['imbalance_frac']:.1f}%"),
         ("per-round overhead / call", f"{100 * r['round_overhead_frac']:.1f}%"),
         ("  of which scheduler bookkeeping", f"{100 * r['sched_overhead_frac']:.1f}%"),
         ("call slowdown with both processes busy", f"{100 * r['contention_frac']:.1f}%"),

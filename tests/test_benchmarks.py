@@ -240,3 +240,22 @@ def test_gpu_latency_module_runs_on_the_cpu(tmp_path):
     text = (tmp_path / "gpu_latency.md").read_text()
     assert "| DRiffusion aggressive | BatchedExecutor | 2 |" in text
     assert json.loads((tmp_path / "gpu_latency.json").read_text())["num_steps"] == 4
+
+
+@pytest.mark.distributed
+def test_distributed_speedup_study_runs_small():
+    """The 2-process study itself, on a tiny grid and MLP: its sample equals the one-process serial
+    executor's, its rounds and calls follow the aggressive closed form, and its overhead split is
+    made of the round it reports (timings are only checked for being positive: speed lives in the report)."""
+    import math
+
+    from benchmarks import distributed_speedup
+
+    T = 7
+    r = distributed_speedup.run(quick=True, steps=T, repeats=1, rounds=3, batch=4, dim=8, hidden=32, depth=2)
+    assert r["matches_serial_executor"] is True
+    assert (r["steps"], r["rounds"], r["evals"]) == (T, 1 + math.ceil((T - 1) / 2), T)
+    assert r["ideal_speedup"] == T / r["rounds"]
+    assert min(r["call_ms"], r["serial_s"], r["distributed_s"], r["round_ms"], r["exchange_ms"]) > 0
+    assert r["exchange_ms"] <= r["round_ms"]
+    assert "world_size=2" in r["executor"]
