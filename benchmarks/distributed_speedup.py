@@ -12,15 +12,18 @@ The ideal speedup is T / rounds (-> 2 for long grids). Besides the speedup it re
 overhead as a fraction of one model call:
 
 * ``comm_overhead_frac``: an executor-level round of 2 drafts (one per process, plus the all-gather)
-  minus one model call, over one model call (timed with both processes computing). Each round also
-  times both processes' own calls, which splits it (medians, so about): ``exchange_frac``, the round
+  minus one model call, over one model call (the calls timed inside those rounds, both processes
+  computing). Each round times both processes' own calls, which splits it (medians, so about):
+  ``exchange_frac``, the round
   after the slower call ended (the gloo all-gather and the executor's status and consistency checks),
   and ``imbalance_frac``, how much longer the slower of the two calls took than a median call (the
   faster process waits for it: call-time jitter on shared cores, not a cost of the executor);
-* ``round_overhead_frac``: the sampler's time per round minus one model call (communication plus
-  drafting, refining and scheduling), over one model call; ``sched_overhead_frac`` is the part the
+* ``round_overhead_frac``: the sampler's time per round minus one model call (timed inside the same
+  sampling runs), over one model call: communication, waiting for the slower process, drafting,
+  refining and scheduling; ``sched_overhead_frac`` is the part the
   scheduler's own bookkeeping takes (timed with a free predictor);
-* ``contention_frac``: how much slower one call gets when both processes compute at once (shared
+* ``contention_frac``: how much slower one call gets inside the distributed runs, both processes
+  computing, than alone (shared
   cores, caches, memory bandwidth) -- a cost of the machine, not of the executor.
 
 On a machine with other work running the numbers are noisy (each process needs a core of its own).
@@ -118,14 +121,13 @@ def _worker(s: dict, rank: int) -> dict:
     ex = DistributedExecutor(timeout=120)
     t_row = torch.full((s["batch"],), 500.0)
 
-    # one model call: alone (the serial sampler's condition) and with both processes busy
+    # one model call alone (the serial sampler's condition); with both busy it is timed inside the runs
     call_alone = None
     for r in range(2):
         dist.barrier()
         if r == rank:
             call_alone = _median_call(predictor, x, t_row)
     dist.barrier()
-    call_both = _median_call(predictor, x, t_row)
 
     # executor level: one round of 2 drafts = one call per process + the exchange
     xs = torch.stack([x, x + 0.1])
@@ -145,6 +147,7 @@ def _worker(s: dict, rank: int) -> dict:
         t0 = time.perf_counter()
         ex.evaluate(timed, xs, ts)
         rounds.append(time.perf_counter() - t0)
+    round_calls, calls[:] = list(calls), []
 
     sched = core.DraftRefineScheduler(transition, grid, width=2, mode="aggressive")
     out = sched.sample(predictor, x, executor=ex)  # warm-up
@@ -157,13 +160,13 @@ def _worker(s: dict, rank: int) -> dict:
             serial_times.append(time.perf_counter() - t0)
         dist.barrier()
         t0 = time.perf_counter()
-        out = sched.sample(predictor, x, executor=ex)
+        out = sched.sample(timed, x, executor=ex)
         dist_times.append(time.perf_counter() - t0)
     result = {
         "call_alone_s": call_alone,
-        "call_both_s": call_both,
         "round_list": rounds,
-        "call_list": calls,
+        "call_list": round_calls,
+        "sampling_calls": calls,
         "dist_s": statistics.median(dist_times),
         "rounds": out.rounds,
         "evals": out.evals,
@@ -233,7 +236,7 @@ def run(quick: bool = False, **overrides) -> Dict[str, float]:
 
     Returns:
         A dict with ``steps``, ``rounds``, ``call_ms`` (one model call alone), ``call_both_busy_ms`` (one
-        call while both processes compute), ``serial_s``, ``distributed_s``
+        call inside the distributed sampling runs, both processes computing), ``serial_s``, ``distributed_s``
         (medians), ``speedup``, ``ideal_speedup`` (T / rounds), ``efficiency`` (speedup / ideal),
         ``round_ms`` (an executor-level round of 2 drafts), ``exchange_ms`` (its part after the slower
         call), ``comm_overhead_frac`` (about ``exchange_frac`` + ``imbalance_frac``),
@@ -250,12 +253,13 @@ def run(quick: bool = False, **overrides) -> Dict[str, float]:
         s["port"] = _free_port()
         d0, d1 = _spawn("dist", s, [0, 1], deadline=180.0 + 6.0 * s["repeats"] * s["steps"])
     call = d0["call_alone_s"]
-    call_both = max(d0["call_both_s"], d1["call_both_s"])
     dist_s = max(d0["dist_s"], d1["dist_s"])
     # per executor round: the round takes as long as the slower process's call plus the exchange
     per_round = [(max(a, b), max(c, d)) for a, b, c, d in
                  zip(d0["round_list"], d1["round_list"], d0["call_list"], d1["call_list"])]
     round_s = statistics.median(r for r, _ in per_round)
+    round_call = statistics.median(d0["call_list"] + d1["call_list"])  # a call inside those rounds
+    call_both = statistics.median(d0["sampling_calls"] + d1["sampling_calls"])  # one inside the sampling runs
     exchange_s = statistics.median(r - c for r, c in per_round)
     slower_call_s = statistics.median(c for _, c in per_round)
     rounds = d0["rounds"]
@@ -274,9 +278,9 @@ def run(quick: bool = False, **overrides) -> Dict[str, float]:
         "efficiency": speedup / ideal,
         "round_ms": 1e3 * round_s,
         "exchange_ms": 1e3 * exchange_s,
-        "comm_overhead_frac": (round_s - call_both) / call_both,
-        "exchange_frac": exchange_s / call_both,
-        "imbalance_frac": (slower_call_s - call_both) / call_both,
+        "comm_overhead_frac": (round_s - round_call) / round_call,
+        "exchange_frac": exchange_s / round_call,
+        "imbalance_frac": (slower_call_s - round_call) / round_call,
         "round_overhead_frac": (dist_s / rounds - call_both) / call_both,
         "sched_overhead_frac": d0["sched_s"] / call_both,
         "contention_frac": (call_both - call) / call,
