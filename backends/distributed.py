@@ -257,8 +257,9 @@ def _assemble(chunks: List[torch.Tensor], offset: int, sizes: List[int], shape: 
     ])
 
 
-def _dims(h: torch.Tensor, start: int, ndim: int) -> Tuple[int, ...]:
-    return tuple(int(d) for d in h[start : start + ndim].tolist())
+def _dims(h: Sequence[int], start: int, ndim: int) -> Tuple[int, ...]:
+    """Dims ``start .. start + ndim`` of a header (a list, or an int64 tensor)."""
+    return tuple(int(d) for d in h[start : start + ndim])
 
 
 def _to_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -583,7 +584,7 @@ class DistributedExecutor(Executor):
             self._cap = max(self._cap, most)
 
     def _header(self, code, k, xs, ts, cond, out, fits) -> torch.Tensor:
-        h = torch.full((_HEADER_LEN,), -1, dtype=torch.int64)
+        h = [-1] * _HEADER_LEN  # built as a list, made a tensor once (element writes cost microseconds each)
         h[_F_CODE] = code
         h[_F_ROUND] = self._round
         h[_F_K] = k
@@ -594,15 +595,15 @@ class DistributedExecutor(Executor):
         h[_F_TDTYPE] = _dtype_code(ts.dtype)
         h[_F_COND] = _cond_signature(cond)
         wide = xs.detach().to("cpu" if xs.device.type == "mps" else xs.device, torch.float64)  # MPS has no float64
-        h[_F_XSUM : _F_XABS + 1] = torch.stack([wide.sum(), wide.abs().sum()]).cpu().view(torch.int64)
-        h[_F_XDIMS : _F_XDIMS + xd] = torch.tensor(xs.shape[:xd], dtype=torch.int64)
+        h[_F_XSUM : _F_XABS + 1] = torch.stack([wide.sum(), wide.abs().sum()]).cpu().view(torch.int64).tolist()
+        h[_F_XDIMS : _F_XDIMS + xd] = list(xs.shape[:xd])
         h[_F_HASOUT] = 0 if out is None else 1
         h[_F_FITS] = 1 if fits else 0
         if out is not None:
             h[_F_ONDIM] = out.dim()
             h[_F_ODTYPE] = _dtype_code(out.dtype)
-            h[_F_ODIMS : _F_ODIMS + out.dim()] = torch.tensor(out.shape, dtype=torch.int64)
-        return h
+            h[_F_ODIMS : _F_ODIMS + out.dim()] = list(out.shape)
+        return torch.tensor(h, dtype=torch.int64)
 
     def _check_status(self, headers, cause, code, message) -> None:
         failed = [r for r, h in enumerate(headers) if int(h[_F_CODE]) != _OK]
@@ -631,9 +632,10 @@ class DistributedExecutor(Executor):
             )
 
         fields = [_F_ROUND, _F_K, _F_XNDIM, _F_XDTYPE, _F_XDEV, _F_TDTYPE, _F_COND]
-        ref = headers[0]
-        bad = [r for r, h in enumerate(headers) if any(int(h[f]) != int(ref[f]) for f in fields)
-               or not torch.equal(h[_F_XDIMS:_F_ODIMS], ref[_F_XDIMS:_F_ODIMS])]
+        lists = [h.tolist() for h in headers]  # one conversion, not one per field
+        ref = lists[0]
+        bad = [r for r, h in enumerate(lists) if any(h[f] != ref[f] for f in fields)
+               or h[_F_XDIMS:_F_ODIMS] != ref[_F_XDIMS:_F_ODIMS]]
         if bad:
             self._broken = "the ranks were out of step"
             listing = "; ".join(
@@ -650,8 +652,8 @@ class DistributedExecutor(Executor):
         ref_sum, ref_abs = float(sums[0][0]), float(sums[0][1])
         finite = all(math.isfinite(float(v[1])) for v in sums)  # NaN/inf states: the sampler reports those
         differ = [
-            r for r, (h, v) in enumerate(zip(headers, sums))
-            if finite and int(h[_F_XSUM]) != int(ref[_F_XSUM])
+            r for r, (h, v) in enumerate(zip(lists, sums))
+            if finite and h[_F_XSUM] != ref[_F_XSUM]
             and not abs(float(v[0]) - ref_sum) <= _VALUE_RTOL * max(ref_abs, 1e-300)
         ]
         if differ:
@@ -663,7 +665,7 @@ class DistributedExecutor(Executor):
                 "from the same x (e.g. NoiseSource(seed).initial(shape), not torch.randn on each rank) and use the "
                 "same NoiseSource seed for the per-step noise."
             )
-        with_out = [(r, h) for r, h in enumerate(headers) if int(h[_F_HASOUT])]
+        with_out = [(r, h) for r, h in enumerate(lists) if h[_F_HASOUT]]
         descs = {
             (_dims(h, _F_ODIMS + 1, int(h[_F_ONDIM]) - 1), int(h[_F_ODTYPE])) for _, h in with_out
         }

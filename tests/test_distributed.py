@@ -163,6 +163,18 @@ def test_mismatched_inputs_are_explained():
         assert "different inputs" in res["message"] and "float64" in res["message"], res["message"]
 
 
+def test_predictions_differing_between_ranks_are_explained():
+    """A model whose output shape or dtype depends on the rank: every rank names both ranks' outputs."""
+    results, codes, _, logs = _launch("rank_shapes")
+    _need(results, [0, 1], logs)
+    for rank in (0, 1):
+        res = results[rank]
+        assert res["error_type"] == "PredictorOutputError", res
+        msg = res["message"]
+        assert "predictions differ in shape or dtype" in msg, msg
+        assert "rank 0: (3, 4) float32" in msg and "rank 1: (3, 2) float64" in msg, msg
+
+
 def test_not_initialised_is_explained(monkeypatch):
     import torch.distributed as dist
 
@@ -453,6 +465,18 @@ def _scenario_mismatch(rank, world):
     return _fault_result(lambda: ex.evaluate(_predictor, xs, ts))
 
 
+def _scenario_rank_shapes(rank, world):
+    from backends import DistributedExecutor
+
+    ex = DistributedExecutor(timeout=TIMEOUT, diagnose_timeout=DIAGNOSE)
+    xs, ts = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(3)), torch.zeros(2, 3)
+
+    def narrow_on_one(x, t):  # rank 1's model returns a different shape and dtype
+        return x[..., :2].double() if rank == 1 else x
+
+    return _fault_result(lambda: ex.evaluate(narrow_on_one, xs, ts))
+
+
 def _scenario_diverge(rank, world, what):
     from backends import DistributedExecutor
 
@@ -584,6 +608,7 @@ SCENARIOS = {
     "die1": lambda rank, world: _scenario_die(rank, world, dying=1),
     "hang": _scenario_hang,
     "mismatch": _scenario_mismatch,
+    "rank_shapes": _scenario_rank_shapes,
     **{f"diverge_{w}": (lambda w: lambda rank, world: _scenario_diverge(rank, world, w))(w)
        for w in ("dtype", "k", "shape", "one_draft")},
     "values_start": lambda rank, world: _scenario_values(rank, world, "start"),
