@@ -44,6 +44,8 @@ class Schedule:
     terminal_level: float = 0.0
     #: what a level means (``TimeGrid.kind`` of the grids this schedule makes)
     kind: str = ""
+    #: the model parameterizations (``Prediction`` values) this interpolant defines; None: not checked
+    predictions: Optional[Tuple[str, ...]] = None
 
     def alpha_sigma(self, t: TimeLike) -> Tuple[torch.Tensor, torch.Tensor]:
         """Interpolant coefficients (float64) at level(s) t: :math:`x_t = \\alpha x_0 + \\sigma\\epsilon`."""
@@ -135,6 +137,7 @@ class VPSchedule(Schedule):
     """
 
     terminal_level = -1.0
+    predictions = ("epsilon", "sample", "v_prediction")  # v = alpha eps - sigma x0 needs alpha^2 + sigma^2 = 1
 
     @property
     def kind(self) -> str:
@@ -312,6 +315,7 @@ class FlowSchedule(Schedule):
     """
 
     terminal_level = 0.0
+    predictions = ("velocity", "epsilon", "sample")  # v = eps - x0 needs alpha + sigma = 1
 
     @property
     def kind(self) -> str:

@@ -78,6 +78,18 @@ class SkipTransition(abc.ABC):
             raise InvalidArgumentError(f"schedule must be a VPSchedule or FlowSchedule, got {type(schedule).__name__}.")
         self.schedule = schedule
         self.prediction = Prediction.parse(prediction)
+        allowed = getattr(schedule, "predictions", None)
+        if allowed is not None and self.prediction.value not in allowed:
+            why = {
+                "v_prediction": "v_prediction (p = alpha eps - sigma x0) is a VP parameterization; for a flow model "
+                                "predicting eps - x0 use 'velocity'",
+                "velocity": "velocity (p = eps - x0) is a flow-matching parameterization; for a VP model predicting "
+                            "alpha eps - sigma x0 use 'v_prediction'",
+            }.get(self.prediction.value, f"{self.prediction.value!r} is not defined for this interpolant")
+            raise InvalidArgumentError(
+                f"{type(self).__name__}: a {type(schedule).__name__} takes predictions {', '.join(allowed)}, got "
+                f"{self.prediction.value!r}: {why}."
+            )
         self.x0_transform = x0_transform
         self.recompute_eps = bool(recompute_eps)
 

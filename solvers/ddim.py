@@ -46,8 +46,6 @@ class DDIMSkip(SkipTransition):
         if not isinstance(schedule, VPSchedule):
             raise InvalidArgumentError(f"DDIMSkip needs a VPSchedule, got {type(schedule).__name__}.")
         super().__init__(schedule, prediction, x0_transform, recompute_eps)
-        if self.prediction is Prediction.VELOCITY:
-            raise InvalidArgumentError("DDIMSkip takes epsilon, sample or v_prediction; 'velocity' is for FlowEulerSkip.")
         if not 0 <= eta <= 1:
             raise InvalidArgumentError(
                 f"eta must lie in [0, 1] (0: deterministic DDIM, 1: the DDPM posterior), got {eta}; "

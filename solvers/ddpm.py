@@ -51,8 +51,6 @@ class DDPMSkip(SkipTransition):
         if not isinstance(schedule, VPSchedule):
             raise InvalidArgumentError(f"DDPMSkip needs a VPSchedule, got {type(schedule).__name__}.")
         super().__init__(schedule, prediction, x0_transform)
-        if self.prediction is Prediction.VELOCITY:
-            raise InvalidArgumentError("DDPMSkip takes epsilon, sample or v_prediction; 'velocity' is for FlowEulerSkip.")
         if variance_type not in VARIANCE_TYPES:
             raise InvalidArgumentError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}.")
         self.variance_type = variance_type

@@ -41,8 +41,6 @@ class FlowEulerSkip(SkipTransition):
         if not isinstance(schedule, FlowSchedule):
             raise InvalidArgumentError(f"FlowEulerSkip needs a FlowSchedule, got {type(schedule).__name__}.")
         super().__init__(schedule, prediction, x0_transform)
-        if self.prediction is Prediction.V_PREDICTION:
-            raise InvalidArgumentError("FlowEulerSkip takes velocity, epsilon or sample; v_prediction is a VP parameterization.")
 
     def velocity(self, x: torch.Tensor, pred: torch.Tensor, t_from: Levels) -> torch.Tensor:
         """The velocity v = eps_hat - x0_hat at level t_from (the model output itself for velocity models)."""

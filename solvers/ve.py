@@ -45,6 +45,7 @@ class VESchedule(Schedule):
 
     terminal_level = 0.0
     kind = "ve"
+    predictions = ("sample", "epsilon")
 
     def __init__(self, sigma_max: float = math.inf):
         if not sigma_max > 0:
@@ -90,11 +91,6 @@ class VEEulerSkip(SkipTransition):
         if not isinstance(schedule, VESchedule):
             raise InvalidArgumentError(f"VEEulerSkip needs a VESchedule, got {type(schedule).__name__}.")
         super().__init__(schedule, prediction, x0_transform)
-        if self.prediction not in (Prediction.SAMPLE, Prediction.EPSILON):
-            raise InvalidArgumentError(
-                f"VEEulerSkip takes 'sample' (a denoiser) or 'epsilon', got {self.prediction.value!r}: "
-                f"v_prediction is a VP parameterization and 'velocity' a flow one."
-            )
 
     def __call__(self, x, pred, t_from: Levels, t_to: Levels, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         t_from, t_to = as_levels(t_from, x.shape[0]), as_levels(t_to, x.shape[0])

@@ -19,7 +19,7 @@ from driffusion_core import (
     TimeGrid,
     VPSchedule,
 )
-from solvers import DDIMSkip, DDPMSkip, FlowEulerSkip, ring_mixture, sample_serial
+from solvers import DDIMSkip, DDPMSkip, DPMSolverSkip, FlowEulerSkip, VEEulerSkip, VESchedule, ring_mixture, sample_serial
 
 from _metrics import one_torch_thread  # noqa: F401  (autouse fixture)
 
@@ -270,9 +270,13 @@ def test_executor_of_the_wrong_type():
         (lambda: DDIMSkip(FLOW), r"DDIMSkip needs a VPSchedule, got FlowSchedule"),
         (lambda: DDPMSkip(FLOW), r"DDPMSkip needs a VPSchedule, got FlowSchedule"),
         (lambda: FlowEulerSkip(VP), r"FlowEulerSkip needs a FlowSchedule, got VPSchedule"),
-        (lambda: DDIMSkip(VP, "velocity"), r"'velocity' is for FlowEulerSkip"),
-        (lambda: DDPMSkip(VP, "velocity"), r"'velocity' is for FlowEulerSkip"),
-        (lambda: FlowEulerSkip(FLOW, "v_prediction"), r"v_prediction is a VP parameterization"),
+        (lambda: DDIMSkip(VP, "velocity"), r"DDIMSkip: a VPSchedule takes .*got 'velocity'.* use 'v_prediction'"),
+        (lambda: DDPMSkip(VP, "velocity"), r"DDPMSkip: a VPSchedule takes .*got 'velocity'"),
+        (lambda: DPMSolverSkip(VP, "velocity"), r"DPMSolverSkip: a VPSchedule takes .*got 'velocity'"),
+        (lambda: FlowEulerSkip(FLOW, "v_prediction"), r"v_prediction .* is a VP parameterization.* use 'velocity'"),
+        (lambda: DPMSolverSkip(FLOW, "v_prediction"), r"DPMSolverSkip: a FlowSchedule takes .*got 'v_prediction'"),
+        (lambda: VEEulerSkip(VESchedule(), "velocity"), r"VEEulerSkip: a VESchedule takes predictions sample, epsilon"),
+        (lambda: VEEulerSkip(VESchedule(), "v_prediction"), r"VEEulerSkip: a VESchedule takes .*'v_prediction'"),
         (lambda: DDIMSkip(VP, "eps"), r"Unknown prediction type 'eps'; use one of 'epsilon', 'sample'"),
         (lambda: DDIMSkip(VP, eta=-0.1), r"eta must lie in \[0, 1\].*got -0\.1"),
         (lambda: DDPMSkip(VP, variance_type="learned"), r"variance_type must be one of .*got 'learned'"),
