@@ -6,9 +6,12 @@ see the same noise and their results can be compared exactly.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import operator
+from typing import Optional, Sequence, Union
 
 import torch
+
+from .errors import InvalidArgumentError
 
 __all__ = ["NoiseSource"]
 
@@ -26,32 +29,54 @@ class NoiseSource:
 
     ``noise(i, shape, dtype, device)`` is z_i; ``noise.initial(shape, ...)`` the starting
     state x_T ~ N(0, I) (key -1).
+
+    The noise is drawn in float32 and cast, so every floating dtype sees the same noise: a float64 run
+    is the float32 run carried out in higher precision (torch draws float64 normals along another
+    path, which would give unrelated noise), and float16 / bfloat16 are its rounding.
     """
 
     def __init__(self, seed: int = 0, per_sample: bool = False):
-        self.seed = int(seed)
+        if isinstance(seed, bool) or isinstance(seed, torch.Tensor) and seed.dtype == torch.bool:
+            raise InvalidArgumentError(
+                f"NoiseSource(seed) takes an int, got the bool {seed!r}; for per-sample noise write "
+                f"NoiseSource(seed, per_sample=True)."
+            )
+        try:
+            self.seed = operator.index(seed)
+        except TypeError:
+            raise InvalidArgumentError(
+                f"NoiseSource(seed) takes an int (e.g. NoiseSource(0)), got {type(seed).__name__} {seed!r}."
+            ) from None
         self.per_sample = bool(per_sample)
 
     def _key(self, step: int, row: int = -1) -> int:
         k = (self.seed * _MIX + (step + 2) * 1_000_003 + (row + 1) * 7919) % (2**63 - 1)
         return k
 
-    def _draw(self, key: int, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    def _draw(self, key: int, shape: Sequence[int]) -> torch.Tensor:
         g = torch.Generator(device="cpu").manual_seed(key)
-        draw_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-        return torch.randn(tuple(shape), generator=g, dtype=draw_dtype)
+        return torch.randn(tuple(shape), generator=g, dtype=torch.float32)
 
     def __call__(
         self,
         step: int,
-        shape: Sequence[int],
+        shape: Union[int, Sequence[int]],
         dtype: torch.dtype = torch.float32,
         device: Optional[torch.device] = None,
     ) -> torch.Tensor:
+        shape = _shape(shape)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise InvalidArgumentError(
+                f"NoiseSource draws Gaussian noise, so dtype must be a floating dtype (torch.float32, float64, "
+                f"float16, bfloat16), got {dtype!r}."
+            )
         if self.per_sample:
-            z = torch.stack([self._draw(self._key(step, b), shape[1:], dtype) for b in range(shape[0])])
+            if not shape:
+                raise InvalidArgumentError("NoiseSource(per_sample=True) needs a batch dimension: shape (B, ...).")
+            rows = [self._draw(self._key(step, b), shape[1:]) for b in range(shape[0])]
+            z = torch.stack(rows) if rows else torch.empty(shape)
         else:
-            z = self._draw(self._key(step), shape, dtype)
+            z = self._draw(self._key(step), shape)
         return z.to(device=device, dtype=dtype)
 
     def initial(self, shape: Sequence[int], dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
@@ -64,3 +89,21 @@ class NoiseSource:
 
     def __repr__(self) -> str:
         return f"NoiseSource(seed={self.seed}{', per_sample=True' if self.per_sample else ''})"
+
+
+def _shape(shape) -> tuple:
+    """``shape`` as a tuple of non-negative ints (an int is a 1-D shape, as in torch.randn)."""
+    if isinstance(shape, torch.Size):
+        return tuple(shape)
+    try:
+        dims = (operator.index(shape),)
+    except TypeError:
+        try:
+            dims = tuple(operator.index(d) for d in shape)
+        except TypeError:
+            raise InvalidArgumentError(
+                f"NoiseSource: shape must be a sequence of ints such as (batch, 3, 64, 64) or x.shape, got {shape!r}."
+            ) from None
+    if any(d < 0 for d in dims):
+        raise InvalidArgumentError(f"NoiseSource: shape {dims} has a negative dimension.")
+    return dims

@@ -92,6 +92,52 @@ def test_stochastic_samplers_depend_on_the_noise_source():
     assert not torch.allclose(a, b)
 
 
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_noise_is_the_same_in_every_floating_dtype(per_sample):
+    """NoiseSource draws in float32 and casts: float64 noise is the float32 noise exactly (torch draws
+    float64 normals along another path), half and bfloat16 are its rounding; so a float64 DDPM run is the
+    float32 run in higher precision, not another sample."""
+    src = NoiseSource(4, per_sample=per_sample)
+    for shape in [(3,), (40, 2), (5, 3, 8)]:
+        ref = src(7, shape)
+        assert torch.equal(src(7, shape, torch.float64), ref.double())
+        for low in (torch.float16, torch.bfloat16):
+            assert torch.equal(src(7, shape, low), ref.to(low))
+    tr, grid, f = DDPMSkip(VP), VP.timesteps(20), ring_mixture().predictor(VP)
+    x = src.initial((64, 2))
+    lo = sample_serial(f, x, tr, grid, noise=NoiseSource(9)).x
+    hi = sample_serial(f, x.double(), tr, grid, noise=NoiseSource(9)).x
+    other = sample_serial(f, x, tr, grid, noise=NoiseSource(10)).x
+    assert (hi.float() - lo).pow(2).mean().sqrt() < 1e-3 * (other - lo).pow(2).mean().sqrt()
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: NoiseSource(1.5), r"NoiseSource\(seed\) takes an int .*got float 1\.5"),
+        (lambda: NoiseSource(None), r"takes an int .*got NoneType"),
+        (lambda: NoiseSource(True), r"got the bool True; for per-sample noise write NoiseSource\(seed, per_sample=True\)"),
+        (lambda: NoiseSource(0).initial((2, 3), torch.long), r"dtype must be a floating dtype .*torch\.int64"),
+        (lambda: NoiseSource(0).initial("ab"), r"shape must be a sequence of ints"),
+        (lambda: NoiseSource(0)(3, (2, -1)), r"shape \(2, -1\) has a negative dimension"),
+        (lambda: NoiseSource(0, per_sample=True)(3, ()), r"per_sample=True\) needs a batch dimension"),
+    ],
+)
+def test_noise_source_refuses_bad_arguments(make, match):
+    from driffusion_core.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match=match):
+        make()
+
+
+def test_noise_source_takes_torch_style_shapes_and_seeds():
+    import numpy as np
+
+    assert torch.equal(NoiseSource(0).initial(5), NoiseSource(0).initial((5,)))
+    assert torch.equal(NoiseSource(np.int64(3))(1, torch.Size([4, 2])), NoiseSource(3)(1, [4, 2]))
+    assert NoiseSource(2, per_sample=True)(0, (0, 3)).shape == (0, 3)
+
+
 # --------------------------------------------------------------------------- rounds and evals
 
 
