@@ -86,6 +86,15 @@ class Executor(abc.ABC):
         """Release resources (streams, process groups). Safe to call twice."""
 
 
+def mark_draft(error: BaseException, k: int) -> None:
+    """Record on an exception raised by the predictor that it came from draft ``k`` of the round, so the
+    sampler's note names that draft's step (an executor that calls per draft can tell)."""
+    try:
+        error._driffusion_draft = k
+    except Exception:  # pragma: no cover - an exception type without attributes
+        pass
+
+
 class SerialExecutor(Executor):
     """The reference executor: one predictor call per draft, in order.
 
@@ -102,10 +111,17 @@ class SerialExecutor(Executor):
         cond: Optional[Mapping[str, Any]] = None,
     ) -> torch.Tensor:
         cond = dict(cond or {})
-        outs = [predictor(xs[k], ts[k], **cond) for k in range(xs.shape[0])]
-        for o in outs:
-            if not isinstance(o, torch.Tensor):
-                return outs[0] if len(outs) == 1 else outs  # the scheduler reports the bad type
-        if len({tuple(o.shape) for o in outs}) > 1:
-            return outs[0]  # the scheduler reports the wrong shape
+        outs = []
+        for k in range(xs.shape[0]):
+            try:
+                outs.append(predictor(xs[k], ts[k], **cond))
+            except Exception as e:
+                mark_draft(e, k)
+                raise
+        first = outs[0]
+        if not all(
+            isinstance(o, torch.Tensor) and o.shape == first.shape and o.dtype == first.dtype and o.device == first.device
+            for o in outs
+        ):
+            return outs  # unlike outputs: the scheduler checks them one by one and names the draft's step
         return torch.stack(outs)

@@ -48,6 +48,7 @@ __all__ = [
     "check_inputs",
     "check_predictions",
     "check_input_untouched",
+    "evaluate_round",
     "input_version",
     "check_finite_sample",
     "note_where",
@@ -152,9 +153,12 @@ def where_steps(grid: TimeGrid, steps: List[int]) -> str:
 
 
 def note_where(error: BaseException, grid: TimeGrid, steps: List[int], x: torch.Tensor) -> None:
-    """Add to an exception from the predictor or executor where sampling was (Python >= 3.11 notes).
-
-    The exception keeps its type, so callers catching the model's own errors still do."""
+    """Add to an exception from the predictor or executor where sampling was (Python >= 3.11 notes):
+    the draft's step where the executor marked it (:func:`~driffusion_core.executor.mark_draft`), else the
+    round's steps. The exception keeps its type, so callers catching the model's own errors still do."""
+    k = getattr(error, "_driffusion_draft", None)
+    if isinstance(k, int) and 0 <= k < len(steps):
+        steps = [steps[k]]
     if hasattr(error, "add_note"):
         error.add_note(
             f"driffusion: raised while evaluating {where_steps(grid, steps)}; the state is "
@@ -198,20 +202,31 @@ def check_input_untouched(x: torch.Tensor, version: Optional[int], grid: TimeGri
 def check_predictions(
     preds: Any, xs: torch.Tensor, steps: List[int], grid: TimeGrid
 ) -> torch.Tensor:
-    """Check a round's predictions: a tensor like ``xs``, same device and dtype, all finite."""
+    """Check a round's predictions: a tensor like ``xs``, same device and dtype, all finite.
+
+    An executor that called the predictor per draft may hand back the list of its outputs when they are
+    unlike each other; each is then checked against its own draft, so the error names that draft's step."""
     where = lambda k: where_steps(grid, [steps[k]])
-    if not isinstance(preds, torch.Tensor):
-        raise PredictorOutputError(f"The predictor returned {type(preds).__name__} at {where(0)}; it must return a tensor.")
-    if preds.shape != xs.shape:
-        raise PredictorOutputError(
-            f"The predictor returned shape {tuple(preds.shape[1:])} at {where(0)}, but the state has shape "
-            f"{tuple(xs.shape[1:])}; it must return one prediction per input, shaped like x."
-        )
-    if preds.device != xs.device or preds.dtype != xs.dtype:
-        raise DeviceMismatchError(
-            f"The predictor returned {preds.dtype} on {preds.device} at {where(0)}, but the state is "
-            f"{xs.dtype} on {xs.device}; cast the model output (or run the sampler in the model's dtype)."
-        )
+
+    def check_one(p: Any, want: torch.Tensor, k: int, lead: int) -> None:
+        if not isinstance(p, torch.Tensor):
+            raise PredictorOutputError(f"The predictor returned {type(p).__name__} at {where(k)}; it must return a tensor.")
+        if p.shape != want.shape:
+            raise PredictorOutputError(
+                f"The predictor returned shape {tuple(p.shape[lead:])} at {where(k)}, but the state has shape "
+                f"{tuple(want.shape[lead:])}; it must return one prediction per input, shaped like x."
+            )
+        if p.device != want.device or p.dtype != want.dtype:
+            raise DeviceMismatchError(
+                f"The predictor returned {p.dtype} on {p.device} at {where(k)}, but the state is "
+                f"{want.dtype} on {want.device}; cast the model output (or run the sampler in the model's dtype)."
+            )
+
+    if isinstance(preds, (list, tuple)) and len(preds) == xs.shape[0]:
+        for k, p in enumerate(preds):
+            check_one(p, xs[k], k, 0)
+        preds = preds[0].unsqueeze(0) if len(preds) == 1 else torch.stack(list(preds))  # all checked: alike
+    check_one(preds, xs, 0, 1)
     if not all_finite(preds):  # find the draft only on failure
         finite = torch.isfinite(preds).reshape(preds.shape[0], -1).all(dim=1)
         k = int(torch.nonzero(~finite)[0])
@@ -225,6 +240,23 @@ def check_predictions(
             f"The predictor returned {kind} at {where(k)} on a finite input state. Check the model at this "
             f"noise level."
         )
+    return preds
+
+
+def evaluate_round(
+    executor: Executor, predictor: Predictor, rnd: "Round", grid: TimeGrid, cond: Mapping[str, Any], x: torch.Tensor
+) -> Any:
+    """The round's model calls, ``executor.evaluate(predictor, rnd.xs, model times, cond)``, with the
+    sampler's guards: an exception gets a note saying where sampling was, and a predictor that wrote
+    into its input is refused. The predictions are checked by the state's ``absorb``."""
+    ts = grid.model_times[rnd.steps].to(x.device).unsqueeze(1).expand(len(rnd.steps), x.shape[0])
+    version = input_version(rnd.xs)
+    try:
+        preds = executor.evaluate(predictor, rnd.xs, ts, cond)
+    except Exception as e:
+        note_where(e, grid, rnd.steps, x)
+        raise
+    check_input_untouched(rnd.xs, version, grid, rnd.steps)
     return preds
 
 
@@ -252,21 +284,12 @@ def run_rounds(
         raise InvalidArgumentError(f"executor must be an Executor, got {type(executor).__name__}.")
     state = make_state()
     bar = progress_bar(progress, len(grid), desc)
-    b = x.shape[0]
     while True:
         rnd = state.plan()
         if rnd is None:
             break
-        ts = grid.model_times[rnd.steps].to(x.device).unsqueeze(1).expand(len(rnd.steps), b)
         before = state.a
-        version = input_version(rnd.xs)
-        try:
-            preds = executor.evaluate(predictor, rnd.xs, ts, cond)
-        except Exception as e:
-            note_where(e, grid, rnd.steps, x)
-            raise
-        check_input_untouched(rnd.xs, version, grid, rnd.steps)
-        state.absorb(rnd, preds)
+        state.absorb(rnd, evaluate_round(executor, predictor, rnd, grid, cond, x))
         if bar is not None:
             bar.update(state.a - before)
     if bar is not None:

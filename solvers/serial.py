@@ -44,7 +44,7 @@ def _call(predictor, x, grid: TimeGrid, i: int, cond: dict) -> torch.Tensor:
         note_where(e, grid, [i], x)
         raise
     check_input_untouched(x, version, grid, [i])
-    return check_predictions(pred.unsqueeze(0) if isinstance(pred, torch.Tensor) else pred, x.unsqueeze(0), [i], grid)[0]
+    return check_predictions([pred], x.unsqueeze(0), [i], grid)[0]
 
 
 def sample_serial(

@@ -214,6 +214,43 @@ def test_predictor_exception_keeps_its_type_and_says_where():
             assert any("driffusion: raised while evaluating step" in n and "level" in n for n in info.value.__notes__)
 
 
+@pytest.mark.parametrize(
+    "bad,error,match",
+    [
+        (lambda x: None, PredictorOutputError, r"returned NoneType at step 5 \(level 400"),
+        (lambda x: torch.zeros(3, 5), PredictorOutputError, r"returned shape \(3, 5\) at step 5 \(level 400"),
+        (lambda x: (0.1 * x).double(), DeviceMismatchError, r"returned torch\.float64 on cpu at step 5 \(level 400"),
+    ],
+)
+def test_bad_output_of_a_later_draft_names_its_own_step(bad, error, match):
+    """Step 5 is the second draft of its round (steps 4..6 at width 3): the serial executor hands back
+    the unlike outputs one by one, so the error names step 5, not the round's first step."""
+
+    def predictor(x, t):
+        return bad(x) if int(t[0]) == 400 else 0.1 * x
+
+    for run in (
+        lambda: scheduler(width=3).sample(predictor, x0()),
+        lambda: scheduler(width=3, mode="conservative").sample(predictor, x0()),
+        lambda: sample_serial(predictor, x0(), DDIMSkip(VP), GRID),
+    ):
+        with pytest.raises(error, match=match):
+            run()
+
+
+def test_exception_in_a_later_draft_names_its_own_step():
+    def broken(x, t):
+        if bool((t == 400).any()):
+            raise KeyError("my model's own error")
+        return 0.1 * x
+
+    for executor, where in ((None, "step 5 (level 400"), (BatchedExecutor(), "steps 4..6 (levels 500..300)")):
+        with pytest.raises(KeyError) as info:
+            scheduler(width=3).sample(broken, x0(), executor=executor)
+        if hasattr(info.value, "__notes__"):  # Python >= 3.11
+            assert any(f"driffusion: raised while evaluating {where}" in n for n in info.value.__notes__), info.value.__notes__
+
+
 # --------------------------------------------------------------------------- inputs
 
 

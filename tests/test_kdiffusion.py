@@ -164,6 +164,35 @@ def test_bad_input_says_what_is_wrong():
         VEEulerSkip(VESchedule(), prediction="v_prediction")
 
 
+@pytest.mark.parametrize("width", [1, 3])
+def test_model_misbehaving_is_caught_as_in_the_scheduler(width):
+    """sample_driffusion has the scheduler's guards: a model writing into its input is refused (serial
+    and parallel runs would part ways silently), and a model's own error keeps its type and says where."""
+    import sys as _sys
+
+    from driffusion_core.errors import PredictorOutputError
+
+    sigmas = karras_sigmas(8)
+    x = _start(sigmas, batch=4)
+
+    def in_place(x, sigma):
+        return denoiser(x.mul_(0.5), sigma)
+
+    with pytest.raises(PredictorOutputError, match=r"modified its input x in place at step 0"):
+        sample_driffusion(in_place, x.clone(), sigmas, width=width, disable=True)
+
+    def broken(x, sigma):
+        if float(sigma[0]) < float(sigmas[2]) * 1.0001:
+            raise ZeroDivisionError("model fell over")
+        return denoiser(x, sigma)
+
+    with pytest.raises(ZeroDivisionError, match="model fell over") as info:
+        sample_driffusion(broken, x, sigmas, width=width, disable=True)
+    if _sys.version_info >= (3, 11):
+        notes = " ".join(getattr(info.value, "__notes__", []))
+        assert "driffusion: raised while evaluating step" in notes and "step 2" in notes, notes
+
+
 def test_import_solvers_does_not_import_diffusers():
     code = "import sys, solvers; assert 'diffusers' not in sys.modules, 'solvers imported diffusers'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -20,7 +20,7 @@ import torch
 from driffusion_core.errors import InvalidArgumentError, InvalidTimestepsError
 from driffusion_core.executor import Executor, SerialExecutor
 from driffusion_core.grid import TimeGrid
-from driffusion_core.scheduler import DraftRefineScheduler, SampleOutput, check_inputs
+from driffusion_core.scheduler import DraftRefineScheduler, SampleOutput, check_inputs, evaluate_round
 from solvers.ve import VEEulerSkip, VESchedule
 
 __all__ = ["sample_driffusion", "sigmas_grid"]
@@ -98,10 +98,8 @@ def sample_driffusion(
 
         bar = trange(len(grid), disable=disable, desc=f"DRiffusion n={width}")
     used = {}  # step index -> the x0_hat it used (kept only for the callback)
-    b = x.shape[0]
     while (rnd := state.plan()) is not None:
-        ts = grid.model_times[rnd.steps].to(x.device).unsqueeze(1).expand(len(rnd.steps), b)
-        preds = executor.evaluate(model, rnd.xs, ts, cond)
+        preds = evaluate_round(executor, model, rnd, grid, cond, x)
         if callback is not None:
             used.update({i: preds[k] for k, i in enumerate(rnd.steps)})
         before = state.a
