@@ -20,11 +20,12 @@ the chain).
 from __future__ import annotations
 
 import abc
+import math
 from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 
-from driffusion_core.errors import InvalidArgumentError
+from driffusion_core.errors import DeviceMismatchError, InvalidArgumentError, InvalidTimestepsError
 from driffusion_core.grid import TimeGrid
 from driffusion_core.parameterization import Prediction, X0Transform, to_x0_eps
 from driffusion_core.schedules import Schedule
@@ -155,6 +156,11 @@ class SkipTransition(abc.ABC):
         """Step ``i`` of ``grid``, as a serial sampler takes it: ``S(x_i, p_i, t_from[i] -> t_to[i], z_i)``,
         or the :meth:`multistep` update where :meth:`history_at` asks for earlier steps (``history``
         holds at least that many, oldest first)."""
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(grid):
+            raise InvalidArgumentError(
+                f"{type(self).__name__}.grid_step: i must be a step index 0..{len(grid) - 1} of this {len(grid)}-step "
+                f"grid, got {i!r}."
+            )
         h = self.history_at(grid, i) if self.history else 0
         if h:
             return self.multistep(x, pred, grid.t_from[i], grid.t_to[i], list(history)[-h:], noise)
@@ -182,6 +188,102 @@ class SkipTransition(abc.ABC):
         if not name.startswith("_"):
             self.__dict__.pop("_coefficient_cache", None)
 
+    # ----------------------------------------------------------------- argument checks
+    def operands(self, x: torch.Tensor, pred: torch.Tensor, t_from: Levels, t_to: Levels,
+                 noise: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Check an operator call's tensors and return its levels (:func:`as_levels`).
+
+        ``x`` a floating ``Tensor[B, ...]``; ``pred`` and ``noise`` shaped like it, same dtype and device
+        (torch would otherwise promote a float64 prediction or broadcast a row of noise silently). The
+        levels are checked where their coefficients are computed (:meth:`check_levels`, once per pair)."""
+        name = type(self).__name__
+        if not isinstance(x, torch.Tensor) or not isinstance(pred, torch.Tensor):
+            raise InvalidArgumentError(
+                f"{name}: x and pred must be tensors, got {type(x).__name__} and {type(pred).__name__}."
+            )
+        if not x.is_floating_point() or x.dim() < 1:
+            raise InvalidArgumentError(
+                f"{name}: x must be a floating tensor [B, ...] with a batch dimension, got {x.dtype} of shape "
+                f"{tuple(x.shape)}."
+            )
+        for what, v in (("pred", pred), ("noise", noise)):
+            if v is None:
+                continue
+            if not isinstance(v, torch.Tensor) or v.shape != x.shape:
+                got = f"shape {tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
+                raise InvalidArgumentError(
+                    f"{name}: {what} must be shaped like x {tuple(x.shape)}, got {got} (one {what} per element "
+                    f"of x; a row would be broadcast over the batch)."
+                )
+            if v.dtype != x.dtype or v.device != x.device:
+                raise DeviceMismatchError(
+                    f"{name}: {what} is {v.dtype} on {v.device} but x is {x.dtype} on {x.device}; give both in "
+                    f"one dtype and device (the result is in x's)."
+                )
+        b = x.shape[0]
+        return as_levels(t_from, b), as_levels(t_to, b)
+
+    def check_window(self, x: torch.Tensor, t_from: torch.Tensor, t_to: torch.Tensor,
+                     noises: Optional[torch.Tensor] = None) -> None:
+        """A window for :meth:`drafts`: ``t_from`` and ``t_to`` 1-D of one length n >= 1, and ``noises``
+        (if given) ``Tensor[n, *x.shape]`` in x's dtype and device."""
+        name = type(self).__name__
+        if not (isinstance(t_from, torch.Tensor) and isinstance(t_to, torch.Tensor)) or t_from.dim() != 1 \
+                or t_to.shape != t_from.shape or t_from.shape[0] < 1:
+            shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in (t_from, t_to)]
+            raise InvalidArgumentError(
+                f"{name}.drafts: t_from and t_to must be 1-D tensors of the window's n >= 1 levels, got {shapes[0]} "
+                f"and {shapes[1]} (e.g. grid.t_from[a:a + n], grid.t_to[a:a + n])."
+            )
+        if noises is not None:
+            want = (t_from.shape[0], *x.shape)
+            if not isinstance(noises, torch.Tensor) or tuple(noises.shape) != want:
+                got = tuple(noises.shape) if isinstance(noises, torch.Tensor) else type(noises).__name__
+                raise InvalidArgumentError(
+                    f"{name}.drafts: noises must hold one noise per step of the window, shape {want}, got {got} "
+                    f"(e.g. NoiseSource.steps(a, a + n, x.shape))."
+                )
+            if noises.dtype != x.dtype or noises.device != x.device:
+                raise DeviceMismatchError(
+                    f"{name}.drafts: noises are {noises.dtype} on {noises.device} but x is {x.dtype} on {x.device}."
+                )
+
+    def check_levels(self, t_from: torch.Tensor, t_to: torch.Tensor, t_prev: Optional[torch.Tensor] = None) -> None:
+        """Refuse levels a skip cannot take: NaN or inf, outside the schedule's range, or going back to a
+        noisier level (``t_to > t_from``; equal levels are the identity). ``t_prev``: a multistep's
+        previous level, which must lie at or above ``t_from``."""
+        name = type(self).__name__
+        named = [("t_from", t_from), ("t_to", t_to)] + ([("the previous level", t_prev)] if t_prev is not None else [])
+        for label, t in named:
+            if not bool(torch.isfinite(t).all()):
+                raise InvalidTimestepsError(f"{name}: {label} holds NaN or inf: {t.tolist()}.")
+        try:
+            lo, hi = self.schedule.level_range()
+        except NotImplementedError:  # a custom schedule without a declared range
+            lo, hi = -math.inf, math.inf
+        for label, t in named:
+            bad = (t < lo) | (t > hi)
+            if bool(bad.any()):
+                v = t.reshape(-1)[int(torch.nonzero(bad.reshape(-1))[0])].item()
+                raise InvalidTimestepsError(
+                    f"{name}: {label} = {v:g} is out of range for {type(self.schedule).__name__}: levels lie in "
+                    f"[{lo:g}, {hi:g}] (the clean end is {lo:g})."
+                )
+        pairs = [("t_from", t_from, "t_to", t_to)]
+        if t_prev is not None:
+            pairs.insert(0, ("the previous level", t_prev, "t_from", t_from))
+        for a_name, a, b_name, b in pairs:
+            back = torch.broadcast_to(b > a, torch.broadcast_shapes(a.shape, b.shape))
+            if bool(back.any()):
+                i = int(torch.nonzero(back.reshape(-1))[0])
+                av = torch.broadcast_to(a, back.shape).reshape(-1)[i].item()
+                bv = torch.broadcast_to(b, back.shape).reshape(-1)[i].item()
+                row = f" (row {i})" if back.dim() else ""
+                raise InvalidTimestepsError(
+                    f"{name}: {b_name} = {bv:g} lies above {a_name} = {av:g}{row}; a skip goes from a noisier level "
+                    f"to a cleaner one ({b_name} <= {a_name}, equal levels being the identity)."
+                )
+
     def cached(self, t_from: torch.Tensor, t_to: torch.Tensor, compute):
         """``compute(t_from, t_to)``, remembered per pair of levels (scalars, or up to
         :attr:`_CACHE_ROWS` per-row levels, as a window's drafts have).
@@ -192,11 +294,15 @@ class SkipTransition(abc.ABC):
         without the cache. Setting a public attribute of the transition, or changing its schedule
         (``Schedule.cache_token``), starts a fresh cache.
         """
+        def make():
+            self.check_levels(t_from, t_to)  # once per pair of levels: a cache hit was checked before
+            return compute(t_from, t_to)
+
         if t_from.dim() == 0 and t_to.dim() == 0:
-            return self._memo((compute.__name__, t_from.item(), t_to.item()), lambda: compute(t_from, t_to))
+            return self._memo((compute.__name__, t_from.item(), t_to.item()), make)
         if t_from.numel() <= self._CACHE_ROWS and t_to.numel() <= self._CACHE_ROWS:
-            return self._memo((compute.__name__, *_levels_key(t_from, t_to)), lambda: compute(t_from, t_to), rows=True)
-        return compute(t_from, t_to)
+            return self._memo((compute.__name__, *_levels_key(t_from, t_to)), make, rows=True)
+        return make()
 
     def _memo(self, key, make, rows: bool = False):
         token = self.schedule.cache_token()
@@ -302,6 +408,7 @@ class SkipTransition(abc.ABC):
                 f"{type(self).__name__} is multistep (history = {self.history}): it must implement "
                 f"drafts(..., history=...)."
             )
+        self.check_window(x, t_from, t_to, noises)
         n, b = int(t_from.shape[0]), x.shape[0]
         if not self.stochastic:  # composes exactly: the skips from the anchor, one batched call
             if n == 1:

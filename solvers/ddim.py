@@ -19,7 +19,7 @@ from driffusion_core import coefficients as C
 from driffusion_core.errors import InvalidArgumentError
 from driffusion_core.parameterization import Prediction, X0Transform, broadcast_coef
 from driffusion_core.schedules import VPSchedule
-from driffusion_core.transition import Levels, SkipTransition, as_levels, zero_length_identity
+from driffusion_core.transition import Levels, SkipTransition, zero_length_identity
 
 __all__ = ["DDIMSkip"]
 
@@ -61,7 +61,7 @@ class DDIMSkip(SkipTransition):
         return C.vp_alpha_sigma(abar_t), C.ddim_coefficients(abar_t, abar_s, self.eta)
 
     def __call__(self, x, pred, t_from: Levels, t_to: Levels, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-        t_from, t_to = as_levels(t_from, x.shape[0]), as_levels(t_to, x.shape[0])
+        t_from, t_to = self.operands(x, pred, t_from, t_to, noise)
         alpha_sigma, (c_x0, c_eps, sigma) = self.cached(t_from, t_to, self._coefficients)
         x0_hat, eps_hat = self.to_x0_eps(x, pred, t_from, alpha_sigma)
         out = broadcast_coef(c_x0, x) * x0_hat + broadcast_coef(c_eps, x) * eps_hat

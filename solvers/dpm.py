@@ -111,7 +111,7 @@ class DPMSolverSkip(SkipTransition):
         return broadcast_coef(c_x, x) * x + broadcast_coef(c_x0, x) * x0_hat
 
     def __call__(self, x, pred, t_from: Levels, t_to: Levels, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-        t_from, t_to = as_levels(t_from, x.shape[0]), as_levels(t_to, x.shape[0])
+        t_from, t_to = self.operands(x, pred, t_from, t_to, noise)
         alpha_sigma, c = self.cached(t_from, t_to, self._first)
         out = self._from_x0(x, self.x0_hat(x, pred, t_from, alpha_sigma), c)
         return zero_length_identity(out, x, t_from, t_to)
@@ -154,19 +154,28 @@ class DPMSolverSkip(SkipTransition):
         if len(history) != 1:
             raise InvalidArgumentError(f"DPMSolverSkip.multistep takes the one previous step, got {len(history)}.")
         x_p, p_p, t_p = history[0]
-        if x_p.shape != x.shape or p_p.shape != x.shape or x_p.dtype != x.dtype or x_p.device != x.device:
+        t_from, t_to = self.operands(x, pred, t_from, t_to, noise)
+        if not (isinstance(x_p, torch.Tensor) and isinstance(p_p, torch.Tensor)) or any(
+            v.shape != x.shape or v.dtype != x.dtype or v.device != x.device for v in (x_p, p_p)
+        ):
+            def desc(v):
+                return f"{v.dtype} {tuple(v.shape)} on {v.device}" if isinstance(v, torch.Tensor) else type(v).__name__
+
             raise InvalidArgumentError(
-                f"DPMSolverSkip.multistep: the previous step's state is {x_p.dtype} {tuple(x_p.shape)} on "
-                f"{x_p.device} (prediction {tuple(p_p.shape)}), but x is {x.dtype} {tuple(x.shape)} on {x.device}; "
-                f"history holds (x_prev, p_prev, t_prev) of the same batch."
+                f"DPMSolverSkip.multistep: the previous step's state is {desc(x_p)} (prediction {desc(p_p)}), but "
+                f"x is {desc(x)}; history holds (x_prev, p_prev, t_prev) of the same batch."
             )
-        b = x.shape[0]
-        t_p, t_from, t_to = as_levels(t_p, b), as_levels(t_from, b), as_levels(t_to, b)
+        t_p = as_levels(t_p, x.shape[0])
+
+        def second():
+            self.check_levels(t_from, t_to, t_prev=t_p)
+            return self._second(t_p, t_from, t_to)
+
         if t_p.dim() == 0 and t_from.dim() == 0 and t_to.dim() == 0:
             key = ("2m", self.solver_type, t_p.item(), t_from.item(), t_to.item())
-            as_p, as_s, (c_x, c_x0, c_p) = self._memo(key, lambda: self._second(t_p, t_from, t_to))
+            as_p, as_s, (c_x, c_x0, c_p) = self._memo(key, second)
         else:
-            as_p, as_s, (c_x, c_x0, c_p) = self._second(t_p, t_from, t_to)
+            as_p, as_s, (c_x, c_x0, c_p) = second()
         x0_p = self._remembered_x0(x_p, p_p, t_p)
         if x0_p is None:
             x0_p = self.x0_hat(x_p, p_p, t_p, as_p)
@@ -223,6 +232,7 @@ class DPMSolverSkip(SkipTransition):
         that x0_hat (the chain's D_1 is 0 once the prediction is frozen)."""
         if not history:
             return super().drafts(x, pred, t_from, t_to, noises)
+        self.check_window(x, t_from, t_to, noises)
         n, b = int(t_from.shape[0]), x.shape[0]
         first = self.multistep(x, pred, t_from[0], t_to[0], history)
         if n == 1:

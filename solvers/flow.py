@@ -15,7 +15,7 @@ from driffusion_core import coefficients as C
 from driffusion_core.errors import InvalidArgumentError
 from driffusion_core.parameterization import Prediction, X0Transform, broadcast_coef
 from driffusion_core.schedules import FlowSchedule
-from driffusion_core.transition import Levels, SkipTransition, as_levels, zero_length_identity
+from driffusion_core.transition import Levels, SkipTransition, zero_length_identity
 
 __all__ = ["FlowEulerSkip"]
 
@@ -49,7 +49,11 @@ class FlowEulerSkip(SkipTransition):
         x0_hat, eps_hat = self.to_x0_eps(x, pred, t_from)
         return eps_hat - x0_hat
 
+    @staticmethod
+    def _euler(t_from: torch.Tensor, t_to: torch.Tensor) -> torch.Tensor:
+        return C.flow_euler_coefficient(t_from, t_to)
+
     def __call__(self, x, pred, t_from: Levels, t_to: Levels, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-        t_from, t_to = as_levels(t_from, x.shape[0]), as_levels(t_to, x.shape[0])
-        out = x + broadcast_coef(C.flow_euler_coefficient(t_from, t_to), x) * self.velocity(x, pred, t_from)
+        t_from, t_to = self.operands(x, pred, t_from, t_to, noise)
+        out = x + broadcast_coef(self.cached(t_from, t_to, self._euler), x) * self.velocity(x, pred, t_from)
         return zero_length_identity(out, x, t_from, t_to)

@@ -326,6 +326,73 @@ def test_bad_transition_or_schedule(make, match):
         make()
 
 
+def _operator_calls():
+    x, e = x0(), x0() * 0.5
+    z = torch.randn(3, 2, generator=torch.Generator().manual_seed(1))
+    flow, ve = FlowEulerSkip(FLOW), VEEulerSkip(VESchedule())
+    dpm = DPMSolverSkip(VP)
+    return [
+        # levels going back to a noisier one, per family (equal levels are the identity: allowed)
+        (lambda: DDPMSkip(VP)(x, e, 100, 500, z), InvalidTimestepsError, r"DDPMSkip: t_to = 500 lies above t_from = 100"),
+        (lambda: DDIMSkip(VP)(x, e, 100.0, 500.0), InvalidTimestepsError, r"DDIMSkip: t_to = 500 lies above"),
+        (lambda: flow(x, e, 0.2, 0.7), InvalidTimestepsError, r"FlowEulerSkip: t_to = 0.7 lies above t_from = 0.2"),
+        (lambda: ve(x, e, 1.0, 3.0), InvalidTimestepsError, r"VEEulerSkip: t_to = 3 lies above"),
+        (lambda: dpm(x, e, 100.0, 500.0), InvalidTimestepsError, r"DPMSolverSkip: t_to = 500 lies above"),
+        (lambda: DDIMSkip(VP)(x, e, torch.tensor([500.0, 400.0, 300.0]), torch.tensor([400.0, 450.0, 200.0])),
+         InvalidTimestepsError, r"t_to = 450 lies above t_from = 400 \(row 1\)"),
+        (lambda: dpm.multistep(x, e, 500.0, 400.0, [(x, e, 300.0)]), InvalidTimestepsError,
+         r"t_from = 500 lies above the previous level = 300"),
+        # out of the schedule's range, or not finite
+        (lambda: DDPMSkip(VP)(x, e, 5000, 400, z), InvalidTimestepsError, r"t_from = 5000 is out of range for VPSchedule: levels lie in \[-1, 999\]"),
+        (lambda: DDIMSkip(VP)(x, e, 500.0, -3.0), InvalidTimestepsError, r"t_to = -3 is out of range"),
+        (lambda: flow(x, e, 1.5, 0.5), InvalidTimestepsError, r"t_from = 1.5 is out of range for FlowSchedule"),
+        (lambda: DDIMSkip(VP)(x, e, float("nan"), 400.0), InvalidTimestepsError, r"t_from holds NaN or inf"),
+        # tensors torch would promote or broadcast silently
+        (lambda: DDIMSkip(VP)(x, e.double(), 500.0, 400.0), DeviceMismatchError, r"pred is torch\.float64 on cpu but x is torch\.float32"),
+        (lambda: DDPMSkip(VP)(x, e, 500, 400, z[:1]), InvalidArgumentError, r"noise must be shaped like x \(3, 2\), got shape \(1, 2\)"),
+        (lambda: DDPMSkip(VP)(x, e, 500, 400, z[0]), InvalidArgumentError, r"noise must be shaped like x"),
+        (lambda: flow(x, e[:, :1], 0.5, 0.4), InvalidArgumentError, r"pred must be shaped like x \(3, 2\), got shape \(3, 1\)"),
+        (lambda: DDIMSkip(VP)(x.long(), e.long(), 500.0, 400.0), InvalidArgumentError, r"x must be a floating tensor"),
+        (lambda: DDIMSkip(VP)(x, e.tolist(), 500.0, 400.0), InvalidArgumentError, r"x and pred must be tensors, got Tensor and list"),
+        (lambda: dpm.multistep(x, e, 400.0, 300.0, [(x, e.double(), 500.0)]), InvalidArgumentError,
+         r"previous step's state is torch\.float32 \(3, 2\) on cpu \(prediction torch\.float64"),
+    ]
+
+
+def test_drafts_and_grid_step_refuse_a_bad_window_or_index():
+    x, e = x0(), x0() * 0.5
+    grid = VP.timesteps(6)
+    zs = NoiseSource(1).steps(0, 2, x.shape)
+    tr = DDPMSkip(VP)
+    with pytest.raises(InvalidArgumentError, match=r"noises must hold one noise per step of the window, shape \(3, 3, 2\), got \(2, 3, 2\)"):
+        tr.drafts(x, e, grid.t_from[:3], grid.t_to[:3], zs)
+    with pytest.raises(InvalidArgumentError, match=r"t_from and t_to must be 1-D tensors .* got \(3,\) and \(2,\)"):
+        tr.drafts(x, e, grid.t_from[:3], grid.t_to[:2])
+    with pytest.raises(DeviceMismatchError, match=r"noises are torch\.float64"):
+        tr.drafts(x, e, grid.t_from[:2], grid.t_to[:2], zs.double())
+    for i in (6, -1, 1.0, True):
+        with pytest.raises(InvalidArgumentError, match=rf"grid_step: i must be a step index 0\.\.5 of this 6-step grid, got {i!r}"):
+            tr.grid_step(x, e, grid, i)
+
+
+@pytest.mark.parametrize("k", range(len(_operator_calls())))
+def test_operators_refuse_arguments_they_would_misread(k):
+    """The operators are public (a custom sampler calls them): levels that go back up, leave the schedule or
+    are not finite, and tensors torch would promote or broadcast, are refused with the reason."""
+    call, error, match = _operator_calls()[k]
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_operators_accept_equal_levels_and_the_clean_end():
+    x, e = x0(), x0() * 0.5
+    for tr, a, b in ((DDIMSkip(VP), 400.0, 400.0), (DDPMSkip(VP), 0, -1), (FlowEulerSkip(FLOW), 0.3, 0.0),
+                     (DPMSolverSkip(VP), 999.0, -1.0)):
+        out = tr(x, e, a, b)
+        assert out.dtype == x.dtype and out.shape == x.shape and torch.isfinite(out).all()
+    assert torch.equal(DDIMSkip(VP)(x, e, 400.0, 400.0), x)
+
+
 def test_per_row_levels_of_the_wrong_length():
     tr = DDIMSkip(VP)
     with pytest.raises(InvalidArgumentError, match=r"one level per row \(3\), got shape \(2,\)"):
