@@ -92,7 +92,17 @@ class BatchedExecutor(Executor):
         cond = dict(cond or {})
         k, b = xs.shape[0], xs.shape[1]
         if self.vmap:  # each draft sees the whole batch and the whole conditioning
-            return torch.func.vmap(lambda x, t: predictor(x, t, **cond))(xs, ts)
+            try:
+                return torch.func.vmap(lambda x, t: predictor(x, t, **cond))(xs, ts)
+            except Exception as e:
+                if hasattr(e, "add_note"):
+                    e.add_note(
+                        "BatchedExecutor(vmap=True) runs the predictor under torch.func.vmap, which refuses "
+                        "data-dependent Python control flow (if tensor...: / .any() / .item() / .tolist()) and some "
+                        "in-place ops; the built-in oracles are such predictors. Use BatchedExecutor() instead (the "
+                        "drafts stacked along the batch dimension, one call)."
+                    )
+                raise
         flat_x = xs.reshape(k * b, *xs.shape[2:])
         flat_t = ts.reshape(k * b)
         if self.max_batch is None or k * b <= self.max_batch:
@@ -104,14 +114,24 @@ class BatchedExecutor(Executor):
             for start in range(0, k * b, self.max_batch):
                 stop = min(k * b, start + self.max_batch)
                 chunks.append(_checked(predictor(flat_x[start:stop], flat_t[start:stop], **_rows(full_cond, start, stop)),
-                                       stop - start, flat_t[start:stop]))
+                                       stop - start, flat_t[start:stop], like=flat_x))
             out = torch.cat(chunks)
         out = _checked(out, k * b, flat_t)
         return out.reshape(k, b, *out.shape[1:])
 
 
-def _checked(out: Any, rows: int, ts: torch.Tensor) -> torch.Tensor:
-    if isinstance(out, torch.Tensor) and out.dim() >= 1 and out.shape[0] == rows:
+def _checked(out: Any, rows: int, ts: torch.Tensor, like: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``out`` if it holds ``rows`` rows (and, for a chunk that is concatenated with others, rows shaped,
+    typed and placed like ``like``'s: torch.cat would otherwise fail with its own message or promote)."""
+    ok = isinstance(out, torch.Tensor) and out.dim() >= 1 and out.shape[0] == rows
+    if ok and like is not None and (out.shape[1:] != like.shape[1:] or out.dtype != like.dtype or out.device != like.device):
+        times = ", ".join(f"{t:g}" for t in sorted(set(ts.reshape(-1).tolist()), reverse=True)[:6])
+        raise PredictorOutputError(
+            f"BatchedExecutor: the predictor returned {out.dtype} rows of shape {tuple(out.shape[1:])} on {out.device} "
+            f"for a chunk of {rows} rows (max_batch, model times {times}), but its input rows are {like.dtype} of "
+            f"shape {tuple(like.shape[1:])} on {like.device}; it must return one prediction per row, shaped like x."
+        )
+    if ok:
         return out
     got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
     times = sorted(set(ts.reshape(-1).tolist()), reverse=True)

@@ -38,3 +38,18 @@ class ExecutorError(DriffusionError, RuntimeError):
 
 class SamplingError(DriffusionError, RuntimeError):
     """Sampling produced an unusable state (NaN or inf) although every model output was finite."""
+
+
+def as_count(value, what: str, low: int = 1, high=None, error: type = InvalidArgumentError) -> int:
+    """``value`` as an int in ``[low, high]`` (Python, numpy and 0-d tensor integers; not bools or floats),
+    else ``error`` naming ``what`` and the range."""
+    import operator
+
+    try:
+        n = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        n = None
+    if n is None or n < low or (high is not None and n > high):
+        span = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise error(f"{what} must be an int {span}, got {value!r}.")
+    return n

@@ -85,8 +85,17 @@ class SampleOutput:
 
 
 def expected_rounds(num_steps: int, width: int, mode: str = "aggressive") -> int:
-    """The closed-form round count the scheduler must achieve (used by tests and proofs)."""
-    T, n = num_steps, width
+    r"""The closed-form round count the scheduler must achieve (used by tests and proofs):
+    :math:`1 + \lceil (T-1)/n \rceil` aggressive, :math:`2\lceil T/(n+1) \rceil - [T \bmod (n+1) = 1]` conservative."""
+    n = _check_width(width)
+    try:
+        T = None if isinstance(num_steps, bool) else operator.index(num_steps)
+    except TypeError:
+        T = None
+    if T is None or T < 1:
+        raise InvalidArgumentError(f"num_steps must be an int >= 1, got {num_steps!r}.")
+    if mode not in ("aggressive", "conservative"):
+        raise InvalidArgumentError(f"mode must be 'aggressive' or 'conservative', got {mode!r}.")
     if mode == "aggressive":
         return 1 + math.ceil((T - 1) / n)
     return 2 * math.ceil(T / (n + 1)) - (1 if T % (n + 1) == 1 else 0)
@@ -120,6 +129,10 @@ def check_inputs(x: Any, cond: Optional[Mapping[str, Any]]) -> dict:
         )
     if x.dim() < 1 or x.shape[0] < 1:
         raise InvalidArgumentError(f"x must have a batch dimension, got shape {tuple(x.shape)}.")
+    if x.device.type == "meta":
+        raise DeviceMismatchError(
+            "x is a meta tensor (a shape without data); sampling needs values: create x on 'cpu' or 'cuda'."
+        )
     if not all_finite(x):
         raise InvalidArgumentError("The starting state x holds NaN or inf.")
     if cond is None:

@@ -11,13 +11,14 @@ Key (DDPM / DDIM / rectified flow):
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from driffusion_core import coefficients as C
-from driffusion_core.errors import InvalidArgumentError, InvalidTimestepsError
+from driffusion_core.errors import InvalidArgumentError, InvalidTimestepsError, as_count
 from driffusion_core.grid import TimeGrid
 
 __all__ = ["Schedule", "VPSchedule", "FlowSchedule", "rescale_zero_terminal_snr"]
@@ -170,11 +171,13 @@ class VPSchedule(Schedule):
     @classmethod
     def linear(cls, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, **kw) -> "VPSchedule":
         """DDPM's linear betas."""
+        num_train_timesteps = as_count(num_train_timesteps, "num_train_timesteps", 2)
         return cls.from_betas(torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64), **kw)
 
     @classmethod
     def scaled_linear(cls, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012, **kw) -> "VPSchedule":
         """Stable Diffusion's betas: linear in sqrt(beta)."""
+        num_train_timesteps = as_count(num_train_timesteps, "num_train_timesteps", 2)
         b = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
         return cls.from_betas(b, **kw)
 
@@ -182,7 +185,7 @@ class VPSchedule(Schedule):
     def squaredcos_cap_v2(cls, num_train_timesteps: int = 1000, max_beta: float = 0.999, **kw) -> "VPSchedule":
         """The cosine schedule of Nichol & Dhariwal (2021), betas capped at ``max_beta``."""
         f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
-        n = num_train_timesteps
+        n = as_count(num_train_timesteps, "num_train_timesteps", 2)
         b = [min(1 - f((i + 1) / n) / f(i / n), max_beta) for i in range(n)]
         return cls.from_betas(torch.tensor(b, dtype=torch.float64), **kw)
 
@@ -276,8 +279,7 @@ class VPSchedule(Schedule):
                 ``t - N // num_steps`` as diffusers' DDIM does, which is not always the next listed one.
         """
         n = self.num_train_timesteps
-        if not isinstance(num_steps, int) or num_steps < 1 or num_steps > n:
-            raise InvalidTimestepsError(f"num_steps must be an int in [1, {n}], got {num_steps!r}.")
+        num_steps = as_count(num_steps, "num_steps", 1, n, InvalidTimestepsError)
         if spacing == "linspace":
             ts = np.linspace(0, n - 1, num_steps).round()[::-1].copy().astype(np.int64)
         elif spacing == "leading":
@@ -323,8 +325,8 @@ class FlowSchedule(Schedule):
         return f"flow/{self.num_train_timesteps}"
 
     def __init__(self, shift: float = 1.0, num_train_timesteps: int = 1000, use_dynamic_shifting: bool = False):
-        if shift <= 0:
-            raise InvalidArgumentError(f"shift must be positive, got {shift}.")
+        if isinstance(shift, bool) or not isinstance(shift, numbers.Real) or not 0 < float(shift) < math.inf:
+            raise InvalidArgumentError(f"shift must be a positive finite number (SD3 uses 3.0), got {shift!r}.")
         if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
             raise InvalidArgumentError(
                 f"num_train_timesteps must be an int >= 2, got {num_train_timesteps!r}. The model is called with "
@@ -359,8 +361,7 @@ class FlowSchedule(Schedule):
 
     def timesteps(self, num_steps: int, mu: Optional[float] = None) -> TimeGrid:
         """diffusers' FlowMatchEulerDiscreteScheduler grid: shifted sigmas, then 0."""
-        if not isinstance(num_steps, int) or num_steps < 1:
-            raise InvalidTimestepsError(f"num_steps must be a positive int, got {num_steps!r}.")
+        num_steps = as_count(num_steps, "num_steps", 1, None, InvalidTimestepsError)
         n = self.num_train_timesteps
         train = np.linspace(1, n, n, dtype=np.float32)[::-1].copy() / n
         if not self.use_dynamic_shifting:

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Optional, Union
 import numpy as np
 import torch
 
-from driffusion_core.errors import InvalidArgumentError
+from driffusion_core.errors import InvalidArgumentError, as_count
 from driffusion_core.executor import Predictor
 from driffusion_core.grid import TimeGrid
 from driffusion_core.noise import NoiseSource
@@ -93,8 +93,7 @@ def sample_serial(
 
 def coarse_indices(num_steps: int, rounds: int) -> list:
     """R + 1 evenly spread fine-grid indices 0 = i_0 < ... < i_R = T (a coarse grid of R steps)."""
-    if not isinstance(rounds, int) or not 1 <= rounds <= num_steps:
-        raise InvalidArgumentError(f"rounds must be an int in [1, {num_steps}], got {rounds!r}.")
+    rounds = as_count(rounds, "rounds", 1, num_steps)
     idx = np.round(np.linspace(0, num_steps, rounds + 1)).astype(int).tolist()
     return idx
 

@@ -18,8 +18,12 @@ from driffusion_core import (
     PredictorOutputError,
     TimeGrid,
     VPSchedule,
+    expected_rounds,
 )
-from solvers import DDIMSkip, DDPMSkip, DPMSolverSkip, FlowEulerSkip, VEEulerSkip, VESchedule, ring_mixture, sample_serial
+from solvers import (
+    DDIMSkip, DDPMSkip, DPMSolverSkip, FlowEulerSkip, VEEulerSkip, VESchedule, ring_mixture, sample_serial,
+    sample_step_skipping,
+)
 
 from _metrics import one_torch_thread  # noqa: F401  (autouse fixture)
 
@@ -317,7 +321,7 @@ def test_executor_of_the_wrong_type():
         (lambda: DDIMSkip(VP, "eps"), r"Unknown prediction type 'eps'; use one of 'epsilon', 'sample'"),
         (lambda: DDIMSkip(VP, eta=-0.1), r"eta must lie in \[0, 1\].*got -0\.1"),
         (lambda: DDPMSkip(VP, variance_type="learned"), r"variance_type must be one of .*got 'learned'"),
-        (lambda: FlowSchedule(shift=0), r"shift must be positive"),
+        (lambda: FlowSchedule(shift=0), r"shift must be a positive finite number"),
         (lambda: VPSchedule([0.5, 0.9]), r"alphas_cumprod must not increase"),
     ],
 )
@@ -357,6 +361,49 @@ def _operator_calls():
         (lambda: dpm.multistep(x, e, 400.0, 300.0, [(x, e.double(), 500.0)]), InvalidArgumentError,
          r"previous step's state is torch\.float32 \(3, 2\) on cpu \(prediction torch\.float64"),
     ]
+
+
+@pytest.mark.parametrize(
+    "make,error,match",
+    [
+        (lambda: VPSchedule.linear(1000.0), InvalidArgumentError, r"num_train_timesteps must be an int >= 2, got 1000\.0"),
+        (lambda: FlowSchedule(shift=float("nan")), InvalidArgumentError, r"shift must be a positive finite number.*nan"),
+        (lambda: FlowSchedule(shift=float("inf")), InvalidArgumentError, r"shift must be a positive finite number.*inf"),
+        (lambda: VP.timesteps(10.0), InvalidTimestepsError, r"num_steps must be an int in \[1, 1000\], got 10\.0"),
+        (lambda: FLOW.timesteps(True), InvalidTimestepsError, r"num_steps must be an int >= 1, got True"),
+        (lambda: sample_step_skipping(lambda x, t: 0.1 * x, x0(), DDIMSkip(VP), GRID, rounds=True), InvalidArgumentError,
+         r"rounds must be an int in \[1, 10\], got True"),
+        (lambda: expected_rounds(10, 0), InvalidWidthError, r"width must be an int >= 1"),
+        (lambda: expected_rounds(0, 2), InvalidArgumentError, r"num_steps must be an int >= 1, got 0"),
+        (lambda: expected_rounds(10, 2, "agressive"), InvalidArgumentError, r"mode must be 'aggressive' or 'conservative'"),
+        (lambda: scheduler().sample(lambda x, t: x, torch.empty(3, 2, device="meta")), DeviceMismatchError,
+         r"x is a meta tensor"),
+    ],
+)
+def test_counts_schedules_and_devices_are_checked(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_integer_counts_of_any_integer_type():
+    """numpy and 0-d tensor integers count as ints wherever a count is taken (as widths do)."""
+    assert len(VP.timesteps(np.int64(10))) == 10 and len(FLOW.timesteps(torch.tensor(6))) == 6
+    f = lambda x, t: 0.1 * x
+    assert torch.equal(sample_step_skipping(f, x0(), DDIMSkip(VP), GRID, rounds=np.int64(4)).x,
+                       sample_step_skipping(f, x0(), DDIMSkip(VP), GRID, rounds=4).x)
+    assert expected_rounds(np.int64(50), np.int32(4)) == expected_rounds(50, 4) == 14
+
+
+def test_batched_chunks_of_unlike_shape_are_named():
+    """With max_batch the rows are evaluated in chunks; a chunk whose rows are shaped unlike the input is
+    named (torch.cat would fail with its own message)."""
+
+    def wider_at_400(x, t):
+        out = 0.1 * x
+        return torch.cat([out, out[:, :1]], 1) if bool((t == 400).any()) else out
+
+    with pytest.raises(PredictorOutputError, match=r"rows of shape \(3,\) .*chunk of 2 rows \(max_batch, model times 500, 400\).* shape \(2,\)"):
+        scheduler(width=3).sample(wider_at_400, x0(), executor=BatchedExecutor(max_batch=2))
 
 
 def test_drafts_and_grid_step_refuse_a_bad_window_or_index():
@@ -560,3 +607,16 @@ def test_a_predictor_that_writes_into_its_input_is_refused(mode):
             DraftRefineScheduler(DDIMSkip(schedule), grid, width=3, mode=mode).sample(in_place, x, executor=executor)
     with torch.inference_mode():  # inference tensors have no version counter: nothing to check, nothing breaks
         DraftRefineScheduler(DDIMSkip(schedule), grid, width=3, mode=mode).sample(lambda x, t: 0.1 * x, x)
+
+
+def test_vmap_executor_says_why_a_predictor_fails_under_vmap():
+    """The built-in oracles use data-dependent control flow, which torch.func.vmap refuses; the error keeps
+    torch's type and message and says what to use instead."""
+    f = ring_mixture().predictor(VP)
+    with pytest.raises(Exception) as info:
+        scheduler(width=3).sample(f, x0(), executor=BatchedExecutor(vmap=True))
+    if hasattr(info.value, "__notes__"):  # Python >= 3.11
+        assert any("BatchedExecutor(vmap=True) runs the predictor under torch.func.vmap" in n and "BatchedExecutor()" in n
+                   for n in info.value.__notes__), info.value.__notes__
+    ref = scheduler(width=3).sample(f, x0()).x
+    torch.testing.assert_close(scheduler(width=3).sample(f, x0(), executor=BatchedExecutor()).x, ref)

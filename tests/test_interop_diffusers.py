@@ -524,6 +524,8 @@ def test_pipeline_errors(unet2d):
     pipe_euler = need("DDPMPipeline")(unet=unet2d, scheduler=need("EulerDiscreteScheduler")())  # DDIMPipeline converts it
     with pytest.raises(InvalidArgumentError, match="from_config"):
         DRiffusionPipeline(pipe_euler, width=2)(num_inference_steps=4, output_type="np")
+    with pytest.raises(InvalidArgumentError, match=r"DDIMPipeline with DRiffusion: .*'prompt'.* no prompt"):
+        DRiffusionPipeline(pipe, width=2)(prompt="a cat", num_inference_steps=4, output_type="np")
 
 
 # ============================================================================ DPM-Solver++ (DPMSolverMultistepScheduler)

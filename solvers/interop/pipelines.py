@@ -132,6 +132,17 @@ class DRiffusionPipeline:
         """The pipeline's call (same arguments, same output type), its denoising loop run with DRiffusion."""
         run = {"unconditional": self._unconditional, "stable_diffusion": self._stable_diffusion,
                "stable_diffusion_3": self._stable_diffusion_3}[self.family]
+        import inspect
+
+        params = inspect.signature(run).parameters
+        try:
+            inspect.signature(run).bind(*args, **kwargs)
+        except TypeError as e:
+            raise InvalidArgumentError(
+                f"{type(self.pipe).__name__} with DRiffusion: {e}. It takes "
+                f"{', '.join(params)} (the {'unconditional' if self.family == 'unconditional' else 'pipeline'}'s "
+                f"own arguments{', no prompt' if self.family == 'unconditional' else ''}, plus noise)."
+            ) from None
         with torch.no_grad():
             return run(*args, **kwargs)
 
