@@ -478,7 +478,9 @@ class DraftRefineScheduler:
     Arguments:
         transition: the skip transition (``solvers.DDIMSkip``, ``DDPMSkip``, ``FlowEulerSkip``...).
         timesteps: a :class:`TimeGrid` (e.g. ``schedule.timesteps(50)``) or decreasing levels.
-        width: drafts per round, n >= 1 (n devices, or one batched call of n).
+        width: drafts per round, n >= 1 (n devices, or one batched call of n). A window never reaches past
+            the grid, so any n >= T - 1 is width T - 1 (two rounds, aggressive); a wider window drafts
+            further from its anchor, so wide windows on short grids trade accuracy for rounds.
         mode: ``"aggressive"`` (about T/n rounds) or ``"conservative"`` (about 2T/(n+1) rounds,
             closer to the serial output).
 

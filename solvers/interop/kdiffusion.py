@@ -9,7 +9,8 @@ k-diffusion's ``sample_euler`` (s_churn = 0) steps
 
 which is :class:`solvers.ve.VEEulerSkip` on :class:`solvers.ve.VESchedule` (levels = sigmas). A draft
 freezes d (equivalently x0_hat), so the big step x_a + (sigma_{a+j} - sigma_a) d_a is exact Euler on
-the frozen slope; width 1 is ``sample_euler`` itself.
+the frozen slope; width 1 is ``sample_euler`` itself (to float rounding: sigma_to - sigma_from is
+taken in float64).
 """
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ def sample_driffusion(
             ``{'x', 'i', 'sigma', 'sigma_hat', 'denoised'}`` (x the refined state at sigma_i, denoised the
             x0_hat that step used).
         disable: disable the progress bar (tqdm's meaning: None hides it off a terminal).
-        width: drafts per round (1 is ``sample_euler``).
+        width: drafts per round (1 is ``sample_euler``, to float rounding).
         mode: ``"aggressive"`` or ``"conservative"``.
         executor: how a round runs (default: serial; ``backends.BatchedExecutor()`` batches the drafts).
         return_output: return the :class:`~driffusion_core.SampleOutput` (with rounds and evals), not just x.
