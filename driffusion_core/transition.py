@@ -47,6 +47,18 @@ def as_levels(t: Levels, batch: int) -> torch.Tensor:
     return t[0] if t.dim() == 1 and t.shape[0] == 1 and batch != 1 else t
 
 
+def _require_like(v: Any, shape: Sequence[int], x: torch.Tensor, who: str, what: str, hint: str) -> None:
+    """``v`` a tensor of ``shape`` in x's dtype and device, else an error saying which and why."""
+    if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(shape):
+        got = f"shape {tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
+        raise InvalidArgumentError(f"{who}: {what} must have shape {tuple(shape)}, got {got} ({hint}).")
+    if v.dtype != x.dtype or v.device != x.device:
+        raise DeviceMismatchError(
+            f"{who}: {what} is {v.dtype} on {v.device} but x is {x.dtype} on {x.device}; give both in one dtype "
+            f"and device (the result is in x's)."
+        )
+
+
 class SkipTransition(abc.ABC):
     """A closed-form jump ``S(x, pred, t_from -> t_to, noise)`` between noise levels.
 
@@ -207,19 +219,9 @@ class SkipTransition(abc.ABC):
                 f"{tuple(x.shape)}."
             )
         for what, v in (("pred", pred), ("noise", noise)):
-            if v is None:
-                continue
-            if not isinstance(v, torch.Tensor) or v.shape != x.shape:
-                got = f"shape {tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
-                raise InvalidArgumentError(
-                    f"{name}: {what} must be shaped like x {tuple(x.shape)}, got {got} (one {what} per element "
-                    f"of x; a row would be broadcast over the batch)."
-                )
-            if v.dtype != x.dtype or v.device != x.device:
-                raise DeviceMismatchError(
-                    f"{name}: {what} is {v.dtype} on {v.device} but x is {x.dtype} on {x.device}; give both in "
-                    f"one dtype and device (the result is in x's)."
-                )
+            if v is not None:
+                _require_like(v, x.shape, x, name, what, f"shaped like x: one {what} per element of x; a row would "
+                              f"be broadcast over the batch")
         b = x.shape[0]
         return as_levels(t_from, b), as_levels(t_to, b)
 
@@ -236,17 +238,8 @@ class SkipTransition(abc.ABC):
                 f"and {shapes[1]} (e.g. grid.t_from[a:a + n], grid.t_to[a:a + n])."
             )
         if noises is not None:
-            want = (t_from.shape[0], *x.shape)
-            if not isinstance(noises, torch.Tensor) or tuple(noises.shape) != want:
-                got = tuple(noises.shape) if isinstance(noises, torch.Tensor) else type(noises).__name__
-                raise InvalidArgumentError(
-                    f"{name}.drafts: noises must hold one noise per step of the window, shape {want}, got {got} "
-                    f"(e.g. NoiseSource.steps(a, a + n, x.shape))."
-                )
-            if noises.dtype != x.dtype or noises.device != x.device:
-                raise DeviceMismatchError(
-                    f"{name}.drafts: noises are {noises.dtype} on {noises.device} but x is {x.dtype} on {x.device}."
-                )
+            _require_like(noises, (t_from.shape[0], *x.shape), x, f"{name}.drafts", "noises",
+                          "one noise per step of the window, e.g. NoiseSource.steps(a, a + n, x.shape)")
 
     def check_levels(self, t_from: torch.Tensor, t_to: torch.Tensor, t_prev: Optional[torch.Tensor] = None) -> None:
         """Refuse levels a skip cannot take: NaN or inf, outside the schedule's range, or going back to a

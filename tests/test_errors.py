@@ -353,9 +353,9 @@ def _operator_calls():
         (lambda: DDIMSkip(VP)(x, e, float("nan"), 400.0), InvalidTimestepsError, r"t_from holds NaN or inf"),
         # tensors torch would promote or broadcast silently
         (lambda: DDIMSkip(VP)(x, e.double(), 500.0, 400.0), DeviceMismatchError, r"pred is torch\.float64 on cpu but x is torch\.float32"),
-        (lambda: DDPMSkip(VP)(x, e, 500, 400, z[:1]), InvalidArgumentError, r"noise must be shaped like x \(3, 2\), got shape \(1, 2\)"),
-        (lambda: DDPMSkip(VP)(x, e, 500, 400, z[0]), InvalidArgumentError, r"noise must be shaped like x"),
-        (lambda: flow(x, e[:, :1], 0.5, 0.4), InvalidArgumentError, r"pred must be shaped like x \(3, 2\), got shape \(3, 1\)"),
+        (lambda: DDPMSkip(VP)(x, e, 500, 400, z[:1]), InvalidArgumentError, r"noise must have shape \(3, 2\), got shape \(1, 2\) \(shaped like x"),
+        (lambda: DDPMSkip(VP)(x, e, 500, 400, z[0]), InvalidArgumentError, r"noise must have shape \(3, 2\), got shape \(2,\)"),
+        (lambda: flow(x, e[:, :1], 0.5, 0.4), InvalidArgumentError, r"pred must have shape \(3, 2\), got shape \(3, 1\)"),
         (lambda: DDIMSkip(VP)(x.long(), e.long(), 500.0, 400.0), InvalidArgumentError, r"x must be a floating tensor"),
         (lambda: DDIMSkip(VP)(x, e.tolist(), 500.0, 400.0), InvalidArgumentError, r"x and pred must be tensors, got Tensor and list"),
         (lambda: dpm.multistep(x, e, 400.0, 300.0, [(x, e.double(), 500.0)]), InvalidArgumentError,
@@ -411,11 +411,11 @@ def test_drafts_and_grid_step_refuse_a_bad_window_or_index():
     grid = VP.timesteps(6)
     zs = NoiseSource(1).steps(0, 2, x.shape)
     tr = DDPMSkip(VP)
-    with pytest.raises(InvalidArgumentError, match=r"noises must hold one noise per step of the window, shape \(3, 3, 2\), got \(2, 3, 2\)"):
+    with pytest.raises(InvalidArgumentError, match=r"drafts: noises must have shape \(3, 3, 2\), got shape \(2, 3, 2\) \(one noise per step of the window"):
         tr.drafts(x, e, grid.t_from[:3], grid.t_to[:3], zs)
     with pytest.raises(InvalidArgumentError, match=r"t_from and t_to must be 1-D tensors .* got \(3,\) and \(2,\)"):
         tr.drafts(x, e, grid.t_from[:3], grid.t_to[:2])
-    with pytest.raises(DeviceMismatchError, match=r"noises are torch\.float64"):
+    with pytest.raises(DeviceMismatchError, match=r"noises is torch\.float64 on cpu but x is torch\.float32"):
         tr.drafts(x, e, grid.t_from[:2], grid.t_to[:2], zs.double())
     for i in (6, -1, 1.0, True):
         with pytest.raises(InvalidArgumentError, match=rf"grid_step: i must be a step index 0\.\.5 of this 6-step grid, got {i!r}"):
