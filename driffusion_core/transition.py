@@ -90,21 +90,24 @@ class SkipTransition(abc.ABC):
         if not isinstance(schedule, Schedule):
             raise InvalidArgumentError(f"schedule must be a VPSchedule or FlowSchedule, got {type(schedule).__name__}.")
         self.schedule = schedule
-        self.prediction = Prediction.parse(prediction)
+        self.prediction = prediction  # parsed and checked against the schedule (__setattr__)
+        self.x0_transform = x0_transform
+        self.recompute_eps = bool(recompute_eps)
+
+    def _check_prediction(self, prediction: Prediction) -> None:
+        schedule = self.__dict__.get("schedule")
         allowed = getattr(schedule, "predictions", None)
-        if allowed is not None and self.prediction.value not in allowed:
+        if allowed is not None and prediction.value not in allowed:
             why = {
                 "v_prediction": "v_prediction (p = alpha eps - sigma x0) is a VP parameterization; for a flow model "
                                 "predicting eps - x0 use 'velocity'",
                 "velocity": "velocity (p = eps - x0) is a flow-matching parameterization; for a VP model predicting "
                             "alpha eps - sigma x0 use 'v_prediction'",
-            }.get(self.prediction.value, f"{self.prediction.value!r} is not defined for this interpolant")
+            }.get(prediction.value, f"{prediction.value!r} is not defined for this interpolant")
             raise InvalidArgumentError(
                 f"{type(self).__name__}: a {type(schedule).__name__} takes predictions {', '.join(allowed)}, got "
-                f"{self.prediction.value!r}: {why}."
+                f"{prediction.value!r}: {why}."
             )
-        self.x0_transform = x0_transform
-        self.recompute_eps = bool(recompute_eps)
 
     # ----------------------------------------------------------------- the operator
     @abc.abstractmethod
@@ -196,6 +199,9 @@ class SkipTransition(abc.ABC):
     def __setattr__(self, name: str, value: Any) -> None:
         # the cache holds values computed from the public settings (eta, variance_type, schedule, ...):
         # changing one starts a fresh cache (a shallow copy then no longer shares it either)
+        if name == "prediction":  # a later change is checked as the constructor's argument is
+            value = Prediction.parse(value)
+            self._check_prediction(value)
         object.__setattr__(self, name, value)
         if not name.startswith("_"):
             self.__dict__.pop("_coefficient_cache", None)
@@ -409,18 +415,19 @@ class SkipTransition(abc.ABC):
             src = t_from[0].expand(n * b)
             dst = t_to.to(torch.float64).repeat_interleave(b)
             return self(repeat_rows(x, n), repeat_rows(pred, n), src, dst, None).reshape(n, *x.shape)
-        # row 0 is the serial step itself; rows 1.. the chain with x0_hat frozen, unrolled:
-        # A~_j x0_hat + B~_j x_a + sum_k W_jk z_k
+        # row 0 is the serial step itself (with the model's own prediction: its eps_hat need not be the one
+        # re-derived from x0_hat, e.g. under clipping without recompute_eps); rows 1.. continue from it along
+        # the chain with x0_hat frozen, unrolled: A~_j x0_hat + B~_j x_{a+1} + sum_k W_jk z_{a+1+k}
         out = torch.empty(n, *x.shape, dtype=x.dtype, device=x.device)
         out[0] = self(x, pred, t_from[0], t_to[0], noises[0] if noises is not None else None)
         if n > 1:
-            At, Bt, W = self._chain(t_from, t_to)
+            At, Bt, W = self._chain(t_from[1:], t_to[1:])
             x0_hat, _ = self.to_x0_eps(x, pred, t_from[0])
-            per_draft = lambda c: c[1:].to(device=x.device, dtype=x.dtype).reshape(n - 1, *([1] * x.dim()))
-            rest = per_draft(At) * x0_hat + per_draft(Bt) * x
+            per_draft = lambda c: c.to(device=x.device, dtype=x.dtype).reshape(n - 1, *([1] * x.dim()))
+            rest = per_draft(At) * x0_hat + per_draft(Bt) * out[0]
             if noises is not None:
-                flat = noises.reshape(n, -1)
-                rest = rest + (W[1:].to(device=flat.device, dtype=flat.dtype) @ flat).reshape(rest.shape)
+                flat = noises[1:].reshape(n - 1, -1)
+                rest = rest + (W.to(device=flat.device, dtype=flat.dtype) @ flat).reshape(rest.shape)
             out[1:] = rest
         return out
 

@@ -11,6 +11,7 @@ steps; at eta = 1 it is the DDPM posterior.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Union
 
 import torch
@@ -46,14 +47,27 @@ class DDIMSkip(SkipTransition):
         if not isinstance(schedule, VPSchedule):
             raise InvalidArgumentError(f"DDIMSkip needs a VPSchedule, got {type(schedule).__name__}.")
         super().__init__(schedule, prediction, x0_transform, recompute_eps)
-        if not 0 <= eta <= 1:
-            raise InvalidArgumentError(
-                f"eta must lie in [0, 1] (0: deterministic DDIM, 1: the DDPM posterior), got {eta}; "
-                f"above 1 the step variance exceeds 1 - abar_s and the skip is undefined."
-            )
-        self.eta = float(eta)
-        self.stochastic = self.eta > 0
-        self.composes_exactly = self.eta == 0
+        self.eta = eta
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "eta":  # checked when set later too: stochastic and composes_exactly follow it
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= float(value) <= 1:
+                raise InvalidArgumentError(
+                    f"eta must lie in [0, 1] (0: deterministic DDIM, 1: the DDPM posterior), got {value!r}; "
+                    f"above 1 the step variance exceeds 1 - abar_s and the skip is undefined."
+                )
+            value = float(value)
+        super().__setattr__(name, value)
+
+    @property
+    def stochastic(self) -> bool:  # type: ignore[override]
+        """Whether the step adds noise: eta > 0."""
+        return self.eta > 0
+
+    @property
+    def composes_exactly(self) -> bool:  # type: ignore[override]
+        """Whether skips compose exactly with a frozen prediction: eta = 0."""
+        return self.eta == 0
 
     def _coefficients(self, t_from: torch.Tensor, t_to: torch.Tensor):
         """((alpha_t, sigma_t), (c_x0, c_eps, sigma_ts)) of the skip t_from -> t_to."""

@@ -51,9 +51,12 @@ class DDPMSkip(SkipTransition):
         if not isinstance(schedule, VPSchedule):
             raise InvalidArgumentError(f"DDPMSkip needs a VPSchedule, got {type(schedule).__name__}.")
         super().__init__(schedule, prediction, x0_transform)
-        if variance_type not in VARIANCE_TYPES:
-            raise InvalidArgumentError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}.")
         self.variance_type = variance_type
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "variance_type" and value not in VARIANCE_TYPES:  # checked when set later too
+            raise InvalidArgumentError(f"variance_type must be one of {VARIANCE_TYPES}, got {value!r}.")
+        super().__setattr__(name, value)
 
     def _std(self, abar_t, abar_s, t_from, var):
         if self.variance_type == "fixed_large":

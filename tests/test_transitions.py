@@ -276,6 +276,39 @@ def test_draft_equals_chain_with_x0_frozen_and_same_noise(family, prediction, da
             pk = consistent_prediction(tr, x0_hat, y, float(t_from[k + 1]))
 
 
+@pytest.mark.parametrize("recompute_eps", [False, True])
+@pytest.mark.parametrize("transform", ["clip", "threshold"])
+@pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("eta", [1e-9, 0.4, 1.0])
+def test_stochastic_drafts_continue_from_the_serial_step_under_an_x0_transform(eta, prediction, transform, recompute_eps):
+    """With a clipped or thresholded x0_hat the model's eps_hat is not the one re-derived from x0_hat (unless
+    recompute_eps), so the chain's first step, the serial step, must be taken with the model's own
+    prediction; the later drafts continue from it with x0_hat frozen. As eta -> 0 they tend to the
+    deterministic drafts (the skips from the anchor with (x0_hat, eps_hat) frozen)."""
+    from driffusion_core import ClipSample, DynamicThreshold
+
+    VP = VPSchedule.linear()
+    x0t = ClipSample(1.0) if transform == "clip" else DynamicThreshold(0.9, 2.0)
+    tr = DDIMSkip(VP, prediction, eta=eta, x0_transform=x0t, recompute_eps=recompute_eps)
+    grid = VP.timesteps(10, "trailing")
+    t_from, t_to = grid.t_from[3:7], grid.t_to[3:7]
+    n = t_from.shape[0]
+    x, p, z = 2.0 * randn(3, 2, seed=1), 1.5 * randn(3, 2, seed=2), randn(n, 3, 2, seed=3)
+    drafts = tr.drafts(x, p, t_from, t_to, z)
+    x0_hat, _ = tr.to_x0_eps(x, p, t_from[0])
+    tol = 1e-9 * scale_of(tr, x, p, t_from[0])
+    y, pk = x, p
+    for k in range(n):
+        y = tr(y, pk, t_from[k], t_to[k], z[k])
+        err = (drafts[k] - y).abs().max()
+        assert err <= tol, f"draft {k} differs from the chain by {err:.3g}"
+        if k + 1 < n:
+            pk = consistent_prediction(tr, x0_hat, y, float(t_from[k + 1]))
+    if eta < 1e-6:
+        flat = DDIMSkip(VP, prediction, eta=0.0, x0_transform=x0t, recompute_eps=recompute_eps)
+        torch.testing.assert_close(drafts, flat.drafts(x, p, t_from, t_to), rtol=0, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- DDIM eta
 
 
@@ -500,3 +533,30 @@ def test_coefficient_cache_follows_changed_settings():
     schedule.alphas_cumprod.mul_(0.99)  # edited in place
     fresh = VPSchedule(schedule.alphas_cumprod.clone())
     assert torch.equal(run(tr), run(DDIMSkip(fresh, eta=0.3)))
+    # eta 0 <-> > 0 switches the noise on and off, as a fresh transition would
+    tr = DDIMSkip(VPSchedule.linear(), eta=0.0)
+    run(tr)
+    tr.eta = 0.5
+    assert tr.stochastic and not tr.composes_exactly
+    assert torch.equal(run(tr), run(DDIMSkip(VPSchedule.linear(), eta=0.5)))
+    tr.eta = 0
+    assert not tr.stochastic and tr.composes_exactly
+    assert torch.equal(run(tr), run(DDIMSkip(VPSchedule.linear())))
+
+
+def test_settings_changed_later_are_checked_as_in_the_constructor():
+    from driffusion_core.errors import InvalidArgumentError
+
+    tr, ddpm, dpm = DDIMSkip(VPSchedule.linear()), DDPMSkip(VPSchedule.linear()), DPMSolverSkip(FlowSchedule())
+    for bad in (3.0, -0.1, True, "0.5"):
+        with pytest.raises(InvalidArgumentError, match=r"eta must lie in \[0, 1\]"):
+            tr.eta = bad
+    with pytest.raises(InvalidArgumentError, match=r"variance_type must be one of"):
+        ddpm.variance_type = "bogus"
+    with pytest.raises(InvalidArgumentError, match=r"a VPSchedule takes .*got 'velocity'"):
+        tr.prediction = "velocity"
+    with pytest.raises(InvalidArgumentError, match=r"a FlowSchedule takes .*got 'v_prediction'"):
+        dpm.prediction = "v_prediction"
+    assert tr.eta == 0.0 and ddpm.variance_type == "fixed_small" and tr.prediction.value == "epsilon"
+    tr.prediction = "sample"  # an allowed change is parsed
+    assert tr.prediction.value == "sample"
