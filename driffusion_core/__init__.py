@@ -17,7 +17,7 @@ from driffusion_core.errors import (
 from driffusion_core.executor import Executor, SerialExecutor
 from driffusion_core.grid import TimeGrid
 from driffusion_core.noise import NoiseSource
-from driffusion_core.parameterization import ClipSample, DynamicThreshold, Prediction
+from driffusion_core.parameterization import ClipSample, DynamicThreshold, Prediction, reparameterize
 from driffusion_core.scheduler import DraftRefineScheduler, DraftRefineState, Round, SampleOutput, expected_rounds
 from driffusion_core.schedules import FlowSchedule, Schedule, VPSchedule
 from driffusion_core.transition import History, SkipTransition
@@ -31,6 +31,7 @@ __all__ = [
     "Schedule",
     "TimeGrid",
     "Prediction",
+    "reparameterize",
     "ClipSample",
     "DynamicThreshold",
     "SkipTransition",

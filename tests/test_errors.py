@@ -620,3 +620,12 @@ def test_vmap_executor_says_why_a_predictor_fails_under_vmap():
                    for n in info.value.__notes__), info.value.__notes__
     ref = scheduler(width=3).sample(f, x0()).x
     torch.testing.assert_close(scheduler(width=3).sample(f, x0(), executor=BatchedExecutor()).x, ref)
+
+
+def test_reparameterize_refuses_a_parameterization_the_schedule_lacks():
+    from driffusion_core import reparameterize
+
+    f = ring_mixture().predictor(VP, "sample")
+    with pytest.raises(InvalidArgumentError, match=r"reparameterize: a VPSchedule takes predictions .*got 'velocity'"):
+        reparameterize(f, VP, "sample", "velocity")
+    assert reparameterize(f, VP, "sample", "sample") is f
