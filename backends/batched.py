@@ -5,7 +5,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-from driffusion_core.errors import InvalidArgumentError, PredictorOutputError
+from driffusion_core.errors import DeviceMismatchError, InvalidArgumentError, PredictorOutputError
 from driffusion_core.executor import Executor, Predictor, map_tensors
 
 
@@ -126,10 +126,12 @@ def _checked(out: Any, rows: int, ts: torch.Tensor, like: Optional[torch.Tensor]
     ok = isinstance(out, torch.Tensor) and out.dim() >= 1 and out.shape[0] == rows
     if ok and like is not None and (out.shape[1:] != like.shape[1:] or out.dtype != like.dtype or out.device != like.device):
         times = ", ".join(f"{t:g}" for t in sorted(set(ts.reshape(-1).tolist()), reverse=True)[:6])
-        raise PredictorOutputError(
+        wrong_shape = out.shape[1:] != like.shape[1:]
+        raise (PredictorOutputError if wrong_shape else DeviceMismatchError)(
             f"BatchedExecutor: the predictor returned {out.dtype} rows of shape {tuple(out.shape[1:])} on {out.device} "
             f"for a chunk of {rows} rows (max_batch, model times {times}), but its input rows are {like.dtype} of "
-            f"shape {tuple(like.shape[1:])} on {like.device}; it must return one prediction per row, shaped like x."
+            f"shape {tuple(like.shape[1:])} on {like.device}; it must return one prediction per row, shaped like x"
+            f"{'' if wrong_shape else ' and in its dtype and device (cast the model output)'}."
         )
     if ok:
         return out

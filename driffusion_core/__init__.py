@@ -13,6 +13,7 @@ from driffusion_core.errors import (
     InvalidWidthError,
     PredictorOutputError,
     SamplingError,
+    UnexpectedArgumentError,
 )
 from driffusion_core.executor import Executor, SerialExecutor
 from driffusion_core.grid import TimeGrid
@@ -52,4 +53,5 @@ __all__ = [
     "PredictorOutputError",
     "ExecutorError",
     "SamplingError",
+    "UnexpectedArgumentError",
 ]

@@ -24,6 +24,10 @@ class InvalidArgumentError(DriffusionError, ValueError):
     """An argument has the wrong value, shape or type."""
 
 
+class UnexpectedArgumentError(InvalidArgumentError, TypeError):
+    """A call with an argument the callee does not take (a ``TypeError`` too, as Python raises for one)."""
+
+
 class DeviceMismatchError(DriffusionError, ValueError):
     """Tensors that must share a device or dtype do not."""
 
@@ -46,10 +50,26 @@ def as_count(value, what: str, low: int = 1, high=None, error: type = InvalidArg
     import operator
 
     try:
-        n = None if isinstance(value, bool) else operator.index(value)
+        n = None if _is_bool(value) else operator.index(value)
     except TypeError:
         n = None
     if n is None or n < low or (high is not None and n > high):
         span = f"in [{low}, {high}]" if high is not None else f">= {low}"
         raise error(f"{what} must be an int {span}, got {value!r}.")
     return n
+
+
+def _is_bool(value) -> bool:
+    """A Python, numpy or torch boolean (operator.index takes them all as 0 / 1)."""
+    return isinstance(value, bool) or type(value).__name__ == "bool_" or str(getattr(value, "dtype", "")) == "torch.bool"
+
+
+def is_real(value) -> bool:
+    """A real number: a Python or numpy int or float, or a 0-d real tensor; not a bool."""
+    import numbers
+
+    if _is_bool(value):
+        return False
+    if getattr(type(value), "__module__", "") == "torch" and hasattr(value, "dim"):
+        return value.dim() == 0 and not value.is_complex()
+    return isinstance(value, numbers.Real)

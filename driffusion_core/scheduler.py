@@ -21,7 +21,6 @@ The scheduler is a pure state machine (:class:`DraftRefineState`: ``plan`` the n
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -33,6 +32,7 @@ from driffusion_core.errors import (
     InvalidWidthError,
     PredictorOutputError,
     SamplingError,
+    as_count,
 )
 from driffusion_core.executor import Executor, Predictor, SerialExecutor, batched_tensors
 from driffusion_core.grid import TimeGrid
@@ -88,12 +88,7 @@ def expected_rounds(num_steps: int, width: int, mode: str = "aggressive") -> int
     r"""The closed-form round count the scheduler must achieve (used by tests and proofs):
     :math:`1 + \lceil (T-1)/n \rceil` aggressive, :math:`2\lceil T/(n+1) \rceil - [T \bmod (n+1) = 1]` conservative."""
     n = _check_width(width)
-    try:
-        T = None if isinstance(num_steps, bool) else operator.index(num_steps)
-    except TypeError:
-        T = None
-    if T is None or T < 1:
-        raise InvalidArgumentError(f"num_steps must be an int >= 1, got {num_steps!r}.")
+    T = as_count(num_steps, "num_steps", 1)
     if mode not in ("aggressive", "conservative"):
         raise InvalidArgumentError(f"mode must be 'aggressive' or 'conservative', got {mode!r}.")
     if mode == "aggressive":
@@ -108,16 +103,14 @@ def all_finite(t: torch.Tensor) -> bool:
 
 
 def _check_width(width: Any) -> int:
+    """``width`` as an int >= 1 (int, numpy and 0-d tensor integers; not bools)."""
     try:
-        n = None if isinstance(width, bool) else operator.index(width)  # int, numpy and 0-d tensor integers
-    except TypeError:
-        n = None
-    if n is None or n < 1:
+        return as_count(width, "width", 1, None, InvalidWidthError)
+    except InvalidWidthError:
         raise InvalidWidthError(
             f"width must be an int >= 1 (the number of drafts per round), got {width!r}. "
             f"Width 1 is the serial sampler."
-        )
-    return n
+        ) from None
 
 
 def check_inputs(x: Any, cond: Optional[Mapping[str, Any]]) -> dict:

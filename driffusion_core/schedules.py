@@ -11,14 +11,13 @@ Key (DDPM / DDIM / rectified flow):
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from driffusion_core import coefficients as C
-from driffusion_core.errors import InvalidArgumentError, InvalidTimestepsError, as_count
+from driffusion_core.errors import InvalidArgumentError, InvalidTimestepsError, as_count, is_real
 from driffusion_core.grid import TimeGrid
 
 __all__ = ["Schedule", "VPSchedule", "FlowSchedule", "rescale_zero_terminal_snr"]
@@ -325,14 +324,16 @@ class FlowSchedule(Schedule):
         return f"flow/{self.num_train_timesteps}"
 
     def __init__(self, shift: float = 1.0, num_train_timesteps: int = 1000, use_dynamic_shifting: bool = False):
-        if isinstance(shift, bool) or not isinstance(shift, numbers.Real) or not 0 < float(shift) < math.inf:
+        if not is_real(shift) or not 0 < float(shift) < math.inf:
             raise InvalidArgumentError(f"shift must be a positive finite number (SD3 uses 3.0), got {shift!r}.")
-        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
+        try:
+            num_train_timesteps = as_count(num_train_timesteps, "num_train_timesteps", 2)
+        except InvalidArgumentError:
             raise InvalidArgumentError(
                 f"num_train_timesteps must be an int >= 2, got {num_train_timesteps!r}. The model is called with "
                 f"sigma * num_train_timesteps, as diffusers does; for a model that takes sigma in [0, 1] keep the "
                 f"default and wrap it: predictor = lambda x, t, **c: model(x, t / 1000, **c)."
-            )
+            ) from None
         self.shift = float(shift)
         self.num_train_timesteps = num_train_timesteps
         self.use_dynamic_shifting = bool(use_dynamic_shifting)
@@ -376,3 +377,4 @@ class FlowSchedule(Schedule):
 
     def __repr__(self) -> str:
         return f"FlowSchedule(shift={self.shift:g}, N={self.num_train_timesteps})"
+

@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 
-from driffusion_core.errors import DeviceMismatchError, InvalidArgumentError, InvalidTimestepsError
+from driffusion_core.errors import DeviceMismatchError, InvalidArgumentError, InvalidTimestepsError, as_count
 from driffusion_core.grid import TimeGrid
 from driffusion_core.parameterization import Prediction, X0Transform, to_x0_eps
 from driffusion_core.schedules import Schedule
@@ -171,11 +171,13 @@ class SkipTransition(abc.ABC):
         """Step ``i`` of ``grid``, as a serial sampler takes it: ``S(x_i, p_i, t_from[i] -> t_to[i], z_i)``,
         or the :meth:`multistep` update where :meth:`history_at` asks for earlier steps (``history``
         holds at least that many, oldest first)."""
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(grid):
+        try:
+            i = as_count(i, "i", 0, len(grid) - 1)
+        except InvalidArgumentError:
             raise InvalidArgumentError(
                 f"{type(self).__name__}.grid_step: i must be a step index 0..{len(grid) - 1} of this {len(grid)}-step "
                 f"grid, got {i!r}."
-            )
+            ) from None
         h = self.history_at(grid, i) if self.history else 0
         if h:
             return self.multistep(x, pred, grid.t_from[i], grid.t_to[i], list(history)[-h:], noise)
@@ -355,6 +357,7 @@ class SkipTransition(abc.ABC):
         def make():
             from driffusion_core.coefficients import chain_draft_coefficients
 
+            self.check_levels(t_from, t_to)
             A, B, s = self.chain_factors(t_from, t_to)
             At, Bt, W = chain_draft_coefficients(list(A), list(B), list(s))
             n = len(At)

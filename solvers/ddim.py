@@ -11,13 +11,12 @@ steps; at eta = 1 it is the DDPM posterior.
 """
 from __future__ import annotations
 
-import numbers
 from typing import Optional, Union
 
 import torch
 
 from driffusion_core import coefficients as C
-from driffusion_core.errors import InvalidArgumentError
+from driffusion_core.errors import InvalidArgumentError, is_real
 from driffusion_core.parameterization import Prediction, X0Transform, broadcast_coef
 from driffusion_core.schedules import VPSchedule
 from driffusion_core.transition import Levels, SkipTransition, zero_length_identity
@@ -51,7 +50,7 @@ class DDIMSkip(SkipTransition):
 
     def __setattr__(self, name: str, value) -> None:
         if name == "eta":  # checked when set later too: stochastic and composes_exactly follow it
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= float(value) <= 1:
+            if not is_real(value) or not 0 <= float(value) <= 1:
                 raise InvalidArgumentError(
                     f"eta must lie in [0, 1] (0: deterministic DDIM, 1: the DDPM posterior), got {value!r}; "
                     f"above 1 the step variance exceeds 1 - abar_s and the skip is undefined."

@@ -629,3 +629,31 @@ def test_reparameterize_refuses_a_parameterization_the_schedule_lacks():
     with pytest.raises(InvalidArgumentError, match=r"reparameterize: a VPSchedule takes predictions .*got 'velocity'"):
         reparameterize(f, VP, "sample", "velocity")
     assert reparameterize(f, VP, "sample", "sample") is f
+
+
+def test_review_edge_cases_of_the_argument_checks():
+    """Bool tensors are not counts; numpy and tensor integers index a grid; a chunk in another dtype is a
+    DeviceMismatchError as unchunked; a stochastic window going back up is refused in every row; 0-d tensor
+    reals are taken for eta and shift."""
+    for bad in (torch.tensor(True), np.bool_(True)):
+        with pytest.raises(InvalidWidthError):
+            scheduler(width=bad)
+    x, e = x0(), x0() * 0.5
+    grid = VP.timesteps(6)
+    tr = DDPMSkip(VP)
+    for i in (np.int64(3), torch.tensor(3)):
+        assert torch.equal(tr.grid_step(x, e, grid, i, noise=torch.zeros_like(x)), tr.grid_step(x, e, grid, 3, noise=torch.zeros_like(x)))
+    with pytest.raises(DeviceMismatchError, match=r"chunk of 1 rows .*in its dtype and device"):
+        scheduler(width=2).sample(lambda x, t: (0.1 * x).double(), x0(), executor=BatchedExecutor(max_batch=1))
+    window_from, window_to = torch.tensor([900.0, 800.0, 700.0], dtype=torch.float64), torch.tensor([800.0, 950.0, 600.0], dtype=torch.float64)
+    with pytest.raises(InvalidTimestepsError, match=r"t_to = 950 lies above t_from = 800"):
+        tr.drafts(x, e, window_from, window_to)
+    with pytest.raises(InvalidTimestepsError, match=r"NaN or inf"):
+        tr.drafts(x, e, window_from, torch.tensor([800.0, float("nan"), 600.0], dtype=torch.float64))
+    assert DDIMSkip(VP, eta=torch.tensor(0.5)).eta == 0.5 and FlowSchedule(torch.tensor(3.0), np.int64(1000)).shift == 3.0
+
+
+def test_pipeline_argument_errors_are_type_errors_too():
+    from driffusion_core import UnexpectedArgumentError
+
+    assert issubclass(UnexpectedArgumentError, InvalidArgumentError) and issubclass(UnexpectedArgumentError, TypeError)

@@ -26,7 +26,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from driffusion_core.errors import InvalidArgumentError, InvalidWidthError
+from driffusion_core.errors import InvalidArgumentError, InvalidWidthError, UnexpectedArgumentError
 from driffusion_core.executor import Executor
 from driffusion_core.noise import NoiseSource
 from driffusion_core.scheduler import DraftRefineScheduler, SampleOutput
@@ -138,7 +138,7 @@ class DRiffusionPipeline:
         try:
             inspect.signature(run).bind(*args, **kwargs)
         except TypeError as e:
-            raise InvalidArgumentError(
+            raise UnexpectedArgumentError(
                 f"{type(self.pipe).__name__} with DRiffusion: {e}. It takes "
                 f"{', '.join(params)} (the {'unconditional' if self.family == 'unconditional' else 'pipeline'}'s "
                 f"own arguments{', no prompt' if self.family == 'unconditional' else ''}, plus noise)."
