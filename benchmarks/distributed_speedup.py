@@ -14,17 +14,17 @@ overhead as a fraction of one model call:
 * ``comm_overhead_frac``: an executor-level round of 2 drafts (one per process, plus the all-gather)
   minus one model call, over one model call (the calls timed inside those rounds, both processes
   computing). Each round times both processes' own calls, which splits it (medians, so about):
-  ``exchange_frac``, the round
-  after the slower call ended (the gloo all-gather and the executor's status and consistency checks),
-  and ``imbalance_frac``, how much longer the slower of the two calls took than a median call (the
-  faster process waits for it: call-time jitter on shared cores, not a cost of the executor);
+  ``exchange_frac``, the round after the slower call ended (the gloo all-gather and the executor's
+  status and consistency checks), and ``imbalance_frac``, how much longer the slower of the two calls
+  took than a median call (the faster process waits for it: call-time jitter on shared cores, not a
+  cost of the executor);
 * ``round_overhead_frac``: the sampler's time per round minus one model call (timed inside the same
   sampling runs), over one model call: communication, waiting for the slower process, drafting,
-  refining and scheduling; ``sched_overhead_frac`` is the part the
-  scheduler's own bookkeeping takes (timed with a free predictor);
+  refining and scheduling; ``sched_overhead_frac`` is the part the scheduler's own bookkeeping takes
+  (timed with a free predictor);
 * ``contention_frac``: how much slower one call gets inside the distributed runs, both processes
-  computing, than alone (shared
-  cores, caches, memory bandwidth) -- a cost of the machine, not of the executor.
+  computing, than alone (shared cores, caches, memory bandwidth) -- a cost of the machine, not of
+  the executor.
 
 On a machine with other work running the numbers are noisy (each process needs a core of its own).
 

@@ -7,6 +7,12 @@ failures while sampling), so ``except ValueError`` keeps working.
 """
 from __future__ import annotations
 
+import numbers
+import operator
+
+import numpy as np
+import torch
+
 
 class DriffusionError(Exception):
     """Base class of every error raised by driffusion."""
@@ -44,32 +50,29 @@ class SamplingError(DriffusionError, RuntimeError):
     """Sampling produced an unusable state (NaN or inf) although every model output was finite."""
 
 
+
+def is_bool(value) -> bool:
+    """A Python, numpy or torch boolean (``operator.index`` would take any of them as 0 / 1)."""
+    return isinstance(value, (bool, np.bool_)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool)
+
+
+def is_real(value) -> bool:
+    """A real number: a Python or numpy int or float, or a 0-d real tensor; not a bool."""
+    if is_bool(value):
+        return False
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and not value.is_complex()
+    return isinstance(value, numbers.Real)
+
+
 def as_count(value, what: str, low: int = 1, high=None, error: type = InvalidArgumentError) -> int:
     """``value`` as an int in ``[low, high]`` (Python, numpy and 0-d tensor integers; not bools or floats),
     else ``error`` naming ``what`` and the range."""
-    import operator
-
     try:
-        n = None if _is_bool(value) else operator.index(value)
+        n = None if is_bool(value) else operator.index(value)
     except TypeError:
         n = None
     if n is None or n < low or (high is not None and n > high):
         span = f"in [{low}, {high}]" if high is not None else f">= {low}"
         raise error(f"{what} must be an int {span}, got {value!r}.")
     return n
-
-
-def _is_bool(value) -> bool:
-    """A Python, numpy or torch boolean (operator.index takes them all as 0 / 1)."""
-    return isinstance(value, bool) or type(value).__name__ == "bool_" or str(getattr(value, "dtype", "")) == "torch.bool"
-
-
-def is_real(value) -> bool:
-    """A real number: a Python or numpy int or float, or a 0-d real tensor; not a bool."""
-    import numbers
-
-    if _is_bool(value):
-        return False
-    if getattr(type(value), "__module__", "") == "torch" and hasattr(value, "dim"):
-        return value.dim() == 0 and not value.is_complex()
-    return isinstance(value, numbers.Real)

@@ -11,7 +11,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, is_bool
 
 __all__ = ["NoiseSource"]
 
@@ -36,7 +36,7 @@ class NoiseSource:
     """
 
     def __init__(self, seed: int = 0, per_sample: bool = False):
-        if isinstance(seed, bool) or isinstance(seed, torch.Tensor) and seed.dtype == torch.bool:
+        if is_bool(seed):
             raise InvalidArgumentError(
                 f"NoiseSource(seed) takes an int, got the bool {seed!r}; for per-sample noise write "
                 f"NoiseSource(seed, per_sample=True)."

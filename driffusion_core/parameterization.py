@@ -15,7 +15,10 @@ import torch
 from driffusion_core import coefficients as C
 from driffusion_core.errors import InvalidArgumentError
 
-__all__ = ["Prediction", "ClipSample", "DynamicThreshold", "X0Transform", "broadcast_coef", "lincomb", "reparameterize"]
+__all__ = [
+    "Prediction", "ClipSample", "DynamicThreshold", "X0Transform", "broadcast_coef", "lincomb", "check_prediction",
+    "reparameterize",
+]
 
 
 class Prediction(str, enum.Enum):
@@ -139,6 +142,22 @@ class DynamicThreshold:
         return f"DynamicThreshold(ratio={self.ratio:g}, max_value={self.max_value:g})"
 
 
+def check_prediction(schedule: Any, prediction: Prediction, who: str) -> None:
+    """Refuse a parameterization the schedule does not define (``schedule.predictions``; None: any)."""
+    allowed = getattr(schedule, "predictions", None)
+    if allowed is None or prediction.value in allowed:
+        return
+    why = {
+        "v_prediction": "v_prediction (p = alpha eps - sigma x0) is a VP parameterization; for a flow model "
+                        "predicting eps - x0 use 'velocity'",
+        "velocity": "velocity (p = eps - x0) is a flow-matching parameterization; for a VP model predicting "
+                    "alpha eps - sigma x0 use 'v_prediction'",
+    }.get(prediction.value, f"{prediction.value!r} is not defined for this interpolant")
+    raise InvalidArgumentError(
+        f"{who}: a {type(schedule).__name__} takes predictions {', '.join(allowed)}, got {prediction.value!r}: {why}."
+    )
+
+
 def reparameterize(predictor: Callable[..., torch.Tensor], schedule: Any, source: Union[str, Prediction],
                    target: Union[str, Prediction]) -> Callable[..., torch.Tensor]:
     r"""The same model, returning its output in another parameterization.
@@ -159,12 +178,8 @@ def reparameterize(predictor: Callable[..., torch.Tensor], schedule: Any, source
             ``"v_prediction"``, ``"velocity"``), both defined for the schedule.
     """
     src, dst = Prediction.parse(source), Prediction.parse(target)
-    allowed = getattr(schedule, "predictions", None)
     for p in (src, dst):
-        if allowed is not None and p.value not in allowed:
-            raise InvalidArgumentError(
-                f"reparameterize: a {type(schedule).__name__} takes predictions {', '.join(allowed)}, got {p.value!r}."
-            )
+        check_prediction(schedule, p, "reparameterize")
     if src is dst:
         return predictor
 

@@ -377,4 +377,3 @@ class FlowSchedule(Schedule):
 
     def __repr__(self) -> str:
         return f"FlowSchedule(shift={self.shift:g}, N={self.num_train_timesteps})"
-

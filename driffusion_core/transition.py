@@ -25,9 +25,10 @@ from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 
+from driffusion_core import coefficients as C
 from driffusion_core.errors import DeviceMismatchError, InvalidArgumentError, InvalidTimestepsError, as_count
 from driffusion_core.grid import TimeGrid
-from driffusion_core.parameterization import Prediction, X0Transform, to_x0_eps
+from driffusion_core.parameterization import Prediction, X0Transform, check_prediction, to_x0_eps
 from driffusion_core.schedules import Schedule
 
 __all__ = ["SkipTransition", "History", "as_levels", "repeat_rows", "zero_length_identity"]
@@ -93,21 +94,6 @@ class SkipTransition(abc.ABC):
         self.prediction = prediction  # parsed and checked against the schedule (__setattr__)
         self.x0_transform = x0_transform
         self.recompute_eps = bool(recompute_eps)
-
-    def _check_prediction(self, prediction: Prediction) -> None:
-        schedule = self.__dict__.get("schedule")
-        allowed = getattr(schedule, "predictions", None)
-        if allowed is not None and prediction.value not in allowed:
-            why = {
-                "v_prediction": "v_prediction (p = alpha eps - sigma x0) is a VP parameterization; for a flow model "
-                                "predicting eps - x0 use 'velocity'",
-                "velocity": "velocity (p = eps - x0) is a flow-matching parameterization; for a VP model predicting "
-                            "alpha eps - sigma x0 use 'v_prediction'",
-            }.get(prediction.value, f"{prediction.value!r} is not defined for this interpolant")
-            raise InvalidArgumentError(
-                f"{type(self).__name__}: a {type(schedule).__name__} takes predictions {', '.join(allowed)}, got "
-                f"{prediction.value!r}: {why}."
-            )
 
     # ----------------------------------------------------------------- the operator
     @abc.abstractmethod
@@ -203,7 +189,7 @@ class SkipTransition(abc.ABC):
         # changing one starts a fresh cache (a shallow copy then no longer shares it either)
         if name == "prediction":  # a later change is checked as the constructor's argument is
             value = Prediction.parse(value)
-            self._check_prediction(value)
+            check_prediction(self.__dict__.get("schedule"), value, type(self).__name__)
         object.__setattr__(self, name, value)
         if not name.startswith("_"):
             self.__dict__.pop("_coefficient_cache", None)
@@ -215,7 +201,8 @@ class SkipTransition(abc.ABC):
 
         ``x`` a floating ``Tensor[B, ...]``; ``pred`` and ``noise`` shaped like it, same dtype and device
         (torch would otherwise promote a float64 prediction or broadcast a row of noise silently). The
-        levels are checked where their coefficients are computed (:meth:`check_levels`, once per pair)."""
+        levels are checked where their coefficients are computed and cached (:meth:`check_levels`: once per
+        pair of levels, every call for more than :attr:`_CACHE_ROWS` per-row levels)."""
         name = type(self).__name__
         if not isinstance(x, torch.Tensor) or not isinstance(pred, torch.Tensor):
             raise InvalidArgumentError(
@@ -284,6 +271,11 @@ class SkipTransition(abc.ABC):
                     f"{name}: {b_name} = {bv:g} lies above {a_name} = {av:g}{row}; a skip goes from a noisier level "
                     f"to a cleaner one ({b_name} <= {a_name}, equal levels being the identity)."
                 )
+
+    @staticmethod
+    def _euler(t_from: torch.Tensor, t_to: torch.Tensor) -> torch.Tensor:
+        """The Euler step's coefficient t_to - t_from (flow and VE steps go through :meth:`cached` with it)."""
+        return C.flow_euler_coefficient(t_from, t_to)
 
     def cached(self, t_from: torch.Tensor, t_to: torch.Tensor, compute):
         """``compute(t_from, t_to)``, remembered per pair of levels (scalars, or up to

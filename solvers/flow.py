@@ -11,7 +11,6 @@ from typing import Optional, Union
 
 import torch
 
-from driffusion_core import coefficients as C
 from driffusion_core.errors import InvalidArgumentError
 from driffusion_core.parameterization import Prediction, X0Transform, broadcast_coef
 from driffusion_core.schedules import FlowSchedule
@@ -48,10 +47,6 @@ class FlowEulerSkip(SkipTransition):
             return pred
         x0_hat, eps_hat = self.to_x0_eps(x, pred, t_from)
         return eps_hat - x0_hat
-
-    @staticmethod
-    def _euler(t_from: torch.Tensor, t_to: torch.Tensor) -> torch.Tensor:
-        return C.flow_euler_coefficient(t_from, t_to)
 
     def __call__(self, x, pred, t_from: Levels, t_to: Levels, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         t_from, t_to = self.operands(x, pred, t_from, t_to, noise)

@@ -18,7 +18,6 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from driffusion_core import coefficients as C
 from driffusion_core.errors import InvalidArgumentError
 from driffusion_core.parameterization import Prediction, X0Transform, broadcast_coef
 from driffusion_core.schedules import Schedule, TimeLike
@@ -91,10 +90,6 @@ class VEEulerSkip(SkipTransition):
         if not isinstance(schedule, VESchedule):
             raise InvalidArgumentError(f"VEEulerSkip needs a VESchedule, got {type(schedule).__name__}.")
         super().__init__(schedule, prediction, x0_transform)
-
-    @staticmethod
-    def _euler(t_from: torch.Tensor, t_to: torch.Tensor) -> torch.Tensor:
-        return C.flow_euler_coefficient(t_from, t_to)  # sigma_to - sigma_from
 
     def __call__(self, x, pred, t_from: Levels, t_to: Levels, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         t_from, t_to = self.operands(x, pred, t_from, t_to, noise)

@@ -631,7 +631,7 @@ def test_reparameterize_refuses_a_parameterization_the_schedule_lacks():
     assert reparameterize(f, VP, "sample", "sample") is f
 
 
-def test_review_edge_cases_of_the_argument_checks():
+def test_argument_checks_at_their_edges():
     """Bool tensors are not counts; numpy and tensor integers index a grid; a chunk in another dtype is a
     DeviceMismatchError as unchunked; a stochastic window going back up is refused in every row; 0-d tensor
     reals are taken for eta and shift."""

@@ -524,8 +524,9 @@ def test_pipeline_errors(unet2d):
     pipe_euler = need("DDPMPipeline")(unet=unet2d, scheduler=need("EulerDiscreteScheduler")())  # DDIMPipeline converts it
     with pytest.raises(InvalidArgumentError, match="from_config"):
         DRiffusionPipeline(pipe_euler, width=2)(num_inference_steps=4, output_type="np")
-    with pytest.raises(InvalidArgumentError, match=r"DDIMPipeline with DRiffusion: .*'prompt'.* no prompt"):
+    with pytest.raises(InvalidArgumentError, match=r"DDIMPipeline with DRiffusion: .*'prompt'.* no prompt") as info:
         DRiffusionPipeline(pipe, width=2)(prompt="a cat", num_inference_steps=4, output_type="np")
+    assert isinstance(info.value, TypeError)  # what Python raises for an unexpected keyword argument
 
 
 # ============================================================================ DPM-Solver++ (DPMSolverMultistepScheduler)

@@ -22,6 +22,7 @@ Note the two widths: ``DRiffusionPipeline(width=...)`` is the number of drafts p
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Mapping, Optional
 
 import torch
@@ -132,11 +133,10 @@ class DRiffusionPipeline:
         """The pipeline's call (same arguments, same output type), its denoising loop run with DRiffusion."""
         run = {"unconditional": self._unconditional, "stable_diffusion": self._stable_diffusion,
                "stable_diffusion_3": self._stable_diffusion_3}[self.family]
-        import inspect
-
-        params = inspect.signature(run).parameters
+        signature = inspect.signature(run)
+        params = signature.parameters
         try:
-            inspect.signature(run).bind(*args, **kwargs)
+            signature.bind(*args, **kwargs)
         except TypeError as e:
             raise UnexpectedArgumentError(
                 f"{type(self.pipe).__name__} with DRiffusion: {e}. It takes "
