@@ -540,6 +540,10 @@ class DraftRefineScheduler:
 
         Returns:
             :class:`SampleOutput` with the sample, the rounds and the model calls made.
+
+        Autograd is left as the caller set it (the rounds are differentiable, like the serial loop);
+        for inference with an ``nn.Module`` wrap the call in ``torch.no_grad()``, as diffusers' pipelines
+        do, or the graph of all T calls is kept.
         """
         state, executor = run_rounds(
             lambda: self.start(x, noise, return_trajectory), self.grid, predictor, x, executor, cond, progress, f"DRiffusion {self.mode} n={self.width}"

@@ -286,7 +286,9 @@ class VPSchedule(Schedule):
             ts = (np.arange(0, num_steps) * ratio).round()[::-1].copy().astype(np.int64) + steps_offset
         elif spacing == "trailing":
             ratio = n / num_steps
-            ts = np.round(np.arange(n, 0, -ratio)).astype(np.int64) - 1
+            # the first num_steps entries: for some T (1000 training steps: 61, 103, ...) np.arange rounds up
+            # to one more, ending at -1 (diffusers then runs T + 1 steps; from_diffusers refuses those T)
+            ts = (np.round(np.arange(n, 0, -ratio)).astype(np.int64) - 1)[:num_steps]
         else:
             raise InvalidArgumentError(f"spacing must be 'leading', 'trailing' or 'linspace', got {spacing!r}.")
         t_from = torch.tensor(ts, dtype=torch.float64)

@@ -18,6 +18,7 @@ prediction for N(0, I) data plus a small UNet term, so x0_hat stays O(1) and the
 """
 from __future__ import annotations
 
+import re
 import sys
 from types import SimpleNamespace
 
@@ -27,7 +28,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 from backends import BatchedExecutor, SerialExecutor  # noqa: E402
-from driffusion_core import DraftRefineScheduler, InvalidArgumentError, InvalidWidthError, NoiseSource, expected_rounds  # noqa: E402
+from driffusion_core import DraftRefineScheduler, InvalidArgumentError, InvalidWidthError, NoiseSource, VPSchedule, expected_rounds  # noqa: E402
 from solvers import DPMSolverSkip, from_diffusers, sample_serial  # noqa: E402
 from solvers.interop import DiffusersPredictor, DRiffusionPipeline, calculate_shift  # noqa: E402
 
@@ -204,6 +205,26 @@ def test_from_diffusers_rejects_what_it_cannot_reproduce():
         from_diffusers({"num_train_timesteps": 1000}, 10)
     with pytest.raises(InvalidArgumentError, match="PNDMScheduler"):
         from_diffusers({"_class_name": "PNDMScheduler", "num_train_timesteps": 1000}, 10)
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler"])
+def test_trailing_step_counts_where_diffusers_lists_one_more(name):
+    """For some T, diffusers' trailing spacing lists T + 1 timesteps ending at -1 (a model call at timestep -1):
+    from_diffusers refuses those T and names working ones; VPSchedule.timesteps gives the T intended levels."""
+    scheduler = need(name)(timestep_spacing="trailing")
+    probe = need(name)(timestep_spacing="trailing")
+    for T in (61, 103):
+        probe.set_timesteps(T)
+        listed = probe.timesteps.tolist()
+        assert len(listed) == T + 1 and listed[-1] == -1  # diffusers' own behaviour, checked, not assumed
+        with pytest.raises(InvalidArgumentError, match=rf"num_inference_steps={T}: diffusers lists {T + 1} timesteps") as info:
+            from_diffusers(scheduler, T)
+        for suggested in re.findall(r"use num_inference_steps=(\d+) or (\d+)", str(info.value))[0]:
+            probe.set_timesteps(int(suggested))
+            assert len(probe.timesteps) == int(suggested)
+            from_diffusers(scheduler, int(suggested))
+        grid = VPSchedule(scheduler.alphas_cumprod).timesteps(T, "trailing")
+        assert grid.model_times.tolist() == listed[:T] and grid.t_to[-1] == -1
 
 
 def test_from_diffusers_does_not_touch_the_scheduler():
@@ -705,6 +726,14 @@ def test_stable_diffusion_pipeline_with_dpm_solver(unet_cond, vae):
     out = fast(generator=gen(), **kw).images
     assert fast.last_output.rounds == expected_rounds(10, 2) and fast.last_output.evals == 10
     assert _rel(out, w1, other) < 0.25
+    # as the pipeline: eta is ignored by schedulers other than DDIM, and a missing height or width
+    # makes both sides fall back to the UNet's size
+    small = dict(kw, num_inference_steps=3, output_type="latent")
+    for extra in (dict(eta=0.5), dict(height=32), dict(width=32)):
+        ref = pipe(generator=gen(), **small, **extra).images
+        ours = DRiffusionPipeline(pipe, width=1)(generator=gen(), **small, **extra).images
+        assert ours.shape == ref.shape
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_ddpm_pipeline_with_dpm_solver(unet2d):
@@ -718,3 +747,14 @@ def test_ddpm_pipeline_with_dpm_solver(unet2d):
     fast = DRiffusionPipeline(pipe, width=3, mode="conservative")
     out = fast(generator=gen(), **kw).images
     assert fast.last_output.rounds == expected_rounds(8, 3, "conservative") and out.shape == ref.shape
+
+
+def test_ddpm_pipeline_subclass_keeps_its_default_steps(unet2d):
+    """A DDPMPipeline subclass, called without num_inference_steps, runs diffusers' default 1000 steps."""
+    class MyDDPMPipeline(need("DDPMPipeline")):
+        pass
+
+    pipe = _quiet(MyDDPMPipeline(unet=unet2d, scheduler=need("DDIMScheduler")(clip_sample=False)))
+    fast = DRiffusionPipeline(pipe, width=50)
+    fast(batch_size=1, output_type="pt")
+    assert fast.last_output.evals == 1000 and fast.last_output.rounds == expected_rounds(1000, 50)

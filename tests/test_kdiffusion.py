@@ -100,6 +100,29 @@ def test_extra_args_and_executors():
         torch.testing.assert_close(batched.x, serial.x, rtol=1e-6, atol=1e-6)
 
 
+def test_runs_without_autograd_like_k_diffusion():
+    """k-diffusion's samplers are @torch.no_grad(): a module denoiser keeps no graph of the T calls,
+    while a denoiser may still turn gradients on inside (e.g. for guidance)."""
+    sigmas = karras_sigmas(6)
+    x = _start(sigmas, batch=4)
+    scale = torch.nn.Parameter(torch.ones(()))
+    inside = []
+
+    def module_like(x, sigma):
+        inside.append(torch.is_grad_enabled())
+        with torch.enable_grad():
+            probe = (scale * x).sum()  # a graph may be built inside
+            assert probe.requires_grad
+        return scale * denoiser(x, sigma)
+
+    assert torch.is_grad_enabled()
+    for width in (1, 3):
+        out = sample_driffusion(module_like, x, sigmas, width=width, disable=True)
+        assert not out.requires_grad and out.grad_fn is None
+    assert inside and not any(inside)
+    assert torch.is_grad_enabled()  # restored for the caller
+
+
 def test_callback_follows_k_diffusion():
     """Width 1: the same callback dicts as sample_euler; wider: every step once, in order."""
     sigmas = karras_sigmas(8)

@@ -37,6 +37,7 @@ import inspect
 import warnings
 from typing import Any, Mapping, Optional, Tuple
 
+import numpy as np
 import torch
 
 from driffusion_core.errors import InvalidArgumentError
@@ -132,7 +133,34 @@ def _vp_schedule(scheduler, final_alpha_cumprod: float) -> VPSchedule:
     return VPSchedule(scheduler.alphas_cumprod.detach().cpu(), final_alpha_cumprod=final_alpha_cumprod)
 
 
-def _vp_grid(schedule: VPSchedule, cfg: Mapping[str, Any], num_inference_steps: int, step_to: str) -> TimeGrid:
+def _trailing_off_by_one(name: str, num_train: int, num_inference_steps: int, last: Optional[int] = None) -> None:
+    """Refuse the T where diffusers' trailing spacing lists T + 1 timesteps.
+
+    ``np.arange(last, 0, -num_train / T)`` (``last`` = num_train but for DPM-Solver's lambda_min_clipped)
+    rounds up to T + 1 entries for some T (1000 training steps: 61, 103, 121, ...); diffusers then runs
+    T + 1 steps, the last model call at timestep -1 (alphas_cumprod[-1]).
+    That loop cannot be reproduced by a grid of T steps to the clean end, so say so instead.
+    """
+    last = num_train if last is None else last
+
+    def count(m: int) -> int:
+        return len(np.arange(last, 0, -num_train / m))
+
+    if count(num_inference_steps) == num_inference_steps:
+        return
+    near = [m for d in range(1, 50) for m in (num_inference_steps - d, num_inference_steps + d)
+            if 1 <= m <= last and count(m) == m][:2]
+    raise InvalidArgumentError(
+        f"{name} with timestep_spacing='trailing' and num_inference_steps={num_inference_steps}: diffusers lists "
+        f"{num_inference_steps + 1} timesteps, the last -1 (np.arange rounds up to an extra entry), so its loop "
+        f"makes {num_inference_steps + 1} model calls, one at timestep -1. DRiffusion does not reproduce that; use num_inference_steps={' or '.join(map(str, sorted(near)))}, or another timestep_spacing "
+        f"(VPSchedule.timesteps({num_inference_steps}, 'trailing') gives the intended {num_inference_steps} steps)."
+    )
+
+
+def _vp_grid(schedule: VPSchedule, cfg: Mapping[str, Any], num_inference_steps: int, step_to: str, name: str) -> TimeGrid:
+    if cfg.get("timestep_spacing", "leading") == "trailing":
+        _trailing_off_by_one(name, schedule.num_train_timesteps, num_inference_steps)
     return schedule.timesteps(
         num_inference_steps,
         spacing=cfg.get("timestep_spacing", "leading"),
@@ -150,7 +178,7 @@ def _ddim(scheduler, cfg, num_inference_steps: int, eta: float, use_clipped_mode
         x0_transform=_x0_transform(cfg),
         recompute_eps=use_clipped_model_output,
     )
-    return transition, _vp_grid(schedule, cfg, num_inference_steps, "stride")
+    return transition, _vp_grid(schedule, cfg, num_inference_steps, "stride", "DDIMScheduler")
 
 
 def _ddpm(scheduler, cfg, num_inference_steps: int):
@@ -168,7 +196,7 @@ def _ddpm(scheduler, cfg, num_inference_steps: int):
         variance_type=_DDPM_VARIANCE[variance_type],
         x0_transform=_x0_transform(cfg),
     )
-    return transition, _vp_grid(schedule, cfg, num_inference_steps, "next")
+    return transition, _vp_grid(schedule, cfg, num_inference_steps, "next", "DDPMScheduler")
 
 
 def _flow(scheduler, cfg, num_inference_steps: int, mu: Optional[float]):
@@ -263,6 +291,10 @@ def _dpm(scheduler, cfg, num_inference_steps: int):
     # The timesteps are the scheduler's own set_timesteps (on a copy): DPM-Solver's leading spacing
     # divides by T + 1, lambda_min_clipped shortens the range. The levels are those training timesteps
     # (diffusers' sigmas are the table's there), then -1 (sigma = 0) or 0 (the sigma of alphas_cumprod[0]).
+    if cfg.get("timestep_spacing", "linspace") == "trailing":
+        clipped = int(torch.searchsorted(torch.flip(scheduler.lambda_t, [0]), cfg.get("lambda_min_clipped", -float("inf"))))
+        _trailing_off_by_one("DPMSolverMultistepScheduler", schedule.num_train_timesteps, num_inference_steps,
+                             last=schedule.num_train_timesteps - clipped)
     probe = copy.deepcopy(scheduler)
     with warnings.catch_warnings():  # diffusers' own numpy-2 DeprecationWarning (np.array of a tensor)
         warnings.simplefilter("ignore", DeprecationWarning)

@@ -52,6 +52,7 @@ def sigmas_grid(sigmas: torch.Tensor, dtype: torch.dtype = torch.float32) -> Tim
     return TimeGrid(levels[:-1].clone(), levels[1:].clone(), sig[:-1].to(dtype).clone())
 
 
+@torch.no_grad()
 def sample_driffusion(
     model: Callable[..., torch.Tensor],
     x: torch.Tensor,
@@ -82,6 +83,9 @@ def sample_driffusion(
 
     Returns:
         The sample at ``sigmas[-1]`` (as k-diffusion's samplers), or the SampleOutput.
+
+    Runs under ``torch.no_grad()``, as k-diffusion's samplers do (a model that needs gradients inside,
+    e.g. for guidance, turns them on itself with ``torch.enable_grad()``).
     """
     if not callable(model):
         raise InvalidArgumentError(f"model must be a denoiser D(x, sigma) -> x0, got {type(model).__name__}.")

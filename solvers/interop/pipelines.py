@@ -75,6 +75,12 @@ def _noise_for(generator, noise: Optional[NoiseSource]) -> Optional[NoiseSource]
     return NoiseSource(int(torch.randint(0, 2**62, (1,), generator=g, device=g.device).item()))
 
 
+def _ddim_only(scheduler: Any, options: Mapping[str, Any]) -> Mapping[str, Any]:
+    """DDIM's step options (eta, use_clipped_model_output) for a DDIMScheduler; for any other scheduler
+    nothing, as diffusers' pipelines pass them only where ``scheduler.step`` takes them."""
+    return options if type(scheduler).__name__ == "DDIMScheduler" else {}
+
+
 def _per_image(embeds: Optional[torch.Tensor], batch: int, num_images_per_prompt: int, name: str) -> Optional[torch.Tensor]:
     """Embeddings with one row per image: rows given per prompt are repeated ``num_images_per_prompt`` times
     in a row, as diffusers' ``encode_prompt`` repeats the ones it encodes (and StableDiffusionPipeline's
@@ -164,14 +170,16 @@ class DRiffusionPipeline:
 
         pipe, unet = self.pipe, self.pipe.unet
         if num_inference_steps is None:
-            num_inference_steps = 1000 if type(pipe).__name__ == "DDPMPipeline" else 50
+            # DDPMPipeline (and its subclasses) default to 1000 steps, DDIMPipeline to 50, as in diffusers
+            ddpm = any(c.__name__ == "DDPMPipeline" for c in type(pipe).__mro__)
+            num_inference_steps = 1000 if ddpm else 50
         size = unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         shape = (batch_size, unet.config.in_channels, *size)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=pipe._execution_device, dtype=unet.dtype)
         extra = {"eta": eta, "use_clipped_model_output": bool(use_clipped_model_output)} if eta or use_clipped_model_output else {}
-        transition, grid = from_diffusers(pipe.scheduler, num_inference_steps, **extra)
+        transition, grid = from_diffusers(pipe.scheduler, num_inference_steps, **_ddim_only(pipe.scheduler, extra))
         image = self._sample(unet, 1.0, transition, grid, latents, {}, _noise_for(generator, noise) if transition.stochastic else None)
         image = (image / 2 + 0.5).clamp(0, 1)
         if output_type != "pt":
@@ -210,8 +218,8 @@ class DRiffusionPipeline:
             raise InvalidArgumentError("UNets with time_cond_proj_dim (guidance embedding, LCM) are not supported.")
         size = unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
-        height = height or size[0] * pipe.vae_scale_factor
-        width = width or size[1] * pipe.vae_scale_factor
+        if not height or not width:  # as StableDiffusionPipeline: both sides fall back to the UNet's size together
+            height, width = size[0] * pipe.vae_scale_factor, size[1] * pipe.vae_scale_factor
         pipe.check_inputs(prompt, height, width, None, negative_prompt, prompt_embeds, negative_prompt_embeds)
         do_cfg = guidance_scale > 1
         device = pipe._execution_device
@@ -223,7 +231,7 @@ class DRiffusionPipeline:
         )
         batch = prompt_embeds.shape[0]
         latents = pipe.prepare_latents(batch, unet.config.in_channels, height, width, prompt_embeds.dtype, device, generator, latents)
-        transition, grid = from_diffusers(pipe.scheduler, num_inference_steps, eta=eta)
+        transition, grid = from_diffusers(pipe.scheduler, num_inference_steps, **_ddim_only(pipe.scheduler, {"eta": eta}))
         cond = {"encoder_hidden_states": prompt_embeds, "negative_encoder_hidden_states": negative_prompt_embeds if do_cfg else None}
         model_kwargs = {"cross_attention_kwargs": cross_attention_kwargs} if cross_attention_kwargs else None
         latents = self._sample(unet, guidance_scale, transition, grid, latents, cond,
