@@ -52,6 +52,12 @@ class TimeGrid:
             )
         if not (torch.isfinite(self.t_from).all() and torch.isfinite(self.t_to).all()):
             raise InvalidTimestepsError("The time grid holds NaN or inf levels.")
+        if self.model_times.is_floating_point() and not bool(torch.isfinite(self.model_times).all()):
+            i = int(torch.nonzero(~torch.isfinite(self.model_times))[0])
+            raise InvalidTimestepsError(
+                f"TimeGrid.model_times[{i}] is {self.model_times[i].item()}: the model would be called with a "
+                f"NaN or inf time. Give finite model times (e.g. the grid a schedule's timesteps() makes)."
+            )
         diffs = self.t_from[1:] - self.t_from[:-1]
         if (diffs >= 0).any():
             i = int(torch.nonzero(diffs >= 0)[0])

@@ -11,7 +11,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .errors import InvalidArgumentError, is_bool
+from .errors import InvalidArgumentError, as_count, is_bool
 
 __all__ = ["NoiseSource"]
 
@@ -84,7 +84,11 @@ class NoiseSource:
         return self(-1, shape, dtype, device)
 
     def steps(self, start: int, stop: int, shape, dtype=torch.float32, device=None) -> torch.Tensor:
-        """z_start .. z_{stop-1} stacked: ``Tensor[stop - start, *shape]``."""
+        """z_start .. z_{stop-1} stacked: ``Tensor[stop - start, *shape]`` (empty for stop == start)."""
+        start = as_count(start, "NoiseSource.steps: start (the first step index)", 0)
+        stop = as_count(stop, "NoiseSource.steps: stop (one past the last step index)", start)
+        if stop == start:
+            return torch.empty(0, *_shape(shape), dtype=dtype, device=device)
         return torch.stack([self(i, shape, dtype, device) for i in range(start, stop)])
 
     def __repr__(self) -> str:

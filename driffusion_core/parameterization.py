@@ -8,12 +8,13 @@ frozen pair at another level, since v's meaning depends on the level.
 from __future__ import annotations
 
 import enum
+import math
 from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
 
 from driffusion_core import coefficients as C
-from driffusion_core.errors import InvalidArgumentError
+from driffusion_core.errors import InvalidArgumentError, is_real
 
 __all__ = [
     "Prediction", "ClipSample", "DynamicThreshold", "X0Transform", "broadcast_coef", "lincomb", "check_prediction",
@@ -103,13 +104,18 @@ def to_x0_eps(
 X0Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
+def _positive(value: Any, what: str) -> float:
+    """``value`` as a finite float > 0, else an error naming ``what``."""
+    if not is_real(value) or not math.isfinite(float(value)) or float(value) <= 0:
+        raise InvalidArgumentError(f"{what} must be a finite number > 0, got {value!r}.")
+    return float(value)
+
+
 class ClipSample:
     """Clamp x0_hat to ``[-clip_range, clip_range]`` (diffusers' ``clip_sample``)."""
 
     def __init__(self, clip_range: float = 1.0):
-        if clip_range <= 0:
-            raise InvalidArgumentError(f"clip_range must be positive, got {clip_range}.")
-        self.clip_range = float(clip_range)
+        self.clip_range = _positive(clip_range, "ClipSample: clip_range (x0_hat is clamped to [-clip_range, clip_range])")
 
     def __call__(self, x0: torch.Tensor) -> torch.Tensor:
         return x0.clamp(-self.clip_range, self.clip_range)
@@ -125,10 +131,10 @@ class DynamicThreshold:
     """
 
     def __init__(self, ratio: float = 0.995, max_value: float = 1.0):
-        if not 0 < ratio <= 1:
-            raise InvalidArgumentError(f"dynamic thresholding ratio must lie in (0, 1], got {ratio}.")
+        if not is_real(ratio) or not 0 < float(ratio) <= 1:
+            raise InvalidArgumentError(f"dynamic thresholding ratio must be a number in (0, 1], got {ratio!r}.")
         self.ratio = float(ratio)
-        self.max_value = float(max_value)
+        self.max_value = _positive(max_value, "DynamicThreshold: max_value (the largest threshold s; x0_hat is divided by s)")
 
     def __call__(self, x0: torch.Tensor) -> torch.Tensor:
         dtype = x0.dtype
@@ -170,6 +176,11 @@ def reparameterize(predictor: Callable[..., torch.Tensor], schedule: Any, source
     matters. On the exact oracles an x0 ("sample") model's drafts are carried over worse than its
     :math:`\hat\epsilon`'s (DDIM, T = 50, width 4: 0.4-2.3x step skipping's error as "sample", 0.1-0.65x
     as "epsilon"), so wrap an x0 model as epsilon (VP) or velocity (flow) for DRiffusion.
+
+    The level is recovered from the model time the wrapper is called with: exact for VP's integer
+    timesteps, but a flow grid's float32 model time :math:`\sigma N` gives :math:`\sigma` to float32
+    rounding (about 1e-7 relative), so a float64 flow run through the wrapper matches the unwrapped one
+    to that rounding, not to float64's.
 
     Arguments:
         predictor: ``f(x, t, **cond)``, t the model times a grid of ``schedule`` calls it with.

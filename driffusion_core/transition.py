@@ -39,8 +39,17 @@ History = Sequence[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def as_levels(t: Levels, batch: int) -> torch.Tensor:
-    """Levels as a float64 CPU tensor: a 0-d scalar, or one level per row (``Tensor[batch]``)."""
-    t = t.detach().to("cpu", torch.float64) if isinstance(t, torch.Tensor) else torch.tensor(float(t), dtype=torch.float64)
+    """Levels as a float64 CPU tensor: a 0-d scalar, or one level per row (``Tensor[batch]``; a list,
+    tuple or numpy array of per-row levels is taken too)."""
+    if isinstance(t, torch.Tensor):
+        t = t.detach().to("cpu", torch.float64)
+    else:
+        try:
+            t = torch.as_tensor(t, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            raise InvalidArgumentError(
+                f"Levels must be numbers: a float, or a tensor or list with one level per row, got {t!r}."
+            ) from None
     if t.dim() > 1 or (t.dim() == 1 and t.shape[0] not in (1, batch)):
         raise InvalidArgumentError(
             f"Levels must be a scalar or hold one level per row ({batch}), got shape {tuple(t.shape)}."
@@ -392,6 +401,12 @@ class SkipTransition(abc.ABC):
         Returns:
             ``Tensor[n, B, ...]``; row j is the state after j+1 steps with the prediction frozen.
             Row 0 equals the serial step ``S(x, pred, t_from[0], t_to[0], z_a)`` bit for bit.
+
+        A deterministic transition's row j is the skip ``S(x, pred, t_from[0] -> t_to[j])``: the state the
+        frozen pair (x0_hat, eps_hat) put at level ``t_to[j]``. On a contiguous grid that is the
+        chain of steps; on a grid whose steps do not join (``t_to[k] != t_from[k+1]``, diffusers' DDIM
+        stride) it is still the frozen pair's state at ``t_to[j]`` (DDIM's chain with the pair frozen, whose
+        step does not depend on the state), not a chain of Euler steps each restarted at ``t_from[k]``.
         """
         if history:
             if not self.history:

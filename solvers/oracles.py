@@ -37,18 +37,29 @@ class GaussianMixture:
 
     def __init__(self, means, variances: Union[float, Sequence, torch.Tensor] = 0.01, weights=None):
         self.means = torch.as_tensor(means, dtype=torch.float64)
-        if self.means.dim() != 2:
-            raise InvalidArgumentError(f"means must be [M, D], got shape {tuple(self.means.shape)}.")
+        if self.means.dim() != 2 or self.means.numel() == 0:
+            raise InvalidArgumentError(f"means must be a non-empty [M, D], got shape {tuple(self.means.shape)}.")
+        if not bool(torch.isfinite(self.means).all()):
+            raise InvalidArgumentError("means must be finite.")
         m, d = self.means.shape
         v = torch.as_tensor(variances, dtype=torch.float64)
+        shapes = {0: (), 1: (m,), 2: (m, d)}
+        if v.dim() > 2 or tuple(v.shape) != shapes[v.dim()]:
+            raise InvalidArgumentError(
+                f"variances must be a float, [M] = [{m}] or [M, D] = [{m}, {d}], got shape {tuple(v.shape)}."
+            )
         if v.dim() == 0:
             v = v.expand(m, d)
         elif v.dim() == 1:
             v = v[:, None].expand(m, d)
         self.variances = v.clone()
-        if (self.variances <= 0).any():
-            raise InvalidArgumentError("variances must be positive.")
+        if not bool((torch.isfinite(self.variances) & (self.variances > 0)).all()):
+            raise InvalidArgumentError("variances must be finite and > 0 (a component needs a spread to have a density).")
         w = torch.full((m,), 1.0 / m, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        if tuple(w.shape) != (m,):
+            raise InvalidArgumentError(f"weights must be [M] = [{m}], one per component, got shape {tuple(w.shape)}.")
+        if not bool((torch.isfinite(w) & (w >= 0)).all()) or float(w.sum()) <= 0:
+            raise InvalidArgumentError(f"weights must be finite, >= 0 and not all 0, got {w.tolist()}.")
         self.weights = w / w.sum()
 
     @property

@@ -5,11 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from backends import BatchedExecutor
+from backends import BatchedExecutor, SerialExecutor
 from driffusion_core import (
+    ClipSample,
     DeviceMismatchError,
     DraftRefineScheduler,
     DriffusionError,
+    DynamicThreshold,
     FlowSchedule,
     InvalidArgumentError,
     InvalidTimestepsError,
@@ -622,6 +624,41 @@ def test_vmap_executor_says_why_a_predictor_fails_under_vmap():
     torch.testing.assert_close(scheduler(width=3).sample(f, x0(), executor=BatchedExecutor()).x, ref)
 
 
+def test_vmap_note_is_only_added_to_vmap_failures():
+    """An error of the predictor's own (here a KeyError) reaches the caller as under the serial executor,
+    without the note about what torch.func.vmap refuses."""
+
+    def missing_weight(x, t):
+        raise KeyError("missing_weight")
+
+    xs, ts = torch.randn(2, 3, 2), torch.zeros(2, 3)
+    with pytest.raises(KeyError) as serial:
+        SerialExecutor().evaluate(missing_weight, xs, ts)
+    with pytest.raises(KeyError) as vmapped:
+        BatchedExecutor(vmap=True).evaluate(missing_weight, xs, ts)
+    assert str(vmapped.value) == str(serial.value)
+    assert getattr(vmapped.value, "__notes__", []) == getattr(serial.value, "__notes__", [])
+
+
+def test_chunked_batched_executor_accepts_the_outputs_unchunked_accepts():
+    """With max_batch the chunks only need to agree with each other (what torch.cat needs): an output
+    dtype other than x's comes back as from the serial executor and unchunked; chunks that disagree in
+    dtype are a PredictorOutputError naming both."""
+    xs, ts = torch.randn(3, 4, 2), torch.rand(3, 4) * 1000
+    half = lambda x, t: (0.1 * x).half()  # noqa: E731
+    ref = SerialExecutor().evaluate(half, xs, ts)
+    for executor in (BatchedExecutor(), BatchedExecutor(max_batch=1), BatchedExecutor(max_batch=5)):
+        out = executor.evaluate(half, xs, ts)
+        assert out.dtype == ref.dtype and torch.equal(out, ref), executor.describe()
+
+    def half_after_the_first_chunk(x, t):
+        return 0.1 * x if bool((t == 900).any()) else (0.1 * x).half()
+
+    xs, ts = torch.randn(2, 3, 2), torch.tensor([[900.0] * 3, [800.0] * 3])
+    with pytest.raises(PredictorOutputError, match=r"returned torch\.float16 rows .*chunk of 3 rows.*torch\.float32 rows .*first chunk"):
+        BatchedExecutor(max_batch=3).evaluate(half_after_the_first_chunk, xs, ts)
+
+
 def test_reparameterize_refuses_a_parameterization_the_schedule_lacks():
     from driffusion_core import reparameterize
 
@@ -643,8 +680,12 @@ def test_argument_checks_at_their_edges():
     tr = DDPMSkip(VP)
     for i in (np.int64(3), torch.tensor(3)):
         assert torch.equal(tr.grid_step(x, e, grid, i, noise=torch.zeros_like(x)), tr.grid_step(x, e, grid, 3, noise=torch.zeros_like(x)))
-    with pytest.raises(DeviceMismatchError, match=r"chunk of 1 rows .*in its dtype and device"):
-        scheduler(width=2).sample(lambda x, t: (0.1 * x).double(), x0(), executor=BatchedExecutor(max_batch=1))
+    as_double = lambda x, t: (0.1 * x).double()  # noqa: E731
+    with pytest.raises(DeviceMismatchError) as unchunked:
+        scheduler(width=2).sample(as_double, x0(), executor=BatchedExecutor())
+    with pytest.raises(DeviceMismatchError) as chunked:
+        scheduler(width=2).sample(as_double, x0(), executor=BatchedExecutor(max_batch=1))
+    assert str(chunked.value) == str(unchunked.value)
     window_from, window_to = torch.tensor([900.0, 800.0, 700.0], dtype=torch.float64), torch.tensor([800.0, 950.0, 600.0], dtype=torch.float64)
     with pytest.raises(InvalidTimestepsError, match=r"t_to = 950 lies above t_from = 800"):
         tr.drafts(x, e, window_from, window_to)
@@ -657,3 +698,71 @@ def test_pipeline_argument_errors_are_type_errors_too():
     from driffusion_core import UnexpectedArgumentError
 
     assert issubclass(UnexpectedArgumentError, InvalidArgumentError) and issubclass(UnexpectedArgumentError, TypeError)
+
+
+# --------------------------------------------------------------------------- found in review
+
+
+def test_grid_model_times_that_are_not_finite_are_named():
+    with pytest.raises(InvalidTimestepsError, match=r"model_times\[1\] is nan"):
+        TimeGrid.from_levels([0.9, 0.5], 0.0, model_times=torch.tensor([900.0, float("nan")]))
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: ClipSample(float("nan")), "clip_range"),
+    (lambda: ClipSample("1"), "clip_range"),
+    (lambda: ClipSample(0), "clip_range"),
+    (lambda: DynamicThreshold(max_value=0), "max_value"),
+    (lambda: DynamicThreshold(max_value=float("inf")), "max_value"),
+    (lambda: DynamicThreshold(ratio="0.9"), "ratio"),
+    (lambda: DynamicThreshold(ratio=0.0), "ratio"),
+])
+def test_x0_transforms_refuse_values_that_would_make_nan(make, match):
+    with pytest.raises(InvalidArgumentError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(weights=[1.0, -1.0]), "weights"),
+    (dict(weights=[0.0, 0.0]), "weights"),
+    (dict(weights=[1.0, 1.0, 1.0]), r"weights must be \[M\] = \[2\]"),
+    (dict(variances=float("nan")), "variances"),
+    (dict(variances=[0.1, 0.0]), "variances"),
+    (dict(variances=[0.1, 0.2, 0.3]), r"variances must be"),
+])
+def test_gaussian_mixture_refuses_what_has_no_density(kwargs, match):
+    from solvers import GaussianMixture
+
+    with pytest.raises(InvalidArgumentError, match=match):
+        GaussianMixture(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]), **kwargs)
+
+
+def test_operator_levels_as_lists_or_arrays_equal_tensors_and_non_numbers_are_named():
+    S, x, p = DDIMSkip(VP), x0(), 0.1 * x0()
+    ref = S(x, p, torch.tensor([500.0, 400.0, 300.0]), 200)
+    assert torch.equal(S(x, p, [500, 400, 300], 200), ref)
+    assert torch.equal(S(x, p, np.array([500, 400, 300]), 200), ref)
+    for bad in (None, "500"):
+        with pytest.raises(InvalidArgumentError, match="Levels must be numbers"):
+            S(x, p, bad, 200)
+
+
+def test_noise_source_steps_of_an_empty_or_reversed_range():
+    z = NoiseSource(0).steps(3, 3, (2, 4))
+    assert z.shape == (0, 2, 4)
+    torch.testing.assert_close(NoiseSource(0).steps(2, 4, (2, 4)), torch.stack([NoiseSource(0)(i, (2, 4)) for i in (2, 3)]),
+                               rtol=0, atol=0)
+    with pytest.raises(InvalidArgumentError, match="stop"):
+        NoiseSource(0).steps(3, 2, (2,))
+
+
+@pytest.mark.parametrize("n", [1000, 100, 37])
+def test_trailing_grids_have_the_steps_asked_for(n):
+    """Every T in 1..N: T strictly decreasing training timesteps from N - 1, the ones diffusers' formula lists
+    (np.arange rounds up to one more entry, at -1, for some T; that entry is dropped)."""
+    schedule = VPSchedule.linear(n)
+    for T in range(1, n + 1):
+        grid = schedule.timesteps(T, "trailing")
+        listed = (np.round(np.arange(n, 0, -n / T)).astype(np.int64) - 1).tolist()
+        assert len(grid) == T and grid.model_times.tolist() == listed[:T]
+        assert grid.t_from[0] == n - 1 and grid.t_to[-1] == -1 and grid.t_from[-1] >= 0
