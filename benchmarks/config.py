@@ -11,7 +11,7 @@ from typing import Tuple
 
 __all__ = ["BenchConfig", "FULL", "QUICK", "SECTIONS", "preset"]
 
-SECTIONS = ("oracle", "digits", "timeseries", "latency", "picard", "distributed")
+SECTIONS = ("oracle", "digits", "timeseries", "latency", "grids", "picard", "distributed")
 
 
 @dataclass(frozen=True)

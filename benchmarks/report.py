@@ -114,6 +114,10 @@ def render_summary(results: dict) -> str:
     if dist:
         lines.append(f"  DistributedExecutor, 2 processes ({dist.get('mlp', 'MLP')}): {dist['distributed_s']:.3f} s vs serial "
                      f"{dist['serial_s']:.3f} s, speedup {dist['speedup']:.2f}x (rounds {dist['ideal_speedup']:.2f}x)")
+    grids = results.get("grids", {}).get("result")
+    if grids:
+        lines.append(f"  grid study: DRiffusion closer to serial than step skipping in {grids['settings'] - grids['worse_count']} "
+                     f"of {grids['settings']} (family, spacing, T, width, mode) settings; see the report for where not")
     for sec, val in results.items():
         if isinstance(val, dict) and "skipped" in val:
             lines.append(f"[{sec}] skipped: {val['skipped']}")
@@ -207,6 +211,12 @@ def _latency_md(lat: dict) -> str:
     return "\n\n".join(parts)
 
 
+GRIDS_INTRO = """From `benchmarks/grid_study.py`, on the exact 2-D ring (epsilon model, batch 512, float64): DDIM
+and DPM-Solver++ 2M on diffusers' three timestep spacings, T from 10 to 50, widths 2, 4 and 8. The quality
+tables above use T = 50 on trailing grids; this shows how far that carries. The full rows are in
+`results.json`."""
+
+
 DISTRIBUTED_INTRO = """From `benchmarks/distributed_speedup.py`: the serial sampler in one process against DRiffusion
 (aggressive, width 2) with `DistributedExecutor` over 2 gloo processes, one thread each, on its own
 compute-bound MLP; medians over repeats. `ideal_speedup` = T / rounds; `comm_overhead_frac` = an
@@ -270,13 +280,18 @@ def render_report(results: dict, plots: Dict[str, str]) -> str:
     if lat is not None:
         out += ["## Latency", ""]
         out += [f"Skipped: {lat['skipped']}", ""] if "skipped" in lat else [_latency_md(lat), ""]
-    for sec, title in (("distributed", "Distributed executor (2 gloo processes)"), ("picard", "Picard study")):
+    for sec, title in (("grids", "Grid study: where the gain over step skipping holds"),
+                       ("distributed", "Distributed executor (2 gloo processes)"), ("picard", "Picard study")):
         val = results.get(sec)
         if val is None:
             continue
         out += [f"## {title}", ""]
         if "skipped" in val:
             out += [f"Skipped: {val['skipped']}", ""]
+        elif sec == "grids":
+            from benchmarks.grid_study import markdown
+
+            out += [GRIDS_INTRO, "", markdown(val["result"]), ""]
         elif sec == "distributed":
             out += [DISTRIBUTED_INTRO, "", md_table(["quantity", "value"], [[k, fmt(v)] for k, v in val["result"].items()]), ""]
         else:

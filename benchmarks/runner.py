@@ -1,8 +1,8 @@
 """Runs the selected sections, writes ``results.json``, ``report.md`` and the plots, prints a summary.
 
 Sections: ``oracle``, ``digits``, ``timeseries`` (quality tables), ``latency`` (executors, memory,
-scheduler overhead), ``picard`` (``benchmarks.picard_study``), ``distributed``
-(``benchmarks.distributed_speedup``). A section whose built-in model or module is not available is
+scheduler overhead), ``grids`` (``benchmarks.grid_study``), ``picard`` (``benchmarks.picard_study``),
+``distributed`` (``benchmarks.distributed_speedup``). A section whose built-in model or module is not available is
 recorded as skipped, with the reason, in the report and the summary; any other error stops the run.
 Running a subset (``--only``) into a folder that already holds results of the same preset updates
 those sections and keeps the others.
@@ -32,6 +32,7 @@ from benchmarks.report import render_report, render_summary, summary_rows, SUMMA
 __all__ = ["run", "RESULTS_DIR", "README"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+STUDIES = {"grids": "grid_study", "picard": "picard_study", "distributed": "distributed_speedup"}
 README = Path(__file__).resolve().parent / "README.md"
 README_MARKERS = ("<!-- results:start -->", "<!-- results:end -->")
 
@@ -209,8 +210,8 @@ def run(
                 bar.close()
         else:
             if progress:
-                echo(f"{sec}: running benchmarks.{'picard_study' if sec == 'picard' else 'distributed_speedup'} ...")
-            study = _optional_study("picard_study" if sec == "picard" else "distributed_speedup", cfg.name == "quick")
+                echo(f"{sec}: running benchmarks.{STUDIES[sec]} ...")
+            study = _optional_study(STUDIES[sec], cfg.name == "quick")
             if sec == "picard" and "module" in study:
                 study["module"].plot_error_vs_rounds(study["result"], out_dir / "picard_error_vs_rounds.png")
                 plot_files["picard"] = "picard_error_vs_rounds.png"

@@ -68,7 +68,7 @@ def test_trained_models_ran(bench):
 
 
 def test_studies_wired_in(tmp_path, monkeypatch):
-    """``picard`` and ``distributed`` call their modules' ``run(quick)`` (and the Picard plot) and report them."""
+    """``grids``, ``picard`` and ``distributed`` call their modules' ``run(quick)`` (and the Picard plot) and report them."""
     import types
 
     calls = []
@@ -78,14 +78,19 @@ def test_studies_wired_in(tmp_path, monkeypatch):
     dist = types.ModuleType("benchmarks.distributed_speedup")
     dist.run = lambda quick: calls.append(("distributed", quick)) or {"speedup": 1.5, "ideal_speedup": 1.9,
                                                                        "serial_s": 3.0, "distributed_s": 2.0}
+    grids = types.ModuleType("benchmarks.grid_study")
+    grids.run = lambda quick: calls.append(("grids", quick)) or {"settings": 4, "worse_count": 1}
+    grids.markdown = lambda res: f"GRID TABLE {res['settings']}"
     monkeypatch.setitem(sys.modules, "benchmarks.picard_study", study)
     monkeypatch.setitem(sys.modules, "benchmarks.distributed_speedup", dist)
-    results = run(TINY.with_(name="quick"), ["picard", "distributed"], tmp_path, progress=False, echo=lambda _: None)
-    assert calls == [("picard", True), ("plot", 8), ("distributed", True)]
+    monkeypatch.setitem(sys.modules, "benchmarks.grid_study", grids)
+    results = run(TINY.with_(name="quick"), ["grids", "picard", "distributed"], tmp_path, progress=False, echo=lambda _: None)
+    assert calls == [("grids", True), ("picard", True), ("plot", 8), ("distributed", True)]
     assert results["picard"]["result"]["at_driffusion_rounds"][0]["error"] == 0.5
     report = (tmp_path / "report.md").read_text()
     assert "## Picard study" in report and "picard_error_vs_rounds.png" in report
     assert "## Distributed executor (2 gloo processes)" in report and "| speedup | 1.5 |" in report
+    assert "## Grid study" in report and "GRID TABLE 4" in report
 
 
 def test_rounds_calls_and_width_one(bench):
@@ -259,3 +264,35 @@ def test_distributed_speedup_study_runs_small():
     assert min(r["call_ms"], r["serial_s"], r["distributed_s"], r["round_ms"], r["exchange_ms"]) > 0
     assert r["exchange_ms"] <= r["round_ms"]
     assert "world_size=2" in r["executor"]
+
+
+def test_grid_study_rows_are_the_library_run_directly():
+    """The grid study's errors are DRiffusion's and step skipping's RMSE to a direct serial run, and its
+    summary counts and bold cells follow the ratios."""
+    from benchmarks import grid_study
+    from driffusion_core import VPSchedule
+    from solvers import DDIMSkip, DPMSolverSkip, ring_mixture
+
+    res = grid_study.run(steps=(8,), widths=(2, 3), spacings=("leading",), batch=16)
+    assert res["settings"] == len(res["rows"]) == 2 * 2 * 2
+    schedule = VPSchedule.linear(1000, 1e-4, 0.02)
+    f = ring_mixture().predictor(schedule, "epsilon")
+    x = NoiseSource(grid_study.SEED_X).initial((16, 2), torch.float64)
+    for r in res["rows"]:
+        if r["family"] == "ddim":
+            tr, grid = DDIMSkip(schedule), schedule.timesteps(8, "leading", step_to="stride")
+        else:
+            tr, grid = DPMSolverSkip(schedule), schedule.timesteps(8, "leading")
+        serial = sample_serial(f, x, tr, grid).x
+        out = DraftRefineScheduler(tr, grid, r["width"], r["mode"]).sample(f, x)
+        skip = sample_step_skipping(f, x, tr, grid, out.rounds).x
+        assert r["rounds"] == out.rounds == expected_rounds(8, r["width"], r["mode"])
+        assert r["driffusion_rmse"] == pytest.approx(rmse(out.x, serial), rel=1e-12)
+        assert r["skipping_rmse"] == pytest.approx(rmse(skip, serial), rel=1e-12)
+        assert r["ratio"] == pytest.approx(r["driffusion_rmse"] / r["skipping_rmse"])
+    assert res["worse_count"] == sum(r["ratio"] > 1 for r in res["rows"]) == len(res["worse_than_skipping"])
+    assert sum(w["settings"] for w in res["by_window"]) == res["settings"]
+    clip = {(c["ring radius"], c["clip to [-1, 1]"], c["recompute_eps"]): c for c in res["clipping"]}
+    assert set(clip) == {(1.4, True, False), (1.4, True, True), (0.7, True, False), (0.7, True, True), (1.4, False, None)}
+    text = grid_study.markdown(res)
+    assert text.count("**") == 2 * res["worse_count"] and f"{res['worse_count']} of {res['settings']}" in text
