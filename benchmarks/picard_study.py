@@ -6,8 +6,8 @@ when its change is at most tau sigma_t). Error = relative error to the serial ou
 starting noise and per-step noise, ``||x - x_serial||_F / ||x_serial||_F`` over the batch.
 
 Families: DDIM 50 steps (trailing, diffusers' stride), DDPM 50 steps (coupled per-step noise),
-flow matching 28 steps (shift 3), all with the exact ring predictor (no training error, so every
-difference is the sampler's). Widths 2..4.
+flow matching 28 steps (shift 3), DPM-Solver++ 2M 50 steps (trailing; a multistep transition), all
+with the exact ring predictor (no training error, so every difference is the sampler's). Widths 2..4.
 
 Measured (``run()``):
 
@@ -17,6 +17,20 @@ Measured (``run()``):
   in ``budget_sweep``.
 * ``rounds_to_tolerance``: the fewest rounds (over a fine tolerance sweep, no budget) that bring
   the error below 1e-3 and 1e-5, with the model calls spent beyond T at that run.
+* ``same_tolerance``: per family and width, how often skip drafts needed fewer / as many / more
+  rounds (and model calls) than ParaDiGMS' copies at the *same* tolerance of the fine sweep, and
+  how often they ended further from serial. (Equal tolerance is not equal error: the fair
+  comparison is ``rounds_to_tolerance``, rounds to reach an error.)
+* ``budget_vs_driffusion``: per family, the range over widths and ``BUDGET_TOLERANCES`` of
+  skip-Picard's error under ``max_rounds=R`` at one *fixed* tolerance, divided by DRiffusion's.
+* ``short_grids``: the same-tolerance round counts on short grids (T in ``SHORT_STEPS``, widths
+  ``SHORT_WIDTHS``, tolerances ``SHORT_TOLERANCES``): settings where skip took fewer / as many /
+  more rounds, the settings with more, and the total rounds per init (per family and over DDIM,
+  DDPM and flow together).
+* ``last_change``: per family at width 4 and each tolerance of ``LAST_CHANGE_TOLERANCES`` (no
+  budget), how many levels (the clean end, where sigma = 0, left out) had a last measured change
+  above tau sigma_t, and the largest such change in units of tau sigma_t: the slide also
+  finalises each round's first unconverged level.
 * ``curves``: every (rounds, error, model calls) point, for the plot.
 
 ``plot_error_vs_rounds(results, path)`` draws error against rounds, one panel per family.
@@ -32,25 +46,36 @@ import torch
 
 from backends import BatchedExecutor
 from driffusion_core import DraftRefineScheduler, FlowSchedule, NoiseSource, VPSchedule
-from solvers import DDIMSkip, DDPMSkip, FlowEulerSkip, PicardScheduler, ring_mixture, sample_serial
+from driffusion_core.scheduler import evaluate_round
+from solvers import DDIMSkip, DDPMSkip, DPMSolverSkip, FlowEulerSkip, PicardScheduler, ring_mixture, sample_serial
 
-__all__ = ["run", "plot_error_vs_rounds", "BUDGET_TOLERANCES", "SWEEP_TOLERANCES", "TARGETS"]
+__all__ = [
+    "run", "plot_error_vs_rounds", "BUDGET_TOLERANCES", "SWEEP_TOLERANCES", "TARGETS",
+    "SHORT_STEPS", "SHORT_WIDTHS", "SHORT_TOLERANCES", "LAST_CHANGE_TOLERANCES",
+]
 
 INITS = ("frozen", "skip")
 LABELS = {"driffusion": "DRiffusion (aggressive)", "frozen": "ParaDiGMS (Picard, frozen init)", "skip": "skip-drafted Picard"}
 BUDGET_TOLERANCES: Tuple[float, ...] = (math.inf, 1.0, 0.3, 0.1, 0.03, 0.01)
 SWEEP_TOLERANCES: Tuple[float, ...] = (math.inf,) + tuple(10 ** (-k / 2) for k in range(0, 13)) + (0.0,)
 TARGETS: Tuple[float, ...] = (1e-3, 1e-5)
+SHORT_STEPS: Tuple[int, ...] = (8, 16)
+SHORT_WIDTHS: Tuple[int, ...] = (2, 3, 4, 5)
+SHORT_TOLERANCES: Tuple[float, ...] = (1.0, 0.3, 0.1, 1e-2, 1e-3)
+LAST_CHANGE_TOLERANCES: Tuple[float, ...] = (0.1, 0.01)
 FLOW_SHIFT = 3.0
 SEED_X, SEED_NOISE = 1, 2
 
 
-def _families() -> Dict[str, tuple]:
+def _families(steps: Dict[str, int] = None) -> Dict[str, tuple]:
+    """family -> (transition, grid, predictor, stochastic); ``steps`` overrides the grid lengths."""
     ring, vp, flow = ring_mixture(), VPSchedule.linear(), FlowSchedule(shift=FLOW_SHIFT)
+    T = {"ddim": 50, "ddpm": 50, "flow": 28, "dpm": 50, **(steps or {})}
     return {
-        "ddim": (DDIMSkip(vp), vp.timesteps(50, "trailing", step_to="stride"), ring.predictor(vp, "epsilon"), False),
-        "ddpm": (DDPMSkip(vp), vp.timesteps(50, "trailing"), ring.predictor(vp, "epsilon"), True),
-        "flow": (FlowEulerSkip(flow), flow.timesteps(28), ring.predictor(flow, "velocity"), False),
+        "ddim": (DDIMSkip(vp), vp.timesteps(T["ddim"], "trailing", step_to="stride"), ring.predictor(vp, "epsilon"), False),
+        "ddpm": (DDPMSkip(vp), vp.timesteps(T["ddpm"], "trailing"), ring.predictor(vp, "epsilon"), True),
+        "flow": (FlowEulerSkip(flow), flow.timesteps(T["flow"]), ring.predictor(flow, "velocity"), False),
+        "dpm": (DPMSolverSkip(vp), vp.timesteps(T["dpm"], "trailing"), ring.predictor(vp, "epsilon"), False),
     }
 
 
@@ -66,7 +91,8 @@ def run(quick: bool = False) -> dict:
     """Run the study; returns plain data (JSON-ready): ``rows`` tables and the plot's curves.
 
     Arguments:
-        quick: a smaller batch (64 instead of 512), widths 2 and 4, and a coarser budget grid.
+        quick: a smaller batch (64 instead of 512), widths 2 and 4, a coarser budget grid, and
+            the short-grid sweep at T = 8 only.
     """
     t0 = time.perf_counter()
     threads = torch.get_num_threads()
@@ -139,6 +165,10 @@ def _run(quick: bool, t0: float) -> dict:
                 k = f"{target:g}"
                 a, b = row[f"rounds@{k}"], other[f"rounds@{k}"]
                 row[f"saved@{k}"] = (b - a) if (a is not None and b is not None) else None
+    same_tol = _same_tolerance(curves)
+    budget_vs_dr = _budget_vs_driffusion(budget_rows, at_r)
+    short = _short_grids(batch, SHORT_STEPS[:1] if quick else SHORT_STEPS, widths if quick else SHORT_WIDTHS, ex)
+    last_change = _last_change(batch, ex)
     return {
         "oracle": "exact 2-D ring (8 modes), float64",
         "batch": batch,
@@ -148,9 +178,93 @@ def _run(quick: bool, t0: float) -> dict:
         "seconds": round(time.perf_counter() - t0, 1),
         "at_driffusion_rounds": at_r,
         "rounds_to_tolerance": to_tol,
+        "same_tolerance": same_tol,
+        "budget_vs_driffusion": budget_vs_dr,
+        "short_grids": short,
+        "last_change": last_change,
         "budget_sweep": budget_rows,
         "curves": curves,
     }
+
+
+def _same_tolerance(curves: Dict[str, dict]) -> List[dict]:
+    """Skip against frozen at the same tolerance of the fine sweep: settings with fewer / as many / more
+    rounds and model calls (tolerance 0 and inf included)."""
+    rows = []
+    for fam, c in curves.items():
+        for key, pts in c["points"].items():
+            if not key.startswith("skip:"):
+                continue
+            other = c["points"]["frozen:" + key.split(":")[1]]
+            row = {"family": fam, "T": c["T"], "width": int(key.split(":")[1]), "tolerances": len(pts)}
+            for what in ("rounds", "evals"):
+                d = [p[what] - q[what] for p, q in zip(pts, other)]
+                row[f"{what}: skip fewer"] = sum(v < 0 for v in d)
+                row[f"{what}: same"] = sum(v == 0 for v in d)
+                row[f"{what}: skip more"] = sum(v > 0 for v in d)
+            row["error: skip larger"] = sum(p["error"] > q["error"] for p, q in zip(pts, other))
+            rows.append(row)
+    return rows
+
+
+def _budget_vs_driffusion(budget_rows: List[dict], at_r: List[dict]) -> Dict[str, dict]:
+    """Per family: skip-Picard's error under max_rounds = R at each fixed tolerance, divided by DRiffusion's."""
+    out: Dict[str, dict] = {}
+    for fam in dict.fromkeys(r["family"] for r in at_r):
+        dr = {r["width"]: r["DRiffusion"] for r in at_r if r["family"] == fam}
+        ratios = [(r["error"] / dr[r["width"]], r["width"], r["tolerance"]) for r in budget_rows
+                  if r["family"] == fam and r["init"] == "skip" and dr[r["width"]] > 0]
+        lo, hi = min(ratios), max(ratios)
+        out[fam] = {"min": lo[0], "min_at": f"n={lo[1]} tau={lo[2]}", "max": hi[0], "max_at": f"n={hi[1]} tau={hi[2]}",
+                    "settings": len(ratios), "worse_than_DRiffusion": sum(r[0] > 1 for r in ratios),
+                    "ratios": {f"n={w} tau={t}": q for q, w, t in ratios}}
+    return out
+
+
+def _last_change(batch: int, ex, width: int = 4) -> List[dict]:
+    """Levels whose last measured change exceeded tau sigma_t (``PicardState.moved``, the squared ratio)."""
+    rows = []
+    for fam, (tr, grid, f, stochastic) in _families().items():
+        x = NoiseSource(SEED_X).initial((batch, 2), torch.float64)
+        noise = NoiseSource(SEED_NOISE) if stochastic else None
+        for tol in LAST_CHANGE_TOLERANCES:
+            st = PicardScheduler(tr, grid, width, tol).start(x, noise)
+            last: Dict[int, float] = {}
+            while (rnd := st.plan()) is not None:
+                st.absorb(rnd, evaluate_round(ex, f, rnd, grid, {}, x))
+                last.update(st.moved)
+            last = {k: v for k, v in last.items() if float(st.sigma2[k]) > 0}  # the clean end (sigma = 0) left out
+            over = [math.sqrt(v) / tol for v in last.values() if v > tol**2]
+            rows.append({"family": fam, "T": len(grid), "width": width, "tolerance": _tol(tol), "levels": len(last),
+                         "above tau sigma": len(over), "largest / (tau sigma)": max(over, default=None)})
+    return rows
+
+
+def _short_grids(batch: int, steps: Tuple[int, ...], widths: Tuple[int, ...], ex) -> dict:
+    """Rounds to finish at the same tolerance on short grids, skip against frozen (no budget)."""
+    per: Dict[str, dict] = {}
+    for T in steps:
+        for fam, (tr, grid, f, stochastic) in _families({k: T for k in ("ddim", "ddpm", "flow", "dpm")}).items():
+            x = NoiseSource(SEED_X).initial((batch, 2), torch.float64)
+            noise = NoiseSource(SEED_NOISE) if stochastic else None
+            d = per.setdefault(fam, {"fewer": 0, "same": 0, "more": 0, "rounds_skip": 0, "rounds_frozen": 0, "largest_gap": 0, "more_at": []})
+            for n in widths:
+                for tol in SHORT_TOLERANCES:
+                    r = {init: PicardScheduler(tr, grid, n, tol, init=init).sample(f, x, executor=ex, noise=noise).rounds
+                         for init in INITS}
+                    d["rounds_skip"] += r["skip"]
+                    d["rounds_frozen"] += r["frozen"]
+                    k = "fewer" if r["skip"] < r["frozen"] else "same" if r["skip"] == r["frozen"] else "more"
+                    d[k] += 1
+                    d["largest_gap"] = max(d["largest_gap"], abs(r["skip"] - r["frozen"]))
+                    if k == "more":
+                        d["more_at"].append(f"T={T} n={n} tau={_tol(tol)}: {r['skip']} vs {r['frozen']}")
+    one_step = ("ddim", "ddpm", "flow")
+    together = {k: sum(per[f][k] for f in one_step) for k in ("fewer", "same", "more", "rounds_skip", "rounds_frozen")}
+    together["largest_gap"] = max(per[f]["largest_gap"] for f in one_step)
+    together["more_at"] = [f"{f} {s}" for f in one_step for s in per[f]["more_at"]]
+    return {"steps": list(steps), "widths": list(widths), "tolerances": [_tol(t) for t in SHORT_TOLERANCES],
+            "batch": batch, "families": per, "ddim+ddpm+flow": together}
 
 
 def _envelope(points: List[dict]) -> Tuple[List[int], List[float]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -106,6 +107,58 @@ def test_width_one_is_the_serial_sampler(name):
             assert out.rounds == out.evals == 12
 
 
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "flow", "dpm"])
+def test_tiny_grids_and_windows_wider_than_the_grid(name):
+    """T = 1, 2, 3 and widths 1 .. T+2 (the window never reaches past the grid): tolerance 0 is
+    sample_serial in at most T rounds, and evals is the number of calls the predictor saw."""
+    x = start(16)
+    for T in (1, 2, 3):
+        tr, grid, f, noise = family(name, T)
+        ref = sample_serial(f, x, tr, grid, noise=noise)
+        for width in range(1, T + 3):
+            for init in ("skip", "frozen"):
+                calls = {"n": 0}
+
+                def counting(xx, t, **kw):
+                    calls["n"] += 1
+                    return f(xx, t, **kw)
+
+                out = PicardScheduler(tr, grid, width, 0.0, init=init).sample(counting, x, executor=SerialExecutor(), noise=noise)
+                assert torch.equal(out.x, ref.x), (T, width, init)
+                assert out.rounds <= T and out.evals == calls["n"] >= T, (T, width, init, out.rounds, out.evals, calls)
+                assert out.info["converged"] and out.info["calls_beyond_T"] == out.evals - T
+
+
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "flow", "dpm"])
+@pytest.mark.parametrize("tol", [1.0, 0.1, 0.01])
+def test_what_the_tolerance_guarantees(name, tol):
+    """Without a budget, every final level x_{k+1} is the serial step from the final x_k with a
+    prediction taken within tau sigma_k of x_k (the module doc's "what tau guarantees"). It is not
+    true that every level's last change is below tau sigma: each round also finalises its first
+    level that did not converge, and on 50-step DDIM at tau = 0.01 some do exceed it."""
+    from driffusion_core.scheduler import evaluate_round
+
+    tr, grid, f, noise = family(name, 30)
+    x = start()
+    st = PicardScheduler(tr, grid, 4, tol).start(x, noise, keep_trajectory=True)
+    ex = BatchedExecutor()
+    while (rnd := st.plan()) is not None:
+        st.absorb(rnd, evaluate_round(ex, f, rnd, grid, {}, x))
+    assert st.fallback is None
+    for k in range(st.T):
+        d = (st.xs[k] - st.at[k]).reshape(x.shape[0], -1).pow(2).mean(dim=1).max()
+        assert d <= tol**2 * st.sigma2[k] * (1 + 1e-9), (k, float(d), float(st.sigma2[k]))
+        assert torch.equal(st.step(st.xs[k], st.preds[k], k, st._history(k)), st.xs[k + 1]), k
+    if name == "ddim" and tol == 0.01:  # the level's own last change: not bounded by tau sigma
+        tr, grid, f, _ = family("ddim")
+        st = PicardScheduler(tr, grid, 4, tol).start(start(512))
+        last = {}
+        while (rnd := st.plan()) is not None:
+            st.absorb(rnd, evaluate_round(ex, f, rnd, grid, {}, start(512)))
+            last.update(st.moved)
+        assert any(v > tol**2 for v in last.values())
+
+
 # --------------------------------------------------------------------------- the claims
 
 
@@ -143,13 +196,16 @@ def test_skip_beats_driffusion_and_paradigms_at_driffusion_rounds(name):
 
 @pytest.mark.parametrize("name", ["ddim", "ddpm", "flow", "dpm"])
 def test_skip_needs_no_more_rounds_than_frozen(name):
-    """To meet the same tolerance, skip drafts need no more rounds than ParaDiGMS' copies: at the
-    benchmarks' grids (50-step DDIM and DDPM, 28-step flow... here T = 30) without exception, and
-    over a sweep of shorter grids in total, never more than one round more in any one setting.
+    """At the *same* tolerance, skip drafts finish in no more rounds than ParaDiGMS' copies on
+    30-step grids here (tolerances 1 to 1e-4, widths 2 and 4); on short grids (T = 8 and 16,
+    widths 2..5) never more than one round more in any setting, and within 2 % in total.
 
-    It is not a theorem (a better initial guess need not converge in fewer sweeps): in the sweep
-    below a handful of short-grid settings take one round more (solvers/PICARD.md lists them). For
-    DPM-Solver++ 2M on those short grids skip drafts are not ahead in total either (within 2%).
+    That is what is checked; it is not a theorem (a better initial guess need not converge in
+    fewer sweeps): ``benchmarks/picard_study.py`` finds one setting of its 50-step grids
+    (DDIM n = 4 at tolerance 0) and a few short-grid settings where skip takes one round more,
+    and short-grid totals within 1 % either way (solvers/PICARD.md). Equal tolerance is not
+    equal error either; rounds to reach an error against serial is the fair comparison, and the
+    study measures it.
     """
     for width in (2, 4):
         for tol in (1.0, 0.1, 1e-2, 1e-3, 1e-4):
@@ -164,10 +220,8 @@ def test_skip_needs_no_more_rounds_than_frozen(name):
                 assert rounds["skip"] <= rounds["frozen"] + 1, (name, num_steps, width, tol, rounds)
                 for init in total:
                     total[init] += rounds[init]
-    if name != "dpm":
-        assert total["skip"] <= total["frozen"], total
-    else:  # 2M on 8- and 16-step grids: 4 settings take one round more with skip drafts, 2 one fewer
-        assert total["skip"] <= 1.02 * total["frozen"], total  # (measured 279 against 276)
+    # measured on this start: ddim 251 vs 251, ddpm 462 vs 463, flow 271 vs 277, dpm 278 vs 276
+    assert total["skip"] <= 1.02 * total["frozen"], total
 
 
 def test_tighter_tolerance_is_closer_to_serial():
@@ -316,11 +370,45 @@ def test_bad_arguments_say_what_is_wrong():
         PicardScheduler(tr, grid, 2, init="copy")
     with pytest.raises(InvalidArgumentError, match=f"fewest rounds that always finish are {expected_rounds(20, 4)}"):
         PicardScheduler(tr, grid, 4, max_rounds=expected_rounds(20, 4) - 1)
-    with pytest.raises(InvalidArgumentError, match="max_rounds"):
-        PicardScheduler(tr, grid, 4, max_rounds=10.0)
+    for bad in (10.0, True, 0, -3, "10"):
+        with pytest.raises(InvalidArgumentError, match="max_rounds"):
+            PicardScheduler(tr, grid, 4, max_rounds=bad)
     with pytest.raises(InvalidArgumentError, match="SkipTransition"):
         PicardScheduler("ddim", grid, 2)
     with pytest.raises(PredictorOutputError, match="NaN"):
         PicardScheduler(tr, grid, 2).sample(lambda x, t: torch.full_like(x, float("nan")), start())
     with pytest.raises(PredictorOutputError, match="shape"):
         PicardScheduler(tr, grid, 2).sample(lambda x, t: x[:, :1], start())
+
+
+def test_integer_like_width_and_max_rounds_are_accepted_as_by_draft_and_refine():
+    """numpy integers and 0-d integer tensors pass as DraftRefineScheduler accepts them; the budget
+    is compared as an int, so a numpy budget gets the right verdict."""
+    tr, grid, f, _ = family("ddim", 20)
+    for width in (np.int64(4), torch.tensor(4), np.int32(4)):
+        DraftRefineScheduler(tr, grid, width)  # the reference behaviour
+        sched = PicardScheduler(tr, grid, width, max_rounds=np.int64(10))
+        assert type(sched.width) is int and sched.width == 4
+        assert type(sched.max_rounds) is int and sched.max_rounds == 10
+    assert PicardScheduler(tr, grid, 4, max_rounds=torch.tensor(6)).max_rounds == 6 == fewest_rounds(20, 4)
+    with pytest.raises(InvalidArgumentError, match="fewest rounds that always finish are 6"):
+        PicardScheduler(tr, grid, 4, max_rounds=np.int64(5))
+    for width in (torch.tensor(4.0), np.float64(4.0), np.bool_(True), torch.tensor(True)):
+        with pytest.raises(InvalidWidthError, match="width"):
+            PicardScheduler(tr, grid, width)
+    out = PicardScheduler(tr, grid, np.int64(3), 0.0, max_rounds=np.int64(20)).sample(f, start())
+    torch.testing.assert_close(out.x, sample_serial(f, start(), tr, grid).x, rtol=1e-12, atol=1e-12)
+
+
+def test_fewest_rounds_checks_its_arguments():
+    """fewest_rounds is public: DRiffusion's aggressive round count, with expected_rounds' checks."""
+    for T in range(1, 12):
+        for n in range(1, 14):
+            assert fewest_rounds(T, n) == expected_rounds(T, n, "aggressive")
+    assert fewest_rounds(np.int64(10), torch.tensor(3)) == 4
+    for width in (0, -1, 1.5, True, "2", None):
+        with pytest.raises(InvalidWidthError, match="width"):
+            fewest_rounds(10, width)
+    for num_steps in (0, -1, 2.5, True, "10", None):
+        with pytest.raises(InvalidArgumentError, match="num_steps"):
+            fewest_rounds(num_steps, 2)
