@@ -1,6 +1,7 @@
 """One device, one call: the K drafts of a round as a single batched model call."""
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Mapping, Optional
 
 import torch
@@ -35,7 +36,7 @@ def per_sample(f: Callable[..., torch.Tensor]) -> Predictor:
         raise InvalidArgumentError(f"per_sample needs a callable, got {type(f).__name__}.")
 
     def batched(x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
-        cond = map_tensors(lambda v: v, cond)  # plain dicts all the way down (vmap sees a FrozenDict as a leaf)
+        cond = map_tensors(lambda v: v, cond, plain=True)  # plain dicts all the way down (vmap sees a FrozenDict as a leaf)
         # vmap's in_dims for the conditioning tree: rows of batched tensors, everything else whole
         dims = map_tensors(lambda v: 0 if v.dim() > 0 else None, cond, leaf=lambda v: None)
         return torch.func.vmap(lambda xx, tt, cc: f(xx, tt, **cc), in_dims=(0, 0, dims))(x, t, cond)
@@ -64,7 +65,8 @@ class BatchedExecutor(Executor):
         vmap: use ``torch.func.vmap`` instead of concatenation.
         max_batch: if given, split the ``K * B`` rows into chunks of at most
             this many rows (bounds peak memory; chunks run one after another).
-            Concatenation only.
+            Concatenation only. The chunks must return rows of one shape, dtype and device (what
+            ``torch.cat`` needs); the result is checked against ``x`` as without chunks.
     """
 
     def __init__(self, vmap: bool = False, max_batch: Optional[int] = None):
@@ -95,7 +97,7 @@ class BatchedExecutor(Executor):
             try:
                 return torch.func.vmap(lambda x, t: predictor(x, t, **cond))(xs, ts)
             except Exception as e:
-                if hasattr(e, "add_note"):
+                if _looks_like_vmap(e) and hasattr(e, "add_note"):
                     e.add_note(
                         "BatchedExecutor(vmap=True) runs the predictor under torch.func.vmap, which refuses "
                         "data-dependent Python control flow (if tensor...: / .any() / .item() / .tolist()) and some "
@@ -114,24 +116,42 @@ class BatchedExecutor(Executor):
             for start in range(0, k * b, self.max_batch):
                 stop = min(k * b, start + self.max_batch)
                 chunks.append(_checked(predictor(flat_x[start:stop], flat_t[start:stop], **_rows(full_cond, start, stop)),
-                                       stop - start, flat_t[start:stop], like=flat_x))
+                                       stop - start, flat_t[start:stop], like=chunks[0] if chunks else None))
             out = torch.cat(chunks)
         out = _checked(out, k * b, flat_t)
         return out.reshape(k, b, *out.shape[1:])
 
 
+# What torch raises when a function cannot run under torch.func.vmap (data-dependent control flow, .item(),
+# .tolist(), dynamic shapes, in-place writes into an unbatched tensor, missing batching rules).
+_VMAP_FAILURE = re.compile(r"vmap|functorch|batching rule|batched ?tensor|data-dependent|doesn't have storage", re.I)
+
+
+def _looks_like_vmap(error: BaseException) -> bool:
+    """Whether ``error`` is torch refusing to run something under vmap (not the predictor's own error)."""
+    if not isinstance(error, RuntimeError):
+        return False
+    try:
+        text = str(error)
+    except Exception:
+        return False
+    return bool(_VMAP_FAILURE.search(text))
+
+
 def _checked(out: Any, rows: int, ts: torch.Tensor, like: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``out`` if it holds ``rows`` rows (and, for a chunk that is concatenated with others, rows shaped,
-    typed and placed like ``like``'s: torch.cat would otherwise fail with its own message or promote)."""
+    """``out`` if it holds ``rows`` rows (and, for a chunk that is concatenated with the chunks before it,
+    rows shaped, typed and placed like ``like``'s, the first chunk: torch.cat would otherwise fail with its
+    own message or promote the dtype). What the rows must be like ``x`` in is for the sampler to check, as
+    without chunks."""
     ok = isinstance(out, torch.Tensor) and out.dim() >= 1 and out.shape[0] == rows
     if ok and like is not None and (out.shape[1:] != like.shape[1:] or out.dtype != like.dtype or out.device != like.device):
         times = ", ".join(f"{t:g}" for t in sorted(set(ts.reshape(-1).tolist()), reverse=True)[:6])
-        wrong_shape = out.shape[1:] != like.shape[1:]
-        raise (PredictorOutputError if wrong_shape else DeviceMismatchError)(
+        other_device = out.shape[1:] == like.shape[1:] and out.dtype == like.dtype
+        raise (DeviceMismatchError if other_device else PredictorOutputError)(
             f"BatchedExecutor: the predictor returned {out.dtype} rows of shape {tuple(out.shape[1:])} on {out.device} "
-            f"for a chunk of {rows} rows (max_batch, model times {times}), but its input rows are {like.dtype} of "
-            f"shape {tuple(like.shape[1:])} on {like.device}; it must return one prediction per row, shaped like x"
-            f"{'' if wrong_shape else ' and in its dtype and device (cast the model output)'}."
+            f"for a chunk of {rows} rows (max_batch, model times {times}), but {like.dtype} rows of shape "
+            f"{tuple(like.shape[1:])} on {like.device} for the first chunk of the round; every chunk must return "
+            f"rows of one shape, dtype and device (one prediction per row, shaped like x)."
         )
     if ok:
         return out

@@ -25,10 +25,11 @@ A round of K drafts:
    :class:`~backends.SerialExecutor` does (so the predictions are bit for bit the serial ones). A round
    of one draft (the first anchor, conservative mode's anchor calls) is rank 0's, shared like the others,
    so all ranks go on from the same bits even when the model is not bitwise reproducible across ranks;
-2. the ranks exchange a small status header (ok / the predictor raised / bad output, plus a descriptor
-   of the inputs and outputs, so ranks that were given different shapes, dtypes, K or device types are
-   caught instead of exchanging garbage). With gloo the header and the predictions travel in
-   **one** all-gather per round; with nccl the header goes over a small gloo side group on the CPU and
+2. the ranks exchange a small status header (ok / the predictor raised / bad output / the inputs could
+   not be moved, plus a descriptor of the inputs, the conditioning and the outputs, and value checksums
+   of the states and of the conditioning's tensors, so ranks that were given different shapes, dtypes,
+   K, device types or conditioning are caught instead of exchanging garbage). With gloo the header and
+   the predictions travel in **one** all-gather per round; with nccl the header goes over a small gloo side group on the CPU and
    the predictions over nccl;
 3. if some rank failed, every rank raises :class:`~driffusion_core.errors.ExecutorError` naming the
    failing ranks, the exception type and message; if the ranks' inputs differ, every rank raises one
@@ -71,7 +72,7 @@ from typing import Any, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 import torch
 
 from driffusion_core.errors import ExecutorError, InvalidArgumentError, PredictorOutputError
-from driffusion_core.executor import Executor, Predictor, map_tensors
+from driffusion_core.executor import Executor, Predictor, even_shares, iter_tensors, map_tensors
 
 try:  # torch may be built without distributed support
     import torch.distributed as dist
@@ -103,19 +104,6 @@ def _abandon(*objects: Any) -> None:
     """Keep ``objects`` (a failed work and its tensors) alive until the process exits."""
     _ABANDONED.append(objects)
 
-
-
-def even_shares(k: int, n: int) -> List[int]:
-    """Split ``k`` items into ``n`` contiguous shares, as even as possible, larger shares first.
-
-    ``even_shares(5, 2) == [3, 2]``, ``even_shares(1, 3) == [1, 0, 0]``.
-    """
-    if n < 1:
-        raise InvalidArgumentError(f"cannot split over {n} workers; need at least one.")
-    if k < 0:
-        raise InvalidArgumentError(f"cannot split {k} items.")
-    base, extra = divmod(k, n)
-    return [base + (1 if i < extra else 0) for i in range(n)]
 
 
 def _offsets(sizes: Sequence[int]) -> List[int]:
@@ -194,19 +182,23 @@ def init_from_env(backend: Optional[str] = None, timeout: float = 120.0) -> Dist
     return DistEnv(dist.get_rank(), local_rank, dist.get_world_size(), backend)
 
 
-# The per-round status header: int64 fields, then the dims of xs and of the stacked output.
+# The per-round status header: int64 fields, then the dims of xs and of the stacked output. The value
+# checksums (float64 bits) are adjacent: sum(xs), sum(|xs|), then over every tensor of the conditioning
+# sum(c), sum(|c|) and a row-weighted sum (row i of a tensor weighted (i + 1) / rows, so rows swapped
+# between ranks show; |it| <= sum(|c|)).
 _MAXD = 24
 (_F_CODE, _F_ROUND, _F_K, _F_XNDIM, _F_XDTYPE, _F_XDEV, _F_TDTYPE, _F_COND,
- _F_HASOUT, _F_ONDIM, _F_ODTYPE, _F_FITS, _F_XSUM, _F_XABS) = range(14)
-_F_XDIMS = 14
+ _F_HASOUT, _F_ONDIM, _F_ODTYPE, _F_FITS, _F_XSUM, _F_XABS, _F_CSUM, _F_CABS, _F_CROWS, _F_SPARE) = range(18)
+_F_XDIMS = 18
 _F_ODIMS = _F_XDIMS + _MAXD
-_HEADER_LEN = _F_ODIMS + _MAXD  # 62 int64 = 496 bytes (a multiple of 16: any dtype can follow it)
-# The ranks' states must agree in value, not only in shape: sum(xs) may differ in the last bits between
-# ranks (reduction order follows the thread count), so it is compared to this fraction of sum(|xs|).
+_HEADER_LEN = _F_ODIMS + _MAXD  # 66 int64 = 528 bytes (a multiple of 16: any dtype can follow it)
+# The ranks' states and conditioning must agree in value, not only in shape: sum(xs) may differ in the
+# last bits between ranks (reduction order follows the thread count), so it is compared to this fraction
+# of sum(|xs|); likewise the conditioning's sums to sum(|c|).
 _VALUE_RTOL = 1e-9
 _HEADER_BYTES = _HEADER_LEN * 8
 
-_OK, _RAISED, _BAD_OUTPUT = 0, 1, 2
+_OK, _RAISED, _BAD_OUTPUT, _MOVE_FAILED = 0, 1, 2, 3
 _MSG_BYTES = 2048
 _PROBE_TAG = 0x5D1F
 
@@ -233,8 +225,36 @@ def _device_name(code: int) -> str:
     return _DEVICE_TYPES[code] if 0 <= code < len(_DEVICE_TYPES) else "other device"
 
 
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _safe_repr(v: Any, limit: int = 2000) -> str:
+    """``repr(v)`` without memory addresses (they differ between processes), or its type if repr fails."""
+    try:
+        text = repr(v)
+    except Exception:
+        return f"<{type(v).__name__}>"
+    return _ADDRESS.sub("", text if len(text) <= limit else text[:limit] + f"...<{len(text)}>")
+
+
+def _safe_str(e: BaseException) -> str:
+    """``str(e)``, or a fallback when the exception's ``__str__`` itself raises."""
+    try:
+        return str(e)
+    except Exception as err:
+        try:
+            return f"{BaseException.__repr__(e)} (its str() raised {type(err).__name__})"
+        except Exception:
+            return "<the exception could not be printed>"
+
+
+def _exc_text(e: BaseException) -> str:
+    return f"{type(e).__name__}: {_safe_str(e)}"
+
+
 def _cond_signature(cond: Mapping[str, Any]) -> int:
-    """A checksum of the conditioning's structure: names, nesting, and each tensor's shape and dtype."""
+    """A checksum of the conditioning: names, nesting, each tensor's shape and dtype, and the repr of every
+    other value (a guidance scale, a flag); the tensors' values travel as sums (:func:`_value_sums`)."""
     def sig(v: Any) -> str:
         if isinstance(v, torch.Tensor):
             return f"{tuple(v.shape)}:{v.dtype}"
@@ -242,9 +262,67 @@ def _cond_signature(cond: Mapping[str, Any]) -> int:
             return "{" + ",".join(f"{k}={sig(v[k])}" for k in sorted(v, key=str)) + "}"
         if isinstance(v, (list, tuple)):
             return "[" + ",".join(sig(e) for e in v) + "]"
-        return type(v).__name__
+        if isinstance(v, (set, frozenset)):  # iteration order follows string hashing, which differs per process
+            return "set{" + ",".join(sorted(sig(e) for e in v)) + "}"
+        return f"{type(v).__name__}={_safe_repr(v)}"
 
     return zlib.crc32(sig(dict(cond)).encode())
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values as float64 (complex as pairs of reals), on its device (the CPU for MPS: no float64)."""
+    w = t.detach()
+    if w.is_complex():
+        w = torch.view_as_real(w.resolve_conj())
+    return w.to("cpu" if w.device.type == "mps" else w.device, torch.float64)
+
+
+def _value_sums(xs: torch.Tensor, cond: Mapping[str, Any]) -> List[int]:
+    """The header's value checksums (fields _F_XSUM .. _F_CROWS) as int64 bit patterns, one host sync:
+    sum(xs), sum(|xs|), and over the conditioning's tensors sum(c), sum(|c|) and sum_i w_i * sum(row i), the
+    rows of all its tensors in order with weights w_i = (i + 1) / rows (so |it| <= sum(|c|))."""
+    wide = _wide(xs)
+    to = wide.device
+    x_sums = torch.stack([wide.sum(), wide.abs().sum()])
+    tensors = list(iter_tensors(cond))
+    if not tensors:
+        return x_sums.cpu().view(torch.int64).tolist() + [0, 0, 0]  # 0.0's bits
+    try:
+        rows, abs_sums = [], []
+        for v in tensors:
+            w = _wide(v)
+            rows.append(w.reshape(w.shape[0] if w.dim() else 1, -1).sum(1).to(to))
+            abs_sums.append(w.abs().sum().to(to))
+        rows = torch.cat(rows)
+        weights = torch.arange(1, rows.numel() + 1, dtype=torch.float64, device=to) / max(rows.numel(), 1)
+        c_sums = torch.stack([rows.sum(), torch.stack(abs_sums).sum(), (rows * weights).sum()])
+    except Exception:  # a tensor whose values cannot be read (meta): no value check for the conditioning
+        c_sums = torch.full((3,), math.nan, dtype=torch.float64, device=to)
+    return torch.cat([x_sums, c_sums]).cpu().view(torch.int64).tolist()
+
+
+def _device_problem(device: torch.device) -> str:
+    """Why this process cannot compute on ``device`` ('' when it can)."""
+    if device.type == "meta":
+        return f"{device}: meta tensors hold no values"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"{device}: CUDA is not available in this process (torch.cuda.is_available() is False)"
+        n = torch.cuda.device_count()
+        if device.index is not None and not 0 <= device.index < n:
+            return f"{device}: this process sees {n} GPU(s) (cuda:0 .. cuda:{n - 1})"
+        return ""
+    if device.type == "mps":
+        ok = getattr(getattr(torch.backends, "mps", None), "is_available", lambda: False)()
+        return "" if ok else f"{device}: MPS is not available in this process"
+    mod = getattr(torch, device.type, None)
+    if device.type != "cpu" and mod is not None and hasattr(mod, "is_available"):
+        try:
+            if not mod.is_available():
+                return f"{device}: torch.{device.type}.is_available() is False in this process"
+        except Exception:  # pragma: no cover - an accelerator module without a working check
+            return ""
+    return ""
 
 
 def _assemble(chunks: List[torch.Tensor], offset: int, sizes: List[int], shape: Tuple[int, ...],
@@ -355,18 +433,29 @@ class DistributedExecutor(Executor):
         self._nccl = "nccl" in self.backend
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
 
+        # A device this rank cannot use is reported in the setup exchange below, so that every rank raises
+        # (a rank raising alone here would leave the others waiting in their first exchange).
+        problem = ""
         if device is None and self._nccl:
-            device = torch.device("cuda", self.local_rank) if "LOCAL_RANK" in os.environ else torch.device(
-                "cuda", torch.cuda.current_device()
+            if "LOCAL_RANK" in os.environ:
+                device = torch.device("cuda", self.local_rank)
+            elif torch.cuda.is_available():
+                device = torch.device("cuda", torch.cuda.current_device())
+            else:
+                problem = "the nccl backend needs CUDA, but torch.cuda.is_available() is False in this process"
+        try:
+            self.device: Optional[torch.device] = torch.device(device) if device is not None else None
+        except Exception:
+            self.device, problem = None, f"{device!r} is not a device"
+        if not problem and self._nccl and (self.device is None or self.device.type != "cuda"):
+            problem = (
+                f"the nccl backend communicates CUDA tensors, but device={self.device}; use "
+                f"device='cuda:<local_rank>' or the gloo backend on CPU"
             )
-        self.device: Optional[torch.device] = torch.device(device) if device is not None else None
-        if self._nccl and (self.device is None or self.device.type != "cuda"):
-            raise InvalidArgumentError(
-                f"DistributedExecutor: the nccl backend communicates CUDA tensors, but device={self.device}; "
-                f"use device='cuda:<local_rank>' or the gloo backend on CPU."
-            )
+        if not problem and self.device is not None:
+            problem = _device_problem(self.device)
         # Where predictions travel: nccl needs them on this rank's GPU; gloo gets them on the CPU.
-        self._comm_device = self.device if self._nccl else torch.device("cpu")
+        self._comm_device = self.device if (self._nccl and not problem) else torch.device("cpu")
 
         if control_group is not None:
             self._control = control_group
@@ -394,12 +483,29 @@ class DistributedExecutor(Executor):
         self._max_k = 0
         self._closed = False
 
-        # Who is where (for describe()), exchanged once; also checks that every rank made the executor.
-        me = f"{socket.gethostname()}|{self.device if self.device is not None else 'inputs'}"
+        # Who is where (for describe()), exchanged once; also checks that every rank made the executor and
+        # can use its device.
+        me = f"{socket.gethostname()}|{self.device if self.device is not None else 'inputs'}|{problem}"
         # (bounded by the process group's timeout, not ``timeout``: ranks may load models at different speeds)
-        replies = self._gather_text(me, what="setup", bounded=False)
-        self._hosts = [r.split("|", 1)[0] for r in replies]
-        self._devices = [r.split("|", 1)[1] if "|" in r else "?" for r in replies]
+        replies = [r.split("|", 2) + ["?", ""] for r in self._gather_text(me, what="setup", bounded=False)]
+        self._hosts = [r[0] for r in replies]
+        self._devices = [r[1] for r in replies]
+        unusable = [(rank, r[2]) for rank, r in enumerate(replies) if r[2]]
+        if unusable:
+            self._closed = True
+            self._broken = "its construction failed"
+            if self._own_control:
+                try:
+                    dist.destroy_process_group(self._control)
+                except Exception:  # pragma: no cover - best effort
+                    pass
+            listing = "; ".join(f"rank {rank}: {why}" for rank, why in unusable)
+            raise InvalidArgumentError(
+                f"DistributedExecutor: the device given on rank{'s' if len(unusable) > 1 else ''} "
+                f"{', '.join(str(rank) for rank, _ in unusable)} (of {self.world_size}) cannot be used ({listing}). "
+                f"Give every rank a device it has (e.g. device=f'cuda:{{LOCAL_RANK}}'), or device=None to compute "
+                f"where the inputs are (gloo)."
+            )
 
     # ----------------------------------------------------------------------------------------- info
 
@@ -468,6 +574,11 @@ class DistributedExecutor(Executor):
         ts: torch.Tensor,
         cond: Optional[Mapping[str, Any]] = None,
     ) -> torch.Tensor:
+        if self._closed:
+            raise ExecutorError(
+                f"DistributedExecutor (rank {self.rank}): the executor was closed (by close()); make a new "
+                f"DistributedExecutor to evaluate more rounds."
+            )
         if self._broken is not None:
             raise ExecutorError(
                 f"DistributedExecutor (rank {self.rank}): an earlier round failed ({self._broken}); the process "
@@ -546,7 +657,9 @@ class DistributedExecutor(Executor):
     # -------------------------------------------------------------------------------------- plumbing
 
     def _compute(self, predictor, xs, ts, cond, start, mine):
-        """This rank's drafts ``start .. start + mine``: (stacked output or None, code, message, cause)."""
+        """This rank's drafts ``start .. start + mine``: (stacked output on the exchange's device or None, code,
+        message, cause). Nothing here raises: every failure is reported in the status header, so all ranks
+        learn about it in this round."""
         if not mine:
             return None, _OK, "", None
         dev = self.device
@@ -554,25 +667,35 @@ class DistributedExecutor(Executor):
         t_part = ts[start : start + mine]
         c = cond
         if dev is not None:
-            x_part, t_part = x_part.to(dev), t_part.to(dev)
-            c = map_tensors(lambda v: v.to(dev), cond)
+            try:
+                x_part, t_part = x_part.to(dev), t_part.to(dev)
+                c = map_tensors(lambda v: v.to(dev), cond)
+            except Exception as e:  # reported to every rank
+                return None, _MOVE_FAILED, f"could not move the round's inputs to {dev}: {_exc_text(e)}", e
         try:
             outs = [predictor(x_part[j], t_part[j], **c) for j in range(mine)]
         except Exception as e:  # reported to every rank
-            return None, _RAISED, f"{type(e).__name__}: {e}", e
+            return None, _RAISED, _exc_text(e), e
         bad = [o for o in outs if not isinstance(o, torch.Tensor)]
         if bad:
             return None, _BAD_OUTPUT, f"the predictor returned {type(bad[0]).__name__}, not a Tensor", None
-        if len({(tuple(o.shape), o.dtype) for o in outs}) > 1:
-            message = "the predictor returned predictions of different shapes or dtypes: " + ", ".join(
-                f"{tuple(o.shape)} {o.dtype}" for o in outs
+        if len({(tuple(o.shape), o.dtype, o.device) for o in outs}) > 1:
+            message = "the predictor returned predictions of different shapes, dtypes or devices: " + ", ".join(
+                f"{tuple(o.shape)} {o.dtype} on {o.device}" for o in outs
             )
             return None, _BAD_OUTPUT, message, None
         if outs[0].dim() + 1 > _MAXD:
             return None, _BAD_OUTPUT, f"predictions with {outs[0].dim()} dimensions are not supported", None
         if outs[0].dtype not in _DTYPES:
             return None, _BAD_OUTPUT, f"predictions of dtype {outs[0].dtype} are not supported", None
-        return torch.stack(outs), _OK, "", None
+        try:
+            out = torch.stack(outs).detach().to(self._comm_device)
+        except Exception as e:  # e.g. predictions on the meta device, or a copy that runs out of memory
+            return None, _BAD_OUTPUT, (
+                f"the predictions ({outs[0].dtype} on {outs[0].device}) could not be stacked and copied to "
+                f"{self._comm_device} for the exchange: {_exc_text(e)}"
+            ), e
+        return out, _OK, "", None
 
     def _agree(self, out_shape, out_dtype, most: int) -> None:
         """Update the agreed row and capacity from a round whose headers all agreed (so every rank
@@ -594,8 +717,7 @@ class DistributedExecutor(Executor):
         h[_F_XDEV] = _device_code(xs.device)
         h[_F_TDTYPE] = _dtype_code(ts.dtype)
         h[_F_COND] = _cond_signature(cond)
-        wide = xs.detach().to("cpu" if xs.device.type == "mps" else xs.device, torch.float64)  # MPS has no float64
-        h[_F_XSUM : _F_XABS + 1] = torch.stack([wide.sum(), wide.abs().sum()]).cpu().view(torch.int64).tolist()
+        h[_F_XSUM : _F_CROWS + 1] = _value_sums(xs, cond)
         h[_F_XDIMS : _F_XDIMS + xd] = list(xs.shape[:xd])
         h[_F_HASOUT] = 0 if out is None else 1
         h[_F_FITS] = 1 if fits else 0
@@ -612,14 +734,18 @@ class DistributedExecutor(Executor):
         # Everyone learns what went wrong where (a second small all-gather, only on failure).
         texts = self._gather_text(message if code != _OK else "", what="error messages")
         detail = "; ".join(f"rank {r}: {texts[r] or 'failed'}" for r in failed)
-        raised = [r for r in failed if int(headers[r][_F_CODE]) == _RAISED]
-        what = "the predictor raised" if raised else "the predictor returned unusable output"
+        codes = {int(headers[r][_F_CODE]) for r in failed}
+        what = {
+            _RAISED: "the predictor raised",
+            _BAD_OUTPUT: "the predictor returned unusable output",
+            _MOVE_FAILED: "the round's inputs could not be moved to the rank's device",
+        }.get(next(iter(codes)), "the round failed") if len(codes) == 1 else "the round failed"
         who = ", ".join(str(r) for r in failed)
         text = (
             f"DistributedExecutor: {what} on rank{'s' if len(failed) > 1 else ''} {who} "
             f"(of {self.world_size}) in round {self._round}: {detail}"
         )
-        err_type = ExecutorError if raised else PredictorOutputError
+        err_type = PredictorOutputError if codes == {_BAD_OUTPUT} else ExecutorError
         if cause is not None:
             raise err_type(text) from cause
         raise err_type(text)
@@ -636,6 +762,17 @@ class DistributedExecutor(Executor):
         ref = lists[0]
         bad = [r for r, h in enumerate(lists) if any(h[f] != ref[f] for f in fields)
                or h[_F_XDIMS:_F_ODIMS] != ref[_F_XDIMS:_F_ODIMS]]
+        if bad and all(h[f] == ref[f] for h in lists for f in fields if f != _F_COND) and all(
+            h[_F_XDIMS:_F_ODIMS] == ref[_F_XDIMS:_F_ODIMS] for h in lists
+        ):
+            self._broken = "the ranks' conditioning differed"
+            listing = "; ".join(f"rank {r}: signature {int(h[_F_COND])}" for r, h in enumerate(headers))
+            raise ExecutorError(
+                f"DistributedExecutor: the ranks' conditioning (cond) differs in round {int(ref[_F_ROUND])} "
+                f"({listing}): its names or nesting, its tensors' shapes or dtypes, or its other values (a "
+                "guidance scale, a flag, a string). Every rank must pass the same conditioning, or the ranks "
+                "would mix predictions made for different inputs."
+            )
         if bad:
             self._broken = "the ranks were out of step"
             listing = "; ".join(
@@ -648,22 +785,44 @@ class DistributedExecutor(Executor):
                 "rank must run the same sampler on the same inputs (same starting state, seed, dtype and "
                 "device type)."
             )
-        sums = [h[_F_XSUM : _F_XABS + 1].clone().view(torch.float64) for h in headers]
-        ref_sum, ref_abs = float(sums[0][0]), float(sums[0][1])
-        finite = all(math.isfinite(float(v[1])) for v in sums)  # NaN/inf states: the sampler reports those
+        sums = [[float(v) for v in h[_F_XSUM : _F_CROWS + 1].clone().view(torch.float64)] for h in headers]
+        ref_sum, ref_abs = sums[0][0], sums[0][1]
+        finite = all(math.isfinite(v[1]) for v in sums)  # NaN/inf states: the sampler reports those
         differ = [
             r for r, (h, v) in enumerate(zip(lists, sums))
             if finite and h[_F_XSUM] != ref[_F_XSUM]
-            and not abs(float(v[0]) - ref_sum) <= _VALUE_RTOL * max(ref_abs, 1e-300)
+            and not abs(v[0] - ref_sum) <= _VALUE_RTOL * max(ref_abs, 1e-300)
         ]
         if differ:
             self._broken = "the ranks' states differed"
-            listing = "; ".join(f"rank {r}: sum {float(v[0]):.9g}, sum of |x| {float(v[1]):.9g}" for r, v in enumerate(sums))
+            listing = "; ".join(f"rank {r}: sum {v[0]:.9g}, sum of |x| {v[1]:.9g}" for r, v in enumerate(sums))
             raise ExecutorError(
                 f"DistributedExecutor: the ranks' states differ in value in round {int(ref[_F_ROUND])} ({listing}), so "
                 "their samples would differ and the gathered predictions would mix them. Every rank must start "
                 "from the same x (e.g. NoiseSource(seed).initial(shape), not torch.randn on each rank) and use the "
                 "same NoiseSource seed for the per-step noise."
+            )
+        # the conditioning's tensors, by the same rule (and a rank whose sums are not finite while rank 0's are,
+        # or the other way round, differs too)
+        ref_c = sums[0][2:]
+        ref_finite = math.isfinite(ref_c[1])
+        cdiffer = [
+            r for r, (h, v) in enumerate(zip(lists, sums))
+            if math.isfinite(v[3]) != ref_finite or (
+                ref_finite and h[_F_CSUM : _F_CROWS + 1] != ref[_F_CSUM : _F_CROWS + 1]
+                and not all(abs(a - b) <= _VALUE_RTOL * max(ref_c[1], 1e-300) for a, b in ((v[2], ref_c[0]), (v[4], ref_c[2])))
+            )
+        ]
+        if cdiffer:
+            self._broken = "the ranks' conditioning differed"
+            listing = "; ".join(
+                f"rank {r}: sum {v[2]:.9g}, sum of |c| {v[3]:.9g}, row-weighted sum {v[4]:.9g}" for r, v in enumerate(sums)
+            )
+            raise ExecutorError(
+                f"DistributedExecutor: the ranks' conditioning (cond) tensors differ in value in round "
+                f"{int(ref[_F_ROUND])} ({listing}), so the gathered predictions would mix predictions made for "
+                "different conditioning. Every rank must pass the same cond (e.g. labels from a seeded "
+                "torch.Generator, not torch.randint on each rank; the same prompt embeddings)."
             )
         with_out = [(r, h) for r, h in enumerate(lists) if h[_F_HASOUT]]
         descs = {
@@ -718,11 +877,11 @@ class DistributedExecutor(Executor):
         diagnosis = self._diagnose()
         local = ""
         if fault is not None:
-            local = f" (this rank's predictor had raised {type(fault).__name__}: {fault})"
+            local = f" (this rank had itself failed in this round: {_exc_text(fault)})"
         raise ExecutorError(
             f"DistributedExecutor: rank {self.rank} (of {self.world_size}) could not complete the {what} "
             f"exchange of round {self._round} (waiting at most {self.timeout:g}s): {type(error).__name__}: "
-            f"{_first_line(str(error))}. {diagnosis}{local} A rank probably died, hung or fell out of step; "
+            f"{_first_line(_safe_str(error))}. {diagnosis}{local} A rank probably died, hung or fell out of step; "
             f"check the other ranks' logs, then relaunch the job."
         ) from error
 

@@ -21,15 +21,10 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence
 
 import torch
 
-from driffusion_core.errors import ExecutorError, InvalidArgumentError
-from driffusion_core.executor import Executor, Predictor, map_tensors
+from driffusion_core.errors import DeviceMismatchError, ExecutorError, InvalidArgumentError, PredictorOutputError
+from driffusion_core.executor import Executor, Predictor, even_shares, map_tensors
 
 __all__ = ["StreamExecutor"]
-
-
-def _shares(k: int, n: int) -> List[int]:
-    base, extra = divmod(k, n)
-    return [base + (1 if i < extra else 0) for i in range(n)]
 
 
 def _module_device(obj: Any) -> Optional[torch.device]:
@@ -146,7 +141,7 @@ class StreamExecutor(Executor):
 
     def shares(self, k: int) -> List[int]:
         """Drafts per stream for a round of ``k`` drafts (stream order = draft order)."""
-        return _shares(k, len(self.streams))
+        return even_shares(k, len(self.streams))
 
     def describe(self) -> str:
         devs = ", ".join(str(d) for d in self.devices)
@@ -177,38 +172,61 @@ class StreamExecutor(Executor):
 
         # 1. launch every share on its stream (the host only queues work)
         launched = []
+        busy = []  # streams with queued work: on an error the inputs' stream still waits for them
         start = 0
-        for i, size in enumerate(self.shares(k)):
-            if size == 0:
-                continue
-            dev, s = self.devices[i], self.streams[i]
-            f = self.replicas[i] if self.replicas is not None else predictor
-            if self.replicas is None:
-                md = _module_device(f)
-                if md is not None and md != dev:
-                    raise InvalidArgumentError(
-                        f"StreamExecutor: the predictor is a module on {md} but would run on {dev}; give one "
-                        f"replica per device: StreamExecutor.from_module(model, devices=...), replicas=[...] "
-                        f"or factory=lambda d: ..."
-                    )
-            # the stream starts after the inputs are ready (queued on the inputs' stream / its device's stream)
-            if anchor_stream is not None:
-                s.wait_stream(anchor_stream)
-            if anchor_stream is None or dev != anchor:
-                s.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.device(dev), torch.cuda.stream(s):
-                x_part = self._to(xs[start : start + size], dev, s)
-                t_part = self._to(ts[start : start + size], dev, s)
-                c = map_tensors(lambda v: self._to(v, dev, s), cond)
-                try:
-                    out = torch.stack([f(x_part[j], t_part[j], **c) for j in range(size)])
-                except Exception as e:
-                    raise ExecutorError(
-                        f"StreamExecutor: the predictor raised on {dev} (stream {i}, drafts {start}..{start + size - 1}): "
-                        f"{type(e).__name__}: {e}"
-                    ) from e
-            launched.append((dev, s, out))
-            start += size
+        try:
+            for i, size in enumerate(self.shares(k)):
+                if size == 0:
+                    continue
+                dev, s = self.devices[i], self.streams[i]
+                f = self.replicas[i] if self.replicas is not None else predictor
+                if self.replicas is None:
+                    md = _module_device(f)
+                    if md is not None and md != dev:
+                        raise InvalidArgumentError(
+                            f"StreamExecutor: the predictor is a module on {md} but would run on {dev}; give one "
+                            f"replica per device: StreamExecutor.from_module(model, devices=...), replicas=[...] "
+                            f"or factory=lambda d: ..."
+                        )
+                # the stream starts after the inputs are ready (queued on the inputs' stream / its device's stream)
+                if anchor_stream is not None:
+                    s.wait_stream(anchor_stream)
+                if anchor_stream is None or dev != anchor:
+                    s.wait_stream(torch.cuda.current_stream(dev))
+                busy.append(s)
+                with torch.cuda.device(dev), torch.cuda.stream(s):
+                    x_part = self._to(xs[start : start + size], dev, s)
+                    t_part = self._to(ts[start : start + size], dev, s)
+                    c = map_tensors(lambda v: self._to(v, dev, s), cond)
+                    try:
+                        outs = [f(x_part[j], t_part[j], **c) for j in range(size)]
+                    except Exception as e:
+                        raise ExecutorError(
+                            f"StreamExecutor: the predictor raised on {dev} (stream {i}, drafts {start}..{start + size - 1}): "
+                            f"{type(e).__name__}: {e}"
+                        ) from e
+                    for j, o in enumerate(outs):
+                        if isinstance(o, torch.Tensor) and o.device != dev:
+                            raise DeviceMismatchError(
+                                f"StreamExecutor: the predictor returned a tensor on {o.device} for draft {start + j}, "
+                                f"which ran on {dev} (stream {i}); it must return its prediction on the device of "
+                                f"its input x (a replica must live on the device it is given)."
+                            )
+                    try:
+                        out = torch.stack(outs)
+                    except Exception as e:  # not tensors, or unlike shapes / dtypes
+                        raise PredictorOutputError(
+                            f"StreamExecutor: the predictions of drafts {start}..{start + size - 1} (stream {i}, {dev}) "
+                            f"cannot be stacked: {type(e).__name__}: {e}; the predictor must return one tensor "
+                            f"shaped like its input x."
+                        ) from e
+                launched.append((dev, s, out))
+                start += size
+        except BaseException:
+            if anchor_stream is not None:  # the caller's next work on the inputs' stream waits for what was queued
+                for s in busy:
+                    anchor_stream.wait_stream(s)
+            raise
 
         # 2. gather in draft order onto the inputs' device
         results = []

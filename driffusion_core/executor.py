@@ -9,36 +9,82 @@ Executors know nothing about diffusion. Given a predictor ``f`` and K
 ``Tensor[K, B]`` (the model time of every row) and ``cond`` a dict of keyword
 arguments for the predictor whose tensors have a leading batch dimension B
 (0-d tensors and non-tensor values are passed through unchanged; tensors may
-nest in dicts, lists and tuples: :func:`map_tensors`). Every executor must return
+nest in mappings, lists and tuples: :func:`map_tensors`). Every executor must return
 what :class:`backends.SerialExecutor` returns for the same inputs (to float
 tolerance when kernels batch differently).
 """
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, Iterator, Mapping, Optional, Tuple
+from typing import Any, Callable, Iterator, List, Mapping, Optional, Tuple
 
 import torch
+
+from driffusion_core.errors import InvalidArgumentError
 
 Predictor = Callable[..., torch.Tensor]
 
 
-def map_tensors(fn: Callable[[torch.Tensor], Any], obj: Any, leaf: Callable[[Any], Any] = lambda v: v) -> Any:
-    """``obj`` with ``fn`` applied to every tensor in it, through dicts, lists and tuples.
+def _is_namedtuple(obj: Any) -> bool:
+    return isinstance(obj, tuple) and hasattr(type(obj), "_fields")
+
+
+def _is_sequence(obj: Any) -> bool:
+    """Whether :func:`map_tensors` looks inside ``obj``: lists, plain tuples and namedtuples. Other tuple
+    subclasses (``torch.Size``, ...) are values: their constructors take other arguments."""
+    return isinstance(obj, list) or type(obj) is tuple or _is_namedtuple(obj)
+
+
+def _like(obj: Any, items: Any, fallback: type) -> Any:
+    """``items`` rebuilt as ``type(obj)`` when its constructor takes them back unchanged, else ``fallback(items)``."""
+    kind = type(obj)
+    if kind is fallback:
+        return fallback(items)
+    try:
+        new = kind(items)
+    except Exception:
+        return fallback(items)
+    if isinstance(obj, Mapping):
+        ok = isinstance(new, Mapping) and len(new) == len(items) and all(k in new and new[k] is v for k, v in items.items())
+    else:
+        ok = len(new) == len(items) and all(a is b for a, b in zip(new, items))
+    return new if ok else fallback(items)
+
+
+def map_tensors(fn: Callable[[torch.Tensor], Any], obj: Any, leaf: Callable[[Any], Any] = lambda v: v,
+                plain: bool = False) -> Any:
+    """``obj`` with ``fn`` applied to every tensor in it, through mappings, lists and tuples.
 
     Conditioning may nest (diffusers' ``added_cond_kwargs={"text_embeds": ..., "time_ids": ...}``);
     executors repeat, slice and move its tensors with this. Other values become ``leaf(value)``
-    (themselves by default).
+    (themselves by default), tuple subclasses other than namedtuples (``torch.Size``) included.
+    A mapping or list keeps its type where its constructor takes the new items back (an ``OrderedDict``,
+    diffusers' ``FrozenDict``), so a predictor sees what :class:`SerialExecutor` would pass it; else it
+    becomes a ``dict`` / ``list``. ``plain=True`` makes every mapping a ``dict`` (``torch.func`` pytrees).
     """
     if isinstance(obj, torch.Tensor):
         return fn(obj)
     if isinstance(obj, Mapping):
-        return {k: map_tensors(fn, v, leaf) for k, v in obj.items()}
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple
-        return type(obj)(*(map_tensors(fn, v, leaf) for v in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(map_tensors(fn, v, leaf) for v in obj)
+        items = {k: map_tensors(fn, v, leaf, plain) for k, v in obj.items()}
+        return items if plain else _like(obj, items, dict)
+    if _is_namedtuple(obj):
+        return type(obj)(*(map_tensors(fn, v, leaf, plain) for v in obj))
+    if _is_sequence(obj):
+        items = [map_tensors(fn, v, leaf, plain) for v in obj]
+        return tuple(items) if type(obj) is tuple else _like(obj, items, list)
     return leaf(obj)
+
+
+def iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in ``obj``, in order, looked for where :func:`map_tensors` looks."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            yield from iter_tensors(v)
+    elif _is_sequence(obj):
+        for v in obj:
+            yield from iter_tensors(v)
 
 
 def batched_tensors(cond: Any, prefix: str = "cond") -> Iterator[Tuple[str, torch.Tensor]]:
@@ -50,9 +96,22 @@ def batched_tensors(cond: Any, prefix: str = "cond") -> Iterator[Tuple[str, torc
     elif isinstance(cond, Mapping):
         for k, v in cond.items():
             yield from batched_tensors(v, f"{prefix}[{k!r}]")
-    elif isinstance(cond, (list, tuple)):
+    elif _is_sequence(cond):
         for i, v in enumerate(cond):
             yield from batched_tensors(v, f"{prefix}[{i}]")
+
+
+def even_shares(k: int, n: int) -> List[int]:
+    """Split ``k`` items into ``n`` contiguous shares, as even as possible, larger shares first.
+
+    ``even_shares(5, 2) == [3, 2]``, ``even_shares(1, 3) == [1, 0, 0]``.
+    """
+    if n < 1:
+        raise InvalidArgumentError(f"cannot split over {n} workers; need at least one.")
+    if k < 0:
+        raise InvalidArgumentError(f"cannot split {k} items.")
+    base, extra = divmod(k, n)
+    return [base + (1 if i < extra else 0) for i in range(n)]
 
 
 class Executor(abc.ABC):

@@ -123,6 +123,10 @@ def test_predictor_raising_on_one_rank_fails_every_rank():
         assert res["seconds"] < TIMEOUT, res
         # the process group stays consistent: the next round works on both ranks
         assert res["after"] is True
+        # after close() the executor says so (not that a round failed)
+        closed = res["closed"]
+        assert closed["error_type"] == "ExecutorError" and "was closed (by close())" in closed["message"], closed
+        assert "failed" not in closed["message"], closed
     assert codes == [0, 0]
 
 
@@ -298,6 +302,61 @@ def test_predictor_raising_in_a_one_draft_round_fails_every_rank_at_once(mode):
         assert res["after"] is True, "the next sample must work and equal the serial executor's"
 
 
+def test_conditioning_differing_in_value_between_ranks_is_explained():
+    """Same structure and shapes, different values: a cond tensor (e.g. labels drawn on each rank), the same
+    rows in another order, a float guidance value, a nested flag. Every rank raises an ExecutorError
+    naming the conditioning in that round; equal conditioning (also holding an object whose repr shows its
+    address, which differs between processes) evaluates as the serial executor does."""
+    results, codes, _, logs = _launch("cond_values")
+    _need(results, [0, 1], logs)
+    assert codes == [0, 0], logs
+    for rank in (0, 1):
+        res = results[rank]
+        assert res["same"] is True and res["same_object"] is True, res
+        for case in ("tensor", "swapped_rows", "float", "nested", "sample"):
+            got = res[case]
+            assert got["error_type"] == "ExecutorError", (case, got)
+            assert "conditioning (cond)" in got["message"] and "round 1" in got["message"], (case, got["message"])
+            assert got["seconds"] < TIMEOUT, (case, got)
+        assert "differ in value" in res["tensor"]["message"] and "sum of |c|" in res["tensor"]["message"]
+        assert "guidance scale" in res["float"]["message"]
+
+
+def test_a_device_one_rank_cannot_use_fails_every_rank_in_the_constructor():
+    """One rank is given a device it does not have: every rank raises InvalidArgumentError from the
+    constructor, naming that rank and device (no rank is left waiting for the other)."""
+    results, codes, _, logs = _launch("device_setup")
+    _need(results, [0, 1], logs)
+    assert codes == [0, 0], logs
+    for rank in (0, 1):
+        res = results[rank]
+        assert res["error_type"] == "InvalidArgumentError", res
+        assert "rank 1 (of 2)" in res["message"] and "cuda:99" in res["message"], res["message"]
+        assert res["seconds"] < TIMEOUT, res
+
+
+def test_failures_outside_the_predictor_call_fail_every_rank_at_once():
+    """Moving the inputs to the rank's device fails, the predictions cannot be stacked or copied for the
+    exchange, an exception's str() itself raises: every rank raises in that round, promptly, naming the
+    rank and the cause (not a timeout), and the next round works."""
+    results, codes, _, logs = _launch("local_failures")
+    _need(results, [0, 1], logs)
+    assert codes == [0, 0], logs
+    expected = {
+        "move": ("ExecutorError", ["could not be moved", "rank 1", "cuda:99"]),
+        "mixed_devices": ("PredictorOutputError", ["rank 0", "different shapes, dtypes or devices", "meta"]),
+        "all_meta": ("PredictorOutputError", ["rank 1", "could not be stacked and copied"]),
+        "bad_str": ("ExecutorError", ["rank 1", "UnprintableError", "its str() raised RuntimeError"]),
+    }
+    for rank in (0, 1):
+        for case, (error_type, parts) in expected.items():
+            got = results[rank][case]
+            assert got["error_type"] == error_type, (rank, case, got)
+            assert all(p in got["message"] for p in parts), (rank, case, got["message"])
+            assert "did not answer" not in got["message"] and got["seconds"] < TIMEOUT, (rank, case, got)
+            assert got["after"] is True, (rank, case)
+
+
 # -------------------------------------------------------------------------------------- child side
 
 
@@ -420,6 +479,8 @@ def _scenario_raise(rank, world):
 
     res = _fault_result(lambda: ex.evaluate(bad, xs, ts))
     res["after"] = bool(torch.equal(ex.evaluate(_predictor, xs, ts), torch.stack([_predictor(xs[i], ts[i]) for i in range(2)])))
+    ex.close()
+    res["closed"] = _fault_result(lambda: ex.evaluate(_predictor, xs, ts))
     return res
 
 
@@ -569,6 +630,98 @@ def _scenario_raise_anchor(rank, world, mode):
     return res
 
 
+class _Opaque:
+    """A value whose default repr holds its memory address (different in every process)."""
+
+
+def _guided(x, t, scale=None, tag="plain", guidance=1.0, extra=None, opaque=None):
+    y = _predictor(x, t, scale) * guidance
+    return y if extra is None or not extra["flag"] else -y
+
+
+def _scenario_cond_values(rank, world):
+    import driffusion_core as core
+    import solvers
+    from backends import DistributedExecutor, SerialExecutor
+
+    g = torch.Generator().manual_seed(4)
+    xs, ts = torch.randn(3, 4, 2, generator=g), torch.full((3, 4), 500.0)
+    scale = torch.rand(4, generator=g) + 0.5
+    base = {"scale": scale, "tag": "a", "guidance": 7.5, "extra": {"flag": False}}
+    res = {}
+    ex = DistributedExecutor(timeout=TIMEOUT, diagnose_timeout=DIAGNOSE)
+    res["same"] = bool(torch.equal(ex.evaluate(_guided, xs, ts, base), SerialExecutor().evaluate(_guided, xs, ts, base)))
+    with_object = dict(base, opaque=_Opaque())
+    res["same_object"] = bool(torch.equal(ex.evaluate(_guided, xs, ts, with_object),
+                                          SerialExecutor().evaluate(_guided, xs, ts, with_object)))
+    cases = {
+        "tensor": dict(base, scale=scale + rank),
+        "swapped_rows": dict(base, scale=scale.flip(0) if rank == 1 else scale),
+        "float": dict(base, guidance=7.5 + rank),
+        "nested": dict(base, extra={"flag": rank == 1}),
+    }
+    for name, cond in cases.items():
+        fresh = DistributedExecutor(timeout=TIMEOUT, diagnose_timeout=DIAGNOSE)
+        res[name] = _fault_result(lambda: fresh.evaluate(_guided, xs, ts, cond))
+    # the reviewer's case: a whole sample with class labels made on each rank
+    schedule = core.VPSchedule.linear()
+    sched = core.DraftRefineScheduler(solvers.DDIMSkip(schedule), schedule.timesteps(10), width=2)
+    labels = torch.tensor([rank, rank, rank])
+    predictor = lambda x, t, labels: _predictor(x, t) + labels.to(x.dtype)[:, None]  # noqa: E731
+    fresh = DistributedExecutor(timeout=TIMEOUT, diagnose_timeout=DIAGNOSE)
+    x = core.NoiseSource(1).initial((3, 2))
+    res["sample"] = _fault_result(lambda: sched.sample(predictor, x, executor=fresh, noise=core.NoiseSource(2),
+                                                       cond={"labels": labels}))
+    return res
+
+
+def _scenario_device_setup(rank, world):
+    from backends import DistributedExecutor
+
+    return _fault_result(lambda: DistributedExecutor(timeout=TIMEOUT, diagnose_timeout=DIAGNOSE,
+                                                     device="cuda:99" if rank == 1 else None))
+
+
+class UnprintableError(Exception):
+    def __str__(self):
+        raise RuntimeError("no str")
+
+
+def _scenario_local_failures(rank, world):
+    from backends import DistributedExecutor, SerialExecutor
+
+    ex = DistributedExecutor(timeout=TIMEOUT, diagnose_timeout=DIAGNOSE)
+    g = torch.Generator().manual_seed(6)
+    xs, ts = torch.randn(3, 3, 4, generator=g), torch.zeros(3, 3)
+    calls = [0]
+
+    def mixed_devices(x, t):  # rank 0's second prediction is on another device
+        calls[0] += 1
+        return x.to("meta") if rank == 0 and calls[0] == 2 else x
+
+    def all_meta(x, t):
+        return x.to("meta") if rank == 1 else x
+
+    def bad_str(x, t):
+        if rank == 1:
+            raise UnprintableError()
+        return x
+
+    def after():
+        return bool(torch.equal(ex.evaluate(_predictor, xs, ts), SerialExecutor().evaluate(_predictor, xs, ts)))
+
+    res = {}
+    if rank == 1:  # a device that stopped working after construction: the move fails on this rank only
+        ex.device = torch.device("cuda:99")
+    res["move"] = _fault_result(lambda: ex.evaluate(_predictor, xs, ts))
+    ex.device = None
+    res["move"]["after"] = after()
+    for name, f in (("mixed_devices", mixed_devices), ("all_meta", all_meta), ("bad_str", bad_str)):
+        res[name] = _fault_result(lambda: ex.evaluate(f, xs, ts))
+        res[name]["after"] = after()
+    return res
+
+
 def _e2e(family):
     import driffusion_core as core
     import solvers
@@ -617,6 +770,9 @@ SCENARIOS = {
     "ulp_conservative": lambda rank, world: _scenario_ulp(rank, world, "conservative"),
     "raise_anchor_aggressive": lambda rank, world: _scenario_raise_anchor(rank, world, "aggressive"),
     "raise_anchor_conservative": lambda rank, world: _scenario_raise_anchor(rank, world, "conservative"),
+    "cond_values": _scenario_cond_values,
+    "device_setup": _scenario_device_setup,
+    "local_failures": _scenario_local_failures,
     "e2e_ddpm": lambda rank, world: _e2e("ddpm"),
     "e2e_ddim": lambda rank, world: _e2e("ddim"),
     "e2e_flow": lambda rank, world: _e2e("flow"),

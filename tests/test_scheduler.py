@@ -303,6 +303,55 @@ def test_per_sample_turns_a_single_sample_predictor_into_a_batch_one(executor):
     torch.testing.assert_close(wide.x, sched.sample(f, x, executor=SerialExecutor(), cond={"c": c, "scale": 0.5}).x, rtol=1e-5, atol=1e-6)
 
 
+ALL_EXECUTORS = [pytest.param(SerialExecutor(), id="serial")] + EXECUTORS
+
+
+@pytest.mark.parametrize("executor", ALL_EXECUTORS)
+def test_per_sample_takes_a_torch_size_in_the_conditioning(executor):
+    """A tuple subclass that is not a namedtuple (torch.Size) is a value, passed whole to every row."""
+    xs, ts = torch.randn(2, 3, 4), torch.rand(2, 3) * 1000
+
+    def g(x, t, size, flag):
+        return x * size[0] + t.to(x.dtype) / 1000
+
+    cond = {"size": torch.Size([2, 3]), "flag": True}
+    ref = SerialExecutor().evaluate(lambda x, t, size, flag: torch.stack([g(x[b], t[b], size, flag) for b in range(3)]),
+                                    xs, ts, cond)
+    torch.testing.assert_close(executor.evaluate(per_sample(g), xs, ts, cond), ref)
+
+
+class AttributeDict(dict):
+    """A mapping read by attribute, like diffusers' FrozenDict / BaseOutput: ``extra.w``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for key, value in self.items():
+            object.__setattr__(self, key, value)
+
+
+def attribute_predictor(x, t, extra, scale=1.0):
+    return torch.tanh(x * extra.w + extra.pair[1]) * (0.5 + t.to(x.dtype)[:, None] / 1000) * scale
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_nested_mappings_keep_their_type_in_every_executor(executor):
+    """A predictor reading its nested conditioning by attribute works under every executor as under the
+    serial one (the executors rebuild a nested mapping as its own type, not as a plain dict)."""
+    from collections import OrderedDict
+
+    gen = torch.Generator().manual_seed(3)
+    x = NoiseSource(1).initial((3, 2))
+    extra = AttributeDict(w=torch.rand(3, 2, generator=gen) + 0.5, pair=[torch.tensor(1.0), torch.randn(3, 2, generator=gen)])
+    sched = DraftRefineScheduler(DDIMSkip(VP), VP.timesteps(9, "trailing"), width=3)
+    ref = sched.sample(attribute_predictor, x, executor=SerialExecutor(), cond={"extra": extra, "scale": 0.8})
+    out = sched.sample(attribute_predictor, x, executor=executor, cond={"extra": extra, "scale": 0.8})
+    torch.testing.assert_close(out.x, ref.x, rtol=1e-5, atol=1e-6)
+    ordered = OrderedDict(a=torch.ones(3, 1), b=2.0)
+    kinds = []
+    executor.evaluate(lambda x, t, od: kinds.append(type(od)) or x, torch.zeros(2, 3, 1), torch.zeros(2, 3), {"od": ordered})
+    assert kinds and set(kinds) == {OrderedDict}
+
+
 def test_executor_receives_the_rounds_states_and_times():
     """SerialExecutor.evaluate is f mapped over K (state, time) pairs, in order."""
     xs = torch.randn(4, 3, 2)

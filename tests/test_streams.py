@@ -12,7 +12,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from backends import SerialExecutor, StreamExecutor  # noqa: E402
-from driffusion_core.errors import ExecutorError, InvalidArgumentError  # noqa: E402
+from driffusion_core.errors import DeviceMismatchError, ExecutorError, InvalidArgumentError  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: torch.cuda.is_available() is False")
 
@@ -124,3 +124,37 @@ def test_sampling_end_to_end_equals_serial():
         ref = sched.sample(predictor, x, executor=SerialExecutor(), noise=core.NoiseSource(2))
         torch.testing.assert_close(got.x, ref.x, rtol=1e-5, atol=1e-6)
         assert got.rounds == ref.rounds
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_prediction_on_another_device_is_named():
+    ex = StreamExecutor(devices=["cuda:0"])
+    xs, ts = torch.zeros(2, 3, 4, device="cuda:0"), torch.zeros(2, 3, device="cuda:0")
+    with pytest.raises(DeviceMismatchError, match=r"returned a tensor on cpu for draft 0, which ran on cuda:0"):
+        ex.evaluate(lambda x, t: x.cpu(), xs, ts)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_after_an_error_the_inputs_stream_waits_for_the_streams_already_launched():
+    """Stream 0 is still busy (a long GPU sleep) when the predictor raises on stream 1: work queued next on the
+    inputs' stream must wait for stream 0 (which still reads the inputs)."""
+    if not hasattr(torch.cuda, "_sleep"):
+        pytest.skip("torch.cuda._sleep is not available")
+    ex = StreamExecutor(devices=["cuda:0", "cuda:0"])
+    xs, ts = torch.zeros(2, 3, 4, device="cuda:0"), torch.zeros(2, 3, device="cuda:0")
+    torch.cuda.synchronize()
+
+    def busy_then_raise(x, t):
+        if torch.cuda.current_stream() == ex.streams[0]:
+            torch.cuda._sleep(int(2e9))  # queued on stream 0
+            return x
+        raise ValueError("boom on stream 1")
+
+    with pytest.raises(ExecutorError, match="stream 1"):
+        ex.evaluate(busy_then_raise, xs, ts)
+    after = torch.cuda.Event()
+    after.record(torch.cuda.current_stream())
+    assert not after.query(), "the inputs' stream did not wait for stream 0"
+    torch.cuda.synchronize()
