@@ -121,6 +121,7 @@ SCHEDULER_CASES = [
     ("DDPMScheduler", dict(beta_schedule="squaredcos_cap_v2", clip_sample=True, clip_sample_range=2.0), 10, {}),
     ("DDPMScheduler", dict(steps_offset=1, timestep_spacing="trailing", clip_sample=False), 10, {}),
     ("DDPMScheduler", dict(steps_offset=1, timestep_spacing="linspace", clip_sample=False), 10, {}),
+    ("DDPMScheduler", dict(variance_type=None, timestep_spacing="trailing", clip_sample=False), 10, {}),  # = fixed_small
     ("FlowMatchEulerDiscreteScheduler", {}, 10, {}),
     ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0), 10, {}),
     ("FlowMatchEulerDiscreteScheduler", dict(use_dynamic_shifting=True), 10, dict(mu=0.8)),

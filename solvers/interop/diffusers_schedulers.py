@@ -14,7 +14,7 @@ Key (diffusers' names -> ours):
   ``t - num_train_timesteps // T`` (``step_to="stride"``), DDPM to the next listed timestep;
 * ``thresholding`` -> :class:`~driffusion_core.DynamicThreshold`, else ``clip_sample`` ->
   :class:`~driffusion_core.ClipSample` (diffusers' precedence);
-* DDPM ``variance_type`` fixed_small / fixed_small_log / fixed_large -> :class:`~solvers.DDPMSkip`;
+* DDPM ``variance_type`` fixed_small / fixed_small_log / fixed_large (None: fixed_small, as diffusers) -> :class:`~solvers.DDPMSkip`;
 * flow sigmas (``shift`` or a later ``set_shift()``, ``use_dynamic_shifting`` with ``mu``, ``shift_terminal``,
   Karras / exponential / beta sigmas, linear time shift) -> read from the scheduler's own ``set_timesteps``
   on a private copy, so the grid is diffusers' own (the step is the same Euler step);
@@ -56,7 +56,9 @@ SUPPORTED_SCHEDULERS = (
     "DDIMScheduler", "DDPMScheduler", "FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler",
 )
 
-_DDPM_VARIANCE = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large"}
+# None: diffusers' _get_variance matches no branch and keeps the posterior variance, i.e. fixed_small
+_DDPM_VARIANCE = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large",
+                  None: "fixed_small"}
 
 
 def _config_keys(diffusers, name: str) -> frozenset:
@@ -186,7 +188,7 @@ def _ddpm(scheduler, cfg, num_inference_steps: int):
     if variance_type not in _DDPM_VARIANCE:
         raise InvalidArgumentError(
             f"DDPMScheduler variance_type={variance_type!r} is not supported: DRiffusion takes "
-            f"{', '.join(_DDPM_VARIANCE)} (learned variances need the model's variance output at every draft, "
+            f"{', '.join(map(str, _DDPM_VARIANCE))} (learned variances need the model's variance output at every draft, "
             f"and diffusers' own step takes the square root of a log for 'fixed_large_log')."
         )
     schedule = _vp_schedule(scheduler, 1.0)
