@@ -228,6 +228,18 @@ def test_trailing_step_counts_where_diffusers_lists_one_more(name):
         assert grid.model_times.tolist() == listed[:T] and grid.t_to[-1] == -1
 
 
+def test_from_diffusers_takes_any_integer_step_count():
+    import numpy as np
+
+    scheduler = need("DDIMScheduler")(clip_sample=False)
+    ref = from_diffusers(scheduler, 10)[1]
+    for steps in (np.int64(10), torch.tensor(10)):
+        assert torch.equal(from_diffusers(scheduler, steps)[1].t_from, ref.t_from)
+    for bad in (0, 2.5, True, "10"):
+        with pytest.raises(InvalidArgumentError, match="num_inference_steps must be an int >= 1"):
+            from_diffusers(scheduler, bad)
+
+
 def test_from_diffusers_does_not_touch_the_scheduler():
     scheduler = need("FlowMatchEulerDiscreteScheduler")(shift=3.0, use_karras_sigmas=True)
     before = scheduler.sigmas.clone()

@@ -40,7 +40,7 @@ from typing import Any, Mapping, Optional, Tuple
 import numpy as np
 import torch
 
-from driffusion_core.errors import InvalidArgumentError
+from driffusion_core.errors import InvalidArgumentError, as_count
 from driffusion_core.grid import TimeGrid
 from driffusion_core.parameterization import ClipSample, DynamicThreshold
 from driffusion_core.schedules import FlowSchedule, VPSchedule
@@ -361,8 +361,7 @@ def from_diffusers(
     """
     scheduler, name = _as_scheduler(scheduler_or_config)
     cfg = dict(scheduler.config)
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise InvalidArgumentError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}.")
+    num_inference_steps = as_count(num_inference_steps, "num_inference_steps", 1)
     if name != "DDIMScheduler" and (eta != 0.0 or use_clipped_model_output):
         raise InvalidArgumentError(f"eta and use_clipped_model_output are DDIMScheduler options; {name} has neither.")
     if name == "DDIMScheduler":
