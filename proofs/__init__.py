@@ -14,7 +14,8 @@ state machine, so a proof cannot drift from the code. Families:
 * :mod:`proofs.parameterization`  epsilon / sample / v_prediction / velocity conversions are inverses
 * :mod:`proofs.diffusers_steps`   one-level steps = diffusers' DDIM, DDPM, FlowMatchEuler, DPMSolverMultistep
                                   (first order and 2M) updates
-* :mod:`proofs.operator_checks`   the torch operators agree with the proved symbolic steps
+* :mod:`proofs.operator_checks`   the torch operators agree with the proved symbolic steps; their drafts
+                                  are the chain of their own steps, their coupled noise the composed noise
 * :mod:`proofs.rounds`            round counts of the scheduler's plan, and their limits
 
 Shared pieces: :mod:`proofs.registry` (results, the ``@identity`` registry), :mod:`proofs.algebra`

@@ -11,9 +11,9 @@ from __future__ import annotations
 import sympy as sp
 
 from driffusion_core import coefficients as C
-from proofs.algebra import Domain, EtaInUnitInterval, Levels, check, real
+from proofs.algebra import Domain, EtaInUnitInterval, Levels, canon, check, real
 from proofs.display import nice
-from proofs.operators import ddim_step, ddpm_std, ddpm_step
+from proofs.operators import ddim_step, ddpm_std, ddpm_step, vp_x0_eps
 from proofs.registry import Result, Status, identity
 
 __all__ = []
@@ -53,7 +53,9 @@ def eta0_composes() -> Result:
     "ddim.frozen_v_does_not_compose",
     "DDIM",
     "eta = 0 with a frozen v_prediction output re-converted at s does NOT compose (v means a different "
-    "(x0, eps) pair at each level): why drafts freeze (x0_hat, eps_hat) at the anchor instead.",
+    "(x0, eps) pair at each level): why drafts freeze (x0_hat, eps_hat) at the anchor instead. With "
+    "(alpha, sigma) = (cos theta, sin theta) a v step t->s is the rotation x_s = cos(a) x - sin(a) v, "
+    "a = theta_t - theta_s, so two steps - one step = sin(b) (sin(a) x - (1 - cos(a)) v), b = theta_s - theta_u.",
     expect_holds=False,
 )
 def frozen_v_does_not_compose() -> Result:
@@ -62,7 +64,23 @@ def frozen_v_does_not_compose() -> Result:
     x, p = real("x p")
     two = ddim_step("v_prediction", ddim_step("v_prediction", x, p, a_t, a_s), p, a_s, a_u)
     res = {"two steps - one step": two - ddim_step("v_prediction", x, p, a_t, a_u)}
-    return check(res, lv.domain & Domain.free([x, p]))
+    out = check(res, lv.domain & Domain.free([x, p]), simplify_failures=True)
+    (al_t, si_t), (al_s, si_s), (al_u, si_u) = (C.vp_alpha_sigma(a) for a in (a_t, a_s, a_u))
+    cos_a, sin_a = al_t * al_s + si_t * si_s, si_t * al_s - al_t * si_s  # cos, sin of theta_t - theta_s
+    sin_b = si_s * al_u - al_s * si_u  # sin(theta_s - theta_u)
+    shape = sin_b * (sin_a * x - (1 - cos_a) * p)
+    rotation = ddim_step("v_prediction", x, p, a_t, a_s) - (cos_a * x - sin_a * p)
+    out.defect_checks = {
+        "a v step is the rotation cos(a) x - sin(a) v": canon(rotation) == 0,
+        "two steps - one step = sin(b) (sin(a) x - (1 - cos(a)) v)": canon(res["two steps - one step"] - shape) == 0,
+    }
+    ok = all(out.defect_checks.values())
+    out.detail = (
+        "two steps - one step = sin(b) (sin(a) x - (1 - cos(a)) v), cos(a) = sqrt(abar_t abar_s) + sqrt((1 - "
+        "abar_t)(1 - abar_s)), sin(a) = sqrt((1 - abar_t) abar_s) - sqrt(abar_t (1 - abar_s)), sin(b) likewise "
+        f"for s -> u ({'proved' if ok else 'NOT proved'}). " + out.detail
+    )
+    return out
 
 
 @identity(
@@ -152,7 +170,7 @@ def eta_composition_not_exact() -> Result:
     lv = Levels(["t", "s", "u"])
     eta = EtaInUnitInterval()
     res = _eta_chain_residuals(lv, eta.eta)
-    out = check(res, lv.domain & eta.domain)
+    out = check(res, lv.domain & eta.domain, simplify_failures=True)
     # the defect in the reader's symbols (squares only: rational in abar, eta)
     P, e = lv.plain, eta.plain
     _, B1p, s1p = C.ddim_chain_coefficients(P["t"], P["s"], e)
@@ -163,13 +181,21 @@ def eta_composition_not_exact() -> Result:
         P["s"] * P["u"] * (1 - P["s"]) * (1 - P["t"])
     )
     dB2 = B2p**2 * B1p**2 - Bp**2
-    ends = [
-        all(v == 0 for v in check(_eta_chain_residuals(lv, end), lv.domain).residuals.values()) for end in (0, 1)
-    ]
+    ends = {end: check(_eta_chain_residuals(lv, end), lv.domain).status is Status.PROVED for end in (0, 1)}
+    out.defect_checks = {
+        "variance defect = eta^2 (1 - eta^2) (...)": canon(dvar - shape) == 0,
+        "(x_t coefficient)^2 defect = -(variance defect)/(1 - abar_t)": canon(dB2 + shape / (1 - P["t"])) == 0,
+        "eta = 0: residuals 0": ends[0],
+        "eta = 1: residuals 0": ends[1],
+        "chain: B^2 (1 - abar_t) + variance = 1 - abar_u": canon(
+            (B2p * B1p) ** 2 * (1 - P["t"]) + B2p**2 * s1p**2 + s2p**2 - (1 - P["u"])) == 0,
+        "one step: B^2 (1 - abar_t) + variance = 1 - abar_u": canon(Bp**2 * (1 - P["t"]) + sp_**2 - (1 - P["u"])) == 0,
+    }
     out.detail = (
         f"Variance of chain - one step = {nice(dvar, shape)} > 0; "
         f"(x_t coefficient)^2 of chain - one step = {nice(dB2, -shape / (1 - P['t']))}. "
-        f"At eta = 0 and eta = 1 the residuals are {'0 (proved)' if all(ends) else 'NOT all 0'}. " + out.detail
+        f"At eta = 0 and eta = 1 the residuals are {'0 (proved)' if all(ends.values()) else 'NOT all 0'}. "
+        + out.detail
     )
     return out
 
@@ -188,15 +214,39 @@ def _eta_chain_residuals(lv: Levels, eta):
 
 
 @identity(
+    "ddim.chain_factors_are_step",
+    "DDIM",
+    "ddim_chain_coefficients (A, B, sigma) is the DDIM(eta) step itself (ddim_step: x0_eps_coefficients + "
+    "ddim_coefficients, as DDIMSkip.__call__): A x0_hat + B x_t + sigma z = the step from x_t with the output "
+    "p, x0_hat the conversion of p at t, for epsilon / sample / v_prediction (eps_hat re-derived from x_t and "
+    "x0_hat is the model's), for eta = 0, eta = 1 and every 0 < eta < 1: the factors DDIMSkip.chain_factors "
+    "unrolls into drafts and coupled noise are the real step's.",
+)
+def chain_factors_are_step() -> Result:
+    lv = Levels(["t", "s"])
+    a_t, a_s = lv.abar["t"], lv.abar["s"]
+    x, p, z = real("x p z")
+    eta = EtaInUnitInterval()
+    res = {}
+    for label, e in (("0 < eta < 1", eta.eta), ("eta = 0", 0), ("eta = 1", 1)):
+        A, B, s = C.ddim_chain_coefficients(a_t, a_s, e)
+        for kind in VP_PREDICTIONS:
+            x0_hat, _ = vp_x0_eps(kind, x, p, a_t)
+            res[f"{label}, {kind}: A x0_hat + B x_t + sigma z - step"] = (
+                A * x0_hat + B * x + s * z - ddim_step(kind, x, p, a_t, a_s, e, z)
+            )
+    return check(res, lv.domain & eta.domain & Domain.free([x, p, z]))
+
+
+@identity(
     "ddim.chain_drafts_3",
     "DDIM",
     "Any eta, x0_hat frozen: the draft of SkipTransition.drafts (chain_draft_coefficients of the "
     "ddim_chain_coefficients steps: A~ x0 + B~ x_t + sum_k W_k z_k) is the chain of three one-level DDIM(eta) "
-    "steps on the same z_k, pathwise, although the one big skip is not (ddim.eta_composition_not_exact).",
+    "steps (ddim_step with the output x0_hat frozen as a sample prediction, eps re-derived from each state) on "
+    "the same z_k, pathwise, although the one big skip is not (ddim.eta_composition_not_exact).",
 )
 def chain_drafts_3() -> Result:
-    from proofs.ddpm import chain_unrolled
-
     names = ["t0", "t1", "t2", "t3"]
     lv = Levels(names)
     eta = EtaInUnitInterval()
@@ -204,8 +254,9 @@ def chain_drafts_3() -> Result:
     x0, xt = real("x0 x_t")
     zs = real("z0 z1 z2")
     At, Bt, W = C.chain_draft_coefficients(*(list(col) for col in zip(*steps)))
-    res = {}
+    res, state = {}, xt
     for j in range(3):  # every row of the window
+        state = ddim_step("sample", state, x0, lv.abar[names[j]], lv.abar[names[j + 1]], eta.eta, zs[j])
         draft = At[j] * x0 + Bt[j] * xt + sum(w * z for w, z in zip(W[j], zs))
-        res[f"draft {j} - chain of {j + 1} steps"] = draft - chain_unrolled(steps[: j + 1], x0, xt, zs)
+        res[f"draft {j} - chain of {j + 1} DDIM steps"] = draft - state
     return check(res, lv.domain & eta.domain & Domain.free([x0, xt, *zs]))

@@ -1,4 +1,5 @@
-r"""The torch operators against the symbolic proofs: mirrors agree, a one-level draft is the step.
+r"""The torch operators against the symbolic proofs: mirrors agree, drafts are the chain, coupled noise
+is the composed noise.
 
 The symbolic proofs are about :mod:`proofs.operators`, mirrors of the operators' ``__call__``
 composed from the same coefficient functions. Here the real operators (``solvers.DDIMSkip``,
@@ -6,6 +7,10 @@ composed from the same coefficient functions. Here the real operators (``solvers
 evaluated against the exact mirror at the same schedule values (DPM-Solver++'s 2M step, which takes the
 previous step too, in its own identity), and a window's first draft is compared bit for bit with
 the serial step (``DraftRefineState.step`` is exactly ``transition(x, p, t_from[i], t_to[i], z_i)``).
+For the stochastic operators (DDPM, DDIM with eta > 0) every row of ``SkipTransition.drafts`` is
+compared with the chain of the operator's own one-level steps with x0_hat frozen on the same per-step
+noise, and ``chain_factors``, ``_coupling``, ``coupled_noise`` and ``skip`` with the proved
+``ddim_chain_coefficients`` / ``ddpm_posterior_coefficients`` factors and ``chain_noise_weights``.
 """
 from __future__ import annotations
 
@@ -18,10 +23,10 @@ import torch
 from driffusion_core import FlowSchedule, NoiseSource, VPSchedule
 from driffusion_core import coefficients as C
 from proofs.algebra import Domain, check
-from proofs.operators import ddim_step, ddpm_step, dpm_2m_step, dpm_step, flow_step
+from proofs.operators import ddim_step, ddpm_std, ddpm_step, dpm_2m_step, dpm_step, flow_step, vp_x0_eps
 from proofs.registry import Result, Status, identity
 
-__all__ = ["operator_cases"]
+__all__ = ["operator_cases", "chain_cases"]
 
 F64 = torch.float64
 #: relative agreement required between the float64 operator and the exact mirror
@@ -68,6 +73,7 @@ def operator_cases() -> List[Tuple[str, object, Callable, str]]:
     "DPMSolverSkip (first order, VP and flow), every prediction type, float64 with per-row levels, equal the "
     "symbolic steps proved above, evaluated exactly at the same schedule values (no noise at t_from = 0 for "
     "DDPM, as the operator and diffusers; an epsilon flow is undefined at sigma = 1 and skipped there).",
+    numeric=True,
 )
 def match_symbolic_mirrors() -> Result:
     xs, ps, zs, at, as_ = sp.symbols("x p z abar_t abar_s", real=True)
@@ -110,6 +116,7 @@ def match_symbolic_mirrors() -> Result:
     "The torch DPMSolverSkip.multistep (2M, midpoint and heun, VP and flow, every prediction type, float64, "
     "per-row levels, history = the previous state, output and level) equals the symbolic 2M step proved "
     "above, evaluated exactly at the same schedule values, including its first-order step to sigma = 0.",
+    numeric=True,
 )
 def dpm_2m_matches_mirror() -> Result:
     from solvers import DPMSolverSkip
@@ -184,3 +191,138 @@ def one_level_draft_is_step() -> Result:
                       {"failures": mismatches})
     return Result(Status.VERIFIED, symbolic.residuals,
                   f"w_0/|w_0| = 1 proved; bit for bit on the code in {cases} cases (operators x dtypes x windows).")
+
+
+# ----------------------------------------------------------------------------- drafts and coupled noise
+
+#: DDIM etas of the chain checks: deterministic, in between (where the big skip is not the chain), DDPM's
+CHAIN_ETAS = (0.0, 0.3, 0.7, 1.0)
+#: (first step a, width n) of the windows on a 12-step grid; (6, 6) ends at the last step (leading: t_from = 0)
+CHAIN_WINDOWS = ((0, 3), (2, 6), (6, 6), (0, 12))
+CHAIN_SPACINGS = ("trailing", "leading")
+
+
+def chain_cases() -> List[Tuple[str, object, object, Callable]]:
+    """(label, torch operator, its sibling with prediction "sample" (the step with x0_hat given), reference
+    factors(abar_t, abar_s, t_from) -> (A, B, s) of the one-level step from the proved coefficient functions)."""
+    from solvers import DDIMSkip, DDPMSkip
+
+    vp = VPSchedule.linear()
+    cases = []
+    for kind in ("epsilon", "sample", "v_prediction"):
+        for eta in CHAIN_ETAS:
+            cases.append((f"DDIMSkip({kind}, eta={eta:g})", DDIMSkip(vp, kind, eta=eta), DDIMSkip(vp, "sample", eta=eta),
+                          lambda a, b, t, e=eta: C.ddim_chain_coefficients(a, b, e)))
+        for vt in ("fixed_small", "fixed_large"):
+            def ddpm_factors(a, b, t, v=vt):  # DDPMSkip adds no noise from t = 0 (as diffusers)
+                c_x0, c_xt, _ = C.ddpm_posterior_coefficients(a, b)
+                return c_x0, c_xt, torch.where(t > 0, ddpm_std(a, b, v), torch.zeros_like(a))
+
+            cases.append((f"DDPMSkip({kind}, {vt})", DDPMSkip(vp, kind, variance_type=vt),
+                          DDPMSkip(vp, "sample", variance_type=vt), ddpm_factors))
+    return cases
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a - b).abs() / (1 + b.abs())).max())
+
+
+def _chain_windows():
+    """(spacing, a, n, t_from, t_to) of every window the chain checks use."""
+    vp = VPSchedule.linear()
+    for spacing in CHAIN_SPACINGS:
+        grid = vp.timesteps(12, spacing)
+        for a, n in CHAIN_WINDOWS:
+            yield spacing, a, n, grid.t_from[a : a + n], grid.t_to[a : a + n]
+
+
+@identity(
+    "operators.drafts_are_the_chain",
+    "Operators (code)",
+    "Every row of SkipTransition.drafts (row 0 the step, rows j >= 1 A~ x0_hat + B~ x_{a+1} + W z, "
+    "transition.py) is the chain of the operator's own one-level steps from the anchor with x0_hat frozen (the "
+    "step with x0_hat as a sample prediction, eps re-derived from each state) on the same per-step noise z_a.., "
+    "for DDPMSkip (fixed_small, fixed_large) and DDIMSkip (eta 0, 0.3, 0.7, 1), every prediction type, float64, "
+    "windows of 3 to 12 steps on trailing and leading grids (to t = 0); and chain_factors is the proved "
+    "one-level step (ddim_chain_coefficients, ddpm_posterior_coefficients with DDPMSkip's std).",
+    numeric=True,
+)
+def drafts_are_the_chain() -> Result:
+    worst, cases, bad = 0.0, 0, []
+    noise = NoiseSource(11)
+    x = noise.initial((4, 3), F64)
+    p = noise(100, (4, 3), F64)
+    for label, op, sample_op, factors in chain_cases():
+        for spacing, a, n, t_from, t_to in _chain_windows():
+            where = f"{label} {spacing} a={a} n={n}"
+            abar_t, abar_s = op.schedule.alpha_bar(t_from), op.schedule.alpha_bar(t_to)
+            ref = factors(abar_t, abar_s, t_from)
+            got = op.chain_factors(t_from, t_to)
+            err = max(_rel(torch.as_tensor(g, dtype=F64), torch.as_tensor(r, dtype=F64)) for g, r in zip(got, ref))
+            zs = torch.stack([noise(a + k, x.shape, F64) for k in range(n)]) if op.stochastic else None
+            rows = op.drafts(x, p, t_from, t_to, zs)
+            x0_hat, _ = vp_x0_eps(op.prediction.value, x, p, abar_t[0])  # the anchor's, frozen
+            state = op(x, p, t_from[0], t_to[0], zs[0] if zs is not None else None)
+            for j in range(n):
+                if j:
+                    state = sample_op(state, x0_hat, t_from[j], t_to[j], zs[j] if zs is not None else None)
+                err = max(err, _rel(rows[j], state))
+            cases += 1
+            worst = max(worst, err)
+            if not err <= REL_TOL:
+                bad.append(f"{where}: relative difference {err:.2e}")
+    detail = f"{cases} windows ({len(chain_cases())} operators x {2 * len(CHAIN_WINDOWS)} windows), max relative " \
+             f"difference {worst:.1e}"
+    if bad:
+        return Result(Status.FAILS, {}, f"{detail}; above {REL_TOL:g}: {bad[0]}", {"failures": bad})
+    return Result(Status.NUMERIC, {}, f"{detail} (float64; tolerance {REL_TOL:g}).")
+
+
+@identity(
+    "operators.coupled_noise_composed",
+    "Operators (code)",
+    "SkipTransition._coupling row j is w_j/|w_j|, w_j = chain_noise_weights of the proved one-level factors "
+    "of steps 0..j (a unit row; a noiseless row, |w_j| = 0, is e_j: its step's own noise), "
+    "coupled_noise(...)[j] = sum_k w_jk z_k / |w_j| (row 0 z_a bit for bit), and skip over the window is the "
+    "one big step on the last row, for the operators and windows of operators.drafts_are_the_chain, float64.",
+    numeric=True,
+)
+def coupled_noise_is_composed() -> Result:
+    worst, cases, bad, zero_rows = 0.0, 0, [], 0
+    noise = NoiseSource(13)
+    x = noise.initial((4, 3), F64)
+    p = noise(100, (4, 3), F64)
+    for label, op, _, factors in chain_cases():
+        for spacing, a, n, t_from, t_to in _chain_windows():
+            where = f"{label} {spacing} a={a} n={n}"
+            _, B, s = factors(op.schedule.alpha_bar(t_from), op.schedule.alpha_bar(t_to), t_from)
+            B, s = [float(v) for v in torch.as_tensor(B, dtype=F64)], [float(v) for v in torch.as_tensor(s, dtype=F64)]
+            ref = torch.zeros(n, n, dtype=F64)
+            for j in range(n):
+                w = torch.tensor(C.chain_noise_weights(B[: j + 1], s[: j + 1]), dtype=F64)
+                norm = torch.linalg.vector_norm(w)
+                if norm > 0:
+                    ref[j, : j + 1] = w / norm
+                else:  # documented: a noiseless row passes its own step's noise on
+                    ref[j, j] = 1.0
+                    zero_rows += 1
+            u = op._coupling(t_from, t_to)
+            err = _rel(u, ref)
+            err = max(err, float((torch.linalg.vector_norm(u, dim=1) - 1).abs().max()))
+            zs = torch.stack([noise(a + k, x.shape, F64) for k in range(n)])
+            coupled = op.coupled_noise(t_from, t_to, zs)
+            composed = (ref @ zs.reshape(n, -1)).reshape(zs.shape)
+            err = max(err, _rel(coupled, composed))
+            if not torch.equal(coupled[0], zs[0]):
+                err = max(err, 1.0)
+            big = op.skip(x, p, t_from, t_to, zs)
+            one = op(x, p, t_from[0], t_to[-1], composed[-1] if op.stochastic else None)
+            err = max(err, _rel(big, one))
+            cases += 1
+            worst = max(worst, err)
+            if not err <= REL_TOL:
+                bad.append(f"{where}: relative difference {err:.2e}")
+    detail = f"{cases} windows, {zero_rows} noiseless rows, max relative difference {worst:.1e}"
+    if bad:
+        return Result(Status.FAILS, {}, f"{detail}; above {REL_TOL:g}: {bad[0]}", {"failures": bad})
+    return Result(Status.NUMERIC, {}, f"{detail} (float64; tolerance {REL_TOL:g}).")

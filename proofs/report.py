@@ -19,13 +19,18 @@ INDENT = "    "
 def result_label(o: Outcome) -> str:
     """The result column: the status, and whether it is what was expected."""
     st = o.result.status
-    if st is Status.FAILS and not o.identity.expect_holds:
+    if st is Status.FAILS and not o.identity.expect_holds and o.as_expected:
         return "FAILS (known non-identity, as expected)"
     label = st.value
     if not o.as_expected:
         label += " <-- UNEXPECTED" if st is not Status.ERROR else ""
         if st.holds and not o.identity.expect_holds:
             label += " (expected to fail)"
+        elif st is Status.FAILS and not o.identity.expect_holds:
+            open_ = [k for k, ok in o.result.defect_checks.items() if not ok]
+            label += f" (documented defect NOT proved: {', '.join(open_) if open_ else 'none recorded'})"
+        elif st is Status.NUMERIC:
+            label += " (only numerically: a symbolic identity must be PROVED)"
     return label
 
 
@@ -100,12 +105,14 @@ def summary(outcomes: List[Outcome]) -> str:
         Status.ERROR: "raised an error",
     }
     parts = [f"{counts[s]} {w}" for s, w in words.items() if counts[s]]
-    known = sum(1 for o in outcomes if o.result.status is Status.FAILS and not o.identity.expect_holds)
+    known = sum(1 for o in outcomes if o.result.status is Status.FAILS and not o.identity.expect_holds
+                and o.as_expected)
     bad = [o.identity.name for o in outcomes if not o.as_expected]
     seconds = sum(o.seconds for o in outcomes)
     head = f"{len(outcomes)} {'identity' if len(outcomes) == 1 else 'identities'}: " + ", ".join(parts)
     if known:
-        head += f" ({known} of them known non-identit{'y' if known == 1 else 'ies'}, failing as expected)"
+        head += (f" ({known} of them known non-identit{'y' if known == 1 else 'ies'}, failing as expected with "
+                 f"the documented defect proved)")
     tail = "All as expected." if not bad else f"NOT AS EXPECTED: {', '.join(bad)}."
     return f"{head}. {tail} ({seconds:.1f} s)"
 
@@ -120,11 +127,13 @@ def to_json(outcomes: List[Outcome]) -> List[dict]:
             "family": o.identity.family,
             "statement": o.identity.statement,
             "expect_holds": o.identity.expect_holds,
+            "numeric": o.identity.numeric,
             "status": o.result.status.name,
             "holds": o.result.status.holds,
             "as_expected": o.as_expected,
             "residuals": {k: str(v) for k, v in o.result.residuals.items()},
             "detail": o.result.detail,
+            "defect_checks": dict(o.result.defect_checks),
             "counterexample": None if cx is None else {
                 k: ({kk: str(vv) for kk, vv in v.items()} if isinstance(v, dict) else str(v)) for k, v in cx.items()
             },

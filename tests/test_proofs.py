@@ -2,9 +2,11 @@
 
 `python -m proofs` runs once (writing its results as JSON too). The identities themselves compare
 the library's code with references (Bayes' rule, diffusers' update formulas, the closed-form round
-counts, the scheduler's own plan). Here each result is checked: the expected-to-hold ones hold (symbolic ones are PROVED, not merely numeric), the
-known non-identities (DDIM composition at 0 < eta < 1, ...) are reported as failing with a
-counterexample. The zero test is itself checked not to be vacuous.
+counts, the scheduler's own plan). Here each result is checked: the expected-to-hold ones hold (symbolic
+ones are PROVED, not merely numeric; only the float checks of the torch code may be NUMERIC), the known
+non-identities (DDIM composition at 0 < eta < 1, ...) are reported as failing with a counterexample and
+with their documented defect proved. The zero test is itself checked not to be vacuous, and mutating a
+coefficient, the drafts or the coupled noise makes the identities that use it fail.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import sympy as sp
 import proofs
 from proofs.algebra import Domain, LambdaLevels, Levels, canon, check, real
 from proofs.registry import Status
+from proofs.report import result_label
 
 from _metrics import one_torch_thread  # noqa: F401  (autouse fixture)
 
@@ -30,6 +33,9 @@ SYMBOLIC_FAMILIES = ("param.", "ddpm.", "ddim.", "flow.", "dpm.", "diffusers.", 
                      "rounds.conservative_limit")
 KNOWN_NON_IDENTITIES = {"ddim.eta_composition_not_exact", "ddim.frozen_v_does_not_compose",
                         "ddpm.fixed_large_not_composable", "dpm.2m_midpoint_not_exact"}
+#: float checks of the torch code, NUMERICALLY VERIFIED by nature (every other identity must not be NUMERIC)
+NUMERIC_IDENTITIES = {"operators.match_symbolic_mirrors", "operators.dpm_2m_matches_mirror",
+                      "operators.drafts_are_the_chain", "operators.coupled_noise_composed"}
 DPM_IDENTITIES = {"dpm.first_order_is_ddim", "dpm.first_order_composes", "dpm.2m_frozen_is_first_order",
                   "dpm.2m_heun_exact_linear_x0", "dpm.2m_midpoint_not_exact", "dpm.conditional_path_exact",
                   "diffusers.dpm_solver_pp_step", "operators.dpm_2m_matches_mirror"}
@@ -63,6 +69,7 @@ def test_registry_is_complete(outcomes):
     families = {r["family"] for r in outcomes.values()}
     assert {"DDPM", "DDIM", "Flow", "DPM-Solver++", "Parameterizations", "diffusers", "Rounds"} <= families
     assert {n for n, r in outcomes.items() if not r["expect_holds"]} == KNOWN_NON_IDENTITIES
+    assert {n for n, r in outcomes.items() if r["numeric"]} == NUMERIC_IDENTITIES
     assert DPM_IDENTITIES <= set(outcomes)
 
 
@@ -75,11 +82,15 @@ def test_identity_is_as_recorded(outcomes, name):
         if name.startswith(SYMBOLIC_FAMILIES):
             assert r["status"] in ("PROVED", "IN_DISTRIBUTION"), f"{name} only {r['status']}: {r['detail']}"
             assert all(v == "0" for v in r["residuals"].values()), r["residuals"]
+        if not r["numeric"]:
+            assert r["status"] != "NUMERIC", f"{name} is only numerically verified: {r['detail']}"
     else:
         assert r["status"] == "FAILS", f"{name} is a known non-identity but came out {r['status']}"
         cx = r["counterexample"]
         assert cx and cx["point"], "a failure must come with a counterexample"
         assert any(abs(float(v)) > 1e-6 for v in cx["residuals"].values())
+        # it fails in the documented way: every documented part of its defect is proved
+        assert r["defect_checks"] and all(r["defect_checks"].values()), r["defect_checks"]
     assert r["as_expected"]
 
 
@@ -218,3 +229,89 @@ def test_rounds_are_read_from_sample():
         )
         rounds, evals, _ = drive(T, n, mode)
         assert (out.rounds, out.evals) == (rounds, evals)
+
+
+def test_a_wrong_ddim_chain_factor_is_caught(monkeypatch):
+    """ddim_chain_coefficients' c_x off by a factor that is 1 at eta = 0 and eta = 1: the chain factors are no
+    longer the DDIM step (for 0 < eta < 1), and the documented eta-composition defect no longer holds."""
+    from driffusion_core import coefficients as C
+
+    right = C.ddim_chain_coefficients
+
+    def wrong(abar_t, abar_s, eta=0):
+        c_x0, c_x, sigma = right(abar_t, abar_s, eta)
+        bent = c_x * (1 + eta * (1 - eta) / 10)
+        return c_x0 + (c_x - bent) * C.sqrt(abar_t), bent, sigma
+
+    monkeypatch.setattr(C, "ddim_chain_coefficients", wrong)
+    for name in ("ddim.chain_factors_are_step", "ddim.chain_drafts_3", "ddim.eta_composition_not_exact",
+                 "operators.drafts_are_the_chain"):
+        (o,) = proofs.run_all(name)
+        assert not o.as_expected, name
+    (o,) = proofs.run_all("ddim.eta_composition_not_exact")
+    assert o.result.status is Status.FAILS and not o.result.defect_proved
+    assert "UNEXPECTED" in result_label(o) and "documented defect NOT proved" in result_label(o)
+
+
+def test_a_wrong_midpoint_coefficient_breaks_the_documented_defect(monkeypatch):
+    """Dropping the 1/2 of the 2M midpoint correction: the midpoint is still not exact (it FAILS), but not in the
+    documented way (alpha_t D phi(h)), so the known non-identity is not as expected."""
+    from driffusion_core import coefficients as C
+
+    right = C.dpm_solver_pp_2m_coefficients
+
+    def wrong(*args):
+        c_x, c_x0, c_prev = right(*args)
+        if (args[6] if len(args) > 6 else "midpoint") != "midpoint":
+            return c_x, c_x0, c_prev
+        return c_x, c_x0 - c_prev, 2 * c_prev  # d -> 2 d
+
+    monkeypatch.setattr(C, "dpm_solver_pp_2m_coefficients", wrong)
+    (o,) = proofs.run_all("dpm.2m_midpoint_not_exact")
+    assert o.result.status is Status.FAILS
+    assert o.result.defect_checks["midpoint - exact = alpha_t D phi(h)"] is False
+    assert not o.as_expected
+
+
+def _ddim_chain_factors_at_eta0(op, t_from, t_to):
+    """DDIMSkip.chain_factors with eta forced to 0 (a mutation)."""
+    from driffusion_core import coefficients as C
+
+    return C.ddim_chain_coefficients(op.schedule.alpha_bar(t_from), op.schedule.alpha_bar(t_to), 0.0)
+
+
+def test_wrong_drafts_and_coupled_noise_are_caught(monkeypatch):
+    """The torch drafts / coupled noise checked against the proved chain: DDIMSkip.chain_factors at eta 0, or
+    coupling rows scaled by 1.1, make operators.drafts_are_the_chain / operators.coupled_noise_composed fail."""
+    from driffusion_core.transition import SkipTransition
+    from solvers import DDIMSkip
+
+    right_factors, right_coupling = DDIMSkip.chain_factors, SkipTransition._coupling
+    monkeypatch.setattr(DDIMSkip, "chain_factors", _ddim_chain_factors_at_eta0)
+    for name in ("operators.drafts_are_the_chain", "operators.coupled_noise_composed"):
+        (o,) = proofs.run_all(name)
+        assert o.result.status is Status.FAILS and not o.as_expected, name
+    monkeypatch.setattr(DDIMSkip, "chain_factors", right_factors)
+    monkeypatch.setattr(SkipTransition, "_coupling", lambda self, t_from, t_to: 1.1 * right_coupling(self, t_from, t_to))
+    (o,) = proofs.run_all("operators.coupled_noise_composed")
+    assert o.result.status is Status.FAILS and not o.as_expected
+
+
+def test_numeric_is_not_enough_and_a_known_failure_needs_its_defect():
+    """A symbolic identity that only reaches NUMERICALLY VERIFIED is not as expected (only identities
+    registered numeric=True, the float checks of the code, may be); a known non-identity that fails without
+    its documented defect proved is not as expected either."""
+    from proofs.registry import Identity, Outcome, Result
+
+    def outcome(status, expect_holds=True, numeric=False, defect=None):
+        ident = Identity("x.y", "X", "a claim", expect_holds, lambda: None, numeric)
+        return Outcome(ident, Result(status, defect_checks=defect or {}), 0.0)
+
+    assert not outcome(Status.NUMERIC).as_expected
+    assert "UNEXPECTED" in result_label(outcome(Status.NUMERIC))
+    assert outcome(Status.NUMERIC, numeric=True).as_expected
+    assert outcome(Status.PROVED).as_expected
+    assert not outcome(Status.FAILS, expect_holds=False).as_expected  # no documented defect
+    assert not outcome(Status.FAILS, expect_holds=False, defect={"formula": True, "end points": False}).as_expected
+    assert outcome(Status.FAILS, expect_holds=False, defect={"formula": True}).as_expected
+    assert not outcome(Status.PROVED, expect_holds=False, defect={"formula": True}).as_expected

@@ -309,6 +309,62 @@ def test_stochastic_drafts_continue_from_the_serial_step_under_an_x0_transform(e
         torch.testing.assert_close(drafts, flat.drafts(x, p, t_from, t_to), rtol=0, atol=1e-6)
 
 
+COUPLED = [pytest.param(BY_NAME[n], id=n)
+           for n in ("ddim_eta0", "ddim_eta0.3", "ddim_eta1", "ddpm_fixed_small", "ddpm_fixed_large")]
+
+
+@pytest.mark.parametrize("family", COUPLED)
+@SETTINGS
+@given(data=st.data())
+def test_coupled_noise_is_the_chains_noise_normalised(family, data):
+    """coupled_noise(t_from, t_to, z)[j] = sum_{k <= j} w_jk z_k / |w_j|: unit rows, and |w_j| times it is the
+    noise the chain of one-level steps (x0_hat frozen) accumulates over steps 0..j on the same z.
+
+    The weights are read off the operator's own step, not its chain_factors: with x0_hat given (a "sample"
+    model) the step is x_s = A x0_hat + B x + s z, so B = S(1, 0, t -> s, 0) and s = S(0, 0, t -> s, 1);
+    w_j = chain_noise_weights(B_0..B_j, s_0..s_j). A noiseless row (|w_j| = 0, e.g. DDIM eta = 0, or a
+    window ending at the clean end, where B = s = 0) is e_j: its own step's noise. skip() is the one big
+    step on the last row.
+    """
+    sched = data.draw(vp_schedules("sample"))
+    tr, probe = family.make(sched, "sample"), family.make(sched, "sample")
+    n = data.draw(st.integers(1, 6))
+    integer = data.draw(st.booleans())
+    levels = torch.tensor(data.draw(decreasing_levels(0.0, float(sched.num_train_timesteps - 1), -1.0, n, integer)),
+                          dtype=F64)
+    t_from, t_to = levels[:-1], levels[1:]
+    one, zero = torch.ones(1, 1, dtype=F64), torch.zeros(1, 1, dtype=F64)
+    B = [float(probe(one, zero, t_from[k], t_to[k], zero)) for k in range(n)]
+    s = [float(probe(zero, zero, t_from[k], t_to[k], one)) if probe.stochastic else 0.0 for k in range(n)]
+    seed = data.draw(st.integers(0, 2**31))
+    x0_hat, x, z = randn(3, 2, seed=seed), randn(3, 2, seed=seed + 1), randn(n, 3, 2, seed=seed + 2)
+    u = tr._coupling(t_from, t_to)
+    coupled = tr.coupled_noise(t_from, t_to, z)
+    assert torch.equal(coupled[0], z[0]), "row 0 of the coupled noise must be z_a itself"
+    torch.testing.assert_close(torch.linalg.vector_norm(u, dim=1), torch.ones(n, dtype=F64), rtol=0, atol=1e-12)
+    assert torch.equal(u, u.tril()), "the coupling is lower triangular (row j uses z_0..z_j)"
+    noisy, quiet = x, x
+    for j in range(n):
+        w = torch.tensor(C.chain_noise_weights(B[: j + 1], s[: j + 1]), dtype=F64)
+        norm = float(torch.linalg.vector_norm(w))
+        expected_row = torch.zeros(n, dtype=F64)
+        if norm > 0:
+            expected_row[: j + 1] = w / norm
+        else:
+            expected_row[j] = 1.0
+        torch.testing.assert_close(u[j], expected_row, rtol=0, atol=1e-12)
+        torch.testing.assert_close(coupled[j], torch.einsum("k,k...->...", expected_row, z), rtol=0, atol=1e-12)
+        # the chain's own accumulated noise: (chain on z) - (chain without noise) = |w_j| coupled[j]
+        noisy = probe(noisy, x0_hat, t_from[j], t_to[j], z[j] if probe.stochastic else None)
+        quiet = probe(quiet, x0_hat, t_from[j], t_to[j], torch.zeros_like(z[j]) if probe.stochastic else None)
+        if norm > 0:
+            torch.testing.assert_close(noisy - quiet, norm * coupled[j], rtol=0, atol=1e-10 * (1 + norm))
+    p = randn(3, 2, seed=seed + 3)
+    big = tr.skip(x, p, t_from, t_to, z)
+    torch.testing.assert_close(big, tr(x, p, t_from[0], t_to[-1], coupled[-1] if tr.stochastic else None),
+                               rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------- DDIM eta
 
 
