@@ -66,6 +66,13 @@ def operator_cases() -> List[Tuple[str, object, Callable, str]]:
     return cases
 
 
+def _numeric(detail: str, bad: list, how: str) -> Result:
+    """NUMERIC when no value is off by more than ``REL_TOL``, else FAILS naming the first one."""
+    if bad:
+        return Result(Status.FAILS, {}, f"{detail}; above {REL_TOL:g}: {bad[0]}", {"failures": bad})
+    return Result(Status.NUMERIC, {}, f"{detail} ({how}; tolerance {REL_TOL:g}).")
+
+
 @identity(
     "operators.match_symbolic_mirrors",
     "Operators (code)",
@@ -105,9 +112,7 @@ def match_symbolic_mirrors() -> Result:
                     if rel > REL_TOL:
                         bad.append(f"{label} at {pairs[i]}: relative error {rel:.2e}")
     detail = f"{points} values from {len(operator_cases())} operators, max relative difference {worst:.1e}"
-    if bad:
-        return Result(Status.FAILS, {}, f"{detail}; above {REL_TOL:g}: {bad[0]}", {"failures": bad})
-    return Result(Status.NUMERIC, {}, f"{detail} (float64 against 40-digit exact; tolerance {REL_TOL:g}).")
+    return _numeric(detail, bad, "float64 against 40-digit exact")
 
 
 @identity(
@@ -152,9 +157,7 @@ def dpm_2m_matches_mirror() -> Result:
                                 bad.append(f"DPMSolverSkip({family}, {kind}, {solver_type}) at {rows[i]}: "
                                            f"relative error {rel:.2e}")
     detail = f"{points} values, max relative difference {worst:.1e}"
-    if bad:
-        return Result(Status.FAILS, {}, f"{detail}; above {REL_TOL:g}: {bad[0]}", {"failures": bad})
-    return Result(Status.NUMERIC, {}, f"{detail} (float64 against 40-digit exact; tolerance {REL_TOL:g}).")
+    return _numeric(detail, bad, "float64 against 40-digit exact")
 
 
 @identity(
@@ -273,9 +276,7 @@ def drafts_are_the_chain() -> Result:
                 bad.append(f"{where}: relative difference {err:.2e}")
     detail = f"{cases} windows ({len(chain_cases())} operators x {2 * len(CHAIN_WINDOWS)} windows), max relative " \
              f"difference {worst:.1e}"
-    if bad:
-        return Result(Status.FAILS, {}, f"{detail}; above {REL_TOL:g}: {bad[0]}", {"failures": bad})
-    return Result(Status.NUMERIC, {}, f"{detail} (float64; tolerance {REL_TOL:g}).")
+    return _numeric(detail, bad, "float64")
 
 
 @identity(
@@ -323,6 +324,4 @@ def coupled_noise_is_composed() -> Result:
             if not err <= REL_TOL:
                 bad.append(f"{where}: relative difference {err:.2e}")
     detail = f"{cases} windows, {zero_rows} noiseless rows, max relative difference {worst:.1e}"
-    if bad:
-        return Result(Status.FAILS, {}, f"{detail}; above {REL_TOL:g}: {bad[0]}", {"failures": bad})
-    return Result(Status.NUMERIC, {}, f"{detail} (float64; tolerance {REL_TOL:g}).")
+    return _numeric(detail, bad, "float64")
