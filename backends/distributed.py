@@ -71,7 +71,7 @@ from typing import Any, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from driffusion_core.errors import ExecutorError, InvalidArgumentError, PredictorOutputError
+from driffusion_core.errors import ExecutorError, InvalidArgumentError, PredictorOutputError, exception_text, safe_str
 from driffusion_core.executor import Executor, Predictor, even_shares, iter_tensors, map_tensors
 
 try:  # torch may be built without distributed support
@@ -235,21 +235,6 @@ def _safe_repr(v: Any, limit: int = 2000) -> str:
     except Exception:
         return f"<{type(v).__name__}>"
     return _ADDRESS.sub("", text if len(text) <= limit else text[:limit] + f"...<{len(text)}>")
-
-
-def _safe_str(e: BaseException) -> str:
-    """``str(e)``, or a fallback when the exception's ``__str__`` itself raises."""
-    try:
-        return str(e)
-    except Exception as err:
-        try:
-            return f"{BaseException.__repr__(e)} (its str() raised {type(err).__name__})"
-        except Exception:
-            return "<the exception could not be printed>"
-
-
-def _exc_text(e: BaseException) -> str:
-    return f"{type(e).__name__}: {_safe_str(e)}"
 
 
 def _cond_signature(cond: Mapping[str, Any]) -> int:
@@ -671,11 +656,11 @@ class DistributedExecutor(Executor):
                 x_part, t_part = x_part.to(dev), t_part.to(dev)
                 c = map_tensors(lambda v: v.to(dev), cond)
             except Exception as e:  # reported to every rank
-                return None, _MOVE_FAILED, f"could not move the round's inputs to {dev}: {_exc_text(e)}", e
+                return None, _MOVE_FAILED, f"could not move the round's inputs to {dev}: {exception_text(e)}", e
         try:
             outs = [predictor(x_part[j], t_part[j], **c) for j in range(mine)]
         except Exception as e:  # reported to every rank
-            return None, _RAISED, _exc_text(e), e
+            return None, _RAISED, exception_text(e), e
         bad = [o for o in outs if not isinstance(o, torch.Tensor)]
         if bad:
             return None, _BAD_OUTPUT, f"the predictor returned {type(bad[0]).__name__}, not a Tensor", None
@@ -693,7 +678,7 @@ class DistributedExecutor(Executor):
         except Exception as e:  # e.g. predictions on the meta device, or a copy that runs out of memory
             return None, _BAD_OUTPUT, (
                 f"the predictions ({outs[0].dtype} on {outs[0].device}) could not be stacked and copied to "
-                f"{self._comm_device} for the exchange: {_exc_text(e)}"
+                f"{self._comm_device} for the exchange: {exception_text(e)}"
             ), e
         return out, _OK, "", None
 
@@ -877,11 +862,11 @@ class DistributedExecutor(Executor):
         diagnosis = self._diagnose()
         local = ""
         if fault is not None:
-            local = f" (this rank had itself failed in this round: {_exc_text(fault)})"
+            local = f" (this rank had itself failed in this round: {exception_text(fault)})"
         raise ExecutorError(
             f"DistributedExecutor: rank {self.rank} (of {self.world_size}) could not complete the {what} "
             f"exchange of round {self._round} (waiting at most {self.timeout:g}s): {type(error).__name__}: "
-            f"{_first_line(_safe_str(error))}. {diagnosis}{local} A rank probably died, hung or fell out of step; "
+            f"{_first_line(safe_str(error))}. {diagnosis}{local} A rank probably died, hung or fell out of step; "
             f"check the other ranks' logs, then relaunch the job."
         ) from error
 

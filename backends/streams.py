@@ -21,7 +21,9 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence
 
 import torch
 
-from driffusion_core.errors import DeviceMismatchError, ExecutorError, InvalidArgumentError, PredictorOutputError
+from driffusion_core.errors import (
+    DeviceMismatchError, ExecutorError, InvalidArgumentError, PredictorOutputError, exception_text,
+)
 from driffusion_core.executor import Executor, Predictor, even_shares, map_tensors
 
 __all__ = ["StreamExecutor"]
@@ -203,7 +205,7 @@ class StreamExecutor(Executor):
                     except Exception as e:
                         raise ExecutorError(
                             f"StreamExecutor: the predictor raised on {dev} (stream {i}, drafts {start}..{start + size - 1}): "
-                            f"{type(e).__name__}: {e}"
+                            f"{exception_text(e)}"
                         ) from e
                     for j, o in enumerate(outs):
                         if isinstance(o, torch.Tensor) and o.device != dev:
@@ -217,7 +219,7 @@ class StreamExecutor(Executor):
                     except Exception as e:  # not tensors, or unlike shapes / dtypes
                         raise PredictorOutputError(
                             f"StreamExecutor: the predictions of drafts {start}..{start + size - 1} (stream {i}, {dev}) "
-                            f"cannot be stacked: {type(e).__name__}: {e}; the predictor must return one tensor "
+                            f"cannot be stacked: {exception_text(e)}; the predictor must return one tensor "
                             f"shaped like its input x."
                         ) from e
                 launched.append((dev, s, out))

@@ -76,3 +76,19 @@ def as_count(value, what: str, low: int = 1, high=None, error: type = InvalidArg
         span = f"in [{low}, {high}]" if high is not None else f">= {low}"
         raise error(f"{what} must be an int {span}, got {value!r}.")
     return n
+
+
+def safe_str(e: BaseException) -> str:
+    """``str(e)``, or a fallback when the exception's ``__str__`` itself raises (an error report must not fail)."""
+    try:
+        return str(e)
+    except Exception as err:
+        try:
+            return f"{BaseException.__repr__(e)} (its str() raised {type(err).__name__})"
+        except Exception:
+            return "<the exception could not be printed>"
+
+
+def exception_text(e: BaseException) -> str:
+    """``"TypeName: message"`` for an error report, safe against a raising ``__str__``."""
+    return f"{type(e).__name__}: {safe_str(e)}"

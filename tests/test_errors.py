@@ -766,3 +766,15 @@ def test_trailing_grids_have_the_steps_asked_for(n):
         listed = (np.round(np.arange(n, 0, -n / T)).astype(np.int64) - 1).tolist()
         assert len(grid) == T and grid.model_times.tolist() == listed[:T]
         assert grid.t_from[0] == n - 1 and grid.t_to[-1] == -1 and grid.t_from[-1] >= 0
+
+
+def test_exception_text_survives_an_exception_whose_str_raises():
+    from driffusion_core.errors import exception_text
+
+    class Unprintable(Exception):
+        def __str__(self):
+            raise RuntimeError("no")
+
+    assert exception_text(ValueError("bad shape")) == "ValueError: bad shape"
+    text = exception_text(Unprintable("payload"))
+    assert text.startswith("Unprintable: ") and "its str() raised RuntimeError" in text and "payload" in text
