@@ -120,7 +120,8 @@ def test_predictor_raising_on_one_rank_fails_every_rank():
         res = results[rank]
         assert res["error_type"] == "ExecutorError", res
         assert "rank 1" in res["message"] and "ValueError" in res["message"] and "boom on purpose" in res["message"]
-        assert res["seconds"] < TIMEOUT, res
+        # the prompt path (the failing rank reported its error), not the timeout path
+        assert "did not answer" not in res["message"] and res["seconds"] < TIMEOUT, res
         # the process group stays consistent: the next round works on both ranks
         assert res["after"] is True
         # after close() the executor says so (not that a round failed)

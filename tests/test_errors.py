@@ -1,6 +1,8 @@
 """Each bad input gets a clear error (a driffusion_core.errors class) naming what was wrong."""
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -28,6 +30,14 @@ from solvers import (
 )
 
 from _metrics import one_torch_thread  # noqa: F401  (autouse fixture)
+
+HAS_NOTES = sys.version_info >= (3, 11)  # exception notes (add_note): the library adds where an error happened
+
+
+def notes(error: BaseException) -> list:
+    """The notes on ``error`` (empty when none were added: an ``any(...)`` over them then fails)."""
+    return list(getattr(error, "__notes__", []))
+
 
 VP = VPSchedule.linear()
 FLOW = FlowSchedule()
@@ -190,8 +200,8 @@ def test_predictor_returns_another_device():
 def test_batched_executor_wrong_row_count():
     with pytest.raises(PredictorOutputError, match=r"returned shape \(1, 2\) for a batch of 3 rows.*model times 900") as info:
         scheduler().sample(lambda x, t: x[:1], x0(), executor=BatchedExecutor())
-    if hasattr(info.value, "__notes__"):  # Python >= 3.11: the sampler adds where it was
-        assert any("step 0 (level 900" in n for n in info.value.__notes__)
+    if HAS_NOTES:  # Python >= 3.11: the sampler adds where it was
+        assert any("step 0 (level 900" in n for n in notes(info.value))
     # a draft round: the drafts' model times
     with pytest.raises(PredictorOutputError, match=r"for a batch of 6 rows.*model times 800, 700"):
         scheduler().sample(lambda x, t: x if x.shape[0] == 3 else x[:1], x0(), executor=BatchedExecutor())
@@ -216,8 +226,8 @@ def test_predictor_exception_keeps_its_type_and_says_where():
     ):
         with pytest.raises(KeyError, match="my model's own error") as info:
             run()
-        if hasattr(info.value, "__notes__"):
-            assert any("driffusion: raised while evaluating step" in n and "level" in n for n in info.value.__notes__)
+        if HAS_NOTES:
+            assert any("driffusion: raised while evaluating step" in n and "level" in n for n in notes(info.value))
 
 
 @pytest.mark.parametrize(
@@ -253,8 +263,8 @@ def test_exception_in_a_later_draft_names_its_own_step():
     for executor, where in ((None, "step 5 (level 400"), (BatchedExecutor(), "steps 4..6 (levels 500..300)")):
         with pytest.raises(KeyError) as info:
             scheduler(width=3).sample(broken, x0(), executor=executor)
-        if hasattr(info.value, "__notes__"):  # Python >= 3.11
-            assert any(f"driffusion: raised while evaluating {where}" in n for n in info.value.__notes__), info.value.__notes__
+        if HAS_NOTES:  # Python >= 3.11
+            assert any(f"driffusion: raised while evaluating {where}" in n for n in notes(info.value)), notes(info.value)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -617,9 +627,9 @@ def test_vmap_executor_says_why_a_predictor_fails_under_vmap():
     f = ring_mixture().predictor(VP)
     with pytest.raises(Exception) as info:
         scheduler(width=3).sample(f, x0(), executor=BatchedExecutor(vmap=True))
-    if hasattr(info.value, "__notes__"):  # Python >= 3.11
+    if HAS_NOTES:  # Python >= 3.11
         assert any("BatchedExecutor(vmap=True) runs the predictor under torch.func.vmap" in n and "BatchedExecutor()" in n
-                   for n in info.value.__notes__), info.value.__notes__
+                   for n in notes(info.value)), notes(info.value)
     ref = scheduler(width=3).sample(f, x0()).x
     torch.testing.assert_close(scheduler(width=3).sample(f, x0(), executor=BatchedExecutor()).x, ref)
 

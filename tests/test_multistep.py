@@ -23,7 +23,7 @@ from backends import BatchedExecutor, SerialExecutor
 from driffusion_core import DraftRefineScheduler, FlowSchedule, NoiseSource, TimeGrid, VPSchedule
 from driffusion_core import coefficients as C
 from driffusion_core.errors import InvalidArgumentError
-from solvers import DDIMSkip, DPMSolverSkip, GaussianMixture, ring_mixture, sample_serial, sample_step_skipping
+from solvers import DDIMSkip, DPMSolverSkip, FlowEulerSkip, GaussianMixture, ring_mixture, sample_serial, sample_step_skipping
 
 from _metrics import one_torch_thread  # noqa: F401  (autouse fixture)
 
@@ -192,6 +192,28 @@ def test_step_skipping_at_every_level_is_the_serial_sampler():
     f = ring_mixture(4).predictor(VP, "epsilon")
     x = NoiseSource(2).initial((6, 2), F64)
     assert torch.equal(sample_step_skipping(f, x, tr, grid, 12).x, sample_serial(f, x, tr, grid).x)
+
+
+@pytest.mark.parametrize("make", [lambda: (DDIMSkip(VP), VP.timesteps(23, "trailing", step_to="stride")),
+                                  lambda: (FlowEulerSkip(FlowSchedule(shift=3.0)), FlowSchedule(shift=3.0).timesteps(23)),
+                                  lambda: (DPMSolverSkip(VP), VP.timesteps(23, "trailing"))],
+                         ids=["ddim", "flow", "dpm-2m"])
+def test_step_skipping_is_the_serial_sampler_on_evenly_spread_levels(make):
+    """The baseline at R < T rounds: the serial sampler on R + 1 evenly spread fine-grid indices
+    (round(linspace(0, T, R + 1)), gaps differing by at most one), built here from the grid directly."""
+    tr, grid = make()
+    f = ring_mixture(4).predictor(tr.schedule, tr.prediction.value)
+    x = NoiseSource(3).initial((6, 2), F64)
+    T = len(grid)
+    for R in (1, 2, 5, 7, 12, 22):
+        idx = [round(T * k / R) for k in range(R + 1)]
+        gaps = [b - a for a, b in zip(idx[:-1], idx[1:])]
+        assert idx[0] == 0 and idx[-1] == T and min(gaps) >= 1 and max(gaps) - min(gaps) <= 1
+        starts, ends = torch.tensor(idx[:-1]), torch.tensor(idx[1:]) - 1
+        coarse = TimeGrid(grid.t_from[starts], grid.t_to[ends], grid.model_times[starts], grid.kind)
+        out = sample_step_skipping(f, x, tr, grid, R)
+        assert out.rounds == out.evals == R
+        torch.testing.assert_close(out.x, sample_serial(f, x, tr, coarse).x, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "sample"])
