@@ -191,7 +191,7 @@ _MAXD = 24
  _F_HASOUT, _F_ONDIM, _F_ODTYPE, _F_FITS, _F_XSUM, _F_XABS, _F_CSUM, _F_CABS, _F_CROWS, _F_SPARE) = range(18)
 _F_XDIMS = 18
 _F_ODIMS = _F_XDIMS + _MAXD
-_HEADER_LEN = _F_ODIMS + _MAXD  # 66 int64 = 528 bytes (a multiple of 16: any dtype can follow it)
+_HEADER_LEN = _F_ODIMS + _MAXD  # 66 int64 = 528 bytes (_F_SPARE pads it to a multiple of 16: any dtype can follow it)
 # The ranks' states and conditioning must agree in value, not only in shape: sum(xs) may differ in the
 # last bits between ranks (reduction order follows the thread count), so it is compared to this fraction
 # of sum(|xs|); likewise the conditioning's sums to sum(|c|).
@@ -284,6 +284,12 @@ def _value_sums(xs: torch.Tensor, cond: Mapping[str, Any]) -> List[int]:
     except Exception:  # a tensor whose values cannot be read (meta): no value check for the conditioning
         c_sums = torch.full((3,), math.nan, dtype=torch.float64, device=to)
     return torch.cat([x_sums, c_sums]).cpu().view(torch.int64).tolist()
+
+
+def _sums_differ(sums: Sequence[float], ref: Sequence[float], ref_abs: float) -> bool:
+    """Whether checksums differ from rank 0's by more than rounding: ``_VALUE_RTOL`` of rank 0's sum of
+    absolute values (reduction order, which follows the thread count, moves the last bits)."""
+    return any(not abs(a - b) <= _VALUE_RTOL * max(ref_abs, 1e-300) for a, b in zip(sums, ref))
 
 
 def _device_problem(device: torch.device) -> str:
@@ -775,8 +781,7 @@ class DistributedExecutor(Executor):
         finite = all(math.isfinite(v[1]) for v in sums)  # NaN/inf states: the sampler reports those
         differ = [
             r for r, (h, v) in enumerate(zip(lists, sums))
-            if finite and h[_F_XSUM] != ref[_F_XSUM]
-            and not abs(v[0] - ref_sum) <= _VALUE_RTOL * max(ref_abs, 1e-300)
+            if finite and h[_F_XSUM] != ref[_F_XSUM] and _sums_differ([v[0]], [ref_sum], ref_abs)
         ]
         if differ:
             self._broken = "the ranks' states differed"
@@ -795,7 +800,7 @@ class DistributedExecutor(Executor):
             r for r, (h, v) in enumerate(zip(lists, sums))
             if math.isfinite(v[3]) != ref_finite or (
                 ref_finite and h[_F_CSUM : _F_CROWS + 1] != ref[_F_CSUM : _F_CROWS + 1]
-                and not all(abs(a - b) <= _VALUE_RTOL * max(ref_c[1], 1e-300) for a, b in ((v[2], ref_c[0]), (v[4], ref_c[2])))
+                and _sums_differ([v[2], v[4]], [ref_c[0], ref_c[2]], ref_c[1])
             )
         ]
         if cdiffer:

@@ -102,14 +102,14 @@ def all_finite(t: torch.Tensor) -> bool:
     return not bool(torch.isnan((t * 0).sum()))
 
 
-def _check_width(width: Any) -> int:
-    """``width`` as an int >= 1 (int, numpy and 0-d tensor integers; not bools)."""
+def _check_width(width: Any, meaning: str = "the number of drafts per round") -> int:
+    """``width`` as an int >= 1 (int, numpy and 0-d tensor integers; not bools); the error says what
+    the width means to the caller."""
     try:
         return as_count(width, "width", 1, None, InvalidWidthError)
     except InvalidWidthError:
         raise InvalidWidthError(
-            f"width must be an int >= 1 (the number of drafts per round), got {width!r}. "
-            f"Width 1 is the serial sampler."
+            f"width must be an int >= 1 ({meaning}), got {width!r}. Width 1 is the serial sampler."
         ) from None
 
 

@@ -14,7 +14,7 @@ noise, and ``chain_factors``, ``_coupling``, ``coupled_noise`` and ``skip`` with
 """
 from __future__ import annotations
 
-from typing import Callable, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import mpmath
 import sympy as sp
@@ -71,6 +71,13 @@ def _numeric(detail: str, bad: list, how: str) -> Result:
     if bad:
         return Result(Status.FAILS, {}, f"{detail}; above {REL_TOL:g}: {bad[0]}", {"failures": bad})
     return Result(Status.NUMERIC, {}, f"{detail} ({how}; tolerance {REL_TOL:g}).")
+
+
+def _per_case(errors: Dict[str, float], what: str) -> Result:
+    """:func:`_numeric` over one relative difference per case (``where -> error``), float64 checks."""
+    worst = max(errors.values(), default=0.0)
+    bad = [f"{where}: relative difference {err:.2e}" for where, err in errors.items() if not err <= REL_TOL]
+    return _numeric(f"{len(errors)} {what}, max relative difference {worst:.1e}", bad, "float64")
 
 
 @identity(
@@ -251,7 +258,7 @@ def _chain_windows():
     numeric=True,
 )
 def drafts_are_the_chain() -> Result:
-    worst, cases, bad = 0.0, 0, []
+    errors: Dict[str, float] = {}
     noise = NoiseSource(11)
     x = noise.initial((4, 3), F64)
     p = noise(100, (4, 3), F64)
@@ -262,7 +269,7 @@ def drafts_are_the_chain() -> Result:
             ref = factors(abar_t, abar_s, t_from)
             got = op.chain_factors(t_from, t_to)
             err = max(_rel(torch.as_tensor(g, dtype=F64), torch.as_tensor(r, dtype=F64)) for g, r in zip(got, ref))
-            zs = torch.stack([noise(a + k, x.shape, F64) for k in range(n)]) if op.stochastic else None
+            zs = noise.steps(a, a + n, x.shape, F64) if op.stochastic else None
             rows = op.drafts(x, p, t_from, t_to, zs)
             x0_hat, _ = vp_x0_eps(op.prediction.value, x, p, abar_t[0])  # the anchor's, frozen
             state = op(x, p, t_from[0], t_to[0], zs[0] if zs is not None else None)
@@ -270,13 +277,8 @@ def drafts_are_the_chain() -> Result:
                 if j:
                     state = sample_op(state, x0_hat, t_from[j], t_to[j], zs[j] if zs is not None else None)
                 err = max(err, _rel(rows[j], state))
-            cases += 1
-            worst = max(worst, err)
-            if not err <= REL_TOL:
-                bad.append(f"{where}: relative difference {err:.2e}")
-    detail = f"{cases} windows ({len(chain_cases())} operators x {2 * len(CHAIN_WINDOWS)} windows), max relative " \
-             f"difference {worst:.1e}"
-    return _numeric(detail, bad, "float64")
+            errors[where] = err
+    return _per_case(errors, f"windows ({len(chain_cases())} operators x {2 * len(CHAIN_WINDOWS)} windows)")
 
 
 @identity(
@@ -289,7 +291,8 @@ def drafts_are_the_chain() -> Result:
     numeric=True,
 )
 def coupled_noise_is_composed() -> Result:
-    worst, cases, bad, zero_rows = 0.0, 0, [], 0
+    errors: Dict[str, float] = {}
+    zero_rows = 0
     noise = NoiseSource(13)
     x = noise.initial((4, 3), F64)
     p = noise(100, (4, 3), F64)
@@ -310,7 +313,7 @@ def coupled_noise_is_composed() -> Result:
             u = op._coupling(t_from, t_to)
             err = _rel(u, ref)
             err = max(err, float((torch.linalg.vector_norm(u, dim=1) - 1).abs().max()))
-            zs = torch.stack([noise(a + k, x.shape, F64) for k in range(n)])
+            zs = noise.steps(a, a + n, x.shape, F64)
             coupled = op.coupled_noise(t_from, t_to, zs)
             composed = (ref @ zs.reshape(n, -1)).reshape(zs.shape)
             err = max(err, _rel(coupled, composed))
@@ -318,10 +321,5 @@ def coupled_noise_is_composed() -> Result:
                 err = max(err, 1.0)
             big = op.skip(x, p, t_from, t_to, zs)
             one = op(x, p, t_from[0], t_to[-1], composed[-1] if op.stochastic else None)
-            err = max(err, _rel(big, one))
-            cases += 1
-            worst = max(worst, err)
-            if not err <= REL_TOL:
-                bad.append(f"{where}: relative difference {err:.2e}")
-    detail = f"{cases} windows, {zero_rows} noiseless rows, max relative difference {worst:.1e}"
-    return _numeric(detail, bad, "float64")
+            errors[where] = max(err, _rel(big, one))
+    return _per_case(errors, f"windows ({zero_rows} noiseless rows)")

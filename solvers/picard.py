@@ -93,7 +93,7 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 
 import torch
 
-from driffusion_core.errors import InvalidArgumentError, InvalidWidthError, as_count
+from driffusion_core.errors import InvalidArgumentError, as_count
 from driffusion_core.executor import Executor, Predictor
 from driffusion_core.grid import TimeGrid
 from driffusion_core.noise import NoiseSource
@@ -140,15 +140,8 @@ def fewest_rounds(num_steps: int, width: int) -> int:
 
 
 def _check_picard_width(width: Any) -> int:
-    """``width`` as an int >= 1: the check ``DraftRefineScheduler`` uses (int, numpy and 0-d tensor
-    integers; not bools), with Picard's wording."""
-    try:
-        return _check_width(width)
-    except InvalidWidthError:
-        raise InvalidWidthError(
-            f"width must be an int >= 1 (the levels in the window, i.e. model calls per round), got {width!r}. "
-            f"Width 1 is the serial sampler."
-        ) from None
+    """``width`` as an int >= 1, checked as ``DraftRefineScheduler`` checks it, in Picard's words."""
+    return _check_width(width, "the levels in the window, i.e. model calls per round")
 
 
 class PicardState:
