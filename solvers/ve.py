@@ -19,9 +19,9 @@ from typing import Optional, Tuple, Union
 import torch
 
 from driffusion_core.errors import InvalidArgumentError
-from driffusion_core.parameterization import Prediction, X0Transform, broadcast_coef
+from driffusion_core.parameterization import Prediction, X0Transform, broadcast_coef, to_x0_eps
 from driffusion_core.schedules import Schedule, TimeLike
-from driffusion_core.transition import Levels, SkipTransition, zero_length_identity
+from driffusion_core.transition import Levels, SkipTransition, as_levels, zero_length_identity
 
 __all__ = ["VESchedule", "VEEulerSkip"]
 
@@ -75,7 +75,10 @@ class VEEulerSkip(SkipTransition):
     Arguments:
         schedule: a :class:`VESchedule`.
         prediction: ``"sample"`` (a denoiser D(x, sigma) -> x0, the default) or ``"epsilon"``.
-        x0_transform: optional clipping / thresholding of x0_hat.
+        x0_transform: optional clipping / thresholding of x0_hat. The Euler slope is then taken from the
+            transformed denoiser output, as k-diffusion's ``to_d`` of a clamped ``denoised``:
+            ``eps_hat = (x - T(x0_hat)) / sigma`` (the slope is the step's only input, so keeping the
+            model's own eps_hat, as DDIM does without ``use_clipped_model_output``, would ignore ``T``).
     """
 
     stochastic = False
@@ -93,6 +96,8 @@ class VEEulerSkip(SkipTransition):
 
     def __call__(self, x, pred, t_from: Levels, t_to: Levels, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         t_from, t_to = self.operands(x, pred, t_from, t_to, noise)
-        _, eps_hat = self.to_x0_eps(x, pred, t_from)
+        alpha, sigma = self.schedule.alpha_sigma(as_levels(t_from, x.shape[0]))
+        recompute = self.x0_transform is not None  # the slope of the transformed x0_hat (see the class doc)
+        _, eps_hat = to_x0_eps(self.prediction, x, pred, alpha, sigma, self.x0_transform, recompute)
         out = x + broadcast_coef(self.cached(t_from, t_to, self._euler), x) * eps_hat
         return zero_length_identity(out, x, t_from, t_to)

@@ -290,6 +290,7 @@ def test_flow_after_set_shift_matches_diffusers_loop(shift, new_shift, config, u
     scheduler.set_shift(new_shift)
     x = NoiseSource(0).initial((2, 3, 8, 8))
     transition, grid = from_diffusers(scheduler, 10)
+    assert transition.schedule.shift == scheduler.shift == new_shift  # the current shift, not the config's
     ours = DraftRefineScheduler(transition, grid, width=1).sample(DiffusersPredictor(unet2d), x)
     ref, _ = diffusers_loop(scheduler, unet2d, x, 10, NoiseSource(5), monkeypatch)
     assert torch.equal(grid.model_times, scheduler.timesteps.cpu().to(grid.model_times.dtype))
@@ -500,6 +501,21 @@ def test_ddpm_pipeline_with_our_noise(unet2d, monkeypatch):
     _same(fast.last_output.x, direct.x)
     _same(out, (direct.x / 2 + 0.5).clamp(0, 1))
     assert _vs_step_skipping(direct, unet2d, pipe.scheduler, 10, latents, noise=noise) < 0.3  # 0.19; broken: 0.49
+    # without a NoiseSource the step noise is seeded from the generator: the same generator, the same images
+    again = [fast(generator=torch.Generator().manual_seed(3), **kw).images for _ in range(2)]
+    assert torch.equal(again[0], again[1])
+
+
+def test_learned_variance_output_keeps_the_mean_channels():
+    """A model predicting its variance too (2C output channels) gives its first C channels, as diffusers' step keeps."""
+    torch.manual_seed(0)
+    unet = need("UNet2DModel")(
+        sample_size=8, in_channels=3, out_channels=6, block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+    x, t = NoiseSource(2).initial((2, 3, 8, 8)), torch.tensor([500, 20])
+    with torch.no_grad():
+        want = unet(x, t).sample[:, :3]
+    torch.testing.assert_close(DiffusersPredictor(unet)(x, t), want, rtol=0, atol=0)
 
 
 def np_testing_close(a, b, tol):
@@ -665,6 +681,8 @@ DPM_CASES = [
     (dict(final_sigmas_type="sigma_min"), 20, 0.0),  # the last step is 2M, to alphas_cumprod[0]
     (dict(final_sigmas_type="sigma_min", euler_at_final=True), 20, 0.0),
     (dict(final_sigmas_type="sigma_min", lower_order_final=False), 10, 0.0),
+    (dict(final_sigmas_type="sigma_min"), 15, 0.0),  # 15 steps: lower_order_final needs fewer, the last step is 2M
+    (dict(final_sigmas_type="sigma_min"), 14, 0.0),  # 14 steps: the last step is first order
     (dict(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing"), 20, -1.0),
     (dict(beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-5.1), 20, -1.0),  # starts at 995
     # diffusers maps deis to dpmsolver++ and bh2 to midpoint (and then wants sigma_min)

@@ -219,3 +219,45 @@ def test_model_misbehaving_is_caught_as_in_the_scheduler(width):
 def test_import_solvers_does_not_import_diffusers():
     code = "import sys, solvers; assert 'diffusers' not in sys.modules, 'solvers imported diffusers'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_ve_epsilon_model_steps_with_its_own_output():
+    """An epsilon model on the VE schedule: eps_hat is the output itself, x_s = x_t + (s - t) eps (closed
+    form), and it steps as the denoiser D = x - sigma eps does (the two parameterizations agree)."""
+    g = torch.Generator().manual_seed(1)
+    x, eps = (torch.randn(4, 3, generator=g, dtype=torch.float64) * 3 for _ in range(2))
+    E, D = VEEulerSkip(VESchedule(), prediction="epsilon"), VEEulerSkip(VESchedule(), prediction="sample")
+    for t, s in ((10.0, 4.0), (2.5, 0.0), (0.7, 0.3)):
+        torch.testing.assert_close(E(x, eps, t, s), x + (s - t) * eps, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(E(x, eps, t, s), D(x, x - t * eps, t, s), rtol=1e-12, atol=1e-12)
+
+
+def test_ve_schedule_sigma_max_bounds_the_grid():
+    """VESchedule(sigma_max): a grid may start at sigma_max, not above it."""
+    S = VEEulerSkip(VESchedule(sigma_max=10.0))
+    grid = S.make_grid(torch.tensor([10.0, 5.0], dtype=torch.float64))
+    assert grid.t_from.tolist() == [10.0, 5.0] and grid.t_to.tolist() == [5.0, 0.0]
+    for too_high in (torch.tensor([20.0, 5.0], dtype=torch.float64), sigmas_grid(torch.tensor([20.0, 5.0, 0.0]))):
+        with pytest.raises(InvalidTimestepsError, match="out of range"):
+            S.make_grid(too_high)
+    assert VEEulerSkip(VESchedule()).make_grid(torch.tensor([1e4, 5.0], dtype=torch.float64)).t_from[0] == 1e4
+
+
+@pytest.mark.parametrize("prediction", ["sample", "epsilon"])
+def test_ve_x0_transform_sets_the_slope(prediction):
+    """With an x0 transform T the VE Euler slope is k-diffusion's to_d of the transformed denoiser output,
+    d = (x - T(x0_hat)) / sigma, so x_s = x + (s - t) d; the drafts of a window are the same big steps."""
+    from driffusion_core import ClipSample, DynamicThreshold
+
+    g = torch.Generator().manual_seed(4)
+    x, out = (torch.randn(5, 3, generator=g, dtype=torch.float64) * 3 for _ in range(2))
+    for T in (ClipSample(1.0), DynamicThreshold(0.9, 1.5)):
+        tr = VEEulerSkip(VESchedule(), prediction=prediction, x0_transform=T)
+        for t, s in ((10.0, 4.0), (2.5, 0.0)):
+            x0 = out if prediction == "sample" else x - t * out
+            assert not torch.equal(T(x0), x0)  # the transform acts here
+            want = x + (s - t) * (x - T(x0)) / t
+            torch.testing.assert_close(tr(x, out, t, s), want, rtol=1e-12, atol=1e-12)
+            window = tr.drafts(x, out, torch.tensor([t, (t + s) / 2], dtype=torch.float64),
+                               torch.tensor([(t + s) / 2, s], dtype=torch.float64))
+            torch.testing.assert_close(window[-1], want, rtol=1e-12, atol=1e-12)

@@ -122,6 +122,10 @@ def test_where_the_order_drops_to_one():
     short_above_zero = TimeGrid(short.t_from[:-1], short.t_to[:-1], short.model_times[:-1])
     assert tr.history_at(short_above_zero, 8) == 0  # lower_order_final on fewer than 15 steps
     assert DPMSolverSkip(VP, lower_order_final=False).history_at(short_above_zero, 8) == 1
+    for n, order in ((15, 1), (14, 0)):  # diffusers: lower_order_final applies to len(timesteps) < 15 only
+        g = VP.timesteps(n + 1, "trailing")
+        above_zero = TimeGrid(g.t_from[:-1], g.t_to[:-1], g.model_times[:-1])
+        assert len(above_zero) == n and tr.history_at(above_zero, n - 1) == order, n
     assert all(DPMSolverSkip(VP, order=1).history_at(long, i) == 0 for i in range(20))
 
 
@@ -347,3 +351,17 @@ def test_transition_lets_go_of_the_batch_after_sampling():
     del a, p
     gc.collect()
     assert "_x0_memo" in tr.__dict__  # the last call's inputs y, q are still alive here
+
+
+def test_remembered_x0_is_not_used_for_a_history_changed_in_place():
+    """The x0_hat remembered from a step is not reused when that step's state or prediction was changed in
+    place before it comes back as the next step's history (torch's version counters tell)."""
+    hist0 = [(randn(3, 2, seed=3), randn(3, 2, seed=4), 600.0)]
+    y, q = randn(3, 2, seed=5), randn(3, 2, seed=6)
+    for which in (0, 1):
+        tr = DPMSolverSkip(VP)
+        x, p = randn(3, 2, seed=1), randn(3, 2, seed=2)
+        tr.multistep(x, p, 500.0, 400.0, hist0)  # remembers the x0_hat of (x, p)
+        (x, p)[which].mul_(2.0)  # a caller reusing its buffer
+        got = tr.multistep(y, q, 400.0, 300.0, [(x, p, 500.0)])
+        assert torch.equal(got, DPMSolverSkip(VP).multistep(y, q, 400.0, 300.0, [(x, p, 500.0)])), which

@@ -269,6 +269,36 @@ def test_refreeze_keeps_the_x0_hat_the_prediction_meant(kind, prediction):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("init", ["skip", "frozen"])
+def test_levels_entering_the_window_get_the_documented_guesses(init):
+    """After each round, the levels hi+1 .. top that enter the window hold the module doc's initial guesses:
+    ``"frozen"``, copies of the window's last state x_hi; ``"skip"``, the serial chain from the latest final
+    level c with a prediction, that prediction frozen, on the serial chain's own per-step noise z_c, z_{c+1}, ...
+    (DDPM with an x0 model: a frozen output is a frozen x0_hat, so the draft is that chain pathwise)."""
+    from driffusion_core.scheduler import evaluate_round
+
+    tr, grid = DDPMSkip(VP, "sample"), VP.timesteps(20, "trailing")
+    f, noise, x = RING.predictor(VP, "sample"), NoiseSource(7), start(16)
+    st = PicardScheduler(tr, grid, 4, 0.1, init=init).start(x, noise, keep_trajectory=True)
+    ex, seeded = BatchedExecutor(), 0
+    while (rnd := st.plan()) is not None:
+        hi = rnd.steps[-1] + 1
+        st.absorb(rnd, evaluate_round(ex, f, rnd, grid, {}, x))
+        top = min(st.a + st.width, st.T)
+        if st.done or top <= hi:
+            continue
+        c = st.a if st.preds[st.a] is not None else st.a - 1
+        y, chain = st.xs[c], {}
+        for i in range(c, top):
+            y = tr(y, st.preds[c], grid.t_from[i], grid.t_to[i], noise(i, y.shape, y.dtype, y.device))
+            chain[i + 1] = y
+        for k in range(hi + 1, top + 1):
+            want = st.xs[hi] if init == "frozen" else chain[k]
+            torch.testing.assert_close(st.xs[k], want, rtol=1e-12, atol=1e-12, msg=f"level {k}")
+            seeded += 1
+    assert seeded > 0
+
+
 # --------------------------------------------------------------------------- budget
 
 

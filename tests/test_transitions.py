@@ -365,6 +365,49 @@ def test_coupled_noise_is_the_chains_noise_normalised(family, data):
                                rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("transform", ["clip", "threshold"])
+def test_flow_velocity_model_under_an_x0_transform(transform):
+    """A velocity model with an x0 transform: the step is the closed form on (x0_hat, eps_hat) converted at t,
+    x0_hat = T(x - t v), eps_hat = x + (1 - t) v (kept, as diffusers keeps the model's eps), and
+    x_s = x + (s - t)(eps_hat - x0_hat); the transform is not skipped for velocity models."""
+    from driffusion_core import ClipSample, DynamicThreshold
+
+    x0t = ClipSample(1.0) if transform == "clip" else DynamicThreshold(0.9, 1.5)
+    tr = FlowEulerSkip(FlowSchedule(shift=3.0), "velocity", x0_transform=x0t)
+    x, v = randn(5, 3, seed=11) * 2, randn(5, 3, seed=12) * 2
+    for t, s in ((0.9, 0.6), (0.5, 0.0)):
+        x0, eps = x - t * v, x + (1 - t) * v
+        assert not torch.equal(x0t(x0), x0)  # the transform acts here
+        want = x + (s - t) * (eps - x0t(x0))
+        torch.testing.assert_close(tr(x, v, t, s), want, rtol=1e-12, atol=1e-12)
+        window = tr.drafts(x, v, torch.tensor([t, (t + s) / 2], dtype=F64), torch.tensor([(t + s) / 2, s], dtype=F64))
+        torch.testing.assert_close(window[-1], want, rtol=1e-12, atol=1e-12)
+
+
+def test_step_skipping_couples_its_noise_to_the_fine_chain():
+    """sample_step_skipping on a stochastic transition: each coarse step is, pathwise, the fine chain over
+    its window with the coarse step's x0_hat frozen and the fine grid's own noise z_{i_k} .. z_{i_{k+1}-1}
+    (DDPM fixed_small: the big posterior step on the coupled noise is that chain, see the test above)."""
+    from solvers import ring_mixture, sample_step_skipping
+    from solvers.serial import coarse_indices
+
+    sched = VPSchedule.linear()
+    tr = DDPMSkip(sched, "sample")
+    grid = sched.timesteps(12, "trailing")
+    f = ring_mixture(4).predictor(sched, "sample")  # an x0 model: a frozen output is a frozen x0_hat
+    noise = NoiseSource(9)
+    x = NoiseSource(1).initial((8, 2), F64)
+    for rounds in (3, 5):
+        y = x
+        idx = coarse_indices(12, rounds)
+        for a, b in zip(idx[:-1], idx[1:]):
+            p = f(y, grid.model_times[a : a + 1].expand(y.shape[0]))
+            for k in range(a, b):
+                y = tr(y, p, grid.t_from[k], grid.t_to[k], noise(k, y.shape, y.dtype, y.device))
+        out = sample_step_skipping(f, x, tr, grid, rounds, noise=noise)
+        torch.testing.assert_close(out.x, y, rtol=1e-10, atol=1e-10)
+
+
 # --------------------------------------------------------------------------- DDIM eta
 
 
