@@ -551,6 +551,99 @@ def test_stable_diffusion_pipeline(unet_cond, vae):
     torch.testing.assert_close(latents, ref_latents, rtol=1e-4, atol=1e-4)
 
 
+def _gain_processor(base):
+    """An attention processor that scales its output by the attention kwarg ``gain`` (diffusers passes a
+    processor only the kwargs its ``__call__`` names), so a dropped kwarg changes the images."""
+
+    class Gain(base):
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, gain=1.0, **kw):
+            out = super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kw)
+            return tuple(o if o is None else gain * o for o in out) if isinstance(out, tuple) else gain * out
+
+    return Gain()
+
+
+def test_stable_diffusion_pipeline_passes_its_options_on(unet_cond, vae, monkeypatch):
+    """eta (DDIM's step noise), guidance_rescale and cross_attention_kwargs reach the sampler and the model:
+    width 1 equals the pipeline's own call with the same options, which differs from the call without them."""
+    import copy
+
+    import diffusers.schedulers.scheduling_ddim as ddim_module
+    from diffusers.models.attention_processor import AttnProcessor
+
+    unet = copy.deepcopy(unet_cond)
+    unet.set_attn_processor(_gain_processor(AttnProcessor))
+    scheduler = need("DDIMScheduler")(steps_offset=1, clip_sample=False, timestep_spacing="trailing", **SD_BETAS)
+    pipe = _quiet(need("StableDiffusionPipeline")(
+        vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ))
+    noise, draws = NoiseSource(4), []
+    monkeypatch.setattr(ddim_module, "randn_tensor", lambda shape, generator=None, device=None, dtype=None, **_:
+                        draws.append(0) or noise(len(draws) - 1, shape, dtype, device))
+    g = torch.Generator().manual_seed(0)
+    kw = dict(prompt_embeds=torch.randn(2, 5, 8, generator=g), negative_prompt_embeds=torch.randn(2, 5, 8, generator=g),
+              num_inference_steps=6, guidance_scale=4.0, output_type="latent")
+    gen = lambda: torch.Generator().manual_seed(1)
+    options = dict(eta=0.7, guidance_rescale=0.6, cross_attention_kwargs={"gain": 1.5})
+    for name, value in [*options.items(), ("all", None)]:
+        opts = options if name == "all" else {name: value}
+        draws.clear()
+        ref = pipe(generator=gen(), **kw, **opts).images
+        assert len(draws) == (6 if "eta" in opts else 0)
+        ours = DRiffusionPipeline(pipe, width=1)(generator=gen(), noise=noise, **kw, **opts).images
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4, msg=name)
+        plain = DRiffusionPipeline(pipe, width=1)(generator=gen(), noise=noise, **kw).images
+        assert (ours - plain).abs().max() > 1e-3, f"{name} changed nothing: the test cannot see it dropped"
+
+
+def test_stable_diffusion_3_pipeline_passes_joint_attention_kwargs(sd3_transformer, vae):
+    """joint_attention_kwargs reach the transformer: width 1 equals the pipeline's own call with them."""
+    import copy
+
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    transformer = copy.deepcopy(sd3_transformer)
+    transformer.set_attn_processor(_gain_processor(JointAttnProcessor2_0))
+    pipe = _quiet(need("StableDiffusion3Pipeline")(
+        transformer=transformer, scheduler=need("FlowMatchEulerDiscreteScheduler")(shift=3.0), vae=vae,
+        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
+    ))
+    g = torch.Generator().manual_seed(0)
+    kw = dict(prompt_embeds=torch.randn(2, 5, 8, generator=g), negative_prompt_embeds=torch.randn(2, 5, 8, generator=g),
+              pooled_prompt_embeds=torch.randn(2, 8, generator=g), negative_pooled_prompt_embeds=torch.randn(2, 8, generator=g),
+              num_inference_steps=6, guidance_scale=4.0, output_type="latent")
+    gen = lambda: torch.Generator().manual_seed(1)
+    opts = dict(joint_attention_kwargs={"gain": 1.5})
+    ref = pipe(generator=gen(), **kw, **opts).images
+    ours = DRiffusionPipeline(pipe, width=1)(generator=gen(), **kw, **opts).images
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    plain = DRiffusionPipeline(pipe, width=1)(generator=gen(), **kw).images
+    assert (ours - plain).abs().max() > 1e-3
+
+
+def test_predictor_passes_model_kwargs_in_every_style():
+    """DiffusersPredictor(model_kwargs=...) hands them to the model on every call, guided or not."""
+    seen = []
+
+    def model(*args, **kwargs):
+        seen.append(kwargs.get("joint_attention_kwargs"))
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        return (x * 0.5,)
+
+    x, t = torch.randn(2, 4, 4, 4), torch.tensor([10, 20])
+    extra = {"scale": 0.3}
+    for style, cond in (("unet2d", {}), ("unet2d_condition", {"encoder_hidden_states": torch.zeros(2, 3, 8)}),
+                        ("sd3", {"encoder_hidden_states": torch.zeros(2, 3, 8), "pooled_projections": torch.zeros(2, 8)})):
+        for guided in (False, True):
+            seen.clear()
+            negative = {f"negative_{k}": v for k, v in cond.items()} if guided else {}
+            f = DiffusersPredictor(model, guidance_scale=3.0 if guided else 1.0, style=style,
+                                   model_kwargs={"joint_attention_kwargs": extra})
+            torch.testing.assert_close(f(x, t, **cond, **negative), x * 0.5)
+            assert seen == [extra], (style, guided, seen)
+
+
 @pytest.mark.parametrize("flow_config", [dict(shift=3.0), dict(use_dynamic_shifting=True, base_image_seq_len=4,
                                                                  max_image_seq_len=64, base_shift=0.5, max_shift=1.15)])
 def test_stable_diffusion_3_pipeline(sd3_transformer, vae, flow_config):

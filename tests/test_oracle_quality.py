@@ -47,6 +47,16 @@ def noised_density(mix: GaussianMixture, alpha: float, sigma: float) -> D.Distri
     return D.MixtureSameFamily(D.Categorical(probs=mix.weights), comp)
 
 
+def test_weights_are_normalised():
+    """Weights are relative: [1, 2, 3, 4] is the mixture [0.1, 0.2, 0.3, 0.4] (same weights, same predictions)."""
+    ref = six_d_mixture()
+    scaled = GaussianMixture(ref.means, ref.variances, [1.0, 2.0, 3.0, 4.0])
+    torch.testing.assert_close(scaled.weights, torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=F64), rtol=1e-15, atol=0)
+    x, alpha, sigma = torch.randn(7, 6, generator=torch.Generator().manual_seed(1), dtype=F64), torch.full((7,), 0.6, dtype=F64), torch.full((7,), 0.8, dtype=F64)
+    for got, want in zip(scaled.x0_eps(x, alpha, sigma), ref.x0_eps(x, alpha, sigma)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def tweedie(mix: GaussianMixture, x: torch.Tensor, alpha: float, sigma: float):
     """(x0*, eps*) from the autograd score of the noised density."""
     x = x.clone().requires_grad_(True)
