@@ -788,3 +788,10 @@ def test_exception_text_survives_an_exception_whose_str_raises():
     assert exception_text(ValueError("bad shape")) == "ValueError: bad shape"
     text = exception_text(Unprintable("payload"))
     assert text.startswith("Unprintable: ") and "its str() raised RuntimeError" in text and "payload" in text
+
+
+def test_grid_step_of_zero_length_is_refused():
+    """t_to == t_from is not a step to a cleaner level: the model would be called and the state not moved."""
+    t = torch.tensor([500.0, 300.0], dtype=torch.float64)
+    with pytest.raises(InvalidTimestepsError, match=r"Step 1 goes from level 300 to 300"):
+        TimeGrid(t, torch.tensor([300.0, 300.0], dtype=torch.float64), t.long())

@@ -962,3 +962,48 @@ def test_ddpm_pipeline_subclass_keeps_its_default_steps(unet2d):
     fast = DRiffusionPipeline(pipe, width=50)
     fast(batch_size=1, output_type="pt")
     assert fast.last_output.evals == 1000 and fast.last_output.rounds == expected_rounds(1000, 50)
+
+
+@pytest.mark.parametrize(
+    "make,config",
+    [
+        (VPSchedule.linear, {}),
+        (VPSchedule.scaled_linear, SD_BETAS),
+        (VPSchedule.squaredcos_cap_v2, dict(beta_schedule="squaredcos_cap_v2")),
+        (lambda **kw: VPSchedule.linear(rescale_betas_zero_snr=True, **kw), dict(rescale_betas_zero_snr=True)),
+        (lambda **kw: VPSchedule.scaled_linear(rescale_betas_zero_snr=True, **kw), dict(rescale_betas_zero_snr=True, **SD_BETAS)),
+    ],
+    ids=["linear", "scaled_linear", "squaredcos_cap_v2", "linear-zero_snr", "scaled_linear-zero_snr"],
+)
+def test_vp_schedule_constructors_hold_diffusers_tables(make, config):
+    """VPSchedule's own constructors (not from_diffusers, which copies the table) give diffusers' alphas_cumprod
+    for the same beta_schedule, to diffusers' float32 rounding, and final_alpha_cumprod=None is DDIM's
+    set_alpha_to_one=False (alphas_cumprod[0]). The zero-terminal-SNR rescale is diffusers' own function,
+    to float64 rounding on float64 betas."""
+    from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr as diffusers_rescale
+
+    from driffusion_core.schedules import rescale_zero_terminal_snr
+
+    ref = need("DDIMScheduler")(set_alpha_to_one=False, **config)
+    ours = make(final_alpha_cumprod=None)
+    torch.testing.assert_close(ours.alphas_cumprod.float(), ref.alphas_cumprod, rtol=1e-4, atol=0)
+    assert ours.final_alpha_cumprod == pytest.approx(float(ref.final_alpha_cumprod), rel=1e-6)
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    torch.testing.assert_close(rescale_zero_terminal_snr(betas), diffusers_rescale(betas.clone()), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("config,options", [({}, {}), (dict(shift=3.0), {}), (dict(shift=0.5), {}),
+                                            (dict(use_dynamic_shifting=True), dict(mu=0.8)),
+                                            (dict(use_dynamic_shifting=True), dict(mu=-0.4))])
+@pytest.mark.parametrize("num_steps", [1, 10, 28])
+def test_flow_schedule_timesteps_are_diffusers_sigmas(config, options, num_steps):
+    """FlowSchedule.timesteps (built by the library, not copied by from_diffusers) lists exactly the float32
+    sigmas and timesteps FlowMatchEulerDiscreteScheduler.set_timesteps does (static or dynamic shift)."""
+    from driffusion_core import FlowSchedule
+
+    scheduler = need("FlowMatchEulerDiscreteScheduler")(**config)
+    scheduler.set_timesteps(num_steps, **options)
+    grid = FlowSchedule(**config).timesteps(num_steps, **options)
+    assert torch.equal(grid.t_from, scheduler.sigmas[:-1].to(torch.float64))
+    assert torch.equal(grid.t_to, scheduler.sigmas[1:].to(torch.float64))
+    assert torch.equal(grid.model_times, scheduler.timesteps.to(grid.model_times.dtype))

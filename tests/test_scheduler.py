@@ -402,3 +402,51 @@ def test_state_handed_a_prediction_finishes_without_an_extra_call(steps_left):
         st.absorb(rnd, preds)
     assert calls == steps_left - 1
     assert torch.equal(st.x, ref.x)
+
+
+def test_initial_noise_is_its_own_key_not_a_steps_noise():
+    """initial() is the noise of key -1: independent of every step's z_i (x_T equal to z_0 would correlate the
+    starting state with the first step's noise)."""
+    for src in (NoiseSource(6), NoiseSource(6, per_sample=True)):
+        x = src.initial((4, 3))
+        assert torch.equal(x, src(-1, (4, 3)))
+        assert not any(torch.allclose(x, src(i, (4, 3))) for i in range(10))
+
+
+@pytest.mark.parametrize("T,n", [(1, 3), (7, 1), (10, 3), (12, 4), (9, 20)])
+@pytest.mark.parametrize("mode", MODES)
+def test_drafts_per_round_are_the_draft_rounds_calls(T, n, mode):
+    """info['drafts_per_round'] lists the drafts of each draft round, in order: the batched draft calls' row
+    counts / B (the anchor calls, the first and, conservative, every other one, are not listed)."""
+    B = 2
+    rec = RecordingPredictor()
+    out = DraftRefineScheduler(DDIMSkip(VP), VP.timesteps(T), width=n, mode=mode).sample(
+        rec, torch.ones(B, 2), executor=BatchedExecutor()
+    )
+    draft_calls = rec.calls[1:] if mode == "aggressive" else rec.calls[1::2]
+    assert out.info["drafts_per_round"] == [int(t.shape[0]) // B for t in draft_calls]
+    assert sum(out.info["drafts_per_round"]) + out.rounds - len(draft_calls) == T
+
+
+def test_default_noise_is_a_fresh_seed_from_torchs_global_rng():
+    """noise=None: a stochastic sampler draws its NoiseSource seed from torch's global RNG, so two calls give
+    two samples and torch.manual_seed makes a call reproducible."""
+    tr, grid, f = DDPMSkip(VP), VP.timesteps(6), ring_mixture().predictor(VP)
+    x = NoiseSource(0).initial((5, 2))
+    sched = DraftRefineScheduler(tr, grid, width=2)
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        a, b = sched.sample(f, x).x, sched.sample(f, x).x
+        torch.manual_seed(3)
+        c = sched.sample(f, x).x
+    assert torch.equal(a, c) and not torch.allclose(a, b)
+
+
+def test_per_sample_noise_rows_are_distinct_and_keyed_by_row():
+    """per_sample=True: row b of step i is drawn from its own key (seed, i, b): the rows of a batch are
+    distinct draws, and a row is the same whatever the batch size around it."""
+    src = NoiseSource(6, per_sample=True)
+    for i in (-1, 0, 5):
+        z = src(i, (5, 4))
+        assert all(not torch.allclose(z[a], z[b]) for a in range(5) for b in range(a + 1, 5))
+        assert torch.equal(z[:3], src(i, (3, 4)))

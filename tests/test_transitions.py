@@ -659,3 +659,56 @@ def test_settings_changed_later_are_checked_as_in_the_constructor():
     assert tr.eta == 0.0 and ddpm.variance_type == "fixed_small" and tr.prediction.value == "epsilon"
     tr.prediction = "sample"  # an allowed change is parsed
     assert tr.prediction.value == "sample"
+
+
+def test_schedule_tables_are_float64_products_of_the_betas():
+    """alpha-bar_t = prod_{s <= t} (1 - beta_s), in float64 (numpy's closed form): a table made in float32 is
+    off by ~1e-7 relative, which a float64 sampler would carry."""
+    import numpy as np
+
+    n = 1000
+    cos = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+    cases = [
+        (VPSchedule.linear(), np.linspace(1e-4, 0.02, n)),
+        (VPSchedule.scaled_linear(), np.linspace(0.00085**0.5, 0.012**0.5, n) ** 2),
+        (VPSchedule.squaredcos_cap_v2(), np.array([min(1 - cos((i + 1) / n) / cos(i / n), 0.999) for i in range(n)])),
+    ]
+    for sched, betas in cases:
+        assert sched.alphas_cumprod.dtype == F64
+        np.testing.assert_allclose(sched.alphas_cumprod.numpy(), np.cumprod(1.0 - betas), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("make", [VPSchedule.linear, VPSchedule.scaled_linear, VPSchedule.squaredcos_cap_v2])
+def test_fractional_levels_interpolate_the_log_snr_linearly(make):
+    """Between training timesteps k and k + 1, log(abar / (1 - abar)) is linear in t (closed form), so it
+    joins the table at both ends."""
+    sched = make()
+    ac = sched.alphas_cumprod
+    lam = torch.log(ac / (1 - ac))
+    k = torch.tensor([0, 1, 17, 250, 611, 997], dtype=torch.long)
+    for frac in (0.25, 0.5, 0.9, 1 - 1e-9):
+        t = k.to(F64) + frac
+        want = torch.sigmoid(lam[k] + frac * (lam[k + 1] - lam[k]))
+        torch.testing.assert_close(sched.alpha_bar(t), want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("final", [1.0, None])
+def test_rescaled_zero_terminal_snr_is_the_constructors_rescale(final):
+    """schedule.rescaled_zero_terminal_snr() is the schedule built with rescale_betas_zero_snr=True: the same
+    table and the same clean end (final_alpha_cumprod kept, alphas_cumprod[0] for None)."""
+    a = VPSchedule.scaled_linear(final_alpha_cumprod=final).rescaled_zero_terminal_snr()
+    b = VPSchedule.scaled_linear(final_alpha_cumprod=final, rescale_betas_zero_snr=True)
+    torch.testing.assert_close(a.alphas_cumprod, b.alphas_cumprod, rtol=1e-12, atol=1e-15)
+    assert float(a.alphas_cumprod[-1]) == 0.0
+    assert a.final_alpha_cumprod == pytest.approx(b.final_alpha_cumprod, rel=1e-12)
+
+
+@pytest.mark.parametrize("schedule", [VPSchedule.linear(), FlowSchedule(shift=3.0)], ids=["vp", "flow"])
+def test_a_grid_from_explicit_levels_calls_the_model_at_timesteps_model_times(schedule):
+    """schedule.grid(levels) gives the model the times schedule.timesteps() gives it at those levels: int64
+    training timesteps for VP, float32 sigma * N for flow (as diffusers passes them)."""
+    ref = schedule.timesteps(12)
+    grid = schedule.grid(ref.t_from)
+    assert grid.model_times.dtype == ref.model_times.dtype
+    assert torch.equal(grid.model_times, ref.model_times)
+    assert torch.equal(grid.t_from, ref.t_from) and torch.equal(grid.t_to[-1:], ref.t_to[-1:])
