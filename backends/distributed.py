@@ -59,6 +59,7 @@ own timeout (``init_from_env(timeout=...)``, NCCL's watchdog).
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 import datetime
 import math
@@ -67,7 +68,7 @@ import re
 import socket
 import time
 import zlib
-from typing import Any, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Deque, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -87,23 +88,37 @@ __all__ = ["DistributedExecutor", "init_from_env", "DistEnv", "even_shares"]
 
 # --------------------------------------------------------------------------------------------- helpers
 
-# Buffers of exchanges that failed while the backend may still be working on them. A gloo work that
-# ends after Python dropped its tensors frees them from its own thread, which must take the GIL; at
-# interpreter shutdown that thread is killed mid-destructor and the process aborts ("terminate called
-# without an active exception"). Keeping the buffers referenced for the life of the process (the list
-# itself is leaked, so shutdown does not free it either) makes the backend's release a plain refcount
-# decrement. Only failed exchanges land here, once per broken executor.
+# A gloo work that ends after Python dropped its tensors frees them from its own worker thread, which
+# must take the GIL; at interpreter shutdown that thread is killed mid-destructor and the process aborts
+# ("terminate called without an active exception"). It happens to successful exchanges too: the worker
+# thread lets go of a finished work a moment *after* waking the waiter, so when the job ends right after
+# its last round (save, destroy_process_group, exit), a descheduled worker can hold the last reference
+# into interpreter shutdown (seen 3 times in 100 two-process runs of a short job on a loaded 2-core
+# machine, always after the last exchange). So Python keeps every work it waits on referenced:
+# - _ABANDONED: exchanges that failed while the backend may still be working on them, for the life of
+#   the process (once per broken executor);
+# - _RECENT: the last few successful exchanges (a work and its tensors, the oldest dropped by the main
+#   thread while Python runs).
+# Both containers are leaked (one extra reference), so shutdown does not free them either, and the
+# backend's release is a plain refcount decrement.
 _ABANDONED: List[Any] = []
-try:
-    ctypes.pythonapi.Py_IncRef(ctypes.py_object(_ABANDONED))
-except Exception:  # pragma: no cover - not CPython
-    pass
+_RECENT: Deque[Any] = collections.deque(maxlen=4)
+for _kept in (_ABANDONED, _RECENT):
+    try:
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(_kept))
+    except Exception:  # pragma: no cover - not CPython
+        pass
 
 
 def _abandon(*objects: Any) -> None:
     """Keep ``objects`` (a failed work and its tensors) alive until the process exits."""
     _ABANDONED.append(objects)
 
+
+def _retain(*objects: Any) -> None:
+    """Keep ``objects`` (a finished work and its tensors) alive for the next few exchanges, and past
+    interpreter shutdown for the last ones."""
+    _RECENT.append(objects)
 
 
 def _offsets(sizes: Sequence[int]) -> List[int]:
@@ -847,6 +862,7 @@ class DistributedExecutor(Executor):
         except Exception as e:
             _abandon(work, t, outs)
             self._comm_failed(what, e, fault)
+        _retain(work, t, outs)  # the worker thread may not have let go of it yet (see _RECENT)
         return outs
 
     def _gather_text(self, text: str, what: str, bounded: bool = True) -> List[str]:
@@ -905,6 +921,7 @@ class DistributedExecutor(Executor):
             for r, w in works.items():
                 try:
                     w.wait(timeout=left())
+                    _retain(w, hellos[r])
                 except Exception:
                     _abandon(w, hellos[r])
                     missing.append(r)
@@ -917,6 +934,7 @@ class DistributedExecutor(Executor):
                     try:
                         w = dist.isend(verdict, dst=peer(r), group=group, tag=_PROBE_TAG + 1)
                         w.wait(timeout=left())
+                        _retain(w, verdict)
                     except Exception:
                         _abandon(w, verdict)
             if not missing:
@@ -926,8 +944,10 @@ class DistributedExecutor(Executor):
         try:
             w = dist.isend(hello, dst=peer(0), group=group, tag=_PROBE_TAG)
             w.wait(timeout=left())
+            _retain(w, hello)
             w = dist.irecv(verdict, src=peer(0), group=group, tag=_PROBE_TAG + 1)
             w.wait(timeout=left())
+            _retain(w, verdict)
         except Exception:
             _abandon(w, hello, verdict)
             return "Rank 0, which checks who is alive, did not answer: rank 0 probably died or hangs."
