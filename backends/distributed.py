@@ -7,7 +7,7 @@ contiguous share of the K drafts, the ranks all-gather the predictions, and ever
 
 Launch with torchrun (see ``backends/README.md``)::
 
-    torchrun --nproc_per_node=2 examples/distributed_sample.py            # one node, gloo on CPU
+    torchrun --standalone --nproc_per_node=2 examples/distributed_sample.py   # one node, gloo on CPU
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 \
              --master_addr=10.0.0.1 --master_port=29500 script.py        # several nodes, nccl
 

@@ -2,7 +2,7 @@
 
 One node, 2 processes, gloo on the CPU::
 
-    torchrun --nproc_per_node=2 examples/distributed_sample.py --backend gloo
+    torchrun --standalone --nproc_per_node=2 examples/distributed_sample.py --backend gloo
 
 Every process runs this same script (SPMD): same model weights, same starting noise, same seed. The
 width defaults to the world size, so each round evaluates one draft per process; every process ends
@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=60.0)
+    ap.add_argument("--save", default=None, help="rank 0 saves the sample here (torch.save)")
     args = ap.parse_args()
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -59,6 +60,8 @@ def main() -> None:
         print(f"{sched}: {out.rounds} rounds for {out.evals} model calls (serial: {ref.rounds} rounds)")
         print(f"max |DRiffusion - serial| = {(out.x - ref.x).abs().max().item():.3e}")
         print(out.x[:4])
+        if args.save:
+            torch.save({"x": out.x, "rounds": out.rounds, "evals": out.evals}, args.save)
     executor.close()
     dist.destroy_process_group()
 

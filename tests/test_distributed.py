@@ -84,6 +84,30 @@ def _need(results, ranks, logs):
 # --------------------------------------------------------------------------------------- the tests
 
 
+def test_the_readmes_torchrun_example_runs_and_equals_the_serial_executor(tmp_path):
+    """The launch command of the README (torchrun, 2 processes, gloo) runs examples/distributed_sample.py to the
+    end; rank 0's sample is the same scheduler's with the serial executor, in the rounds the formula gives."""
+    from backends import SerialExecutor
+    from driffusion_core import DraftRefineScheduler, NoiseSource, VPSchedule, expected_rounds
+    from solvers import DDIMSkip, ring_mixture
+
+    out_file = tmp_path / "sample.pt"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "examples" / "distributed_sample.py"), "--backend", "gloo", "--steps", "10", "--batch", "4",
+           "--width", "3", "--save", str(out_file)]
+    run = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "DistributedExecutor(world_size=2, backend=gloo" in run.stdout, run.stdout
+    got = torch.load(out_file, weights_only=False)
+    schedule = VPSchedule.linear()
+    sched = DraftRefineScheduler(DDIMSkip(schedule), schedule.timesteps(10), width=3)
+    ref = sched.sample(ring_mixture(8).predictor(schedule, "epsilon"), NoiseSource(0).initial((4, 2)),
+                       executor=SerialExecutor(), noise=NoiseSource(1))
+    assert torch.equal(got["x"], ref.x)
+    assert got["rounds"] == ref.rounds == expected_rounds(10, 3) and got["evals"] == 10
+
+
 def test_equals_serial_for_uneven_shares():
     results, codes, elapsed, logs = _launch("basic", use_env=True)
     _need(results, [0, 1], logs)
