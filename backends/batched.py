@@ -7,7 +7,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 
 from driffusion_core.errors import DeviceMismatchError, InvalidArgumentError, PredictorOutputError
-from driffusion_core.executor import Executor, Predictor, map_tensors
+from driffusion_core.executor import Executor, Predictor, check_describe_width, map_tensors
 
 
 def repeat_cond(cond: Mapping[str, Any], k: int) -> dict:
@@ -80,9 +80,15 @@ class BatchedExecutor(Executor):
         self.vmap = vmap
         self.max_batch = max_batch
 
-    def describe(self) -> str:
+    def describe(self, width: Optional[int] = None) -> str:
+        """How a round runs; with ``width``, how a round of that many drafts does."""
+        check_describe_width(width)
         how = "vmap" if self.vmap else "concatenated batch"
-        return f"BatchedExecutor({how}, max_batch={self.max_batch})"
+        text = f"BatchedExecutor({how}, max_batch={self.max_batch}"
+        if width is not None:
+            chunks = "" if self.max_batch is None else f" (in chunks of at most {self.max_batch} rows)"
+            text += f"; width {width}: the {width} draft(s) of a round in one call{chunks}"
+        return text + ")"
 
     def evaluate(
         self,

@@ -24,7 +24,7 @@ import torch
 from driffusion_core.errors import (
     DeviceMismatchError, ExecutorError, InvalidArgumentError, PredictorOutputError, exception_text,
 )
-from driffusion_core.executor import Executor, Predictor, even_shares, map_tensors
+from driffusion_core.executor import Executor, Predictor, check_describe_width, even_shares, map_tensors
 
 __all__ = ["StreamExecutor"]
 
@@ -145,10 +145,15 @@ class StreamExecutor(Executor):
         """Drafts per stream for a round of ``k`` drafts (stream order = draft order)."""
         return even_shares(k, len(self.streams))
 
-    def describe(self) -> str:
+    def describe(self, width: Optional[int] = None) -> str:
+        """Streams, devices and what runs; with ``width``, the drafts per stream in a round of that many."""
+        check_describe_width(width)
         devs = ", ".join(str(d) for d in self.devices)
         who = "replicas" if self.replicas is not None else "the given predictor"
-        return f"StreamExecutor({len(self.streams)} streams on {devs}; runs {who})"
+        text = f"StreamExecutor({len(self.devices)} streams on {devs}; runs {who}"
+        if width is not None:
+            text += f"; drafts per stream at width {width}: {even_shares(width, len(self.devices))}"
+        return text + ")"
 
     def close(self) -> None:
         for s in self.streams:

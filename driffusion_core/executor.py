@@ -137,8 +137,10 @@ class Executor(abc.ABC):
             ``Tensor[K, B, ...]``, the predictions in the order of ``xs``.
         """
 
-    def describe(self) -> str:
-        """One line saying how this executor runs a round (for reports)."""
+    def describe(self, width: Optional[int] = None) -> str:
+        """One line saying how this executor runs a round (for reports); with ``width``, also how it runs
+        a round of that many drafts."""
+        check_describe_width(width)
         return type(self).__name__
 
     def close(self) -> None:  # pragma: no cover - default has nothing to free
@@ -154,6 +156,12 @@ def mark_draft(error: BaseException, k: int) -> None:
         pass
 
 
+def check_describe_width(width: Optional[int]) -> None:
+    """``describe(width)``'s argument: None or a positive int."""
+    if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
+        raise InvalidArgumentError(f"width must be a positive int or None, got {width!r}.")
+
+
 class SerialExecutor(Executor):
     """The reference executor: one predictor call per draft, in order.
 
@@ -161,6 +169,12 @@ class SerialExecutor(Executor):
     (Lives in the core so the scheduler has a default without importing ``backends``;
     ``backends.SerialExecutor`` is the same class.)
     """
+
+    def describe(self, width: Optional[int] = None) -> str:
+        check_describe_width(width)
+        if width is None:
+            return "SerialExecutor(one call per draft)"
+        return f"SerialExecutor(one call per draft; width {width}: {width} call(s) one after another per round)"
 
     def evaluate(
         self,

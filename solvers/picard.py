@@ -432,6 +432,7 @@ class PicardScheduler:
 
     @property
     def num_steps(self) -> int:
+        """T, the number of steps of the grid (the serial sampler's model calls)."""
         return len(self.grid)
 
     def start(

@@ -298,6 +298,44 @@ def test_x_not_a_float_tensor(x):
         scheduler().sample(eps_model, x)
 
 
+@pytest.mark.parametrize("x,message", [(torch.zeros(()), r"x must have a batch dimension \[B, \.\.\.\], got a 0-d tensor"),
+                                       (torch.zeros(0, 2), r"x holds no samples \(batch size 0, shape \(0, 2\)\)")])
+def test_x_without_samples(x, message):
+    for call in run_both(eps_model, x=x):
+        with pytest.raises(InvalidArgumentError, match=message):
+            call()
+
+
+def test_kdiffusion_names_its_extra_args_in_errors():
+    """sample_driffusion's conditioning is extra_args: its errors say extra_args, not the scheduler's cond."""
+    from solvers.interop import sample_driffusion
+
+    sigmas = torch.tensor([10.0, 1.0, 0.0])
+    with pytest.raises(InvalidArgumentError, match=r"extra_args\['y'\] has leading dimension 3, but x has batch size 2"):
+        sample_driffusion(lambda x, s, y: x, torch.zeros(2, 4), sigmas, extra_args={"y": torch.zeros(3, 7)})
+    with pytest.raises(InvalidArgumentError, match=r"extra_args must be a dict of keyword arguments"):
+        sample_driffusion(lambda x, s: x, torch.zeros(2, 4), sigmas, extra_args=[1])
+
+
+def test_every_executor_describes_a_round_of_a_given_width():
+    """describe(width) works on every executor (as DistributedExecutor's does) and says how that round runs;
+    a width that is not a positive int is refused by name."""
+    from driffusion_core.executor import Executor
+
+    class Minimal(Executor):
+        def evaluate(self, predictor, xs, ts, cond=None):
+            return SerialExecutor().evaluate(predictor, xs, ts, cond)
+
+    for ex, expect in ((SerialExecutor(), "width 3: 3 call(s) one after another"),
+                       (BatchedExecutor(), "width 3: the 3 draft(s) of a round in one call"),
+                       (BatchedExecutor(max_batch=8), "in chunks of at most 8 rows"), (Minimal(), "Minimal")):
+        assert expect in ex.describe(3), ex.describe(3)
+        assert ex.describe().startswith(type(ex).__name__)
+        for bad in (0, -1, 2.5, True):
+            with pytest.raises(InvalidArgumentError, match=r"width must be a positive int or None"):
+                ex.describe(bad)
+
+
 def test_noise_source_of_the_wrong_type():
     for call in run_both(eps_model, noise=42):
         with pytest.raises(InvalidArgumentError, match=r"noise must be a NoiseSource or None, got int"):

@@ -57,6 +57,7 @@ def test_streams_equal_serial(devices, anchor):
         assert got.device == xs.device and got.shape == ref.shape
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
     assert ex.shares(5) == [len(r) for r in _split(5, len(devices))]
+    assert f"drafts per stream at width 5: {ex.shares(5)}" in ex.describe(5)
 
 
 def _split(k, n):

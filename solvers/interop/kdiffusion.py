@@ -89,7 +89,7 @@ def sample_driffusion(
     """
     if not callable(model):
         raise InvalidArgumentError(f"model must be a denoiser D(x, sigma) -> x0, got {type(model).__name__}.")
-    cond = check_inputs(x, extra_args)
+    cond = check_inputs(x, extra_args, "extra_args")
     grid = sigmas_grid(sigmas, x.dtype)
     transition = VEEulerSkip(VESchedule(), prediction="sample")
     sched = DraftRefineScheduler(transition, grid, width, mode)
