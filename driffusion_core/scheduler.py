@@ -320,13 +320,14 @@ def default_noise(transition: SkipTransition, noise: Optional[NoiseSource]) -> O
 
 
 def progress_bar(enabled: bool, total: int, desc: str):
+    """A tqdm bar over the grid's steps, left on screen when done (as diffusers' and k-diffusion's are)."""
     if not enabled:
         return None
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency, but the core does not need it
         return None
-    return tqdm(total=total, desc=desc, unit="step", leave=False)
+    return tqdm(total=total, desc=desc, unit="step")
 
 
 @dataclass

@@ -367,13 +367,15 @@ def test_executor_receives_the_rounds_states_and_times():
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_trajectory_has_T_plus_one_states_and_progress_works(mode):
+def test_trajectory_has_T_plus_one_states_and_progress_works(mode, capsys):
     T = 11
     tr, grid = DDPMSkip(VP), VP.timesteps(T)
     f = ring_mixture().predictor(VP)
     x = NoiseSource(0).initial((4, 2))
     sched = DraftRefineScheduler(tr, grid, width=3, mode=mode)
     out = sched.sample(f, x, noise=NoiseSource(2), return_trajectory=True, progress=True)
+    shown = [seg for seg in capsys.readouterr().err.split("\r") if seg.strip()]
+    assert shown and f"{T}/{T}" in shown[-1], shown[-1:]  # the finished bar stays on screen
     assert len(out.trajectory) == T + 1
     assert torch.equal(out.trajectory[0], x) and torch.equal(out.trajectory[-1], out.x)
     quiet = sched.sample(f, x, noise=NoiseSource(2))
