@@ -74,6 +74,11 @@ class GaussianMixture:
 
     def x0_eps(self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor):
         """(x0*, eps*) = (E[x0 | x], E[eps | x]) at interpolant (alpha, sigma), in float64."""
+        if x.dim() < 1 or x[0].numel() != self.dim:
+            raise InvalidArgumentError(
+                f"This mixture lives in {self.dim} dimensions: its states are [B, {self.dim}] (B samples), got x "
+                f"of shape {tuple(x.shape)}. The first dimension is the batch, even for one sample: x[None]."
+            )
         xd = x.to(torch.float64).reshape(x.shape[0], -1)
         a = torch.as_tensor(alpha, dtype=torch.float64).reshape(-1, 1, 1).to(xd.device)
         s = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1, 1).to(xd.device)

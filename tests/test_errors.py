@@ -306,6 +306,16 @@ def test_x_without_samples(x, message):
             call()
 
 
+def test_oracle_given_states_of_another_dimension():
+    """A ring (2-D) oracle given a state without its batch dimension, or of another dimension, says so."""
+    f = ring_mixture().predictor(VP)
+    for x in (torch.zeros(2), torch.zeros(4, 3)):
+        with pytest.raises(InvalidArgumentError, match=r"lives in 2 dimensions: its states are \[B, 2\]"):
+            f(x, torch.full((x.shape[0],), 500.0))
+    with pytest.raises(InvalidArgumentError, match=r"got x of shape \(2,\)"):
+        scheduler().sample(f, torch.zeros(2))
+
+
 def test_kdiffusion_names_its_extra_args_in_errors():
     """sample_driffusion's conditioning is extra_args: its errors say extra_args, not the scheduler's cond."""
     from solvers.interop import sample_driffusion
