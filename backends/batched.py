@@ -6,7 +6,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-from driffusion_core.errors import DeviceMismatchError, InvalidArgumentError, PredictorOutputError
+from driffusion_core.errors import DeviceMismatchError, InvalidArgumentError, PredictorOutputError, safe_str
 from driffusion_core.executor import Executor, Predictor, check_describe_width, map_tensors
 
 
@@ -135,13 +135,7 @@ _VMAP_FAILURE = re.compile(r"vmap|functorch|batching rule|batched ?tensor|data-d
 
 def _looks_like_vmap(error: BaseException) -> bool:
     """Whether ``error`` is torch refusing to run something under vmap (not the predictor's own error)."""
-    if not isinstance(error, RuntimeError):
-        return False
-    try:
-        text = str(error)
-    except Exception:
-        return False
-    return bool(_VMAP_FAILURE.search(text))
+    return isinstance(error, RuntimeError) and bool(_VMAP_FAILURE.search(safe_str(error)))
 
 
 def _checked(out: Any, rows: int, ts: torch.Tensor, like: Optional[torch.Tensor] = None) -> torch.Tensor:

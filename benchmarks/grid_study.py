@@ -31,6 +31,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from benchmarks.metrics import rmse
+from benchmarks.report import md_table
 from driffusion_core import ClipSample, DraftRefineScheduler, NoiseSource, VPSchedule, expected_rounds
 from solvers import DDIMSkip, DPMSolverSkip, ring_mixture, sample_serial, sample_step_skipping
 
@@ -124,10 +125,6 @@ def _f(v) -> str:
     return str(v)
 
 
-def _table(header: List[str], rows: List[List[str]]) -> str:
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows])
-
-
 def markdown(res: dict) -> str:
     """The ratio per setting as a pivot (rows: family, spacing, T; columns: width and mode), the window
     summary, and the clipping rows."""
@@ -139,12 +136,12 @@ def markdown(res: dict) -> str:
         pivot.append([{"ddim": "DDIM", "dpm": "DPM-Solver++ 2M"}[family], spacing, str(T)]
                      + [_f(c) if c is None or c <= 1 else f"**{_f(c)}**" for c in cells])
     header = ["family", "spacing", "T"] + [f"n={w} {m[:4]}." for w, m in cols]
-    window = _table(list(res["by_window"][0]), [[_f(v) for v in r.values()] for r in res["by_window"]]) if res["by_window"] else ""
-    clip = _table(list(res["clipping"][0]), [[_f(v) for v in r.values()] for r in res["clipping"]]) if res["clipping"] else ""
+    window = md_table(list(res["by_window"][0]), [[_f(v) for v in r.values()] for r in res["by_window"]]) if res["by_window"] else ""
+    clip = md_table(list(res["clipping"][0]), [[_f(v) for v in r.values()] for r in res["clipping"]]) if res["clipping"] else ""
     return "\n\n".join([
         f"DRiffusion's RMSE to the serial sample ÷ step skipping's at the same rounds (bold: above 1, step "
         f"skipping closer). {res['worse_count']} of {res['settings']} settings above 1.",
-        _table(header, pivot),
+        md_table(header, pivot),
         "*By window reach n / T* (over families, spacings and modes):",
         window,
         "*x0 clipping* (DDIM, T = 50, n = 4, aggressive, trailing):",

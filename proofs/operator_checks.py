@@ -238,12 +238,21 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _chain_windows():
-    """(spacing, a, n, t_from, t_to) of every window the chain checks use."""
+    """(where, op, sample_op, factors, a, n, t_from, t_to) for every operator of :func:`chain_cases` and every
+    window the chain checks use."""
     vp = VPSchedule.linear()
-    for spacing in CHAIN_SPACINGS:
-        grid = vp.timesteps(12, spacing)
-        for a, n in CHAIN_WINDOWS:
-            yield spacing, a, n, grid.t_from[a : a + n], grid.t_to[a : a + n]
+    for label, op, sample_op, factors in chain_cases():
+        for spacing in CHAIN_SPACINGS:
+            grid = vp.timesteps(12, spacing)
+            for a, n in CHAIN_WINDOWS:
+                yield (f"{label} {spacing} a={a} n={n}", op, sample_op, factors, a, n,
+                       grid.t_from[a : a + n], grid.t_to[a : a + n])
+
+
+def _anchor(seed: int) -> Tuple[NoiseSource, torch.Tensor, torch.Tensor]:
+    """The noise source, anchor state x and model output p the chain checks use (float64)."""
+    noise = NoiseSource(seed)
+    return noise, noise.initial((4, 3), F64), noise(100, (4, 3), F64)
 
 
 @identity(
@@ -259,25 +268,21 @@ def _chain_windows():
 )
 def drafts_are_the_chain() -> Result:
     errors: Dict[str, float] = {}
-    noise = NoiseSource(11)
-    x = noise.initial((4, 3), F64)
-    p = noise(100, (4, 3), F64)
-    for label, op, sample_op, factors in chain_cases():
-        for spacing, a, n, t_from, t_to in _chain_windows():
-            where = f"{label} {spacing} a={a} n={n}"
-            abar_t, abar_s = op.schedule.alpha_bar(t_from), op.schedule.alpha_bar(t_to)
-            ref = factors(abar_t, abar_s, t_from)
-            got = op.chain_factors(t_from, t_to)
-            err = max(_rel(torch.as_tensor(g, dtype=F64), torch.as_tensor(r, dtype=F64)) for g, r in zip(got, ref))
-            zs = noise.steps(a, a + n, x.shape, F64) if op.stochastic else None
-            rows = op.drafts(x, p, t_from, t_to, zs)
-            x0_hat, _ = vp_x0_eps(op.prediction.value, x, p, abar_t[0])  # the anchor's, frozen
-            state = op(x, p, t_from[0], t_to[0], zs[0] if zs is not None else None)
-            for j in range(n):
-                if j:
-                    state = sample_op(state, x0_hat, t_from[j], t_to[j], zs[j] if zs is not None else None)
-                err = max(err, _rel(rows[j], state))
-            errors[where] = err
+    noise, x, p = _anchor(11)
+    for where, op, sample_op, factors, a, n, t_from, t_to in _chain_windows():
+        abar_t, abar_s = op.schedule.alpha_bar(t_from), op.schedule.alpha_bar(t_to)
+        ref = factors(abar_t, abar_s, t_from)
+        got = op.chain_factors(t_from, t_to)
+        err = max(_rel(torch.as_tensor(g, dtype=F64), torch.as_tensor(r, dtype=F64)) for g, r in zip(got, ref))
+        zs = noise.steps(a, a + n, x.shape, F64) if op.stochastic else None
+        rows = op.drafts(x, p, t_from, t_to, zs)
+        x0_hat, _ = vp_x0_eps(op.prediction.value, x, p, abar_t[0])  # the anchor's, frozen
+        state = op(x, p, t_from[0], t_to[0], zs[0] if zs is not None else None)
+        for j in range(n):
+            if j:
+                state = sample_op(state, x0_hat, t_from[j], t_to[j], zs[j] if zs is not None else None)
+            err = max(err, _rel(rows[j], state))
+        errors[where] = err
     return _per_case(errors, f"windows ({len(chain_cases())} operators x {2 * len(CHAIN_WINDOWS)} windows)")
 
 
@@ -293,33 +298,29 @@ def drafts_are_the_chain() -> Result:
 def coupled_noise_is_composed() -> Result:
     errors: Dict[str, float] = {}
     zero_rows = 0
-    noise = NoiseSource(13)
-    x = noise.initial((4, 3), F64)
-    p = noise(100, (4, 3), F64)
-    for label, op, _, factors in chain_cases():
-        for spacing, a, n, t_from, t_to in _chain_windows():
-            where = f"{label} {spacing} a={a} n={n}"
-            _, B, s = factors(op.schedule.alpha_bar(t_from), op.schedule.alpha_bar(t_to), t_from)
-            B, s = [float(v) for v in torch.as_tensor(B, dtype=F64)], [float(v) for v in torch.as_tensor(s, dtype=F64)]
-            ref = torch.zeros(n, n, dtype=F64)
-            for j in range(n):
-                w = torch.tensor(C.chain_noise_weights(B[: j + 1], s[: j + 1]), dtype=F64)
-                norm = torch.linalg.vector_norm(w)
-                if norm > 0:
-                    ref[j, : j + 1] = w / norm
-                else:  # documented: a noiseless row passes its own step's noise on
-                    ref[j, j] = 1.0
-                    zero_rows += 1
-            u = op._coupling(t_from, t_to)
-            err = _rel(u, ref)
-            err = max(err, float((torch.linalg.vector_norm(u, dim=1) - 1).abs().max()))
-            zs = noise.steps(a, a + n, x.shape, F64)
-            coupled = op.coupled_noise(t_from, t_to, zs)
-            composed = (ref @ zs.reshape(n, -1)).reshape(zs.shape)
-            err = max(err, _rel(coupled, composed))
-            if not torch.equal(coupled[0], zs[0]):
-                err = max(err, 1.0)
-            big = op.skip(x, p, t_from, t_to, zs)
-            one = op(x, p, t_from[0], t_to[-1], composed[-1] if op.stochastic else None)
-            errors[where] = max(err, _rel(big, one))
+    noise, x, p = _anchor(13)
+    for where, op, _, factors, a, n, t_from, t_to in _chain_windows():
+        _, B, s = factors(op.schedule.alpha_bar(t_from), op.schedule.alpha_bar(t_to), t_from)
+        B, s = [float(v) for v in torch.as_tensor(B, dtype=F64)], [float(v) for v in torch.as_tensor(s, dtype=F64)]
+        ref = torch.zeros(n, n, dtype=F64)
+        for j in range(n):
+            w = torch.tensor(C.chain_noise_weights(B[: j + 1], s[: j + 1]), dtype=F64)
+            norm = torch.linalg.vector_norm(w)
+            if norm > 0:
+                ref[j, : j + 1] = w / norm
+            else:  # documented: a noiseless row passes its own step's noise on
+                ref[j, j] = 1.0
+                zero_rows += 1
+        u = op._coupling(t_from, t_to)
+        err = _rel(u, ref)
+        err = max(err, float((torch.linalg.vector_norm(u, dim=1) - 1).abs().max()))
+        zs = noise.steps(a, a + n, x.shape, F64)
+        coupled = op.coupled_noise(t_from, t_to, zs)
+        composed = (ref @ zs.reshape(n, -1)).reshape(zs.shape)
+        err = max(err, _rel(coupled, composed))
+        if not torch.equal(coupled[0], zs[0]):
+            err = max(err, 1.0)
+        big = op.skip(x, p, t_from, t_to, zs)
+        one = op(x, p, t_from[0], t_to[-1], composed[-1] if op.stochastic else None)
+        errors[where] = max(err, _rel(big, one))
     return _per_case(errors, f"windows ({zero_rows} noiseless rows)")

@@ -123,6 +123,10 @@ def _refine_rounds(num_steps: int, anchor: int, width: int) -> int:
     return math.ceil((num_steps - 1 - anchor) / width)
 
 
+#: what Picard's width means, for the width check it shares with DraftRefineScheduler
+_WIDTH_MEANING = "the levels in the window, i.e. model calls per round"
+
+
 def fewest_rounds(num_steps: int, width: int) -> int:
     """The smallest ``max_rounds`` that always finishes: DRiffusion's aggressive round count.
 
@@ -134,14 +138,9 @@ def fewest_rounds(num_steps: int, width: int) -> int:
     :class:`~driffusion_core.InvalidArgumentError` unless ``num_steps`` is an int >= 1 (numpy and
     0-d tensor integers are accepted, bools are not), as ``expected_rounds`` does.
     """
-    n = _check_picard_width(width)
+    n = _check_width(width, _WIDTH_MEANING)
     T = as_count(num_steps, "num_steps", 1)
     return 1 + _refine_rounds(T, 0, n)
-
-
-def _check_picard_width(width: Any) -> int:
-    """``width`` as an int >= 1, checked as ``DraftRefineScheduler`` checks it, in Picard's words."""
-    return _check_width(width, "the levels in the window, i.e. model calls per round")
 
 
 class PicardState:
@@ -409,7 +408,7 @@ class PicardScheduler:
             raise InvalidArgumentError(
                 f"transition must be a SkipTransition (e.g. solvers.DDIMSkip(schedule)), got {type(transition).__name__}."
             )
-        width = _check_picard_width(width)
+        width = _check_width(width, _WIDTH_MEANING)
         if not isinstance(init, str) or init not in INITS:
             raise InvalidArgumentError(
                 f"init must be 'skip' (skip-transition drafts) or 'frozen' (ParaDiGMS' copies of the last state), got {init!r}."

@@ -19,9 +19,9 @@ from typing import Optional, Tuple, Union
 import torch
 
 from driffusion_core.errors import InvalidArgumentError
-from driffusion_core.parameterization import Prediction, X0Transform, broadcast_coef, to_x0_eps
+from driffusion_core.parameterization import Prediction, X0Transform, broadcast_coef
 from driffusion_core.schedules import Schedule, TimeLike
-from driffusion_core.transition import Levels, SkipTransition, as_levels, zero_length_identity
+from driffusion_core.transition import Levels, SkipTransition, zero_length_identity
 
 __all__ = ["VESchedule", "VEEulerSkip"]
 
@@ -92,12 +92,11 @@ class VEEulerSkip(SkipTransition):
     ):
         if not isinstance(schedule, VESchedule):
             raise InvalidArgumentError(f"VEEulerSkip needs a VESchedule, got {type(schedule).__name__}.")
-        super().__init__(schedule, prediction, x0_transform)
+        # recompute_eps: the slope comes from the transformed x0_hat (it only acts with an x0_transform)
+        super().__init__(schedule, prediction, x0_transform, recompute_eps=True)
 
     def __call__(self, x, pred, t_from: Levels, t_to: Levels, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         t_from, t_to = self.operands(x, pred, t_from, t_to, noise)
-        alpha, sigma = self.schedule.alpha_sigma(as_levels(t_from, x.shape[0]))
-        recompute = self.x0_transform is not None  # the slope of the transformed x0_hat (see the class doc)
-        _, eps_hat = to_x0_eps(self.prediction, x, pred, alpha, sigma, self.x0_transform, recompute)
+        _, eps_hat = self.to_x0_eps(x, pred, t_from)
         out = x + broadcast_coef(self.cached(t_from, t_to, self._euler), x) * eps_hat
         return zero_length_identity(out, x, t_from, t_to)

@@ -421,6 +421,28 @@ def _quiet(pipe):
     return pipe
 
 
+def _sd_pipeline(unet, scheduler, vae):
+    """A Stable Diffusion pipeline of tiny random parts, no text encoder (the tests pass prompt_embeds)."""
+    return _quiet(need("StableDiffusionPipeline")(
+        vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ))
+
+
+def _sd3_embeds(g: torch.Generator) -> dict:
+    """Random SD3 prompt embeddings and pooled projections (batch 2), and their negatives, drawn from ``g``."""
+    return dict(prompt_embeds=torch.randn(2, 5, 8, generator=g), negative_prompt_embeds=torch.randn(2, 5, 8, generator=g),
+                pooled_prompt_embeds=torch.randn(2, 8, generator=g), negative_pooled_prompt_embeds=torch.randn(2, 8, generator=g))
+
+
+def _sd3_pipeline(transformer, scheduler, vae):
+    """An SD3 pipeline of tiny random parts, no text encoders (the tests pass the embeddings)."""
+    return _quiet(need("StableDiffusion3Pipeline")(
+        transformer=transformer, scheduler=scheduler, vae=vae,
+        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
+    ))
+
+
 # Width > 1 pipeline checks are two:
 # * the pipeline's final latents equal, to float tolerance, the library run by hand from the same latents
 #   (``_direct``: what the pipeline stands for, from the module docstring of solvers/interop/pipelines.py), with
@@ -524,10 +546,7 @@ def np_testing_close(a, b, tol):
 
 def test_stable_diffusion_pipeline(unet_cond, vae):
     scheduler = need("DDIMScheduler")(steps_offset=1, clip_sample=False, timestep_spacing="leading", **SD_BETAS)
-    pipe = _quiet(need("StableDiffusionPipeline")(
-        vae=vae, text_encoder=None, tokenizer=None, unet=unet_cond, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    ))
+    pipe = _sd_pipeline(unet_cond, scheduler, vae)
     g = torch.Generator().manual_seed(0)
     pe, ne = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
     kw = dict(prompt_embeds=pe, negative_prompt_embeds=ne, num_inference_steps=10, guidance_scale=5.0, output_type="np")
@@ -551,33 +570,31 @@ def test_stable_diffusion_pipeline(unet_cond, vae):
     torch.testing.assert_close(latents, ref_latents, rtol=1e-4, atol=1e-4)
 
 
-def _gain_processor(base):
-    """An attention processor that scales its output by the attention kwarg ``gain`` (diffusers passes a
-    processor only the kwargs its ``__call__`` names), so a dropped kwarg changes the images."""
+def _with_gain(model, base):
+    """A copy of ``model`` whose attention processors (``base`` subclassed) scale their output by the attention
+    kwarg ``gain`` (diffusers passes a processor only the kwargs its ``__call__`` names), so a dropped kwarg
+    changes the images."""
+    import copy
 
     class Gain(base):
         def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, gain=1.0, **kw):
             out = super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kw)
             return tuple(o if o is None else gain * o for o in out) if isinstance(out, tuple) else gain * out
 
-    return Gain()
+    model = copy.deepcopy(model)
+    model.set_attn_processor(Gain())
+    return model
 
 
 def test_stable_diffusion_pipeline_passes_its_options_on(unet_cond, vae, monkeypatch):
     """eta (DDIM's step noise), guidance_rescale and cross_attention_kwargs reach the sampler and the model:
     width 1 equals the pipeline's own call with the same options, which differs from the call without them."""
-    import copy
-
     import diffusers.schedulers.scheduling_ddim as ddim_module
     from diffusers.models.attention_processor import AttnProcessor
 
-    unet = copy.deepcopy(unet_cond)
-    unet.set_attn_processor(_gain_processor(AttnProcessor))
+    unet = _with_gain(unet_cond, AttnProcessor)
     scheduler = need("DDIMScheduler")(steps_offset=1, clip_sample=False, timestep_spacing="trailing", **SD_BETAS)
-    pipe = _quiet(need("StableDiffusionPipeline")(
-        vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    ))
+    pipe = _sd_pipeline(unet, scheduler, vae)
     noise, draws = NoiseSource(4), []
     monkeypatch.setattr(ddim_module, "randn_tensor", lambda shape, generator=None, device=None, dtype=None, **_:
                         draws.append(0) or noise(len(draws) - 1, shape, dtype, device))
@@ -599,20 +616,12 @@ def test_stable_diffusion_pipeline_passes_its_options_on(unet_cond, vae, monkeyp
 
 def test_stable_diffusion_3_pipeline_passes_joint_attention_kwargs(sd3_transformer, vae):
     """joint_attention_kwargs reach the transformer: width 1 equals the pipeline's own call with them."""
-    import copy
-
     from diffusers.models.attention_processor import JointAttnProcessor2_0
 
-    transformer = copy.deepcopy(sd3_transformer)
-    transformer.set_attn_processor(_gain_processor(JointAttnProcessor2_0))
-    pipe = _quiet(need("StableDiffusion3Pipeline")(
-        transformer=transformer, scheduler=need("FlowMatchEulerDiscreteScheduler")(shift=3.0), vae=vae,
-        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
-    ))
+    transformer = _with_gain(sd3_transformer, JointAttnProcessor2_0)
+    pipe = _sd3_pipeline(transformer, need("FlowMatchEulerDiscreteScheduler")(shift=3.0), vae)
     g = torch.Generator().manual_seed(0)
-    kw = dict(prompt_embeds=torch.randn(2, 5, 8, generator=g), negative_prompt_embeds=torch.randn(2, 5, 8, generator=g),
-              pooled_prompt_embeds=torch.randn(2, 8, generator=g), negative_pooled_prompt_embeds=torch.randn(2, 8, generator=g),
-              num_inference_steps=6, guidance_scale=4.0, output_type="latent")
+    kw = dict(**_sd3_embeds(g), num_inference_steps=6, guidance_scale=4.0, output_type="latent")
     gen = lambda: torch.Generator().manual_seed(1)
     opts = dict(joint_attention_kwargs={"gain": 1.5})
     ref = pipe(generator=gen(), **kw, **opts).images
@@ -647,14 +656,9 @@ def test_predictor_passes_model_kwargs_in_every_style():
 @pytest.mark.parametrize("flow_config", [dict(shift=3.0), dict(use_dynamic_shifting=True, base_image_seq_len=4,
                                                                  max_image_seq_len=64, base_shift=0.5, max_shift=1.15)])
 def test_stable_diffusion_3_pipeline(sd3_transformer, vae, flow_config):
-    pipe = _quiet(need("StableDiffusion3Pipeline")(
-        transformer=sd3_transformer, scheduler=need("FlowMatchEulerDiscreteScheduler")(**flow_config), vae=vae,
-        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
-    ))
+    pipe = _sd3_pipeline(sd3_transformer, need("FlowMatchEulerDiscreteScheduler")(**flow_config), vae)
     g = torch.Generator().manual_seed(0)
-    kw = dict(prompt_embeds=torch.randn(2, 5, 8, generator=g), negative_prompt_embeds=torch.randn(2, 5, 8, generator=g),
-              pooled_prompt_embeds=torch.randn(2, 8, generator=g), negative_pooled_prompt_embeds=torch.randn(2, 8, generator=g),
-              num_inference_steps=10, guidance_scale=5.0, output_type="np")
+    kw = dict(**_sd3_embeds(g), num_inference_steps=10, guidance_scale=5.0, output_type="np")
     gen = lambda seed=1: torch.Generator().manual_seed(seed)
     ref = pipe(generator=gen(), **kw).images  # with dynamic shifting the pipeline computes mu itself
     w1 = DRiffusionPipeline(pipe, width=1)(generator=gen(), **kw).images
@@ -690,10 +694,7 @@ def test_num_images_per_prompt_with_prompt_embeds(unet_cond, sd3_transformer, va
     """Given embeddings are repeated per image, as diffusers' StableDiffusionPipeline.encode_prompt does."""
     g = torch.Generator().manual_seed(0)
     gen = lambda: torch.Generator().manual_seed(1)
-    sd = _quiet(need("StableDiffusionPipeline")(
-        vae=vae, text_encoder=None, tokenizer=None, unet=unet_cond, safety_checker=None, feature_extractor=None,
-        scheduler=need("DDIMScheduler")(steps_offset=1, clip_sample=False, **SD_BETAS), requires_safety_checker=False,
-    ))
+    sd = _sd_pipeline(unet_cond, need("DDIMScheduler")(steps_offset=1, clip_sample=False, **SD_BETAS), vae)
     embeds = dict(prompt_embeds=torch.randn(2, 5, 8, generator=g), negative_prompt_embeds=torch.randn(2, 5, 8, generator=g))
     kw = dict(num_inference_steps=4, guidance_scale=5.0, output_type="latent")
     ref = sd(generator=gen(), num_images_per_prompt=2, **embeds, **kw).images
@@ -702,12 +703,8 @@ def test_num_images_per_prompt_with_prompt_embeds(unet_cond, sd3_transformer, va
     ours = DRiffusionPipeline(sd, width=1)(generator=gen(), num_images_per_prompt=2, **embeds, **kw).images
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
-    sd3 = _quiet(need("StableDiffusion3Pipeline")(
-        transformer=sd3_transformer, scheduler=need("FlowMatchEulerDiscreteScheduler")(shift=3.0), vae=vae,
-        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
-    ))
-    embeds = dict(prompt_embeds=torch.randn(2, 5, 8, generator=g), negative_prompt_embeds=torch.randn(2, 5, 8, generator=g),
-                  pooled_prompt_embeds=torch.randn(2, 8, generator=g), negative_pooled_prompt_embeds=torch.randn(2, 8, generator=g))
+    sd3 = _sd3_pipeline(sd3_transformer, need("FlowMatchEulerDiscreteScheduler")(shift=3.0), vae)
+    embeds = _sd3_embeds(g)
     ref = sd3(generator=gen(), **_per_image(embeds, 3), **kw).images
     ours = DRiffusionPipeline(sd3, width=1)(generator=gen(), num_images_per_prompt=3, **embeds, **kw).images
     assert ours.shape == ref.shape and ref.shape[0] == 6
@@ -901,10 +898,7 @@ def test_dpm_grids_it_cannot_reproduce():
 
 def test_stable_diffusion_pipeline_with_dpm_solver(unet_cond, vae):
     ddim = need("DDIMScheduler")(steps_offset=1, clip_sample=False, timestep_spacing="leading", **SD_BETAS)
-    pipe = _quiet(need("StableDiffusionPipeline")(
-        vae=vae, text_encoder=None, tokenizer=None, unet=unet_cond, safety_checker=None, feature_extractor=None,
-        scheduler=need("DPMSolverMultistepScheduler").from_config(ddim.config), requires_safety_checker=False,
-    ))
+    pipe = _sd_pipeline(unet_cond, need("DPMSolverMultistepScheduler").from_config(ddim.config), vae)
     assert pipe.scheduler.config.timestep_spacing == "leading" and pipe.scheduler.config.steps_offset == 1
     g = torch.Generator().manual_seed(0)
     kw = dict(prompt_embeds=torch.randn(2, 5, 8, generator=g), negative_prompt_embeds=torch.randn(2, 5, 8, generator=g),
