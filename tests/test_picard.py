@@ -445,3 +445,303 @@ def test_fewest_rounds_checks_its_arguments():
     for num_steps in (0, -1, 2.5, True, "10", None):
         with pytest.raises(InvalidArgumentError, match="num_steps"):
             fewest_rounds(num_steps, 2)
+
+
+# --------------------------------------------------------------------------- the round, step by step
+
+
+def _drive(st, f, grid, x, after=None):
+    """Run a PicardState to the end round by round; ``after(st, rnd, before)`` sees each absorbed round
+    (``before``: the state machine's iterates before the round's sweep)."""
+    from driffusion_core.scheduler import evaluate_round
+
+    ex = BatchedExecutor()
+    while (rnd := st.plan()) is not None:
+        before = {k: xk.clone() for k, xk in enumerate(st.xs) if xk is not None}
+        st.absorb(rnd, evaluate_round(ex, f, rnd, grid, {}, x))
+        if after is not None:
+            after(st, rnd, before)
+    return st
+
+
+def _x_free(x, t):
+    """A predictor that ignores the state: a sweep recomputes every level whose predecessor is final
+    bit for bit, so at tolerance 0 such levels have converged exactly (change 0 <= 0)."""
+    return torch.cos(t / 300.0).to(x.dtype)[:, None].expand_as(x).clone()
+
+
+@pytest.mark.parametrize("name,tol", [("ddim", 0.1), ("ddpm", 1.0), ("flow", 0.3), ("dpm", 0.1), ("x-free", 0.0)])
+def test_each_round_measures_the_documented_norm_and_slides_by_the_rule(name, tol):
+    """Round by round, against the module doc computed here: the window is a .. a+m-1; level k's change
+    is max_b ||y_k - x_k||^2 / (D sigma_k^2) with sigma_k from ``schedule.alpha_sigma`` at level k
+    (``t_to[k-1]``; inf at the clean end when it moved); the window moves past the leading levels with
+    change <= tau^2 and the first one that is not."""
+    if name == "x-free":
+        tr, grid, _, noise = family("ddim", 20)
+        f = _x_free
+    else:
+        tr, grid, f, noise = family(name, 20)
+    x, width, T = start(8), 4, 20
+    slides = []
+
+    def check(st, rnd, before):
+        a, hi = rnd.steps[0], rnd.steps[-1] + 1
+        assert rnd.steps == list(range(a, min(a + width, T)))
+        want = {}
+        for k in range(a + 1, hi + 1):
+            sigma = float(tr.schedule.alpha_sigma(grid.t_to[k - 1 : k])[1])
+            change = float((st.xs[k] - before[k]).pow(2).mean(dim=1).max())  # D = 2, worst row
+            want[k] = change / sigma**2 if sigma > 0 else (math.inf if change > 0 else 0.0)
+        assert st.moved.keys() == want.keys()
+        for k, v in want.items():
+            assert st.moved[k] == pytest.approx(v, rel=1e-9, abs=1e-300), (k, st.moved[k], v)
+        lead = 0
+        while a + 1 + lead <= hi and want[a + 1 + lead] <= tol**2:
+            lead += 1
+        assert st.a == a + min(1 + lead, hi - a), (a, hi, lead, st.a)
+        slides.append((st.a - a, hi - a))
+
+    st = _drive(PicardScheduler(tr, grid, width, tol).start(x, noise, keep_trajectory=True), f, grid, x, check)
+    assert st.done and st.rounds == len(slides) == len(st.advances) and sum(st.advances) == T
+    # the rule was exercised both ways: some rounds slid the whole window, some only part of it
+    assert any(s == m for s, m in slides) and any(1 <= s < m for s, m in slides), slides
+    assert any(s > 1 for s, m in slides) or name != "x-free", slides  # exact zeros count as converged
+
+
+@pytest.mark.parametrize("T", [1, 7, 10, 12])
+@pytest.mark.parametrize("width", [1, 3, 4])
+def test_infinite_tolerance_slides_full_windows_closed_form_counts(T, width):
+    """tau = inf accepts every level: ceil(T/n) rounds of full windows (the last one what is left), T
+    calls, each level evaluated once; the counts in ``info`` say so."""
+    out = picard("ddim", width, math.inf, num_steps=T, x=start(8))
+    full, rest = divmod(T, width)
+    assert out.info["advances"] == [width] * full + ([rest] if rest else [])
+    assert out.rounds == out.info["picard_rounds"] == math.ceil(T / width)
+    assert out.evals == T and out.info["calls_beyond_T"] == 0
+    assert out.info["fallback_rounds"] == 0 and out.info["fallback_from"] is None and out.info["converged"]
+
+
+def test_info_counts_add_up_without_a_budget():
+    """No budget: every round is a Picard round, and the advances finalise the T levels."""
+    out = picard("ddpm", 4, 1e-2, num_steps=30, x=start(16))
+    assert out.info["picard_rounds"] == out.rounds == len(out.info["advances"])
+    assert out.info["fallback_rounds"] == 0 and sum(out.info["advances"]) == 30
+    assert all(1 <= s <= 4 for s in out.info["advances"])
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpm"])
+def test_states_no_longer_needed_are_dropped(name):
+    """Without a trajectory the state keeps nothing before level a-2 (a multistep anchor a-1 needs a-2)."""
+    tr, grid, f, noise = family(name, 30)
+    x = start(8)
+
+    def check(st, rnd, before):
+        if not st.done:
+            assert all(st.xs[k] is None and st.preds[k] is None and st.at[k] is None for k in range(st.a - 2)), st.a
+
+    st = _drive(PicardScheduler(tr, grid, 4, 0.1).start(x, noise), f, grid, x, check)
+    assert st.done and st.x is not None
+
+
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "dpm"])
+def test_budget_fallback_is_draft_and_refine_from_the_anchor(name):
+    """tau = 0 under a binding budget: Picard stops at the first round that might leave draft-and-refine
+    too few rounds (the module doc's worst case, checked round by round from ``advances``); the rest is
+    draft-and-refine from the anchor c = a-1, i.e. a fresh DraftRefineState started at the serial x_c
+    (tau = 0: Picard's levels up to c are serial), less its anchor call, which Picard already made."""
+    from driffusion_core import DraftRefineState
+
+    T, width = 20, 3
+    tr, grid, f, noise = family(name, T)
+    x = start(8)
+    ref = sample_serial(f, x, tr, grid, noise=noise, return_trajectory=True)
+    refine = lambda a: math.ceil((T - 1 - a) / width) if a < T - 1 else 0  # noqa: E731
+    for budget in range(fewest_rounds(T, width), fewest_rounds(T, width) + 4):
+        out = PicardScheduler(tr, grid, width, 0.0, max_rounds=budget).sample(
+            f, x, executor=SerialExecutor(), noise=noise, return_trajectory=True
+        )
+        a = 0
+        for r, adv in enumerate(out.info["advances"]):
+            assert r + 1 + refine(a) <= budget, (budget, r, a)  # this Picard round fitted
+            a += adv
+        assert out.info["picard_rounds"] == len(out.info["advances"])
+        assert out.info["picard_rounds"] + 1 + refine(a) > budget  # the next one would not have
+        c = out.info["fallback_from"]
+        assert c == a - 1 and not out.info["converged"]
+        for k in range(c + 1):
+            torch.testing.assert_close(out.trajectory[k], ref.trajectory[k], rtol=1e-12, atol=1e-12)
+        hist = []
+        if tr.history and tr.history_at(grid, c):
+            xp = ref.trajectory[c - 1]
+            hist = [(xp, f(xp, grid.model_times[c - 1].expand(x.shape[0])), grid.t_from[c - 1])]
+        dr = DraftRefineState(tr, grid, width, "aggressive", ref.trajectory[c], noise, True, start=c, history=hist)
+        dr = _drive_draft_refine(dr, f, grid, x)
+        assert out.info["fallback_rounds"] == dr.rounds - 1 == out.rounds - out.info["picard_rounds"]
+        assert out.rounds <= budget
+        for k, xk in enumerate(dr.trajectory):
+            torch.testing.assert_close(out.trajectory[c + k], xk, rtol=1e-12, atol=1e-12, msg=f"level {c + k}")
+        picard_evals = sum(min(width, T - a) for a in np.cumsum([0] + out.info["advances"][:-1]))
+        assert out.evals == picard_evals + dr.evals - 1
+
+
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "dpm"])
+def test_budget_keeps_what_picard_finalised(name):
+    """tau > 0: up to the fallback a budgeted run is the unbudgeted one, and draft-and-refine keeps its final
+    levels 0 .. a (it starts from the final x_{a-1} and its first refine step recomputes x_a)."""
+    T, width = 20, 3
+    tr, grid, f, noise = family(name, T)
+    x = start(8)
+    free = PicardScheduler(tr, grid, width, 0.1).sample(f, x, noise=noise, return_trajectory=True)
+    bound = 0
+    for budget in range(fewest_rounds(T, width), fewest_rounds(T, width) + 4):
+        out = PicardScheduler(tr, grid, width, 0.1, max_rounds=budget).sample(f, x, noise=noise, return_trajectory=True)
+        if out.info["converged"]:
+            continue
+        bound += 1
+        a = sum(out.info["advances"])
+        assert out.info["advances"] == free.info["advances"][: len(out.info["advances"])]
+        for k in range(a + 1):
+            torch.testing.assert_close(out.trajectory[k], free.trajectory[k], rtol=1e-12, atol=1e-12, msg=f"level {k}")
+    assert bound > 0
+
+
+def _drive_draft_refine(st, f, grid, x):
+    from driffusion_core.scheduler import evaluate_round
+
+    while (rnd := st.plan()) is not None:
+        st.absorb(rnd, evaluate_round(SerialExecutor(), f, rnd, grid, {}, x))
+    return st
+
+
+def test_absorb_finishes_the_fallback_itself():
+    """Driven by hand, the state is done right after the absorb of the fallback's last round."""
+    from driffusion_core.scheduler import evaluate_round
+
+    tr, grid, f, noise = family("ddpm", 20)
+    x = start(8)
+    st = PicardScheduler(tr, grid, 3, 1e-3, max_rounds=fewest_rounds(20, 3) + 1).start(x, noise)
+    while not st.done:
+        rnd = st.plan()
+        assert rnd is not None, "plan() had to finish what absorb() left"
+        st.absorb(rnd, evaluate_round(BatchedExecutor(), f, rnd, grid, {}, x))
+    assert st.fallback is not None and st.plan() is None and st.x is not None
+
+
+@pytest.mark.parametrize("tol,width", [(1.0, 2), (0.3, 4)])
+def test_skip_drafts_freeze_the_x0_hat_the_prediction_meant_when_the_anchor_moved(tol, width):
+    """DDPM with an epsilon model: the drafts entering the window are the serial step from the anchor c
+    with an output meaning (x0, eps) there, then the chain with x0 frozen on the same per-step noise.
+    When c moved by more than one noise std in the sweep (computed here from x_c and the state p_c was
+    taken at), x0 is what p_c meant at that state and eps the one that puts x_c on it; otherwise the
+    output is p_c itself."""
+    tr, tr_x0, grid = DDPMSkip(VP), DDPMSkip(VP, "sample"), VP.timesteps(20, "trailing")
+    f, noise, x = RING.predictor(VP, "epsilon"), NoiseSource(7), start(16)
+    branches = set()
+
+    def check(st, rnd, before):
+        hi = rnd.steps[-1] + 1
+        top = min(st.a + st.width, st.T)
+        if st.done or top <= hi:
+            return
+        c = st.a if st.preds[st.a] is not None else st.a - 1
+        level = grid.t_from[c]
+        al, sg = (float(v) for v in VP.alpha_sigma(level.reshape(1)))
+        moved = float((st.xs[c] - before[c]).pow(2).mean(dim=1).max()) / sg**2 if c > rnd.steps[0] else 0.0
+        z = lambda i: noise(i, x.shape, x.dtype, x.device)  # noqa: E731
+        if moved > 1.0:
+            x0, _ = tr.to_x0_eps(before[c], st.preds[c], level)  # p_c was taken at the state before the sweep
+            y = tr(st.xs[c], (st.xs[c] - al * x0) / sg, level, grid.t_to[c], z(c))
+        else:
+            x0, _ = tr.to_x0_eps(st.xs[c], st.preds[c], level)
+            y = tr(st.xs[c], st.preds[c], level, grid.t_to[c], z(c))
+        branches.add(moved > 1.0)
+        for i in range(c + 1, top):
+            y = tr_x0(y, x0, grid.t_from[i], grid.t_to[i], z(i))
+            if i + 1 > hi:
+                torch.testing.assert_close(st.xs[i + 1], y, rtol=1e-9, atol=1e-9, msg=f"level {i + 1}")
+
+    _drive(PicardScheduler(tr, grid, width, tol).start(x, noise, keep_trajectory=True), f, grid, x, check)
+    assert branches == {True, False}, branches
+
+
+def test_multistep_drafts_start_with_the_two_step_update():
+    """DPM-Solver++ 2M with an x0 model: the drafts entering the window are the serial 2M step from the
+    anchor c (level c-1 as its history) followed by first-order steps with c's x0_hat frozen."""
+    tr, grid = DPMSolverSkip(VP, "sample"), VP.timesteps(20, "trailing")
+    f, x = RING.predictor(VP, "sample"), start(16)
+    seeded = []
+
+    def check(st, rnd, before):
+        hi = rnd.steps[-1] + 1
+        top = min(st.a + st.width, st.T)
+        if st.done or top <= hi:
+            return
+        c = st.a if st.preds[st.a] is not None else st.a - 1
+        hist = [(st.xs[c - 1], st.preds[c - 1], grid.t_from[c - 1])] if tr.history_at(grid, c) else []
+        y = tr.grid_step(st.xs[c], st.preds[c], grid, c, hist)
+        for i in range(c + 1, top):
+            y = tr(y, st.preds[c], grid.t_from[i], grid.t_to[i])
+            if i + 1 > hi:
+                torch.testing.assert_close(st.xs[i + 1], y, rtol=1e-9, atol=1e-9, msg=f"level {i + 1}")
+                seeded.append(bool(hist))
+
+    _drive(PicardScheduler(tr, grid, 4, 0.1).start(x, None, keep_trajectory=True), f, grid, x, check)
+    assert any(seeded), seeded  # some drafts started from a 2M step
+
+
+# --------------------------------------------------------------------------- plumbing
+
+
+def test_the_given_executor_runs_every_round():
+    """Every round, Picard's and the budget's draft-and-refine ones, is one call of the given executor."""
+
+    class Recording(BatchedExecutor):
+        def __init__(self):
+            super().__init__()
+            self.sizes = []
+
+        def evaluate(self, predictor, xs, ts, cond=None):
+            self.sizes.append(xs.shape[0])
+            return super().evaluate(predictor, xs, ts, cond)
+
+        def describe(self, width=None):
+            return "recording"
+
+    for max_rounds in (None, fewest_rounds(30, 4) + 1):
+        ex = Recording()
+        out = picard("ddim", 4, 1e-2, max_rounds=max_rounds, num_steps=30, executor=ex)
+        assert len(ex.sizes) == out.rounds and sum(ex.sizes) == out.evals and max(ex.sizes) <= 4
+        assert out.info["executor"] == "recording"
+
+
+def test_stochastic_sampling_without_a_noise_source_draws_one_as_the_serial_sampler_does():
+    """noise=None: a fresh NoiseSource seeded from torch's RNG, as ``sample_serial`` draws it."""
+    tr, grid, f, _ = family("ddpm", 12)
+    x = start(8)
+    torch.manual_seed(11)
+    ref = sample_serial(f, x, tr, grid)
+    torch.manual_seed(11)
+    out = PicardScheduler(tr, grid, 3, 0.0).sample(f, x)
+    torch.testing.assert_close(out.x, ref.x, rtol=1e-12, atol=1e-12)
+    torch.manual_seed(12)
+    other = PicardScheduler(tr, grid, 3, 0.0).sample(f, x)
+    assert not torch.allclose(other.x, out.x)
+
+
+def test_a_state_that_overflows_is_reported():
+    """Finite model outputs, but the float16 state overflows: refused as sample_serial refuses it."""
+    from driffusion_core import SamplingError
+
+    huge = lambda x, t: torch.full_like(x, 6e4)  # noqa: E731
+    tr, grid, x = DDIMSkip(VP, "sample"), VP.timesteps(5), start(8).half()
+    with pytest.raises(SamplingError, match="sample_serial: the sample holds NaN or inf"):
+        sample_serial(huge, x, tr, grid)
+    with pytest.raises(SamplingError, match="PicardScheduler: the sample holds NaN or inf"):
+        PicardScheduler(tr, grid, 2, 0.1).sample(huge, x)
+
+
+def test_repr_states_the_settings():
+    tr, grid, _, _ = family("ddim", 20)
+    sched = PicardScheduler(tr, grid, 3, 0.25, max_rounds=9, init="frozen")
+    assert repr(sched) == f"PicardScheduler({tr!r}, T=20, width=3, tolerance=0.25, max_rounds=9, init='frozen')"
+    assert "max_rounds" not in repr(PicardScheduler(tr, grid, 3, 0.0))
