@@ -26,6 +26,7 @@ pytestmark = pytest.mark.distributed
 
 TIMEOUT = 5.0  # executor timeout in the fault tests (seconds; room for a loaded 2-core machine)
 DIAGNOSE = 2.0  # monitored-barrier time after a failed exchange
+STALL_TIMEOUT, STALL_DIAGNOSE = 2.0, 1.0  # the prediction-exchange stall (rank 1 sleeps 1 s past both)
 
 
 # ------------------------------------------------------------------------------------- parent side
@@ -49,6 +50,7 @@ def _launch(scenario: str, world: int = 2, deadline: float = 60.0, use_env: bool
                 PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
                 OMP_NUM_THREADS="1",
                 MKL_NUM_THREADS="1",
+                PYTHONHASHSEED=str(rank + 1),  # string hashing (set order) differs per process, deterministically
             )
             if use_env:  # what torchrun would set
                 env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
@@ -119,11 +121,50 @@ def test_equals_serial_for_uneven_shares():
     assert r0["retained"] and r1["retained"], "the last exchange's work is not kept referenced"
     assert "drafts per round at width 3: rank 0: 2, rank 1: 1" in r0["describe3"], r0["describe3"]
     assert "width 5: rank 0: 3, rank 1: 2" in r0["describe"], r0["describe"]  # the largest round so far
+    # both ranks run on this machine, computing where the inputs are; equal shares are listed as one run
+    assert "nodes=1," in r0["describe"] and "device per rank: the inputs' device," in r0["describe"], r0["describe"]
+    assert "drafts per round at width 4: ranks 0-1: 2 (" in r0["describe4"], r0["describe4"]  # shares [2, 2]
+    for rank in (0, 1):
+        # bad configuration and bad rounds are refused by name, before any exchange
+        refused = results[rank]["refused"]
+        assert refused == {name: "InvalidArgumentError" for name in refused}, refused
+        assert set(refused) == {"timeout=0", "timeout=True", "timeout=-1", "diagnose_timeout=-1", "plan(0)",
+                                "ts of 3 drafts for xs of 2", "K=0"}
+        assert results[rank]["diagnose_default"] == 2.0  # min(5, timeout)
+    # one all-gather per round, two when a round brings a new prediction row (shape, dtype) or a larger share
+    # than the agreed capacity; every round equals the serial executor (also complex128 after the header)
+    assert r0["exchanges"] == r1["exchanges"] == _expected_exchanges(COUNTED_ROUNDS, 2), r0["exchanges"]
     for key, (got, ref) in r0["pairs"].items():
         assert got.dtype == ref.dtype and got.shape == ref.shape, key
         assert torch.equal(got, ref), f"{key}: distributed != serial"
     for key in r0["pairs"]:
         assert torch.equal(r0["pairs"][key][0], r1["pairs"][key][0]), f"{key}: ranks disagree"
+
+
+# (K, dtype) of the rounds whose all-gathers the basic scenario counts. The cap never shrinks between rows
+# here (a new row is followed by rounds no wider than its first), so the rule below does not depend on
+# whether the capacity restarts with a new row.
+COUNTED_ROUNDS = [(2, "float32"), (2, "float32"), (3, "float32"), (2, "float32"), (3, "float32"), (1, "float32"),
+                  (5, "float32"), (3, "float32"), (3, "complex128"), (3, "complex128"), (2, "complex128"),
+                  (2, "float32"), (2, "float32"), (5, "float32"), (4, "float32")]
+
+
+def _closed_form_shares(k, n):
+    """The closed-form split: contiguous shares, as even as possible, larger first."""
+    return [k // n + (1 if i < k % n else 0) for i in range(n)]
+
+
+def _expected_exchanges(rounds, world):
+    """All-gathers per round as backends/README.md states them: one (header and predictions together), two
+    when the round's prediction row differs from the last round's or its largest share exceeds the
+    largest seen since the row last changed."""
+    out, row, cap = [], None, 0
+    for k, dtype in rounds:
+        most = max(_closed_form_shares(k, world))
+        out.append(1 if dtype == row and most <= cap else 2)
+        cap = max(cap, most) if dtype == row else most
+        row = dtype
+    return out
 
 
 def test_nan_and_unexpected_shape_are_kept():
@@ -145,6 +186,7 @@ def test_predictor_raising_on_one_rank_fails_every_rank():
         res = results[rank]
         assert res["error_type"] == "ExecutorError", res
         assert "rank 1" in res["message"] and "ValueError" in res["message"] and "boom on purpose" in res["message"]
+        assert "the predictor raised on rank 1 (of 2) in round 2:" in res["message"], res["message"]
         # the prompt path (the failing rank reported its error), not the timeout path
         assert "did not answer" not in res["message"] and res["seconds"] < TIMEOUT, res
         # the process group stays consistent: the next round works on both ranks
@@ -184,13 +226,34 @@ def test_hung_rank_makes_the_other_fail_within_the_timeout():
     assert elapsed < 35.0
 
 
+def test_rank_stalling_before_the_prediction_exchange_fails_within_the_timeout():
+    """The first round's predictions travel in a second all-gather (their size is not agreed yet); rank 1
+    stalls just before it: rank 0 raises within the timeout, naming that exchange and rank 1."""
+    results, codes, elapsed, logs = _launch("stall_predictions", deadline=40.0)
+    _need(results, [0], logs)
+    res = results[0]
+    assert res["error_type"] == "ExecutorError", res
+    assert "could not complete the predictions exchange of round 1" in res["message"], res["message"]
+    assert "did not answer: 1" in res["message"], res["message"]
+    assert STALL_TIMEOUT - 0.5 <= res["seconds"] < STALL_TIMEOUT + STALL_DIAGNOSE + 2.0, res
+    assert elapsed < 35.0
+
+
 def test_mismatched_inputs_are_explained():
+    """Every rank raises 'different inputs' when rank 1's xs is float64, when rank 1's ts is float64, and when
+    the inputs are the same but rank 1 calls another executor that has run one round fewer (out of step)."""
     results, codes, _, logs = _launch("mismatch")
     _need(results, [0, 1], logs)
     for rank in (0, 1):
         res = results[rank]
         assert res["error_type"] == "ExecutorError", res
         assert "different inputs" in res["message"] and "float64" in res["message"], res["message"]
+        got = res["ts_dtype"]
+        assert got["error_type"] == "ExecutorError" and "different inputs" in got["message"], got
+        assert "rank 1: round 1, xs (2, 3, 4) float32 on cpu, ts float64" in got["message"], got["message"]
+        got = res["round"]
+        assert got["error_type"] == "ExecutorError" and "different inputs" in got["message"], got
+        assert "rank 0: round 3," in got["message"] and "rank 1: round 2," in got["message"], got["message"]
 
 
 def test_predictions_differing_between_ranks_are_explained():
@@ -322,6 +385,7 @@ def test_predictor_raising_in_a_one_draft_round_fails_every_rank_at_once(mode):
         assert res["error_type"] == "ExecutorError", res
         msg = res["message"]
         assert "rank 0" in msg and "ValueError" in msg and "anchor boom on purpose" in msg, msg
+        assert "the predictor raised on rank 0 (of 2)" in msg, msg
         assert f"in round {round_}:" in msg and "did not answer" not in msg, msg
         assert res["k_at_failure"] == 1, res
         assert res["seconds"] < TIMEOUT, res
@@ -346,6 +410,16 @@ def test_conditioning_differing_in_value_between_ranks_is_explained():
             assert got["seconds"] < TIMEOUT, (case, got)
         assert "differ in value" in res["tensor"]["message"] and "sum of |c|" in res["tensor"]["message"]
         assert "guidance scale" in res["float"]["message"]
+        assert res["same_set"] is True, "a set in the conditioning must not differ between processes"
+        got = res["nan_on_rank0"]
+        assert got["error_type"] == "ExecutorError" and "conditioning (cond) tensors differ in value" in got["message"], got
+        for case in ("state_1e-6", "state_sign"):  # one element, far above the rounding of a sum
+            got = res[case]
+            assert got["error_type"] == "ExecutorError", (case, got)
+            assert "states differ in value" in got["message"] and "round 1" in got["message"], (case, got["message"])
+        # a difference far below the tolerance (1e-9 of sum(|x|), for the last bits that the reduction order of
+        # a sum moves) in a state whose values sum to 0: tolerated (relative to sum(|x|), not to sum(x))
+        assert res["state_1e-12"]["error_type"] is None, res["state_1e-12"]
 
 
 def test_a_device_one_rank_cannot_use_fails_every_rank_in_the_constructor():
@@ -359,6 +433,9 @@ def test_a_device_one_rank_cannot_use_fails_every_rank_in_the_constructor():
         assert res["error_type"] == "InvalidArgumentError", res
         assert "rank 1 (of 2)" in res["message"] and "cuda:99" in res["message"], res["message"]
         assert res["seconds"] < TIMEOUT, res
+        meta = res["meta"]  # then rank 0 is given the meta device (holds no values)
+        assert meta["error_type"] == "InvalidArgumentError", meta
+        assert "rank 0 (of 2)" in meta["message"] and "meta" in meta["message"], meta["message"]
 
 
 def test_failures_outside_the_predictor_call_fail_every_rank_at_once():
@@ -373,6 +450,9 @@ def test_failures_outside_the_predictor_call_fail_every_rank_at_once():
         "mixed_devices": ("PredictorOutputError", ["rank 0", "different shapes, dtypes or devices", "meta"]),
         "all_meta": ("PredictorOutputError", ["rank 1", "could not be stacked and copied"]),
         "bad_str": ("ExecutorError", ["rank 1", "UnprintableError", "its str() raised RuntimeError"]),
+        # a message longer than the exchange's text buffer arrives cut, not as a failed exchange
+        "long_message": ("ExecutorError", ["the predictor raised on rank 1", "ValueError: " + "long " * 20]),
+        "uint16": ("PredictorOutputError", ["rank 1", "predictions of dtype torch.uint16 are not supported"]),
     }
     for rank in (0, 1):
         for case, (error_type, parts) in expected.items():
@@ -456,8 +536,50 @@ def _scenario_basic(rank, world):
     last = ex2._all_gather(torch.arange(3, dtype=torch.uint8), None, what="check")
     kept = list(D._RECENT)
     retained = bool(kept) and kept[-1][2] is last and all(w.is_completed() for w, *_ in kept)
+    # the all-gathers of each round (the fused exchange and its agreed size)
+    ex3 = DistributedExecutor(timeout=20)
+    counted, all_gather = [0], dist.all_gather
+
+    def counting_all_gather(*args, **kwargs):
+        counted[0] += 1
+        return all_gather(*args, **kwargs)
+
+    exchanges = []
+    dist.all_gather = counting_all_gather
+    try:
+        for i, (k, dtype) in enumerate(COUNTED_ROUNDS):
+            xs = torch.randn(k, 4, 3, generator=g).to(getattr(torch, dtype))
+            ts = torch.full((k, 4), 100.0 * k)
+            counted[0] = 0
+            got = ex3.evaluate(_predictor, xs, ts)
+            exchanges.append(counted[0])
+            pairs[("counted", i, k, dtype)] = (got, serial.evaluate(_predictor, xs, ts))
+    finally:
+        dist.all_gather = all_gather
+    # configuration and rounds refused locally (before any exchange, so every rank may raise on its own)
+    from driffusion_core.errors import InvalidArgumentError
+
+    xs, ts = torch.randn(2, 4, 3, generator=g), torch.zeros(3, 4)
+    attempts = {
+        "timeout=0": lambda: DistributedExecutor(timeout=0), "timeout=True": lambda: DistributedExecutor(timeout=True),
+        "timeout=-1": lambda: DistributedExecutor(timeout=-1),
+        "diagnose_timeout=-1": lambda: DistributedExecutor(timeout=20, diagnose_timeout=-1),
+        "plan(0)": lambda: ex.plan(0), "ts of 3 drafts for xs of 2": lambda: ex.evaluate(_predictor, xs, ts),
+        "K=0": lambda: ex.evaluate(_predictor, xs[:0], ts[:0]),
+    }
+    refused = {}
+    for name, attempt in attempts.items():
+        try:
+            attempt()
+            refused[name] = None
+        except InvalidArgumentError as e:
+            refused[name] = type(e).__name__
+        except Exception as e:  # noqa: BLE001 - reported by type
+            refused[name] = f"{type(e).__name__}: {e}"
+    diagnose_default = DistributedExecutor(timeout=2).diagnose_timeout
     return {"pairs": pairs, "shares": {k: ex.shares(k) for k in (1, 2, 3, 5)}, "describe": ex.describe(),
-            "describe3": ex.describe(3), "plan": ex.plan(3), "retained": retained}
+            "describe3": ex.describe(3), "describe4": ex.describe(4), "plan": ex.plan(3), "retained": retained,
+            "exchanges": exchanges, "refused": refused, "diagnose_default": diagnose_default}
 
 
 def _scenario_odd_outputs(rank, world):
@@ -550,13 +672,43 @@ def _scenario_hang(rank, world):
     return _fault_result(lambda: ex.evaluate(slow, xs, ts))
 
 
+def _scenario_stall_predictions(rank, world):
+    from backends import DistributedExecutor
+
+    ex = DistributedExecutor(timeout=STALL_TIMEOUT, diagnose_timeout=STALL_DIAGNOSE)
+    xs, ts = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(3)), torch.zeros(2, 3)
+    if rank == 1:  # stalls after the status exchange, before the predictions'
+        all_gather = ex._all_gather
+
+        def stalling(t, group, what, *args, **kwargs):
+            if what == "predictions":
+                time.sleep(STALL_TIMEOUT + STALL_DIAGNOSE + 1.0)
+            return all_gather(t, group, what, *args, **kwargs)
+
+        ex._all_gather = stalling
+    return _fault_result(lambda: ex.evaluate(_predictor, xs, ts))
+
+
 def _scenario_mismatch(rank, world):
     from backends import DistributedExecutor
 
     ex = DistributedExecutor(timeout=TIMEOUT, diagnose_timeout=DIAGNOSE)
     dtype = torch.float64 if rank == 1 else torch.float32
     xs, ts = torch.randn(2, 3, 4, dtype=dtype), torch.zeros(2, 3)
-    return _fault_result(lambda: ex.evaluate(_predictor, xs, ts))
+    res = _fault_result(lambda: ex.evaluate(_predictor, xs, ts))
+    xs = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(3))
+    fresh = DistributedExecutor(timeout=TIMEOUT, diagnose_timeout=DIAGNOSE)
+    ts = torch.zeros(2, 3, dtype=torch.float64 if rank == 1 else torch.float32)
+    res["ts_dtype"] = _fault_result(lambda: fresh.evaluate(_predictor, xs, ts))
+    # two executors on one group, rounds a, b, a on both ranks; then rank 0 calls a (its round 3) while rank 1
+    # calls b (its round 2): same inputs and exchange sizes, but out of step
+    a = DistributedExecutor(timeout=TIMEOUT, diagnose_timeout=DIAGNOSE)
+    b = DistributedExecutor(timeout=TIMEOUT, diagnose_timeout=DIAGNOSE)
+    ts = torch.zeros(2, 3)
+    for e in (a, b, a):
+        e.evaluate(_predictor, xs, ts)
+    res["round"] = _fault_result(lambda: (a if rank == 0 else b).evaluate(_predictor, xs, ts))
+    return res
 
 
 def _scenario_rank_shapes(rank, world):
@@ -693,9 +845,27 @@ def _scenario_cond_values(rank, world):
         "float": dict(base, guidance=7.5 + rank),
         "nested": dict(base, extra={"flag": rank == 1}),
     }
+    with_set = dict(base, extra={"flag": False, "names": frozenset({"cfg", "neg", "style", "seed", "lora", "vae"})})
+    res["same_set"] = bool(torch.equal(ex.evaluate(_guided, xs, ts, with_set),
+                                       SerialExecutor().evaluate(_guided, xs, ts, with_set)))
+    cases["nan_on_rank0"] = dict(base, scale=torch.where(torch.arange(4) == 1, float("nan"), scale) if rank == 0 else scale)
     for name, cond in cases.items():
         fresh = DistributedExecutor(timeout=TIMEOUT, diagnose_timeout=DIAGNOSE)
         res[name] = _fault_result(lambda: fresh.evaluate(_guided, xs, ts, cond))
+    # states (not the conditioning) that differ on rank 1 in one element: by 1e-6 of it, by its sign, by 1e-12 of
+    # sum(|x|) in a state whose values sum to 0
+    v = torch.randn(2, 4, 1, dtype=torch.float64, generator=g)
+    zero_sum = torch.cat([v, -v], -1)
+    for name, x0, change in (
+        ("state_1e-6", xs, lambda x: x[0, 0, 0] * (1 + 1e-6)),
+        ("state_sign", xs, lambda x: -x[0, 0, 0]),
+        ("state_1e-12", zero_sum, lambda x: x[0, 0, 0] + 1e-12 * x.abs().sum()),
+    ):
+        x = x0.clone()
+        if rank == 1:
+            x[0, 0, 0] = change(x)
+        fresh = DistributedExecutor(timeout=TIMEOUT, diagnose_timeout=DIAGNOSE)
+        res[name] = _fault_result(lambda: fresh.evaluate(_guided, x, ts[: len(x)], base))
     # the reviewer's case: a whole sample with class labels made on each rank
     schedule = core.VPSchedule.linear()
     sched = core.DraftRefineScheduler(solvers.DDIMSkip(schedule), schedule.timesteps(10), width=2)
@@ -711,8 +881,11 @@ def _scenario_cond_values(rank, world):
 def _scenario_device_setup(rank, world):
     from backends import DistributedExecutor
 
-    return _fault_result(lambda: DistributedExecutor(timeout=TIMEOUT, diagnose_timeout=DIAGNOSE,
-                                                     device="cuda:99" if rank == 1 else None))
+    res = _fault_result(lambda: DistributedExecutor(timeout=TIMEOUT, diagnose_timeout=DIAGNOSE,
+                                                    device="cuda:99" if rank == 1 else None))
+    res["meta"] = _fault_result(lambda: DistributedExecutor(timeout=TIMEOUT, diagnose_timeout=DIAGNOSE,
+                                                            device="meta" if rank == 0 else None))
+    return res
 
 
 class UnprintableError(Exception):
@@ -740,6 +913,14 @@ def _scenario_local_failures(rank, world):
             raise UnprintableError()
         return x
 
+    def long_message(x, t):
+        if rank == 1:
+            raise ValueError("long " * 2000)
+        return x
+
+    def uint16(x, t):  # a dtype the exchange does not carry
+        return x.to(torch.uint16) if rank == 1 else x
+
     def after():
         return bool(torch.equal(ex.evaluate(_predictor, xs, ts), SerialExecutor().evaluate(_predictor, xs, ts)))
 
@@ -749,7 +930,8 @@ def _scenario_local_failures(rank, world):
     res["move"] = _fault_result(lambda: ex.evaluate(_predictor, xs, ts))
     ex.device = None
     res["move"]["after"] = after()
-    for name, f in (("mixed_devices", mixed_devices), ("all_meta", all_meta), ("bad_str", bad_str)):
+    for name, f in (("mixed_devices", mixed_devices), ("all_meta", all_meta), ("bad_str", bad_str),
+                    ("long_message", long_message), ("uint16", uint16)):
         res[name] = _fault_result(lambda: ex.evaluate(f, xs, ts))
         res[name]["after"] = after()
     return res
@@ -793,6 +975,7 @@ SCENARIOS = {
     "die0": lambda rank, world: _scenario_die(rank, world, dying=0),
     "die1": lambda rank, world: _scenario_die(rank, world, dying=1),
     "hang": _scenario_hang,
+    "stall_predictions": _scenario_stall_predictions,
     "mismatch": _scenario_mismatch,
     "rank_shapes": _scenario_rank_shapes,
     **{f"diverge_{w}": (lambda w: lambda rank, world: _scenario_diverge(rank, world, w))(w)
@@ -819,9 +1002,9 @@ def _child_main(argv):
     result = SCENARIOS[scenario](rank, world)
     torch.save(result, Path(outdir) / f"rank{rank}.pt")
     sys.stdout.flush()
-    if scenario == "hang" and rank == 0:
-        os._exit(0)  # rank 1 is still asleep in its predictor; nothing left to tear down cleanly
-    if scenario not in ("die0", "die1", "hang"):
+    if scenario in ("hang", "stall_predictions") and rank == 0:
+        os._exit(0)  # rank 1 is still asleep (in its predictor, or before its exchange); nothing to tear down cleanly
+    if scenario not in ("die0", "die1", "hang", "stall_predictions"):
         import torch.distributed as dist
 
         dist.destroy_process_group()
