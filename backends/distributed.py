@@ -200,13 +200,14 @@ def init_from_env(backend: Optional[str] = None, timeout: float = 120.0) -> Dist
 # The per-round status header: int64 fields, then the dims of xs and of the stacked output. The value
 # checksums (float64 bits) are adjacent: sum(xs), sum(|xs|), then over every tensor of the conditioning
 # sum(c), sum(|c|) and a row-weighted sum (row i of a tensor weighted (i + 1) / rows, so rows swapped
-# between ranks show; |it| <= sum(|c|)).
+# between ranks show; |it| <= sum(|c|)), then a position-weighted sum of xs (element j of the flattened
+# xs weighted (j + 1) / numel, so the same values in another order show; |it| <= sum(|xs|)).
 _MAXD = 24
 (_F_CODE, _F_ROUND, _F_K, _F_XNDIM, _F_XDTYPE, _F_XDEV, _F_TDTYPE, _F_COND,
- _F_HASOUT, _F_ONDIM, _F_ODTYPE, _F_FITS, _F_XSUM, _F_XABS, _F_CSUM, _F_CABS, _F_CROWS, _F_SPARE) = range(18)
+ _F_HASOUT, _F_ONDIM, _F_ODTYPE, _F_FITS, _F_XSUM, _F_XABS, _F_CSUM, _F_CABS, _F_CROWS, _F_XPOS) = range(18)
 _F_XDIMS = 18
 _F_ODIMS = _F_XDIMS + _MAXD
-_HEADER_LEN = _F_ODIMS + _MAXD  # 66 int64 = 528 bytes (_F_SPARE pads it to a multiple of 16: any dtype can follow it)
+_HEADER_LEN = _F_ODIMS + _MAXD  # 66 int64 = 528 bytes, a multiple of 16: any dtype can follow it
 # The ranks' states and conditioning must agree in value, not only in shape: sum(xs) may differ in the
 # last bits between ranks (reduction order follows the thread count), so it is compared to this fraction
 # of sum(|xs|); likewise the conditioning's sums to sum(|c|).
@@ -278,15 +279,19 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
 
 
 def _value_sums(xs: torch.Tensor, cond: Mapping[str, Any]) -> List[int]:
-    """The header's value checksums (fields _F_XSUM .. _F_CROWS) as int64 bit patterns, one host sync:
-    sum(xs), sum(|xs|), and over the conditioning's tensors sum(c), sum(|c|) and sum_i w_i * sum(row i), the
-    rows of all its tensors in order with weights w_i = (i + 1) / rows (so |it| <= sum(|c|))."""
+    """The header's value checksums (fields _F_XSUM .. _F_XPOS) as int64 bit patterns, one host sync:
+    sum(xs), sum(|xs|); over the conditioning's tensors sum(c), sum(|c|) and sum_i w_i * sum(row i), the
+    rows of all its tensors in order with weights w_i = (i + 1) / rows (so |it| <= sum(|c|)); and
+    sum_j v_j * xs_j over the flattened xs with v_j = (j + 1) / numel (so |it| <= sum(|xs|))."""
     wide = _wide(xs)
     to = wide.device
+    flat = wide.reshape(-1)
+    positions = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=to) / max(flat.numel(), 1)
+    x_pos = (flat * positions).sum().reshape(1)
     x_sums = torch.stack([wide.sum(), wide.abs().sum()])
     tensors = list(iter_tensors(cond))
     if not tensors:
-        return x_sums.cpu().view(torch.int64).tolist() + [0, 0, 0]  # 0.0's bits
+        return x_sums.cpu().view(torch.int64).tolist() + [0, 0, 0] + x_pos.cpu().view(torch.int64).tolist()
     try:
         rows, abs_sums = [], []
         for v in tensors:
@@ -298,7 +303,7 @@ def _value_sums(xs: torch.Tensor, cond: Mapping[str, Any]) -> List[int]:
         c_sums = torch.stack([rows.sum(), torch.stack(abs_sums).sum(), (rows * weights).sum()])
     except Exception:  # a tensor whose values cannot be read (meta): no value check for the conditioning
         c_sums = torch.full((3,), math.nan, dtype=torch.float64, device=to)
-    return torch.cat([x_sums, c_sums]).cpu().view(torch.int64).tolist()
+    return torch.cat([x_sums, c_sums, x_pos]).cpu().view(torch.int64).tolist()
 
 
 def _sums_differ(sums: Sequence[float], ref: Sequence[float], ref_abs: float) -> bool:
@@ -718,7 +723,7 @@ class DistributedExecutor(Executor):
         h[_F_XDEV] = _device_code(xs.device)
         h[_F_TDTYPE] = _dtype_code(ts.dtype)
         h[_F_COND] = _cond_signature(cond)
-        h[_F_XSUM : _F_CROWS + 1] = _value_sums(xs, cond)
+        h[_F_XSUM : _F_XPOS + 1] = _value_sums(xs, cond)
         h[_F_XDIMS : _F_XDIMS + xd] = list(xs.shape[:xd])
         h[_F_HASOUT] = 0 if out is None else 1
         h[_F_FITS] = 1 if fits else 0
@@ -786,16 +791,20 @@ class DistributedExecutor(Executor):
                 "rank must run the same sampler on the same inputs (same starting state, seed, dtype and "
                 "device type)."
             )
-        sums = [[float(v) for v in h[_F_XSUM : _F_CROWS + 1].clone().view(torch.float64)] for h in headers]
-        ref_sum, ref_abs = sums[0][0], sums[0][1]
+        sums = [[float(v) for v in h[_F_XSUM : _F_XPOS + 1].clone().view(torch.float64)] for h in headers]
+        ref_sum, ref_abs, ref_pos = sums[0][0], sums[0][1], sums[0][5]
         finite = all(math.isfinite(v[1]) for v in sums)  # NaN/inf states: the sampler reports those
         differ = [
             r for r, (h, v) in enumerate(zip(lists, sums))
-            if finite and h[_F_XSUM] != ref[_F_XSUM] and _sums_differ([v[0]], [ref_sum], ref_abs)
+            if finite and (h[_F_XSUM], h[_F_XPOS]) != (ref[_F_XSUM], ref[_F_XPOS])
+            and _sums_differ([v[0], v[5]], [ref_sum, ref_pos], ref_abs)
         ]
         if differ:
             self._broken = "the ranks' states differed"
-            listing = "; ".join(f"rank {r}: sum {v[0]:.9g}, sum of |x| {v[1]:.9g}" for r, v in enumerate(sums))
+            listing = "; ".join(
+                f"rank {r}: sum {v[0]:.9g}, sum of |x| {v[1]:.9g}, position-weighted sum {v[5]:.9g}"
+                for r, v in enumerate(sums)
+            )
             raise ExecutorError(
                 f"DistributedExecutor: the ranks' states differ in value in round {int(ref[_F_ROUND])} ({listing}), so "
                 "their samples would differ and the gathered predictions would mix them. Every rank must start "
@@ -804,7 +813,7 @@ class DistributedExecutor(Executor):
             )
         # the conditioning's tensors, by the same rule (and a rank whose sums are not finite while rank 0's are,
         # or the other way round, differs too)
-        ref_c = sums[0][2:]
+        ref_c = sums[0][2:5]
         ref_finite = math.isfinite(ref_c[1])
         cdiffer = [
             r for r, (h, v) in enumerate(zip(lists, sums))

@@ -394,7 +394,8 @@ def test_predictor_raising_in_a_one_draft_round_fails_every_rank_at_once(mode):
 
 def test_conditioning_differing_in_value_between_ranks_is_explained():
     """Same structure and shapes, different values: a cond tensor (e.g. labels drawn on each rank), the same
-    rows in another order, a float guidance value, a nested flag. Every rank raises an ExecutorError
+    rows in another order, a float guidance value, a nested flag; states that differ in one element or hold
+    the same values in another order. Every rank raises an ExecutorError
     naming the conditioning in that round; equal conditioning (also holding an object whose repr shows its
     address, which differs between processes) evaluates as the serial executor does."""
     results, codes, _, logs = _launch("cond_values")
@@ -413,10 +414,12 @@ def test_conditioning_differing_in_value_between_ranks_is_explained():
         assert res["same_set"] is True, "a set in the conditioning must not differ between processes"
         got = res["nan_on_rank0"]
         assert got["error_type"] == "ExecutorError" and "conditioning (cond) tensors differ in value" in got["message"], got
-        for case in ("state_1e-6", "state_sign"):  # one element, far above the rounding of a sum
+        # one element, far above the rounding of a sum; the same values in another order
+        for case in ("state_1e-6", "state_sign", "state_rows_swapped", "state_drafts_swapped", "state_elements_swapped"):
             got = res[case]
             assert got["error_type"] == "ExecutorError", (case, got)
             assert "states differ in value" in got["message"] and "round 1" in got["message"], (case, got["message"])
+        assert "position-weighted sum" in res["state_rows_swapped"]["message"], res["state_rows_swapped"]
         # a difference far below the tolerance (1e-9 of sum(|x|), for the last bits that the reduction order of
         # a sum moves) in a state whose values sum to 0: tolerated (relative to sum(|x|), not to sum(x))
         assert res["state_1e-12"]["error_type"] is None, res["state_1e-12"]
@@ -866,6 +869,15 @@ def _scenario_cond_values(rank, world):
             x[0, 0, 0] = change(x)
         fresh = DistributedExecutor(timeout=TIMEOUT, diagnose_timeout=DIAGNOSE)
         res[name] = _fault_result(lambda: fresh.evaluate(_guided, x, ts[: len(x)], base))
+    # the same values in another order on rank 1 (sum and sum(|x|) unchanged): batch rows, drafts, elements
+    for name, order in (
+        ("state_rows_swapped", lambda x: x[:, [1, 0, 2, 3]]),
+        ("state_drafts_swapped", lambda x: x[[2, 1, 0]]),
+        ("state_elements_swapped", lambda x: x.flip(-1)),
+    ):
+        x = order(xs) if rank == 1 else xs
+        fresh = DistributedExecutor(timeout=TIMEOUT, diagnose_timeout=DIAGNOSE)
+        res[name] = _fault_result(lambda: fresh.evaluate(_guided, x, ts, base))
     # the reviewer's case: a whole sample with class labels made on each rank
     schedule = core.VPSchedule.linear()
     sched = core.DraftRefineScheduler(solvers.DDIMSkip(schedule), schedule.timesteps(10), width=2)
