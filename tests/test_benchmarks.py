@@ -4,8 +4,10 @@ One run of the runner (oracle, digits, time series, latency) into a temporary fo
 report and plots must exist and the numbers must agree with what the library computes directly:
 rounds equal ``expected_rounds``, width 1 is the serial sample exactly, a DRiffusion row's RMSE is
 the RMSE of a fresh DRiffusion run against a fresh serial run, every ratio is the quotient of its
-two rows. The metrics are checked against independent references (scikit-learn's RBF kernel,
-closed-form 1-D Wasserstein distances).
+two rows. The metrics are checked against independent references (scikit-learn's RBF kernel, an
+MMD double loop, closed-form and numpy 1-D Wasserstein distances); the Picard rows and the Picard
+study against direct runs of ``PicardScheduler``; the latency medians under a scripted clock; the
+report's tables column by column on synthetic results.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from benchmarks.quality import MODES, row_label
 from benchmarks.runner import run
 from driffusion_core import DraftRefineScheduler, NoiseSource, expected_rounds
 from backends import BatchedExecutor
-from solvers import sample_serial, sample_step_skipping
+from solvers import ring_mixture, sample_serial, sample_step_skipping
 
 TINY = QUICK.with_(
     name="tiny", num_steps=7, widths=(1, 2, 3), oracle_batch=64, oracle_data=128, digits_batch=24,
@@ -115,6 +117,10 @@ def test_rounds_calls_and_width_one(bench):
                 want = d["rmse"] / r["rmse"] if r["rmse"] > 0 else None
                 assert r["ratio"] == pytest.approx(want)
         assert all(c["ok"] for c in t["checks"]), [c for c in t["checks"] if not c["ok"]]
+        # Picard rows at every width above 1 on the oracles, only at learned_picard_widths on the trained models
+        wide = [w for w in TINY.widths if w > 1]
+        want = wide if t["model"] in ("ring", f"mixture{TINY.mixture_dim}") else [w for w in wide if w in TINY.learned_picard_widths]
+        assert sorted({r["width"] for r in t["rows"] if r["method"].startswith("Picard")}) == want, t["model"]
 
 
 def test_table_matches_direct_computation(bench):
@@ -136,6 +142,130 @@ def test_table_matches_direct_computation(bench):
     assert a3["sliced W2"] == pytest.approx(case.score(out.x)["sliced W2"], rel=1e-12)
     serial_row = next(r for r in rows if r["method"] == "serial")
     assert serial_row["MMD²"] == pytest.approx(case.score(serial)["MMD²"], rel=1e-9)
+    # the distances by the metric functions themselves, against the ring's exact samples (seed_data)
+    data = ring_mixture().sample(TINY.oracle_data, torch.Generator().manual_seed(TINY.seed_data))
+    assert a3["sliced W2"] == pytest.approx(sliced_wasserstein(out.x, data), rel=1e-12)
+    assert a3["MMD²"] == pytest.approx(mmd2_rbf(out.x, data, bandwidth=median_bandwidth(data)), rel=1e-9)
+    # the data floor: a fresh set of batch-size exact samples scored the same way
+    other = ring_mixture().sample(TINY.oracle_batch, torch.Generator().manual_seed(TINY.seed_data + 1))
+    floor = next(r for r in rows if r["method"] == "data floor")
+    assert floor["sliced W2"] == pytest.approx(sliced_wasserstein(other, data), rel=1e-12)
+    assert floor["MMD²"] == pytest.approx(mmd2_rbf(other, data, bandwidth=median_bandwidth(data)), rel=1e-9)
+    # the Picard rows (per-step noise shared with the serial run) against direct runs of PicardScheduler
+    _check_picard_rows(table, case, TINY, x, serial)
+
+
+def test_learned_tables_score_with_the_models_metrics(bench):
+    """The digits and time-series tables' distances, recomputed with benchmarks.models' own metrics: the Fréchet
+    distance in the digits classifier's features against the test digits (floor: batch-size training digits), and
+    its sliced Wasserstein (a separate implementation) against fresh series (floor: another fresh set)."""
+    from benchmarks.cases import digits_cases, timeseries_cases
+    from benchmarks.models import (digits_data, frechet_distance, load_digits_classifier, sliced_wasserstein as sw_models,
+                                   timeseries_data)
+
+    _, results = bench
+    x_of = lambda case: NoiseSource(TINY.seed_x).initial(case.shape, case.dtype)
+    serial_of = lambda case: sample_serial(case.predictor, x_of(case), case.transition, case.grid,
+                                           noise=NoiseSource(TINY.seed_noise)).x
+    row = lambda t, m: next(r for r in t["rows"] if r["method"] == m)
+
+    clf = load_digits_classifier()
+    case = digits_cases(TINY)[0]
+    t = next(t for t in results["digits"]["tables"] if t["family"] == case.family)
+    with torch.no_grad():
+        test_feats = clf.features(digits_data("test"))
+        got = frechet_distance(clf.features(serial_of(case)), test_feats)
+        train = digits_data("train")
+        pick = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(TINY.seed_data))[: TINY.digits_batch]
+        floor = frechet_distance(clf.features(train[pick]), test_feats)
+    assert row(t, "serial")["Fréchet"] == pytest.approx(got, rel=1e-6)
+    assert row(t, "data floor")["Fréchet"] == pytest.approx(floor, rel=1e-6)
+
+    case = timeseries_cases(TINY)[0]
+    t = next(t for t in results["timeseries"]["tables"] if t["family"] == case.family)
+    n = TINY.timeseries_batch
+    ref = timeseries_data(n, seed=TINY.seed_data)
+    assert row(t, "serial")["sliced W2"] == pytest.approx(sw_models(serial_of(case), ref), rel=1e-9)
+    assert row(t, "data floor")["sliced W2"] == pytest.approx(sw_models(timeseries_data(n, seed=TINY.seed_data + 1), ref), rel=1e-9)
+
+
+def _direct_picard(case, x, width, init, tol, seed_noise):
+    """solvers.PicardScheduler run directly: pure Picard iteration (no round budget), window ``width``."""
+    import solvers
+
+    sched = solvers.PicardScheduler(case.transition, case.grid, width, tol, max_rounds=None, init=init)
+    return sched.sample(case.predictor, x, executor=BatchedExecutor(), noise=NoiseSource(seed_noise))
+
+
+def _check_picard_rows(table, case, cfg, x, serial):
+    """Every Picard row of ``table`` against direct runs: at equal rounds, the smallest-RMSE run of the sweep among
+    those within the matched DRiffusion row's rounds (the loosest of the fewest-rounds runs when none is); converged,
+    the run at cfg.picard_tolerance, matched with the aggressive row of its width. Returns what the sweeps exercised."""
+    from benchmarks.quality import PICARD_INITS, picard_widths
+
+    rows = table["rows"]
+    labels = {r["label"]: r for r in rows if r.get("label")}
+    widths = picard_widths(case, cfg)
+    seen = {"fallback": 0, "choice": 0}
+    for width in widths:
+        for init in PICARD_INITS:
+            runs = [(tol, _direct_picard(case, x, width, init, tol, cfg.seed_noise)) for tol in case.picard_sweep]
+            errs = [rmse(o.x, serial) for _, o in runs]
+            for mode in MODES:
+                d = labels[row_label(mode, width)]
+                R = expected_rounds(len(case.grid), width, mode)
+                assert d["rounds"] == R
+                fits = [i for i, (_, o) in enumerate(runs) if o.rounds <= R]
+                if fits:
+                    best = min(fits, key=lambda i: (errs[i], i))
+                    seen["choice"] += len({errs[i] for i in fits}) > 1 and best != min(fits, key=lambda i: (runs[i][1].rounds, i))
+                else:
+                    best = min(range(len(runs)), key=lambda i: (runs[i][1].rounds, i))
+                    seen["fallback"] += 1
+                got = [r for r in rows if r["method"] == f"Picard ({init})" and r.get("matched") == d["label"]]
+                assert len(got) == 1, (init, d["label"], got)
+                r, (tol, o) = got[0], runs[best]
+                assert r["width"] == width and r["within_rounds"] is bool(fits)
+                assert r["tolerance"] == ("∞" if tol == float("inf") else f"{tol:g}")
+                assert (r["rounds"], r["evals"]) == (o.rounds, o.evals)
+                assert r["rmse"] == pytest.approx(errs[best], rel=1e-12, abs=1e-15)
+                assert r["ratio"] == pytest.approx(d["rmse"] / errs[best])
+            conv = [r for r in rows if r["method"] == f"Picard ({init}) converged" and r["width"] == width]
+            o = _direct_picard(case, x, width, init, cfg.picard_tolerance, cfg.seed_noise)
+            assert len(conv) == 1 and conv[0]["matched"] == row_label("aggressive", width)
+            assert conv[0]["tolerance"] == f"{cfg.picard_tolerance:g}" and conv[0]["rounds"] == o.rounds
+            assert conv[0]["rmse"] == pytest.approx(rmse(o.x, serial), rel=1e-12, abs=1e-15)
+    picard = {(r["method"], r["width"]) for r in rows if r["method"].startswith("Picard")}
+    assert picard == {(f"Picard ({i}){c}", w) for i in PICARD_INITS for c in ("", " converged") for w in widths}
+    return seen
+
+
+def test_picard_rows_are_the_best_sweep_run_within_the_rounds():
+    """A ring/DDIM table at T = 12, width 3, with a tolerance sweep where several runs fit the conservative row's
+    rounds (the best is not the fewest-rounds one) and none fits the aggressive row's (the fallback row)."""
+    from benchmarks.quality import run_case
+
+    cfg = TINY.with_(num_steps=12, widths=(1, 3), oracle_batch=32, oracle_data=64, picard_sweep=(0.3, 0.1, 0.03, 0.01))
+    case = next(c for c in oracle_cases(cfg) if c.model == "ring" and c.family == "ddim")
+    table, _ = run_case(case, cfg)
+    x = NoiseSource(cfg.seed_x).initial(case.shape, case.dtype)
+    serial = sample_serial(case.predictor, x, case.transition, case.grid).x
+    seen = _check_picard_rows(table, case, cfg, x, serial)
+    assert seen["fallback"] >= 1 and seen["choice"] >= 1, seen  # the sweep exercised both branches
+
+
+def test_quality_self_checks_compare_with_the_closed_form(monkeypatch):
+    """A table's rounds checks fail when the rounds differ from expected_rounds (here: a closed form made wrong)."""
+    from benchmarks import quality
+
+    cfg = TINY.with_(num_steps=5, widths=(1, 2), oracle_batch=8, oracle_data=16, picard_sweep=())
+    case = next(c for c in oracle_cases(cfg) if c.model == "ring" and c.family == "ddim")
+    monkeypatch.setattr(quality, "expected_rounds", lambda T, n, mode: expected_rounds(T, n, mode) + 1)
+    table, _ = quality.run_case(case, cfg)
+    rounds_checks = [c for c in table["checks"] if "expected_rounds" in c["check"]]
+    assert len(rounds_checks) == 4
+    assert all(not c["ok"] and c["want"] == c["got"] + 1 for c in rounds_checks), rounds_checks
+    assert all(c["ok"] for c in table["checks"] if c not in rounds_checks)
 
 
 def test_latency_tables(bench):
@@ -156,6 +286,126 @@ def test_latency_tables(bench):
     ov = lat["overhead"]
     assert all(r["us_per_step"] > 0 for r in ov["rows"] if r["us_per_step"] is not None)
     assert all(c["ok"] for c in ov["checks"]), ov["checks"]
+
+
+def test_latency_rows_are_medians_over_the_repeats(monkeypatch):
+    """run_latency under a scripted clock: each row's seconds is the median of its repeats (the repeats interleaved:
+    every configuration once, then again), the speedup the serial sampler's median over the row's, and T / rounds
+    the closed form's; the rows are the serial sampler, then each width's modes (width 1: aggressive only) per executor."""
+    import statistics
+    import types
+
+    from benchmarks import latency
+
+    cfg = TINY.with_(latency_steps=5, latency_widths=(1, 2), latency_repeats=3)
+    configs = [("serial sampler", "-", 1)] + [(f"DRiffusion {m}", e, w) for w, modes in ((1, ("aggressive",)), (2, MODES))
+                                              for m in modes for e in ("SerialExecutor", "BatchedExecutor")]
+    # model j, configuration k, repeat i: three unequal durations, in an order that changes with k
+    dur = lambda j, k, i: j + 0.1 * (k + 1) + (0.0, 0.05, 2.0)[(i + k) % 3]
+    script = [dur(j, k, i) for j in range(2) for i in range(3) for k in range(len(configs))]
+    clock = {"t": 0.0, "start": True, "left": list(script)}
+
+    def perf_counter():
+        if not clock["start"]:
+            clock["t"] += clock["left"].pop(0)
+        clock["start"] = not clock["start"]
+        return clock["t"]
+
+    monkeypatch.setattr(latency, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    res = latency.run_latency(cfg)
+    assert clock["left"] == [] and clock["start"]
+    assert res["num_steps"] == 5 and res["repeats"] == 3
+    rows = res["rows"]
+    assert len(rows) == 2 * len(configs)
+    for j, model in enumerate(dict.fromkeys(r["model"] for r in rows)):
+        mine = [r for r in rows if r["model"] == model]
+        assert [(r["method"], r["executor"], r["width"]) for r in mine] == configs
+        serial = statistics.median(dur(j, 0, i) for i in range(3))
+        for k, r in enumerate(mine):
+            sec = statistics.median(dur(j, k, i) for i in range(3))
+            mode = r["method"].split()[-1]
+            want_rounds = 5 if k == 0 else expected_rounds(5, r["width"], mode)
+            assert r["seconds"] == pytest.approx(sec) and r["speedup"] == pytest.approx(serial / sec)
+            assert r["rounds"] == want_rounds and r["rounds_speedup"] == pytest.approx(5 / want_rounds)
+
+
+def test_peak_tensor_bytes_replays_allocations_and_frees():
+    """Two float64 tensors of 1000 and 2000 elements alive together peak at 24000 bytes; the first freed before the
+    second is allocated, at 16000."""
+    from benchmarks.memory import peak_cpu_tensor_bytes
+
+    def together():
+        a = torch.ones(1000, dtype=torch.float64)
+        b = torch.ones(2000, dtype=torch.float64)
+        return a, b
+
+    def one_after_the_other():
+        a = torch.ones(1000, dtype=torch.float64)
+        del a
+        return torch.ones(2000, dtype=torch.float64)
+
+    peak = peak_cpu_tensor_bytes(together)
+    if peak is None:
+        pytest.skip("torch.profiler's memory timeline is unavailable in this torch build")
+    assert peak == 24000
+    assert peak_cpu_tensor_bytes(one_after_the_other) == 16000
+
+
+def test_peak_tensor_bytes_counts_a_recreated_allocation_once(monkeypatch):
+    """A tensor key created again without a free in between (a free the profiler did not see) counts once."""
+    import types
+
+    import torch.profiler
+    from torch.profiler._memory_profiler import Action
+
+    from benchmarks.memory import peak_cpu_tensor_bytes
+
+    timeline = [(0, Action.CREATE, (1, 0), 100), (1, Action.CREATE, (1, 0), 100), (2, Action.CREATE, (2, 0), 50),
+                (3, Action.DESTROY, (1, 0), 100), (4, Action.CREATE, (3, 0), 80), (5, Action.DESTROY, (2, 0), 50)]
+
+    class FakeProfile:
+        def __init__(self, **_):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def _memory_profile(self):
+            return types.SimpleNamespace(timeline=timeline)
+
+    monkeypatch.setattr(torch.profiler, "profile", FakeProfile)
+    assert peak_cpu_tensor_bytes(lambda: None) == 150
+
+
+def test_memory_rows_subtract_the_serial_peak(bench):
+    """Extra bytes = the row's peak minus the serial sampler's (same family, model, device); analytic extra =
+    (2, or 3 for a stochastic sampler) x n x the state's bytes; DRiffusion measured at the largest timed width."""
+    import math
+
+    from benchmarks.memory import memory_widths
+
+    _, results = bench
+    rows = results["latency"]["memory"]["rows"]
+    shapes = {"digits": (TINY.latency_digits_batch, 1, 8, 8), "MLP": (TINY.mlp_batch, TINY.mlp_dim)}
+    assert {r["family"] for r in rows} == set(TINY.memory_families)
+    for r in rows:
+        key = (r["family"], r["model"], r["device"])
+        serial = next(s for s in rows if (s["family"], s["model"], s["device"]) == key and s["method"] == "serial sampler")
+        shape = next(v for k, v in shapes.items() if r["model"].startswith(k))
+        assert r["state_bytes"] == 4 * math.prod(shape)  # float32 states
+        if r is serial:
+            assert r["extra_bytes"] == 0 and r["analytic_extra_bytes"] == 0
+            continue
+        assert r["width"] == max(TINY.latency_widths)
+        if r["peak_bytes"] is not None:
+            assert r["extra_bytes"] == r["peak_bytes"] - serial["peak_bytes"]
+        per_draft = 3 if family(r["family"], 3)[0].stochastic else 2
+        assert r["analytic_extra_bytes"] == per_draft * r["width"] * r["state_bytes"]
+    assert {r["executor"] for r in rows if r["method"] != "serial sampler"} == {"SerialExecutor", "BatchedExecutor"}
+    assert memory_widths(TINY.with_(latency_widths=(1, 2, 4))) == [4] and memory_widths(TINY.with_(latency_widths=(1,))) == []
 
 
 # ----------------------------------------------------------------------------------------- metrics
@@ -199,6 +449,387 @@ def test_mmd_against_sklearn_kernel():
     assert mmd2_rbf(a, b, bandwidth=0.8) != pytest.approx(want)
     assert mmd2_rbf(a, b) > mmd2_rbf(a, torch.randn(50, 4, generator=g, dtype=torch.float64)) - 1e-12
 
+
+def test_rmse_is_the_root_mean_square():
+    """Against numpy on differences of unequal size (the mean absolute difference would differ)."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(40, 3, 2, generator=g, dtype=torch.float64)
+    b = a + torch.randn(40, 3, 2, generator=g, dtype=torch.float64) * torch.linspace(0.1, 2.0, 2, dtype=torch.float64)
+    d = (a - b).numpy()
+    assert rmse(a, b) == pytest.approx(float(np.sqrt(np.mean(d**2))), rel=1e-12)
+    assert rmse(a, b) != pytest.approx(float(np.mean(np.abs(d))), rel=1e-3)
+
+
+def _w2_1d_reference(a, b):
+    """The module key's 1-D W2 of two sets of unequal sizes, by numpy: the larger set's sorted values against the
+    smaller's (linearly interpolated) quantiles at (i + 1/2) / K, K the larger size."""
+    import numpy as np
+
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    k = max(len(a), len(b))
+    q = (np.arange(k) + 0.5) / k
+    qa = np.sort(a) if len(a) == k else np.quantile(a, q)
+    qb = np.sort(b) if len(b) == k else np.quantile(b, q)
+    return float(np.sqrt(np.mean((qa - qb) ** 2)))
+
+
+def test_sliced_wasserstein_sets_of_unequal_sizes():
+    """In 1-D every unit direction is +-1, so SW2 is the 1-D W2 whatever the directions: checked against numpy
+    for sets of different sizes (either one the larger), for the function and for SlicedWassersteinTo; in 16-D
+    SlicedWassersteinTo(data)(x) equals sliced_wasserstein(x, data) (its documented identity) with the default
+    projections, for x smaller and larger than the data."""
+    from benchmarks.metrics import SlicedWassersteinTo
+
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(37, 1, generator=g, dtype=torch.float64)
+    b = 0.5 + 2.0 * torch.rand(100, 1, generator=g, dtype=torch.float64)
+    want = _w2_1d_reference(a, b)
+    assert want > 0.3
+    assert sliced_wasserstein(a, b, n_projections=8) == pytest.approx(want, rel=1e-12)
+    assert sliced_wasserstein(b, a, n_projections=8) == pytest.approx(want, rel=1e-12)
+    assert SlicedWassersteinTo(b, n_projections=8)(a) == pytest.approx(want, rel=1e-12)
+    assert SlicedWassersteinTo(a, n_projections=8)(b) == pytest.approx(want, rel=1e-12)
+    data = torch.randn(120, 16, generator=g, dtype=torch.float64)
+    for n in (50, 120, 200):
+        x = 0.8 * torch.randn(n, 16, generator=g, dtype=torch.float64) + 0.3
+        assert SlicedWassersteinTo(data)(x) == pytest.approx(sliced_wasserstein(x, data), rel=1e-12)
+        assert SlicedWassersteinTo(data, seed=4)(x) == pytest.approx(sliced_wasserstein(x, data, seed=4), rel=1e-12)
+
+
+def _mmd2_double_loop(a, b, h):
+    """Unbiased MMD^2 with k(x, y) = exp(-|x - y|^2 / (2 h^2)), one pair at a time."""
+    import math
+
+    a, b = a.tolist(), b.tolist()
+    k = lambda x, y: math.exp(-sum((p - q) ** 2 for p, q in zip(x, y)) / (2 * h * h))
+    n, m = len(a), len(b)
+    saa = sum(k(a[i], a[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    sbb = sum(k(b[i], b[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    sab = sum(k(a[i], b[j]) for i in range(n) for j in range(m)) / (n * m)
+    return saa + sbb - 2 * sab
+
+
+def test_mmd_to_matches_a_double_loop():
+    """MMDTo (what the tables use) against the estimator computed pair by pair; its default bandwidth is the
+    (lower) median of the reference set's own pairwise distances, by scipy's pdist."""
+    import numpy as np
+    from scipy.spatial.distance import pdist
+
+    from benchmarks.metrics import MMDTo
+
+    g = torch.Generator().manual_seed(4)
+    data = torch.randn(15, 3, generator=g, dtype=torch.float64)
+    x = 1.3 * torch.randn(11, 3, generator=g, dtype=torch.float64) + 0.5
+    dists = np.sort(pdist(data.numpy()))
+    h = float(dists[(len(dists) - 1) // 2])  # 105 pairs: the median
+    mmd = MMDTo(data)
+    assert mmd.h == pytest.approx(h, rel=1e-12)
+    want = _mmd2_double_loop(x, data, h)
+    assert mmd(x) == pytest.approx(want, rel=1e-10)
+    assert mmd2_rbf(x, data, bandwidth=h) == pytest.approx(want, rel=1e-10)
+    assert MMDTo(data, bandwidth=0.7)(x) == pytest.approx(_mmd2_double_loop(x, data, 0.7), rel=1e-10)
+    # unbiased: an independent set from the same law scores near zero, either sign
+    same = torch.randn(15, 3, generator=g, dtype=torch.float64)
+    assert mmd(same) == pytest.approx(_mmd2_double_loop(same, data, h), rel=1e-9, abs=1e-12)
+
+
+def test_median_bandwidth_subsamples_max_points_rows():
+    """Above max_points rows, the bandwidth is the median pairwise distance of a subset of exactly max_points of
+    them (checked against every such subset, by brute force)."""
+    import itertools
+
+    import numpy as np
+    from scipy.spatial.distance import pdist
+
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(8, 2, generator=g, dtype=torch.float64) * torch.tensor([1.0, 3.0], dtype=torch.float64)
+    lower_median = lambda d: float(np.sort(d)[(len(d) - 1) // 2])
+    assert median_bandwidth(a, max_points=8) == pytest.approx(lower_median(pdist(a.numpy())), rel=1e-12)
+    medians = [lower_median(pdist(a.numpy()[list(s)])) for s in itertools.combinations(range(8), 6)]
+    for seed in range(3):
+        h = median_bandwidth(a, max_points=6, seed=seed)
+        assert min(abs(h - m) for m in medians) < 1e-12 * h
+
+
+# ------------------------------------------------------------------------------------------- report
+
+
+def _md_tables(text):
+    """Every Markdown table of ``text`` as a list of {header: cell} rows."""
+    tables, cur = [], None
+    for line in text.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if cur is None:
+                cur = {"header": cells, "rows": []}
+            elif not set("".join(cells)) <= {"-"}:
+                cur["rows"].append(dict(zip(cur["header"], cells)))
+        elif cur is not None:
+            tables.append(cur["rows"])
+            cur = None
+    if cur is not None:
+        tables.append(cur["rows"])
+    return tables
+
+
+def _synthetic_table():
+    """A quality table whose every figure is distinct, so a number in the wrong column shows."""
+    rows = [{"method": "serial", "width": 1, "rounds": 10, "evals": 10, "rmse": 0.0, "sliced W2": 0.5, "MMD²": 1.25e-4},
+            {"method": "data floor", "sliced W2": 0.25, "MMD²": -3.5e-5}]
+    for w, (ra, rc) in ((2, (6, 7)), (4, (4, 5))):
+        for mode, rounds in (("aggressive", ra), ("conservative", rc)):
+            label = f"{mode[0]}{w}"
+            rows.append({"method": f"DRiffusion {mode}", "width": w, "label": label, "rounds": rounds, "evals": 10,
+                         "rmse": 0.001 * w * rounds, "sliced W2": 0.5 + 0.01 * w + 0.001 * rounds, "MMD²": 2.5e-4 * w})
+            for i, m in enumerate(("step skipping", "Picard (frozen)", "Picard (skip)")):
+                rows.append({"method": m, "width": 1 if i == 0 else w, "matched": label, "rounds": rounds,
+                             "evals": rounds if i == 0 else rounds + 3, "rmse": 0.002, "sliced W2": 0.7,
+                             "MMD²": 7.5e-4, "ratio": 0.3 * (i + 1) + 0.05 * w + 0.02 * rounds,
+                             **({"tolerance": "0.1", "within_rounds": i != 2} if i else {})})
+        for init in ("frozen", "skip"):
+            rows.append({"method": f"Picard ({init}) converged", "width": w, "matched": f"a{w}", "tolerance": "0.001",
+                         "rounds": 9, "evals": 30, "rmse": 1.5e-6, "sliced W2": 0.5, "MMD²": 1.3e-4, "ratio": 123.0 + w})
+    return {"model": "ring", "family": "ddim", "transition": "DDIMSkip(...)", "num_steps": 10, "batch": 8,
+            "metrics": ["sliced W2", "MMD²"], "rows": rows, "picard_sweep": [],
+            "checks": [{"check": "a2: rounds", "ok": True, "got": 6, "want": 6},
+                       {"check": "a4: rounds", "ok": False, "got": 5, "want": 4}], "notes": []}
+
+
+def test_summary_rows_are_the_widest_rows_against_their_own_baselines():
+    """The README's summary: per table, DRiffusion at the largest width in each mode, its rounds over the serial
+    sampler's, its RMSE, each equal-rounds baseline's ratio in its own column (not the converged rows'), and the
+    first distance to data of the row and of the serial sampler."""
+    from benchmarks.report import SUMMARY_HEADER, summary_rows
+
+    t = _synthetic_table()
+    out = summary_rows({"oracle": {"tables": [t]}})
+    by = {r["label"]: r for r in t["rows"] if r.get("label")}
+    ratio = lambda label, m: next(r["ratio"] for r in t["rows"] if r.get("matched") == label and r["method"] == m)
+    assert [r[1] for r in out] == ["a4", "c4"]
+    for cells in out:
+        row = dict(zip(SUMMARY_HEADER, cells))
+        d = by[cells[1]]
+        assert row["table"] == "ring / ddim"
+        assert row["rounds / serial"] == f"{d['rounds']} / 10"
+        assert float(row["RMSE to serial"]) == pytest.approx(d["rmse"], rel=1e-2)
+        for col, m in (("÷ step skipping", "step skipping"), ("÷ Picard (frozen)", "Picard (frozen)"),
+                       ("÷ Picard (skip)", "Picard (skip)")):
+            assert float(row[col]) == pytest.approx(ratio(d["label"], m), abs=0.006), col
+        dist, serial = row["distance to data: DRiffusion / serial"].split(" (")[0].split(" / ")
+        assert float(dist) == pytest.approx(d["sliced W2"], rel=1e-3) and float(serial) == pytest.approx(0.5)
+
+
+def test_quality_table_columns_hold_their_figures():
+    """Each column of a quality table's Markdown holds its own figure (rounds, model calls, RMSE, each distance,
+    the ratio on baseline rows only), to the digits the cell shows."""
+    from benchmarks.report import quality_table_md
+
+    t = _synthetic_table()
+    (md,) = _md_tables(quality_table_md(t))
+    assert len(md) == len(t["rows"])
+    for r, cells in zip(t["rows"], md):
+        assert cells["rounds"] == ("-" if r["method"] == "data floor" else str(r["rounds"]))
+        assert cells["calls"] == ("-" if r["method"] == "data floor" else str(r["evals"]))
+        assert cells["n"] == ("-" if r["method"] == "data floor" else str(r["width"]))
+        if "rmse" in r:
+            assert float(cells["RMSE to serial"]) == pytest.approx(r["rmse"], rel=2e-3, abs=0)
+        assert float(cells["sliced W2"]) == pytest.approx(r["sliced W2"], rel=1e-3)
+        assert float(cells["MMD²"]) == pytest.approx(r["MMD²"], rel=5e-3)  # small values: 3 significant digits
+        if "matched" in r:
+            assert float(cells["DRiffusion ÷ baseline"]) == pytest.approx(r["ratio"], abs=0.006, rel=0.05)  # 1.2e+02 above 100
+            assert f"vs {r['matched']}" in cells["method"]
+        else:
+            assert cells["DRiffusion ÷ baseline"] == ""
+
+
+def test_report_counts_failed_self_checks():
+    from benchmarks.report import render_report, render_summary
+
+    t = _synthetic_table()
+    results = {"config": {"name": "tiny", "seed_x": 1, "seed_noise": 2, "seed_data": 3},
+               "environment": {"date": "today", "torch": "x", "threads": 1, "machine": "m"},
+               "oracle": {"tables": [t]}}
+    report = render_report(results, {})
+    assert "Self-checks: 1 of 2 passed" in report and "- FAILED ring/ddim a4: rounds: got 5, want 4" in report
+    assert "self-checks: 1 passed, 1 failed" in render_summary(results)
+
+
+def test_latency_and_memory_tables_hold_their_figures():
+    """The latency table's speedup and T / rounds columns, and the memory table's KiB columns (bytes / 1024)."""
+    from benchmarks.report import _latency_md, render_summary
+
+    rows = [{"model": "MLP", "method": "serial sampler", "executor": "-", "width": 1, "rounds": 20, "seconds": 2.0,
+             "speedup": 1.0, "rounds_speedup": 1.0}]
+    for w, r, s in ((2, 11, 1.25), (4, 6, 0.8)):
+        rows.append({"model": "MLP", "method": "DRiffusion aggressive", "executor": "BatchedExecutor", "width": w,
+                     "rounds": r, "seconds": s, "speedup": 2.0 / s, "rounds_speedup": 20 / r})
+    mem = [{"family": "ddim", "model": "MLP", "device": "cpu", "method": "serial sampler", "executor": "-", "width": 1,
+            "peak_bytes": 40960, "extra_bytes": 0, "analytic_extra_bytes": 0, "state_bytes": 2048},
+           {"family": "ddim", "model": "MLP", "device": "cpu", "method": "DRiffusion aggressive", "executor": "SerialExecutor",
+            "width": 4, "peak_bytes": 61440, "extra_bytes": 20480, "analytic_extra_bytes": 16384, "state_bytes": 2048}]
+    lat = {"executors": {"num_steps": 20, "repeats": 3, "threads": 2, "rows": rows,
+                         "models": [{"name": "MLP", "note": "n", "call_seconds": 0.01}]},
+           "memory": {"num_steps": 5, "method": "m.", "rows": mem}}
+    ex_md, mem_md = _md_tables(_latency_md(lat))
+    for r, cells in zip(rows, ex_md):
+        assert float(cells["speedup"]) == pytest.approx(r["speedup"], abs=0.006)
+        assert float(cells["T / rounds"]) == pytest.approx(r["rounds_speedup"], abs=0.006)
+        assert float(cells["median s"]) == pytest.approx(r["seconds"], abs=1e-3) and cells["rounds"] == str(r["rounds"])
+    for r, cells in zip(mem, mem_md):
+        for col, key in (("peak KiB", "peak_bytes"), ("extra KiB", "extra_bytes"),
+                         ("analytic extra KiB", "analytic_extra_bytes"), ("state KiB", "state_bytes")):
+            assert float(cells[col]) == pytest.approx(r[key] / 1024, abs=0.05), col
+    # the terminal summary quotes the widest rows
+    lines = render_summary({"latency": lat}).splitlines()
+    assert any("n=4" in l and "speedup 2.50x (rounds 3.33x)" in l for l in lines)
+    assert not any("n=2" in l for l in lines)
+
+
+# ----------------------------------------------------------------------------------------- Picard study
+
+
+@pytest.fixture(scope="module")
+def picard_quick():
+    from benchmarks import picard_study
+
+    return picard_study.run(quick=True)
+
+
+def _ring_family(name, T):
+    """A Picard-study family built from its docstring: the exact ring; DDIM (trailing, stride), DDPM and
+    DPM-Solver++ 2M (trailing) on the linear VP schedule, epsilon; flow matching (shift 3), velocity."""
+    from driffusion_core import FlowSchedule, VPSchedule
+    from solvers import DDIMSkip, DDPMSkip, DPMSolverSkip, FlowEulerSkip
+
+    vp, flow = VPSchedule.linear(), FlowSchedule(shift=3.0)
+    tr, grid = {"ddim": (DDIMSkip(vp), lambda: vp.timesteps(T, "trailing", step_to="stride")),
+                "ddpm": (DDPMSkip(vp), lambda: vp.timesteps(T, "trailing")),
+                "flow": (FlowEulerSkip(flow), lambda: flow.timesteps(T)),
+                "dpm": (DPMSolverSkip(vp), lambda: vp.timesteps(T, "trailing"))}[name]
+    f = ring_mixture().predictor(flow if name == "flow" else vp, "velocity" if name == "flow" else "epsilon")
+    return tr, grid(), f
+
+
+@pytest.mark.parametrize("fam", ["ddpm", "flow"])
+def test_picard_study_is_the_library_run_directly(picard_quick, fam):
+    """The quick Picard study's rows of one family (DDPM: per-step noise shared with the serial run; flow: 28 steps)
+    against direct runs: the error at DRiffusion's rounds (each init's best budgeted run), the fewest rounds to each
+    error target over the fine sweep, the same-tolerance counts, the budget ratios to DRiffusion and the levels whose
+    last change exceeded tau sigma. Error = ||x - x_serial||_F / ||x_serial||_F, by numpy."""
+    import math
+
+    import numpy as np
+
+    from benchmarks import picard_study as ps
+    from driffusion_core.scheduler import evaluate_round
+    from solvers import PicardScheduler
+
+    res, T = picard_quick, {"ddpm": 50, "flow": 28}[fam]
+    rel = lambda a, b: float(np.linalg.norm(a.numpy() - b.numpy()) / np.linalg.norm(b.numpy()))
+    tau = lambda t: "inf" if math.isinf(t) else f"{t:g}"
+    tr, grid, f = _ring_family(fam, T)
+    ex = BatchedExecutor()
+    x = NoiseSource(ps.SEED_X).initial((res["batch"], 2), torch.float64)
+    noise = NoiseSource(ps.SEED_NOISE) if tr.stochastic else None
+    ref = sample_serial(f, x, tr, grid, noise=noise).x
+    budget_tols = (1.0, 0.3, 0.1)  # quick
+    ratios = {}
+    for n in (2, 4):
+        d = DraftRefineScheduler(tr, grid, width=n).sample(f, x, executor=ex, noise=noise)
+        R, e_d = expected_rounds(T, n, "aggressive"), rel(d.x, ref)
+        row = next(r for r in res["at_driffusion_rounds"] if r["family"] == fam and r["width"] == n)
+        assert row["rounds"] == d.rounds == R and row["DRiffusion"] == pytest.approx(e_d, rel=1e-9)
+        best, sweeps = {}, {}
+        for init in ("frozen", "skip"):
+            runs = [PicardScheduler(tr, grid, n, t, max_rounds=R, init=init).sample(f, x, executor=ex, noise=noise)
+                    for t in budget_tols]
+            errs = [rel(o.x, ref) for o in runs]
+            assert all(o.rounds <= R for o in runs)
+            i = min(range(len(runs)), key=lambda i: (errs[i], i))
+            best[init] = (errs[i], tau(budget_tols[i]), runs[i].evals - T)
+            if init == "skip":
+                ratios.update({f"n={n} tau={tau(t)}": e / e_d for t, e in zip(budget_tols, errs)})
+            sweeps[init] = [(t, o, rel(o.x, ref)) for t in ps.SWEEP_TOLERANCES
+                            for o in [PicardScheduler(tr, grid, n, t, init=init).sample(f, x, executor=ex, noise=noise)]]
+        for init, (err, tol, beyond) in best.items():
+            key = {"frozen": ("ParaDiGMS", "ParaDiGMS_tau", "beyond_T_ParaDiGMS"),
+                   "skip": ("skip_Picard", "skip_tau", "beyond_T_skip")}[init]
+            assert row[key[0]] == pytest.approx(err, rel=1e-9) and (row[key[1]], row[key[2]]) == (tol, beyond), init
+        assert row["DRiffusion/skip"] == pytest.approx(e_d / best["skip"][0], rel=1e-9)
+        assert row["ParaDiGMS/skip"] == pytest.approx(best["frozen"][0] / best["skip"][0], rel=1e-9)
+        # rounds to reach each error target, without a budget: the fewest rounds (then calls) among the runs below it
+        hits = {}
+        for init, pts in sweeps.items():
+            row = next(r for r in res["rounds_to_tolerance"] if (r["family"], r["width"], r["init"]) == (fam, n, init))
+            for target in ps.TARGETS:
+                ok = [(o.rounds, o.evals, i) for i, (t, o, e) in enumerate(pts) if e <= target]
+                k = f"{target:g}"
+                if not ok:
+                    assert row[f"rounds@{k}"] is None
+                    continue
+                rounds, evals, i = min(ok)
+                hits[init, k] = rounds
+                assert (row[f"rounds@{k}"], row[f"beyond_T@{k}"], row[f"tau@{k}"]) == (rounds, evals - T, tau(pts[i][0]))
+            if init == "skip":
+                for k in (f"{t:g}" for t in ps.TARGETS):
+                    want = hits[("frozen", k)] - hits[("skip", k)] if ("frozen", k) in hits and ("skip", k) in hits else None
+                    assert row[f"saved@{k}"] == want
+        assert len(hits) >= 3  # the targets are reached: the rows above were checked
+        # the same tolerance, skip against frozen
+        same = next(r for r in res["same_tolerance"] if r["family"] == fam and r["width"] == n)
+        for what in ("rounds", "evals"):
+            dv = [getattr(s[1], what) - getattr(q[1], what) for s, q in zip(sweeps["skip"], sweeps["frozen"])]
+            assert (same[f"{what}: skip fewer"], same[f"{what}: same"], same[f"{what}: skip more"]) == (
+                sum(v < 0 for v in dv), sum(v == 0 for v in dv), sum(v > 0 for v in dv))
+        assert same["error: skip larger"] == sum(s[2] > q[2] for s, q in zip(sweeps["skip"], sweeps["frozen"]))
+    bvd = res["budget_vs_driffusion"][fam]
+    assert bvd["ratios"] == pytest.approx(ratios, rel=1e-9)
+    assert bvd["worse_than_DRiffusion"] == sum(v > 1 for v in ratios.values())
+    assert (bvd["min"], bvd["max"]) == pytest.approx((min(ratios.values()), max(ratios.values())), rel=1e-9)
+    # levels whose last measured change exceeded tau sigma (width 4, no budget), by the state machine driven directly
+    for tol in ps.LAST_CHANGE_TOLERANCES:
+        st = PicardScheduler(tr, grid, 4, tol).start(x, noise)
+        last = {}
+        while (rnd := st.plan()) is not None:
+            st.absorb(rnd, evaluate_round(ex, f, rnd, grid, {}, x))
+            last.update(st.moved)
+        norm = [math.sqrt(v) for k, v in last.items() if float(st.sigma2[k]) > 0]  # change / sigma, per level
+        row = next(r for r in res["last_change"] if r["family"] == fam and r["tolerance"] == tau(tol))
+        assert row["levels"] == len(norm) == T - 1
+        assert row["above tau sigma"] == sum(c > tol for c in norm)
+        over = [c / tol for c in norm if c > tol]
+        assert row["largest / (tau sigma)"] == (pytest.approx(max(over)) if over else None)
+
+
+def test_picard_study_short_grids(picard_quick):
+    """Rounds to finish at the same tolerance on the short grid (quick: T = 8, widths 2 and 4), skip against frozen,
+    per family and over DDIM, DDPM and flow together, against direct runs."""
+    from benchmarks import picard_study as ps
+    from solvers import PicardScheduler
+
+    got = picard_quick["short_grids"]
+    x = NoiseSource(ps.SEED_X).initial((picard_quick["batch"], 2), torch.float64)
+    keys = ("fewer", "same", "more", "rounds_skip", "rounds_frozen", "largest_gap")
+    together = dict.fromkeys(keys, 0)
+    for fam in ("ddim", "ddpm", "flow", "dpm"):
+        tr, grid, f = _ring_family(fam, 8)
+        noise = NoiseSource(ps.SEED_NOISE) if tr.stochastic else None
+        want = dict.fromkeys(keys, 0)
+        for n in (2, 4):
+            for tol in ps.SHORT_TOLERANCES:
+                r = {init: PicardScheduler(tr, grid, n, tol, init=init).sample(f, x, executor=BatchedExecutor(), noise=noise).rounds
+                     for init in ("skip", "frozen")}
+                want["fewer" if r["skip"] < r["frozen"] else "same" if r["skip"] == r["frozen"] else "more"] += 1
+                want["rounds_skip"] += r["skip"]
+                want["rounds_frozen"] += r["frozen"]
+                want["largest_gap"] = max(want["largest_gap"], abs(r["skip"] - r["frozen"]))
+        assert {k: got["families"][fam][k] for k in keys} == want, fam
+        if fam != "dpm":
+            together = {k: max(together[k], want[k]) if k == "largest_gap" else together[k] + want[k] for k in keys}
+    assert {k: got["ddim+ddpm+flow"][k] for k in keys} == together
+    assert any(v["more"] != v["fewer"] for v in got["families"].values())  # the counts tell skip from frozen apart
 
 # -------------------------------------------------------------------------------------------- CLI
 
