@@ -235,7 +235,7 @@ identical); the distances to the data are measured against true data (lower is b
 DRiffusion ÷ baseline = the matched DRiffusion row's RMSE divided by the baseline row's (below 1:
 DRiffusion is closer to the serial output at the same rounds and width). Picard at equal rounds is the
 best run of a tolerance sweep (τ) that finishes within the DRiffusion row's rounds, window n; the
-converged rows run to the smallest τ, whatever rounds that takes."""
+converged rows run to a fixed tolerance (τ = 1e-3 by default, shown in the row), whatever rounds that takes."""
 
 
 def render_report(results: dict, plots: Dict[str, str]) -> str:
