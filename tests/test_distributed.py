@@ -294,6 +294,7 @@ def test_even_shares():
         for n in range(1, 6):
             s = even_shares(k, n)
             assert sum(s) == k and max(s) - min(s) <= 1 and s == sorted(s, reverse=True)
+            assert s == _closed_form_shares(k, n)
 
 
 @pytest.mark.parametrize(

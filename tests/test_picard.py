@@ -450,18 +450,28 @@ def test_fewest_rounds_checks_its_arguments():
 # --------------------------------------------------------------------------- the round, step by step
 
 
-def _drive(st, f, grid, x, after=None):
-    """Run a PicardState to the end round by round; ``after(st, rnd, before)`` sees each absorbed round
-    (``before``: the state machine's iterates before the round's sweep)."""
+def _drive(st, f, grid, x, after=None, executor=None):
+    """Run a state machine (PicardState, DraftRefineState) to the end round by round; ``after(st, rnd,
+    before)`` sees each absorbed round of a PicardState (``before``: its iterates before the round's sweep)."""
     from driffusion_core.scheduler import evaluate_round
 
-    ex = BatchedExecutor()
+    ex = executor if executor is not None else BatchedExecutor()
     while (rnd := st.plan()) is not None:
-        before = {k: xk.clone() for k, xk in enumerate(st.xs) if xk is not None}
+        before = {k: xk.clone() for k, xk in enumerate(st.xs) if xk is not None} if after is not None else None
         st.absorb(rnd, evaluate_round(ex, f, rnd, grid, {}, x))
         if after is not None:
             after(st, rnd, before)
     return st
+
+
+def _entering_window(st, rnd):
+    """For a round after which new levels enter the window: (c, hi, top), with c the anchor whose prediction
+    seeds them, hi the last level the round's sweep reached and top the window's end; else None."""
+    hi = rnd.steps[-1] + 1
+    top = min(st.a + st.width, st.T)
+    if st.done or top <= hi:
+        return None
+    return (st.a if st.preds[st.a] is not None else st.a - 1), hi, top
 
 
 def _x_free(x, t):
@@ -575,7 +585,7 @@ def test_budget_fallback_is_draft_and_refine_from_the_anchor(name):
             xp = ref.trajectory[c - 1]
             hist = [(xp, f(xp, grid.model_times[c - 1].expand(x.shape[0])), grid.t_from[c - 1])]
         dr = DraftRefineState(tr, grid, width, "aggressive", ref.trajectory[c], noise, True, start=c, history=hist)
-        dr = _drive_draft_refine(dr, f, grid, x)
+        dr = _drive(dr, f, grid, x, executor=SerialExecutor())
         assert out.info["fallback_rounds"] == dr.rounds - 1 == out.rounds - out.info["picard_rounds"]
         assert out.rounds <= budget
         for k, xk in enumerate(dr.trajectory):
@@ -605,14 +615,6 @@ def test_budget_keeps_what_picard_finalised(name):
     assert bound > 0
 
 
-def _drive_draft_refine(st, f, grid, x):
-    from driffusion_core.scheduler import evaluate_round
-
-    while (rnd := st.plan()) is not None:
-        st.absorb(rnd, evaluate_round(SerialExecutor(), f, rnd, grid, {}, x))
-    return st
-
-
 def test_absorb_finishes_the_fallback_itself():
     """Driven by hand, the state is done right after the absorb of the fallback's last round."""
     from driffusion_core.scheduler import evaluate_round
@@ -639,11 +641,10 @@ def test_skip_drafts_freeze_the_x0_hat_the_prediction_meant_when_the_anchor_move
     branches = set()
 
     def check(st, rnd, before):
-        hi = rnd.steps[-1] + 1
-        top = min(st.a + st.width, st.T)
-        if st.done or top <= hi:
+        window = _entering_window(st, rnd)
+        if window is None:
             return
-        c = st.a if st.preds[st.a] is not None else st.a - 1
+        c, hi, top = window
         level = grid.t_from[c]
         al, sg = (float(v) for v in VP.alpha_sigma(level.reshape(1)))
         moved = float((st.xs[c] - before[c]).pow(2).mean(dim=1).max()) / sg**2 if c > rnd.steps[0] else 0.0
@@ -672,11 +673,10 @@ def test_multistep_drafts_start_with_the_two_step_update():
     seeded = []
 
     def check(st, rnd, before):
-        hi = rnd.steps[-1] + 1
-        top = min(st.a + st.width, st.T)
-        if st.done or top <= hi:
+        window = _entering_window(st, rnd)
+        if window is None:
             return
-        c = st.a if st.preds[st.a] is not None else st.a - 1
+        c, hi, top = window
         hist = [(st.xs[c - 1], st.preds[c - 1], grid.t_from[c - 1])] if tr.history_at(grid, c) else []
         y = tr.grid_step(st.xs[c], st.preds[c], grid, c, hist)
         for i in range(c + 1, top):
