@@ -6,6 +6,7 @@ overhead; ``picard``, ``distributed``: the studies' own dicts), or ``{"skipped":
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Iterable, List, Sequence
 
 __all__ = ["render_report", "summary_rows", "render_summary", "fmt"]
@@ -14,7 +15,8 @@ QUALITY_SECTIONS = ("oracle", "digits", "timeseries")
 
 
 def fmt(v, kind: str = "g") -> str:
-    """A table cell: ``-`` for missing values, exact zeros as ``0``."""
+    """A table cell: ``-`` for missing values, exact zeros as ``0``; ``kind`` "e" (scientific), "x" (a ratio),
+    "kb" (bytes shown in KiB) or "g" (four significant digits)."""
     if v is None:
         return "-"
     if isinstance(v, bool):
@@ -23,8 +25,12 @@ def fmt(v, kind: str = "g") -> str:
         return v
     if kind == "e":
         return "0" if v == 0 else f"{v:.2e}"
-    if kind == "x":
-        return f"{v:.2f}" if abs(v) < 100 else f"{v:.1e}"
+    if kind == "x":  # ratios: two decimals, but two significant digits below 0.1 (0.0043, never 0.00)
+        if v == 0 or 0.1 <= abs(v) < 100:
+            return "0" if v == 0 else f"{v:.2f}"
+        if abs(v) < 0.1:
+            return f"{v:.{1 - math.floor(math.log10(abs(v)))}f}"
+        return f"{v:.1e}"
     if kind == "kb":
         return f"{v / 2**10:.1f}"
     if isinstance(v, int):

@@ -621,6 +621,21 @@ def test_summary_rows_are_the_widest_rows_against_their_own_baselines():
         assert float(dist) == pytest.approx(d["sliced W2"], rel=1e-3) and float(serial) == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize("v", [0.0, 3.7e-5, 0.0043, 0.049, 0.0996, 0.1, 0.21, 1.02, 42.0, 99.4, 123.0, 4.5e4])
+def test_ratio_cells_keep_two_significant_digits(v):
+    """A ratio cell never rounds a small ratio to 0.00 and never shows a nonzero ratio as zero: it holds the
+    ratio to within half a unit of its last shown digit, two significant digits at least."""
+    from benchmarks.report import fmt
+
+    cell = fmt(v, "x")
+    if v == 0:
+        assert cell == "0"
+        return
+    assert float(cell) != 0 and float(cell) == pytest.approx(v, rel=0.05)
+    digits = cell.split("e")[0].replace("-", "").replace(".", "").lstrip("0")
+    assert len(digits) >= 2, cell
+
+
 def test_quality_table_columns_hold_their_figures():
     """Each column of a quality table's Markdown holds its own figure (rounds, model calls, RMSE, each distance,
     the ratio on baseline rows only), to the digits the cell shows."""
