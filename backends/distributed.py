@@ -537,9 +537,8 @@ class DistributedExecutor(Executor):
         per rank for ``width`` drafts per round (default: the largest round evaluated so far, if any)."""
         nodes = len(set(self._hosts))
         devs = sorted(set(self._devices))
-        per_rank = devs[0] if len(devs) == 1 else ", ".join(f"{r}:{d}" for r, d in enumerate(self._devices))
-        if per_rank == "inputs":
-            per_rank = "the inputs' device"
+        shown = ["the inputs' device" if d == "inputs" else d for d in self._devices]
+        per_rank = shown[0] if len(devs) == 1 else ", ".join(f"rank {r}: {d}" for r, d in enumerate(shown))
         text = (
             f"DistributedExecutor(world_size={self.world_size}, backend={self.backend}, nodes={nodes}, "
             f"device per rank: {per_rank}, timeout={self.timeout:g}s"

@@ -1025,3 +1025,21 @@ def _child_main(argv):
 
 if __name__ == "__main__":
     _child_main(sys.argv[1:])
+
+
+@pytest.mark.parametrize("devices, shown", [
+    (["inputs", "inputs"], "device per rank: the inputs' device,"),
+    (["cuda:0", "cuda:0", "cuda:0"], "device per rank: cuda:0,"),
+    (["cuda:0", "inputs", "cuda:1"], "device per rank: rank 0: cuda:0, rank 1: the inputs' device, rank 2: cuda:1,"),
+])
+def test_describe_names_each_ranks_device(devices, shown):
+    """One device for all ranks is named once; mixed settings are listed per rank, in words ("the inputs'
+    device" for ranks that compute where the inputs are), never as bare "1:inputs"."""
+    from backends.distributed import DistributedExecutor
+
+    ex = object.__new__(DistributedExecutor)  # describe() reads only what the handshake gathered
+    ex.world_size, ex.backend, ex.timeout, ex._max_k = len(devices), "gloo", 30.0, 0
+    ex._hosts, ex._devices = ["h"] * len(devices), devices
+    text = ex.describe()
+    assert shown in text, text
+    assert ":inputs" not in text and f"world_size={len(devices)}" in text
