@@ -113,18 +113,24 @@ class BatchedExecutor(Executor):
                 raise
         flat_x = xs.reshape(k * b, *xs.shape[2:])
         flat_t = ts.reshape(k * b)
-        if self.max_batch is None or k * b <= self.max_batch:
+        one_call = self.max_batch is None or k * b <= self.max_batch
+        if one_call:
             out = predictor(flat_x, flat_t, **repeat_cond(cond, k))
         else:
             # chunks of at most max_batch rows; the conditioning is repeated once and sliced alike
+            # (each chunk copied into the result before the next call: the model may reuse its output buffer)
             full_cond = repeat_cond(cond, k)
-            chunks = []
+            out = None
             for start in range(0, k * b, self.max_batch):
                 stop = min(k * b, start + self.max_batch)
-                chunks.append(_checked(predictor(flat_x[start:stop], flat_t[start:stop], **_rows(full_cond, start, stop)),
-                                       stop - start, flat_t[start:stop], like=chunks[0] if chunks else None))
-            out = torch.cat(chunks)
+                chunk = _checked(predictor(flat_x[start:stop], flat_t[start:stop], **_rows(full_cond, start, stop)),
+                                 stop - start, flat_t[start:stop], like=out)
+                if out is None:
+                    out = torch.empty((k * b, *chunk.shape[1:]), dtype=chunk.dtype, device=chunk.device)
+                out[start:stop] = chunk
         out = _checked(out, k * b, flat_t)
+        if one_call:  # the caller keeps the predictions past the next call: never hand back the model's buffer
+            out = out.clone()
         return out.reshape(k, b, *out.shape[1:])
 
 

@@ -73,7 +73,7 @@ from typing import Any, Deque, List, Mapping, NamedTuple, Optional, Sequence, Tu
 import torch
 
 from driffusion_core.errors import ExecutorError, InvalidArgumentError, PredictorOutputError, exception_text, safe_str
-from driffusion_core.executor import Executor, Predictor, even_shares, iter_tensors, map_tensors
+from driffusion_core.executor import Executor, Predictor, even_shares, iter_tensors, map_tensors, stack_calls
 
 try:  # torch may be built without distributed support
     import torch.distributed as dist
@@ -677,10 +677,11 @@ class DistributedExecutor(Executor):
                 c = map_tensors(lambda v: v.to(dev), cond)
             except Exception as e:  # reported to every rank
                 return None, _MOVE_FAILED, f"could not move the round's inputs to {dev}: {exception_text(e)}", e
-        try:
-            outs = [predictor(x_part[j], t_part[j], **c) for j in range(mine)]
+        try:  # each output copied as it comes (the model may reuse one output buffer); unlike ones: a list
+            got = stack_calls(lambda j: predictor(x_part[j], t_part[j], **c), mine)
         except Exception as e:  # reported to every rank
             return None, _RAISED, exception_text(e), e
+        outs = got if isinstance(got, list) else [got[0]]
         bad = [o for o in outs if not isinstance(o, torch.Tensor)]
         if bad:
             return None, _BAD_OUTPUT, f"the predictor returned {type(bad[0]).__name__}, not a Tensor", None
@@ -694,7 +695,7 @@ class DistributedExecutor(Executor):
         if outs[0].dtype not in _DTYPES:
             return None, _BAD_OUTPUT, f"predictions of dtype {outs[0].dtype} are not supported", None
         try:
-            out = torch.stack(outs).detach().to(self._comm_device)
+            out = (torch.stack(outs) if isinstance(got, list) else got).detach().to(self._comm_device)
         except Exception as e:  # e.g. predictions on the meta device, or a copy that runs out of memory
             return None, _BAD_OUTPUT, (
                 f"the predictions ({outs[0].dtype} on {outs[0].device}) could not be stacked and copied to "

@@ -24,7 +24,7 @@ import torch
 from driffusion_core.errors import (
     DeviceMismatchError, ExecutorError, InvalidArgumentError, PredictorOutputError, exception_text,
 )
-from driffusion_core.executor import Executor, Predictor, check_describe_width, even_shares, map_tensors
+from driffusion_core.executor import Executor, Predictor, check_describe_width, even_shares, map_tensors, stack_calls
 
 __all__ = ["StreamExecutor"]
 
@@ -205,14 +205,14 @@ class StreamExecutor(Executor):
                     x_part = self._to(xs[start : start + size], dev, s)
                     t_part = self._to(ts[start : start + size], dev, s)
                     c = map_tensors(lambda v: self._to(v, dev, s), cond)
-                    try:
-                        outs = [f(x_part[j], t_part[j], **c) for j in range(size)]
+                    try:  # each output copied as it comes: a replica may reuse one output buffer
+                        got = stack_calls(lambda j: f(x_part[j], t_part[j], **c), size)
                     except Exception as e:
                         raise ExecutorError(
                             f"StreamExecutor: the predictor raised on {dev} (stream {i}, drafts {start}..{start + size - 1}): "
                             f"{exception_text(e)}"
                         ) from e
-                    for j, o in enumerate(outs):
+                    for j, o in enumerate(got if isinstance(got, list) else got[:1]):
                         if isinstance(o, torch.Tensor) and o.device != dev:
                             raise DeviceMismatchError(
                                 f"StreamExecutor: the predictor returned a tensor on {o.device} for draft {start + j}, "
@@ -220,7 +220,7 @@ class StreamExecutor(Executor):
                                 f"its input x (a replica must live on the device it is given)."
                             )
                     try:
-                        out = torch.stack(outs)
+                        out = torch.stack(got) if isinstance(got, list) else got
                     except Exception as e:  # not tensors, or unlike shapes / dtypes
                         raise PredictorOutputError(
                             f"StreamExecutor: the predictions of drafts {start}..{start + size - 1} (stream {i}, {dev}) "

@@ -12,6 +12,11 @@ arguments for the predictor whose tensors have a leading batch dimension B
 nest in mappings, lists and tuples: :func:`map_tensors`). Every executor must return
 what :class:`backends.SerialExecutor` returns for the same inputs (to float
 tolerance when kernels batch differently).
+
+The returned predictions belong to the caller: they are never the predictor's own buffer, which a
+model may reuse on its next call (a CUDA graph's static output, a preallocated result). The sampler
+keeps a round's predictions past the next round's calls (the anchor's prediction, a multistep
+transition's history), so an executor that returned that buffer would let the next call overwrite them.
 """
 from __future__ import annotations
 
@@ -134,7 +139,8 @@ class Executor(abc.ABC):
             cond: keyword arguments for the predictor; tensors have leading dim B.
 
         Returns:
-            ``Tensor[K, B, ...]``, the predictions in the order of ``xs``.
+            ``Tensor[K, B, ...]``, the predictions in the order of ``xs``, in memory of their own (not
+            the predictor's output buffer, which its next call may overwrite).
         """
 
     def describe(self, width: Optional[int] = None) -> str:
@@ -154,6 +160,28 @@ def mark_draft(error: BaseException, k: int) -> None:
         error._driffusion_draft = k
     except Exception:  # pragma: no cover - an exception type without attributes
         pass
+
+
+def stack_calls(call: Callable[[int], Any], k: int) -> Any:
+    """``torch.stack([call(0), ..., call(k - 1)])``, each output copied into the result as soon as it is
+    returned, so a predictor that hands back one reused buffer on every call (a CUDA graph's static output)
+    still gives every draft its own prediction; no more copying than ``torch.stack`` does.
+
+    Outputs that are not tensors alike in shape, dtype and device (to the first) come back as the list of
+    the outputs, for the caller to name the offending draft; the earlier alike ones are then the copies.
+    """
+    first = call(0)
+    if not isinstance(first, torch.Tensor):
+        return [first] + [call(j) for j in range(1, k)]
+    out = torch.empty((k, *first.shape), dtype=first.dtype, device=first.device)
+    out[0] = first
+    for j in range(1, k):
+        o = call(j)
+        if not (isinstance(o, torch.Tensor) and o.shape == first.shape and o.dtype == first.dtype
+                and o.device == first.device):
+            return list(out[:j]) + [o] + [call(i) for i in range(j + 1, k)]
+        out[j] = o
+    return out
 
 
 def check_describe_width(width: Optional[int]) -> None:
@@ -184,17 +212,13 @@ class SerialExecutor(Executor):
         cond: Optional[Mapping[str, Any]] = None,
     ) -> torch.Tensor:
         cond = dict(cond or {})
-        outs = []
-        for k in range(xs.shape[0]):
+
+        def call(k: int) -> Any:
             try:
-                outs.append(predictor(xs[k], ts[k], **cond))
+                return predictor(xs[k], ts[k], **cond)
             except Exception as e:
                 mark_draft(e, k)
                 raise
-        first = outs[0]
-        if not all(
-            isinstance(o, torch.Tensor) and o.shape == first.shape and o.dtype == first.dtype and o.device == first.device
-            for o in outs
-        ):
-            return outs  # unlike outputs: the scheduler checks them one by one and names the draft's step
-        return torch.stack(outs)
+
+        # a tensor, or the list of unlike outputs: the scheduler checks them one by one and names the draft's step
+        return stack_calls(call, xs.shape[0])

@@ -64,7 +64,8 @@ class TimeGrid:
             raise InvalidTimestepsError(
                 f"Timesteps must strictly decrease (noisy to clean), but step {i} is at level "
                 f"{self.t_from[i].item():g} and step {i + 1} at {self.t_from[i + 1].item():g}. "
-                f"Pass them in sampling order, e.g. [999, 979, ..., 0]."
+                f"Pass them in sampling order, noisiest first (e.g. [999, 979, ...] on a VP schedule's "
+                f"timesteps, [1.0, 0.95, ...] on a flow schedule's sigmas)."
             )
         bad = self.t_to >= self.t_from
         if bad.any():

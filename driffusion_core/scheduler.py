@@ -260,7 +260,7 @@ def evaluate_round(
     """The round's model calls, ``executor.evaluate(predictor, rnd.xs, model times, cond)``, with the
     sampler's guards: an exception gets a note saying where sampling was, and a predictor that wrote
     into its input is refused. The predictions are checked by the state's ``absorb``."""
-    ts = grid.model_times[rnd.steps].to(x.device).unsqueeze(1).expand(len(rnd.steps), x.shape[0])
+    ts = grid.model_times[rnd.steps].to(x.device).unsqueeze(1).repeat(1, x.shape[0])  # its own memory, not a broadcast view
     version = input_version(rnd.xs)
     try:
         preds = executor.evaluate(predictor, rnd.xs, ts, cond)

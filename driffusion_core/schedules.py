@@ -11,13 +11,14 @@ Key (DDPM / DDIM / rectified flow):
 from __future__ import annotations
 
 import math
+import reprlib
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from driffusion_core import coefficients as C
-from driffusion_core.errors import InvalidArgumentError, InvalidTimestepsError, as_count, is_real
+from driffusion_core.errors import InvalidArgumentError, InvalidTimestepsError, as_count, exception_text, is_real
 from driffusion_core.grid import TimeGrid
 
 __all__ = ["Schedule", "VPSchedule", "FlowSchedule", "rescale_zero_terminal_snr"]
@@ -74,7 +75,14 @@ class Schedule:
     def grid(self, levels: Union[Sequence[float], torch.Tensor, TimeGrid]) -> TimeGrid:
         """A validated grid from explicit levels (contiguous, ending at the clean end) or a TimeGrid."""
         if not isinstance(levels, TimeGrid):
-            given = torch.as_tensor(levels, dtype=torch.float64)
+            try:
+                given = torch.as_tensor(levels, dtype=torch.float64)
+            except Exception as e:  # a generator, strings, ragged lists, ...
+                raise InvalidTimestepsError(
+                    f"Timesteps must be a 1-D sequence of numbers (a list, tuple, numpy array or tensor of "
+                    f"levels, noisiest first), got {type(levels).__name__} {reprlib.repr(levels)} ({exception_text(e)})."
+                ) from e
+            levels = given
             if given.dim() > 1:
                 raise InvalidTimestepsError(
                     f"Timesteps must be a 1-D sequence of levels, got shape {tuple(given.shape)}; pass one "

@@ -327,6 +327,13 @@ class SkipTransition(abc.ABC):
 
         Only stochastic transitions need it (their drafts are this chain, their coupled noise its noise).
         """
+        if self.stochastic:
+            raise NotImplementedError(
+                f"{type(self).__name__} is stochastic but does not define chain_factors(t_from, t_to) -> (A, B, s): "
+                f"its drafts (the one-level chain with x0_hat frozen, x_{{k+1}} = A_k x0_hat + B_k x_k + s_k z_k) "
+                f"and their coupled noise are built from them. Implement it (float64 tensors of one entry per "
+                f"step; see DDPMSkip.chain_factors), or use width 1 (the serial sampler needs only the step)."
+            )
         raise NotImplementedError(f"{type(self).__name__} is deterministic; it has no chain noise.")
 
     def coupled_noise(self, t_from: torch.Tensor, t_to: torch.Tensor, noises: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,7 @@ __all__ = ["sample_serial", "sample_step_skipping", "coarse_indices"]
 
 
 def _call(predictor, x, grid: TimeGrid, i: int, cond: dict) -> torch.Tensor:
-    t = grid.model_times[i : i + 1].to(x.device).expand(x.shape[0])
+    t = grid.model_times[i : i + 1].to(x.device).repeat(x.shape[0])  # its own memory: the model may write into t
     version = input_version(x)
     try:
         pred = predictor(x, t, **cond)
@@ -78,6 +78,8 @@ def sample_serial(
     history: list = []  # (x_i, p_i, t_i) of the last steps, for a multistep transition
     for i in range(len(grid)):
         pred = _call(predictor, x, grid, i, cond)
+        if transition.history:  # kept past the next call: not the model's buffer, which that call may overwrite
+            pred = pred.clone()
         z = noise(i, x.shape, x.dtype, x.device) if (transition.stochastic and noise is not None) else None
         x_next = transition.grid_step(x, pred, grid, i, history, z)
         history = transition.remember(history, x, pred, grid.t_from[i])

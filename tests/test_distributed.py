@@ -610,6 +610,13 @@ def _scenario_odd_outputs(rank, world):
     for name, f in (("nan", nan_pred), ("inf", inf_pred), ("wide", wide)):
         for k in (2, 3):
             pairs[name if k == 3 else f"{name}{k}"] = (ex.evaluate(f, xs[:k], ts[:k]), serial.evaluate(f, xs[:k], ts[:k]))
+    # a model that returns one reused output buffer (a CUDA graph's static output): each draft keeps its own
+    buf = torch.empty(4, 5)
+    static = lambda x, t: buf.copy_(torch.sin(x) + t[:, None])  # noqa: E731
+    for k in (3, 5):  # rank 0 computes 2 or 3 drafts with the one buffer
+        t_k = torch.arange(k * 4, dtype=torch.float32).reshape(k, 4)
+        xs_k = torch.randn(k, 4, 5, generator=g)
+        pairs[f"static{k}"] = (ex.evaluate(static, xs_k, t_k), torch.sin(xs_k) + t_k[..., None])
     return {"pairs": pairs}
 
 

@@ -75,9 +75,16 @@ def test_errors_are_driffusion_errors_and_builtin_ones():
         ([500, -2], r"last level -2\.0 is the clean end"),
         ([], r"time grid is empty"),
         ([500, float("nan")], r"NaN or inf"),
+        ((t for t in (500, 100)), r"1-D sequence of numbers .* got generator"),
+        (["500", "100"], r"1-D sequence of numbers .* got list \['500', '100'\]"),
+        ([[500, 400], [100]], r"1-D sequence of numbers .* got list"),
     ],
 )
 def test_bad_vp_timesteps(levels, match):
+    if not isinstance(levels, list):  # a generator: one attempt uses it up
+        with pytest.raises(InvalidTimestepsError, match=match):
+            scheduler(grid=levels)
+        return
     with pytest.raises(InvalidTimestepsError, match=match):
         scheduler(grid=levels)
     with pytest.raises(InvalidTimestepsError, match=match):
@@ -88,7 +95,7 @@ def test_bad_vp_timesteps(levels, match):
     "levels,match",
     [
         ([1.5, 0.5], r"Level 1\.5 \(t_from\[0\]\) is out of range for FlowSchedule"),
-        ([0.5, 0.7], r"strictly decrease"),
+        ([0.5, 0.7], r"strictly decrease.*noisiest first .*\[1\.0, 0\.95, \.\.\.\] on a flow schedule's sigmas"),
         ([0.5, 0.0], r"last level 0\.0 is the clean end.*drop the trailing 0\.0"),
         ([0.0], r"last level 0\.0 is the clean end"),
     ],
@@ -843,3 +850,21 @@ def test_grid_step_of_zero_length_is_refused():
     t = torch.tensor([500.0, 300.0], dtype=torch.float64)
     with pytest.raises(InvalidTimestepsError, match=r"Step 1 goes from level 300 to 300"):
         TimeGrid(t, torch.tensor([300.0, 300.0], dtype=torch.float64), t.long())
+
+
+def test_a_stochastic_transition_without_chain_factors_says_what_to_implement():
+    """A custom stochastic transition that defines only its step runs at width 1; wider, the drafts need its
+    chain factors, and the error says so (not that the transition is deterministic)."""
+    from driffusion_core import SkipTransition
+
+    class OnlyTheStep(DDPMSkip):
+        chain_factors = SkipTransition.chain_factors
+
+    tr, grid = OnlyTheStep(VP), VP.timesteps(6)
+    x = x0()
+    one = DraftRefineScheduler(tr, grid, width=1).sample(eps_model, x, noise=NoiseSource(1))
+    assert torch.equal(one.x, sample_serial(eps_model, x, DDPMSkip(VP), grid, noise=NoiseSource(1)).x)
+    with pytest.raises(NotImplementedError, match=r"OnlyTheStep is stochastic but does not define chain_factors"):
+        DraftRefineScheduler(tr, grid, width=3).sample(eps_model, x, noise=NoiseSource(1))
+    with pytest.raises(NotImplementedError, match=r"FlowEulerSkip is deterministic"):
+        FlowEulerSkip(FLOW).chain_factors(grid.t_from[:2], grid.t_to[:2])

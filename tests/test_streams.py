@@ -159,3 +159,21 @@ def test_after_an_error_the_inputs_stream_waits_for_the_streams_already_launched
     after.record(torch.cuda.current_stream())
     assert not after.query(), "the inputs' stream did not wait for stream 0"
     torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_reused_output_buffer_gives_each_draft_its_own_prediction():
+    """A replica that returns one buffer on every call (a CUDA graph's static output): every stream's drafts
+    are copied as they come, so the round equals the fresh outputs'."""
+    bufs = {}
+
+    def static(x, t):
+        buf = bufs.setdefault(x.device, torch.empty_like(x))
+        return buf.copy_(_predictor(x, t))
+
+    ex = StreamExecutor(devices=["cuda:0", "cuda:0"])
+    g = torch.Generator().manual_seed(3)
+    xs = torch.randn(5, 4, 3, generator=g).cuda()
+    ts = torch.randint(0, 1000, (5, 4), generator=g).float().cuda()
+    torch.testing.assert_close(ex.evaluate(static, xs, ts), SerialExecutor().evaluate(_predictor, xs, ts), rtol=1e-5, atol=1e-6)
