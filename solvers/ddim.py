@@ -51,9 +51,14 @@ class DDIMSkip(SkipTransition):
     def __setattr__(self, name: str, value) -> None:
         if name == "eta":  # checked when set later too: stochastic and composes_exactly follow it
             if not is_real(value) or not 0 <= float(value) <= 1:
+                if not is_real(value) or float(value) != float(value):
+                    why = "it must be a real number"
+                elif float(value) < 0:
+                    why = "it scales the step's noise standard deviation, which cannot be negative"
+                else:
+                    why = "above 1 the step variance exceeds 1 - abar_s and the skip is undefined"
                 raise InvalidArgumentError(
-                    f"eta must lie in [0, 1] (0: deterministic DDIM, 1: the DDPM posterior), got {value!r}; "
-                    f"above 1 the step variance exceeds 1 - abar_s and the skip is undefined."
+                    f"eta must lie in [0, 1] (0: deterministic DDIM, 1: the DDPM posterior), got {value!r}: {why}."
                 )
             value = float(value)
         super().__setattr__(name, value)

@@ -129,9 +129,11 @@ SCHEDULER_CASES = [
 ]
 
 
-def diffusers_loop(scheduler, model, x, num_steps, noise, monkeypatch, eta=0.0, use_clipped_model_output=False, mu=None):
-    """The scheduler's own sampling loop, fed our per-step noise z_i (see the module docstring)."""
-    scheduler.set_timesteps(num_steps, **({"mu": mu} if mu is not None else {}))
+def diffusers_loop(scheduler, model, x, num_steps, noise, monkeypatch, eta=0.0, use_clipped_model_output=False, mu=None,
+                   custom=None):
+    """The scheduler's own sampling loop, fed our per-step noise z_i (see the module docstring); ``custom``:
+    its set_timesteps(timesteps=..., sigmas=...) instead of set_timesteps(num_steps)."""
+    scheduler.set_timesteps(num_steps, **(custom or {}), **({"mu": mu} if mu is not None else {}))
     step = {"i": None, "draws": 0}
 
     def randn_tensor(shape, generator=None, device=None, dtype=None, **_):
@@ -194,8 +196,12 @@ def test_from_config_equals_from_scheduler(unet2d):
 def test_from_diffusers_rejects_what_it_cannot_reproduce():
     with pytest.raises(InvalidArgumentError, match="DDIMScheduler"):
         from_diffusers(need("EulerDiscreteScheduler")(), 10)
-    with pytest.raises(InvalidArgumentError, match="learned"):
-        from_diffusers(need("DDPMScheduler")(variance_type="learned_range"), 10)
+    # each refused variance type with its own reason
+    for variance_type, reason in (("learned", "predicts the log variance itself"),
+                                  ("learned_range", "between the fixed_small and fixed_large"),
+                                  ("fixed_large_log", "square root of a log variance")):
+        with pytest.raises(InvalidArgumentError, match=f"variance_type='{variance_type}' is not supported: .*{reason}"):
+            from_diffusers(need("DDPMScheduler")(variance_type=variance_type), 10)
     with pytest.raises(InvalidArgumentError, match="mu"):
         from_diffusers(need("FlowMatchEulerDiscreteScheduler")(use_dynamic_shifting=True), 10)
     with pytest.raises(InvalidArgumentError, match="stochastic_sampling"):
@@ -226,6 +232,108 @@ def test_trailing_step_counts_where_diffusers_lists_one_more(name):
             from_diffusers(scheduler, int(suggested))
         grid = VPSchedule(scheduler.alphas_cumprod).timesteps(T, "trailing")
         assert grid.model_times.tolist() == listed[:T] and grid.t_to[-1] == -1
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler"])
+def test_trained_betas_must_have_num_train_timesteps_entries(name):
+    """diffusers spaces DDIM / DDPM timesteps over config.num_train_timesteps, whatever the length of
+    trained_betas: a table of another length is refused, naming both numbers; a matching one is diffusers' grid."""
+    import numpy as np
+
+    betas = np.linspace(1e-4, 0.02, 1200)
+    mismatched = need(name)(trained_betas=betas, clip_sample=False)  # num_train_timesteps=1000
+    with pytest.raises(InvalidArgumentError, match=r"1200 alphas_cumprod entries .* num_train_timesteps=1000.*"
+                                                   r"num_train_timesteps=1200"):
+        from_diffusers(mismatched, 10)
+    matched = need(name)(trained_betas=betas, num_train_timesteps=1200, clip_sample=False)
+    _, grid = from_diffusers(matched, 10)
+    matched.set_timesteps(10)
+    assert torch.equal(grid.model_times, matched.timesteps.to(grid.model_times.dtype))
+    # DPM-Solver reads its timesteps' table entries as diffusers does, but a shorter table is refused
+    with pytest.raises(InvalidArgumentError, match=r"800 alphas_cumprod entries .* num_train_timesteps=1000"):
+        from_diffusers(need("DPMSolverMultistepScheduler")(trained_betas=betas[:800]), 10)
+
+
+CUSTOM_CASES = [
+    # (class, config, set_timesteps' custom arguments, mu)
+    ("DDPMScheduler", {}, dict(timesteps=[999, 700, 420, 100, 3]), None),  # the last step goes 3 -> -1, with noise
+    ("DDPMScheduler", dict(variance_type="fixed_large", clip_sample=False), dict(timesteps=[950, 610, 250, 0]), None),
+    ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0), dict(sigmas=[1.0, 0.8, 0.5, 0.2, 0.05]), None),
+    ("FlowMatchEulerDiscreteScheduler", {}, dict(timesteps=[1000.0, 800.0, 500.0, 200.0, 50.0]), None),
+    ("FlowMatchEulerDiscreteScheduler", dict(use_dynamic_shifting=True),
+     dict(sigmas=[1.0, 0.7, 0.4, 0.1], timesteps=[990.0, 720.0, 380.0, 120.0]), 0.8),
+]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("name,config,custom,mu", CUSTOM_CASES,
+                         ids=[f"{c[0][:4]}-{'-'.join(c[2])}-{i}" for i, c in enumerate(CUSTOM_CASES)])
+def test_custom_timesteps_and_sigmas_match_diffusers_loop(name, config, custom, mu, unet2d, monkeypatch):
+    """from_diffusers(scheduler, timesteps=..., sigmas=...) is the loop after set_timesteps(timesteps=..., sigmas=...)."""
+    scheduler = need(name)(**config)
+    noise, x = NoiseSource(5), NoiseSource(0).initial((2, 3, 8, 8))
+    transition, grid = from_diffusers(scheduler, mu=mu, **custom)
+    ours = DraftRefineScheduler(transition, grid, width=1).sample(DiffusersPredictor(unet2d), x, noise=noise)
+    ref, draws = diffusers_loop(scheduler, unet2d, x, None, noise, monkeypatch, mu=mu, custom=custom)
+    assert torch.equal(grid.model_times, scheduler.timesteps.cpu().to(grid.model_times.dtype))
+    if name == "DDPMScheduler":
+        assert draws == int((scheduler.timesteps > 0).sum()) and grid.t_to[-1] == -1
+    n = len(next(iter(custom.values())))
+    assert ours.rounds == ours.evals == n
+    assert (ours.x - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
+    # the same grid with the step count given too; the scheduler now holds them, and from_diffusers takes it
+    assert torch.equal(from_diffusers(scheduler, n, mu=mu, **custom)[1].t_from, grid.t_from)
+
+
+def test_custom_timesteps_held_by_a_scheduler_are_refused_not_dropped():
+    sigmas = [1.0, 0.8, 0.5, 0.2, 0.05]
+    for scheduler, custom in ((need("DDPMScheduler")(), dict(timesteps=[999, 700, 420, 100, 3])),
+                              (need("FlowMatchEulerDiscreteScheduler")(shift=3.0), dict(sigmas=sigmas))):
+        scheduler.set_timesteps(**custom)
+        with pytest.raises(InvalidArgumentError, match=r"holds .*pass them: from_diffusers\(scheduler, .*(timesteps|sigmas)="):
+            from_diffusers(scheduler, 5)
+        _, grid = from_diffusers(scheduler, **custom)  # passed: the loop it holds
+        assert torch.equal(grid.model_times, scheduler.timesteps.to(grid.model_times.dtype))
+        scheduler.set_timesteps(7)  # a plain set_timesteps drops them: any step count is fine again
+        from_diffusers(scheduler, 10)
+    # dynamic shifting: a plain set_timesteps at another mu is not custom (its mu is not kept), so not refused
+    flux = need("FlowMatchEulerDiscreteScheduler")(use_dynamic_shifting=True)
+    flux.set_timesteps(10, mu=0.5)
+    from_diffusers(flux, 10, mu=0.8)
+    flux.set_timesteps(sigmas=sigmas, mu=0.5)
+    with pytest.raises(InvalidArgumentError, match="holds"):
+        from_diffusers(flux, 5, mu=0.5)
+    # custom arguments a scheduler does not take, or that disagree with the step count
+    with pytest.raises(InvalidArgumentError, match="DDIMScheduler takes neither custom timesteps nor sigmas"):
+        from_diffusers(need("DDIMScheduler")(), timesteps=[900, 500, 100])
+    with pytest.raises(InvalidArgumentError, match="DDPMScheduler takes only timesteps"):
+        from_diffusers(need("DDPMScheduler")(), sigmas=sigmas)
+    with pytest.raises(InvalidArgumentError, match="num_inference_steps=4 but sigmas list 5"):
+        from_diffusers(need("FlowMatchEulerDiscreteScheduler")(), 4, sigmas=sigmas)
+    for bad, match in (([500, 600], "strictly decreasing"), ([1000, 5], r"\[0, 999\]"), ([500.5, 3], "integer"),
+                       ([500, -1], r"\[0, 999\]")):
+        with pytest.raises(InvalidArgumentError, match=match):
+            from_diffusers(need("DDPMScheduler")(), timesteps=bad)
+    with pytest.raises(InvalidArgumentError, match="needs num_inference_steps"):
+        from_diffusers(need("DDIMScheduler")())
+
+
+def test_pipelines_ignore_custom_timesteps_the_scheduler_held(unet2d, monkeypatch):
+    """diffusers' pipelines call set_timesteps(num_inference_steps), dropping custom timesteps the scheduler held:
+    so does DRiffusionPipeline (width 1 is the pipeline's loop, with our noise as its step noise)."""
+    import diffusers.schedulers.scheduling_ddpm as ddpm_module
+
+    pipe = _quiet(need("DDPMPipeline")(unet=unet2d, scheduler=need("DDPMScheduler")(timestep_spacing="trailing")))
+    noise = NoiseSource(9)
+    draws = []
+    monkeypatch.setattr(ddpm_module, "randn_tensor",
+                        lambda shape, generator=None, device=None, dtype=None: draws.append(0) or noise(len(draws) - 1, shape, dtype, device))
+    kw = dict(batch_size=1, num_inference_steps=4, output_type="pt")
+    pipe.scheduler.set_timesteps(timesteps=[900, 500, 100])
+    ours = DRiffusionPipeline(pipe, width=1)(generator=torch.Generator().manual_seed(1), noise=noise, **kw).images
+    ref = pipe(generator=torch.Generator().manual_seed(1), **kw).images
+    assert len(draws) == 4
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_from_diffusers_takes_any_integer_step_count():
@@ -731,6 +839,67 @@ def test_pipeline_errors(unet2d):
     with pytest.raises(InvalidArgumentError, match=r"DDIMPipeline with DRiffusion: .*'prompt'.* no prompt") as info:
         DRiffusionPipeline(pipe, width=2)(prompt="a cat", num_inference_steps=4, output_type="np")
     assert isinstance(info.value, TypeError)  # what Python raises for an unexpected keyword argument
+
+
+def test_generator_list_needs_one_generator_per_image(unet2d, unet_cond, vae):
+    """Two or four generators for three images are refused with a ValueError, as diffusers' DDIMPipeline and
+    StableDiffusionPipeline refuse them (DDPMPipeline's own randn_tensor fails on too few, takes too many)."""
+    gens = lambda n: [torch.Generator().manual_seed(i) for i in range(n)]
+    for pipe in (need("DDIMPipeline")(unet=unet2d, scheduler=need("DDIMScheduler")()),
+                 need("DDPMPipeline")(unet=unet2d, scheduler=need("DDPMScheduler")())):
+        for n in (2, 4):
+            with pytest.raises(InvalidArgumentError, match=f"list of {n} generators but the batch has 3 images") as info:
+                DRiffusionPipeline(_quiet(pipe), width=2)(batch_size=3, generator=gens(n), num_inference_steps=4)
+            assert isinstance(info.value, ValueError)
+            if type(pipe).__name__ == "DDIMPipeline":
+                with pytest.raises(ValueError, match=f"list of generators of length {n}"):
+                    pipe(batch_size=3, generator=gens(n), num_inference_steps=4)
+    sd = _sd_pipeline(unet_cond, need("DDIMScheduler")(steps_offset=1, clip_sample=False, **SD_BETAS), vae)
+    embeds = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(0))
+    for call in (sd, DRiffusionPipeline(sd, width=2)):  # prepare_latents (the pipeline's own) checks it
+        with pytest.raises(ValueError, match="list of generators of length 2"):
+            call(prompt_embeds=embeds, negative_prompt_embeds=embeds, generator=gens(2), num_inference_steps=2)
+
+
+@pytest.mark.parametrize("pipeline,scheduler,options", [("DDPMPipeline", "DDPMScheduler", {}),
+                                                        ("DDIMPipeline", "DDIMScheduler", dict(eta=1.0))])
+def test_generator_list_pins_each_image(pipeline, scheduler, options, unet2d):
+    """With a list of generators, image i (its initial noise and its step noise) depends on generator i alone,
+    as in diffusers' own pipeline (checked here too): image 1 of [g10, g11] is the image of [g11] alone."""
+    pipe = _quiet(need(pipeline)(unet=unet2d, scheduler=need(scheduler)(clip_sample=False)))
+    g = lambda seed: torch.Generator().manual_seed(seed)
+    kw = dict(num_inference_steps=6, output_type="pt", **options)
+    ref_pair = torch.as_tensor(pipe(batch_size=2, generator=[g(10), g(11)], **{**kw, "output_type": "np"}).images)
+    ref_alone = torch.as_tensor(pipe(batch_size=1, generator=[g(11)], **{**kw, "output_type": "np"}).images)
+    torch.testing.assert_close(ref_pair[1], ref_alone[0], rtol=1e-5, atol=1e-5)  # diffusers' own behaviour
+    for width in (1, 3):
+        fast = DRiffusionPipeline(pipe, width=width)
+        pair = fast(batch_size=2, generator=[g(10), g(11)], **kw).images
+        assert fast.last_output.rounds == expected_rounds(6, width)
+        alone = fast(batch_size=1, generator=[g(11)], **kw).images
+        swapped = fast(batch_size=2, generator=[g(12), g(11)], **kw).images
+        torch.testing.assert_close(pair[1], alone[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(swapped[1], alone[0], rtol=1e-5, atol=1e-5)
+        assert (swapped[0] - pair[0]).abs().max() > 1e-2  # generator 0 does move image 0
+
+
+def test_pipelines_take_only_their_own_arguments(unet2d):
+    """Arguments are read as the wrapped pipeline's __call__ reads them: DDPMPipeline refuses eta,
+    use_clipped_model_output and latents as diffusers does, and positional arguments follow its order."""
+    ddpm = _quiet(need("DDPMPipeline")(unet=unet2d, scheduler=need("DDIMScheduler")(clip_sample=False)))
+    for extra in (dict(eta=0.5), dict(use_clipped_model_output=True), dict(latents=torch.zeros(1, 3, 8, 8))):
+        (key,) = extra
+        with pytest.raises(TypeError, match=key):  # diffusers' own
+            ddpm(num_inference_steps=2, **extra)
+        with pytest.raises(InvalidArgumentError, match=rf"DDPMPipeline with DRiffusion: .*'{key}'.* It takes batch_size") as info:
+            DRiffusionPipeline(ddpm, width=2)(num_inference_steps=2, **extra)
+        assert isinstance(info.value, TypeError)
+    # DDIMPipeline.__call__(batch_size, generator, eta, num_inference_steps, ...)
+    ddim = _quiet(need("DDIMPipeline")(unet=unet2d, scheduler=need("DDIMScheduler")(clip_sample=False)))
+    g = lambda: torch.Generator().manual_seed(3)
+    ref = ddim(2, g(), 0.0, 5, output_type="pt").images
+    ours = DRiffusionPipeline(ddim, width=1)(2, g(), 0.0, 5, output_type="pt").images
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
 
 # ============================================================================ DPM-Solver++ (DPMSolverMultistepScheduler)

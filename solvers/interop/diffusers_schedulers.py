@@ -8,13 +8,17 @@ with the result reproduces the scheduler's own loop ``set_timesteps(T); for t: s
 Key (diffusers' names -> ours):
 
 * ``alphas_cumprod`` -> :class:`~driffusion_core.VPSchedule` table :math:`\bar\alpha_t` (taken from the
-  scheduler itself, so every ``beta_schedule``, ``trained_betas`` and ``rescale_betas_zero_snr`` is exact);
+  scheduler itself, so every ``beta_schedule``, ``trained_betas`` and ``rescale_betas_zero_snr`` is exact;
+  DDIM / DDPM refuse a table whose length is not ``num_train_timesteps``, over which diffusers spaces the steps);
 * DDIM ``final_alpha_cumprod`` (``set_alpha_to_one``) -> ``VPSchedule(final_alpha_cumprod=...)``; DDPM uses 1;
 * ``timestep_spacing``, ``steps_offset`` -> :meth:`VPSchedule.timesteps`; DDIM steps to
   ``t - num_train_timesteps // T`` (``step_to="stride"``), DDPM to the next listed timestep;
 * ``thresholding`` -> :class:`~driffusion_core.DynamicThreshold`, else ``clip_sample`` ->
   :class:`~driffusion_core.ClipSample` (diffusers' precedence);
 * DDPM ``variance_type`` fixed_small / fixed_small_log / fixed_large (None: fixed_small, as diffusers) -> :class:`~solvers.DDPMSkip`;
+* custom steps, as ``set_timesteps(timesteps=..., sigmas=...)`` takes them: DDPM ``timesteps`` (each step to the
+  next listed one, the last to -1), flow ``sigmas`` / ``timesteps`` (through the scheduler's own ``set_timesteps``);
+  a scheduler already holding custom ones that differ from the grid built here is refused unless they are passed;
 * flow sigmas (``shift`` or a later ``set_shift()``, ``use_dynamic_shifting`` with ``mu``, ``shift_terminal``,
   Karras / exponential / beta sigmas, linear time shift) -> read from the scheduler's own ``set_timesteps``
   on a private copy, so the grid is diffusers' own (the step is the same Euler step);
@@ -59,6 +63,15 @@ SUPPORTED_SCHEDULERS = (
 # None: diffusers' _get_variance matches no branch and keeps the posterior variance, i.e. fixed_small
 _DDPM_VARIANCE = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large",
                   None: "fixed_small"}
+# why the other variance types are refused, each its own reason
+_DDPM_REFUSED_VARIANCE = {
+    "learned": "the model predicts the log variance itself (2C output channels), which every draft would need; "
+               "DDPMSkip has fixed variances only",
+    "learned_range": "the model predicts where the variance lies between the fixed_small and fixed_large ones "
+                     "(2C output channels), which every draft would need; DDPMSkip has fixed variances only",
+    "fixed_large_log": "diffusers' own step takes the square root of a log variance there (its noise scale is "
+                       "exp(0.5 * sqrt(log beta_t)), not a variance DDPMSkip can express)",
+}
 
 
 def _config_keys(diffusers, name: str) -> frozenset:
@@ -131,8 +144,20 @@ def _x0_transform(cfg: Mapping[str, Any]):
     return None
 
 
-def _vp_schedule(scheduler, final_alpha_cumprod: float) -> VPSchedule:
-    return VPSchedule(scheduler.alphas_cumprod.detach().cpu(), final_alpha_cumprod=final_alpha_cumprod)
+def _vp_schedule(scheduler, cfg: Mapping[str, Any], final_alpha_cumprod: float, name: str) -> VPSchedule:
+    table = scheduler.alphas_cumprod.detach().cpu()
+    n_train = int(cfg.get("num_train_timesteps", 1000))
+    if len(table) != n_train:
+        # diffusers spaces the timesteps over config.num_train_timesteps but indexes this table with them:
+        # a VPSchedule of the table would space them over its length instead, a silently different grid
+        raise InvalidArgumentError(
+            f"{name} has {len(table)} alphas_cumprod entries (its trained_betas has {len(table)}) but "
+            f"num_train_timesteps={n_train}: diffusers spaces its timesteps over num_train_timesteps and looks "
+            f"them up in that table, a mismatch DRiffusion does not reproduce. Build the scheduler with "
+            f"num_train_timesteps=len(trained_betas), e.g. {name}(trained_betas=betas, "
+            f"num_train_timesteps={len(table)}), or pass {n_train} trained_betas."
+        )
+    return VPSchedule(table, final_alpha_cumprod=final_alpha_cumprod)
 
 
 def _trailing_off_by_one(name: str, num_train: int, num_inference_steps: int, last: Optional[int] = None) -> None:
@@ -172,7 +197,7 @@ def _vp_grid(schedule: VPSchedule, cfg: Mapping[str, Any], num_inference_steps: 
 
 
 def _ddim(scheduler, cfg, num_inference_steps: int, eta: float, use_clipped_model_output: bool):
-    schedule = _vp_schedule(scheduler, float(scheduler.final_alpha_cumprod))
+    schedule = _vp_schedule(scheduler, cfg, float(scheduler.final_alpha_cumprod), "DDIMScheduler")
     transition = DDIMSkip(
         schedule,
         prediction=cfg.get("prediction_type", "epsilon"),
@@ -183,25 +208,83 @@ def _ddim(scheduler, cfg, num_inference_steps: int, eta: float, use_clipped_mode
     return transition, _vp_grid(schedule, cfg, num_inference_steps, "stride", "DDIMScheduler")
 
 
-def _ddpm(scheduler, cfg, num_inference_steps: int):
+def _custom_ddpm_timesteps(timesteps: Any, n_train: int) -> torch.Tensor:
+    """DDPMScheduler's ``set_timesteps(timesteps=...)`` list, checked: integers, strictly decreasing, in [0, N)."""
+    try:
+        values = torch.as_tensor(np.asarray(timesteps.detach().cpu() if isinstance(timesteps, torch.Tensor) else timesteps,
+                                            dtype=np.float64))
+    except (TypeError, ValueError):
+        values = None
+    if values is None or values.dim() != 1 or len(values) == 0 or not bool(torch.isfinite(values).all()):
+        raise InvalidArgumentError(
+            f"timesteps must be a non-empty 1-D list of integer training timesteps, e.g. [999, 700, 400, 100], "
+            f"got {timesteps!r}."
+        )
+    if not torch.equal(values, values.round()):
+        raise InvalidArgumentError(
+            f"DDPMScheduler's custom timesteps are integer training timesteps (diffusers casts them to int64), got "
+            f"{values.tolist()}; round them, e.g. [round(t) for t in timesteps]."
+        )
+    if bool((values[1:] >= values[:-1]).any()):
+        raise InvalidArgumentError(f"Custom timesteps must be strictly decreasing (as diffusers requires), got {values.tolist()}.")
+    if values[0] >= n_train or values[-1] < 0:
+        raise InvalidArgumentError(
+            f"Custom timesteps must lie in [0, {n_train - 1}] (num_train_timesteps={n_train}), got {values.tolist()}."
+        )
+    return values
+
+
+def _ddpm(scheduler, cfg, num_inference_steps: Optional[int], timesteps: Any = None, check_held: bool = True):
     variance_type = cfg.get("variance_type", "fixed_small")
     if variance_type not in _DDPM_VARIANCE:
+        why = _DDPM_REFUSED_VARIANCE.get(variance_type, "it is not one of diffusers' variance types")
         raise InvalidArgumentError(
-            f"DDPMScheduler variance_type={variance_type!r} is not supported: DRiffusion takes "
-            f"{', '.join(map(str, _DDPM_VARIANCE))} (learned variances need the model's variance output at every draft, "
-            f"and diffusers' own step takes the square root of a log for 'fixed_large_log')."
+            f"DDPMScheduler variance_type={variance_type!r} is not supported: {why}. DRiffusion takes "
+            f"{', '.join(map(repr, _DDPM_VARIANCE))} (None is fixed_small, as in diffusers), e.g. "
+            f"DDPMScheduler.from_config(config, variance_type='fixed_small')."
         )
-    schedule = _vp_schedule(scheduler, 1.0)
+    schedule = _vp_schedule(scheduler, cfg, 1.0, "DDPMScheduler")
     transition = DDPMSkip(
         schedule,
         prediction=cfg.get("prediction_type", "epsilon"),
         variance_type=_DDPM_VARIANCE[variance_type],
         x0_transform=_x0_transform(cfg),
     )
-    return transition, _vp_grid(schedule, cfg, num_inference_steps, "next", "DDPMScheduler")
+    if timesteps is not None:  # diffusers steps from each listed timestep to the next, the last to -1
+        t_from = _custom_ddpm_timesteps(timesteps, schedule.num_train_timesteps)
+        t_to = torch.cat([t_from[1:], t_from.new_tensor([-1.0])])
+        grid = TimeGrid(t_from, t_to, t_from.long(), schedule.kind)
+        schedule.validate(grid)
+        return transition, grid
+    grid = _vp_grid(schedule, cfg, num_inference_steps, "next", "DDPMScheduler")
+    if check_held and getattr(scheduler, "custom_timesteps", False):  # set_timesteps(timesteps=...) on it
+        held = scheduler.timesteps.detach().cpu()
+        if not torch.equal(held.to(grid.model_times.dtype), grid.model_times):
+            _refuse_held("DDPMScheduler", f"custom timesteps {held.tolist()} (set_timesteps(timesteps=...))",
+                         num_inference_steps, "timesteps=scheduler.timesteps.tolist()")
+    return transition, grid
 
 
-def _flow(scheduler, cfg, num_inference_steps: int, mu: Optional[float]):
+def _length(values: Any) -> Optional[int]:
+    try:
+        return len(values)
+    except TypeError:
+        return None
+
+
+def _refuse_held(name: str, what: str, num_inference_steps: Optional[int], pass_them: str):
+    built = (f"the {num_inference_steps} steps from_diffusers(scheduler, {num_inference_steps}) builds from its config"
+             if num_inference_steps is not None else "no grid: num_inference_steps is missing")
+    raise InvalidArgumentError(
+        f"This {name} holds {what}, which differ from {built}; from_diffusers reads the config, not the "
+        f"scheduler's state, so that loop would not be reproduced. To reproduce it, pass them: "
+        f"from_diffusers(scheduler, {pass_them}); to sample with the config's own timesteps instead, call "
+        f"scheduler.set_timesteps(num_inference_steps) first (or pass scheduler.config)."
+    )
+
+
+def _flow(scheduler, cfg, num_inference_steps: Optional[int], mu: Optional[float], sigmas: Any = None,
+          timesteps: Any = None, check_held: bool = True):
     for option in ("invert_sigmas", "stochastic_sampling"):
         if cfg.get(option, False):
             raise InvalidArgumentError(
@@ -221,13 +304,87 @@ def _flow(scheduler, cfg, num_inference_steps: int, mu: Optional[float]):
     # The sigmas are the scheduler's own set_timesteps, on a copy so the user's is untouched: it spans
     # sigma_max..sigma_min as computed at construction (set_shift() does not move them) and applies
     # shift_terminal, Karras / exponential / beta sigmas and the linear time shift.
-    probe = copy.deepcopy(scheduler)
-    probe.set_timesteps(num_inference_steps, device="cpu", **({"mu": mu} if mu is not None else {}))
-    sigmas = probe.sigmas.detach().cpu()
-    grid = TimeGrid(sigmas[:-1].to(torch.float64), sigmas[1:].to(torch.float64), probe.timesteps.detach().cpu().clone(),
-                    schedule.kind)
+    mu_kw = {"mu": mu} if mu is not None else {}
+    if sigmas is not None or timesteps is not None:  # custom: through the scheduler's own set_timesteps
+        custom = {k: (v.detach().cpu().tolist() if isinstance(v, torch.Tensor) else v)
+                  for k, v in (("sigmas", sigmas), ("timesteps", timesteps)) if v is not None}
+        for key, v in custom.items():
+            arr = np.asarray(v, dtype=object)
+            if arr.ndim != 1 or len(arr) == 0:
+                raise InvalidArgumentError(f"{key} must be a non-empty 1-D list of numbers, got {v!r}.")
+        if "sigmas" in custom and "timesteps" in custom and len(custom["sigmas"]) != len(custom["timesteps"]):
+            raise InvalidArgumentError(
+                f"sigmas and timesteps must have the same length (one model timestep per sigma, as diffusers "
+                f"requires), got {len(custom['sigmas'])} and {len(custom['timesteps'])}."
+            )
+        sig, ts = _flow_probe(scheduler, num_inference_steps, **mu_kw, **custom)
+        if bool((ts[1:] == ts[0]).any()):
+            # diffusers' index_for_timestep starts at the second occurrence of the first timestep
+            raise InvalidArgumentError(
+                f"The custom timesteps list their first value {ts[0].item():g} twice: diffusers' step would start "
+                f"at its second occurrence and skip steps. Give distinct timesteps."
+            )
+    else:
+        sig, ts = _flow_probe(scheduler, num_inference_steps, **mu_kw)
+        held_n = getattr(scheduler, "num_inference_steps", None)
+        if check_held and held_n is not None and not _same_flow(scheduler, sig, ts):
+            # set_timesteps was called on it: its grid is either set_timesteps(held_n) (any step count, fine)
+            # or custom sigmas / timesteps (or another mu / shift), which from_diffusers would drop
+            if not _held_flow_is_standard(scheduler, held_n, mu, dynamic):
+                _refuse_held("FlowMatchEulerDiscreteScheduler",
+                             f"sigmas / timesteps from an earlier set_timesteps that are not set_timesteps({held_n}"
+                             f"{', mu=...' if dynamic else ''}) with its current shift (custom sigmas= or "
+                             f"timesteps=, or a shift changed since)",
+                             num_inference_steps,
+                             "sigmas=..., timesteps=... as given to set_timesteps")
+    grid = TimeGrid(sig[:-1].to(torch.float64), sig[1:].to(torch.float64), ts, schedule.kind)
     schedule.validate(grid)
     return transition, grid
+
+
+def _flow_probe(scheduler, num_inference_steps: Optional[int], **kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The sigmas (with the final 0) and timesteps of the scheduler's own set_timesteps, run on a copy."""
+    probe = copy.deepcopy(scheduler)
+    try:
+        probe.set_timesteps(num_inference_steps, device="cpu", **kwargs)
+    except ValueError as e:  # diffusers' own check of custom sigmas / timesteps (e.g. their lengths)
+        raise InvalidArgumentError(f"FlowMatchEulerDiscreteScheduler.set_timesteps refused these arguments: {e}") from None
+    return probe.sigmas.detach().cpu().clone(), probe.timesteps.detach().cpu().clone()
+
+
+def _held_flow_is_standard(scheduler, held_n: int, mu: Optional[float], dynamic: bool) -> bool:
+    """Whether the scheduler's sigmas are its own ``set_timesteps(held_n)`` (no custom sigmas / timesteps).
+
+    With dynamic shifting the mu of that call is not kept: it is solved for (bisection on the second sigma,
+    which grows with mu) and the held sigmas and timesteps compared to float32 rounding.
+    """
+    if _same_flow(scheduler, *_flow_probe(scheduler, held_n, **({"mu": mu} if mu is not None else {}))):
+        return True
+    held = scheduler.sigmas.detach().cpu().to(torch.float64)
+    if not dynamic or held_n < 2 or len(held) != held_n + 1:
+        return False
+    linear = scheduler.config.get("time_shift_type", "exponential") == "linear"  # mu > 0 there: search log mu
+    probe = copy.deepcopy(scheduler)
+
+    def sigmas_at(u: float) -> torch.Tensor:
+        probe.set_timesteps(held_n, device="cpu", mu=float(np.exp(u)) if linear else u)
+        return probe.sigmas.detach().cpu().to(torch.float64)
+
+    lo, hi = -30.0, 30.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if float(sigmas_at(mid)[1]) < float(held[1]) else (lo, mid)
+    found = sigmas_at(0.5 * (lo + hi))
+    held_t = scheduler.timesteps.detach().cpu().to(torch.float64)
+    return (torch.allclose(found, held, rtol=1e-5, atol=1e-6)
+            and torch.allclose(probe.timesteps.detach().cpu().to(torch.float64), held_t, rtol=1e-5, atol=1e-3))
+
+
+def _same_flow(scheduler, sigmas: torch.Tensor, timesteps: torch.Tensor) -> bool:
+    """Whether the scheduler holds exactly these sigmas and timesteps."""
+    held_s, held_t = scheduler.sigmas.detach().cpu(), scheduler.timesteps.detach().cpu()
+    return (held_s.shape == sigmas.shape and held_t.shape == timesteps.shape
+            and torch.equal(held_s.to(sigmas.dtype), sigmas) and torch.equal(held_t.to(timesteps.dtype), timesteps))
 
 
 # DPMSolverMultistepScheduler's sigma options: each puts the levels between training timesteps
@@ -278,6 +435,14 @@ def _dpm(scheduler, cfg, num_inference_steps: int):
     # which a VPSchedule (alpha-bar never increasing) cannot hold: those entries are raised to 2**-24,
     # and a grid that visits one of them is refused below (diffusers would step *up* in noise there).
     table = scheduler.alphas_cumprod.detach().cpu().to(torch.float64)
+    n_train = int(cfg.get("num_train_timesteps", 1000))
+    if len(table) < n_train:  # its timesteps would index past the table (a longer one is read as diffusers reads it)
+        raise InvalidArgumentError(
+            f"DPMSolverMultistepScheduler has {len(table)} alphas_cumprod entries (its trained_betas has "
+            f"{len(table)}) but num_train_timesteps={n_train}: its timesteps run up to {n_train - 1}, past the "
+            f"table. Build it with num_train_timesteps=len(trained_betas), e.g. DPMSolverMultistepScheduler("
+            f"trained_betas=betas, num_train_timesteps={len(table)})."
+        )
     monotone = torch.flip(torch.cummax(torch.flip(table, [0]), 0).values, [0])
     raised = monotone != table
     schedule = VPSchedule(monotone, final_alpha_cumprod=1.0)
@@ -329,11 +494,13 @@ def _dpm(scheduler, cfg, num_inference_steps: int):
 
 def from_diffusers(
     scheduler_or_config: Any,
-    num_inference_steps: int,
+    num_inference_steps: Optional[int] = None,
     mu: Optional[float] = None,
     *,
     eta: float = 0.0,
     use_clipped_model_output: bool = False,
+    timesteps: Any = None,
+    sigmas: Any = None,
 ) -> Tuple[SkipTransition, TimeGrid]:
     """The skip transition and time grid that reproduce a diffusers scheduler's sampling loop.
 
@@ -342,7 +509,8 @@ def from_diffusers(
             ``DPMSolverMultistepScheduler`` (DPM-Solver++ of order 1 or 2), or its ``config`` (a mapping;
             its class is its ``_class_name``, or the supported class whose options are exactly the
             config's keys; instantiating it needs diffusers).
-        num_inference_steps: T, the number of model calls (as ``scheduler.set_timesteps(T)``).
+        num_inference_steps: T, the number of model calls (as ``scheduler.set_timesteps(T)``); may be left
+            out when ``timesteps`` or ``sigmas`` are given (else it must equal their length).
         mu: the dynamic shift of a flow scheduler with ``use_dynamic_shifting=True`` (as
             ``set_timesteps(T, mu=mu)``); ignored otherwise, as diffusers does.
         eta: DDIM's eta (``scheduler.step(..., eta=eta)``); the transition is stochastic for eta > 0,
@@ -350,6 +518,11 @@ def from_diffusers(
             ``variance_noise``.
         use_clipped_model_output: DDIM's ``use_clipped_model_output`` (re-derive eps_hat from the
             clipped x0_hat).
+        timesteps: custom timesteps, as ``set_timesteps(timesteps=...)``: ``DDPMScheduler`` (integers,
+            decreasing; each step goes to the next listed one, the last to the clean end) and
+            ``FlowMatchEulerDiscreteScheduler`` (the model times; with ``sigmas`` or alone, as diffusers).
+        sigmas: custom sigmas of a ``FlowMatchEulerDiscreteScheduler``, as ``set_timesteps(sigmas=...)``
+            (shifted as the scheduler shifts them; the final 0 is appended).
 
     Returns:
         ``(transition, grid)``: a :class:`~driffusion_core.SkipTransition` (``DDIMSkip``, ``DDPMSkip``,
@@ -357,17 +530,52 @@ def from_diffusers(
         ``model_times`` are the timesteps diffusers passes to the model.
 
     The scheduler is only read (a flow or DPM-Solver scheduler's grid comes from ``set_timesteps`` on a
-    copy). Options it cannot reproduce raise :class:`~driffusion_core.errors.InvalidArgumentError` naming them.
+    copy). A DDPM or flow scheduler that already holds custom timesteps / sigmas (an earlier
+    ``set_timesteps(timesteps=..., sigmas=...)``) other than the grid built here is refused: pass them.
+    Options it cannot reproduce raise :class:`~driffusion_core.errors.InvalidArgumentError` naming them.
     """
+    return _from_diffusers(scheduler_or_config, num_inference_steps, mu, eta, use_clipped_model_output,
+                           timesteps, sigmas, check_held=True)
+
+
+def _from_diffusers(scheduler_or_config, num_inference_steps, mu, eta, use_clipped_model_output, timesteps, sigmas,
+                    check_held: bool):
+    """:func:`from_diffusers`; ``check_held=False`` for diffusers' pipelines, whose ``__call__`` runs
+    ``set_timesteps(num_inference_steps)`` itself and so drops custom timesteps the scheduler held."""
     scheduler, name = _as_scheduler(scheduler_or_config)
     cfg = dict(scheduler.config)
-    num_inference_steps = as_count(num_inference_steps, "num_inference_steps", 1)
     if name != "DDIMScheduler" and (eta != 0.0 or use_clipped_model_output):
         raise InvalidArgumentError(f"eta and use_clipped_model_output are DDIMScheduler options; {name} has neither.")
+    custom = {k: v for k, v in (("timesteps", timesteps), ("sigmas", sigmas)) if v is not None}
+    takes = {"DDPMScheduler": ("timesteps",), "FlowMatchEulerDiscreteScheduler": ("timesteps", "sigmas")}.get(name, ())
+    for key in custom:
+        if key not in takes:
+            has = f"takes only {' and '.join(takes)}" if takes else "takes neither custom timesteps nor sigmas"
+            raise InvalidArgumentError(
+                f"from_diffusers({key}=...) is not supported for {name}: here {name} {has}. Pass "
+                f"num_inference_steps (its timestep_spacing places the steps), or build your own TimeGrid."
+            )
+    if custom:
+        lengths = [_length(v) for v in custom.values()]
+        if num_inference_steps is not None and set(lengths) != {num_inference_steps}:
+            raise InvalidArgumentError(
+                f"num_inference_steps={num_inference_steps!r} but {' and '.join(custom)} list "
+                f"{' and '.join(map(str, lengths))} values: "
+                f"leave num_inference_steps out with custom {' / '.join(custom)} (their length is the step count)."
+            )
+    else:
+        if num_inference_steps is None:
+            raise InvalidArgumentError(
+                "from_diffusers needs num_inference_steps (as scheduler.set_timesteps(num_inference_steps)), or "
+                "custom timesteps= / sigmas= where the scheduler takes them."
+            )
+        num_inference_steps = as_count(num_inference_steps, "num_inference_steps", 1)
     if name == "DDIMScheduler":
         return _ddim(scheduler, cfg, num_inference_steps, float(eta), bool(use_clipped_model_output))
     if name == "DDPMScheduler":
-        return _ddpm(scheduler, cfg, num_inference_steps)
+        return _ddpm(scheduler, cfg, None if custom else num_inference_steps, timesteps,
+                     check_held and scheduler is scheduler_or_config)
     if name == "DPMSolverMultistepScheduler":
         return _dpm(scheduler, cfg, num_inference_steps)
-    return _flow(scheduler, cfg, num_inference_steps, mu)
+    return _flow(scheduler, cfg, None if custom else num_inference_steps, mu, sigmas, timesteps,
+                 check_held and scheduler is scheduler_or_config)

@@ -32,7 +32,7 @@ from driffusion_core.executor import Executor
 from driffusion_core.noise import NoiseSource
 from driffusion_core.scheduler import DraftRefineScheduler, SampleOutput
 from solvers.interop.diffusers_models import DiffusersPredictor
-from solvers.interop.diffusers_schedulers import from_diffusers
+from solvers.interop.diffusers_schedulers import _from_diffusers
 
 __all__ = ["DRiffusionPipeline", "calculate_shift", "pipeline_family"]
 
@@ -67,12 +67,56 @@ def calculate_shift(image_seq_len: int, config: Mapping[str, Any]) -> float:
     return image_seq_len * m + (b0 - m * l0)
 
 
-def _noise_for(generator, noise: Optional[NoiseSource]) -> Optional[NoiseSource]:
-    """The per-step noise: the given NoiseSource, else one seeded from the pipeline's generator."""
+def _seed_from(g: torch.Generator) -> int:
+    return int(torch.randint(0, 2**62, (1,), generator=g, device=g.device).item())
+
+
+class _PerImageNoise(NoiseSource):
+    """Per-step noise whose row b comes from its own :class:`NoiseSource` (seeded from generator b): with a
+    list of generators, image b's noise depends on its generator alone, not on the other images'."""
+
+    def __init__(self, seeds):
+        super().__init__(seeds[0])
+        self.sources = [NoiseSource(seed) for seed in seeds]
+
+    def __call__(self, step, shape, dtype=torch.float32, device=None):
+        shape = tuple(shape)
+        if not shape or shape[0] != len(self.sources):
+            raise InvalidArgumentError(
+                f"This noise has one stream per generator ({len(self.sources)}) but was asked for shape {shape}: "
+                f"the batch dimension must be the number of generators."
+            )
+        return torch.stack([source(step, shape[1:], dtype, device) for source in self.sources])
+
+    def __repr__(self) -> str:
+        return f"NoiseSource per image (seeds {[source.seed for source in self.sources]})"
+
+
+def _check_generators(generator, batch: int) -> None:
+    """A list of generators has one per image (as diffusers' prepare_latents requires)."""
+    if isinstance(generator, (list, tuple)) and len(generator) != batch:
+        raise InvalidArgumentError(
+            f"You passed a list of {len(generator)} generators but the batch has {batch} images: pass one generator "
+            f"per image (a list of {batch}), or a single torch.Generator for the whole batch."
+        )
+
+
+def _noise_for(generator, noise: Optional[NoiseSource], batch: int) -> Optional[NoiseSource]:
+    """The per-step noise: the given NoiseSource, else one seeded from the pipeline's generator; with a list
+    of generators, each image's rows from a stream seeded from its own generator."""
     if noise is not None or generator is None:
         return noise
-    g = generator[0] if isinstance(generator, (list, tuple)) else generator
-    return NoiseSource(int(torch.randint(0, 2**62, (1,), generator=g, device=g.device).item()))
+    if isinstance(generator, (list, tuple)):
+        _check_generators(generator, batch)
+        return _PerImageNoise([_seed_from(g) for g in generator])
+    return NoiseSource(_seed_from(generator))
+
+
+def _scheduler_grid(scheduler: Any, num_inference_steps: int, mu: Optional[float] = None, eta: float = 0.0,
+                    use_clipped_model_output: bool = False):
+    """from_diffusers for a pipeline's scheduler: the pipelines call ``set_timesteps(num_inference_steps)``
+    themselves, which drops custom timesteps the scheduler held, so those are not refused here."""
+    return _from_diffusers(scheduler, num_inference_steps, mu, eta, use_clipped_model_output, None, None, check_held=False)
 
 
 def _ddim_only(scheduler: Any, options: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -106,10 +150,12 @@ class DRiffusionPipeline:
             halves in one model call).
         progress: show a progress bar.
 
-    Calling it takes the pipeline's own keyword arguments (``prompt_embeds``, ``num_inference_steps``,
-    ``guidance_scale``, ``generator``, ``output_type``, ``height``/``width`` of the image, ...) plus
-    ``noise``: a :class:`~driffusion_core.NoiseSource` for stochastic schedulers (default: seeded from
-    ``generator``). It returns what the pipeline returns; the sampler's counts are in ``last_output``
+    Calling it takes the pipeline's own arguments (``prompt_embeds``, ``num_inference_steps``,
+    ``guidance_scale``, ``generator``, ``output_type``, ``height``/``width`` of the image, ...; positional
+    ones in the order of the pipeline's ``__call__``, and only those it takes) plus ``noise``: a
+    :class:`~driffusion_core.NoiseSource` for stochastic schedulers (default: seeded from ``generator``;
+    with a list of generators, one per image, each image's rows from its own generator). It returns what
+    the pipeline returns; the sampler's counts are in ``last_output``
     (:class:`~driffusion_core.SampleOutput`: ``.rounds``, ``.evals``).
     """
 
@@ -139,18 +185,33 @@ class DRiffusionPipeline:
         """The pipeline's call (same arguments, same output type), its denoising loop run with DRiffusion."""
         run = {"unconditional": self._unconditional, "stable_diffusion": self._stable_diffusion,
                "stable_diffusion_3": self._stable_diffusion_3}[self.family]
-        signature = inspect.signature(run)
-        params = signature.parameters
+        ours = inspect.signature(run).parameters
+        name = type(self.pipe).__name__
+        # the arguments as the wrapped pipeline's own __call__ takes them: its names (positional arguments
+        # in its order) and only those it accepts, so DDPMPipeline refuses eta as diffusers does
+        theirs = inspect.signature(self.pipe.__call__).parameters
+        open_ended = any(p.kind is p.VAR_KEYWORD for p in theirs.values())
+        accepted = [p for p in ours if p == "noise" or p in theirs or open_ended]
+        takes = (f"It takes {', '.join(accepted)} (the {'unconditional' if self.family == 'unconditional' else 'pipeline'}'s "
+                 f"own arguments{', no prompt' if self.family == 'unconditional' else ''}, plus noise).")
+        noise = kwargs.pop("noise", None)
         try:
-            signature.bind(*args, **kwargs)
+            bound = inspect.Signature([p for p in theirs.values() if p.kind is not p.VAR_POSITIONAL]).bind(*args, **kwargs)
         except TypeError as e:
+            raise UnexpectedArgumentError(f"{name} with DRiffusion: {e}. {takes}") from None
+        given = {}
+        for key, value in bound.arguments.items():
+            given.update(value if theirs[key].kind is theirs[key].VAR_KEYWORD else {key: value})
+        unsupported = [key for key in given if key not in ours]
+        if unsupported:
             raise UnexpectedArgumentError(
-                f"{type(self.pipe).__name__} with DRiffusion: {e}. It takes "
-                f"{', '.join(params)} (the {'unconditional' if self.family == 'unconditional' else 'pipeline'}'s "
-                f"own arguments{', no prompt' if self.family == 'unconditional' else ''}, plus noise)."
-            ) from None
+                f"{name} with DRiffusion: {', '.join(map(repr, unsupported))} {'is' if len(unsupported) == 1 else 'are'} "
+                f"not supported (DRiffusion replaces the denoising loop). {takes}"
+            )
+        if noise is not None:
+            given["noise"] = noise
         with torch.no_grad():
-            return run(*args, **kwargs)
+            return run(**given)
 
     # ----------------------------------------------------------------- DDPM / DDIM pipelines
     def _unconditional(
@@ -176,11 +237,13 @@ class DRiffusionPipeline:
         size = unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         shape = (batch_size, unet.config.in_channels, *size)
+        _check_generators(generator, batch_size)  # as DDIMPipeline (DDPMPipeline's randn_tensor fails on too few)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=pipe._execution_device, dtype=unet.dtype)
         extra = {"eta": eta, "use_clipped_model_output": bool(use_clipped_model_output)} if eta or use_clipped_model_output else {}
-        transition, grid = from_diffusers(pipe.scheduler, num_inference_steps, **_ddim_only(pipe.scheduler, extra))
-        image = self._sample(unet, 1.0, transition, grid, latents, {}, _noise_for(generator, noise) if transition.stochastic else None)
+        transition, grid = _scheduler_grid(pipe.scheduler, num_inference_steps, **_ddim_only(pipe.scheduler, extra))
+        image = self._sample(unet, 1.0, transition, grid, latents, {},
+                             _noise_for(generator, noise, latents.shape[0]) if transition.stochastic else None)
         image = (image / 2 + 0.5).clamp(0, 1)
         if output_type != "pt":
             image = image.cpu().permute(0, 2, 3, 1).numpy()
@@ -231,11 +294,12 @@ class DRiffusionPipeline:
         )
         batch = prompt_embeds.shape[0]
         latents = pipe.prepare_latents(batch, unet.config.in_channels, height, width, prompt_embeds.dtype, device, generator, latents)
-        transition, grid = from_diffusers(pipe.scheduler, num_inference_steps, **_ddim_only(pipe.scheduler, {"eta": eta}))
+        transition, grid = _scheduler_grid(pipe.scheduler, num_inference_steps, **_ddim_only(pipe.scheduler, {"eta": eta}))
         cond = {"encoder_hidden_states": prompt_embeds, "negative_encoder_hidden_states": negative_prompt_embeds if do_cfg else None}
         model_kwargs = {"cross_attention_kwargs": cross_attention_kwargs} if cross_attention_kwargs else None
         latents = self._sample(unet, guidance_scale, transition, grid, latents, cond,
-                               _noise_for(generator, noise) if transition.stochastic else None, model_kwargs, guidance_rescale)
+                               _noise_for(generator, noise, latents.shape[0]) if transition.stochastic else None,
+                               model_kwargs, guidance_rescale)
         if output_type == "latent":
             image, nsfw = latents, None
         else:
@@ -306,7 +370,7 @@ class DRiffusionPipeline:
         if pipe.scheduler.config.get("use_dynamic_shifting", False) and mu is None:
             patch = model.config.patch_size
             mu = calculate_shift((latents.shape[2] // patch) * (latents.shape[3] // patch), pipe.scheduler.config)
-        transition, grid = from_diffusers(pipe.scheduler, num_inference_steps, mu=mu)
+        transition, grid = _scheduler_grid(pipe.scheduler, num_inference_steps, mu=mu)
         cond = {"encoder_hidden_states": pe, "pooled_projections": ppe}
         if do_cfg:
             cond.update(negative_encoder_hidden_states=npe, negative_pooled_projections=nppe)
