@@ -120,6 +120,8 @@ def render_summary(results: dict) -> str:
     if dist:
         lines.append(f"  DistributedExecutor, 2 processes ({dist.get('mlp', 'MLP')}): {dist['distributed_s']:.3f} s vs serial "
                      f"{dist['serial_s']:.3f} s, speedup {dist['speedup']:.2f}x (rounds {dist['ideal_speedup']:.2f}x)")
+        if results.get("config", {}).get("name") == "quick":
+            lines.append("    " + QUICK_DISTRIBUTED_CAVEAT.format(steps=dist.get("steps", "?")))
     grids = results.get("grids", {}).get("result")
     if grids:
         lines.append(f"  grid study: DRiffusion closer to serial than step skipping in {grids['settings'] - grids['worse_count']} "
@@ -233,11 +235,16 @@ time per round minus one call, over one call; `matches_serial_executor`: the 2-p
 the one-process `SerialExecutor` sample bit for bit."""
 
 
+QUICK_DISTRIBUTED_CAVEAT = ("Quick run: this distributed row is not representative (a short grid, T = {steps}, and fewer "
+                            "repeats per timing); the speedup to quote is the full run's (`make bench`).")
+
+
 QUALITY_INTRO = """Every row starts from the same noise x_T and (for DDPM) the same per-step noise. Columns:
 rounds = sequential rounds of model calls (the latency on n devices); calls = model calls in total;
 RMSE to serial = root-mean-square distance to the serial sampler's output from the same noise (0 means
-identical); the distances to the data are measured against true data (lower is better, and the
-*data floor* row is an independent set of true data: no sampler can beat it by more than noise);
+identical); the distances to the data are measured against true data (lower is better; the
+*data floor* row scores an independent set of true data of the same size: differences smaller than
+the gap between the serial row and the floor are sampling noise);
 DRiffusion ÷ baseline = the matched DRiffusion row's RMSE divided by the baseline row's (below 1:
 DRiffusion is closer to the serial output at the same rounds and width). Picard at equal rounds is the
 best run of a tolerance sweep (τ) that finishes within the DRiffusion row's rounds, window n; the
@@ -300,6 +307,8 @@ def render_report(results: dict, plots: Dict[str, str]) -> str:
             out += [GRIDS_INTRO, "", markdown(val["result"]), ""]
         elif sec == "distributed":
             out += [DISTRIBUTED_INTRO, "", md_table(["quantity", "value"], [[k, fmt(v)] for k, v in val["result"].items()]), ""]
+            if cfg.get("name") == "quick":
+                out += [QUICK_DISTRIBUTED_CAVEAT.format(steps=val["result"].get("steps", "?")), ""]
         else:
             out += [PICARD_INTRO, "", _picard_md(val["result"]), ""]
     out += ["## Configuration", "", "```", *(f"{k} = {v}" for k, v in cfg.items() if k != "extra"), "```", ""]

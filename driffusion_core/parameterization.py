@@ -174,8 +174,9 @@ def reparameterize(predictor: Callable[..., torch.Tensor], schedule: Any, source
     returns: a serial sampler gives the same sample either way (to rounding), but a draft's prediction is
     applied at the refined state, not at the draft it was evaluated on, and which quantity it carries over
     matters. On the exact oracles an x0 ("sample") model's drafts are carried over worse than its
-    :math:`\hat\epsilon`'s (DDIM, T = 50, width 4: 0.4-2.3x step skipping's error as "sample", 0.1-0.65x
-    as "epsilon"), so wrap an x0 model as epsilon (VP) or velocity (flow) for DRiffusion.
+    :math:`\hat\epsilon`'s (ring oracle, DDIM on trailing and leading grids and flow, T = 50, width 4:
+    0.38-1.51x step skipping's error as "sample", 0.18-0.64x wrapped as "epsilon" / "velocity";
+    ``python -m benchmarks.x0_models``), so wrap an x0 model as epsilon (VP) or velocity (flow) for DRiffusion.
 
     The level is recovered from the model time the wrapper is called with: exact for VP's integer
     timesteps, but a flow grid's float32 model time :math:`\sigma N` gives :math:`\sigma` to float32

@@ -489,9 +489,11 @@ class DraftRefineScheduler:
             further from its anchor, so wide windows on short grids trade accuracy for rounds.
         mode: ``"aggressive"`` (about T/n rounds) or ``"conservative"`` (about 2T/(n+1) rounds: every
             window's anchor is evaluated exactly, one round of its own). Conservative is not uniformly
-            closer to the serial output: in our benchmarks it was for DDPM, flow and wide windows, while for
-            DDIM and DPM-Solver++ 2M at width 4 on trailing grids aggressive was as close in fewer rounds
-            (see the README's Results).
+            closer to the serial output. In the 14 quality tables of the committed benchmark
+            (``benchmarks/results/report.md``, trailing grids, T = 50) it was closer at width 2 in all 14
+            and for DDPM and flow at width 4 in all 6; for DDIM and DPM-Solver++ 2M at width 4, aggressive
+            was closer in fewer rounds in 5 of 8 tables, conservative in 3 (the 16-D mixture's DDIM and
+            2M tables, and the ring's 2M table by 2 %).
 
     Example::
 

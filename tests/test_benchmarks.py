@@ -942,3 +942,62 @@ def test_grid_study_rows_are_the_library_run_directly():
     assert set(clip) == {(1.4, True, False), (1.4, True, True), (0.7, True, False), (0.7, True, True), (1.4, False, None)}
     text = grid_study.markdown(res)
     assert text.count("**") == 2 * res["worse_count"] and f"{res['worse_count']} of {res['settings']}" in text
+
+
+def test_x0_models_study_is_the_library_run_directly(capsys):
+    """``python -m benchmarks.x0_models`` (the README's x0-model figures): each row's errors are DRiffusion's
+    and step skipping's RMSE to a direct serial run of the x0 oracle, or, wrapped, of the oracle's own epsilon /
+    velocity model (which ``reparameterize`` reproduces to rounding), and the printed table holds the ratios."""
+    from benchmarks import x0_models
+    from driffusion_core import FlowSchedule, VPSchedule
+    from solvers import DDIMSkip, FlowEulerSkip
+
+    T, n, B = 8, 3, 16
+    assert x0_models.main(["--batch", str(B), "--steps", str(T), "--width", str(n)]) == 0
+    (printed,) = _md_tables(capsys.readouterr().out)
+    rows = x0_models.run(batch=B, steps=T, width=n)
+    assert len(rows) == len(printed) == len(x0_models.SETTINGS) * 2 * len(x0_models.MODES)
+    mix = ring_mixture()
+    x = NoiseSource(1).initial((B, 2), torch.float64)
+    vp, flow = VPSchedule.linear(1000, 1e-4, 0.02), FlowSchedule(shift=3.0)
+    direct = {"trailing DDIM": (vp, vp.timesteps(T, "trailing", step_to="stride"), DDIMSkip, "epsilon"),
+              "flow (shift 3)": (flow, flow.timesteps(T), FlowEulerSkip, "velocity"),
+              "leading DDIM": (vp, vp.timesteps(T, "leading", step_to="stride"), DDIMSkip, "epsilon")}
+    for r, cells in zip(rows, printed):
+        schedule, grid, transition, target = direct[r["setting"]]
+        wrapped = r["model"] != "x0 model"
+        prediction = target if wrapped else "sample"
+        f, tr = mix.predictor(schedule, prediction), transition(schedule, prediction)
+        serial = sample_serial(f, x, tr, grid).x
+        out = DraftRefineScheduler(tr, grid, n, r["mode"]).sample(f, x)
+        skip = sample_step_skipping(f, x, tr, grid, out.rounds).x
+        rel = 1e-4 if wrapped else 1e-12
+        assert r["rounds"] == out.rounds == expected_rounds(T, n, r["mode"])
+        assert r["driffusion_rmse"] == pytest.approx(rmse(out.x, serial), rel=rel)
+        assert r["skipping_rmse"] == pytest.approx(rmse(skip, serial), rel=rel)
+        assert r["ratio"] == pytest.approx(r["driffusion_rmse"] / r["skipping_rmse"])
+        assert (cells["setting"], cells["model"], cells["mode"]) == (r["setting"], r["model"], r["mode"])
+        assert float(cells["ratio"]) == pytest.approx(r["ratio"], abs=0.006)
+
+
+@pytest.mark.parametrize("name", ["quick", "full"])
+def test_quick_report_says_its_distributed_row_is_not_representative(name):
+    """The quick run's distributed speedup (a short grid, few repeats) carries a caveat in the report and the
+    terminal summary; the full run's does not."""
+    from benchmarks.report import render_report, render_summary
+
+    dist = {"steps": 20 if name == "quick" else 50, "rounds": 11, "serial_s": 0.24, "distributed_s": 0.3,
+            "speedup": 0.8, "ideal_speedup": 1.82}
+    results = {"config": {"name": name, "seed_x": 1, "seed_noise": 2, "seed_data": 3},
+               "environment": {"date": "today", "torch": "x", "threads": 2, "machine": "m"},
+               "distributed": {"result": dist}}
+    report, summary = render_report(results, {}), render_summary(results)
+    caveat = "this distributed row is not representative"
+    section = report.split("## Distributed executor")[1].split("\n## ")[0]
+    if name == "quick":
+        assert caveat in section and "T = 20" in section
+        lines = summary.splitlines()
+        i = next(i for i, line in enumerate(lines) if "DistributedExecutor" in line)
+        assert caveat in lines[i + 1]  # right under the distributed row
+    else:
+        assert caveat not in report and caveat not in summary
