@@ -92,18 +92,23 @@ def iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
             yield from iter_tensors(v)
 
 
+def named_tensors(cond: Any, prefix: str = "cond") -> Iterator[Tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of ``cond``, nested ones named like
+    ``cond['added_cond_kwargs']['time_ids']``."""
+    if isinstance(cond, torch.Tensor):
+        yield prefix, cond
+    elif isinstance(cond, Mapping):
+        for k, v in cond.items():
+            yield from named_tensors(v, f"{prefix}[{k!r}]")
+    elif _is_sequence(cond):
+        for i, v in enumerate(cond):
+            yield from named_tensors(v, f"{prefix}[{i}]")
+
+
 def batched_tensors(cond: Any, prefix: str = "cond") -> Iterator[Tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of ``cond`` with a batch dimension (``dim() > 0``), nested ones
     named like ``cond['added_cond_kwargs']['time_ids']``."""
-    if isinstance(cond, torch.Tensor):
-        if cond.dim() > 0:
-            yield prefix, cond
-    elif isinstance(cond, Mapping):
-        for k, v in cond.items():
-            yield from batched_tensors(v, f"{prefix}[{k!r}]")
-    elif _is_sequence(cond):
-        for i, v in enumerate(cond):
-            yield from batched_tensors(v, f"{prefix}[{i}]")
+    return ((name, t) for name, t in named_tensors(cond, prefix) if t.dim() > 0)
 
 
 def even_shares(k: int, n: int) -> List[int]:

@@ -34,7 +34,7 @@ from driffusion_core.errors import (
     SamplingError,
     as_count,
 )
-from driffusion_core.executor import Executor, Predictor, SerialExecutor, batched_tensors
+from driffusion_core.executor import Executor, Predictor, SerialExecutor, batched_tensors, named_tensors
 from driffusion_core.grid import TimeGrid
 from driffusion_core.noise import NoiseSource
 from driffusion_core.transition import SkipTransition
@@ -202,19 +202,35 @@ def check_finite_sample(x: torch.Tensor, sampler: str) -> torch.Tensor:
     return x
 
 
-def input_version(x: torch.Tensor) -> Optional[int]:
-    """torch's in-place version counter of a model input (None for inference tensors, which have none)."""
-    return None if x.is_inference() else x._version
+def input_version(x: torch.Tensor, cond: Optional[Mapping[str, Any]] = None) -> Any:
+    """torch's in-place version counters of a model call's inputs: the state's (None for inference tensors,
+    which have none) and, with ``cond``, each conditioning tensor's."""
+    own = None if x.is_inference() else x._version
+    if cond is None:
+        return own
+    return own, [(name, t, t._version) for name, t in named_tensors(cond) if not t.is_inference()]
 
 
-def check_input_untouched(x: torch.Tensor, version: Optional[int], grid: TimeGrid, steps: List[int]) -> None:
+def check_input_untouched(x: torch.Tensor, version: Any, grid: TimeGrid, steps: List[int]) -> None:
     """Refuse a predictor that wrote into its input: the sampler still needs that state, and a serial
-    and a parallel sampler would silently part ways (one steps from the altered state, one not)."""
+    and a parallel sampler would silently part ways (one steps from the altered state, one not). With the
+    conditioning's counters (``input_version(x, cond)``) also a write into a conditioning tensor: the next
+    call would see other conditioning, and executors that pass copies (repeated or moved) would not."""
+    conds = []
+    if isinstance(version, tuple):
+        version, conds = version
     if version is not None and x._version != version:
         raise PredictorOutputError(
             f"The predictor modified its input x in place at {where_steps(grid, steps)}; the sampler still needs "
             f"that state. Work on a copy inside the model (e.g. x = x.clone() before an in-place op)."
         )
+    for name, t, v in conds:
+        if t._version != v:
+            raise PredictorOutputError(
+                f"The predictor modified the conditioning tensor {name} in place at {where_steps(grid, steps)}; "
+                f"every later call would see the changed value (and executors that pass copies would not). Work "
+                f"on a copy inside the model (clone the tensor before an in-place op)."
+            )
 
 
 def check_predictions(
@@ -268,7 +284,7 @@ def evaluate_round(
     sampler's guards: an exception gets a note saying where sampling was, and a predictor that wrote
     into its input is refused. The predictions are checked by the state's ``absorb``."""
     ts = grid.model_times[rnd.steps].to(x.device).unsqueeze(1).repeat(1, x.shape[0])  # its own memory, not a broadcast view
-    version = input_version(rnd.xs)
+    version = input_version(rnd.xs, cond)
     try:
         preds = executor.evaluate(predictor, rnd.xs, ts, cond)
     except Exception as e:

@@ -37,7 +37,7 @@ __all__ = ["sample_serial", "sample_step_skipping", "coarse_indices"]
 
 def _call(predictor, x, grid: TimeGrid, i: int, cond: dict) -> torch.Tensor:
     t = grid.model_times[i : i + 1].to(x.device).repeat(x.shape[0])  # its own memory: the model may write into t
-    version = input_version(x)
+    version = input_version(x, cond)
     try:
         pred = predictor(x, t, **cond)
     except Exception as e:

@@ -685,6 +685,30 @@ def test_a_predictor_that_writes_into_its_input_is_refused(mode):
         DraftRefineScheduler(DDIMSkip(schedule), grid, width=3, mode=mode).sample(lambda x, t: 0.1 * x, x)
 
 
+def test_a_predictor_that_writes_into_its_conditioning_is_refused():
+    """A model that changes a conditioning tensor in place would see another conditioning on every later call
+    under the serial executor (the batched one passes repeated copies): refused, naming the tensor and step."""
+    schedule = VPSchedule.linear()
+    grid = schedule.timesteps(8)
+
+    def in_place(x, t, extra):
+        extra["scale"].add_(1.0)
+        return 0.1 * x * extra["scale"][:, None]
+
+    def cond():
+        return {"extra": {"scale": torch.ones(3)}}
+
+    x = NoiseSource(0).initial((3, 2))
+    with pytest.raises(PredictorOutputError, match=r"conditioning tensor cond\['extra'\]\['scale'\] in place at step 0"):
+        sample_serial(in_place, x, DDIMSkip(schedule), grid, cond=cond())
+    with pytest.raises(PredictorOutputError, match=r"cond\['extra'\]\['scale'\] in place at step 0"):
+        DraftRefineScheduler(DDIMSkip(schedule), grid, width=3).sample(in_place, x, cond=cond())
+    # reading it is fine, and the result is the serial sampler's
+    reads = lambda x, t, extra: 0.1 * x * extra["scale"][:, None]  # noqa: E731
+    got = DraftRefineScheduler(DDIMSkip(schedule), grid, width=1).sample(reads, x, cond=cond()).x
+    assert torch.equal(got, sample_serial(reads, x, DDIMSkip(schedule), grid, cond=cond()).x)
+
+
 def test_vmap_executor_says_why_a_predictor_fails_under_vmap():
     """The built-in oracles use data-dependent control flow, which torch.func.vmap refuses; the error keeps
     torch's type and message and says what to use instead."""
