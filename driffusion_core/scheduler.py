@@ -143,13 +143,6 @@ def check_inputs(x: Any, cond: Optional[Mapping[str, Any]], what: str = "cond") 
     bad_keys = [k for k in cond if not isinstance(k, str)]
     if bad_keys:
         raise InvalidArgumentError(f"{what}'s keys are keyword-argument names and must be strings, got {bad_keys!r}.")
-    taken = [k for k in ("x", "t") if k in cond]
-    if taken:
-        raise InvalidArgumentError(
-            f"{what} has the key(s) {taken}, but the predictor is called as predictor(x, t, **{what}): x and t are "
-            f"the state and the model time. Rename the conditioning argument(s) (e.g. wrap the model: "
-            f"lambda x, t, **c: model(x, t, my_t=c['my_t']))."
-        )
     cond = dict(cond)
     for name, v in batched_tensors(cond, what):
         if v.device != x.device:

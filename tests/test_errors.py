@@ -580,14 +580,6 @@ def test_cond_that_is_not_a_dict(cond):
         scheduler().sample(eps_model, x0(), cond=cond)
 
 
-@pytest.mark.parametrize("key", ["x", "t"])
-def test_cond_keys_that_would_collide_with_x_or_t(key):
-    with pytest.raises(InvalidArgumentError, match=rf"cond has the key\(s\) \['{key}'\].*predictor\(x, t, \*\*cond\)"):
-        scheduler().sample(eps_model, x0(), cond={key: torch.zeros(3)})
-    with pytest.raises(InvalidArgumentError, match=r"Rename"):
-        sample_serial(eps_model, x0(), DDIMSkip(VP), GRID, cond={key: torch.zeros(3)})
-
-
 def test_nested_cond_with_the_wrong_batch_size_is_named():
     cond = {"added": {"text_embeds": torch.zeros(3, 4), "time_ids": torch.zeros(2, 6)}}
     with pytest.raises(InvalidArgumentError, match=r"cond\['added'\]\['time_ids'\] has leading dimension 2"):
