@@ -298,7 +298,7 @@ class PicardState:
         change = torch.stack(changes).cpu()
         var = self.sigma2[a + 1 : hi + 1]
         ratio = torch.where(var > 0, change / var.clamp(min=1e-300), torch.where(change > 0, math.inf, 0.0))
-        ok = (ratio <= self.tolerance**2).tolist()
+        ok = (ratio <= self.tolerance * self.tolerance).tolist()  # a float product overflows to inf, ** raises
         self.moved = {a + 1 + j: float(r) for j, r in enumerate(ratio.tolist())}
         lead = next((j for j, good in enumerate(ok) if not good), len(ok))
         new_a = a + min(1 + lead, hi - a)

@@ -261,3 +261,18 @@ def test_ve_x0_transform_sets_the_slope(prediction):
             window = tr.drafts(x, out, torch.tensor([t, (t + s) / 2], dtype=torch.float64),
                                torch.tensor([(t + s) / 2, s], dtype=torch.float64))
             torch.testing.assert_close(window[-1], want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("width", [1, 3])
+def test_a_state_that_overflows_is_reported(width):
+    """Finite denoiser outputs, but the float16 state overflows: refused as every other sampler refuses it
+    (the scheduler on the same grid is the reference)."""
+    from driffusion_core import DraftRefineScheduler, SamplingError
+
+    x = torch.full((2, 3), 6e4, dtype=torch.float16)
+    big = lambda x, sigma, **kw: torch.full_like(x, -6e4)  # noqa: E731
+    sigmas = torch.tensor([5e4, 2e4, 0.0])
+    with pytest.raises(SamplingError, match="DraftRefineScheduler: the sample holds NaN or inf"):
+        DraftRefineScheduler(VEEulerSkip(VESchedule(), prediction="sample"), sigmas_grid(sigmas, x.dtype), width).sample(big, x)
+    with pytest.raises(SamplingError, match="sample_driffusion: the sample holds NaN or inf"):
+        sample_driffusion(big, x, sigmas, width=width, disable=True)

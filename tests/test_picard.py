@@ -740,6 +740,15 @@ def test_a_state_that_overflows_is_reported():
         PicardScheduler(tr, grid, 2, 0.1).sample(huge, x)
 
 
+@pytest.mark.parametrize("tau", [1e155, 1e300, np.float64(1e200)])
+def test_a_tolerance_whose_square_overflows_acts_as_inf(tau):
+    """tau**2 beyond float range: every change passes, as with tau = inf (not an OverflowError after a round)."""
+    tr, grid, model, _ = family("ddim", 10)
+    got = PicardScheduler(tr, grid, 3, tau).sample(model, start(8))
+    ref = PicardScheduler(tr, grid, 3, math.inf).sample(model, start(8))
+    assert torch.equal(got.x, ref.x) and (got.rounds, got.evals) == (ref.rounds, ref.evals)
+
+
 def test_repr_states_the_settings():
     tr, grid, _, _ = family("ddim", 20)
     sched = PicardScheduler(tr, grid, 3, 0.25, max_rounds=9, init="frozen")

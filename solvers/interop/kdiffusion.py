@@ -21,7 +21,9 @@ import torch
 from driffusion_core.errors import InvalidArgumentError, InvalidTimestepsError
 from driffusion_core.executor import Executor, SerialExecutor
 from driffusion_core.grid import TimeGrid
-from driffusion_core.scheduler import DraftRefineScheduler, SampleOutput, check_inputs, evaluate_round
+from driffusion_core.scheduler import (
+    DraftRefineScheduler, SampleOutput, check_finite_sample, check_inputs, evaluate_round,
+)
 from solvers.ve import VEEulerSkip, VESchedule
 
 __all__ = ["sample_driffusion", "sigmas_grid"]
@@ -118,5 +120,6 @@ def sample_driffusion(
             bar.update(state.a - before)
     if bar is not None:
         bar.close()
-    out = SampleOutput(state.x, state.rounds, state.evals, info={"drafts_per_round": state.drafts_per_round})
+    x_final = check_finite_sample(state.x, "sample_driffusion")
+    out = SampleOutput(x_final, state.rounds, state.evals, info={"drafts_per_round": state.drafts_per_round})
     return out if return_output else out.x
