@@ -318,6 +318,21 @@ def test_custom_timesteps_held_by_a_scheduler_are_refused_not_dropped():
         from_diffusers(need("DDIMScheduler")())
 
 
+def test_dpm_solver_holding_custom_timesteps_is_refused_not_dropped():
+    """DPMSolverMultistepScheduler.set_timesteps(timesteps=...) sets no flag: held timesteps that its own
+    set_timesteps(n) does not give are custom, and refused (a plain set_timesteps(n) held is fine)."""
+    scheduler = need("DPMSolverMultistepScheduler")()
+    scheduler.set_timesteps(7)
+    _, grid = from_diffusers(scheduler, 10)
+    fresh = need("DPMSolverMultistepScheduler")()
+    fresh.set_timesteps(10)
+    assert torch.equal(grid.model_times, fresh.timesteps.to(grid.model_times.dtype))
+    scheduler.set_timesteps(timesteps=[999, 700, 400, 100])
+    with pytest.raises(InvalidArgumentError, match=r"holds custom timesteps \[999, 700, 400, 100\].*set_timesteps\(10\) first"):
+        from_diffusers(scheduler, 10)
+    from_diffusers(scheduler.config, 10)  # the config: its own timesteps, nothing held
+
+
 def test_pipelines_ignore_custom_timesteps_the_scheduler_held(unet2d, monkeypatch):
     """diffusers' pipelines call set_timesteps(num_inference_steps), dropping custom timesteps the scheduler held:
     so does DRiffusionPipeline (width 1 is the pipeline's loop, with our noise as its step noise)."""

@@ -395,7 +395,7 @@ def _refuse_dpm(option: str, value: Any, why: str, instead: str):
     raise InvalidArgumentError(f"DPMSolverMultistepScheduler({option}={value!r}) is not supported: {why}. {instead}")
 
 
-def _dpm(scheduler, cfg, num_inference_steps: int):
+def _dpm(scheduler, cfg, num_inference_steps: int, check_held: bool = True):
     algorithm = cfg.get("algorithm_type", "dpmsolver++")
     if algorithm != "dpmsolver++":
         _refuse_dpm("algorithm_type", algorithm,
@@ -462,11 +462,30 @@ def _dpm(scheduler, cfg, num_inference_steps: int):
         clipped = int(torch.searchsorted(torch.flip(scheduler.lambda_t, [0]), cfg.get("lambda_min_clipped", -float("inf"))))
         _trailing_off_by_one("DPMSolverMultistepScheduler", schedule.num_train_timesteps, num_inference_steps,
                              last=schedule.num_train_timesteps - clipped)
-    probe = copy.deepcopy(scheduler)
-    with warnings.catch_warnings():  # diffusers' own numpy-2 DeprecationWarning (np.array of a tensor)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        probe.set_timesteps(num_inference_steps, device="cpu")
-    timesteps = probe.timesteps.detach().cpu().clone()
+    def own_timesteps(n: int) -> torch.Tensor:  # the scheduler's set_timesteps(n), on a copy
+        probe = copy.deepcopy(scheduler)
+        with warnings.catch_warnings():  # diffusers' own numpy-2 DeprecationWarning (np.array of a tensor)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            probe.set_timesteps(n, device="cpu")
+        return probe.timesteps.detach().cpu().clone()
+
+    timesteps = own_timesteps(num_inference_steps)
+    held = getattr(scheduler, "timesteps", None)
+    if check_held and getattr(scheduler, "num_inference_steps", None) and isinstance(held, torch.Tensor):
+        # set_timesteps(timesteps=[...]) leaves no flag: held timesteps that no set_timesteps(n) gives are custom
+        held = held.detach().cpu()
+        try:
+            plain = torch.equal(held, own_timesteps(len(held)).to(held.dtype))
+        except Exception:  # noqa: BLE001 - a count its own set_timesteps refuses: not a plain call either
+            plain = False
+        if not plain:
+            raise InvalidArgumentError(
+                f"This DPMSolverMultistepScheduler holds custom timesteps {held.tolist()} (set_timesteps(timesteps="
+                f"...)), which from_diffusers does not reproduce for DPM-Solver (it builds the config's "
+                f"set_timesteps({num_inference_steps})). Call scheduler.set_timesteps({num_inference_steps}) first "
+                f"(or pass scheduler.config) to sample with the config's timesteps, or drive "
+                f"DPMSolverSkip(VPSchedule(scheduler.alphas_cumprod)) with your own TimeGrid of those levels."
+            )
     t_from = timesteps.to(torch.float64)
     if bool((t_from[1:] >= t_from[:-1]).any()):
         raise InvalidArgumentError(
@@ -576,6 +595,6 @@ def _from_diffusers(scheduler_or_config, num_inference_steps, mu, eta, use_clipp
         return _ddpm(scheduler, cfg, None if custom else num_inference_steps, timesteps,
                      check_held and scheduler is scheduler_or_config)
     if name == "DPMSolverMultistepScheduler":
-        return _dpm(scheduler, cfg, num_inference_steps)
+        return _dpm(scheduler, cfg, num_inference_steps, check_held and scheduler is scheduler_or_config)
     return _flow(scheduler, cfg, None if custom else num_inference_steps, mu, sigmas, timesteps,
                  check_held and scheduler is scheduler_or_config)
