@@ -31,10 +31,13 @@ A round of K drafts:
    K, device types or conditioning are caught instead of exchanging garbage). With gloo the header and
    the predictions travel in **one** all-gather per round; with nccl the header goes over a small gloo side group on the CPU and
    the predictions over nccl;
-3. if some rank failed, every rank raises :class:`~driffusion_core.errors.ExecutorError` naming the
-   failing ranks, the exception type and message; if the ranks' inputs differ, every rank raises one
-   listing them; otherwise the padded shares are assembled in draft order (K need not be a multiple of
-   the world size: shares are padded to the largest for the all-gather and the padding dropped).
+3. if some rank failed (a KeyboardInterrupt or SystemExit too: that rank re-raises it after the
+   exchange, and every rank's executor then refuses further rounds), every rank raises
+   :class:`~driffusion_core.errors.ExecutorError` naming the failing ranks, the exception type and
+   message; if the ranks' inputs differ (shapes, dtypes, the conditioning's or the model times' values),
+   every rank raises one listing them; otherwise the padded shares are assembled in draft order (K
+   need not be a multiple of the world size: shares are padded to the largest for the all-gather and
+   the padding dropped).
 
 Sizes. Every all-gather has a size all ranks agree on from earlier collective information only, never
 from a rank's own inputs (the backend aborts the process on a size mismatch). The gloo exchange sends
@@ -46,10 +49,16 @@ from the headers, and the agreed size grows (``cap`` = the largest share seen). 
 brings a new prediction shape or dtype, or a larger share than before, costs two all-gathers; every
 other round (in a sampling run: all but at most the first multi-draft one) costs one.
 
+After the last round the samplers call :meth:`DistributedExecutor.finish` with the final sample: one more
+all-gather per sample compares the final states' sums (the last refinement step is no round's input, so
+ranks whose grids differ only in their last step are caught there).
+
 Faults. Every wait on another rank in a round is bounded by ``timeout`` seconds: a rank that dies,
 hangs or falls out of step makes the others raise ``ExecutorError`` instead of hanging. After such a
 communication failure a short check (at most ``diagnose_timeout`` seconds, like ``monitored_barrier``)
-names the ranks that did not answer, so the error surfaces within about ``timeout + diagnose_timeout``
+names the ranks that did not answer (rank 0 waits for the others' hellos at most half of it, then sends
+them its verdict, which they wait for the whole of it), so the error surfaces within about
+``timeout + diagnose_timeout``
 seconds (sooner when a dead rank's connection closes). The process group is then unusable (the
 executor refuses further rounds) and the job should exit. ``timeout`` must exceed the longest a healthy
 rank can keep the others waiting, i.e. one share of model calls. Not bounded by ``timeout``: the
@@ -66,6 +75,7 @@ import math
 import os
 import re
 import socket
+import threading
 import time
 import zlib
 from typing import Any, Deque, List, Mapping, NamedTuple, Optional, Sequence, Tuple
@@ -201,20 +211,27 @@ def init_from_env(backend: Optional[str] = None, timeout: float = 120.0) -> Dist
 # checksums (float64 bits) are adjacent: sum(xs), sum(|xs|), then over every tensor of the conditioning
 # sum(c), sum(|c|) and a row-weighted sum (row i of a tensor weighted (i + 1) / rows, so rows swapped
 # between ranks show; |it| <= sum(|c|)), then a position-weighted sum of xs (element j of the flattened
-# xs weighted (j + 1) / numel, so the same values in another order show; |it| <= sum(|xs|)).
+# xs weighted (j + 1) / numel, so the same values in another order show; |it| <= sum(|xs|)), then a sum of
+# the conditioning's elements (all its tensors flattened in order) with fixed pseudo-random weights in
+# [0.5, 1) (so values moved within a row, one-hot labels at other positions show; |it| <= sum(|c|)), then
+# over the model times ts: sum(ts), sum(|ts|) and a sum with the same pseudo-random weights.
 _MAXD = 24
 (_F_CODE, _F_ROUND, _F_K, _F_XNDIM, _F_XDTYPE, _F_XDEV, _F_TDTYPE, _F_COND,
- _F_HASOUT, _F_ONDIM, _F_ODTYPE, _F_FITS, _F_XSUM, _F_XABS, _F_CSUM, _F_CABS, _F_CROWS, _F_XPOS) = range(18)
-_F_XDIMS = 18
+ _F_HASOUT, _F_ONDIM, _F_ODTYPE, _F_FITS, _F_XSUM, _F_XABS, _F_CSUM, _F_CABS, _F_CROWS, _F_XPOS,
+ _F_CMIX, _F_TSUM, _F_TABS, _F_TMIX) = range(22)
+_F_XDIMS = 22
 _F_ODIMS = _F_XDIMS + _MAXD
-_HEADER_LEN = _F_ODIMS + _MAXD  # 66 int64 = 528 bytes, a multiple of 16: any dtype can follow it
+_HEADER_LEN = _F_ODIMS + _MAXD  # 70 int64 = 560 bytes, a multiple of 16: any dtype can follow it
 # The ranks' states and conditioning must agree in value, not only in shape: sum(xs) may differ in the
 # last bits between ranks (reduction order follows the thread count), so it is compared to this fraction
 # of sum(|xs|); likewise the conditioning's sums to sum(|c|).
 _VALUE_RTOL = 1e-9
 _HEADER_BYTES = _HEADER_LEN * 8
 
-_OK, _RAISED, _BAD_OUTPUT, _MOVE_FAILED = 0, 1, 2, 3
+# _INTERRUPTED: the predictor raised a BaseException that is not an Exception (KeyboardInterrupt,
+# SystemExit); reported like _RAISED, then re-raised on that rank, and every rank's executor is broken.
+# _FINISH: the header of :meth:`DistributedExecutor.finish` (the final sample), not of a round.
+_OK, _RAISED, _BAD_OUTPUT, _MOVE_FAILED, _INTERRUPTED, _FINISH = 0, 1, 2, 3, 4, 5
 _MSG_BYTES = 2048
 _PROBE_TAG = 0x5D1F
 
@@ -278,11 +295,35 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return w.to("cpu" if w.device.type == "mps" else w.device, torch.float64)
 
 
-def _value_sums(xs: torch.Tensor, cond: Mapping[str, Any]) -> List[int]:
-    """The header's value checksums (fields _F_XSUM .. _F_XPOS) as int64 bit patterns, one host sync:
+def _mix_weights(n: int, device: Any, start: int = 0) -> torch.Tensor:
+    """The fixed pseudo-random weights of positions ``start .. start + n`` in [0.5, 1) (float64), the same
+    on every process up to the last bits of ``sin`` (far below the comparison's tolerance): a nonlinear
+    hash of the position, so no regular pattern of positions (a swap, a shift, one-hot labels moved)
+    keeps a weighted sum."""
+    j = torch.arange(start + 1, start + n + 1, dtype=torch.float64, device=device)
+    return 0.5 + 0.5 * torch.frac(torch.sin(j * 12.9898 + 78.233).abs() * 43758.5453)
+
+
+def _value_sums(xs: torch.Tensor, cond: Mapping[str, Any], ts: Optional[torch.Tensor] = None) -> List[int]:
+    """The header's value checksums (fields _F_XSUM .. _F_TMIX) as int64 bit patterns, one host sync:
     sum(xs), sum(|xs|); over the conditioning's tensors sum(c), sum(|c|) and sum_i w_i * sum(row i), the
-    rows of all its tensors in order with weights w_i = (i + 1) / rows (so |it| <= sum(|c|)); and
-    sum_j v_j * xs_j over the flattened xs with v_j = (j + 1) / numel (so |it| <= sum(|xs|))."""
+    rows of all its tensors in order with weights w_i = (i + 1) / rows (so |it| <= sum(|c|)); sum_j v_j *
+    xs_j over the flattened xs with v_j = (j + 1) / numel (so |it| <= sum(|xs|)); sum_j m_j * c_j over all
+    the conditioning's elements flattened in order, m_j = :func:`_mix_weights` (so |it| <= sum(|c|)); and
+    sum(ts), sum(|ts|), sum_j m_j * ts_j over the flattened model times (zeros without ``ts``)."""
+    head = _value_sums_xc(xs, cond)
+    if ts is None or ts.numel() == 0:
+        return head + [0, 0, 0]
+    try:
+        w = _wide(ts).reshape(-1)
+        t_sums = torch.stack([w.sum(), w.abs().sum(), (w * _mix_weights(w.numel(), w.device)).sum()])
+    except Exception:  # model times whose values cannot be read (meta): no value check for them
+        t_sums = torch.full((3,), math.nan, dtype=torch.float64)
+    return head + t_sums.cpu().view(torch.int64).tolist()
+
+
+def _value_sums_xc(xs: torch.Tensor, cond: Mapping[str, Any]) -> List[int]:
+    """Fields _F_XSUM .. _F_CMIX of :func:`_value_sums`."""
     wide = _wide(xs)
     to = wide.device
     flat = wide.reshape(-1)
@@ -291,19 +332,25 @@ def _value_sums(xs: torch.Tensor, cond: Mapping[str, Any]) -> List[int]:
     x_sums = torch.stack([wide.sum(), wide.abs().sum()])
     tensors = list(iter_tensors(cond))
     if not tensors:
-        return x_sums.cpu().view(torch.int64).tolist() + [0, 0, 0] + x_pos.cpu().view(torch.int64).tolist()
+        return x_sums.cpu().view(torch.int64).tolist() + [0, 0, 0] + x_pos.cpu().view(torch.int64).tolist() + [0]
     try:
-        rows, abs_sums = [], []
+        rows, abs_sums, mixed, at = [], [], [], 0
         for v in tensors:
             w = _wide(v)
             rows.append(w.reshape(w.shape[0] if w.dim() else 1, -1).sum(1).to(to))
             abs_sums.append(w.abs().sum().to(to))
+            flat_c = w.reshape(-1)
+            m = _mix_weights(flat_c.numel(), flat_c.device, at)  # positions run on across the tensors
+            mixed.append((flat_c * m).sum().to(to))
+            at += flat_c.numel()
         rows = torch.cat(rows)
         weights = torch.arange(1, rows.numel() + 1, dtype=torch.float64, device=to) / max(rows.numel(), 1)
         c_sums = torch.stack([rows.sum(), torch.stack(abs_sums).sum(), (rows * weights).sum()])
+        c_mix = torch.stack(mixed).sum().reshape(1)
     except Exception:  # a tensor whose values cannot be read (meta): no value check for the conditioning
         c_sums = torch.full((3,), math.nan, dtype=torch.float64, device=to)
-    return torch.cat([x_sums, c_sums, x_pos]).cpu().view(torch.int64).tolist()
+        c_mix = torch.full((1,), math.nan, dtype=torch.float64, device=to)
+    return torch.cat([x_sums, c_sums, x_pos, c_mix]).cpu().view(torch.int64).tolist()
 
 
 def _sums_differ(sums: Sequence[float], ref: Sequence[float], ref_abs: float) -> bool:
@@ -498,7 +545,11 @@ class DistributedExecutor(Executor):
         # can use its device.
         me = f"{socket.gethostname()}|{self.device if self.device is not None else 'inputs'}|{problem}"
         # (bounded by the process group's timeout, not ``timeout``: ranks may load models at different speeds)
-        replies = [r.split("|", 2) + ["?", ""] for r in self._gather_text(me, what="setup", bounded=False)]
+        replies = [r.split("|", 2) + ["?", ""] for r in self._gather_text(
+            me, what="setup", bounded=False,
+            where="exchange in the DistributedExecutor constructor (not a round; bounded by the process group's "
+                  "timeout, init_from_env(timeout=...))",
+        )]
         self._hosts = [r[0] for r in replies]
         self._devices = [r[1] for r in replies]
         unusable = [(rank, r[2]) for rank, r in enumerate(replies) if r[2]]
@@ -579,6 +630,19 @@ class DistributedExecutor(Executor):
         ts: torch.Tensor,
         cond: Optional[Mapping[str, Any]] = None,
     ) -> torch.Tensor:
+        try:
+            return self._evaluate(predictor, xs, ts, cond)
+        except BaseException as e:
+            self._interrupted(e)
+            raise
+
+    def _interrupted(self, e: BaseException) -> None:
+        """A KeyboardInterrupt or SystemExit (not an Exception) leaving evaluate or finish: this rank may have
+        left an exchange half done, so the executor refuses further use with a clear error."""
+        if not isinstance(e, Exception) and self._broken is None:
+            self._broken = f"{type(e).__name__} interrupted round {self._round} on rank {self.rank}"
+
+    def _refuse_if_unusable(self) -> None:
         if self._closed:
             raise ExecutorError(
                 f"DistributedExecutor (rank {self.rank}): the executor was closed (by close()); make a new "
@@ -589,6 +653,9 @@ class DistributedExecutor(Executor):
                 f"DistributedExecutor (rank {self.rank}): an earlier round failed ({self._broken}); the process "
                 f"group cannot be trusted any more. End the job and relaunch it."
             )
+
+    def _evaluate(self, predictor, xs, ts, cond) -> torch.Tensor:
+        self._refuse_if_unusable()
         if not isinstance(xs, torch.Tensor) or not isinstance(ts, torch.Tensor) or xs.dim() < 1:
             raise InvalidArgumentError("DistributedExecutor: xs and ts must be tensors [K, B, ...] and [K, B].")
         k = xs.shape[0]
@@ -643,6 +710,7 @@ class DistributedExecutor(Executor):
 
         # 3. errors, then consistency (so from here on every rank has the same k, shapes and dtypes),
         #    then the predictions in draft order
+        self._check_phase(headers, finishing=False)
         self._check_status(headers, cause, code, message)
         out_shape, out_dtype = self._check_consistency(headers, sizes)
         self._agree(out_shape, out_dtype, most)
@@ -658,6 +726,102 @@ class DistributedExecutor(Executor):
         group = self.group
         chunks = self._all_gather(buf, group, what="predictions", fault=None, bounded=not self._nccl)
         return _assemble(chunks, 0, sizes, tuple(out_shape), out_dtype).to(xs.device)
+
+    def finish(self, x: torch.Tensor) -> None:
+        """Check that every rank ended sampling with the same sample (called by the samplers once, with the
+        final sample; every rank must call it, as it calls evaluate).
+
+        The last refinement step is no round's input, so ranks whose grids or schedules differ only in it
+        (the last step's ``t_to``, ``final_alpha_cumprod``) would otherwise return different samples without
+        an error. One all-gather of the final state's value sums (sum(x), sum(|x|), the position-weighted
+        sum), sized as the next round's exchange would be and compared by the rule for a round's states.
+        A rank that is not finishing (it evaluates another round) makes every rank raise "out of step";
+        a failed exchange is bounded and diagnosed as in a round.
+
+        Raises:
+            ExecutorError: the final samples differ (naming the ranks), the ranks are out of step, the
+                exchange failed, or the executor is closed or broken.
+        """
+        try:
+            self._finish(x)
+        except BaseException as e:
+            self._interrupted(e)
+            raise
+
+    def _finish(self, x: torch.Tensor) -> None:
+        self._refuse_if_unusable()
+        if not isinstance(x, torch.Tensor):
+            raise InvalidArgumentError(f"DistributedExecutor.finish: x must be a tensor, got {type(x).__name__}.")
+        self._round += 1
+        header = self._header(_FINISH, 0, x.detach().unsqueeze(0), None, {}, None, True)
+        if self._fused:  # the size every rank agreed for its next fused exchange (a peer may be in a round)
+            agreed_row, cap = self._agreed_row, self._cap
+            row_bytes = _numel(agreed_row[0]) * _item_size(agreed_row[1]) if agreed_row is not None else 0
+            buf = torch.zeros(_HEADER_BYTES + cap * row_bytes, dtype=torch.uint8)
+            buf[:_HEADER_BYTES] = header.view(torch.uint8)
+            where = f"exchange after round {self._round - 1} (the final check; waiting at most {self.timeout:g}s)"
+            chunks = self._all_gather(buf, self._control, what="final sample", where=where)
+            headers = [c[:_HEADER_BYTES].view(torch.int64) for c in chunks]
+        else:
+            where = f"exchange after round {self._round - 1} (the final check; waiting at most {self.timeout:g}s)"
+            headers = self._all_gather(header, self._control, what="final sample", where=where)
+        self._check_phase(headers, finishing=True)
+        lists = [h.tolist() for h in headers]
+        ref = lists[0]
+        if any(h[_F_ROUND] != ref[_F_ROUND] for h in lists):
+            self._broken = "the ranks were out of step"
+            listing = "; ".join(f"rank {r}: after round {h[_F_ROUND] - 1}" for r, h in enumerate(lists))
+            raise ExecutorError(
+                f"DistributedExecutor: the ranks finished sampling out of step ({listing}). Every rank must run "
+                "the same sampler on the same inputs and call finish once per sample."
+            )
+        def desc(h):
+            return f"{_dims(h, _F_XDIMS + 1, min(int(h[_F_XNDIM]), _MAXD) - 1)} {_dtype_name(int(h[_F_XDTYPE]))}"
+        if any(h[_F_XNDIM] != ref[_F_XNDIM] or h[_F_XDTYPE] != ref[_F_XDTYPE]
+               or h[_F_XDIMS:_F_ODIMS] != ref[_F_XDIMS:_F_ODIMS] for h in lists):
+            self._broken = "the ranks' final samples differed"
+            listing = "; ".join(f"rank {r}: {desc(h)}" for r, h in enumerate(lists))
+            raise ExecutorError(
+                f"DistributedExecutor: the ranks' final samples differ in shape or dtype after round "
+                f"{ref[_F_ROUND] - 1} ({listing}). Every rank must run the same sampler on the same inputs."
+            )
+        sums = [[float(v) for v in h[_F_XSUM : _F_TMIX + 1].clone().view(torch.float64)] for h in headers]
+        finite = all(math.isfinite(v[1]) for v in sums)  # a NaN/inf sample: the sampler reports it
+        differ = [
+            r for r, (h, v) in enumerate(zip(lists, sums))
+            if finite and (h[_F_XSUM], h[_F_XPOS]) != (ref[_F_XSUM], ref[_F_XPOS])
+            and _sums_differ([v[0], v[5]], [sums[0][0], sums[0][5]], sums[0][1])
+        ]
+        if differ:
+            self._broken = "the ranks' final samples differed"
+            listing = "; ".join(
+                f"rank {r}: sum {v[0]:.9g}, sum of |x| {v[1]:.9g}, position-weighted sum {v[5]:.9g}"
+                for r, v in enumerate(sums)
+            )
+            raise ExecutorError(
+                f"DistributedExecutor: the final sample of rank{'s' if len(differ) > 1 else ''} "
+                f"{', '.join(map(str, differ))} differs from rank 0's after round {ref[_F_ROUND] - 1} ({listing}), "
+                "although every round's inputs agreed. The likely cause: a time grid or schedule that differs "
+                "only in its last step (the last t_to, e.g. the grid's step_to; final_alpha_cumprod or "
+                "set_alpha_to_one), which no round's inputs show. Every rank must build the same scheduler."
+            )
+
+    def _check_phase(self, headers, finishing: bool) -> None:
+        """Every rank in a round, or every rank finishing: otherwise every rank raises "out of step"
+        (before any further exchange, so no rank is left waiting)."""
+        done = [r for r, h in enumerate(headers) if int(h[_F_CODE]) == _FINISH]
+        if not done or len(done) == len(headers):
+            return
+        self._broken = "the ranks were out of step"
+        busy = [r for r in range(len(headers)) if r not in done]
+        raise ExecutorError(
+            f"DistributedExecutor: the ranks are out of step ({'finishing' if finishing else 'in round'} "
+            f"{self._round if not finishing else f'after round {self._round - 1}'} on rank {self.rank}): "
+            f"rank{'s' if len(done) > 1 else ''} {', '.join(map(str, done))} finished sampling (called finish "
+            f"with the final sample) while rank{'s' if len(busy) > 1 else ''} {', '.join(map(str, busy))} "
+            "evaluated another round. Every rank must run the same sampler on the same time grid (the same "
+            "number of steps, width and mode) and the same inputs."
+        )
 
     # -------------------------------------------------------------------------------------- plumbing
 
@@ -681,6 +845,8 @@ class DistributedExecutor(Executor):
             got = stack_calls(lambda j: predictor(x_part[j], t_part[j], **c), mine)
         except Exception as e:  # reported to every rank
             return None, _RAISED, exception_text(e), e
+        except BaseException as e:  # KeyboardInterrupt, SystemExit: reported to every rank, then re-raised here
+            return None, _INTERRUPTED, exception_text(e), e
         outs = got if isinstance(got, list) else [got[0]]
         bad = [o for o in outs if not isinstance(o, torch.Tensor)]
         if bad:
@@ -721,9 +887,9 @@ class DistributedExecutor(Executor):
         h[_F_XNDIM] = xs.dim()
         h[_F_XDTYPE] = _dtype_code(xs.dtype)
         h[_F_XDEV] = _device_code(xs.device)
-        h[_F_TDTYPE] = _dtype_code(ts.dtype)
+        h[_F_TDTYPE] = _dtype_code(ts.dtype) if ts is not None else -1
         h[_F_COND] = _cond_signature(cond)
-        h[_F_XSUM : _F_XPOS + 1] = _value_sums(xs, cond)
+        h[_F_XSUM : _F_TMIX + 1] = _value_sums(xs, cond, ts)
         h[_F_XDIMS : _F_XDIMS + xd] = list(xs.shape[:xd])
         h[_F_HASOUT] = 0 if out is None else 1
         h[_F_FITS] = 1 if fits else 0
@@ -741,8 +907,15 @@ class DistributedExecutor(Executor):
         texts = self._gather_text(message if code != _OK else "", what="error messages")
         detail = "; ".join(f"rank {r}: {texts[r] or 'failed'}" for r in failed)
         codes = {int(headers[r][_F_CODE]) for r in failed}
+        interrupted = [r for r in failed if int(headers[r][_F_CODE]) == _INTERRUPTED]
+        if interrupted:  # that rank is going down (or its caller handles the interrupt): no rank goes on
+            self._broken = (
+                f"the predictor was interrupted on rank{'s' if len(interrupted) > 1 else ''} "
+                f"{', '.join(map(str, interrupted))} in round {self._round}"
+            )
         what = {
             _RAISED: "the predictor raised",
+            _INTERRUPTED: "the predictor was interrupted (a BaseException, not an Exception)",
             _BAD_OUTPUT: "the predictor returned unusable output",
             _MOVE_FAILED: "the round's inputs could not be moved to the rank's device",
         }.get(next(iter(codes)), "the round failed") if len(codes) == 1 else "the round failed"
@@ -752,6 +925,8 @@ class DistributedExecutor(Executor):
             f"(of {self.world_size}) in round {self._round}: {detail}"
         )
         err_type = PredictorOutputError if codes == {_BAD_OUTPUT} else ExecutorError
+        if cause is not None and not isinstance(cause, Exception):
+            raise cause  # this rank's KeyboardInterrupt / SystemExit goes on as itself, now that all ranks know
         if cause is not None:
             raise err_type(text) from cause
         raise err_type(text)
@@ -791,7 +966,7 @@ class DistributedExecutor(Executor):
                 "rank must run the same sampler on the same inputs (same starting state, seed, dtype and "
                 "device type)."
             )
-        sums = [[float(v) for v in h[_F_XSUM : _F_XPOS + 1].clone().view(torch.float64)] for h in headers]
+        sums = [[float(v) for v in h[_F_XSUM : _F_TMIX + 1].clone().view(torch.float64)] for h in headers]
         ref_sum, ref_abs, ref_pos = sums[0][0], sums[0][1], sums[0][5]
         finite = all(math.isfinite(v[1]) for v in sums)  # NaN/inf states: the sampler reports those
         differ = [
@@ -818,20 +993,42 @@ class DistributedExecutor(Executor):
         cdiffer = [
             r for r, (h, v) in enumerate(zip(lists, sums))
             if math.isfinite(v[3]) != ref_finite or (
-                ref_finite and h[_F_CSUM : _F_CROWS + 1] != ref[_F_CSUM : _F_CROWS + 1]
-                and _sums_differ([v[2], v[4]], [ref_c[0], ref_c[2]], ref_c[1])
+                ref_finite and (h[_F_CSUM : _F_CROWS + 1], h[_F_CMIX]) != (ref[_F_CSUM : _F_CROWS + 1], ref[_F_CMIX])
+                and _sums_differ([v[2], v[4], v[6]], [ref_c[0], ref_c[2], sums[0][6]], ref_c[1])
             )
         ]
         if cdiffer:
             self._broken = "the ranks' conditioning differed"
             listing = "; ".join(
-                f"rank {r}: sum {v[2]:.9g}, sum of |c| {v[3]:.9g}, row-weighted sum {v[4]:.9g}" for r, v in enumerate(sums)
+                f"rank {r}: sum {v[2]:.9g}, sum of |c| {v[3]:.9g}, row-weighted sum {v[4]:.9g}, "
+                f"element-weighted sum {v[6]:.9g}" for r, v in enumerate(sums)
             )
             raise ExecutorError(
                 f"DistributedExecutor: the ranks' conditioning (cond) tensors differ in value in round "
                 f"{int(ref[_F_ROUND])} ({listing}), so the gathered predictions would mix predictions made for "
                 "different conditioning. Every rank must pass the same cond (e.g. labels from a seeded "
                 "torch.Generator, not torch.randint on each rank; the same prompt embeddings)."
+            )
+        # the model times (SPMD ranks have bitwise-equal ones; the tolerance only absorbs reduction order)
+        ref_t = sums[0][7:10]
+        ref_t_finite = math.isfinite(ref_t[1])
+        tdiffer = [
+            r for r, (h, v) in enumerate(zip(lists, sums))
+            if math.isfinite(v[8]) != ref_t_finite or (
+                ref_t_finite and h[_F_TSUM : _F_TMIX + 1] != ref[_F_TSUM : _F_TMIX + 1]
+                and _sums_differ([v[7], v[9]], [ref_t[0], ref_t[2]], ref_t[1])
+            )
+        ]
+        if tdiffer:
+            self._broken = "the ranks' model times differed"
+            listing = "; ".join(
+                f"rank {r}: sum {v[7]:.9g}, sum of |t| {v[8]:.9g}, weighted sum {v[9]:.9g}" for r, v in enumerate(sums)
+            )
+            raise ExecutorError(
+                f"DistributedExecutor: the ranks' model times (ts) differ in value in round {int(ref[_F_ROUND])} "
+                f"({listing}), so the gathered predictions would mix predictions made at different noise levels. "
+                "Every rank must sample on the same time grid (the same schedule, number of steps, spacing and "
+                "model-time mapping)."
             )
         with_out = [(r, h) for r, h in enumerate(lists) if h[_F_HASOUT]]
         descs = {
@@ -853,7 +1050,8 @@ class DistributedExecutor(Executor):
             )
         return shape, _DTYPES[dcode]
 
-    def _all_gather(self, t: torch.Tensor, group, what: str, fault=None, bounded: bool = True) -> List[torch.Tensor]:
+    def _all_gather(self, t: torch.Tensor, group, what: str, fault=None, bounded: bool = True,
+                    where: Optional[str] = None) -> List[torch.Tensor]:
         outs = [torch.empty_like(t) for _ in range(self.world_size)]
         work = None
         try:
@@ -865,32 +1063,38 @@ class DistributedExecutor(Executor):
                 work.wait()
         except Exception as e:
             _abandon(work, t, outs)
-            self._comm_failed(what, e, fault)
+            self._comm_failed(what, e, fault, where if where is not None else self._where(bounded))
         _retain(work, t, outs)  # the worker thread may not have let go of it yet (see _RECENT)
         return outs
 
-    def _gather_text(self, text: str, what: str, bounded: bool = True) -> List[str]:
+    def _gather_text(self, text: str, what: str, bounded: bool = True, where: Optional[str] = None) -> List[str]:
         raw = text.encode("utf-8", errors="replace")[: _MSG_BYTES - 4]
         buf = torch.zeros(_MSG_BYTES, dtype=torch.uint8)
         buf[:4] = torch.tensor(list(len(raw).to_bytes(4, "little")), dtype=torch.uint8)
         if raw:
             buf[4 : 4 + len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-        chunks = self._all_gather(buf, self._control, what=what, bounded=bounded)
+        chunks = self._all_gather(buf, self._control, what=what, bounded=bounded, where=where)
         texts = []
         for c in chunks:
             n = int.from_bytes(bytes(c[:4].tolist()), "little")
             texts.append(bytes(c[4 : 4 + min(n, _MSG_BYTES - 4)].tolist()).decode("utf-8", errors="replace"))
         return texts
 
-    def _comm_failed(self, what: str, error: BaseException, fault) -> None:
+    def _where(self, bounded: bool = True) -> str:
+        """The phrase after "could not complete the <what> " for an exchange of the current round."""
+        bound = f"waiting at most {self.timeout:g}s" if bounded else "bounded by the process group's timeout"
+        return f"exchange of round {self._round} ({bound})"
+
+    def _comm_failed(self, what: str, error: BaseException, fault, where: Optional[str] = None) -> None:
         self._broken = f"the {what} exchange failed"
+        where = where if where is not None else self._where()
         diagnosis = self._diagnose()
         local = ""
         if fault is not None:
             local = f" (this rank had itself failed in this round: {exception_text(fault)})"
         raise ExecutorError(
             f"DistributedExecutor: rank {self.rank} (of {self.world_size}) could not complete the {what} "
-            f"exchange of round {self._round} (waiting at most {self.timeout:g}s): {type(error).__name__}: "
+            f"{where}: {type(error).__name__}: "
             f"{_first_line(safe_str(error))}. {diagnosis}{local} A rank probably died, hung or fell out of step; "
             f"check the other ranks' logs, then relaunch the job."
         ) from error
@@ -900,15 +1104,20 @@ class DistributedExecutor(Executor):
 
         Like ``monitored_barrier(wait_all_ranks=True)``, but a peer whose connection is already gone
         counts as missing instead of aborting the check: rank 0 waits for a hello from every rank and
-        sends each one that answered the list of the missing.
+        sends each one that answered the list of the missing. Rank 0 waits for hellos at most half of
+        ``diagnose_timeout``, then sends its verdict within the rest; the other ranks wait for it the full
+        ``diagnose_timeout``. (Were rank 0 to wait the full budget for a hung rank's hello, the healthy
+        ranks would give up on its verdict at the same moment and wrongly blame rank 0.)
         """
         if self.diagnose_timeout <= 0 or self._closed:
             return ""
-        deadline = time.monotonic() + self.diagnose_timeout
+        now = time.monotonic()
+        deadline = now + self.diagnose_timeout
+        hello_deadline = now + self.diagnose_timeout / 2
         group = self._control
 
-        def left() -> datetime.timedelta:
-            return datetime.timedelta(seconds=max(0.01, deadline - time.monotonic()))
+        def left(until: Optional[float] = None) -> datetime.timedelta:
+            return datetime.timedelta(seconds=max(0.01, (deadline if until is None else until) - time.monotonic()))
 
         def peer(r: int) -> int:
             return r if group is None else dist.get_global_rank(group, r)
@@ -922,13 +1131,26 @@ class DistributedExecutor(Executor):
                     works[r] = dist.irecv(buf, src=peer(r), group=group, tag=_PROBE_TAG)
                 except Exception:
                     missing.append(r)
-            for r, w in works.items():
+            # A gloo receive that times out closes all of this process's connections, and the verdict could
+            # then no longer reach the ranks that did answer. So each hello is awaited in a helper thread
+            # without a short timeout (the process group's own bounds it) and rank 0 stops looking at
+            # hello_deadline; a hello that never comes is abandoned (the process group is broken anyway).
+            answered: dict = {}
+
+            def await_hello(r: int, w: Any) -> None:
                 try:
-                    w.wait(timeout=left())
-                    _retain(w, hellos[r])
+                    w.wait()
+                    answered[r] = True
                 except Exception:
-                    _abandon(w, hellos[r])
-                    missing.append(r)
+                    answered[r] = False
+
+            for r, w in works.items():
+                _abandon(w, hellos[r])  # kept alive: the helper thread may outlive this call
+                threading.Thread(target=await_hello, args=(r, w), daemon=True,
+                                 name=f"driffusion-diagnose-{r}").start()
+            while time.monotonic() < hello_deadline and len(answered) < len(works):
+                time.sleep(0.005)
+            missing.extend(r for r in works if not answered.get(r, False))
             missing.sort()
             verdict[0] = len(missing)
             verdict[1 : 1 + len(missing)] = torch.tensor(missing, dtype=torch.int64)

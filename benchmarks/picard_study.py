@@ -233,6 +233,7 @@ def _last_change(batch: int, ex, width: int = 4) -> List[dict]:
             while (rnd := st.plan()) is not None:
                 st.absorb(rnd, evaluate_round(ex, f, rnd, grid, {}, x))
                 last.update(st.moved)
+            ex.finish(st.x)
             last = {k: v for k, v in last.items() if float(st.sigma2[k]) > 0}  # the clean end (sigma = 0) left out
             over = [math.sqrt(v) / tol for v in last.values() if v > tol**2]
             rows.append({"family": fam, "T": len(grid), "width": width, "tolerance": _tol(tol), "levels": len(last),

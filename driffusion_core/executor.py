@@ -154,6 +154,10 @@ class Executor(abc.ABC):
         check_describe_width(width)
         return type(self).__name__
 
+    def finish(self, x: torch.Tensor) -> None:
+        """Called by the samplers once with the final sample; an executor spanning processes checks there
+        that every process ended with the same sample. Default: nothing."""
+
     def close(self) -> None:  # pragma: no cover - default has nothing to free
         """Release resources (streams, process groups). Safe to call twice."""
 

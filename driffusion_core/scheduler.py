@@ -321,6 +321,7 @@ def run_rounds(
             bar.update(state.a - before)
     if bar is not None:
         bar.close()
+    executor.finish(state.x)  # once per sample, on every rank (an executor spanning processes checks it)
     return state, executor
 
 

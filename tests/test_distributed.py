@@ -27,6 +27,7 @@ pytestmark = pytest.mark.distributed
 TIMEOUT = 5.0  # executor timeout in the fault tests (seconds; room for a loaded 2-core machine)
 DIAGNOSE = 2.0  # monitored-barrier time after a failed exchange
 STALL_TIMEOUT, STALL_DIAGNOSE = 2.0, 1.0  # the prediction-exchange stall (rank 1 sleeps 1 s past both)
+HANG3_TIMEOUT, HANG3_DIAGNOSE = 2.0, 2.0  # world 3, rank 2 hangs
 
 
 # ------------------------------------------------------------------------------------- parent side
@@ -465,6 +466,101 @@ def test_failures_outside_the_predictor_call_fail_every_rank_at_once():
             assert all(p in got["message"] for p in parts), (rank, case, got["message"])
             assert "did not answer" not in got["message"] and got["seconds"] < TIMEOUT, (rank, case, got)
             assert got["after"] is True, (rank, case)
+
+
+def test_conditioning_and_model_times_differing_within_rows_are_explained():
+    """Conditioning whose sums, sums of |c| and row sums agree but whose values sit elsewhere within a row
+    (one-hot labels drawn per rank, a batch-1 embedding with the same total, columns swapped), and model
+    times that differ between ranks (drafts' times swapped, or shifted): every rank raises ExecutorError in
+    round 1 naming the conditioning or the model times. A whole sample whose grid has other model times on
+    rank 1 (same levels) fails the same way; equal inputs still evaluate as the serial executor does."""
+    results, codes, _, logs = _launch("hidden_values")
+    _need(results, [0, 1], logs)
+    assert codes == [0, 0], logs
+    for rank in (0, 1):
+        res = results[rank]
+        assert res["same"] is True, res
+        for case in ("one_hot", "batch1_same_total", "columns_swapped"):
+            got = res[case]
+            assert got["error_type"] == "ExecutorError", (case, got)
+            assert "conditioning (cond) tensors differ in value in round 1" in got["message"], (case, got["message"])
+            assert got["seconds"] < TIMEOUT, (case, got)
+        for case in ("ts_drafts_swapped", "ts_shifted", "sample_model_times"):
+            got = res[case]
+            assert got["error_type"] == "ExecutorError", (case, got)
+            assert "model times (ts) differ in value in round 1" in got["message"], (case, got["message"])
+            assert "rank 1: sum" in got["message"] and got["seconds"] < TIMEOUT, (case, got)
+
+
+def test_final_samples_differing_only_in_the_last_step_are_explained():
+    """Grids or schedules that differ only in their last step (rank 1's last t_to; rank 1's
+    final_alpha_cumprod) leave every round's inputs equal: the samplers' finish() then makes every rank
+    raise ExecutorError naming rank 1 and the likely cause. Equal runs equal the serial executor, with one
+    extra all-gather per sample (for Picard and sample_driffusion too); a rank that finishes while the other
+    evaluates another round makes both raise 'out of step'."""
+    results, codes, _, logs = _launch("last_step")
+    _need(results, [0, 1], logs)
+    assert codes == [0, 0], logs
+    for rank in (0, 1):
+        res = results[rank]
+        for key in ("drafts", "picard", "kdiffusion"):
+            got, ref = res[key]
+            assert torch.equal(got, ref), (rank, key)
+        assert res["finish_gathers"] == 1, res["finish_gathers"]
+        for case in ("t_to", "final_alpha_cumprod"):
+            got = res[case]
+            assert got["error_type"] == "ExecutorError", (case, got)
+            msg = got["message"]
+            assert "final sample of rank 1 differs from rank 0's" in msg and "last step" in msg, (case, msg)
+            assert "final_alpha_cumprod" in msg and got["seconds"] < TIMEOUT, (case, got)
+            assert res[case + "_after"] is True, "a broken executor must refuse further use"
+        got = res["out_of_step"]
+        assert got["error_type"] == "ExecutorError" and "out of step" in got["message"], got
+        assert "rank 0 finished sampling" in got["message"] and got["seconds"] < TIMEOUT, got
+
+
+@pytest.mark.parametrize("kind", ["KeyboardInterrupt", "SystemExit"])
+def test_a_predictor_interrupted_on_one_rank_fails_every_rank_at_once(kind):
+    """KeyboardInterrupt / SystemExit in rank 1's predictor: rank 1 finishes the round's exchange and
+    re-raises it; rank 0 raises ExecutorError naming rank 1 and the exception at once (not a closed
+    connection or a timeout). Both executors then refuse further rounds with a clear error, at once."""
+    results, codes, _, logs = _launch(f"interrupt_{kind}")
+    _need(results, [0, 1], logs)
+    assert codes == [0, 0], logs
+    assert results[1]["caught"] == kind, results[1]
+    res = results[0]
+    assert res["error_type"] == "ExecutorError", res
+    msg = res["message"]
+    assert "interrupted (a BaseException, not an Exception) on rank 1 (of 2) in round 2" in msg and kind in msg, msg
+    assert "did not answer" not in res["message"] and res["seconds"] < TIMEOUT, res
+    for rank in (0, 1):
+        again = results[rank]["again"]
+        assert again["error_type"] == "ExecutorError" and "earlier round failed" in again["message"], again
+        assert "interrupted" in again["message"] and again["seconds"] < 1.0, again
+
+
+def test_three_ranks_one_hung_every_healthy_rank_names_it():
+    """World 3, rank 2 hangs: rank 0 waits for hellos at most half of diagnose_timeout before sending its
+    verdict, so rank 1 hears it and names rank 2 too (not rank 0)."""
+    results, codes, elapsed, logs = _launch("hang3", world=3, deadline=40.0)
+    _need(results, [0, 1], logs)
+    for rank in (0, 1):
+        res = results[rank]
+        assert res["error_type"] == "ExecutorError", res
+        assert "did not answer" in res["message"] and res["message"].rstrip().count("Rank 0, which checks") == 0, res
+        assert ": 2." in res["message"], res["message"]
+        assert res["seconds"] < HANG3_TIMEOUT + HANG3_DIAGNOSE + 2.0, res
+
+
+def test_setup_exchange_failure_says_it_is_the_setup_not_a_round():
+    """A peer dies before making its executor: the constructor's error names the setup exchange and the
+    process group's timeout, not a 'round 0'."""
+    results, codes, _, logs = _launch("setup_dies", deadline=40.0)
+    _need(results, [0], logs)
+    msg = results[0]["message"]
+    assert results[0]["error_type"] == "ExecutorError", results[0]
+    assert "setup exchange in the DistributedExecutor constructor" in msg and "round 0" not in msg, msg
+    assert "process group's timeout" in msg, msg
 
 
 # -------------------------------------------------------------------------------------- child side
@@ -957,6 +1053,150 @@ def _scenario_local_failures(rank, world):
     return res
 
 
+def _scenario_hidden_values(rank, world):
+    import driffusion_core as core
+    import solvers
+    from backends import DistributedExecutor, SerialExecutor
+
+    def fresh():
+        return DistributedExecutor(timeout=TIMEOUT, diagnose_timeout=DIAGNOSE)
+
+    def labelled(x, t, c):
+        return _predictor(x, t) + c.to(x.dtype).sum(-1, keepdim=True) * c.to(x.dtype)[:, :1]
+
+    g = torch.Generator().manual_seed(9)
+    xs, ts = torch.randn(2, 2, 3, generator=g), torch.full((2, 2), 400.0)
+    res = {}
+    same = {"c": torch.eye(3)[[0, 2]]}
+    res["same"] = bool(torch.equal(fresh().evaluate(labelled, xs, ts, same), SerialExecutor().evaluate(labelled, xs, ts, same)))
+    cases = {
+        "one_hot": torch.eye(3)[[0, 1]] if rank == 0 else torch.eye(3)[[2, 2]],
+        "batch1_same_total": torch.tensor([[1.0, 2.0, 3.0]]) if rank == 0 else torch.tensor([[2.0, 2.0, 2.0]]),
+        "columns_swapped": torch.tensor([[1.0, 2.0], [3.0, 4.0]]) if rank == 0 else torch.tensor([[2.0, 1.0], [4.0, 3.0]]),
+    }
+    for name, c in cases.items():
+        x = xs[:, : c.shape[0]].contiguous()
+        res[name] = _fault_result(lambda: fresh().evaluate(labelled, x, ts[:, : c.shape[0]], {"c": c}))
+    t2 = torch.tensor([[400.0, 400.0], [300.0, 300.0]])
+    for name, t in (("ts_drafts_swapped", t2.flip(0) if rank == 1 else t2), ("ts_shifted", t2 + rank)):
+        res[name] = _fault_result(lambda: fresh().evaluate(_predictor, xs, t, {}))
+    schedule = core.VPSchedule.linear()
+    grid = schedule.timesteps(6)
+    if rank == 1:  # the same levels, other model times
+        grid = core.TimeGrid(grid.t_from, grid.t_to, grid.model_times + 1, grid.kind)
+    predictor = solvers.ring_mixture(4).predictor(schedule, "epsilon")
+    sched = core.DraftRefineScheduler(solvers.DDIMSkip(schedule), grid, width=2)
+    res["sample_model_times"] = _fault_result(
+        lambda: sched.sample(predictor, core.NoiseSource(1).initial((3, 2)), executor=fresh()))
+    return res
+
+
+def _scenario_last_step(rank, world):
+    import torch.distributed as dist
+
+    import driffusion_core as core
+    import solvers
+    from backends import DistributedExecutor, SerialExecutor
+    from solvers.interop.kdiffusion import sample_driffusion
+
+    def fresh():
+        return DistributedExecutor(timeout=TIMEOUT, diagnose_timeout=DIAGNOSE)
+
+    schedule = core.VPSchedule.linear()
+    predictor = solvers.ring_mixture(4).predictor(schedule, "epsilon")
+    grid = schedule.timesteps(8, spacing="trailing")  # the last step goes from 124 to -1
+    x = core.NoiseSource(1).initial((3, 2))
+    res = {}
+    ex = fresh()
+    for key, sched in (("drafts", core.DraftRefineScheduler(solvers.DDIMSkip(schedule), grid, width=3)),
+                       ("picard", solvers.PicardScheduler(solvers.DDIMSkip(schedule), grid, width=3, tolerance=1e-3))):
+        res[key] = (sched.sample(predictor, x, executor=ex).x, sched.sample(predictor, x, executor=SerialExecutor()).x)
+    denoiser = lambda x, sigma: x / (1 + sigma[:, None] ** 2)  # noqa: E731
+    sigmas = torch.tensor([10.0, 5.0, 2.0, 1.0, 0.5, 0.0])
+    res["kdiffusion"] = (sample_driffusion(denoiser, x * 10, sigmas, width=2, executor=ex, disable=True),
+                         sample_driffusion(denoiser, x * 10, sigmas, width=2, disable=True))
+    counted, all_gather = [0], dist.all_gather
+
+    def counting_all_gather(*args, **kwargs):
+        counted[0] += 1
+        return all_gather(*args, **kwargs)
+
+    dist.all_gather = counting_all_gather
+    try:
+        ex.finish(x)
+    finally:
+        dist.all_gather = all_gather
+    res["finish_gathers"] = counted[0]
+    # rank 1's grid differs in its last t_to only; then rank 1's schedule in its final_alpha_cumprod only
+    t_to = grid.t_to.clone()
+    if rank == 1:
+        t_to[-1] = 0.0
+    cases = {
+        "t_to": (solvers.DDIMSkip(schedule), core.TimeGrid(grid.t_from, t_to, grid.model_times, grid.kind)),
+        "final_alpha_cumprod": (solvers.DDIMSkip(core.VPSchedule(schedule.alphas_cumprod, 1.0 - 0.01 * rank)), grid),
+    }
+    for name, (tr, g) in cases.items():
+        e = fresh()
+        sched = core.DraftRefineScheduler(tr, g, width=2)
+        res[name] = _fault_result(lambda: sched.sample(predictor, x, executor=e))
+        again = _fault_result(lambda: sched.sample(predictor, x, executor=e))
+        res[name + "_after"] = again["error_type"] == "ExecutorError" and "earlier round failed" in again["message"]
+    # rank 0 finishes while rank 1 evaluates another round
+    e = fresh()
+    if rank == 0:
+        res["out_of_step"] = _fault_result(lambda: e.finish(x))
+    else:
+        res["out_of_step"] = _fault_result(lambda: e.evaluate(_predictor, x[None], torch.zeros(1, 3)))
+    return res
+
+
+def _scenario_interrupt(rank, world, kind):
+    from backends import DistributedExecutor
+
+    ex = DistributedExecutor(timeout=TIMEOUT, diagnose_timeout=DIAGNOSE)
+    xs, ts = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(3)), torch.zeros(2, 3)
+    ex.evaluate(_predictor, xs, ts)
+
+    def interrupted(x, t):
+        if rank == 1:
+            raise KeyboardInterrupt() if kind == "KeyboardInterrupt" else SystemExit(3)
+        return x
+
+    res = {"caught": None}
+    try:
+        res.update(_fault_result(lambda: ex.evaluate(interrupted, xs, ts)))
+    except (KeyboardInterrupt, SystemExit) as e:
+        res["caught"] = type(e).__name__
+    res["again"] = _fault_result(lambda: ex.evaluate(_predictor, xs, ts))
+    return res
+
+
+def _scenario_hang3(rank, world):
+    from backends import DistributedExecutor
+
+    ex = DistributedExecutor(timeout=HANG3_TIMEOUT, diagnose_timeout=HANG3_DIAGNOSE)
+    xs, ts = torch.randn(3, 3, 4, generator=torch.Generator().manual_seed(3)), torch.zeros(3, 3)
+    ex.evaluate(_predictor, xs, ts)
+
+    def slow(x, t):
+        if rank == 2:
+            time.sleep(HANG3_TIMEOUT + HANG3_DIAGNOSE + 1)
+            os._exit(0)
+        return x
+
+    res = _fault_result(lambda: ex.evaluate(slow, xs, ts))
+    time.sleep(0.5 if rank == 0 else 0)  # rank 0's verdict reaches rank 1 before rank 0's process (socket) is gone
+    return res
+
+
+def _scenario_setup_dies(rank, world):
+    from backends import DistributedExecutor
+
+    if rank == 1:
+        os._exit(17)
+    return _fault_result(lambda: DistributedExecutor(timeout=TIMEOUT, diagnose_timeout=DIAGNOSE))
+
+
 def _e2e(family):
     import driffusion_core as core
     import solvers
@@ -1009,6 +1249,12 @@ SCENARIOS = {
     "cond_values": _scenario_cond_values,
     "device_setup": _scenario_device_setup,
     "local_failures": _scenario_local_failures,
+    "hidden_values": _scenario_hidden_values,
+    "last_step": _scenario_last_step,
+    "interrupt_KeyboardInterrupt": lambda rank, world: _scenario_interrupt(rank, world, "KeyboardInterrupt"),
+    "interrupt_SystemExit": lambda rank, world: _scenario_interrupt(rank, world, "SystemExit"),
+    "hang3": _scenario_hang3,
+    "setup_dies": _scenario_setup_dies,
     "e2e_ddpm": lambda rank, world: _e2e("ddpm"),
     "e2e_ddim": lambda rank, world: _e2e("ddim"),
     "e2e_flow": lambda rank, world: _e2e("flow"),
@@ -1022,8 +1268,8 @@ def _child_main(argv):
     result = SCENARIOS[scenario](rank, world)
     torch.save(result, Path(outdir) / f"rank{rank}.pt")
     sys.stdout.flush()
-    if scenario in ("hang", "stall_predictions") and rank == 0:
-        os._exit(0)  # rank 1 is still asleep (in its predictor, or before its exchange); nothing to tear down cleanly
+    if scenario in ("hang", "stall_predictions", "hang3", "setup_dies") and rank in (0, 1):
+        os._exit(0)  # a rank is still asleep (in its predictor, or before its exchange) or dead; nothing to tear down
     if scenario not in ("die0", "die1", "hang", "stall_predictions"):
         import torch.distributed as dist
 

@@ -120,6 +120,7 @@ def sample_driffusion(
             bar.update(state.a - before)
     if bar is not None:
         bar.close()
+    executor.finish(state.x)  # once per sample, on every rank (an executor spanning processes checks it)
     x_final = check_finite_sample(state.x, "sample_driffusion")
     out = SampleOutput(x_final, state.rounds, state.evals, info={"drafts_per_round": state.drafts_per_round})
     return out if return_output else out.x
