@@ -359,6 +359,24 @@ def _sums_differ(sums: Sequence[float], ref: Sequence[float], ref_abs: float) ->
     return any(not abs(a - b) <= _VALUE_RTOL * max(ref_abs, 1e-300) for a, b in zip(sums, ref))
 
 
+def _state_sums(headers, lists) -> Tuple[List[List[float]], List[int], str]:
+    """The states' checksums in each rank's header (float64: sum, sum of |x|, the conditioning's three, the
+    position-weighted sum, ...), the ranks whose state differs from rank 0's by more than rounding (none
+    when some state is not finite: the sampler reports that), and a listing of them for the error."""
+    sums = [[float(v) for v in h[_F_XSUM : _F_TMIX + 1].clone().view(torch.float64)] for h in headers]
+    ref, ref_sums = lists[0], sums[0]
+    finite = all(math.isfinite(v[1]) for v in sums)
+    differ = [
+        r for r, (h, v) in enumerate(zip(lists, sums))
+        if finite and (h[_F_XSUM], h[_F_XPOS]) != (ref[_F_XSUM], ref[_F_XPOS])
+        and _sums_differ([v[0], v[5]], [ref_sums[0], ref_sums[5]], ref_sums[1])
+    ]
+    listing = "; ".join(
+        f"rank {r}: sum {v[0]:.9g}, sum of |x| {v[1]:.9g}, position-weighted sum {v[5]:.9g}" for r, v in enumerate(sums)
+    )
+    return sums, differ, listing
+
+
 def _device_problem(device: torch.device) -> str:
     """Why this process cannot compute on ``device`` ('' when it can)."""
     if device.type == "meta":
@@ -686,7 +704,6 @@ class DistributedExecutor(Executor):
         #    capacity), never from this rank's own inputs, so diverging ranks still exchange equal buffers
         #    and get the clear error of step 3 instead of a backend abort.
         agreed_row, cap = self._agreed_row, self._cap
-        row_bytes = _numel(agreed_row[0]) * _item_size(agreed_row[1]) if agreed_row is not None else 0
         if out is None:
             fits = code == _OK  # nothing to send (or it failed: the status says so)
         else:
@@ -696,8 +713,7 @@ class DistributedExecutor(Executor):
             )
         header = self._header(code, k, xs, ts, cond, out, fits)
         if self._fused:
-            buf = torch.zeros(_HEADER_BYTES + cap * row_bytes, dtype=torch.uint8)
-            buf[:_HEADER_BYTES] = header.view(torch.uint8)
+            buf = self._fused_buffer(header)
             if out is not None and fits:
                 payload = _to_bytes(out.detach().to("cpu"))
                 buf[_HEADER_BYTES : _HEADER_BYTES + payload.numel()] = payload
@@ -727,6 +743,15 @@ class DistributedExecutor(Executor):
         chunks = self._all_gather(buf, group, what="predictions", fault=None, bounded=not self._nccl)
         return _assemble(chunks, 0, sizes, tuple(out_shape), out_dtype).to(xs.device)
 
+    def _fused_buffer(self, header: torch.Tensor) -> torch.Tensor:
+        """A fused exchange's buffer: the header, then room for the agreed capacity of prediction rows (the
+        size every rank agreed, from gathered headers only, so all ranks' buffers are equal)."""
+        agreed_row = self._agreed_row
+        row_bytes = _numel(agreed_row[0]) * _item_size(agreed_row[1]) if agreed_row is not None else 0
+        buf = torch.zeros(_HEADER_BYTES + self._cap * row_bytes, dtype=torch.uint8)
+        buf[:_HEADER_BYTES] = header.view(torch.uint8)
+        return buf
+
     def finish(self, x: torch.Tensor) -> None:
         """Check that every rank ended sampling with the same sample (called by the samplers once, with the
         final sample; every rank must call it, as it calls evaluate).
@@ -754,16 +779,11 @@ class DistributedExecutor(Executor):
             raise InvalidArgumentError(f"DistributedExecutor.finish: x must be a tensor, got {type(x).__name__}.")
         self._round += 1
         header = self._header(_FINISH, 0, x.detach().unsqueeze(0), None, {}, None, True)
+        where = f"exchange after round {self._round - 1} (the final check; waiting at most {self.timeout:g}s)"
         if self._fused:  # the size every rank agreed for its next fused exchange (a peer may be in a round)
-            agreed_row, cap = self._agreed_row, self._cap
-            row_bytes = _numel(agreed_row[0]) * _item_size(agreed_row[1]) if agreed_row is not None else 0
-            buf = torch.zeros(_HEADER_BYTES + cap * row_bytes, dtype=torch.uint8)
-            buf[:_HEADER_BYTES] = header.view(torch.uint8)
-            where = f"exchange after round {self._round - 1} (the final check; waiting at most {self.timeout:g}s)"
-            chunks = self._all_gather(buf, self._control, what="final sample", where=where)
+            chunks = self._all_gather(self._fused_buffer(header), self._control, what="final sample", where=where)
             headers = [c[:_HEADER_BYTES].view(torch.int64) for c in chunks]
         else:
-            where = f"exchange after round {self._round - 1} (the final check; waiting at most {self.timeout:g}s)"
             headers = self._all_gather(header, self._control, what="final sample", where=where)
         self._check_phase(headers, finishing=True)
         lists = [h.tolist() for h in headers]
@@ -785,19 +805,9 @@ class DistributedExecutor(Executor):
                 f"DistributedExecutor: the ranks' final samples differ in shape or dtype after round "
                 f"{ref[_F_ROUND] - 1} ({listing}). Every rank must run the same sampler on the same inputs."
             )
-        sums = [[float(v) for v in h[_F_XSUM : _F_TMIX + 1].clone().view(torch.float64)] for h in headers]
-        finite = all(math.isfinite(v[1]) for v in sums)  # a NaN/inf sample: the sampler reports it
-        differ = [
-            r for r, (h, v) in enumerate(zip(lists, sums))
-            if finite and (h[_F_XSUM], h[_F_XPOS]) != (ref[_F_XSUM], ref[_F_XPOS])
-            and _sums_differ([v[0], v[5]], [sums[0][0], sums[0][5]], sums[0][1])
-        ]
+        _, differ, listing = _state_sums(headers, lists)
         if differ:
             self._broken = "the ranks' final samples differed"
-            listing = "; ".join(
-                f"rank {r}: sum {v[0]:.9g}, sum of |x| {v[1]:.9g}, position-weighted sum {v[5]:.9g}"
-                for r, v in enumerate(sums)
-            )
             raise ExecutorError(
                 f"DistributedExecutor: the final sample of rank{'s' if len(differ) > 1 else ''} "
                 f"{', '.join(map(str, differ))} differs from rank 0's after round {ref[_F_ROUND] - 1} ({listing}), "
@@ -966,20 +976,9 @@ class DistributedExecutor(Executor):
                 "rank must run the same sampler on the same inputs (same starting state, seed, dtype and "
                 "device type)."
             )
-        sums = [[float(v) for v in h[_F_XSUM : _F_TMIX + 1].clone().view(torch.float64)] for h in headers]
-        ref_sum, ref_abs, ref_pos = sums[0][0], sums[0][1], sums[0][5]
-        finite = all(math.isfinite(v[1]) for v in sums)  # NaN/inf states: the sampler reports those
-        differ = [
-            r for r, (h, v) in enumerate(zip(lists, sums))
-            if finite and (h[_F_XSUM], h[_F_XPOS]) != (ref[_F_XSUM], ref[_F_XPOS])
-            and _sums_differ([v[0], v[5]], [ref_sum, ref_pos], ref_abs)
-        ]
+        sums, differ, listing = _state_sums(headers, lists)
         if differ:
             self._broken = "the ranks' states differed"
-            listing = "; ".join(
-                f"rank {r}: sum {v[0]:.9g}, sum of |x| {v[1]:.9g}, position-weighted sum {v[5]:.9g}"
-                for r, v in enumerate(sums)
-            )
             raise ExecutorError(
                 f"DistributedExecutor: the ranks' states differ in value in round {int(ref[_F_ROUND])} ({listing}), so "
                 "their samples would differ and the gathered predictions would mix them. Every rank must start "

@@ -26,11 +26,11 @@ def fmt(v, kind: str = "g") -> str:
     if kind == "e":
         return "0" if v == 0 else f"{v:.2e}"
     if kind == "x":  # ratios: two decimals, but two significant digits below 0.1 (0.0043, never 0.00)
-        if v == 0 or 0.1 <= abs(v) < 100:
-            return "0" if v == 0 else f"{v:.2f}"
+        if v == 0:
+            return "0"
         if abs(v) < 0.1:
             return f"{v:.{1 - math.floor(math.log10(abs(v)))}f}"
-        return f"{v:.1e}"
+        return f"{v:.2f}" if abs(v) < 100 else f"{v:.1e}"
     if kind == "kb":
         return f"{v / 2**10:.1f}"
     if isinstance(v, int):

@@ -26,7 +26,7 @@ import torch
 
 from benchmarks.cases import family
 from benchmarks.metrics import rmse
-from benchmarks.report import md_table
+from benchmarks.report import fmt, md_table
 from driffusion_core import DraftRefineScheduler, NoiseSource, reparameterize
 from solvers import DDIMSkip, FlowEulerSkip, ring_mixture, sample_serial, sample_step_skipping
 
@@ -77,7 +77,7 @@ def markdown(rows: List[Dict[str, object]]) -> str:
     return md_table(
         ["setting", "model", "mode", "rounds", "RMSE to serial", "step skipping", "ratio"],
         [[r["setting"], r["model"], r["mode"], str(r["rounds"]), f"{r['driffusion_rmse']:.3g}",
-          f"{r['skipping_rmse']:.3g}", f"{r['ratio']:.2f}"] for r in rows],
+          f"{r['skipping_rmse']:.3g}", fmt(r["ratio"], "x")] for r in rows],
     )
 
 

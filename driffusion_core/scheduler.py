@@ -195,23 +195,20 @@ def check_finite_sample(x: torch.Tensor, sampler: str) -> torch.Tensor:
     return x
 
 
-def input_version(x: torch.Tensor, cond: Optional[Mapping[str, Any]] = None) -> Any:
+def input_version(x: torch.Tensor, cond: Optional[Mapping[str, Any]] = None) -> Tuple[Optional[int], list]:
     """torch's in-place version counters of a model call's inputs: the state's (None for inference tensors,
-    which have none) and, with ``cond``, each conditioning tensor's."""
+    which have none) and each conditioning tensor's, as ``(name, tensor, version)``."""
     own = None if x.is_inference() else x._version
-    if cond is None:
-        return own
-    return own, [(name, t, t._version) for name, t in named_tensors(cond) if not t.is_inference()]
+    return own, [(name, t, t._version) for name, t in named_tensors(cond or {}) if not t.is_inference()]
 
 
-def check_input_untouched(x: torch.Tensor, version: Any, grid: TimeGrid, steps: List[int]) -> None:
-    """Refuse a predictor that wrote into its input: the sampler still needs that state, and a serial
-    and a parallel sampler would silently part ways (one steps from the altered state, one not). With the
-    conditioning's counters (``input_version(x, cond)``) also a write into a conditioning tensor: the next
-    call would see other conditioning, and executors that pass copies (repeated or moved) would not."""
-    conds = []
-    if isinstance(version, tuple):
-        version, conds = version
+def check_input_untouched(x: torch.Tensor, versions: Tuple[Optional[int], list], grid: TimeGrid,
+                          steps: List[int]) -> None:
+    """Refuse a predictor that wrote into its input (``versions``: :func:`input_version` before the call): the
+    sampler still needs that state, and a serial and a parallel sampler would silently part ways (one steps
+    from the altered state, one not). Likewise a write into a conditioning tensor: the next call would see
+    other conditioning, and executors that pass copies (repeated or moved) would not."""
+    version, conds = versions
     if version is not None and x._version != version:
         raise PredictorOutputError(
             f"The predictor modified its input x in place at {where_steps(grid, steps)}; the sampler still needs "

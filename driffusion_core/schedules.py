@@ -74,7 +74,9 @@ class Schedule:
 
     def grid(self, levels: Union[Sequence[float], torch.Tensor, TimeGrid]) -> TimeGrid:
         """A validated grid from explicit levels (contiguous, ending at the clean end) or a TimeGrid."""
-        if not isinstance(levels, TimeGrid):
+        if isinstance(levels, TimeGrid):
+            g = levels
+        else:
             try:
                 given = torch.as_tensor(levels, dtype=torch.float64)
             except Exception as e:  # a generator, strings, ragged lists, ...
@@ -82,7 +84,6 @@ class Schedule:
                     f"Timesteps must be a 1-D sequence of numbers (a list, tuple, numpy array or tensor of "
                     f"levels, noisiest first), got {type(levels).__name__} {reprlib.repr(levels)} ({exception_text(e)})."
                 ) from e
-            levels = given
             if given.dim() > 1:
                 raise InvalidTimestepsError(
                     f"Timesteps must be a 1-D sequence of levels, got shape {tuple(given.shape)}; pass one "
@@ -95,9 +96,7 @@ class Schedule:
                     f"evaluated at; the grid adds the final step to the clean end "
                     f"({self.terminal_level:g}) itself, so drop the trailing {flat[-1].item()!r}."
                 )
-        g = levels if isinstance(levels, TimeGrid) else TimeGrid.from_levels(
-            levels, self.terminal_level, self.model_time(torch.as_tensor(levels, dtype=torch.float64).flatten())
-        ).with_kind(self.kind)
+            g = TimeGrid.from_levels(flat, self.terminal_level, self.model_time(flat)).with_kind(self.kind)
         self.validate(g)
         return g
 

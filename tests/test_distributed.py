@@ -764,19 +764,26 @@ def _scenario_die(rank, world, dying=1):
     return res
 
 
-def _scenario_hang(rank, world):
+def _scenario_hang(rank, world, hung=1, timeout=TIMEOUT, diagnose=DIAGNOSE):
+    """Rank ``hung`` sleeps past the timeout in the second round (one draft per rank). With three or more
+    ranks it then exits, and rank 0 stays up a moment so its verdict reaches the other healthy ranks."""
     from backends import DistributedExecutor
 
-    ex = DistributedExecutor(timeout=TIMEOUT, diagnose_timeout=DIAGNOSE)
-    xs, ts = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(3)), torch.zeros(2, 3)
+    ex = DistributedExecutor(timeout=timeout, diagnose_timeout=diagnose)
+    xs, ts = torch.randn(world, 3, 4, generator=torch.Generator().manual_seed(3)), torch.zeros(world, 3)
     ex.evaluate(_predictor, xs, ts)
 
     def slow(x, t):
-        if rank == 1:
-            time.sleep(TIMEOUT + DIAGNOSE + 1)
+        if rank == hung:
+            time.sleep(timeout + diagnose + 1)
+            if world > 2:
+                os._exit(0)
         return x
 
-    return _fault_result(lambda: ex.evaluate(slow, xs, ts))
+    res = _fault_result(lambda: ex.evaluate(slow, xs, ts))
+    if world > 2 and rank == 0:
+        time.sleep(0.5)  # rank 0's verdict reaches rank 1 before rank 0's process (socket) is gone
+    return res
 
 
 def _scenario_stall_predictions(rank, world):
@@ -1171,24 +1178,6 @@ def _scenario_interrupt(rank, world, kind):
     return res
 
 
-def _scenario_hang3(rank, world):
-    from backends import DistributedExecutor
-
-    ex = DistributedExecutor(timeout=HANG3_TIMEOUT, diagnose_timeout=HANG3_DIAGNOSE)
-    xs, ts = torch.randn(3, 3, 4, generator=torch.Generator().manual_seed(3)), torch.zeros(3, 3)
-    ex.evaluate(_predictor, xs, ts)
-
-    def slow(x, t):
-        if rank == 2:
-            time.sleep(HANG3_TIMEOUT + HANG3_DIAGNOSE + 1)
-            os._exit(0)
-        return x
-
-    res = _fault_result(lambda: ex.evaluate(slow, xs, ts))
-    time.sleep(0.5 if rank == 0 else 0)  # rank 0's verdict reaches rank 1 before rank 0's process (socket) is gone
-    return res
-
-
 def _scenario_setup_dies(rank, world):
     from backends import DistributedExecutor
 
@@ -1253,7 +1242,7 @@ SCENARIOS = {
     "last_step": _scenario_last_step,
     "interrupt_KeyboardInterrupt": lambda rank, world: _scenario_interrupt(rank, world, "KeyboardInterrupt"),
     "interrupt_SystemExit": lambda rank, world: _scenario_interrupt(rank, world, "SystemExit"),
-    "hang3": _scenario_hang3,
+    "hang3": lambda rank, world: _scenario_hang(rank, world, hung=2, timeout=HANG3_TIMEOUT, diagnose=HANG3_DIAGNOSE),
     "setup_dies": _scenario_setup_dies,
     "e2e_ddpm": lambda rank, world: _e2e("ddpm"),
     "e2e_ddim": lambda rank, world: _e2e("ddim"),

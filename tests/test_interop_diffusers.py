@@ -333,6 +333,19 @@ def test_dpm_solver_holding_custom_timesteps_is_refused_not_dropped():
     from_diffusers(scheduler.config, 10)  # the config: its own timesteps, nothing held
 
 
+def _step_noise_from(noise: NoiseSource, scheduler_module, monkeypatch) -> list:
+    """Make a diffusers scheduler module's step noise (its ``randn_tensor``) the k-th draw ``noise(k, ...)``, as
+    our sampler draws step k's noise; returns the list of draws made (one entry per call, clear it to recount)."""
+    draws = []
+
+    def randn_tensor(shape, generator=None, device=None, dtype=None, **_):
+        draws.append(0)
+        return noise(len(draws) - 1, shape, dtype, device)
+
+    monkeypatch.setattr(scheduler_module, "randn_tensor", randn_tensor)
+    return draws
+
+
 def test_pipelines_ignore_custom_timesteps_the_scheduler_held(unet2d, monkeypatch):
     """diffusers' pipelines call set_timesteps(num_inference_steps), dropping custom timesteps the scheduler held:
     so does DRiffusionPipeline (width 1 is the pipeline's loop, with our noise as its step noise)."""
@@ -340,9 +353,7 @@ def test_pipelines_ignore_custom_timesteps_the_scheduler_held(unet2d, monkeypatc
 
     pipe = _quiet(need("DDPMPipeline")(unet=unet2d, scheduler=need("DDPMScheduler")(timestep_spacing="trailing")))
     noise = NoiseSource(9)
-    draws = []
-    monkeypatch.setattr(ddpm_module, "randn_tensor",
-                        lambda shape, generator=None, device=None, dtype=None: draws.append(0) or noise(len(draws) - 1, shape, dtype, device))
+    draws = _step_noise_from(noise, ddpm_module, monkeypatch)
     kw = dict(batch_size=1, num_inference_steps=4, output_type="pt")
     pipe.scheduler.set_timesteps(timesteps=[900, 500, 100])
     ours = DRiffusionPipeline(pipe, width=1)(generator=torch.Generator().manual_seed(1), noise=noise, **kw).images
@@ -630,9 +641,7 @@ def test_ddpm_pipeline_with_our_noise(unet2d, monkeypatch):
 
     pipe = _quiet(need("DDPMPipeline")(unet=unet2d, scheduler=need("DDPMScheduler")(timestep_spacing="trailing")))
     noise = NoiseSource(9)
-    draws = []
-    monkeypatch.setattr(ddpm_module, "randn_tensor",
-                        lambda shape, generator=None, device=None, dtype=None: draws.append(0) or noise(len(draws) - 1, shape, dtype, device))
+    draws = _step_noise_from(noise, ddpm_module, monkeypatch)
     kw = dict(batch_size=2, num_inference_steps=10, output_type="pt")
     ref = pipe(generator=torch.Generator().manual_seed(1), **kw).images
     assert len(draws) == 10  # trailing: every step starts from t > 0
@@ -718,9 +727,8 @@ def test_stable_diffusion_pipeline_passes_its_options_on(unet_cond, vae, monkeyp
     unet = _with_gain(unet_cond, AttnProcessor)
     scheduler = need("DDIMScheduler")(steps_offset=1, clip_sample=False, timestep_spacing="trailing", **SD_BETAS)
     pipe = _sd_pipeline(unet, scheduler, vae)
-    noise, draws = NoiseSource(4), []
-    monkeypatch.setattr(ddim_module, "randn_tensor", lambda shape, generator=None, device=None, dtype=None, **_:
-                        draws.append(0) or noise(len(draws) - 1, shape, dtype, device))
+    noise = NoiseSource(4)
+    draws = _step_noise_from(noise, ddim_module, monkeypatch)
     g = torch.Generator().manual_seed(0)
     kw = dict(prompt_embeds=torch.randn(2, 5, 8, generator=g), negative_prompt_embeds=torch.randn(2, 5, 8, generator=g),
               num_inference_steps=6, guidance_scale=4.0, output_type="latent")

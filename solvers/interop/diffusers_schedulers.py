@@ -144,19 +144,26 @@ def _x0_transform(cfg: Mapping[str, Any]):
     return None
 
 
+def _check_table_length(name: str, table: torch.Tensor, cfg: Mapping[str, Any], longer_ok: bool = False) -> None:
+    """diffusers spaces the timesteps over ``config.num_train_timesteps`` but looks them up in the scheduler's
+    alphas_cumprod table: a table of another length (a ``trained_betas`` of another length) is refused, since a
+    VPSchedule of the table would space them over its length instead, a silently different grid (DPM-Solver
+    reads a longer table as diffusers does: ``longer_ok``)."""
+    n_train = int(cfg.get("num_train_timesteps", 1000))
+    if len(table) == n_train or (longer_ok and len(table) > n_train):
+        return
+    raise InvalidArgumentError(
+        f"{name} has {len(table)} alphas_cumprod entries (its trained_betas has {len(table)}) but "
+        f"num_train_timesteps={n_train}: diffusers spaces its timesteps over num_train_timesteps and looks them up "
+        f"in that table, a mismatch DRiffusion does not reproduce. Build the scheduler with "
+        f"num_train_timesteps=len(trained_betas), e.g. {name}(trained_betas=betas, num_train_timesteps={len(table)}), "
+        f"or pass {n_train} trained_betas."
+    )
+
+
 def _vp_schedule(scheduler, cfg: Mapping[str, Any], final_alpha_cumprod: float, name: str) -> VPSchedule:
     table = scheduler.alphas_cumprod.detach().cpu()
-    n_train = int(cfg.get("num_train_timesteps", 1000))
-    if len(table) != n_train:
-        # diffusers spaces the timesteps over config.num_train_timesteps but indexes this table with them:
-        # a VPSchedule of the table would space them over its length instead, a silently different grid
-        raise InvalidArgumentError(
-            f"{name} has {len(table)} alphas_cumprod entries (its trained_betas has {len(table)}) but "
-            f"num_train_timesteps={n_train}: diffusers spaces its timesteps over num_train_timesteps and looks "
-            f"them up in that table, a mismatch DRiffusion does not reproduce. Build the scheduler with "
-            f"num_train_timesteps=len(trained_betas), e.g. {name}(trained_betas=betas, "
-            f"num_train_timesteps={len(table)}), or pass {n_train} trained_betas."
-        )
+    _check_table_length(name, table, cfg)
     return VPSchedule(table, final_alpha_cumprod=final_alpha_cumprod)
 
 
@@ -435,14 +442,7 @@ def _dpm(scheduler, cfg, num_inference_steps: int, check_held: bool = True):
     # which a VPSchedule (alpha-bar never increasing) cannot hold: those entries are raised to 2**-24,
     # and a grid that visits one of them is refused below (diffusers would step *up* in noise there).
     table = scheduler.alphas_cumprod.detach().cpu().to(torch.float64)
-    n_train = int(cfg.get("num_train_timesteps", 1000))
-    if len(table) < n_train:  # its timesteps would index past the table (a longer one is read as diffusers reads it)
-        raise InvalidArgumentError(
-            f"DPMSolverMultistepScheduler has {len(table)} alphas_cumprod entries (its trained_betas has "
-            f"{len(table)}) but num_train_timesteps={n_train}: its timesteps run up to {n_train - 1}, past the "
-            f"table. Build it with num_train_timesteps=len(trained_betas), e.g. DPMSolverMultistepScheduler("
-            f"trained_betas=betas, num_train_timesteps={len(table)})."
-        )
+    _check_table_length("DPMSolverMultistepScheduler", table, cfg, longer_ok=True)
     monotone = torch.flip(torch.cummax(torch.flip(table, [0]), 0).values, [0])
     raised = monotone != table
     schedule = VPSchedule(monotone, final_alpha_cumprod=1.0)
@@ -550,7 +550,8 @@ def from_diffusers(
 
     The scheduler is only read (a flow or DPM-Solver scheduler's grid comes from ``set_timesteps`` on a
     copy). A DDPM or flow scheduler that already holds custom timesteps / sigmas (an earlier
-    ``set_timesteps(timesteps=..., sigmas=...)``) other than the grid built here is refused: pass them.
+    ``set_timesteps(timesteps=..., sigmas=...)``) other than the grid built here is refused: pass them; a
+    DPM-Solver scheduler holding custom timesteps is refused (it takes no custom ones here).
     Options it cannot reproduce raise :class:`~driffusion_core.errors.InvalidArgumentError` naming them.
     """
     return _from_diffusers(scheduler_or_config, num_inference_steps, mu, eta, use_clipped_model_output,
