@@ -28,7 +28,15 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 from backends import BatchedExecutor, SerialExecutor  # noqa: E402
-from driffusion_core import DraftRefineScheduler, InvalidArgumentError, InvalidWidthError, NoiseSource, VPSchedule, expected_rounds  # noqa: E402
+from driffusion_core import (  # noqa: E402
+    DraftRefineScheduler,
+    InvalidArgumentError,
+    InvalidWidthError,
+    NoiseSource,
+    PredictorOutputError,
+    VPSchedule,
+    expected_rounds,
+)
 from solvers import DPMSolverSkip, from_diffusers, sample_serial, sample_step_skipping  # noqa: E402
 from solvers.interop import DiffusersPredictor, DRiffusionPipeline, calculate_shift  # noqa: E402
 
@@ -540,6 +548,22 @@ def test_predictor_errors(unet_cond):
         f(x, t)
     with pytest.raises(InvalidArgumentError, match="style="):
         DiffusersPredictor(torch.nn.Identity())
+
+
+def test_a_raw_diffusers_model_as_the_predictor_is_explained(unet2d):
+    """A diffusers model passed as the predictor returns UNet2DOutput (or a tuple with return_dict=False):
+    the error says how to take the tensor out, and the wrapper it suggests then samples."""
+    transition, grid = from_diffusers(need("DDIMScheduler")(), 4)
+    x = NoiseSource(0).initial((2, unet2d.config.in_channels, 8, 8))
+    sched = DraftRefineScheduler(transition, grid, width=2)
+    with torch.no_grad():
+        for executor in (None, BatchedExecutor()):
+            with pytest.raises(PredictorOutputError, match=r"returned UNet2DOutput.*\.sample.*DiffusersPredictor"):
+                sched.sample(unet2d, x, executor=executor)
+            with pytest.raises(PredictorOutputError, match=r"returned tuple.*return_dict=False.*\[0\]"):
+                sched.sample(lambda x, t: unet2d(x, t, return_dict=False), x, executor=executor)
+        wrapped = sched.sample(lambda x, t, **c: unet2d(x, t, **c).sample, x, executor=BatchedExecutor())
+        assert torch.equal(wrapped.x, sched.sample(DiffusersPredictor(unet2d), x, executor=BatchedExecutor()).x)
 
 
 # ============================================================================ pipelines
