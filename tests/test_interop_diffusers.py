@@ -382,6 +382,19 @@ def test_from_diffusers_takes_any_integer_step_count():
             from_diffusers(scheduler, bad)
 
 
+@pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler"])
+def test_more_steps_than_training_timesteps_names_num_inference_steps(name):
+    """diffusers refuses more inference steps than num_train_timesteps; so do we, naming from_diffusers' own
+    argument and the scheduler's limit (not the inner num_steps of VPSchedule.timesteps)."""
+    scheduler = need(name)(num_train_timesteps=100)
+    with pytest.raises(ValueError, match="cannot be larger"):
+        scheduler.set_timesteps(101)
+    with pytest.raises(InvalidArgumentError, match=r"num_inference_steps=101 is more than the .*num_train_timesteps=100"):
+        from_diffusers(scheduler, 101)
+    scheduler.set_timesteps(100)  # the limit itself is accepted by both
+    assert torch.equal(from_diffusers(scheduler, 100)[1].model_times, scheduler.timesteps)
+
+
 def test_from_diffusers_does_not_touch_the_scheduler():
     scheduler = need("FlowMatchEulerDiscreteScheduler")(shift=3.0, use_karras_sigmas=True)
     before = scheduler.sigmas.clone()
