@@ -6,7 +6,13 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-from driffusion_core.errors import DeviceMismatchError, InvalidArgumentError, PredictorOutputError, safe_str
+from driffusion_core.errors import (
+    DeviceMismatchError,
+    InvalidArgumentError,
+    PredictorOutputError,
+    not_a_tensor_hint,
+    safe_str,
+)
 from driffusion_core.executor import Executor, Predictor, check_describe_width, map_tensors
 
 
@@ -167,5 +173,5 @@ def _checked(out: Any, rows: int, ts: torch.Tensor, like: Optional[torch.Tensor]
     raise PredictorOutputError(
         f"BatchedExecutor: the predictor returned {got} for a batch of {rows} rows (the drafts of a round "
         f"stacked along the batch dimension, model times {shown}); it must return one prediction per "
-        f"input row, shaped like its input x."
+        f"input row, shaped like its input x.{'' if isinstance(out, torch.Tensor) else not_a_tensor_hint(out)}"
     )

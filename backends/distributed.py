@@ -82,7 +82,14 @@ from typing import Any, Deque, List, Mapping, NamedTuple, Optional, Sequence, Tu
 
 import torch
 
-from driffusion_core.errors import ExecutorError, InvalidArgumentError, PredictorOutputError, exception_text, safe_str
+from driffusion_core.errors import (
+    ExecutorError,
+    InvalidArgumentError,
+    PredictorOutputError,
+    exception_text,
+    not_a_tensor_hint,
+    safe_str,
+)
 from driffusion_core.executor import Executor, Predictor, even_shares, iter_tensors, map_tensors, stack_calls
 
 try:  # torch may be built without distributed support
@@ -860,7 +867,9 @@ class DistributedExecutor(Executor):
         outs = got if isinstance(got, list) else [got[0]]
         bad = [o for o in outs if not isinstance(o, torch.Tensor)]
         if bad:
-            return None, _BAD_OUTPUT, f"the predictor returned {type(bad[0]).__name__}, not a Tensor", None
+            hint = not_a_tensor_hint(bad[0])
+            text = f"the predictor returned {type(bad[0]).__name__}, not a Tensor" + ("." + hint if hint else "")
+            return None, _BAD_OUTPUT, text, None
         if len({(tuple(o.shape), o.dtype, o.device) for o in outs}) > 1:
             message = "the predictor returned predictions of different shapes, dtypes or devices: " + ", ".join(
                 f"{tuple(o.shape)} {o.dtype} on {o.device}" for o in outs

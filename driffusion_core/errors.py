@@ -92,3 +92,24 @@ def safe_str(e: BaseException) -> str:
 def exception_text(e: BaseException) -> str:
     """``"TypeName: message"`` for an error report, safe against a raising ``__str__``."""
     return f"{type(e).__name__}: {safe_str(e)}"
+
+
+def not_a_tensor_hint(out) -> str:
+    """For an error about a predictor output that is not a tensor: how to get the tensor out of what a
+    diffusers model returns (an output object with ``.sample``, or a tuple with ``return_dict=False``);
+    empty for anything else."""
+    wrap = "or use solvers.interop.DiffusersPredictor(model), which does this (and classifier-free guidance)."
+    try:
+        if isinstance(getattr(out, "sample", None), torch.Tensor):
+            return (
+                f" {type(out).__name__} looks like a diffusers model's output, whose prediction is its .sample: "
+                f"pass lambda x, t, **c: model(x, t, **c).sample as the predictor, " + wrap
+            )
+    except Exception:  # an object whose attribute lookup raises: no hint
+        return ""
+    if isinstance(out, (tuple, list)) and len(out) >= 1 and isinstance(out[0], torch.Tensor):
+        return (
+            f" A {type(out).__name__} of tensors is what a diffusers model returns with return_dict=False: pass "
+            f"lambda x, t, **c: model(x, t, return_dict=False, **c)[0] as the predictor, " + wrap
+        )
+    return ""

@@ -21,6 +21,7 @@ The scheduler is a pure state machine (:class:`DraftRefineState`: ``plan`` the n
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -33,6 +34,8 @@ from driffusion_core.errors import (
     PredictorOutputError,
     SamplingError,
     as_count,
+    not_a_tensor_hint,
+    safe_str,
 )
 from driffusion_core.executor import Executor, Predictor, SerialExecutor, batched_tensors, named_tensors
 from driffusion_core.grid import TimeGrid
@@ -163,18 +166,37 @@ def where_steps(grid: TimeGrid, steps: List[int]) -> str:
     return f"steps {first}..{last} (levels {grid.t_from[first].item():g}..{grid.t_from[last].item():g})"
 
 
-def note_where(error: BaseException, grid: TimeGrid, steps: List[int], x: torch.Tensor) -> None:
+_SIGNATURE_ERROR = re.compile(r"missing \d+ required (positional|keyword-only) argument|unexpected keyword argument|"
+                              r"takes \d+ positional arguments? but \d+ (were|was) given")
+
+
+def _call_hint(error: BaseException, cond: Optional[Mapping[str, Any]]) -> str:
+    """What to check for an exception from the predictor: its calling convention for a TypeError about its
+    arguments, else the state's dtype and device."""
+    if isinstance(error, TypeError) and _SIGNATURE_ERROR.search(safe_str(error)):
+        keys = ", ".join(repr(k) for k in cond) if cond else None
+        given = f"with the keyword arguments {keys} from cond" if keys else "with no keyword arguments (cond is empty)"
+        return (
+            f"the predictor is called as f(x, t, **cond), {given}: a model that takes more arguments needs them "
+            f"in cond (e.g. cond={{'labels': y}} calls f(x, t, labels=y)); one that takes fewer, a wrapper such as "
+            f"lambda x, t, **c: model(x, t)"
+        )
+    return "a model with parameters of another dtype or device needs x there too"
+
+
+def note_where(error: BaseException, grid: TimeGrid, steps: List[int], x: torch.Tensor,
+               cond: Optional[Mapping[str, Any]] = None) -> None:
     """Add to an exception from the predictor or executor where sampling was (Python >= 3.11 notes):
     the draft's step where the executor marked it (:func:`~driffusion_core.executor.mark_draft`), else the
-    round's steps. The exception keeps its type, so callers catching the model's own errors still do."""
+    round's steps, and what to check (the calling convention, for a TypeError about the predictor's
+    arguments). The exception keeps its type, so callers catching the model's own errors still do."""
     k = getattr(error, "_driffusion_draft", None)
     if isinstance(k, int) and 0 <= k < len(steps):
         steps = [steps[k]]
     if hasattr(error, "add_note"):
         error.add_note(
             f"driffusion: raised while evaluating {where_steps(grid, steps)}; the state is "
-            f"{x.dtype} {tuple(x.shape)} on {x.device} (a model with parameters of another dtype or device "
-            f"needs x there too)."
+            f"{x.dtype} {tuple(x.shape)} on {x.device} ({_call_hint(error, cond)})."
         )
 
 
@@ -234,7 +256,9 @@ def check_predictions(
 
     def check_one(p: Any, want: torch.Tensor, k: int, lead: int) -> None:
         if not isinstance(p, torch.Tensor):
-            raise PredictorOutputError(f"The predictor returned {type(p).__name__} at {where(k)}; it must return a tensor.")
+            raise PredictorOutputError(
+                f"The predictor returned {type(p).__name__} at {where(k)}; it must return a tensor.{not_a_tensor_hint(p)}"
+            )
         if p.shape != want.shape:
             raise PredictorOutputError(
                 f"The predictor returned shape {tuple(p.shape[lead:])} at {where(k)}, but the state has shape "
@@ -278,7 +302,7 @@ def evaluate_round(
     try:
         preds = executor.evaluate(predictor, rnd.xs, ts, cond)
     except Exception as e:
-        note_where(e, grid, rnd.steps, x)
+        note_where(e, grid, rnd.steps, x, cond)
         raise
     check_input_untouched(rnd.xs, version, grid, rnd.steps)
     return preds

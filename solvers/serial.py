@@ -41,7 +41,7 @@ def _call(predictor, x, grid: TimeGrid, i: int, cond: dict) -> torch.Tensor:
     try:
         pred = predictor(x, t, **cond)
     except Exception as e:
-        note_where(e, grid, [i], x)
+        note_where(e, grid, [i], x, cond)
         raise
     check_input_untouched(x, version, grid, [i])
     return check_predictions([pred], x.unsqueeze(0), [i], grid)[0]

@@ -458,6 +458,9 @@ def test_failures_outside_the_predictor_call_fail_every_rank_at_once():
         # a message longer than the exchange's text buffer arrives cut, not as a failed exchange
         "long_message": ("ExecutorError", ["the predictor raised on rank 1", "ValueError: " + "long " * 20]),
         "uint16": ("PredictorOutputError", ["rank 1", "predictions of dtype torch.uint16 are not supported"]),
+        # a diffusers-style output object: the message says how to get the tensor out of it
+        "output_object": ("PredictorOutputError", ["rank 1", "returned Output, not a Tensor", ".sample",
+                                                   "DiffusersPredictor"]),
     }
     for rank in (0, 1):
         for case, (error_type, parts) in expected.items():
@@ -1044,6 +1047,13 @@ def _scenario_local_failures(rank, world):
     def uint16(x, t):  # a dtype the exchange does not carry
         return x.to(torch.uint16) if rank == 1 else x
 
+    class Output:  # what a diffusers model returns: the prediction in .sample
+        def __init__(self, sample):
+            self.sample = sample
+
+    def output_object(x, t):
+        return Output(x) if rank == 1 else x
+
     def after():
         return bool(torch.equal(ex.evaluate(_predictor, xs, ts), SerialExecutor().evaluate(_predictor, xs, ts)))
 
@@ -1054,7 +1064,7 @@ def _scenario_local_failures(rank, world):
     ex.device = None
     res["move"]["after"] = after()
     for name, f in (("mixed_devices", mixed_devices), ("all_meta", all_meta), ("bad_str", bad_str),
-                    ("long_message", long_message), ("uint16", uint16)):
+                    ("long_message", long_message), ("uint16", uint16), ("output_object", output_object)):
         res[name] = _fault_result(lambda: ex.evaluate(f, xs, ts))
         res[name]["after"] = after()
     return res

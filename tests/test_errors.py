@@ -179,6 +179,67 @@ def test_predictor_returns_a_non_tensor():
             call()
 
 
+class _Output:
+    """What a diffusers model returns by default (e.g. ``UNet2DOutput``): the prediction is its ``.sample``."""
+
+    def __init__(self, sample):
+        self.sample = sample
+
+
+@pytest.mark.parametrize(
+    "wrap,parts",
+    [
+        (lambda p: _Output(p), ["returned _Output", "diffusers model's output", ".sample", "DiffusersPredictor"]),
+        (lambda p: (p,), ["returned tuple", "return_dict=False", "[0]", "DiffusersPredictor"]),
+    ],
+)
+def test_predictor_returning_a_diffusers_output_says_how_to_get_the_tensor(wrap, parts):
+    """A diffusers model passed as the predictor returns an output object (or a tuple with return_dict=False):
+    every sampler and executor says how to take the tensor out, not only that it is not one."""
+    for call in run_both(lambda x, t: wrap(0.1 * x)):
+        with pytest.raises(PredictorOutputError) as info:
+            call()
+        assert all(p in str(info.value) for p in parts), str(info.value)
+    # anything else that is not a tensor gets no diffusers hint
+    for call in run_both(lambda x, t: x.tolist()):
+        with pytest.raises(PredictorOutputError) as info:
+            call()
+        assert "diffusers" not in str(info.value), str(info.value)
+
+
+@pytest.mark.skipif(not HAS_NOTES, reason="exception notes need Python >= 3.11")
+def test_predictor_called_with_other_arguments_says_how_it_is_called():
+    """A TypeError about the predictor's own arguments gets a note with the calling convention f(x, t, **cond)
+    and the keyword arguments this call passed; another exception keeps the dtype / device hint."""
+    def needs_labels(x, t, labels):
+        return 0.1 * x
+
+    def takes_two(x, t):
+        return 0.1 * x
+
+    labels = torch.zeros(3, dtype=torch.long)
+    cases = [
+        (needs_labels, {}, ["f(x, t, **cond)", "cond is empty", "cond={'labels': y}"]),
+        (takes_two, {"labels": labels}, ["f(x, t, **cond)", "keyword arguments 'labels' from cond",
+                                         "lambda x, t, **c: model(x, t)"]),
+    ]
+    for predictor, cond, parts in cases:
+        for call in run_both(predictor, cond=cond):
+            with pytest.raises(TypeError) as info:
+                call()
+            note = " ".join(notes(info.value))
+            assert "driffusion: raised while evaluating step 0" in note and all(p in note for p in parts), note
+
+    def wrong_dtype(x, t):
+        return torch.nn.functional.linear(x, torch.zeros(2, 2, dtype=torch.float64))
+
+    for call in run_both(wrong_dtype):
+        with pytest.raises(RuntimeError) as info:
+            call()
+        note = " ".join(notes(info.value))
+        assert "another dtype or device" in note and "**cond" not in note, note
+
+
 @pytest.mark.parametrize("value,kind", [(float("nan"), "NaN"), (float("inf"), "inf"), (float("-inf"), "inf")])
 def test_predictor_returns_nan_or_inf_names_the_step_and_level(value, kind):
     """The bad value appears at model time 300 (step 6 of the 10-step leading grid 900, 800, ..., 0)."""

@@ -28,7 +28,15 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 from backends import BatchedExecutor, SerialExecutor  # noqa: E402
-from driffusion_core import DraftRefineScheduler, InvalidArgumentError, InvalidWidthError, NoiseSource, VPSchedule, expected_rounds  # noqa: E402
+from driffusion_core import (  # noqa: E402
+    DraftRefineScheduler,
+    InvalidArgumentError,
+    InvalidWidthError,
+    NoiseSource,
+    PredictorOutputError,
+    VPSchedule,
+    expected_rounds,
+)
 from solvers import DPMSolverSkip, from_diffusers, sample_serial, sample_step_skipping  # noqa: E402
 from solvers.interop import DiffusersPredictor, DRiffusionPipeline, calculate_shift  # noqa: E402
 
@@ -374,6 +382,19 @@ def test_from_diffusers_takes_any_integer_step_count():
             from_diffusers(scheduler, bad)
 
 
+@pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler"])
+def test_more_steps_than_training_timesteps_names_num_inference_steps(name):
+    """diffusers refuses more inference steps than num_train_timesteps; so do we, naming from_diffusers' own
+    argument and the scheduler's limit (not the inner num_steps of VPSchedule.timesteps)."""
+    scheduler = need(name)(num_train_timesteps=100)
+    with pytest.raises(ValueError, match="cannot be larger"):
+        scheduler.set_timesteps(101)
+    with pytest.raises(InvalidArgumentError, match=r"num_inference_steps=101 is more than the .*num_train_timesteps=100"):
+        from_diffusers(scheduler, 101)
+    scheduler.set_timesteps(100)  # the limit itself is accepted by both
+    assert torch.equal(from_diffusers(scheduler, 100)[1].model_times, scheduler.timesteps)
+
+
 def test_from_diffusers_does_not_touch_the_scheduler():
     scheduler = need("FlowMatchEulerDiscreteScheduler")(shift=3.0, use_karras_sigmas=True)
     before = scheduler.sigmas.clone()
@@ -540,6 +561,22 @@ def test_predictor_errors(unet_cond):
         f(x, t)
     with pytest.raises(InvalidArgumentError, match="style="):
         DiffusersPredictor(torch.nn.Identity())
+
+
+def test_a_raw_diffusers_model_as_the_predictor_is_explained(unet2d):
+    """A diffusers model passed as the predictor returns UNet2DOutput (or a tuple with return_dict=False):
+    the error says how to take the tensor out, and the wrapper it suggests then samples."""
+    transition, grid = from_diffusers(need("DDIMScheduler")(), 4)
+    x = NoiseSource(0).initial((2, unet2d.config.in_channels, 8, 8))
+    sched = DraftRefineScheduler(transition, grid, width=2)
+    with torch.no_grad():
+        for executor in (None, BatchedExecutor()):
+            with pytest.raises(PredictorOutputError, match=r"returned UNet2DOutput.*\.sample.*DiffusersPredictor"):
+                sched.sample(unet2d, x, executor=executor)
+            with pytest.raises(PredictorOutputError, match=r"returned tuple.*return_dict=False.*\[0\]"):
+                sched.sample(lambda x, t: unet2d(x, t, return_dict=False), x, executor=executor)
+        wrapped = sched.sample(lambda x, t, **c: unet2d(x, t, **c).sample, x, executor=BatchedExecutor())
+        assert torch.equal(wrapped.x, sched.sample(DiffusersPredictor(unet2d), x, executor=BatchedExecutor()).x)
 
 
 # ============================================================================ pipelines

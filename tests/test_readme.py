@@ -46,3 +46,70 @@ def test_readme_example_runs_and_prints_what_it_says(index):
     claims = [m.group(1).strip() for m in re.finditer(CLAIM, block, flags=re.M)]
     for claim in claims:
         assert claim in [p.strip() for p in printed], f"README block {index} claims {claim!r}, printed {printed}"
+
+
+def _fake_k_diffusion(rows_seen: list):
+    """A stand-in for the parts of k-diffusion the README's block uses: get_sigmas_karras as k-diffusion
+    writes it (ending in an appended 0) and a CompVisDenoiser-shaped wrapper around a model whose x0 is a
+    pull toward its conditioning's mean (so the sample depends on c)."""
+    import types
+
+    import torch
+
+    def get_sigmas_karras(n, sigma_min, sigma_max, rho=7.0, device="cpu"):
+        ramp = torch.linspace(0, 1, n)
+        min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+        sigmas = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+        return torch.cat([sigmas, sigmas.new_zeros([1])]).to(device)
+
+    class CompVisDenoiser:
+        def __init__(self, model):
+            self.model = model
+
+        def __call__(self, x, sigma, cond):
+            rows_seen.append(x.shape[0])
+            s = sigma.reshape(-1, 1, 1, 1)
+            return cond.mean(dim=(1, 2)).reshape(-1, 1, 1, 1) + (x - cond.mean()) / (1 + s**2)
+
+    class LatentDiffusion:
+        def get_learned_conditioning(self, prompts):
+            return torch.full((len(prompts), 77, 8), 0.5)
+
+    k = types.ModuleType("k_diffusion")
+    k.sampling = types.SimpleNamespace(get_sigmas_karras=get_sigmas_karras)
+    k.external = types.SimpleNamespace(CompVisDenoiser=CompVisDenoiser)
+    return k, LatentDiffusion()
+
+
+@pytest.mark.parametrize("readme", [README, README.parent / "solvers" / "interop" / "README.md"])
+def test_the_k_diffusion_block_runs_and_batches_its_drafts(readme, monkeypatch):
+    """The k-diffusion block, with stand-ins for k-diffusion and the LatentDiffusion model: it runs, ends with
+    sample_euler's result to float rounding at width 1, and evaluates a round's drafts in one call (the
+    sampler's default executor makes one call per draft, which a copied snippet would silently keep)."""
+    import sys
+
+    import torch
+
+    from solvers import sample_driffusion
+
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme.read_text(), flags=re.S) if "sample_driffusion(" in b]
+    assert len(blocks) == 1, blocks
+    rows: list = []
+    fake, model = _fake_k_diffusion(rows)
+    monkeypatch.setitem(sys.modules, "k_diffusion", fake)
+    torch.manual_seed(0)
+    scope = {"__name__": "__readme__", "model": model}
+    exec(compile(blocks[0], f"{readme.name} k-diffusion block", "exec"), scope)
+    assert scope["x"].shape == (1, 4, 64, 64)
+    # 50 steps at width 4, aggressive: 14 rounds, the first of one draft, then up to 4 drafts in one call
+    assert len(rows) == 14 and max(rows) == 4 and sum(rows) == 50, rows
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 64, 64) * scope["sigmas"][0]
+    sigmas, denoiser, c = scope["sigmas"], scope["denoiser"], scope["c"]
+    euler = x.clone()
+    for i in range(len(sigmas) - 1):  # k-diffusion's sample_euler (no churn)
+        d = (euler - denoiser(euler, sigmas[i] * euler.new_ones(1), cond=c)) / sigmas[i]
+        euler = euler + d * (sigmas[i + 1] - sigmas[i])
+    width1 = sample_driffusion(denoiser, x, sigmas, extra_args={"cond": c}, width=1, disable=True)
+    assert torch.allclose(width1, euler, atol=1e-5), (width1 - euler).abs().max()
+    assert (scope["x"] - euler).abs().max() < 0.1 * euler.abs().max()

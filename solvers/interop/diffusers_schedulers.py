@@ -590,6 +590,13 @@ def _from_diffusers(scheduler_or_config, num_inference_steps, mu, eta, use_clipp
                 "custom timesteps= / sigmas= where the scheduler takes them."
             )
         num_inference_steps = as_count(num_inference_steps, "num_inference_steps", 1)
+        n_train = int(cfg.get("num_train_timesteps", 1000))
+        if name in ("DDIMScheduler", "DDPMScheduler") and num_inference_steps > n_train:  # as diffusers refuses it
+            raise InvalidArgumentError(
+                f"num_inference_steps={num_inference_steps} is more than the {name}'s num_train_timesteps={n_train}: "
+                f"its steps are distinct training timesteps, so it takes at most {n_train} (diffusers' "
+                f"set_timesteps refuses it too)."
+            )
     if name == "DDIMScheduler":
         return _ddim(scheduler, cfg, num_inference_steps, float(eta), bool(use_clipped_model_output))
     if name == "DDPMScheduler":
