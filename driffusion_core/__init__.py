@@ -14,6 +14,7 @@ from driffusion_core.errors import (
     PredictorOutputError,
     SamplingError,
     UnexpectedArgumentError,
+    WideWindowWarning,
 )
 from driffusion_core.executor import Executor, SerialExecutor
 from driffusion_core.grid import TimeGrid
@@ -54,4 +55,5 @@ __all__ = [
     "ExecutorError",
     "SamplingError",
     "UnexpectedArgumentError",
+    "WideWindowWarning",
 ]

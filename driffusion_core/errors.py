@@ -50,6 +50,12 @@ class SamplingError(DriffusionError, RuntimeError):
     """Sampling produced an unusable state (NaN or inf) although every model output was finite."""
 
 
+class WideWindowWarning(UserWarning):
+    """A draft window that reaches far along a short grid (width / T of 0.2 or more): the far drafts are far from
+    their anchor, and DRiffusion is then often farther from the serial sample than step skipping at the same
+    rounds, or diverges. Silence it with ``warnings.simplefilter("ignore", WideWindowWarning)``."""
+
+
 
 def is_bool(value) -> bool:
     """A Python, numpy or torch boolean (``operator.index`` would take any of them as 0 / 1)."""

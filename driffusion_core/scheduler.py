@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -33,6 +34,7 @@ from driffusion_core.errors import (
     InvalidWidthError,
     PredictorOutputError,
     SamplingError,
+    WideWindowWarning,
     as_count,
     not_a_tensor_hint,
     safe_str,
@@ -509,6 +511,31 @@ class DraftRefineState:
         return True
 
 
+WIDE_WINDOW = 0.2
+"""From this width / T on, :class:`DraftRefineScheduler` warns (:class:`~driffusion_core.errors.WideWindowWarning`)."""
+
+
+def warn_wide_window(width: int, num_steps: int, stacklevel: int = 2) -> None:
+    """Warn when a window of ``width`` drafts reaches :data:`WIDE_WINDOW` or more of a grid of ``num_steps``.
+
+    A draft x~_{a+j} freezes the anchor's prediction for j levels; at j / T from about 0.2 on it is far from
+    the state the serial chain reaches there, the model is evaluated off its path, and on the benchmarks' grid
+    study DRiffusion was then farther from the serial sample than step skipping in half the settings (on short
+    grids, and for DDPM, it can diverge). Width 1 never warns.
+    """
+    if width > 1 and width >= WIDE_WINDOW * num_steps * (1 - 1e-12):
+        warnings.warn(
+            f"width {width} on a grid of {num_steps} steps: each window drafts up to width / T = "
+            f"{width / num_steps:.2f} of the grid ahead of its anchor. From about {WIDE_WINDOW} on, the far drafts are "
+            f"far from the serial path and DRiffusion is often farther from the serial sample than step skipping at "
+            f"the same rounds, or diverges on short grids. Keep width <= T / 10 (width 4 for 50 steps) with "
+            f"trailing spacing, or use solvers.PicardScheduler with a tolerance. Silence this with "
+            f"warnings.simplefilter('ignore', driffusion_core.WideWindowWarning).",
+            WideWindowWarning,
+            stacklevel=stacklevel + 1,
+        )
+
+
 class DraftRefineScheduler:
     """DRiffusion's draft-and-refine sampler.
 
@@ -551,6 +578,7 @@ class DraftRefineScheduler:
         self.grid = transition.make_grid(timesteps)
         self.width = _check_width(width)
         self.mode = mode
+        warn_wide_window(self.width, self.num_steps, stacklevel=2)
 
     @property
     def num_steps(self) -> int:

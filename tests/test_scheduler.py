@@ -452,3 +452,40 @@ def test_per_sample_noise_rows_are_distinct_and_keyed_by_row():
         z = src(i, (5, 4))
         assert all(not torch.allclose(z[a], z[b]) for a in range(5) for b in range(a + 1, 5))
         assert torch.equal(z[:3], src(i, (3, 4)))
+
+
+# ---------------------------------------------------------------- the wide-window warning
+
+
+@pytest.mark.parametrize("steps, width, warns", [
+    (50, 4, False), (50, 9, False), (50, 10, True), (10, 1, False), (10, 2, True), (20, 3, False), (20, 4, True),
+    (13, 4, True), (1, 1, False), (3, 1, False), (15, 3, True), (4, 9, True),
+])
+def test_a_window_reaching_far_along_a_short_grid_warns(steps, width, warns):
+    """width / T of 0.2 or more warns (WideWindowWarning, naming width, T and how to silence it); width 1 never does."""
+    import warnings
+
+    from driffusion_core import WideWindowWarning
+
+    schedule = VPSchedule.linear(1000)
+    grid = schedule.timesteps(steps, "trailing")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        sched = DraftRefineScheduler(DDIMSkip(schedule), grid, width=width)
+    wide = [w for w in seen if issubclass(w.category, WideWindowWarning)]
+    assert len(wide) == (1 if warns else 0), [str(w.message) for w in seen]
+    if warns:
+        text = str(wide[0].message)
+        assert f"width {width} on a grid of {steps} steps" in text and "PicardScheduler" in text
+        assert "simplefilter('ignore', driffusion_core.WideWindowWarning)" in text
+        assert wide[0].filename == __file__  # points at the caller's line, not the library's
+    assert sched.width == width  # a warning, not a refusal: the scheduler is made
+
+
+def test_the_wide_window_warning_reaches_k_diffusion_users():
+    from driffusion_core import WideWindowWarning
+    from solvers import sample_driffusion
+
+    sigmas = torch.linspace(10.0, 0.0, 9)
+    with pytest.warns(WideWindowWarning, match="width 4 on a grid of 8 steps"):
+        sample_driffusion(lambda x, s: 0.5 * x, torch.randn(2, 3), sigmas, width=4)
