@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from backends import BatchedExecutor
+from backends import BatchedExecutor, SerialExecutor
 from driffusion_core import InvalidArgumentError, InvalidTimestepsError, NoiseSource, expected_rounds
 from solvers import VEEulerSkip, VESchedule, ring_mixture, sample_driffusion, sample_step_skipping
 from solvers.interop import sigmas_grid
@@ -93,11 +93,23 @@ def test_extra_args_and_executors():
     w1 = sample_driffusion(cond_denoiser, x, sigmas, {"shift": shift}, width=1, disable=True)
     torch.testing.assert_close(w1, ref, rtol=1e-5, atol=1e-5)
     for mode in ("aggressive", "conservative"):
-        serial = sample_driffusion(cond_denoiser, x, sigmas, {"shift": shift}, width=3, mode=mode, disable=True, return_output=True)
+        rows = []
+
+        def counting(x, sigma, **kw):
+            rows.append(x.shape[0])
+            return cond_denoiser(x, sigma, **kw)
+
+        serial = sample_driffusion(cond_denoiser, x, sigmas, {"shift": shift}, width=3, mode=mode, disable=True,
+                                   executor=SerialExecutor(), return_output=True)
         batched = sample_driffusion(cond_denoiser, x, sigmas, {"shift": shift}, width=3, mode=mode, disable=True,
                                     executor=BatchedExecutor(), return_output=True)
-        assert serial.rounds == batched.rounds == expected_rounds(10, 3, mode)
+        default = sample_driffusion(counting, x, sigmas, {"shift": shift}, width=3, mode=mode, disable=True,
+                                    return_output=True)
+        assert serial.rounds == batched.rounds == default.rounds == expected_rounds(10, 3, mode)
         torch.testing.assert_close(batched.x, serial.x, rtol=1e-6, atol=1e-6)
+        # the default executor is the batched one: one call per round, a round's drafts stacked (3 x 8 rows)
+        assert len(rows) == default.rounds and max(rows) == 3 * 8 and sum(rows) == 10 * 8, rows
+        assert torch.equal(default.x, batched.x)
 
 
 def test_runs_without_autograd_like_k_diffusion():
@@ -209,11 +221,24 @@ def test_model_misbehaving_is_caught_as_in_the_scheduler(width):
             raise ZeroDivisionError("model fell over")
         return denoiser(x, sigma)
 
-    with pytest.raises(ZeroDivisionError, match="model fell over") as info:
-        sample_driffusion(broken, x, sigmas, width=width, disable=True)
+    with pytest.raises(ZeroDivisionError, match="model fell over") as info:  # one call per draft: names the step
+        sample_driffusion(broken, x, sigmas, width=width, disable=True, executor=SerialExecutor())
     if _sys.version_info >= (3, 11):
         notes = " ".join(getattr(info.value, "__notes__", []))
         assert "driffusion: raised while evaluating step" in notes and "step 2" in notes, notes
+
+    def broken_row(x, sigma):  # any row at sigmas[2] or below: the default (batched) executor names the round's steps
+        if (sigma < float(sigmas[2]) * 1.0001).any():
+            raise ZeroDivisionError("model fell over")
+        return denoiser(x, sigma)
+
+    with pytest.raises(ZeroDivisionError, match="model fell over") as info:
+        sample_driffusion(broken_row, x, sigmas, width=width, disable=True)
+    if _sys.version_info >= (3, 11):
+        notes = " ".join(getattr(info.value, "__notes__", []))
+        first = 2 if width == 1 else 1  # width 3, aggressive: rounds evaluate steps 0, 1..3, ...
+        expect = "step 2 " if width == 1 else f"steps {first}..{first + width - 1} "
+        assert "driffusion: raised while evaluating" in notes and expect in notes, notes
 
 
 def test_import_solvers_does_not_import_diffusers():

@@ -85,7 +85,7 @@ def _fake_k_diffusion(rows_seen: list):
 def test_the_k_diffusion_block_runs_and_batches_its_drafts(readme, monkeypatch):
     """The k-diffusion block, with stand-ins for k-diffusion and the LatentDiffusion model: it runs, ends with
     sample_euler's result to float rounding at width 1, and evaluates a round's drafts in one call (the
-    sampler's default executor makes one call per draft, which a copied snippet would silently keep)."""
+    sampler's default executor, BatchedExecutor; with one call per draft a copied snippet gains nothing)."""
     import sys
 
     import torch

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 import torch
 
 from driffusion_core.errors import InvalidArgumentError, InvalidTimestepsError
-from driffusion_core.executor import Executor, SerialExecutor
+from driffusion_core.executor import Executor
 from driffusion_core.grid import TimeGrid
 from driffusion_core.scheduler import (
     DraftRefineScheduler, SampleOutput, check_finite_sample, check_inputs, evaluate_round,
@@ -80,7 +80,9 @@ def sample_driffusion(
         disable: disable the progress bar (tqdm's meaning: None hides it off a terminal).
         width: drafts per round (1 is ``sample_euler``, to float rounding).
         mode: ``"aggressive"`` or ``"conservative"``.
-        executor: how a round runs (default: serial; ``backends.BatchedExecutor()`` batches the drafts).
+        executor: how a round runs (default ``backends.BatchedExecutor()``: a round's drafts in one call of
+            width x B rows, as ``DRiffusionPipeline`` does; ``backends.SerialExecutor()`` makes one call per
+            draft, with no speed-up, at the serial sampler's peak memory).
         return_output: return the :class:`~driffusion_core.SampleOutput` (with rounds and evals), not just x.
 
     Returns:
@@ -95,7 +97,10 @@ def sample_driffusion(
     grid = sigmas_grid(sigmas, x.dtype)
     transition = VEEulerSkip(VESchedule(), prediction="sample")
     sched = DraftRefineScheduler(transition, grid, width, mode)
-    executor = executor if executor is not None else SerialExecutor()
+    if executor is None:
+        from backends import BatchedExecutor  # solvers may use backends; the core never does
+
+        executor = BatchedExecutor()
     if not isinstance(executor, Executor):
         raise InvalidArgumentError(f"executor must be an Executor, got {type(executor).__name__}.")
     state = sched.start(x, keep_trajectory=callback is not None)
