@@ -28,7 +28,7 @@ import torch
 from driffusion_core import coefficients as C
 from driffusion_core.errors import DeviceMismatchError, InvalidArgumentError, InvalidTimestepsError, as_count
 from driffusion_core.grid import TimeGrid
-from driffusion_core.parameterization import Prediction, X0Transform, check_prediction, to_x0_eps
+from driffusion_core.parameterization import Prediction, X0Transform, check_prediction, to_x0_eps, upcast
 from driffusion_core.schedules import Schedule
 
 __all__ = ["SkipTransition", "History", "as_levels", "repeat_rows", "zero_length_identity"]
@@ -345,8 +345,8 @@ class SkipTransition(abc.ABC):
         """
         n = noises.shape[0]
         u = self._memo(("coupling", *_levels_key(t_from, t_to)), lambda: self._coupling(t_from, t_to))
-        flat = noises.reshape(n, -1)
-        out = (u.to(device=flat.device, dtype=flat.dtype) @ flat).reshape(noises.shape)
+        (flat,) = upcast(noises.reshape(n, -1))  # float16 / bfloat16: in float32, cast once
+        out = (u.to(device=flat.device, dtype=flat.dtype) @ flat).reshape(noises.shape).to(noises.dtype)
         out[0] = noises[0]
         return out
 
@@ -439,11 +439,12 @@ class SkipTransition(abc.ABC):
         out[0] = self(x, pred, t_from[0], t_to[0], noises[0] if noises is not None else None)
         if n > 1:
             At, Bt, W = self._chain(t_from[1:], t_to[1:])
-            x0_hat, _ = self.to_x0_eps(x, pred, t_from[0])
-            per_draft = lambda c: c.to(device=x.device, dtype=x.dtype).reshape(n - 1, *([1] * x.dim()))
-            rest = per_draft(At) * x0_hat + per_draft(Bt) * out[0]
+            x_up, pred_up, first = upcast(x, pred, out[0])  # float16 / bfloat16: in float32, cast once
+            x0_hat, _ = self.to_x0_eps(x_up, pred_up, t_from[0])
+            per_draft = lambda c: c.to(device=x.device, dtype=first.dtype).reshape(n - 1, *([1] * x.dim()))
+            rest = per_draft(At) * x0_hat + per_draft(Bt) * first
             if noises is not None:
-                flat = noises[1:].reshape(n - 1, -1)
+                (flat,) = upcast(noises[1:].reshape(n - 1, -1))
                 rest = rest + (W.to(device=flat.device, dtype=flat.dtype) @ flat).reshape(rest.shape)
             out[1:] = rest
         return out

@@ -17,7 +17,7 @@ import torch
 
 from driffusion_core import coefficients as C
 from driffusion_core.errors import InvalidArgumentError, is_real
-from driffusion_core.parameterization import Prediction, X0Transform, broadcast_coef
+from driffusion_core.parameterization import Prediction, X0Transform, broadcast_coef, upcast
 from driffusion_core.schedules import VPSchedule
 from driffusion_core.transition import Levels, SkipTransition, zero_length_identity
 
@@ -81,11 +81,12 @@ class DDIMSkip(SkipTransition):
     def __call__(self, x, pred, t_from: Levels, t_to: Levels, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         t_from, t_to = self.operands(x, pred, t_from, t_to, noise)
         alpha_sigma, (c_x0, c_eps, sigma) = self.cached(t_from, t_to, self._coefficients)
+        dtype, (x, pred, noise) = x.dtype, upcast(x, pred, noise)  # float16 / bfloat16: in float32, cast once
         x0_hat, eps_hat = self.to_x0_eps(x, pred, t_from, alpha_sigma)
         out = broadcast_coef(c_x0, x) * x0_hat + broadcast_coef(c_eps, x) * eps_hat
         if self.stochastic and noise is not None:
             out = out + broadcast_coef(sigma, x) * noise
-        return zero_length_identity(out, x, t_from, t_to)
+        return zero_length_identity(out, x, t_from, t_to).to(dtype)
 
     def chain_factors(self, t_from: torch.Tensor, t_to: torch.Tensor):
         return C.ddim_chain_coefficients(self.schedule.alpha_bar(t_from), self.schedule.alpha_bar(t_to), self.eta)

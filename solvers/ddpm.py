@@ -19,7 +19,7 @@ import torch
 
 from driffusion_core import coefficients as C
 from driffusion_core.errors import InvalidArgumentError
-from driffusion_core.parameterization import Prediction, X0Transform, broadcast_coef
+from driffusion_core.parameterization import Prediction, X0Transform, broadcast_coef, upcast
 from driffusion_core.schedules import VPSchedule
 from driffusion_core.transition import Levels, SkipTransition, zero_length_identity
 
@@ -72,11 +72,12 @@ class DDPMSkip(SkipTransition):
     def __call__(self, x, pred, t_from: Levels, t_to: Levels, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         t_from, t_to = self.operands(x, pred, t_from, t_to, noise)
         alpha_sigma, (c_x0, c_xt, std) = self.cached(t_from, t_to, self._coefficients)
+        dtype, (x, pred, noise) = x.dtype, upcast(x, pred, noise)  # float16 / bfloat16: in float32, cast once
         x0_hat, _ = self.to_x0_eps(x, pred, t_from, alpha_sigma)
         out = broadcast_coef(c_x0, x) * x0_hat + broadcast_coef(c_xt, x) * x
         if noise is not None:
             out = out + broadcast_coef(std, x) * noise
-        return zero_length_identity(out, x, t_from, t_to)
+        return zero_length_identity(out, x, t_from, t_to).to(dtype)
 
     def chain_factors(self, t_from: torch.Tensor, t_to: torch.Tensor):
         return self._coefficients(t_from, t_to)[1]  # the step x_s = c_x0 x0_hat + c_xt x_t + std z

@@ -31,7 +31,7 @@ import torch
 from driffusion_core import coefficients as C
 from driffusion_core.errors import InvalidArgumentError
 from driffusion_core.grid import TimeGrid
-from driffusion_core.parameterization import Prediction, X0Transform, broadcast_coef
+from driffusion_core.parameterization import Prediction, X0Transform, broadcast_coef, upcast
 from driffusion_core.schedules import Schedule
 from driffusion_core.transition import History, Levels, SkipTransition, as_levels, repeat_rows, zero_length_identity
 
@@ -113,8 +113,9 @@ class DPMSolverSkip(SkipTransition):
     def __call__(self, x, pred, t_from: Levels, t_to: Levels, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         t_from, t_to = self.operands(x, pred, t_from, t_to, noise)
         alpha_sigma, c = self.cached(t_from, t_to, self._first)
+        dtype, (x, pred) = x.dtype, upcast(x, pred)  # float16 / bfloat16: in float32, cast once
         out = self._from_x0(x, self.x0_hat(x, pred, t_from, alpha_sigma), c)
-        return zero_length_identity(out, x, t_from, t_to)
+        return zero_length_identity(out, x, t_from, t_to).to(dtype)
 
     # ----------------------------------------------------------------- 2M
     def history_at(self, grid: TimeGrid, i: int) -> int:
@@ -176,13 +177,15 @@ class DPMSolverSkip(SkipTransition):
             as_p, as_s, (c_x, c_x0, c_p) = self._memo(key, second)
         else:
             as_p, as_s, (c_x, c_x0, c_p) = second()
+        # float16 / bfloat16 in float32, cast once; the memo is keyed on the caller's tensors
         x0_p = self._remembered_x0(x_p, p_p, t_p)
         if x0_p is None:
-            x0_p = self.x0_hat(x_p, p_p, t_p, as_p)
+            x0_p = self.x0_hat(*upcast(x_p, p_p), t_p, as_p)
+        x_in, pred_in, (x, pred) = x, pred, upcast(x, pred)
         x0_s = self.x0_hat(x, pred, t_from, as_s)
-        self._remember_x0(x, pred, t_from, x0_s)
+        self._remember_x0(x_in, pred_in, t_from, x0_s)
         out = self._from_x0(x, x0_s, (c_x, c_x0)) + broadcast_coef(c_p, x) * x0_p
-        return zero_length_identity(out, x, t_from, t_to)
+        return zero_length_identity(out, x, t_from, t_to).to(x_in.dtype)
 
     def _remember_x0(self, x: torch.Tensor, pred: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> None:
         """Keep ``x0`` for the next step's history. The memo holds ``x`` and ``pred`` weakly and dies with
@@ -237,12 +240,13 @@ class DPMSolverSkip(SkipTransition):
         first = self.multistep(x, pred, t_from[0], t_to[0], history)
         if n == 1:
             return first.unsqueeze(0)
-        x0_a = self.x0_hat(x, pred, t_from[0])
+        x0_a = self.x0_hat(*upcast(x, pred), t_from[0])  # float16 / bfloat16: in float32, cast once
         src = t_to[0].expand((n - 1) * b)
         dst = t_to[1:].to(torch.float64).repeat_interleave(b)
         _, c = self.cached(src, dst, self._first)
-        rest = self._from_x0(repeat_rows(first, n - 1), repeat_rows(x0_a, n - 1), c).reshape(n - 1, *x.shape)
-        return torch.cat([first.unsqueeze(0), rest])
+        (first_up,) = upcast(first)
+        rest = self._from_x0(repeat_rows(first_up, n - 1), repeat_rows(x0_a, n - 1), c).reshape(n - 1, *x.shape)
+        return torch.cat([first.unsqueeze(0), rest.to(x.dtype)])
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", order={self.order}, solver_type={self.solver_type!r})"

@@ -108,7 +108,7 @@ from driffusion_core.scheduler import (
     run_rounds,
 )
 from driffusion_core.coefficients import prediction_coefficients
-from driffusion_core.parameterization import broadcast_coef, lincomb
+from driffusion_core.parameterization import broadcast_coef, lincomb, upcast
 from driffusion_core.transition import SkipTransition, as_levels
 
 __all__ = ["PicardScheduler", "PicardState", "INITS", "fewest_rounds"]
@@ -355,10 +355,11 @@ def _refreeze(transition: SkipTransition, y: torch.Tensor, x_eval: torch.Tensor,
     freezes that x0_hat. (The x0 transforms are idempotent, so converting again changes nothing.)
     """
     alpha, sigma = transition.schedule.alpha_sigma(as_levels(level, y.shape[0]))
+    dtype, (y, x_eval, pred) = pred.dtype, upcast(y, x_eval, pred)  # float16 / bfloat16: in float32, cast once
     x0, _ = transition.to_x0_eps(x_eval, pred, level)
     eps = (y - broadcast_coef(alpha, y) * x0) / broadcast_coef(sigma, y)
     c_x0, c_eps = prediction_coefficients(transition.prediction.value, alpha, sigma)
-    return lincomb(x0, c_x0, eps, c_eps)
+    return lincomb(x0, c_x0, eps, c_eps).to(dtype)
 
 
 def _check_tolerance(tolerance: Any) -> float:
@@ -383,7 +384,10 @@ class PicardScheduler:
             a round is at most tau * sigma_t (root mean square over the sample, worst row of the
             batch). The window slides past the leading converged levels and one more (see the
             module doc). It is a stopping test, not a bound on the distance to the serial result.
-            0 gives the serial result exactly; ``float('inf')`` slides the full window.
+            0 gives the serial result exactly; ``float('inf')`` slides the full window. The changes are
+            measured in float64; in float16 / bfloat16 a tolerance below the state's rounding (about
+            1e-3 / 8e-3 of its magnitude, over sigma_t) cannot be met short of the exact fixed point and
+            acts as 0 (coarse iterates reach that fixed point in fewer rounds than float32 ones).
         max_rounds: optional latency budget; Picard stops in time to finish with draft-and-refine
             rounds of the same width. Must be at least :func:`fewest_rounds` (T, width).
         init: ``"skip"`` (drafts from the latest anchor) or ``"frozen"`` (ParaDiGMS: copies).

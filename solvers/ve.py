@@ -19,7 +19,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from driffusion_core.errors import InvalidArgumentError
-from driffusion_core.parameterization import Prediction, X0Transform, broadcast_coef
+from driffusion_core.parameterization import Prediction, X0Transform, broadcast_coef, upcast
 from driffusion_core.schedules import Schedule, TimeLike
 from driffusion_core.transition import Levels, SkipTransition, zero_length_identity
 
@@ -97,6 +97,7 @@ class VEEulerSkip(SkipTransition):
 
     def __call__(self, x, pred, t_from: Levels, t_to: Levels, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         t_from, t_to = self.operands(x, pred, t_from, t_to, noise)
+        dtype, (x, pred) = x.dtype, upcast(x, pred)  # float16 / bfloat16: in float32, cast once
         _, eps_hat = self.to_x0_eps(x, pred, t_from)
         out = x + broadcast_coef(self.cached(t_from, t_to, self._euler), x) * eps_hat
-        return zero_length_identity(out, x, t_from, t_to)
+        return zero_length_identity(out, x, t_from, t_to).to(dtype)

@@ -627,8 +627,8 @@ def test_a_state_that_overflows_is_reported():
     from driffusion_core import SamplingError
 
     x = x0().to(torch.float16)
-    huge = lambda x, t: torch.full_like(x, 6e4)  # finite in float16; x0_hat = 6e4 makes eps_hat overflow
-    tr = DDIMSkip(VP, "sample")
+    huge = lambda x, t: torch.full_like(x, 6e4)  # finite in float16; x0_hat = (x - sigma eps) / alpha is not
+    tr = DDIMSkip(VP)
     with pytest.raises(SamplingError, match=r"NaN or inf although every model output was finite.*float16"):
         sample_serial(huge, x, tr, GRID)
     with pytest.raises(SamplingError, match=r"DraftRefineScheduler"):
@@ -708,14 +708,30 @@ def test_x_of_an_integer_dtype_names_it():
 
 
 def test_a_state_gone_non_finite_is_a_sampling_error_at_the_step_it_reaches():
-    """Finite predictions overflow the float16 state (eps_hat = (x - sqrt(abar) x0_hat) / sqrt(1 - abar) near
-    the clean end); the next model call sees inf and returns NaN: reported as the sampler's state going bad,
-    not as a broken model."""
+    """Finite predictions overflow the float16 state (x0_hat = (x - sigma eps) / alpha at high noise, and the
+    step's result with it); the next model call sees inf and returns NaN: reported as the sampler's state
+    going bad, not as a broken model."""
     from driffusion_core import SamplingError
 
     huge = lambda x, t: torch.full_like(x, 6e4) + 0 * x  # noqa: E731  (finite on a finite input, NaN on inf)
     with pytest.raises(SamplingError, match=r"state reaching step \d+ .* already holds NaN or inf .* float16"):
-        DraftRefineScheduler(DDIMSkip(VP, "sample"), GRID, width=1).sample(huge, x0().half())
+        DraftRefineScheduler(DDIMSkip(VP), GRID, width=1).sample(huge, x0().half())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_an_intermediate_beyond_the_dtype_does_not_overflow_a_representable_step(dtype):
+    """x0_hat = 6e4 from a sample model: eps_hat = (x - sqrt(abar) x0_hat) / sqrt(1 - abar) lies beyond
+    float16's 65504 near the clean end, but every step's result (between x and x0_hat) does not. Computed
+    in the state's dtype that intermediate made the sample inf (a spurious SamplingError); computed in
+    float32 and rounded once, it is the float64 run's sample to the dtype's rounding."""
+    x = x0().to(dtype)
+    huge = lambda x, t: torch.full_like(x, 6e4)  # noqa: E731
+    tr = DDIMSkip(VP, "sample")
+    low = sample_serial(huge, x, tr, GRID).x
+    wide = sample_serial(huge, x.double(), tr, GRID).x
+    assert low.dtype == dtype
+    assert torch.equal(DraftRefineScheduler(tr, GRID, width=3).sample(huge, x).x, low)
+    torch.testing.assert_close(low.double(), wide, rtol=2 * torch.finfo(dtype).eps, atol=0)
 
 
 @pytest.mark.parametrize("mode", ["aggressive", "conservative"])

@@ -5,6 +5,7 @@ from its algorithm, driven by an exact Gaussian-mixture denoiser D(x, sigma) = E
 """
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -289,15 +290,37 @@ def test_ve_x0_transform_sets_the_slope(prediction):
 
 
 @pytest.mark.parametrize("width", [1, 3])
-def test_a_state_that_overflows_is_reported(width):
-    """Finite denoiser outputs, but the float16 state overflows: refused as every other sampler refuses it
-    (the scheduler on the same grid is the reference)."""
-    from driffusion_core import DraftRefineScheduler, SamplingError
-
+def test_a_slope_beyond_float16_does_not_overflow_the_step(width):
+    """x - D = 1.2e5 lies beyond float16's range, but each Euler step's result (between x and D) does not:
+    computed in float32 and rounded once, the sample is the float64 run's to float16's rounding (it was inf
+    when computed in the state's dtype)."""
     x = torch.full((2, 3), 6e4, dtype=torch.float16)
     big = lambda x, sigma, **kw: torch.full_like(x, -6e4)  # noqa: E731
     sigmas = torch.tensor([5e4, 2e4, 0.0])
+    out = sample_driffusion(big, x, sigmas, width=width, disable=True)
+    assert out.dtype == torch.float16
+    wide = sample_driffusion(big, x.double(), sigmas, width=width, disable=True)
+    torch.testing.assert_close(out.double(), wide, rtol=torch.finfo(torch.float16).eps, atol=0)
+
+
+@pytest.mark.parametrize("width", [1, 3])
+def test_a_state_that_overflows_is_reported(width, monkeypatch):
+    """A sample gone inf is refused as every other sampler refuses it (the scheduler on the same grid is the
+    reference). A denoiser's Euler steps interpolate between x and D, so finite float16 inputs cannot
+    overflow them: the last step's result is made inf here."""
+    from driffusion_core import DraftRefineScheduler, SamplingError
+
+    step = VEEulerSkip.__call__
+
+    def overflowing(self, x, pred, t_from, t_to, noise=None):
+        out = step(self, x, pred, t_from, t_to, noise)
+        return out * math.inf if float(torch.as_tensor(t_to).reshape(-1)[0]) == 0.0 else out
+
+    monkeypatch.setattr(VEEulerSkip, "__call__", overflowing)
+    x = torch.full((2, 3), 1.0, dtype=torch.float16)
+    den = lambda x, sigma, **kw: 0.5 * x  # noqa: E731
+    sigmas = torch.tensor([5.0, 2.0, 0.0])
     with pytest.raises(SamplingError, match="DraftRefineScheduler: the sample holds NaN or inf"):
-        DraftRefineScheduler(VEEulerSkip(VESchedule(), prediction="sample"), sigmas_grid(sigmas, x.dtype), width).sample(big, x)
+        DraftRefineScheduler(VEEulerSkip(VESchedule(), prediction="sample"), sigmas_grid(sigmas, x.dtype), width).sample(den, x)
     with pytest.raises(SamplingError, match="sample_driffusion: the sample holds NaN or inf"):
-        sample_driffusion(big, x, sigmas, width=width, disable=True)
+        sample_driffusion(den, x, sigmas, width=width, disable=True)

@@ -81,6 +81,34 @@ def test_2m_with_a_frozen_prediction_is_the_first_order_step_which_is_ddim(solve
     assert (one - ddim).abs().max() <= 1e-9 * scale
 
 
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@settings(max_examples=15, deadline=None)
+@given(data=st.data())
+def test_low_precision_2m_step_and_drafts_are_the_float64_ones_rounded_once(prediction, data):
+    """A float16 / bfloat16 2M step (and the drafts after it) is computed in float32 and rounded once: on the
+    same low-precision inputs it is the float64 one rounded to the dtype, within one unit in the last place
+    (plus float32's rounding of the terms), as diffusers' step upcasts to float32."""
+    levels = data.draw(window(3))
+    t_prev, t_from, t_to = levels[0], levels[1:-1], levels[2:]
+    tr = DPMSolverSkip(VP, prediction, lower_order_final=False)
+    seed = data.draw(st.integers(0, 2**31))
+    for dtype in (torch.float16, torch.bfloat16):
+        x, p, x_p, p_p = (randn(64, 3, seed=seed + k).to(dtype) for k in range(4))
+        wide = [v.to(F64) for v in (x, p, x_p, p_p)]
+        out = tr.drafts(x, p, t_from, t_to, history=[(x_p, p_p, t_prev)])
+        ref = tr.drafts(wide[0], wide[1], t_from, t_to, history=[(wide[2], wide[3], t_prev)])
+        assert out.dtype == dtype
+        info = torch.finfo(dtype)
+        ulp = info.eps * torch.exp2(torch.floor(torch.log2(ref.abs().clamp(min=info.tiny))))
+        x0s = [tr.to_x0_eps(wide[2 * k], wide[2 * k + 1], t)[0] for k, t in ((0, t_from[0]), (1, t_prev))]
+        slack = 1e-5 * (1 + float(max(v.abs().max() for v in wide + x0s)))
+        err = (out[0].to(F64) - ref[0]).abs() - ulp[0]  # the serial step, from the same inputs
+        assert err.max() <= slack, f"{dtype}: the 2M step is {float((err / ulp[0]).max()) + 1:.2f} ulp off"
+        # later drafts continue from the rounded row 0: half an ulp of it more, carried by sigma_t / sigma_s <= 1
+        err = (out[1:].to(F64) - ref[1:]).abs() - 1.5 * ulp[1:]
+        assert len(err) == 0 or err.max() <= slack + 0.5 * float(ulp[0].max()), f"{dtype}: a draft is off by more"
+
+
 @pytest.mark.parametrize("solver_type", ["midpoint", "heun"])
 @pytest.mark.parametrize("prediction", PREDICTIONS)
 @settings(max_examples=25, deadline=None)
@@ -152,7 +180,7 @@ SETUPS = [
 
 
 @pytest.mark.parametrize("transition,grid,prediction", SETUPS)
-@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("dtype", [torch.float32, F64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", MODES)
 def test_width_one_reproduces_sample_serial_exactly(transition, grid, prediction, dtype, mode):
     f = ring_mixture(4).predictor(transition.schedule, prediction)

@@ -98,6 +98,22 @@ def test_tolerance_zero_float32_serial_executor_bit_for_bit():
 
 
 @pytest.mark.parametrize("name", ["ddim", "ddpm", "flow", "dpm"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_low_precision_fixed_point_and_loose_tolerances(name, dtype):
+    """float16 / bfloat16 states: tau = 0 is sample_serial bit for bit (the fixed point is reached exactly,
+    the change measured in float64), and a loose tolerance (its drafts re-frozen where the anchor moved)
+    stays in the state's dtype and is the float64 run with that tolerance, to the dtype's rounding."""
+    x = start(16, dtype)
+    ref = serial(name, x=x, num_steps=12).x
+    exact = picard(name, 3, 0.0, x=x, num_steps=12, executor=SerialExecutor())
+    assert exact.x.dtype == dtype and torch.equal(exact.x, ref) and exact.rounds <= 12
+    loose = picard(name, 3, 10.0, x=x, num_steps=12)
+    wide = picard(name, 3, 10.0, x=x.double(), num_steps=12)
+    assert loose.x.dtype == dtype and loose.rounds == wide.rounds < 12
+    assert rel(loose.x.double(), wide.x) <= 0.1
+
+
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "flow", "dpm"])
 def test_width_one_is_the_serial_sampler(name):
     ref = serial(name, num_steps=12)
     for init in ("skip", "frozen"):
@@ -732,8 +748,8 @@ def test_a_state_that_overflows_is_reported():
     """Finite model outputs, but the float16 state overflows: refused as sample_serial refuses it."""
     from driffusion_core import SamplingError
 
-    huge = lambda x, t: torch.full_like(x, 6e4)  # noqa: E731
-    tr, grid, x = DDIMSkip(VP, "sample"), VP.timesteps(5), start(8).half()
+    huge = lambda x, t: torch.full_like(x, 6e4)  # noqa: E731  (x0_hat = (x - sigma eps) / alpha overflows)
+    tr, grid, x = DDIMSkip(VP), VP.timesteps(5), start(8).half()
     with pytest.raises(SamplingError, match="sample_serial: the sample holds NaN or inf"):
         sample_serial(huge, x, tr, grid)
     with pytest.raises(SamplingError, match="PicardScheduler: the sample holds NaN or inf"):

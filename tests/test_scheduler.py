@@ -1,7 +1,7 @@
 """The draft-and-refine scheduler against the serial sampler, its round counts, and the executors.
 
 * Width 1 reproduces ``sample_serial`` exactly (``torch.equal``, same dtype, CPU) in both modes, for
-  DDIM (eta = 0 and eta > 0), DDPM and flow, in float32 and float64, on contiguous and
+  DDIM (eta = 0 and eta > 0), DDPM and flow, in float32, float64, float16 and bfloat16, on contiguous and
   non-contiguous (diffusers DDIM ``step_to="stride"``) grids, with any executor.
 * ``rounds == 1 + ceil((T-1)/n)`` (aggressive) and ``2 ceil(T/(n+1)) - [T mod (n+1) == 1]``
   (conservative), ``evals == T``, counted by a predictor that records its own calls; every level
@@ -65,7 +65,7 @@ def test_setups_cover_non_contiguous_grids():
 
 
 @pytest.mark.parametrize("transition,grid,prediction,noise", SETUP_PARAMS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", MODES)
 def test_width_one_reproduces_sample_serial_exactly(transition, grid, prediction, noise, dtype, mode):
     f = ring_mixture().predictor(transition.schedule, prediction)

@@ -169,7 +169,7 @@ def test_one_level_skip_is_the_serial_step(family, prediction, data):
     """drafts(...)[0] == S(x, p, t_i -> t_{i+1}, z_i) == sample_serial's x_{i+1}, bit for bit."""
     tr, sched, (lo, hi), end = data.draw(setups(family, prediction))
     T = data.draw(st.integers(1, 6))
-    dtype = data.draw(st.sampled_from([torch.float32, F64]))
+    dtype = data.draw(st.sampled_from([torch.float32, F64, torch.float16, torch.bfloat16]))
     if family.kind == "vp":
         grid = sched.timesteps(
             T, data.draw(st.sampled_from(["leading", "trailing", "linspace"])), step_to=data.draw(st.sampled_from(["next", "stride"]))
@@ -492,6 +492,34 @@ def test_dtype_preserved_and_coefficients_in_float64(family, prediction, data):
         assert (out.to(F64) - ref).abs().max() <= tol, f"{dtype} result is off by more than its precision"
     for v in sched.alpha_sigma(torch.tensor([t, s], dtype=torch.float32)):
         assert v.dtype == F64
+
+
+def ulp(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of ``dtype``'s numbers at the float64 values ``ref`` (subnormal spacing near zero)."""
+    info = torch.finfo(dtype)
+    return info.eps * torch.exp2(torch.floor(torch.log2(ref.abs().clamp(min=info.tiny))))
+
+
+@pytest.mark.parametrize("family,prediction", CASES)
+@SETTINGS
+@given(data=st.data())
+def test_low_precision_skip_is_the_float64_skip_rounded_once(family, prediction, data):
+    """A float16 / bfloat16 skip is computed in float32 and rounded once: on the same low-precision inputs
+    it is the float64 skip rounded to the dtype, within one unit in the last place (plus float32's own
+    rounding of the terms). Computed in the state's dtype it was not: every coefficient rounded to float16
+    is off by up to 2.4e-4 relative (bfloat16: 2e-3), the same way at every element and every step."""
+    tr, sched, (lo, hi), end = data.draw(setups(family, prediction))
+    t, s = data.draw(decreasing_levels(lo, hi, end, 1, family.kind == "vp" and data.draw(st.booleans())))
+    seed = data.draw(st.integers(0, 2**31))
+    for dtype in (torch.float16, torch.bfloat16):
+        x, p, z = (randn(64, 3, seed=seed + k).to(dtype) for k in range(3))
+        out = tr(x, p, t, s, z)
+        assert out.dtype == dtype
+        x64, p64, z64 = x.to(F64), p.to(F64), z.to(F64)
+        ref = tr(x64, p64, t, s, z64)
+        slack = 1e-5 * scale_of(tr, x64, p64, t)
+        err = (out.to(F64) - ref).abs() - ulp(ref, dtype)
+        assert err.max() <= slack, f"{dtype}: {float((err / ulp(ref, dtype)).max()) + 1:.2f} ulp from the float64 skip"
 
 
 def test_ddpm_coefficients_need_float64():
