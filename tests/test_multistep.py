@@ -348,6 +348,18 @@ def test_remembered_x0_is_not_stale_after_an_in_place_change():
     assert not torch.equal(after, before)
 
 
+def test_remembered_x0_is_only_used_at_its_own_level():
+    """The x0_hat remembered from a step is for that step's level: the same tensors coming back as history at
+    another level are converted there (an x0_hat depends on the level), as a fresh transition does."""
+    tr = DPMSolverSkip(VP)
+    x, p = randn(3, 2, seed=1), randn(3, 2, seed=2)
+    tr.multistep(x, p, 500.0, 400.0, [(randn(3, 2, seed=3), randn(3, 2, seed=4), 600.0)])  # remembers (x, p) at 500
+    y, q = randn(3, 2, seed=5), randn(3, 2, seed=6)
+    got = tr.multistep(y, q, 400.0, 300.0, [(x, p, 450.0)])
+    assert torch.equal(got, DPMSolverSkip(VP).multistep(y, q, 400.0, 300.0, [(x, p, 450.0)]))
+    assert not torch.equal(got, DPMSolverSkip(VP).multistep(y, q, 400.0, 300.0, [(x, p, 500.0)]))
+
+
 def test_transition_lets_go_of_the_batch_after_sampling():
     """The x0_hat memo holds the states weakly: once a sampler returns, the transition keeps no batch tensor
     (a GPU batch would otherwise stay allocated for as long as the transition lives); copies carry no memo."""
@@ -393,3 +405,25 @@ def test_remembered_x0_is_not_used_for_a_history_changed_in_place():
         (x, p)[which].mul_(2.0)  # a caller reusing its buffer
         got = tr.multistep(y, q, 400.0, 300.0, [(x, p, 500.0)])
         assert torch.equal(got, DPMSolverSkip(VP).multistep(y, q, 400.0, 300.0, [(x, p, 500.0)])), which
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_drafts_on_a_grid_whose_steps_do_not_join_are_the_frozen_x0_hats_states(prediction):
+    """On a grid whose steps do not join (t_to[k] != t_from[k+1]: diffusers' DDIM stride), row j of the 2M drafts
+    is, as for the one-step transitions, the state the anchor's frozen x0_hat puts at t_to[j]: DDIM (eta = 0,
+    the first-order step) with that x0_hat from row 0, the serial 2M step, which lies at t_to[0] (not t_from[1])."""
+    grid = VP.timesteps(7, "trailing", step_to="stride")
+    assert not torch.equal(grid.t_to[:-1], grid.t_from[1:]), "the grid's steps join: this test checks nothing"
+    tr = DPMSolverSkip(VP, prediction, lower_order_final=False)
+    a, n = 2, 4
+    x, p, x_p, p_p = (randn(3, 2, seed=40 + k) for k in range(4))
+    history = [(x_p, p_p, grid.t_from[a - 1])]
+    drafts = tr.drafts(x, p, grid.t_from[a : a + n], grid.t_to[a : a + n], history=history)
+    assert torch.equal(drafts[0], tr.grid_step(x, p, grid, a, history)), "row 0 is not the serial step"
+    x0_hat = tr.to_x0_eps(x, p, grid.t_from[a])[0]
+    ddim = DDIMSkip(VP, "sample")
+    scale = 1 + float(max(v.abs().max() for v in (x, p, x0_hat, drafts[0])))
+    for j in range(1, n):
+        ref = ddim(drafts[0], x0_hat, grid.t_to[a], grid.t_to[a + j])
+        err = float((drafts[j] - ref).abs().max())
+        assert err <= 1e-9 * scale, f"draft {j} is {err:.3g} from the frozen x0_hat's state at t_to[{a + j}]"

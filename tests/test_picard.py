@@ -496,18 +496,24 @@ def _x_free(x, t):
     return torch.cos(t / 300.0).to(x.dtype)[:, None].expand_as(x).clone()
 
 
-@pytest.mark.parametrize("name,tol", [("ddim", 0.1), ("ddpm", 1.0), ("flow", 0.3), ("dpm", 0.1), ("x-free", 0.0)])
+@pytest.mark.parametrize("name,tol", [("ddim", 0.1), ("ddpm", 1.0), ("flow", 0.3), ("dpm", 0.1), ("x-free", 0.0),
+                                      ("ddim-21", 0.1)])
 def test_each_round_measures_the_documented_norm_and_slides_by_the_rule(name, tol):
     """Round by round, against the module doc computed here: the window is a .. a+m-1; level k's change
     is max_b ||y_k - x_k||^2 / (D sigma_k^2) with sigma_k from ``schedule.alpha_sigma`` at level k
     (``t_to[k-1]``; inf at the clean end when it moved); the window moves past the leading levels with
-    change <= tau^2 and the first one that is not."""
+    change <= tau^2 and the first one that is not. ``ddim-21``: 21 steps of DDIM's stride 1000 // 21 = 47 on
+    trailing timesteps 47 or 48 apart, a grid whose steps do not join (level k is ``t_to[k-1]``, not
+    ``t_from[k]``)."""
     if name == "x-free":
         tr, grid, _, noise = family("ddim", 20)
         f = _x_free
+    elif name == "ddim-21":
+        tr, grid, f, noise = family("ddim", 21)
+        assert not torch.equal(grid.t_to[:-1], grid.t_from[1:]), "the steps join: the case checks nothing more"
     else:
         tr, grid, f, noise = family(name, 20)
-    x, width, T = start(8), 4, 20
+    x, width, T = start(8), 4, len(grid)
     slides = []
 
     def check(st, rnd, before):
