@@ -536,6 +536,9 @@ def test_cfg_one_call_matches_two_calls(guided_model):
     want, _ = _two_call_cfg(model, style, x, t, pos, neg, 4.5)
     assert calls == [4]  # one call on the doubled batch
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # a 0-d model time is every row's (diffusers' pipelines pass one): both halves get it
+    want, _ = _two_call_cfg(model, style, x, t[:1].expand(2), pos, neg, 4.5)
+    torch.testing.assert_close(f(x, t[0], **_cond(pos, neg)), want, rtol=1e-5, atol=1e-5)
 
 
 def test_cfg_composes_with_batched_drafts(guided_model):
