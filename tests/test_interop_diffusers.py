@@ -1082,6 +1082,22 @@ def test_dpm_width1_matches_diffusers_loop(config, num_steps, last, unet2d, monk
     assert (ours.x - ref).abs().max().item() <= 5e-6 * scale, f"{config} {num_steps}"  # measured: at most 7.3e-7
 
 
+def test_dpm_reads_a_longer_table_as_diffusers(unet2d, monkeypatch):
+    """More trained_betas than num_train_timesteps: DPM-Solver spaces its timesteps over num_train_timesteps
+    and looks them up in the longer table; taken (not refused as DDIM / DDPM do), and width 1 is its loop."""
+    import numpy as np
+
+    scheduler = _dpm(trained_betas=np.linspace(1e-4, 0.02, 1200))  # num_train_timesteps=1000
+    assert len(scheduler.alphas_cumprod) == 1200
+    model = Tame(unet2d, scheduler.alphas_cumprod, "epsilon")
+    x = NoiseSource(0).initial((2, 3, 8, 8))
+    transition, grid = from_diffusers(scheduler, 10)
+    ours = sample_serial(model.predictor, x, transition, grid)
+    ref, _ = diffusers_loop(scheduler, model, x, 10, None, monkeypatch)
+    assert torch.equal(grid.model_times, scheduler.timesteps.cpu().to(grid.model_times.dtype))
+    assert (ours.x - ref).abs().max().item() <= 5e-6 * max(1.0, ref.abs().max().item())
+
+
 def test_dpm_options_matter(unet2d):
     """The width-1 checks above tell the options apart: each moves the sample far more than their tolerance."""
     x = NoiseSource(0).initial((2, 3, 8, 8))
