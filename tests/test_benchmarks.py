@@ -553,6 +553,20 @@ def test_median_bandwidth_subsamples_max_points_rows():
         assert min(abs(h - m) for m in medians) < 1e-12 * h
 
 
+
+def test_median_bandwidth_subsample_draws_from_both_sets():
+    """The subset is drawn from the pooled rows, not the first max_points (which would all be a's): a tight
+    cluster a and a spread set b give about the median heuristic of the whole pool, not a's own tiny one."""
+    import numpy as np
+    from scipy.spatial.distance import pdist
+
+    g = torch.Generator().manual_seed(6)
+    a = 1e-3 * torch.randn(40, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    full = float(np.median(pdist(torch.cat([a, b]).numpy())))  # ~1.3; a's own ~3e-3
+    for seed in range(3):
+        assert 0.5 * full < median_bandwidth(a, b, max_points=40, seed=seed) < 2.0 * full
+
 # ------------------------------------------------------------------------------------------- report
 
 
