@@ -12,6 +12,7 @@ report's tables column by column on synthetic results.
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import pytest
@@ -648,6 +649,8 @@ def test_ratio_cells_keep_two_significant_digits(v):
     assert float(cell) != 0 and float(cell) == pytest.approx(v, rel=0.05)
     digits = cell.split("e")[0].replace("-", "").replace(".", "").lstrip("0")
     assert len(digits) >= 2, cell
+    if abs(v) < 0.1:  # exactly two there: the last digit shown is the second significant one, 10^(floor(log10 v) - 1)
+        assert len(cell.split(".")[1]) == 1 - math.floor(math.log10(abs(v))), cell
 
 
 def test_quality_table_columns_hold_their_figures():
