@@ -12,6 +12,7 @@ report's tables column by column on synthetic results.
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import pytest
@@ -553,6 +554,20 @@ def test_median_bandwidth_subsamples_max_points_rows():
         assert min(abs(h - m) for m in medians) < 1e-12 * h
 
 
+
+def test_median_bandwidth_subsample_draws_from_both_sets():
+    """The subset is drawn from the pooled rows, not the first max_points (which would all be a's): a tight
+    cluster a and a spread set b give about the median heuristic of the whole pool, not a's own tiny one."""
+    import numpy as np
+    from scipy.spatial.distance import pdist
+
+    g = torch.Generator().manual_seed(6)
+    a = 1e-3 * torch.randn(40, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    full = float(np.median(pdist(torch.cat([a, b]).numpy())))  # ~1.3; a's own ~3e-3
+    for seed in range(3):
+        assert 0.5 * full < median_bandwidth(a, b, max_points=40, seed=seed) < 2.0 * full
+
 # ------------------------------------------------------------------------------------------- report
 
 
@@ -634,6 +649,8 @@ def test_ratio_cells_keep_two_significant_digits(v):
     assert float(cell) != 0 and float(cell) == pytest.approx(v, rel=0.05)
     digits = cell.split("e")[0].replace("-", "").replace(".", "").lstrip("0")
     assert len(digits) >= 2, cell
+    if abs(v) < 0.1:  # exactly two there: the last digit shown is the second significant one, 10^(floor(log10 v) - 1)
+        assert len(cell.split(".")[1]) == 1 - math.floor(math.log10(abs(v))), cell
 
 
 def test_quality_table_columns_hold_their_figures():

@@ -142,6 +142,15 @@ def test_sliced_wasserstein():
     # a shift moves every projection by v.dir: SW = sqrt(mean (v.dir)^2) ~ ||v|| / sqrt(D) = 0.5
     assert sliced_wasserstein(a, a + v) == pytest.approx(0.5, rel=0.25)
     assert sliced_wasserstein(a, timeseries_data(200, seed=6)) < sliced_wasserstein(a, torch.randn(200, 1, 32))
+    # sets of different sizes, in 1-D (every unit direction is +-1): the 1-D W2 of the larger set's sorted values
+    # and the smaller set's quantiles at (i + 1/2) / K, K the larger size, by numpy
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(37, 1, generator=g, dtype=torch.float64)
+    y = 0.5 + 2.0 * torch.rand(100, 1, generator=g, dtype=torch.float64)
+    q = (np.arange(100) + 0.5) / 100
+    want = float(np.sqrt(np.mean((np.quantile(x.numpy().ravel(), q) - np.sort(y.numpy().ravel())) ** 2)))
+    assert sliced_wasserstein(x, y, n_projections=8) == pytest.approx(want, rel=1e-12)
+    assert sliced_wasserstein(y, x, n_projections=8) == pytest.approx(want, rel=1e-12)
 
 
 def test_frechet_distance_matches_sqrtm_formula():

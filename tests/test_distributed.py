@@ -142,6 +142,19 @@ def test_equals_serial_for_uneven_shares():
         assert torch.equal(r0["pairs"][key][0], r1["pairs"][key][0]), f"{key}: ranks disagree"
 
 
+
+def test_three_ranks_with_two_smaller_shares_equal_serial():
+    """World 3: rounds whose shares are uneven with more than one smaller share ([2, 1, 1], [3, 2, 2]), where
+    rank r's drafts start at the sum of the earlier shares, not at r times the largest; every round (fused and
+    two-phase exchange) and a width-4 sample equal the serial executor, on every rank."""
+    results, codes, elapsed, logs = _launch("three", world=3)
+    _need(results, [0, 1, 2], logs)
+    assert codes == [0, 0, 0], logs
+    assert results[0]["shares"] == {k: _closed_form_shares(k, 3) for k in (1, 2, 4, 5, 7)}
+    for rank in range(3):
+        for key, (got, ref) in results[rank]["pairs"].items():
+            assert torch.equal(got, ref), f"rank {rank}, {key}: distributed != serial"
+
 # (K, dtype) of the rounds whose all-gathers the basic scenario counts. The cap never shrinks between rows
 # here (a new row is followed by rounds no wider than its first), so the rule below does not depend on
 # whether the capacity restarts with a new row.
@@ -683,6 +696,31 @@ def _scenario_basic(rank, world):
     return {"pairs": pairs, "shares": {k: ex.shares(k) for k in (1, 2, 3, 5)}, "describe": ex.describe(),
             "describe3": ex.describe(3), "describe4": ex.describe(4), "plan": ex.plan(3), "retained": retained,
             "exchanges": exchanges, "refused": refused, "diagnose_default": diagnose_default}
+
+
+def _scenario_three(rank, world):
+    import torch.distributed as dist
+
+    from backends import DistributedExecutor, SerialExecutor
+    from driffusion_core import DraftRefineScheduler, NoiseSource, VPSchedule
+    from solvers import DDPMSkip, ring_mixture
+
+    ex, serial = DistributedExecutor(timeout=20), SerialExecutor()
+    two_phase = DistributedExecutor(timeout=20, control_group=dist.new_group(backend="gloo"))
+    g = torch.Generator().manual_seed(0)
+    pairs = {}
+    for name, executor in (("fused", ex), ("two-phase", two_phase)):
+        for k in (1, 2, 4, 5, 7):
+            xs = torch.randn(k, 4, 3, generator=g)
+            ts = torch.randint(0, 1000, (k, 1), generator=g).expand(k, 4).to(torch.float32)
+            cond = {"scale": torch.rand(4, generator=g)}
+            pairs[(name, k)] = (executor.evaluate(_predictor, xs, ts, cond), serial.evaluate(_predictor, xs, ts, cond))
+    schedule = VPSchedule.linear()
+    sched = DraftRefineScheduler(DDPMSkip(schedule), schedule.timesteps(25), width=4)
+    f, x = ring_mixture(8).predictor(schedule, "epsilon"), NoiseSource(0).initial((4, 2))
+    pairs["sample"] = (sched.sample(f, x, executor=ex, noise=NoiseSource(1)).x,
+                       sched.sample(f, x, executor=serial, noise=NoiseSource(1)).x)
+    return {"pairs": pairs, "shares": {k: ex.shares(k) for k in (1, 2, 4, 5, 7)}}
 
 
 def _scenario_odd_outputs(rank, world):
@@ -1229,6 +1267,7 @@ def _e2e(family):
 
 SCENARIOS = {
     "basic": _scenario_basic,
+    "three": _scenario_three,
     "odd_outputs": _scenario_odd_outputs,
     "raise": _scenario_raise,
     "die0": lambda rank, world: _scenario_die(rank, world, dying=0),

@@ -242,6 +242,22 @@ def test_trailing_step_counts_where_diffusers_lists_one_more(name):
         assert grid.model_times.tolist() == listed[:T] and grid.t_to[-1] == -1
 
 
+def test_dpm_trailing_step_counts_follow_lambda_min_clipped():
+    """DPM-Solver's trailing spacing counts down from the clipped last timestep (lambda_min_clipped): T = 61
+    lists T + 1 timesteps (the last -1) unclipped, and refused, but exactly T once clipped to 995, and taken."""
+    plain = need("DPMSolverMultistepScheduler")(beta_schedule="squaredcos_cap_v2", timestep_spacing="trailing")
+    clipped = need("DPMSolverMultistepScheduler")(beta_schedule="squaredcos_cap_v2", timestep_spacing="trailing",
+                                                  lambda_min_clipped=-5.1)
+    for scheduler, listed in ((plain, 62), (clipped, 61)):
+        probe = need("DPMSolverMultistepScheduler").from_config(scheduler.config)
+        probe.set_timesteps(61)
+        assert len(probe.timesteps) == listed  # diffusers' own behaviour, checked, not assumed
+    with pytest.raises(InvalidArgumentError, match="num_inference_steps=61: diffusers lists 62 timesteps"):
+        from_diffusers(plain, 61)
+    _, grid = from_diffusers(clipped, 61)
+    assert torch.equal(grid.model_times, probe.timesteps.to(grid.model_times.dtype)) and grid.model_times[0] == 995
+
+
 @pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler"])
 def test_trained_betas_must_have_num_train_timesteps_entries(name):
     """diffusers spaces DDIM / DDPM timesteps over config.num_train_timesteps, whatever the length of
@@ -325,6 +341,20 @@ def test_custom_timesteps_held_by_a_scheduler_are_refused_not_dropped():
     with pytest.raises(InvalidArgumentError, match="needs num_inference_steps"):
         from_diffusers(need("DDIMScheduler")())
 
+
+
+def test_flow_custom_timesteps_repeating_the_first_are_refused():
+    """diffusers' Euler step starts at the *second* occurrence of the first timestep (index_for_timestep), so
+    custom timesteps that list their first value again would skip steps: refused (the sigmas alone are fine)."""
+    sigmas, timesteps = [1.0, 0.7, 0.4, 0.1], [900.0, 500.0, 900.0, 100.0]
+    probe = need("FlowMatchEulerDiscreteScheduler")()
+    probe.set_timesteps(sigmas=sigmas, timesteps=timesteps)
+    assert probe.index_for_timestep(probe.timesteps[0]) == 2  # diffusers' own behaviour, checked, not assumed
+    scheduler = need("FlowMatchEulerDiscreteScheduler")()
+    with pytest.raises(InvalidArgumentError, match="first value 900 twice"):
+        from_diffusers(scheduler, sigmas=sigmas, timesteps=timesteps)
+    _, grid = from_diffusers(scheduler, sigmas=sigmas, timesteps=[900.0, 500.0, 300.0, 100.0])
+    assert grid.model_times.tolist() == [900.0, 500.0, 300.0, 100.0]
 
 def test_dpm_solver_holding_custom_timesteps_is_refused_not_dropped():
     """DPMSolverMultistepScheduler.set_timesteps(timesteps=...) sets no flag: held timesteps that its own
@@ -506,6 +536,9 @@ def test_cfg_one_call_matches_two_calls(guided_model):
     want, _ = _two_call_cfg(model, style, x, t, pos, neg, 4.5)
     assert calls == [4]  # one call on the doubled batch
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # a 0-d model time is every row's (diffusers' pipelines pass one): both halves get it
+    want, _ = _two_call_cfg(model, style, x, t[:1].expand(2), pos, neg, 4.5)
+    torch.testing.assert_close(f(x, t[0], **_cond(pos, neg)), want, rtol=1e-5, atol=1e-5)
 
 
 def test_cfg_composes_with_batched_drafts(guided_model):
@@ -548,6 +581,24 @@ def test_no_guidance_is_one_plain_call(unet_cond):
     with torch.no_grad():
         want = unet_cond(x, t, emb).sample
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_output_comes_back_in_the_state_dtype(unet_cond):
+    """Under torch.autocast the UNet answers in bfloat16; the predictor returns the state's dtype (the sampler
+    refuses predictions of another dtype), with and without guidance: the model's values, cast."""
+    g = torch.Generator().manual_seed(4)
+    pos, neg = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    x, t = NoiseSource(2).initial((2, 4, 8, 8)), torch.tensor([500, 20])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        raw = unet_cond(x, t, pos).sample
+        plain = DiffusersPredictor(unet_cond)(x, t, encoder_hidden_states=pos)
+        guided = DiffusersPredictor(unet_cond, guidance_scale=3.0)(
+            x, t, encoder_hidden_states=pos, negative_encoder_hidden_states=neg)
+    assert raw.dtype == torch.bfloat16 and plain.dtype == guided.dtype == x.dtype == torch.float32
+    assert torch.equal(plain, raw.float())
+    want, _ = _two_call_cfg(unet_cond, "unet2d_condition", x, t, {"encoder_hidden_states": pos},
+                            {"encoder_hidden_states": neg}, 3.0)  # in float32
+    assert (guided - want).abs().max().item() <= 0.05 * want.abs().max().item()  # bfloat16's rounding
 
 
 def test_predictor_errors(unet_cond):
@@ -1029,6 +1080,22 @@ def test_dpm_width1_matches_diffusers_loop(config, num_steps, last, unet2d, monk
     assert ours.rounds == ours.evals == num_steps
     scale = max(1.0, ref.abs().max().item())
     assert (ours.x - ref).abs().max().item() <= 5e-6 * scale, f"{config} {num_steps}"  # measured: at most 7.3e-7
+
+
+def test_dpm_reads_a_longer_table_as_diffusers(unet2d, monkeypatch):
+    """More trained_betas than num_train_timesteps: DPM-Solver spaces its timesteps over num_train_timesteps
+    and looks them up in the longer table; taken (not refused as DDIM / DDPM do), and width 1 is its loop."""
+    import numpy as np
+
+    scheduler = _dpm(trained_betas=np.linspace(1e-4, 0.02, 1200))  # num_train_timesteps=1000
+    assert len(scheduler.alphas_cumprod) == 1200
+    model = Tame(unet2d, scheduler.alphas_cumprod, "epsilon")
+    x = NoiseSource(0).initial((2, 3, 8, 8))
+    transition, grid = from_diffusers(scheduler, 10)
+    ours = sample_serial(model.predictor, x, transition, grid)
+    ref, _ = diffusers_loop(scheduler, model, x, 10, None, monkeypatch)
+    assert torch.equal(grid.model_times, scheduler.timesteps.cpu().to(grid.model_times.dtype))
+    assert (ours.x - ref).abs().max().item() <= 5e-6 * max(1.0, ref.abs().max().item())
 
 
 def test_dpm_options_matter(unet2d):

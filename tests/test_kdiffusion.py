@@ -153,6 +153,22 @@ def test_callback_follows_k_diffusion():
     assert [d["i"] for d in wide] == list(range(8)) and torch.equal(wide[0]["x"], x)
 
 
+def test_wide_callback_dicts_are_the_refined_euler_steps():
+    """Wider: each dict's denoised is the x0_hat its step used (a draft's, not D at the refined x), so
+    sample_euler's update from the dict's x reaches the next dict's x, and the last one the returned sample."""
+    sigmas = karras_sigmas(8)
+    x = _start(sigmas, batch=4)
+    seen = []
+    out = sample_driffusion(denoiser, x, sigmas, callback=seen.append, width=3, disable=True)
+    assert [d["i"] for d in seen] == list(range(8))
+    for d, after in zip(seen, [d["x"] for d in seen[1:]] + [out]):
+        i = d["i"]
+        euler = d["x"] + (sigmas[i + 1] - sigmas[i]) * (d["x"] - d["denoised"]) / sigmas[i]
+        torch.testing.assert_close(euler, after, rtol=1e-5, atol=1e-5)
+    # drafts: some steps used an x0_hat made at another state than the refined one
+    assert any((d["denoised"] - denoiser(d["x"], d["sigma"] * x.new_ones(4))).abs().max() > 1e-3 for d in seen)
+
+
 def test_wide_beats_step_skipping_and_converges():
     """Against the serial Euler run: DRiffusion is closer than serial Euler on the coarse grid at the same
     rounds, and its gap to serial shrinks as the grid is refined."""

@@ -286,6 +286,7 @@ def test_per_sample_turns_a_single_sample_predictor_into_a_batch_one(executor):
     loop = torch.stack([single_sample_predictor(x[b], t[b], c[b], scale=0.5) for b in range(B)])
     torch.testing.assert_close(f(x, t, c=c, scale=0.5), loop)
     torch.testing.assert_close(f(x, t, c=c, scale=0.5, offset=0), loop)  # a plain 0 is not a batch dimension
+    torch.testing.assert_close(f(x, t, c=c, scale=torch.tensor(0.5)), loop)  # nor is a 0-d tensor: passed whole
     # conditioning nested in a Mapping that is not a dict (diffusers' FrozenDict is an OrderedDict)
     from collections import OrderedDict
 
