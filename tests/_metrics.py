@@ -1,4 +1,4 @@
-"""Helpers shared by the core test files: sample-distance metrics and a one-thread fixture."""
+"""Helpers shared by the core test files: sample-distance metrics, float spacing and a one-thread fixture."""
 from __future__ import annotations
 
 from typing import Optional
@@ -6,7 +6,7 @@ from typing import Optional
 import pytest
 import torch
 
-__all__ = ["one_torch_thread", "sliced_wasserstein", "rmse"]
+__all__ = ["one_torch_thread", "sliced_wasserstein", "rmse", "ulp"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -20,6 +20,12 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def ulp(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of ``dtype``'s numbers at the float64 values ``ref`` (subnormal spacing near zero)."""
+    info = torch.finfo(dtype)
+    return info.eps * torch.exp2(torch.floor(torch.log2(ref.abs().clamp(min=info.tiny))))
 
 
 def rmse(a: torch.Tensor, b: torch.Tensor) -> float:

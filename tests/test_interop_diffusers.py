@@ -39,6 +39,7 @@ from driffusion_core import (  # noqa: E402
 )
 from solvers import DPMSolverSkip, from_diffusers, sample_serial, sample_step_skipping  # noqa: E402
 from solvers.interop import DiffusersPredictor, DRiffusionPipeline, calculate_shift  # noqa: E402
+from _metrics import ulp  # noqa: E402
 
 pytestmark = [pytest.mark.diffusers,
               # DPMSolverMultistepScheduler.set_timesteps (the reference loops) calls np.array on a tensor under numpy 2
@@ -1331,12 +1332,6 @@ LOW_PRECISION_CASES = [
 ]
 
 
-def _ulp(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The spacing of ``dtype``'s numbers at the float64 values ``ref``."""
-    info = torch.finfo(dtype)
-    return info.eps * torch.exp2(torch.floor(torch.log2(ref.abs().clamp(min=info.tiny))))
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("name,config,options", LOW_PRECISION_CASES,
                          ids=[f"{c[0][:4]}-{'-'.join(f'{k}={v}' for k, v in {**c[1], **c[2]}.items())}"
@@ -1366,7 +1361,7 @@ def test_low_precision_width1_is_as_accurate_as_diffusers_own_loop(name, config,
         wide = [(a.double(), b.double(), c) for a, b, c in history]
         ref = transition.grid_step(y.double(), p.double(), grid, i, wide, None if z is None else z.double())
         assert ours.dtype == theirs.dtype == dtype
-        assert ((ours.double() - ref).abs() - _ulp(ref, dtype)).max() <= 1e-4, f"step {i} is off by more than an ulp"
+        assert ((ours.double() - ref).abs() - ulp(ref, dtype)).max() <= 1e-4, f"step {i} is off by more than an ulp"
         ours_rms.append(float((ours.double() - ref).pow(2).mean().sqrt()))
         theirs_rms.append(float((theirs.double() - ref).pow(2).mean().sqrt()))
         history = transition.remember(history, y, p, grid.t_from[i])

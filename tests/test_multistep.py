@@ -25,7 +25,7 @@ from driffusion_core import coefficients as C
 from driffusion_core.errors import InvalidArgumentError
 from solvers import DDIMSkip, DPMSolverSkip, FlowEulerSkip, GaussianMixture, ring_mixture, sample_serial, sample_step_skipping
 
-from _metrics import one_torch_thread  # noqa: F401  (autouse fixture)
+from _metrics import one_torch_thread, ulp  # noqa: F401  (one_torch_thread: autouse fixture)
 
 F64 = torch.float64
 MODES = ["aggressive", "conservative"]
@@ -98,15 +98,14 @@ def test_low_precision_2m_step_and_drafts_are_the_float64_ones_rounded_once(pred
         out = tr.drafts(x, p, t_from, t_to, history=[(x_p, p_p, t_prev)])
         ref = tr.drafts(wide[0], wide[1], t_from, t_to, history=[(wide[2], wide[3], t_prev)])
         assert out.dtype == dtype
-        info = torch.finfo(dtype)
-        ulp = info.eps * torch.exp2(torch.floor(torch.log2(ref.abs().clamp(min=info.tiny))))
+        spacing = ulp(ref, dtype)
         x0s = [tr.to_x0_eps(wide[2 * k], wide[2 * k + 1], t)[0] for k, t in ((0, t_from[0]), (1, t_prev))]
         slack = 1e-5 * (1 + float(max(v.abs().max() for v in wide + x0s)))
-        err = (out[0].to(F64) - ref[0]).abs() - ulp[0]  # the serial step, from the same inputs
-        assert err.max() <= slack, f"{dtype}: the 2M step is {float((err / ulp[0]).max()) + 1:.2f} ulp off"
+        err = (out[0].to(F64) - ref[0]).abs() - spacing[0]  # the serial step, from the same inputs
+        assert err.max() <= slack, f"{dtype}: the 2M step is {float((err / spacing[0]).max()) + 1:.2f} ulp off"
         # later drafts continue from the rounded row 0: half an ulp of it more, carried by sigma_t / sigma_s <= 1
-        err = (out[1:].to(F64) - ref[1:]).abs() - 1.5 * ulp[1:]
-        assert len(err) == 0 or err.max() <= slack + 0.5 * float(ulp[0].max()), f"{dtype}: a draft is off by more"
+        err = (out[1:].to(F64) - ref[1:]).abs() - 1.5 * spacing[1:]
+        assert len(err) == 0 or err.max() <= slack + 0.5 * float(spacing[0].max()), f"{dtype}: a draft is off by more"
 
 
 @pytest.mark.parametrize("solver_type", ["midpoint", "heun"])

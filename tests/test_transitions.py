@@ -32,7 +32,7 @@ from driffusion_core import FlowSchedule, NoiseSource, TimeGrid, VPSchedule
 from driffusion_core import coefficients as C
 from solvers import DDIMSkip, DDPMSkip, DPMSolverSkip, FlowEulerSkip, GaussianMixture, sample_serial
 
-from _metrics import one_torch_thread  # noqa: F401  (autouse fixture)
+from _metrics import one_torch_thread, ulp  # noqa: F401  (one_torch_thread: autouse fixture)
 
 SETTINGS = settings(max_examples=20, deadline=None)
 F64 = torch.float64
@@ -492,12 +492,6 @@ def test_dtype_preserved_and_coefficients_in_float64(family, prediction, data):
         assert (out.to(F64) - ref).abs().max() <= tol, f"{dtype} result is off by more than its precision"
     for v in sched.alpha_sigma(torch.tensor([t, s], dtype=torch.float32)):
         assert v.dtype == F64
-
-
-def ulp(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The spacing of ``dtype``'s numbers at the float64 values ``ref`` (subnormal spacing near zero)."""
-    info = torch.finfo(dtype)
-    return info.eps * torch.exp2(torch.floor(torch.log2(ref.abs().clamp(min=info.tiny))))
 
 
 @pytest.mark.parametrize("family,prediction", CASES)
