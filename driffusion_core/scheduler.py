@@ -24,6 +24,7 @@ import math
 import re
 import warnings
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -511,7 +512,7 @@ class DraftRefineState:
         return True
 
 
-WIDE_WINDOW = 0.2
+WIDE_WINDOW = Fraction(1, 5)
 """From this width / T on, :class:`DraftRefineScheduler` warns (:class:`~driffusion_core.errors.WideWindowWarning`)."""
 
 
@@ -523,10 +524,10 @@ def warn_wide_window(width: int, num_steps: int, stacklevel: int = 2) -> None:
     study DRiffusion was then farther from the serial sample than step skipping in half the settings (on short
     grids, and for DDPM, it can diverge). Width 1 never warns.
     """
-    if width > 1 and width >= WIDE_WINDOW * num_steps * (1 - 1e-12):
+    if width > 1 and Fraction(width, num_steps) >= WIDE_WINDOW:
         warnings.warn(
             f"width {width} on a grid of {num_steps} steps: each window drafts up to width / T = "
-            f"{width / num_steps:.2f} of the grid ahead of its anchor. From about {WIDE_WINDOW} on, the far drafts are "
+            f"{width / num_steps:.2f} of the grid ahead of its anchor. From about {float(WIDE_WINDOW):g} on, the far drafts are "
             f"far from the serial path and DRiffusion is often farther from the serial sample than step skipping at "
             f"the same rounds, or diverges on short grids. Keep width <= T / 10 (width 4 for 50 steps) with "
             f"trailing spacing, or use solvers.PicardScheduler with a tolerance. Silence this with "
@@ -544,7 +545,9 @@ class DraftRefineScheduler:
         timesteps: a :class:`TimeGrid` (e.g. ``schedule.timesteps(50)``) or decreasing levels.
         width: drafts per round, n >= 1 (n devices, or one batched call of n). A window never reaches past
             the grid, so any n >= T - 1 is width T - 1 (two rounds, aggressive); a wider window drafts
-            further from its anchor, so wide windows on short grids trade accuracy for rounds.
+            further from its anchor, so wide windows on short grids trade accuracy for rounds; from
+            width / T = 0.2 on (:data:`WIDE_WINDOW`) the scheduler warns with a
+            :class:`~driffusion_core.errors.WideWindowWarning`.
         mode: ``"aggressive"`` (about T/n rounds) or ``"conservative"`` (about 2T/(n+1) rounds: every
             window's anchor is evaluated exactly, one round of its own). Conservative is not uniformly
             closer to the serial output. In the 14 quality tables of the committed benchmark

@@ -324,7 +324,7 @@ def _flow(scheduler, cfg, num_inference_steps: Optional[int], mu: Optional[float
                 f"sigmas and timesteps must have the same length (one model timestep per sigma, as diffusers "
                 f"requires), got {len(custom['sigmas'])} and {len(custom['timesteps'])}."
             )
-        sig, ts = _flow_probe(scheduler, num_inference_steps, **mu_kw, **custom)
+        sig, ts = _probe(scheduler, num_inference_steps, **mu_kw, **custom)
         if bool((ts[1:] == ts[0]).any()):
             # diffusers' index_for_timestep starts at the second occurrence of the first timestep
             raise InvalidArgumentError(
@@ -332,7 +332,7 @@ def _flow(scheduler, cfg, num_inference_steps: Optional[int], mu: Optional[float
                 f"at its second occurrence and skip steps. Give distinct timesteps."
             )
     else:
-        sig, ts = _flow_probe(scheduler, num_inference_steps, **mu_kw)
+        sig, ts = _probe(scheduler, num_inference_steps, **mu_kw)
         held_n = getattr(scheduler, "num_inference_steps", None)
         if check_held and held_n is not None and not _same_flow(scheduler, sig, ts):
             # set_timesteps was called on it: its grid is either set_timesteps(held_n) (any step count, fine)
@@ -349,13 +349,16 @@ def _flow(scheduler, cfg, num_inference_steps: Optional[int], mu: Optional[float
     return transition, grid
 
 
-def _flow_probe(scheduler, num_inference_steps: Optional[int], **kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The sigmas (with the final 0) and timesteps of the scheduler's own set_timesteps, run on a copy."""
+def _probe(scheduler, num_inference_steps: Optional[int], **kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The sigmas (flow: with the final 0) and timesteps of the scheduler's own set_timesteps, run on a copy
+    so the user's scheduler is untouched."""
     probe = copy.deepcopy(scheduler)
     try:
-        probe.set_timesteps(num_inference_steps, device="cpu", **kwargs)
-    except ValueError as e:  # diffusers' own check of custom sigmas / timesteps (e.g. their lengths)
-        raise InvalidArgumentError(f"FlowMatchEulerDiscreteScheduler.set_timesteps refused these arguments: {e}") from None
+        with warnings.catch_warnings():  # DPM-Solver's own numpy-2 DeprecationWarning (np.array of a tensor)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            probe.set_timesteps(num_inference_steps, device="cpu", **kwargs)
+    except ValueError as e:  # diffusers' own checks (e.g. of custom sigmas' / timesteps' lengths)
+        raise InvalidArgumentError(f"{type(scheduler).__name__}.set_timesteps refused these arguments: {e}") from None
     return probe.sigmas.detach().cpu().clone(), probe.timesteps.detach().cpu().clone()
 
 
@@ -365,7 +368,7 @@ def _held_flow_is_standard(scheduler, held_n: int, mu: Optional[float], dynamic:
     With dynamic shifting the mu of that call is not kept: it is solved for (bisection on the second sigma,
     which grows with mu) and the held sigmas and timesteps compared to float32 rounding.
     """
-    if _same_flow(scheduler, *_flow_probe(scheduler, held_n, **({"mu": mu} if mu is not None else {}))):
+    if _same_flow(scheduler, *_probe(scheduler, held_n, **({"mu": mu} if mu is not None else {}))):
         return True
     held = scheduler.sigmas.detach().cpu().to(torch.float64)
     if not dynamic or held_n < 2 or len(held) != held_n + 1:
@@ -462,20 +465,13 @@ def _dpm(scheduler, cfg, num_inference_steps: int, check_held: bool = True):
         clipped = int(torch.searchsorted(torch.flip(scheduler.lambda_t, [0]), cfg.get("lambda_min_clipped", -float("inf"))))
         _trailing_off_by_one("DPMSolverMultistepScheduler", schedule.num_train_timesteps, num_inference_steps,
                              last=schedule.num_train_timesteps - clipped)
-    def own_timesteps(n: int) -> torch.Tensor:  # the scheduler's set_timesteps(n), on a copy
-        probe = copy.deepcopy(scheduler)
-        with warnings.catch_warnings():  # diffusers' own numpy-2 DeprecationWarning (np.array of a tensor)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            probe.set_timesteps(n, device="cpu")
-        return probe.timesteps.detach().cpu().clone()
-
-    timesteps = own_timesteps(num_inference_steps)
+    timesteps = _probe(scheduler, num_inference_steps)[1]
     held = getattr(scheduler, "timesteps", None)
     if check_held and getattr(scheduler, "num_inference_steps", None) and isinstance(held, torch.Tensor):
         # set_timesteps(timesteps=[...]) leaves no flag: held timesteps that no set_timesteps(n) gives are custom
         held = held.detach().cpu()
         try:
-            plain = torch.equal(held, own_timesteps(len(held)).to(held.dtype))
+            plain = torch.equal(held, _probe(scheduler, len(held))[1].to(held.dtype))
         except Exception:  # noqa: BLE001 - a count its own set_timesteps refuses: not a plain call either
             plain = False
         if not plain:
