@@ -230,6 +230,27 @@ def test_dead_rank_makes_the_survivor_fail_within_the_timeout(dying):
     assert codes[survivor] == 0, logs  # and the survivor exits normally (no hang at exit)
 
 
+@pytest.mark.parametrize("dying", [2, 0])
+def test_three_ranks_one_dies_every_survivor_names_it(dying):
+    """World 3 (shares 2, 1, 1 of four drafts): the survivors fail within the timeout, and each names the
+    dead rank (rank 0 from its own check; the others from rank 0's verdict, or, when rank 0 is the one
+    that died, by saying that rank 0 did not answer)."""
+    results, codes, elapsed, logs = _launch(f"die{dying}", world=3, deadline=40.0)
+    survivors = [r for r in range(3) if r != dying]
+    _need(results, survivors, logs)
+    assert codes[dying] == 17, logs
+    for rank in survivors:
+        res = results[rank]
+        assert res["error_type"] == "ExecutorError", res
+        assert f"rank {rank} (of 3)" in res["message"] and res["seconds"] < TIMEOUT + DIAGNOSE + 2.0, res
+        if dying == 0:
+            assert "Rank 0, which checks who is alive, did not answer" in res["message"], res["message"]
+        else:
+            assert f"did not answer{'' if rank == 0 else ' (seen by rank 0)'}: {dying}." in res["message"], res["message"]
+        assert res["refused_after"], "a broken executor must refuse further rounds"
+        assert codes[rank] == 0, logs
+
+
 def test_hung_rank_makes_the_other_fail_within_the_timeout():
     results, codes, elapsed, logs = _launch("hang", deadline=40.0)
     _need(results, [0], logs)
@@ -807,7 +828,8 @@ def _scenario_die(rank, world, dying=1):
 
 def _scenario_hang(rank, world, hung=1, timeout=TIMEOUT, diagnose=DIAGNOSE):
     """Rank ``hung`` sleeps past the timeout in the second round (one draft per rank). With three or more
-    ranks it then exits, and rank 0 stays up a moment so its verdict reaches the other healthy ranks."""
+    ranks it then exits; rank 0 exits as soon as its result is saved (its verdict must reach the other
+    healthy ranks all the same)."""
     from backends import DistributedExecutor
 
     ex = DistributedExecutor(timeout=timeout, diagnose_timeout=diagnose)
@@ -821,10 +843,7 @@ def _scenario_hang(rank, world, hung=1, timeout=TIMEOUT, diagnose=DIAGNOSE):
                 os._exit(0)
         return x
 
-    res = _fault_result(lambda: ex.evaluate(slow, xs, ts))
-    if world > 2 and rank == 0:
-        time.sleep(0.5)  # rank 0's verdict reaches rank 1 before rank 0's process (socket) is gone
-    return res
+    return _fault_result(lambda: ex.evaluate(slow, xs, ts))
 
 
 def _scenario_stall_predictions(rank, world):
@@ -1272,6 +1291,7 @@ SCENARIOS = {
     "raise": _scenario_raise,
     "die0": lambda rank, world: _scenario_die(rank, world, dying=0),
     "die1": lambda rank, world: _scenario_die(rank, world, dying=1),
+    "die2": lambda rank, world: _scenario_die(rank, world, dying=2),
     "hang": _scenario_hang,
     "stall_predictions": _scenario_stall_predictions,
     "mismatch": _scenario_mismatch,
@@ -1308,7 +1328,7 @@ def _child_main(argv):
     sys.stdout.flush()
     if scenario in ("hang", "stall_predictions", "hang3", "setup_dies") and rank in (0, 1):
         os._exit(0)  # a rank is still asleep (in its predictor, or before its exchange) or dead; nothing to tear down
-    if scenario not in ("die0", "die1", "hang", "stall_predictions"):
+    if scenario not in ("die0", "die1", "die2", "hang", "stall_predictions"):
         import torch.distributed as dist
 
         dist.destroy_process_group()
