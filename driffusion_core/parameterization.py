@@ -146,10 +146,34 @@ class ClipSample:
         return f"ClipSample({self.clip_range:g})"
 
 
+# torch.quantile refuses rows of more than 2**24 elements ("quantile() input tensor is too large"): its
+# rank ratio * (n - 1) is computed in the input's float32 and would be off by whole positions beyond that.
+QUANTILE_MAX = 2 ** 24
+
+
+def row_quantile(flat: torch.Tensor, q: float) -> torch.Tensor:
+    """The ``q``-quantile of each row of ``flat`` ``[B, N]`` with linear interpolation, as ``torch.quantile(flat,
+    q, dim=1)``: that call itself for rows of at most :data:`QUANTILE_MAX` elements (so diffusers' thresholds
+    are reproduced bit for bit), two ``kthvalue`` selections beyond (the rank ``q (N - 1)`` taken in
+    float64, so exact where torch.quantile gives up)."""
+    n = flat.shape[1]
+    if n <= QUANTILE_MAX:
+        return torch.quantile(flat, q, dim=1)
+    rank = q * (n - 1)
+    below = math.floor(rank)
+    lo = torch.kthvalue(flat, below + 1, dim=1).values
+    if rank == below:
+        return lo
+    hi = torch.kthvalue(flat, below + 2, dim=1).values
+    return torch.lerp(lo, hi, rank - below)
+
+
 class DynamicThreshold:
     """Dynamic thresholding (Imagen; diffusers' ``thresholding``), per sample.
 
-    s = clamp(quantile(|x0|, ratio), 1, max_value); x0 <- clamp(x0, -s, s) / s, per row.
+    s = clamp(quantile(|x0|, ratio), 1, max_value); x0 <- clamp(x0, -s, s) / s, per row. (Rows of
+    more than 2**24 elements, where ``torch.quantile`` and so diffusers refuse, are thresholded too: see
+    :func:`row_quantile`.)
     """
 
     def __init__(self, ratio: float = 0.995, max_value: float = 1.0):
@@ -163,7 +187,7 @@ class DynamicThreshold:
         flat = x0.reshape(x0.shape[0], -1)
         if dtype not in (torch.float32, torch.float64):
             flat = flat.float()
-        s = torch.quantile(flat.abs(), self.ratio, dim=1).clamp(min=1, max=self.max_value).unsqueeze(1)
+        s = row_quantile(flat.abs(), self.ratio).clamp(min=1, max=self.max_value).unsqueeze(1)
         return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(dtype)
 
     def __repr__(self) -> str:

@@ -734,3 +734,43 @@ def test_a_grid_from_explicit_levels_calls_the_model_at_timesteps_model_times(sc
     assert grid.model_times.dtype == ref.model_times.dtype
     assert torch.equal(grid.model_times, ref.model_times)
     assert torch.equal(grid.t_from, ref.t_from) and torch.equal(grid.t_to[-1:], ref.t_to[-1:])
+
+
+@pytest.mark.parametrize("ratio", [0.995, 0.5, 1.0])
+def test_dynamic_threshold_on_rows_past_torch_quantiles_limit(ratio):
+    """torch.quantile (and so diffusers' thresholding) refuses rows of more than 2**24 elements; the
+    threshold is then taken by selection, and equals the float64 linear-interpolation quantile (numpy's)."""
+    import numpy as np
+
+    from driffusion_core import DynamicThreshold
+    from driffusion_core.parameterization import QUANTILE_MAX
+
+    n = QUANTILE_MAX + 3
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.randn(1, n, generator=g, dtype=torch.float32) * 3.0
+    with pytest.raises(RuntimeError, match="too large"):  # why the selection path exists
+        torch.quantile(x0.abs(), ratio, dim=1)
+    out = DynamicThreshold(ratio, max_value=100.0)(x0.reshape(1, 1, n))
+    s = float(np.clip(np.quantile(x0.abs().double().numpy()[0], ratio), 1.0, 100.0))
+    assert 1.0 < s < 100.0  # the quantile itself is the threshold, so the check below can fail
+    want = (x0.double().clamp(-s, s) / s).float()
+    assert out.shape == (1, 1, n) and out.dtype == torch.float32
+    assert torch.allclose(out.reshape(1, n), want, rtol=2e-7, atol=0), (out.reshape(1, n) - want).abs().max()
+    # the quantile itself, in float64 (where a rank off by one element would show: neighbours differ by ~1e-7)
+    from driffusion_core.parameterization import row_quantile
+
+    a = x0.abs().double()
+    q, ref = float(row_quantile(a, ratio)[0]), float(np.quantile(a.numpy()[0], ratio))
+    assert q == pytest.approx(ref, rel=1e-14, abs=0)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 0.995, 1.0])
+def test_row_quantile_selection_path_equals_torch_quantile(ratio, monkeypatch):
+    """The selection path (forced on small rows) gives torch.quantile's linear-interpolation quantile."""
+    from driffusion_core import parameterization as P
+
+    flat = torch.randn(4, 1001, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    want = torch.quantile(flat, ratio, dim=1)
+    monkeypatch.setattr(P, "QUANTILE_MAX", 10)
+    got = P.row_quantile(flat, ratio)
+    assert torch.allclose(got, want, rtol=1e-15, atol=0), (got - want).abs().max()
