@@ -233,7 +233,7 @@ def test_frozen_v_prediction_does_not_compose_but_frozen_x0_eps_does(data):
     s = float(data.draw(st.integers(300, 450)))
     u = float(data.draw(st.integers(-1, 150)))
     n = sched.num_train_timesteps
-    t, s, u = t * n / 1000, s * n / 1000, u * n / 1000 if u >= 0 else -1.0
+    t, s, u = min(t * n / 1000, n - 1.0), s * n / 1000, u * n / 1000 if u >= 0 else -1.0  # levels lie in [-1, n - 1]
     seed = data.draw(st.integers(0, 2**31))
     x, v = randn(4, 3, seed=seed), randn(4, 3, seed=seed + 1)
     one = tr(x, v, t, u)
