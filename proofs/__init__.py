@@ -12,7 +12,7 @@ state machine, so a proof cannot drift from the code. Families:
                                   prediction is first order, heun exact for x0_hat linear in lambda
                                   (midpoint's defect recorded), exact on the conditional path
 * :mod:`proofs.parameterization`  epsilon / sample / v_prediction / velocity conversions are inverses
-* :mod:`proofs.diffusers_steps`   one-level steps = diffusers' DDIM, DDPM, FlowMatchEuler, DPMSolverMultistep
+* :mod:`proofs.diffusers_steps`   one-level steps = diffusers' DDIM, DDPM, FlowMatchEuler, DPMSolverMultistep, EulerDiscrete
                                   (first order and 2M) updates
 * :mod:`proofs.operator_checks`   the torch operators agree with the proved symbolic steps; their drafts
                                   are the chain of their own steps, their coupled noise the composed noise

@@ -1,5 +1,8 @@
 r"""Each family's one-level step equals the update of the matching diffusers scheduler.
 
+EulerDiscreteScheduler (``scheduling_euler_discrete.py``) steps the unscaled latents ``sample`` in its sigmas; the
+model sees ``scale_model_input(sample)``, which is the state DRiffusion samples (``from_diffusers``).
+
 The diffusers updates are transcribed below, symbol for symbol, from diffusers 0.42
 (``src/diffusers/schedulers/``); ``** 0.5`` is written ``** HALF``. Names follow diffusers:
 ``alpha_prod_t`` is :math:`\bar\alpha_t`, ``alpha_prod_t_prev`` is :math:`\bar\alpha_s` of the next
@@ -26,6 +29,8 @@ __all__ = [
     "diffusers_ddim_step",
     "diffusers_ddpm_step",
     "diffusers_flow_euler_step",
+    "diffusers_euler_discrete_step",
+    "diffusers_euler_scale_model_input",
     "diffusers_dpm_sigma",
     "diffusers_dpm_convert_model_output",
     "diffusers_dpm_first_order_update",
@@ -171,6 +176,66 @@ def flow_euler_step_matches() -> Result:
     x, v = real("x v")
     res = {"velocity": flow_step("velocity", x, v, t, s) - diffusers_flow_euler_step(x, v, t, s)}
     return check(res, domain & Domain.free([x, v]))
+
+
+def diffusers_euler_discrete_step(prediction_type, sample, model_output, sigma, sigma_next):
+    """scheduling_euler_discrete.py: ``EulerDiscreteScheduler.step`` with s_churn = 0 (so gamma = 0)."""
+    gamma = 0
+    sigma_hat = sigma * (gamma + 1)
+    if prediction_type == "original_sample" or prediction_type == "sample":
+        pred_original_sample = model_output
+    elif prediction_type == "epsilon":
+        pred_original_sample = sample - sigma_hat * model_output
+    elif prediction_type == "v_prediction":
+        # denoised = model_output * c_out + input * c_skip
+        pred_original_sample = model_output * (-sigma / (sigma**2 + 1) ** HALF) + (sample / (sigma**2 + 1))
+    else:
+        raise ValueError(prediction_type)
+    derivative = (sample - pred_original_sample) / sigma_hat
+    dt = sigma_next - sigma_hat
+    prev_sample = sample + derivative * dt
+    return prev_sample
+
+
+def diffusers_euler_scale_model_input(sample, sigma):
+    """``EulerDiscreteScheduler.scale_model_input``: ``sample / ((sigma**2 + 1) ** 0.5)``."""
+    return sample / ((sigma**2 + 1) ** HALF)
+
+
+def _euler_sigmas():
+    """Positive sigmas sigma > sigma_next > 0 (EulerDiscreteScheduler's range: up to ~157, or 4096 at zero terminal SNR)."""
+    sig, nxt = sp.symbols("sigma sigma_next", positive=True)
+
+    def point(a, b):
+        return {sig: a, nxt: b}, {"sigma": a, "sigma_next": b}
+
+    def sample(rng):
+        a, b = sorted(rng.sample(range(1, 20000), 2), reverse=True)
+        return point(sp.Rational(a, 100), sp.Rational(b, 100))
+
+    return sig, nxt, Domain(sample, point(sp.Rational(7, 2), sp.Rational(3, 4)))
+
+
+@identity(
+    "diffusers.euler_discrete_step",
+    "diffusers",
+    "EulerDiscreteScheduler.step (s_churn = 0) is DDIM (eta = 0): on the model's input x = sample / "
+    "sqrt(sigma^2 + 1) (scale_model_input), with abar = 1 / (1 + sigma^2), DDIMSkip's step to the next "
+    "sigma is the Euler step sample + (sigma_next - sigma) (sample - x0_hat) / sigma, scaled the same way, "
+    "for prediction_type epsilon / sample / v_prediction, to sigma_next > 0 and to sigma_next = 0 "
+    "(solvers.interop.from_diffusers builds it so).",
+)
+def euler_discrete_step_matches() -> Result:
+    sig, nxt, domain = _euler_sigmas()
+    x, p = real("x p")
+    abar = lambda s: 1 / (1 + s**2)  # noqa: E731  (the table from_diffusers builds from the sigmas)
+    res = {}
+    for kind in VP_PREDICTIONS:
+        for name, to in (("sigma_next > 0", nxt), ("sigma_next = 0", sp.Integer(0))):
+            ours = ddim_step(kind, diffusers_euler_scale_model_input(x, sig), p, abar(sig), abar(to))
+            theirs = diffusers_euler_scale_model_input(diffusers_euler_discrete_step(kind, x, p, sig, to), to)
+            res[f"{kind}, {name}"] = ours - theirs
+    return check(res, domain & Domain.free([x, p]))
 
 
 def diffusers_dpm_sigma(alpha_prod):

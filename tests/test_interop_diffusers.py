@@ -38,12 +38,14 @@ from driffusion_core import (  # noqa: E402
     expected_rounds,
 )
 from solvers import DPMSolverSkip, from_diffusers, sample_serial, sample_step_skipping  # noqa: E402
-from solvers.interop import DiffusersPredictor, DRiffusionPipeline, calculate_shift  # noqa: E402
+from solvers.interop import DiffusersPredictor, DRiffusionPipeline, calculate_shift, euler_state_scales  # noqa: E402
 from _metrics import ulp  # noqa: E402
 
 pytestmark = [pytest.mark.diffusers,
               # DPMSolverMultistepScheduler.set_timesteps (the reference loops) calls np.array on a tensor under numpy 2
-              pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]
+              pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+              # KDPM2DiscreteScheduler's set_timesteps (built to check its config is refused) under numpy 2
+              pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning")]
 
 
 def need(name: str):
@@ -203,8 +205,8 @@ def test_from_config_equals_from_scheduler(unet2d):
 
 
 def test_from_diffusers_rejects_what_it_cannot_reproduce():
-    with pytest.raises(InvalidArgumentError, match="DDIMScheduler"):
-        from_diffusers(need("EulerDiscreteScheduler")(), 10)
+    with pytest.raises(InvalidArgumentError, match="EulerDiscreteScheduler"):  # names what is supported
+        from_diffusers(need("EulerAncestralDiscreteScheduler")(), 10)
     # each refused variance type with its own reason
     for variance_type, reason in (("learned", "predicts the log variance itself"),
                                   ("learned_range", "between the fixed_small and fixed_large"),
@@ -437,7 +439,10 @@ def test_from_diffusers_does_not_touch_the_scheduler():
 # FlowMatchEuler (shift) or DPMSolverMultistep: a config without _class_name must not be taken for one of those.
 OTHER_SCHEDULERS = ["PNDMScheduler", "LCMScheduler", "TCDScheduler", "DDIMInverseScheduler", "CogVideoXDDIMScheduler",
                     "DPMSolverSinglestepScheduler", "SASolverScheduler", "UnCLIPScheduler",
-                    "FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler", "EulerDiscreteScheduler",
+                    "FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler",
+                    # options shared with EulerDiscreteScheduler (interpolation, Karras sigmas, timestep_type)
+                    "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler",
+                    "KDPM2DiscreteScheduler",
                     # DPMSolverMultistep's options less a few (DPMSolverMultistep itself: the DPM-Solver++ section below)
                     "DPMSolverMultistepInverseScheduler", "DEISMultistepScheduler"]
 
@@ -652,6 +657,22 @@ def _sd_pipeline(unet, scheduler, vae):
     ))
 
 
+def _sd_embeds(g: torch.Generator) -> dict:
+    """Random SD prompt embeddings (batch 2) and their negatives, drawn from ``g``."""
+    return dict(prompt_embeds=torch.randn(2, 5, 8, generator=g), negative_prompt_embeds=torch.randn(2, 5, 8, generator=g))
+
+
+def _sd_width1_is_the_pipeline(pipe):
+    """Check that width 1 gives ``pipe``'s own images (10 steps, guidance 5); returns the call's keywords and a
+    generator factory for the test to go on with."""
+    kw = dict(**_sd_embeds(torch.Generator().manual_seed(0)), num_inference_steps=10, guidance_scale=5.0, output_type="np")
+    gen = lambda seed=1: torch.Generator().manual_seed(seed)
+    ref = pipe(generator=gen(), **kw).images
+    w1 = DRiffusionPipeline(pipe, width=1)(generator=gen(), **kw).images
+    np_testing_close(w1, ref, 1e-4)
+    return kw, gen
+
+
 def _sd3_embeds(g: torch.Generator) -> dict:
     """Random SD3 prompt embeddings and pooled projections (batch 2), and their negatives, drawn from ``g``."""
     return dict(prompt_embeds=torch.randn(2, 5, 8, generator=g), negative_prompt_embeds=torch.randn(2, 5, 8, generator=g),
@@ -819,8 +840,7 @@ def test_stable_diffusion_pipeline_passes_its_options_on(unet_cond, vae, monkeyp
     noise = NoiseSource(4)
     draws = _step_noise_from(noise, ddim_module, monkeypatch)
     g = torch.Generator().manual_seed(0)
-    kw = dict(prompt_embeds=torch.randn(2, 5, 8, generator=g), negative_prompt_embeds=torch.randn(2, 5, 8, generator=g),
-              num_inference_steps=6, guidance_scale=4.0, output_type="latent")
+    kw = dict(**_sd_embeds(g), num_inference_steps=6, guidance_scale=4.0, output_type="latent")
     gen = lambda: torch.Generator().manual_seed(1)
     options = dict(eta=0.7, guidance_rescale=0.6, cross_attention_kwargs={"gain": 1.5})
     for name, value in [*options.items(), ("all", None)]:
@@ -915,7 +935,7 @@ def test_num_images_per_prompt_with_prompt_embeds(unet_cond, sd3_transformer, va
     g = torch.Generator().manual_seed(0)
     gen = lambda: torch.Generator().manual_seed(1)
     sd = _sd_pipeline(unet_cond, need("DDIMScheduler")(steps_offset=1, clip_sample=False, **SD_BETAS), vae)
-    embeds = dict(prompt_embeds=torch.randn(2, 5, 8, generator=g), negative_prompt_embeds=torch.randn(2, 5, 8, generator=g))
+    embeds = _sd_embeds(g)
     kw = dict(num_inference_steps=4, guidance_scale=5.0, output_type="latent")
     ref = sd(generator=gen(), num_images_per_prompt=2, **embeds, **kw).images
     assert ref.shape[0] == 4
@@ -1197,13 +1217,7 @@ def test_stable_diffusion_pipeline_with_dpm_solver(unet_cond, vae):
     ddim = need("DDIMScheduler")(steps_offset=1, clip_sample=False, timestep_spacing="leading", **SD_BETAS)
     pipe = _sd_pipeline(unet_cond, need("DPMSolverMultistepScheduler").from_config(ddim.config), vae)
     assert pipe.scheduler.config.timestep_spacing == "leading" and pipe.scheduler.config.steps_offset == 1
-    g = torch.Generator().manual_seed(0)
-    kw = dict(prompt_embeds=torch.randn(2, 5, 8, generator=g), negative_prompt_embeds=torch.randn(2, 5, 8, generator=g),
-              num_inference_steps=10, guidance_scale=5.0, output_type="np")
-    gen = lambda seed=1: torch.Generator().manual_seed(seed)
-    ref = pipe(generator=gen(), **kw).images
-    w1 = DRiffusionPipeline(pipe, width=1)(generator=gen(), **kw).images
-    np_testing_close(w1, ref, 1e-4)
+    kw, gen = _sd_width1_is_the_pipeline(pipe)
     fast = DRiffusionPipeline(pipe, width=2)
     out = fast(generator=gen(), **{**kw, "output_type": "latent"}).images
     assert fast.last_output.rounds == expected_rounds(10, 2) and fast.last_output.evals == 10
@@ -1372,3 +1386,132 @@ def test_low_precision_width1_is_as_accurate_as_diffusers_own_loop(name, config,
     rms = lambda a: float((a.to(torch.float64) - exact).pow(2).mean().sqrt())  # noqa: E731
     assert rms(ours) <= 1.5 * rms(y), f"{rms(ours):.3g} from the float64 run; diffusers' loop: {rms(y):.3g}"
     assert rms(y) <= 0.05 * float(exact.pow(2).mean().sqrt())  # sanity: the loops agree to the dtype's rounding
+
+
+# ============================================================================ EulerDiscreteScheduler
+
+EULER_CASES = [
+    # (config, num_inference_steps); every sigma option is read from the scheduler's own set_timesteps
+    ({}, 10),  # linspace: fractional timesteps, sigmas interpolated between the table's
+    (dict(timestep_spacing="leading", steps_offset=1, **SD_BETAS), 10),  # Stable Diffusion's
+    (dict(timestep_spacing="trailing"), 10),
+    (dict(use_karras_sigmas=True), 10),
+    (dict(use_exponential_sigmas=True), 10),
+    (dict(use_beta_sigmas=True), 10),
+    (dict(interpolation_type="log_linear"), 10),  # its loop ends at the smallest training sigma, not 0
+    (dict(prediction_type="v_prediction"), 10),
+    (dict(prediction_type="sample"), 10),
+    (dict(timestep_type="continuous", prediction_type="v_prediction"), 10),  # model times 0.25 log sigma
+    (dict(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing"), 10),
+    (dict(final_sigmas_type="sigma_min", timestep_spacing="leading", steps_offset=1), 10),
+    ({}, 1),
+]
+
+
+def euler_loop(scheduler, model, latents, num_steps):
+    """EulerDiscreteScheduler's own loop, as StableDiffusionPipeline runs it (scale_model_input, then step)."""
+    scheduler.set_timesteps(num_steps)
+    x = latents
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(model(scheduler.scale_model_input(x, t), t).sample, t, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("config,num_steps", EULER_CASES,
+                         ids=[("-".join(f"{k}={v}" for k, v in c[0].items() if k not in SD_BETAS) or "default") + f"-{c[1]}"
+                              for c in EULER_CASES])
+def test_euler_width1_matches_diffusers_loop(config, num_steps, unet2d):
+    """Width 1 on the scaled state latents / sqrt(sigma^2 + 1) is the scheduler's loop on the latents."""
+    scheduler = need("EulerDiscreteScheduler")(**config)
+    model = Tame(unet2d, scheduler.alphas_cumprod, scheduler.config.prediction_type)
+    transition, grid = from_diffusers(scheduler, num_steps)
+    scheduler.set_timesteps(num_steps)
+    latents = NoiseSource(0).initial((2, 3, 8, 8)) * scheduler.init_noise_sigma
+    into, out_of = euler_state_scales(transition, grid)
+    sigmas = scheduler.sigmas.double()
+    assert into == pytest.approx(float(1 / (sigmas[0] ** 2 + 1).sqrt()), rel=1e-12)
+    assert out_of == pytest.approx(float((sigmas[num_steps] ** 2 + 1).sqrt()), rel=1e-12)
+
+    ours = DraftRefineScheduler(transition, grid, width=1).sample(model.predictor, latents * into)
+    serial = sample_serial(model.predictor, latents * into, transition, grid)
+    ref = euler_loop(scheduler, model, latents, num_steps)
+
+    assert torch.equal(grid.model_times, scheduler.timesteps.cpu().to(grid.model_times.dtype))
+    assert torch.equal(ours.x, serial.x) and ours.rounds == ours.evals == num_steps
+    scale = max(1.0, ref.abs().max().item())
+    assert (ours.x * out_of - ref).abs().max().item() <= 5e-6 * scale, f"{config} {num_steps}"
+
+
+def test_euler_wider_runs_and_is_closer_than_step_skipping(unet2d):
+    scheduler = need("EulerDiscreteScheduler")(use_karras_sigmas=True)
+    model = Tame(unet2d, scheduler.alphas_cumprod, "epsilon")
+    transition, grid = from_diffusers(scheduler, 50)
+    x = NoiseSource(0).initial((2, 3, 8, 8))  # the scaled state: latents * into, latents = randn * init_noise_sigma
+    serial = sample_serial(model.predictor, x, transition, grid).x
+    for width in (2, 4):  # measured 0.11 and 0.15 (DDIM on the same model: 0.13, 0.17)
+        out = DraftRefineScheduler(transition, grid, width).sample(model.predictor, x)
+        skipped = sample_step_skipping(model.predictor, x, transition, grid, out.rounds).x
+        assert out.rounds == expected_rounds(50, width) and out.evals == 50
+        assert _rel(out.x, serial, skipped) < 0.3, width
+
+
+def test_euler_grids_it_cannot_reproduce_are_explained():
+    euler = need("EulerDiscreteScheduler")
+    # final sigma_min with linspace: the last timestep is 0 already, so diffusers' last step has length zero
+    with pytest.raises(InvalidArgumentError, match=r"last step has length zero.*final_sigmas_type='zero'"):
+        from_diffusers(euler(final_sigmas_type="sigma_min"), 10)
+    # trailing spacing where diffusers lists one timestep more (as for DDIM / DDPM / DPM-Solver)
+    with pytest.raises(InvalidArgumentError, match=r"lists 62 timesteps"):
+        from_diffusers(euler(timestep_spacing="trailing"), 61)
+    # custom timesteps held by the scheduler are refused, not dropped
+    held = euler()
+    held.set_timesteps(timesteps=[900, 600, 300, 100])
+    with pytest.raises(InvalidArgumentError, match=r"holds custom timesteps or sigmas"):
+        from_diffusers(held, 4)
+    plain = euler()
+    plain.set_timesteps(7)  # a plain set_timesteps of another count is not custom
+    from_diffusers(plain, 10)
+    with pytest.raises(InvalidArgumentError, match=r"from_diffusers\(sigmas=...\) is not supported for EulerDiscreteScheduler"):
+        from_diffusers(euler(), sigmas=[10.0, 1.0, 0.0])
+
+
+def test_euler_config_equals_scheduler(unet2d):
+    scheduler = need("EulerDiscreteScheduler")(use_karras_sigmas=True, prediction_type="v_prediction")
+    built_in_code = {k: v for k, v in scheduler.config.items() if k != "_class_name"}
+    a, ga = from_diffusers(scheduler, 8)
+    b, gb = from_diffusers(built_in_code, 8)
+    assert type(a) is type(b) and torch.equal(ga.t_from, gb.t_from) and torch.equal(ga.model_times, gb.model_times)
+    assert torch.equal(a.schedule.alphas_cumprod, b.schedule.alphas_cumprod)
+
+
+def test_stable_diffusion_pipeline_with_euler(unet_cond, vae):
+    """StableDiffusionPipeline scales its noise by init_noise_sigma and its model input by scale_model_input:
+    width 1 is its images; width 3 is the library run by hand on the scaled latents."""
+    pipe = _sd_pipeline(unet_cond, need("EulerDiscreteScheduler")(timestep_spacing="leading", steps_offset=1, **SD_BETAS), vae)
+    kw, gen = _sd_width1_is_the_pipeline(pipe)
+    ref_latents = pipe(generator=gen(), **{**kw, "output_type": "latent"}).images
+    w1_latents = DRiffusionPipeline(pipe, width=1)(generator=gen(), **{**kw, "output_type": "latent"}).images
+    torch.testing.assert_close(w1_latents, ref_latents, rtol=1e-4, atol=1e-4)
+    fast = DRiffusionPipeline(pipe, width=3)
+    out = fast(generator=gen(), **{**kw, "output_type": "latent"}).images
+    assert fast.last_output.rounds == expected_rounds(10, 3) and fast.last_output.evals == 10
+    pipe.scheduler.set_timesteps(10)
+    latents = pipe.prepare_latents(2, 4, 16, 16, kw["prompt_embeds"].dtype, torch.device("cpu"), gen(), None)
+    transition, grid = from_diffusers(pipe.scheduler, 10)
+    into, out_of = euler_state_scales(transition, grid)
+    cond = dict(encoder_hidden_states=kw["prompt_embeds"], negative_encoder_hidden_states=kw["negative_prompt_embeds"])
+    direct = _direct(unet_cond, pipe.scheduler, 10, latents * into, 3, guidance_scale=5.0, cond=cond)
+    _same(out, direct.x * out_of)
+    assert _vs_step_skipping(direct, unet_cond, pipe.scheduler, 10, latents * into, 5.0, cond) < 0.3
+
+
+def test_pipelines_without_euler_scaling_refuse_euler(unet2d, sd3_transformer, vae):
+    euler = need("EulerDiscreteScheduler")
+    ddpm = _quiet(need("DDPMPipeline")(unet=unet2d, scheduler=euler()))
+    with pytest.raises(InvalidArgumentError, match=r"DDPMPipeline with EulerDiscreteScheduler.*scale_model_input"):
+        DRiffusionPipeline(ddpm, width=2)(batch_size=1, num_inference_steps=4, output_type="np")
+    sd3 = _sd3_pipeline(sd3_transformer, euler(), vae)
+    with pytest.raises(InvalidArgumentError, match=r"StableDiffusion3Pipeline with EulerDiscreteScheduler"):
+        DRiffusionPipeline(sd3, width=2)(num_inference_steps=4, output_type="latent",
+                                         **_sd3_embeds(torch.Generator().manual_seed(0)))

@@ -3,19 +3,21 @@
 None of these modules imports diffusers at import time (a pipeline call or a scheduler *config*
 imports it when used), so ``import solvers`` works without the optional extra.
 
-* :func:`from_diffusers` -- a diffusers scheduler (or config) to ``(transition, grid)``.
+* :func:`from_diffusers` -- a diffusers scheduler (or config) to ``(transition, grid)``
+  (:func:`euler_state_scales`: the state's scaling for ``EulerDiscreteScheduler``).
 * :class:`DiffusersPredictor` -- UNet2D / UNet2DCondition / SD3 transformer as ``f(x, t, **cond)``, CFG in one call.
 * :class:`DRiffusionPipeline` -- run a DDPM / DDIM / Stable Diffusion / SD3 pipeline with DRiffusion
-  (DDIM, DDPM, DPM-Solver++ multistep or flow-matching Euler scheduler).
+  (DDIM, DDPM, DPM-Solver++ multistep, Euler (Stable Diffusion) or flow-matching Euler scheduler).
 * :func:`sample_driffusion` -- k-diffusion-style sampler for denoisers ``D(x, sigma) -> x0``.
 """
 from solvers.interop.diffusers_models import DiffusersPredictor
-from solvers.interop.diffusers_schedulers import from_diffusers
+from solvers.interop.diffusers_schedulers import euler_state_scales, from_diffusers
 from solvers.interop.kdiffusion import sample_driffusion, sigmas_grid
 from solvers.interop.pipelines import DRiffusionPipeline, calculate_shift
 
 __all__ = [
     "from_diffusers",
+    "euler_state_scales",
     "DiffusersPredictor",
     "DRiffusionPipeline",
     "calculate_shift",

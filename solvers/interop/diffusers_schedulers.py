@@ -28,7 +28,18 @@ Key (diffusers' names -> ours):
   on a private copy, and the last step goes to level -1 (sigma = 0, ``final_sigmas_type="zero"``) or to
   level 0 (``alphas_cumprod[0]``, ``final_sigmas_type="sigma_min"``). Refused: the noise-prediction and
   SDE variants, third order, Karras / exponential / beta / Lu-lambda / flow sigmas (their levels are not
-  training timesteps), learned variances and ``flow_prediction``.
+  training timesteps), learned variances and ``flow_prediction``;
+* ``EulerDiscreteScheduler`` -> :class:`~solvers.DDIMSkip` (eta = 0) on the *scaled* state. Its step is
+  the Euler step of the probability-flow ODE in sigma, :math:`x_{\sigma'} = x_\sigma + (\sigma' - \sigma)\hat\epsilon`
+  on the latents :math:`x_\sigma = x_0 + \sigma\epsilon`, and the model sees
+  :math:`x_\sigma / \sqrt{\sigma^2 + 1}` (``scale_model_input``). On that scaled state, with
+  :math:`\bar\alpha = 1 / (1 + \sigma^2)`, the step is DDIM's exactly (``proofs``: euler_discrete_is_ddim), so the
+  drafts are DDIM's skips. The sigmas and model timesteps are read from the scheduler's own
+  ``set_timesteps`` on a private copy (every ``timestep_spacing``, ``interpolation_type``, Karras /
+  exponential / beta sigmas, ``final_sigmas_type``, ``timestep_type``); the VPSchedule's table holds
+  the grid's own :math:`\bar\alpha` (level j = the j-th sigma from the clean end). See
+  :func:`from_diffusers` for the state's scaling. Not reproduced: ``s_churn > 0`` (a ``step`` argument,
+  not config; the transition is the deterministic step) and custom timesteps / sigmas.
 
 A config (a mapping) is instantiated with diffusers; its class is its ``_class_name``, or, for the
 ``config`` of a scheduler built in code (no ``_class_name``), the supported class whose options are
@@ -54,10 +65,11 @@ from solvers.ddpm import DDPMSkip
 from solvers.dpm import DPMSolverSkip
 from solvers.flow import FlowEulerSkip
 
-__all__ = ["from_diffusers", "SUPPORTED_SCHEDULERS"]
+__all__ = ["from_diffusers", "euler_state_scales", "EulerDiscreteAsDDIM", "SUPPORTED_SCHEDULERS"]
 
 SUPPORTED_SCHEDULERS = (
     "DDIMScheduler", "DDPMScheduler", "FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler",
+    "EulerDiscreteScheduler",
 )
 
 # None: diffusers' _get_variance matches no branch and keeps the posterior variance, i.e. fixed_small
@@ -334,7 +346,7 @@ def _flow(scheduler, cfg, num_inference_steps: Optional[int], mu: Optional[float
     else:
         sig, ts = _probe(scheduler, num_inference_steps, **mu_kw)
         held_n = getattr(scheduler, "num_inference_steps", None)
-        if check_held and held_n is not None and not _same_flow(scheduler, sig, ts):
+        if check_held and held_n is not None and not _holds_grid(scheduler, sig, ts):
             # set_timesteps was called on it: its grid is either set_timesteps(held_n) (any step count, fine)
             # or custom sigmas / timesteps (or another mu / shift), which from_diffusers would drop
             if not _held_flow_is_standard(scheduler, held_n, mu, dynamic):
@@ -368,7 +380,7 @@ def _held_flow_is_standard(scheduler, held_n: int, mu: Optional[float], dynamic:
     With dynamic shifting the mu of that call is not kept: it is solved for (bisection on the second sigma,
     which grows with mu) and the held sigmas and timesteps compared to float32 rounding.
     """
-    if _same_flow(scheduler, *_probe(scheduler, held_n, **({"mu": mu} if mu is not None else {}))):
+    if _holds_grid(scheduler, *_probe(scheduler, held_n, **({"mu": mu} if mu is not None else {}))):
         return True
     held = scheduler.sigmas.detach().cpu().to(torch.float64)
     if not dynamic or held_n < 2 or len(held) != held_n + 1:
@@ -390,7 +402,7 @@ def _held_flow_is_standard(scheduler, held_n: int, mu: Optional[float], dynamic:
             and torch.allclose(probe.timesteps.detach().cpu().to(torch.float64), held_t, rtol=1e-5, atol=1e-3))
 
 
-def _same_flow(scheduler, sigmas: torch.Tensor, timesteps: torch.Tensor) -> bool:
+def _holds_grid(scheduler, sigmas: torch.Tensor, timesteps: torch.Tensor) -> bool:
     """Whether the scheduler holds exactly these sigmas and timesteps."""
     held_s, held_t = scheduler.sigmas.detach().cpu(), scheduler.timesteps.detach().cpu()
     return (held_s.shape == sigmas.shape and held_t.shape == timesteps.shape
@@ -507,6 +519,77 @@ def _dpm(scheduler, cfg, num_inference_steps: int, check_held: bool = True):
     return transition, grid
 
 
+class EulerDiscreteAsDDIM(DDIMSkip):
+    r"""The transition ``from_diffusers(EulerDiscreteScheduler)`` returns: :class:`~solvers.DDIMSkip` (eta = 0) on
+    the scaled state :math:`x = x_\sigma / \sqrt{\sigma^2 + 1}` with :math:`\bar\alpha = 1 / (1 + \sigma^2)`, which
+    is diffusers' Euler step :math:`x_{\sigma'} = x_\sigma + (\sigma' - \sigma)\hat\epsilon` exactly. Its only
+    difference from DDIMSkip: it marks the state as scaled, for :func:`euler_state_scales`."""
+
+
+_EULER_PREDICTIONS = {"epsilon": "epsilon", "v_prediction": "v_prediction", "sample": "sample",
+                      "original_sample": "sample"}  # diffusers keeps "original_sample" as an alias of "sample"
+
+
+def _euler(scheduler, cfg, num_inference_steps: int, check_held: bool = True):
+    """EulerDiscreteScheduler: DDIM (eta = 0) on the scaled state x / sqrt(sigma^2 + 1), over a VPSchedule whose
+    table is the grid's own alpha-bar = 1 / (1 + sigma^2) (level j: the j-th sigma counted from the clean end)."""
+    name = "EulerDiscreteScheduler"
+    prediction = cfg.get("prediction_type", "epsilon")
+    if prediction not in _EULER_PREDICTIONS:  # pragma: no cover - diffusers' own step refuses it too
+        raise InvalidArgumentError(f"{name}(prediction_type={prediction!r}) is not one of {sorted(_EULER_PREDICTIONS)}.")
+    if cfg.get("timestep_spacing", "linspace") == "trailing":
+        _trailing_off_by_one(name, int(cfg.get("num_train_timesteps", 1000)), num_inference_steps)
+    sig, ts = _probe(scheduler, num_inference_steps)
+    held = getattr(scheduler, "timesteps", None)
+    if check_held and getattr(scheduler, "num_inference_steps", None) and isinstance(held, torch.Tensor):
+        # set_timesteps(timesteps=... / sigmas=...) leaves no flag: held ones no set_timesteps(n) gives are custom
+        if not _holds_grid(scheduler, *_probe(scheduler, len(held))):
+            raise InvalidArgumentError(
+                f"This {name} holds custom timesteps or sigmas (set_timesteps(timesteps=... / sigmas=...)), which "
+                f"from_diffusers does not reproduce for Euler (it builds the config's set_timesteps("
+                f"{num_inference_steps})). Call scheduler.set_timesteps({num_inference_steps}) first (or pass "
+                f"scheduler.config) to sample with the config's timesteps."
+            )
+    n = len(ts)
+    levels = sig[: n + 1].to(torch.float64)  # diffusers' loop steps sigmas[i] -> sigmas[i + 1], i < len(timesteps)
+    if n > 1 and float(levels[-1]) == float(levels[-2]) > 0 and bool((levels[1:-1] < levels[:-2]).all()):
+        raise InvalidArgumentError(
+            f"{name}(final_sigmas_type={cfg.get('final_sigmas_type')!r}) with {num_inference_steps} steps: the last "
+            f"timestep is already 0 (timestep_spacing={cfg.get('timestep_spacing', 'linspace')!r}), whose sigma is "
+            f"the final sigma {float(levels[-1]):.6g}, so the last step has length zero: a model call that changes "
+            f"nothing, which a DRiffusion grid does not hold. Use final_sigmas_type='zero', or "
+            f"timestep_spacing='leading' with steps_offset=1 (its last timestep is 1)."
+        )
+    if not bool((levels[:-1] > 0).all()) or not bool((levels[1:] < levels[:-1]).all()):
+        raise InvalidArgumentError(
+            f"{name}.set_timesteps({num_inference_steps}) gives sigmas {levels.tolist()}, which do not decrease "
+            f"strictly from a positive value (more steps than distinct noise levels, or a zero-terminal-SNR table "
+            f"whose last entries cross). Use fewer inference steps or another timestep_spacing."
+        )
+    # alpha-bar of each sigma, from the clean end (level 0 = the last sigma) to the noisiest (level n)
+    table = torch.flip(1.0 / (1.0 + levels * levels), [0])
+    schedule = VPSchedule(table, final_alpha_cumprod=1.0)
+    transition = EulerDiscreteAsDDIM(schedule, prediction=_EULER_PREDICTIONS[prediction])
+    steps = torch.arange(n, 0, -1, dtype=torch.float64)
+    grid = transition.make_grid(TimeGrid(steps, steps - 1.0, ts, schedule.kind))
+    return transition, grid
+
+
+def euler_state_scales(transition: SkipTransition, grid: TimeGrid) -> Tuple[float, float]:
+    r"""For ``from_diffusers(EulerDiscreteScheduler)``: ``(into, out_of)`` such that the sampler's state is
+    ``latents * into`` at the start and the scheduler's latents are ``x * out_of`` at the end.
+
+    The state is the model's input :math:`x_\sigma / \sqrt{\sigma^2 + 1}` (``scale_model_input``), so
+    ``into`` :math:`= 1 / \sqrt{\sigma_0^2 + 1}` and ``out_of`` :math:`= \sqrt{\sigma_{end}^2 + 1}` (1 when the
+    last sigma is 0, ``final_sigmas_type="zero"``). For any other transition both are 1.
+    """
+    if isinstance(transition, EulerDiscreteAsDDIM):
+        alpha_in, _ = transition.schedule.alpha_sigma(grid.t_from[:1])
+        alpha_out, _ = transition.schedule.alpha_sigma(grid.t_to[-1:])
+        return float(alpha_in[0]), 1.0 / float(alpha_out[0])
+    return 1.0, 1.0
+
+
 def from_diffusers(
     scheduler_or_config: Any,
     num_inference_steps: Optional[int] = None,
@@ -520,8 +603,9 @@ def from_diffusers(
     """The skip transition and time grid that reproduce a diffusers scheduler's sampling loop.
 
     Arguments:
-        scheduler_or_config: a ``DDIMScheduler``, ``DDPMScheduler``, ``FlowMatchEulerDiscreteScheduler`` or
-            ``DPMSolverMultistepScheduler`` (DPM-Solver++ of order 1 or 2), or its ``config`` (a mapping;
+        scheduler_or_config: a ``DDIMScheduler``, ``DDPMScheduler``, ``FlowMatchEulerDiscreteScheduler``,
+            ``DPMSolverMultistepScheduler`` (DPM-Solver++ of order 1 or 2) or ``EulerDiscreteScheduler`` (its
+            deterministic step, ``s_churn = 0``), or its ``config`` (a mapping;
             its class is its ``_class_name``, or the supported class whose options are exactly the
             config's keys; instantiating it needs diffusers).
         num_inference_steps: T, the number of model calls (as ``scheduler.set_timesteps(T)``); may be left
@@ -541,8 +625,14 @@ def from_diffusers(
 
     Returns:
         ``(transition, grid)``: a :class:`~driffusion_core.SkipTransition` (``DDIMSkip``, ``DDPMSkip``,
-        ``FlowEulerSkip`` or ``DPMSolverSkip``) and the :class:`~driffusion_core.TimeGrid` whose
-        ``model_times`` are the timesteps diffusers passes to the model.
+        ``FlowEulerSkip``, ``DPMSolverSkip`` or, for Euler, :class:`EulerDiscreteAsDDIM`) and the
+        :class:`~driffusion_core.TimeGrid` whose ``model_times`` are the timesteps diffusers passes to the model.
+
+    EulerDiscreteScheduler: the sampler's state is what its loop passes to the model,
+    ``latents / sqrt(sigma**2 + 1)`` (``scale_model_input``), not the latents themselves. With
+    ``into, out_of = euler_state_scales(transition, grid)``, sample from ``latents * into`` (the loop's initial
+    ``latents = randn * scheduler.init_noise_sigma``) and the loop's result is ``out.x * out_of`` (``out_of`` is 1
+    when the last sigma is 0). Call the model on the state as it is; no ``scale_model_input``.
 
     The scheduler is only read (a flow or DPM-Solver scheduler's grid comes from ``set_timesteps`` on a
     copy). A DDPM or flow scheduler that already holds custom timesteps / sigmas (an earlier
@@ -600,5 +690,7 @@ def _from_diffusers(scheduler_or_config, num_inference_steps, mu, eta, use_clipp
                      check_held and scheduler is scheduler_or_config)
     if name == "DPMSolverMultistepScheduler":
         return _dpm(scheduler, cfg, num_inference_steps, check_held and scheduler is scheduler_or_config)
+    if name == "EulerDiscreteScheduler":
+        return _euler(scheduler, cfg, num_inference_steps, check_held and scheduler is scheduler_or_config)
     return _flow(scheduler, cfg, None if custom else num_inference_steps, mu, sigmas, timesteps,
                  check_held and scheduler is scheduler_or_config)

@@ -16,7 +16,10 @@ with classifier-free guidance in one batched call per draft batch. Width 1 repro
 Supported: ``DDPMPipeline`` / ``DDIMPipeline`` (unconditional), ``StableDiffusionPipeline`` and
 ``StableDiffusion3Pipeline`` (and their subclasses), with any scheduler :func:`from_diffusers` takes:
 ``DDIMScheduler``, ``DDPMScheduler``, ``FlowMatchEulerDiscreteScheduler`` or ``DPMSolverMultistepScheduler``
-(diffusers' ``DDIMPipeline`` turns the scheduler it is given into DDIM; ``DDPMPipeline`` keeps it).
+(diffusers' ``DDIMPipeline`` turns the scheduler it is given into DDIM; ``DDPMPipeline`` keeps it), and
+``EulerDiscreteScheduler`` in ``StableDiffusionPipeline`` (the only one of these pipelines that scales its
+noise and model input for it: the state is then ``latents / sqrt(sigma^2 + 1)``, see
+:func:`~solvers.interop.diffusers_schedulers.euler_state_scales`).
 Note the two widths: ``DRiffusionPipeline(width=...)`` is the number of drafts per round, the call's
 ``width=`` the image width, as in diffusers.
 """
@@ -32,7 +35,7 @@ from driffusion_core.executor import Executor
 from driffusion_core.noise import NoiseSource
 from driffusion_core.scheduler import DraftRefineScheduler, SampleOutput
 from solvers.interop.diffusers_models import DiffusersPredictor
-from solvers.interop.diffusers_schedulers import _from_diffusers
+from solvers.interop.diffusers_schedulers import _from_diffusers, euler_state_scales
 
 __all__ = ["DRiffusionPipeline", "calculate_shift", "pipeline_family"]
 
@@ -117,6 +120,19 @@ def _scheduler_grid(scheduler: Any, num_inference_steps: int, mu: Optional[float
     """from_diffusers for a pipeline's scheduler: the pipelines call ``set_timesteps(num_inference_steps)``
     themselves, which drops custom timesteps the scheduler held, so those are not refused here."""
     return _from_diffusers(scheduler, num_inference_steps, mu, eta, use_clipped_model_output, None, None, check_held=False)
+
+
+def _refuse_euler(pipe: Any) -> None:
+    """EulerDiscreteScheduler needs the pipeline to scale the initial noise by ``init_noise_sigma`` and the model
+    input by ``scale_model_input``: Stable Diffusion's pipeline does, the unconditional and SD3 ones do not
+    (their own loop with that scheduler samples the wrong thing), so there is nothing to reproduce."""
+    if type(pipe.scheduler).__name__ == "EulerDiscreteScheduler":
+        raise InvalidArgumentError(
+            f"{type(pipe).__name__} with EulerDiscreteScheduler: this pipeline neither scales its initial noise by "
+            f"init_noise_sigma nor calls scale_model_input, which that scheduler needs (diffusers' own loop samples "
+            f"the wrong distribution with it). Use DDIMScheduler or DPMSolverMultistepScheduler here "
+            f"(e.g. DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)), or a StableDiffusionPipeline."
+        )
 
 
 def _ddim_only(scheduler: Any, options: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -230,6 +246,7 @@ class DRiffusionPipeline:
         from diffusers.utils.torch_utils import randn_tensor
 
         pipe, unet = self.pipe, self.pipe.unet
+        _refuse_euler(pipe)
         if num_inference_steps is None:
             # DDPMPipeline (and its subclasses) default to 1000 steps, DDIMPipeline to 50, as in diffusers
             ddpm = any(c.__name__ == "DDPMPipeline" for c in type(pipe).__mro__)
@@ -297,9 +314,13 @@ class DRiffusionPipeline:
         transition, grid = _scheduler_grid(pipe.scheduler, num_inference_steps, **_ddim_only(pipe.scheduler, {"eta": eta}))
         cond = {"encoder_hidden_states": prompt_embeds, "negative_encoder_hidden_states": negative_prompt_embeds if do_cfg else None}
         model_kwargs = {"cross_attention_kwargs": cross_attention_kwargs} if cross_attention_kwargs else None
-        latents = self._sample(unet, guidance_scale, transition, grid, latents, cond,
+        # EulerDiscreteScheduler: the sampler's state is the model's input latents / sqrt(sigma^2 + 1) (1, 1 otherwise)
+        into, out_of = euler_state_scales(transition, grid)
+        latents = self._sample(unet, guidance_scale, transition, grid, latents * into if into != 1.0 else latents, cond,
                                _noise_for(generator, noise, latents.shape[0]) if transition.stochastic else None,
                                model_kwargs, guidance_rescale)
+        if out_of != 1.0:
+            latents = latents * out_of
         if output_type == "latent":
             image, nsfw = latents, None
         else:
@@ -341,6 +362,7 @@ class DRiffusionPipeline:
         from diffusers.pipelines.stable_diffusion_3 import StableDiffusion3PipelineOutput
 
         pipe, model = self.pipe, self.pipe.transformer
+        _refuse_euler(pipe)
         height = height or pipe.default_sample_size * pipe.vae_scale_factor
         width = width or pipe.default_sample_size * pipe.vae_scale_factor
         pipe.check_inputs(
