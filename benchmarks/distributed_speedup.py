@@ -13,7 +13,8 @@ overhead as a fraction of one model call:
 
 * ``comm_overhead_frac``: an executor-level round of 2 drafts (one per process, plus the all-gather)
   minus one model call, over one model call (the calls timed inside those rounds, both processes
-  computing). Each round times both processes' own calls, which splits it (medians, so about):
+  computing). Each round times both processes' own calls, which gives two of its parts (each a median
+  of its own; medians do not add, so the parts need not sum to ``comm_overhead_frac``):
   ``exchange_frac``, the round after the slower call ended (the gloo all-gather and the executor's
   status and consistency checks), and ``imbalance_frac``, how much longer the slower of the two calls
   took than a median call (the faster process waits for it: call-time jitter on shared cores, not a
@@ -239,7 +240,7 @@ def run(quick: bool = False, **overrides) -> Dict[str, float]:
         call inside the distributed sampling runs, both processes computing), ``serial_s``, ``distributed_s``
         (medians), ``speedup``, ``ideal_speedup`` (T / rounds), ``efficiency`` (speedup / ideal),
         ``round_ms`` (an executor-level round of 2 drafts), ``exchange_ms`` (its part after the slower
-        call), ``comm_overhead_frac`` (about ``exchange_frac`` + ``imbalance_frac``),
+        call), ``comm_overhead_frac`` (with its parts ``exchange_frac`` and ``imbalance_frac``, separate medians),
         ``round_overhead_frac``, ``sched_overhead_frac``, ``contention_frac``,
         ``matches_serial_executor``, ``executor`` and ``mlp``.
     """

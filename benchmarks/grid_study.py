@@ -154,8 +154,10 @@ def markdown(res: dict) -> str:
 
 
 if __name__ == "__main__":  # pragma: no cover - manual use: python -m benchmarks.grid_study [--quick]
-    import sys
+    import argparse
 
-    result = run("--quick" in sys.argv)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.grid_study", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smaller, faster run")
+    result = run(parser.parse_args().quick)
     print(markdown(result))
     print(f"\n{result['seconds']:.0f} s")

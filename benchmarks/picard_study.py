@@ -324,10 +324,15 @@ def plot_error_vs_rounds(results: dict, path) -> None:
     plt.close(fig)
 
 
-if __name__ == "__main__":  # pragma: no cover - manual use: python -m benchmarks.picard_study [--quick]
+if __name__ == "__main__":  # pragma: no cover - manual use: python -m benchmarks.picard_study [--quick] [--plot PATH]
+    import argparse
     import json
-    import sys
 
-    res = run("--quick" in sys.argv)
-    plot_error_vs_rounds(res, "picard_error_vs_rounds.png")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.picard_study", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smaller, faster run")
+    parser.add_argument("--plot", metavar="PATH", default=None, help="also save the error-against-rounds plot (PNG) here")
+    args = parser.parse_args()
+    res = run(args.quick)
+    if args.plot:
+        plot_error_vs_rounds(res, args.plot)
     print(json.dumps({k: v for k, v in res.items() if k != "curves" and k != "budget_sweep"}, indent=1))

@@ -228,9 +228,10 @@ tables above use T = 50 on trailing grids; this shows how far that carries. The 
 DISTRIBUTED_INTRO = """From `benchmarks/distributed_speedup.py`: the serial sampler in one process against DRiffusion
 (aggressive, width 2) with `DistributedExecutor` over 2 gloo processes, one thread each, on its own
 compute-bound MLP; medians over repeats. `ideal_speedup` = T / rounds; `comm_overhead_frac` = an
-executor round of 2 drafts minus one model call, over one call, about `exchange_frac` (the round after
-the slower process's call ended: the all-gather and the executor's checks) plus `imbalance_frac` (how
-much longer the slower of the two calls took than a median call); `round_overhead_frac` = the sampler's
+executor round of 2 drafts minus one model call, over one call, with two of its parts: `exchange_frac` (the
+round after the slower process's call ended: the all-gather and the executor's checks) and `imbalance_frac`
+(how much longer the slower of the two calls took than a median call); each is a median of its own, and
+medians do not add, so the parts need not sum to `comm_overhead_frac`; `round_overhead_frac` = the sampler's
 time per round minus one call, over one call; `matches_serial_executor`: the 2-process sample equals
 the one-process `SerialExecutor` sample bit for bit."""
 

@@ -1,7 +1,8 @@
 """driffusion_core: the math contract of DRiffusion (draft-and-refine parallel diffusion sampling).
 
 Schedules, time grids, parameterizations, the abstract SkipTransition, NoiseSource, the
-Executor protocol and the DraftRefineScheduler. Depends on torch only.
+Executor protocol and the DraftRefineScheduler. Depends on torch and numpy (sympy only for symbolic
+inputs to the coefficient functions).
 """
 from driffusion_core import coefficients
 from driffusion_core.errors import (

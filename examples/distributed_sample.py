@@ -46,7 +46,7 @@ def main() -> None:
     schedule = VPSchedule.linear()
     predictor = ring_mixture(8).predictor(schedule, "epsilon")
     transition = DDIMSkip(schedule)
-    grid = schedule.timesteps(args.steps)
+    grid = schedule.timesteps(args.steps, "trailing")  # trailing spacing: the safer one for wide windows
 
     executor = DistributedExecutor(timeout=args.timeout)
     width = args.width or env.world_size

@@ -1,7 +1,8 @@
 r"""Each family's one-level step equals the update of the matching diffusers scheduler.
 
-EulerDiscreteScheduler (``scheduling_euler_discrete.py``) steps the unscaled latents ``sample`` in its sigmas; the
-model sees ``scale_model_input(sample)``, which is the state DRiffusion samples (``from_diffusers``).
+EulerDiscreteScheduler (``scheduling_euler_discrete.py``) and EulerAncestralDiscreteScheduler
+(``scheduling_euler_ancestral_discrete.py``) step the unscaled latents ``sample`` in their sigmas; the model sees
+``scale_model_input(sample)``, which is the state DRiffusion samples (``from_diffusers``).
 
 The diffusers updates are transcribed below, symbol for symbol, from diffusers 0.42
 (``src/diffusers/schedulers/``); ``** 0.5`` is written ``** HALF``. Names follow diffusers:
@@ -31,6 +32,7 @@ __all__ = [
     "diffusers_flow_euler_step",
     "diffusers_euler_discrete_step",
     "diffusers_euler_scale_model_input",
+    "diffusers_euler_ancestral_step",
     "diffusers_dpm_sigma",
     "diffusers_dpm_convert_model_output",
     "diffusers_dpm_first_order_update",
@@ -236,6 +238,47 @@ def euler_discrete_step_matches() -> Result:
             theirs = diffusers_euler_scale_model_input(diffusers_euler_discrete_step(kind, x, p, sig, to), to)
             res[f"{kind}, {name}"] = ours - theirs
     return check(res, domain & Domain.free([x, p]))
+
+
+def diffusers_euler_ancestral_step(prediction_type, sample, model_output, sigma_from, sigma_to, noise):
+    """scheduling_euler_ancestral_discrete.py: ``EulerAncestralDiscreteScheduler.step`` (``noise`` is its
+    ``randn_tensor`` draw)."""
+    sigma = sigma_from
+    if prediction_type == "epsilon":
+        pred_original_sample = sample - sigma * model_output
+    elif prediction_type == "v_prediction":
+        # * c_out + input * c_skip
+        pred_original_sample = model_output * (-sigma / (sigma**2 + 1) ** HALF) + (sample / (sigma**2 + 1))
+    else:
+        raise ValueError(prediction_type)  # diffusers: NotImplementedError for "sample"
+    sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** HALF
+    sigma_down = (sigma_to**2 - sigma_up**2) ** HALF
+    derivative = (sample - pred_original_sample) / sigma
+    dt = sigma_down - sigma
+    prev_sample = sample + derivative * dt
+    prev_sample = prev_sample + noise * sigma_up
+    return prev_sample
+
+
+@identity(
+    "diffusers.euler_ancestral_step",
+    "diffusers",
+    "EulerAncestralDiscreteScheduler.step is DDIM with eta = 1 (the DDPM posterior): on the model's input "
+    "x = sample / sqrt(sigma^2 + 1), with abar = 1 / (1 + sigma^2), DDIMSkip(eta=1)'s step with noise z is the "
+    "ancestral step sample + (sigma_down - sigma) (sample - x0_hat) / sigma + sigma_up z, scaled the same way "
+    "and with the same z, for prediction_type epsilon / v_prediction, to sigma_to > 0 and to sigma_to = 0.",
+)
+def euler_ancestral_step_matches() -> Result:
+    sig, nxt, domain = _euler_sigmas()
+    x, p, z = real("x p z")
+    abar = lambda s: 1 / (1 + s**2)  # noqa: E731  (the table from_diffusers builds from the sigmas)
+    res = {}
+    for kind in ("epsilon", "v_prediction"):
+        for name, to in (("sigma_to > 0", nxt), ("sigma_to = 0", sp.Integer(0))):
+            ours = ddim_step(kind, diffusers_euler_scale_model_input(x, sig), p, abar(sig), abar(to), 1, z)
+            theirs = diffusers_euler_scale_model_input(diffusers_euler_ancestral_step(kind, x, p, sig, to, z), to)
+            res[f"{kind}, {name}"] = ours - theirs
+    return check(res, domain & Domain.free([x, p, z]))
 
 
 def diffusers_dpm_sigma(alpha_prod):

@@ -104,7 +104,7 @@ def test_the_readmes_torchrun_example_runs_and_equals_the_serial_executor(tmp_pa
     assert "DistributedExecutor(world_size=2, backend=gloo" in run.stdout, run.stdout
     got = torch.load(out_file, weights_only=False)
     schedule = VPSchedule.linear()
-    sched = DraftRefineScheduler(DDIMSkip(schedule), schedule.timesteps(10), width=3)
+    sched = DraftRefineScheduler(DDIMSkip(schedule), schedule.timesteps(10, "trailing"), width=3)  # as the example
     ref = sched.sample(ring_mixture(8).predictor(schedule, "epsilon"), NoiseSource(0).initial((4, 2)),
                        executor=SerialExecutor(), noise=NoiseSource(1))
     assert torch.equal(got["x"], ref.x)

@@ -22,6 +22,7 @@ import re
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -206,7 +207,7 @@ def test_from_config_equals_from_scheduler(unet2d):
 
 def test_from_diffusers_rejects_what_it_cannot_reproduce():
     with pytest.raises(InvalidArgumentError, match="EulerDiscreteScheduler"):  # names what is supported
-        from_diffusers(need("EulerAncestralDiscreteScheduler")(), 10)
+        from_diffusers(need("HeunDiscreteScheduler")(), 10)
     # each refused variance type with its own reason
     for variance_type, reason in (("learned", "predicts the log variance itself"),
                                   ("learned_range", "between the fixed_small and fixed_large"),
@@ -441,7 +442,7 @@ OTHER_SCHEDULERS = ["PNDMScheduler", "LCMScheduler", "TCDScheduler", "DDIMInvers
                     "DPMSolverSinglestepScheduler", "SASolverScheduler", "UnCLIPScheduler",
                     "FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler",
                     # options shared with EulerDiscreteScheduler (interpolation, Karras sigmas, timestep_type)
-                    "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler",
+                    "HeunDiscreteScheduler", "LMSDiscreteScheduler",
                     "KDPM2DiscreteScheduler",
                     # DPMSolverMultistep's options less a few (DPMSolverMultistep itself: the DPM-Solver++ section below)
                     "DPMSolverMultistepInverseScheduler", "DEISMultistepScheduler"]
@@ -618,6 +619,17 @@ def test_predictor_errors(unet_cond):
         f(x, t)
     with pytest.raises(InvalidArgumentError, match="style="):
         DiffusersPredictor(torch.nn.Identity())
+    # a NaN scale would switch guidance off silently (nan > 1 is False); a string is not a scale
+    for scale in (float("nan"), float("inf"), "7.5", None):
+        with pytest.raises(InvalidArgumentError, match="guidance_scale must be a finite real"):
+            DiffusersPredictor(unet_cond, guidance_scale=scale)
+    for rescale in (float("nan"), 1.5, "0.5"):
+        with pytest.raises(InvalidArgumentError, match=r"guidance_rescale must be a real number in \[0, 1\]"):
+            DiffusersPredictor(unet_cond, guidance_scale=5.0, guidance_rescale=rescale)
+    assert DiffusersPredictor(unet_cond, guidance_scale=np.float32(5.0)).guidance_scale == 5.0
+    # a negative prompt of another length cannot share the batch: named, not torch.cat's error
+    with pytest.raises(InvalidArgumentError, match=r"negative_encoder_hidden_states is \(1, 7, 8\) but encoder_hidden_states has shape \(1, 5, 8\)"):
+        f(x, t, encoder_hidden_states=emb, negative_encoder_hidden_states=torch.zeros(1, 7, 8))
 
 
 def test_a_raw_diffusers_model_as_the_predictor_is_explained(unet2d):
@@ -965,6 +977,11 @@ def test_pipeline_errors(unet2d):
     pipe = need("DDIMPipeline")(unet=unet2d, scheduler=need("DDIMScheduler")())
     with pytest.raises(InvalidWidthError, match="width"):
         DRiffusionPipeline(pipe, width=0)
+    with pytest.raises(InvalidWidthError, match="width"):
+        DRiffusionPipeline(pipe, width=2.0)
+    assert DRiffusionPipeline(pipe, width=np.int64(2)).width == 2  # as DraftRefineScheduler takes it
+    with pytest.raises(InvalidArgumentError, match=r"executor must be an Executor.*BatchedExecutor\(\)"):
+        DRiffusionPipeline(pipe, width=2, executor="batched")
     pipe_euler = need("DDPMPipeline")(unet=unet2d, scheduler=need("EulerDiscreteScheduler")())  # DDIMPipeline converts it
     with pytest.raises(InvalidArgumentError, match="from_config"):
         DRiffusionPipeline(pipe_euler, width=2)(num_inference_steps=4, output_type="np")
@@ -1476,13 +1493,28 @@ def test_euler_grids_it_cannot_reproduce_are_explained():
         from_diffusers(euler(), sigmas=[10.0, 1.0, 0.0])
 
 
-def test_euler_config_equals_scheduler(unet2d):
-    scheduler = need("EulerDiscreteScheduler")(use_karras_sigmas=True, prediction_type="v_prediction")
+@pytest.mark.parametrize("name,options", [("EulerDiscreteScheduler", dict(use_karras_sigmas=True)),
+                                          ("EulerAncestralDiscreteScheduler", dict(timestep_spacing="trailing"))])
+def test_euler_config_equals_scheduler(name, options):
+    """A config built in code (no _class_name) is read as the class whose options are exactly its keys."""
+    scheduler = need(name)(prediction_type="v_prediction", **options)
     built_in_code = {k: v for k, v in scheduler.config.items() if k != "_class_name"}
     a, ga = from_diffusers(scheduler, 8)
     b, gb = from_diffusers(built_in_code, 8)
     assert type(a) is type(b) and torch.equal(ga.t_from, gb.t_from) and torch.equal(ga.model_times, gb.model_times)
-    assert torch.equal(a.schedule.alphas_cumprod, b.schedule.alphas_cumprod)
+    assert torch.equal(a.schedule.alphas_cumprod, b.schedule.alphas_cumprod) and a.eta == b.eta
+
+
+def _sd_euler_by_hand(pipe, unet, kw, gen, out, noise=None):
+    """Check a width-3 Stable Diffusion pipeline call with an Euler (ancestral) scheduler (its latents ``out``) against
+    the library run by hand on the scaled latents: returns that run, its initial state and its conditioning."""
+    pipe.scheduler.set_timesteps(10)
+    latents = pipe.prepare_latents(2, 4, 16, 16, kw["prompt_embeds"].dtype, torch.device("cpu"), gen(), None)
+    into, out_of = euler_state_scales(*from_diffusers(pipe.scheduler, 10))
+    cond = dict(encoder_hidden_states=kw["prompt_embeds"], negative_encoder_hidden_states=kw["negative_prompt_embeds"])
+    direct = _direct(unet, pipe.scheduler, 10, latents * into, 3, guidance_scale=5.0, cond=cond, noise=noise)
+    _same(out, direct.x * out_of)
+    return direct, latents * into, cond
 
 
 def test_stable_diffusion_pipeline_with_euler(unet_cond, vae):
@@ -1496,14 +1528,8 @@ def test_stable_diffusion_pipeline_with_euler(unet_cond, vae):
     fast = DRiffusionPipeline(pipe, width=3)
     out = fast(generator=gen(), **{**kw, "output_type": "latent"}).images
     assert fast.last_output.rounds == expected_rounds(10, 3) and fast.last_output.evals == 10
-    pipe.scheduler.set_timesteps(10)
-    latents = pipe.prepare_latents(2, 4, 16, 16, kw["prompt_embeds"].dtype, torch.device("cpu"), gen(), None)
-    transition, grid = from_diffusers(pipe.scheduler, 10)
-    into, out_of = euler_state_scales(transition, grid)
-    cond = dict(encoder_hidden_states=kw["prompt_embeds"], negative_encoder_hidden_states=kw["negative_prompt_embeds"])
-    direct = _direct(unet_cond, pipe.scheduler, 10, latents * into, 3, guidance_scale=5.0, cond=cond)
-    _same(out, direct.x * out_of)
-    assert _vs_step_skipping(direct, unet_cond, pipe.scheduler, 10, latents * into, 5.0, cond) < 0.3
+    direct, x, cond = _sd_euler_by_hand(pipe, unet_cond, kw, gen, out)
+    assert _vs_step_skipping(direct, unet_cond, pipe.scheduler, 10, x, 5.0, cond) < 0.3
 
 
 def test_pipelines_without_euler_scaling_refuse_euler(unet2d, sd3_transformer, vae):
@@ -1515,3 +1541,100 @@ def test_pipelines_without_euler_scaling_refuse_euler(unet2d, sd3_transformer, v
     with pytest.raises(InvalidArgumentError, match=r"StableDiffusion3Pipeline with EulerDiscreteScheduler"):
         DRiffusionPipeline(sd3, width=2)(num_inference_steps=4, output_type="latent",
                                          **_sd3_embeds(torch.Generator().manual_seed(0)))
+
+
+ANCESTRAL_CASES = [
+    ({}, 10),  # linspace
+    (dict(timestep_spacing="leading", steps_offset=1, **SD_BETAS), 10),  # Stable Diffusion's
+    (dict(timestep_spacing="trailing"), 10),
+    (dict(prediction_type="v_prediction"), 10),
+    (dict(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing"), 10),
+    ({}, 1),
+]
+
+
+@pytest.mark.parametrize("config,num_steps", ANCESTRAL_CASES,
+                         ids=[("-".join(f"{k}={v}" for k, v in c[0].items() if k not in SD_BETAS) or "default") + f"-{c[1]}"
+                              for c in ANCESTRAL_CASES])
+def test_euler_ancestral_width1_matches_diffusers_loop(config, num_steps, unet2d, monkeypatch):
+    """EulerAncestralDiscreteScheduler is DDIM with eta = 1 on the scaled state: width 1, with our per-step noise
+    as its step's randn_tensor, is the scheduler's loop on the latents."""
+    import diffusers.schedulers.scheduling_euler_ancestral_discrete as ancestral_module
+
+    scheduler = need("EulerAncestralDiscreteScheduler")(**config)
+    model = Tame(unet2d, scheduler.alphas_cumprod, scheduler.config.prediction_type)
+    transition, grid = from_diffusers(scheduler, num_steps)
+    assert transition.stochastic and transition.eta == 1.0
+    noise = NoiseSource(5)
+    draws = _step_noise_from(noise, ancestral_module, monkeypatch)
+    scheduler.set_timesteps(num_steps)
+    latents = NoiseSource(0).initial((2, 3, 8, 8)) * scheduler.init_noise_sigma
+    into, out_of = euler_state_scales(transition, grid)
+    assert out_of == 1.0  # its last sigma is 0
+
+    ours = DraftRefineScheduler(transition, grid, width=1).sample(model.predictor, latents * into, noise=noise)
+    serial = sample_serial(model.predictor, latents * into, transition, grid, noise=noise)
+    ref = euler_loop(scheduler, model, latents, num_steps)
+
+    assert len(draws) == num_steps
+    assert torch.equal(grid.model_times, scheduler.timesteps.cpu().to(grid.model_times.dtype))
+    assert torch.equal(ours.x, serial.x) and ours.rounds == ours.evals == num_steps
+    scale = max(1.0, ref.abs().max().item())
+    assert (ours.x * out_of - ref).abs().max().item() <= 5e-6 * scale, f"{config} {num_steps}"
+    # another noise gives another sample (the noise is used, not ignored)
+    other = DraftRefineScheduler(transition, grid, width=1).sample(model.predictor, latents * into, noise=NoiseSource(6))
+    if num_steps > 1:
+        assert (other.x - ours.x).abs().max().item() > 1e-3
+
+
+def test_euler_ancestral_wider_runs_and_is_closer_than_step_skipping(unet2d):
+    scheduler = need("EulerAncestralDiscreteScheduler")(timestep_spacing="trailing")
+    model = Tame(unet2d, scheduler.alphas_cumprod, "epsilon")
+    transition, grid = from_diffusers(scheduler, 50)
+    x, noise = NoiseSource(0).initial((2, 3, 8, 8)), NoiseSource(1)
+    serial = sample_serial(model.predictor, x, transition, grid, noise=noise).x
+    for width in (2, 4):  # measured 0.050 and 0.105 (leading, linspace spacing: 0.05, 0.11)
+        out = DraftRefineScheduler(transition, grid, width).sample(model.predictor, x, noise=noise)
+        skipped = sample_step_skipping(model.predictor, x, transition, grid, out.rounds, noise=noise).x
+        assert out.rounds == expected_rounds(50, width) and out.evals == 50
+        assert _rel(out.x, serial, skipped) < 0.3, width
+
+
+def test_euler_ancestral_refuses_what_diffusers_refuses():
+    with pytest.raises(InvalidArgumentError, match=r"prediction_type='sample'.*EulerDiscreteScheduler\(prediction_type='sample'\)"):
+        from_diffusers(need("EulerAncestralDiscreteScheduler")(prediction_type="sample"), 10)
+    with pytest.raises(InvalidArgumentError, match=r"lists 62 timesteps"):
+        from_diffusers(need("EulerAncestralDiscreteScheduler")(timestep_spacing="trailing"), 61)
+    with pytest.raises(InvalidArgumentError, match="eta"):
+        from_diffusers(need("EulerAncestralDiscreteScheduler")(), 10, eta=0.5)
+
+
+def test_stable_diffusion_pipeline_with_euler_ancestral(unet_cond, vae, monkeypatch):
+    """Width 1 is the pipeline's own call, with our per-step noise as the scheduler's step noise; width 3 is the
+    library run by hand on the scaled latents with the same noise."""
+    import diffusers.schedulers.scheduling_euler_ancestral_discrete as ancestral_module
+
+    pipe = _sd_pipeline(unet_cond, need("EulerAncestralDiscreteScheduler")(timestep_spacing="leading", steps_offset=1,
+                                                                            **SD_BETAS), vae)
+    noise = NoiseSource(4)
+    draws = _step_noise_from(noise, ancestral_module, monkeypatch)
+    kw = dict(**_sd_embeds(torch.Generator().manual_seed(0)), num_inference_steps=10, guidance_scale=5.0,
+              output_type="latent")
+    gen = lambda: torch.Generator().manual_seed(1)
+    ref = pipe(generator=gen(), **kw).images
+    assert len(draws) == 10
+    w1 = DRiffusionPipeline(pipe, width=1)(generator=gen(), noise=noise, **kw).images
+    torch.testing.assert_close(w1, ref, rtol=1e-4, atol=1e-4)
+    fast = DRiffusionPipeline(pipe, width=3)
+    out = fast(generator=gen(), noise=noise, **kw).images
+    assert fast.last_output.rounds == expected_rounds(10, 3) and fast.last_output.evals == 10
+    _sd_euler_by_hand(pipe, unet_cond, kw, gen, out, noise)
+    # without a NoiseSource the step noise is seeded from the generator: the same generator, the same images
+    again = [DRiffusionPipeline(pipe, width=3)(generator=gen(), **kw).images for _ in range(2)]
+    assert torch.equal(again[0], again[1]) and not torch.equal(again[0], out)
+
+
+def test_pipelines_without_euler_scaling_refuse_euler_ancestral(unet2d):
+    ddpm = _quiet(need("DDPMPipeline")(unet=unet2d, scheduler=need("EulerAncestralDiscreteScheduler")()))
+    with pytest.raises(InvalidArgumentError, match=r"DDPMPipeline with EulerAncestralDiscreteScheduler.*scale_model_input"):
+        DRiffusionPipeline(ddpm, width=2)(batch_size=1, num_inference_steps=4, output_type="np")

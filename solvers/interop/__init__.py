@@ -4,10 +4,11 @@ None of these modules imports diffusers at import time (a pipeline call or a sch
 imports it when used), so ``import solvers`` works without the optional extra.
 
 * :func:`from_diffusers` -- a diffusers scheduler (or config) to ``(transition, grid)``
-  (:func:`euler_state_scales`: the state's scaling for ``EulerDiscreteScheduler``).
+  (:func:`euler_state_scales`: the state's scaling for ``EulerDiscreteScheduler`` and its ancestral variant).
 * :class:`DiffusersPredictor` -- UNet2D / UNet2DCondition / SD3 transformer as ``f(x, t, **cond)``, CFG in one call.
 * :class:`DRiffusionPipeline` -- run a DDPM / DDIM / Stable Diffusion / SD3 pipeline with DRiffusion
-  (DDIM, DDPM, DPM-Solver++ multistep, Euler (Stable Diffusion) or flow-matching Euler scheduler).
+  (DDIM, DDPM, DPM-Solver++ multistep, Euler and Euler ancestral (Stable Diffusion) or flow-matching Euler
+  scheduler).
 * :func:`sample_driffusion` -- k-diffusion-style sampler for denoisers ``D(x, sigma) -> x0``.
 """
 from solvers.interop.diffusers_models import DiffusersPredictor

@@ -26,11 +26,12 @@ predicts a variance (2C output channels for C input channels) gives its first C 
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, Mapping, Optional
 
 import torch
 
-from driffusion_core.errors import InvalidArgumentError, PredictorOutputError
+from driffusion_core.errors import InvalidArgumentError, PredictorOutputError, is_real
 
 __all__ = ["DiffusersPredictor", "STYLES", "rescale_guidance"]
 
@@ -110,8 +111,13 @@ class DiffusersPredictor:
             style = STYLES[name]
         if style not in COND_NAMES:
             raise InvalidArgumentError(f"style must be one of {tuple(COND_NAMES)}, got {style!r}.")
-        if not 0.0 <= guidance_rescale <= 1.0:
-            raise InvalidArgumentError(f"guidance_rescale must lie in [0, 1], got {guidance_rescale}.")
+        if not is_real(guidance_scale) or not math.isfinite(float(guidance_scale)):
+            raise InvalidArgumentError(
+                f"guidance_scale must be a finite real number (classifier-free guidance runs above 1, as in "
+                f"diffusers' pipelines; 1 or less: the conditional model alone), got {guidance_scale!r}."
+            )
+        if not is_real(guidance_rescale) or not 0.0 <= float(guidance_rescale) <= 1.0:
+            raise InvalidArgumentError(f"guidance_rescale must be a real number in [0, 1], got {guidance_rescale!r}.")
         self.model = model
         self.style = style
         self.guidance_scale = float(guidance_scale)
@@ -165,7 +171,15 @@ class DiffusersPredictor:
             both = {}
             for name, value in pos.items():
                 if isinstance(value, torch.Tensor) and value.dim() > 0:
-                    both[name] = torch.cat([neg[name], value])
+                    other = neg[name]
+                    if not isinstance(other, torch.Tensor) or other.shape != value.shape:
+                        got = tuple(other.shape) if isinstance(other, torch.Tensor) else type(other).__name__
+                        raise InvalidArgumentError(
+                            f"negative_{name} is {got} but {name} has shape {tuple(value.shape)}: guidance runs both "
+                            f"in one batch, so they must have the same shape (encode the negative prompt padded to "
+                            f"the prompt's length, as the pipelines' encode_prompt does)."
+                        )
+                    both[name] = torch.cat([other, value])
                 else:
                     both[name] = value
             out = self._call(torch.cat([x, x]), torch.cat([t, t]), both)

@@ -33,13 +33,19 @@ Key (diffusers' names -> ours):
   the Euler step of the probability-flow ODE in sigma, :math:`x_{\sigma'} = x_\sigma + (\sigma' - \sigma)\hat\epsilon`
   on the latents :math:`x_\sigma = x_0 + \sigma\epsilon`, and the model sees
   :math:`x_\sigma / \sqrt{\sigma^2 + 1}` (``scale_model_input``). On that scaled state, with
-  :math:`\bar\alpha = 1 / (1 + \sigma^2)`, the step is DDIM's exactly (``proofs``: euler_discrete_is_ddim), so the
+  :math:`\bar\alpha = 1 / (1 + \sigma^2)`, the step is DDIM's exactly (``python -m proofs``: diffusers.euler_discrete_step), so the
   drafts are DDIM's skips. The sigmas and model timesteps are read from the scheduler's own
   ``set_timesteps`` on a private copy (every ``timestep_spacing``, ``interpolation_type``, Karras /
   exponential / beta sigmas, ``final_sigmas_type``, ``timestep_type``); the VPSchedule's table holds
   the grid's own :math:`\bar\alpha` (level j = the j-th sigma from the clean end). See
   :func:`from_diffusers` for the state's scaling. Not reproduced: ``s_churn > 0`` (a ``step`` argument,
   not config; the transition is the deterministic step) and custom timesteps / sigmas.
+* ``EulerAncestralDiscreteScheduler`` -> :class:`~solvers.DDIMSkip` with eta = 1 on the same scaled state: its
+  step goes down to :math:`\sigma_{down}` and adds :math:`\sigma_{up} z`, with
+  :math:`\sigma_{up}^2 = \sigma'^2(\sigma^2 - \sigma'^2)/\sigma^2`, which on the scaled state is DDIM's eta = 1
+  step (the DDPM posterior) with the same z (``python -m proofs``: diffusers.euler_ancestral_step). Its per-step
+  noise z_i is a :class:`~driffusion_core.NoiseSource`'s. prediction_type epsilon and v_prediction (diffusers'
+  step refuses "sample").
 
 A config (a mapping) is instantiated with diffusers; its class is its ``_class_name``, or, for the
 ``config`` of a scheduler built in code (no ``_class_name``), the supported class whose options are
@@ -65,11 +71,11 @@ from solvers.ddpm import DDPMSkip
 from solvers.dpm import DPMSolverSkip
 from solvers.flow import FlowEulerSkip
 
-__all__ = ["from_diffusers", "euler_state_scales", "EulerDiscreteAsDDIM", "SUPPORTED_SCHEDULERS"]
+__all__ = ["from_diffusers", "euler_state_scales", "EulerDiscreteAsDDIM", "EulerAncestralAsDDIM", "SUPPORTED_SCHEDULERS"]
 
 SUPPORTED_SCHEDULERS = (
     "DDIMScheduler", "DDPMScheduler", "FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler",
-    "EulerDiscreteScheduler",
+    "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
 )
 
 # None: diffusers' _get_variance matches no branch and keeps the posterior variance, i.e. fixed_small
@@ -526,17 +532,34 @@ class EulerDiscreteAsDDIM(DDIMSkip):
     difference from DDIMSkip: it marks the state as scaled, for :func:`euler_state_scales`."""
 
 
+class EulerAncestralAsDDIM(EulerDiscreteAsDDIM):
+    r"""The transition ``from_diffusers(EulerAncestralDiscreteScheduler)`` returns: :class:`~solvers.DDIMSkip` with
+    eta = 1 on the scaled state :math:`x = x_\sigma / \sqrt{\sigma^2 + 1}`, which is diffusers' ancestral step
+    :math:`x_{\sigma'} = x_\sigma + (\sigma_{down} - \sigma)\hat\epsilon + \sigma_{up} z` exactly, with the same z
+    (:math:`\sigma_{up} = \sigma'\sqrt{\sigma^2 - \sigma'^2}/\sigma`, :math:`\sigma_{down} = \sigma'^2/\sigma`)."""
+
+    def __init__(self, schedule: VPSchedule, prediction: str = "epsilon") -> None:
+        super().__init__(schedule, eta=1.0, prediction=prediction)
+
+
 _EULER_PREDICTIONS = {"epsilon": "epsilon", "v_prediction": "v_prediction", "sample": "sample",
                       "original_sample": "sample"}  # diffusers keeps "original_sample" as an alias of "sample"
+_ANCESTRAL_PREDICTIONS = {"epsilon": "epsilon", "v_prediction": "v_prediction"}  # its step refuses "sample"
 
 
-def _euler(scheduler, cfg, num_inference_steps: int, check_held: bool = True):
+def _euler(scheduler, cfg, num_inference_steps: int, check_held: bool = True, name: str = "EulerDiscreteScheduler"):
     """EulerDiscreteScheduler: DDIM (eta = 0) on the scaled state x / sqrt(sigma^2 + 1), over a VPSchedule whose
-    table is the grid's own alpha-bar = 1 / (1 + sigma^2) (level j: the j-th sigma counted from the clean end)."""
-    name = "EulerDiscreteScheduler"
+    table is the grid's own alpha-bar = 1 / (1 + sigma^2) (level j: the j-th sigma counted from the clean end);
+    EulerAncestralDiscreteScheduler: the same with eta = 1."""
+    ancestral = name == "EulerAncestralDiscreteScheduler"
+    predictions = _ANCESTRAL_PREDICTIONS if ancestral else _EULER_PREDICTIONS
     prediction = cfg.get("prediction_type", "epsilon")
-    if prediction not in _EULER_PREDICTIONS:  # pragma: no cover - diffusers' own step refuses it too
-        raise InvalidArgumentError(f"{name}(prediction_type={prediction!r}) is not one of {sorted(_EULER_PREDICTIONS)}.")
+    if prediction not in predictions:
+        raise InvalidArgumentError(
+            f"{name}(prediction_type={prediction!r}) is not supported: it takes {sorted(predictions)} "
+            f"(diffusers' own step refuses the others)."
+            + (" For an x0-predicting model use EulerDiscreteScheduler(prediction_type='sample')." if ancestral else "")
+        )
     if cfg.get("timestep_spacing", "linspace") == "trailing":
         _trailing_off_by_one(name, int(cfg.get("num_train_timesteps", 1000)), num_inference_steps)
     sig, ts = _probe(scheduler, num_inference_steps)
@@ -569,14 +592,14 @@ def _euler(scheduler, cfg, num_inference_steps: int, check_held: bool = True):
     # alpha-bar of each sigma, from the clean end (level 0 = the last sigma) to the noisiest (level n)
     table = torch.flip(1.0 / (1.0 + levels * levels), [0])
     schedule = VPSchedule(table, final_alpha_cumprod=1.0)
-    transition = EulerDiscreteAsDDIM(schedule, prediction=_EULER_PREDICTIONS[prediction])
+    transition = (EulerAncestralAsDDIM if ancestral else EulerDiscreteAsDDIM)(schedule, prediction=predictions[prediction])
     steps = torch.arange(n, 0, -1, dtype=torch.float64)
     grid = transition.make_grid(TimeGrid(steps, steps - 1.0, ts, schedule.kind))
     return transition, grid
 
 
 def euler_state_scales(transition: SkipTransition, grid: TimeGrid) -> Tuple[float, float]:
-    r"""For ``from_diffusers(EulerDiscreteScheduler)``: ``(into, out_of)`` such that the sampler's state is
+    r"""For ``from_diffusers(EulerDiscreteScheduler)`` (and ``EulerAncestralDiscreteScheduler``): ``(into, out_of)`` such that the sampler's state is
     ``latents * into`` at the start and the scheduler's latents are ``x * out_of`` at the end.
 
     The state is the model's input :math:`x_\sigma / \sqrt{\sigma^2 + 1}` (``scale_model_input``), so
@@ -604,8 +627,8 @@ def from_diffusers(
 
     Arguments:
         scheduler_or_config: a ``DDIMScheduler``, ``DDPMScheduler``, ``FlowMatchEulerDiscreteScheduler``,
-            ``DPMSolverMultistepScheduler`` (DPM-Solver++ of order 1 or 2) or ``EulerDiscreteScheduler`` (its
-            deterministic step, ``s_churn = 0``), or its ``config`` (a mapping;
+            ``DPMSolverMultistepScheduler`` (DPM-Solver++ of order 1 or 2), ``EulerDiscreteScheduler`` (its
+            deterministic step, ``s_churn = 0``) or ``EulerAncestralDiscreteScheduler``, or its ``config`` (a mapping;
             its class is its ``_class_name``, or the supported class whose options are exactly the
             config's keys; instantiating it needs diffusers).
         num_inference_steps: T, the number of model calls (as ``scheduler.set_timesteps(T)``); may be left
@@ -625,14 +648,16 @@ def from_diffusers(
 
     Returns:
         ``(transition, grid)``: a :class:`~driffusion_core.SkipTransition` (``DDIMSkip``, ``DDPMSkip``,
-        ``FlowEulerSkip``, ``DPMSolverSkip`` or, for Euler, :class:`EulerDiscreteAsDDIM`) and the
+        ``FlowEulerSkip``, ``DPMSolverSkip`` or, for Euler, :class:`EulerDiscreteAsDDIM` /
+        :class:`EulerAncestralAsDDIM`) and the
         :class:`~driffusion_core.TimeGrid` whose ``model_times`` are the timesteps diffusers passes to the model.
 
-    EulerDiscreteScheduler: the sampler's state is what its loop passes to the model,
+    EulerDiscreteScheduler and EulerAncestralDiscreteScheduler: the sampler's state is what its loop passes to the model,
     ``latents / sqrt(sigma**2 + 1)`` (``scale_model_input``), not the latents themselves. With
     ``into, out_of = euler_state_scales(transition, grid)``, sample from ``latents * into`` (the loop's initial
     ``latents = randn * scheduler.init_noise_sigma``) and the loop's result is ``out.x * out_of`` (``out_of`` is 1
-    when the last sigma is 0). Call the model on the state as it is; no ``scale_model_input``.
+    when the last sigma is 0). Call the model on the state as it is; no ``scale_model_input``. The ancestral
+    step's noise is a NoiseSource's per-step z_i (diffusers' ``randn_tensor`` in its ``step``).
 
     The scheduler is only read (a flow or DPM-Solver scheduler's grid comes from ``set_timesteps`` on a
     copy). A DDPM or flow scheduler that already holds custom timesteps / sigmas (an earlier
@@ -690,7 +715,7 @@ def _from_diffusers(scheduler_or_config, num_inference_steps, mu, eta, use_clipp
                      check_held and scheduler is scheduler_or_config)
     if name == "DPMSolverMultistepScheduler":
         return _dpm(scheduler, cfg, num_inference_steps, check_held and scheduler is scheduler_or_config)
-    if name == "EulerDiscreteScheduler":
-        return _euler(scheduler, cfg, num_inference_steps, check_held and scheduler is scheduler_or_config)
+    if name in ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler"):
+        return _euler(scheduler, cfg, num_inference_steps, check_held and scheduler is scheduler_or_config, name)
     return _flow(scheduler, cfg, None if custom else num_inference_steps, mu, sigmas, timesteps,
                  check_held and scheduler is scheduler_or_config)

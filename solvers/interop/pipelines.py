@@ -17,7 +17,8 @@ Supported: ``DDPMPipeline`` / ``DDIMPipeline`` (unconditional), ``StableDiffusio
 ``StableDiffusion3Pipeline`` (and their subclasses), with any scheduler :func:`from_diffusers` takes:
 ``DDIMScheduler``, ``DDPMScheduler``, ``FlowMatchEulerDiscreteScheduler`` or ``DPMSolverMultistepScheduler``
 (diffusers' ``DDIMPipeline`` turns the scheduler it is given into DDIM; ``DDPMPipeline`` keeps it), and
-``EulerDiscreteScheduler`` in ``StableDiffusionPipeline`` (the only one of these pipelines that scales its
+``EulerDiscreteScheduler`` / ``EulerAncestralDiscreteScheduler`` in ``StableDiffusionPipeline`` (the only one
+of these pipelines that scales its
 noise and model input for it: the state is then ``latents / sqrt(sigma^2 + 1)``, see
 :func:`~solvers.interop.diffusers_schedulers.euler_state_scales`).
 Note the two widths: ``DRiffusionPipeline(width=...)`` is the number of drafts per round, the call's
@@ -30,7 +31,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from driffusion_core.errors import InvalidArgumentError, InvalidWidthError, UnexpectedArgumentError
+from driffusion_core.errors import InvalidArgumentError, InvalidWidthError, UnexpectedArgumentError, as_count
 from driffusion_core.executor import Executor
 from driffusion_core.noise import NoiseSource
 from driffusion_core.scheduler import DraftRefineScheduler, SampleOutput
@@ -123,12 +124,13 @@ def _scheduler_grid(scheduler: Any, num_inference_steps: int, mu: Optional[float
 
 
 def _refuse_euler(pipe: Any) -> None:
-    """EulerDiscreteScheduler needs the pipeline to scale the initial noise by ``init_noise_sigma`` and the model
+    """EulerDiscreteScheduler (and EulerAncestralDiscreteScheduler) needs the pipeline to scale the initial noise by ``init_noise_sigma`` and the model
     input by ``scale_model_input``: Stable Diffusion's pipeline does, the unconditional and SD3 ones do not
     (their own loop with that scheduler samples the wrong thing), so there is nothing to reproduce."""
-    if type(pipe.scheduler).__name__ == "EulerDiscreteScheduler":
+    name = type(pipe.scheduler).__name__
+    if name in ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler"):
         raise InvalidArgumentError(
-            f"{type(pipe).__name__} with EulerDiscreteScheduler: this pipeline neither scales its initial noise by "
+            f"{type(pipe).__name__} with {name}: this pipeline neither scales its initial noise by "
             f"init_noise_sigma nor calls scale_model_input, which that scheduler needs (diffusers' own loop samples "
             f"the wrong distribution with it). Use DDIMScheduler or DPMSolverMultistepScheduler here "
             f"(e.g. DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)), or a StableDiffusionPipeline."
@@ -177,14 +179,21 @@ class DRiffusionPipeline:
 
     def __init__(self, pipe: Any, width: int = 2, mode: str = "aggressive", executor: Optional[Executor] = None, progress: bool = False):
         self.family = pipeline_family(pipe)
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise InvalidWidthError(f"width (drafts per round) must be an int >= 1, got {width!r}; 1 is the serial loop.")
+        try:
+            width = as_count(width, "width", 1, None, InvalidWidthError)  # Python, numpy or 0-d tensor ints
+        except InvalidWidthError:
+            raise InvalidWidthError(f"width (drafts per round) must be an int >= 1, got {width!r}; 1 is the serial loop.") from None
         if mode not in ("aggressive", "conservative"):
             raise InvalidArgumentError(f"mode must be 'aggressive' or 'conservative', got {mode!r}.")
         if executor is None:
             from backends import BatchedExecutor
 
             executor = BatchedExecutor()
+        if not isinstance(executor, Executor):
+            raise InvalidArgumentError(
+                f"executor must be an Executor (e.g. backends.BatchedExecutor() or backends.SerialExecutor()), "
+                f"got {executor!r}."
+            )
         self.pipe, self.width, self.mode, self.executor, self.progress = pipe, width, mode, executor, progress
         self.last_output: Optional[SampleOutput] = None
 
