@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Mapping, Optional
 
+import numpy as np
 import torch
 
 from driffusion_core.errors import (
@@ -13,7 +14,16 @@ from driffusion_core.errors import (
     not_a_tensor_hint,
     safe_str,
 )
-from driffusion_core.executor import Executor, Predictor, check_describe_width, map_tensors
+from driffusion_core.executor import (
+    Executor,
+    Predictor,
+    check_describe_width,
+    check_round_args,
+    changed_tensor,
+    iter_tensors,
+    map_tensors,
+    tensor_versions,
+)
 
 
 def repeat_cond(cond: Mapping[str, Any], k: int) -> dict:
@@ -76,6 +86,12 @@ class BatchedExecutor(Executor):
     """
 
     def __init__(self, vmap: bool = False, max_batch: Optional[int] = None):
+        if not isinstance(vmap, (bool, np.bool_)):
+            raise InvalidArgumentError(
+                f"BatchedExecutor: vmap must be True or False (run the round under torch.func.vmap or as one "
+                f"concatenated batch), got {vmap!r}."
+            )
+        vmap = bool(vmap)
         if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
             raise InvalidArgumentError(f"max_batch must be a positive int or None, got {max_batch!r}.")
         if vmap and max_batch is not None:
@@ -103,6 +119,10 @@ class BatchedExecutor(Executor):
         ts: torch.Tensor,
         cond: Optional[Mapping[str, Any]] = None,
     ) -> torch.Tensor:
+        """:meth:`Executor.evaluate` as one call on the K * B rows ``xs.reshape(K * B, ...)`` with the
+        conditioning's tensors repeated K times along the batch (or chunks of ``max_batch`` rows), or as
+        ``torch.func.vmap`` of the predictor over the draft axis."""
+        check_round_args(type(self).__name__, xs, ts, cond)
         cond = dict(cond or {})
         k, b = xs.shape[0], xs.shape[1]
         if self.vmap:  # each draft sees the whole batch and the whole conditioning
@@ -117,20 +137,35 @@ class BatchedExecutor(Executor):
                         "drafts stacked along the batch dimension, one call)."
                     )
                 raise
+        try:
+            return self._concatenated(predictor, xs, ts, cond)
+        except Exception as e:
+            _note_unrepeated(e, cond, k, b)
+            raise
+
+    def _concatenated(self, predictor: Predictor, xs: torch.Tensor, ts: torch.Tensor, cond: dict) -> torch.Tensor:
+        """The round as one call on the drafts stacked along the batch (or chunks of max_batch rows)."""
+        k, b = xs.shape[0], xs.shape[1]
         flat_x = xs.reshape(k * b, *xs.shape[2:])
         flat_t = ts.reshape(k * b)
         one_call = self.max_batch is None or k * b <= self.max_batch
+        # the conditioning is repeated once (and sliced alike for chunks): the predictor gets copies of its
+        # batched tensors, so a write into one would not reach the caller's tensor, where SerialExecutor (which
+        # passes the tensors themselves) lets the sampler refuse it; watch the copies' version counters instead
+        full_cond = repeat_cond(cond, k)
+        versions = [v for v in tensor_versions(full_cond) if v[1].dim() > 0]
         if one_call:
-            out = predictor(flat_x, flat_t, **repeat_cond(cond, k))
+            out = predictor(flat_x, flat_t, **full_cond)
+            _check_cond_untouched(versions)
         else:
-            # chunks of at most max_batch rows; the conditioning is repeated once and sliced alike
+            # chunks of at most max_batch rows
             # (each chunk copied into the result before the next call: the model may reuse its output buffer)
-            full_cond = repeat_cond(cond, k)
             out = None
             for start in range(0, k * b, self.max_batch):
                 stop = min(k * b, start + self.max_batch)
-                chunk = _checked(predictor(flat_x[start:stop], flat_t[start:stop], **_rows(full_cond, start, stop)),
-                                 stop - start, flat_t[start:stop], like=out)
+                chunk = predictor(flat_x[start:stop], flat_t[start:stop], **_rows(full_cond, start, stop))
+                _check_cond_untouched(versions)
+                chunk = _checked(chunk, stop - start, flat_t[start:stop], like=out)
                 if out is None:
                     out = torch.empty((k * b, *chunk.shape[1:]), dtype=chunk.dtype, device=chunk.device)
                 out[start:stop] = chunk
@@ -138,6 +173,47 @@ class BatchedExecutor(Executor):
         if one_call:  # the caller keeps the predictions past the next call: never hand back the model's buffer
             out = out.clone()
         return out.reshape(k, b, *out.shape[1:])
+
+
+def _check_cond_untouched(versions: list) -> None:
+    """Refuse a predictor that wrote into a (repeated) conditioning tensor in place, as the sampler refuses
+    it under SerialExecutor (``versions``: ``(name, tensor, version)`` before the call)."""
+    name = changed_tensor(versions)
+    if name is not None:
+        raise PredictorOutputError(
+            f"The predictor modified the conditioning tensor {name} in place; every later call would see the "
+            f"changed value under SerialExecutor (BatchedExecutor passes a repeated copy, so the executors would "
+            f"part ways). Work on a copy inside the model (clone the tensor before an in-place op)."
+        )
+
+
+def _unrepeated(cond: Any, b: int, prefix: str = "cond"):
+    """(name, kind) for every value of ``cond`` (through mappings) that looks per-sample but is not a tensor:
+    a list or tuple of ``b`` items holding no tensors, or a numpy array with ``b`` rows."""
+    if isinstance(cond, Mapping):
+        for key, v in cond.items():
+            yield from _unrepeated(v, b, f"{prefix}[{key!r}]")
+    elif isinstance(cond, np.ndarray):
+        if cond.ndim >= 1 and cond.shape[0] == b:
+            yield prefix, f"a numpy array of shape {cond.shape}"
+    elif isinstance(cond, (list, tuple)) and not isinstance(cond, torch.Size) and len(cond) == b:
+        if next(iter_tensors(cond), None) is None:
+            yield prefix, f"a {type(cond).__name__} of {b} items"
+
+
+def _note_unrepeated(error: BaseException, cond: Mapping[str, Any], k: int, b: int) -> None:
+    """To an exception from a concatenated round, add a note naming conditioning that looks per-sample but is
+    not a tensor (BatchedExecutor repeats only tensors along the batch, so the call on K * B rows got it as is)."""
+    found = list(_unrepeated(cond, b))
+    if not found or not hasattr(error, "add_note"):
+        return
+    what = "; ".join(f"{name} is {kind}" for name, kind in found)
+    error.add_note(
+        f"BatchedExecutor: {what}, one per sample it seems, but BatchedExecutor repeats only tensors along the "
+        f"batch: its call stacks the {k} draft(s) of the round into {k * b} rows and passes other values as they "
+        f"are, so the predictor got {b} values for {k * b} rows. Pass per-sample conditioning as a tensor with "
+        f"one row per sample (e.g. torch.as_tensor(...)), or use SerialExecutor."
+    )
 
 
 # What torch raises when a function cannot run under torch.func.vmap (data-dependent control flow, .item(),

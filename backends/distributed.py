@@ -655,6 +655,8 @@ class DistributedExecutor(Executor):
         ts: torch.Tensor,
         cond: Optional[Mapping[str, Any]] = None,
     ) -> torch.Tensor:
+        """:meth:`Executor.evaluate` with the K drafts shared out over the ranks (each rank's share as one
+        call on its device), gathered on every rank; a rank that fails or dies is named on every rank."""
         try:
             return self._evaluate(predictor, xs, ts, cond)
         except BaseException as e:

@@ -24,7 +24,9 @@ import torch
 from driffusion_core.errors import (
     DeviceMismatchError, ExecutorError, InvalidArgumentError, PredictorOutputError, exception_text,
 )
-from driffusion_core.executor import Executor, Predictor, check_describe_width, even_shares, map_tensors, stack_calls
+from driffusion_core.executor import (
+    Executor, Predictor, check_describe_width, check_round_args, even_shares, map_tensors, stack_calls,
+)
 
 __all__ = ["StreamExecutor"]
 
@@ -156,6 +158,7 @@ class StreamExecutor(Executor):
         return text + ")"
 
     def close(self) -> None:
+        """Wait for every stream's work and drop the streams and replicas; later rounds are refused."""
         for s in self.streams:
             s.synchronize()
         self.streams = []
@@ -168,11 +171,12 @@ class StreamExecutor(Executor):
         ts: torch.Tensor,
         cond: Optional[Mapping[str, Any]] = None,
     ) -> torch.Tensor:
+        """:meth:`Executor.evaluate` with the K drafts shared out over the devices' streams (each device's
+        share as one batched call on its own CUDA stream), gathered on the inputs' device."""
         if not self.streams:
             raise ExecutorError("StreamExecutor: the executor was closed.")
+        check_round_args(type(self).__name__, xs, ts, cond)
         k = xs.shape[0]
-        if ts.shape[0] != k:
-            raise InvalidArgumentError(f"StreamExecutor: xs holds {k} drafts but ts holds {ts.shape[0]}.")
         cond = dict(cond or {})
         anchor = xs.device
         anchor_stream = torch.cuda.current_stream(anchor) if anchor.type == "cuda" else None

@@ -193,6 +193,44 @@ def stack_calls(call: Callable[[int], Any], k: int) -> Any:
     return out
 
 
+def tensor_versions(cond: Any) -> List[Tuple[str, torch.Tensor, int]]:
+    """``(name, tensor, version)`` for every tensor of ``cond`` that has an in-place version counter
+    (inference tensors have none): taken before a model call, :func:`changed_tensor` after it finds a write."""
+    return [(name, t, t._version) for name, t in named_tensors(cond or {}) if not t.is_inference()]
+
+
+def changed_tensor(versions: List[Tuple[str, torch.Tensor, int]]) -> Optional[str]:
+    """The name of the first tensor of ``versions`` (:func:`tensor_versions`) written in place since, or None."""
+    return next((name for name, t, v in versions if t._version != v), None)
+
+
+def check_round_args(who: str, xs: Any, ts: Any, cond: Any) -> None:
+    """The arguments of ``evaluate`` as the protocol defines them, else an InvalidArgumentError naming the
+    shapes expected: ``xs`` a tensor ``[K, B, ...]`` with K >= 1, ``ts`` a tensor ``[K, B]`` (the model time
+    of every row of every draft, not one time per draft), ``cond`` a mapping of keyword arguments or None.
+    ``who``: the executor's name, for the message."""
+    if not isinstance(xs, torch.Tensor) or xs.dim() < 2:
+        got = f"shape {list(xs.shape)}" if isinstance(xs, torch.Tensor) else type(xs).__name__
+        raise InvalidArgumentError(
+            f"{who}.evaluate: xs must be a tensor [K, B, ...] (K drafts of a batch of B states), got {got}."
+        )
+    if xs.shape[0] < 1:
+        raise InvalidArgumentError(f"{who}.evaluate: xs holds no drafts (shape {list(xs.shape)}); a round needs K >= 1.")
+    want = list(xs.shape[:2])
+    if not isinstance(ts, torch.Tensor) or list(ts.shape) != want:
+        got = f"shape {list(ts.shape)}" if isinstance(ts, torch.Tensor) else type(ts).__name__
+        raise InvalidArgumentError(
+            f"{who}.evaluate: ts must be a tensor [K, B] = {want} (the model time of every row of every draft; xs "
+            f"is [K, B, ...] = {list(xs.shape)}), got {got}. For one time per draft, repeat it along the batch: "
+            f"ts[:, None].repeat(1, {want[1]})."
+        )
+    if cond is not None and not isinstance(cond, Mapping):
+        raise InvalidArgumentError(
+            f"{who}.evaluate: cond must be a mapping of keyword arguments for the predictor, or None, got "
+            f"{type(cond).__name__}."
+        )
+
+
 def check_describe_width(width: Optional[int]) -> None:
     """``describe(width)``'s argument: None or a positive int."""
     if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
@@ -208,6 +246,7 @@ class SerialExecutor(Executor):
     """
 
     def describe(self, width: Optional[int] = None) -> str:
+        """How a round runs; with ``width``, how a round of that many drafts does."""
         check_describe_width(width)
         if width is None:
             return "SerialExecutor(one call per draft)"
@@ -220,6 +259,8 @@ class SerialExecutor(Executor):
         ts: torch.Tensor,
         cond: Optional[Mapping[str, Any]] = None,
     ) -> torch.Tensor:
+        """:meth:`Executor.evaluate` as K calls ``predictor(xs[k], ts[k], **cond)``, one after another."""
+        check_round_args(type(self).__name__, xs, ts, cond)
         cond = dict(cond or {})
 
         def call(k: int) -> Any:

@@ -8,12 +8,14 @@ the next listed timestep; the grid keeps both so that case is reproduced.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import reprlib
+from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 
-from driffusion_core.errors import InvalidTimestepsError
+from driffusion_core.errors import InvalidTimestepsError, exception_text, is_bool
 
 __all__ = ["TimeGrid"]
 
@@ -30,18 +32,23 @@ class TimeGrid:
         kind: what the levels mean, set by the schedule that made the grid (``Schedule.kind``:
             ``"vp/1000"``, ``"flow/1000"``, ``"ve"``); a transition refuses a grid of another kind.
             ``None`` (a grid built by hand) is not checked.
+        model_times_from_schedule: True when ``model_times`` were not given (:meth:`from_levels` without
+            them): they then hold the levels as placeholders, and a transition's ``make_grid`` (the
+            schedule's ``grid``) replaces them with its schedule's model times, as for a plain list of levels.
     """
 
     t_from: torch.Tensor
     t_to: torch.Tensor
     model_times: torch.Tensor
     kind: Optional[str] = None
+    model_times_from_schedule: bool = field(default=False, compare=False)
 
     def __post_init__(self):
         for name in ("t_from", "t_to", "model_times"):
             v = getattr(self, name)
             if not isinstance(v, torch.Tensor) or v.dim() != 1:
                 raise InvalidTimestepsError(f"TimeGrid.{name} must be a 1-D tensor, got {v!r}.")
+            refuse_bool_or_complex(v, f"TimeGrid.{name}")
         n = self.t_from.shape[0]
         if n == 0:
             raise InvalidTimestepsError("The time grid is empty: a sampler needs at least one step.")
@@ -92,18 +99,40 @@ class TimeGrid:
     ) -> "TimeGrid":
         """A contiguous grid: step i goes from ``levels[i]`` to ``levels[i+1]`` (the last to ``final``).
 
-        ``model_times`` default to the levels themselves.
+        ``model_times``: the time the model is called with at each step, passed through as given. Without
+        them the grid is marked ``model_times_from_schedule``: the transition it is sampled with (its
+        ``make_grid``) fills them from its schedule exactly as for a plain list of levels (VP: the int64
+        training timesteps; flow: float32 ``sigma * num_train_timesteps``; VE: sigma). Until then
+        ``model_times`` hold the levels as placeholders.
         """
-        t_from = torch.as_tensor(levels, dtype=torch.float64).flatten().clone()
+        refuse_bool_or_complex(levels, "TimeGrid.from_levels: levels")
+        try:
+            t_from = torch.as_tensor(levels, dtype=torch.float64).flatten().clone()
+            t_end = torch.tensor([float(final)], dtype=torch.float64)
+        except Exception as e:  # strings, ragged lists, a final that is not a number ...
+            raise InvalidTimestepsError(
+                f"TimeGrid.from_levels takes a 1-D sequence of numbers (levels, noisiest first) and a number "
+                f"(final, the clean end), got levels={reprlib.repr(levels)}, final={final!r} ({exception_text(e)})."
+            ) from None
         if t_from.numel() == 0:
             raise InvalidTimestepsError("The time grid is empty: a sampler needs at least one step.")
-        t_to = torch.cat([t_from[1:], torch.tensor([float(final)], dtype=torch.float64)])
-        mt = t_from.clone() if model_times is None else torch.as_tensor(model_times).flatten().clone()
+        t_to = torch.cat([t_from[1:], t_end])
+        if model_times is None:
+            return cls(t_from, t_to, t_from.clone(), model_times_from_schedule=True)
+        refuse_bool_or_complex(model_times, "TimeGrid.from_levels: model_times")
+        try:
+            mt = torch.as_tensor(model_times).flatten().clone()
+        except Exception as e:
+            raise InvalidTimestepsError(
+                f"TimeGrid.from_levels: model_times must be a 1-D sequence of numbers (one model time per level), "
+                f"got {reprlib.repr(model_times)} ({exception_text(e)})."
+            ) from None
         return cls(t_from, t_to, mt)
 
     def sub(self, start: int, stop: int) -> "TimeGrid":
         """Steps ``start .. stop - 1`` as a grid of their own."""
-        return TimeGrid(self.t_from[start:stop], self.t_to[start:stop], self.model_times[start:stop], self.kind)
+        return TimeGrid(self.t_from[start:stop], self.t_to[start:stop], self.model_times[start:stop], self.kind,
+                        self.model_times_from_schedule)
 
     def with_kind(self, kind: Optional[str]) -> "TimeGrid":
         """This grid, marked as made of ``kind`` levels."""
@@ -112,3 +141,26 @@ class TimeGrid:
     def __repr__(self) -> str:
         head = ", ".join(f"{v:g}" for v in self.t_from[:4].tolist())
         return f"TimeGrid(T={len(self)}, t_from=[{head}{', ...' if len(self) > 4 else ''}], final={self.t_to[-1].item():g})"
+
+
+def refuse_bool_or_complex(values, what: str) -> None:
+    """Refuse levels or model times given as booleans or complex numbers (a tensor, numpy array or list of
+    them): torch would take a bool as 0 / 1 and drop a complex number's imaginary part (or fail comparing
+    complex levels). Anything else is left to the caller's own conversion."""
+    if isinstance(values, torch.Tensor):
+        odd = str(values.dtype) if values.dtype == torch.bool or values.is_complex() else None
+    else:
+        items = list(values) if isinstance(values, (list, tuple)) else []
+        odd = next((type(v).__name__ for v in items if is_bool(v) or isinstance(v, (complex, np.complexfloating))
+                    or (isinstance(v, torch.Tensor) and v.is_complex())), None)
+        if odd is None:
+            try:
+                dtype = np.asarray(values).dtype
+            except Exception:  # ragged, or not numbers: the caller's conversion says so
+                dtype = None
+            odd = str(dtype) if dtype is not None and dtype.kind in ("b", "c") else None
+    if odd is not None:
+        raise InvalidTimestepsError(
+            f"{what} must be real numbers (floats or ints), got {odd} values: a bool would be taken as 0 / 1 and "
+            f"a complex number would lose its imaginary part. Pass e.g. schedule.timesteps(num_steps).t_from."
+        )

@@ -23,9 +23,13 @@ class NoiseSource:
 
     Arguments:
         seed: any int.
-        per_sample: if True, row b of step i is drawn from its own key (seed, i, b), so a
-            sample's noise does not depend on how a batch is split (as EDM's
-            ``StackedRandomGenerator``); slower for large batches.
+        per_sample: if True, row b of step i is drawn from its own key (seed, i, b): row b's noise
+            depends on b, the seed and the step only, not on the batch size, so the leading rows of a
+            batch keep their noise when the batch grows (``ns(i, (8, ...))[:5]`` is ``ns(i, (5, ...))``).
+            It is keyed by row *position*: a slice that does not start at row 0 gets other noise than
+            the same rows drawn as a batch of their own (``ns(i, (8, ...))[3:]`` is not
+            ``ns(i, (5, ...))``); to split a batch, draw the whole batch and slice it. Slower for large
+            batches.
 
     ``noise(i, shape, dtype, device)`` is z_i; ``noise.initial(shape, ...)`` the starting
     state x_T ~ N(0, I) (key -1).
@@ -64,6 +68,9 @@ class NoiseSource:
         dtype: torch.dtype = torch.float32,
         device: Optional[torch.device] = None,
     ) -> torch.Tensor:
+        """z_step ~ N(0, I) of ``shape``: the same numbers for the same (seed, step, shape) on every device and
+        dtype (drawn in float32 on the CPU, then cast and moved). ``step`` -1 is the initial noise x_T."""
+        step = _step(step)
         shape = _shape(shape)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise InvalidArgumentError(
@@ -79,11 +86,13 @@ class NoiseSource:
             z = self._draw(self._key(step), shape)
         return z.to(device=device, dtype=dtype)
 
-    def initial(self, shape: Sequence[int], dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    def initial(self, shape: Union[int, Sequence[int]], dtype: torch.dtype = torch.float32,
+                device: Optional[torch.device] = None) -> torch.Tensor:
         """The starting noise x_T, keyed by step -1."""
         return self(-1, shape, dtype, device)
 
-    def steps(self, start: int, stop: int, shape, dtype=torch.float32, device=None) -> torch.Tensor:
+    def steps(self, start: int, stop: int, shape: Union[int, Sequence[int]], dtype: torch.dtype = torch.float32,
+              device: Optional[torch.device] = None) -> torch.Tensor:
         """z_start .. z_{stop-1} stacked: ``Tensor[stop - start, *shape]`` (empty for stop == start)."""
         start = as_count(start, "NoiseSource.steps: start (the first step index)", 0)
         stop = as_count(stop, "NoiseSource.steps: stop (one past the last step index)", start)
@@ -93,6 +102,17 @@ class NoiseSource:
 
     def __repr__(self) -> str:
         return f"NoiseSource(seed={self.seed}{', per_sample=True' if self.per_sample else ''})"
+
+
+def _step(step) -> int:
+    """``step`` as the int index of a step (-1: the initial noise x_T)."""
+    try:
+        return as_count(step, "step", -1)
+    except InvalidArgumentError:
+        raise InvalidArgumentError(
+            f"NoiseSource: the step index must be an int >= 0 (the sampler's step i; -1 is the initial noise "
+            f"x_T, see initial()), got {type(step).__name__} {step!r}."
+        ) from None
 
 
 def _shape(shape) -> tuple:

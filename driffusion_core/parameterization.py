@@ -14,7 +14,9 @@ from typing import Any, Callable, Optional, Tuple, Union
 import torch
 
 from driffusion_core import coefficients as C
-from driffusion_core.errors import InvalidArgumentError, is_real
+from driffusion_core.errors import (
+    DeviceMismatchError, InvalidArgumentError, PredictorOutputError, is_real, not_a_tensor_hint,
+)
 
 __all__ = [
     "Prediction", "ClipSample", "DynamicThreshold", "X0Transform", "broadcast_coef", "lincomb", "check_prediction",
@@ -53,7 +55,9 @@ class Prediction(str, enum.Enum):
     VELOCITY = "velocity"
 
     @classmethod
-    def parse(cls, value) -> "Prediction":
+    def parse(cls, value: Union[str, "Prediction"]) -> "Prediction":
+        """``value`` as a Prediction: a member, or its string (``"epsilon"``, ``"sample"``, ``"v_prediction"``,
+        ``"velocity"``: diffusers' ``prediction_type`` names); anything else is refused, listing the names."""
         try:
             return cls(value)
         except ValueError:
@@ -116,7 +120,7 @@ def to_x0_eps(
     x0_hat = lincomb(x, a_x, pred, a_p)
     eps_hat = lincomb(x, b_x, pred, b_p)
     if x0_transform is not None:
-        x0_hat = x0_transform(x0_hat)
+        x0_hat = check_x0_transform_output(x0_transform(x0_hat), x0_hat, x0_transform)
         if recompute_eps:
             (_, _), (b_x, b_p) = C.x0_eps_coefficients("sample", alpha, sigma)
             eps_hat = lincomb(x, b_x, x0_hat, b_p)
@@ -124,6 +128,39 @@ def to_x0_eps(
 
 
 X0Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+def check_x0_transform(transform: Any) -> None:
+    """Refuse an ``x0_transform`` that is neither None nor callable (checked when it is set, not at the first step)."""
+    if transform is not None and not callable(transform):
+        raise InvalidArgumentError(
+            f"x0_transform must be a callable x0_hat -> x0_hat of the same shape (e.g. ClipSample(1.0) or "
+            f"DynamicThreshold()), or None for no transform, got {type(transform).__name__} {transform!r}."
+        )
+
+
+def _name(transform: Any) -> str:
+    """A function by its qualified name (its repr holds an address), anything else by its repr."""
+    name = getattr(transform, "__qualname__", None)
+    return name if isinstance(name, str) else repr(transform)
+
+
+def check_x0_transform_output(out: Any, x0_hat: torch.Tensor, transform: Any) -> torch.Tensor:
+    """``out``, what ``transform(x0_hat)`` returned, if it is a tensor of x0_hat's shape on its device (its
+    dtype may follow torch's promotion), else an error naming x0_transform and what it returned."""
+    if not isinstance(out, torch.Tensor) or out.shape != x0_hat.shape:
+        got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise InvalidArgumentError(
+            f"x0_transform {_name(transform)} returned {got} for x0_hat of shape {tuple(x0_hat.shape)}; it must "
+            f"return a tensor shaped like its input (x0_hat transformed element- or row-wise; a smaller result would "
+            f"be broadcast over the batch)."
+        )
+    if out.device != x0_hat.device:
+        raise DeviceMismatchError(
+            f"x0_transform {_name(transform)} returned a tensor on {out.device} for x0_hat on {x0_hat.device}; it "
+            f"must return its result on its input's device."
+        )
+    return out
 
 
 def _positive(value: Any, what: str) -> float:
@@ -140,6 +177,7 @@ class ClipSample:
         self.clip_range = _positive(clip_range, "ClipSample: clip_range (x0_hat is clamped to [-clip_range, clip_range])")
 
     def __call__(self, x0: torch.Tensor) -> torch.Tensor:
+        r""":math:`\mathrm{clamp}(\hat x_0, -c, c)` elementwise, c = ``clip_range``."""
         return x0.clamp(-self.clip_range, self.clip_range)
 
     def __repr__(self) -> str:
@@ -183,6 +221,9 @@ class DynamicThreshold:
         self.max_value = _positive(max_value, "DynamicThreshold: max_value (the largest threshold s; x0_hat is divided by s)")
 
     def __call__(self, x0: torch.Tensor) -> torch.Tensor:
+        r"""Per row b: :math:`s_b = \mathrm{clamp}(\mathrm{quantile}(|\hat x_0^{(b)}|, \text{ratio}), 1,
+        \text{max\_value})` and :math:`\hat x_0^{(b)} \leftarrow \mathrm{clamp}(\hat x_0^{(b)}, -s_b, s_b) / s_b`
+        (Imagen; diffusers' ``_threshold_sample``), computed in float32 or wider."""
         dtype = x0.dtype
         flat = x0.reshape(x0.shape[0], -1)
         if dtype not in (torch.float32, torch.float64):
@@ -235,6 +276,20 @@ def reparameterize(predictor: Callable[..., torch.Tensor], schedule: Any, source
         source, target: parameterizations, as for the transitions (``"epsilon"``, ``"sample"``,
             ``"v_prediction"``, ``"velocity"``), both defined for the schedule.
     """
+    from driffusion_core.schedules import Schedule
+
+    if not callable(predictor):
+        raise InvalidArgumentError(
+            f"reparameterize: predictor must be a callable f(x, t, **cond) returning a tensor, got "
+            f"{type(predictor).__name__}."
+        )
+    if not isinstance(schedule, Schedule):
+        hint = (" (that looks like a transition: pass its .schedule)"
+                if isinstance(getattr(schedule, "schedule", None), Schedule) else "")
+        raise InvalidArgumentError(
+            f"reparameterize: schedule must be a Schedule (a VPSchedule, FlowSchedule or VESchedule: the one the "
+            f"sampler's transition uses, e.g. transition.schedule), got {type(schedule).__name__}{hint}."
+        )
     src, dst = Prediction.parse(source), Prediction.parse(target)
     for p in (src, dst):
         check_prediction(schedule, p, "reparameterize")
@@ -243,8 +298,8 @@ def reparameterize(predictor: Callable[..., torch.Tensor], schedule: Any, source
 
     def wrapped(x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
         p = predictor(x, t, **cond)
-        if not isinstance(p, torch.Tensor):
-            return p  # the sampler reports it
+        if not isinstance(p, torch.Tensor) or not isinstance(x, torch.Tensor) or p.shape != x.shape:
+            _refuse_output(p, x, wrapped.__name__)
         level = schedule.level_of_model_time(torch.as_tensor(t).detach().cpu().reshape(-1))
         alpha, sigma = schedule.alpha_sigma(level)
         if level.numel() == 1 and x.dim() >= 1 and x.shape[0] != 1:
@@ -255,3 +310,19 @@ def reparameterize(predictor: Callable[..., torch.Tensor], schedule: Any, source
 
     wrapped.__name__ = f"{getattr(predictor, '__name__', 'predictor')}_as_{dst.value}"
     return wrapped
+
+
+def _refuse_output(p: Any, x: Any, name: str) -> None:
+    """The error for a wrapped model's output that is not a tensor shaped like the state x."""
+    if not isinstance(x, torch.Tensor):
+        raise InvalidArgumentError(f"reparameterize ({name}): x must be a tensor, got {type(x).__name__}.")
+    if not isinstance(p, torch.Tensor):
+        raise PredictorOutputError(
+            f"reparameterize ({name}): the wrapped model returned {type(p).__name__} for state shape "
+            f"{tuple(x.shape)}; it must return a tensor.{not_a_tensor_hint(p)}"
+        )
+    raise PredictorOutputError(
+        f"reparameterize ({name}): the wrapped model returned shape {tuple(p.shape)} for state shape "
+        f"{tuple(x.shape)}; it must return one prediction per element of x, shaped like x (a smaller output would "
+        f"be broadcast, or mistaken for per-row levels)."
+    )

@@ -31,6 +31,7 @@ import torch
 
 from driffusion_core.errors import (
     DeviceMismatchError,
+    ExecutorError,
     InvalidArgumentError,
     InvalidWidthError,
     PredictorOutputError,
@@ -40,7 +41,9 @@ from driffusion_core.errors import (
     not_a_tensor_hint,
     safe_str,
 )
-from driffusion_core.executor import Executor, Predictor, SerialExecutor, batched_tensors, named_tensors
+from driffusion_core.executor import (
+    Executor, Predictor, SerialExecutor, batched_tensors, changed_tensor, tensor_versions,
+)
 from driffusion_core.grid import TimeGrid
 from driffusion_core.noise import NoiseSource
 from driffusion_core.transition import SkipTransition
@@ -224,7 +227,7 @@ def input_version(x: torch.Tensor, cond: Optional[Mapping[str, Any]] = None) -> 
     """torch's in-place version counters of a model call's inputs: the state's (None for inference tensors,
     which have none) and each conditioning tensor's, as ``(name, tensor, version)``."""
     own = None if x.is_inference() else x._version
-    return own, [(name, t, t._version) for name, t in named_tensors(cond or {}) if not t.is_inference()]
+    return own, tensor_versions(cond)
 
 
 def check_input_untouched(x: torch.Tensor, versions: Tuple[Optional[int], list], grid: TimeGrid,
@@ -239,13 +242,13 @@ def check_input_untouched(x: torch.Tensor, versions: Tuple[Optional[int], list],
             f"The predictor modified its input x in place at {where_steps(grid, steps)}; the sampler still needs "
             f"that state. Work on a copy inside the model (e.g. x = x.clone() before an in-place op)."
         )
-    for name, t, v in conds:
-        if t._version != v:
-            raise PredictorOutputError(
-                f"The predictor modified the conditioning tensor {name} in place at {where_steps(grid, steps)}; "
-                f"every later call would see the changed value (and executors that pass copies would not). Work "
-                f"on a copy inside the model (clone the tensor before an in-place op)."
-            )
+    name = changed_tensor(conds)
+    if name is not None:
+        raise PredictorOutputError(
+            f"The predictor modified the conditioning tensor {name} in place at {where_steps(grid, steps)}; "
+            f"every later call would see the changed value (and executors that pass copies would not). Work "
+            f"on a copy inside the model (clone the tensor before an in-place op)."
+        )
 
 
 def check_predictions(
@@ -261,6 +264,12 @@ def check_predictions(
         if not isinstance(p, torch.Tensor):
             raise PredictorOutputError(
                 f"The predictor returned {type(p).__name__} at {where(k)}; it must return a tensor.{not_a_tensor_hint(p)}"
+            )
+        if lead and p.dim() == want.dim() and p.shape[0] != want.shape[0] and p.shape[1:] == want.shape[1:]:
+            raise ExecutorError(
+                f"The executor returned predictions for {p.shape[0]} draft(s) at {where_steps(grid, steps)}, but "
+                f"the round has {want.shape[0]}: evaluate(predictor, xs, ts, cond) must return one prediction per "
+                f"draft, shaped like xs [K, B, ...] = {list(want.shape)}."
             )
         if p.shape != want.shape:
             raise PredictorOutputError(

@@ -10,6 +10,7 @@ Key (DDPM / DDIM / rectified flow):
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import reprlib
 from typing import Optional, Sequence, Tuple, Union
@@ -19,7 +20,7 @@ import torch
 
 from driffusion_core import coefficients as C
 from driffusion_core.errors import InvalidArgumentError, InvalidTimestepsError, as_count, exception_text, is_real
-from driffusion_core.grid import TimeGrid
+from driffusion_core.grid import TimeGrid, refuse_bool_or_complex
 
 __all__ = ["Schedule", "VPSchedule", "FlowSchedule", "rescale_zero_terminal_snr"]
 
@@ -73,10 +74,22 @@ class Schedule:
         raise NotImplementedError
 
     def grid(self, levels: Union[Sequence[float], torch.Tensor, TimeGrid]) -> TimeGrid:
-        """A validated grid from explicit levels (contiguous, ending at the clean end) or a TimeGrid."""
+        """A validated grid from explicit levels (contiguous, ending at the clean end) or a TimeGrid.
+
+        A TimeGrid whose model times were not given (``TimeGrid.from_levels(levels, final)``,
+        ``model_times_from_schedule``) gets this schedule's model times (:meth:`model_time`) and kind,
+        as a plain list of the same levels does; explicit model times are kept as they are.
+        """
         if isinstance(levels, TimeGrid):
             g = levels
+            if g.model_times_from_schedule:
+                self.validate(g)
+                return dataclasses.replace(
+                    g, model_times=self.model_time(g.t_from), kind=self.kind if g.kind is None else g.kind,
+                    model_times_from_schedule=False,
+                )
         else:
+            refuse_bool_or_complex(levels, "Timesteps")
             try:
                 given = torch.as_tensor(levels, dtype=torch.float64)
             except Exception as e:  # a generator, strings, ragged lists, ...
@@ -101,6 +114,9 @@ class Schedule:
         return g
 
     def validate(self, grid: TimeGrid) -> None:
+        """Refuse a grid this schedule cannot sample, with an InvalidTimestepsError naming the step: levels of
+        another kind of schedule, levels out of :meth:`level_range`, or levels that do not strictly decrease
+        (each step must go to a lower noise level). Subclasses add their own checks."""
         if grid.kind is not None and self.kind and grid.kind != self.kind:
             raise InvalidTimestepsError(
                 f"This grid holds {grid.kind!r} levels (made by another schedule: kind / number of training "
@@ -204,6 +220,7 @@ class VPSchedule(Schedule):
     # ----------------------------------------------------------------- levels
     @property
     def num_train_timesteps(self) -> int:
+        """N, the length of the alpha-bar table (levels are its indices 0 .. N - 1)."""
         return int(self.alphas_cumprod.shape[0])
 
     def level_range(self) -> Tuple[float, float]:
@@ -240,6 +257,8 @@ class VPSchedule(Schedule):
         return C.vp_alpha_sigma(self.alpha_bar(t))
 
     def validate(self, grid: TimeGrid) -> None:
+        """:meth:`Schedule.validate`, and refuse VP levels that look like sigmas or times in [0, 1] (fractions,
+        all at most 1) or steps that start below level 0 (the clean end)."""
         super().validate(grid)
         t = grid.t_from
         if len(grid) >= 2 and self.num_train_timesteps > 2 and bool((t <= 1).all()) and not torch.equal(t, t.round()):
@@ -286,11 +305,24 @@ class VPSchedule(Schedule):
         """
         n = self.num_train_timesteps
         num_steps = as_count(num_steps, "num_steps", 1, n, InvalidTimestepsError)
+        try:
+            steps_offset = as_count(steps_offset, "steps_offset", 0)
+        except InvalidArgumentError:
+            raise InvalidArgumentError(
+                f"steps_offset must be an int >= 0 (diffusers' steps_offset config: 0, or 1 for Stable Diffusion), "
+                f"added to every timestep with leading spacing; got {steps_offset!r}."
+            ) from None
         if spacing == "linspace":
             ts = np.linspace(0, n - 1, num_steps).round()[::-1].copy().astype(np.int64)
         elif spacing == "leading":
             ratio = n // num_steps
             ts = (np.arange(0, num_steps) * ratio).round()[::-1].copy().astype(np.int64) + steps_offset
+            if ts[0] > n - 1:
+                raise InvalidArgumentError(
+                    f"steps_offset={steps_offset} puts the first of {num_steps} leading timesteps at {ts[0]}, past the "
+                    f"last training timestep {n - 1}: with {num_steps} steps steps_offset may be at most "
+                    f"{n - 1 - (ts[0] - steps_offset)}."
+                )
         elif spacing == "trailing":
             ratio = n / num_steps
             # the first num_steps entries: for some T (1000 training steps: 61, 103, ...) np.arange rounds up
@@ -362,27 +394,84 @@ class FlowSchedule(Schedule):
     def level_of_model_time(self, t: torch.Tensor) -> torch.Tensor:
         return _levels(t) / self.num_train_timesteps
 
+    def _checked_shift(self) -> float:
+        if not is_real(self.shift) or not 0 < float(self.shift) < math.inf:
+            raise InvalidArgumentError(f"shift must be a positive finite number (SD3 uses 3.0), got {self.shift!r}.")
+        return float(self.shift)
+
     def shift_sigmas(self, sigmas: np.ndarray, mu: Optional[float] = None) -> np.ndarray:
-        if self.use_dynamic_shifting:
-            if mu is None:
-                raise InvalidArgumentError("use_dynamic_shifting=True needs mu (e.g. from the image sequence length).")
-            return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
-        return self.shift * sigmas / (1 + (self.shift - 1) * sigmas)
+        """The shifted sigmas: the static shift, or with ``use_dynamic_shifting`` the exponential time
+        shift by ``mu`` (a finite real; Flux's pipelines compute it from the image sequence length)."""
+        if mu is not None and (not is_real(mu) or not math.isfinite(float(mu))):
+            raise InvalidArgumentError(
+                f"mu must be a finite real number (Flux's calculate_shift gives about 0.5 to 1.15 from the image "
+                f"sequence length), got {type(mu).__name__} {mu!r}."
+            )
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            if self.use_dynamic_shifting:
+                if mu is None:
+                    raise InvalidArgumentError("use_dynamic_shifting=True needs mu (e.g. from the image sequence length).")
+                mu = float(mu)
+                try:
+                    e = math.exp(mu)
+                except OverflowError:
+                    raise InvalidArgumentError(
+                        f"mu={mu:g} is too large: exp(mu) overflows (mu must stay below 709.78), and beyond about "
+                        f"|mu| = 10..20 every shifted sigma already rounds to the same float32 value. Use a mu near "
+                        f"0 (Flux's calculate_shift gives about 0.5 to 1.15)."
+                    ) from None
+                return e / (e + (1 / sigmas - 1))
+            shift = self._checked_shift()
+            return shift * sigmas / (1 + (shift - 1) * sigmas)
 
     def timesteps(self, num_steps: int, mu: Optional[float] = None) -> TimeGrid:
-        """diffusers' FlowMatchEulerDiscreteScheduler grid: shifted sigmas, then 0."""
+        """diffusers' FlowMatchEulerDiscreteScheduler grid: shifted sigmas, then 0.
+
+        ``mu``: the time shift with ``use_dynamic_shifting`` (a finite real; ignored otherwise, as diffusers
+        does). A shift or mu so extreme that two steps round to the same float32 sigma is refused."""
         num_steps = as_count(num_steps, "num_steps", 1, None, InvalidTimestepsError)
         n = self.num_train_timesteps
         train = np.linspace(1, n, n, dtype=np.float32)[::-1].copy() / n
         if not self.use_dynamic_shifting:
-            train = self.shift * train / (1 + (self.shift - 1) * train)
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                shift = self._checked_shift()
+                train = shift * train / (1 + (shift - 1) * train)
         sigma_max, sigma_min = float(train[0]), float(train[-1])
-        sig = np.linspace(sigma_max * n, sigma_min * n, num_steps) / n
+        with np.errstate(invalid="ignore", over="ignore"):
+            sig = np.linspace(sigma_max * n, sigma_min * n, num_steps) / n
         sig = self.shift_sigmas(sig, mu).astype(np.float32)
+        self._check_shifted(sig, num_steps, mu)
         t_from = torch.tensor(sig, dtype=torch.float64)
         grid = TimeGrid.from_levels(t_from, 0.0, torch.from_numpy(sig) * n).with_kind(self.kind)
         self.validate(grid)
         return grid
+
+    def _check_shifted(self, sig: np.ndarray, num_steps: int, mu: Optional[float]) -> None:
+        """Refuse shifted sigmas that are NaN / inf, do not strictly decrease, or reach 0 (the clean end),
+        naming the shift or mu that did it."""
+        bad = ~np.isfinite(sig)
+        bad[:-1] |= ~(sig[1:] < sig[:-1])
+        bad[-1] |= not sig[-1] > 0
+        if not bad.any():
+            return
+        i = int(np.nonzero(bad)[0][0])
+        v = float(sig[i])
+        where = f"step {i} at sigma {v:g}" if not math.isfinite(v) or i + 1 == len(sig) else \
+            f"steps {i} and {i + 1} at the same float32 sigma {v:g}"
+        high = math.isfinite(v) and v > 0.5  # every sigma pushed towards 1: shift / mu too large
+        if self.use_dynamic_shifting:
+            raise InvalidArgumentError(
+                f"FlowSchedule.timesteps({num_steps}, mu={float(mu):g}) puts {where}: a mu this "
+                f"{'large pushes every sigma towards 1' if high else 'negative pushes every sigma towards 0'}, and "
+                f"the grid would not strictly decrease to the clean end. Use a mu nearer 0 (Flux's calculate_shift "
+                f"gives about 0.5 to 1.15){' or fewer steps' if num_steps > 1 else ''}."
+            )
+        raise InvalidArgumentError(
+            f"FlowSchedule(shift={self.shift:g}).timesteps({num_steps}) puts {where}: a shift this "
+            f"{'large pushes every sigma towards 1' if high else 'small pushes every sigma towards 0'}, and the "
+            f"grid would not strictly decrease to the clean end. Use a {'smaller' if high else 'larger'} shift "
+            f"(SD3 uses 3.0; 1.0 is no shift){' or fewer steps' if num_steps > 1 else ''}."
+        )
 
     def __repr__(self) -> str:
         return f"FlowSchedule(shift={self.shift:g}, N={self.num_train_timesteps})"

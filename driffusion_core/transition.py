@@ -11,9 +11,11 @@ anchor's prediction frozen (converted at the anchor's level) and the same per-st
 z_a .. z_{a+j-1}; :meth:`SkipTransition.drafts` computes all of them in one call, in closed form.
 Deterministic transitions (DDIM at eta = 0, flow) compose exactly, so a draft is the skip
 ``S(x_a, p_a, t_a -> t_to[a+j-1])`` with (x0_hat, eps_hat) frozen. Stochastic ones (DDPM, DDIM at
-eta > 0) unroll the chain with x0_hat frozen, :math:`x_{k+1} = A_k \hat x_0 + B_k x_k + s_k z_k`,
-into :math:`\tilde A_j \hat x_0 + \tilde B_j x_a + \sum_{k \le j} W_{jk} z_k`
-(:func:`~driffusion_core.coefficients.chain_draft_coefficients`), pathwise the chain, whatever the
+eta > 0) take the serial step itself as the first draft, :math:`x_{a+1} = S(x_a, p_a, t_a \to t_{a+1}, z_a)`
+(with the model's own eps_hat), and unroll the rest of the chain with x0_hat frozen,
+:math:`x_{k+1} = A_k \hat x_0 + B_k x_k + s_k z_k`, from it: draft j >= 1 is
+:math:`\tilde A_j \hat x_0 + \tilde B_j x_{a+1} + \sum_{k \le j} W_{jk} z_{a+k}`, with the chain factors of
+steps a+1 .. a+j (:func:`~driffusion_core.coefficients.chain_draft_coefficients`), pathwise the chain, whatever the
 multi-level skip's own variance (DDIM's big skip at 0 < eta < 1 and DDPM's fixed_large one are not
 the chain).
 """
@@ -21,14 +23,18 @@ from __future__ import annotations
 
 import abc
 import math
+import reprlib
 from typing import Any, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from driffusion_core import coefficients as C
-from driffusion_core.errors import DeviceMismatchError, InvalidArgumentError, InvalidTimestepsError, as_count
+from driffusion_core.errors import DeviceMismatchError, InvalidArgumentError, InvalidTimestepsError, as_count, is_bool
 from driffusion_core.grid import TimeGrid
-from driffusion_core.parameterization import Prediction, X0Transform, check_prediction, to_x0_eps, upcast
+from driffusion_core.parameterization import (
+    Prediction, X0Transform, check_prediction, check_x0_transform, to_x0_eps, upcast,
+)
 from driffusion_core.schedules import Schedule
 
 __all__ = ["SkipTransition", "History", "as_levels", "repeat_rows", "zero_length_identity"]
@@ -38,12 +44,38 @@ History = Sequence[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 """Earlier steps of the serial chain, oldest first: ``(x_i, p_i, t_from[i])`` (state, prediction, level)."""
 
 
-def as_levels(t: Levels, batch: int) -> torch.Tensor:
-    """Levels as a float64 CPU tensor: a 0-d scalar, or one level per row (``Tensor[batch]``; a list,
-    tuple or numpy array of per-row levels is taken too)."""
+def _refuse_bool_levels(t: Any, what: str) -> None:
+    """Refuse levels given as booleans or complex numbers (torch would take a bool as 0 / 1 and drop an
+    imaginary part): a Python / numpy scalar, a tensor or numpy array of them, or a list / tuple holding one."""
     if isinstance(t, torch.Tensor):
+        odd = str(t.dtype) if t.dtype == torch.bool or t.is_complex() else None
+    elif isinstance(t, np.ndarray):
+        odd = str(t.dtype) if t.dtype.kind in ("b", "c") else None
+    elif isinstance(t, (list, tuple)):
+        odd = next((type(v).__name__ if not isinstance(v, torch.Tensor) else str(v.dtype) for v in t
+                    if is_bool(v) or isinstance(v, (complex, np.complexfloating))
+                    or (isinstance(v, torch.Tensor) and v.is_complex())), None)
+    else:
+        odd = type(t).__name__ if is_bool(t) or isinstance(t, (complex, np.complexfloating)) else None
+    if odd is not None:
+        shown = repr(t) if isinstance(t, torch.Tensor) else reprlib.repr(t)
+        raise InvalidTimestepsError(
+            f"{what} must be real numbers (noise levels, e.g. grid.t_from[i] and grid.t_to[i]), got {odd} "
+            f"{shown}: a bool would be taken as level 0 / 1 and a "
+            f"complex number would lose its imaginary part."
+        )
+
+
+def as_levels(t: Levels, batch: int, what: str = "Levels") -> torch.Tensor:
+    """Levels as a float64 CPU tensor: a 0-d scalar, or one level per row (``Tensor[batch]``; a list,
+    tuple or numpy array of per-row levels is taken too). Booleans and complex numbers are refused
+    (``what`` names the argument in the error)."""
+    if isinstance(t, torch.Tensor):
+        if t.dtype == torch.bool or t.is_complex():
+            _refuse_bool_levels(t, what)
         t = t.detach().to("cpu", torch.float64)
     else:
+        _refuse_bool_levels(t, what)
         try:
             t = torch.as_tensor(t, dtype=torch.float64)
         except (TypeError, ValueError, RuntimeError):
@@ -199,6 +231,8 @@ class SkipTransition(abc.ABC):
         if name == "prediction":  # a later change is checked as the constructor's argument is
             value = Prediction.parse(value)
             check_prediction(self.__dict__.get("schedule"), value, type(self).__name__)
+        elif name == "x0_transform":  # likewise: a callable or None, refused here rather than at the first step
+            check_x0_transform(value)
         object.__setattr__(self, name, value)
         if not name.startswith("_"):
             self.__dict__.pop("_coefficient_cache", None)
@@ -227,7 +261,7 @@ class SkipTransition(abc.ABC):
                 _require_like(v, x.shape, x, name, what, f"shaped like x: one {what} per element of x; a row would "
                               f"be broadcast over the batch")
         b = x.shape[0]
-        return as_levels(t_from, b), as_levels(t_to, b)
+        return as_levels(t_from, b, f"{name}: t_from"), as_levels(t_to, b, f"{name}: t_to")
 
     def check_window(self, x: torch.Tensor, t_from: torch.Tensor, t_to: torch.Tensor,
                      noises: Optional[torch.Tensor] = None) -> None:

@@ -78,7 +78,17 @@ class DDIMSkip(SkipTransition):
         abar_t, abar_s = self.schedule.alpha_bar(t_from), self.schedule.alpha_bar(t_to)
         return C.vp_alpha_sigma(abar_t), C.ddim_coefficients(abar_t, abar_s, self.eta)
 
-    def __call__(self, x, pred, t_from: Levels, t_to: Levels, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, pred: torch.Tensor, t_from: Levels, t_to: Levels,
+                 noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        r"""The DDIM skip from level t to level s (``t_from`` -> ``t_to``, one level or one per row):
+
+        .. math:: x_s = \sqrt{\bar\alpha_s}\,\hat x_0 + \sqrt{1 - \bar\alpha_s - \sigma_{t\to s}^2}\,\hat\epsilon
+                  + \sigma_{t\to s} z, \quad
+                  \sigma_{t\to s} = \eta \sqrt{\frac{1 - \bar\alpha_s}{1 - \bar\alpha_t}}
+                  \sqrt{1 - \frac{\bar\alpha_t}{\bar\alpha_s}},
+
+        with (x0_hat, eps_hat) converted from ``pred`` at level t; ``noise`` is z (ignored at eta = 0; without it
+        the step is its mean). A zero-length skip returns x."""
         t_from, t_to = self.operands(x, pred, t_from, t_to, noise)
         alpha_sigma, (c_x0, c_eps, sigma) = self.cached(t_from, t_to, self._coefficients)
         dtype, (x, pred, noise) = x.dtype, upcast(x, pred, noise)  # float16 / bfloat16: in float32, cast once

@@ -69,7 +69,16 @@ class DDPMSkip(SkipTransition):
         c_x0, c_xt, var = C.ddpm_posterior_coefficients(abar_t, abar_s)
         return C.vp_alpha_sigma(abar_t), (c_x0, c_xt, self._std(abar_t, abar_s, t_from, var))
 
-    def __call__(self, x, pred, t_from: Levels, t_to: Levels, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, pred: torch.Tensor, t_from: Levels, t_to: Levels,
+                 noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        r"""The DDPM posterior step from level t to level s (``t_from`` -> ``t_to``, one level or one per row):
+
+        .. math:: x_s = \frac{\sqrt{\bar\alpha_s}\,(1 - \bar\alpha_t/\bar\alpha_s)}{1 - \bar\alpha_t}\,\hat x_0
+                  + \frac{\sqrt{\bar\alpha_t/\bar\alpha_s}\,(1 - \bar\alpha_s)}{1 - \bar\alpha_t}\,x_t + \sigma z,
+
+        the mean of q(x_s | x_t, x0 = x0_hat), with x0_hat converted from ``pred`` at level t and sigma from
+        ``variance_type`` (fixed_small: the posterior variance; fixed_large: 1 - alpha_bar_t / alpha_bar_s).
+        ``noise`` is z; without it the step is its mean. A zero-length skip returns x."""
         t_from, t_to = self.operands(x, pred, t_from, t_to, noise)
         alpha_sigma, (c_x0, c_xt, std) = self.cached(t_from, t_to, self._coefficients)
         dtype, (x, pred, noise) = x.dtype, upcast(x, pred, noise)  # float16 / bfloat16: in float32, cast once

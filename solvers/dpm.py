@@ -110,7 +110,15 @@ class DPMSolverSkip(SkipTransition):
         c_x, c_x0 = c
         return broadcast_coef(c_x, x) * x + broadcast_coef(c_x0, x) * x0_hat
 
-    def __call__(self, x, pred, t_from: Levels, t_to: Levels, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, pred: torch.Tensor, t_from: Levels, t_to: Levels,
+                 noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        r"""The first-order DPM-Solver++ step (DDIM with eta = 0 in the data-prediction form) from level s to t:
+
+        .. math:: x_t = \frac{\sigma_t}{\sigma_s} x_s + \alpha_t\,(1 - e^{-h})\,\hat x_0, \quad
+                  h = \lambda_t - \lambda_s, \ \lambda = \log(\alpha / \sigma),
+
+        with x0_hat converted from ``pred`` at level s. Deterministic: ``noise`` is ignored. A zero-length
+        skip returns x. The second-order (2M) step combines an earlier prediction: see :meth:`multistep`."""
         t_from, t_to = self.operands(x, pred, t_from, t_to, noise)
         alpha_sigma, c = self.cached(t_from, t_to, self._first)
         dtype, (x, pred) = x.dtype, upcast(x, pred)  # float16 / bfloat16: in float32, cast once

@@ -48,7 +48,15 @@ class FlowEulerSkip(SkipTransition):
         x0_hat, eps_hat = self.to_x0_eps(x, pred, t_from)
         return eps_hat - x0_hat
 
-    def __call__(self, x, pred, t_from: Levels, t_to: Levels, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, pred: torch.Tensor, t_from: Levels, t_to: Levels,
+                 noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        r"""The flow-matching Euler skip from level t to level s (``t_from`` -> ``t_to``; sigma = t):
+
+        .. math:: x_s = x_t + (s - t)\,\hat v, \quad \hat v = \hat\epsilon - \hat x_0,
+
+        with the velocity converted from ``pred`` at level t (the output itself for a velocity model without
+        an x0 transform). Exact along the straight path x_t = (1 - t) x0 + t eps, so skips compose.
+        Deterministic: ``noise`` is ignored. A zero-length skip returns x."""
         t_from, t_to = self.operands(x, pred, t_from, t_to, noise)
         dtype, (x, pred) = x.dtype, upcast(x, pred)  # float16 / bfloat16: in float32, cast once
         out = x + broadcast_coef(self.cached(t_from, t_to, self._euler), x) * self.velocity(x, pred, t_from)

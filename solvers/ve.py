@@ -95,7 +95,15 @@ class VEEulerSkip(SkipTransition):
         # recompute_eps: the slope comes from the transformed x0_hat (it only acts with an x0_transform)
         super().__init__(schedule, prediction, x0_transform, recompute_eps=True)
 
-    def __call__(self, x, pred, t_from: Levels, t_to: Levels, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, pred: torch.Tensor, t_from: Levels, t_to: Levels,
+                 noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        r"""The probability-flow Euler skip of a VE model from sigma_t to sigma_s (``t_from`` -> ``t_to``):
+
+        .. math:: x_s = x_t + (\sigma_s - \sigma_t)\,\hat\epsilon,
+
+        with eps_hat = (x_t - x0_hat) / sigma_t converted from ``pred`` at sigma_t (after the x0 transform).
+        Exact for a frozen x0_hat, so skips compose. Deterministic: ``noise`` is ignored. A zero-length skip
+        returns x."""
         t_from, t_to = self.operands(x, pred, t_from, t_to, noise)
         dtype, (x, pred) = x.dtype, upcast(x, pred)  # float16 / bfloat16: in float32, cast once
         _, eps_hat = self.to_x0_eps(x, pred, t_from)

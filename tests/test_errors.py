@@ -970,3 +970,268 @@ def test_a_stochastic_transition_without_chain_factors_says_what_to_implement():
         DraftRefineScheduler(tr, grid, width=3).sample(eps_model, x, noise=NoiseSource(1))
     with pytest.raises(NotImplementedError, match=r"FlowEulerSkip is deterministic"):
         FlowEulerSkip(FLOW).chain_factors(grid.t_from[:2], grid.t_to[:2])
+
+
+# ----------------------------------------------------------------- grids, schedules and noise: argument checks
+
+
+def _time_recording(model, seen):
+    """``model`` that also records the model times it is called with."""
+    def f(x, t, **cond):
+        seen.append(t.clone())
+        return model(x, t, **cond)
+    return f
+
+
+def _flow_model(x, t, **cond):
+    return 0.1 * x + 1e-3 * t.to(x.dtype)[:, None]  # depends on t: a wrong model time changes the sample
+
+
+def _vp_model(x, t, **cond):
+    return 0.1 * x + 1e-4 * t.to(x.dtype)[:, None]
+
+
+@pytest.mark.parametrize("kind", ["vp", "flow", "ve"])
+def test_grid_from_levels_without_model_times_samples_as_the_list_of_levels(kind):
+    """TimeGrid.from_levels(levels, final) without model_times calls the model as the plain list does (VP: the
+    training timestep, flow: sigma * 1000, VE: sigma), not with the levels themselves."""
+    schedule, transition, model = {
+        "vp": (VP, DDIMSkip(VP), _vp_model),
+        "flow": (FlowSchedule(3.0), FlowEulerSkip(FlowSchedule(3.0)), _flow_model),
+        "ve": (VESchedule(), VEEulerSkip(VESchedule()), _flow_model),
+    }[kind]
+    levels = [80.0, 20.0, 5.0, 1.0] if kind == "ve" else schedule.timesteps(6).t_from
+    x = NoiseSource(0).initial((8, 2))
+    grid = TimeGrid.from_levels(levels, schedule.terminal_level)
+    seen_list, seen_grid = [], []
+    ref = sample_serial(_time_recording(model, seen_list), x, transition, levels)
+    out = sample_serial(_time_recording(model, seen_grid), x, transition, grid)
+    assert [t.tolist() for t in seen_grid] == [t.tolist() for t in seen_list]
+    assert all(a.dtype == b.dtype for a, b in zip(seen_grid, seen_list))
+    assert torch.equal(out.x, ref.x)
+    if kind == "flow":  # the model is called with sigma * 1000, not sigma
+        assert float(seen_grid[0][0]) == pytest.approx(1000.0 * float(levels[0]))
+    wide = DraftRefineScheduler(transition, grid, width=3)
+    assert torch.equal(wide.sample(model, x).x, DraftRefineScheduler(transition, levels, width=3).sample(model, x).x)
+    assert grid.model_times_from_schedule and wide.grid.kind == schedule.kind
+    assert not wide.grid.model_times_from_schedule and wide.grid.model_times.dtype == seen_list[0].dtype
+
+
+def test_grid_from_levels_with_model_times_passes_them_through():
+    fe = FlowEulerSkip(FlowSchedule(3.0))
+    levels = FlowSchedule(3.0).timesteps(4).t_from
+    given = torch.tensor([7.0, 5.0, 3.0, 1.0])
+    grid = TimeGrid.from_levels(levels, 0.0, model_times=given)
+    assert not grid.model_times_from_schedule
+    seen = []
+    sample_serial(_time_recording(_flow_model, seen), NoiseSource(0).initial((2, 2)), fe, grid)
+    assert [float(t[0]) for t in seen] == given.tolist()
+    assert torch.equal(fe.make_grid(grid).model_times, given)
+    assert fe.make_grid(grid.sub(1, 3)).model_times.tolist() == [5.0, 3.0]
+
+
+@pytest.mark.parametrize(
+    "mu, match",
+    [
+        (1000, r"mu=1000 is too large: exp\(mu\) overflows"),
+        ("1", r"mu must be a finite real number.*got str '1'"),
+        (float("nan"), r"mu must be a finite real number.*got float nan"),
+        (float("inf"), r"mu must be a finite real number.*got float inf"),
+        (-1000, r"mu=-1000\) puts step 0 at sigma nan: a mu this negative"),
+        (-200, r"mu=-200\) puts steps 1 and 2 at the same float32 sigma 0: a mu this negative"),
+        (40, r"mu=40\) puts steps 0 and 1 at the same float32 sigma 1: a mu this large"),
+    ],
+)
+def test_flow_dynamic_shift_mu_is_checked(mu, match):
+    with pytest.raises(InvalidArgumentError, match=match):
+        FlowSchedule(use_dynamic_shifting=True).timesteps(5, mu=mu)
+
+
+def test_flow_dynamic_shift_with_a_usual_mu_is_unchanged():
+    """The checks leave diffusers' formula alone: exp(mu) / (exp(mu) + 1 / sigma - 1) in float32."""
+    import math
+
+    grid = FlowSchedule(use_dynamic_shifting=True).timesteps(5, mu=0.8)
+    sigma_min = float(np.float32(1) / np.float32(1000))  # the float32 training sigma at t = 1, as diffusers
+    sig = np.linspace(1000.0, sigma_min * 1000, 5) / 1000
+    ref = (math.exp(0.8) / (math.exp(0.8) + (1 / sig - 1))).astype(np.float32)
+    assert grid.t_from.tolist() == torch.from_numpy(ref).double().tolist()
+
+
+@pytest.mark.parametrize(
+    "shift, match",
+    [
+        (1e30, r"shift=1e\+30\)\.timesteps\(5\) puts steps 0 and 1 at the same float32 sigma 1.*Use a smaller shift"),
+        (1e-30, r"shift=1e-30\)\.timesteps\(5\) puts step 0 at sigma nan.*Use a larger shift"),
+    ],
+)
+def test_flow_shift_that_collapses_the_grid_is_named(shift, match):
+    with pytest.raises(InvalidArgumentError, match=match):
+        FlowSchedule(shift=shift).timesteps(5)
+
+
+@pytest.mark.parametrize("shift", ["3", float("nan"), float("inf"), 0.0, -1.0, True])
+def test_flow_shift_of_the_wrong_value_is_refused(shift):
+    with pytest.raises(InvalidArgumentError, match=r"shift must be a positive finite number"):
+        FlowSchedule(shift=shift)
+    schedule = FlowSchedule()
+    schedule.shift = shift  # set later: timesteps() checks it too
+    with pytest.raises(InvalidArgumentError, match=r"shift must be a positive finite number"):
+        schedule.timesteps(5)
+
+
+@pytest.mark.parametrize("offset", [1.5, -1, "1", True, None])
+def test_vp_steps_offset_must_be_a_non_negative_int(offset):
+    with pytest.raises(InvalidArgumentError, match=r"steps_offset must be an int >= 0.*got"):
+        VP.timesteps(10, steps_offset=offset)
+
+
+def test_vp_steps_offset_past_the_last_timestep_is_named():
+    assert VP.timesteps(10, steps_offset=99).t_from[0] == 999
+    assert VP.timesteps(10, steps_offset=1).t_from.tolist() == [901.0 - 100 * k for k in range(10)]
+    with pytest.raises(InvalidArgumentError, match=r"steps_offset=100 puts the first of 10 leading timesteps at "
+                                                   r"1000.*at most 99"):
+        VP.timesteps(10, steps_offset=100)
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: TimeGrid.from_levels(torch.tensor([0.9, 0.5], dtype=torch.complex64), 0.0),
+         r"from_levels: levels must be real numbers.*complex64"),
+        (lambda: TimeGrid.from_levels([0.9 + 1j, 0.5], 0.0), r"from_levels: levels must be real numbers.*complex"),
+        (lambda: TimeGrid.from_levels([True, False], -1.0), r"from_levels: levels must be real numbers.*bool"),
+        (lambda: TimeGrid.from_levels(np.array([0.9, 0.5], dtype=np.complex128), 0.0),
+         r"levels must be real numbers.*complex128"),
+        (lambda: TimeGrid.from_levels([0.9, 0.5], 0.0, model_times=torch.tensor([True, False])),
+         r"from_levels: model_times must be real numbers.*torch\.bool"),
+        (lambda: TimeGrid.from_levels([0.9, 0.5], 0.0, model_times=[900j, 500]),
+         r"from_levels: model_times must be real numbers.*complex"),
+        (lambda: TimeGrid(torch.tensor([1 + 0j, 0j]), torch.tensor([0j, -1 + 0j]), torch.tensor([1, 0])),
+         r"TimeGrid\.t_from must be real numbers.*complex64"),
+        (lambda: TimeGrid(torch.tensor([2.0, 1.0]), torch.tensor([1.0, 0.0]), torch.tensor([True, False])),
+         r"TimeGrid\.model_times must be real numbers.*torch\.bool"),
+        (lambda: TimeGrid.from_levels(["a", "b"], 0.0), r"from_levels takes a 1-D sequence of numbers"),
+    ],
+)
+def test_grid_levels_and_model_times_must_be_real(build, match):
+    with pytest.raises(InvalidTimestepsError, match=match):
+        build()
+
+
+@pytest.mark.parametrize("levels", [[900 + 0j, 500], [True, False], np.array([0.9, 0.5], dtype=np.complex64)])
+def test_a_list_of_bool_or_complex_levels_is_refused(levels):
+    with pytest.raises(InvalidTimestepsError, match=r"Timesteps must be real numbers"):
+        sample_serial(eps_model, x0(), DDIMSkip(VP), levels)
+
+
+@pytest.mark.parametrize("step", [1.5, "1", None, True, -2, torch.tensor(1.0)])
+def test_noise_step_index_must_be_an_int(step):
+    with pytest.raises(InvalidArgumentError, match=r"NoiseSource: the step index must be an int >= 0"):
+        NoiseSource(0)(step, (2, 2))
+
+
+def test_noise_step_index_takes_ints_of_any_kind():
+    ns = NoiseSource(3)
+    ref = ns(4, (2, 2))
+    for step in (np.int64(4), torch.tensor(4)):
+        assert torch.equal(ns(step, (2, 2)), ref)
+    assert torch.equal(ns(-1, (2, 2)), ns.initial((2, 2)))
+
+
+def test_per_sample_noise_keeps_the_leading_rows_when_the_batch_grows():
+    """As documented: row b depends on b, the seed and the step only. A batch's leading rows keep their noise
+    when it grows; a slice that does not start at row 0 is not the same rows drawn as a batch of their own."""
+    ns = NoiseSource(5, per_sample=True)
+    for step in (-1, 0, 7):
+        big = ns(step, (8, 3))
+        for b in range(1, 8):
+            assert torch.equal(ns(step, (b, 3)), big[:b])
+        assert not torch.equal(big[3:], ns(step, (5, 3)))
+        assert torch.equal(big[3], ns(step, (4, 3))[3])
+    assert not torch.equal(ns(0, (4, 3)), NoiseSource(6, per_sample=True)(0, (4, 3)))
+    assert not torch.equal(ns(0, (4, 3)), ns(1, (4, 3)))
+
+
+@pytest.mark.parametrize("executor", [BatchedExecutor(), BatchedExecutor(max_batch=2)], ids=["one-call", "chunked"])
+def test_batched_executor_refuses_a_write_into_its_repeated_conditioning(executor):
+    """BatchedExecutor hands the predictor repeated copies of the conditioning, so the sampler's own check (on
+    the caller's tensors) cannot see a write; the executor watches its copies and refuses it as SerialExecutor's
+    run does. A predictor that only reads gives SerialExecutor's result."""
+    schedule = VPSchedule.linear()
+    grid = schedule.timesteps(8)
+
+    def in_place(x, t, extra):
+        extra["scale"].mul_(1.0)  # even a no-op write
+        return 0.1 * x * extra["scale"][:, None]
+
+    def cond():
+        return {"extra": {"scale": torch.ones(3)}}
+
+    x = NoiseSource(0).initial((3, 2))
+    with pytest.raises(PredictorOutputError, match=r"cond\['extra'\]\['scale'\] in place"):
+        DraftRefineScheduler(DDIMSkip(schedule), grid, width=3).sample(in_place, x, cond=cond(), executor=executor)
+    reads = lambda x, t, extra: 0.1 * x * extra["scale"][:, None]  # noqa: E731
+    ref = DraftRefineScheduler(DDIMSkip(schedule), grid, width=3).sample(reads, x, cond=cond()).x
+    got = DraftRefineScheduler(DDIMSkip(schedule), grid, width=3).sample(reads, x, cond=cond(), executor=executor).x
+    torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("executor", [SerialExecutor(), BatchedExecutor()], ids=["serial", "batched"])
+def test_executor_evaluate_checks_its_arguments(executor):
+    """evaluate(predictor, xs [K, B, ...], ts [K, B], cond): a ts of one time per draft, a state without the
+    draft axis, or a cond that is not a mapping is named with the shape expected."""
+    f = lambda x, t: 0.1 * x  # noqa: E731
+    xs, ts = torch.zeros(3, 2, 4), torch.full((3, 2), 500.0)
+    with pytest.raises(InvalidArgumentError, match=r"ts must be a tensor \[K, B\] = \[3, 2\].*got shape \[3\]"):
+        executor.evaluate(f, xs, ts[:, 0])
+    with pytest.raises(InvalidArgumentError, match=r"xs must be a tensor \[K, B, \.\.\.\].*got shape \[4\]"):
+        executor.evaluate(f, torch.zeros(4), ts)
+    with pytest.raises(InvalidArgumentError, match="xs holds no drafts"):
+        executor.evaluate(f, torch.zeros(0, 2, 4), torch.zeros(0, 2))
+    with pytest.raises(InvalidArgumentError, match="cond must be a mapping.*got list"):
+        executor.evaluate(f, xs, ts, [1, 2])
+    # the arguments as defined: K calls' worth of predictions, one per draft
+    torch.testing.assert_close(executor.evaluate(f, xs + 1, ts), 0.1 * (xs + 1))
+
+
+@pytest.mark.parametrize("vmap", ["yes", 1, None])
+def test_batched_executor_vmap_must_be_a_bool(vmap):
+    with pytest.raises(InvalidArgumentError, match="vmap must be True or False"):
+        BatchedExecutor(vmap=vmap)
+    assert BatchedExecutor(vmap=np.bool_(False)).vmap is False
+
+
+@pytest.mark.skipif(not HAS_NOTES, reason="exception notes (add_note) need Python >= 3.11")
+@pytest.mark.parametrize("labels", [[0, 1, 2], np.arange(3)], ids=["list", "numpy"])
+def test_batched_executor_names_per_sample_conditioning_that_is_not_a_tensor(labels):
+    """BatchedExecutor repeats only tensors along the batch; a model that checks its per-sample labels (a list or
+    numpy array, one per row) fails on K * B rows, and the error gets a note saying what to pass instead.
+    SerialExecutor, one draft per call, runs it."""
+
+    def f(x, t, labels):
+        if len(labels) != x.shape[0]:
+            raise ValueError(f"{len(labels)} labels for {x.shape[0]} rows")
+        return 0.1 * x
+
+    x = NoiseSource(0).initial((3, 2))
+    with pytest.raises(ValueError) as info:
+        scheduler(width=3).sample(f, x, cond={"labels": labels}, executor=BatchedExecutor())
+    assert any("cond['labels'] is a" in n and "repeats only tensors" in n and "torch.as_tensor" in n
+               for n in notes(info.value)), notes(info.value)
+    scheduler(width=3).sample(f, x, cond={"labels": labels})  # the serial executor runs it
+
+
+def test_an_executor_that_returns_too_few_drafts_is_named():
+    """A custom executor that drops a draft is the executor's fault, not the predictor's: ExecutorError with
+    the counts (the predictions of each draft are still shaped like the state)."""
+    from driffusion_core import ExecutorError
+
+    class DropsOne(SerialExecutor):
+        def evaluate(self, predictor, xs, ts, cond=None):
+            out = super().evaluate(predictor, xs, ts, cond)
+            return out[:-1] if out.shape[0] > 1 else out
+
+    f = lambda x, t: 0.1 * x  # noqa: E731
+    with pytest.raises(ExecutorError, match=r"predictions for 2 draft\(s\) at steps .*, but the round has 3"):
+        scheduler(width=3).sample(f, x0(), executor=DropsOne())

@@ -774,3 +774,136 @@ def test_row_quantile_selection_path_equals_torch_quantile(ratio, monkeypatch):
     monkeypatch.setattr(P, "QUANTILE_MAX", 10)
     got = P.row_quantile(flat, ratio)
     assert torch.allclose(got, want, rtol=1e-15, atol=0), (got - want).abs().max()
+
+
+# ----------------------------------------------------------------- review: reparameterize, x0_transform, bool levels
+import re  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+
+def _review_setup():
+    sched = VPSchedule.linear()
+    return sched, sched.timesteps(10, "trailing"), NoiseSource(0).initial((8, 2))
+
+
+@pytest.mark.parametrize("out", [lambda x: torch.zeros(8, 1), lambda x: torch.zeros(1, 2), lambda x: torch.tensor(0.0),
+                                 lambda x: torch.zeros(16)], ids=["B1", "1D", "0d", "flat"])
+def test_reparameterize_refuses_an_output_not_shaped_like_x(out):
+    """A wrapped model's (B, 1) output would broadcast silently, a (1, D) one be taken for per-row levels, a
+    0-d one fail with an IndexError: each is refused, naming the output's and the state's shapes."""
+    from driffusion_core import PredictorOutputError, reparameterize
+
+    sched, g, x = _review_setup()
+    wrapped = reparameterize(lambda x, t: out(x), sched, "sample", "epsilon")
+    shape = tuple(out(x).shape)
+    with pytest.raises(PredictorOutputError, match=rf"wrapped model returned shape {re.escape(str(shape))} for state "
+                                                   r"shape \(8, 2\)"):
+        sample_serial(wrapped, x, DDIMSkip(sched), g)
+
+
+def test_reparameterize_refuses_a_non_tensor_output_and_a_non_schedule():
+    from driffusion_core import InvalidArgumentError, PredictorOutputError, reparameterize
+
+    sched, g, x = _review_setup()
+    with pytest.raises(PredictorOutputError, match=r"wrapped model returned tuple .*must return a tensor.*return_dict"):
+        reparameterize(lambda x, t: (x,), sched, "sample", "epsilon")(x, g.model_times[0].expand(8))
+    for bad in (None, "linear", 1000):
+        with pytest.raises(InvalidArgumentError, match=r"reparameterize: schedule must be a Schedule"):
+            reparameterize(lambda x, t: x, bad, "sample", "epsilon")
+    with pytest.raises(InvalidArgumentError, match=r"looks like a transition: pass its \.schedule"):
+        reparameterize(lambda x, t: x, DDIMSkip(sched), "sample", "epsilon")
+    with pytest.raises(InvalidArgumentError, match=r"predictor must be a callable"):
+        reparameterize(None, sched, "sample", "epsilon")
+
+
+def test_reparameterize_checks_leave_the_result_unchanged():
+    """The checks change no arithmetic: the wrapper gives the oracle's own target-parameterized output, and
+    sampling through it matches the unwrapped sampler to rounding."""
+    from driffusion_core import reparameterize
+    from solvers import ring_mixture
+
+    sched, g, _ = _review_setup()
+    x = NoiseSource(0).initial((8, 2), F64)
+    mix = ring_mixture()
+    f = mix.predictor(sched, "sample")
+    w = reparameterize(f, sched, "sample", "epsilon")
+    t = g.model_times[3].expand(8)
+    torch.testing.assert_close(w(x, t), mix.predictor(sched, "epsilon")(x, t), rtol=1e-9, atol=1e-9)
+    ref = sample_serial(f, x, DDIMSkip(sched, "sample"), g).x
+    torch.testing.assert_close(sample_serial(w, x, DDIMSkip(sched), g).x, ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("bad", [3, "clip", 1.0])
+def test_x0_transform_must_be_callable_or_none(bad):
+    from driffusion_core import InvalidArgumentError
+
+    sched, _, _ = _review_setup()
+    for make in (lambda: DDIMSkip(sched, x0_transform=bad), lambda: DDPMSkip(sched, x0_transform=bad),
+                 lambda: FlowEulerSkip(FlowSchedule(), x0_transform=bad)):
+        with pytest.raises(InvalidArgumentError, match=r"x0_transform must be a callable .*or None"):
+            make()
+    tr = DDIMSkip(sched)
+    with pytest.raises(InvalidArgumentError, match=r"x0_transform must be a callable"):  # set later: checked too
+        tr.x0_transform = bad
+    tr.x0_transform = None  # None stays allowed
+
+
+@pytest.mark.parametrize("transform, got", [
+    (lambda z: z[:1], r"shape \(1, 2\)"), (lambda z: None, "NoneType"), (lambda z: z.sum(), r"shape \(\)"),
+    (lambda z: z.reshape(-1), r"shape \(16,\)"),
+], ids=["row", "None", "0d", "flat"])
+@pytest.mark.parametrize("family", ["ddim", "ddim_eta", "ddpm", "flow", "dpm"])
+def test_x0_transform_output_must_be_shaped_like_x0_hat(transform, got, family):
+    """A transform returning one row would be broadcast (every row identical); None would fail deep in the
+    step with a TypeError. Both are refused where the transform is applied, for the step and the drafts."""
+    from driffusion_core import InvalidArgumentError
+
+    sched, g, x = _review_setup()
+    if family == "flow":
+        sched = FlowSchedule()
+        g = sched.timesteps(10)
+        tr = FlowEulerSkip(sched, x0_transform=transform)
+    else:
+        tr = {"ddim": lambda: DDIMSkip(sched, x0_transform=transform),
+              "ddim_eta": lambda: DDIMSkip(sched, eta=0.5, x0_transform=transform),
+              "ddpm": lambda: DDPMSkip(sched, x0_transform=transform),
+              "dpm": lambda: DPMSolverSkip(sched, x0_transform=transform)}[family]()
+    want = rf"x0_transform .* returned {got} for x0_hat of shape \(8, 2\)"
+    with pytest.raises(InvalidArgumentError, match=want):
+        tr(x, x, g.t_from[0], g.t_to[0])
+    with pytest.raises(InvalidArgumentError, match=r"x0_transform .* returned .* for x0_hat of shape \(\d+, 2\)"):
+        tr.drafts(x, x, g.t_from[:3], g.t_to[:3], NoiseSource(1).steps(0, 3, x.shape) if tr.stochastic else None)
+    with pytest.raises(InvalidArgumentError, match=want):
+        sample_serial(lambda x, t: x, x, tr, g)
+
+
+def test_x0_transform_checks_leave_clipping_unchanged():
+    """A valid transform gives the same step as before: clip x0_hat, then DDIM with the clipped x0_hat."""
+    from driffusion_core import ClipSample
+
+    sched, g, _ = _review_setup()
+    x = NoiseSource(0).initial((8, 2), F64) * 3
+    p = NoiseSource(1).initial((8, 2), F64)
+    t, s = g.t_from[2], g.t_to[2]
+    out = DDIMSkip(sched, x0_transform=ClipSample(1.0))(x, p, t, s)
+    abar_t, abar_s = sched.alpha_bar(t), sched.alpha_bar(s)
+    x0 = ((x - (1 - abar_t).sqrt() * p) / abar_t.sqrt()).clamp(-1, 1)
+    torch.testing.assert_close(out, abar_s.sqrt() * x0 + (1 - abar_s).sqrt() * p, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("levels", [
+    (True, False), (np.bool_(True), 0.5), (torch.tensor(True), torch.tensor(False)), (999.0, [False] * 8),
+    (999.0, np.zeros(8, dtype=bool)), (torch.tensor(999.0 + 0j), 500.0), ([1.0 + 1j] * 8, 0.0),
+], ids=["bool", "np_bool", "tensor_bool", "list_bool", "array_bool", "complex", "list_complex"])
+def test_operator_levels_refuse_bools_and_complex(levels):
+    """``S(x, p, True, False)`` would run as the step from level 1 to 0: refused, naming the argument."""
+    from driffusion_core import InvalidTimestepsError
+
+    sched, _, x = _review_setup()
+    which = "t_from" if not isinstance(levels[0], float) else "t_to"
+    for tr in (DDIMSkip(sched), DDPMSkip(sched), DPMSolverSkip(sched)):
+        with pytest.raises(InvalidTimestepsError, match=rf"{type(tr).__name__}: {which} must be real numbers"):
+            tr(x, x, *levels)
+    with pytest.raises(InvalidTimestepsError, match=r"FlowEulerSkip: t_from must be real numbers"):
+        FlowEulerSkip(FlowSchedule())(x, x, True, 0.0)

@@ -11,7 +11,8 @@ the same ``generator``), VAE decode, safety checker and ``image_processor.postpr
     DraftRefineScheduler(transition, grid, width, mode).sample(DiffusersPredictor(model, w), latents, executor)
 
 with classifier-free guidance in one batched call per draft batch. Width 1 reproduces the pipeline
-(for DDIM with eta = 0, DPM-Solver++ and flow matching: the same images for the same generator).
+(for DDIM with eta = 0, DPM-Solver++, Euler and flow matching: the same images for the same generator;
+for stochastic steps, given the same step noise).
 
 Supported: ``DDPMPipeline`` / ``DDIMPipeline`` (unconditional), ``StableDiffusionPipeline`` and
 ``StableDiffusion3Pipeline`` (and their subclasses), with any scheduler :func:`from_diffusers` takes:
