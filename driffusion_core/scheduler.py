@@ -409,6 +409,9 @@ class DraftRefineState:
         start: int = 0,
         history: Sequence[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = (),
     ):
+        width = _check_width(width)
+        if mode not in MODES:
+            raise InvalidArgumentError(f"mode must be 'aggressive' or 'conservative', got {mode!r}.")
         self.transition, self.grid, self.width, self.mode = transition, grid, width, mode
         self.noise = noise
         self.T = len(grid)
@@ -426,6 +429,7 @@ class DraftRefineState:
         # is computed twice (copied: a predictor may write into its inputs)
         self._noise_cache: Dict[int, torch.Tensor] = {}
         self._first_step: Optional[torch.Tensor] = None
+        self._planned: Optional[Round] = None  # the round plan() returned and absorb() has not taken yet
         # a multistep transition's memory: the last (x_i, p_i, t_i) of the refined chain, oldest first
         self._history: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = list(history)
         need = transition.history_at(grid, start) if transition.history else 0
@@ -440,6 +444,7 @@ class DraftRefineState:
 
     @property
     def done(self) -> bool:
+        """Whether every step of the grid has been taken (``x`` is then the sample)."""
         return self.a >= self.T
 
     def _z(self, i: int) -> Optional[torch.Tensor]:
@@ -471,7 +476,8 @@ class DraftRefineState:
         if self.done:
             return None
         if self.pred is None:
-            return Round([self.a], self.x.unsqueeze(0), anchor_call=True)
+            self._planned = Round([self.a], self.x.unsqueeze(0), anchor_call=True)
+            return self._planned
         if self._finish_if_last():  # a caller handed in the last level's prediction
             return None
         a, g = self.a, self.grid
@@ -485,10 +491,18 @@ class DraftRefineState:
         extra = {"history": self._history[len(self._history) - h :]} if h else {}
         xs = tr.drafts(self.x, self.pred, g.t_from[a : a + m], g.t_to[a : a + m], noises, **extra)
         self._first_step = xs[0].clone()
-        return Round(list(range(a + 1, a + m + 1)), xs, anchor_call=False)
+        self._planned = Round(list(range(a + 1, a + m + 1)), xs, anchor_call=False)
+        return self._planned
 
     def absorb(self, rnd: Round, preds: torch.Tensor) -> None:
-        """Take a round's predictions and refine."""
+        """Take the predictions of the round the last :meth:`plan` returned, and refine."""
+        if rnd is not self._planned:
+            raise InvalidArgumentError(
+                "DraftRefineState.absorb takes the round the last plan() returned (once): "
+                + ("no round is planned now (absorb was called before plan(), or twice for one round)."
+                   if self._planned is None else "this one is another (a stale round, or one planned elsewhere).")
+            )
+        self._planned = None
         preds = check_predictions(preds, rnd.xs, rnd.steps, self.grid)
         self.rounds += 1
         self.evals += len(rnd.steps)

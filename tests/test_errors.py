@@ -1235,3 +1235,32 @@ def test_an_executor_that_returns_too_few_drafts_is_named():
     f = lambda x, t: 0.1 * x  # noqa: E731
     with pytest.raises(ExecutorError, match=r"predictions for 2 draft\(s\) at steps .*, but the round has 3"):
         scheduler(width=3).sample(f, x0(), executor=DropsOne())
+
+
+def test_draft_refine_state_checks_width_mode_and_rounds():
+    """The state machine a custom driver runs (plan / absorb) refuses a bad width or mode, and a round that is
+    not the one it planned (stale, absorbed twice, or before any plan), instead of refining from wrong steps."""
+    from driffusion_core.scheduler import DraftRefineState
+
+    tr, grid = DDIMSkip(VP), VP.timesteps(10)
+    x = x0()
+    with pytest.raises(InvalidWidthError, match="width must be an int >= 1"):
+        DraftRefineState(tr, grid, 0, "aggressive", x, None)
+    with pytest.raises(InvalidArgumentError, match="mode must be 'aggressive' or 'conservative'"):
+        DraftRefineState(tr, grid, 2, "greedy", x, None)
+    f = lambda x, t: 0.1 * x  # noqa: E731
+    st = DraftRefineState(tr, grid, 3, "aggressive", x, None)
+    first = st.plan()
+    with pytest.raises(InvalidArgumentError, match="no round is planned now"):
+        DraftRefineState(tr, grid, 3, "aggressive", x, None).absorb(first, f(first.xs, None))
+    st.absorb(first, f(first.xs, None))
+    with pytest.raises(InvalidArgumentError, match="no round is planned now"):
+        st.absorb(first, f(first.xs, None))  # twice
+    second = st.plan()
+    with pytest.raises(InvalidArgumentError, match="a stale round"):
+        st.absorb(first, f(first.xs, None))
+    st.absorb(second, f(second.xs, None))
+    while (rnd := st.plan()) is not None:  # driven to the end by hand: the scheduler's sample
+        st.absorb(rnd, f(rnd.xs, None))
+    ref = DraftRefineScheduler(tr, grid, width=3).sample(f, x)
+    assert torch.equal(st.x, ref.x) and st.rounds == ref.rounds
