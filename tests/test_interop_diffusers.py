@@ -79,12 +79,24 @@ def unet2d():
     ))
 
 
+TINY_UNET_COND = dict(
+    sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), norm_num_groups=4,
+    layers_per_block=1, cross_attention_dim=8, attention_head_dim=2,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+)
+
+
 @pytest.fixture(scope="module")
 def unet_cond():
+    return _seeded(lambda: need("UNet2DConditionModel")(**TINY_UNET_COND))
+
+
+@pytest.fixture(scope="module")
+def unet_xl():
+    """unet_cond with SDXL's added conditioning: pooled text embeddings (8) and six size / crop ids (4 each)."""
     return _seeded(lambda: need("UNet2DConditionModel")(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), norm_num_groups=4,
-        layers_per_block=1, cross_attention_dim=8, attention_head_dim=2,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        **TINY_UNET_COND, addition_embed_type="text_time", addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=6 * 4 + 8,
     ))
 
 
@@ -1638,3 +1650,100 @@ def test_pipelines_without_euler_scaling_refuse_euler_ancestral(unet2d):
     ddpm = _quiet(need("DDPMPipeline")(unet=unet2d, scheduler=need("EulerAncestralDiscreteScheduler")()))
     with pytest.raises(InvalidArgumentError, match=r"DDPMPipeline with EulerAncestralDiscreteScheduler.*scale_model_input"):
         DRiffusionPipeline(ddpm, width=2)(batch_size=1, num_inference_steps=4, output_type="np")
+
+
+# ============================================================================ Stable Diffusion XL
+
+def _sdxl_pipeline(unet, scheduler, vae):
+    """An SDXL pipeline of tiny random parts, no text encoders (the tests pass the embeddings), no watermark."""
+    return _quiet(need("StableDiffusionXLPipeline")(
+        vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, unet=unet,
+        scheduler=scheduler, add_watermarker=False,
+    ))
+
+
+def _sdxl_embeds(g: torch.Generator, batch: int = 2) -> dict:
+    """Random SDXL prompt embeddings and pooled embeddings, and their negatives, drawn from ``g``."""
+    return dict(prompt_embeds=torch.randn(batch, 5, 8, generator=g), negative_prompt_embeds=torch.randn(batch, 5, 8, generator=g),
+                pooled_prompt_embeds=torch.randn(batch, 8, generator=g),
+                negative_pooled_prompt_embeds=torch.randn(batch, 8, generator=g))
+
+
+@pytest.mark.parametrize("scheduler_name, config", [
+    ("EulerDiscreteScheduler", dict(timestep_spacing="leading", steps_offset=1, **SD_BETAS)),  # SDXL's default
+    ("DDIMScheduler", dict(steps_offset=1, clip_sample=False, **SD_BETAS)),
+])
+def test_stable_diffusion_xl_pipeline(unet_xl, vae, scheduler_name, config):
+    """Width 1 is StableDiffusionXLPipeline's own images, with its micro-conditioning (original size, crop corner,
+    target size as time_ids; the pooled embeddings as text_embeds) and guidance rescale; width 3 is the library
+    run by hand (DiffusersPredictor with added_cond_kwargs), well closer to the serial loop than step skipping."""
+    scheduler = need(scheduler_name)(**config)
+    pipe = _sdxl_pipeline(unet_xl, scheduler, vae)
+    gen = lambda seed=1: torch.Generator().manual_seed(seed)
+    embeds = _sdxl_embeds(gen(0))
+    kw = dict(**embeds, num_inference_steps=10, guidance_scale=5.0, output_type="np")
+    ref = pipe(generator=gen(), **kw).images
+    assert ref.shape == (2, 16, 16, 3)
+    np_testing_close(DRiffusionPipeline(pipe, width=1)(generator=gen(), **kw).images, ref, 1e-4)
+    micro = dict(kw, original_size=(32, 24), crops_coords_top_left=(2, 1), target_size=(16, 8), guidance_rescale=0.5)
+    ref_micro = pipe(generator=gen(), **micro).images
+    assert abs(ref_micro - ref).max() > 1e-3  # the options reach the model
+    np_testing_close(DRiffusionPipeline(pipe, width=1)(generator=gen(), **micro).images, ref_micro, 1e-4)
+
+    fast = DRiffusionPipeline(pipe, width=3)
+    out = fast(generator=gen(), **{**kw, "output_type": "latent"}).images
+    assert fast.last_output.rounds == expected_rounds(10, 3) and fast.last_output.evals == 10
+    # by hand: the pipeline's initial latents (in the sampler's state: scaled for Euler), its time ids
+    transition, grid = from_diffusers(scheduler, 10)
+    into, out_of = euler_state_scales(transition, grid)
+    x = pipe.prepare_latents(2, 4, 16, 16, torch.float32, torch.device("cpu"), gen(), None) * into
+    time_ids = torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]]).repeat(2, 1)  # (height, width) twice, no crop
+    cond = dict(encoder_hidden_states=embeds["prompt_embeds"], negative_encoder_hidden_states=embeds["negative_prompt_embeds"],
+                added_cond_kwargs={"text_embeds": embeds["pooled_prompt_embeds"], "time_ids": time_ids},
+                negative_added_cond_kwargs={"text_embeds": embeds["negative_pooled_prompt_embeds"], "time_ids": time_ids})
+    direct = _direct(unet_xl, scheduler, 10, x, 3, guidance_scale=5.0, cond=cond)
+    _same(out, direct.x * out_of)
+    assert _vs_step_skipping(direct, unet_xl, scheduler, 10, x, 5.0, cond) < 0.3
+
+
+def test_stable_diffusion_xl_negative_micro_conditioning_and_images_per_prompt(unet_xl, vae):
+    """The negative's own size / crop ids (both negative sizes given) and num_images_per_prompt with given
+    embeddings: width 1 is the pipeline's images. (With several images and negative sizes unlike the prompt's,
+    diffusers' own loop pairs ids and rows crosswise, rows [neg, pos] * B against [neg] * B + [pos] * B; one
+    image is where it is right, and where this test compares.)"""
+    pipe = _sdxl_pipeline(unet_xl, need("DDIMScheduler")(steps_offset=1, clip_sample=False, **SD_BETAS), vae)
+    gen = lambda seed=1: torch.Generator().manual_seed(seed)
+    kw = dict(**_sdxl_embeds(gen(0), batch=1), num_inference_steps=8, guidance_scale=4.0, output_type="np")
+    neg = dict(kw, negative_original_size=(8, 8), negative_crops_coords_top_left=(4, 4), negative_target_size=(8, 8))
+    ref = pipe(generator=gen(), **neg).images
+    assert abs(ref - pipe(generator=gen(), **kw).images).max() > 1e-3  # the negative ids reach the model
+    np_testing_close(DRiffusionPipeline(pipe, width=1)(generator=gen(), **neg).images, ref, 1e-4)
+    two = dict(kw, num_images_per_prompt=2)
+    ref = pipe(generator=gen(), **two).images
+    assert ref.shape[0] == 2
+    np_testing_close(DRiffusionPipeline(pipe, width=1)(generator=gen(), **two).images, ref, 1e-4)
+
+
+def test_stable_diffusion_xl_refuses_what_it_does_not_run(unet_xl, vae):
+    """Options of the SDXL loop that DRiffusion does not replace are refused by name; DiffusersPredictor names a
+    negative added_cond_kwargs that does not match the positive one."""
+    from driffusion_core.errors import UnexpectedArgumentError
+
+    pipe = _sdxl_pipeline(unet_xl, need("DDIMScheduler")(steps_offset=1, clip_sample=False, **SD_BETAS), vae)
+    embeds = _sdxl_embeds(torch.Generator().manual_seed(0))
+    with pytest.raises(UnexpectedArgumentError, match="'denoising_end' is not supported"):
+        DRiffusionPipeline(pipe, width=2)(**embeds, num_inference_steps=4, denoising_end=0.8)
+    f = DiffusersPredictor(unet_xl, guidance_scale=3.0)
+    x, t = torch.randn(2, 4, 8, 8), torch.full((2,), 500)
+    ids = torch.zeros(2, 6)
+    added = {"text_embeds": embeds["pooled_prompt_embeds"], "time_ids": ids}
+    with pytest.raises(InvalidArgumentError, match=r"negative_added_cond_kwargs must be a dict with the keys"):
+        f(x, t, encoder_hidden_states=embeds["prompt_embeds"], negative_encoder_hidden_states=embeds["negative_prompt_embeds"],
+          added_cond_kwargs=added, negative_added_cond_kwargs={"text_embeds": embeds["negative_pooled_prompt_embeds"]})
+    with pytest.raises(InvalidArgumentError, match=r"negative_added_cond_kwargs\['time_ids'\] is \(1, 6\)"):
+        f(x, t, encoder_hidden_states=embeds["prompt_embeds"], negative_encoder_hidden_states=embeds["negative_prompt_embeds"],
+          added_cond_kwargs=added, negative_added_cond_kwargs={"text_embeds": embeds["negative_pooled_prompt_embeds"],
+                                                               "time_ids": ids[:1]})
+    with pytest.raises(InvalidArgumentError, match="needs the negative conditioning negative_added_cond_kwargs"):
+        f(x, t, encoder_hidden_states=embeds["prompt_embeds"], negative_encoder_hidden_states=embeds["negative_prompt_embeds"],
+          added_cond_kwargs=added)

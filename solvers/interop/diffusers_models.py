@@ -16,11 +16,13 @@ Calling styles (``style``), taken from the model's class name by default:
 
 * ``"unet2d"``: ``UNet2DModel(sample, timestep, class_labels=None)``; cond: ``class_labels``.
 * ``"unet2d_condition"``: ``UNet2DConditionModel(sample, timestep, encoder_hidden_states)``;
-  cond: ``encoder_hidden_states`` (``[B, L, D]``), plus ``encoder_attention_mask``, ``class_labels``, ``timestep_cond``.
+  cond: ``encoder_hidden_states`` (``[B, L, D]``), plus ``encoder_attention_mask``, ``class_labels``, ``timestep_cond``
+  and ``added_cond_kwargs`` (a dict of per-sample tensors: SDXL's ``{"text_embeds": [B, D], "time_ids": [B, 6]}``;
+  its negative is a dict with the same keys).
 * ``"sd3"``: ``SD3Transformer2DModel(hidden_states=, timestep=, encoder_hidden_states=, pooled_projections=)``;
   cond: ``encoder_hidden_states``, ``pooled_projections``.
 
-For guidance pass, for every conditioning tensor ``name``, its negative as ``negative_<name>``.
+For guidance pass, for every conditioning tensor (or dict of tensors) ``name``, its negative as ``negative_<name>``.
 Outputs may be a tensor, an object with ``.sample``, or a tuple (first element); a model that also
 predicts a variance (2C output channels for C input channels) gives its first C channels.
 """
@@ -45,7 +47,8 @@ STYLES: Dict[str, str] = {
 #: conditioning names each style accepts (their negatives are ``negative_<name>``)
 COND_NAMES: Dict[str, tuple] = {
     "unet2d": ("class_labels",),
-    "unet2d_condition": ("encoder_hidden_states", "encoder_attention_mask", "class_labels", "timestep_cond"),
+    "unet2d_condition": ("encoder_hidden_states", "encoder_attention_mask", "class_labels", "timestep_cond",
+                         "added_cond_kwargs"),
     "sd3": ("encoder_hidden_states", "pooled_projections"),
 }
 _REQUIRED = {"unet2d": (), "unet2d_condition": ("encoder_hidden_states",), "sd3": ("encoder_hidden_states", "pooled_projections")}
@@ -68,6 +71,31 @@ def _unwrap(out: Any) -> torch.Tensor:
     raise PredictorOutputError(
         f"The model returned {type(out).__name__}; expected a tensor, an output with .sample, or a tuple."
     )
+
+
+def _negative_first(name: str, value: Any, other: Any) -> Any:
+    """The guidance batch's conditioning ``[negative; positive]`` for one keyword: tensors with a batch dimension
+    are concatenated (the negative of the same shape), a dict of them key by key (the negative with the same
+    keys, e.g. SDXL's ``added_cond_kwargs``); anything else (a 0-d tensor, None) is passed as it is."""
+    if isinstance(value, Mapping):
+        if not isinstance(other, Mapping) or set(other) != set(value):
+            got = sorted(other) if isinstance(other, Mapping) else type(other).__name__
+            raise InvalidArgumentError(
+                f"negative_{name} must be a dict with the keys of {name} ({sorted(value)}), got {got}: guidance runs "
+                f"both in one batch, key by key (SDXL: the negative pooled embeddings as text_embeds, the negative "
+                f"size / crop ids as time_ids)."
+            )
+        return {key: _negative_first(f"{name}[{key!r}]", v, other[key]) for key, v in value.items()}
+    if isinstance(value, torch.Tensor) and value.dim() > 0:
+        if not isinstance(other, torch.Tensor) or other.shape != value.shape:
+            got = tuple(other.shape) if isinstance(other, torch.Tensor) else type(other).__name__
+            raise InvalidArgumentError(
+                f"negative_{name} is {got} but {name} has shape {tuple(value.shape)}: guidance runs both "
+                f"in one batch, so they must have the same shape (encode the negative prompt padded to "
+                f"the prompt's length, as the pipelines' encode_prompt does)."
+            )
+        return torch.cat([other, value])
+    return value
 
 
 class DiffusersPredictor:
@@ -168,20 +196,7 @@ class DiffusersPredictor:
         with torch.set_grad_enabled(self.enable_grad and torch.is_grad_enabled()):
             if not self.do_classifier_free_guidance:
                 return self._call(x, t, pos).to(x.dtype)
-            both = {}
-            for name, value in pos.items():
-                if isinstance(value, torch.Tensor) and value.dim() > 0:
-                    other = neg[name]
-                    if not isinstance(other, torch.Tensor) or other.shape != value.shape:
-                        got = tuple(other.shape) if isinstance(other, torch.Tensor) else type(other).__name__
-                        raise InvalidArgumentError(
-                            f"negative_{name} is {got} but {name} has shape {tuple(value.shape)}: guidance runs both "
-                            f"in one batch, so they must have the same shape (encode the negative prompt padded to "
-                            f"the prompt's length, as the pipelines' encode_prompt does)."
-                        )
-                    both[name] = torch.cat([other, value])
-                else:
-                    both[name] = value
+            both = {name: _negative_first(name, value, neg.get(name)) for name, value in pos.items()}
             out = self._call(torch.cat([x, x]), torch.cat([t, t]), both)
             uncond, cond_out = out.chunk(2)
             guided = uncond + self.guidance_scale * (cond_out - uncond)

@@ -14,13 +14,14 @@ with classifier-free guidance in one batched call per draft batch. Width 1 repro
 (for DDIM with eta = 0, DPM-Solver++, Euler and flow matching: the same images for the same generator;
 for stochastic steps, given the same step noise).
 
-Supported: ``DDPMPipeline`` / ``DDIMPipeline`` (unconditional), ``StableDiffusionPipeline`` and
-``StableDiffusion3Pipeline`` (and their subclasses), with any scheduler :func:`from_diffusers` takes:
+Supported: ``DDPMPipeline`` / ``DDIMPipeline`` (unconditional), ``StableDiffusionPipeline``,
+``StableDiffusionXLPipeline`` (its pooled embeddings and size / crop micro-conditioning as the UNet's
+``added_cond_kwargs``) and ``StableDiffusion3Pipeline`` (and their subclasses), with any scheduler
+:func:`from_diffusers` takes:
 ``DDIMScheduler``, ``DDPMScheduler``, ``FlowMatchEulerDiscreteScheduler`` or ``DPMSolverMultistepScheduler``
 (diffusers' ``DDIMPipeline`` turns the scheduler it is given into DDIM; ``DDPMPipeline`` keeps it), and
-``EulerDiscreteScheduler`` / ``EulerAncestralDiscreteScheduler`` in ``StableDiffusionPipeline`` (the only one
-of these pipelines that scales its
-noise and model input for it: the state is then ``latents / sqrt(sigma^2 + 1)``, see
+``EulerDiscreteScheduler`` / ``EulerAncestralDiscreteScheduler`` in ``StableDiffusionPipeline`` and
+``StableDiffusionXLPipeline`` (the pipelines here that scale their noise and model input for it: the state is then ``latents / sqrt(sigma^2 + 1)``, see
 :func:`~solvers.interop.diffusers_schedulers.euler_state_scales`).
 Note the two widths: ``DRiffusionPipeline(width=...)`` is the number of drafts per round, the call's
 ``width=`` the image width, as in diffusers.
@@ -45,12 +46,14 @@ FAMILIES = {
     "DDPMPipeline": "unconditional",
     "DDIMPipeline": "unconditional",
     "StableDiffusionPipeline": "stable_diffusion",
+    "StableDiffusionXLPipeline": "stable_diffusion_xl",
     "StableDiffusion3Pipeline": "stable_diffusion_3",
 }
 
 
 def pipeline_family(pipe: Any) -> str:
-    """``"unconditional"``, ``"stable_diffusion"`` or ``"stable_diffusion_3"``, from the pipeline's class (or a base)."""
+    """``"unconditional"``, ``"stable_diffusion"``, ``"stable_diffusion_xl"`` or ``"stable_diffusion_3"``, from the
+    pipeline's class (or a base)."""
     for cls in type(pipe).__mro__:
         if cls.__name__ in FAMILIES:
             return FAMILIES[cls.__name__]
@@ -162,7 +165,9 @@ class DRiffusionPipeline:
     """Run a diffusers pipeline with DRiffusion's draft-and-refine loop.
 
     Arguments:
-        pipe: a ``DDPMPipeline``, ``DDIMPipeline``, ``StableDiffusionPipeline`` or ``StableDiffusion3Pipeline``.
+        pipe: a ``DDPMPipeline``, ``DDIMPipeline``, ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` or
+            ``StableDiffusion3Pipeline``. The options of the pipeline's loop that DRiffusion does not replace
+            (custom ``timesteps`` / ``sigmas``, ``denoising_end``, IP-adapters, step callbacks) are refused by name.
         width: drafts per round, n >= 1 (1 reproduces the pipeline's serial loop).
         mode: ``"aggressive"`` (1 + ceil((T-1)/n) rounds) or ``"conservative"``.
         executor: how a round runs (default ``backends.BatchedExecutor()``: the drafts and both CFG
@@ -207,10 +212,21 @@ class DRiffusionPipeline:
         self.last_output = out
         return out.x
 
+    def _sample_latents(self, unet, guidance_scale, transition, grid, latents, cond, generator, noise, model_kwargs,
+                        guidance_rescale):
+        """The SD / SDXL loop on the pipeline's latents: with EulerDiscreteScheduler the sampler's state is the
+        model's input latents / sqrt(sigma^2 + 1) (scales 1, 1 otherwise); the step noise from ``noise`` or
+        seeded from ``generator`` for a stochastic scheduler."""
+        into, out_of = euler_state_scales(transition, grid)
+        latents = self._sample(unet, guidance_scale, transition, grid, latents * into if into != 1.0 else latents, cond,
+                               _noise_for(generator, noise, latents.shape[0]) if transition.stochastic else None,
+                               model_kwargs, guidance_rescale)
+        return latents * out_of if out_of != 1.0 else latents
+
     def __call__(self, *args: Any, **kwargs: Any):
         """The pipeline's call (same arguments, same output type), its denoising loop run with DRiffusion."""
         run = {"unconditional": self._unconditional, "stable_diffusion": self._stable_diffusion,
-               "stable_diffusion_3": self._stable_diffusion_3}[self.family]
+               "stable_diffusion_xl": self._stable_diffusion_xl, "stable_diffusion_3": self._stable_diffusion_3}[self.family]
         ours = inspect.signature(run).parameters
         name = type(self.pipe).__name__
         # the arguments as the wrapped pipeline's own __call__ takes them: its names (positional arguments
@@ -324,13 +340,8 @@ class DRiffusionPipeline:
         transition, grid = _scheduler_grid(pipe.scheduler, num_inference_steps, **_ddim_only(pipe.scheduler, {"eta": eta}))
         cond = {"encoder_hidden_states": prompt_embeds, "negative_encoder_hidden_states": negative_prompt_embeds if do_cfg else None}
         model_kwargs = {"cross_attention_kwargs": cross_attention_kwargs} if cross_attention_kwargs else None
-        # EulerDiscreteScheduler: the sampler's state is the model's input latents / sqrt(sigma^2 + 1) (1, 1 otherwise)
-        into, out_of = euler_state_scales(transition, grid)
-        latents = self._sample(unet, guidance_scale, transition, grid, latents * into if into != 1.0 else latents, cond,
-                               _noise_for(generator, noise, latents.shape[0]) if transition.stochastic else None,
-                               model_kwargs, guidance_rescale)
-        if out_of != 1.0:
-            latents = latents * out_of
+        latents = self._sample_latents(unet, guidance_scale, transition, grid, latents, cond, generator, noise,
+                                       model_kwargs, guidance_rescale)
         if output_type == "latent":
             image, nsfw = latents, None
         else:
@@ -340,6 +351,106 @@ class DRiffusionPipeline:
         image = pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=denormalize)
         pipe.maybe_free_model_hooks()
         return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=nsfw) if return_dict else (image, nsfw)
+
+    # ----------------------------------------------------------------- Stable Diffusion XL (UNet2DCondition + VAE)
+    def _stable_diffusion_xl(
+        self,
+        prompt=None,
+        prompt_2=None,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 5.0,
+        negative_prompt=None,
+        negative_prompt_2=None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator=None,
+        latents: Optional[torch.Tensor] = None,
+        prompt_embeds: Optional[torch.Tensor] = None,
+        negative_prompt_embeds: Optional[torch.Tensor] = None,
+        pooled_prompt_embeds: Optional[torch.Tensor] = None,
+        negative_pooled_prompt_embeds: Optional[torch.Tensor] = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: Optional[dict] = None,
+        guidance_rescale: float = 0.0,
+        original_size: Optional[tuple] = None,
+        crops_coords_top_left: tuple = (0, 0),
+        target_size: Optional[tuple] = None,
+        negative_original_size: Optional[tuple] = None,
+        negative_crops_coords_top_left: tuple = (0, 0),
+        negative_target_size: Optional[tuple] = None,
+        clip_skip: Optional[int] = None,
+        noise: Optional[NoiseSource] = None,
+    ):
+        from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
+
+        pipe, unet = self.pipe, self.pipe.unet
+        if unet.config.time_cond_proj_dim is not None:
+            raise InvalidArgumentError("UNets with time_cond_proj_dim (guidance embedding, LCM) are not supported.")
+        height = height or pipe.default_sample_size * pipe.vae_scale_factor
+        width = width or pipe.default_sample_size * pipe.vae_scale_factor
+        original_size = original_size or (height, width)
+        target_size = target_size or (height, width)
+        pipe.check_inputs(
+            prompt, prompt_2, height, width, None, negative_prompt, negative_prompt_2, prompt_embeds,
+            negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
+        )
+        do_cfg = guidance_scale > 1
+        device = pipe._execution_device
+        pe, npe, ppe, nppe = pipe.encode_prompt(
+            prompt=prompt, prompt_2=prompt_2, device=device, num_images_per_prompt=num_images_per_prompt,
+            do_classifier_free_guidance=do_cfg, negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            lora_scale=(cross_attention_kwargs or {}).get("scale"), clip_skip=clip_skip,
+        )
+        batch = pe.shape[0]
+        latents = pipe.prepare_latents(batch, unet.config.in_channels, height, width, pe.dtype, device, generator, latents)
+        transition, grid = _scheduler_grid(pipe.scheduler, num_inference_steps, **_ddim_only(pipe.scheduler, {"eta": eta}))
+        # the micro-conditioning: (original size, crop corner, target size) per image, the negative's own when
+        # both negative sizes are given (else the prompt's), as the pipeline builds them
+        projection_dim = (int(ppe.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim)
+        time_ids = pipe._get_add_time_ids(original_size, crops_coords_top_left, target_size, dtype=pe.dtype,
+                                          text_encoder_projection_dim=projection_dim).to(device)
+        negative_time_ids = time_ids
+        if negative_original_size is not None and negative_target_size is not None:
+            negative_time_ids = pipe._get_add_time_ids(
+                negative_original_size, negative_crops_coords_top_left, negative_target_size, dtype=pe.dtype,
+                text_encoder_projection_dim=projection_dim).to(device)
+        cond = {"encoder_hidden_states": pe,
+                "added_cond_kwargs": {"text_embeds": ppe.to(device), "time_ids": time_ids.repeat(batch, 1)}}
+        if do_cfg:
+            cond["negative_encoder_hidden_states"] = npe
+            cond["negative_added_cond_kwargs"] = {"text_embeds": nppe.to(device),
+                                                  "time_ids": negative_time_ids.repeat(batch, 1)}
+        model_kwargs = {"cross_attention_kwargs": cross_attention_kwargs} if cross_attention_kwargs else None
+        latents = self._sample_latents(unet, guidance_scale, transition, grid, latents, cond, generator, noise,
+                                       model_kwargs, guidance_rescale)
+        if output_type == "latent":
+            image = latents
+        else:
+            vae = pipe.vae
+            upcast = vae.dtype == torch.float16 and vae.config.force_upcast  # as the pipeline: decode in float32
+            if upcast:
+                vae.to(dtype=torch.float32)
+                latents = latents.to(torch.float32)
+            mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+            if mean is not None and std is not None:
+                shape = (1, len(mean), 1, 1)
+                latents = (latents * torch.tensor(std).view(shape).to(latents) / vae.config.scaling_factor
+                           + torch.tensor(mean).view(shape).to(latents))
+            else:
+                latents = latents / vae.config.scaling_factor
+            image = vae.decode(latents, return_dict=False)[0]
+            if upcast:
+                vae.to(dtype=torch.float16)
+            if getattr(pipe, "watermark", None) is not None:
+                image = pipe.watermark.apply_watermark(image)
+            image = pipe.image_processor.postprocess(image, output_type=output_type)
+        pipe.maybe_free_model_hooks()
+        return StableDiffusionXLPipelineOutput(images=image) if return_dict else (image,)
 
     # ----------------------------------------------------------------- Stable Diffusion 3 (flow matching)
     def _stable_diffusion_3(
