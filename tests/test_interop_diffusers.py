@@ -1703,7 +1703,7 @@ def test_stable_diffusion_xl_pipeline(unet_xl, vae, scheduler_name, config):
                 negative_added_cond_kwargs={"text_embeds": embeds["negative_pooled_prompt_embeds"], "time_ids": time_ids})
     direct = _direct(unet_xl, scheduler, 10, x, 3, guidance_scale=5.0, cond=cond)
     _same(out, direct.x * out_of)
-    assert _vs_step_skipping(direct, unet_xl, scheduler, 10, x, 5.0, cond) < 0.3
+    assert _vs_step_skipping(direct, unet_xl, scheduler, 10, x, 5.0, cond) < 0.3  # Euler 0.047, DDIM 0.10
 
 
 def test_stable_diffusion_xl_negative_micro_conditioning_and_images_per_prompt(unet_xl, vae):
