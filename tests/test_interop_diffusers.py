@@ -36,6 +36,7 @@ from driffusion_core import (  # noqa: E402
     NoiseSource,
     PredictorOutputError,
     VPSchedule,
+    WideWindowWarning,
     expected_rounds,
 )
 from solvers import DPMSolverSkip, from_diffusers, sample_serial, sample_step_skipping  # noqa: E402
@@ -1747,3 +1748,94 @@ def test_stable_diffusion_xl_refuses_what_it_does_not_run(unet_xl, vae):
     with pytest.raises(InvalidArgumentError, match="needs the negative conditioning negative_added_cond_kwargs"):
         f(x, t, encoder_hidden_states=embeds["prompt_embeds"], negative_encoder_hidden_states=embeds["negative_prompt_embeds"],
           added_cond_kwargs=added)
+
+
+# ============================================================================ Flux
+
+def _flux_pipeline(vae, guidance_embeds: bool = True, scheduler=None):
+    """A Flux pipeline of tiny random parts (16 packed channels: the VAE's 4 latent channels times a 2x2 patch), no
+    text encoders (the tests pass the embeddings), with Flux's dynamically shifted flow-matching scheduler."""
+    transformer = _seeded(lambda: need("FluxTransformer2DModel")(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=8, pooled_projection_dim=8, axes_dims_rope=[4, 4, 8], guidance_embeds=guidance_embeds,
+    ))
+    scheduler = scheduler or need("FlowMatchEulerDiscreteScheduler")(
+        use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    return _quiet(need("FluxPipeline")(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None,
+                                       text_encoder_2=None, tokenizer_2=None, transformer=transformer))
+
+
+def _flux_embeds(g: torch.Generator, batch: int = 2, negative: bool = False) -> dict:
+    """Random Flux prompt embeddings (T5 sequence and pooled CLIP), and with ``negative`` their negatives."""
+    out = dict(prompt_embeds=torch.randn(batch, 5, 8, generator=g), pooled_prompt_embeds=torch.randn(batch, 8, generator=g))
+    if negative:
+        out.update(negative_prompt_embeds=torch.randn(batch, 5, 8, generator=g),
+                   negative_pooled_prompt_embeds=torch.randn(batch, 8, generator=g))
+    return out
+
+
+@pytest.mark.parametrize("guidance_embeds", [True, False], ids=["guidance-distilled", "no-guidance-embedding"])
+def test_flux_pipeline(vae, guidance_embeds):
+    """Width 1 is FluxPipeline's own images: packed latents, its sigmas linspace(1, 1/T, T) shifted by mu from the
+    sequence length, timestep / 1000, the distilled guidance embedding, and true classifier-free guidance with a
+    negative prompt (one batched call here, two calls there). Width 3 is the library run by hand on the packed
+    latents, well closer to the serial loop than step skipping."""
+    pipe = _flux_pipeline(vae, guidance_embeds)
+    gen = lambda seed=1: torch.Generator().manual_seed(seed)
+    embeds = _flux_embeds(gen(0), negative=True)
+    positive = {k: v for k, v in embeds.items() if not k.startswith("negative_")}
+    kw = dict(**positive, num_inference_steps=8, guidance_scale=3.5, height=16, width=16, output_type="np")
+    ref = pipe(generator=gen(), **kw).images
+    assert ref.shape == (2, 16, 16, 3)
+    np_testing_close(DRiffusionPipeline(pipe, width=1)(generator=gen(), **kw).images, ref, 1e-4)
+    true_cfg = dict(kw, **embeds, true_cfg_scale=3.0)
+    ref_cfg = pipe(generator=gen(), **true_cfg).images
+    assert abs(ref_cfg - ref).max() > 1e-2  # the negative prompt reaches the model
+    np_testing_close(DRiffusionPipeline(pipe, width=1)(generator=gen(), **true_cfg).images, ref_cfg, 1e-4)
+
+    fast = DRiffusionPipeline(pipe, width=3)
+    with pytest.warns(WideWindowWarning):  # 3 of 8 steps: a wide window on this short grid
+        out = fast(generator=gen(), **{**true_cfg, "output_type": "latent"}).images
+    assert fast.last_output.rounds == expected_rounds(8, 3) and fast.last_output.evals == 8
+    # by hand: the pipeline's packed latents and position ids, its grid, CFG over [negative; positive]
+    x, image_ids = pipe.prepare_latents(2, 4, 16, 16, torch.float32, torch.device("cpu"), gen(), None)
+    sigmas = np.linspace(1.0, 1 / 8, 8)
+    transition, grid = from_diffusers(pipe.scheduler, mu=calculate_shift(x.shape[1], pipe.scheduler.config), sigmas=sigmas)
+    f = DiffusersPredictor(pipe.transformer, 3.0, model_kwargs=dict(txt_ids=torch.zeros(5, 3), img_ids=image_ids))
+    cond = dict(encoder_hidden_states=embeds["prompt_embeds"], pooled_projections=embeds["pooled_prompt_embeds"],
+                negative_encoder_hidden_states=embeds["negative_prompt_embeds"],
+                negative_pooled_projections=embeds["negative_pooled_prompt_embeds"])
+    if guidance_embeds:
+        cond["guidance"] = torch.full([2], 3.5)
+    with pytest.warns(WideWindowWarning):
+        direct = DraftRefineScheduler(transition, grid, 3).sample(f, x, executor=BatchedExecutor(), cond=cond)
+    _same(out, direct.x)
+    serial = sample_serial(f, x, transition, grid, cond=cond).x
+    skipped = sample_step_skipping(f, x, transition, grid, direct.rounds, cond=cond).x
+    assert (direct.x - serial).norm() < 0.3 * (skipped - serial).norm()  # measured 0.13 (guidance-distilled), 0.14
+
+
+def test_flux_images_per_prompt_and_refusals(vae):
+    """Given embeddings with one row per prompt are repeated per image: the pipeline's images for
+    num_images_per_prompt=2, and those of the embeddings repeated by hand. A scheduler other than flow matching,
+    and loop options DRiffusion does not run, are refused by name."""
+    from driffusion_core.errors import UnexpectedArgumentError
+
+    pipe = _flux_pipeline(vae)
+    gen = lambda seed=1: torch.Generator().manual_seed(seed)
+    embeds = _flux_embeds(gen(0), batch=1)
+    kw = dict(num_inference_steps=6, height=16, width=16, output_type="np")
+    ref = pipe(generator=gen(), **embeds, **kw, num_images_per_prompt=2).images
+    by_hand = pipe(generator=gen(), **{k: v.repeat_interleave(2, dim=0) for k, v in embeds.items()}, **kw).images
+    ours = DRiffusionPipeline(pipe, width=1)(generator=gen(), **embeds, **kw, num_images_per_prompt=2).images
+    assert ours.shape[0] == 2
+    np_testing_close(ours, by_hand, 1e-4)
+    np_testing_close(ours, ref, 1e-4)
+    custom = dict(kw, sigmas=[1.0, 0.7, 0.45, 0.3, 0.15, 0.05])  # the pipeline's sigmas= (still shifted by mu)
+    ref = pipe(generator=gen(), **embeds, **custom).images
+    np_testing_close(DRiffusionPipeline(pipe, width=1)(generator=gen(), **embeds, **custom).images, ref, 1e-4)
+    with pytest.raises(UnexpectedArgumentError, match="'callback_on_step_end' is not supported"):
+        DRiffusionPipeline(pipe, width=2)(**embeds, **kw, callback_on_step_end=lambda *a: {})
+    ddim = _flux_pipeline(vae, scheduler=need("DDIMScheduler")())
+    with pytest.raises(InvalidArgumentError, match="FluxPipeline with DDIMScheduler.*FlowMatchEulerDiscreteScheduler"):
+        DRiffusionPipeline(ddim, width=2)(**embeds, **kw)

@@ -21,6 +21,12 @@ Calling styles (``style``), taken from the model's class name by default:
   its negative is a dict with the same keys).
 * ``"sd3"``: ``SD3Transformer2DModel(hidden_states=, timestep=, encoder_hidden_states=, pooled_projections=)``;
   cond: ``encoder_hidden_states``, ``pooled_projections``.
+* ``"flux"``: ``FluxTransformer2DModel(hidden_states=, timestep=t / 1000, encoder_hidden_states=, pooled_projections=,
+  guidance=)`` on packed latents ``[B, L, C]``; cond: ``encoder_hidden_states``, ``pooled_projections`` and
+  ``guidance`` (the distilled guidance, ``[B]``; shared by both halves of true classifier-free guidance, so it
+  needs no negative). The position ids ``txt_ids`` / ``img_ids`` (``[L, 3]``, no batch dimension) go in
+  ``model_kwargs``. The model time is divided by 1000 as FluxPipeline does (the scheduler's timesteps are
+  sigma * 1000).
 
 For guidance pass, for every conditioning tensor (or dict of tensors) ``name``, its negative as ``negative_<name>``.
 Outputs may be a tensor, an object with ``.sample``, or a tuple (first element); a model that also
@@ -42,6 +48,7 @@ STYLES: Dict[str, str] = {
     "UNet2DModel": "unet2d",
     "UNet2DConditionModel": "unet2d_condition",
     "SD3Transformer2DModel": "sd3",
+    "FluxTransformer2DModel": "flux",
 }
 
 #: conditioning names each style accepts (their negatives are ``negative_<name>``)
@@ -50,8 +57,12 @@ COND_NAMES: Dict[str, tuple] = {
     "unet2d_condition": ("encoder_hidden_states", "encoder_attention_mask", "class_labels", "timestep_cond",
                          "added_cond_kwargs"),
     "sd3": ("encoder_hidden_states", "pooled_projections"),
+    "flux": ("encoder_hidden_states", "pooled_projections", "guidance"),
 }
-_REQUIRED = {"unet2d": (), "unet2d_condition": ("encoder_hidden_states",), "sd3": ("encoder_hidden_states", "pooled_projections")}
+_REQUIRED = {"unet2d": (), "unet2d_condition": ("encoder_hidden_states",), "sd3": ("encoder_hidden_states", "pooled_projections"),
+             "flux": ("encoder_hidden_states", "pooled_projections")}
+#: conditioning both guidance halves share (its negative defaults to it)
+_SHARED = {"flux": ("guidance",)}
 
 
 def rescale_guidance(guided: torch.Tensor, cond_out: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
@@ -102,12 +113,12 @@ class DiffusersPredictor:
     """Wrap a diffusers denoiser as ``predictor(x, t, **cond) -> Tensor`` shaped like x.
 
     Arguments:
-        model: a ``UNet2DModel``, ``UNet2DConditionModel`` or ``SD3Transformer2DModel`` (or any module
-            with one of their calling styles; then give ``style``).
+        model: a ``UNet2DModel``, ``UNet2DConditionModel``, ``SD3Transformer2DModel`` or ``FluxTransformer2DModel``
+            (or any module with one of their calling styles; then give ``style``).
         guidance_scale: w; classifier-free guidance runs when w > 1 (as in diffusers' pipelines) and
             then every conditioning tensor needs its ``negative_<name>``.
         guidance_rescale: phi in [0, 1] (diffusers' ``guidance_rescale``); 0 disables it.
-        style: ``"unet2d"``, ``"unet2d_condition"`` or ``"sd3"``; default from the class name.
+        style: ``"unet2d"``, ``"unet2d_condition"``, ``"sd3"`` or ``"flux"``; default from the class name.
         model_kwargs: fixed keyword arguments for every call (e.g. ``cross_attention_kwargs``,
             ``joint_attention_kwargs``); never batched.
         enable_grad: run the model with autograd on (default: under ``torch.no_grad()``).
@@ -133,8 +144,9 @@ class DiffusersPredictor:
             name = type(model).__name__
             if name not in STYLES:
                 raise InvalidArgumentError(
-                    f"Unknown model class {name}: pass style='unet2d', 'unet2d_condition' or 'sd3' "
-                    f"(the calling style of UNet2DModel, UNet2DConditionModel or SD3Transformer2DModel)."
+                    f"Unknown model class {name}: pass style='unet2d', 'unet2d_condition', 'sd3' or 'flux' "
+                    f"(the calling style of UNet2DModel, UNet2DConditionModel, SD3Transformer2DModel or "
+                    f"FluxTransformer2DModel)."
                 )
             style = STYLES[name]
         if style not in COND_NAMES:
@@ -170,7 +182,8 @@ class DiffusersPredictor:
             if pos.get(name) is None:
                 raise InvalidArgumentError(f"Style {self.style!r} needs cond {name!r} (a tensor with leading dim B).")
         if self.do_classifier_free_guidance:
-            missing = [n for n, v in pos.items() if v is not None and neg.get(n) is None]
+            shared = _SHARED.get(self.style, ())
+            missing = [n for n, v in pos.items() if v is not None and neg.get(n) is None and n not in shared]
             if missing:
                 raise InvalidArgumentError(
                     f"guidance_scale={self.guidance_scale:g} > 1 needs the negative conditioning "
@@ -182,6 +195,8 @@ class DiffusersPredictor:
         kw = {k: v for k, v in cond.items() if v is not None}
         if self.style == "sd3":
             out = self.model(hidden_states=x, timestep=t, return_dict=False, **kw, **self.model_kwargs)
+        elif self.style == "flux":
+            out = self.model(hidden_states=x, timestep=t.to(x.dtype) / 1000, return_dict=False, **kw, **self.model_kwargs)
         else:
             out = self.model(x, t, return_dict=False, **kw, **self.model_kwargs)
         out = _unwrap(out)
@@ -196,7 +211,9 @@ class DiffusersPredictor:
         with torch.set_grad_enabled(self.enable_grad and torch.is_grad_enabled()):
             if not self.do_classifier_free_guidance:
                 return self._call(x, t, pos).to(x.dtype)
-            both = {name: _negative_first(name, value, neg.get(name)) for name, value in pos.items()}
+            shared = _SHARED.get(self.style, ())
+            both = {name: _negative_first(name, value, neg.get(name, value if name in shared else None))
+                    for name, value in pos.items()}
             out = self._call(torch.cat([x, x]), torch.cat([t, t]), both)
             uncond, cond_out = out.chunk(2)
             guided = uncond + self.guidance_scale * (cond_out - uncond)

@@ -16,8 +16,10 @@ for stochastic steps, given the same step noise).
 
 Supported: ``DDPMPipeline`` / ``DDIMPipeline`` (unconditional), ``StableDiffusionPipeline``,
 ``StableDiffusionXLPipeline`` (its pooled embeddings and size / crop micro-conditioning as the UNet's
-``added_cond_kwargs``) and ``StableDiffusion3Pipeline`` (and their subclasses), with any scheduler
-:func:`from_diffusers` takes:
+``added_cond_kwargs``), ``StableDiffusion3Pipeline`` and ``FluxPipeline`` (packed latents, its sigmas
+``linspace(1, 1/T, T)`` shifted by mu from the sequence length, the distilled guidance embedding, and true
+classifier-free guidance with ``true_cfg_scale`` and a negative prompt, both halves in one batched call) (and
+their subclasses), with any scheduler :func:`from_diffusers` takes:
 ``DDIMScheduler``, ``DDPMScheduler``, ``FlowMatchEulerDiscreteScheduler`` or ``DPMSolverMultistepScheduler``
 (diffusers' ``DDIMPipeline`` turns the scheduler it is given into DDIM; ``DDPMPipeline`` keeps it), and
 ``EulerDiscreteScheduler`` / ``EulerAncestralDiscreteScheduler`` in ``StableDiffusionPipeline`` and
@@ -31,6 +33,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Mapping, Optional
 
+import numpy as np
 import torch
 
 from driffusion_core.errors import InvalidArgumentError, InvalidWidthError, UnexpectedArgumentError, as_count
@@ -48,12 +51,13 @@ FAMILIES = {
     "StableDiffusionPipeline": "stable_diffusion",
     "StableDiffusionXLPipeline": "stable_diffusion_xl",
     "StableDiffusion3Pipeline": "stable_diffusion_3",
+    "FluxPipeline": "flux",
 }
 
 
 def pipeline_family(pipe: Any) -> str:
-    """``"unconditional"``, ``"stable_diffusion"``, ``"stable_diffusion_xl"`` or ``"stable_diffusion_3"``, from the
-    pipeline's class (or a base)."""
+    """``"unconditional"``, ``"stable_diffusion"``, ``"stable_diffusion_xl"``, ``"stable_diffusion_3"`` or ``"flux"``,
+    from the pipeline's class (or a base)."""
     for cls in type(pipe).__mro__:
         if cls.__name__ in FAMILIES:
             return FAMILIES[cls.__name__]
@@ -165,8 +169,8 @@ class DRiffusionPipeline:
     """Run a diffusers pipeline with DRiffusion's draft-and-refine loop.
 
     Arguments:
-        pipe: a ``DDPMPipeline``, ``DDIMPipeline``, ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` or
-            ``StableDiffusion3Pipeline``. The options of the pipeline's loop that DRiffusion does not replace
+        pipe: a ``DDPMPipeline``, ``DDIMPipeline``, ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
+            ``StableDiffusion3Pipeline`` or ``FluxPipeline``. The options of the pipeline's loop that DRiffusion does not replace
             (custom ``timesteps`` / ``sigmas``, ``denoising_end``, IP-adapters, step callbacks) are refused by name.
         width: drafts per round, n >= 1 (1 reproduces the pipeline's serial loop).
         mode: ``"aggressive"`` (1 + ceil((T-1)/n) rounds) or ``"conservative"``.
@@ -226,7 +230,8 @@ class DRiffusionPipeline:
     def __call__(self, *args: Any, **kwargs: Any):
         """The pipeline's call (same arguments, same output type), its denoising loop run with DRiffusion."""
         run = {"unconditional": self._unconditional, "stable_diffusion": self._stable_diffusion,
-               "stable_diffusion_xl": self._stable_diffusion_xl, "stable_diffusion_3": self._stable_diffusion_3}[self.family]
+               "stable_diffusion_xl": self._stable_diffusion_xl, "stable_diffusion_3": self._stable_diffusion_3,
+               "flux": self._flux}[self.family]
         ours = inspect.signature(run).parameters
         name = type(self.pipe).__name__
         # the arguments as the wrapped pipeline's own __call__ takes them: its names (positional arguments
@@ -528,6 +533,103 @@ class DRiffusionPipeline:
             image = pipe.image_processor.postprocess(image, output_type=output_type)
         pipe.maybe_free_model_hooks()
         return StableDiffusion3PipelineOutput(images=image) if return_dict else (image,)
+
+    # ----------------------------------------------------------------- Flux (flow matching, packed latents)
+    def _flux(
+        self,
+        prompt=None,
+        prompt_2=None,
+        negative_prompt=None,
+        negative_prompt_2=None,
+        true_cfg_scale: float = 1.0,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        num_inference_steps: int = 28,
+        sigmas=None,
+        guidance_scale: float = 3.5,
+        num_images_per_prompt: int = 1,
+        generator=None,
+        latents: Optional[torch.Tensor] = None,
+        prompt_embeds: Optional[torch.Tensor] = None,
+        pooled_prompt_embeds: Optional[torch.Tensor] = None,
+        negative_prompt_embeds: Optional[torch.Tensor] = None,
+        negative_pooled_prompt_embeds: Optional[torch.Tensor] = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        joint_attention_kwargs: Optional[dict] = None,
+        max_sequence_length: int = 512,
+        noise: Optional[NoiseSource] = None,
+    ):
+        from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
+
+        pipe, model = self.pipe, self.pipe.transformer
+        if type(pipe.scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":
+            raise InvalidArgumentError(
+                f"{type(pipe).__name__} with {type(pipe.scheduler).__name__}: Flux is a flow-matching model and its "
+                f"pipeline passes sigmas and a shift mu to the scheduler; DRiffusionPipeline runs it with "
+                f"FlowMatchEulerDiscreteScheduler (FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config))."
+            )
+        height = height or pipe.default_sample_size * pipe.vae_scale_factor
+        width = width or pipe.default_sample_size * pipe.vae_scale_factor
+        pipe.check_inputs(
+            prompt, prompt_2, height, width, negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            max_sequence_length=max_sequence_length,
+        )
+        batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        device = pipe._execution_device
+        lora_scale = (joint_attention_kwargs or {}).get("scale")
+        has_negative = negative_prompt is not None or (negative_prompt_embeds is not None
+                                                       and negative_pooled_prompt_embeds is not None)
+        true_cfg = true_cfg_scale > 1 and has_negative  # as FluxPipeline: true guidance only with a negative prompt
+
+        def encode(p, p2, pe, ppe, name):
+            pe, ppe, text_ids = pipe.encode_prompt(
+                prompt=p, prompt_2=p2, prompt_embeds=pe, pooled_prompt_embeds=ppe, device=device,
+                num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length,
+                lora_scale=lora_scale,
+            )
+            # encode_prompt repeats what it encodes per image but passes given embeddings through (FluxPipeline's
+            # transformer then broadcasts them over the images): repeat those, one row per image
+            return (_per_image(pe, batch, num_images_per_prompt, f"{name}prompt_embeds"),
+                    _per_image(ppe, batch, num_images_per_prompt, f"{name}pooled_prompt_embeds"), text_ids)
+
+        pe, ppe, text_ids = encode(prompt, prompt_2, prompt_embeds, pooled_prompt_embeds, "")
+        latents, image_ids = pipe.prepare_latents(pe.shape[0], model.config.in_channels // 4, height, width, pe.dtype,
+                                                  device, generator, latents)
+        # FluxPipeline's grid: sigmas linspace(1, 1 / T, T), shifted by mu from the packed sequence length
+        if sigmas is None and not pipe.scheduler.config.get("use_flow_sigmas", False):
+            sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        mu = calculate_shift(latents.shape[1], {"max_shift": 1.15, **pipe.scheduler.config})
+        transition, grid = _from_diffusers(pipe.scheduler, None if sigmas is not None else num_inference_steps, mu,
+                                           0.0, False, None, sigmas, check_held=False)
+        cond = {"encoder_hidden_states": pe, "pooled_projections": ppe}
+        if model.config.guidance_embeds:  # the distilled guidance, one value per image, in both halves
+            cond["guidance"] = torch.full([pe.shape[0]], float(guidance_scale), device=device, dtype=torch.float32)
+        if true_cfg:
+            npe, nppe, negative_text_ids = encode(negative_prompt, negative_prompt_2, negative_prompt_embeds,
+                                                  negative_pooled_prompt_embeds, "negative_")
+            if negative_text_ids.shape != text_ids.shape:
+                raise InvalidArgumentError(
+                    f"true_cfg_scale > 1 runs the prompt and the negative prompt in one batch, so their embeddings "
+                    f"need the same sequence length; got {text_ids.shape[0]} and {negative_text_ids.shape[0]} "
+                    f"(pad both to max_sequence_length)."
+                )
+            cond.update(negative_encoder_hidden_states=npe, negative_pooled_projections=nppe)
+        # position ids have no batch dimension: fixed keywords of every call, never repeated per draft
+        model_kwargs = {"txt_ids": text_ids, "img_ids": image_ids, "joint_attention_kwargs": joint_attention_kwargs or {}}
+        latents = self._sample(model, true_cfg_scale if true_cfg else 1.0, transition, grid, latents, cond, None,
+                               model_kwargs)
+        if output_type == "latent":
+            image = latents
+        else:
+            latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+            latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+            image = pipe.vae.decode(latents, return_dict=False)[0]
+            image = pipe.image_processor.postprocess(image, output_type=output_type)
+        pipe.maybe_free_model_hooks()
+        return FluxPipelineOutput(images=image) if return_dict else (image,)
 
     def __repr__(self) -> str:
         return f"DRiffusionPipeline({type(self.pipe).__name__}, width={self.width}, mode={self.mode!r})"
