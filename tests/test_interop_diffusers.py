@@ -948,6 +948,11 @@ def test_stable_diffusion_3_pipeline(sd3_transformer, vae, flow_config):
         direct = _direct(sd3_transformer, pipe.scheduler, 10, latents, 4, mode, 5.0, cond, mu=mu)
         _same(out, direct.x)
         assert _vs_step_skipping(direct, sd3_transformer, pipe.scheduler, 10, latents, 5.0, cond, mu=mu) < 0.6
+    # the pipeline's custom sigmas= (6 steps; last: the scheduler then holds them)
+    custom = dict(kw, sigmas=[1.0, 0.8, 0.55, 0.35, 0.2, 0.1])
+    ref_custom = pipe(generator=gen(), **custom).images
+    assert abs(ref_custom - ref).max() > 1e-3
+    np_testing_close(DRiffusionPipeline(pipe, width=1)(generator=gen(), **custom).images, ref_custom, 1e-5)
 
 
 def _per_image(embeds: dict, n: int) -> dict:

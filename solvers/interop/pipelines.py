@@ -466,6 +466,7 @@ class DRiffusionPipeline:
         height: Optional[int] = None,
         width: Optional[int] = None,
         num_inference_steps: int = 28,
+        sigmas=None,
         guidance_scale: float = 7.0,
         negative_prompt=None,
         negative_prompt_2=None,
@@ -518,7 +519,10 @@ class DRiffusionPipeline:
         if pipe.scheduler.config.get("use_dynamic_shifting", False) and mu is None:
             patch = model.config.patch_size
             mu = calculate_shift((latents.shape[2] // patch) * (latents.shape[3] // patch), pipe.scheduler.config)
-        transition, grid = _scheduler_grid(pipe.scheduler, num_inference_steps, mu=mu)
+        if sigmas is None:
+            transition, grid = _scheduler_grid(pipe.scheduler, num_inference_steps, mu=mu)
+        else:  # the pipeline's custom sigmas (shifted as the scheduler shifts them); their count is the step count
+            transition, grid = _from_diffusers(pipe.scheduler, None, mu, 0.0, False, None, sigmas, check_held=False)
         cond = {"encoder_hidden_states": pe, "pooled_projections": ppe}
         if do_cfg:
             cond.update(negative_encoder_hidden_states=npe, negative_pooled_projections=nppe)
