@@ -1844,3 +1844,22 @@ def test_flux_images_per_prompt_and_refusals(vae):
     ddim = _flux_pipeline(vae, scheduler=need("DDIMScheduler")())
     with pytest.raises(InvalidArgumentError, match="FluxPipeline with DDIMScheduler.*FlowMatchEulerDiscreteScheduler"):
         DRiffusionPipeline(ddim, width=2)(**embeds, **kw)
+
+
+def test_euler_noise_scale_follows_this_calls_step_count(unet_cond, unet_xl, vae):
+    """An Euler scheduler's init_noise_sigma (the initial noise's scale in prepare_latents) is that of the step
+    count set last: DRiffusionPipeline sets this call's steps first, as the pipelines do, so width 1 is the
+    pipeline's images on a fresh pipeline (run first) and after a call with another step count."""
+    gen = lambda seed=1: torch.Generator().manual_seed(seed)
+    embeds = _sdxl_embeds(gen(0))
+    sd_embeds = {k: embeds[k] for k in ("prompt_embeds", "negative_prompt_embeds")}
+    euler = lambda: need("EulerDiscreteScheduler")(timestep_spacing="leading", steps_offset=1, **SD_BETAS)  # noqa: E731
+    for make, kw in ((lambda: _sd_pipeline(unet_cond, euler(), vae), sd_embeds),
+                     (lambda: _sdxl_pipeline(unet_xl, euler(), vae), embeds)):
+        kw = dict(kw, num_inference_steps=6, guidance_scale=5.0, output_type="np")
+        fresh, used = make(), make()
+        ours = DRiffusionPipeline(fresh, width=1)(generator=gen(), **kw).images  # before any call of the pipeline
+        ref = used(generator=gen(), **kw).images
+        np_testing_close(ours, ref, 1e-4)
+        used(generator=gen(), **dict(kw, num_inference_steps=20))  # the scheduler now holds 20 steps
+        np_testing_close(DRiffusionPipeline(used, width=1)(generator=gen(), **kw).images, ref, 1e-4)

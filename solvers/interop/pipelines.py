@@ -131,6 +131,14 @@ def _scheduler_grid(scheduler: Any, num_inference_steps: int, mu: Optional[float
     return _from_diffusers(scheduler, num_inference_steps, mu, eta, use_clipped_model_output, None, None, check_held=False)
 
 
+def _set_timesteps(scheduler: Any, num_inference_steps: int, device: Any) -> None:
+    """``scheduler.set_timesteps(num_inference_steps)`` as the pipeline calls it before ``prepare_latents``: an
+    Euler scheduler's ``init_noise_sigma`` (the initial noise's scale) is that of the step count set last, so
+    without it the latents would be scaled for whatever grid the scheduler held (our grid itself comes from the
+    config, :func:`from_diffusers`)."""
+    scheduler.set_timesteps(num_inference_steps, device=device)
+
+
 def _refuse_euler(pipe: Any) -> None:
     """EulerDiscreteScheduler (and EulerAncestralDiscreteScheduler) needs the pipeline to scale the initial noise by ``init_noise_sigma`` and the model
     input by ``scale_model_input``: Stable Diffusion's pipeline does, the unconditional and SD3 ones do not
@@ -341,6 +349,7 @@ class DRiffusionPipeline:
             lora_scale=lora_scale, clip_skip=clip_skip,
         )
         batch = prompt_embeds.shape[0]
+        _set_timesteps(pipe.scheduler, num_inference_steps, device)  # before prepare_latents, as the pipeline
         latents = pipe.prepare_latents(batch, unet.config.in_channels, height, width, prompt_embeds.dtype, device, generator, latents)
         transition, grid = _scheduler_grid(pipe.scheduler, num_inference_steps, **_ddim_only(pipe.scheduler, {"eta": eta}))
         cond = {"encoder_hidden_states": prompt_embeds, "negative_encoder_hidden_states": negative_prompt_embeds if do_cfg else None}
@@ -412,6 +421,7 @@ class DRiffusionPipeline:
             lora_scale=(cross_attention_kwargs or {}).get("scale"), clip_skip=clip_skip,
         )
         batch = pe.shape[0]
+        _set_timesteps(pipe.scheduler, num_inference_steps, device)  # before prepare_latents, as the pipeline
         latents = pipe.prepare_latents(batch, unet.config.in_channels, height, width, pe.dtype, device, generator, latents)
         transition, grid = _scheduler_grid(pipe.scheduler, num_inference_steps, **_ddim_only(pipe.scheduler, {"eta": eta}))
         # the micro-conditioning: (original size, crop corner, target size) per image, the negative's own when
