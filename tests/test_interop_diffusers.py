@@ -1863,3 +1863,29 @@ def test_euler_noise_scale_follows_this_calls_step_count(unet_cond, unet_xl, vae
         np_testing_close(ours, ref, 1e-4)
         used(generator=gen(), **dict(kw, num_inference_steps=20))  # the scheduler now holds 20 steps
         np_testing_close(DRiffusionPipeline(used, width=1)(generator=gen(), **kw).images, ref, 1e-4)
+
+
+def test_guidance_batches_lists_of_tensors_item_by_item(unet_xl, vae):
+    """A conditioning value that is a list of per-sample tensors (e.g. IP-adapter image_embeds inside
+    added_cond_kwargs) is batched [negative; positive] item by item; a negative list of another length is refused,
+    never dropped. A bad step count is named before the pipeline's scheduler sees it."""
+    seen = {}
+
+    def model(x, t, return_dict=False, encoder_hidden_states=None, added_cond_kwargs=None):
+        seen.update(added_cond_kwargs)
+        return (0.1 * x,)
+
+    f = DiffusersPredictor(model, guidance_scale=2.0, style="unet2d_condition")
+    x, t, emb = torch.randn(2, 4), torch.full((2,), 500), torch.randn(2, 3, 8)
+    pos, neg = [torch.ones(2, 5)], [torch.zeros(2, 5)]
+    torch.testing.assert_close(f(x, t, encoder_hidden_states=emb, negative_encoder_hidden_states=emb,
+                                 added_cond_kwargs={"image_embeds": pos}, negative_added_cond_kwargs={"image_embeds": neg}),
+                               0.1 * x)
+    assert isinstance(seen["image_embeds"], list) and torch.equal(seen["image_embeds"][0], torch.cat([neg[0], pos[0]]))
+    with pytest.raises(InvalidArgumentError, match=r"negative_added_cond_kwargs\['image_embeds'\] must be a list of 1"):
+        f(x, t, encoder_hidden_states=emb, negative_encoder_hidden_states=emb,
+          added_cond_kwargs={"image_embeds": pos}, negative_added_cond_kwargs={"image_embeds": neg * 2})
+    pipe = _sdxl_pipeline(unet_xl, need("EulerDiscreteScheduler")(**SD_BETAS), vae)
+    for steps in (0, None, "6"):
+        with pytest.raises(InvalidArgumentError, match="num_inference_steps must be an int >= 1"):
+            DRiffusionPipeline(pipe, width=2)(**_sdxl_embeds(torch.Generator().manual_seed(0)), num_inference_steps=steps)

@@ -87,7 +87,8 @@ def _unwrap(out: Any) -> torch.Tensor:
 def _negative_first(name: str, value: Any, other: Any) -> Any:
     """The guidance batch's conditioning ``[negative; positive]`` for one keyword: tensors with a batch dimension
     are concatenated (the negative of the same shape), a dict of them key by key (the negative with the same
-    keys, e.g. SDXL's ``added_cond_kwargs``); anything else (a 0-d tensor, None) is passed as it is."""
+    keys, e.g. SDXL's ``added_cond_kwargs``), a list of them item by item (the negative a list of the same
+    length, e.g. IP-adapter ``image_embeds``); anything else (a 0-d tensor, None) is passed as it is."""
     if isinstance(value, Mapping):
         if not isinstance(other, Mapping) or set(other) != set(value):
             got = sorted(other) if isinstance(other, Mapping) else type(other).__name__
@@ -97,6 +98,14 @@ def _negative_first(name: str, value: Any, other: Any) -> Any:
                 f"size / crop ids as time_ids)."
             )
         return {key: _negative_first(f"{name}[{key!r}]", v, other[key]) for key, v in value.items()}
+    if isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) and v.dim() > 0 for v in value):
+        if not isinstance(other, (list, tuple)) or len(other) != len(value):
+            got = f"{type(other).__name__} of {len(other)}" if isinstance(other, (list, tuple)) else type(other).__name__
+            raise InvalidArgumentError(
+                f"negative_{name} must be a list of {len(value)} like {name} (a list of per-sample tensors), got "
+                f"{got}: guidance runs both in one batch, item by item."
+            )
+        return type(value)(_negative_first(f"{name}[{i}]", v, o) for i, (v, o) in enumerate(zip(value, other)))
     if isinstance(value, torch.Tensor) and value.dim() > 0:
         if not isinstance(other, torch.Tensor) or other.shape != value.shape:
             got = tuple(other.shape) if isinstance(other, torch.Tensor) else type(other).__name__

@@ -136,6 +136,7 @@ def _set_timesteps(scheduler: Any, num_inference_steps: int, device: Any) -> Non
     Euler scheduler's ``init_noise_sigma`` (the initial noise's scale) is that of the step count set last, so
     without it the latents would be scaled for whatever grid the scheduler held (our grid itself comes from the
     config, :func:`from_diffusers`)."""
+    num_inference_steps = as_count(num_inference_steps, "num_inference_steps", 1)  # as from_diffusers checks it
     scheduler.set_timesteps(num_inference_steps, device=device)
 
 
