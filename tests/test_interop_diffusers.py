@@ -908,7 +908,8 @@ def test_predictor_passes_model_kwargs_in_every_style():
     x, t = torch.randn(2, 4, 4, 4), torch.tensor([10, 20])
     extra = {"scale": 0.3}
     for style, cond in (("unet2d", {}), ("unet2d_condition", {"encoder_hidden_states": torch.zeros(2, 3, 8)}),
-                        ("sd3", {"encoder_hidden_states": torch.zeros(2, 3, 8), "pooled_projections": torch.zeros(2, 8)})):
+                        ("sd3", {"encoder_hidden_states": torch.zeros(2, 3, 8), "pooled_projections": torch.zeros(2, 8)}),
+                        ("flux", {"encoder_hidden_states": torch.zeros(2, 3, 8), "pooled_projections": torch.zeros(2, 8)})):
         for guided in (False, True):
             seen.clear()
             negative = {f"negative_{k}": v for k, v in cond.items()} if guided else {}
@@ -1889,3 +1890,20 @@ def test_guidance_batches_lists_of_tensors_item_by_item(unet_xl, vae):
     for steps in (0, None, "6"):
         with pytest.raises(InvalidArgumentError, match="num_inference_steps must be an int >= 1"):
             DRiffusionPipeline(pipe, width=2)(**_sdxl_embeds(torch.Generator().manual_seed(0)), num_inference_steps=steps)
+
+
+def test_flux_pipeline_passes_joint_attention_kwargs(vae):
+    """joint_attention_kwargs reach Flux's attention processors: width 1 equals the pipeline's own call with them."""
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    pipe = _flux_pipeline(vae)
+    pipe.transformer = _with_gain(pipe.transformer, FluxAttnProcessor)
+    kw = dict(**_flux_embeds(torch.Generator().manual_seed(0)), num_inference_steps=5, height=16, width=16,
+              output_type="latent")
+    gen = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    opts = dict(joint_attention_kwargs={"gain": 1.5})
+    ref = pipe(generator=gen(), **kw, **opts).images
+    ours = DRiffusionPipeline(pipe, width=1)(generator=gen(), **kw, **opts).images
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    plain = DRiffusionPipeline(pipe, width=1)(generator=gen(), **kw).images
+    assert (ours - plain).abs().max() > 1e-3
