@@ -8,19 +8,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import List, Optional
 
+from benchmarks.cli import count, out_dir
 from benchmarks.config import SECTIONS, preset
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0].strip("`: "))
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description="The benchmark suite.")
     p.add_argument("--quick", action="store_true", help="small settings, under a minute on 2 idle cores (results in results/quick/)")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results[/quick])")
+    p.add_argument("--out", type=out_dir, default=None, help="output folder (default benchmarks/results[/quick])")
     p.add_argument("--only", type=str, default=None,
                    help=f"comma-separated sections to run, from: {','.join(SECTIONS)} (default all)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2, the reference machine)")
+    p.add_argument("--threads", type=count(), default=None, help="torch CPU threads (default 2, the reference machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     if args.only is None:
@@ -40,8 +40,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     cfg = preset(args.quick)
     if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit(f"--threads must be a positive int, got {args.threads}")
         cfg = cfg.with_(threads=args.threads)
     run(cfg, args.sections, args.out, progress=not args.no_progress)
     return 0

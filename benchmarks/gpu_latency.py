@@ -34,6 +34,7 @@ import torch
 
 from backends import BatchedExecutor, SerialExecutor, StreamExecutor
 from benchmarks.cases import family
+from benchmarks.cli import count, count_list, out_dir
 from benchmarks.latency import configs as latency_configs
 from driffusion_core import NoiseSource
 from solvers import sample_serial
@@ -186,16 +187,22 @@ def to_markdown(result: dict) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_latency", description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--widths", default="1,2,3,4", help="comma-separated widths")
+    p.add_argument("--device", default="cuda", help="a torch device: cuda (default), cuda:1, cpu")
+    p.add_argument("--steps", type=count(), default=50)
+    p.add_argument("--repeats", type=count(), default=7)
+    p.add_argument("--batch", type=count(), default=1)
+    p.add_argument("--widths", type=count_list(), default=[1, 2, 3, 4], help="comma-separated widths")
     p.add_argument("--no-diffusers", action="store_true", help="time the digits UNet only")
-    p.add_argument("--out", default=None, help="folder for gpu_latency.md and gpu_latency.json")
+    p.add_argument("--out", type=out_dir, default=None, help="folder for gpu_latency.md and gpu_latency.json")
     a = p.parse_args(argv)
-    widths = [int(w) for w in a.widths.split(",") if w]
-    result = run(a.device, a.steps, widths, a.repeats, a.batch, not a.no_diffusers)
+    try:
+        device = torch.device(a.device)
+    except RuntimeError as e:
+        p.error(f"--device: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here (torch.cuda.is_available() is False); use --device cpu to "
+                "check that the script runs")
+    result = run(a.device, a.steps, a.widths, a.repeats, a.batch, not a.no_diffusers)
     text = to_markdown(result)
     print(text)
     if a.out:

@@ -45,6 +45,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from backends import BatchedExecutor
+from benchmarks.cli import new_file
 from driffusion_core import DraftRefineScheduler, FlowSchedule, NoiseSource, VPSchedule
 from driffusion_core.scheduler import evaluate_round
 from solvers import DDIMSkip, DDPMSkip, DPMSolverSkip, FlowEulerSkip, PicardScheduler, ring_mixture, sample_serial
@@ -330,7 +331,8 @@ if __name__ == "__main__":  # pragma: no cover - manual use: python -m benchmark
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.picard_study", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smaller, faster run")
-    parser.add_argument("--plot", metavar="PATH", default=None, help="also save the error-against-rounds plot (PNG) here")
+    parser.add_argument("--plot", metavar="PATH", type=new_file, default=None,
+                        help="also save the error-against-rounds plot (PNG) here")
     args = parser.parse_args()
     res = run(args.quick)
     if args.plot:

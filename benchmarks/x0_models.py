@@ -25,6 +25,7 @@ from typing import Dict, List, Optional
 import torch
 
 from benchmarks.cases import family
+from benchmarks.cli import count
 from benchmarks.metrics import rmse
 from benchmarks.report import fmt, md_table
 from driffusion_core import DraftRefineScheduler, NoiseSource, reparameterize
@@ -83,9 +84,9 @@ def markdown(rows: List[Dict[str, object]]) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.x0_models", description=__doc__.split("\n")[0])
-    p.add_argument("--batch", type=int, default=2000)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--width", type=int, default=4)
+    p.add_argument("--batch", type=count(), default=2000)
+    p.add_argument("--steps", type=count(), default=50)
+    p.add_argument("--width", type=count(), default=4)
     a = p.parse_args(argv)
     print(f"ring oracle, float64, batch {a.batch}, seed {SEED_X}, T = {a.steps}, width {a.width}; "
           "ratio = DRiffusion's RMSE to serial / step skipping's at the same rounds")

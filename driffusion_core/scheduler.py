@@ -136,6 +136,11 @@ def check_inputs(x: Any, cond: Optional[Mapping[str, Any]], what: str = "cond") 
         raise InvalidArgumentError("x must have a batch dimension [B, ...], got a 0-d tensor (shape ()).")
     if x.shape[0] < 1:
         raise InvalidArgumentError(f"x holds no samples (batch size 0, shape {tuple(x.shape)}); give at least one.")
+    if x[0].numel() == 0:
+        raise InvalidArgumentError(
+            f"x holds no values per sample (shape {tuple(x.shape)}: a dimension after the batch is 0); a sample "
+            f"needs at least one value."
+        )
     if x.device.type == "meta":
         raise DeviceMismatchError(
             "x is a meta tensor (a shape without data); sampling needs values: create x on 'cpu' or 'cuda'."

@@ -36,6 +36,12 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=60.0)
     ap.add_argument("--save", default=None, help="rank 0 saves the sample here (torch.save)")
     args = ap.parse_args()
+    for name in ("steps", "width", "batch"):  # refused here, on every rank, before any process group exists
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            ap.error(f"--{name} must be an int >= 1, got {value}")
+    if not args.timeout > 0:
+        ap.error(f"--timeout must be a positive number of seconds, got {args.timeout}")
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     env = init_from_env(backend=args.backend)
@@ -49,7 +55,7 @@ def main() -> None:
     grid = schedule.timesteps(args.steps, "trailing")  # trailing spacing: the safer one for wide windows
 
     executor = DistributedExecutor(timeout=args.timeout)
-    width = args.width or env.world_size
+    width = args.width if args.width is not None else env.world_size
     sched = DraftRefineScheduler(transition, grid, width=width, mode=args.mode)
     x = NoiseSource(args.seed).initial((args.batch, 2), device=device)  # the same on every rank
     out = sched.sample(predictor, x, executor=executor, noise=NoiseSource(args.seed + 1))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from proofs import load, run_all
@@ -18,6 +19,11 @@ def main(argv=None) -> int:
     parser.add_argument("--json", dest="json_path", default=None, metavar="PATH",
                         help="also write every result (status, residuals, counterexample) to PATH as JSON")
     args = parser.parse_args(argv)
+    if args.json_path:  # checked before the proofs run, not when their results are written
+        folder = os.path.dirname(os.path.abspath(args.json_path))
+        if os.path.isdir(args.json_path) or not os.path.isdir(folder):
+            parser.error(f"--json {args.json_path}: {'a folder' if os.path.isdir(args.json_path) else f'the folder {folder} does not exist'}; "
+                         f"give a file path in an existing folder")
     if args.list:
         for ident in load():
             print(f"{ident.name:36s} {'' if ident.expect_holds else '(known non-identity) '}{ident.statement}")

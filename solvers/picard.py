@@ -88,12 +88,11 @@ When to use which (measured on the exact 2-D ring oracle by ``benchmarks/picard_
 from __future__ import annotations
 
 import math
-from numbers import Real
 from typing import Any, Dict, List, Mapping, Optional, Union
 
 import torch
 
-from driffusion_core.errors import InvalidArgumentError, as_count
+from driffusion_core.errors import InvalidArgumentError, as_count, is_real
 from driffusion_core.executor import Executor, Predictor
 from driffusion_core.grid import TimeGrid
 from driffusion_core.noise import NoiseSource
@@ -363,7 +362,8 @@ def _refreeze(transition: SkipTransition, y: torch.Tensor, x_eval: torch.Tensor,
 
 
 def _check_tolerance(tolerance: Any) -> float:
-    if isinstance(tolerance, bool) or not isinstance(tolerance, Real) or math.isnan(float(tolerance)) or tolerance < 0:
+    """``tolerance`` as a float >= 0 (inf allowed): a Python, numpy or 0-d tensor real number."""
+    if not is_real(tolerance) or math.isnan(float(tolerance)) or float(tolerance) < 0:
         raise InvalidArgumentError(
             f"tolerance must be a number >= 0 (the largest accepted change of a level, in units of that "
             f"level's noise std sigma_t), got {tolerance!r}. Use 0 for the exact serial result, "

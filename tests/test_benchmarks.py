@@ -1018,3 +1018,55 @@ def test_quick_report_says_its_distributed_row_is_not_representative(name):
         assert caveat in lines[i + 1]  # right under the distributed row
     else:
         assert caveat not in report and caveat not in summary
+
+
+@pytest.mark.parametrize("argv", [
+    ["python -m benchmarks", "--threads", "0"],
+    ["python -m benchmarks", "--out", "FILE"],
+    ["benchmarks.gpu_latency", "--widths", "0,2"],
+    ["benchmarks.gpu_latency", "--widths", "a"],
+    ["benchmarks.gpu_latency", "--repeats", "0"],
+    ["benchmarks.gpu_latency", "--device", "foo"],
+    ["benchmarks.x0_models", "--batch", "0"],
+    ["benchmarks.x0_models", "--width", "-2"],
+    ["benchmarks.models.train", "--steps", "0"],
+    ["benchmarks.models.train", "--threads", "-1"],
+    ["proofs", "--json", "NO_DIR/p.json"],
+], ids=lambda argv: " ".join(argv[1:]))
+def test_command_lines_refuse_bad_numbers_and_paths_up_front(argv, tmp_path, capsys):
+    """A bad count or path is an argparse error (exit status 2, the option named) before any work starts: no
+    traceback after minutes of work, and `train --steps 0` never writes untrained weights over the committed ones."""
+    import importlib
+
+    prog, args = argv[0], [a.replace("FILE", str(tmp_path / "a_file")).replace("NO_DIR", str(tmp_path / "missing"))
+                           for a in argv[1:]]
+    (tmp_path / "a_file").write_text("")
+    if prog == "python -m benchmarks":
+        main = lambda a: parse_args(a)  # noqa: E731
+    elif prog == "proofs":
+        main = importlib.import_module("proofs.__main__").main
+    else:
+        main = importlib.import_module(prog).main
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    assert args[0] in capsys.readouterr().err
+
+
+def test_gpu_latency_refuses_cuda_where_there_is_none(capsys):
+    from benchmarks import gpu_latency
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the refusal is for machines without it")
+    with pytest.raises(SystemExit) as info:
+        gpu_latency.main(["--device", "cuda"])
+    assert info.value.code == 2 and "use --device cpu" in capsys.readouterr().err
+
+
+def test_picard_study_checks_its_plot_path_before_the_run(tmp_path):
+    """--plot into a folder that does not exist is refused at once (it used to fail after the whole study)."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.picard_study", "--quick", "--plot", str(tmp_path / "no" / "p.png")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr, proc.stderr[-500:]

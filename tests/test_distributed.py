@@ -1354,3 +1354,13 @@ def test_describe_names_each_ranks_device(devices, shown):
     text = ex.describe()
     assert shown in text, text
     assert ":inputs" not in text and f"world_size={len(devices)}" in text
+
+
+@pytest.mark.parametrize("bad", [["--width", "0"], ["--timeout", "0"]])
+def test_the_distributed_example_refuses_bad_numbers_before_any_process_group(bad):
+    """examples/distributed_sample.py names a bad count at once (argparse, exit status 2), before it joins a
+    process group (width 0 used to be taken as the world size)."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "distributed_sample.py"
+    proc = subprocess.run([sys.executable, str(example), *bad], capture_output=True, text=True, timeout=60,
+                          cwd=example.parents[1])
+    assert proc.returncode == 2 and bad[0] in proc.stderr, proc.stderr[-500:]

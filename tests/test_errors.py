@@ -367,7 +367,9 @@ def test_x_not_a_float_tensor(x):
 
 
 @pytest.mark.parametrize("x,message", [(torch.zeros(()), r"x must have a batch dimension \[B, \.\.\.\], got a 0-d tensor"),
-                                       (torch.zeros(0, 2), r"x holds no samples \(batch size 0, shape \(0, 2\)\)")])
+                                       (torch.zeros(0, 2), r"x holds no samples \(batch size 0, shape \(0, 2\)\)"),
+                                       (torch.zeros(4, 0), r"x holds no values per sample \(shape \(4, 0\)"),
+                                       (torch.zeros(2, 3, 0, 5), r"x holds no values per sample")])
 def test_x_without_samples(x, message):
     for call in run_both(eps_model, x=x):
         with pytest.raises(InvalidArgumentError, match=message):

@@ -776,3 +776,18 @@ def test_repr_states_the_settings():
     sched = PicardScheduler(tr, grid, 3, 0.25, max_rounds=9, init="frozen")
     assert repr(sched) == f"PicardScheduler({tr!r}, T=20, width=3, tolerance=0.25, max_rounds=9, init='frozen')"
     assert "max_rounds" not in repr(PicardScheduler(tr, grid, 3, 0.0))
+
+
+def test_tolerance_as_a_tensor_or_numpy_number_and_states_without_values():
+    """The tolerance may be a 0-d tensor or numpy number (as width, max_rounds and DDIM's eta may) and gives the
+    float's result; a state with no values per sample ([B, 0]) is refused (its mean change is NaN, so no level
+    would ever count as converged and the window would never slide)."""
+    tr, grid, model, _ = family("ddim", 12)
+    ref = PicardScheduler(tr, grid, 3, 0.1).sample(model, start(8))
+    for tol in (torch.tensor(0.1), np.float64(0.1)):
+        got = PicardScheduler(tr, grid, 3, tol).sample(model, start(8))
+        assert torch.equal(got.x, ref.x) and got.rounds == ref.rounds
+    with pytest.raises(InvalidArgumentError, match="tolerance must be a number >= 0"):
+        PicardScheduler(tr, grid, 3, torch.tensor([0.1, 0.2]))
+    with pytest.raises(InvalidArgumentError, match="x holds no values per sample"):
+        PicardScheduler(tr, grid, 3, math.inf).sample(model, torch.zeros(4, 0))

@@ -58,13 +58,13 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..cli import count, out_dir
 from .common import EMA, NUM_TRAIN_TIMESTEPS, WEIGHTS_DIR, add_noise, count_parameters
 from .digits import CLASSIFIER_FILE, UNET_FILE, DigitsClassifier, DigitsUNet, digits_data
 from .timeseries import MODEL_FILE as TS_FILE, TRAIN_SEED, TimeSeriesNet, timeseries_data
@@ -209,10 +209,10 @@ def train_classifier(steps: int, batch: int = 64, lr: float = 1e-3) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--which", choices=["digits", "classifier", "timeseries", "all"], default="all")
-    ap.add_argument("--steps", type=int, default=None, help="training steps (default: per model, see DEFAULT_STEPS)")
-    ap.add_argument("--threads", type=int, default=2,
+    ap.add_argument("--steps", type=count(), default=None, help="training steps (default: per model, see DEFAULT_STEPS)")
+    ap.add_argument("--threads", type=count(), default=2,
                     help="torch intra-op threads (default 2; use 1 on a CPU shared with other jobs)")
-    ap.add_argument("--out", type=Path, default=WEIGHTS_DIR,
+    ap.add_argument("--out", type=out_dir, default=WEIGHTS_DIR,
                     help="directory for the weight files (default: benchmarks/models/weights)")
     args = ap.parse_args(argv)
     global OUT_DIR

@@ -1,0 +1,55 @@
+"""argparse types shared by the benchmark scripts: a bad number or path is refused up front, argparse-style
+(``usage: ... error: ...``, exit status 2), not as a traceback after minutes of work."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Callable, List
+
+
+def count(minimum: int = 1) -> Callable[[str], int]:
+    """An int >= ``minimum`` (``type=count()`` for steps, batch sizes, widths, repeats, threads)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an int >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"int >= {minimum}"
+    return parse
+
+
+def count_list(minimum: int = 1) -> Callable[[str], List[int]]:
+    """A comma-separated list of ints >= ``minimum`` (e.g. ``--widths 1,2,4``), at least one."""
+    one = count(minimum)
+
+    def parse(text: str) -> List[int]:
+        values = [one(part.strip()) for part in text.split(",") if part.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected comma-separated ints >= {minimum}, e.g. 1,2,4; got {text!r}")
+        return values
+
+    parse.__name__ = "comma-separated ints"
+    return parse
+
+
+def new_file(text: str) -> Path:
+    """A file path whose folder exists (checked before the run, not when the result is written)."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file path")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"the folder {path.parent} does not exist; create it first")
+    return path
+
+
+def out_dir(text: str) -> Path:
+    """An output folder: an existing folder or a path that can be made one (not an existing file)."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
+    return path
