@@ -1907,3 +1907,31 @@ def test_flux_pipeline_passes_joint_attention_kwargs(vae):
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
     plain = DRiffusionPipeline(pipe, width=1)(generator=gen(), **kw).images
     assert (ours - plain).abs().max() > 1e-3
+
+
+def test_pipeline_with_a_tolerance_runs_picard(unet_cond, vae):
+    """DRiffusionPipeline(tolerance=...) runs the pipeline's loop as PicardScheduler: tolerance 0 is the pipeline's
+    own images (the serial loop's fixed point); a loose tolerance with a budget is the library's PicardScheduler
+    run by hand, within the budget."""
+    from solvers import PicardScheduler
+
+    scheduler = need("DDIMScheduler")(steps_offset=1, clip_sample=False, **SD_BETAS)
+    pipe = _sd_pipeline(unet_cond, scheduler, vae)
+    kw, gen = _sd_width1_is_the_pipeline(pipe)
+    ref = pipe(generator=gen(), **kw).images
+    exact = DRiffusionPipeline(pipe, width=3, tolerance=0.0)
+    np_testing_close(exact(generator=gen(), **kw).images, ref, 1e-4)
+    assert exact.last_output.rounds <= 10  # tolerance 0 in float32: the serial latency at most (here exactly 10)
+    loose = DRiffusionPipeline(pipe, width=3, tolerance=0.5, max_rounds=6)
+    assert repr(loose) == "DRiffusionPipeline(StableDiffusionPipeline, width=3, tolerance=0.5, max_rounds=6)"
+    out = loose(generator=gen(), **{**kw, "output_type": "latent"}).images
+    assert loose.last_output.rounds <= 6
+    x = pipe.prepare_latents(2, 4, 16, 16, torch.float32, torch.device("cpu"), gen(), None)
+    cond = dict(encoder_hidden_states=kw["prompt_embeds"], negative_encoder_hidden_states=kw["negative_prompt_embeds"])
+    by_hand = PicardScheduler(*from_diffusers(scheduler, 10), 3, 0.5, max_rounds=6).sample(
+        DiffusersPredictor(unet_cond, 5.0), x, executor=BatchedExecutor(), cond=cond)
+    _same(out, by_hand.x)
+    with pytest.raises(InvalidArgumentError, match="max_rounds is PicardScheduler's budget: give a tolerance"):
+        DRiffusionPipeline(pipe, width=3, max_rounds=6)
+    with pytest.raises(InvalidArgumentError, match="tolerance must be a number >= 0"):
+        DRiffusionPipeline(pipe, width=3, tolerance=-1)

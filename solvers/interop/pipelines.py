@@ -186,6 +186,11 @@ class DRiffusionPipeline:
         executor: how a round runs (default ``backends.BatchedExecutor()``: the drafts and both CFG
             halves in one model call).
         progress: show a progress bar.
+        tolerance: with a number, the loop is :class:`~solvers.PicardScheduler` (``init="skip"``) instead of
+            draft-and-refine: the tolerance dial from DRiffusion's latency (``float('inf')``) to the serial
+            loop's exact result (0), at up to ``width`` model calls per round. ``mode`` does not apply then.
+        max_rounds: with ``tolerance``, PicardScheduler's latency budget (it finishes with draft-and-refine
+            rounds in time).
 
     Calling it takes the pipeline's own arguments (``prompt_embeds``, ``num_inference_steps``,
     ``guidance_scale``, ``generator``, ``output_type``, ``height``/``width`` of the image, ...; positional
@@ -196,7 +201,8 @@ class DRiffusionPipeline:
     (:class:`~driffusion_core.SampleOutput`: ``.rounds``, ``.evals``).
     """
 
-    def __init__(self, pipe: Any, width: int = 2, mode: str = "aggressive", executor: Optional[Executor] = None, progress: bool = False):
+    def __init__(self, pipe: Any, width: int = 2, mode: str = "aggressive", executor: Optional[Executor] = None,
+                 progress: bool = False, tolerance: Optional[float] = None, max_rounds: Optional[int] = None):
         self.family = pipeline_family(pipe)
         try:
             width = as_count(width, "width", 1, None, InvalidWidthError)  # Python, numpy or 0-d tensor ints
@@ -213,14 +219,31 @@ class DRiffusionPipeline:
                 f"executor must be an Executor (e.g. backends.BatchedExecutor() or backends.SerialExecutor()), "
                 f"got {executor!r}."
             )
+        if tolerance is None and max_rounds is not None:
+            raise InvalidArgumentError(
+                "max_rounds is PicardScheduler's budget: give a tolerance too (e.g. tolerance=0.1, max_rounds=20); "
+                "draft-and-refine's rounds are fixed by the width (1 + ceil((T - 1) / width) aggressive)."
+            )
+        if tolerance is not None:
+            from solvers.picard import _check_tolerance
+
+            tolerance = _check_tolerance(tolerance)
+            if max_rounds is not None:
+                max_rounds = as_count(max_rounds, "max_rounds", 1)
         self.pipe, self.width, self.mode, self.executor, self.progress = pipe, width, mode, executor, progress
+        self.tolerance, self.max_rounds = tolerance, max_rounds
         self.last_output: Optional[SampleOutput] = None
 
     # ----------------------------------------------------------------- the loop
     def _sample(self, model, guidance_scale, transition, grid, latents, cond, noise, model_kwargs=None, guidance_rescale=0.0):
         predictor = DiffusersPredictor(model, guidance_scale, guidance_rescale, model_kwargs=model_kwargs)
         cond = {k: v for k, v in cond.items() if v is not None}
-        sched = DraftRefineScheduler(transition, grid, self.width, self.mode)
+        if self.tolerance is None:
+            sched = DraftRefineScheduler(transition, grid, self.width, self.mode)
+        else:
+            from solvers.picard import PicardScheduler
+
+            sched = PicardScheduler(transition, grid, self.width, self.tolerance, max_rounds=self.max_rounds)
         out = sched.sample(predictor, latents, executor=self.executor, noise=noise, cond=cond, progress=self.progress)
         self.last_output = out
         return out.x
@@ -647,4 +670,6 @@ class DRiffusionPipeline:
         return FluxPipelineOutput(images=image) if return_dict else (image,)
 
     def __repr__(self) -> str:
-        return f"DRiffusionPipeline({type(self.pipe).__name__}, width={self.width}, mode={self.mode!r})"
+        how = f"mode={self.mode!r}" if self.tolerance is None else f"tolerance={self.tolerance:g}" + (
+            f", max_rounds={self.max_rounds}" if self.max_rounds is not None else "")
+        return f"DRiffusionPipeline({type(self.pipe).__name__}, width={self.width}, {how})"
