@@ -1114,6 +1114,14 @@ DPM_CASES = [
     (dict(beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-5.1), 20, -1.0),  # starts at 995
     # diffusers maps deis to dpmsolver++ and bh2 to midpoint (and then wants sigma_min)
     (dict(algorithm_type="deis", solver_type="bh2", final_sigmas_type="sigma_min"), 12, 0.0),
+    # sigmas between the training timesteps ("DPM++ 2M Karras"): levels index the grid's own sigmas, 0 the last
+    (dict(use_karras_sigmas=True, **SD_BETAS), 20, 0.0),
+    (dict(use_karras_sigmas=True, timestep_spacing="trailing", **SD_BETAS), 10, 0.0),  # lower_order_final
+    (dict(use_karras_sigmas=True, prediction_type="v_prediction", solver_type="heun"), 20, 0.0),
+    (dict(use_exponential_sigmas=True), 20, 0.0),
+    (dict(use_beta_sigmas=True), 20, 0.0),
+    (dict(use_lu_lambdas=True), 20, 0.0),
+    (dict(use_karras_sigmas=True, euler_at_final=True, thresholding=True, prediction_type="sample"), 16, 0.0),
 ]
 
 
@@ -1216,10 +1224,6 @@ DPM_REFUSED = [
     (dict(algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min"), "algorithm_type='sde-dpmsolver'"),
     (dict(algorithm_type="sde-dpmsolver++"), "algorithm_type='sde-dpmsolver\\+\\+'"),
     (dict(solver_order=3), "solver_order=3"),
-    (dict(use_karras_sigmas=True), "use_karras_sigmas"),
-    (dict(use_exponential_sigmas=True), "use_exponential_sigmas"),
-    (dict(use_beta_sigmas=True), "use_beta_sigmas"),
-    (dict(use_lu_lambdas=True), "use_lu_lambdas"),
     (dict(use_flow_sigmas=True, prediction_type="flow_prediction"), "use_flow_sigmas"),
     (dict(variance_type="learned"), "variance_type='learned'"),
     (dict(variance_type="learned_range"), "variance_type='learned_range'"),
@@ -1270,6 +1274,25 @@ def test_stable_diffusion_pipeline_with_dpm_solver(unet_cond, vae):
         ours = DRiffusionPipeline(pipe, width=1)(generator=gen(), **small, **extra).images
         assert ours.shape == ref.shape
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_stable_diffusion_pipeline_with_dpm_karras(unet_cond, vae):
+    """"DPM++ 2M Karras" (DPMSolverMultistepScheduler with use_karras_sigmas): width 1 is the pipeline's images;
+    width 2 is the library by hand, well closer to the serial loop than step skipping. With
+    final_sigmas_type='sigma_min' the Karras grid's last step would go from sigma_min to sigma_min: refused."""
+    ddim = need("DDIMScheduler")(steps_offset=1, clip_sample=False, timestep_spacing="leading", **SD_BETAS)
+    pipe = _sd_pipeline(unet_cond, need("DPMSolverMultistepScheduler").from_config(ddim.config, use_karras_sigmas=True), vae)
+    kw, gen = _sd_width1_is_the_pipeline(pipe)
+    fast = DRiffusionPipeline(pipe, width=2)
+    out = fast(generator=gen(), **{**kw, "output_type": "latent"}).images
+    assert fast.last_output.rounds == expected_rounds(10, 2) and fast.last_output.evals == 10
+    latents = pipe.prepare_latents(2, 4, 16, 16, kw["prompt_embeds"].dtype, torch.device("cpu"), gen(), None)
+    cond = dict(encoder_hidden_states=kw["prompt_embeds"], negative_encoder_hidden_states=kw["negative_prompt_embeds"])
+    direct = _direct(unet_cond, pipe.scheduler, 10, latents, 2, guidance_scale=5.0, cond=cond)
+    _same(out, direct.x)
+    assert _vs_step_skipping(direct, unet_cond, pipe.scheduler, 10, latents, 5.0, cond) < 0.3  # 0.098 (T = 20: 0.17, T = 50 width 4: 0.16)
+    with pytest.raises(InvalidArgumentError, match="sigma_min to sigma_min"):
+        from_diffusers(_dpm(use_karras_sigmas=True, final_sigmas_type="sigma_min"), 10)
 
 
 def test_ddpm_pipeline_with_dpm_solver(unet2d):

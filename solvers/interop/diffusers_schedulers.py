@@ -26,9 +26,10 @@ Key (diffusers' names -> ours):
   (``solver_order`` 1 or 2, ``solver_type``, ``lower_order_final``, ``euler_at_final``); its timesteps
   (``timestep_spacing``, ``steps_offset``, ``lambda_min_clipped``) are read from its own ``set_timesteps``
   on a private copy, and the last step goes to level -1 (sigma = 0, ``final_sigmas_type="zero"``) or to
-  level 0 (``alphas_cumprod[0]``, ``final_sigmas_type="sigma_min"``). Refused: the noise-prediction and
-  SDE variants, third order, Karras / exponential / beta / Lu-lambda / flow sigmas (their levels are not
-  training timesteps), learned variances and ``flow_prediction``;
+  level 0 (``alphas_cumprod[0]``, ``final_sigmas_type="sigma_min"``). With Karras / exponential / beta
+  sigmas or Lu lambdas the levels are the grid's own sigmas (a VPSchedule of alpha-bar = 1 / (1 + sigma^2),
+  level j the j-th sigma from the clean end), the model times diffusers' nearest timesteps. Refused: the
+  noise-prediction and SDE variants, third order, flow sigmas, learned variances and ``flow_prediction``;
 * ``EulerDiscreteScheduler`` -> :class:`~solvers.DDIMSkip` (eta = 0) on the *scaled* state. Its step is
   the Euler step of the probability-flow ODE in sigma, :math:`x_{\sigma'} = x_\sigma + (\sigma' - \sigma)\hat\epsilon`
   on the latents :math:`x_\sigma = x_0 + \sigma\epsilon`, and the model sees
@@ -415,8 +416,9 @@ def _holds_grid(scheduler, sigmas: torch.Tensor, timesteps: torch.Tensor) -> boo
             and torch.equal(held_s.to(sigmas.dtype), sigmas) and torch.equal(held_t.to(timesteps.dtype), timesteps))
 
 
-# DPMSolverMultistepScheduler's sigma options: each puts the levels between training timesteps
-_DPM_SIGMAS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas")
+# DPMSolverMultistepScheduler's sigma options: each puts the levels between training timesteps (the first four
+# are taken, on a VPSchedule of the grid's own sigmas; flow sigmas are another interpolant)
+_DPM_SIGMAS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas")
 
 
 def _refuse_dpm(option: str, value: Any, why: str, instead: str):
@@ -431,13 +433,11 @@ def _dpm(scheduler, cfg, num_inference_steps: int, check_held: bool = True):
                     "('dpmsolver') and stochastic ('sde-dpmsolver', 'sde-dpmsolver++') variants are not",
                     "Use algorithm_type='dpmsolver++' (diffusers' default), e.g. "
                     "DPMSolverMultistepScheduler.from_config(config, algorithm_type='dpmsolver++').")
-    for option in _DPM_SIGMAS:
-        if cfg.get(option, False):
-            _refuse_dpm(option, cfg[option],
-                        "its levels are sigmas between the training timesteps (fractional timesteps, or a flow "
-                        "interpolant), not the training timesteps DRiffusion's VP grid reproduces; not implemented",
-                        f"Leave {option}=False (timestep_spacing chooses the timesteps), or drive DPMSolverSkip "
-                        f"with your own TimeGrid.")
+    if cfg.get("use_flow_sigmas", False):
+        _refuse_dpm("use_flow_sigmas", cfg["use_flow_sigmas"],
+                    "its levels are a flow interpolant's sigmas (with flow_prediction), not a VP schedule's",
+                    "For a flow-matching model use FlowMatchEulerDiscreteScheduler, or "
+                    "DPMSolverSkip(FlowSchedule(...), prediction='velocity') with your own grid.")
     order = cfg.get("solver_order", 2)
     if order not in (1, 2):
         _refuse_dpm("solver_order", order, "DPMSolverSkip has first order and the second-order multistep 2M only",
@@ -457,6 +457,17 @@ def _dpm(scheduler, cfg, num_inference_steps: int, check_held: bool = True):
     if final not in ("zero", "sigma_min"):  # pragma: no cover - diffusers refuses it in set_timesteps
         _refuse_dpm("final_sigmas_type", final, "it is neither 'zero' nor 'sigma_min'", "Use 'zero' or 'sigma_min'.")
 
+    options = dict(
+        prediction=prediction,
+        order=int(order),
+        solver_type=cfg.get("solver_type", "midpoint"),
+        lower_order_final=bool(cfg.get("lower_order_final", True)),
+        euler_at_final=bool(cfg.get("euler_at_final", False)),
+        x0_transform=_x0_transform(cfg),
+    )
+    sigma_option = next((o for o in _DPM_SIGMAS if cfg.get(o, False)), None)
+    if sigma_option is not None:
+        return _dpm_on_sigmas(scheduler, cfg, num_inference_steps, check_held, sigma_option, options)
     # alphas_cumprod as the scheduler holds it: every beta_schedule and trained_betas, and with
     # rescale_betas_zero_snr diffusers' alphas_cumprod[-1] = 2**-24 (not 0, so sigma stays finite).
     # That can sit above the entries just before it (linear betas: timesteps 996..998 are below 2**-24),
@@ -467,15 +478,7 @@ def _dpm(scheduler, cfg, num_inference_steps: int, check_held: bool = True):
     monotone = torch.flip(torch.cummax(torch.flip(table, [0]), 0).values, [0])
     raised = monotone != table
     schedule = VPSchedule(monotone, final_alpha_cumprod=1.0)
-    transition = DPMSolverSkip(
-        schedule,
-        prediction=prediction,
-        order=int(order),
-        solver_type=cfg.get("solver_type", "midpoint"),
-        lower_order_final=bool(cfg.get("lower_order_final", True)),
-        euler_at_final=bool(cfg.get("euler_at_final", False)),
-        x0_transform=_x0_transform(cfg),
-    )
+    transition = DPMSolverSkip(schedule, **options)
     # The timesteps are the scheduler's own set_timesteps (on a copy): DPM-Solver's leading spacing
     # divides by T + 1, lambda_min_clipped shortens the range. The levels are those training timesteps
     # (diffusers' sigmas are the table's there), then -1 (sigma = 0) or 0 (the sigma of alphas_cumprod[0]).
@@ -522,6 +525,42 @@ def _dpm(scheduler, cfg, num_inference_steps: int, check_held: bool = True):
         )
     last = t_from.new_tensor([-1.0 if final == "zero" else 0.0])
     grid = transition.make_grid(TimeGrid(t_from, torch.cat([t_from[1:], last]), timesteps, schedule.kind))
+    return transition, grid
+
+
+def _dpm_on_sigmas(scheduler, cfg, num_inference_steps: int, check_held: bool, option: str, options: dict):
+    """DPMSolverMultistepScheduler with Karras / exponential / beta sigmas or Lu lambdas: its levels are the
+    grid's own sigmas, between the training timesteps (the model is called with the nearest ones, its
+    ``timesteps``). DPM-Solver++ reads alpha_t = 1 / sqrt(1 + sigma^2) and sigma_t = sigma alpha_t there, so
+    the transition runs on a VPSchedule whose table is the grid's alpha-bar = 1 / (1 + sigma^2), level j the
+    j-th sigma counted from the clean end (as for Euler); the state is the usual VP state (not scaled)."""
+    name = "DPMSolverMultistepScheduler"
+    sig, ts = _probe(scheduler, num_inference_steps)
+    held = getattr(scheduler, "timesteps", None)
+    if check_held and getattr(scheduler, "num_inference_steps", None) and isinstance(held, torch.Tensor):
+        if not _holds_grid(scheduler, *_probe(scheduler, len(held))):
+            raise InvalidArgumentError(
+                f"This {name} holds custom timesteps (set_timesteps(timesteps=...)), which from_diffusers does not "
+                f"reproduce (it builds the config's set_timesteps({num_inference_steps})). Call "
+                f"scheduler.set_timesteps({num_inference_steps}) first (or pass scheduler.config)."
+            )
+    n = len(ts)
+    levels = sig[: n + 1].to(torch.float64)  # sigmas[i] -> sigmas[i + 1]; the last: 0 or sigma_min
+    final = cfg.get("final_sigmas_type", "zero")
+    if not bool((levels[:-1] > 0).all()) or not bool((levels[1:] < levels[:-1]).all()):
+        zero_length = n > 1 and float(levels[-1]) == float(levels[-2]) > 0
+        raise InvalidArgumentError(
+            f"{name}({option}=True, final_sigmas_type={final!r}).set_timesteps({num_inference_steps}) gives sigmas "
+            f"{[round(v, 6) for v in levels.tolist()]}, which do not decrease strictly from a positive value"
+            + (": the last step goes from sigma_min to sigma_min, a model call that changes nothing (diffusers divides "
+               "by h = 0 there). Use final_sigmas_type='zero'." if zero_length else
+               " (more steps than distinct noise levels). Use fewer inference steps.")
+        )
+    table = torch.flip(1.0 / (1.0 + levels * levels), [0])  # alpha-bar, from the clean end (level 0) up
+    schedule = VPSchedule(table, final_alpha_cumprod=1.0)
+    transition = DPMSolverSkip(schedule, **options)
+    steps = torch.arange(n, 0, -1, dtype=torch.float64)
+    grid = transition.make_grid(TimeGrid(steps, steps - 1.0, ts, schedule.kind))
     return transition, grid
 
 
