@@ -416,6 +416,21 @@ def _holds_grid(scheduler, sigmas: torch.Tensor, timesteps: torch.Tensor) -> boo
             and torch.equal(held_s.to(sigmas.dtype), sigmas) and torch.equal(held_t.to(timesteps.dtype), timesteps))
 
 
+def _refuse_held_custom(scheduler, name: str, num_inference_steps: int) -> None:
+    """Refuse a scheduler holding custom timesteps or sigmas: ``set_timesteps(timesteps=... / sigmas=...)`` leaves
+    no flag, so held ones that no ``set_timesteps(n)`` gives are custom, and from_diffusers (which builds the
+    config's ``set_timesteps(num_inference_steps)``) would not reproduce that loop."""
+    held = getattr(scheduler, "timesteps", None)
+    if getattr(scheduler, "num_inference_steps", None) and isinstance(held, torch.Tensor):
+        if not _holds_grid(scheduler, *_probe(scheduler, len(held))):
+            raise InvalidArgumentError(
+                f"This {name} holds custom timesteps or sigmas (set_timesteps(timesteps=... / sigmas=...)), which "
+                f"from_diffusers does not reproduce here (it builds the config's set_timesteps("
+                f"{num_inference_steps})). Call scheduler.set_timesteps({num_inference_steps}) first (or pass "
+                f"scheduler.config) to sample with the config's timesteps."
+            )
+
+
 # DPMSolverMultistepScheduler's sigma options: each puts the levels between training timesteps (the first four
 # are taken, on a VPSchedule of the grid's own sigmas; flow sigmas are another interpolant)
 _DPM_SIGMAS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas")
@@ -536,14 +551,8 @@ def _dpm_on_sigmas(scheduler, cfg, num_inference_steps: int, check_held: bool, o
     j-th sigma counted from the clean end (as for Euler); the state is the usual VP state (not scaled)."""
     name = "DPMSolverMultistepScheduler"
     sig, ts = _probe(scheduler, num_inference_steps)
-    held = getattr(scheduler, "timesteps", None)
-    if check_held and getattr(scheduler, "num_inference_steps", None) and isinstance(held, torch.Tensor):
-        if not _holds_grid(scheduler, *_probe(scheduler, len(held))):
-            raise InvalidArgumentError(
-                f"This {name} holds custom timesteps (set_timesteps(timesteps=...)), which from_diffusers does not "
-                f"reproduce (it builds the config's set_timesteps({num_inference_steps})). Call "
-                f"scheduler.set_timesteps({num_inference_steps}) first (or pass scheduler.config)."
-            )
+    if check_held:
+        _refuse_held_custom(scheduler, name, num_inference_steps)
     n = len(ts)
     levels = sig[: n + 1].to(torch.float64)  # sigmas[i] -> sigmas[i + 1]; the last: 0 or sigma_min
     final = cfg.get("final_sigmas_type", "zero")
@@ -602,16 +611,8 @@ def _euler(scheduler, cfg, num_inference_steps: int, check_held: bool = True, na
     if cfg.get("timestep_spacing", "linspace") == "trailing":
         _trailing_off_by_one(name, int(cfg.get("num_train_timesteps", 1000)), num_inference_steps)
     sig, ts = _probe(scheduler, num_inference_steps)
-    held = getattr(scheduler, "timesteps", None)
-    if check_held and getattr(scheduler, "num_inference_steps", None) and isinstance(held, torch.Tensor):
-        # set_timesteps(timesteps=... / sigmas=...) leaves no flag: held ones no set_timesteps(n) gives are custom
-        if not _holds_grid(scheduler, *_probe(scheduler, len(held))):
-            raise InvalidArgumentError(
-                f"This {name} holds custom timesteps or sigmas (set_timesteps(timesteps=... / sigmas=...)), which "
-                f"from_diffusers does not reproduce for Euler (it builds the config's set_timesteps("
-                f"{num_inference_steps})). Call scheduler.set_timesteps({num_inference_steps}) first (or pass "
-                f"scheduler.config) to sample with the config's timesteps."
-            )
+    if check_held:
+        _refuse_held_custom(scheduler, name, num_inference_steps)
     n = len(ts)
     levels = sig[: n + 1].to(torch.float64)  # diffusers' loop steps sigmas[i] -> sigmas[i + 1], i < len(timesteps)
     if n > 1 and float(levels[-1]) == float(levels[-2]) > 0 and bool((levels[1:-1] < levels[:-2]).all()):
