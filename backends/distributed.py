@@ -90,7 +90,9 @@ from driffusion_core.errors import (
     not_a_tensor_hint,
     safe_str,
 )
-from driffusion_core.executor import Executor, Predictor, even_shares, iter_tensors, map_tensors, stack_calls
+from driffusion_core.executor import (
+    Executor, Predictor, check_round_args, even_shares, iter_tensors, map_tensors, stack_calls,
+)
 
 try:  # torch may be built without distributed support
     import torch.distributed as dist
@@ -683,15 +685,8 @@ class DistributedExecutor(Executor):
 
     def _evaluate(self, predictor, xs, ts, cond) -> torch.Tensor:
         self._refuse_if_unusable()
-        if not isinstance(xs, torch.Tensor) or not isinstance(ts, torch.Tensor) or xs.dim() < 1:
-            raise InvalidArgumentError("DistributedExecutor: xs and ts must be tensors [K, B, ...] and [K, B].")
+        check_round_args(type(self).__name__, xs, ts, cond)
         k = xs.shape[0]
-        if ts.shape[0] != k:
-            raise InvalidArgumentError(
-                f"DistributedExecutor: xs holds {k} drafts but ts holds {ts.shape[0]}; they must match."
-            )
-        if k < 1:
-            raise InvalidArgumentError("DistributedExecutor: a round needs at least one draft.")
         cond = dict(cond or {})
         self._round += 1
         self._max_k = max(self._max_k, k)

@@ -143,10 +143,12 @@ class TimeGrid:
         return f"TimeGrid(T={len(self)}, t_from=[{head}{', ...' if len(self) > 4 else ''}], final={self.t_to[-1].item():g})"
 
 
-def refuse_bool_or_complex(values, what: str) -> None:
-    """Refuse levels or model times given as booleans or complex numbers (a tensor, numpy array or list of
-    them): torch would take a bool as 0 / 1 and drop a complex number's imaginary part (or fail comparing
-    complex levels). Anything else is left to the caller's own conversion."""
+def refuse_bool_or_complex(values, what: str, meaning: str = "floats or ints",
+                           instead: str = " Pass e.g. schedule.timesteps(num_steps).t_from.") -> None:
+    """Refuse levels or model times given as booleans or complex numbers (a Python / numpy scalar, a tensor,
+    numpy array or list of them): torch would take a bool as 0 / 1 and drop a complex number's imaginary part
+    (or fail comparing complex levels). Anything else is left to the caller's own conversion. ``what`` names
+    the argument, ``meaning`` what its numbers are, ``instead`` what to pass."""
     if isinstance(values, torch.Tensor):
         odd = str(values.dtype) if values.dtype == torch.bool or values.is_complex() else None
     else:
@@ -160,7 +162,8 @@ def refuse_bool_or_complex(values, what: str) -> None:
                 dtype = None
             odd = str(dtype) if dtype is not None and dtype.kind in ("b", "c") else None
     if odd is not None:
+        shown = repr(values) if isinstance(values, torch.Tensor) else reprlib.repr(values)
         raise InvalidTimestepsError(
-            f"{what} must be real numbers (floats or ints), got {odd} values: a bool would be taken as 0 / 1 and "
-            f"a complex number would lose its imaginary part. Pass e.g. schedule.timesteps(num_steps).t_from."
+            f"{what} must be real numbers ({meaning}), got {odd} values {shown}: a bool would be taken as 0 / 1 "
+            f"and a complex number would lose its imaginary part.{instead}"
         )

@@ -93,13 +93,18 @@ class SampleOutput:
         return f"SampleOutput(x={tuple(self.x.shape)}, rounds={self.rounds}, evals={self.evals})"
 
 
+def check_mode(mode: Any) -> None:
+    """``mode`` one of :data:`MODES`, else an error naming it."""
+    if mode not in MODES:
+        raise InvalidArgumentError(f"mode must be 'aggressive' or 'conservative', got {mode!r}.")
+
+
 def expected_rounds(num_steps: int, width: int, mode: str = "aggressive") -> int:
     r"""The closed-form round count the scheduler must achieve (used by tests and proofs):
     :math:`1 + \lceil (T-1)/n \rceil` aggressive, :math:`2\lceil T/(n+1) \rceil - [T \bmod (n+1) = 1]` conservative."""
     n = _check_width(width)
     T = as_count(num_steps, "num_steps", 1)
-    if mode not in ("aggressive", "conservative"):
-        raise InvalidArgumentError(f"mode must be 'aggressive' or 'conservative', got {mode!r}.")
+    check_mode(mode)
     if mode == "aggressive":
         return 1 + math.ceil((T - 1) / n)
     return 2 * math.ceil(T / (n + 1)) - (1 if T % (n + 1) == 1 else 0)
@@ -415,8 +420,7 @@ class DraftRefineState:
         history: Sequence[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = (),
     ):
         width = _check_width(width)
-        if mode not in MODES:
-            raise InvalidArgumentError(f"mode must be 'aggressive' or 'conservative', got {mode!r}.")
+        check_mode(mode)
         self.transition, self.grid, self.width, self.mode = transition, grid, width, mode
         self.noise = noise
         self.T = len(grid)
@@ -603,8 +607,7 @@ class DraftRefineScheduler:
             raise InvalidArgumentError(
                 f"transition must be a SkipTransition (e.g. solvers.DDIMSkip(schedule)), got {type(transition).__name__}."
             )
-        if mode not in MODES:
-            raise InvalidArgumentError(f"mode must be 'aggressive' or 'conservative', got {mode!r}.")
+        check_mode(mode)
         self.transition = transition
         self.grid = transition.make_grid(timesteps)
         self.width = _check_width(width)

@@ -23,15 +23,13 @@ from __future__ import annotations
 
 import abc
 import math
-import reprlib
 from typing import Any, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 
 from driffusion_core import coefficients as C
-from driffusion_core.errors import DeviceMismatchError, InvalidArgumentError, InvalidTimestepsError, as_count, is_bool
-from driffusion_core.grid import TimeGrid
+from driffusion_core.errors import DeviceMismatchError, InvalidArgumentError, InvalidTimestepsError, as_count
+from driffusion_core.grid import TimeGrid, refuse_bool_or_complex
 from driffusion_core.parameterization import (
     Prediction, X0Transform, check_prediction, check_x0_transform, to_x0_eps, upcast,
 )
@@ -45,25 +43,8 @@ History = Sequence[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def _refuse_bool_levels(t: Any, what: str) -> None:
-    """Refuse levels given as booleans or complex numbers (torch would take a bool as 0 / 1 and drop an
-    imaginary part): a Python / numpy scalar, a tensor or numpy array of them, or a list / tuple holding one."""
-    if isinstance(t, torch.Tensor):
-        odd = str(t.dtype) if t.dtype == torch.bool or t.is_complex() else None
-    elif isinstance(t, np.ndarray):
-        odd = str(t.dtype) if t.dtype.kind in ("b", "c") else None
-    elif isinstance(t, (list, tuple)):
-        odd = next((type(v).__name__ if not isinstance(v, torch.Tensor) else str(v.dtype) for v in t
-                    if is_bool(v) or isinstance(v, (complex, np.complexfloating))
-                    or (isinstance(v, torch.Tensor) and v.is_complex())), None)
-    else:
-        odd = type(t).__name__ if is_bool(t) or isinstance(t, (complex, np.complexfloating)) else None
-    if odd is not None:
-        shown = repr(t) if isinstance(t, torch.Tensor) else reprlib.repr(t)
-        raise InvalidTimestepsError(
-            f"{what} must be real numbers (noise levels, e.g. grid.t_from[i] and grid.t_to[i]), got {odd} "
-            f"{shown}: a bool would be taken as level 0 / 1 and a "
-            f"complex number would lose its imaginary part."
-        )
+    """Refuse an operator's levels given as booleans or complex numbers, naming the argument."""
+    refuse_bool_or_complex(t, what, "noise levels, e.g. grid.t_from[i] and grid.t_to[i]", "")
 
 
 def as_levels(t: Levels, batch: int, what: str = "Levels") -> torch.Tensor:

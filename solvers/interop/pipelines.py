@@ -3,7 +3,7 @@ r"""A drop-in that runs a diffusers pipeline's denoising loop with DRiffusion.
 ``DRiffusionPipeline(pipe, width=4)(**the pipeline's own arguments)`` keeps everything of the
 pipeline but its loop: the pipeline's own ``check_inputs``, ``encode_prompt`` (so ``prompt_embeds`` /
 ``negative_prompt_embeds`` work without a tokenizer; given embeddings are repeated per image for
-``num_images_per_prompt``, as StableDiffusionPipeline does, SD3 included), ``prepare_latents`` (the same initial noise for
+``num_images_per_prompt``, as StableDiffusionPipeline does, SD3 and Flux included), ``prepare_latents`` (the same initial noise for
 the same ``generator``), VAE decode, safety checker and ``image_processor.postprocess``. The loop
 ``for t: x = scheduler.step(model(x, t), t, x)`` becomes
 
@@ -39,7 +39,7 @@ import torch
 from driffusion_core.errors import InvalidArgumentError, InvalidWidthError, UnexpectedArgumentError, as_count
 from driffusion_core.executor import Executor
 from driffusion_core.noise import NoiseSource
-from driffusion_core.scheduler import DraftRefineScheduler, SampleOutput
+from driffusion_core.scheduler import DraftRefineScheduler, SampleOutput, check_mode
 from solvers.interop.diffusers_models import DiffusersPredictor
 from solvers.interop.diffusers_schedulers import _from_diffusers, euler_state_scales
 
@@ -131,13 +131,20 @@ def _scheduler_grid(scheduler: Any, num_inference_steps: int, mu: Optional[float
     return _from_diffusers(scheduler, num_inference_steps, mu, eta, use_clipped_model_output, None, None, check_held=False)
 
 
-def _set_timesteps(scheduler: Any, num_inference_steps: int, device: Any) -> None:
-    """``scheduler.set_timesteps(num_inference_steps)`` as the pipeline calls it before ``prepare_latents``: an
-    Euler scheduler's ``init_noise_sigma`` (the initial noise's scale) is that of the step count set last, so
-    without it the latents would be scaled for whatever grid the scheduler held (our grid itself comes from the
-    config, :func:`from_diffusers`)."""
+def _unet_start(pipe: Any, batch: int, height: int, width: int, dtype: torch.dtype, device: Any, generator: Any,
+                latents: Optional[torch.Tensor], num_inference_steps: Any, eta: float):
+    """SD / SDXL: ``(latents, transition, grid)``: the pipeline's initial latents and the sampler for its
+    scheduler. ``scheduler.set_timesteps(num_inference_steps)`` comes first, as in the pipeline: an Euler
+    scheduler's ``init_noise_sigma`` (the initial noise's scale in ``prepare_latents``) is that of the step
+    count set last (our grid itself comes from the config, :func:`from_diffusers`)."""
+    unet = pipe.unet
+    if unet.config.time_cond_proj_dim is not None:
+        raise InvalidArgumentError("UNets with time_cond_proj_dim (guidance embedding, LCM) are not supported.")
     num_inference_steps = as_count(num_inference_steps, "num_inference_steps", 1)  # as from_diffusers checks it
-    scheduler.set_timesteps(num_inference_steps, device=device)
+    pipe.scheduler.set_timesteps(num_inference_steps, device=device)
+    latents = pipe.prepare_latents(batch, unet.config.in_channels, height, width, dtype, device, generator, latents)
+    transition, grid = _scheduler_grid(pipe.scheduler, num_inference_steps, **_ddim_only(pipe.scheduler, {"eta": eta}))
+    return latents, transition, grid
 
 
 def _refuse_euler(pipe: Any) -> None:
@@ -208,8 +215,7 @@ class DRiffusionPipeline:
             width = as_count(width, "width", 1, None, InvalidWidthError)  # Python, numpy or 0-d tensor ints
         except InvalidWidthError:
             raise InvalidWidthError(f"width (drafts per round) must be an int >= 1, got {width!r}; 1 is the serial loop.") from None
-        if mode not in ("aggressive", "conservative"):
-            raise InvalidArgumentError(f"mode must be 'aggressive' or 'conservative', got {mode!r}.")
+        check_mode(mode)
         if executor is None:
             from backends import BatchedExecutor
 
@@ -357,8 +363,6 @@ class DRiffusionPipeline:
         from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
         pipe, unet = self.pipe, self.pipe.unet
-        if unet.config.time_cond_proj_dim is not None:
-            raise InvalidArgumentError("UNets with time_cond_proj_dim (guidance embedding, LCM) are not supported.")
         size = unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         if not height or not width:  # as StableDiffusionPipeline: both sides fall back to the UNet's size together
@@ -373,9 +377,8 @@ class DRiffusionPipeline:
             lora_scale=lora_scale, clip_skip=clip_skip,
         )
         batch = prompt_embeds.shape[0]
-        _set_timesteps(pipe.scheduler, num_inference_steps, device)  # before prepare_latents, as the pipeline
-        latents = pipe.prepare_latents(batch, unet.config.in_channels, height, width, prompt_embeds.dtype, device, generator, latents)
-        transition, grid = _scheduler_grid(pipe.scheduler, num_inference_steps, **_ddim_only(pipe.scheduler, {"eta": eta}))
+        latents, transition, grid = _unet_start(pipe, batch, height, width, prompt_embeds.dtype, device, generator,
+                                                latents, num_inference_steps, eta)
         cond = {"encoder_hidden_states": prompt_embeds, "negative_encoder_hidden_states": negative_prompt_embeds if do_cfg else None}
         model_kwargs = {"cross_attention_kwargs": cross_attention_kwargs} if cross_attention_kwargs else None
         latents = self._sample_latents(unet, guidance_scale, transition, grid, latents, cond, generator, noise,
@@ -425,8 +428,6 @@ class DRiffusionPipeline:
         from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
 
         pipe, unet = self.pipe, self.pipe.unet
-        if unet.config.time_cond_proj_dim is not None:
-            raise InvalidArgumentError("UNets with time_cond_proj_dim (guidance embedding, LCM) are not supported.")
         height = height or pipe.default_sample_size * pipe.vae_scale_factor
         width = width or pipe.default_sample_size * pipe.vae_scale_factor
         original_size = original_size or (height, width)
@@ -445,9 +446,8 @@ class DRiffusionPipeline:
             lora_scale=(cross_attention_kwargs or {}).get("scale"), clip_skip=clip_skip,
         )
         batch = pe.shape[0]
-        _set_timesteps(pipe.scheduler, num_inference_steps, device)  # before prepare_latents, as the pipeline
-        latents = pipe.prepare_latents(batch, unet.config.in_channels, height, width, pe.dtype, device, generator, latents)
-        transition, grid = _scheduler_grid(pipe.scheduler, num_inference_steps, **_ddim_only(pipe.scheduler, {"eta": eta}))
+        latents, transition, grid = _unet_start(pipe, batch, height, width, pe.dtype, device, generator, latents,
+                                                num_inference_steps, eta)
         # the micro-conditioning: (original size, crop corner, target size) per image, the negative's own when
         # both negative sizes are given (else the prompt's), as the pipeline builds them
         projection_dim = (int(ppe.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim)
