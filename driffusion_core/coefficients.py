@@ -10,7 +10,8 @@ Notation (DRiffusion, arXiv 2603.25872, and DDIM/DDPM):
 * ``abar_t``  :math:`\bar\alpha_t`, the cumulative signal level at level t.
 * ``alpha, sigma``  the interpolant coefficients, :math:`x_t = \alpha_t x_0 + \sigma_t \epsilon`.
   VP: :math:`\alpha_t = \sqrt{\bar\alpha_t}, \sigma_t = \sqrt{1-\bar\alpha_t}`;
-  flow matching: :math:`\alpha_t = 1 - t, \sigma_t = t`.
+  flow matching: :math:`\alpha_t = 1 - t, \sigma_t = t`; variance exploding (k-diffusion, EDM): the
+  level is sigma itself, :math:`\alpha = 1`.
 * ``t -> s``  a (possibly multi-level) skip from level t to the later, cleaner level s.
 * ``x0_hat, eps_hat``  the prediction converted to clean sample and noise at the source level.
 """
@@ -23,6 +24,7 @@ __all__ = [
     "sqrt",
     "vp_alpha_sigma",
     "flow_alpha_sigma",
+    "ve_alpha_sigma",
     "x0_eps_coefficients",
     "prediction_coefficients",
     "ddim_coefficients",
@@ -74,6 +76,18 @@ def vp_alpha_sigma(abar: Any) -> Tuple[Any, Any]:
 def flow_alpha_sigma(t: Any) -> Tuple[Any, Any]:
     r"""Rectified-flow interpolant :math:`x_t = (1-t) x_0 + t\,\epsilon`: :math:`(\alpha, \sigma) = (1-t, t)`."""
     return 1 - t, t
+
+
+def ve_alpha_sigma(sigma: Any) -> Tuple[Any, Any]:
+    r"""Variance-exploding interpolant :math:`x_\sigma = x_0 + \sigma\,\epsilon` (k-diffusion, EDM): the level
+    is :math:`\sigma` and :math:`(\alpha, \sigma) = (1, \sigma)` (a tensor of ones for a tensor of levels)."""
+    if hasattr(sigma, "new_ones"):  # torch: one alpha per level, as the other interpolants give
+        return sigma.new_ones(sigma.shape), sigma
+    if _is_sympy(sigma):  # an exact one, so log(alpha) is exactly 0
+        import sympy
+
+        return sympy.Integer(1), sigma
+    return 1.0, sigma
 
 
 # --------------------------------------------------------------------------- parameterizations

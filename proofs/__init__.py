@@ -36,7 +36,8 @@ from proofs.registry import IDENTITIES, Identity, Outcome, Result, Status, ident
 
 __all__ = ["IDENTITIES", "Identity", "Outcome", "Result", "Status", "identity", "load", "run_all"]
 
-_MODULES = ("ddpm", "ddim", "flow", "dpm", "parameterization", "diffusers_steps", "operator_checks", "rounds")
+_MODULES = ("ddpm", "ddim", "flow", "dpm", "parameterization", "diffusers_steps", "kdiffusion", "operator_checks",
+            "rounds")
 
 
 def load() -> List[Identity]:

@@ -176,6 +176,7 @@ class LambdaLevels:
     * ``"vp"``:   ``level`` is :math:`\bar\alpha = q^2/(1+q^2)` (what the VP mirrors take),
       ``(alpha, sigma) = vp_alpha_sigma(abar)``;
     * ``"flow"``: ``level`` is :math:`t = 1/(1+q)`, ``(alpha, sigma) = flow_alpha_sigma(t)``;
+    * ``"ve"``:   ``level`` is :math:`\sigma = 1/q`, ``(alpha, sigma) = ve_alpha_sigma(sigma)`` (alpha = 1);
     * ``"any"``:  alpha a free positive symbol ``alpha_<name>`` and :math:`\sigma = \alpha/q`, i.e. every
       interpolant (``level`` is None).
 
@@ -186,8 +187,8 @@ class LambdaLevels:
     """
 
     def __init__(self, names: Sequence[str], interpolant: str = "vp"):
-        if interpolant not in ("vp", "flow", "any"):
-            raise ValueError(f"interpolant must be 'vp', 'flow' or 'any', got {interpolant!r}")
+        if interpolant not in ("vp", "flow", "ve", "any"):
+            raise ValueError(f"interpolant must be 'vp', 'flow', 've' or 'any', got {interpolant!r}")
         self.names, self.interpolant = list(names), interpolant
         self.q = {n: sp.Symbol(f"q_{n}", positive=True) for n in names}
         self.lam0 = sp.Symbol(f"lambda_{names[0]}", real=True)
@@ -206,6 +207,9 @@ class LambdaLevels:
             elif interpolant == "flow":
                 self.level[n] = 1 / (1 + q)
                 self.alpha[n], self.sigma[n] = C.flow_alpha_sigma(self.level[n])
+            elif interpolant == "ve":
+                self.level[n] = 1 / q
+                self.alpha[n], self.sigma[n] = C.ve_alpha_sigma(self.level[n])
             else:
                 self.level[n] = None
                 self.alpha[n] = sp.Symbol(f"alpha_{n}", positive=True)

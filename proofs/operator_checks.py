@@ -3,7 +3,7 @@ is the composed noise.
 
 The symbolic proofs are about :mod:`proofs.operators`, mirrors of the operators' ``__call__``
 composed from the same coefficient functions. Here the real operators (``solvers.DDIMSkip``,
-``DDPMSkip``, ``FlowEulerSkip``, ``DPMSolverSkip``, float64, per-row levels in one batched call) are
+``DDPMSkip``, ``FlowEulerSkip``, ``VEEulerSkip``, ``DPMSolverSkip``, float64, per-row levels in one batched call) are
 evaluated against the exact mirror at the same schedule values (DPM-Solver++'s 2M step, which takes the
 previous step too, in its own identity), and a window's first draft is compared bit for bit with
 the serial step (``DraftRefineState.step`` is exactly ``transition(x, p, t_from[i], t_to[i], z_i)``).
@@ -23,7 +23,9 @@ import torch
 from driffusion_core import FlowSchedule, NoiseSource, VPSchedule
 from driffusion_core import coefficients as C
 from proofs.algebra import Domain, check
-from proofs.operators import ddim_step, ddpm_std, ddpm_step, dpm_2m_step, dpm_step, flow_step, vp_x0_eps
+from proofs.operators import (
+    ddim_step, ddpm_std, ddpm_step, dpm_2m_step, dpm_step, flow_step, ve_euler_step, vp_x0_eps,
+)
 from proofs.registry import Result, Status, identity
 
 __all__ = ["operator_cases", "chain_cases"]
@@ -40,14 +42,17 @@ FLOW_EPSILON_LEVEL_PAIRS = [(t, s) for t, s in FLOW_LEVEL_PAIRS if t < 1.0]
 # a previous level at flow's sigma = 1 has lambda = -inf (h_0 = inf: the step is first order there too)
 VP_LEVEL_TRIPLES = [(999.0, 979.0, 959.0), (999.0, 500.0, 1.0), (500.5, 250.0, 10.25), (37.0, 36.0, 35.0),
                     (2.0, 1.0, 0.0), (3.0, 1.0, -1.0), (100.0, 50.0, -1.0)]
+# VE (k-diffusion): levels are sigmas, the clean end 0
+VE_LEVEL_PAIRS = [(80.0, 60.0), (80.0, 0.0), (14.6, 0.03), (1.0, 0.999), (0.5, 0.0), (0.002, 0.0)]
+VE_LEVEL_TRIPLES = [(80.0, 60.0, 40.0), (14.6, 1.0, 0.03), (0.5, 0.499, 0.498), (2.0, 1.0, 0.0)]
 FLOW_LEVEL_TRIPLES = [(1.0, 0.7, 0.4), (0.9, 0.6, 0.3), (0.5, 0.4999, 0.4998), (0.3, 0.2, 0.0), (0.2, 0.1, 0.05)]
 
 
 def operator_cases() -> List[Tuple[str, object, Callable, str]]:
-    """(label, torch operator, symbolic mirror(x, p, level_t, level_s, z), "vp" | "flow")."""
-    from solvers import DDIMSkip, DDPMSkip, DPMSolverSkip, FlowEulerSkip
+    """(label, torch operator, symbolic mirror(x, p, level_t, level_s, z), "vp" | "flow" | "ve")."""
+    from solvers import DDIMSkip, DDPMSkip, DPMSolverSkip, FlowEulerSkip, VEEulerSkip, VESchedule
 
-    vp, flow = VPSchedule.linear(), FlowSchedule()
+    vp, flow, ve = VPSchedule.linear(), FlowSchedule(), VESchedule()
     cases = []
     for kind in ("epsilon", "sample", "v_prediction"):
         for eta in (0.0, 0.3, 1.0):
@@ -63,6 +68,11 @@ def operator_cases() -> List[Tuple[str, object, Callable, str]]:
                       lambda x, p, a, b, z, k=kind: flow_step(k, x, p, a, b), "flow"))
         cases.append((f"DPMSolverSkip(flow, {kind})", DPMSolverSkip(flow, kind),
                       lambda x, p, a, b, z, k=kind: dpm_step(k, x, p, a, b, "flow"), "flow"))
+    for kind in ("sample", "epsilon"):
+        cases.append((f"VEEulerSkip({kind})", VEEulerSkip(ve, kind),
+                      lambda x, p, a, b, z, k=kind: ve_euler_step(k, x, p, a, b), "ve"))
+        cases.append((f"DPMSolverSkip(ve, {kind})", DPMSolverSkip(ve, kind),
+                      lambda x, p, a, b, z, k=kind: dpm_step(k, x, p, a, b, "ve"), "ve"))
     return cases
 
 
@@ -84,7 +94,7 @@ def _per_case(errors: Dict[str, float], what: str) -> Result:
     "operators.match_symbolic_mirrors",
     "Operators (code)",
     "The torch operators DDIMSkip (eta 0, 0.3, 1), DDPMSkip (fixed_small, fixed_large), FlowEulerSkip, "
-    "DPMSolverSkip (first order, VP and flow), every prediction type, float64 with per-row levels, equal the "
+    "VEEulerSkip, DPMSolverSkip (first order, VP, flow and VE), every prediction type, float64 with per-row levels, equal the "
     "symbolic steps proved above, evaluated exactly at the same schedule values (no noise at t_from = 0 for "
     "DDPM, as the operator and diffusers; an epsilon flow is undefined at sigma = 1 and skipped there).",
     numeric=True,
@@ -93,7 +103,7 @@ def match_symbolic_mirrors() -> Result:
     xs, ps, zs, at, as_ = sp.symbols("x p z abar_t abar_s", real=True)
     worst, points, bad = 0.0, 0, []
     for label, op, mirror, family in operator_cases():
-        pairs = VP_LEVEL_PAIRS if family == "vp" else FLOW_LEVEL_PAIRS
+        pairs = {"vp": VP_LEVEL_PAIRS, "flow": FLOW_LEVEL_PAIRS, "ve": VE_LEVEL_PAIRS}[family]
         if family == "flow" and "epsilon" in label:
             pairs = FLOW_EPSILON_LEVEL_PAIRS
         t_from = torch.tensor([a for a, _ in pairs], dtype=F64)
@@ -125,19 +135,20 @@ def match_symbolic_mirrors() -> Result:
 @identity(
     "operators.dpm_2m_matches_mirror",
     "Operators (code)",
-    "The torch DPMSolverSkip.multistep (2M, midpoint and heun, VP and flow, every prediction type, float64, "
+    "The torch DPMSolverSkip.multistep (2M, midpoint and heun, VP, flow and VE, every prediction type, float64, "
     "per-row levels, history = the previous state, output and level) equals the symbolic 2M step proved "
     "above, evaluated exactly at the same schedule values, including its first-order step to sigma = 0.",
     numeric=True,
 )
 def dpm_2m_matches_mirror() -> Result:
-    from solvers import DPMSolverSkip
+    from solvers import DPMSolverSkip, VESchedule
 
     worst, points, bad = 0.0, 0, []
     with mpmath.workdps(40):
         for family, schedule, kinds, triples in (
             ("vp", VPSchedule.linear(), ("epsilon", "sample", "v_prediction"), VP_LEVEL_TRIPLES),
             ("flow", FlowSchedule(), ("velocity", "epsilon", "sample"), FLOW_LEVEL_TRIPLES),
+            ("ve", VESchedule(), ("sample", "epsilon"), VE_LEVEL_TRIPLES),
         ):
             for kind in kinds:
                 rows = [tr for tr in triples if not (kind == "epsilon" and family == "flow" and tr[0] >= 1.0)]

@@ -23,6 +23,8 @@ __all__ = [
     "ddpm_step",
     "flow_velocity",
     "flow_step",
+    "ve_x0_eps",
+    "ve_euler_step",
     "dpm_step",
     "dpm_2m_step",
 ]
@@ -81,7 +83,18 @@ def flow_step(prediction: str, x: Any, pred: Any, t: Any, s: Any) -> Any:
     return x + C.flow_euler_coefficient(t, s) * flow_velocity(prediction, x, pred, t)
 
 
-_ALPHA_SIGMA = {"vp": C.vp_alpha_sigma, "flow": C.flow_alpha_sigma}
+def ve_x0_eps(prediction: str, x: Any, pred: Any, sigma: Any) -> Tuple[Any, Any]:
+    """``SkipTransition.to_x0_eps`` on a VESchedule: (x0_hat, eps_hat) at level sigma."""
+    return _x0_eps(prediction, x, pred, *C.ve_alpha_sigma(sigma))
+
+
+def ve_euler_step(prediction: str, x: Any, pred: Any, sigma_t: Any, sigma_s: Any) -> Any:
+    """``solvers.ve.VEEulerSkip.__call__`` (no x0 transform): x_s = x_t + (sigma_s - sigma_t) eps_hat."""
+    _, eps_hat = ve_x0_eps(prediction, x, pred, sigma_t)
+    return x + C.flow_euler_coefficient(sigma_t, sigma_s) * eps_hat
+
+
+_ALPHA_SIGMA = {"vp": C.vp_alpha_sigma, "flow": C.flow_alpha_sigma, "ve": C.ve_alpha_sigma}
 
 
 def dpm_step(prediction: str, x: Any, pred: Any, level_t: Any, level_s: Any, interpolant: str = "vp") -> Any:
@@ -107,7 +120,8 @@ def dpm_2m_step(
 ) -> Any:
     """``solvers.dpm.DPMSolverSkip.multistep`` s -> t with ``history = (x_p, pred_p, level_p)``, the previous
     step: x_t = c_x x_s + c_x0 x0_hat_s + c_prev x0_hat_p (``dpm_solver_pp_2m_coefficients``), each x0_hat
-    converted at its own level; to sigma_t = 0 the first-order coefficients (``DPMSolverSkip._second``)."""
+    converted at its own level; to sigma_t = 0 the first-order coefficients (``DPMSolverSkip._second``).
+    ``interpolant``: ``"vp"`` (levels abar), ``"flow"`` (sigma t) or ``"ve"`` (sigma)."""
     x_p, pred_p, level_p = history
     alpha_sigma = _ALPHA_SIGMA[interpolant]
     a_p, s_p = alpha_sigma(level_p)

@@ -8,7 +8,7 @@ from solvers.picard import PicardScheduler, fewest_rounds
 from solvers.serial import coarse_indices, sample_serial, sample_step_skipping
 from solvers.ve import VEEulerSkip, VESchedule
 # interop never imports diffusers at import time (only when a pipeline or a scheduler config is used)
-from solvers.interop import from_diffusers, sample_driffusion
+from solvers.interop import from_diffusers, sample_driffusion, sample_driffusion_dpmpp_2m
 
 __all__ = [
     "DDIMSkip",
@@ -24,6 +24,7 @@ __all__ = [
     "VEEulerSkip",
     "from_diffusers",
     "sample_driffusion",
+    "sample_driffusion_dpmpp_2m",
     "PicardScheduler",
     "fewest_rounds",
 ]

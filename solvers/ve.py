@@ -18,6 +18,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from driffusion_core import coefficients as C
 from driffusion_core.errors import InvalidArgumentError
 from driffusion_core.parameterization import Prediction, X0Transform, broadcast_coef, upcast
 from driffusion_core.schedules import Schedule, TimeLike
@@ -56,8 +57,7 @@ class VESchedule(Schedule):
 
     def alpha_sigma(self, t: TimeLike) -> Tuple[torch.Tensor, torch.Tensor]:
         """:math:`(\\alpha, \\sigma) = (1, t)` in float64."""
-        t = _levels(t)
-        return torch.ones_like(t), t
+        return C.ve_alpha_sigma(_levels(t))
 
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(t, dtype=torch.float64).to(torch.float32)

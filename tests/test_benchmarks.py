@@ -26,7 +26,7 @@ from benchmarks.quality import MODES, row_label
 from benchmarks.runner import run
 from driffusion_core import DraftRefineScheduler, NoiseSource, expected_rounds
 from backends import BatchedExecutor
-from solvers import ring_mixture, sample_serial, sample_step_skipping
+from solvers import coarse_indices, ring_mixture, sample_serial, sample_step_skipping
 
 TINY = QUICK.with_(
     name="tiny", num_steps=7, widths=(1, 2, 3), oracle_batch=64, oracle_data=128, digits_batch=24,
@@ -997,6 +997,40 @@ def test_x0_models_study_is_the_library_run_directly(capsys):
         assert float(cells["ratio"]) == pytest.approx(r["ratio"], abs=0.006)
 
 
+def test_kdiffusion_study_is_the_library_run_directly(capsys):
+    """``python -m benchmarks.kdiffusion_study`` (the README's k-diffusion figures): each row's errors are
+    DRiffusion's and step skipping's RMSE to the serial sampler, here k-diffusion's own loops (the test file's
+    references, written from k-diffusion's code) on the same Karras sigmas, and the printed table holds the ratios."""
+    from benchmarks import kdiffusion_study as study
+    from test_kdiffusion import sample_dpmpp_2m_reference, sample_euler_reference
+
+    T, B = 12, 16
+    assert study.main(["--batch", str(B), "--steps", str(T)]) == 0
+    (printed,) = _md_tables(capsys.readouterr().out)
+    rows = study.run(batch=B, steps=[T])
+    assert len(rows) == len(printed) == len(study.SAMPLERS) * len(study.SETTINGS)
+    mix = ring_mixture()
+
+    def denoiser(x, sigma):
+        return mix.x0_eps(x, torch.ones_like(sigma), sigma)[0]
+
+    sigmas = study.karras_sigmas(T)
+    x = NoiseSource(1).initial((B, 2), torch.float64) * sigmas[0]
+    refs = {"Euler": sample_euler_reference, "DPM++ 2M": sample_dpmpp_2m_reference}
+    for r, cells in zip(rows, printed):
+        serial = refs[r["sampler"]](denoiser, x, sigmas)
+        sampler, transition = study.SAMPLERS[r["sampler"]]
+        out = sampler(denoiser, x, sigmas, width=r["width"], mode=r["mode"], disable=True, return_output=True)
+        coarse = sigmas[coarse_indices(T, out.rounds)]
+        skip = refs[r["sampler"]](denoiser, x, coarse)
+        assert r["rounds"] == out.rounds == expected_rounds(T, r["width"], r["mode"])
+        assert r["driffusion_rmse"] == pytest.approx(rmse(out.x, serial), rel=1e-9)
+        assert r["skipping_rmse"] == pytest.approx(rmse(skip, serial), rel=1e-9)
+        assert r["ratio"] == pytest.approx(r["driffusion_rmse"] / r["skipping_rmse"])
+        assert (cells["sampler"], cells["mode"]) == (r["sampler"], r["mode"])
+        assert float(cells["ratio"]) == pytest.approx(r["ratio"], abs=0.006)
+
+
 @pytest.mark.parametrize("name", ["quick", "full"])
 def test_quick_report_says_its_distributed_row_is_not_representative(name):
     """The quick run's distributed speedup (a short grid, few repeats) carries a caveat in the report and the
@@ -1029,6 +1063,7 @@ def test_quick_report_says_its_distributed_row_is_not_representative(name):
     ["benchmarks.gpu_latency", "--device", "foo"],
     ["benchmarks.x0_models", "--batch", "0"],
     ["benchmarks.x0_models", "--width", "-2"],
+    ["benchmarks.kdiffusion_study", "--steps", "20,1"],
     ["benchmarks.models.train", "--steps", "0"],
     ["benchmarks.models.train", "--threads", "-1"],
     ["proofs", "--json", "NO_DIR/p.json"],

@@ -29,7 +29,7 @@ from _metrics import one_torch_thread  # noqa: F401  (autouse fixture)
 ROOT = Path(__file__).resolve().parents[1]
 
 # identities checked symbolically must be proved symbolically, not only numerically
-SYMBOLIC_FAMILIES = ("param.", "ddpm.", "ddim.", "flow.", "dpm.", "diffusers.", "rounds.aggressive_limit",
+SYMBOLIC_FAMILIES = ("param.", "ddpm.", "ddim.", "flow.", "dpm.", "diffusers.", "kdiffusion.", "rounds.aggressive_limit",
                      "rounds.conservative_limit")
 KNOWN_NON_IDENTITIES = {"ddim.eta_composition_not_exact", "ddim.frozen_v_does_not_compose",
                         "ddpm.fixed_large_not_composable", "dpm.2m_midpoint_not_exact"}
@@ -67,7 +67,7 @@ def test_python_m_proofs_exits_zero(run):
 def test_registry_is_complete(outcomes):
     assert set(outcomes) == {i.name for i in proofs.load()}
     families = {r["family"] for r in outcomes.values()}
-    assert {"DDPM", "DDIM", "Flow", "DPM-Solver++", "Parameterizations", "diffusers", "Rounds"} <= families
+    assert {"DDPM", "DDIM", "Flow", "DPM-Solver++", "Parameterizations", "diffusers", "k-diffusion", "Rounds"} <= families
     assert {n for n, r in outcomes.items() if not r["expect_holds"]} == KNOWN_NON_IDENTITIES
     assert {n for n, r in outcomes.items() if r["numeric"]} == NUMERIC_IDENTITIES
     assert DPM_IDENTITIES <= set(outcomes)

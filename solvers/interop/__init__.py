@@ -9,11 +9,12 @@ imports it when used), so ``import solvers`` works without the optional extra.
 * :class:`DRiffusionPipeline` -- run a DDPM / DDIM / Stable Diffusion / SD3 pipeline with DRiffusion
   (DDIM, DDPM, DPM-Solver++ multistep, Euler and Euler ancestral (Stable Diffusion) or flow-matching Euler
   scheduler).
-* :func:`sample_driffusion` -- k-diffusion-style sampler for denoisers ``D(x, sigma) -> x0``.
+* :func:`sample_driffusion` / :func:`sample_driffusion_dpmpp_2m` -- k-diffusion-style samplers (Euler,
+  DPM++ 2M) for denoisers ``D(x, sigma) -> x0``.
 """
 from solvers.interop.diffusers_models import DiffusersPredictor
 from solvers.interop.diffusers_schedulers import euler_state_scales, from_diffusers
-from solvers.interop.kdiffusion import sample_driffusion, sigmas_grid
+from solvers.interop.kdiffusion import sample_driffusion, sample_driffusion_dpmpp_2m, sigmas_grid
 from solvers.interop.pipelines import DRiffusionPipeline, calculate_shift
 
 __all__ = [
@@ -23,5 +24,6 @@ __all__ = [
     "DRiffusionPipeline",
     "calculate_shift",
     "sample_driffusion",
+    "sample_driffusion_dpmpp_2m",
     "sigmas_grid",
 ]

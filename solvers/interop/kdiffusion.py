@@ -1,4 +1,5 @@
-r"""DRiffusion with k-diffusion's sampler conventions: ``sample_driffusion(model, x, sigmas, ...)``.
+r"""DRiffusion with k-diffusion's sampler conventions: ``sample_driffusion`` (Euler) and
+``sample_driffusion_dpmpp_2m`` (DPM-Solver++ 2M), called as ``(model, x, sigmas, ...)``.
 
 Key (Karras et al. 2022; k-diffusion ``sampling.py``): ``model(x, sigma, **extra_args)`` is a
 denoiser D returning x0_hat, called with one sigma per row; ``sigmas`` decrease and usually end
@@ -11,6 +12,17 @@ which is :class:`solvers.ve.VEEulerSkip` on :class:`solvers.ve.VESchedule` (leve
 freezes d (equivalently x0_hat), so the big step x_a + (sigma_{a+j} - sigma_a) d_a is exact Euler on
 the frozen slope; width 1 is ``sample_euler`` itself (to float rounding: sigma_to - sigma_from is
 taken in float64).
+
+k-diffusion's ``sample_dpmpp_2m`` ("DPM++ 2M", with Karras sigmas the common Stable Diffusion
+setting) steps in t = -log sigma (lambda = log(alpha / sigma) with alpha = 1), h = t_{i+1} - t_i,
+r = (t_i - t_{i-1}) / h:
+
+    x_{i+1} = (sigma_{i+1} / sigma_i) x_i - (e^{-h} - 1) ((1 + 1/(2r)) D_i - D_{i-1} / (2r)),
+
+first order (D_{i-1} dropped) at the first step and at a step to sigma = 0. That is
+:class:`solvers.DPMSolverSkip` (2M midpoint, ``lower_order_final=False``) on the VE schedule (proved:
+``kdiffusion.sample_dpmpp_2m_step``). Its drafts are the first-order chain from the window's 2M step
+with the anchor's x0_hat frozen (see :mod:`solvers.dpm`).
 """
 from __future__ import annotations
 
@@ -24,9 +36,11 @@ from driffusion_core.grid import TimeGrid
 from driffusion_core.scheduler import (
     DraftRefineScheduler, SampleOutput, check_finite_sample, check_inputs, evaluate_round,
 )
+from driffusion_core.transition import SkipTransition
+from solvers.dpm import DPMSolverSkip
 from solvers.ve import VEEulerSkip, VESchedule
 
-__all__ = ["sample_driffusion", "sigmas_grid"]
+__all__ = ["sample_driffusion", "sample_driffusion_dpmpp_2m", "sigmas_grid"]
 
 
 def sigmas_grid(sigmas: torch.Tensor, dtype: torch.dtype = torch.float32) -> TimeGrid:
@@ -91,11 +105,57 @@ def sample_driffusion(
     Runs under ``torch.no_grad()``, as k-diffusion's samplers do (a model that needs gradients inside,
     e.g. for guidance, turns them on itself with ``torch.enable_grad()``).
     """
+    transition = VEEulerSkip(VESchedule(), prediction="sample")
+    return _sample_k(transition, "sample_driffusion", "DRiffusion", model, x, sigmas, extra_args, callback, disable,
+                     width, mode, executor, return_output)
+
+
+@torch.no_grad()
+def sample_driffusion_dpmpp_2m(
+    model: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    extra_args: Optional[Mapping[str, Any]] = None,
+    callback: Optional[Callable[[dict], Any]] = None,
+    disable: Optional[bool] = None,
+    width: int = 2,
+    mode: str = "aggressive",
+    executor: Optional[Executor] = None,
+    return_output: bool = False,
+) -> Union[torch.Tensor, SampleOutput]:
+    r"""DRiffusion's draft-and-refine DPM-Solver++ 2M sampler for a k-diffusion denoiser (k-diffusion's
+    ``sample_dpmpp_2m``; "DPM++ 2M Karras" with ``get_sigmas_karras``).
+
+    Step i, with :math:`t = -\log\sigma`, :math:`h = t_{i+1} - t_i`, :math:`r = (t_i - t_{i-1})/h` and
+    :math:`D_i = D(x_i, \sigma_i)`:
+
+    .. math:: x_{i+1} = \frac{\sigma_{i+1}}{\sigma_i} x_i - (e^{-h} - 1)\Big(\big(1 + \tfrac{1}{2r}\big) D_i
+              - \tfrac{1}{2r} D_{i-1}\Big),
+
+    first order (:math:`D_{i-1}` dropped) at the first step and at a step to sigma = 0, as k-diffusion's.
+    It is :class:`~solvers.DPMSolverSkip` (2M midpoint, ``lower_order_final=False``) on
+    :class:`~solvers.VESchedule` (``proofs``: ``kdiffusion.sample_dpmpp_2m_step``). A window's first draft
+    is the serial 2M step from the anchor (its previous step is the refined chain's), the later drafts the
+    first-order steps from it with the anchor's x0_hat frozen (2M's correction vanishes on a frozen x0_hat).
+
+    Arguments, return value and ``callback`` dicts are those of :func:`sample_driffusion` (width 1 is
+    ``sample_dpmpp_2m``, to float rounding: the coefficients are computed in float64). 2M gains less from
+    DRiffusion than Euler does (a refined step extrapolates from the previous step's x0_hat, which in a
+    window is a drafted one): prefer ``mode="aggressive"`` and width <= T / 10.
+    """
+    transition = DPMSolverSkip(VESchedule(), prediction="sample", order=2, solver_type="midpoint",
+                               lower_order_final=False, euler_at_final=False)
+    return _sample_k(transition, "sample_driffusion_dpmpp_2m", "DRiffusion DPM++ 2M", model, x, sigmas, extra_args,
+                     callback, disable, width, mode, executor, return_output)
+
+
+def _sample_k(transition: SkipTransition, name: str, label: str, model, x, sigmas, extra_args, callback, disable,
+              width, mode, executor, return_output) -> Union[torch.Tensor, SampleOutput]:
+    """The draft-and-refine loop of the k-diffusion-style samplers, with ``transition`` on the sigmas' grid."""
     if not callable(model):
         raise InvalidArgumentError(f"model must be a denoiser D(x, sigma) -> x0, got {type(model).__name__}.")
     cond = check_inputs(x, extra_args, "extra_args")
     grid = sigmas_grid(sigmas, x.dtype)
-    transition = VEEulerSkip(VESchedule(), prediction="sample")
     sched = DraftRefineScheduler(transition, grid, width, mode)
     if executor is None:
         from backends import BatchedExecutor  # solvers may use backends; the core never does
@@ -108,7 +168,7 @@ def sample_driffusion(
     if disable is not True:
         from tqdm.auto import trange
 
-        bar = trange(len(grid), disable=disable, desc=f"DRiffusion n={width}")
+        bar = trange(len(grid), disable=disable, desc=f"{label} n={width}")
     used = {}  # step index -> the x0_hat it used (kept only for the callback)
     while (rnd := state.plan()) is not None:
         preds = evaluate_round(executor, model, rnd, grid, cond, x)
@@ -126,6 +186,6 @@ def sample_driffusion(
     if bar is not None:
         bar.close()
     executor.finish(state.x)  # once per sample, on every rank (an executor spanning processes checks it)
-    x_final = check_finite_sample(state.x, "sample_driffusion")
+    x_final = check_finite_sample(state.x, name)
     out = SampleOutput(x_final, state.rounds, state.evals, info={"drafts_per_round": state.drafts_per_round})
     return out if return_output else out.x

@@ -1,0 +1,85 @@
+r"""k-diffusion's samplers are our operators on the variance-exploding schedule.
+
+Key (Karras et al. 2022, k-diffusion ``sampling.py``): the level is sigma, :math:`x = x_0 + \sigma\epsilon`
+(``VESchedule``, ``ve_alpha_sigma``: alpha = 1); a denoiser :math:`D(x, \sigma)` returns x0_hat
+(prediction ``"sample"``), an epsilon model :math:`\hat\epsilon` with :math:`D = x - \sigma\hat\epsilon`.
+k-diffusion's updates are written out below from its published code, in its own variables
+(``t = -log(sigma)`` for DPM++ 2M), against the mirrors of ``VEEulerSkip`` and ``DPMSolverSkip`` on the VE
+interpolant (:mod:`proofs.operators`), which ``solvers.sample_driffusion`` and
+``solvers.sample_driffusion_dpmpp_2m`` use. The 2M levels are a ``"ve"`` :class:`~proofs.algebra.LambdaLevels`
+chain, :math:`\sigma = 1/q = e^{-\lambda}`.
+"""
+from __future__ import annotations
+
+import sympy as sp
+
+from proofs.algebra import Domain, LambdaLevels, check, real
+from proofs.operators import dpm_2m_step, dpm_step, ve_euler_step
+from proofs.registry import Result, identity
+
+__all__ = ["kdiffusion_euler_step", "kdiffusion_dpmpp_2m_step"]
+
+
+def kdiffusion_euler_step(x, denoised, sigma, sigma_next):
+    """k-diffusion ``sample_euler`` (s_churn = 0): ``d = to_d(x, sigma, denoised)``, ``x + d * (sigma_next - sigma)``."""
+    d = (x - denoised) / sigma
+    return x + d * (sigma_next - sigma)
+
+
+def kdiffusion_dpmpp_2m_step(x, denoised, old_denoised, sigma_prev, sigma, sigma_next):
+    """k-diffusion ``sample_dpmpp_2m``, one step: ``sigma_fn(t) = exp(-t)``, ``t_fn(sigma) = -log(sigma)``;
+    first order without an earlier step (``old_denoised`` None) or to sigma = 0."""
+    sigma_fn = lambda t: sp.exp(-t)  # noqa: E731
+    t_fn = lambda s: -sp.log(s)  # noqa: E731
+    t, t_next = t_fn(sigma), t_fn(sigma_next) if sigma_next != 0 else sp.oo
+    h = t_next - t
+    if old_denoised is None or sigma_next == 0:
+        ratio = sigma_next / sigma if sigma_next == 0 else sigma_fn(t_next) / sigma_fn(t)
+        return ratio * x - (sp.exp(-h) - 1) * denoised  # (-h).expm1()
+    h_last = t - t_fn(sigma_prev)
+    r = h_last / h
+    denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+    return sigma_fn(t_next) / sigma_fn(t) * x - (sp.exp(-h) - 1) * denoised_d
+
+
+@identity(
+    "kdiffusion.sample_euler_step",
+    "k-diffusion",
+    "VEEulerSkip's one-level step x_s = x_t + (s - t) eps_hat (flow_euler_coefficient, eps_hat converted on "
+    "ve_alpha_sigma) equals k-diffusion's sample_euler step x + (sigma_next - sigma) (x - D) / sigma, for a "
+    "denoiser (prediction sample) and an epsilon model (D = x - sigma eps), to sigma_next > 0 and to 0.",
+)
+def euler_step_matches() -> Result:
+    s_t, s_s = sp.symbols("sigma_t sigma_s", positive=True)
+    x, p = real("x p")
+    res = {}
+    for kind, denoised in (("sample", p), ("epsilon", x - s_t * p)):
+        res[f"{kind}, to sigma_s"] = ve_euler_step(kind, x, p, s_t, s_s) - kdiffusion_euler_step(x, denoised, s_t, s_s)
+        res[f"{kind}, to 0"] = ve_euler_step(kind, x, p, s_t, sp.Integer(0)) - kdiffusion_euler_step(x, denoised, s_t, sp.Integer(0))
+    return check(res, Domain.free([s_t, s_s, x, p]))
+
+
+@identity(
+    "kdiffusion.sample_dpmpp_2m_step",
+    "k-diffusion",
+    "DPMSolverSkip on the VE schedule (2M midpoint: dpm_solver_pp_2m_coefficients with alpha = 1, each "
+    "x0_hat converted at its own sigma; first order: dpm_solver_pp_coefficients) equals k-diffusion's "
+    "sample_dpmpp_2m step in t = -log(sigma): (sigma_next / sigma) x - expm1(-h) ((1 + 1/(2r)) D - D_old / (2r)) "
+    "with h = t_next - t, r = (t - t_prev) / h, and its first-order step (the first step, and the step to "
+    "sigma = 0, which returns D), for a denoiser and an epsilon model.",
+)
+def dpmpp_2m_step_matches() -> Result:
+    lv = LambdaLevels(["p", "s", "t"], "ve")
+    s_p, s_s, s_t = (lv.level[n] for n in "pst")
+    x_p, p_p, x, p = real("x_p p_p x p")
+    res = {}
+    for kind in ("sample", "epsilon"):
+        den_p = p_p if kind == "sample" else x_p - s_p * p_p
+        den = p if kind == "sample" else x - s_s * p
+        theirs = kdiffusion_dpmpp_2m_step(x, den, den_p, s_p, s_s, s_t)
+        res[f"{kind}, 2M"] = lv.form(dpm_2m_step(kind, x, p, (x_p, p_p, s_p), s_s, s_t, "midpoint", "ve") - theirs)
+        theirs = kdiffusion_dpmpp_2m_step(x, den, None, None, s_s, s_t)
+        res[f"{kind}, first order"] = lv.form(dpm_step(kind, x, p, s_s, s_t, "ve") - theirs)
+        theirs = kdiffusion_dpmpp_2m_step(x, den, den_p, s_p, s_s, sp.Integer(0))
+        res[f"{kind}, to sigma = 0"] = dpm_2m_step(kind, x, p, (x_p, p_p, s_p), s_s, sp.Integer(0), "midpoint", "ve") - theirs
+    return check(res, lv.domain & Domain.free([x_p, p_p, x, p]))
