@@ -35,6 +35,8 @@ __all__ = [
     "log",
     "dpm_solver_pp_coefficients",
     "dpm_solver_pp_2m_coefficients",
+    "unipc_predictor_coefficients",
+    "unipc_corrector_coefficients",
     "chain_noise_weights",
     "chain_draft_coefficients",
 ]
@@ -256,6 +258,95 @@ def dpm_solver_pp_2m_coefficients(
     else:
         raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
     return c_x, c_0 + d, -d
+
+
+# --------------------------------------------------------------------------- UniPC
+
+
+def _unipc_b(alpha_from: Any, sigma_from: Any, alpha_to: Any, sigma_to: Any, solver_type: str):
+    r"""UniPC's (h, alpha_to B(h)) of the step from -> to (data prediction: hh = -h, h = lambda_to - lambda_from):
+    :math:`\alpha B(h) = \alpha(e^{-h} - 1) = \sigma_{to}\alpha_{from}/\sigma_{from} - \alpha_{to}` for bh2,
+    :math:`-\alpha h` for bh1."""
+    lam = lambda a, s: log(a) - log(s)  # noqa: E731
+    h = lam(alpha_to, sigma_to) - lam(alpha_from, sigma_from)
+    if solver_type == "bh2":
+        return h, sigma_to * alpha_from / sigma_from - alpha_to
+    if solver_type == "bh1":
+        return h, -alpha_to * h
+    raise ValueError(f"solver_type must be 'bh1' or 'bh2', got {solver_type!r}")
+
+
+def unipc_predictor_coefficients(
+    alpha_p: Any, sigma_p: Any, alpha_s: Any, sigma_s: Any, alpha_t: Any, sigma_t: Any, solver_type: str = "bh2"
+):
+    r"""UniP-2 (Zhao et al. 2023, UniPC, data prediction; diffusers' ``multistep_uni_p_bh_update``, order 2)
+    from level s to t, with the previous level p > s.
+
+    With :math:`h = \lambda_t - \lambda_s`, :math:`r = (\lambda_p - \lambda_s)/h` (negative),
+    :math:`m` the x0_hat of a level and :math:`B(h) = e^{-h} - 1` (bh2) or :math:`-h` (bh1):
+
+    .. math:: x_t = rac{\sigma_t}{\sigma_s} x_s + lpha_t(1 - e^{-h})\,m_s
+              - 	frac12\,lpha_t B(h)\,rac{m_p - m_s}{r},
+
+    the first-order step (:func:`dpm_solver_pp_coefficients`) plus a correction of weight
+    :math:`ho_p = 1/2`. With bh2 it is DPM-Solver++ 2M midpoint (:func:`dpm_solver_pp_2m_coefficients`).
+
+    Returns ``(c_x, c_s, c_p)``: :math:`x_t = c_x x_s + c_s m_s + c_p m_p`.
+    """
+    c_x, c_0 = dpm_solver_pp_coefficients(alpha_s, sigma_s, alpha_t, sigma_t)
+    h, a_b = _unipc_b(alpha_s, sigma_s, alpha_t, sigma_t, solver_type)
+    r = (log(alpha_p) - log(sigma_p) - (log(alpha_s) - log(sigma_s))) / h
+    c_p = -a_b / (2 * r)
+    return c_x, c_0 - c_p, c_p
+
+
+def unipc_corrector_coefficients(
+    alpha_pp: Any, sigma_pp: Any, alpha_p: Any, sigma_p: Any, alpha_s: Any, sigma_s: Any, order: int,
+    solver_type: str = "bh2",
+):
+    r"""UniC-``order`` (diffusers' ``multistep_uni_c_bh_update``) at level s, reached from level p by the
+    predictor of the same order, as a change to the predicted state: :math:`x_s^c = x_s + K`,
+    :math:`K = k_s m_s + k_p m_p + k_{pp} m_{pp}`, with :math:`m_s` the x0_hat of the model called at the
+    predicted :math:`x_s` (levels pp > p > s; pp is unused for order 1, where :math:`k_{pp} = 0`).
+
+    With :math:`h = \lambda_s - \lambda_p`, :math:`lpha_s B(h)` as for the predictor, order 1:
+    :math:`K = -	frac12 lpha_s B(h)(m_s - m_p)`. Order 2: :math:`r = (\lambda_{pp} - \lambda_p)/h`,
+    :math:`D_1 = (m_{pp} - m_p)/r`, :math:`ho` solving :math:`egin{pmatrix}1 & 1\ r & 1\end{pmatrix}ho = b`,
+    :math:`b_k = k!\,arphi_k / B(h)` with :math:`arphi_1 = (e^{-h} - 1)/(-h) - 1`,
+    :math:`arphi_2 = arphi_1/(-h) - 1/2`, and
+
+    .. math:: x_s^c = \Big[	frac{\sigma_s}{\sigma_p} x_p^c + lpha_s(1 - e^{-h}) m_p\Big]
+              - lpha_s B(h)ig(ho_1 D_1 + ho_2 (m_s - m_p)ig),
+
+    which is the order-2 predicted :math:`x_s` (weight 1/2 on :math:`D_1`) plus
+    :math:`K = -lpha_s B(h)ig((ho_1 - 	frac12) D_1 + ho_2 (m_s - m_p)ig)`. K vanishes when the three
+    x0_hat agree. Returns ``(k_s, k_p, k_pp)``.
+    """
+    h, a_b = _unipc_b(alpha_p, sigma_p, alpha_s, sigma_s, solver_type)
+    if order == 1:
+        return -a_b / 2, a_b / 2, 0 * a_b
+    if order != 2:
+        raise ValueError(f"order must be 1 or 2, got {order!r}")
+    hh = -h
+    phi_1 = (sigma_s * alpha_p / (sigma_p * alpha_s) - 1) / hh - 1  # (e^{hh} - 1)/hh - 1
+    phi_2 = phi_1 / hh - _half(h)
+    b_h = a_b / alpha_s
+    b1, b2 = phi_1 / b_h, 2 * phi_2 / b_h
+    r = (log(alpha_pp) - log(sigma_pp) - (log(alpha_p) - log(sigma_p))) / h
+    rho_1 = (b1 - b2) / (1 - r)
+    rho_2 = b1 - rho_1
+    k_s = -a_b * rho_2
+    k_pp = -a_b * (rho_1 - _half(h)) / r
+    return k_s, -(k_s + k_pp), k_pp
+
+
+def _half(v: Any) -> Any:
+    """1/2, exact when ``v`` is a sympy expression (a float 0.5 would make an exact expression inexact)."""
+    if _is_sympy(v):
+        import sympy
+
+        return sympy.Rational(1, 2)
+    return 0.5
 
 
 # --------------------------------------------------------------------------- coupled noise

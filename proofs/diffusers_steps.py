@@ -16,6 +16,10 @@ in its sigmas ``((1 - alphas_cumprod) / alphas_cumprod) ** 0.5``; ``self.sigmas[
 ``[self.step_index]``, ``[self.step_index + 1]`` are passed as ``sigma_s1``, ``sigma_s0`` / ``sigma_s``,
 ``sigma_t``; ``torch.log`` / ``torch.exp`` are sympy's (the stand-in ``torch`` below), and the float
 literals ``1.0`` / ``0.5`` are ``ONE`` / ``HALF``.
+
+UniPCMultistepScheduler (``scheduling_unipc_multistep.py``, ``predict_x0=True``) works in the same sigmas;
+its ``multistep_uni_p_bh_update`` and ``multistep_uni_c_bh_update`` are transcribed with the model outputs
+(converted x0_pred) ``model_output_list`` newest last, ``torch.linalg.solve(R, b)`` as sympy's exact solve.
 """
 from __future__ import annotations
 
@@ -23,7 +27,9 @@ import sympy as sp
 
 from proofs.algebra import Domain, EtaInUnitInterval, LambdaLevels, Levels, check, real
 from proofs.flow import flow_times
-from proofs.operators import ddim_step, ddpm_step, dpm_2m_step, dpm_step, flow_step, vp_x0_eps
+from proofs.operators import (
+    ddim_step, ddpm_step, dpm_2m_step, dpm_step, flow_step, unipc_corrected, unipc_step, vp_x0_eps,
+)
 from proofs.registry import Result, identity
 
 __all__ = [
@@ -37,6 +43,8 @@ __all__ = [
     "diffusers_dpm_convert_model_output",
     "diffusers_dpm_first_order_update",
     "diffusers_dpm_second_order_update",
+    "diffusers_unipc_p_update",
+    "diffusers_unipc_c_update",
 ]
 
 HALF = sp.Rational(1, 2)
@@ -48,6 +56,8 @@ class torch:  # noqa: N801  (so that the transcriptions below read as diffusers'
 
     log = staticmethod(sp.log)
     exp = staticmethod(sp.exp)
+    expm1 = staticmethod(lambda v: sp.exp(v) - 1)
+    pow = staticmethod(lambda v, k: v**k)
 VP_PREDICTIONS = ("epsilon", "sample", "v_prediction")
 
 
@@ -380,3 +390,95 @@ def dpm_solver_pp_step_matches() -> Result:
             theirs = diffusers_dpm_second_order_update([m1, m0], x, sig_t, sig_s, sig_p, st)
             res[f"{kind}, 2M {st}"] = lv.form(dpm_2m_step(kind, x, p, (x_p, p_p, a_p), a_s, a_t, st) - theirs)
     return check(res, lv.domain & Domain.free([x_p, p_p, x, p]))
+
+
+def _unipc_common(model_output_list, sigmas, order):
+    """The lines both UniPC updates open with (``m0``, the levels, ``h``, ``rks``, ``D1s``): ``sigmas`` ends with
+    ``sigma_s0, sigma_t``, the earlier ones before them."""
+    m0 = model_output_list[-1]
+    sigma_t, sigma_s0 = sigmas[-1], sigmas[-2]
+    alpha_t, sigma_t = _sigma_to_alpha_sigma_t(sigma_t)
+    alpha_s0, sigma_s0 = _sigma_to_alpha_sigma_t(sigma_s0)
+    lambda_t = torch.log(alpha_t) - torch.log(sigma_t)
+    lambda_s0 = torch.log(alpha_s0) - torch.log(sigma_s0)
+    h = lambda_t - lambda_s0
+    rks, D1s = [], []
+    for i in range(1, order):
+        mi = model_output_list[-(i + 1)]
+        alpha_si, sigma_si = _sigma_to_alpha_sigma_t(sigmas[-2 - i])
+        lambda_si = torch.log(alpha_si) - torch.log(sigma_si)
+        rk = (lambda_si - lambda_s0) / h
+        rks.append(rk)
+        D1s.append((mi - m0) / rk)
+    return m0, alpha_t, sigma_t, sigma_s0, h, rks, D1s
+
+
+def diffusers_unipc_p_update(model_output_list, sample, sigmas, order, solver_type):
+    """``UniPCMultistepScheduler.multistep_uni_p_bh_update`` (predict_x0): ``sigmas = [..., sigma_s0, sigma_t]``
+    (``self.sigmas[: step_index + 2]``), ``model_output_list`` the converted x0_pred, newest last."""
+    x = sample
+    m0, alpha_t, sigma_t, sigma_s0, h, rks, D1s = _unipc_common(model_output_list, sigmas, order)
+    hh = -h
+    h_phi_1 = torch.expm1(hh)
+    B_h = hh if solver_type == "bh1" else torch.expm1(hh)
+    rhos_p = [HALF] if order == 2 else []  # "for order 2, we use a simplified version"
+    x_t_ = sigma_t / sigma_s0 * x - alpha_t * h_phi_1 * m0
+    pred_res = sum(r * d for r, d in zip(rhos_p, D1s)) if D1s else 0
+    return x_t_ - alpha_t * B_h * pred_res
+
+
+def diffusers_unipc_c_update(this_model_output, model_output_list, last_sample, sigmas, order, solver_type):
+    """``UniPCMultistepScheduler.multistep_uni_c_bh_update`` (predict_x0): ``sigmas = [..., sigma_s0, sigma_t]``
+    (``self.sigmas[: step_index + 1]``: the last the corrected level), ``last_sample`` the previous corrected
+    state, ``model_output_list`` the earlier converted x0_pred, newest last."""
+    x = last_sample
+    model_t = this_model_output
+    m0, alpha_t, sigma_t, sigma_s0, h, rks, D1s = _unipc_common(model_output_list, sigmas, order)
+    rks.append(ONE)
+    R, b = [], []
+    hh = -h
+    h_phi_1 = torch.expm1(hh)
+    h_phi_k = h_phi_1 / hh - 1
+    factorial_i = 1
+    B_h = hh if solver_type == "bh1" else torch.expm1(hh)
+    for i in range(1, order + 1):
+        R.append([torch.pow(r, i - 1) for r in rks])
+        b.append(h_phi_k * factorial_i / B_h)
+        factorial_i *= i + 1
+        h_phi_k = h_phi_k / hh - ONE / factorial_i
+    rhos_c = [HALF] if order == 1 else list(sp.Matrix(R).LUsolve(sp.Matrix(b)))
+    x_t_ = sigma_t / sigma_s0 * x - alpha_t * h_phi_1 * m0
+    corr_res = sum(r * d for r, d in zip(rhos_c[:-1], D1s)) if D1s else 0
+    D1_t = model_t - m0
+    return x_t_ - alpha_t * B_h * (corr_res + rhos_c[-1] * D1_t)
+
+
+@identity(
+    "diffusers.unipc_step",
+    "diffusers",
+    "UniPCSkip.multistep equals UniPCMultistepScheduler.step, part by part: its corrected state (the predicted "
+    "state plus unipc_corrector_coefficients' K, orders 1 and 2) is diffusers' multistep_uni_c_bh_update from the "
+    "previous corrected state, where the predicted state is diffusers' multistep_uni_p_bh_update of the same "
+    "order from that state; and its predictor from a corrected state (unipc_predictor_coefficients, or first "
+    "order) is multistep_uni_p_bh_update of order 2 (or 1); for bh1 and bh2, on x0_pred model outputs. The step "
+    "is the predictor applied to the corrected state on both sides.",
+)
+def unipc_step_matches() -> Result:
+    lv = LambdaLevels(["pp", "p", "s", "t"], "vp")
+    sig = {n: diffusers_dpm_sigma(lv.level[n]) for n in ("pp", "p", "s", "t")}
+    x_pc, m_pp, m_p, m_s, x_h = real("x_pc m_pp m_p m_s x_h")
+    res = {}
+    for st in ("bh1", "bh2"):
+        for q in (1, 2):  # the corrector at s, of the order of the predictor that reached s from x_pc at p
+            levels, outputs = [sig[n] for n in ("pp", "p", "s")][2 - q:], [m_pp, m_p][2 - q:]
+            x_s = diffusers_unipc_p_update(outputs, x_pc, levels, q, st)
+            theirs = diffusers_unipc_c_update(m_s, outputs, x_pc, levels, q, st)
+            history = [(x_h, m_pp, lv.level["pp"]), (x_h, m_p, lv.level["p"])][2 - q:]
+            res[f"{st}, corrector {q}"] = lv.form(unipc_corrected("sample", x_s, m_s, history, lv.level["s"], q, st)
+                                                 - theirs)
+        for p in (1, 2):  # the predictor s -> t from a corrected state x_pc
+            theirs = diffusers_unipc_p_update([m_p, m_s][2 - p:], x_pc, [sig[n] for n in ("p", "s", "t")][2 - p:], p, st)
+            history = [(x_h, m_p, lv.level["p"])][: p - 1]
+            res[f"{st}, predictor {p}"] = lv.form(unipc_step("sample", x_pc, m_s, history, lv.level["s"], lv.level["t"],
+                                                             (p, 0), st) - theirs)
+    return check(res, lv.domain & Domain.free([x_pc, m_pp, m_p, m_s, x_h]))

@@ -24,7 +24,7 @@ from driffusion_core import FlowSchedule, NoiseSource, VPSchedule
 from driffusion_core import coefficients as C
 from proofs.algebra import Domain, check
 from proofs.operators import (
-    ddim_step, ddpm_std, ddpm_step, dpm_2m_step, dpm_step, flow_step, ve_euler_step, vp_x0_eps,
+    ddim_step, ddpm_std, ddpm_step, dpm_2m_step, dpm_step, flow_step, unipc_step, ve_euler_step, vp_x0_eps,
 )
 from proofs.registry import Result, Status, identity
 
@@ -174,6 +174,60 @@ def dpm_2m_matches_mirror() -> Result:
                             if not rel <= REL_TOL:
                                 bad.append(f"DPMSolverSkip({family}, {kind}, {solver_type}) at {rows[i]}: "
                                            f"relative error {rel:.2e}")
+    detail = f"{points} values, max relative difference {worst:.1e}"
+    return _numeric(detail, bad, "float64 against 40-digit exact")
+
+
+# UniPC: (pp, p, s, t). Its order-2 corrector weights (phi_2 = phi_1 / (-h) - 1/2) lose about log10(1/h^2)
+# digits to cancellation as the steps shrink (diffusers' formula, there in float32): steps of h >= 0.01 here
+VP_LEVEL_QUADS = [(999.0, 979.0, 959.0, 939.0), (999.0, 700.0, 500.0, 1.0), (600.0, 500.5, 250.0, 10.25),
+                  (44.0, 40.0, 36.0, 32.0), (5.0, 3.0, 1.0, -1.0)]
+FLOW_LEVEL_QUADS = [(0.95, 0.7, 0.4, 0.2), (0.5, 0.49, 0.48, 0.47), (0.4, 0.3, 0.2, 0.0)]
+
+
+@identity(
+    "operators.unipc_matches_mirror",
+    "Operators (code)",
+    "The torch UniPCSkip.multistep (bh1 and bh2, VP and flow, every prediction type, float64, per-row levels, "
+    "history = the two earlier steps' states, outputs and levels) equals the symbolic UniPC step proved above "
+    "(diffusers.unipc_step: corrector, then predictor), evaluated exactly at the same schedule values, for every "
+    "(predictor, corrector) order pair a step takes, including the first-order step into sigma = 0.",
+    numeric=True,
+)
+def unipc_matches_mirror() -> Result:
+    from solvers import UniPCSkip
+
+    worst, points, bad = 0.0, 0, []
+    with mpmath.workdps(40):
+        for family, schedule, kinds, quads in (
+            ("vp", VPSchedule.linear(), ("epsilon", "sample", "v_prediction"), VP_LEVEL_QUADS),
+            ("flow", FlowSchedule(), ("velocity", "epsilon", "sample"), FLOW_LEVEL_QUADS),
+        ):
+            cols = [torch.tensor(c, dtype=F64) for c in zip(*quads)]
+            lv = [schedule.alpha_bar(c) if family == "vp" else c for c in cols]
+            g = torch.Generator().manual_seed(2)
+            x_pp, p_pp, x_p, p_p, x, p = (torch.randn(len(quads), 3, generator=g, dtype=F64) for _ in range(6))
+            for kind in kinds:
+                for solver_type in ("bh1", "bh2"):
+                    for order, n_hist in ((2, 1), (2, 2), (1, 1)):
+                        op = UniPCSkip(schedule, kind, order=order, solver_type=solver_type)
+                        hist = [(x_pp, p_pp, cols[0]), (x_p, p_p, cols[1])][2 - n_hist:]
+                        out = op.multistep(x, p, cols[2], cols[3], hist)
+                        for i in range(len(quads)):
+                            orders = op.orders(n_hist, cols[3][i])
+                            f = lambda v: sp.Float(mpmath.mpf(v.item()), 40)  # noqa: E731
+                            for c in range(3):
+                                h = [(f(a[i, c]), f(b[i, c]), f(lv[k][i])) for k, (a, b) in
+                                     enumerate([(x_pp, p_pp), (x_p, p_p)])][2 - n_hist:]
+                                exact = unipc_step(kind, f(x[i, c]), f(p[i, c]), h, f(lv[2][i]), f(lv[3][i]), orders,
+                                                   solver_type, family)
+                                exact = mpmath.mpf(sp.Float(exact, 40))
+                                rel = float(abs(mpmath.mpf(out[i, c].item()) - exact) / (1 + abs(exact)))
+                                worst = max(worst, rel)
+                                points += 1
+                                if not rel <= REL_TOL:
+                                    bad.append(f"UniPCSkip({family}, {kind}, {solver_type}, order {order}, "
+                                               f"{n_hist} earlier) at {quads[i]}: relative error {rel:.2e}")
     detail = f"{points} values, max relative difference {worst:.1e}"
     return _numeric(detail, bad, "float64 against 40-digit exact")
 

@@ -27,6 +27,8 @@ __all__ = [
     "ve_euler_step",
     "dpm_step",
     "dpm_2m_step",
+    "unipc_corrected",
+    "unipc_step",
 ]
 
 
@@ -134,3 +136,53 @@ def dpm_2m_step(
     x0_p, _ = _x0_eps(prediction, x_p, pred_p, a_p, s_p)
     x0_s, _ = _x0_eps(prediction, x, pred, a_s, s_s)
     return c_x * x + c_x0 * x0_s + c_p * x0_p
+
+
+def unipc_corrected(
+    prediction: str, x: Any, pred: Any, history: Tuple[Tuple[Any, Any, Any], ...], level_s: Any, corrector: int,
+    solver_type: str = "bh2", interpolant: str = "vp",
+) -> Any:
+    """The corrected state of ``solvers.unipc.UniPCSkip.multistep``: the predicted x at s plus
+    K = k_s m_s + k_p m_p + k_pp m_pp (``unipc_corrector_coefficients`` of order ``corrector``; 0: no
+    corrector), ``history`` the earlier steps ``(x_i, pred_i, level_i)`` oldest first, each x0_hat m
+    converted at its own level from its own state."""
+    if not corrector:
+        return x
+    alpha_sigma = _ALPHA_SIGMA[interpolant]
+    a_s, s_s = alpha_sigma(level_s)
+    m_s, _ = _x0_eps(prediction, x, pred, a_s, s_s)
+    earlier = [(_x0_eps(prediction, x_h, p_h, *alpha_sigma(l_h))[0], alpha_sigma(l_h)) for x_h, p_h, l_h in history]
+    m_p, (a_p, s_p) = earlier[-1]
+    m_pp, (a_pp, s_pp) = earlier[-2] if corrector == 2 else (0, (None, None))
+    k_s, k_p, k_pp = C.unipc_corrector_coefficients(a_pp, s_pp, a_p, s_p, a_s, s_s, corrector, solver_type)
+    return x + k_s * m_s + k_p * m_p + k_pp * m_pp
+
+
+def unipc_step(
+    prediction: str,
+    x: Any,
+    pred: Any,
+    history: Tuple[Tuple[Any, Any, Any], ...],
+    level_s: Any,
+    level_t: Any,
+    orders: Tuple[int, int],
+    solver_type: str = "bh2",
+    interpolant: str = "vp",
+) -> Any:
+    """``solvers.unipc.UniPCSkip.multistep`` s -> t with ``orders = (predictor, corrector)``: the predicted
+    state x corrected (:func:`unipc_corrected`), then UniP from it (``unipc_predictor_coefficients`` with the
+    previous step's x0_hat, or the first-order ``dpm_solver_pp_coefficients``)."""
+    predictor, corrector = orders
+    alpha_sigma = _ALPHA_SIGMA[interpolant]
+    a_s, s_s = alpha_sigma(level_s)
+    a_t, s_t = alpha_sigma(level_t)
+    m_s, _ = _x0_eps(prediction, x, pred, a_s, s_s)
+    x_c = unipc_corrected(prediction, x, pred, history, level_s, corrector, solver_type, interpolant)
+    if predictor == 2:
+        x_h, p_h, l_h = history[-1]
+        a_p, s_p = alpha_sigma(l_h)
+        m_p, _ = _x0_eps(prediction, x_h, p_h, a_p, s_p)
+        c_x, c_s, c_p = C.unipc_predictor_coefficients(a_p, s_p, a_s, s_s, a_t, s_t, solver_type)
+        return c_x * x_c + c_s * m_s + c_p * m_p
+    c_x, c_x0 = C.dpm_solver_pp_coefficients(a_s, s_s, a_t, s_t)
+    return c_x * x_c + c_x0 * m_s

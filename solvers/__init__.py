@@ -3,6 +3,7 @@ from solvers.ddim import DDIMSkip
 from solvers.ddpm import DDPMSkip
 from solvers.dpm import DPMSolverSkip
 from solvers.flow import FlowEulerSkip
+from solvers.unipc import UniPCSkip
 from solvers.oracles import GaussianMixture, ring_mixture
 from solvers.picard import PicardScheduler, fewest_rounds
 from solvers.serial import coarse_indices, sample_serial, sample_step_skipping
@@ -14,6 +15,7 @@ __all__ = [
     "DDIMSkip",
     "DDPMSkip",
     "DPMSolverSkip",
+    "UniPCSkip",
     "FlowEulerSkip",
     "sample_serial",
     "sample_step_skipping",

@@ -34,7 +34,7 @@ SYMBOLIC_FAMILIES = ("param.", "ddpm.", "ddim.", "flow.", "dpm.", "diffusers.", 
 KNOWN_NON_IDENTITIES = {"ddim.eta_composition_not_exact", "ddim.frozen_v_does_not_compose",
                         "ddpm.fixed_large_not_composable", "dpm.2m_midpoint_not_exact"}
 #: float checks of the torch code, NUMERICALLY VERIFIED by nature (every other identity must not be NUMERIC)
-NUMERIC_IDENTITIES = {"operators.match_symbolic_mirrors", "operators.dpm_2m_matches_mirror",
+NUMERIC_IDENTITIES = {"operators.match_symbolic_mirrors", "operators.dpm_2m_matches_mirror", "operators.unipc_matches_mirror",
                       "operators.drafts_are_the_chain", "operators.coupled_noise_composed"}
 DPM_IDENTITIES = {"dpm.first_order_is_ddim", "dpm.first_order_composes", "dpm.2m_frozen_is_first_order",
                   "dpm.2m_heun_exact_linear_x0", "dpm.2m_midpoint_not_exact", "dpm.conditional_path_exact",

@@ -30,6 +30,10 @@ Key (diffusers' names -> ours):
   sigmas or Lu lambdas the levels are the grid's own sigmas (a VPSchedule of alpha-bar = 1 / (1 + sigma^2),
   level j the j-th sigma from the clean end), the model times diffusers' nearest timesteps. Refused: the
   noise-prediction and SDE variants, third order, flow sigmas, learned variances and ``flow_prediction``;
+* ``UniPCMultistepScheduler`` -> :class:`~solvers.UniPCSkip` (``solver_order`` 1 or 2, ``solver_type`` bh1 /
+  bh2, ``lower_order_final``, thresholding), its steps placed as for DPM-Solver (the two schedulers'
+  ``set_timesteps`` agree). Refused: third order, ``predict_x0=False``, ``solver_p``, ``disable_corrector``,
+  flow sigmas and ``flow_prediction``, and ``lower_order_final=False`` into sigma = 0 (diffusers' NaN);
 * ``EulerDiscreteScheduler`` -> :class:`~solvers.DDIMSkip` (eta = 0) on the *scaled* state. Its step is
   the Euler step of the probability-flow ODE in sigma, :math:`x_{\sigma'} = x_\sigma + (\sigma' - \sigma)\hat\epsilon`
   on the latents :math:`x_\sigma = x_0 + \sigma\epsilon`, and the model sees
@@ -71,12 +75,13 @@ from solvers.ddim import DDIMSkip
 from solvers.ddpm import DDPMSkip
 from solvers.dpm import DPMSolverSkip
 from solvers.flow import FlowEulerSkip
+from solvers.unipc import UniPCSkip
 
 __all__ = ["from_diffusers", "euler_state_scales", "EulerDiscreteAsDDIM", "EulerAncestralAsDDIM", "SUPPORTED_SCHEDULERS"]
 
 SUPPORTED_SCHEDULERS = (
     "DDIMScheduler", "DDPMScheduler", "FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler",
-    "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+    "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "UniPCMultistepScheduler",
 )
 
 # None: diffusers' _get_variance matches no branch and keeps the posterior variance, i.e. fixed_small
@@ -480,26 +485,35 @@ def _dpm(scheduler, cfg, num_inference_steps: int, check_held: bool = True):
         euler_at_final=bool(cfg.get("euler_at_final", False)),
         x0_transform=_x0_transform(cfg),
     )
+    return _multistep_grid(scheduler, cfg, num_inference_steps, check_held, "DPMSolverMultistepScheduler",
+                           lambda schedule: DPMSolverSkip(schedule, **options))
+
+
+def _multistep_grid(scheduler, cfg, num_inference_steps: int, check_held: bool, name: str, make):
+    """(transition, grid) of a DPM-Solver-style multistep scheduler (``DPMSolverMultistepScheduler``,
+    ``UniPCMultistepScheduler``): its ``set_timesteps`` (on a copy) places the steps, ``make(schedule)`` builds
+    the transition on the schedule of those levels."""
+    final = cfg.get("final_sigmas_type", "zero")
     sigma_option = next((o for o in _DPM_SIGMAS if cfg.get(o, False)), None)
     if sigma_option is not None:
-        return _dpm_on_sigmas(scheduler, cfg, num_inference_steps, check_held, sigma_option, options)
+        return _dpm_on_sigmas(scheduler, cfg, num_inference_steps, check_held, sigma_option, make, name)
     # alphas_cumprod as the scheduler holds it: every beta_schedule and trained_betas, and with
     # rescale_betas_zero_snr diffusers' alphas_cumprod[-1] = 2**-24 (not 0, so sigma stays finite).
     # That can sit above the entries just before it (linear betas: timesteps 996..998 are below 2**-24),
     # which a VPSchedule (alpha-bar never increasing) cannot hold: those entries are raised to 2**-24,
     # and a grid that visits one of them is refused below (diffusers would step *up* in noise there).
     table = scheduler.alphas_cumprod.detach().cpu().to(torch.float64)
-    _check_table_length("DPMSolverMultistepScheduler", table, cfg, longer_ok=True)
+    _check_table_length(name, table, cfg, longer_ok=True)
     monotone = torch.flip(torch.cummax(torch.flip(table, [0]), 0).values, [0])
     raised = monotone != table
     schedule = VPSchedule(monotone, final_alpha_cumprod=1.0)
-    transition = DPMSolverSkip(schedule, **options)
+    transition = make(schedule)
     # The timesteps are the scheduler's own set_timesteps (on a copy): DPM-Solver's leading spacing
     # divides by T + 1, lambda_min_clipped shortens the range. The levels are those training timesteps
     # (diffusers' sigmas are the table's there), then -1 (sigma = 0) or 0 (the sigma of alphas_cumprod[0]).
     if cfg.get("timestep_spacing", "linspace") == "trailing":
         clipped = int(torch.searchsorted(torch.flip(scheduler.lambda_t, [0]), cfg.get("lambda_min_clipped", -float("inf"))))
-        _trailing_off_by_one("DPMSolverMultistepScheduler", schedule.num_train_timesteps, num_inference_steps,
+        _trailing_off_by_one(name, schedule.num_train_timesteps, num_inference_steps,
                              last=schedule.num_train_timesteps - clipped)
     timesteps = _probe(scheduler, num_inference_steps)[1]
     held = getattr(scheduler, "timesteps", None)
@@ -512,29 +526,29 @@ def _dpm(scheduler, cfg, num_inference_steps: int, check_held: bool = True):
             plain = False
         if not plain:
             raise InvalidArgumentError(
-                f"This DPMSolverMultistepScheduler holds custom timesteps {held.tolist()} (set_timesteps(timesteps="
-                f"...)), which from_diffusers does not reproduce for DPM-Solver (it builds the config's "
+                f"This {name} holds custom timesteps {held.tolist()} (set_timesteps(timesteps="
+                f"...)), which from_diffusers does not reproduce for it (it builds the config's "
                 f"set_timesteps({num_inference_steps})). Call scheduler.set_timesteps({num_inference_steps}) first "
                 f"(or pass scheduler.config) to sample with the config's timesteps, or drive "
-                f"DPMSolverSkip(VPSchedule(scheduler.alphas_cumprod)) with your own TimeGrid of those levels."
+                f"{type(transition).__name__}(VPSchedule(scheduler.alphas_cumprod)) with your own TimeGrid of those levels."
             )
     t_from = timesteps.to(torch.float64)
     if bool((t_from[1:] >= t_from[:-1]).any()):
         raise InvalidArgumentError(
-            f"DPMSolverMultistepScheduler.set_timesteps({num_inference_steps}) lists a timestep twice: more steps "
+            f"{name}.set_timesteps({num_inference_steps}) lists a timestep twice: more steps "
             f"than timestep_spacing={cfg.get('timestep_spacing')!r} has distinct training timesteps "
             f"(lambda_min_clipped={cfg.get('lambda_min_clipped')} may shorten the range). Use fewer inference steps."
         )
     if final == "sigma_min" and float(t_from[-1]) <= 0.0:
         raise InvalidArgumentError(
-            f"DPMSolverMultistepScheduler(final_sigmas_type='sigma_min') with {num_inference_steps} steps: the last "
+            f"{name}(final_sigmas_type='sigma_min') with {num_inference_steps} steps: the last "
             f"timestep is already 0, whose sigma is sigma_min, so the last step would have length zero (diffusers "
             f"divides by h = 0 there). Use final_sigmas_type='zero', fewer steps, or another timestep_spacing."
         )
     if bool(raised[timesteps.long()].any()):
         bad = [int(t) for t in timesteps.tolist() if bool(raised[int(t)])]
         raise InvalidArgumentError(
-            f"DPMSolverMultistepScheduler.set_timesteps({num_inference_steps}) visits timesteps {bad}, whose "
+            f"{name}.set_timesteps({num_inference_steps}) visits timesteps {bad}, whose "
             f"alphas_cumprod lie below the 2**-24 diffusers puts at the last timestep for rescale_betas_zero_snr: "
             f"alpha-bar would increase with the noise level there. Use fewer inference steps."
         )
@@ -543,13 +557,57 @@ def _dpm(scheduler, cfg, num_inference_steps: int, check_held: bool = True):
     return transition, grid
 
 
-def _dpm_on_sigmas(scheduler, cfg, num_inference_steps: int, check_held: bool, option: str, options: dict):
+def _refuse_unipc(option: str, value: Any, why: str, instead: str):
+    raise InvalidArgumentError(f"UniPCMultistepScheduler({option}={value!r}) is not supported: {why}. {instead}")
+
+
+def _unipc(scheduler, cfg, num_inference_steps: int, check_held: bool = True):
+    """UniPCMultistepScheduler: :class:`~solvers.UniPCSkip` on the levels of its own ``set_timesteps``, as for
+    DPM-Solver (the two schedulers place their steps the same way)."""
+    if cfg.get("use_flow_sigmas", False):
+        _refuse_unipc("use_flow_sigmas", cfg["use_flow_sigmas"],
+                      "its levels are a flow interpolant's sigmas (with flow_prediction), not a VP schedule's",
+                      "For a flow-matching model use FlowMatchEulerDiscreteScheduler, or "
+                      "UniPCSkip(FlowSchedule(...), prediction='velocity') with your own grid.")
+    prediction = cfg.get("prediction_type", "epsilon")
+    if prediction not in ("epsilon", "sample", "v_prediction"):
+        _refuse_unipc("prediction_type", prediction,
+                      "flow_prediction goes with use_flow_sigmas (a flow interpolant), which is not implemented",
+                      "For a flow-matching model use FlowMatchEulerDiscreteScheduler.")
+    order = cfg.get("solver_order", 2)
+    if order not in (1, 2):
+        _refuse_unipc("solver_order", order, "UniPCSkip has the predictor of order 1 and 2 only",
+                      "Use solver_order=2 (diffusers' default, recommended for guided sampling) or 1.")
+    if not cfg.get("predict_x0", True):
+        _refuse_unipc("predict_x0", cfg["predict_x0"], "only the data-prediction form (UniPC's B(h) update on "
+                      "x0_hat, diffusers' default) is implemented", "Use predict_x0=True.")
+    if getattr(scheduler, "solver_p", None) is not None:
+        _refuse_unipc("solver_p", type(scheduler.solver_p).__name__, "a separate predictor scheduler steps "
+                      "statefully", "Leave solver_p unset (UniPC's own predictor, UniP).")
+    if list(cfg.get("disable_corrector", []) or []):
+        _refuse_unipc("disable_corrector", list(cfg["disable_corrector"]),
+                      "UniPCSkip applies the corrector at every step after the first", "Use disable_corrector=[].")
+    solver_type = cfg.get("solver_type", "bh2")
+    lower_final = bool(cfg.get("lower_order_final", True))
+    if order == 2 and not lower_final and cfg.get("final_sigmas_type", "zero") == "zero":
+        _refuse_unipc("lower_order_final", False,
+                      "with final_sigmas_type='zero' the last step is second order into sigma = 0, where "
+                      "diffusers' UniP divides by r = 0 and returns NaN or inf",
+                      "Use lower_order_final=True (diffusers' default) or final_sigmas_type='sigma_min'.")
+    options = dict(prediction=prediction, order=int(order), solver_type=solver_type,
+                   lower_order_final=lower_final, x0_transform=_x0_transform(cfg))
+    transition, grid = _multistep_grid(scheduler, cfg, num_inference_steps, check_held, "UniPCMultistepScheduler",
+                                       lambda schedule: UniPCSkip(schedule, **options))
+    transition.final_level = float(grid.t_to[-1])
+    return transition, grid
+
+
+def _dpm_on_sigmas(scheduler, cfg, num_inference_steps: int, check_held: bool, option: str, make, name: str):
     """DPMSolverMultistepScheduler with Karras / exponential / beta sigmas or Lu lambdas: its levels are the
     grid's own sigmas, between the training timesteps (the model is called with the nearest ones, its
     ``timesteps``). DPM-Solver++ reads alpha_t = 1 / sqrt(1 + sigma^2) and sigma_t = sigma alpha_t there, so
     the transition runs on a VPSchedule whose table is the grid's alpha-bar = 1 / (1 + sigma^2), level j the
     j-th sigma counted from the clean end (as for Euler); the state is the usual VP state (not scaled)."""
-    name = "DPMSolverMultistepScheduler"
     sig, ts = _probe(scheduler, num_inference_steps)
     if check_held:
         _refuse_held_custom(scheduler, name, num_inference_steps)
@@ -567,7 +625,7 @@ def _dpm_on_sigmas(scheduler, cfg, num_inference_steps: int, check_held: bool, o
         )
     table = torch.flip(1.0 / (1.0 + levels * levels), [0])  # alpha-bar, from the clean end (level 0) up
     schedule = VPSchedule(table, final_alpha_cumprod=1.0)
-    transition = DPMSolverSkip(schedule, **options)
+    transition = make(schedule)
     steps = torch.arange(n, 0, -1, dtype=torch.float64)
     grid = transition.make_grid(TimeGrid(steps, steps - 1.0, ts, schedule.kind))
     return transition, grid
@@ -668,7 +726,8 @@ def from_diffusers(
     Arguments:
         scheduler_or_config: a ``DDIMScheduler``, ``DDPMScheduler``, ``FlowMatchEulerDiscreteScheduler``,
             ``DPMSolverMultistepScheduler`` (DPM-Solver++ of order 1 or 2), ``EulerDiscreteScheduler`` (its
-            deterministic step, ``s_churn = 0``) or ``EulerAncestralDiscreteScheduler``, or its ``config`` (a mapping;
+            deterministic step, ``s_churn = 0``), ``EulerAncestralDiscreteScheduler`` or ``UniPCMultistepScheduler``
+            (UniPC with its corrector, order 1 or 2), or its ``config`` (a mapping;
             its class is its ``_class_name``, or the supported class whose options are exactly the
             config's keys; instantiating it needs diffusers).
         num_inference_steps: T, the number of model calls (as ``scheduler.set_timesteps(T)``); may be left
@@ -688,7 +747,7 @@ def from_diffusers(
 
     Returns:
         ``(transition, grid)``: a :class:`~driffusion_core.SkipTransition` (``DDIMSkip``, ``DDPMSkip``,
-        ``FlowEulerSkip``, ``DPMSolverSkip`` or, for Euler, :class:`EulerDiscreteAsDDIM` /
+        ``FlowEulerSkip``, ``DPMSolverSkip``, ``UniPCSkip`` or, for Euler, :class:`EulerDiscreteAsDDIM` /
         :class:`EulerAncestralAsDDIM`) and the
         :class:`~driffusion_core.TimeGrid` whose ``model_times`` are the timesteps diffusers passes to the model.
 
@@ -753,6 +812,8 @@ def _from_diffusers(scheduler_or_config, num_inference_steps, mu, eta, use_clipp
     if name == "DDPMScheduler":
         return _ddpm(scheduler, cfg, None if custom else num_inference_steps, timesteps,
                      check_held and scheduler is scheduler_or_config)
+    if name == "UniPCMultistepScheduler":
+        return _unipc(scheduler, cfg, num_inference_steps, check_held and scheduler is scheduler_or_config)
     if name == "DPMSolverMultistepScheduler":
         return _dpm(scheduler, cfg, num_inference_steps, check_held and scheduler is scheduler_or_config)
     if name in ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler"):

@@ -11,7 +11,7 @@ the same ``generator``), VAE decode, safety checker and ``image_processor.postpr
     DraftRefineScheduler(transition, grid, width, mode).sample(DiffusersPredictor(model, w), latents, executor)
 
 with classifier-free guidance in one batched call per draft batch. Width 1 reproduces the pipeline
-(for DDIM with eta = 0, DPM-Solver++, Euler and flow matching: the same images for the same generator;
+(for DDIM with eta = 0, DPM-Solver++, UniPC, Euler and flow matching: the same images for the same generator;
 for stochastic steps, given the same step noise).
 
 Supported: ``DDPMPipeline`` / ``DDIMPipeline`` (unconditional), ``StableDiffusionPipeline``,
@@ -20,7 +20,8 @@ Supported: ``DDPMPipeline`` / ``DDIMPipeline`` (unconditional), ``StableDiffusio
 ``linspace(1, 1/T, T)`` shifted by mu from the sequence length, the distilled guidance embedding, and true
 classifier-free guidance with ``true_cfg_scale`` and a negative prompt, both halves in one batched call) (and
 their subclasses), with any scheduler :func:`from_diffusers` takes:
-``DDIMScheduler``, ``DDPMScheduler``, ``FlowMatchEulerDiscreteScheduler`` or ``DPMSolverMultistepScheduler``
+``DDIMScheduler``, ``DDPMScheduler``, ``FlowMatchEulerDiscreteScheduler``, ``DPMSolverMultistepScheduler`` or
+``UniPCMultistepScheduler``
 (diffusers' ``DDIMPipeline`` turns the scheduler it is given into DDIM; ``DDPMPipeline`` keeps it), and
 ``EulerDiscreteScheduler`` / ``EulerAncestralDiscreteScheduler`` in ``StableDiffusionPipeline`` and
 ``StableDiffusionXLPipeline`` (the pipelines here that scale their noise and model input for it: the state is then ``latents / sqrt(sigma^2 + 1)``, see

@@ -1,0 +1,276 @@
+r"""UniPC (Zhao et al. 2023): the multistep predictor UniP-2 with the corrector UniC, data prediction.
+
+Key: :math:`x_t = \alpha_t x_0 + \sigma_t \epsilon`, :math:`\lambda = \log(\alpha/\sigma)`, :math:`m_i` the
+prediction of step i converted to x0_hat at its level. The model is called on the *predicted* state
+:math:`x_i`; its output :math:`m_i` first corrects that state, then predicts the next one
+(diffusers' ``UniPCMultistepScheduler.step``):
+
+.. math::
+    x_i^c = x_i + K(m_i, m_{i-1}, m_{i-2}) \quad\text{(UniC; none at step 0)},\qquad
+    x_{i+1} = P(x_i^c, m_i, m_{i-1}) \quad\text{(UniP; first order at step 0)},
+
+with the coefficients of :func:`driffusion_core.coefficients.unipc_corrector_coefficients` and
+:func:`~driffusion_core.coefficients.unipc_predictor_coefficients` (``bh1`` or ``bh2``; UniP-2 with bh2 is
+DPM-Solver++ 2M midpoint). The corrector of step i has the order of the predictor that reached
+:math:`x_i` (1 after the first step, then 2), so it is written as a change K of the predicted state and
+needs no corrected state from earlier steps: a step combines the two earlier steps' (x, prediction,
+level), as :meth:`UniPCSkip.multistep` does. The sampler's state is the predicted :math:`x_i`, the
+model's input, and the sample the last predicted state (no corrector after the last step).
+
+**Drafts.** With the anchor's x0_hat :math:`m_a` frozen, the chain after the anchor's own step is: the
+corrector at a + 1 with :math:`m_{a+1} = m_a` (only its :math:`m_{a-1}` term is left), then first-order
+predictors (their correction :math:`m_{j} - m_{j-1}` is 0), whose correctors vanish too. So draft 1 is the
+serial step, and draft j > 1 the first-order skip from the corrected draft 1 with x0_hat frozen: the
+chain itself, one batched call.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+
+from driffusion_core import coefficients as C
+from driffusion_core.errors import InvalidArgumentError
+from driffusion_core.grid import TimeGrid
+from driffusion_core.parameterization import Prediction, X0Transform, broadcast_coef, upcast
+from driffusion_core.schedules import Schedule
+from driffusion_core.transition import History, Levels, SkipTransition, as_levels, repeat_rows, zero_length_identity
+from solvers.dpm import DPMSolverSkip
+
+__all__ = ["UniPCSkip"]
+
+SOLVER_TYPES = ("bh1", "bh2")
+
+
+class UniPCSkip(SkipTransition):
+    """UniPC (data prediction): the predictor UniP of order 1 or 2 and the corrector UniC.
+
+    Arguments:
+        schedule: a :class:`~driffusion_core.VPSchedule` or :class:`~driffusion_core.FlowSchedule`.
+        prediction: ``"epsilon"``, ``"sample"``, ``"v_prediction"`` (VP) or ``"velocity"`` (flow).
+        order: the predictor's order, 1 or 2 (diffusers' ``solver_order``; its default 2).
+        solver_type: ``"bh2"`` (diffusers' default) or ``"bh1"``, the B(h) of UniPC.
+        lower_order_final: the predictor of the step into ``final_level`` is first order (diffusers'
+            ``lower_order_final``, its default).
+        final_level: the grid's last level (``grid.t_to[-1]``; :func:`solvers.from_diffusers` sets it). A
+            step to sigma = 0 is always first order (the second-order weights diverge there).
+        x0_transform: optional :class:`~driffusion_core.ClipSample` / :class:`~driffusion_core.DynamicThreshold`
+            (diffusers' ``thresholding``), applied to every x0_hat.
+
+    ``__call__`` is the first-order step (DDIM with eta = 0, the skip); :meth:`multistep` the UniPC step.
+    """
+
+    stochastic = False
+    composes_exactly = True  # the one-step skip (first order) is DDIM
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        prediction: Union[str, Prediction] = "epsilon",
+        order: int = 2,
+        solver_type: str = "bh2",
+        lower_order_final: bool = True,
+        final_level: Optional[float] = None,
+        x0_transform: Optional[X0Transform] = None,
+    ):
+        super().__init__(schedule, prediction, x0_transform)
+        self.order = order
+        self.solver_type = solver_type
+        self.lower_order_final = bool(lower_order_final)
+        self.final_level = None if final_level is None else float(final_level)
+
+    @property
+    def history(self) -> int:
+        """Earlier steps a step combines: the corrector of order 2 takes two (order 1: one)."""
+        return self.order
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "order":
+            if isinstance(value, bool) or value not in (1, 2):
+                raise InvalidArgumentError(
+                    f"UniPCSkip order must be 1 or 2, got {value!r} (third order is not implemented; diffusers' "
+                    f"solver_order=3 needs three earlier steps)."
+                )
+            value = int(value)
+        if name == "solver_type" and value not in SOLVER_TYPES:
+            raise InvalidArgumentError(f"UniPCSkip solver_type must be 'bh1' or 'bh2', got {value!r}.")
+        super().__setattr__(name, value)
+
+    def history_at(self, grid: TimeGrid, i: int) -> int:
+        return min(int(i), self.order)
+
+    # ----------------------------------------------------------------- first order (the skip)
+    _first = DPMSolverSkip._first  # ((alpha_s, sigma_s), (c_x, c_x0)) of the first-order step
+
+    @staticmethod
+    def _combine(x: torch.Tensor, terms) -> torch.Tensor:
+        out = None
+        for c, v in terms:
+            term = broadcast_coef(c, v) * v
+            out = term if out is None else out + term
+        return out
+
+    def __call__(self, x: torch.Tensor, pred: torch.Tensor, t_from: Levels, t_to: Levels,
+                 noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        r"""The first-order step (UniP-1, DDIM with eta = 0) from level s to t:
+        :math:`x_t = \frac{\sigma_t}{\sigma_s} x_s + \alpha_t(1 - e^{-h})\hat x_0`, with x0_hat converted from
+        ``pred`` at s. Deterministic: ``noise`` is ignored. A zero-length skip returns x."""
+        t_from, t_to = self.operands(x, pred, t_from, t_to, noise)
+        alpha_sigma, (c_x, c_x0) = self.cached(t_from, t_to, self._first)
+        dtype, (x, pred) = x.dtype, upcast(x, pred)
+        x0 = self.to_x0_eps(x, pred, t_from, alpha_sigma)[0]
+        out = self._combine(x, [(c_x, x), (c_x0, x0)])
+        return zero_length_identity(out, x, t_from, t_to).to(dtype)
+
+    # ----------------------------------------------------------------- UniPC
+    def orders(self, n_history: int, t_to: torch.Tensor) -> Tuple[int, int]:
+        """(predictor order, corrector order) of a step with ``n_history`` earlier steps going to ``t_to``:
+        the corrector takes the order of the predictor that reached this step's state (diffusers' warm-up: 1
+        after the first step, then ``order``), the predictor is ``order`` once an earlier step exists, first
+        order into ``final_level`` (``lower_order_final``) and into sigma = 0 (per row: with per-row levels
+        those rows take the first-order step, see :meth:`_first_order_rows`)."""
+        corrector = min(n_history, self.order)
+        predictor = self.order if n_history >= 1 else 1
+        if bool(self._first_order_rows(t_to).all()):
+            predictor = 1
+        return predictor, corrector
+
+    def _first_order_rows(self, t_to: torch.Tensor) -> torch.Tensor:
+        """Which levels ``t_to`` the predictor reaches at first order: sigma = 0, and ``final_level`` with
+        ``lower_order_final``."""
+        t_to = torch.as_tensor(t_to, dtype=torch.float64)
+        rows = self.schedule.alpha_sigma(t_to)[1] == 0
+        if self.lower_order_final and self.final_level is not None:
+            rows = rows | (t_to == self.final_level)
+        return rows
+
+    def _coefficients(self, levels, predictor: int, corrector: int):
+        """Corrector (k_s, k_p, k_pp) and predictor ((c_x, c_s, c_p) or (c_x, c_s)) coefficients for
+        ``levels = (t_pp, t_p, t_s, t_t)`` (the earlier ones None where unused)."""
+        t_pp, t_p, t_s, t_t = levels
+        self.check_levels(t_s, t_t, t_prev=t_p)
+        if t_pp is not None:
+            self.check_levels(t_p, t_s, t_prev=t_pp)
+        a_s, s_s = self.schedule.alpha_sigma(t_s)
+        a_t, s_t = self.schedule.alpha_sigma(t_t)
+        a_p, s_p = self.schedule.alpha_sigma(t_p) if t_p is not None else (None, None)
+        a_pp, s_pp = self.schedule.alpha_sigma(t_pp) if t_pp is not None else (None, None)
+        k = None
+        if corrector:
+            k = C.unipc_corrector_coefficients(a_pp, s_pp, a_p, s_p, a_s, s_s, corrector, self.solver_type)
+        first = C.dpm_solver_pp_coefficients(a_s, s_s, a_t, s_t)
+        if predictor == 1:
+            return k, first
+        c_x, c_s, c_p = C.unipc_predictor_coefficients(a_p, s_p, a_s, s_s, a_t, s_t, self.solver_type)
+        rows = self._first_order_rows(t_t)
+        if bool(rows.any()):  # some rows (per-row levels) go to sigma = 0 or final_level: first order there
+            c_s = torch.where(rows, first[1], c_s)
+            c_p = torch.where(rows, torch.zeros_like(c_p), c_p)
+        return k, (c_x, c_s, c_p)
+
+    def _x0s(self, x: torch.Tensor, pred: torch.Tensor, t_s: torch.Tensor, history: History):
+        """x0_hat of this step and of the history's steps (newest first), in float32 or wider."""
+        x0s = [self.to_x0_eps(*upcast(x, pred), t_s)[0]]
+        for x_h, p_h, t_h in reversed(list(history)):
+            x0s.append(self.to_x0_eps(*upcast(x_h, p_h), as_levels(t_h, x.shape[0]))[0])
+        return x0s
+
+    def _check_history(self, x: torch.Tensor, history: History, need: int) -> None:
+        if len(history) < need:
+            raise InvalidArgumentError(
+                f"UniPCSkip.multistep needs the {need} earlier step(s) (x_i, p_i, t_from[i]), oldest first, got "
+                f"{len(history)}."
+            )
+        for x_h, p_h, _ in history:
+            if not (isinstance(x_h, torch.Tensor) and isinstance(p_h, torch.Tensor)) or any(
+                v.shape != x.shape or v.dtype != x.dtype or v.device != x.device for v in (x_h, p_h)
+            ):
+                raise InvalidArgumentError(
+                    "UniPCSkip.multistep: history holds (x_i, p_i, t_from[i]) of the same batch, shaped like x, "
+                    f"in its dtype and device; x is {x.dtype} {tuple(x.shape)} on {x.device}."
+                )
+
+    def _corrected(self, x: torch.Tensor, pred: torch.Tensor, t_from: Levels, t_to: Levels, history: History):
+        """(corrected state, x0_hat list newest first, levels, coefficients, predictor order), in float32 or
+        wider: the common part of :meth:`multistep` and :meth:`drafts`."""
+        history = list(history)[-self.order:] if history else []
+        n = x.shape[0]
+        t_from, t_to = self.operands(x, pred, t_from, t_to)
+        predictor, corrector = self.orders(len(history), t_to)
+        need = max(corrector, predictor - 1)
+        self._check_history(x, history, need)
+        hist_levels = [as_levels(h[2], n) for h in history]
+        t_p = hist_levels[-1] if need >= 1 else None
+        t_pp = hist_levels[-2] if corrector == 2 else None
+        levels = (t_pp, t_p, t_from, t_to)
+        if all(t is None or t.dim() == 0 for t in levels):
+            key = ("unipc", self.solver_type, predictor, corrector) + tuple(None if t is None else t.item() for t in levels)
+            k, c = self._memo(key, lambda: self._coefficients(levels, predictor, corrector))
+        else:
+            k, c = self._coefficients(levels, predictor, corrector)
+        x0s = self._x0s(x, pred, t_from, history[len(history) - need:] if need else [])
+        (x_up,) = upcast(x)
+        if k is not None:
+            k_s, k_p, k_pp = k
+            terms = [(1.0, x_up), (k_s, x0s[0]), (k_p, x0s[1])] + ([(k_pp, x0s[2])] if corrector == 2 else [])
+            x_c = self._combine(x_up, terms)
+        else:
+            x_c = x_up
+        return x_c, x0s, (t_from, t_to), k, c, predictor
+
+    def multistep(
+        self,
+        x: torch.Tensor,
+        pred: torch.Tensor,
+        t_from: Levels,
+        t_to: Levels,
+        history: History,
+        noise: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """The UniPC step from the predicted state ``x`` at ``t_from`` with its model output ``pred``:
+        correct x (UniC, with the x0_hat of ``history``'s steps, ``[(x_i, p_i, t_from[i])]`` oldest first),
+        then predict the state at ``t_to`` (UniP). Deterministic: ``noise`` is ignored."""
+        x_c, x0s, (t_from, t_to), _, c, predictor = self._corrected(x, pred, t_from, t_to, history)
+        if predictor == 2:
+            out = self._combine(x_c, [(c[0], x_c), (c[1], x0s[0]), (c[2], x0s[1])])
+        else:
+            out = self._combine(x_c, [(c[0], x_c), (c[1], x0s[0])])
+        return zero_length_identity(out, upcast(x)[0], t_from, t_to).to(x.dtype)
+
+    def drafts(
+        self,
+        x: torch.Tensor,
+        pred: torch.Tensor,
+        t_from: torch.Tensor,
+        t_to: torch.Tensor,
+        noises: Optional[torch.Tensor] = None,
+        history: Optional[History] = None,
+    ) -> torch.Tensor:
+        """The chain with the anchor's x0_hat frozen: row 0 the serial UniPC step (with ``history``), row j > 0
+        the first-order skip to ``t_to[j]`` from row 0 corrected with the frozen x0_hat."""
+        if not history:  # the anchor's step is first order, and the frozen chain's correctors vanish
+            return super().drafts(x, pred, t_from, t_to, noises)
+        self.check_window(x, t_from, t_to, noises)
+        n, b = int(t_from.shape[0]), x.shape[0]
+        first = self.multistep(x, pred, t_from[0], t_to[0], history)
+        if n == 1:
+            return first.unsqueeze(0)
+        x_c, x0s, _, _, _, predictor = self._corrected(x, pred, t_from[0], t_to[0], history)
+        m_a = x0s[0]
+        (first_up,) = upcast(first)
+        start = first_up
+        if predictor == 2 and self.order == 2:
+            # the corrector at t_to[0] (order 2) with m_{a+1} = m_a keeps only its m_{a-1} term: k_pp (m_{a-1} - m_a)
+            levels = (as_levels(history[-1][2], b), t_from[0].to(torch.float64), t_to[0].to(torch.float64),
+                      t_to[1].to(torch.float64))
+            k, _ = self._coefficients(levels, 1, 2)
+            start = self._combine(first_up, [(1.0, first_up), (k[2], x0s[1] - m_a)])
+        src = t_to[0].expand((n - 1) * b)
+        dst = t_to[1:].to(torch.float64).repeat_interleave(b)
+        _, c = self.cached(src, dst, self._first)
+        rest = self._combine(start, [(c[0], repeat_rows(start, n - 1)), (c[1], repeat_rows(m_a, n - 1))])
+        return torch.cat([first.unsqueeze(0), rest.reshape(n - 1, *x.shape).to(x.dtype)])
+
+    def __repr__(self) -> str:
+        return (super().__repr__()[:-1] + f", order={self.order}, solver_type={self.solver_type!r}, "
+                f"lower_order_final={self.lower_order_final}, final_level={self.final_level})")
