@@ -50,9 +50,10 @@ copies of x_0 for both inits. Levels that enter the window later get
   p_c was taken at a state far from x_c and would mean a wrong x0_hat there (the error amplified
   by sigma_c / alpha_c); the draft then freezes the x0_hat p_c meant at the state it was taken at.
 
-**Multistep transitions** (DPM-Solver++ 2M): step k of the sweep also combines step k-1 of the
-same iterate (for k = a, the final x_{a-1} and its prediction), drafts from c take the 2M step
-with level c-1 as history, and the budget's draft-and-refine finish starts with that history.
+**Multistep transitions** (DPM-Solver++ 2M, UniPC): step k of the sweep also combines the steps
+before it of the same iterate (2M: k-1; UniPC: k-2 and k-1; for k = a, the final levels and their
+predictions), drafts from c take the multistep step with the levels before c as history, and the
+budget's draft-and-refine finish starts with that history.
 
 **Budget.** ``max_rounds`` bounds the rounds. Before each Picard round the scheduler checks
 that, even if this round finalised one level only, draft-and-refine (aggressive, same width)
@@ -206,10 +207,10 @@ class PicardState:
         return self.transition.grid_step(x, pred, self.grid, i, history, self._z(i, x))
 
     def _history(self, k: int) -> list:
-        """What step k of a multistep transition combines: ``[(x_{k-1}, p_{k-1}, t_from[k-1])]`` (or nothing)."""
-        if not self.transition.history or self.transition.history_at(self.grid, k) == 0:
-            return []
-        return [(self.xs[k - 1], self.preds[k - 1], self.grid.t_from[k - 1])]
+        """What step k of a multistep transition combines: ``[(x_j, p_j, t_from[j])]`` for the
+        ``history_at(grid, k)`` steps j before k, oldest first (2M: k-1; UniPC: k-2 and k-1; or nothing)."""
+        h = self.transition.history_at(self.grid, k) if self.transition.history else 0
+        return [(self.xs[j], self.preds[j], self.grid.t_from[j]) for j in range(k - h, k)]
 
     def _anchor(self) -> int:
         """The latest final level with a prediction: a if a was evaluated, else a - 1 (or a = 0, none)."""
@@ -336,7 +337,7 @@ class PicardState:
         """Drop states and predictions no longer needed (levels before a - 1), unless keeping the trajectory."""
         if self.keep_trajectory:
             return
-        keep = 2 if self.transition.history else 1  # a multistep anchor a-1 needs level a-2 too
+        keep = 1 + self.transition.history  # a multistep anchor a-1 needs the levels before it too
         for k in range(max(0, self.a - keep)):
             self.xs[k] = None
             self.preds[k] = None

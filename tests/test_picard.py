@@ -28,6 +28,7 @@ from solvers import (
     DDIMSkip,
     DDPMSkip,
     DPMSolverSkip,
+    UniPCSkip,
     FlowEulerSkip,
     PicardScheduler,
     ring_mixture,
@@ -49,6 +50,9 @@ def family(name: str, num_steps: int = None):
         return DDPMSkip(VP), VP.timesteps(num_steps or 50, "trailing"), RING.predictor(VP, "epsilon"), NoiseSource(7)
     if name == "dpm":  # DPM-Solver++ 2M: a multistep transition (each step combines the previous one)
         return DPMSolverSkip(VP), VP.timesteps(num_steps or 50, "trailing"), RING.predictor(VP, "epsilon"), None
+    if name == "unipc":  # UniPC: each step combines the two before it (its corrector)
+        grid = VP.timesteps(num_steps or 50, "trailing")
+        return UniPCSkip(VP, final_level=float(grid.t_to[-1])), grid, RING.predictor(VP, "epsilon"), None
     return FlowEulerSkip(FLOW), FLOW.timesteps(num_steps or 28), RING.predictor(FLOW, "velocity"), None
 
 
@@ -75,7 +79,7 @@ def serial(name, x=None, num_steps=None, **kw):
 # --------------------------------------------------------------------------- fixed point
 
 
-@pytest.mark.parametrize("name", ["ddim", "ddpm", "flow", "dpm"])
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "flow", "dpm", "unipc"])
 @pytest.mark.parametrize("init", ["skip", "frozen"])
 def test_tolerance_zero_is_the_serial_sampler(name, init):
     """tau = 0, no budget: the serial result (same per-step noise), in at most T rounds."""
@@ -113,7 +117,7 @@ def test_low_precision_fixed_point_and_loose_tolerances(name, dtype):
     assert rel(loose.x.double(), wide.x) <= 0.1
 
 
-@pytest.mark.parametrize("name", ["ddim", "ddpm", "flow", "dpm"])
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "flow", "dpm", "unipc"])
 def test_width_one_is_the_serial_sampler(name):
     ref = serial(name, num_steps=12)
     for init in ("skip", "frozen"):
@@ -123,7 +127,7 @@ def test_width_one_is_the_serial_sampler(name):
             assert out.rounds == out.evals == 12
 
 
-@pytest.mark.parametrize("name", ["ddim", "ddpm", "flow", "dpm"])
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "flow", "dpm", "unipc"])
 def test_tiny_grids_and_windows_wider_than_the_grid(name):
     """T = 1, 2, 3 and widths 1 .. T+2 (the window never reaches past the grid): tolerance 0 is
     sample_serial in at most T rounds, and evals is the number of calls the predictor saw."""
@@ -561,21 +565,23 @@ def test_info_counts_add_up_without_a_budget():
     assert all(1 <= s <= 4 for s in out.info["advances"])
 
 
-@pytest.mark.parametrize("name", ["ddim", "dpm"])
+@pytest.mark.parametrize("name", ["ddim", "dpm", "unipc"])
 def test_states_no_longer_needed_are_dropped(name):
-    """Without a trajectory the state keeps nothing before level a-2 (a multistep anchor a-1 needs a-2)."""
+    """Without a trajectory the state keeps nothing before level a-2 (a multistep anchor a-1 needs a-2; UniPC's
+    a-3 too)."""
     tr, grid, f, noise = family(name, 30)
     x = start(8)
+    keep = 3 if name == "unipc" else 2
 
     def check(st, rnd, before):
         if not st.done:
-            assert all(st.xs[k] is None and st.preds[k] is None and st.at[k] is None for k in range(st.a - 2)), st.a
+            assert all(st.xs[k] is None and st.preds[k] is None and st.at[k] is None for k in range(st.a - keep)), st.a
 
     st = _drive(PicardScheduler(tr, grid, 4, 0.1).start(x, noise), f, grid, x, check)
     assert st.done and st.x is not None
 
 
-@pytest.mark.parametrize("name", ["ddim", "ddpm", "dpm"])
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "dpm", "unipc"])
 def test_budget_fallback_is_draft_and_refine_from_the_anchor(name):
     """tau = 0 under a binding budget: Picard stops at the first round that might leave draft-and-refine
     too few rounds (the module doc's worst case, checked round by round from ``advances``); the rest is
@@ -602,10 +608,9 @@ def test_budget_fallback_is_draft_and_refine_from_the_anchor(name):
         assert c == a - 1 and not out.info["converged"]
         for k in range(c + 1):
             torch.testing.assert_close(out.trajectory[k], ref.trajectory[k], rtol=1e-12, atol=1e-12)
-        hist = []
-        if tr.history and tr.history_at(grid, c):
-            xp = ref.trajectory[c - 1]
-            hist = [(xp, f(xp, grid.model_times[c - 1].expand(x.shape[0])), grid.t_from[c - 1])]
+        h = tr.history_at(grid, c) if tr.history else 0
+        hist = [(ref.trajectory[j], f(ref.trajectory[j], grid.model_times[j].expand(x.shape[0])), grid.t_from[j])
+                for j in range(c - h, c)]
         dr = DraftRefineState(tr, grid, width, "aggressive", ref.trajectory[c], noise, True, start=c, history=hist)
         dr = _drive(dr, f, grid, x, executor=SerialExecutor())
         assert out.info["fallback_rounds"] == dr.rounds - 1 == out.rounds - out.info["picard_rounds"]
