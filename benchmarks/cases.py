@@ -10,8 +10,8 @@ Built-in models (all made by the project's own code, nothing downloaded):
 * ``timeseries``: the 1-D time-series eps model, scored by sliced Wasserstein against fresh data.
 
 The oracles run DDIM, DDPM, flow matching (the oracle gives the exact velocity for a
-``FlowSchedule``) and DPM-Solver++ 2M; the trained models are VP eps-models, so they run DDIM,
-DDPM and DPM-Solver++ 2M.
+``FlowSchedule``), DPM-Solver++ 2M and UniPC; the trained models are VP eps-models, so they run DDIM,
+DDPM, DPM-Solver++ 2M and UniPC.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from benchmarks.config import BenchConfig
 from benchmarks.metrics import MMDTo, SlicedWassersteinTo
 from driffusion_core import FlowSchedule, TimeGrid, VPSchedule
 from driffusion_core.transition import SkipTransition
-from solvers import DDIMSkip, DDPMSkip, DPMSolverSkip, FlowEulerSkip, GaussianMixture, ring_mixture
+from solvers import DDIMSkip, DDPMSkip, DPMSolverSkip, FlowEulerSkip, GaussianMixture, UniPCSkip, ring_mixture
 
 __all__ = ["Case", "ModelUnavailable", "oracle_cases", "digits_cases", "timeseries_cases", "vp_schedule", "family"]
 
@@ -84,7 +84,9 @@ def family(name: str, num_steps: int) -> Tuple[SkipTransition, TimeGrid, object]
 
     DDIM steps as diffusers' DDIMScheduler with trailing spacing; DDPM uses the closed-form posterior
     between consecutive listed timesteps; flow uses SD3's shifted sigmas; dpm is DPM-Solver++ 2M
-    (midpoint, diffusers' DPMSolverMultistepScheduler default) on the trailing grid to sigma = 0.
+    (midpoint, diffusers' DPMSolverMultistepScheduler default) on the trailing grid to sigma = 0; unipc is
+    UniPC (bh2, order 2 with its corrector, lower_order_final: diffusers' UniPCMultistepScheduler default)
+    on the same grid.
     """
     if name == "ddim":
         s = vp_schedule()
@@ -98,7 +100,11 @@ def family(name: str, num_steps: int) -> Tuple[SkipTransition, TimeGrid, object]
     if name == "dpm":
         s = vp_schedule()
         return DPMSolverSkip(s), s.timesteps(num_steps, "trailing"), s
-    raise ValueError(f"unknown sampler family {name!r}; choose ddim, ddpm, flow or dpm")
+    if name == "unipc":
+        s = vp_schedule()
+        grid = s.timesteps(num_steps, "trailing")
+        return UniPCSkip(s, final_level=float(grid.t_to[-1])), grid, s
+    raise ValueError(f"unknown sampler family {name!r}; choose ddim, ddpm, flow, dpm or unipc")
 
 
 

@@ -44,12 +44,12 @@ class BenchConfig:
     name: str = "full"
     num_steps: int = 50
     widths: Tuple[int, ...] = (1, 2, 3, 4)
-    oracle_families: Tuple[str, ...] = ("ddim", "ddpm", "flow", "dpm")
+    oracle_families: Tuple[str, ...] = ("ddim", "ddpm", "flow", "dpm", "unipc")
     oracle_batch: int = 2000
     oracle_data: int = 2000
     mixture_dim: int = 16
     mixture_components: int = 6
-    learned_families: Tuple[str, ...] = ("ddim", "ddpm", "dpm")
+    learned_families: Tuple[str, ...] = ("ddim", "ddpm", "dpm", "unipc")
     digits_batch: int = 128
     timeseries_batch: int = 128
     picard_tolerance: float = 1e-3

@@ -875,10 +875,10 @@ def test_cli_options():
 
 
 def test_family_grids_have_T_steps():
-    for name in ("ddim", "ddpm", "flow", "dpm"):
+    for name in ("ddim", "ddpm", "flow", "dpm", "unipc"):
         transition, grid, _ = family(name, 12)
         assert len(grid) == 12
-    with pytest.raises(ValueError, match="ddim, ddpm, flow or dpm"):
+    with pytest.raises(ValueError, match="ddim, ddpm, flow, dpm or unipc"):
         family("euler", 12)
 
 
