@@ -35,6 +35,7 @@ from driffusion_core import (  # noqa: E402
     InvalidWidthError,
     NoiseSource,
     PredictorOutputError,
+    FlowSchedule,
     VPSchedule,
     WideWindowWarning,
     expected_rounds,
@@ -1230,7 +1231,8 @@ DPM_REFUSED = [
     (dict(algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min"), "algorithm_type='sde-dpmsolver'"),
     (dict(algorithm_type="sde-dpmsolver++"), "algorithm_type='sde-dpmsolver\\+\\+'"),
     (dict(solver_order=3), "solver_order=3"),
-    (dict(use_flow_sigmas=True, prediction_type="flow_prediction"), "use_flow_sigmas"),
+    (dict(use_flow_sigmas=True, prediction_type="flow_prediction", use_karras_sigmas=True), "use_karras_sigmas=True"),
+    (dict(use_flow_sigmas=True, prediction_type="v_prediction"), "prediction_type='v_prediction'"),
     (dict(variance_type="learned"), "variance_type='learned'"),
     (dict(variance_type="learned_range"), "variance_type='learned_range'"),
     (dict(prediction_type="flow_prediction"), "prediction_type='flow_prediction'"),
@@ -2063,7 +2065,9 @@ UNIPC_REFUSED = [
     (dict(predict_x0=False), "predict_x0=False"),
     (dict(disable_corrector=[2]), "disable_corrector"),
     (dict(lower_order_final=False), "lower_order_final=False"),
-    (dict(use_flow_sigmas=True, prediction_type="flow_prediction"), "use_flow_sigmas"),
+    (dict(use_flow_sigmas=True, prediction_type="flow_prediction", use_karras_sigmas=True), "use_karras_sigmas=True"),
+    (dict(use_flow_sigmas=True, prediction_type="flow_prediction", final_sigmas_type="sigma_min"), "sigma_min to sigma_min"),
+    (dict(use_flow_sigmas=True, prediction_type="flow_prediction", use_dynamic_shifting=True), "needs mu"),
     (dict(prediction_type="flow_prediction"), "prediction_type='flow_prediction'"),
 ]
 
@@ -2107,3 +2111,59 @@ def test_stable_diffusion_pipeline_with_unipc(unet_cond, vae):
     assert type(pipe.scheduler).__name__ == "UniPCMultistepScheduler"
     kw, gen = _sd_width1_is_the_pipeline(pipe)
     assert _sd_width2_vs_step_skipping(pipe, unet_cond, kw, gen) < 0.3  # measured 0.165
+
+
+# ------------------------------------------------------------- flow sigmas (Wan's UniPC, flow DPM-Solver++)
+
+
+class FlowTame(torch.nn.Module):
+    """The exact velocity eps - x0 for N(0, I) data at sigma = t / 1000, (2 sigma - 1) x / ((1 - sigma)^2 + sigma^2),
+    plus ``scale`` times the UNet; called as diffusers' loop calls a model (``.sample``)."""
+
+    def __init__(self, unet, scale: float = 0.05):
+        super().__init__()
+        self.unet, self.scale = unet, scale
+
+    def forward(self, x, t):
+        s = (torch.as_tensor(t, dtype=torch.float32) / 1000).reshape(-1, *[1] * (x.dim() - 1))
+        return SimpleNamespace(sample=(2 * s - 1) / ((1 - s) ** 2 + s**2) * x + self.scale * self.unet(x, t).sample)
+
+    @torch.no_grad()
+    def predictor(self, x, t):
+        return self(x, t).sample
+
+
+FLOW_MULTISTEP_CASES = [
+    # (scheduler, config, num_inference_steps, mu)
+    ("UniPCMultistepScheduler", dict(flow_shift=1.0), 12, None),
+    ("UniPCMultistepScheduler", dict(flow_shift=5.0), 20, None),  # Wan 2.1's scheduler
+    ("UniPCMultistepScheduler", dict(flow_shift=3.0, solver_order=1), 12, None),
+    ("UniPCMultistepScheduler", dict(use_dynamic_shifting=True), 12, 0.8),
+    ("DPMSolverMultistepScheduler", dict(flow_shift=3.0), 12, None),
+    ("DPMSolverMultistepScheduler", dict(flow_shift=5.0, solver_type="heun"), 20, None),
+]
+
+
+@pytest.mark.parametrize("name,config,num_steps,mu", FLOW_MULTISTEP_CASES,
+                         ids=[f"{c[0][:5]}-{'-'.join(f'{k}={v}' for k, v in c[1].items())}-{c[2]}" for c in FLOW_MULTISTEP_CASES])
+def test_flow_sigma_multistep_width1_matches_diffusers_loop(name, config, num_steps, mu, unet2d, monkeypatch):
+    """use_flow_sigmas=True with flow_prediction: the levels are the scheduler's own flow sigmas (shift, dynamic
+    shift with mu) on a FlowSchedule, the model times its integer timesteps; width 1 is its loop."""
+    scheduler = need(name)(use_flow_sigmas=True, prediction_type="flow_prediction", **config)
+    model = FlowTame(unet2d)
+    x = NoiseSource(0).initial((2, 3, 8, 8))
+    transition, grid = from_diffusers(scheduler, num_steps, mu=mu)
+    assert isinstance(transition.schedule, FlowSchedule) and transition.prediction.value == "velocity"
+    ours = DraftRefineScheduler(transition, grid, width=1).sample(model.predictor, x)
+    scheduler.set_timesteps(num_steps, **({"mu": mu} if mu is not None else {}))
+    ref = x
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            ref = scheduler.step(model(ref, t).sample, t, ref).prev_sample
+    assert torch.equal(grid.model_times, scheduler.timesteps.cpu().to(grid.model_times.dtype))
+    assert grid.t_to[-1].item() == 0.0 and ours.rounds == ours.evals == num_steps
+    assert (ours.x - ref).abs().max().item() <= 5e-6 * max(1.0, ref.abs().max().item()), f"{name} {config}"
+    if num_steps == 20:  # wider: closer to the serial loop than step skipping at the same rounds (0.08; 2M heun 0.07)
+        out = DraftRefineScheduler(transition, grid, 2).sample(model.predictor, x)
+        skipped = sample_step_skipping(model.predictor, x, transition, grid, out.rounds).x
+        assert (out.x - ours.x).norm() < 0.6 * (skipped - ours.x).norm()

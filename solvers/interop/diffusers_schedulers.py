@@ -29,11 +29,15 @@ Key (diffusers' names -> ours):
   level 0 (``alphas_cumprod[0]``, ``final_sigmas_type="sigma_min"``). With Karras / exponential / beta
   sigmas or Lu lambdas the levels are the grid's own sigmas (a VPSchedule of alpha-bar = 1 / (1 + sigma^2),
   level j the j-th sigma from the clean end), the model times diffusers' nearest timesteps. Refused: the
-  noise-prediction and SDE variants, third order, flow sigmas, learned variances and ``flow_prediction``;
+  noise-prediction and SDE variants, third order, learned variances, and ``flow_prediction`` without flow sigmas;
+  with ``use_flow_sigmas=True`` (and ``flow_prediction``) the levels are its own flow sigmas on a
+  :class:`~driffusion_core.FlowSchedule` (``flow_shift``, ``use_dynamic_shifting`` with ``mu``), the model times
+  its integer timesteps (Wan's UniPC, below, too);
 * ``UniPCMultistepScheduler`` -> :class:`~solvers.UniPCSkip` (``solver_order`` 1 or 2, ``solver_type`` bh1 /
   bh2, ``lower_order_final``, thresholding), its steps placed as for DPM-Solver (the two schedulers'
-  ``set_timesteps`` agree). Refused: third order, ``predict_x0=False``, ``solver_p``, ``disable_corrector``,
-  flow sigmas and ``flow_prediction``, and ``lower_order_final=False`` into sigma = 0 (diffusers' NaN);
+  ``set_timesteps`` agree), flow sigmas as for DPM-Solver. Refused: third order, ``predict_x0=False``,
+  ``solver_p``, ``disable_corrector``, ``flow_prediction`` without flow sigmas, and ``lower_order_final=False``
+  into sigma = 0 (diffusers' NaN);
 * ``EulerDiscreteScheduler`` -> :class:`~solvers.DDIMSkip` (eta = 0) on the *scaled* state. Its step is
   the Euler step of the probability-flow ODE in sigma, :math:`x_{\sigma'} = x_\sigma + (\sigma' - \sigma)\hat\epsilon`
   on the latents :math:`x_\sigma = x_0 + \sigma\epsilon`, and the model sees
@@ -445,7 +449,7 @@ def _refuse_dpm(option: str, value: Any, why: str, instead: str):
     raise InvalidArgumentError(f"DPMSolverMultistepScheduler({option}={value!r}) is not supported: {why}. {instead}")
 
 
-def _dpm(scheduler, cfg, num_inference_steps: int, check_held: bool = True):
+def _dpm(scheduler, cfg, num_inference_steps: int, check_held: bool = True, mu: Optional[float] = None):
     algorithm = cfg.get("algorithm_type", "dpmsolver++")
     if algorithm != "dpmsolver++":
         _refuse_dpm("algorithm_type", algorithm,
@@ -453,11 +457,6 @@ def _dpm(scheduler, cfg, num_inference_steps: int, check_held: bool = True):
                     "('dpmsolver') and stochastic ('sde-dpmsolver', 'sde-dpmsolver++') variants are not",
                     "Use algorithm_type='dpmsolver++' (diffusers' default), e.g. "
                     "DPMSolverMultistepScheduler.from_config(config, algorithm_type='dpmsolver++').")
-    if cfg.get("use_flow_sigmas", False):
-        _refuse_dpm("use_flow_sigmas", cfg["use_flow_sigmas"],
-                    "its levels are a flow interpolant's sigmas (with flow_prediction), not a VP schedule's",
-                    "For a flow-matching model use FlowMatchEulerDiscreteScheduler, or "
-                    "DPMSolverSkip(FlowSchedule(...), prediction='velocity') with your own grid.")
     order = cfg.get("solver_order", 2)
     if order not in (1, 2):
         _refuse_dpm("solver_order", order, "DPMSolverSkip has first order and the second-order multistep 2M only",
@@ -468,11 +467,10 @@ def _dpm(scheduler, cfg, num_inference_steps: int, check_held: bool = True):
                     "drops (it keeps the first three)",
                     "Use variance_type=None and wrap the model to return only its epsilon channels.")
     prediction = cfg.get("prediction_type", "epsilon")
-    if prediction not in ("epsilon", "sample", "v_prediction"):
+    if prediction not in ("epsilon", "sample", "v_prediction") and not cfg.get("use_flow_sigmas", False):
         _refuse_dpm("prediction_type", prediction,
-                    "flow_prediction goes with use_flow_sigmas (a flow interpolant), which is not implemented",
-                    "For a flow-matching model use FlowMatchEulerDiscreteScheduler, or "
-                    "DPMSolverSkip(FlowSchedule(...), prediction='velocity') with your own grid.")
+                    "flow_prediction goes with use_flow_sigmas (a flow interpolant), and this scheduler has VP sigmas",
+                    "Set use_flow_sigmas=True for a flow-matching model (or use FlowMatchEulerDiscreteScheduler).")
     final = cfg.get("final_sigmas_type", "zero")
     if final not in ("zero", "sigma_min"):  # pragma: no cover - diffusers refuses it in set_timesteps
         _refuse_dpm("final_sigmas_type", final, "it is neither 'zero' nor 'sigma_min'", "Use 'zero' or 'sigma_min'.")
@@ -485,8 +483,56 @@ def _dpm(scheduler, cfg, num_inference_steps: int, check_held: bool = True):
         euler_at_final=bool(cfg.get("euler_at_final", False)),
         x0_transform=_x0_transform(cfg),
     )
+    if cfg.get("use_flow_sigmas", False):
+        return _multistep_flow(scheduler, cfg, num_inference_steps, mu, check_held, "DPMSolverMultistepScheduler",
+                               lambda schedule, p: DPMSolverSkip(schedule, **{**options, "prediction": p}))
     return _multistep_grid(scheduler, cfg, num_inference_steps, check_held, "DPMSolverMultistepScheduler",
                            lambda schedule: DPMSolverSkip(schedule, **options))
+
+
+# a flow-sigma scheduler's prediction_type -> the FlowSchedule's prediction (flow_prediction: x0 = x - sigma v)
+_FLOW_PREDICTIONS = {"flow_prediction": "velocity", "epsilon": "epsilon", "sample": "sample"}
+
+
+def _multistep_flow(scheduler, cfg, num_inference_steps: int, mu: Optional[float], check_held: bool, name: str,
+                    make):
+    """(transition, grid) of a multistep scheduler with ``use_flow_sigmas=True`` (Wan's UniPC, flow DPM-Solver):
+    the levels are its own ``set_timesteps`` sigmas (on a copy; ``flow_shift``, ``use_dynamic_shifting`` with
+    ``mu``, ``shift_terminal``) on a :class:`~driffusion_core.FlowSchedule` (alpha = 1 - sigma, as diffusers'
+    ``_sigma_to_alpha_sigma_t`` there), the model times its integer timesteps; ``make(schedule, prediction)``."""
+    sigma_option = next((o for o in _DPM_SIGMAS if cfg.get(o, False)), None)
+    if sigma_option is not None:
+        raise InvalidArgumentError(
+            f"{name}(use_flow_sigmas=True, {sigma_option}=True) is not supported: those sigmas are spaced for a VP "
+            f"schedule and mapped onto flow sigmas by a formula of their own. Use the flow sigmas alone (flow_shift).")
+    kind = cfg.get("prediction_type", "epsilon")
+    if kind not in _FLOW_PREDICTIONS:
+        raise InvalidArgumentError(
+            f"{name}(use_flow_sigmas=True, prediction_type={kind!r}) is not supported: a flow interpolant takes "
+            f"{sorted(_FLOW_PREDICTIONS)} (flow_prediction: the velocity eps - x0).")
+    dynamic = bool(cfg.get("use_dynamic_shifting", False))
+    if dynamic and mu is None:
+        raise InvalidArgumentError(
+            f"{name}(use_dynamic_shifting=True) needs mu, as its set_timesteps does: from_diffusers(scheduler, "
+            f"num_inference_steps, mu=...) (the pipelines compute it from the image size, e.g. calculate_shift).")
+    sig, ts = _probe(scheduler, num_inference_steps, **({"mu": mu} if dynamic else {}))
+    if check_held and not dynamic:
+        _refuse_held_custom(scheduler, name, num_inference_steps)
+    n = len(ts)
+    levels = sig[: n + 1].to(torch.float64)
+    if not bool((levels[:-1] > 0).all()) or not bool((levels[1:] < levels[:-1]).all()) or float(levels[0]) > 1.0:
+        zero_length = n > 1 and float(levels[-1]) == float(levels[-2]) > 0
+        raise InvalidArgumentError(
+            f"{name}(use_flow_sigmas=True, final_sigmas_type={cfg.get('final_sigmas_type', 'zero')!r})"
+            f".set_timesteps({num_inference_steps}) gives sigmas {[round(v, 6) for v in levels.tolist()]}, which do "
+            f"not decrease strictly from a value in (0, 1]"
+            + (": the last step goes from sigma_min to sigma_min, a model call that changes nothing (diffusers "
+               "divides by h = 0 there). Use final_sigmas_type='zero'." if zero_length else
+               ". Use fewer inference steps."))
+    schedule = FlowSchedule(num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)))
+    transition = make(schedule, _FLOW_PREDICTIONS[kind])
+    grid = transition.make_grid(TimeGrid(levels[:-1], levels[1:], ts, schedule.kind))
+    return transition, grid
 
 
 def _multistep_grid(scheduler, cfg, num_inference_steps: int, check_held: bool, name: str, make):
@@ -561,19 +607,15 @@ def _refuse_unipc(option: str, value: Any, why: str, instead: str):
     raise InvalidArgumentError(f"UniPCMultistepScheduler({option}={value!r}) is not supported: {why}. {instead}")
 
 
-def _unipc(scheduler, cfg, num_inference_steps: int, check_held: bool = True):
+def _unipc(scheduler, cfg, num_inference_steps: int, check_held: bool = True, mu: Optional[float] = None):
     """UniPCMultistepScheduler: :class:`~solvers.UniPCSkip` on the levels of its own ``set_timesteps``, as for
     DPM-Solver (the two schedulers place their steps the same way)."""
-    if cfg.get("use_flow_sigmas", False):
-        _refuse_unipc("use_flow_sigmas", cfg["use_flow_sigmas"],
-                      "its levels are a flow interpolant's sigmas (with flow_prediction), not a VP schedule's",
-                      "For a flow-matching model use FlowMatchEulerDiscreteScheduler, or "
-                      "UniPCSkip(FlowSchedule(...), prediction='velocity') with your own grid.")
+    flow = bool(cfg.get("use_flow_sigmas", False))
     prediction = cfg.get("prediction_type", "epsilon")
-    if prediction not in ("epsilon", "sample", "v_prediction"):
+    if prediction not in ("epsilon", "sample", "v_prediction") and not flow:
         _refuse_unipc("prediction_type", prediction,
-                      "flow_prediction goes with use_flow_sigmas (a flow interpolant), which is not implemented",
-                      "For a flow-matching model use FlowMatchEulerDiscreteScheduler.")
+                      "flow_prediction goes with use_flow_sigmas (a flow interpolant), and this scheduler has VP sigmas",
+                      "Set use_flow_sigmas=True for a flow-matching model (as Wan's scheduler config does).")
     order = cfg.get("solver_order", 2)
     if order not in (1, 2):
         _refuse_unipc("solver_order", order, "UniPCSkip has the predictor of order 1 and 2 only",
@@ -596,8 +638,12 @@ def _unipc(scheduler, cfg, num_inference_steps: int, check_held: bool = True):
                       "Use lower_order_final=True (diffusers' default) or final_sigmas_type='sigma_min'.")
     options = dict(prediction=prediction, order=int(order), solver_type=solver_type,
                    lower_order_final=lower_final, x0_transform=_x0_transform(cfg))
-    transition, grid = _multistep_grid(scheduler, cfg, num_inference_steps, check_held, "UniPCMultistepScheduler",
-                                       lambda schedule: UniPCSkip(schedule, **options))
+    if flow:
+        transition, grid = _multistep_flow(scheduler, cfg, num_inference_steps, mu, check_held, "UniPCMultistepScheduler",
+                                           lambda schedule, p: UniPCSkip(schedule, **{**options, "prediction": p}))
+    else:
+        transition, grid = _multistep_grid(scheduler, cfg, num_inference_steps, check_held, "UniPCMultistepScheduler",
+                                           lambda schedule: UniPCSkip(schedule, **options))
     transition.final_level = float(grid.t_to[-1])
     return transition, grid
 
@@ -813,9 +859,9 @@ def _from_diffusers(scheduler_or_config, num_inference_steps, mu, eta, use_clipp
         return _ddpm(scheduler, cfg, None if custom else num_inference_steps, timesteps,
                      check_held and scheduler is scheduler_or_config)
     if name == "UniPCMultistepScheduler":
-        return _unipc(scheduler, cfg, num_inference_steps, check_held and scheduler is scheduler_or_config)
+        return _unipc(scheduler, cfg, num_inference_steps, check_held and scheduler is scheduler_or_config, mu)
     if name == "DPMSolverMultistepScheduler":
-        return _dpm(scheduler, cfg, num_inference_steps, check_held and scheduler is scheduler_or_config)
+        return _dpm(scheduler, cfg, num_inference_steps, check_held and scheduler is scheduler_or_config, mu)
     if name in ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler"):
         return _euler(scheduler, cfg, num_inference_steps, check_held and scheduler is scheduler_or_config, name)
     return _flow(scheduler, cfg, None if custom else num_inference_steps, mu, sigmas, timesteps,
