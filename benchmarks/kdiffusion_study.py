@@ -43,11 +43,14 @@ SETTINGS = ((2, "aggressive"), (4, "aggressive"), (4, "conservative"))
 SEED_X = 1
 
 
-def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
-    """k-diffusion's ``get_sigmas_karras(n, sigma_min, sigma_max, rho)`` (float64), the final 0 appended."""
+def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                  dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """k-diffusion's ``get_sigmas_karras(n, sigma_min, sigma_max, rho)`` (Karras et al. 2022, eq. 5), the final 0
+    appended, computed in float64 and cast to ``dtype``."""
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)
     max_inv, min_inv = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    return torch.cat([(max_inv + ramp * (min_inv - max_inv)) ** rho, torch.zeros(1, dtype=torch.float64)])
+    sigmas = (max_inv + ramp * (min_inv - max_inv)) ** rho
+    return torch.cat([sigmas, sigmas.new_zeros(1)]).to(dtype)
 
 
 def run(batch: int = 2000, steps: Sequence[int] = (20, 40)) -> List[Dict[str, object]]:

@@ -285,11 +285,11 @@ def unipc_predictor_coefficients(
     With :math:`h = \lambda_t - \lambda_s`, :math:`r = (\lambda_p - \lambda_s)/h` (negative),
     :math:`m` the x0_hat of a level and :math:`B(h) = e^{-h} - 1` (bh2) or :math:`-h` (bh1):
 
-    .. math:: x_t = rac{\sigma_t}{\sigma_s} x_s + lpha_t(1 - e^{-h})\,m_s
-              - 	frac12\,lpha_t B(h)\,rac{m_p - m_s}{r},
+    .. math:: x_t = \frac{\sigma_t}{\sigma_s} x_s + \alpha_t(1 - e^{-h})\,m_s
+              - \tfrac12\,\alpha_t B(h)\,\frac{m_p - m_s}{r},
 
     the first-order step (:func:`dpm_solver_pp_coefficients`) plus a correction of weight
-    :math:`ho_p = 1/2`. With bh2 it is DPM-Solver++ 2M midpoint (:func:`dpm_solver_pp_2m_coefficients`).
+    :math:`\rho_p = 1/2`. With bh2 it is DPM-Solver++ 2M midpoint (:func:`dpm_solver_pp_2m_coefficients`).
 
     Returns ``(c_x, c_s, c_p)``: :math:`x_t = c_x x_s + c_s m_s + c_p m_p`.
     """
@@ -309,17 +309,17 @@ def unipc_corrector_coefficients(
     :math:`K = k_s m_s + k_p m_p + k_{pp} m_{pp}`, with :math:`m_s` the x0_hat of the model called at the
     predicted :math:`x_s` (levels pp > p > s; pp is unused for order 1, where :math:`k_{pp} = 0`).
 
-    With :math:`h = \lambda_s - \lambda_p`, :math:`lpha_s B(h)` as for the predictor, order 1:
-    :math:`K = -	frac12 lpha_s B(h)(m_s - m_p)`. Order 2: :math:`r = (\lambda_{pp} - \lambda_p)/h`,
-    :math:`D_1 = (m_{pp} - m_p)/r`, :math:`ho` solving :math:`egin{pmatrix}1 & 1\ r & 1\end{pmatrix}ho = b`,
-    :math:`b_k = k!\,arphi_k / B(h)` with :math:`arphi_1 = (e^{-h} - 1)/(-h) - 1`,
-    :math:`arphi_2 = arphi_1/(-h) - 1/2`, and
+    With :math:`h = \lambda_s - \lambda_p`, :math:`\alpha_s B(h)` as for the predictor, order 1:
+    :math:`K = -\tfrac12 \alpha_s B(h)(m_s - m_p)`. Order 2: :math:`r = (\lambda_{pp} - \lambda_p)/h`,
+    :math:`D_1 = (m_{pp} - m_p)/r`, :math:`\rho` solving :math:`\begin{pmatrix}1 & 1\\ r & 1\end{pmatrix}\rho = b`,
+    :math:`b_k = k!\,\varphi_k / B(h)` with :math:`\varphi_1 = (e^{-h} - 1)/(-h) - 1`,
+    :math:`\varphi_2 = \varphi_1/(-h) - 1/2`, and
 
-    .. math:: x_s^c = \Big[	frac{\sigma_s}{\sigma_p} x_p^c + lpha_s(1 - e^{-h}) m_p\Big]
-              - lpha_s B(h)ig(ho_1 D_1 + ho_2 (m_s - m_p)ig),
+    .. math:: x_s^c = \Big[\tfrac{\sigma_s}{\sigma_p} x_p^c + \alpha_s(1 - e^{-h}) m_p\Big]
+              - \alpha_s B(h)\big(\rho_1 D_1 + \rho_2 (m_s - m_p)\big),
 
     which is the order-2 predicted :math:`x_s` (weight 1/2 on :math:`D_1`) plus
-    :math:`K = -lpha_s B(h)ig((ho_1 - 	frac12) D_1 + ho_2 (m_s - m_p)ig)`. K vanishes when the three
+    :math:`K = -\alpha_s B(h)\big((\rho_1 - \tfrac12) D_1 + \rho_2 (m_s - m_p)\big)`. K vanishes when the three
     x0_hat agree. Returns ``(k_s, k_p, k_pp)``.
     """
     h, a_b = _unipc_b(alpha_p, sigma_p, alpha_s, sigma_s, solver_type)
@@ -329,24 +329,14 @@ def unipc_corrector_coefficients(
         raise ValueError(f"order must be 1 or 2, got {order!r}")
     hh = -h
     phi_1 = (sigma_s * alpha_p / (sigma_p * alpha_s) - 1) / hh - 1  # (e^{hh} - 1)/hh - 1
-    phi_2 = phi_1 / hh - _half(h)
     b_h = a_b / alpha_s
-    b1, b2 = phi_1 / b_h, 2 * phi_2 / b_h
+    b1, b2 = phi_1 / b_h, (2 * phi_1 / hh - 1) / b_h  # b_2 = 2 phi_2 / B(h), phi_2 = phi_1 / hh - 1/2
     r = (log(alpha_pp) - log(sigma_pp) - (log(alpha_p) - log(sigma_p))) / h
     rho_1 = (b1 - b2) / (1 - r)
     rho_2 = b1 - rho_1
     k_s = -a_b * rho_2
-    k_pp = -a_b * (rho_1 - _half(h)) / r
+    k_pp = -a_b * (2 * rho_1 - 1) / (2 * r)  # -alpha_s B(h) (rho_1 - 1/2) / r, exact on sympy symbols
     return k_s, -(k_s + k_pp), k_pp
-
-
-def _half(v: Any) -> Any:
-    """1/2, exact when ``v`` is a sympy expression (a float 0.5 would make an exact expression inexact)."""
-    if _is_sympy(v):
-        import sympy
-
-        return sympy.Rational(1, 2)
-    return 0.5
 
 
 # --------------------------------------------------------------------------- coupled noise

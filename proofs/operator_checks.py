@@ -83,6 +83,30 @@ def _numeric(detail: str, bad: list, how: str) -> Result:
     return Result(Status.NUMERIC, {}, f"{detail} ({how}; tolerance {REL_TOL:g}).")
 
 
+class _Tally:
+    """Float64 values of the torch code against 40-digit exact mirror values: the relative differences
+    |got - exact| / (1 + |exact|), their largest, their count, and where one exceeds ``REL_TOL``."""
+
+    def __init__(self) -> None:
+        self.worst, self.points, self.bad = 0.0, 0, []
+
+    def add(self, got: float, exact, where: str) -> None:
+        rel = float(abs(mpmath.mpf(got) - exact) / (1 + abs(exact)))
+        self.worst = max(self.worst, rel)
+        self.points += 1
+        if not rel <= REL_TOL:
+            self.bad.append(f"{where}: relative error {rel:.2e}")
+
+    def result(self, what: str = "") -> Result:
+        detail = f"{self.points} values{what}, max relative difference {self.worst:.1e}"
+        return _numeric(detail, self.bad, "float64 against 40-digit exact")
+
+
+def _exact(v: torch.Tensor) -> sp.Float:
+    """A float64 tensor element as a 40-digit sympy number (exactly its value)."""
+    return sp.Float(mpmath.mpf(v.item()), 40)
+
+
 def _per_case(errors: Dict[str, float], what: str) -> Result:
     """:func:`_numeric` over one relative difference per case (``where -> error``), float64 checks."""
     worst = max(errors.values(), default=0.0)
@@ -101,7 +125,7 @@ def _per_case(errors: Dict[str, float], what: str) -> Result:
 )
 def match_symbolic_mirrors() -> Result:
     xs, ps, zs, at, as_ = sp.symbols("x p z abar_t abar_s", real=True)
-    worst, points, bad = 0.0, 0, []
+    tally = _Tally()
     for label, op, mirror, family in operator_cases():
         pairs = {"vp": VP_LEVEL_PAIRS, "flow": FLOW_LEVEL_PAIRS, "ve": VE_LEVEL_PAIRS}[family]
         if family == "flow" and "epsilon" in label:
@@ -123,13 +147,8 @@ def match_symbolic_mirrors() -> Result:
                 for c in range(3):
                     exact = f(mpmath.mpf(x[i, c].item()), mpmath.mpf(p[i, c].item()), mpmath.mpf(lv_t[i].item()),
                               mpmath.mpf(lv_s[i].item()), mpmath.mpf(z[i, c].item()) if noisy else 0)
-                    rel = float(abs(mpmath.mpf(out[i, c].item()) - exact) / (1 + abs(exact)))
-                    worst = max(worst, rel)
-                    points += 1
-                    if rel > REL_TOL:
-                        bad.append(f"{label} at {pairs[i]}: relative error {rel:.2e}")
-    detail = f"{points} values from {len(operator_cases())} operators, max relative difference {worst:.1e}"
-    return _numeric(detail, bad, "float64 against 40-digit exact")
+                    tally.add(out[i, c].item(), exact, f"{label} at {pairs[i]}")
+    return tally.result(f" from {len(operator_cases())} operators")
 
 
 @identity(
@@ -143,7 +162,7 @@ def match_symbolic_mirrors() -> Result:
 def dpm_2m_matches_mirror() -> Result:
     from solvers import DPMSolverSkip, VESchedule
 
-    worst, points, bad = 0.0, 0, []
+    tally = _Tally()
     with mpmath.workdps(40):
         for family, schedule, kinds, triples in (
             ("vp", VPSchedule.linear(), ("epsilon", "sample", "v_prediction"), VP_LEVEL_TRIPLES),
@@ -163,19 +182,13 @@ def dpm_2m_matches_mirror() -> Result:
                     op = DPMSolverSkip(schedule, kind, solver_type=solver_type)
                     out = op.multistep(x, p, t_s, t_t, [(x_p, p_p, t_p)])
                     for i in range(len(rows)):
-                        f = lambda v: sp.Float(mpmath.mpf(v.item()), 40)
                         for c in range(3):
-                            exact = dpm_2m_step(kind, f(x[i, c]), f(p[i, c]), (f(x_p[i, c]), f(p_p[i, c]), f(lv_p[i])),
-                                                f(lv_s[i]), f(lv_t[i]), solver_type, family)
-                            exact = mpmath.mpf(sp.Float(exact, 40))
-                            rel = float(abs(mpmath.mpf(out[i, c].item()) - exact) / (1 + abs(exact)))
-                            worst = max(worst, rel)
-                            points += 1
-                            if not rel <= REL_TOL:
-                                bad.append(f"DPMSolverSkip({family}, {kind}, {solver_type}) at {rows[i]}: "
-                                           f"relative error {rel:.2e}")
-    detail = f"{points} values, max relative difference {worst:.1e}"
-    return _numeric(detail, bad, "float64 against 40-digit exact")
+                            history = (_exact(x_p[i, c]), _exact(p_p[i, c]), _exact(lv_p[i]))
+                            exact = dpm_2m_step(kind, _exact(x[i, c]), _exact(p[i, c]), history, _exact(lv_s[i]),
+                                                _exact(lv_t[i]), solver_type, family)
+                            tally.add(out[i, c].item(), mpmath.mpf(sp.Float(exact, 40)),
+                                      f"DPMSolverSkip({family}, {kind}, {solver_type}) at {rows[i]}")
+    return tally.result()
 
 
 # UniPC: (pp, p, s, t). Its order-2 corrector weights (phi_2 = phi_1 / (-h) - 1/2) lose about log10(1/h^2)
@@ -197,7 +210,7 @@ FLOW_LEVEL_QUADS = [(0.95, 0.7, 0.4, 0.2), (0.5, 0.49, 0.48, 0.47), (0.4, 0.3, 0
 def unipc_matches_mirror() -> Result:
     from solvers import UniPCSkip
 
-    worst, points, bad = 0.0, 0, []
+    tally = _Tally()
     with mpmath.workdps(40):
         for family, schedule, kinds, quads in (
             ("vp", VPSchedule.linear(), ("epsilon", "sample", "v_prediction"), VP_LEVEL_QUADS),
@@ -215,21 +228,15 @@ def unipc_matches_mirror() -> Result:
                         out = op.multistep(x, p, cols[2], cols[3], hist)
                         for i in range(len(quads)):
                             orders = op.orders(n_hist, cols[3][i])
-                            f = lambda v: sp.Float(mpmath.mpf(v.item()), 40)  # noqa: E731
                             for c in range(3):
-                                h = [(f(a[i, c]), f(b[i, c]), f(lv[k][i])) for k, (a, b) in
+                                h = [(_exact(a[i, c]), _exact(b[i, c]), _exact(lv[k][i])) for k, (a, b) in
                                      enumerate([(x_pp, p_pp), (x_p, p_p)])][2 - n_hist:]
-                                exact = unipc_step(kind, f(x[i, c]), f(p[i, c]), h, f(lv[2][i]), f(lv[3][i]), orders,
-                                                   solver_type, family)
-                                exact = mpmath.mpf(sp.Float(exact, 40))
-                                rel = float(abs(mpmath.mpf(out[i, c].item()) - exact) / (1 + abs(exact)))
-                                worst = max(worst, rel)
-                                points += 1
-                                if not rel <= REL_TOL:
-                                    bad.append(f"UniPCSkip({family}, {kind}, {solver_type}, order {order}, "
-                                               f"{n_hist} earlier) at {quads[i]}: relative error {rel:.2e}")
-    detail = f"{points} values, max relative difference {worst:.1e}"
-    return _numeric(detail, bad, "float64 against 40-digit exact")
+                                exact = unipc_step(kind, _exact(x[i, c]), _exact(p[i, c]), h, _exact(lv[2][i]),
+                                                   _exact(lv[3][i]), orders, solver_type, family)
+                                tally.add(out[i, c].item(), mpmath.mpf(sp.Float(exact, 40)),
+                                          f"UniPCSkip({family}, {kind}, {solver_type}, order {order}, "
+                                          f"{n_hist} earlier) at {quads[i]}")
+    return tally.result()
 
 
 @identity(

@@ -40,6 +40,16 @@ __all__ = ["DPMSolverSkip"]
 SOLVER_TYPES = ("midpoint", "heun")
 
 
+def check_order(owner: str, value, earlier: str) -> int:
+    """A multistep solver's ``order``: 1 or 2 (``earlier``: how many earlier steps diffusers' third order needs)."""
+    if isinstance(value, bool) or value not in (1, 2):
+        raise InvalidArgumentError(
+            f"{owner} order must be 1 or 2, got {value!r} (third order is not implemented; diffusers' "
+            f"solver_order=3 needs {earlier} earlier steps)."
+        )
+    return int(value)
+
+
 class DPMSolverSkip(SkipTransition):
     """DPM-Solver++ (data prediction), first order or the second-order multistep 2M.
 
@@ -83,12 +93,7 @@ class DPMSolverSkip(SkipTransition):
 
     def __setattr__(self, name: str, value) -> None:
         if name == "order":
-            if isinstance(value, bool) or value not in (1, 2):
-                raise InvalidArgumentError(
-                    f"DPMSolverSkip order must be 1 or 2, got {value!r} (third order is not implemented; diffusers' "
-                    f"solver_order=3 needs two earlier steps)."
-                )
-            value = int(value)
+            value = check_order("DPMSolverSkip", value, "two")
         if name == "solver_type" and value not in SOLVER_TYPES:
             raise InvalidArgumentError(f"solver_type must be 'midpoint' or 'heun', got {value!r}.")
         super().__setattr__(name, value)

@@ -35,7 +35,7 @@ from driffusion_core.grid import TimeGrid
 from driffusion_core.parameterization import Prediction, X0Transform, broadcast_coef, upcast
 from driffusion_core.schedules import Schedule
 from driffusion_core.transition import History, Levels, SkipTransition, as_levels, repeat_rows, zero_length_identity
-from solvers.dpm import DPMSolverSkip
+from solvers.dpm import DPMSolverSkip, check_order
 
 __all__ = ["UniPCSkip"]
 
@@ -86,12 +86,7 @@ class UniPCSkip(SkipTransition):
 
     def __setattr__(self, name: str, value) -> None:
         if name == "order":
-            if isinstance(value, bool) or value not in (1, 2):
-                raise InvalidArgumentError(
-                    f"UniPCSkip order must be 1 or 2, got {value!r} (third order is not implemented; diffusers' "
-                    f"solver_order=3 needs three earlier steps)."
-                )
-            value = int(value)
+            value = check_order("UniPCSkip", value, "three")
         if name == "solver_type" and value not in SOLVER_TYPES:
             raise InvalidArgumentError(f"UniPCSkip solver_type must be 'bh1' or 'bh2', got {value!r}.")
         super().__setattr__(name, value)
@@ -103,7 +98,8 @@ class UniPCSkip(SkipTransition):
     _first = DPMSolverSkip._first  # ((alpha_s, sigma_s), (c_x, c_x0)) of the first-order step
 
     @staticmethod
-    def _combine(x: torch.Tensor, terms) -> torch.Tensor:
+    def _combine(terms) -> torch.Tensor:
+        """sum of c * v over ``terms = [(c, v), ...]``, each coefficient a scalar or one per row."""
         out = None
         for c, v in terms:
             term = broadcast_coef(c, v) * v
@@ -119,7 +115,7 @@ class UniPCSkip(SkipTransition):
         alpha_sigma, (c_x, c_x0) = self.cached(t_from, t_to, self._first)
         dtype, (x, pred) = x.dtype, upcast(x, pred)
         x0 = self.to_x0_eps(x, pred, t_from, alpha_sigma)[0]
-        out = self._combine(x, [(c_x, x), (c_x0, x0)])
+        out = self._combine([(c_x, x), (c_x0, x0)])
         return zero_length_identity(out, x, t_from, t_to).to(dtype)
 
     # ----------------------------------------------------------------- UniPC
@@ -190,9 +186,10 @@ class UniPCSkip(SkipTransition):
                     f"in its dtype and device; x is {x.dtype} {tuple(x.shape)} on {x.device}."
                 )
 
-    def _corrected(self, x: torch.Tensor, pred: torch.Tensor, t_from: Levels, t_to: Levels, history: History):
-        """(corrected state, x0_hat list newest first, levels, coefficients, predictor order), in float32 or
-        wider: the common part of :meth:`multistep` and :meth:`drafts`."""
+    def _step(self, x: torch.Tensor, pred: torch.Tensor, t_from: Levels, t_to: Levels, history: History):
+        """The UniPC step in float32 or wider (before the cast to x's dtype), the x0_hat of this step and of the
+        history's steps it used (newest first), and the predictor's order: what :meth:`multistep` returns and
+        :meth:`drafts` continues from."""
         history = list(history)[-self.order:] if history else []
         n = x.shape[0]
         t_from, t_to = self.operands(x, pred, t_from, t_to)
@@ -210,13 +207,11 @@ class UniPCSkip(SkipTransition):
             k, c = self._coefficients(levels, predictor, corrector)
         x0s = self._x0s(x, pred, t_from, history[len(history) - need:] if need else [])
         (x_up,) = upcast(x)
+        x_c = x_up  # UniC: the predicted state corrected by K = k_s m_s + k_p m_p (+ k_pp m_pp)
         if k is not None:
-            k_s, k_p, k_pp = k
-            terms = [(1.0, x_up), (k_s, x0s[0]), (k_p, x0s[1])] + ([(k_pp, x0s[2])] if corrector == 2 else [])
-            x_c = self._combine(x_up, terms)
-        else:
-            x_c = x_up
-        return x_c, x0s, (t_from, t_to), k, c, predictor
+            x_c = x_up + self._combine(list(zip(k, x0s))[: corrector + 1])
+        out = self._combine(list(zip(c, [x_c] + x0s)))  # UniP from the corrected state
+        return zero_length_identity(out, x_up, t_from, t_to), x0s, predictor
 
     def multistep(
         self,
@@ -230,12 +225,7 @@ class UniPCSkip(SkipTransition):
         """The UniPC step from the predicted state ``x`` at ``t_from`` with its model output ``pred``:
         correct x (UniC, with the x0_hat of ``history``'s steps, ``[(x_i, p_i, t_from[i])]`` oldest first),
         then predict the state at ``t_to`` (UniP). Deterministic: ``noise`` is ignored."""
-        x_c, x0s, (t_from, t_to), _, c, predictor = self._corrected(x, pred, t_from, t_to, history)
-        if predictor == 2:
-            out = self._combine(x_c, [(c[0], x_c), (c[1], x0s[0]), (c[2], x0s[1])])
-        else:
-            out = self._combine(x_c, [(c[0], x_c), (c[1], x0s[0])])
-        return zero_length_identity(out, upcast(x)[0], t_from, t_to).to(x.dtype)
+        return self._step(x, pred, t_from, t_to, history)[0].to(x.dtype)
 
     def drafts(
         self,
@@ -252,23 +242,22 @@ class UniPCSkip(SkipTransition):
             return super().drafts(x, pred, t_from, t_to, noises)
         self.check_window(x, t_from, t_to, noises)
         n, b = int(t_from.shape[0]), x.shape[0]
-        first = self.multistep(x, pred, t_from[0], t_to[0], history)
+        step, x0s, predictor = self._step(x, pred, t_from[0], t_to[0], history)
+        first = step.to(x.dtype)
         if n == 1:
             return first.unsqueeze(0)
-        x_c, x0s, _, _, _, predictor = self._corrected(x, pred, t_from[0], t_to[0], history)
         m_a = x0s[0]
-        (first_up,) = upcast(first)
-        start = first_up
-        if predictor == 2 and self.order == 2:
+        (start,) = upcast(first)
+        if predictor == 2:
             # the corrector at t_to[0] (order 2) with m_{a+1} = m_a keeps only its m_{a-1} term: k_pp (m_{a-1} - m_a)
             levels = (as_levels(history[-1][2], b), t_from[0].to(torch.float64), t_to[0].to(torch.float64),
                       t_to[1].to(torch.float64))
             k, _ = self._coefficients(levels, 1, 2)
-            start = self._combine(first_up, [(1.0, first_up), (k[2], x0s[1] - m_a)])
+            start = start + self._combine([(k[2], x0s[1] - m_a)])
         src = t_to[0].expand((n - 1) * b)
         dst = t_to[1:].to(torch.float64).repeat_interleave(b)
         _, c = self.cached(src, dst, self._first)
-        rest = self._combine(start, [(c[0], repeat_rows(start, n - 1)), (c[1], repeat_rows(m_a, n - 1))])
+        rest = self._combine([(c[0], repeat_rows(start, n - 1)), (c[1], repeat_rows(m_a, n - 1))])
         return torch.cat([first.unsqueeze(0), rest.reshape(n - 1, *x.shape).to(x.dtype)])
 
     def __repr__(self) -> str:

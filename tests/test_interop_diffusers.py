@@ -1136,11 +1136,18 @@ DPM_CASES = [
                          ids=[("-".join(f"{k}={v}" for k, v in c[0].items() if k not in SD_BETAS) or "default") + f"-{c[1]}"
                               for c in DPM_CASES])
 def test_dpm_width1_matches_diffusers_loop(config, num_steps, last, unet2d, monkeypatch):
-    scheduler = _dpm(**config)
+    transition = _multistep_width1_is_the_loop(_dpm(**config), num_steps, last, unet2d, monkeypatch)  # at most 7.3e-7
+    assert isinstance(transition, DPMSolverSkip)
+
+
+def _multistep_width1_is_the_loop(scheduler, num_steps, last, unet2d, monkeypatch):
+    """A multistep scheduler's width-1 run (the Tame model) against its own loop: the grid is diffusers' (model
+    times, last level ``last``), width 1 is sample_serial bit for bit, and diffusers' loop to float32 rounding.
+    Returns the transition."""
     model = Tame(unet2d, scheduler.alphas_cumprod, scheduler.config.prediction_type)
     x = NoiseSource(0).initial((2, 3, 8, 8))
     transition, grid = from_diffusers(scheduler, num_steps)
-    assert isinstance(transition, DPMSolverSkip) and transition.order == scheduler.config.solver_order
+    assert transition.order == scheduler.config.solver_order
 
     ours = DraftRefineScheduler(transition, grid, width=1).sample(model.predictor, x)
     serial = sample_serial(model.predictor, x, transition, grid)
@@ -1151,7 +1158,8 @@ def test_dpm_width1_matches_diffusers_loop(config, num_steps, last, unet2d, monk
     assert torch.equal(ours.x, serial.x)
     assert ours.rounds == ours.evals == num_steps
     scale = max(1.0, ref.abs().max().item())
-    assert (ours.x - ref).abs().max().item() <= 5e-6 * scale, f"{config} {num_steps}"  # measured: at most 7.3e-7
+    assert (ours.x - ref).abs().max().item() <= 5e-6 * scale, f"{dict(scheduler.config)} {num_steps}"
+    return transition
 
 
 def test_dpm_reads_a_longer_table_as_diffusers(unet2d, monkeypatch):
@@ -2003,22 +2011,9 @@ def test_unipc_width1_matches_diffusers_loop(config, num_steps, last, unet2d, mo
     if config.get("use_beta_sigmas"):
         pytest.importorskip("scipy")
     scheduler = _unipc(**config)
-    model = Tame(unet2d, scheduler.alphas_cumprod, scheduler.config.prediction_type)
-    x = NoiseSource(0).initial((2, 3, 8, 8))
-    transition, grid = from_diffusers(scheduler, num_steps)
-    assert isinstance(transition, UniPCSkip) and transition.order == scheduler.config.solver_order
+    transition = _multistep_width1_is_the_loop(scheduler, num_steps, last, unet2d, monkeypatch)
+    assert isinstance(transition, UniPCSkip)
     assert transition.solver_type == scheduler.config.solver_type and transition.final_level == last
-
-    ours = DraftRefineScheduler(transition, grid, width=1).sample(model.predictor, x)
-    serial = sample_serial(model.predictor, x, transition, grid)
-    ref, draws = diffusers_loop(scheduler, model, x, num_steps, None, monkeypatch)
-
-    assert torch.equal(grid.model_times, scheduler.timesteps.cpu().to(grid.model_times.dtype))
-    assert grid.t_to[-1].item() == last and grid.is_contiguous and draws == 0
-    assert torch.equal(ours.x, serial.x)
-    assert ours.rounds == ours.evals == num_steps
-    scale = max(1.0, ref.abs().max().item())
-    assert (ours.x - ref).abs().max().item() <= 5e-6 * scale, f"{config} {num_steps}"
 
 
 def test_unipc_options_matter(unet2d):
@@ -2078,6 +2073,9 @@ def test_unipc_refused_options_are_named(config, option):
     for given in (scheduler, dict(scheduler.config)):
         with pytest.raises(InvalidArgumentError, match=re.escape(option)):
             from_diffusers(given, 10)
+
+
+def test_unipc_with_a_separate_predictor_is_refused():
     with pytest.raises(InvalidArgumentError, match="solver_p"):
         from_diffusers(_unipc(solver_p=_dpm()), 10)
 

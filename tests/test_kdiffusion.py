@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from backends import BatchedExecutor, SerialExecutor
+from benchmarks import kdiffusion_study
 from driffusion_core import InvalidArgumentError, InvalidTimestepsError, NoiseSource, expected_rounds
 from solvers import (
     DPMSolverSkip, VEEulerSkip, VESchedule, ring_mixture, sample_driffusion, sample_driffusion_dpmpp_2m,
@@ -89,11 +90,8 @@ REFERENCES = {"euler": sample_euler_reference, "dpmpp_2m": sample_dpmpp_2m_refer
 
 
 def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, dtype=torch.float32):
-    """k-diffusion's get_sigmas_karras (Karras et al. 2022, eq. 5), with the final 0 appended."""
-    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
-    max_inv, min_inv = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    sigmas = (max_inv + ramp * (min_inv - max_inv)) ** rho
-    return torch.cat([sigmas, sigmas.new_zeros(1)]).to(dtype)
+    """k-diffusion's get_sigmas_karras with the final 0 appended (the benchmark study's), float32 by default."""
+    return kdiffusion_study.karras_sigmas(n, sigma_min, sigma_max, rho, dtype)
 
 
 def _start(sigmas, batch=128, dtype=torch.float32):

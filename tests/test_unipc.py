@@ -2,13 +2,12 @@
 
 * ``drafts(..., history=...)``: row 0 is the serial UniPC step bit for bit; row j is the chain of j + 1 serial
   steps (each corrected, then predicted) with the anchor's x0_hat frozen.
-* Width 1 reproduces ``sample_serial`` exactly in both modes and every dtype; rounds and evals follow the
-  closed forms; every executor gives the serial executor's result.
 * The step's orders: the corrector takes the order of the predictor that reached the state (1 after the
   first step), the predictor drops to first order into ``final_level`` and into sigma = 0.
-* On the exact Gaussian-mixture oracle DRiffusion is well below the step-skipping baseline.
 * Bad settings are refused with a message.
 
+Width 1 against ``sample_serial`` (every dtype, both modes), the rounds, evals and executors, and the exact
+oracle against step skipping are the multistep tests of ``tests/test_multistep.py``, run for UniPC too.
 diffusers' own loop is the reference in ``tests/test_interop_diffusers.py`` (UniPC section).
 """
 from __future__ import annotations
@@ -18,15 +17,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backends import BatchedExecutor, SerialExecutor
-from driffusion_core import DraftRefineScheduler, NoiseSource, TimeGrid
+from driffusion_core import TimeGrid
 from driffusion_core.errors import InvalidArgumentError, InvalidTimestepsError
-from solvers import DPMSolverSkip, GaussianMixture, UniPCSkip, ring_mixture, sample_serial, sample_step_skipping
+from solvers import DPMSolverSkip, UniPCSkip
 
 from _metrics import one_torch_thread  # noqa: F401  (autouse fixture)
 
 # shared with the DPM-Solver++ tests: the schedules, randn and the prediction meaning a given x0_hat
-from test_multistep import F64, FLOW, MODES, PREDICTIONS, VP, consistent_prediction, randn  # noqa: E402
+from test_multistep import F64, PREDICTIONS, VP, consistent_prediction, randn  # noqa: E402
 
 
 @st.composite
@@ -99,71 +97,6 @@ def test_the_corrector_changes_the_step_and_bh2_predicts_as_dpm_2m():
     same = UniPCSkip(VP, "sample").multistep(x, p, levels[2], levels[3], [(x_pp, p, levels[0]), (x_p, p, levels[1])])
     torch.testing.assert_close(same, DPMSolverSkip(VP, "sample").multistep(x, p, levels[2], levels[3], [(x_p, p, levels[1])]),
                                rtol=1e-12, atol=1e-12)
-
-
-SETUPS = [
-    pytest.param(UniPCSkip(VP), VP.timesteps(20, "trailing"), "epsilon", id="bh2-20"),
-    pytest.param(UniPCSkip(VP, "v_prediction", solver_type="bh1"), VP.timesteps(9, "linspace"), "v_prediction",
-                 id="bh1-v-9"),
-    pytest.param(UniPCSkip(VP, "sample", order=1), VP.timesteps(7, "leading", step_to="stride"), "sample",
-                 id="order1-sample-stride"),
-    pytest.param(UniPCSkip(FLOW, "velocity"), FLOW.timesteps(16), "velocity", id="flow"),
-]
-
-
-@pytest.mark.parametrize("transition,grid,prediction", SETUPS)
-@pytest.mark.parametrize("dtype", [torch.float32, F64, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("mode", MODES)
-def test_width_one_reproduces_sample_serial_exactly(transition, grid, prediction, dtype, mode):
-    f = ring_mixture(4).predictor(transition.schedule, prediction)
-    x = NoiseSource(0).initial((5, 2), dtype)
-    ref = sample_serial(f, x, transition, grid, return_trajectory=True)
-    assert ref.x.dtype == dtype and torch.isfinite(ref.x).all()
-    for executor in (SerialExecutor(), BatchedExecutor()):
-        out = DraftRefineScheduler(transition, grid, width=1, mode=mode).sample(f, x, executor=executor,
-                                                                                return_trajectory=True)
-        assert out.x.dtype == dtype and torch.equal(out.x, ref.x)
-        assert all(torch.equal(a, b) for a, b in zip(out.trajectory, ref.trajectory))
-
-
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("T,n", [(1, 3), (2, 2), (7, 3), (15, 4), (20, 6)])
-def test_rounds_evals_and_executors(T, n, mode):
-    tr = UniPCSkip(VP)
-    grid = VP.timesteps(T, "trailing")
-    f = ring_mixture(4).predictor(VP, "epsilon")
-    x = NoiseSource(1).initial((3, 2))
-    sched = DraftRefineScheduler(tr, grid, width=n, mode=mode)
-    calls = []
-
-    def recording(x, t):
-        calls.append(x.shape[0])
-        return f(x, t)
-
-    out = sched.sample(recording, x, executor=BatchedExecutor())
-    assert out.rounds == len(calls) == sched.expected_rounds() and out.evals == T and sum(calls) == 3 * T
-    ref = sched.sample(f, x, executor=SerialExecutor())
-    torch.testing.assert_close(out.x, ref.x, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("prediction", ["epsilon", "sample"])
-def test_driffusion_beats_step_skipping_on_the_oracle(prediction):
-    """50-step UniPC on the exact mixture oracle: DRiffusion's RMSE to the serial output against step skipping's
-    (UniPC on the coarse grid) at the same rounds. Measured: epsilon 0.19 / 0.20 (aggressive, widths 2 / 4) and
-    0.31 (conservative, width 4); sample 0.28 / 0.44 and 0.81: like DPM-Solver++ 2M, the multistep update
-    extrapolates from a drafted x0_hat in a refined window, and conservative mode gains little there."""
-    mix = GaussianMixture(torch.tensor([[2.0, 0.0], [-2.0, 0.0], [0.0, 2.0], [0.0, -2.0]], dtype=F64), 0.05)
-    f = mix.predictor(VP, prediction)
-    tr = UniPCSkip(VP, prediction)
-    grid = VP.timesteps(50, "trailing")
-    x = NoiseSource(0).initial((256, 2), F64)
-    ref = sample_serial(f, x, tr, grid).x
-    rmse = lambda a: float((a - ref).pow(2).mean().sqrt())  # noqa: E731
-    for n, mode in ((2, "aggressive"), (4, "aggressive"), (4, "conservative")):
-        out = DraftRefineScheduler(tr, grid, width=n, mode=mode).sample(f, x, executor=BatchedExecutor())
-        base = sample_step_skipping(f, x, tr, grid, out.rounds)
-        bound = 0.6 if mode == "aggressive" else (0.5 if prediction == "epsilon" else 0.95)
-        assert rmse(out.x) < bound * rmse(base.x), (n, mode, rmse(out.x), rmse(base.x))
 
 
 def test_bad_settings_are_refused():

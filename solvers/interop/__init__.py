@@ -7,7 +7,7 @@ imports it when used), so ``import solvers`` works without the optional extra.
   (:func:`euler_state_scales`: the state's scaling for ``EulerDiscreteScheduler`` and its ancestral variant).
 * :class:`DiffusersPredictor` -- UNet2D / UNet2DCondition / SD3 transformer as ``f(x, t, **cond)``, CFG in one call.
 * :class:`DRiffusionPipeline` -- run a DDPM / DDIM / Stable Diffusion / SD3 pipeline with DRiffusion
-  (DDIM, DDPM, DPM-Solver++ multistep, Euler and Euler ancestral (Stable Diffusion) or flow-matching Euler
+  (DDIM, DDPM, DPM-Solver++ multistep, UniPC, Euler and Euler ancestral (Stable Diffusion) or flow-matching Euler
   scheduler).
 * :func:`sample_driffusion` / :func:`sample_driffusion_dpmpp_2m` -- k-diffusion-style samplers (Euler,
   DPM++ 2M) for denoisers ``D(x, sigma) -> x0``.
