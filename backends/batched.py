@@ -126,10 +126,19 @@ class BatchedExecutor(Executor):
         cond = dict(cond or {})
         k, b = xs.shape[0], xs.shape[1]
         if self.vmap:  # each draft sees the whole batch and the whole conditioning
+            def one_draft(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                out = predictor(x, t, **cond)
+                if not isinstance(out, torch.Tensor):  # vmap itself would only complain about its out_dims
+                    raise PredictorOutputError(
+                        f"BatchedExecutor(vmap=True): the predictor returned {type(out).__name__} for a draft; it "
+                        f"must return one tensor shaped like its input x.{not_a_tensor_hint(out)}"
+                    )
+                return out
+
             try:
-                return torch.func.vmap(lambda x, t: predictor(x, t, **cond))(xs, ts)
+                return torch.func.vmap(one_draft)(xs, ts)
             except Exception as e:
-                if _looks_like_vmap(e) and hasattr(e, "add_note"):
+                if _looks_like_vmap(e) and not isinstance(e, PredictorOutputError) and hasattr(e, "add_note"):
                     e.add_note(
                         "BatchedExecutor(vmap=True) runs the predictor under torch.func.vmap, which refuses "
                         "data-dependent Python control flow (if tensor...: / .any() / .item() / .tolist()) and some "

@@ -168,6 +168,23 @@ def _require_dist() -> None:
         )
 
 
+#: the longest wait a timeout may ask for, in seconds (11.6 days): the backends keep timeouts as 32-bit
+#: milliseconds or similar, and larger values fail inside the first collective as if a rank had timed out
+MAX_TIMEOUT = 1e6
+
+
+def _seconds(value: Any, what: str, zero_ok: bool = False) -> float:
+    """A timeout in seconds: a finite number > 0 (>= 0 with ``zero_ok``) and at most :data:`MAX_TIMEOUT`."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (0 <= value if zero_ok else 0 < value)
+    if not ok or not value <= MAX_TIMEOUT:
+        need = ">= 0" if zero_ok else "> 0"
+        raise InvalidArgumentError(
+            f"{what} must be a number of seconds {need} and at most {MAX_TIMEOUT:g} (a finite bound: a rank that "
+            f"stops must make the others fail, not wait forever), got {value!r}."
+        )
+    return float(value)
+
+
 def init_from_env(backend: Optional[str] = None, timeout: float = 120.0) -> DistEnv:
     """Initialise the default process group from torchrun's environment, if not done yet.
 
@@ -184,8 +201,7 @@ def init_from_env(backend: Optional[str] = None, timeout: float = 120.0) -> Dist
         :class:`DistEnv` ``(rank, local_rank, world_size, backend)``.
     """
     _require_dist()
-    if not (isinstance(timeout, (int, float)) and timeout > 0):
-        raise InvalidArgumentError(f"timeout must be a positive number of seconds, got {timeout!r}.")
+    timeout = _seconds(timeout, "timeout")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if dist.is_initialized():
         return DistEnv(dist.get_rank(), local_rank, dist.get_world_size(), str(dist.get_backend()))
@@ -500,12 +516,10 @@ class DistributedExecutor(Executor):
                 "backends.init_from_env() before making the executor, or call "
                 "torch.distributed.init_process_group yourself."
             )
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise InvalidArgumentError(f"timeout must be a positive number of seconds, got {timeout!r}.")
+        timeout = _seconds(timeout, "timeout")
         if diagnose_timeout is None:
-            diagnose_timeout = min(5.0, float(timeout))
-        if isinstance(diagnose_timeout, bool) or not isinstance(diagnose_timeout, (int, float)) or diagnose_timeout < 0:
-            raise InvalidArgumentError(f"diagnose_timeout must be >= 0 seconds, got {diagnose_timeout!r}.")
+            diagnose_timeout = min(5.0, timeout)
+        diagnose_timeout = _seconds(diagnose_timeout, "diagnose_timeout", zero_ok=True)
         self.group = group
         self.timeout = float(timeout)
         self.diagnose_timeout = float(diagnose_timeout)

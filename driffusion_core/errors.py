@@ -71,6 +71,14 @@ def is_real(value) -> bool:
     return isinstance(value, numbers.Real)
 
 
+def as_flag(value, what: str) -> bool:
+    """``value`` as a bool: True or False (Python, numpy or a 0-d torch bool); anything else, a string such as
+    "no" included (which ``bool()`` would take as True), is an InvalidArgumentError naming ``what``."""
+    if is_bool(value) and (not isinstance(value, torch.Tensor) or value.dim() == 0):
+        return bool(value)
+    raise InvalidArgumentError(f"{what} must be True or False, got {value!r}.")
+
+
 def as_count(value, what: str, low: int = 1, high=None, error: type = InvalidArgumentError) -> int:
     """``value`` as an int in ``[low, high]`` (Python, numpy and 0-d tensor integers; not bools or floats),
     else ``error`` naming ``what`` and the range."""

@@ -11,7 +11,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .errors import InvalidArgumentError, as_count, is_bool
+from .errors import InvalidArgumentError, as_count, as_flag, is_bool
 
 __all__ = ["NoiseSource"]
 
@@ -51,7 +51,7 @@ class NoiseSource:
             raise InvalidArgumentError(
                 f"NoiseSource(seed) takes an int (e.g. NoiseSource(0)), got {type(seed).__name__} {seed!r}."
             ) from None
-        self.per_sample = bool(per_sample)
+        self.per_sample = as_flag(per_sample, "per_sample")
 
     def _key(self, step: int, row: int = -1) -> int:
         k = (self.seed * _MIX + (step + 2) * 1_000_003 + (row + 1) * 7919) % (2**63 - 1)

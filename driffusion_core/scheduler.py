@@ -55,6 +55,7 @@ __all__ = [
     "SampleOutput",
     "expected_rounds",
     "check_inputs",
+    "check_planned",
     "check_predictions",
     "check_input_untouched",
     "evaluate_round",
@@ -210,9 +211,10 @@ def note_where(error: BaseException, grid: TimeGrid, steps: List[int], x: torch.
     if isinstance(k, int) and 0 <= k < len(steps):
         steps = [steps[k]]
     if hasattr(error, "add_note"):
+        hint = "" if isinstance(error, PredictorOutputError) else f" ({_call_hint(error, cond)})"
         error.add_note(
             f"driffusion: raised while evaluating {where_steps(grid, steps)}; the state is "
-            f"{x.dtype} {tuple(x.shape)} on {x.device} ({_call_hint(error, cond)})."
+            f"{x.dtype} {tuple(x.shape)} on {x.device}{hint}."
         )
 
 
@@ -390,6 +392,17 @@ def progress_bar(enabled: bool, total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="step")
 
 
+def check_planned(state: Any, rnd: "Round") -> None:
+    """Refuse a round a state machine's ``absorb`` did not plan last (``state._planned``): one absorbed twice,
+    before any ``plan()``, or a stale one would refine against the wrong states."""
+    if rnd is not state._planned:
+        raise InvalidArgumentError(
+            f"{type(state).__name__}.absorb takes the round the last plan() returned (once): "
+            + ("no round is planned now (absorb was called before plan(), or twice for one round)."
+               if state._planned is None else "this one is another (a stale round, or one planned elsewhere).")
+        )
+
+
 @dataclass
 class Round:
     """One parallel round: evaluate the predictor at steps ``steps`` on states ``xs`` (``Tensor[K, B, ...]``)."""
@@ -419,13 +432,25 @@ class DraftRefineState:
         start: int = 0,
         history: Sequence[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = (),
     ):
+        if not isinstance(transition, SkipTransition):
+            raise InvalidArgumentError(
+                f"transition must be a SkipTransition (e.g. solvers.DDIMSkip(schedule)), got {type(transition).__name__}."
+            )
+        grid = transition.make_grid(grid)  # the transition's own kind of levels, in its range, decreasing
         width = _check_width(width)
         check_mode(mode)
+        check_inputs(x, None)
+        if noise is not None and not isinstance(noise, NoiseSource):
+            raise InvalidArgumentError(f"noise must be a NoiseSource or None, got {type(noise).__name__}.")
+        if noise is None and transition.stochastic:
+            raise InvalidArgumentError(
+                f"{type(transition).__name__} is stochastic here: its steps draw noise, so pass noise=NoiseSource(seed) "
+                f"(DraftRefineScheduler.start and .sample draw a seed for you when given None)."
+            )
         self.transition, self.grid, self.width, self.mode = transition, grid, width, mode
         self.noise = noise
         self.T = len(grid)
-        if not 0 <= start < self.T:
-            raise InvalidArgumentError(f"start must be a step of the grid, 0 <= start < {self.T}, got {start}.")
+        start = as_count(start, "start (a step of the grid)", 0, self.T - 1)
         self.a = start
         self.x = x
         self.pred: Optional[torch.Tensor] = None
@@ -505,12 +530,7 @@ class DraftRefineState:
 
     def absorb(self, rnd: Round, preds: torch.Tensor) -> None:
         """Take the predictions of the round the last :meth:`plan` returned, and refine."""
-        if rnd is not self._planned:
-            raise InvalidArgumentError(
-                "DraftRefineState.absorb takes the round the last plan() returned (once): "
-                + ("no round is planned now (absorb was called before plan(), or twice for one round)."
-                   if self._planned is None else "this one is another (a stale round, or one planned elsewhere).")
-            )
+        check_planned(self, rnd)
         self._planned = None
         preds = check_predictions(preds, rnd.xs, rnd.steps, self.grid)
         self.rounds += 1

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from driffusion_core import coefficients as C
-from driffusion_core.errors import InvalidArgumentError, InvalidTimestepsError, as_count, exception_text, is_real
+from driffusion_core.errors import InvalidArgumentError, InvalidTimestepsError, as_count, as_flag, exception_text, is_real
 from driffusion_core.grid import TimeGrid, refuse_bool_or_complex
 
 __all__ = ["Schedule", "VPSchedule", "FlowSchedule", "rescale_zero_terminal_snr"]
@@ -29,6 +29,19 @@ TimeLike = Union[float, int, torch.Tensor]
 
 def _levels(t: TimeLike) -> torch.Tensor:
     return torch.as_tensor(t, dtype=torch.float64).cpu() if not isinstance(t, torch.Tensor) else t.detach().to("cpu", torch.float64)
+
+
+def refuse_levels_outside(t: torch.Tensor, lo: float, hi: float, schedule: "Schedule") -> None:
+    """Refuse levels that are NaN or outside [lo, hi]: a value there would be extrapolated or clamped,
+    a silent wrong answer (typically model times, or another schedule's levels, passed as levels)."""
+    bad = torch.isnan(t) | (t < lo) | (t > hi)
+    if bool(bad.any()):
+        v = t[bad][0].item()
+        raise InvalidTimestepsError(
+            f"Level {v!r} is outside {type(schedule).__name__}'s levels [{lo:g}, {hi:g}]. Levels above the range "
+            f"are usually model times or another schedule's levels: map model times back with "
+            f"schedule.level_of_model_time(t), and use the schedule the grid was made with."
+        )
 
 
 def _sigmoid(v: float) -> float:
@@ -175,8 +188,8 @@ class VPSchedule(Schedule):
             raise InvalidArgumentError("alphas_cumprod must be finite and lie in [0, 1].")
         if (ac[1:] > ac[:-1]).any():
             raise InvalidArgumentError("alphas_cumprod must not increase with t (t = 0 is the clean end).")
-        if not 0 < final_alpha_cumprod <= 1:
-            raise InvalidArgumentError(f"final_alpha_cumprod must lie in (0, 1], got {final_alpha_cumprod}.")
+        if not is_real(final_alpha_cumprod) or not 0 < final_alpha_cumprod <= 1:
+            raise InvalidArgumentError(f"final_alpha_cumprod must be a number in (0, 1], got {final_alpha_cumprod!r}.")
         self.alphas_cumprod = ac
         self.final_alpha_cumprod = float(final_alpha_cumprod)
 
@@ -184,7 +197,19 @@ class VPSchedule(Schedule):
     @classmethod
     def from_betas(cls, betas, final_alpha_cumprod: Optional[float] = 1.0, rescale_betas_zero_snr: bool = False) -> "VPSchedule":
         """From per-step betas; ``final_alpha_cumprod=None`` means ``alphas_cumprod[0]``."""
-        betas = torch.as_tensor(betas, dtype=torch.float64).flatten()
+        try:
+            betas = torch.as_tensor(betas, dtype=torch.float64).flatten()
+        except Exception as e:
+            raise InvalidArgumentError(
+                f"betas must be a sequence or tensor of numbers in [0, 1], got {type(betas).__name__} "
+                f"{reprlib.repr(betas)} ({exception_text(e)})."
+            ) from e
+        bad = ~torch.isfinite(betas) | (betas < 0) | (betas > 1)
+        if bool(bad.any()):
+            i = int(torch.nonzero(bad)[0])
+            raise InvalidArgumentError(
+                f"betas must lie in [0, 1] (beta = 1 - alpha-bar_t / alpha-bar_(t-1)), but betas[{i}] = {betas[i].item()!r}."
+            )
         if rescale_betas_zero_snr:
             betas = rescale_zero_terminal_snr(betas)
         ac = torch.cumprod(1.0 - betas, dim=0)
@@ -200,6 +225,9 @@ class VPSchedule(Schedule):
     def scaled_linear(cls, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012, **kw) -> "VPSchedule":
         """Stable Diffusion's betas: linear in sqrt(beta)."""
         num_train_timesteps = as_count(num_train_timesteps, "num_train_timesteps", 2)
+        for name, v in (("beta_start", beta_start), ("beta_end", beta_end)):
+            if not is_real(v) or not 0 <= v < 1:
+                raise InvalidArgumentError(f"{name} must be a number in [0, 1), got {v!r}.")
         b = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
         return cls.from_betas(b, **kw)
 
@@ -232,6 +260,7 @@ class VPSchedule(Schedule):
         t = _levels(t)
         ac = self.alphas_cumprod
         n = ac.shape[0]
+        refuse_levels_outside(t, -math.inf, n - 1, self)
         tc = t.clamp(0, n - 1)
         lo = tc.floor().long()
         hi = tc.ceil().long()
@@ -377,7 +406,7 @@ class FlowSchedule(Schedule):
             ) from None
         self.shift = float(shift)
         self.num_train_timesteps = num_train_timesteps
-        self.use_dynamic_shifting = bool(use_dynamic_shifting)
+        self.use_dynamic_shifting = as_flag(use_dynamic_shifting, "use_dynamic_shifting")
 
     def level_range(self) -> Tuple[float, float]:
         # sigma = 1 comes out of the float32 shift (applied twice, as diffusers does) a little above 1:
@@ -386,7 +415,9 @@ class FlowSchedule(Schedule):
         return 0.0, 1.0 + 1e-3
 
     def alpha_sigma(self, t: TimeLike) -> Tuple[torch.Tensor, torch.Tensor]:
-        return C.flow_alpha_sigma(_levels(t))
+        t = _levels(t)
+        refuse_levels_outside(t, *self.level_range(), self)
+        return C.flow_alpha_sigma(t)
 
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
         return (torch.as_tensor(t, dtype=torch.float64) * self.num_train_timesteps).to(torch.float32)

@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence, Tuple, Union
 import torch
 
 from driffusion_core import coefficients as C
-from driffusion_core.errors import DeviceMismatchError, InvalidArgumentError, InvalidTimestepsError, as_count
+from driffusion_core.errors import DeviceMismatchError, InvalidArgumentError, InvalidTimestepsError, as_count, as_flag
 from driffusion_core.grid import TimeGrid, refuse_bool_or_complex
 from driffusion_core.parameterization import (
     Prediction, X0Transform, check_prediction, check_x0_transform, to_x0_eps, upcast,
@@ -115,7 +115,7 @@ class SkipTransition(abc.ABC):
         self.schedule = schedule
         self.prediction = prediction  # parsed and checked against the schedule (__setattr__)
         self.x0_transform = x0_transform
-        self.recompute_eps = bool(recompute_eps)
+        self.recompute_eps = as_flag(recompute_eps, "recompute_eps")
 
     # ----------------------------------------------------------------- the operator
     @abc.abstractmethod
@@ -472,8 +472,17 @@ class SkipTransition(abc.ABC):
         (zero terminal SNR, or sigma = 1 in flow matching): :math:`\\hat x_0 = (x - \\sigma\\hat\\epsilon)/\\alpha`.
         """
         grid = self.schedule.grid(timesteps)
+        alpha, sigma = self.schedule.alpha_sigma(grid.t_from)
+        clean = sigma <= 0
+        if bool(clean.any()):
+            i = int(torch.nonzero(clean)[0])
+            raise InvalidTimestepsError(
+                f"{type(self).__name__}: step {i} starts at level {grid.t_from[i].item():g}, where sigma = 0 (alpha-bar "
+                f"= 1, e.g. a table whose first beta is 0): the state is already clean there, and a model asked to denoise "
+                f"it has nothing to remove (x0_hat = (x - alpha * x0) / sigma, the DDPM posterior and log-SNR steps "
+                f"divide by zero). End the grid with the step *to* that level, or use a table whose betas are positive."
+            )
         if self.prediction is Prediction.EPSILON:
-            alpha, _ = self.schedule.alpha_sigma(grid.t_from)
             bad = alpha <= 0
             if bool(bad.any()):
                 i = int(torch.nonzero(bad)[0])

@@ -29,13 +29,13 @@ from typing import Optional, Union
 import torch
 
 from driffusion_core import coefficients as C
-from driffusion_core.errors import InvalidArgumentError
+from driffusion_core.errors import InvalidArgumentError, as_flag
 from driffusion_core.grid import TimeGrid
 from driffusion_core.parameterization import Prediction, X0Transform, broadcast_coef, upcast
 from driffusion_core.schedules import Schedule
 from driffusion_core.transition import History, Levels, SkipTransition, as_levels, repeat_rows, zero_length_identity
 
-__all__ = ["DPMSolverSkip"]
+__all__ = ["DPMSolverSkip", "refuse_flat_log_snr"]
 
 SOLVER_TYPES = ("midpoint", "heun")
 
@@ -48,6 +48,29 @@ def check_order(owner: str, value, earlier: str) -> int:
             f"solver_order=3 needs {earlier} earlier steps)."
         )
     return int(value)
+
+
+def refuse_flat_log_snr(transition: SkipTransition, grid: TimeGrid) -> TimeGrid:
+    r"""``grid``, after refusing, for a second-order (multistep) solver, a step whose two levels have the same
+    :math:`\lambda = \log(\alpha/\sigma)` (a flat stretch of the alpha-bar table) and which another step
+    follows: that step's 2M extrapolation or UniPC corrector divides by the previous step's
+    :math:`h = \lambda_t - \lambda_s = 0`, so it would give NaN after every model call had been made. A flat
+    step is the identity at first order, and as the last step (DDIM's ``set_alpha_to_one=False``: level 0 to
+    the final alpha-bar, which is alphas_cumprod[0])."""
+    if not transition.history or len(grid) < 2:
+        return grid
+    a_s, s_s = transition.schedule.alpha_sigma(grid.t_from[:-1])
+    a_t, s_t = transition.schedule.alpha_sigma(grid.t_to[:-1])
+    flat = (a_s * s_t == a_t * s_s) & (s_t > 0)  # lambda_t == lambda_s (sigma_t = 0: lambda_t = inf, a real step)
+    if bool(flat.any()):
+        i = int(torch.nonzero(flat)[0])
+        raise InvalidArgumentError(
+            f"{type(transition).__name__}: step {i} goes from level {grid.t_from[i].item():g} to "
+            f"{grid.t_to[i].item():g}, which have the same alpha-bar (log-SNR), and step {i + 1} of this second-order "
+            f"solver divides by that step's length h = 0. Drop one of the two levels, use a table whose alpha-bar "
+            f"strictly decreases, or order=1."
+        )
+    return grid
 
 
 class DPMSolverSkip(SkipTransition):
@@ -83,8 +106,8 @@ class DPMSolverSkip(SkipTransition):
         super().__init__(schedule, prediction, x0_transform)
         self.order = order
         self.solver_type = solver_type
-        self.lower_order_final = bool(lower_order_final)
-        self.euler_at_final = bool(euler_at_final)
+        self.lower_order_final = as_flag(lower_order_final, "lower_order_final")
+        self.euler_at_final = as_flag(euler_at_final, "euler_at_final")
 
     @property
     def history(self) -> int:
@@ -99,6 +122,10 @@ class DPMSolverSkip(SkipTransition):
         super().__setattr__(name, value)
         if not name.startswith("_"):  # the remembered x0_hat depends on prediction, x0_transform, schedule
             self.__dict__.pop("_x0_memo", None)
+
+    def make_grid(self, timesteps) -> TimeGrid:
+        """:meth:`SkipTransition.make_grid`, refusing a step between two levels of equal log-SNR."""
+        return refuse_flat_log_snr(self, super().make_grid(timesteps))
 
     # ----------------------------------------------------------------- first order (the skip)
     def _first(self, t_from: torch.Tensor, t_to: torch.Tensor):

@@ -103,6 +103,7 @@ from driffusion_core.scheduler import (
     SampleOutput,
     _check_width,
     check_finite_sample,
+    check_planned,
     check_predictions,
     default_noise,
     run_rounds,
@@ -175,7 +176,8 @@ class PicardState:
         self.advances: List[int] = []
         self.fallback: Optional[DraftRefineState] = None
         self.fallback_from: Optional[int] = None
-        self._inner: Optional[Round] = None
+        self._inner: Optional[Round] = None  # the fallback's own round, while one is planned
+        self._planned: Optional[Round] = None  # the round plan() returned and absorb() has not taken yet
         self.xs: List[Optional[torch.Tensor]] = [None] * (self.T + 1)
         self.preds: List[Optional[torch.Tensor]] = [None] * self.T
         self.at: List[Optional[torch.Tensor]] = [None] * self.T  # the state each prediction was taken at
@@ -232,6 +234,8 @@ class PicardState:
         c = max(self.a - 1, 0)  # its prediction was taken at its final state (to tolerance)
         self.fallback_from = c
         x_c, p_c = self.xs[c], self.preds[c]
+        if self.moved.get(c, 0.0) > 1.0 and self.at[c] is not None:  # as in _seed: keep the x0_hat p_c meant
+            p_c = _refreeze(self.transition, x_c, self.at[c], p_c, self.grid.t_from[c])
         st = DraftRefineState(
             self.transition, self.grid, self.width, "aggressive", x_c, self.noise, self.keep_trajectory,
             start=c, history=self._history(c),
@@ -259,14 +263,18 @@ class PicardState:
             if inner is None:  # pragma: no cover - the fallback starts at a-1 <= T-2, and absorb finishes it
                 self._finish_fallback()
                 return None
-            self._inner = inner
+            self._inner = self._planned = inner
             return inner
         a, m = self.a, min(self.width, self.T - self.a)
         steps = list(range(a, a + m))
-        return Round(steps, torch.stack([self.xs[k] for k in steps]), anchor_call=False)
+        self._planned = Round(steps, torch.stack([self.xs[k] for k in steps]), anchor_call=False)
+        return self._planned
 
     def absorb(self, rnd: Round, preds: torch.Tensor) -> None:
-        """Take a round's predictions: one Picard sweep, the slide, new guesses."""
+        """Take the predictions of the round the last :meth:`plan` returned: one Picard sweep, the slide,
+        new guesses."""
+        check_planned(self, rnd)
+        self._planned = None
         preds = check_predictions(preds, rnd.xs, rnd.steps, self.grid)
         if self.fallback is not None:
             st = self.fallback

@@ -30,12 +30,12 @@ from typing import Optional, Tuple, Union
 import torch
 
 from driffusion_core import coefficients as C
-from driffusion_core.errors import InvalidArgumentError
+from driffusion_core.errors import InvalidArgumentError, as_flag
 from driffusion_core.grid import TimeGrid
 from driffusion_core.parameterization import Prediction, X0Transform, broadcast_coef, upcast
 from driffusion_core.schedules import Schedule
 from driffusion_core.transition import History, Levels, SkipTransition, as_levels, repeat_rows, zero_length_identity
-from solvers.dpm import DPMSolverSkip, check_order
+from solvers.dpm import DPMSolverSkip, check_order, refuse_flat_log_snr
 
 __all__ = ["UniPCSkip"]
 
@@ -76,7 +76,7 @@ class UniPCSkip(SkipTransition):
         super().__init__(schedule, prediction, x0_transform)
         self.order = order
         self.solver_type = solver_type
-        self.lower_order_final = bool(lower_order_final)
+        self.lower_order_final = as_flag(lower_order_final, "lower_order_final")
         self.final_level = None if final_level is None else float(final_level)
 
     @property
@@ -90,6 +90,10 @@ class UniPCSkip(SkipTransition):
         if name == "solver_type" and value not in SOLVER_TYPES:
             raise InvalidArgumentError(f"UniPCSkip solver_type must be 'bh1' or 'bh2', got {value!r}.")
         super().__setattr__(name, value)
+
+    def make_grid(self, timesteps) -> TimeGrid:
+        """:meth:`SkipTransition.make_grid`, refusing a step between two levels of equal log-SNR."""
+        return refuse_flat_log_snr(self, super().make_grid(timesteps))
 
     def history_at(self, grid: TimeGrid, i: int) -> int:
         return min(int(i), self.order)

@@ -21,7 +21,7 @@ import torch
 from driffusion_core import coefficients as C
 from driffusion_core.errors import InvalidArgumentError
 from driffusion_core.parameterization import Prediction, X0Transform, broadcast_coef, upcast
-from driffusion_core.schedules import Schedule, TimeLike
+from driffusion_core.schedules import Schedule, TimeLike, refuse_levels_outside
 from driffusion_core.transition import Levels, SkipTransition, zero_length_identity
 
 __all__ = ["VESchedule", "VEEulerSkip"]
@@ -57,7 +57,9 @@ class VESchedule(Schedule):
 
     def alpha_sigma(self, t: TimeLike) -> Tuple[torch.Tensor, torch.Tensor]:
         """:math:`(\\alpha, \\sigma) = (1, t)` in float64."""
-        return C.ve_alpha_sigma(_levels(t))
+        t = _levels(t)
+        refuse_levels_outside(t, *self.level_range(), self)
+        return C.ve_alpha_sigma(t)
 
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(t, dtype=torch.float64).to(torch.float32)

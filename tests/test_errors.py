@@ -1266,3 +1266,120 @@ def test_draft_refine_state_checks_width_mode_and_rounds():
         st.absorb(rnd, f(rnd.xs, None))
     ref = DraftRefineScheduler(tr, grid, width=3).sample(f, x)
     assert torch.equal(st.x, ref.x) and st.rounds == ref.rounds
+
+
+def test_levels_outside_a_schedule_are_refused_not_clamped():
+    """alpha-bar / alpha, sigma at a level past the schedule's range (model times or another schedule's levels
+    passed as levels) are refused, where clamping or extrapolating would give a wrong value silently."""
+    assert torch.equal(VP.alpha_bar(torch.tensor([999.0, -1.0, 0.5]))[:2], torch.tensor([VP.alphas_cumprod[-1], 1.0]))
+    for call in (lambda: VP.alpha_bar(5000), lambda: VP.alpha_bar(float("nan")), lambda: FLOW.alpha_sigma(2.0),
+                 lambda: FLOW.alpha_sigma(-0.5), lambda: VESchedule(sigma_max=10).alpha_sigma(20.0)):
+        with pytest.raises(InvalidTimestepsError, match="outside .*Schedule's levels"):
+            call()
+    small = VPSchedule.linear(500)
+    f = ring_mixture().predictor(small)  # an oracle of a 500-step table, called at a 1000-step grid's time
+    with pytest.raises(InvalidTimestepsError, match="level_of_model_time"):
+        f(x0(), torch.full((3,), 999.0))
+
+
+def test_draft_refine_state_checks_its_inputs():
+    """The low-level state machine checks what DraftRefineScheduler.sample checks: the grid (its kind, made a
+    TimeGrid from a list), x, the noise a stochastic transition needs, and start."""
+    from driffusion_core.scheduler import DraftRefineState
+
+    x = x0()
+    with pytest.raises(InvalidTimestepsError, match="levels"):
+        DraftRefineState(DDIMSkip(VP), FLOW.timesteps(5), 2, "aggressive", x, None)
+    with pytest.raises(InvalidArgumentError, match="NaN or inf"):
+        DraftRefineState(DDIMSkip(VP), GRID, 2, "aggressive", torch.full((2, 2), float("nan")), None)
+    with pytest.raises(InvalidArgumentError, match="stochastic.*NoiseSource"):
+        DraftRefineState(DDPMSkip(VP), GRID, 2, "aggressive", x, None)
+    with pytest.raises(InvalidArgumentError, match="noise must be a NoiseSource"):
+        DraftRefineState(DDPMSkip(VP), GRID, 2, "aggressive", x, 3)
+    for start in (1.5, True, 10, -1):
+        with pytest.raises(InvalidArgumentError, match="start"):
+            DraftRefineState(DDIMSkip(VP), GRID, 2, "aggressive", x, None, start=start)
+    st = DraftRefineState(DDIMSkip(VP), GRID.t_from.tolist(), 1, "aggressive", x, None)  # levels: made a grid
+    while (rnd := st.plan()) is not None:
+        st.absorb(rnd, eps_model(rnd.xs, None))
+    assert torch.equal(st.x, sample_serial(eps_model, x, DDIMSkip(VP), GRID).x)
+
+
+def test_a_step_from_sigma_zero_and_a_flat_log_snr_step_are_refused_up_front():
+    """A grid step starting where sigma = 0 (a table whose first beta is 0, leading spacing) and, for the
+    log-SNR solvers, a step between two levels of equal alpha-bar are refused when the grid is made, not
+    found as NaN after every model call."""
+    clean_start = VPSchedule.linear(1000, 0.0, 0.02)
+    for tr in (DDPMSkip(clean_start), DDIMSkip(clean_start), DPMSolverSkip(clean_start)):
+        with pytest.raises(InvalidTimestepsError, match="step 9 starts at level 0, where sigma = 0"):
+            DraftRefineScheduler(tr, clean_start.timesteps(10), 1)
+    flat = VPSchedule([0.9, 0.9, 0.9, 0.5, 0.1])
+    from solvers import UniPCSkip
+
+    for tr in (DPMSolverSkip(flat), UniPCSkip(flat)):
+        with pytest.raises(InvalidArgumentError, match="step 2 goes from level 2 to 1, which have the same alpha-bar"):
+            DraftRefineScheduler(tr, [4, 3, 2, 1], 1)
+    # a flat step is the identity at first order (DDIM, order 1) and as the last step
+    for tr, levels in ((DDIMSkip(flat), [4, 3, 2, 1]), (DPMSolverSkip(flat, order=1), [4, 3, 2, 1]),
+                       (UniPCSkip(VPSchedule(flat.alphas_cumprod, final_alpha_cumprod=0.9)), [4, 3, 1])):
+        out = sample_serial(eps_model, x0(), tr, levels, return_trajectory=True)
+        assert torch.isfinite(out.x).all()
+
+
+def test_vmap_predictor_returning_no_tensor_is_named():
+    """Under BatchedExecutor(vmap=True) a predictor returning a non-tensor gets the same error as elsewhere,
+    not torch's out_dims message or the vmap / dtype hints."""
+    for f, what in ((lambda x, t: None, "NoneType"), (lambda x, t: (x,), "tuple.*return_dict=False")):
+        with pytest.raises(PredictorOutputError, match=f"returned {what}") as info:
+            scheduler().sample(f, x0(), executor=BatchedExecutor(vmap=True))
+        assert not any("data-dependent" in n or "another dtype" in n for n in notes(info.value))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: NoiseSource(0, per_sample="no"),
+    lambda: DDIMSkip(VP, recompute_eps="no"),
+    lambda: DPMSolverSkip(VP, lower_order_final="yes"),
+    lambda: DPMSolverSkip(VP, euler_at_final=1),
+    lambda: FlowSchedule(use_dynamic_shifting="False"),
+], ids=["per_sample", "recompute_eps", "lower_order_final", "euler_at_final", "use_dynamic_shifting"])
+def test_flags_take_true_or_false_only(make):
+    """A flag given as a string or an int is refused (bool("no") would be True)."""
+    with pytest.raises(InvalidArgumentError, match="must be True or False"):
+        make()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: VPSchedule.from_betas("abc"), "betas must be a sequence or tensor of numbers"),
+    (lambda: VPSchedule.from_betas([0.1, 1.5]), r"betas\[1\] = 1.5"),
+    (lambda: VPSchedule.from_betas([0.1, float("nan")]), r"betas\[1\] = nan"),
+    (lambda: VPSchedule.scaled_linear(10, -0.1, 0.2), "beta_start must be a number in"),
+    (lambda: VPSchedule.from_betas([0.1, 0.2], final_alpha_cumprod="1"), "final_alpha_cumprod must be a number"),
+], ids=["not-numbers", "above-one", "nan", "negative-start", "string-final"])
+def test_schedule_constructors_name_the_bad_argument(make, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        make()
+
+
+def test_k_diffusion_function_checks_callback_and_sigmas_before_any_model_call():
+    from solvers import sample_driffusion
+
+    calls = []
+
+    def model(x, sigma):
+        calls.append(1)
+        return 0 * x
+
+    with pytest.raises(InvalidArgumentError, match="callback must be None or a function"):
+        sample_driffusion(model, x0(), torch.tensor([2.0, 1.0, 0.0]), callback=3)
+    with pytest.raises(InvalidTimestepsError, match="sigmas must be real numbers"):
+        sample_driffusion(model, x0(), torch.tensor([True, False]))
+    assert calls == []
+
+
+def test_distributed_timeouts_must_be_finite():
+    pytest.importorskip("torch.distributed")
+    from backends.distributed import init_from_env
+
+    for bad in (float("inf"), 1e10, 0, -1.0, True):
+        with pytest.raises(InvalidArgumentError, match="timeout must be a number of seconds"):
+            init_from_env(timeout=bad)

@@ -2165,3 +2165,51 @@ def test_flow_sigma_multistep_width1_matches_diffusers_loop(name, config, num_st
         out = DraftRefineScheduler(transition, grid, 2).sample(model.predictor, x)
         skipped = sample_step_skipping(model.predictor, x, transition, grid, out.rounds).x
         assert (out.x - ours.x).norm() < 0.6 * (skipped - ours.x).norm()
+
+
+@pytest.mark.parametrize("name,options", [
+    ("EulerDiscreteScheduler", dict(prediction_type="sample", timestep_spacing="trailing")),
+    ("DPMSolverMultistepScheduler", dict(prediction_type="sample", use_karras_sigmas=True)),
+])
+def test_sigma_grid_schedules_map_model_times_to_their_levels(name, options):
+    """Euler and Karras-sigma grids have levels 0..T (the j-th sigma) and model times diffusers' timesteps: the
+    schedule maps one to the other, so a wrapper (reparameterize) or an oracle finds each call's sigma. An x0
+    model wrapped as epsilon gives the unwrapped sample; a model time not on the grid is refused."""
+    import copy
+
+    from driffusion_core import InvalidTimestepsError, Prediction, reparameterize
+
+    tr, grid = from_diffusers(need(name)(**options), 10)
+    model = lambda x, t: 0.5 * x  # noqa: E731  (an x0 prediction)
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0)) * 10
+    ref = sample_serial(model, x, tr, grid).x
+    as_eps = copy.copy(tr)
+    as_eps.prediction = Prediction("epsilon")
+    out = sample_serial(reparameterize(model, tr.schedule, "sample", "epsilon"), x, as_eps, grid).x
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert torch.equal(tr.schedule.level_of_model_time(grid.model_times), grid.t_from)
+    assert torch.equal(tr.schedule.model_time(grid.t_from), grid.model_times)
+    with pytest.raises(InvalidTimestepsError, match="is not one of this grid's model times"):
+        tr.schedule.level_of_model_time(torch.tensor([5.0]))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")  # diffusers' own NaN sigmas
+def test_diffusers_grids_that_are_broken_are_refused_by_name():
+    """A leading grid whose first timestep is past the table (DPM-Solver / UniPC, steps_offset=1 with T = N - 1),
+    and a flow grid whose own sigmas are NaN (shift_terminal at T = 1), are refused naming why."""
+    for cls in ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler"):
+        with pytest.raises(InvalidArgumentError, match="lists timestep 100, past the last training timestep 99"):
+            from_diffusers(need(cls)(num_train_timesteps=100, timestep_spacing="leading", steps_offset=1), 99)
+    with pytest.raises(InvalidArgumentError, match=r"set_timesteps\(1\) itself gives sigmas \[nan"):
+        from_diffusers(need("FlowMatchEulerDiscreteScheduler")(shift_terminal=0.1), 1)
+
+
+def test_diffusers_predictor_runs_the_model_in_its_own_dtype(unet2d):
+    """A float64 state around a float32 model: the model gets float32 input, the prediction comes back in float64
+    (equal to the float32 call), instead of torch's conv dtype error."""
+    f = DiffusersPredictor(unet2d)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500, 20])
+    out = f(x.double(), t)
+    assert out.dtype == torch.float64
+    assert torch.equal(out, f(x, t).double())

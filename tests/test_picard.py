@@ -656,6 +656,30 @@ def test_absorb_finishes_the_fallback_itself():
     assert st.fallback is not None and st.plan() is None and st.x is not None
 
 
+@pytest.mark.parametrize("budget", [None, fewest_rounds(20, 3) + 1], ids=["sliding", "fallback"])
+def test_absorb_takes_only_the_round_plan_returned(budget):
+    """A round absorbed twice, before any plan, or a stale one is refused (in the sliding window and in the
+    budget's draft-and-refine fallback) instead of sweeping against the wrong iterate."""
+    from driffusion_core.scheduler import evaluate_round
+
+    tr, grid, f, noise = family("ddpm", 20)
+    x = start(8)
+    st = PicardScheduler(tr, grid, 3, 1e-3, max_rounds=budget).start(x, noise)
+    preds = lambda rnd: evaluate_round(SerialExecutor(), f, rnd, grid, {}, x)  # noqa: E731
+    first = st.plan()
+    with pytest.raises(InvalidArgumentError, match="no round is planned now"):
+        PicardScheduler(tr, grid, 3, 1e-3).start(x, noise).absorb(first, preds(first))
+    while st.fallback is None if budget else st.rounds < 2:
+        rnd = st.plan() if st.rounds else first
+        st.absorb(rnd, preds(rnd))
+    rnd = st.plan()
+    with pytest.raises(InvalidArgumentError, match="this one is another"):
+        st.absorb(first, preds(first))  # stale
+    st.absorb(rnd, preds(rnd))
+    with pytest.raises(InvalidArgumentError, match="no round is planned now"):
+        st.absorb(rnd, preds(rnd))  # twice
+
+
 @pytest.mark.parametrize("tol,width", [(1.0, 2), (0.3, 4)])
 def test_skip_drafts_freeze_the_x0_hat_the_prediction_meant_when_the_anchor_moved(tol, width):
     """DDPM with an epsilon model: the drafts entering the window are the serial step from the anchor c

@@ -39,7 +39,7 @@ from typing import Any, Dict, Mapping, Optional
 
 import torch
 
-from driffusion_core.errors import InvalidArgumentError, PredictorOutputError, is_real
+from driffusion_core.errors import InvalidArgumentError, PredictorOutputError, as_flag, is_real
 
 __all__ = ["DiffusersPredictor", "STYLES", "rescale_guidance"]
 
@@ -132,6 +132,10 @@ class DiffusersPredictor:
             ``joint_attention_kwargs``); never batched.
         enable_grad: run the model with autograd on (default: under ``torch.no_grad()``).
 
+    The model runs in its own dtype (x is cast to its parameters' dtype) and its output comes back in
+    x's: a float64 sampler around a float32 or float16 model keeps its state in float64, and guidance is
+    combined in that dtype.
+
     Example::
 
         f = DiffusersPredictor(pipe.unet, guidance_scale=7.5)
@@ -172,7 +176,7 @@ class DiffusersPredictor:
         self.guidance_scale = float(guidance_scale)
         self.guidance_rescale = float(guidance_rescale)
         self.model_kwargs = dict(model_kwargs or {})
-        self.enable_grad = bool(enable_grad)
+        self.enable_grad = as_flag(enable_grad, "enable_grad")
 
     @property
     def do_classifier_free_guidance(self) -> bool:
@@ -202,6 +206,8 @@ class DiffusersPredictor:
 
     def _call(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, Any]) -> torch.Tensor:
         kw = {k: v for k, v in cond.items() if v is not None}
+        state_dtype = x.dtype
+        x = x.to(self._model_dtype(x.dtype))  # the model runs in its own dtype; the state keeps the sampler's
         if self.style == "sd3":
             out = self.model(hidden_states=x, timestep=t, return_dict=False, **kw, **self.model_kwargs)
         elif self.style == "flux":
@@ -211,7 +217,18 @@ class DiffusersPredictor:
         out = _unwrap(out)
         if out.shape != x.shape and out.dim() == x.dim() and out.shape[1] == 2 * x.shape[1]:
             out = out[:, : x.shape[1]]  # a learned-variance head: keep the mean prediction
-        return out
+        return out.to(state_dtype) if isinstance(out, torch.Tensor) else out
+
+    def _model_dtype(self, default: torch.dtype) -> torch.dtype:
+        """The floating dtype of the model's parameters (``default`` for a model without any)."""
+        dtype = getattr(self.model, "dtype", None)
+        if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+            return dtype
+        if isinstance(self.model, torch.nn.Module):
+            for p in self.model.parameters():
+                if p.is_floating_point():
+                    return p.dtype
+        return default
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
         """The (guided) model output at states x (``[N, ...]``) and model times t (``[N]``)."""

@@ -64,13 +64,14 @@ from __future__ import annotations
 
 import copy
 import inspect
+import reprlib
 import warnings
 from typing import Any, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
 
-from driffusion_core.errors import InvalidArgumentError, as_count
+from driffusion_core.errors import InvalidArgumentError, InvalidTimestepsError, as_count
 from driffusion_core.grid import TimeGrid
 from driffusion_core.parameterization import ClipSample, DynamicThreshold
 from driffusion_core.schedules import FlowSchedule, VPSchedule
@@ -81,7 +82,7 @@ from solvers.dpm import DPMSolverSkip
 from solvers.flow import FlowEulerSkip
 from solvers.unipc import UniPCSkip
 
-__all__ = ["from_diffusers", "euler_state_scales", "EulerDiscreteAsDDIM", "EulerAncestralAsDDIM", "SUPPORTED_SCHEDULERS"]
+__all__ = ["from_diffusers", "euler_state_scales", "EulerDiscreteAsDDIM", "EulerAncestralAsDDIM", "SigmaGridSchedule", "SUPPORTED_SCHEDULERS"]
 
 SUPPORTED_SCHEDULERS = (
     "DDIMScheduler", "DDPMScheduler", "FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler",
@@ -387,7 +388,15 @@ def _probe(scheduler, num_inference_steps: Optional[int], **kwargs) -> Tuple[tor
             probe.set_timesteps(num_inference_steps, device="cpu", **kwargs)
     except ValueError as e:  # diffusers' own checks (e.g. of custom sigmas' / timesteps' lengths)
         raise InvalidArgumentError(f"{type(scheduler).__name__}.set_timesteps refused these arguments: {e}") from None
-    return probe.sigmas.detach().cpu().clone(), probe.timesteps.detach().cpu().clone()
+    sigmas = probe.sigmas.detach().cpu().clone()
+    if not bool(torch.isfinite(sigmas).all()):
+        raise InvalidArgumentError(
+            f"{type(scheduler).__name__}.set_timesteps({num_inference_steps}) itself gives sigmas "
+            f"{[round(v, 6) for v in sigmas.tolist()]}, with NaN or inf (diffusers' own grid; e.g. shift_terminal "
+            f"with a single step divides by zero): its loop would sample NaN. Use more inference steps, or drop the "
+            f"option that stretches the sigmas."
+        )
+    return sigmas, probe.timesteps.detach().cpu().clone()
 
 
 def _held_flow_is_standard(scheduler, held_n: int, mu: Optional[float], dynamic: bool) -> bool:
@@ -521,7 +530,7 @@ def _multistep_flow(scheduler, cfg, num_inference_steps: int, mu: Optional[float
     n = len(ts)
     levels = sig[: n + 1].to(torch.float64)
     if not bool((levels[:-1] > 0).all()) or not bool((levels[1:] < levels[:-1]).all()) or float(levels[0]) > 1.0:
-        zero_length = n > 1 and float(levels[-1]) == float(levels[-2]) > 0
+        zero_length = n >= 1 and float(levels[-1]) == float(levels[-2]) > 0
         raise InvalidArgumentError(
             f"{name}(use_flow_sigmas=True, final_sigmas_type={cfg.get('final_sigmas_type', 'zero')!r})"
             f".set_timesteps({num_inference_steps}) gives sigmas {[round(v, 6) for v in levels.tolist()]}, which do "
@@ -579,6 +588,13 @@ def _multistep_grid(scheduler, cfg, num_inference_steps: int, check_held: bool, 
                 f"{type(transition).__name__}(VPSchedule(scheduler.alphas_cumprod)) with your own TimeGrid of those levels."
             )
     t_from = timesteps.to(torch.float64)
+    if float(t_from.max()) > schedule.num_train_timesteps - 1:
+        raise InvalidArgumentError(
+            f"{name}.set_timesteps({num_inference_steps}) lists timestep {int(t_from.max())}, past the last training "
+            f"timestep {schedule.num_train_timesteps - 1} (timestep_spacing={cfg.get('timestep_spacing', 'linspace')!r}, "
+            f"steps_offset={cfg.get('steps_offset', 0)}): diffusers clamps its sigma and calls the model at a time "
+            f"it was not trained for. Use fewer inference steps, steps_offset=0, or timestep_spacing='trailing'."
+        )
     if bool((t_from[1:] >= t_from[:-1]).any()):
         raise InvalidArgumentError(
             f"{name}.set_timesteps({num_inference_steps}) lists a timestep twice: more steps "
@@ -661,7 +677,7 @@ def _dpm_on_sigmas(scheduler, cfg, num_inference_steps: int, check_held: bool, o
     levels = sig[: n + 1].to(torch.float64)  # sigmas[i] -> sigmas[i + 1]; the last: 0 or sigma_min
     final = cfg.get("final_sigmas_type", "zero")
     if not bool((levels[:-1] > 0).all()) or not bool((levels[1:] < levels[:-1]).all()):
-        zero_length = n > 1 and float(levels[-1]) == float(levels[-2]) > 0
+        zero_length = n >= 1 and float(levels[-1]) == float(levels[-2]) > 0
         raise InvalidArgumentError(
             f"{name}({option}=True, final_sigmas_type={final!r}).set_timesteps({num_inference_steps}) gives sigmas "
             f"{[round(v, 6) for v in levels.tolist()]}, which do not decrease strictly from a positive value"
@@ -670,11 +686,66 @@ def _dpm_on_sigmas(scheduler, cfg, num_inference_steps: int, check_held: bool, o
                " (more steps than distinct noise levels). Use fewer inference steps.")
         )
     table = torch.flip(1.0 / (1.0 + levels * levels), [0])  # alpha-bar, from the clean end (level 0) up
-    schedule = VPSchedule(table, final_alpha_cumprod=1.0)
+    schedule = SigmaGridSchedule(table, ts)
     transition = make(schedule)
     steps = torch.arange(n, 0, -1, dtype=torch.float64)
     grid = transition.make_grid(TimeGrid(steps, steps - 1.0, ts, schedule.kind))
     return transition, grid
+
+
+class SigmaGridSchedule(VPSchedule):
+    r"""The :class:`~driffusion_core.VPSchedule` of one diffusers sigma grid (Euler, Karras / exponential / beta
+    sigmas): :math:`\bar\alpha = 1 / (1 + \sigma^2)` at level j, the j-th sigma counted from the clean end
+    (level 0: the last sigma), and the model called at diffusers' timesteps. Its levels are not model times:
+    :meth:`model_time` and :meth:`level_of_model_time` map between them through the grid's own table (so a
+    wrapper such as :func:`~driffusion_core.reparameterize` or an oracle finds the right level), and a model time
+    that is not one of the grid's is refused.
+
+    Arguments:
+        alphas_cumprod: alpha-bar of the sigmas, from the clean end (level 0) up (level n, the noisiest).
+        model_times: diffusers' timesteps, noisiest first: ``model_times[i]`` is the model time of level n - i.
+    """
+
+    def __init__(self, alphas_cumprod: torch.Tensor, model_times: torch.Tensor):
+        super().__init__(alphas_cumprod, final_alpha_cumprod=1.0)
+        times = torch.as_tensor(model_times).detach().cpu()
+        if times.numel() != self.num_train_timesteps - 1:
+            raise InvalidArgumentError(
+                f"SigmaGridSchedule: {times.numel()} model times for {self.num_train_timesteps - 1} levels above the "
+                f"clean end; give one per step, noisiest first."
+            )
+        self.model_times = times
+
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=torch.float64)
+        n = self.num_train_timesteps - 1
+        ok = (t == t.round()) & (t >= 1) & (t <= n)
+        if not bool(ok.all()):
+            raise InvalidTimestepsError(
+                f"{type(self).__name__}: level {t[~ok].flatten()[0].item()!r} has no model time; the model is called "
+                f"at this grid's levels 1..{n} only (level j: the j-th sigma from the clean end)."
+            )
+        return self.model_times[(n - t.round().long()).flatten()].reshape(t.shape)
+
+    def level_of_model_time(self, t: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t).detach().cpu().to(torch.float64)
+        times = self.model_times.to(torch.float64)
+        hits = t.reshape(-1, 1) == times.reshape(1, -1)
+        count = hits.sum(1)
+        if not bool((count == 1).all()):
+            i = int(torch.nonzero(count != 1)[0])
+            why = ("is not one of this grid's" if int(count[i]) == 0 else
+                   "stands for several of this grid's sigmas (diffusers rounded two sigmas to one timestep)")
+            raise InvalidTimestepsError(
+                f"{type(self).__name__}: model time {t.reshape(-1)[i].item()!r} {why} model times "
+                f"{reprlib.repr(self.model_times.tolist())}, so its level (sigma) is unknown. Levels of a sigma grid "
+                f"are found from the model times the sampler calls the model with; use fewer steps if two coincide."
+            )
+        n = self.num_train_timesteps - 1
+        return (n - hits.to(torch.int64).argmax(1)).to(torch.float64).reshape(t.shape)
+
+    def __repr__(self) -> str:
+        return f"SigmaGridSchedule(steps={self.num_train_timesteps - 1})"
 
 
 class EulerDiscreteAsDDIM(DDIMSkip):
@@ -719,7 +790,7 @@ def _euler(scheduler, cfg, num_inference_steps: int, check_held: bool = True, na
         _refuse_held_custom(scheduler, name, num_inference_steps)
     n = len(ts)
     levels = sig[: n + 1].to(torch.float64)  # diffusers' loop steps sigmas[i] -> sigmas[i + 1], i < len(timesteps)
-    if n > 1 and float(levels[-1]) == float(levels[-2]) > 0 and bool((levels[1:-1] < levels[:-2]).all()):
+    if n >= 1 and float(levels[-1]) == float(levels[-2]) > 0 and bool((levels[1:-1] < levels[:-2]).all()):
         raise InvalidArgumentError(
             f"{name}(final_sigmas_type={cfg.get('final_sigmas_type')!r}) with {num_inference_steps} steps: the last "
             f"timestep is already 0 (timestep_spacing={cfg.get('timestep_spacing', 'linspace')!r}), whose sigma is "
@@ -735,7 +806,7 @@ def _euler(scheduler, cfg, num_inference_steps: int, check_held: bool = True, na
         )
     # alpha-bar of each sigma, from the clean end (level 0 = the last sigma) to the noisiest (level n)
     table = torch.flip(1.0 / (1.0 + levels * levels), [0])
-    schedule = VPSchedule(table, final_alpha_cumprod=1.0)
+    schedule = SigmaGridSchedule(table, ts)
     transition = (EulerAncestralAsDDIM if ancestral else EulerDiscreteAsDDIM)(schedule, prediction=predictions[prediction])
     steps = torch.arange(n, 0, -1, dtype=torch.float64)
     grid = transition.make_grid(TimeGrid(steps, steps - 1.0, ts, schedule.kind))

@@ -32,7 +32,7 @@ import torch
 
 from driffusion_core.errors import InvalidArgumentError, InvalidTimestepsError
 from driffusion_core.executor import Executor
-from driffusion_core.grid import TimeGrid
+from driffusion_core.grid import TimeGrid, refuse_bool_or_complex
 from driffusion_core.scheduler import (
     DraftRefineScheduler, SampleOutput, check_finite_sample, check_inputs, evaluate_round,
 )
@@ -49,6 +49,7 @@ def sigmas_grid(sigmas: torch.Tensor, dtype: torch.dtype = torch.float32) -> Tim
     The model times keep the values of ``sigmas`` (cast to ``dtype``, the state's), as k-diffusion
     passes ``sigmas[i] * x.new_ones([B])``.
     """
+    refuse_bool_or_complex(sigmas, "sigmas", "noise levels", " Pass e.g. k-diffusion's get_sigmas_karras(n, sigma_min, sigma_max).")
     if not isinstance(sigmas, torch.Tensor):
         sigmas = torch.as_tensor(sigmas)
     if sigmas.dim() != 1 or sigmas.shape[0] < 2:
@@ -154,6 +155,11 @@ def _sample_k(transition: SkipTransition, name: str, label: str, model, x, sigma
     """The draft-and-refine loop of the k-diffusion-style samplers, with ``transition`` on the sigmas' grid."""
     if not callable(model):
         raise InvalidArgumentError(f"model must be a denoiser D(x, sigma) -> x0, got {type(model).__name__}.")
+    if callback is not None and not callable(callback):
+        raise InvalidArgumentError(
+            f"callback must be None or a function of k-diffusion's dict (x, i, sigma, sigma_hat, denoised), got "
+            f"{type(callback).__name__}."
+        )
     cond = check_inputs(x, extra_args, "extra_args")
     grid = sigmas_grid(sigmas, x.dtype)
     sched = DraftRefineScheduler(transition, grid, width, mode)
