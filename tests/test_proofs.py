@@ -11,10 +11,7 @@ coefficient, the drafts or the coupled noise makes the identities that use it fa
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import sympy as sp
@@ -25,8 +22,8 @@ from proofs.registry import Status
 from proofs.report import result_label
 
 from _metrics import one_torch_thread  # noqa: F401  (autouse fixture)
+from conftest import proofs_run
 
-ROOT = Path(__file__).resolve().parents[1]
 
 # identities checked symbolically must be proved symbolically, not only numerically
 SYMBOLIC_FAMILIES = ("param.", "ddpm.", "ddim.", "flow.", "dpm.", "diffusers.", "kdiffusion.", "rounds.aggressive_limit",
@@ -42,12 +39,11 @@ DPM_IDENTITIES = {"dpm.first_order_is_ddim", "dpm.first_order_composes", "dpm.2m
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """One run of `python -m proofs` (the command users run), with every result also written as JSON."""
-    path = tmp_path_factory.mktemp("proofs") / "results.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    done = subprocess.run([sys.executable, "-m", "proofs", "--json", str(path)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+def run():
+    """One run of `python -m proofs` (the command users run), with every result also written as JSON; started
+    in the background when collection selected this module (conftest.proofs_run)."""
+    code, out, err, path = proofs_run()
+    done = SimpleNamespace(returncode=code, stdout=out, stderr=err)
     results = {r["name"]: r for r in json.loads(path.read_text())} if path.exists() else {}
     return done, results
 
