@@ -19,9 +19,19 @@ sigma_k = ``schedule.alpha_sigma(level_k)[1]``, and the worst row counts (the ba
 
     err_k = max_b  ||y_k^(b) - x_k^(b)||^2 / (D sigma_k^2)        (D = numel of one sample)
 
-Level k counts as converged when err_k <= tau^2. (ParaDiGMS divides by the variance of the
-noise its stochastic scheduler adds at the step; this library uses one definition for every
-family, deterministic or not. At the clean end sigma = 0, and any change counts as not converged.)
+Level k counts as converged when err_k <= tau^2. At the clean end sigma = 0, and any change counts
+as not converged. That is the default, ``norm="sigma"``: one definition for every family,
+deterministic or not.
+
+``norm="posterior"`` is ParaDiGMS' own rule: it divides by the variance of the noise a stochastic
+(DDPM) step from level k adds, the posterior variance of q(x_{k+1} | x_k, x0),
+
+    v_k = sigma_{k+1}^2 (1 - SNR_k / SNR_{k+1}),   SNR = alpha^2 / sigma^2,
+
+which for VP is diffusers' ``DDPMScheduler._get_variance`` (the fixed_small beta-tilde of the step;
+ParaDiGMS uses it for its DDIM too) and extends to flow and VE; v_T = 0 (the sample itself), and
+v_{T-1} = 0 when the grid ends at sigma = 0. As v_k <= sigma_{k+1}^2 < sigma_k^2 it is the stricter
+test: the same tau means fewer converged levels per round.
 
 **Slide.** Let j be the number of leading levels a+1, a+2, ... that converged in this round's
 sweep. The window moves to a' = a + min(1 + j, m): levels a+1 .. a+j, and also the first level
@@ -112,9 +122,10 @@ from driffusion_core.coefficients import prediction_coefficients
 from driffusion_core.parameterization import broadcast_coef, lincomb, upcast
 from driffusion_core.transition import SkipTransition, as_levels
 
-__all__ = ["PicardScheduler", "PicardState", "INITS", "fewest_rounds"]
+__all__ = ["PicardScheduler", "PicardState", "INITS", "NORMS", "fewest_rounds"]
 
 INITS = ("skip", "frozen")
+NORMS = ("sigma", "posterior")
 
 
 def _refine_rounds(num_steps: int, anchor: int, width: int) -> int:
@@ -163,8 +174,10 @@ class PicardState:
         x: torch.Tensor,
         noise: Optional[NoiseSource],
         keep_trajectory: bool = False,
+        norm: str = "sigma",
     ):
         self.transition, self.grid, self.width = transition, grid, width
+        self.norm = _check_norm(norm)
         self.tolerance, self.max_rounds, self.init = tolerance, max_rounds, init
         self.noise = noise
         self.keep_trajectory = keep_trajectory
@@ -187,6 +200,8 @@ class PicardState:
             self.xs[k] = x  # nothing is known before the first call: copies of x_0
         levels = torch.cat([grid.t_from[:1], grid.t_to])
         self.sigma2 = transition.schedule.alpha_sigma(levels)[1].to(torch.float64) ** 2  # [T + 1]
+        # what a level's change is measured against: sigma_k^2, or the posterior variance of step k (ParaDiGMS)
+        self.norm_var = self.sigma2 if self.norm == "sigma" else posterior_variances(transition.schedule, grid)
 
     # ----------------------------------------------------------------- helpers
     @property
@@ -304,10 +319,14 @@ class PicardState:
             changes.append(d.pow(2).mean(dim=1).max())
             self.xs[k + 1] = y
         change = torch.stack(changes).cpu()
-        var = self.sigma2[a + 1 : hi + 1]
-        ratio = torch.where(var > 0, change / var.clamp(min=1e-300), torch.where(change > 0, math.inf, 0.0))
+
+        def over(var: torch.Tensor) -> torch.Tensor:
+            return torch.where(var > 0, change / var.clamp(min=1e-300), torch.where(change > 0, math.inf, 0.0))
+
+        moved = over(self.sigma2[a + 1 : hi + 1])  # in noise stds, for the re-freeze of _seed
+        ratio = moved if self.norm == "sigma" else over(self.norm_var[a + 1 : hi + 1])
         ok = (ratio <= self.tolerance * self.tolerance).tolist()  # a float product overflows to inf, ** raises
-        self.moved = {a + 1 + j: float(r) for j, r in enumerate(ratio.tolist())}
+        self.moved = {a + 1 + j: float(r) for j, r in enumerate(moved.tolist())}
         lead = next((j for j, good in enumerate(ok) if not good), len(ok))
         new_a = a + min(1 + lead, hi - a)
         self.advances.append(new_a - a)
@@ -370,6 +389,27 @@ def _refreeze(transition: SkipTransition, y: torch.Tensor, x_eval: torch.Tensor,
     return lincomb(x0, c_x0, eps, c_eps).to(dtype)
 
 
+def _check_norm(norm: Any) -> str:
+    if not isinstance(norm, str) or norm not in NORMS:
+        raise InvalidArgumentError(
+            f"norm must be 'sigma' (a level's change over its sigma^2) or 'posterior' (over the posterior variance "
+            f"of its step, ParaDiGMS' rule), got {norm!r}."
+        )
+    return norm
+
+
+def posterior_variances(schedule: Any, grid: TimeGrid) -> torch.Tensor:
+    r"""``[T + 1]`` float64: for the state at level k < T, the variance of the noise a stochastic step from it adds,
+    :math:`v_k = \sigma_{k+1}^2 (1 - \mathrm{SNR}_k / \mathrm{SNR}_{k+1})` (the posterior q(x_{k+1} | x_k, x0);
+    VP: diffusers' ``DDPMScheduler._get_variance``); :math:`v_T = 0`."""
+    a_t, s_t = (v.to(torch.float64) for v in schedule.alpha_sigma(grid.t_from))
+    a_s, s_s = (v.to(torch.float64) for v in schedule.alpha_sigma(grid.t_to))
+    # SNR_t / SNR_s = (alpha_t sigma_s / (sigma_t alpha_s))^2; sigma_s = 0 (the clean end): v = 0
+    ratio = torch.where(s_s > 0, (a_t * s_s / (s_t * a_s)) ** 2, torch.zeros_like(s_s))
+    v = s_s * s_s * (1 - ratio)
+    return torch.cat([v.clamp(min=0), v.new_zeros(1)])
+
+
 def _check_tolerance(tolerance: Any) -> float:
     """``tolerance`` as a float >= 0 (inf allowed): a Python, numpy or 0-d tensor real number."""
     if not is_real(tolerance) or math.isnan(float(tolerance)) or float(tolerance) < 0:
@@ -400,6 +440,9 @@ class PicardScheduler:
         max_rounds: optional latency budget; Picard stops in time to finish with draft-and-refine
             rounds of the same width. Must be at least :func:`fewest_rounds` (T, width).
         init: ``"skip"`` (drafts from the latest anchor) or ``"frozen"`` (ParaDiGMS: copies).
+        norm: what a level's change is divided by: ``"sigma"`` (default, sigma_t^2 of its level) or
+            ``"posterior"`` (ParaDiGMS' rule: the posterior variance of the step from that level, the
+            noise a DDPM step adds there; stricter). The module doc gives both.
 
     Example::
 
@@ -416,6 +459,7 @@ class PicardScheduler:
         tolerance: float = 1e-3,
         max_rounds: Optional[int] = None,
         init: str = "skip",
+        norm: str = "sigma",
     ):
         if not isinstance(transition, SkipTransition):
             raise InvalidArgumentError(
@@ -431,6 +475,7 @@ class PicardScheduler:
         self.width = width
         self.tolerance = _check_tolerance(tolerance)
         self.init = init
+        self.norm = _check_norm(norm)
         if max_rounds is not None:
             max_rounds = as_count(max_rounds, "max_rounds (the latency budget in rounds, or None)", 1)
             low = fewest_rounds(self.num_steps, width)
@@ -461,6 +506,7 @@ class PicardScheduler:
             x,
             default_noise(self.transition, noise),
             keep_trajectory,
+            self.norm,
         )
 
     def sample(
@@ -517,5 +563,6 @@ class PicardScheduler:
         budget = f", max_rounds={self.max_rounds}" if self.max_rounds is not None else ""
         return (
             f"PicardScheduler({self.transition!r}, T={self.num_steps}, width={self.width}, "
-            f"tolerance={self.tolerance:g}{budget}, init={self.init!r})"
+            f"tolerance={self.tolerance:g}{budget}, init={self.init!r}"
+            + (f", norm={self.norm!r})" if self.norm != "sigma" else ")")
         )

@@ -35,7 +35,7 @@ from solvers import (
     sample_serial,
     sample_step_skipping,
 )
-from solvers.picard import fewest_rounds
+from solvers.picard import NORMS, fewest_rounds
 
 RING = ring_mixture()
 VP = VPSchedule.linear()
@@ -820,3 +820,34 @@ def test_tolerance_as_a_tensor_or_numpy_number_and_states_without_values():
         PicardScheduler(tr, grid, 3, torch.tensor([0.1, 0.2]))
     with pytest.raises(InvalidArgumentError, match="x holds no values per sample"):
         PicardScheduler(tr, grid, 3, math.inf).sample(model, torch.zeros(4, 0))
+
+
+def test_posterior_norm_is_diffusers_ddpm_variance_and_tolerance_zero_is_still_serial():
+    """norm="posterior" (ParaDiGMS' rule) divides a level's change by the variance a DDPM step from it adds:
+    diffusers' DDPMScheduler._get_variance at that timestep, 0 at the end. It is stricter than the default
+    sigma^2 norm, and at tolerance 0 the result is still the serial sample."""
+    from solvers.picard import posterior_variances
+
+    diffusers = pytest.importorskip("diffusers")
+    ref = diffusers.DDPMScheduler(num_train_timesteps=1000)
+    ref.set_timesteps(20)
+    ref.alphas_cumprod = ref.alphas_cumprod.double()  # its formula in float64, on its own table
+    table = VPSchedule(ref.alphas_cumprod)
+    grid = table.timesteps(20)
+    assert torch.equal(grid.t_from.long(), ref.timesteps)
+    v = posterior_variances(table, grid)
+    want = torch.tensor([float(ref._get_variance(int(t))) for t in ref.timesteps] + [0.0], dtype=torch.float64)
+    torch.testing.assert_close(v, want, rtol=1e-10, atol=1e-15)
+    sigma2 = table.alpha_sigma(torch.cat([grid.t_from, grid.t_to[-1:]]))[1] ** 2
+    assert bool((v <= sigma2).all()) and bool((v[:-2] < sigma2[:-2]).all())
+
+    tr, grid = DDPMSkip(VP), VP.timesteps(20)
+
+    f, noise, x = RING.predictor(VP, "epsilon"), NoiseSource(3), start(16)
+    serial = sample_serial(f, x, tr, grid, noise=noise).x
+    exact = PicardScheduler(tr, grid, 4, 0.0, norm="posterior").sample(f, x, noise=noise)
+    torch.testing.assert_close(exact.x, serial, rtol=1e-12, atol=1e-12)
+    loose = {n: PicardScheduler(tr, grid, 4, 0.1, norm=n).sample(f, x, noise=noise).rounds for n in NORMS}
+    assert loose["posterior"] > loose["sigma"]  # the stricter test finalises fewer levels per round here
+    with pytest.raises(InvalidArgumentError, match="norm must be 'sigma'"):
+        PicardScheduler(tr, grid, 4, 0.1, norm="l2")
