@@ -1,18 +1,21 @@
-r"""k-diffusion-style samplers: DRiffusion's Euler and DPM++ 2M against step skipping on Karras sigmas.
+r"""k-diffusion-style samplers: DRiffusion's Euler, Euler ancestral and DPM++ 2M against step skipping on Karras
+sigmas.
 
 ``python -m benchmarks.kdiffusion_study [--batch 2000] [--steps 20,40]`` prints one table (a few seconds).
 
 Problem: the exact 2-D ring oracle (``solvers.ring_mixture``, float64) as a k-diffusion denoiser
 D(x, sigma) = E[x0 | x0 + sigma eps = x], on Karras et al.'s sigmas (``get_sigmas_karras``: sigma_min 0.002,
 sigma_max 80, rho 7, a final 0), starting state ``NoiseSource(1).initial((batch, 2)) * sigmas[0]``. For each
-sampler (``solvers.sample_driffusion``: Euler; ``solvers.sample_driffusion_dpmpp_2m``: DPM++ 2M), width and
-mode: ratio = RMSE(DRiffusion - serial) / RMSE(step skipping - serial), the serial run being the sampler at
+sampler (``solvers.sample_driffusion``: Euler; ``solvers.sample_driffusion_ancestral``: Euler ancestral at
+eta 1 and 0.5, its per-step noise ``NoiseSource(2)`` shared by the serial run, DRiffusion and step skipping;
+``solvers.sample_driffusion_dpmpp_2m``: DPM++ 2M), width and mode: ratio = RMSE(DRiffusion - serial) / RMSE(step skipping - serial), the serial run being the sampler at
 width 1 and step skipping the same sampler on every k-th sigma with DRiffusion's number of rounds (below 1:
 DRiffusion is closer to the serial sample at equal latency).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import warnings
@@ -25,18 +28,23 @@ from benchmarks.metrics import rmse
 from benchmarks.report import fmt, md_table
 from driffusion_core import NoiseSource, WideWindowWarning
 from solvers import (
-    DPMSolverSkip, VEEulerSkip, VESchedule, ring_mixture, sample_driffusion, sample_driffusion_dpmpp_2m,
-    sample_step_skipping,
+    DPMSolverSkip, VEAncestralSkip, VEEulerSkip, VESchedule, ring_mixture, sample_driffusion, sample_driffusion_ancestral,
+    sample_driffusion_dpmpp_2m, sample_step_skipping,
 )
 from solvers.interop import sigmas_grid
 
 __all__ = ["SAMPLERS", "SETTINGS", "karras_sigmas", "run", "markdown", "main"]
 
-#: name -> (DRiffusion sampler, the transition step skipping uses on the coarse grid)
+SEED_NOISE = 2
+#: name -> (DRiffusion sampler, the transition step skipping uses on the coarse grid, the per-step noise or None)
 SAMPLERS = {
-    "Euler": (sample_driffusion, lambda: VEEulerSkip(VESchedule())),
+    "Euler": (sample_driffusion, lambda: VEEulerSkip(VESchedule()), None),
+    "Euler a (eta 1)": (functools.partial(sample_driffusion_ancestral, eta=1.0, noise=NoiseSource(SEED_NOISE)),
+                        lambda: VEAncestralSkip(VESchedule(), eta=1.0), NoiseSource(SEED_NOISE)),
+    "Euler a (eta 0.5)": (functools.partial(sample_driffusion_ancestral, eta=0.5, noise=NoiseSource(SEED_NOISE)),
+                          lambda: VEAncestralSkip(VESchedule(), eta=0.5), NoiseSource(SEED_NOISE)),
     "DPM++ 2M": (sample_driffusion_dpmpp_2m,
-                 lambda: DPMSolverSkip(VESchedule(), prediction="sample", lower_order_final=False)),
+                 lambda: DPMSolverSkip(VESchedule(), prediction="sample", lower_order_final=False), None),
 }
 #: (width, mode)
 SETTINGS = ((2, "aggressive"), (4, "aggressive"), (4, "conservative"))
@@ -64,12 +72,12 @@ def run(batch: int = 2000, steps: Sequence[int] = (20, 40)) -> List[Dict[str, ob
     rows = []
     with warnings.catch_warnings():  # width 4 at T = 20 is at the warning's threshold: studied here
         warnings.simplefilter("ignore", WideWindowWarning)
-        for name, (sampler, transition) in SAMPLERS.items():
-            rows += _rows(name, sampler, transition, denoiser, batch, steps)
+        for name, (sampler, transition, noise) in SAMPLERS.items():
+            rows += _rows(name, sampler, transition, noise, denoiser, batch, steps)
     return rows
 
 
-def _rows(name, sampler, transition, denoiser, batch: int, steps: Sequence[int]) -> List[Dict[str, object]]:
+def _rows(name, sampler, transition, noise, denoiser, batch: int, steps: Sequence[int]) -> List[Dict[str, object]]:
     """The rows of one sampler."""
     rows = []
     for t in steps:
@@ -78,7 +86,7 @@ def _rows(name, sampler, transition, denoiser, batch: int, steps: Sequence[int])
         serial = sampler(denoiser, x, sigmas, width=1, disable=True)
         for width, mode in SETTINGS:
             out = sampler(denoiser, x, sigmas, width=width, mode=mode, disable=True, return_output=True)
-            skip = sample_step_skipping(denoiser, x, transition(), sigmas_grid(sigmas, x.dtype), out.rounds).x
+            skip = sample_step_skipping(denoiser, x, transition(), sigmas_grid(sigmas, x.dtype), out.rounds, noise=noise).x
             d, s = rmse(out.x, serial), rmse(skip, serial)
             rows.append({"sampler": name, "steps": t, "width": width, "mode": mode, "rounds": out.rounds,
                          "driffusion_rmse": d, "skipping_rmse": s, "ratio": d / s if s > 0 else math.nan})

@@ -92,6 +92,25 @@ def ve_alpha_sigma(sigma: Any) -> Tuple[Any, Any]:
     return 1.0, sigma
 
 
+def ve_ancestral_coefficients(sigma_t: Any, sigma_s: Any, eta: Any = 1) -> Tuple[Any, Any]:
+    r"""k-diffusion's Euler ancestral step from :math:`\sigma_t` to :math:`\sigma_s` (``get_ancestral_step``,
+    :math:`0 \le \eta \le 1`):
+
+    .. math:: \sigma_{up} = \eta\,\sigma_s\frac{\sqrt{\sigma_t^2 - \sigma_s^2}}{\sigma_t},\qquad
+              \sigma_{down} = \sqrt{\sigma_s^2 - \sigma_{up}^2},\qquad
+              x_s = \hat x_0 + \sigma_{down}\,\hat\epsilon + \sigma_{up} z.
+
+    Returns ``(sigma_down, sigma_up)``. It is DDIM(eta) in VE variables (alpha-bar = 1 / (1 + sigma^2),
+    x_VP = x / sqrt(1 + sigma^2)); eta = 0 is the Euler step (sigma_down = sigma_s)."""
+    if isinstance(eta, (int, float)) and eta == 0:
+        return sigma_s, sigma_s * 0
+    sigma_up = eta * sigma_s * sqrt(sigma_t * sigma_t - sigma_s * sigma_s) / sigma_t
+    # sigma_s^2 - sigma_up^2 = sigma_s^2 ((1 - eta^2) + eta^2 sigma_s^2 / sigma_t^2): two non-negative terms, no
+    # cancellation (the difference of squares loses every digit when sigma_s << sigma_t)
+    r = sigma_s / sigma_t
+    return sigma_s * sqrt((1 - eta * eta) + eta * eta * r * r), sigma_up
+
+
 # --------------------------------------------------------------------------- parameterizations
 
 

@@ -17,7 +17,7 @@ from proofs.algebra import Domain, LambdaLevels, check, real
 from proofs.operators import dpm_2m_step, dpm_step, ve_euler_step
 from proofs.registry import Result, identity
 
-__all__ = ["kdiffusion_euler_step", "kdiffusion_dpmpp_2m_step"]
+__all__ = ["kdiffusion_euler_step", "kdiffusion_euler_ancestral_step", "kdiffusion_dpmpp_2m_step"]
 
 
 def kdiffusion_euler_step(x, denoised, sigma, sigma_next):
@@ -83,3 +83,55 @@ def dpmpp_2m_step_matches() -> Result:
         theirs = kdiffusion_dpmpp_2m_step(x, den, den_p, s_p, s_s, sp.Integer(0))
         res[f"{kind}, to sigma = 0"] = dpm_2m_step(kind, x, p, (x_p, p_p, s_p), s_s, sp.Integer(0), "midpoint", "ve") - theirs
     return check(res, lv.domain & Domain.free([x_p, p_p, x, p]))
+
+
+def kdiffusion_euler_ancestral_step(x, denoised, sigma, sigma_next, z, eta):
+    """k-diffusion ``sample_euler_ancestral``, one step (``get_ancestral_step`` with eta <= 1, where its
+    ``min(sigma_next, ...)`` is the second argument): ``x + d * (sigma_down - sigma) + z * sigma_up``."""
+    sigma_up = eta * sp.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
+    sigma_down = sp.sqrt(sigma_next**2 - sigma_up**2)
+    d = (x - denoised) / sigma
+    return x + d * (sigma_down - sigma) + z * sigma_up
+
+
+def _ancestral_domain(s_t, r, eta) -> Domain:
+    """sigma_t > 0, sigma_s = r sigma_t with 0 < r < 1, 0 < eta <= 1: random rationals, and a readable point."""
+    import random
+
+    def sample(rng: random.Random):
+        vals = {s_t: sp.Rational(rng.randint(1, 400), 20), r: sp.Rational(rng.randint(1, 96), 97),
+                eta: sp.Rational(rng.randint(1, 97), 97)}
+        return vals, {"sigma_t": vals[s_t], "sigma_s": vals[s_t] * vals[r], "eta": vals[eta]}
+
+    fixed = {s_t: sp.Integer(3), r: sp.Rational(1, 2), eta: sp.Rational(2, 3)}
+    return Domain(sample, (fixed, {"sigma_t": 3, "sigma_s": sp.Rational(3, 2), "eta": sp.Rational(2, 3)}))
+
+
+@identity(
+    "kdiffusion.sample_euler_ancestral_step",
+    "k-diffusion",
+    "VEAncestralSkip's one-level step x0_hat + sigma_down eps_hat + sigma_up z (ve_ancestral_coefficients) equals "
+    "k-diffusion's sample_euler_ancestral step x + (sigma_down - sigma) (x - D) / sigma + sigma_up z with "
+    "get_ancestral_step's sigma_up = eta sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2), for 0 < eta <= 1, "
+    "a denoiser and an epsilon model; and it is DDIM(eta) in VE variables: with abar = 1 / (1 + sigma^2) and "
+    "x = sqrt(1 + sigma^2) x_VP, sqrt(1 + sigma_s^2) times ddim_coefficients(abar_t, abar_s, eta) is "
+    "(1, sigma_down, sigma_up).",
+)
+def euler_ancestral_step_matches() -> Result:
+    from driffusion_core.coefficients import ddim_coefficients, ve_ancestral_coefficients
+
+    s_t, r, eta = sp.symbols("sigma_t r eta", positive=True)
+    s_s = r * s_t
+    x, p, z = real("x p z")
+    down, up = ve_ancestral_coefficients(s_t, s_s, eta)
+    res = {}
+    for kind, denoised in (("sample", p), ("epsilon", x - s_t * p)):
+        eps_hat = (x - denoised) / s_t
+        ours = denoised + down * eps_hat + up * z
+        res[f"{kind}, step"] = ours - kdiffusion_euler_ancestral_step(x, denoised, s_t, s_s, z, eta)
+    c_x0, c_eps, sigma_ts = ddim_coefficients(1 / (1 + s_t**2), 1 / (1 + s_s**2), eta)
+    scale = sp.sqrt(1 + s_s**2)
+    res["DDIM: x0 coefficient"] = scale * c_x0 - 1
+    res["DDIM: eps coefficient = sigma_down"] = scale * c_eps - down
+    res["DDIM: noise = sigma_up"] = scale * sigma_ts - up
+    return check(res, _ancestral_domain(s_t, r, eta) & Domain.free([x, p, z]))

@@ -7,9 +7,9 @@ from solvers.unipc import UniPCSkip
 from solvers.oracles import GaussianMixture, ring_mixture
 from solvers.picard import PicardScheduler, fewest_rounds
 from solvers.serial import coarse_indices, sample_serial, sample_step_skipping
-from solvers.ve import VEEulerSkip, VESchedule
+from solvers.ve import VEAncestralSkip, VEEulerSkip, VESchedule
 # interop never imports diffusers at import time (only when a pipeline or a scheduler config is used)
-from solvers.interop import from_diffusers, sample_driffusion, sample_driffusion_dpmpp_2m
+from solvers.interop import from_diffusers, sample_driffusion, sample_driffusion_ancestral, sample_driffusion_dpmpp_2m
 
 __all__ = [
     "DDIMSkip",
@@ -24,8 +24,10 @@ __all__ = [
     "ring_mixture",
     "VESchedule",
     "VEEulerSkip",
+    "VEAncestralSkip",
     "from_diffusers",
     "sample_driffusion",
+    "sample_driffusion_ancestral",
     "sample_driffusion_dpmpp_2m",
     "PicardScheduler",
     "fewest_rounds",

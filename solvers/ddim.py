@@ -24,7 +24,24 @@ from driffusion_core.transition import Levels, SkipTransition, zero_length_ident
 __all__ = ["DDIMSkip"]
 
 
-class DDIMSkip(SkipTransition):
+class EtaNoise:
+    """For a transition whose ``eta`` scales the noise its step adds (DDIM, k-diffusion's Euler ancestral):
+    stochastic when eta > 0, composing exactly (the deterministic step) when eta = 0."""
+
+    eta: float
+
+    @property
+    def stochastic(self) -> bool:  # type: ignore[override]
+        """Whether the step adds noise: eta > 0."""
+        return self.eta > 0
+
+    @property
+    def composes_exactly(self) -> bool:  # type: ignore[override]
+        """Whether skips compose exactly with a frozen prediction: eta = 0."""
+        return self.eta == 0
+
+
+class DDIMSkip(EtaNoise, SkipTransition):
     """DDIM's update across any pair of levels.
 
     Arguments:
@@ -62,16 +79,6 @@ class DDIMSkip(SkipTransition):
                 )
             value = float(value)
         super().__setattr__(name, value)
-
-    @property
-    def stochastic(self) -> bool:  # type: ignore[override]
-        """Whether the step adds noise: eta > 0."""
-        return self.eta > 0
-
-    @property
-    def composes_exactly(self) -> bool:  # type: ignore[override]
-        """Whether skips compose exactly with a frozen prediction: eta = 0."""
-        return self.eta == 0
 
     def _coefficients(self, t_from: torch.Tensor, t_to: torch.Tensor):
         """((alpha_t, sigma_t), (c_x0, c_eps, sigma_ts)) of the skip t_from -> t_to."""

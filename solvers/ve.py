@@ -19,12 +19,13 @@ from typing import Optional, Tuple, Union
 import torch
 
 from driffusion_core import coefficients as C
-from driffusion_core.errors import InvalidArgumentError
+from driffusion_core.errors import InvalidArgumentError, is_real
 from driffusion_core.parameterization import Prediction, X0Transform, broadcast_coef, upcast
 from driffusion_core.schedules import Schedule, TimeLike, refuse_levels_outside
 from driffusion_core.transition import Levels, SkipTransition, zero_length_identity
+from solvers.ddim import EtaNoise
 
-__all__ = ["VESchedule", "VEEulerSkip"]
+__all__ = ["VESchedule", "VEEulerSkip", "VEAncestralSkip"]
 
 
 def _levels(t: TimeLike) -> torch.Tensor:
@@ -111,3 +112,74 @@ class VEEulerSkip(SkipTransition):
         _, eps_hat = self.to_x0_eps(x, pred, t_from)
         out = x + broadcast_coef(self.cached(t_from, t_to, self._euler), x) * eps_hat
         return zero_length_identity(out, x, t_from, t_to).to(dtype)
+
+
+class VEAncestralSkip(EtaNoise, SkipTransition):
+    r"""k-diffusion's Euler ancestral step (``sample_euler_ancestral``) across any pair of sigmas.
+
+    .. math:: x_s = \hat x_0 + \sigma_{down}\,\hat\epsilon + \sigma_{up} z,\qquad
+              \sigma_{up} = \eta\,\sigma_s\sqrt{\sigma_t^2 - \sigma_s^2}/\sigma_t,\quad
+              \sigma_{down} = \sqrt{\sigma_s^2 - \sigma_{up}^2}
+
+    (:func:`~driffusion_core.coefficients.ve_ancestral_coefficients`): DDIM(eta) in VE variables, so a
+    one-level step is k-diffusion's ``x + (sigma_down - sigma) d + sigma_up z`` with ``d = (x - D) / sigma``
+    (``proofs``: ``kdiffusion.sample_euler_ancestral_step``). Its drafts are the one-level chain with x0_hat
+    frozen, each step with its own pre-drawn noise, as DDPM's are.
+
+    Arguments:
+        schedule: a :class:`VESchedule`.
+        eta: in [0, 1]; 1 is k-diffusion's default, 0 the Euler step (deterministic).
+        prediction: ``"sample"`` (a denoiser D(x, sigma), the default) or ``"epsilon"``.
+        x0_transform: optional clipping / thresholding of x0_hat; the slope is then taken from the
+            transformed x0_hat (``eps_hat = (x - T(x0_hat)) / sigma``), as k-diffusion's ``to_d`` of a
+            clamped ``denoised``.
+    """
+
+    def __init__(
+        self,
+        schedule: VESchedule,
+        eta: float = 1.0,
+        prediction: Union[str, Prediction] = "sample",
+        x0_transform: Optional[X0Transform] = None,
+    ):
+        if not isinstance(schedule, VESchedule):
+            raise InvalidArgumentError(f"VEAncestralSkip needs a VESchedule, got {type(schedule).__name__}.")
+        super().__init__(schedule, prediction, x0_transform, recompute_eps=True)
+        self.eta = eta
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "eta":
+            if not is_real(value) or not 0 <= float(value) <= 1:
+                raise InvalidArgumentError(
+                    f"eta must be a number in [0, 1] (1: k-diffusion's ancestral default, 0: the Euler step), got "
+                    f"{value!r}; above 1 k-diffusion clamps sigma_up to sigma_next, which this step does not model."
+                )
+            value = float(value)
+        super().__setattr__(name, value)
+
+    def _coefficients(self, t_from: torch.Tensor, t_to: torch.Tensor):
+        return C.ve_ancestral_coefficients(t_from, t_to, self.eta)
+
+    def __call__(self, x: torch.Tensor, pred: torch.Tensor, t_from: Levels, t_to: Levels,
+                 noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        r"""The ancestral step from sigma_t to sigma_s (``t_from`` -> ``t_to``): :math:`x_s = \hat x_0 +
+        \sigma_{down}\hat\epsilon + \sigma_{up} z`, with (x0_hat, eps_hat) from ``pred`` at sigma_t (after the x0
+        transform); ``noise`` is z (without it, or at eta = 0, the step is its mean). A zero-length skip returns x."""
+        t_from, t_to = self.operands(x, pred, t_from, t_to, noise)
+        down, up = self.cached(t_from, t_to, self._coefficients)
+        dtype, (x, pred, noise) = x.dtype, upcast(x, pred, noise)  # float16 / bfloat16: in float32, cast once
+        x0_hat, eps_hat = self.to_x0_eps(x, pred, t_from)
+        out = x0_hat + broadcast_coef(down, x) * eps_hat
+        if self.stochastic and noise is not None:
+            out = out + broadcast_coef(up, x) * noise
+        return zero_length_identity(out, x, t_from, t_to).to(dtype)
+
+    def chain_factors(self, t_from: torch.Tensor, t_to: torch.Tensor):
+        """``x_s = (1 - sigma_down / sigma_t) x0_hat + (sigma_down / sigma_t) x_t + sigma_up z`` per step."""
+        t_from, t_to = t_from.to(torch.float64), t_to.to(torch.float64)
+        down, up = C.ve_ancestral_coefficients(t_from, t_to, self.eta)
+        b = down / t_from
+        return 1 - b, b, up
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f", eta={self.eta:g})"

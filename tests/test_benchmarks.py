@@ -1002,7 +1002,8 @@ def test_kdiffusion_study_is_the_library_run_directly(capsys):
     DRiffusion's and step skipping's RMSE to the serial sampler, here k-diffusion's own loops (the test file's
     references, written from k-diffusion's code) on the same Karras sigmas, and the printed table holds the ratios."""
     from benchmarks import kdiffusion_study as study
-    from test_kdiffusion import sample_dpmpp_2m_reference, sample_euler_reference
+    from solvers.interop import sigmas_grid
+    from test_kdiffusion import sample_dpmpp_2m_reference, sample_euler_ancestral_reference, sample_euler_reference
 
     T, B = 12, 16
     assert study.main(["--batch", str(B), "--steps", str(T)]) == 0
@@ -1016,13 +1017,24 @@ def test_kdiffusion_study_is_the_library_run_directly(capsys):
 
     sigmas = study.karras_sigmas(T)
     x = NoiseSource(1).initial((B, 2), torch.float64) * sigmas[0]
-    refs = {"Euler": sample_euler_reference, "DPM++ 2M": sample_dpmpp_2m_reference}
+    def ancestral(eta):
+        def ref(model, x, sigmas):  # k-diffusion's loop, its noise_sampler giving the study's NoiseSource in step order
+            step = iter(range(len(sigmas)))
+            noise = NoiseSource(study.SEED_NOISE)
+            return sample_euler_ancestral_reference(model, x, sigmas, eta, 1.0,
+                                                    lambda s, s_next: noise(next(step), x.shape, x.dtype))
+        return ref
+
+    refs = {"Euler": sample_euler_reference, "DPM++ 2M": sample_dpmpp_2m_reference,
+            "Euler a (eta 1)": ancestral(1.0), "Euler a (eta 0.5)": ancestral(0.5)}
     for r, cells in zip(rows, printed):
         serial = refs[r["sampler"]](denoiser, x, sigmas)
-        sampler, transition = study.SAMPLERS[r["sampler"]]
+        sampler, transition, noise = study.SAMPLERS[r["sampler"]]
         out = sampler(denoiser, x, sigmas, width=r["width"], mode=r["mode"], disable=True, return_output=True)
-        coarse = sigmas[coarse_indices(T, out.rounds)]
-        skip = refs[r["sampler"]](denoiser, x, coarse)
+        if noise is None:
+            skip = refs[r["sampler"]](denoiser, x, sigmas[coarse_indices(T, out.rounds)])
+        else:  # step skipping's noise is coupled to the fine grid's, which k-diffusion's loop cannot do
+            skip = sample_step_skipping(denoiser, x, transition(), sigmas_grid(sigmas, x.dtype), out.rounds, noise=noise).x
         assert r["rounds"] == out.rounds == expected_rounds(T, r["width"], r["mode"])
         assert r["driffusion_rmse"] == pytest.approx(rmse(out.x, serial), rel=1e-9)
         assert r["skipping_rmse"] == pytest.approx(rmse(skip, serial), rel=1e-9)

@@ -9,12 +9,14 @@ imports it when used), so ``import solvers`` works without the optional extra.
 * :class:`DRiffusionPipeline` -- run a DDPM / DDIM / Stable Diffusion / SD3 pipeline with DRiffusion
   (DDIM, DDPM, DPM-Solver++ multistep, UniPC, Euler and Euler ancestral (Stable Diffusion) or flow-matching Euler
   scheduler).
-* :func:`sample_driffusion` / :func:`sample_driffusion_dpmpp_2m` -- k-diffusion-style samplers (Euler,
-  DPM++ 2M) for denoisers ``D(x, sigma) -> x0``.
+* :func:`sample_driffusion` / :func:`sample_driffusion_ancestral` / :func:`sample_driffusion_dpmpp_2m` --
+  k-diffusion-style samplers (Euler, Euler ancestral, DPM++ 2M) for denoisers ``D(x, sigma) -> x0``.
 """
 from solvers.interop.diffusers_models import DiffusersPredictor
 from solvers.interop.diffusers_schedulers import euler_state_scales, from_diffusers
-from solvers.interop.kdiffusion import sample_driffusion, sample_driffusion_dpmpp_2m, sigmas_grid
+from solvers.interop.kdiffusion import (
+    sample_driffusion, sample_driffusion_ancestral, sample_driffusion_dpmpp_2m, sigmas_grid,
+)
 from solvers.interop.pipelines import DRiffusionPipeline, calculate_shift
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "DRiffusionPipeline",
     "calculate_shift",
     "sample_driffusion",
+    "sample_driffusion_ancestral",
     "sample_driffusion_dpmpp_2m",
     "sigmas_grid",
 ]

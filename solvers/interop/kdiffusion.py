@@ -1,5 +1,6 @@
-r"""DRiffusion with k-diffusion's sampler conventions: ``sample_driffusion`` (Euler) and
-``sample_driffusion_dpmpp_2m`` (DPM-Solver++ 2M), called as ``(model, x, sigmas, ...)``.
+r"""DRiffusion with k-diffusion's sampler conventions: ``sample_driffusion`` (Euler),
+``sample_driffusion_ancestral`` (Euler ancestral) and ``sample_driffusion_dpmpp_2m`` (DPM-Solver++ 2M),
+called as ``(model, x, sigmas, ...)``.
 
 Key (Karras et al. 2022; k-diffusion ``sampling.py``): ``model(x, sigma, **extra_args)`` is a
 denoiser D returning x0_hat, called with one sigma per row; ``sigmas`` decrease and usually end
@@ -23,6 +24,11 @@ first order (D_{i-1} dropped) at the first step and at a step to sigma = 0. That
 :class:`solvers.DPMSolverSkip` (2M midpoint, ``lower_order_final=False``) on the VE schedule (proved:
 ``kdiffusion.sample_dpmpp_2m_step``). Its drafts are the first-order chain from the window's 2M step
 with the anchor's x0_hat frozen (see :mod:`solvers.dpm`).
+
+k-diffusion's ``sample_euler_ancestral`` ("Euler a") steps to sigma_down and adds sigma_up noise
+(``get_ancestral_step``): x_{i+1} = x_i + (sigma_down - sigma_i) d_i + sigma_up z_i, which is
+:class:`solvers.ve.VEAncestralSkip`, DDIM(eta) in VE variables (proved: ``kdiffusion.sample_euler_ancestral_step``).
+Its drafts are the one-level chain with x0_hat frozen and the steps' own noise, as DDPM's are.
 """
 from __future__ import annotations
 
@@ -30,17 +36,18 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 
-from driffusion_core.errors import InvalidArgumentError, InvalidTimestepsError
+from driffusion_core.errors import InvalidArgumentError, InvalidTimestepsError, is_real
 from driffusion_core.executor import Executor
 from driffusion_core.grid import TimeGrid, refuse_bool_or_complex
+from driffusion_core.noise import NoiseSource
 from driffusion_core.scheduler import (
     DraftRefineScheduler, SampleOutput, check_finite_sample, check_inputs, evaluate_round,
 )
 from driffusion_core.transition import SkipTransition
 from solvers.dpm import DPMSolverSkip
-from solvers.ve import VEEulerSkip, VESchedule
+from solvers.ve import VEAncestralSkip, VEEulerSkip, VESchedule
 
-__all__ = ["sample_driffusion", "sample_driffusion_dpmpp_2m", "sigmas_grid"]
+__all__ = ["sample_driffusion", "sample_driffusion_ancestral", "sample_driffusion_dpmpp_2m", "sigmas_grid"]
 
 
 def sigmas_grid(sigmas: torch.Tensor, dtype: torch.dtype = torch.float32) -> TimeGrid:
@@ -150,8 +157,125 @@ def sample_driffusion_dpmpp_2m(
                      callback, disable, width, mode, executor, return_output)
 
 
+@torch.no_grad()
+def sample_driffusion_ancestral(
+    model: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    extra_args: Optional[Mapping[str, Any]] = None,
+    callback: Optional[Callable[[dict], Any]] = None,
+    disable: Optional[bool] = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    noise_sampler: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+    width: int = 2,
+    mode: str = "aggressive",
+    executor: Optional[Executor] = None,
+    return_output: bool = False,
+    noise: Optional[NoiseSource] = None,
+) -> Union[torch.Tensor, SampleOutput]:
+    r"""DRiffusion's draft-and-refine Euler ancestral sampler ("Euler a") for a k-diffusion denoiser
+    (k-diffusion's ``sample_euler_ancestral``).
+
+    Step i, with :math:`d_i = (x_i - D(x_i, \sigma_i))/\sigma_i`, :math:`\sigma_{up} = \eta\,\sigma_{i+1}
+    \sqrt{\sigma_i^2 - \sigma_{i+1}^2}/\sigma_i` and :math:`\sigma_{down} = \sqrt{\sigma_{i+1}^2 - \sigma_{up}^2}`:
+
+    .. math:: x_{i+1} = x_i + (\sigma_{down} - \sigma_i)\,d_i + s_{noise}\,\sigma_{up}\,z_i
+
+    (:class:`~solvers.ve.VEAncestralSkip`; no noise on the step to sigma = 0). A window's drafts are the
+    chain of these steps with the anchor's x0_hat frozen, each with its own step's noise z_i, so a refined
+    step and its draft share their noise.
+
+    Arguments:
+        model, x, sigmas, extra_args, callback, disable, width, mode, executor, return_output: as for
+            :func:`sample_driffusion`.
+        eta: in [0, 1] (k-diffusion's default 1; 0 is ``sample_euler``).
+        s_noise: the scale of the added noise (k-diffusion's ``s_noise``).
+        noise_sampler: k-diffusion's ``noise_sampler(sigma, sigma_next) -> Tensor`` shaped like x. It is
+            called once per step with ``sigma_next > 0``, in step order, *before* sampling (a draft needs its
+            step's noise before the step is refined); default ``torch.randn_like(x)`` from torch's global
+            generator, k-diffusion's own default. So with the same seed and a model that draws no random
+            numbers, width 1 is ``sample_euler_ancestral`` (to float rounding). The noises are held
+            (T tensors shaped like x).
+        noise: a :class:`~driffusion_core.NoiseSource` instead (noise drawn per step from its seed, nothing
+            held); not together with ``noise_sampler``.
+
+    Returns:
+        The sample at ``sigmas[-1]``, or the :class:`~driffusion_core.SampleOutput`.
+    """
+    if not is_real(s_noise) or not 0 <= float(s_noise) < float("inf"):
+        raise InvalidArgumentError(f"s_noise must be a finite number >= 0 (k-diffusion's default 1), got {s_noise!r}.")
+    if noise is not None and noise_sampler is not None:
+        raise InvalidArgumentError("Give noise (a NoiseSource) or noise_sampler (k-diffusion's), not both.")
+    if noise is not None and not isinstance(noise, NoiseSource):
+        raise InvalidArgumentError(f"noise must be a NoiseSource or None, got {type(noise).__name__}.")
+    if noise_sampler is not None and not callable(noise_sampler):
+        raise InvalidArgumentError(
+            f"noise_sampler must be a function noise_sampler(sigma, sigma_next) -> Tensor shaped like x, got "
+            f"{type(noise_sampler).__name__}."
+        )
+    transition = VEAncestralSkip(VESchedule(), eta=eta, prediction="sample")
+    if transition.stochastic:
+        if noise is None:
+            check_inputs(x, extra_args, "extra_args")
+            sigmas_grid(sigmas, x.dtype)  # refuse bad sigmas before drawing
+            noise = _PredrawnNoise(sigmas if isinstance(sigmas, torch.Tensor) else torch.as_tensor(sigmas), x, noise_sampler)
+        if float(s_noise) != 1.0:
+            noise = _ScaledNoise(noise, float(s_noise))
+    return _sample_k(transition, "sample_driffusion_ancestral", "DRiffusion Euler a", model, x, sigmas, extra_args,
+                     callback, disable, width, mode, executor, return_output, noise)
+
+
+class _PredrawnNoise(NoiseSource):
+    """k-diffusion's per-step noise, drawn once per step (``sigma_next > 0``) in step order before sampling:
+    ``noise_sampler(sigmas[i], sigmas[i + 1])``, default ``torch.randn_like(x)``. Step i's noise is z_i."""
+
+    def __init__(self, sigmas: torch.Tensor, x: torch.Tensor, noise_sampler=None):
+        super().__init__(0)
+        draw = noise_sampler if noise_sampler is not None else (lambda sigma, sigma_next: torch.randn_like(x))
+        self.zs = []
+        for i in range(len(sigmas) - 1):
+            if float(sigmas[i + 1]) <= 0:
+                self.zs.append(None)  # k-diffusion adds no noise on the step to sigma = 0 (sigma_up = 0)
+                continue
+            z = draw(sigmas[i], sigmas[i + 1])
+            if not isinstance(z, torch.Tensor) or z.shape != x.shape or not bool(torch.isfinite(z).all()):
+                got = f"shape {tuple(z.shape)}" if isinstance(z, torch.Tensor) else type(z).__name__
+                raise InvalidArgumentError(
+                    f"noise_sampler(sigmas[{i}], sigmas[{i + 1}]) must return a finite tensor shaped like x "
+                    f"{tuple(x.shape)}, got {got}."
+                )
+            self.zs.append(z)
+
+    def __call__(self, step, shape, dtype=torch.float32, device=None) -> torch.Tensor:
+        z = self.zs[step]
+        if z is None:
+            return torch.zeros(tuple(shape), dtype=dtype, device=device)
+        if tuple(z.shape) != tuple(shape):
+            raise InvalidArgumentError(f"The pre-drawn noise of step {step} has shape {tuple(z.shape)}, not {tuple(shape)}.")
+        return z.to(device=device, dtype=dtype)
+
+    def __repr__(self) -> str:
+        return f"k-diffusion noise ({sum(z is not None for z in self.zs)} steps, pre-drawn)"
+
+
+class _ScaledNoise(NoiseSource):
+    """Another noise source's noise times ``s_noise`` (k-diffusion's scale of the ancestral noise)."""
+
+    def __init__(self, inner: NoiseSource, scale: float):
+        super().__init__(0)
+        self.inner, self.scale = inner, scale
+
+    def __call__(self, step, shape, dtype=torch.float32, device=None) -> torch.Tensor:
+        return self.inner(step, shape, dtype, device) * self.scale
+
+    def __repr__(self) -> str:
+        return f"{self.inner!r} x {self.scale:g}"
+
+
 def _sample_k(transition: SkipTransition, name: str, label: str, model, x, sigmas, extra_args, callback, disable,
-              width, mode, executor, return_output) -> Union[torch.Tensor, SampleOutput]:
+              width, mode, executor, return_output, noise: Optional[NoiseSource] = None
+              ) -> Union[torch.Tensor, SampleOutput]:
     """The draft-and-refine loop of the k-diffusion-style samplers, with ``transition`` on the sigmas' grid."""
     if not callable(model):
         raise InvalidArgumentError(f"model must be a denoiser D(x, sigma) -> x0, got {type(model).__name__}.")
@@ -169,7 +293,7 @@ def _sample_k(transition: SkipTransition, name: str, label: str, model, x, sigma
         executor = BatchedExecutor()
     if not isinstance(executor, Executor):
         raise InvalidArgumentError(f"executor must be an Executor, got {type(executor).__name__}.")
-    state = sched.start(x, keep_trajectory=callback is not None)
+    state = sched.start(x, noise, keep_trajectory=callback is not None)
     bar = None
     if disable is not True:
         from tqdm.auto import trange
