@@ -11,6 +11,7 @@ from driffusion_core.errors import (
     DeviceMismatchError,
     InvalidArgumentError,
     PredictorOutputError,
+    as_count,
     not_a_tensor_hint,
     safe_str,
 )
@@ -92,8 +93,8 @@ class BatchedExecutor(Executor):
                 f"concatenated batch), got {vmap!r}."
             )
         vmap = bool(vmap)
-        if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
-            raise InvalidArgumentError(f"max_batch must be a positive int or None, got {max_batch!r}.")
+        if max_batch is not None:  # Python, numpy or 0-d tensor ints
+            max_batch = as_count(max_batch, "max_batch (rows per call, or None for one call per round)", 1)
         if vmap and max_batch is not None:
             raise InvalidArgumentError(
                 "BatchedExecutor: max_batch splits the concatenated rows and does not apply with vmap=True "

@@ -86,7 +86,9 @@ from driffusion_core.errors import (
     ExecutorError,
     InvalidArgumentError,
     PredictorOutputError,
+    as_count,
     exception_text,
+    is_real,
     not_a_tensor_hint,
     safe_str,
 )
@@ -175,8 +177,8 @@ MAX_TIMEOUT = 1e6
 
 def _seconds(value: Any, what: str, zero_ok: bool = False) -> float:
     """A timeout in seconds: a finite number > 0 (>= 0 with ``zero_ok``) and at most :data:`MAX_TIMEOUT`."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (0 <= value if zero_ok else 0 < value)
-    if not ok or not value <= MAX_TIMEOUT:
+    ok = is_real(value) and (0 <= float(value) if zero_ok else 0 < float(value))
+    if not ok or not float(value) <= MAX_TIMEOUT:
         need = ">= 0" if zero_ok else "> 0"
         raise InvalidArgumentError(
             f"{what} must be a number of seconds {need} and at most {MAX_TIMEOUT:g} (a finite bound: a rank that "
@@ -202,6 +204,13 @@ def init_from_env(backend: Optional[str] = None, timeout: float = 120.0) -> Dist
     """
     _require_dist()
     timeout = _seconds(timeout, "timeout")
+    if backend is not None and (
+        not isinstance(backend, str) or not {part.split(":")[-1] for part in backend.lower().split(",")} <= {"gloo", "nccl"}
+    ):
+        raise InvalidArgumentError(
+            f"init_from_env: backend must be 'gloo' (CPU), 'nccl' (GPU) or None (nccl where CUDA is available, else "
+            f"gloo), got {backend!r}."
+        )
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if dist.is_initialized():
         return DistEnv(dist.get_rank(), local_rank, dist.get_world_size(), str(dist.get_backend()))
@@ -214,7 +223,7 @@ def init_from_env(backend: Optional[str] = None, timeout: float = 120.0) -> Dist
         )
     if backend is None:
         backend = "nccl" if (torch.cuda.is_available() and dist.is_nccl_available()) else "gloo"
-    backend = str(backend).lower()
+    backend = backend.lower()
     if "nccl" in backend:
         if not torch.cuda.is_available():
             raise ExecutorError(
@@ -520,6 +529,12 @@ class DistributedExecutor(Executor):
         if diagnose_timeout is None:
             diagnose_timeout = min(5.0, timeout)
         diagnose_timeout = _seconds(diagnose_timeout, "diagnose_timeout", zero_ok=True)
+        for name, g in (("group", group), ("control_group", control_group)):
+            if g is not None and not isinstance(g, dist.ProcessGroup):
+                raise InvalidArgumentError(
+                    f"DistributedExecutor: {name} must be a torch.distributed process group (from "
+                    f"torch.distributed.new_group) or None (the default group), got {type(g).__name__} {g!r}."
+                )
         self.group = group
         self.timeout = float(timeout)
         self.diagnose_timeout = float(diagnose_timeout)
@@ -620,9 +635,7 @@ class DistributedExecutor(Executor):
         The rounds near the end of the grid may hold fewer drafts (``shares(K)`` for those); a round of
         one draft (the first anchor, conservative mode's anchor calls) is rank 0's.
         """
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise InvalidArgumentError(f"width must be a positive int, got {width!r}.")
-        return self.shares(width)
+        return self.shares(as_count(width, "width (drafts per round)", 1))
 
     def describe(self, width: Optional[int] = None) -> str:
         """One line: world size, backend, nodes, the device of each rank and the planned drafts per round
@@ -686,6 +699,11 @@ class DistributedExecutor(Executor):
             self._broken = f"{type(e).__name__} interrupted round {self._round} on rank {self.rank}"
 
     def _refuse_if_unusable(self) -> None:
+        if not dist.is_initialized():
+            raise ExecutorError(
+                f"DistributedExecutor (rank {self.rank}): the torch.distributed process group was destroyed "
+                f"(destroy_process_group); make the group and a new DistributedExecutor to evaluate more rounds."
+            )
         if self._closed:
             raise ExecutorError(
                 f"DistributedExecutor (rank {self.rank}): the executor was closed (by close()); make a new "

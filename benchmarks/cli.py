@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 from typing import Callable, List
 
@@ -37,19 +38,50 @@ def count_list(minimum: int = 1) -> Callable[[str], List[int]]:
     return parse
 
 
+def _writable(folder: Path, what: str) -> None:
+    """Refuse a folder no file can be written into (tried with a temporary file, removed at once)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"{what}: cannot write into {folder} ({e.strerror or e})") from None
+
+
 def new_file(text: str) -> Path:
-    """A file path whose folder exists (checked before the run, not when the result is written)."""
+    """A file path whose folder exists and can be written (checked before the run, not when the result is
+    written)."""
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a folder; give a file path")
     if not path.parent.is_dir():
         raise argparse.ArgumentTypeError(f"the folder {path.parent} does not exist; create it first")
+    _writable(path.parent, text)
+    return path
+
+
+def plot_file(text: str) -> Path:
+    """:func:`new_file` whose extension is an image format matplotlib writes (png, pdf, svg, ...)."""
+    path = new_file(text)
+    from matplotlib.figure import Figure
+
+    formats = Figure().canvas.get_supported_filetypes()
+    if path.suffix.lstrip(".").lower() not in formats:
+        raise argparse.ArgumentTypeError(
+            f"{text}: matplotlib cannot write {path.suffix or 'a file without an extension'}; use one of "
+            f"{', '.join('.' + f for f in sorted(formats))}"
+        )
     return path
 
 
 def out_dir(text: str) -> Path:
-    """An output folder: an existing folder or a path that can be made one (not an existing file)."""
+    """An output folder: an existing folder or a path that can be made one (not an existing file, nor below
+    one), and that can be written into. It is created here, before the run."""
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot make the folder {text} ({e.strerror or e})") from None
+    _writable(path, text)
     return path

@@ -39,13 +39,14 @@ Self-contained: the main suite calls ``run(quick)`` and the plot function and no
 from __future__ import annotations
 
 import math
+import sys
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from backends import BatchedExecutor
-from benchmarks.cli import new_file
+from benchmarks.cli import plot_file
 from driffusion_core import DraftRefineScheduler, FlowSchedule, NoiseSource, VPSchedule
 from driffusion_core.scheduler import evaluate_round
 from solvers import DDIMSkip, DDPMSkip, DPMSolverSkip, FlowEulerSkip, PicardScheduler, ring_mixture, sample_serial
@@ -325,16 +326,22 @@ def plot_error_vs_rounds(results: dict, path) -> None:
     plt.close(fig)
 
 
-if __name__ == "__main__":  # pragma: no cover - manual use: python -m benchmarks.picard_study [--quick] [--plot PATH]
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m benchmarks.picard_study [--quick] [--plot PATH]``: the study's summary as JSON (and the plot)."""
     import argparse
     import json
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.picard_study", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smaller, faster run")
-    parser.add_argument("--plot", metavar="PATH", type=new_file, default=None,
+    parser.add_argument("--plot", metavar="PATH", type=plot_file, default=None,
                         help="also save the error-against-rounds plot (PNG) here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     res = run(args.quick)
     if args.plot:
         plot_error_vs_rounds(res, args.plot)
     print(json.dumps({k: v for k, v in res.items() if k != "curves" and k != "budget_sweep"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - manual use
+    sys.exit(main())

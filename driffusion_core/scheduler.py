@@ -38,6 +38,7 @@ from driffusion_core.errors import (
     SamplingError,
     WideWindowWarning,
     as_count,
+    as_flag,
     not_a_tensor_hint,
     safe_str,
 )
@@ -383,7 +384,7 @@ def default_noise(transition: SkipTransition, noise: Optional[NoiseSource]) -> O
 
 def progress_bar(enabled: bool, total: int, desc: str):
     """A tqdm bar over the grid's steps, left on screen when done (as diffusers' and k-diffusion's are)."""
-    if not enabled:
+    if not as_flag(enabled, "progress"):
         return None
     try:
         from tqdm.auto import tqdm

@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 
 from proofs import load, run_all
 from proofs.report import render_markdown, render_text, to_json
@@ -24,6 +25,11 @@ def main(argv=None) -> int:
         if os.path.isdir(args.json_path) or not os.path.isdir(folder):
             parser.error(f"--json {args.json_path}: {'a folder' if os.path.isdir(args.json_path) else f'the folder {folder} does not exist'}; "
                          f"give a file path in an existing folder")
+        try:
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as e:
+            parser.error(f"--json {args.json_path}: cannot write into {folder} ({e.strerror or e})")
     if args.list:
         for ident in load():
             print(f"{ident.name:36s} {'' if ident.expect_holds else '(known non-identity) '}{ident.statement}")

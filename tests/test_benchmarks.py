@@ -1069,6 +1069,9 @@ def test_quick_report_says_its_distributed_row_is_not_representative(name):
 @pytest.mark.parametrize("argv", [
     ["python -m benchmarks", "--threads", "0"],
     ["python -m benchmarks", "--out", "FILE"],
+    ["python -m benchmarks", "--out", "FILE/sub"],
+    ["benchmarks.picard_study", "--plot", "DIR/plot.txt"],
+    ["benchmarks.picard_study", "--plot", "NO_DIR/plot.png"],
     ["benchmarks.gpu_latency", "--widths", "0,2"],
     ["benchmarks.gpu_latency", "--widths", "a"],
     ["benchmarks.gpu_latency", "--repeats", "0"],
@@ -1086,7 +1089,7 @@ def test_command_lines_refuse_bad_numbers_and_paths_up_front(argv, tmp_path, cap
     import importlib
 
     prog, args = argv[0], [a.replace("FILE", str(tmp_path / "a_file")).replace("NO_DIR", str(tmp_path / "missing"))
-                           for a in argv[1:]]
+                           .replace("DIR", str(tmp_path)) for a in argv[1:]]
     (tmp_path / "a_file").write_text("")
     if prog == "python -m benchmarks":
         main = lambda a: parse_args(a)  # noqa: E731

@@ -319,6 +319,35 @@ def test_not_initialised_is_explained(monkeypatch):
         init_from_env()
 
 
+def test_bad_arguments_are_named_in_one_process():
+    """In a one-process gloo group: a group or control_group that is not a process group, a backend name
+    torch does not know, a timeout given as a numpy int (accepted), and an executor used after the process
+    group was destroyed, each get an error naming what is wrong (not torch's own deep errors)."""
+    import numpy as np
+    import torch.distributed as dist
+
+    from backends.distributed import DistributedExecutor, init_from_env
+    from driffusion_core.errors import ExecutorError, InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match="backend must be 'gloo'"):
+        init_from_env(backend="foo")
+    if dist.is_initialized():  # pragma: no cover - another test left a group behind
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        for kw in (dict(group="abc"), dict(control_group=5)):
+            with pytest.raises(InvalidArgumentError, match=f"{next(iter(kw))} must be a torch.distributed process group"):
+                DistributedExecutor(**kw)
+        ex = DistributedExecutor(timeout=np.int64(20))
+        assert ex.plan(np.int64(3)) == [3]
+    finally:
+        dist.destroy_process_group()
+    xs, ts = torch.zeros(1, 2, 3), torch.zeros(1, 2)
+    with pytest.raises(ExecutorError, match="process group was destroyed"):
+        ex.evaluate(lambda x, t: x, xs, ts)
+
+
 def test_even_shares():
     from backends.distributed import even_shares
 

@@ -1341,7 +1341,8 @@ def test_vmap_predictor_returning_no_tensor_is_named():
     lambda: DPMSolverSkip(VP, lower_order_final="yes"),
     lambda: DPMSolverSkip(VP, euler_at_final=1),
     lambda: FlowSchedule(use_dynamic_shifting="False"),
-], ids=["per_sample", "recompute_eps", "lower_order_final", "euler_at_final", "use_dynamic_shifting"])
+    lambda: scheduler().sample(eps_model, x0(), progress="no"),
+], ids=["per_sample", "recompute_eps", "lower_order_final", "euler_at_final", "use_dynamic_shifting", "progress"])
 def test_flags_take_true_or_false_only(make):
     """A flag given as a string or an int is refused (bool("no") would be True)."""
     with pytest.raises(InvalidArgumentError, match="must be True or False"):

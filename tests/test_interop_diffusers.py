@@ -2213,3 +2213,29 @@ def test_diffusers_predictor_runs_the_model_in_its_own_dtype(unet2d):
     out = f(x.double(), t)
     assert out.dtype == torch.float64
     assert torch.equal(out, f(x, t).double())
+
+
+def test_pipeline_arguments_it_would_ignore_are_refused(unet_cond, vae):
+    """A noise that is not a NoiseSource (even where the scheduler is deterministic), a mode next to a tolerance
+    (Picard has none), a progress flag that is not a bool, and latents in another dtype than the pipeline's
+    are refused before any model call, naming the argument."""
+    scheduler = need("DDIMScheduler")(steps_offset=1, clip_sample=False, **SD_BETAS)
+    pipe = _sd_pipeline(unet_cond, scheduler, vae)
+    kw = dict(**_sd_embeds(torch.Generator().manual_seed(0)), num_inference_steps=4, output_type="latent")
+    with pytest.raises(InvalidArgumentError, match="noise must be a driffusion_core.NoiseSource"):
+        DRiffusionPipeline(pipe, width=2)(noise=5, **kw)
+    with pytest.raises(InvalidArgumentError, match="mode='conservative' applies to draft-and-refine"):
+        DRiffusionPipeline(pipe, width=2, mode="conservative", tolerance=0.1)
+    with pytest.raises(InvalidArgumentError, match="progress must be True or False"):
+        DRiffusionPipeline(pipe, width=2, progress="no")
+    latents = torch.randn(2, 4, 2, 2, dtype=torch.float64)
+    with pytest.raises(InvalidArgumentError, match=r"latents are torch.float64 but the pipeline runs in torch.float32"):
+        DRiffusionPipeline(pipe, width=2)(latents=latents, **kw)
+
+
+def test_dynamic_shifting_mu_must_be_finite_and_in_range():
+    flow = need("FlowMatchEulerDiscreteScheduler")(use_dynamic_shifting=True)
+    for mu in (float("nan"), 1e6, "0.8"):
+        with pytest.raises(InvalidArgumentError, match="mu must be a finite number"):
+            from_diffusers(flow, 10, mu=mu)
+    from_diffusers(flow, 10, mu=0.8)

@@ -71,7 +71,7 @@ from typing import Any, Mapping, Optional, Tuple
 import numpy as np
 import torch
 
-from driffusion_core.errors import InvalidArgumentError, InvalidTimestepsError, as_count
+from driffusion_core.errors import InvalidArgumentError, InvalidTimestepsError, as_count, is_real
 from driffusion_core.grid import TimeGrid
 from driffusion_core.parameterization import ClipSample, DynamicThreshold
 from driffusion_core.schedules import FlowSchedule, VPSchedule
@@ -885,12 +885,20 @@ def from_diffusers(
                            timesteps, sigmas, check_held=True)
 
 
+_MU_MAX = 100.0  # exp(mu) is the dynamic shift; far beyond any image size, well below float overflow
+
+
 def _from_diffusers(scheduler_or_config, num_inference_steps, mu, eta, use_clipped_model_output, timesteps, sigmas,
                     check_held: bool):
     """:func:`from_diffusers`; ``check_held=False`` for diffusers' pipelines, whose ``__call__`` runs
     ``set_timesteps(num_inference_steps)`` itself and so drops custom timesteps the scheduler held."""
     scheduler, name = _as_scheduler(scheduler_or_config)
     cfg = dict(scheduler.config)
+    if mu is not None and (not is_real(mu) or not abs(float(mu)) <= _MU_MAX):
+        raise InvalidArgumentError(
+            f"mu must be a finite number with |mu| <= {_MU_MAX:g} (dynamic shifting multiplies the noise odds by "
+            f"exp(mu); diffusers' pipelines give about 0.5 to 1.2: solvers.interop.pipelines.calculate_shift), got {mu!r}."
+        )
     if name != "DDIMScheduler" and (eta != 0.0 or use_clipped_model_output):
         raise InvalidArgumentError(f"eta and use_clipped_model_output are DDIMScheduler options; {name} has neither.")
     custom = {k: v for k, v in (("timesteps", timesteps), ("sigmas", sigmas)) if v is not None}

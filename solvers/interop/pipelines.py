@@ -37,7 +37,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import torch
 
-from driffusion_core.errors import InvalidArgumentError, InvalidWidthError, UnexpectedArgumentError, as_count
+from driffusion_core.errors import InvalidArgumentError, InvalidWidthError, UnexpectedArgumentError, as_count, as_flag
 from driffusion_core.executor import Executor
 from driffusion_core.noise import NoiseSource
 from driffusion_core.scheduler import DraftRefineScheduler, SampleOutput, check_mode
@@ -143,6 +143,11 @@ def _unet_start(pipe: Any, batch: int, height: int, width: int, dtype: torch.dty
         raise InvalidArgumentError("UNets with time_cond_proj_dim (guidance embedding, LCM) are not supported.")
     num_inference_steps = as_count(num_inference_steps, "num_inference_steps", 1)  # as from_diffusers checks it
     pipe.scheduler.set_timesteps(num_inference_steps, device=device)
+    if isinstance(latents, torch.Tensor) and latents.dtype != dtype:
+        raise InvalidArgumentError(
+            f"latents are {latents.dtype} but the pipeline runs in {dtype} (its prompt embeddings' dtype, which its VAE "
+            f"decodes): pass latents.to({dtype})."
+        )
     latents = pipe.prepare_latents(batch, unet.config.in_channels, height, width, dtype, device, generator, latents)
     transition, grid = _scheduler_grid(pipe.scheduler, num_inference_steps, **_ddim_only(pipe.scheduler, {"eta": eta}))
     return latents, transition, grid
@@ -176,9 +181,11 @@ def _per_image(embeds: Optional[torch.Tensor], batch: int, num_images_per_prompt
         return embeds
     if embeds.shape[0] == batch:
         return embeds.repeat_interleave(num_images_per_prompt, dim=0)
+    need = (f"{batch} (one per prompt)" if num_images_per_prompt == 1 else
+            f"{batch} (one per prompt) or {batch * num_images_per_prompt} (one per image)")
     raise InvalidArgumentError(
         f"{name} has {embeds.shape[0]} rows; with {batch} prompt(s) and num_images_per_prompt={num_images_per_prompt} "
-        f"it needs {batch} (one per prompt) or {batch * num_images_per_prompt} (one per image)."
+        f"it needs {need}."
     )
 
 
@@ -196,7 +203,8 @@ class DRiffusionPipeline:
         progress: show a progress bar.
         tolerance: with a number, the loop is :class:`~solvers.PicardScheduler` (``init="skip"``) instead of
             draft-and-refine: the tolerance dial from DRiffusion's latency (``float('inf')``) to the serial
-            loop's exact result (0), at up to ``width`` model calls per round. ``mode`` does not apply then.
+            loop's exact result (0), at up to ``width`` model calls per round. ``mode`` does not apply then
+            (a ``mode`` other than ``"aggressive"`` is refused).
         max_rounds: with ``tolerance``, PicardScheduler's latency budget (it finishes with draft-and-refine
             rounds in time).
 
@@ -217,6 +225,7 @@ class DRiffusionPipeline:
         except InvalidWidthError:
             raise InvalidWidthError(f"width (drafts per round) must be an int >= 1, got {width!r}; 1 is the serial loop.") from None
         check_mode(mode)
+        progress = as_flag(progress, "progress")
         if executor is None:
             from backends import BatchedExecutor
 
@@ -234,6 +243,11 @@ class DRiffusionPipeline:
         if tolerance is not None:
             from solvers.picard import _check_tolerance
 
+            if mode != "aggressive":
+                raise InvalidArgumentError(
+                    f"mode={mode!r} applies to draft-and-refine; with a tolerance the loop is PicardScheduler, which "
+                    f"has no mode (its budget fallback is aggressive). Drop mode, or the tolerance."
+                )
             tolerance = _check_tolerance(tolerance)
             if max_rounds is not None:
                 max_rounds = as_count(max_rounds, "max_rounds", 1)
@@ -295,6 +309,11 @@ class DRiffusionPipeline:
                 f"not supported (DRiffusion replaces the denoising loop). {takes}"
             )
         if noise is not None:
+            if not isinstance(noise, NoiseSource):
+                raise InvalidArgumentError(
+                    f"noise must be a driffusion_core.NoiseSource (the per-step noise of stochastic schedulers; by "
+                    f"default seeded from the pipeline's generator), got {type(noise).__name__}."
+                )
             given["noise"] = noise
         with torch.no_grad():
             return run(**given)
