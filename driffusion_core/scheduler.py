@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 import warnings
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -448,6 +449,21 @@ class DraftRefineState:
                 f"{type(transition).__name__} is stochastic here: its steps draw noise, so pass noise=NoiseSource(seed) "
                 f"(DraftRefineScheduler.start and .sample draw a seed for you when given None)."
             )
+        keep_trajectory = as_flag(keep_trajectory, "keep_trajectory")
+        if isinstance(history, (str, bytes)) or not isinstance(history, Sequence):
+            raise InvalidArgumentError(
+                f"history must be a sequence of (x_i, p_i, t_from[i]) triples, oldest first, got {type(history).__name__}."
+            )
+        for j, h in enumerate(history):
+            ok = (isinstance(h, (tuple, list)) and len(h) == 3 and all(isinstance(v, torch.Tensor) for v in h[:2])
+                  and h[0].shape == x.shape and h[1].shape == x.shape)
+            if not ok:
+                raise InvalidArgumentError(
+                    f"history[{j}] must be a triple (x_i, p_i, t_from[i]) with x_i and p_i tensors shaped like x "
+                    f"{tuple(x.shape)}, got {reprlib.repr(h)}."
+                )
+            if not (all_finite(h[0]) and all_finite(h[1])):
+                raise InvalidArgumentError(f"history[{j}] holds NaN or inf in its state or prediction.")
         self.transition, self.grid, self.width, self.mode = transition, grid, width, mode
         self.noise = noise
         self.T = len(grid)

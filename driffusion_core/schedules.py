@@ -366,7 +366,7 @@ class VPSchedule(Schedule):
             t_to = (t_from - (n // num_steps)).clamp(min=-1.0)
         else:
             raise InvalidArgumentError(f"step_to must be 'next' or 'stride', got {step_to!r}.")
-        grid = TimeGrid(t_from, t_to, t_from.long(), self.kind)
+        grid = TimeGrid(t_from, t_to, self.model_time(t_from), self.kind)
         self.validate(grid)
         return grid
 

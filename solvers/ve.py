@@ -66,7 +66,10 @@ class VESchedule(Schedule):
         return torch.as_tensor(t, dtype=torch.float64).to(torch.float32)
 
     def level_of_model_time(self, t: torch.Tensor) -> torch.Tensor:
-        return _levels(t)
+        levels = _levels(t)
+        # model times are float32: sigma_max itself comes back up to a float32 rounding above it
+        above = (levels > self.sigma_max) & (levels <= self.sigma_max * (1 + 2.0**-22))
+        return torch.where(above, torch.full_like(levels, self.sigma_max), levels)
 
     def __repr__(self) -> str:
         return f"VESchedule(sigma_max={self.sigma_max:g})"

@@ -1299,6 +1299,14 @@ def test_draft_refine_state_checks_its_inputs():
     for start in (1.5, True, 10, -1):
         with pytest.raises(InvalidArgumentError, match="start"):
             DraftRefineState(DDIMSkip(VP), GRID, 2, "aggressive", x, None, start=start)
+    level = GRID.t_from[0]
+    for history, message in ((5, "history must be a sequence"), ([(x,)], r"history\[0\] must be a triple"),
+                             ([(x, x[:1], level)], r"history\[0\] must be a triple"),
+                             ([(x, torch.full_like(x, float("nan")), level)], r"history\[0\] holds NaN")):
+        with pytest.raises(InvalidArgumentError, match=message):
+            DraftRefineState(DPMSolverSkip(VP), GRID, 2, "aggressive", x, None, start=1, history=history)
+    with pytest.raises(InvalidArgumentError, match="keep_trajectory must be True or False"):
+        DraftRefineState(DDIMSkip(VP), GRID, 2, "aggressive", x, None, keep_trajectory="yes")
     st = DraftRefineState(DDIMSkip(VP), GRID.t_from.tolist(), 1, "aggressive", x, None)  # levels: made a grid
     while (rnd := st.plan()) is not None:
         st.absorb(rnd, eps_model(rnd.xs, None))

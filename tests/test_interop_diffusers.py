@@ -2191,6 +2191,13 @@ def test_sigma_grid_schedules_map_model_times_to_their_levels(name, options):
     assert torch.equal(tr.schedule.model_time(grid.t_from), grid.model_times)
     with pytest.raises(InvalidTimestepsError, match="is not one of this grid's model times"):
         tr.schedule.level_of_model_time(torch.tensor([5.0]))
+    # a sub-grid of its levels is called at diffusers' timesteps of those levels; a VP table's grid is refused
+    sub = tr.schedule.timesteps(5, "trailing")
+    assert tr.schedule.kind == "sigmagrid/11" and sub.kind == tr.schedule.kind
+    assert set(sub.model_times.tolist()) <= set(grid.model_times.tolist())
+    torch.testing.assert_close(sample_serial(model, x, tr, sub).x, sample_serial(model, x, tr, sub.t_from.tolist()).x)
+    with pytest.raises(InvalidTimestepsError, match="made by another schedule"):
+        DraftRefineScheduler(tr, VPSchedule.linear(11).timesteps(5, "trailing"), 1)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")  # diffusers' own NaN sigmas

@@ -16,7 +16,7 @@ import torch
 
 from backends import BatchedExecutor, SerialExecutor
 from benchmarks import kdiffusion_study
-from driffusion_core import InvalidArgumentError, InvalidTimestepsError, NoiseSource, expected_rounds
+from driffusion_core import InvalidArgumentError, InvalidTimestepsError, InvalidWidthError, NoiseSource, expected_rounds
 from solvers import (
     DPMSolverSkip, VEAncestralSkip, VEEulerSkip, VESchedule, ring_mixture, sample_driffusion, sample_driffusion_ancestral,
     sample_driffusion_dpmpp_2m, sample_step_skipping,
@@ -324,6 +324,15 @@ def test_ve_schedule_sigma_max_bounds_the_grid():
         with pytest.raises(InvalidTimestepsError, match="out of range"):
             S.make_grid(too_high)
     assert VEEulerSkip(VESchedule()).make_grid(torch.tensor([1e4, 5.0], dtype=torch.float64)).t_from[0] == 1e4
+    # a grid starting at sigma_max: its float32 model time maps back to sigma_max (not a rounding above it)
+    schedule = VESchedule(sigma_max=14.6)
+    grid = schedule.grid([14.6, 5.0, 1.0])
+    assert schedule.level_of_model_time(grid.model_times)[0] == 14.6
+    f = MIXTURE.predictor(schedule, "sample")
+    from solvers import sample_serial
+
+    x = _start(torch.tensor([14.6]), batch=4, dtype=torch.float64)
+    assert torch.isfinite(sample_serial(f, x, VEEulerSkip(schedule), grid).x).all()
 
 
 @pytest.mark.parametrize("prediction", ["sample", "epsilon"])
@@ -549,11 +558,29 @@ def test_ancestral_bad_input_is_named_before_any_model_call():
         (dict(s_noise=-1.0), "s_noise must be a finite number >= 0"),
         (dict(noise=NoiseSource(0), noise_sampler=lambda s, n: torch.randn_like(x)), "not both"),
         (dict(noise_sampler=3), "noise_sampler must be a function"),
-        (dict(noise_sampler=lambda s, n: torch.zeros(3)), "must return a finite tensor shaped like x"),
+        (dict(noise_sampler=lambda s, n: torch.zeros(3)), "must return a finite real tensor shaped like x"),
         (dict(noise=7), "noise must be a NoiseSource"),
     ):
         with pytest.raises(InvalidArgumentError, match=message):
             sample_driffusion_ancestral(model, x, sigmas, disable=True, **kwargs)
     with pytest.raises(InvalidTimestepsError, match="strictly decrease"):
         sample_driffusion_ancestral(model, x, torch.tensor([1.0, 2.0, 0.0]), disable=True)
-    assert calls == []
+    drawn = []
+    with pytest.raises(InvalidWidthError, match="width"):  # refused before any noise is drawn
+        sample_driffusion_ancestral(model, x, sigmas, width=0, noise_sampler=lambda s, n: drawn.append(1) or torch.randn_like(x))
+    assert calls == [] and drawn == []
+
+
+def test_ancestral_noise_sampler_refilling_one_buffer():
+    """A noise_sampler that refills one tensor in place (buf.normal_()) gives each step its own draw: width 1 is
+    k-diffusion's loop with the same sampler."""
+    sigmas = karras_sigmas(10, dtype=torch.float64)
+    x = _start(sigmas, batch=8, dtype=torch.float64)
+
+    def refilling(seed):
+        g, buf = torch.Generator().manual_seed(seed), torch.empty_like(x)
+        return lambda s, s_next: buf.normal_(generator=g)
+
+    ref = sample_euler_ancestral_reference(denoiser, x, sigmas, noise_sampler=refilling(4))
+    out = sample_driffusion_ancestral(denoiser, x, sigmas, noise_sampler=refilling(4), width=1, disable=True)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)

@@ -716,6 +716,11 @@ class SigmaGridSchedule(VPSchedule):
             )
         self.model_times = times
 
+    @property
+    def kind(self) -> str:
+        """``"sigmagrid/N"``: levels index this grid's N sigmas (not training timesteps of an N-step table)."""
+        return f"sigmagrid/{self.num_train_timesteps}"
+
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(t, dtype=torch.float64)
         n = self.num_train_timesteps - 1

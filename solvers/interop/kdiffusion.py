@@ -58,7 +58,7 @@ def sigmas_grid(sigmas: torch.Tensor, dtype: torch.dtype = torch.float32) -> Tim
     """
     refuse_bool_or_complex(sigmas, "sigmas", "noise levels", " Pass e.g. k-diffusion's get_sigmas_karras(n, sigma_min, sigma_max).")
     if not isinstance(sigmas, torch.Tensor):
-        sigmas = torch.as_tensor(sigmas)
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float64)  # Python floats keep their digits
     if sigmas.dim() != 1 or sigmas.shape[0] < 2:
         raise InvalidTimestepsError(
             f"sigmas must be a 1-D tensor of at least 2 noise levels (the last usually 0), got shape {tuple(sigmas.shape)}."
@@ -215,15 +215,19 @@ def sample_driffusion_ancestral(
             f"{type(noise_sampler).__name__}."
         )
     transition = VEAncestralSkip(VESchedule(), eta=eta, prediction="sample")
-    if transition.stochastic:
-        if noise is None:
-            check_inputs(x, extra_args, "extra_args")
-            sigmas_grid(sigmas, x.dtype)  # refuse bad sigmas before drawing
-            noise = _PredrawnNoise(sigmas if isinstance(sigmas, torch.Tensor) else torch.as_tensor(sigmas), x, noise_sampler)
-        if float(s_noise) != 1.0:
-            noise = _ScaledNoise(noise, float(s_noise))
+
+    def make_noise() -> Optional[NoiseSource]:  # after every other check: drawing consumes the caller's RNG
+        made = noise
+        if transition.stochastic:
+            if made is None:
+                made = _PredrawnNoise(sigmas if isinstance(sigmas, torch.Tensor) else torch.as_tensor(sigmas, dtype=torch.float64),
+                                      x, noise_sampler)
+            if float(s_noise) != 1.0:
+                made = _ScaledNoise(made, float(s_noise))
+        return made
+
     return _sample_k(transition, "sample_driffusion_ancestral", "DRiffusion Euler a", model, x, sigmas, extra_args,
-                     callback, disable, width, mode, executor, return_output, noise)
+                     callback, disable, width, mode, executor, return_output, make_noise)
 
 
 class _PredrawnNoise(NoiseSource):
@@ -239,13 +243,14 @@ class _PredrawnNoise(NoiseSource):
                 self.zs.append(None)  # k-diffusion adds no noise on the step to sigma = 0 (sigma_up = 0)
                 continue
             z = draw(sigmas[i], sigmas[i + 1])
-            if not isinstance(z, torch.Tensor) or z.shape != x.shape or not bool(torch.isfinite(z).all()):
-                got = f"shape {tuple(z.shape)}" if isinstance(z, torch.Tensor) else type(z).__name__
+            if (not isinstance(z, torch.Tensor) or z.shape != x.shape or not z.is_floating_point()
+                    or z.device.type == "meta" or not bool(torch.isfinite(z).all())):
+                got = f"a {z.dtype} tensor of shape {tuple(z.shape)} on {z.device}" if isinstance(z, torch.Tensor) else type(z).__name__
                 raise InvalidArgumentError(
-                    f"noise_sampler(sigmas[{i}], sigmas[{i + 1}]) must return a finite tensor shaped like x "
+                    f"noise_sampler(sigmas[{i}], sigmas[{i + 1}]) must return a finite real tensor shaped like x "
                     f"{tuple(x.shape)}, got {got}."
                 )
-            self.zs.append(z)
+            self.zs.append(z.detach().clone())  # a sampler may refill one buffer: keep each step's draw
 
     def __call__(self, step, shape, dtype=torch.float32, device=None) -> torch.Tensor:
         z = self.zs[step]
@@ -274,8 +279,8 @@ class _ScaledNoise(NoiseSource):
 
 
 def _sample_k(transition: SkipTransition, name: str, label: str, model, x, sigmas, extra_args, callback, disable,
-              width, mode, executor, return_output, noise: Optional[NoiseSource] = None
-              ) -> Union[torch.Tensor, SampleOutput]:
+              width, mode, executor, return_output,
+              noise: Optional[Callable[[], Optional[NoiseSource]]] = None) -> Union[torch.Tensor, SampleOutput]:
     """The draft-and-refine loop of the k-diffusion-style samplers, with ``transition`` on the sigmas' grid."""
     if not callable(model):
         raise InvalidArgumentError(f"model must be a denoiser D(x, sigma) -> x0, got {type(model).__name__}.")
@@ -293,7 +298,7 @@ def _sample_k(transition: SkipTransition, name: str, label: str, model, x, sigma
         executor = BatchedExecutor()
     if not isinstance(executor, Executor):
         raise InvalidArgumentError(f"executor must be an Executor, got {type(executor).__name__}.")
-    state = sched.start(x, noise, keep_trajectory=callback is not None)
+    state = sched.start(x, noise() if noise is not None else None, keep_trajectory=callback is not None)
     bar = None
     if disable is not True:
         from tqdm.auto import trange
