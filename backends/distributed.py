@@ -204,12 +204,13 @@ def init_from_env(backend: Optional[str] = None, timeout: float = 120.0) -> Dist
     """
     _require_dist()
     timeout = _seconds(timeout, "timeout")
+    known = set(getattr(dist.Backend, "backend_list", ["gloo", "nccl", "mpi", "ucc"])) - {"undefined", "fake"}
     if backend is not None and (
-        not isinstance(backend, str) or not {part.split(":")[-1] for part in backend.lower().split(",")} <= {"gloo", "nccl"}
+        not isinstance(backend, str) or not {part.split(":")[-1] for part in backend.lower().split(",")} <= known
     ):
         raise InvalidArgumentError(
-            f"init_from_env: backend must be 'gloo' (CPU), 'nccl' (GPU) or None (nccl where CUDA is available, else "
-            f"gloo), got {backend!r}."
+            f"init_from_env: backend must be 'gloo' (CPU), 'nccl' (GPU), another torch.distributed backend "
+            f"({', '.join(sorted(known))}) or None (nccl where CUDA is available, else gloo), got {backend!r}."
         )
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if dist.is_initialized():

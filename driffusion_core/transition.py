@@ -465,6 +465,11 @@ class SkipTransition(abc.ABC):
         return out
 
     # ----------------------------------------------------------------- grids
+    def steps_from_sigma_zero(self) -> bool:
+        """Whether a step may start at a level with sigma = 0 (alpha-bar = 1) and stay finite; by default not
+        (:meth:`make_grid` refuses such a grid). Deterministic DDIM with an epsilon model can: x0_hat = x."""
+        return False
+
     def make_grid(self, timesteps: Union[TimeGrid, torch.Tensor, list, tuple]) -> TimeGrid:
         """A validated TimeGrid from a TimeGrid or a sequence of decreasing levels.
 
@@ -474,13 +479,13 @@ class SkipTransition(abc.ABC):
         grid = self.schedule.grid(timesteps)
         alpha, sigma = self.schedule.alpha_sigma(grid.t_from)
         clean = sigma <= 0
-        if bool(clean.any()):
+        if bool(clean.any()) and not self.steps_from_sigma_zero():
             i = int(torch.nonzero(clean)[0])
             raise InvalidTimestepsError(
                 f"{type(self).__name__}: step {i} starts at level {grid.t_from[i].item():g}, where sigma = 0 (alpha-bar "
-                f"= 1, e.g. a table whose first beta is 0): the state is already clean there, and a model asked to denoise "
-                f"it has nothing to remove (x0_hat = (x - alpha * x0) / sigma, the DDPM posterior and log-SNR steps "
-                f"divide by zero). End the grid with the step *to* that level, or use a table whose betas are positive."
+                f"= 1, e.g. a table whose first beta is 0): the state is already clean there, and this step divides "
+                f"by sigma (eps_hat = (x - alpha x0_hat) / sigma, the DDPM posterior variance, the log-SNR step). End "
+                f"the grid with the step *to* that level, or use a table whose betas are positive."
             )
         if self.prediction is Prediction.EPSILON:
             bad = alpha <= 0

@@ -105,6 +105,12 @@ class DDIMSkip(EtaNoise, SkipTransition):
             out = out + broadcast_coef(sigma, x) * noise
         return zero_length_identity(out, x, t_from, t_to).to(dtype)
 
+    def steps_from_sigma_zero(self) -> bool:
+        """At sigma = 0 an epsilon model's x0_hat is x itself and the deterministic step is finite (diffusers'
+        DDIM takes it: a table whose first beta is 0, leading spacing); eta > 0, x0 / v models and
+        ``recompute_eps`` divide by sigma."""
+        return self.prediction is Prediction.EPSILON and not self.recompute_eps and self.eta == 0
+
     def chain_factors(self, t_from: torch.Tensor, t_to: torch.Tensor):
         return C.ddim_chain_coefficients(self.schedule.alpha_bar(t_from), self.schedule.alpha_bar(t_to), self.eta)
 

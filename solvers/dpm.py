@@ -52,24 +52,24 @@ def check_order(owner: str, value, earlier: str) -> int:
 
 def refuse_flat_log_snr(transition: SkipTransition, grid: TimeGrid) -> TimeGrid:
     r"""``grid``, after refusing, for a second-order (multistep) solver, a step whose two levels have the same
-    :math:`\lambda = \log(\alpha/\sigma)` (a flat stretch of the alpha-bar table) and which another step
-    follows: that step's 2M extrapolation or UniPC corrector divides by the previous step's
+    :math:`\lambda = \log(\alpha/\sigma)` (a flat stretch of the alpha-bar table) and whose next step combines
+    it (``history_at``): that step's 2M extrapolation or UniPC corrector divides by the previous step's
     :math:`h = \lambda_t - \lambda_s = 0`, so it would give NaN after every model call had been made. A flat
     step is the identity at first order, and as the last step (DDIM's ``set_alpha_to_one=False``: level 0 to
     the final alpha-bar, which is alphas_cumprod[0])."""
-    if not transition.history or len(grid) < 2:
+    if getattr(transition, "order", 1) < 2 or len(grid) < 2:
         return grid
     a_s, s_s = transition.schedule.alpha_sigma(grid.t_from[:-1])
     a_t, s_t = transition.schedule.alpha_sigma(grid.t_to[:-1])
     flat = (a_s * s_t == a_t * s_s) & (s_t > 0)  # lambda_t == lambda_s (sigma_t = 0: lambda_t = inf, a real step)
-    if bool(flat.any()):
-        i = int(torch.nonzero(flat)[0])
-        raise InvalidArgumentError(
-            f"{type(transition).__name__}: step {i} goes from level {grid.t_from[i].item():g} to "
-            f"{grid.t_to[i].item():g}, which have the same alpha-bar (log-SNR), and step {i + 1} of this second-order "
-            f"solver divides by that step's length h = 0. Drop one of the two levels, use a table whose alpha-bar "
-            f"strictly decreases, or order=1."
-        )
+    for i in torch.nonzero(flat).flatten().tolist():
+        if transition.history_at(grid, i + 1) > 0:  # the next step combines this one (2M / UniPC's corrector)
+            raise InvalidArgumentError(
+                f"{type(transition).__name__}: step {i} goes from level {grid.t_from[i].item():g} to "
+                f"{grid.t_to[i].item():g}, which have the same alpha-bar (log-SNR), and step {i + 1} of this "
+                f"second-order solver divides by that step's length h = 0. Drop one of the two levels, use a table "
+                f"whose alpha-bar strictly decreases, or order=1."
+            )
     return grid
 
 

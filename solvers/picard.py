@@ -103,7 +103,7 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 
 import torch
 
-from driffusion_core.errors import InvalidArgumentError, as_count, is_real
+from driffusion_core.errors import InvalidArgumentError, as_count, as_flag, is_real
 from driffusion_core.executor import Executor, Predictor
 from driffusion_core.grid import TimeGrid
 from driffusion_core.noise import NoiseSource
@@ -178,6 +178,7 @@ class PicardState:
     ):
         self.transition, self.grid, self.width = transition, grid, width
         self.norm = _check_norm(norm)
+        keep_trajectory = as_flag(keep_trajectory, "return_trajectory / keep_trajectory")
         self.tolerance, self.max_rounds, self.init = tolerance, max_rounds, init
         self.noise = noise
         self.keep_trajectory = keep_trajectory

@@ -1318,17 +1318,26 @@ def test_a_step_from_sigma_zero_and_a_flat_log_snr_step_are_refused_up_front():
     log-SNR solvers, a step between two levels of equal alpha-bar are refused when the grid is made, not
     found as NaN after every model call."""
     clean_start = VPSchedule.linear(1000, 0.0, 0.02)
-    for tr in (DDPMSkip(clean_start), DDIMSkip(clean_start), DPMSolverSkip(clean_start)):
+    for tr in (DDPMSkip(clean_start), DDIMSkip(clean_start, "sample"), DDIMSkip(clean_start, eta=0.5),
+               DPMSolverSkip(clean_start)):
         with pytest.raises(InvalidTimestepsError, match="step 9 starts at level 0, where sigma = 0"):
             DraftRefineScheduler(tr, clean_start.timesteps(10), 1)
+    # deterministic DDIM with an epsilon model takes that step (x0_hat = x there), as diffusers' DDIM does
+    out = sample_serial(eps_model, x0(), DDIMSkip(clean_start), clean_start.timesteps(10), return_trajectory=True)
+    assert torch.isfinite(out.x).all() and torch.equal(out.x, out.trajectory[-2])
     flat = VPSchedule([0.9, 0.9, 0.9, 0.5, 0.1])
+    middle = VPSchedule([0.95, 0.9, 0.9, 0.9, 0.1])
     from solvers import UniPCSkip
 
-    for tr in (DPMSolverSkip(flat), UniPCSkip(flat)):
-        with pytest.raises(InvalidArgumentError, match="step 2 goes from level 2 to 1, which have the same alpha-bar"):
+    for tr in (DPMSolverSkip(middle), UniPCSkip(middle)):
+        with pytest.raises(InvalidArgumentError, match="step 1 goes from level 3 to 2, which have the same alpha-bar"):
             DraftRefineScheduler(tr, [4, 3, 2, 1], 1)
-    # a flat step is the identity at first order (DDIM, order 1) and as the last step
-    for tr, levels in ((DDIMSkip(flat), [4, 3, 2, 1]), (DPMSolverSkip(flat, order=1), [4, 3, 2, 1]),
+    with pytest.raises(InvalidArgumentError, match="step 2 goes from level 2 to 1"):  # UniPC's corrector uses it
+        DraftRefineScheduler(UniPCSkip(flat), [4, 3, 2, 1], 1)
+    # a flat step is the identity at first order (DDIM, order 1), as the last step, and before a first-order step
+    # (2M into sigma = 0)
+    for tr, levels in ((DDIMSkip(flat), [4, 3, 2, 1]), (DPMSolverSkip(middle, order=1), [4, 3, 2, 1]),
+                       (UniPCSkip(middle, order=1), [4, 3, 2, 1]), (DPMSolverSkip(flat), [4, 3, 2, 1]),
                        (UniPCSkip(VPSchedule(flat.alphas_cumprod, final_alpha_cumprod=0.9)), [4, 3, 1])):
         out = sample_serial(eps_model, x0(), tr, levels, return_trajectory=True)
         assert torch.isfinite(out.x).all()

@@ -851,3 +851,15 @@ def test_posterior_norm_is_diffusers_ddpm_variance_and_tolerance_zero_is_still_s
     assert loose["posterior"] > loose["sigma"]  # the stricter test finalises fewer levels per round here
     with pytest.raises(InvalidArgumentError, match="norm must be 'sigma'"):
         PicardScheduler(tr, grid, 4, 0.1, norm="l2")
+
+
+def test_a_non_bool_return_trajectory_is_refused_before_any_call():
+    """return_trajectory goes through the same flag check with or without a budget (the budget's
+    draft-and-refine fallback would otherwise refuse it only after Picard rounds)."""
+    tr, grid, f, noise = family("ddim", 20)
+    calls = []
+    counted = lambda x, t: calls.append(1) or f(x, t)  # noqa: E731
+    for budget in (None, fewest_rounds(20, 3)):
+        with pytest.raises(InvalidArgumentError, match="return_trajectory / keep_trajectory must be True or False"):
+            PicardScheduler(tr, grid, 3, 1e-3, max_rounds=budget).sample(counted, start(4), return_trajectory=None)
+    assert calls == []

@@ -721,6 +721,17 @@ class SigmaGridSchedule(VPSchedule):
         """``"sigmagrid/N"``: levels index this grid's N sigmas (not training timesteps of an N-step table)."""
         return f"sigmagrid/{self.num_train_timesteps}"
 
+    def timesteps(self, num_steps: int, spacing: str = "trailing", steps_offset: int = 0, step_to: str = "next") -> TimeGrid:
+        """A sub-grid of ``num_steps`` of this grid's levels (:meth:`VPSchedule.timesteps`), called at diffusers'
+        timesteps of those levels. The default spacing is trailing: leading and linspace spacing start a step at
+        level 0, the grid's last sigma, where the model is never called."""
+        if spacing != "trailing" and steps_offset < 1:
+            raise InvalidTimestepsError(
+                f"{type(self).__name__}.timesteps(spacing={spacing!r}) would start a step at level 0, this grid's last "
+                f"sigma, which has no model time; use spacing='trailing' (the default here) or steps_offset >= 1."
+            )
+        return super().timesteps(num_steps, spacing, steps_offset, step_to)
+
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(t, dtype=torch.float64)
         n = self.num_train_timesteps - 1
