@@ -36,13 +36,20 @@ from solvers.interop import sigmas_grid
 __all__ = ["SAMPLERS", "SETTINGS", "karras_sigmas", "run", "markdown", "main"]
 
 SEED_NOISE = 2
+
+
+def _ancestral(eta: float):
+    """The Euler ancestral entry of :data:`SAMPLERS` at ``eta``: one NoiseSource for DRiffusion and step skipping."""
+    noise = NoiseSource(SEED_NOISE)
+    return (functools.partial(sample_driffusion_ancestral, eta=eta, noise=noise),
+            lambda: VEAncestralSkip(VESchedule(), eta=eta), noise)
+
+
 #: name -> (DRiffusion sampler, the transition step skipping uses on the coarse grid, the per-step noise or None)
 SAMPLERS = {
     "Euler": (sample_driffusion, lambda: VEEulerSkip(VESchedule()), None),
-    "Euler a (eta 1)": (functools.partial(sample_driffusion_ancestral, eta=1.0, noise=NoiseSource(SEED_NOISE)),
-                        lambda: VEAncestralSkip(VESchedule(), eta=1.0), NoiseSource(SEED_NOISE)),
-    "Euler a (eta 0.5)": (functools.partial(sample_driffusion_ancestral, eta=0.5, noise=NoiseSource(SEED_NOISE)),
-                          lambda: VEAncestralSkip(VESchedule(), eta=0.5), NoiseSource(SEED_NOISE)),
+    "Euler a (eta 1)": _ancestral(1.0),
+    "Euler a (eta 0.5)": _ancestral(0.5),
     "DPM++ 2M": (sample_driffusion_dpmpp_2m,
                  lambda: DPMSolverSkip(VESchedule(), prediction="sample", lower_order_final=False), None),
 }

@@ -35,7 +35,7 @@ from driffusion_core.parameterization import Prediction, X0Transform, broadcast_
 from driffusion_core.schedules import Schedule
 from driffusion_core.transition import History, Levels, SkipTransition, as_levels, repeat_rows, zero_length_identity
 
-__all__ = ["DPMSolverSkip", "refuse_flat_log_snr"]
+__all__ = ["DPMSolverSkip", "LogSNRSolver", "refuse_flat_log_snr"]
 
 SOLVER_TYPES = ("midpoint", "heun")
 
@@ -73,7 +73,57 @@ def refuse_flat_log_snr(transition: SkipTransition, grid: TimeGrid) -> TimeGrid:
     return grid
 
 
-class DPMSolverSkip(SkipTransition):
+class LogSNRSolver(SkipTransition):
+    """What DPM-Solver++ and UniPC share: their skip is the first-order step (DPM-Solver++ 1, DDIM with
+    eta = 0 in data-prediction form), which composes exactly; their multistep updates add to it."""
+
+    stochastic = False
+    composes_exactly = True  # the one-step skip (first order) is DDIM
+
+    def make_grid(self, timesteps) -> TimeGrid:
+        """:meth:`SkipTransition.make_grid`, refusing a step between two levels of equal log-SNR."""
+        return refuse_flat_log_snr(self, super().make_grid(timesteps))
+
+    # ----------------------------------------------------------------- first order (the skip)
+    def _first(self, t_from: torch.Tensor, t_to: torch.Tensor):
+        """((alpha_s, sigma_s), (c_x, c_x0)) of the first-order step t_from -> t_to."""
+        a_s, s_s = self.schedule.alpha_sigma(t_from)
+        a_t, s_t = self.schedule.alpha_sigma(t_to)
+        return (a_s, s_s), C.dpm_solver_pp_coefficients(a_s, s_s, a_t, s_t)
+
+    def x0_hat(self, x: torch.Tensor, pred: torch.Tensor, t: Levels, alpha_sigma=None) -> torch.Tensor:
+        """The model output converted to x0_hat at level t (with the x0 transform)."""
+        return self.to_x0_eps(x, pred, t, alpha_sigma)[0]
+
+    def _from_x0(self, x: torch.Tensor, x0_hat: torch.Tensor, c) -> torch.Tensor:
+        c_x, c_x0 = c
+        return broadcast_coef(c_x, x) * x + broadcast_coef(c_x0, x) * x0_hat
+
+    def _first_order_from(self, start: torch.Tensor, x0_hat: torch.Tensor, t_from: torch.Tensor,
+                          t_to: torch.Tensor) -> torch.Tensor:
+        """``Tensor[n, B, ...]``: the first-order skips from ``start`` at level ``t_from`` to each of the n levels
+        ``t_to`` with ``x0_hat`` frozen, one batched call (the drafts after a window's multistep first step)."""
+        n, b = int(t_to.shape[0]), start.shape[0]
+        _, c = self.cached(t_from.expand(n * b), t_to.to(torch.float64).repeat_interleave(b), self._first)
+        return self._from_x0(repeat_rows(start, n), repeat_rows(x0_hat, n), c).reshape(n, *start.shape)
+
+    def __call__(self, x: torch.Tensor, pred: torch.Tensor, t_from: Levels, t_to: Levels,
+                 noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        r"""The first-order DPM-Solver++ step (DDIM with eta = 0 in the data-prediction form) from level s to t:
+
+        .. math:: x_t = \frac{\sigma_t}{\sigma_s} x_s + \alpha_t\,(1 - e^{-h})\,\hat x_0, \quad
+                  h = \lambda_t - \lambda_s, \ \lambda = \log(\alpha / \sigma),
+
+        with x0_hat converted from ``pred`` at level s. Deterministic: ``noise`` is ignored. A zero-length
+        skip returns x. The second-order (2M) step combines an earlier prediction: see :meth:`multistep`."""
+        t_from, t_to = self.operands(x, pred, t_from, t_to, noise)
+        alpha_sigma, c = self.cached(t_from, t_to, self._first)
+        dtype, (x, pred) = x.dtype, upcast(x, pred)  # float16 / bfloat16: in float32, cast once
+        out = self._from_x0(x, self.x0_hat(x, pred, t_from, alpha_sigma), c)
+        return zero_length_identity(out, x, t_from, t_to).to(dtype)
+
+
+class DPMSolverSkip(LogSNRSolver):
     """DPM-Solver++ (data prediction), first order or the second-order multistep 2M.
 
     Arguments:
@@ -89,9 +139,6 @@ class DPMSolverSkip(SkipTransition):
     The step to a level with sigma = 0 (the clean end) is always first order (it returns x0_hat), as in
     diffusers' ``final_sigmas_type="zero"``.
     """
-
-    stochastic = False
-    composes_exactly = True  # the one-step skip (first order) is DDIM
 
     def __init__(
         self,
@@ -122,40 +169,6 @@ class DPMSolverSkip(SkipTransition):
         super().__setattr__(name, value)
         if not name.startswith("_"):  # the remembered x0_hat depends on prediction, x0_transform, schedule
             self.__dict__.pop("_x0_memo", None)
-
-    def make_grid(self, timesteps) -> TimeGrid:
-        """:meth:`SkipTransition.make_grid`, refusing a step between two levels of equal log-SNR."""
-        return refuse_flat_log_snr(self, super().make_grid(timesteps))
-
-    # ----------------------------------------------------------------- first order (the skip)
-    def _first(self, t_from: torch.Tensor, t_to: torch.Tensor):
-        """((alpha_s, sigma_s), (c_x, c_x0)) of the first-order step t_from -> t_to."""
-        a_s, s_s = self.schedule.alpha_sigma(t_from)
-        a_t, s_t = self.schedule.alpha_sigma(t_to)
-        return (a_s, s_s), C.dpm_solver_pp_coefficients(a_s, s_s, a_t, s_t)
-
-    def x0_hat(self, x: torch.Tensor, pred: torch.Tensor, t: Levels, alpha_sigma=None) -> torch.Tensor:
-        """The model output converted to x0_hat at level t (with the x0 transform)."""
-        return self.to_x0_eps(x, pred, t, alpha_sigma)[0]
-
-    def _from_x0(self, x: torch.Tensor, x0_hat: torch.Tensor, c) -> torch.Tensor:
-        c_x, c_x0 = c
-        return broadcast_coef(c_x, x) * x + broadcast_coef(c_x0, x) * x0_hat
-
-    def __call__(self, x: torch.Tensor, pred: torch.Tensor, t_from: Levels, t_to: Levels,
-                 noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-        r"""The first-order DPM-Solver++ step (DDIM with eta = 0 in the data-prediction form) from level s to t:
-
-        .. math:: x_t = \frac{\sigma_t}{\sigma_s} x_s + \alpha_t\,(1 - e^{-h})\,\hat x_0, \quad
-                  h = \lambda_t - \lambda_s, \ \lambda = \log(\alpha / \sigma),
-
-        with x0_hat converted from ``pred`` at level s. Deterministic: ``noise`` is ignored. A zero-length
-        skip returns x. The second-order (2M) step combines an earlier prediction: see :meth:`multistep`."""
-        t_from, t_to = self.operands(x, pred, t_from, t_to, noise)
-        alpha_sigma, c = self.cached(t_from, t_to, self._first)
-        dtype, (x, pred) = x.dtype, upcast(x, pred)  # float16 / bfloat16: in float32, cast once
-        out = self._from_x0(x, self.x0_hat(x, pred, t_from, alpha_sigma), c)
-        return zero_length_identity(out, x, t_from, t_to).to(dtype)
 
     # ----------------------------------------------------------------- 2M
     def history_at(self, grid: TimeGrid, i: int) -> int:
@@ -276,16 +289,13 @@ class DPMSolverSkip(SkipTransition):
         if not history:
             return super().drafts(x, pred, t_from, t_to, noises)
         self.check_window(x, t_from, t_to, noises)
-        n, b = int(t_from.shape[0]), x.shape[0]
+        n = int(t_from.shape[0])
         first = self.multistep(x, pred, t_from[0], t_to[0], history)
         if n == 1:
             return first.unsqueeze(0)
         x0_a = self.x0_hat(*upcast(x, pred), t_from[0])  # float16 / bfloat16: in float32, cast once
-        src = t_to[0].expand((n - 1) * b)
-        dst = t_to[1:].to(torch.float64).repeat_interleave(b)
-        _, c = self.cached(src, dst, self._first)
         (first_up,) = upcast(first)
-        rest = self._from_x0(repeat_rows(first_up, n - 1), repeat_rows(x0_a, n - 1), c).reshape(n - 1, *x.shape)
+        rest = self._first_order_from(first_up, x0_a, t_to[0], t_to[1:])
         return torch.cat([first.unsqueeze(0), rest.to(x.dtype)])
 
     def __repr__(self) -> str:

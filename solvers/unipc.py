@@ -34,15 +34,15 @@ from driffusion_core.errors import InvalidArgumentError, as_flag
 from driffusion_core.grid import TimeGrid
 from driffusion_core.parameterization import Prediction, X0Transform, broadcast_coef, upcast
 from driffusion_core.schedules import Schedule
-from driffusion_core.transition import History, Levels, SkipTransition, as_levels, repeat_rows, zero_length_identity
-from solvers.dpm import DPMSolverSkip, check_order, refuse_flat_log_snr
+from driffusion_core.transition import History, Levels, as_levels, zero_length_identity
+from solvers.dpm import LogSNRSolver, check_order
 
 __all__ = ["UniPCSkip"]
 
 SOLVER_TYPES = ("bh1", "bh2")
 
 
-class UniPCSkip(SkipTransition):
+class UniPCSkip(LogSNRSolver):
     """UniPC (data prediction): the predictor UniP of order 1 or 2 and the corrector UniC.
 
     Arguments:
@@ -59,9 +59,6 @@ class UniPCSkip(SkipTransition):
 
     ``__call__`` is the first-order step (DDIM with eta = 0, the skip); :meth:`multistep` the UniPC step.
     """
-
-    stochastic = False
-    composes_exactly = True  # the one-step skip (first order) is DDIM
 
     def __init__(
         self,
@@ -91,15 +88,8 @@ class UniPCSkip(SkipTransition):
             raise InvalidArgumentError(f"UniPCSkip solver_type must be 'bh1' or 'bh2', got {value!r}.")
         super().__setattr__(name, value)
 
-    def make_grid(self, timesteps) -> TimeGrid:
-        """:meth:`SkipTransition.make_grid`, refusing a step between two levels of equal log-SNR."""
-        return refuse_flat_log_snr(self, super().make_grid(timesteps))
-
     def history_at(self, grid: TimeGrid, i: int) -> int:
         return min(int(i), self.order)
-
-    # ----------------------------------------------------------------- first order (the skip)
-    _first = DPMSolverSkip._first  # ((alpha_s, sigma_s), (c_x, c_x0)) of the first-order step
 
     @staticmethod
     def _combine(terms) -> torch.Tensor:
@@ -109,18 +99,6 @@ class UniPCSkip(SkipTransition):
             term = broadcast_coef(c, v) * v
             out = term if out is None else out + term
         return out
-
-    def __call__(self, x: torch.Tensor, pred: torch.Tensor, t_from: Levels, t_to: Levels,
-                 noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-        r"""The first-order step (UniP-1, DDIM with eta = 0) from level s to t:
-        :math:`x_t = \frac{\sigma_t}{\sigma_s} x_s + \alpha_t(1 - e^{-h})\hat x_0`, with x0_hat converted from
-        ``pred`` at s. Deterministic: ``noise`` is ignored. A zero-length skip returns x."""
-        t_from, t_to = self.operands(x, pred, t_from, t_to, noise)
-        alpha_sigma, (c_x, c_x0) = self.cached(t_from, t_to, self._first)
-        dtype, (x, pred) = x.dtype, upcast(x, pred)
-        x0 = self.to_x0_eps(x, pred, t_from, alpha_sigma)[0]
-        out = self._combine([(c_x, x), (c_x0, x0)])
-        return zero_length_identity(out, x, t_from, t_to).to(dtype)
 
     # ----------------------------------------------------------------- UniPC
     def orders(self, n_history: int, t_to: torch.Tensor) -> Tuple[int, int]:
@@ -258,11 +236,8 @@ class UniPCSkip(SkipTransition):
                       t_to[1].to(torch.float64))
             k, _ = self._coefficients(levels, 1, 2)
             start = start + self._combine([(k[2], x0s[1] - m_a)])
-        src = t_to[0].expand((n - 1) * b)
-        dst = t_to[1:].to(torch.float64).repeat_interleave(b)
-        _, c = self.cached(src, dst, self._first)
-        rest = self._combine([(c[0], repeat_rows(start, n - 1)), (c[1], repeat_rows(m_a, n - 1))])
-        return torch.cat([first.unsqueeze(0), rest.reshape(n - 1, *x.shape).to(x.dtype)])
+        rest = self._first_order_from(start, m_a, t_to[0], t_to[1:])
+        return torch.cat([first.unsqueeze(0), rest.to(x.dtype)])
 
     def __repr__(self) -> str:
         return (super().__repr__()[:-1] + f", order={self.order}, solver_type={self.solver_type!r}, "

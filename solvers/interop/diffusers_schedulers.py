@@ -529,19 +529,28 @@ def _multistep_flow(scheduler, cfg, num_inference_steps: int, mu: Optional[float
         _refuse_held_custom(scheduler, name, num_inference_steps)
     n = len(ts)
     levels = sig[: n + 1].to(torch.float64)
-    if not bool((levels[:-1] > 0).all()) or not bool((levels[1:] < levels[:-1]).all()) or float(levels[0]) > 1.0:
-        zero_length = n >= 1 and float(levels[-1]) == float(levels[-2]) > 0
-        raise InvalidArgumentError(
-            f"{name}(use_flow_sigmas=True, final_sigmas_type={cfg.get('final_sigmas_type', 'zero')!r})"
-            f".set_timesteps({num_inference_steps}) gives sigmas {[round(v, 6) for v in levels.tolist()]}, which do "
-            f"not decrease strictly from a value in (0, 1]"
-            + (": the last step goes from sigma_min to sigma_min, a model call that changes nothing (diffusers "
-               "divides by h = 0 there). Use final_sigmas_type='zero'." if zero_length else
-               ". Use fewer inference steps."))
+    _refuse_unusable_sigmas(name, "use_flow_sigmas", cfg, num_inference_steps, levels, top=1.0)
     schedule = FlowSchedule(num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)))
     transition = make(schedule, _FLOW_PREDICTIONS[kind])
     grid = transition.make_grid(TimeGrid(levels[:-1], levels[1:], ts, schedule.kind))
     return transition, grid
+
+
+def _refuse_unusable_sigmas(name: str, option: str, cfg: Mapping[str, Any], num_inference_steps: int,
+                            levels: torch.Tensor, top: Optional[float] = None) -> None:
+    """Refuse a multistep scheduler's own sigmas (``levels``: the steps' sigmas, then the last one) unless they
+    decrease strictly from a positive value (at most ``top``)."""
+    if bool((levels[:-1] > 0).all()) and bool((levels[1:] < levels[:-1]).all()) and (top is None or float(levels[0]) <= top):
+        return
+    zero_length = float(levels[-1]) == float(levels[-2]) > 0
+    raise InvalidArgumentError(
+        f"{name}({option}=True, final_sigmas_type={cfg.get('final_sigmas_type', 'zero')!r})"
+        f".set_timesteps({num_inference_steps}) gives sigmas {[round(v, 6) for v in levels.tolist()]}, which do not "
+        f"decrease strictly from {'a value in (0, ' + format(top, 'g') + ']' if top is not None else 'a positive value'}"
+        + (": the last step goes from sigma_min to sigma_min, a step of log-SNR length h = 0, which the solver divides "
+           "by (diffusers' too). Use final_sigmas_type='zero'." if zero_length else
+           " (more steps than distinct noise levels). Use fewer inference steps.")
+    )
 
 
 def _multistep_grid(scheduler, cfg, num_inference_steps: int, check_held: bool, name: str, make):
@@ -675,16 +684,7 @@ def _dpm_on_sigmas(scheduler, cfg, num_inference_steps: int, check_held: bool, o
         _refuse_held_custom(scheduler, name, num_inference_steps)
     n = len(ts)
     levels = sig[: n + 1].to(torch.float64)  # sigmas[i] -> sigmas[i + 1]; the last: 0 or sigma_min
-    final = cfg.get("final_sigmas_type", "zero")
-    if not bool((levels[:-1] > 0).all()) or not bool((levels[1:] < levels[:-1]).all()):
-        zero_length = n >= 1 and float(levels[-1]) == float(levels[-2]) > 0
-        raise InvalidArgumentError(
-            f"{name}({option}=True, final_sigmas_type={final!r}).set_timesteps({num_inference_steps}) gives sigmas "
-            f"{[round(v, 6) for v in levels.tolist()]}, which do not decrease strictly from a positive value"
-            + (": the last step goes from sigma_min to sigma_min, a model call that changes nothing (diffusers divides "
-               "by h = 0 there). Use final_sigmas_type='zero'." if zero_length else
-               " (more steps than distinct noise levels). Use fewer inference steps.")
-        )
+    _refuse_unusable_sigmas(name, option, cfg, num_inference_steps, levels)
     table = torch.flip(1.0 / (1.0 + levels * levels), [0])  # alpha-bar, from the clean end (level 0) up
     schedule = SigmaGridSchedule(table, ts)
     transition = make(schedule)
