@@ -1,8 +1,9 @@
 """Several GPUs in one process: one model replica and one CUDA stream per device.
 
 A round's K drafts are split over the streams in contiguous, as-even-as-possible shares. Each share is
-launched on its own CUDA stream (inputs copied to that device without blocking the host, the replica run
-under ``torch.cuda.stream``), so the devices work at the same time while the Python thread only queues
+launched on its own CUDA stream, its drafts called one after another there as ``SerialExecutor`` calls
+them (inputs copied to that device without blocking the host, the replica run under
+``torch.cuda.stream``), so the devices work at the same time while the Python thread only queues
 kernels; the predictions are then gathered back, in draft order, onto the device of the inputs.
 
 Several streams may share one GPU (``devices=["cuda:0", "cuda:0"]``): small models that leave the GPU
@@ -171,8 +172,9 @@ class StreamExecutor(Executor):
         ts: torch.Tensor,
         cond: Optional[Mapping[str, Any]] = None,
     ) -> torch.Tensor:
-        """:meth:`Executor.evaluate` with the K drafts shared out over the devices' streams (each device's
-        share as one batched call on its own CUDA stream), gathered on the inputs' device."""
+        """:meth:`Executor.evaluate` with the K drafts shared out over the devices' streams (each share's drafts
+        called one by one on its own CUDA stream, as :class:`~driffusion_core.SerialExecutor` calls them, so a replica sees the
+        batch shape it was written for), gathered in draft order on the inputs' device."""
         if not self.streams:
             raise ExecutorError("StreamExecutor: the executor was closed.")
         check_round_args(type(self).__name__, xs, ts, cond)

@@ -1,7 +1,7 @@
 """``python -m benchmarks [--quick] [--out DIR] [--only oracle,digits,...]``: the benchmark suite.
 
 Full run (``make bench``, under 15 minutes on 2 cores): writes ``benchmarks/results/report.md``,
-``results.json`` and the PNG plots. ``--quick`` (``make bench-quick``, under a minute on 2 idle cores) writes to
+``results.json`` and the PNG plots. ``--quick`` (``make bench-quick``, 40 to 90 s on 2 cores) writes to
 ``benchmarks/results/quick/`` so the committed full results are never overwritten.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from benchmarks.config import SECTIONS, preset
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description="The benchmark suite.")
-    p.add_argument("--quick", action="store_true", help="small settings, under a minute on 2 idle cores (results in results/quick/)")
+    p.add_argument("--quick", action="store_true", help="small settings, 40 to 90 s on 2 cores (results in results/quick/)")
     p.add_argument("--out", type=out_dir, default=None, help="output folder (default benchmarks/results[/quick])")
     p.add_argument("--only", type=str, default=None,
                    help=f"comma-separated sections to run, from: {','.join(SECTIONS)} (default all)")

@@ -30,6 +30,7 @@ __all__ = [
     "ddim_coefficients",
     "ddpm_posterior_coefficients",
     "ddpm_large_variance",
+    "posterior_variance",
     "ddim_chain_coefficients",
     "flow_euler_coefficient",
     "log",
@@ -114,7 +115,7 @@ def ve_ancestral_coefficients(sigma_t: Any, sigma_s: Any, eta: Any = 1) -> Tuple
 # --------------------------------------------------------------------------- parameterizations
 
 
-def x0_eps_coefficients(prediction: str, alpha: Any, sigma: Any):
+def x0_eps_coefficients(prediction: str, alpha: Any, sigma: Any) -> Tuple[Tuple[Any, Any], Tuple[Any, Any]]:
     r"""Coefficients turning a model output into (x0_hat, eps_hat) at one level.
 
     Returns ``((a_x, a_p), (b_x, b_p))`` with
@@ -142,7 +143,7 @@ def x0_eps_coefficients(prediction: str, alpha: Any, sigma: Any):
     raise ValueError(f"unknown prediction type {prediction!r}")
 
 
-def prediction_coefficients(prediction: str, alpha: Any, sigma: Any):
+def prediction_coefficients(prediction: str, alpha: Any, sigma: Any) -> Tuple[Any, Any]:
     r"""Inverse of :func:`x0_eps_coefficients`: ``(c_x0, c_eps)`` with :math:`p = c_{x_0} x_0 + c_\epsilon \epsilon`."""
     if prediction == "epsilon":
         return 0, 1
@@ -158,7 +159,7 @@ def prediction_coefficients(prediction: str, alpha: Any, sigma: Any):
 # --------------------------------------------------------------------------- DDIM
 
 
-def ddim_coefficients(abar_t: Any, abar_s: Any, eta: Any = 0):
+def ddim_coefficients(abar_t: Any, abar_s: Any, eta: Any = 0) -> Tuple[Any, Any, Any]:
     r"""DDIM skip t -> s (Song et al. 2021, eq. 12), marginal-consistent across a big step.
 
     .. math::
@@ -181,7 +182,7 @@ def ddim_coefficients(abar_t: Any, abar_s: Any, eta: Any = 0):
     return c_x0, c_eps, sigma_ts
 
 
-def ddim_chain_coefficients(abar_t: Any, abar_s: Any, eta: Any = 0):
+def ddim_chain_coefficients(abar_t: Any, abar_s: Any, eta: Any = 0) -> Tuple[Any, Any, Any]:
     r"""One DDIM step written against (x0_hat, x_t) instead of (x0_hat, eps_hat).
 
     Substituting :math:`\hat\epsilon = (x_t - \sqrt{\bar\alpha_t}\hat x_0)/\sqrt{1-\bar\alpha_t}`:
@@ -196,7 +197,7 @@ def ddim_chain_coefficients(abar_t: Any, abar_s: Any, eta: Any = 0):
 # --------------------------------------------------------------------------- DDPM
 
 
-def ddpm_posterior_coefficients(abar_t: Any, abar_s: Any):
+def ddpm_posterior_coefficients(abar_t: Any, abar_s: Any) -> Tuple[Any, Any, Any]:
     r"""DDPM posterior :math:`q(x_s \mid x_t, x_0)` for any pair of levels s < t (Ho et al. 2020, eq. 7).
 
     With :math:`\alpha_{t|s} = \bar\alpha_t/\bar\alpha_s` and :math:`\beta_{t|s} = 1-\alpha_{t|s}`:
@@ -221,6 +222,20 @@ def ddpm_large_variance(abar_t: Any, abar_s: Any) -> Any:
     return 1 - abar_t / abar_s
 
 
+def posterior_variance(alpha_t: Any, sigma_t: Any, alpha_s: Any, sigma_s: Any) -> Any:
+    r"""Variance of the posterior :math:`q(x_s \mid x_t, x_0)` of any Gaussian interpolant
+    :math:`x = \alpha x_0 + \sigma\epsilon` (VP, flow, VE), for a level s cleaner than t:
+
+    .. math:: v = \sigma_s^2\Big(1 - \frac{\mathrm{SNR}_t}{\mathrm{SNR}_s}\Big),\qquad
+              \mathrm{SNR} = \alpha^2/\sigma^2.
+
+    VP: the "fixed_small" variance of ``ddpm_posterior_coefficients``; VE: k-diffusion's
+    :math:`\sigma_{up}^2` at eta = 1 (proofs ``ddpm.posterior_variance_general``). ParaDiGMS
+    normalises a level's change by it (``PicardScheduler(norm="posterior")``)."""
+    ratio = alpha_t * sigma_s / (sigma_t * alpha_s)  # sqrt(SNR_t / SNR_s)
+    return sigma_s * sigma_s * (1 - ratio * ratio)
+
+
 # --------------------------------------------------------------------------- flow
 
 
@@ -232,7 +247,7 @@ def flow_euler_coefficient(t: Any, s: Any) -> Any:
 # --------------------------------------------------------------------------- DPM-Solver++
 
 
-def dpm_solver_pp_coefficients(alpha_s: Any, sigma_s: Any, alpha_t: Any, sigma_t: Any):
+def dpm_solver_pp_coefficients(alpha_s: Any, sigma_s: Any, alpha_t: Any, sigma_t: Any) -> Tuple[Any, Any]:
     r"""First-order DPM-Solver++ (Lu et al. 2022, data prediction) from level s to the cleaner level t.
 
     With :math:`\lambda = \log(\alpha/\sigma)`, :math:`h = \lambda_t - \lambda_s` and so
@@ -250,7 +265,7 @@ def dpm_solver_pp_coefficients(alpha_s: Any, sigma_s: Any, alpha_t: Any, sigma_t
 
 def dpm_solver_pp_2m_coefficients(
     alpha_p: Any, sigma_p: Any, alpha_s: Any, sigma_s: Any, alpha_t: Any, sigma_t: Any, solver_type: str = "midpoint"
-):
+) -> Tuple[Any, Any, Any]:
     r"""Second-order multistep DPM-Solver++ (2M) step s -> t, using the previous level p > s too.
 
     With :math:`h = \lambda_t - \lambda_s`, :math:`h_0 = \lambda_s - \lambda_p`, :math:`r_0 = h_0/h`,
@@ -297,7 +312,7 @@ def _unipc_b(alpha_from: Any, sigma_from: Any, alpha_to: Any, sigma_to: Any, sol
 
 def unipc_predictor_coefficients(
     alpha_p: Any, sigma_p: Any, alpha_s: Any, sigma_s: Any, alpha_t: Any, sigma_t: Any, solver_type: str = "bh2"
-):
+) -> Tuple[Any, Any, Any]:
     r"""UniP-2 (Zhao et al. 2023, UniPC, data prediction; diffusers' ``multistep_uni_p_bh_update``, order 2)
     from level s to t, with the previous level p > s.
 
@@ -322,7 +337,7 @@ def unipc_predictor_coefficients(
 def unipc_corrector_coefficients(
     alpha_pp: Any, sigma_pp: Any, alpha_p: Any, sigma_p: Any, alpha_s: Any, sigma_s: Any, order: int,
     solver_type: str = "bh2",
-):
+) -> Tuple[Any, Any, Any]:
     r"""UniC-``order`` (diffusers' ``multistep_uni_c_bh_update``) at level s, reached from level p by the
     predictor of the same order, as a change to the predicted state: :math:`x_s^c = x_s + K`,
     :math:`K = k_s m_s + k_p m_p + k_{pp} m_{pp}`, with :math:`m_s` the x0_hat of the model called at the

@@ -140,6 +140,11 @@ def check_inputs(x: Any, cond: Optional[Mapping[str, Any]], what: str = "cond") 
         raise InvalidArgumentError(
             f"x must be a floating-point tensor [B, ...] (float32, float64, float16 or bfloat16), got {got}."
         )
+    if x.layout != torch.strided:
+        raise InvalidArgumentError(
+            f"x must be a dense tensor, got layout {x.layout}; the steps and the executors' stacking need dense "
+            f"storage: pass x.to_dense()."
+        )
     if x.dim() < 1:
         raise InvalidArgumentError("x must have a batch dimension [B, ...], got a 0-d tensor (shape ()).")
     if x.shape[0] < 1:
@@ -187,11 +192,18 @@ def where_steps(grid: TimeGrid, steps: List[int]) -> str:
 
 _SIGNATURE_ERROR = re.compile(r"missing \d+ required (positional|keyword-only) argument|unexpected keyword argument|"
                               r"takes \d+ positional arguments? but \d+ (were|was) given")
+_CLASH = re.compile(r"got multiple values for (?:keyword )?argument '(\w+)'")
 
 
 def _call_hint(error: BaseException, cond: Optional[Mapping[str, Any]]) -> str:
     """What to check for an exception from the predictor: its calling convention for a TypeError about its
     arguments, else the state's dtype and device."""
+    clash = _CLASH.search(safe_str(error)) if isinstance(error, TypeError) else None
+    if clash and cond and clash.group(1) in cond:
+        return (
+            f"cond has the key {clash.group(1)!r}, which is also the name of the predictor's x or t argument: the "
+            f"predictor is called as f(x, t, **cond), so rename that key (and the model's keyword argument it feeds)"
+        )
     if isinstance(error, TypeError) and _SIGNATURE_ERROR.search(safe_str(error)):
         keys = ", ".join(repr(k) for k in cond) if cond else None
         given = f"with the keyword arguments {keys} from cond" if keys else "with no keyword arguments (cond is empty)"
@@ -619,11 +631,12 @@ class DraftRefineScheduler:
             :class:`~driffusion_core.errors.WideWindowWarning`.
         mode: ``"aggressive"`` (about T/n rounds) or ``"conservative"`` (about 2T/(n+1) rounds: every
             window's anchor is evaluated exactly, one round of its own). Conservative is not uniformly
-            closer to the serial output. In the 14 quality tables of the committed benchmark
-            (``benchmarks/results/report.md``, trailing grids, T = 50) it was closer at width 2 in all 14
-            and for DDPM and flow at width 4 in all 6; for DDIM and DPM-Solver++ 2M at width 4, aggressive
-            was closer in fewer rounds in 5 of 8 tables, conservative in 3 (the 16-D mixture's DDIM and
-            2M tables, and the ring's 2M table by 2 %).
+            closer to the serial output. In the 18 quality tables of the committed benchmark
+            (``benchmarks/results/report.md``, trailing grids, T = 50) it was closer at width 2 in 17 (not
+            the 16-D mixture's UniPC table) and for DDPM and flow at width 4 in all 6; for DDIM,
+            DPM-Solver++ 2M and UniPC at width 4, aggressive was closer in fewer rounds in 7 of 12 tables,
+            conservative in 5 (the 16-D mixture's DDIM, 2M and UniPC tables, and the ring's 2M and UniPC
+            tables by 2 % and 0.3 %).
 
     Example::
 

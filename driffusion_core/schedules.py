@@ -195,7 +195,7 @@ class VPSchedule(Schedule):
 
     # ----------------------------------------------------------------- constructors
     @classmethod
-    def from_betas(cls, betas, final_alpha_cumprod: Optional[float] = 1.0, rescale_betas_zero_snr: bool = False) -> "VPSchedule":
+    def from_betas(cls, betas: Union[Sequence[float], torch.Tensor], final_alpha_cumprod: Optional[float] = 1.0, rescale_betas_zero_snr: bool = False) -> "VPSchedule":
         """From per-step betas; ``final_alpha_cumprod=None`` means ``alphas_cumprod[0]``."""
         try:
             betas = torch.as_tensor(betas, dtype=torch.float64).flatten()

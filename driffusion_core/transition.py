@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -39,6 +39,8 @@ __all__ = ["SkipTransition", "History", "as_levels", "repeat_rows", "zero_length
 
 Levels = Union[float, int, torch.Tensor]
 History = Sequence[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+"""A multistep transition's earlier steps, oldest first: ``(x_i, p_i, t_i)``, a state, the model's prediction
+there and its level (what :meth:`SkipTransition.remember` keeps and :meth:`SkipTransition.multistep` combines)."""
 """Earlier steps of the serial chain, oldest first: ``(x_i, p_i, t_from[i])`` (state, prediction, level)."""
 
 
@@ -301,7 +303,7 @@ class SkipTransition(abc.ABC):
         """The Euler step's coefficient t_to - t_from (flow and VE steps go through :meth:`cached` with it)."""
         return C.flow_euler_coefficient(t_from, t_to)
 
-    def cached(self, t_from: torch.Tensor, t_to: torch.Tensor, compute):
+    def cached(self, t_from: torch.Tensor, t_to: torch.Tensor, compute: Callable[[torch.Tensor, torch.Tensor], Any]) -> Any:
         """``compute(t_from, t_to)``, remembered per pair of levels (scalars, or up to
         :attr:`_CACHE_ROWS` per-row levels, as a window's drafts have).
 

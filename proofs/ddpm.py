@@ -194,3 +194,43 @@ def coupled_noise_3() -> Result:
 )
 def coupled_noise_fixed_large_3() -> Result:
     return _coupled(3, "fixed_large")
+
+
+@identity(
+    "ddpm.posterior_variance_general",
+    "DDPM",
+    "posterior_variance = sigma_s^2 (1 - SNR_t / SNR_s) is Bayes' rule's variance of q(x_s | x_t, x0) for any "
+    "interpolant x = alpha x0 + sigma eps (VP, flow, VE); for VP it is the fixed_small variance of "
+    "ddpm_posterior_coefficients, for VE k-diffusion's sigma_up^2 at eta = 1. PicardScheduler(norm='posterior') "
+    "divides by it.",
+)
+def posterior_variance_any_interpolant() -> Result:
+    # alpha_t = k alpha_s (0 < k), sigma_t^2 = k^2 sigma_s^2 + w (w > 0: the forward kernel's variance)
+    a_s, s_s, k, w = sp.symbols("alpha_s sigma_s k w", positive=True)
+    a_t, s_t = k * a_s, sp.sqrt(k**2 * s_s**2 + w)
+    x0, xs, xt = real("x0 x_s x_t")
+    log_joint = _log_normal_quadratic(xt, k * xs, w) + _log_normal_quadratic(xs, a_s * x0, s_s**2)
+    quad = sp.Poly(sp.expand(log_joint), xs)
+    bayes_var = -1 / (2 * quad.coeff_monomial(xs**2))
+    residuals = {"Bayes' rule, any (alpha, sigma)": bayes_var - C.posterior_variance(a_t, s_t, a_s, s_s)}
+    lv = Levels(["t", "s"])
+    (at, st), (as_, ss) = C.vp_alpha_sigma(lv.abar["t"]), C.vp_alpha_sigma(lv.abar["s"])
+    residuals["VP: fixed_small variance"] = (
+        C.posterior_variance(at, st, as_, ss) - C.ddpm_posterior_coefficients(lv.abar["t"], lv.abar["s"])[2]
+    )
+    sig_t, r = sp.symbols("sigma_t r", positive=True)  # VE: sigma_s = r sigma_t, 0 < r < 1
+    (vt, vst), (vs, vss) = C.ve_alpha_sigma(sig_t), C.ve_alpha_sigma(r * sig_t)
+    residuals["VE: sigma_up^2 at eta = 1"] = (
+        C.posterior_variance(vt, vst, vs, vss) - C.ve_ancestral_coefficients(sig_t, r * sig_t, 1)[1] ** 2
+    )
+
+    def sample(rng):
+        vals = {a_s: sp.Rational(rng.randint(1, 97), 97), s_s: sp.Rational(rng.randint(1, 300), 97),
+                k: sp.Rational(rng.randint(1, 96), 97), w: sp.Rational(rng.randint(1, 300), 97),
+                sig_t: sp.Rational(rng.randint(1, 400), 20), r: sp.Rational(rng.randint(1, 96), 97)}
+        return vals, {str(s): v for s, v in vals.items()}
+
+    fixed = {a_s: sp.Rational(4, 5), s_s: sp.Rational(3, 5), k: sp.Rational(1, 2), w: sp.Rational(1, 2),
+             sig_t: sp.Integer(3), r: sp.Rational(1, 2)}
+    domain = Domain(sample, (fixed, {str(s): v for s, v in fixed.items()})) & lv.domain & Domain.free([x0, xt])
+    return check(residuals, domain)

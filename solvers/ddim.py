@@ -11,7 +11,7 @@ steps; at eta = 1 it is the DDPM posterior.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -42,7 +42,13 @@ class EtaNoise:
 
 
 class DDIMSkip(EtaNoise, SkipTransition):
-    """DDIM's update across any pair of levels.
+    r"""DDIM's update across any pair of levels t -> s (Song et al. 2021, eq. 12):
+
+    .. math:: x_s = \sqrt{\bar\alpha_s}\,\hat x_0 + \sqrt{1 - \bar\alpha_s - \sigma_{t\to s}^2}\,\hat\epsilon
+              + \sigma_{t\to s} z,\qquad
+              \sigma_{t\to s} = \eta\sqrt{\tfrac{1-\bar\alpha_s}{1-\bar\alpha_t}}\sqrt{1-\tfrac{\bar\alpha_t}{\bar\alpha_s}}
+
+    with (x0_hat, eps_hat) converted from the prediction at t (``ddim_coefficients``).
 
     Arguments:
         schedule: a :class:`~driffusion_core.VPSchedule`.
@@ -111,7 +117,7 @@ class DDIMSkip(EtaNoise, SkipTransition):
         ``recompute_eps`` divide by sigma."""
         return self.prediction is Prediction.EPSILON and not self.recompute_eps and self.eta == 0
 
-    def chain_factors(self, t_from: torch.Tensor, t_to: torch.Tensor):
+    def chain_factors(self, t_from: torch.Tensor, t_to: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return C.ddim_chain_coefficients(self.schedule.alpha_bar(t_from), self.schedule.alpha_bar(t_to), self.eta)
 
     def __repr__(self) -> str:

@@ -13,7 +13,7 @@ multi-level *skip* is noisier than the chain (variance beta_{t|s}).
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -29,7 +29,14 @@ VARIANCE_TYPES = ("fixed_small", "fixed_large")
 
 
 class DDPMSkip(SkipTransition):
-    """DDPM's ancestral step across any pair of levels.
+    r"""DDPM's ancestral step across any pair of levels t -> s: a draw from the posterior
+    :math:`q(x_s \mid x_t, \hat x_0)` (Ho et al. 2020, eq. 7; ``ddpm_posterior_coefficients``),
+
+    .. math:: x_s = \frac{\sqrt{\bar\alpha_s}\,\beta_{t|s}}{1-\bar\alpha_t}\hat x_0
+              + \frac{\sqrt{\alpha_{t|s}}\,(1-\bar\alpha_s)}{1-\bar\alpha_t} x_t + s_{t\to s} z,
+              \qquad \alpha_{t|s} = \bar\alpha_t/\bar\alpha_s,\ \beta_{t|s} = 1 - \alpha_{t|s};
+
+    a multi-level draft is the chain of one-level steps with x0_hat frozen and each step's noise.
 
     Arguments:
         schedule: a :class:`~driffusion_core.VPSchedule`.
@@ -88,7 +95,7 @@ class DDPMSkip(SkipTransition):
             out = out + broadcast_coef(std, x) * noise
         return zero_length_identity(out, x, t_from, t_to).to(dtype)
 
-    def chain_factors(self, t_from: torch.Tensor, t_to: torch.Tensor):
+    def chain_factors(self, t_from: torch.Tensor, t_to: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self._coefficients(t_from, t_to)[1]  # the step x_s = c_x0 x0_hat + c_xt x_t + std z
 
     def __repr__(self) -> str:

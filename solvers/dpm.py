@@ -115,7 +115,8 @@ class LogSNRSolver(SkipTransition):
                   h = \lambda_t - \lambda_s, \ \lambda = \log(\alpha / \sigma),
 
         with x0_hat converted from ``pred`` at level s. Deterministic: ``noise`` is ignored. A zero-length
-        skip returns x. The second-order (2M) step combines an earlier prediction: see :meth:`multistep`."""
+        skip returns x. The higher-order steps (DPM-Solver++ 2M, UniPC's predictor and corrector) combine
+        earlier predictions: see each subclass's :meth:`multistep`."""
         t_from, t_to = self.operands(x, pred, t_from, t_to, noise)
         alpha_sigma, c = self.cached(t_from, t_to, self._first)
         dtype, (x, pred) = x.dtype, upcast(x, pred)  # float16 / bfloat16: in float32, cast once
@@ -124,7 +125,12 @@ class LogSNRSolver(SkipTransition):
 
 
 class DPMSolverSkip(LogSNRSolver):
-    """DPM-Solver++ (data prediction), first order or the second-order multistep 2M.
+    r"""DPM-Solver++ (data prediction), first order or the second-order multistep 2M (Lu et al. 2022).
+
+    First order, with :math:`h = \lambda_s - \lambda_t`, :math:`\lambda = \log(\alpha/\sigma)`:
+    :math:`x_s = \frac{\sigma_s}{\sigma_t} x_t + \alpha_s (1 - e^{-h})\,\hat x_0^{(t)}`; 2M adds
+    :math:`\alpha_s (1 - e^{-h})\,\frac{1}{2 r}(\hat x_0^{(t)} - \hat x_0^{(p)})`, :math:`r = h_{prev}/h`
+    (midpoint; ``dpm_solver_pp_2m_coefficients``).
 
     Arguments:
         schedule: a :class:`~driffusion_core.VPSchedule` or :class:`~driffusion_core.FlowSchedule`

@@ -20,7 +20,11 @@ __all__ = ["FlowEulerSkip"]
 
 
 class FlowEulerSkip(SkipTransition):
-    """The Euler step of a flow-matching model across any pair of sigmas.
+    r"""The Euler step of a flow-matching model across any pair of sigmas t -> s:
+
+    .. math:: x_s = x_t + (s - t)\,\hat v,\qquad \hat v = \hat\epsilon - \hat x_0
+
+    (``flow_euler_coefficient``; on the path :math:`x_t = (1-t)\,x_0 + t\,\epsilon`).
 
     Arguments:
         schedule: a :class:`~driffusion_core.FlowSchedule`.

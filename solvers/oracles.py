@@ -14,7 +14,7 @@ sampler and its distance to the true distribution can be measured against the tr
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -35,7 +35,8 @@ class GaussianMixture:
         weights: ``[M]`` mixture weights (default uniform).
     """
 
-    def __init__(self, means, variances: Union[float, Sequence, torch.Tensor] = 0.01, weights=None):
+    def __init__(self, means: Union[Sequence, torch.Tensor], variances: Union[float, Sequence, torch.Tensor] = 0.01,
+                 weights: Optional[Union[Sequence, torch.Tensor]] = None):
         self.means = torch.as_tensor(means, dtype=torch.float64)
         if self.means.dim() != 2 or self.means.numel() == 0:
             raise InvalidArgumentError(f"means must be a non-empty [M, D], got shape {tuple(self.means.shape)}.")
@@ -64,6 +65,7 @@ class GaussianMixture:
 
     @property
     def dim(self) -> int:
+        """D, the dimension of a sample."""
         return int(self.means.shape[1])
 
     def sample(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -72,7 +74,7 @@ class GaussianMixture:
         z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
         return self.means[comp] + self.variances[comp].sqrt() * z
 
-    def x0_eps(self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor):
+    def x0_eps(self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(x0*, eps*) = (E[x0 | x], E[eps | x]) at interpolant (alpha, sigma), in float64."""
         if x.dim() < 1 or x[0].numel() != self.dim:
             raise InvalidArgumentError(
@@ -91,7 +93,7 @@ class GaussianMixture:
         eps = (r * (s * diff / var)).sum(1)
         return x0, eps
 
-    def predictor(self, schedule: Schedule, prediction: Union[str, Prediction] = "epsilon"):
+    def predictor(self, schedule: Schedule, prediction: Union[str, Prediction] = "epsilon") -> Callable[..., torch.Tensor]:
         """A predictor ``f(x, t_model) -> Tensor`` for models called with ``schedule``'s model time."""
         prediction = Prediction.parse(prediction)
 

@@ -118,7 +118,7 @@ from driffusion_core.scheduler import (
     default_noise,
     run_rounds,
 )
-from driffusion_core.coefficients import prediction_coefficients
+from driffusion_core.coefficients import posterior_variance, prediction_coefficients
 from driffusion_core.parameterization import broadcast_coef, lincomb, upcast
 from driffusion_core.transition import SkipTransition, as_levels
 
@@ -405,9 +405,8 @@ def posterior_variances(schedule: Any, grid: TimeGrid) -> torch.Tensor:
     VP: diffusers' ``DDPMScheduler._get_variance``); :math:`v_T = 0`."""
     a_t, s_t = (v.to(torch.float64) for v in schedule.alpha_sigma(grid.t_from))
     a_s, s_s = (v.to(torch.float64) for v in schedule.alpha_sigma(grid.t_to))
-    # SNR_t / SNR_s = (alpha_t sigma_s / (sigma_t alpha_s))^2; sigma_s = 0 (the clean end): v = 0
-    ratio = torch.where(s_s > 0, (a_t * s_s / (s_t * a_s)) ** 2, torch.zeros_like(s_s))
-    v = s_s * s_s * (1 - ratio)
+    # sigma_s = 0 (a step to the clean end): v = 0
+    v = torch.where(s_s > 0, posterior_variance(a_t, s_t, a_s, s_s), torch.zeros_like(s_s))
     return torch.cat([v.clamp(min=0), v.new_zeros(1)])
 
 

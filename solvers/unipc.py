@@ -30,7 +30,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from driffusion_core import coefficients as C
-from driffusion_core.errors import InvalidArgumentError, as_flag
+from driffusion_core.errors import InvalidArgumentError, as_count, as_flag
 from driffusion_core.grid import TimeGrid
 from driffusion_core.parameterization import Prediction, X0Transform, broadcast_coef, upcast
 from driffusion_core.schedules import Schedule
@@ -50,10 +50,13 @@ class UniPCSkip(LogSNRSolver):
         prediction: ``"epsilon"``, ``"sample"``, ``"v_prediction"`` (VP) or ``"velocity"`` (flow).
         order: the predictor's order, 1 or 2 (diffusers' ``solver_order``; its default 2).
         solver_type: ``"bh2"`` (diffusers' default) or ``"bh1"``, the B(h) of UniPC.
-        lower_order_final: the predictor of the step into ``final_level`` is first order (diffusers'
-            ``lower_order_final``, its default).
-        final_level: the grid's last level (``grid.t_to[-1]``; :func:`solvers.from_diffusers` sets it). A
-            step to sigma = 0 is always first order (the second-order weights diverge there).
+        lower_order_final: the predictor of the grid's last step is first order (diffusers'
+            ``lower_order_final``, its default): of the step into ``final_level`` where that is set, else of
+            step ``len(grid) - 1`` wherever the step is taken on a grid (:meth:`grid_step`: the serial
+            sampler, the refinement of every round).
+        final_level: the last level of the grid this transition is for (``grid.t_to[-1]``;
+            :func:`solvers.from_diffusers` sets it), so that a bare :meth:`multistep` into it is first
+            order too. A step to sigma = 0 is always first order (the second-order weights diverge there).
         x0_transform: optional :class:`~driffusion_core.ClipSample` / :class:`~driffusion_core.DynamicThreshold`
             (diffusers' ``thresholding``), applied to every x0_hat.
 
@@ -168,14 +171,17 @@ class UniPCSkip(LogSNRSolver):
                     f"in its dtype and device; x is {x.dtype} {tuple(x.shape)} on {x.device}."
                 )
 
-    def _step(self, x: torch.Tensor, pred: torch.Tensor, t_from: Levels, t_to: Levels, history: History):
+    def _step(self, x: torch.Tensor, pred: torch.Tensor, t_from: Levels, t_to: Levels, history: History,
+              last: bool = False):
         """The UniPC step in float32 or wider (before the cast to x's dtype), the x0_hat of this step and of the
         history's steps it used (newest first), and the predictor's order: what :meth:`multistep` returns and
-        :meth:`drafts` continues from."""
+        :meth:`drafts` continues from. ``last``: the grid's last step (first order with ``lower_order_final``)."""
         history = list(history)[-self.order:] if history else []
         n = x.shape[0]
         t_from, t_to = self.operands(x, pred, t_from, t_to)
         predictor, corrector = self.orders(len(history), t_to)
+        if last and self.lower_order_final:
+            predictor = 1
         need = max(corrector, predictor - 1)
         self._check_history(x, history, need)
         hist_levels = [as_levels(h[2], n) for h in history]
@@ -208,6 +214,27 @@ class UniPCSkip(LogSNRSolver):
         correct x (UniC, with the x0_hat of ``history``'s steps, ``[(x_i, p_i, t_from[i])]`` oldest first),
         then predict the state at ``t_to`` (UniP). Deterministic: ``noise`` is ignored."""
         return self._step(x, pred, t_from, t_to, history)[0].to(x.dtype)
+
+    def grid_step(
+        self,
+        x: torch.Tensor,
+        pred: torch.Tensor,
+        grid: TimeGrid,
+        i: int,
+        history: History = (),
+        noise: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """:meth:`SkipTransition.grid_step`; the grid's last step has a first-order predictor with
+        ``lower_order_final`` (diffusers' ``min(solver_order, len(timesteps) - step_index)``), also when
+        ``final_level`` is not set."""
+        try:
+            last = as_count(i, "i", 0, len(grid) - 1) == len(grid) - 1
+        except InvalidArgumentError:
+            last = False  # the base method names the bad index
+        h = self.history_at(grid, i) if last else 0
+        if not (last and h and self.lower_order_final and self.final_level is None):
+            return super().grid_step(x, pred, grid, i, history, noise)
+        return self._step(x, pred, grid.t_from[i], grid.t_to[i], list(history)[-h:], last=True)[0].to(x.dtype)
 
     def drafts(
         self,

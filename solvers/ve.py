@@ -177,7 +177,7 @@ class VEAncestralSkip(EtaNoise, SkipTransition):
             out = out + broadcast_coef(up, x) * noise
         return zero_length_identity(out, x, t_from, t_to).to(dtype)
 
-    def chain_factors(self, t_from: torch.Tensor, t_to: torch.Tensor):
+    def chain_factors(self, t_from: torch.Tensor, t_to: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x_s = (1 - sigma_down / sigma_t) x0_hat + (sigma_down / sigma_t) x_t + sigma_up z`` per step."""
         t_from, t_to = t_from.to(torch.float64), t_to.to(torch.float64)
         down, up = C.ve_ancestral_coefficients(t_from, t_to, self.eta)

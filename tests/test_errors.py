@@ -222,6 +222,7 @@ def test_predictor_called_with_other_arguments_says_how_it_is_called():
         (needs_labels, {}, ["f(x, t, **cond)", "cond is empty", "cond={'labels': y}"]),
         (takes_two, {"labels": labels}, ["f(x, t, **cond)", "keyword arguments 'labels' from cond",
                                          "lambda x, t, **c: model(x, t)"]),
+        (takes_two, {"t": labels}, ["cond has the key 't'", "x or t argument", "rename that key"]),
     ]
     for predictor, cond, parts in cases:
         for call in run_both(predictor, cond=cond):
@@ -364,6 +365,12 @@ def test_x_with_nan_or_inf(bad):
 def test_x_not_a_float_tensor(x):
     with pytest.raises(InvalidArgumentError, match=r"x must be a floating-point tensor"):
         scheduler().sample(eps_model, x)
+
+
+def test_x_sparse_is_refused_by_both_samplers():
+    for call in run_both(eps_model, x=x0().to_sparse()):
+        with pytest.raises(InvalidArgumentError, match=r"x must be a dense tensor, got layout torch.sparse_coo.*to_dense"):
+            call()
 
 
 @pytest.mark.parametrize("x,message", [(torch.zeros(()), r"x must have a batch dimension \[B, \.\.\.\], got a 0-d tensor"),

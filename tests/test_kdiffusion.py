@@ -478,17 +478,20 @@ def sample_euler_ancestral_reference(model, x, sigmas, eta=1.0, s_noise=1.0, noi
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("eta, s_noise", [(1.0, 1.0), (0.5, 0.8)])
+@pytest.mark.parametrize("eta, s_noise", [(1.0, 1.0), (0.5, 0.8), (0.0, 1.0)])
 def test_ancestral_width1_equals_sample_euler_ancestral(dtype, eta, s_noise):
     """Width 1 with k-diffusion's default noise (torch.randn_like from the global generator, one draw per step
-    in order) and the same seed is sample_euler_ancestral; so is a custom noise_sampler's sequence."""
+    in order) and the same seed is sample_euler_ancestral, and leaves the generator where k-diffusion does (at
+    eta = 0 too, where k-diffusion draws and multiplies by 0); so is a custom noise_sampler's sequence."""
     sigmas = karras_sigmas(12, dtype=dtype)
     x = _start(sigmas, dtype=dtype)
     torch.manual_seed(3)
     ref = sample_euler_ancestral_reference(denoiser, x, sigmas, eta, s_noise)
+    after_ref = torch.rand(4)
     torch.manual_seed(3)
     out = sample_driffusion_ancestral(denoiser, x, sigmas, eta=eta, s_noise=s_noise, width=1, disable=True,
                                       return_output=True)
+    assert torch.equal(torch.rand(4), after_ref), "the global generator ends elsewhere than k-diffusion's"
     assert out.rounds == out.evals == len(sigmas) - 1
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     torch.testing.assert_close(out.x, ref, rtol=tol, atol=tol * ref.abs().max().item())

@@ -48,7 +48,9 @@ def test_drafts_are_the_chain_with_x0_frozen_and_row0_is_the_serial_step(solver_
     h, levels = data.draw(window())
     earlier, t_from, t_to = levels[:h], levels[h:-1], levels[h + 1:]
     n = int(t_from.shape[0])
-    tr = UniPCSkip(VP, prediction, solver_type=solver_type)
+    # lower_order_final=False: the chain's grid ends with the window, and a scheduler's window never holds the
+    # grid's last step (that one is always grid_step's), which lower_order_final takes at first order
+    tr = UniPCSkip(VP, prediction, solver_type=solver_type, lower_order_final=False)
     seed = data.draw(st.integers(0, 2**31))
     x, p = randn(3, 2, seed=seed), randn(3, 2, seed=seed + 1)
     history = [(randn(3, 2, seed=seed + 2 + 2 * k), randn(3, 2, seed=seed + 3 + 2 * k), earlier[k]) for k in range(h)]
@@ -83,6 +85,32 @@ def test_the_orders_of_each_step():
     assert [UniPCSkip(VP, order=1).orders(c, t) for c in (0, 1)] == [(1, 0), (1, 1)]
     grid = VP.timesteps(6, "trailing")
     assert [tr.history_at(grid, i) for i in range(6)] == [0, 1, 2, 2, 2, 2]
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_lower_order_final_acts_on_the_grids_last_step_without_final_level(order):
+    """A UniPCSkip built without final_level takes the grid's last step with a first-order predictor
+    (diffusers' lower_order_final for any grid length) in the serial sampler and in every round's refinement,
+    as the transition with final_level = grid.t_to[-1] does; lower_order_final=False keeps the second order."""
+    from driffusion_core import DraftRefineScheduler
+    from solvers import sample_serial
+
+    levels = torch.tensor([900.0, 780.0, 640.0, 500.0, 380.0, 260.0, 150.0, 60.0, 20.0], dtype=F64)
+    grid = TimeGrid(levels[:-1], levels[1:], levels[:-1])  # ends above the clean end (not first order by itself)
+    w = randn(3, 3, seed=7)
+
+    def model(x, t, **_):
+        return torch.tanh(x @ w) * (0.5 + t.reshape(-1, 1) / 1000)
+
+    x = randn(4, 3, seed=3)
+    bare = UniPCSkip(VP, order=order)
+    ref = sample_serial(model, x, UniPCSkip(VP, order=order, final_level=float(grid.t_to[-1])), grid).x
+    assert torch.equal(sample_serial(model, x, bare, grid).x, ref)
+    for mode in ("aggressive", "conservative"):
+        wide = DraftRefineScheduler(UniPCSkip(VP, order=order, final_level=float(grid.t_to[-1])), grid, 3, mode)
+        assert torch.equal(DraftRefineScheduler(bare, grid, 3, mode).sample(model, x).x, wide.sample(model, x).x)
+    second = sample_serial(model, x, UniPCSkip(VP, order=order, lower_order_final=False), grid).x
+    assert (order == 2) == bool((second - ref).abs().max() > 1e-6)
 
 
 def test_the_corrector_changes_the_step_and_bh2_predicts_as_dpm_2m():

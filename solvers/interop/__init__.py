@@ -4,16 +4,20 @@ None of these modules imports diffusers at import time (a pipeline call or a sch
 imports it when used), so ``import solvers`` works without the optional extra.
 
 * :func:`from_diffusers` -- a diffusers scheduler (or config) to ``(transition, grid)``
-  (:func:`euler_state_scales`: the state's scaling for ``EulerDiscreteScheduler`` and its ancestral variant).
+  (:func:`euler_state_scales`: the state's scaling for ``EulerDiscreteScheduler`` and its ancestral variant,
+  whose transitions are :class:`EulerDiscreteAsDDIM` / :class:`EulerAncestralAsDDIM` on a
+  :class:`SigmaGridSchedule`).
 * :class:`DiffusersPredictor` -- UNet2D / UNet2DCondition / SD3 transformer as ``f(x, t, **cond)``, CFG in one call.
-* :class:`DRiffusionPipeline` -- run a DDPM / DDIM / Stable Diffusion / SD3 pipeline with DRiffusion
+* :class:`DRiffusionPipeline` -- run a DDPM / DDIM / Stable Diffusion / SDXL / SD3 / Flux pipeline with DRiffusion
   (DDIM, DDPM, DPM-Solver++ multistep, UniPC, Euler and Euler ancestral (Stable Diffusion) or flow-matching Euler
   scheduler).
 * :func:`sample_driffusion` / :func:`sample_driffusion_ancestral` / :func:`sample_driffusion_dpmpp_2m` --
   k-diffusion-style samplers (Euler, Euler ancestral, DPM++ 2M) for denoisers ``D(x, sigma) -> x0``.
 """
 from solvers.interop.diffusers_models import DiffusersPredictor
-from solvers.interop.diffusers_schedulers import euler_state_scales, from_diffusers
+from solvers.interop.diffusers_schedulers import (
+    EulerAncestralAsDDIM, EulerDiscreteAsDDIM, SigmaGridSchedule, euler_state_scales, from_diffusers,
+)
 from solvers.interop.kdiffusion import (
     sample_driffusion, sample_driffusion_ancestral, sample_driffusion_dpmpp_2m, sigmas_grid,
 )
@@ -22,6 +26,9 @@ from solvers.interop.pipelines import DRiffusionPipeline, calculate_shift
 __all__ = [
     "from_diffusers",
     "euler_state_scales",
+    "EulerDiscreteAsDDIM",
+    "EulerAncestralAsDDIM",
+    "SigmaGridSchedule",
     "DiffusersPredictor",
     "DRiffusionPipeline",
     "calculate_shift",

@@ -180,6 +180,7 @@ class DiffusersPredictor:
 
     @property
     def do_classifier_free_guidance(self) -> bool:
+        """Whether a call evaluates both halves (guidance scale > 1, diffusers' rule)."""
         return self.guidance_scale > 1.0
 
     def _split_cond(self, cond: Mapping[str, Any]):

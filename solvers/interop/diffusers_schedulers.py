@@ -547,8 +547,9 @@ def _refuse_unusable_sigmas(name: str, option: str, cfg: Mapping[str, Any], num_
         f"{name}({option}=True, final_sigmas_type={cfg.get('final_sigmas_type', 'zero')!r})"
         f".set_timesteps({num_inference_steps}) gives sigmas {[round(v, 6) for v in levels.tolist()]}, which do not "
         f"decrease strictly from {'a value in (0, ' + format(top, 'g') + ']' if top is not None else 'a positive value'}"
-        + (": the last step goes from sigma_min to sigma_min, a step of log-SNR length h = 0, which the solver divides "
-           "by (diffusers' too). Use final_sigmas_type='zero'." if zero_length else
+        + (": the last step goes from sigma_min to sigma_min, a step of log-SNR length h = 0. diffusers takes it as "
+           "a no-op (UniPC: its corrector alone); the multistep coefficients here divide by h, so it is not "
+           "reproduced. Use final_sigmas_type='zero'." if zero_length else
            " (more steps than distinct noise levels). Use fewer inference steps.")
     )
 

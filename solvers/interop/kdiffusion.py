@@ -195,8 +195,9 @@ def sample_driffusion_ancestral(
             called once per step with ``sigma_next > 0``, in step order, *before* sampling (a draft needs its
             step's noise before the step is refined); default ``torch.randn_like(x)`` from torch's global
             generator, k-diffusion's own default. So with the same seed and a model that draws no random
-            numbers, width 1 is ``sample_euler_ancestral`` (to float rounding). The noises are held
-            (T tensors shaped like x).
+            numbers, width 1 is ``sample_euler_ancestral`` (to float rounding), and the generator ends where
+            k-diffusion leaves it (at eta = 0 too: k-diffusion draws and multiplies by sigma_up = 0, so the
+            draws are made and dropped). The noises are held (T tensors shaped like x).
         noise: a :class:`~driffusion_core.NoiseSource` instead (noise drawn per step from its seed, nothing
             held); not together with ``noise_sampler``.
 
@@ -218,12 +219,13 @@ def sample_driffusion_ancestral(
 
     def make_noise() -> Optional[NoiseSource]:  # after every other check: drawing consumes the caller's RNG
         made = noise
-        if transition.stochastic:
-            if made is None:
-                made = _PredrawnNoise(sigmas if isinstance(sigmas, torch.Tensor) else torch.as_tensor(sigmas, dtype=torch.float64),
-                                      x, noise_sampler)
-            if float(s_noise) != 1.0:
-                made = _ScaledNoise(made, float(s_noise))
+        if made is None:  # at eta = 0 too, k-diffusion draws (and multiplies by sigma_up = 0): the same RNG state
+            sig = sigmas if isinstance(sigmas, torch.Tensor) else torch.as_tensor(sigmas, dtype=torch.float64)
+            made = _PredrawnNoise(sig, x, noise_sampler, keep=transition.stochastic)
+        if not transition.stochastic:
+            return None
+        if float(s_noise) != 1.0:
+            made = _ScaledNoise(made, float(s_noise))
         return made
 
     return _sample_k(transition, "sample_driffusion_ancestral", "DRiffusion Euler a", model, x, sigmas, extra_args,
@@ -234,7 +236,7 @@ class _PredrawnNoise(NoiseSource):
     """k-diffusion's per-step noise, drawn once per step (``sigma_next > 0``) in step order before sampling:
     ``noise_sampler(sigmas[i], sigmas[i + 1])``, default ``torch.randn_like(x)``. Step i's noise is z_i."""
 
-    def __init__(self, sigmas: torch.Tensor, x: torch.Tensor, noise_sampler=None):
+    def __init__(self, sigmas: torch.Tensor, x: torch.Tensor, noise_sampler=None, keep: bool = True):
         super().__init__(0)
         draw = noise_sampler if noise_sampler is not None else (lambda sigma, sigma_next: torch.randn_like(x))
         self.zs = []
@@ -250,7 +252,8 @@ class _PredrawnNoise(NoiseSource):
                     f"noise_sampler(sigmas[{i}], sigmas[{i + 1}]) must return a finite real tensor shaped like x "
                     f"{tuple(x.shape)}, got {got}."
                 )
-            self.zs.append(z.detach().clone())  # a sampler may refill one buffer: keep each step's draw
+            # a sampler may refill one buffer: keep each step's draw (keep=False: drawn for the RNG state only)
+            self.zs.append(z.detach().clone() if keep else None)
 
     def __call__(self, step, shape, dtype=torch.float32, device=None) -> torch.Tensor:
         z = self.zs[step]

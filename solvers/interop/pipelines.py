@@ -280,7 +280,7 @@ class DRiffusionPipeline:
                                model_kwargs, guidance_rescale)
         return latents * out_of if out_of != 1.0 else latents
 
-    def __call__(self, *args: Any, **kwargs: Any):
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """The pipeline's call (same arguments, same output type), its denoising loop run with DRiffusion."""
         run = {"unconditional": self._unconditional, "stable_diffusion": self._stable_diffusion,
                "stable_diffusion_xl": self._stable_diffusion_xl, "stable_diffusion_3": self._stable_diffusion_3,
