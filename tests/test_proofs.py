@@ -178,6 +178,18 @@ def test_a_wrong_coefficient_is_caught(monkeypatch):
         assert o.result.status is Status.FAILS and not o.as_expected, name
 
 
+def test_a_wrong_posterior_variance_is_caught(monkeypatch):
+    """PicardScheduler(norm='posterior')'s variance, mutated (its SNR ratio not squared): its identity fails."""
+    from driffusion_core import coefficients as C
+
+    def wrong(alpha_t, sigma_t, alpha_s, sigma_s):
+        return sigma_s * sigma_s * (1 - alpha_t * sigma_s / (sigma_t * alpha_s))
+
+    monkeypatch.setattr(C, "posterior_variance", wrong)
+    (o,) = proofs.run_all("ddpm.posterior_variance_general")
+    assert o.result.status is Status.FAILS and not o.as_expected
+
+
 def test_a_wrong_dpm_coefficient_is_caught(monkeypatch):
     """Heun's 2M coefficients swapped for midpoint's, or a perturbed first-order step: the DPM identities fail."""
     from driffusion_core import coefficients as C
