@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import dataclasses
 import datetime
 import math
 import os
@@ -93,7 +94,8 @@ from driffusion_core.errors import (
     safe_str,
 )
 from driffusion_core.executor import (
-    Executor, Predictor, check_round_args, even_shares, iter_tensors, map_tensors, stack_calls,
+    Executor, Predictor, changed_tensor, check_round_args, even_shares, iter_tensors, map_tensors, stack_calls,
+    tensor_versions,
 )
 
 try:  # torch may be built without distributed support
@@ -225,6 +227,13 @@ def init_from_env(backend: Optional[str] = None, timeout: float = 120.0) -> Dist
     if backend is None:
         backend = "nccl" if (torch.cuda.is_available() and dist.is_nccl_available()) else "gloo"
     backend = backend.lower()
+    unbuilt = sorted({part.split(":")[-1] for part in backend.split(",")} - {"fake"})
+    unbuilt = [b for b in unbuilt if hasattr(dist, "is_backend_available") and not dist.is_backend_available(b)]
+    if unbuilt:
+        raise ExecutorError(
+            f"init_from_env: this torch build has no {', '.join(unbuilt)} backend (torch.distributed."
+            f"is_backend_available is False); use backend='gloo' (CPU) or 'nccl' (NVIDIA GPUs, a CUDA build)."
+        )
     if "nccl" in backend:
         if not torch.cuda.is_available():
             raise ExecutorError(
@@ -307,19 +316,49 @@ def _safe_repr(v: Any, limit: int = 2000) -> str:
 
 def _cond_signature(cond: Mapping[str, Any]) -> int:
     """A checksum of the conditioning: names, nesting, each tensor's shape and dtype, and the repr of every
-    other value (a guidance scale, a flag); the tensors' values travel as sums (:func:`_value_sums`)."""
-    def sig(v: Any) -> str:
+    other value (a guidance scale, a flag); the tensors' values travel as sums (:func:`_value_sums`).
+
+    A value that is not a tensor or a container but holds some (a dataclass, an object without a repr of
+    its own) is signed by its fields, its tensors by their shape, dtype and rounded value sums, since a
+    repr abbreviates large tensors ("...") and an object's default repr shows no fields at all."""
+    def sig(v: Any, hidden: bool = False, depth: int = 0) -> str:
         if isinstance(v, torch.Tensor):
-            return f"{tuple(v.shape)}:{v.dtype}"
+            return f"{tuple(v.shape)}:{v.dtype}" + (f":{_tensor_digest(v)}" if hidden else "")
+        if depth > 6:
+            return f"<{type(v).__name__}>"
         if isinstance(v, Mapping):
-            return "{" + ",".join(f"{k}={sig(v[k])}" for k in sorted(v, key=str)) + "}"
+            return "{" + ",".join(f"{k}={sig(v[k], hidden, depth + 1)}" for k in sorted(v, key=str)) + "}"
         if isinstance(v, (list, tuple)):
-            return "[" + ",".join(sig(e) for e in v) + "]"
+            return "[" + ",".join(sig(e, hidden, depth + 1) for e in v) + "]"
         if isinstance(v, (set, frozenset)):  # iteration order follows string hashing, which differs per process
-            return "set{" + ",".join(sorted(sig(e) for e in v)) + "}"
+            return "set{" + ",".join(sorted(sig(e, hidden, depth + 1) for e in v)) + "}"
+        fields = _fields(v)
+        if fields is not None:  # tensors in there are no conditioning tensors the executors see: signed here
+            return f"{type(v).__name__}(" + ",".join(f"{k}={sig(e, True, depth + 1)}" for k, e in fields) + ")"
         return f"{type(v).__name__}={_safe_repr(v)}"
 
     return zlib.crc32(sig(dict(cond)).encode())
+
+
+def _fields(v: Any) -> Optional[List[Tuple[str, Any]]]:
+    """The fields of a dataclass instance, or of an object whose repr is object's default (no fields shown);
+    None for anything else (its repr signs it)."""
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return [(f.name, getattr(v, f.name, None)) for f in dataclasses.fields(v)]
+    if type(v).__repr__ is object.__repr__ and isinstance(getattr(v, "__dict__", None), dict) and not callable(v):
+        return sorted(vars(v).items(), key=lambda kv: str(kv[0]))
+    return None
+
+
+def _tensor_digest(t: torch.Tensor) -> str:
+    """A tensor's sum, sum of absolute values and pseudo-randomly weighted sum, to 6 significant digits (the
+    same on every rank up to the reduction order's last bits), or its type where its values cannot be read."""
+    try:
+        w = _wide(t).reshape(-1)
+        sums = torch.stack([w.sum(), w.abs().sum(), (w * _mix_weights(w.numel(), w.device)).sum()]).tolist()
+    except Exception:
+        return "?"
+    return ",".join(f"{v:.6g}" for v in sums)
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -589,6 +628,7 @@ class DistributedExecutor(Executor):
         # One all-gather per round when the predictions can ride on the gloo status exchange.
         self._fused = self.backend == "gloo" and self._control is group
         self._round = 0
+        self._share_seconds = 0.0  # how long this rank's share of the latest round took
         self._broken: Optional[str] = None
         # The agreed size of the fused exchange: the row (shape, dtype) of one prediction and the capacity
         # in drafts per rank. Set only from gathered headers after a round in which all ranks agreed, so it
@@ -734,7 +774,9 @@ class DistributedExecutor(Executor):
         start, mine = offsets[self.rank], sizes[self.rank]
 
         # 1. this rank's drafts, one call per draft (as the serial executor does)
+        began = time.monotonic()
         out, code, message, cause = self._compute(predictor, xs, ts, cond, start, mine)
+        self._share_seconds = time.monotonic() - began
 
         # 2. the status header (and, with gloo, the predictions in the same all-gather). Every all-gather
         #    has a size all ranks agree on from earlier collective information only (the agreed row and
@@ -815,6 +857,7 @@ class DistributedExecutor(Executor):
         if not isinstance(x, torch.Tensor):
             raise InvalidArgumentError(f"DistributedExecutor.finish: x must be a tensor, got {type(x).__name__}.")
         self._round += 1
+        self._share_seconds = 0.0
         header = self._header(_FINISH, 0, x.detach().unsqueeze(0), None, {}, None, True)
         where = f"exchange after round {self._round - 1} (the final check; waiting at most {self.timeout:g}s)"
         if self._fused:  # the size every rank agreed for its next fused exchange (a peer may be in a round)
@@ -888,12 +931,27 @@ class DistributedExecutor(Executor):
                 c = map_tensors(lambda v: v.to(dev), cond)
             except Exception as e:  # reported to every rank
                 return None, _MOVE_FAILED, f"could not move the round's inputs to {dev}: {exception_text(e)}", e
+        # in-place writes into the inputs, seen here so that every rank learns of them in this round (the
+        # sampler's own check would raise on this rank only, after the exchange)
+        x_version = None if x_part.is_inference() else x_part._version
+        c_versions = tensor_versions(c)
         try:  # each output copied as it comes (the model may reuse one output buffer); unlike ones: a list
             got = stack_calls(lambda j: predictor(x_part[j], t_part[j], **c), mine)
         except Exception as e:  # reported to every rank
             return None, _RAISED, exception_text(e), e
         except BaseException as e:  # KeyboardInterrupt, SystemExit: reported to every rank, then re-raised here
             return None, _INTERRUPTED, exception_text(e), e
+        if x_version is not None and x_part._version != x_version:
+            return None, _BAD_OUTPUT, (
+                "the predictor modified its input x in place; the sampler still needs that state. Work on a copy "
+                "inside the model (e.g. x = x.clone() before an in-place op)"
+            ), None
+        touched = changed_tensor(c_versions)
+        if touched is not None:
+            return None, _BAD_OUTPUT, (
+                f"the predictor modified the conditioning tensor {touched} in place; every later call would see "
+                f"the changed value. Work on a copy inside the model (clone the tensor before an in-place op)"
+            ), None
         outs = got if isinstance(got, list) else [got[0]]
         bad = [o for o in outs if not isinstance(o, torch.Tensor)]
         if bad:
@@ -1016,6 +1074,27 @@ class DistributedExecutor(Executor):
                 "device type)."
             )
         sums, differ, listing = _state_sums(headers, lists)
+        # the model times (SPMD ranks have bitwise-equal ones; the tolerance only absorbs reduction order)
+        ref_t = sums[0][7:10]
+        ref_t_finite = math.isfinite(ref_t[1])
+        tdiffer = [
+            r for r, (h, v) in enumerate(zip(lists, sums))
+            if math.isfinite(v[8]) != ref_t_finite or (
+                ref_t_finite and h[_F_TSUM : _F_TMIX + 1] != ref[_F_TSUM : _F_TMIX + 1]
+                and _sums_differ([v[7], v[9]], [ref_t[0], ref_t[2]], ref_t[1])
+            )
+        ]
+        if tdiffer:
+            self._broken = "the ranks' model times differed"
+            listing = "; ".join(
+                f"rank {r}: sum {v[7]:.9g}, sum of |t| {v[8]:.9g}, weighted sum {v[9]:.9g}" for r, v in enumerate(sums)
+            )
+            raise ExecutorError(
+                f"DistributedExecutor: the ranks' model times (ts) differ in value in round {int(ref[_F_ROUND])} "
+                f"({listing}), so the gathered predictions would mix predictions made at different noise levels. "
+                "Every rank must sample on the same time grid (the same schedule, number of steps, spacing and "
+                "model-time mapping)" + ("; their states differ too, as drafts on other grids do." if differ else ".")
+            )
         if differ:
             self._broken = "the ranks' states differed"
             raise ExecutorError(
@@ -1046,27 +1125,6 @@ class DistributedExecutor(Executor):
                 f"{int(ref[_F_ROUND])} ({listing}), so the gathered predictions would mix predictions made for "
                 "different conditioning. Every rank must pass the same cond (e.g. labels from a seeded "
                 "torch.Generator, not torch.randint on each rank; the same prompt embeddings)."
-            )
-        # the model times (SPMD ranks have bitwise-equal ones; the tolerance only absorbs reduction order)
-        ref_t = sums[0][7:10]
-        ref_t_finite = math.isfinite(ref_t[1])
-        tdiffer = [
-            r for r, (h, v) in enumerate(zip(lists, sums))
-            if math.isfinite(v[8]) != ref_t_finite or (
-                ref_t_finite and h[_F_TSUM : _F_TMIX + 1] != ref[_F_TSUM : _F_TMIX + 1]
-                and _sums_differ([v[7], v[9]], [ref_t[0], ref_t[2]], ref_t[1])
-            )
-        ]
-        if tdiffer:
-            self._broken = "the ranks' model times differed"
-            listing = "; ".join(
-                f"rank {r}: sum {v[7]:.9g}, sum of |t| {v[8]:.9g}, weighted sum {v[9]:.9g}" for r, v in enumerate(sums)
-            )
-            raise ExecutorError(
-                f"DistributedExecutor: the ranks' model times (ts) differ in value in round {int(ref[_F_ROUND])} "
-                f"({listing}), so the gathered predictions would mix predictions made at different noise levels. "
-                "Every rank must sample on the same time grid (the same schedule, number of steps, spacing and "
-                "model-time mapping)."
             )
         with_out = [(r, h) for r, h in enumerate(lists) if h[_F_HASOUT]]
         descs = {
@@ -1130,11 +1188,19 @@ class DistributedExecutor(Executor):
         local = ""
         if fault is not None:
             local = f" (this rank had itself failed in this round: {exception_text(fault)})"
+        slow = ""
+        if self._share_seconds > self.timeout:
+            slow = (
+                f" This rank's own share of the round took {self._share_seconds:.3g}s, more than timeout = "
+                f"{self.timeout:g}s: the other ranks probably stopped waiting for it. Give a timeout above one "
+                f"share's model calls."
+            )
         raise ExecutorError(
             f"DistributedExecutor: rank {self.rank} (of {self.world_size}) could not complete the {what} "
             f"{where}: {type(error).__name__}: "
-            f"{_first_line(safe_str(error))}. {diagnosis}{local} A rank probably died, hung or fell out of step; "
-            f"check the other ranks' logs, then relaunch the job."
+            f"{_first_line(safe_str(error))}. {diagnosis}{local}{slow} A rank probably died, hung, fell out of step "
+            f"or took longer than timeout = {self.timeout:g}s for its share; check the other ranks' logs, then "
+            f"relaunch the job."
         ) from error
 
     def _diagnose(self) -> str:

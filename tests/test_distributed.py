@@ -6,6 +6,7 @@ Every launch is bounded: children still running after the deadline are killed an
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import socket
@@ -252,12 +253,17 @@ def test_three_ranks_one_dies_every_survivor_names_it(dying):
 
 
 def test_hung_rank_makes_the_other_fail_within_the_timeout():
+    """Rank 1's share outlasts the timeout: rank 0 names it as not answering; rank 1, arriving late, is told
+    that its own share took longer than the timeout (not only that rank 0 did not answer)."""
     results, codes, elapsed, logs = _launch("hang", deadline=40.0)
-    _need(results, [0], logs)
+    _need(results, [0, 1], logs)
     res = results[0]
     assert res["error_type"] == "ExecutorError", res
     assert TIMEOUT - 0.5 <= res["seconds"] < TIMEOUT + DIAGNOSE + 2.0, res
     assert "did not answer: 1" in res["message"], res["message"]
+    late = results[1]
+    assert late["error_type"] == "ExecutorError", late
+    assert "own share of the round took" in late["message"] and f"timeout = {TIMEOUT:g}s" in late["message"], late
     assert elapsed < 35.0
 
 
@@ -556,6 +562,21 @@ def test_conditioning_and_model_times_differing_within_rows_are_explained():
             assert got["error_type"] == "ExecutorError", (case, got)
             assert "model times (ts) differ in value in round 1" in got["message"], (case, got["message"])
             assert "rank 1: sum" in got["message"] and got["seconds"] < TIMEOUT, (case, got)
+        # another grid (8 against 9 trailing steps): the first draft round's states and model times both
+        # differ; the model times are named, not the starting state or seed
+        got = res["sample_other_grid"]
+        assert got["error_type"] == "ExecutorError", got
+        assert "model times (ts) differ" in got["message"] and "states differ too" in got["message"], got["message"]
+        # a tensor inside a dataclass (not a container the executors look into) that differs in one of 2000
+        # elements: its digest enters the conditioning's checksum
+        got = res["dataclass_tensor"]
+        assert got["error_type"] == "ExecutorError" and "conditioning (cond) differs in round 1" in got["message"], got
+        assert res["dataclass_same"] is True, res
+        # the predictor writes into its input x on rank 1 only: both ranks raise, naming rank 1 and the write
+        for case, what in (("inplace_x", "input x in place"), ("inplace_cond", "conditioning tensor cond['c']")):
+            got = res[case]
+            assert got["error_type"] == "PredictorOutputError", (case, got)
+            assert "on rank 1 (of 2) in round 1" in got["message"] and what in got["message"], (case, got["message"])
 
 
 def test_final_samples_differing_only_in_the_last_step_are_explained():
@@ -1191,7 +1212,42 @@ def _scenario_hidden_values(rank, world):
     sched = core.DraftRefineScheduler(solvers.DDIMSkip(schedule), grid, width=2)
     res["sample_model_times"] = _fault_result(
         lambda: sched.sample(predictor, core.NoiseSource(1).initial((3, 2)), executor=fresh()))
+    other = core.DraftRefineScheduler(solvers.DDIMSkip(schedule), schedule.timesteps(8 + rank, "trailing"), width=2)
+    res["sample_other_grid"] = _fault_result(
+        lambda: other.sample(predictor, core.NoiseSource(1).initial((3, 2)), executor=fresh()))
+    weights = torch.linspace(0, 1, 2000)
+    changed = weights.clone()
+    changed[1000] += 1.0
+    res["dataclass_same"] = bool(torch.equal(fresh().evaluate(_configured, xs, ts, {"cfg": _Config(weights.clone())}),
+                                             SerialExecutor().evaluate(_configured, xs, ts, {"cfg": _Config(weights)})))
+    hidden = {"cfg": _Config(changed if rank == 1 else weights)}
+    res["dataclass_tensor"] = _fault_result(lambda: fresh().evaluate(_configured, xs, ts, hidden))
+
+    def writes_x(x, t):
+        if rank == 1:
+            x.mul_(1.0)
+        return _predictor(x, t)
+
+    def writes_cond(x, t, c):
+        if rank == 1:
+            c.add_(0.0)
+        return _predictor(x, t)
+
+    res["inplace_x"] = _fault_result(lambda: fresh().evaluate(writes_x, xs.clone(), ts, {}))
+    res["inplace_cond"] = _fault_result(lambda: fresh().evaluate(writes_cond, xs, ts, {"c": torch.zeros(2, 1)}))
     return res
+
+
+@dataclasses.dataclass
+class _Config:
+    """A conditioning value holding a tensor without being a container (a model config)."""
+
+    weights: torch.Tensor
+    scale: float = 1.0
+
+
+def _configured(x, t, cfg):
+    return _predictor(x, t) * cfg.scale
 
 
 def _scenario_last_step(rank, world):

@@ -557,9 +557,13 @@ def test_cfg_one_call_matches_two_calls(guided_model):
     want, _ = _two_call_cfg(model, style, x, t, pos, neg, 4.5)
     assert calls == [4]  # one call on the doubled batch
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    # a 0-d model time is every row's (diffusers' pipelines pass one): both halves get it
+    # a 0-d model time is every row's (diffusers' pipelines pass one): both halves get it; so is a [1] one or
+    # a Python number
     want, _ = _two_call_cfg(model, style, x, t[:1].expand(2), pos, neg, 4.5)
-    torch.testing.assert_close(f(x, t[0], **_cond(pos, neg)), want, rtol=1e-5, atol=1e-5)
+    for one in (t[0], t[:1], int(t[0])):
+        torch.testing.assert_close(f(x, one, **_cond(pos, neg)), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(InvalidArgumentError, match=r"one model time per row of x \(\[2\]\) or one for all, got shape \(3,\)"):
+        f(x, torch.tensor([900, 350, 10]), **_cond(pos, neg))
 
 
 def test_cfg_composes_with_batched_drafts(guided_model):
@@ -961,6 +965,27 @@ def test_stable_diffusion_3_pipeline(sd3_transformer, vae, flow_config):
     ref_custom = pipe(generator=gen(), **custom).images
     assert abs(ref_custom - ref).max() > 1e-3
     np_testing_close(DRiffusionPipeline(pipe, width=1)(generator=gen(), **custom).images, ref_custom, 1e-5)
+
+
+def test_stable_diffusion_3_pipeline_with_a_stochastic_scheduler_takes_its_step_noise(sd3_transformer, vae):
+    """SD3 with DDPMScheduler: the step noise is the given NoiseSource's (the library run by hand with it gives
+    the same latents), and without one it is seeded from the generator, so the same generator gives the same
+    images; another NoiseSource gives others."""
+    pipe = _sd3_pipeline(sd3_transformer, need("DDPMScheduler")(clip_sample=False), vae)
+    kw = dict(**_sd3_embeds(torch.Generator().manual_seed(0)), num_inference_steps=6, guidance_scale=5.0,
+              output_type="latent")
+    gen = lambda seed=1: torch.Generator().manual_seed(seed)  # noqa: E731
+    fast = DRiffusionPipeline(pipe, width=2)
+    out = fast(generator=gen(), noise=NoiseSource(0), **kw).images
+    latents = pipe.prepare_latents(2, 4, 16, 16, kw["prompt_embeds"].dtype, torch.device("cpu"), gen(), None)
+    cond = dict(encoder_hidden_states=kw["prompt_embeds"], pooled_projections=kw["pooled_prompt_embeds"],
+                negative_encoder_hidden_states=kw["negative_prompt_embeds"],
+                negative_pooled_projections=kw["negative_pooled_prompt_embeds"])
+    direct = _direct(sd3_transformer, pipe.scheduler, 6, latents, 2, guidance_scale=5.0, cond=cond, noise=NoiseSource(0))
+    _same(out, direct.x)
+    assert (fast(generator=gen(), noise=NoiseSource(7), **kw).images - out).abs().max() > 1e-3
+    again = [fast(generator=gen(3), **kw).images for _ in range(2)]
+    assert torch.equal(again[0], again[1])
 
 
 def _per_image(embeds: dict, n: int) -> dict:
@@ -1787,6 +1812,13 @@ def test_stable_diffusion_xl_refuses_what_it_does_not_run(unet_xl, vae):
     embeds = _sdxl_embeds(torch.Generator().manual_seed(0))
     with pytest.raises(UnexpectedArgumentError, match="'denoising_end' is not supported"):
         DRiffusionPipeline(pipe, width=2)(**embeds, num_inference_steps=4, denoising_end=0.8)
+    # the same options at the pipeline's own defaults (a caller forwarding every keyword) change nothing: taken
+    gen = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    kw = dict(**embeds, num_inference_steps=4, output_type="latent")
+    plain = DRiffusionPipeline(pipe, width=2)(generator=gen(), **kw).images
+    defaults = dict(denoising_end=None, timesteps=None, callback_on_step_end=None, ip_adapter_image=None)
+    torch.testing.assert_close(DRiffusionPipeline(pipe, width=2)(generator=gen(), **kw, **defaults).images, plain,
+                               rtol=0, atol=0)
     f = DiffusersPredictor(unet_xl, guidance_scale=3.0)
     x, t = torch.randn(2, 4, 8, 8), torch.full((2,), 500)
     ids = torch.zeros(2, 6)
@@ -2237,6 +2269,16 @@ def test_pipeline_arguments_it_would_ignore_are_refused(unet_cond, vae):
     latents = torch.randn(2, 4, 2, 2, dtype=torch.float64)
     with pytest.raises(InvalidArgumentError, match=r"latents are torch.float64 but the pipeline runs in torch.float32"):
         DRiffusionPipeline(pipe, width=2)(latents=latents, **kw)
+
+
+def test_latents_with_another_image_count_are_named(unet_cond, sd3_transformer, vae):
+    """latents= with one row too few for the 2 prompts of Stable Diffusion and SD3: refused naming latents,
+    before any model call (not as a conditioning tensor that does not match x)."""
+    sd = _sd_pipeline(unet_cond, need("DDIMScheduler")(steps_offset=1, clip_sample=False, **SD_BETAS), vae)
+    sd3 = _sd3_pipeline(sd3_transformer, need("FlowMatchEulerDiscreteScheduler")(), vae)
+    for pipe, kw in ((sd, _sd_embeds(torch.Generator().manual_seed(0))), (sd3, _sd3_embeds(torch.Generator().manual_seed(0)))):
+        with pytest.raises(InvalidArgumentError, match=r"latents has shape \(1, 4, 8, 8\), but this call makes 2 image"):
+            DRiffusionPipeline(pipe, width=2)(latents=torch.randn(1, 4, 8, 8), num_inference_steps=4, output_type="latent", **kw)
 
 
 def test_dynamic_shifting_mu_must_be_finite_and_in_range():

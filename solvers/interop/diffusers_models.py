@@ -118,6 +118,22 @@ def _negative_first(name: str, value: Any, other: Any) -> Any:
     return value
 
 
+def _row_times(t: Any, x: torch.Tensor) -> torch.Tensor:
+    """``t`` as one model time per row of x: ``[N]`` as it is, a number / 0-d / one-element tensor repeated."""
+    if not isinstance(t, torch.Tensor):
+        if not is_real(t):
+            raise InvalidArgumentError(f"DiffusersPredictor: t must be a tensor [N] or a number, got {type(t).__name__}.")
+        t = torch.as_tensor(t, device=x.device)
+    if t.dim() == 0 or (t.dim() == 1 and t.shape[0] == 1):
+        return t.reshape(()).expand(x.shape[0])
+    if t.dim() != 1 or t.shape[0] != x.shape[0]:
+        raise InvalidArgumentError(
+            f"DiffusersPredictor: t must hold one model time per row of x ([{x.shape[0]}]) or one for all, got "
+            f"shape {tuple(t.shape)}."
+        )
+    return t
+
+
 class DiffusersPredictor:
     """Wrap a diffusers denoiser as ``predictor(x, t, **cond) -> Tensor`` shaped like x.
 
@@ -232,9 +248,10 @@ class DiffusersPredictor:
         return default
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
-        """The (guided) model output at states x (``[N, ...]``) and model times t (``[N]``)."""
+        """The (guided) model output at states x (``[N, ...]``) and model times t (``[N]``; a number, a 0-d or a
+        one-element tensor is every row's time)."""
         pos, neg = self._split_cond(cond)
-        t = t.expand(x.shape[0]) if t.dim() == 0 else t
+        t = _row_times(t, x)
         with torch.set_grad_enabled(self.enable_grad and torch.is_grad_enabled()):
             if not self.do_classifier_free_guidance:
                 return self._call(x, t, pos).to(x.dtype)

@@ -114,6 +114,27 @@ def _check_generators(generator, batch: int) -> None:
         )
 
 
+def _is_default(value: Any, param: inspect.Parameter) -> bool:
+    """Whether ``value`` is ``param``'s default: the same object, or an equal plain value (None, a bool, a
+    number or a string of the default's type)."""
+    default = param.default
+    if default is param.empty:
+        return False
+    if value is default:
+        return True
+    return isinstance(default, (bool, int, float, str)) and type(value) is type(default) and value == default
+
+
+def _check_latents(latents: Any, images: int) -> None:
+    """Given latents hold one row per image (diffusers' prepare_latents takes them as they are; a wrong
+    count would surface later as a conditioning tensor that does not match x)."""
+    if isinstance(latents, torch.Tensor) and (latents.dim() < 1 or latents.shape[0] != images):
+        raise InvalidArgumentError(
+            f"latents has shape {tuple(latents.shape)}, but this call makes {images} image(s) (the prompts times "
+            f"num_images_per_prompt, or batch_size): give latents one row per image."
+        )
+
+
 def _noise_for(generator, noise: Optional[NoiseSource], batch: int) -> Optional[NoiseSource]:
     """The per-step noise: the given NoiseSource, else one seeded from the pipeline's generator; with a list
     of generators, each image's rows from a stream seeded from its own generator."""
@@ -148,6 +169,7 @@ def _unet_start(pipe: Any, batch: int, height: int, width: int, dtype: torch.dty
             f"latents are {latents.dtype} but the pipeline runs in {dtype} (its prompt embeddings' dtype, which its VAE "
             f"decodes): pass latents.to({dtype})."
         )
+    _check_latents(latents, batch)
     latents = pipe.prepare_latents(batch, unet.config.in_channels, height, width, dtype, device, generator, latents)
     transition, grid = _scheduler_grid(pipe.scheduler, num_inference_steps, **_ddim_only(pipe.scheduler, {"eta": eta}))
     return latents, transition, grid
@@ -302,6 +324,10 @@ class DRiffusionPipeline:
         given = {}
         for key, value in bound.arguments.items():
             given.update(value if theirs[key].kind is theirs[key].VAR_KEYWORD else {key: value})
+        # an argument the drop-in does not take, passed at the pipeline's own default, changes nothing: dropped
+        # (a caller forwarding a full set of keyword arguments); any other value of it is refused
+        given = {key: value for key, value in given.items()
+                 if key in ours or key not in theirs or not _is_default(value, theirs[key])}
         unsupported = [key for key in given if key not in ours]
         if unsupported:
             raise UnexpectedArgumentError(
@@ -344,6 +370,7 @@ class DRiffusionPipeline:
         size = (size, size) if isinstance(size, int) else tuple(size)
         shape = (batch_size, unet.config.in_channels, *size)
         _check_generators(generator, batch_size)  # as DDIMPipeline (DDPMPipeline's randn_tensor fails on too few)
+        _check_latents(latents, batch_size)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=pipe._execution_device, dtype=unet.dtype)
         extra = {"eta": eta, "use_clipped_model_output": bool(use_clipped_model_output)} if eta or use_clipped_model_output else {}
@@ -569,6 +596,7 @@ class DRiffusionPipeline:
         pe, npe, ppe, nppe = (_per_image(v, batch, num_images_per_prompt, name) for v, name in (
             (pe, "prompt_embeds"), (npe, "negative_prompt_embeds"),
             (ppe, "pooled_prompt_embeds"), (nppe, "negative_pooled_prompt_embeds")))
+        _check_latents(latents, pe.shape[0])
         latents = pipe.prepare_latents(pe.shape[0], model.config.in_channels, height, width, pe.dtype, device, generator, latents)
         if pipe.scheduler.config.get("use_dynamic_shifting", False) and mu is None:
             patch = model.config.patch_size
@@ -581,7 +609,9 @@ class DRiffusionPipeline:
         if do_cfg:
             cond.update(negative_encoder_hidden_states=npe, negative_pooled_projections=nppe)
         model_kwargs = {"joint_attention_kwargs": joint_attention_kwargs} if joint_attention_kwargs else None
-        latents = self._sample(model, guidance_scale, transition, grid, latents, cond, None, model_kwargs)
+        latents = self._sample(model, guidance_scale, transition, grid, latents, cond,
+                               _noise_for(generator, noise, latents.shape[0]) if transition.stochastic else None,
+                               model_kwargs)
         if output_type == "latent":
             image = latents
         else:
@@ -654,6 +684,7 @@ class DRiffusionPipeline:
                     _per_image(ppe, batch, num_images_per_prompt, f"{name}pooled_prompt_embeds"), text_ids)
 
         pe, ppe, text_ids = encode(prompt, prompt_2, prompt_embeds, pooled_prompt_embeds, "")
+        _check_latents(latents, pe.shape[0])
         latents, image_ids = pipe.prepare_latents(pe.shape[0], model.config.in_channels // 4, height, width, pe.dtype,
                                                   device, generator, latents)
         # FluxPipeline's grid: sigmas linspace(1, 1 / T, T), shifted by mu from the packed sequence length
@@ -677,7 +708,8 @@ class DRiffusionPipeline:
             cond.update(negative_encoder_hidden_states=npe, negative_pooled_projections=nppe)
         # position ids have no batch dimension: fixed keywords of every call, never repeated per draft
         model_kwargs = {"txt_ids": text_ids, "img_ids": image_ids, "joint_attention_kwargs": joint_attention_kwargs or {}}
-        latents = self._sample(model, true_cfg_scale if true_cfg else 1.0, transition, grid, latents, cond, None,
+        latents = self._sample(model, true_cfg_scale if true_cfg else 1.0, transition, grid, latents, cond,
+                               _noise_for(generator, noise, latents.shape[0]) if transition.stochastic else None,
                                model_kwargs)
         if output_type == "latent":
             image = latents
