@@ -318,47 +318,67 @@ def _cond_signature(cond: Mapping[str, Any]) -> int:
     """A checksum of the conditioning: names, nesting, each tensor's shape and dtype, and the repr of every
     other value (a guidance scale, a flag); the tensors' values travel as sums (:func:`_value_sums`).
 
-    A value that is not a tensor or a container but holds some (a dataclass, an object without a repr of
-    its own) is signed by its fields, its tensors by their shape, dtype and rounded value sums, since a
-    repr abbreviates large tensors ("...") and an object's default repr shows no fields at all."""
-    def sig(v: Any, hidden: bool = False, depth: int = 0) -> str:
+    A value that holds tensors without being a container (a dataclass, an object whose repr is object's
+    default) is signed by its repr and the shapes and dtypes of the tensors it holds (:func:`_held_tensors`),
+    whose values join the conditioning's sums: a repr abbreviates a large tensor ("...") and object's
+    default repr shows no fields at all."""
+    def sig(v: Any) -> str:
         if isinstance(v, torch.Tensor):
-            return f"{tuple(v.shape)}:{v.dtype}" + (f":{_tensor_digest(v)}" if hidden else "")
-        if depth > 6:
-            return f"<{type(v).__name__}>"
+            return f"{tuple(v.shape)}:{v.dtype}"
         if isinstance(v, Mapping):
-            return "{" + ",".join(f"{k}={sig(v[k], hidden, depth + 1)}" for k in sorted(v, key=str)) + "}"
+            return "{" + ",".join(f"{k}={sig(v[k])}" for k in sorted(v, key=str)) + "}"
         if isinstance(v, (list, tuple)):
-            return "[" + ",".join(sig(e, hidden, depth + 1) for e in v) + "]"
+            return "[" + ",".join(sig(e) for e in v) + "]"
         if isinstance(v, (set, frozenset)):  # iteration order follows string hashing, which differs per process
-            return "set{" + ",".join(sorted(sig(e, hidden, depth + 1) for e in v)) + "}"
-        fields = _fields(v)
-        if fields is not None:  # tensors in there are no conditioning tensors the executors see: signed here
-            return f"{type(v).__name__}(" + ",".join(f"{k}={sig(e, True, depth + 1)}" for k, e in fields) + ")"
-        return f"{type(v).__name__}={_safe_repr(v)}"
+            return "set{" + ",".join(sorted(sig(e) for e in v)) + "}"
+        held = "".join(f"<{tuple(t.shape)}:{t.dtype}>" for t in _held_tensors(v))
+        return f"{type(v).__name__}={_safe_repr(v)}{held}"
 
     return zlib.crc32(sig(dict(cond)).encode())
 
 
-def _fields(v: Any) -> Optional[List[Tuple[str, Any]]]:
-    """The fields of a dataclass instance, or of an object whose repr is object's default (no fields shown);
-    None for anything else (its repr signs it)."""
+def _held_tensors(v: Any, depth: int = 0, seen: Optional[set] = None) -> List[torch.Tensor]:
+    """The tensors a conditioning value holds without being a container the executors look into: in the
+    compared fields of a dataclass, or the attributes of a non-callable object whose repr is object's
+    default, and in containers and such objects within them (at most 4 objects deep, each object once)."""
+    if isinstance(v, torch.Tensor):
+        return [v] if depth else []  # a tensor of the conditioning itself is summed as it is
+    seen = set() if seen is None else seen
+    if isinstance(v, Mapping):
+        return [t for k in sorted(v, key=str) for t in _held_tensors(v[k], depth, seen)] if depth else []
+    if isinstance(v, (list, tuple)):
+        return [t for e in v for t in _held_tensors(e, depth, seen)] if depth else []
+    if depth >= 4 or id(v) in seen:
+        return []
     if dataclasses.is_dataclass(v) and not isinstance(v, type):
-        return [(f.name, getattr(v, f.name, None)) for f in dataclasses.fields(v)]
-    if type(v).__repr__ is object.__repr__ and isinstance(getattr(v, "__dict__", None), dict) and not callable(v):
-        return sorted(vars(v).items(), key=lambda kv: str(kv[0]))
-    return None
+        items = [getattr(v, f.name, None) for f in dataclasses.fields(v) if f.compare]
+    elif type(v).__repr__ is object.__repr__ and isinstance(getattr(v, "__dict__", None), dict) and not callable(v):
+        items = [e for _, e in sorted(vars(v).items(), key=lambda kv: str(kv[0]))]
+    else:
+        return []
+    seen.add(id(v))
+    return [t for e in items for t in _held_tensors(e, depth + 1, seen)]
 
 
-def _tensor_digest(t: torch.Tensor) -> str:
-    """A tensor's sum, sum of absolute values and pseudo-randomly weighted sum, to 6 significant digits (the
-    same on every rank up to the reduction order's last bits), or its type where its values cannot be read."""
-    try:
-        w = _wide(t).reshape(-1)
-        sums = torch.stack([w.sum(), w.abs().sum(), (w * _mix_weights(w.numel(), w.device)).sum()]).tolist()
-    except Exception:
-        return "?"
-    return ",".join(f"{v:.6g}" for v in sums)
+def _cond_tensors(cond: Mapping[str, Any]) -> List[torch.Tensor]:
+    """Every tensor whose values the header sums: the conditioning's own (:func:`iter_tensors`), then those
+    its other values hold (:func:`_held_tensors`), in the conditioning's order."""
+    held: List[torch.Tensor] = []
+
+    def walk(v: Any) -> None:
+        if isinstance(v, torch.Tensor):
+            return
+        if isinstance(v, Mapping):
+            for k in sorted(v, key=str):
+                walk(v[k])
+        elif isinstance(v, (list, tuple)):
+            for e in v:
+                walk(e)
+        else:
+            held.extend(_held_tensors(v))
+
+    walk(dict(cond))
+    return list(iter_tensors(cond)) + held
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -404,7 +424,7 @@ def _value_sums_xc(xs: torch.Tensor, cond: Mapping[str, Any]) -> List[int]:
     positions = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=to) / max(flat.numel(), 1)
     x_pos = (flat * positions).sum().reshape(1)
     x_sums = torch.stack([wide.sum(), wide.abs().sum()])
-    tensors = list(iter_tensors(cond))
+    tensors = _cond_tensors(cond)
     if not tensors:
         return x_sums.cpu().view(torch.int64).tolist() + [0, 0, 0] + x_pos.cpu().view(torch.int64).tolist() + [0]
     try:
@@ -923,7 +943,7 @@ class DistributedExecutor(Executor):
             return None, _OK, "", None
         dev = self.device
         x_part = xs[start : start + mine]
-        t_part = ts[start : start + mine]
+        t_part = ts[start : start + mine].clone()  # its own: a model may rescale t in place (not the header's ts)
         c = cond
         if dev is not None:
             try:

@@ -568,10 +568,12 @@ def test_conditioning_and_model_times_differing_within_rows_are_explained():
         assert got["error_type"] == "ExecutorError", got
         assert "model times (ts) differ" in got["message"] and "states differ too" in got["message"], got["message"]
         # a tensor inside a dataclass (not a container the executors look into) that differs in one of 2000
-        # elements: its digest enters the conditioning's checksum
+        # elements: its values join the conditioning's sums; an object holding no tensor but a value of its own
+        # per rank (a device, a pid) is signed by its default repr, the same on every rank
         got = res["dataclass_tensor"]
-        assert got["error_type"] == "ExecutorError" and "conditioning (cond) differs in round 1" in got["message"], got
-        assert res["dataclass_same"] is True, res
+        assert got["error_type"] == "ExecutorError", got
+        assert "conditioning (cond) tensors differ in value in round 1" in got["message"], got["message"]
+        assert res["dataclass_same"] is True and res["per_rank_object_same"] is True, res
         # the predictor writes into its input x on rank 1 only: both ranks raise, naming rank 1 and the write
         for case, what in (("inplace_x", "input x in place"), ("inplace_cond", "conditioning tensor cond['c']")):
             got = res[case]
@@ -1222,6 +1224,10 @@ def _scenario_hidden_values(rank, world):
                                              SerialExecutor().evaluate(_configured, xs, ts, {"cfg": _Config(weights)})))
     hidden = {"cfg": _Config(changed if rank == 1 else weights)}
     res["dataclass_tensor"] = _fault_result(lambda: fresh().evaluate(_configured, xs, ts, hidden))
+    per_rank = {"opaque": _Opaque()}
+    per_rank["opaque"].device = f"cuda:{rank}"
+    res["per_rank_object_same"] = bool(torch.equal(fresh().evaluate(_guided, xs, ts, per_rank),
+                                                   SerialExecutor().evaluate(_guided, xs, ts, per_rank)))
 
     def writes_x(x, t):
         if rank == 1:

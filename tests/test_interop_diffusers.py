@@ -1816,7 +1816,8 @@ def test_stable_diffusion_xl_refuses_what_it_does_not_run(unet_xl, vae):
     gen = lambda: torch.Generator().manual_seed(1)  # noqa: E731
     kw = dict(**embeds, num_inference_steps=4, output_type="latent")
     plain = DRiffusionPipeline(pipe, width=2)(generator=gen(), **kw).images
-    defaults = dict(denoising_end=None, timesteps=None, callback_on_step_end=None, ip_adapter_image=None)
+    defaults = dict(denoising_end=None, timesteps=None, callback_on_step_end=None, ip_adapter_image=None,
+                    callback_on_step_end_tensor_inputs=["latents"])
     torch.testing.assert_close(DRiffusionPipeline(pipe, width=2)(generator=gen(), **kw, **defaults).images, plain,
                                rtol=0, atol=0)
     f = DiffusersPredictor(unet_xl, guidance_scale=3.0)

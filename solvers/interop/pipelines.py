@@ -115,14 +115,17 @@ def _check_generators(generator, batch: int) -> None:
 
 
 def _is_default(value: Any, param: inspect.Parameter) -> bool:
-    """Whether ``value`` is ``param``'s default: the same object, or an equal plain value (None, a bool, a
-    number or a string of the default's type)."""
+    """Whether ``value`` is ``param``'s default: the same object, or an equal plain value (a bool, a number or a
+    string of the default's type, or a list / tuple of such, e.g. ``callback_on_step_end_tensor_inputs``)."""
     default = param.default
     if default is param.empty:
         return False
     if value is default:
         return True
-    return isinstance(default, (bool, int, float, str)) and type(value) is type(default) and value == default
+    plain = (bool, int, float, str, type(None))
+    if isinstance(default, (list, tuple)) and type(value) is type(default) and len(value) == len(default):
+        return all(isinstance(d, plain) and type(v) is type(d) and v == d for v, d in zip(value, default))
+    return isinstance(default, plain[:-1]) and type(value) is type(default) and value == default
 
 
 def _check_latents(latents: Any, images: int) -> None:
