@@ -49,6 +49,10 @@ class TimeGrid:
             if not isinstance(v, torch.Tensor) or v.dim() != 1:
                 raise InvalidTimestepsError(f"TimeGrid.{name} must be a 1-D tensor, got {v!r}.")
             refuse_bool_or_complex(v, f"TimeGrid.{name}")
+        for name in ("t_from", "t_to"):  # levels are float64 (integer tensors: no unsigned wrap-around below)
+            v = getattr(self, name)
+            if v.dtype != torch.float64:
+                object.__setattr__(self, name, v.to(torch.float64))
         n = self.t_from.shape[0]
         if n == 0:
             raise InvalidTimestepsError("The time grid is empty: a sampler needs at least one step.")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import reprlib
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -163,6 +163,12 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     return 1 - alphas
 
 
+def _check_betas_range(beta_start: Any, beta_end: Any) -> None:
+    for name, v in (("beta_start", beta_start), ("beta_end", beta_end)):
+        if not is_real(v) or not 0 <= v < 1:
+            raise InvalidArgumentError(f"{name} must be a number in [0, 1), got {v!r}.")
+
+
 class VPSchedule(Schedule):
     r"""Variance-preserving schedule given by its :math:`\bar\alpha_t` table (float64).
 
@@ -190,6 +196,12 @@ class VPSchedule(Schedule):
             raise InvalidArgumentError("alphas_cumprod must not increase with t (t = 0 is the clean end).")
         if not is_real(final_alpha_cumprod) or not 0 < final_alpha_cumprod <= 1:
             raise InvalidArgumentError(f"final_alpha_cumprod must be a number in (0, 1], got {final_alpha_cumprod!r}.")
+        if float(final_alpha_cumprod) < float(ac[0]):
+            raise InvalidArgumentError(
+                f"final_alpha_cumprod = {float(final_alpha_cumprod)!r} is below alphas_cumprod[0] = {float(ac[0])!r}: the "
+                f"clean end (level -1) would be noisier than level 0, and the last step would add noise. Use 1 "
+                f"(diffusers' set_alpha_to_one=True) or alphas_cumprod[0] (set_alpha_to_one=False)."
+            )
         self.alphas_cumprod = ac
         self.final_alpha_cumprod = float(final_alpha_cumprod)
 
@@ -197,13 +209,23 @@ class VPSchedule(Schedule):
     @classmethod
     def from_betas(cls, betas: Union[Sequence[float], torch.Tensor], final_alpha_cumprod: Optional[float] = 1.0, rescale_betas_zero_snr: bool = False) -> "VPSchedule":
         """From per-step betas; ``final_alpha_cumprod=None`` means ``alphas_cumprod[0]``."""
+        rescale_betas_zero_snr = as_flag(rescale_betas_zero_snr, "rescale_betas_zero_snr")
+        given = betas
         try:
-            betas = torch.as_tensor(betas, dtype=torch.float64).flatten()
+            # numpy keeps Python floats in float64 (torch.as_tensor would make float32) and bools / complex as such
+            raw = betas if isinstance(betas, torch.Tensor) else torch.as_tensor(np.asarray(betas))
+            odd = raw.dtype == torch.bool or raw.is_complex() or raw.dim() != 1
+            betas = raw if odd else raw.to(torch.float64)
         except Exception as e:
             raise InvalidArgumentError(
                 f"betas must be a sequence or tensor of numbers in [0, 1], got {type(betas).__name__} "
                 f"{reprlib.repr(betas)} ({exception_text(e)})."
             ) from e
+        if odd:
+            raise InvalidArgumentError(
+                f"betas must be a 1-D sequence or tensor of real numbers in [0, 1], got {raw.dtype} of shape "
+                f"{tuple(raw.shape)} ({reprlib.repr(given)})."
+            )
         bad = ~torch.isfinite(betas) | (betas < 0) | (betas > 1)
         if bool(bad.any()):
             i = int(torch.nonzero(bad)[0])
@@ -219,15 +241,14 @@ class VPSchedule(Schedule):
     def linear(cls, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, **kw) -> "VPSchedule":
         """DDPM's linear betas."""
         num_train_timesteps = as_count(num_train_timesteps, "num_train_timesteps", 2)
+        _check_betas_range(beta_start, beta_end)
         return cls.from_betas(torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64), **kw)
 
     @classmethod
     def scaled_linear(cls, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012, **kw) -> "VPSchedule":
         """Stable Diffusion's betas: linear in sqrt(beta)."""
         num_train_timesteps = as_count(num_train_timesteps, "num_train_timesteps", 2)
-        for name, v in (("beta_start", beta_start), ("beta_end", beta_end)):
-            if not is_real(v) or not 0 <= v < 1:
-                raise InvalidArgumentError(f"{name} must be a number in [0, 1), got {v!r}.")
+        _check_betas_range(beta_start, beta_end)
         b = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
         return cls.from_betas(b, **kw)
 
@@ -236,6 +257,9 @@ class VPSchedule(Schedule):
         """The cosine schedule of Nichol & Dhariwal (2021), betas capped at ``max_beta``."""
         f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
         n = as_count(num_train_timesteps, "num_train_timesteps", 2)
+        if not is_real(max_beta) or not 0 < float(max_beta) <= 1:
+            raise InvalidArgumentError(f"max_beta must be a number in (0, 1] (diffusers' default 0.999), got {max_beta!r}.")
+        max_beta = float(max_beta)
         b = [min(1 - f((i + 1) / n) / f(i / n), max_beta) for i in range(n)]
         return cls.from_betas(torch.tensor(b, dtype=torch.float64), **kw)
 

@@ -123,6 +123,17 @@ def test_grid_step_that_does_not_go_to_a_cleaner_level():
         TimeGrid(t, torch.tensor([300.0, 400.0], dtype=torch.float64), t.long())
 
 
+def test_grid_levels_of_any_real_dtype_are_float64():
+    """Unsigned levels are compared as numbers, not wrapped around (200 > 100 in uint8 is still decreasing), and
+    every grid's levels are float64, as documented; a grid that increases is still refused in any dtype."""
+    grid = TimeGrid(torch.tensor([200, 100], dtype=torch.uint8), torch.tensor([100, 0], dtype=torch.uint8),
+                    torch.tensor([200, 100]))
+    assert grid.t_from.dtype == grid.t_to.dtype == torch.float64 and grid.t_from.tolist() == [200.0, 100.0]
+    with pytest.raises(InvalidTimestepsError, match="strictly decrease"):
+        TimeGrid(torch.tensor([100, 200], dtype=torch.uint8), torch.tensor([0, 100], dtype=torch.uint8),
+                 torch.tensor([100, 200]))
+
+
 @pytest.mark.parametrize("num_steps", [0, 1001, 2.5])
 def test_bad_num_steps(num_steps):
     with pytest.raises(InvalidTimestepsError, match=r"num_steps must be an int in \[1, 1000\]"):
@@ -1379,7 +1390,15 @@ def test_flags_take_true_or_false_only(make):
     (lambda: VPSchedule.from_betas([0.1, float("nan")]), r"betas\[1\] = nan"),
     (lambda: VPSchedule.scaled_linear(10, -0.1, 0.2), "beta_start must be a number in"),
     (lambda: VPSchedule.from_betas([0.1, 0.2], final_alpha_cumprod="1"), "final_alpha_cumprod must be a number"),
-], ids=["not-numbers", "above-one", "nan", "negative-start", "string-final"])
+    (lambda: VPSchedule.from_betas([0.1, 0.2], final_alpha_cumprod=0.5), r"final_alpha_cumprod = 0.5 is below alphas_cumprod\[0\] = 0.9"),
+    (lambda: VPSchedule.from_betas([True, False]), "betas must be a 1-D sequence or tensor of real numbers.*torch.bool"),
+    (lambda: VPSchedule.from_betas(torch.tensor([0.1, 0.2]) * 1j), "real numbers.*complex"),
+    (lambda: VPSchedule.from_betas([[0.1, 0.2], [0.3, 0.4]]), r"1-D .* of shape \(2, 2\)"),
+    (lambda: VPSchedule.from_betas([0.1, 0.2], rescale_betas_zero_snr="no"), "rescale_betas_zero_snr must be True or False"),
+    (lambda: VPSchedule.linear(10, "a"), "beta_start must be a number in"),
+    (lambda: VPSchedule.squaredcos_cap_v2(10, max_beta=float("nan")), "max_beta must be a number in"),
+], ids=["not-numbers", "above-one", "nan", "negative-start", "string-final", "final-below-level-0", "bool-betas",
+        "complex-betas", "2d-betas", "string-flag", "string-beta-start", "nan-max-beta"])
 def test_schedule_constructors_name_the_bad_argument(make, message):
     with pytest.raises(InvalidArgumentError, match=message):
         make()

@@ -2232,6 +2232,38 @@ def test_sigma_grid_schedules_map_model_times_to_their_levels(name, options):
         DraftRefineScheduler(tr, VPSchedule.linear(11).timesteps(5, "trailing"), 1)
 
 
+@pytest.mark.filterwarnings("ignore:`timesteps` were passed without `sigmas`")
+@pytest.mark.parametrize("name,options,custom", [
+    ("DPMSolverMultistepScheduler", dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=1.0), {}),
+    ("UniPCMultistepScheduler", dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0), {}),
+    ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0), dict(timesteps=[750.0, 500.0, 250.0, 100.0])),
+])
+def test_flow_grids_called_off_sigma_n_map_model_times_to_their_sigmas(name, options, custom):
+    """Flow grids whose model times are not sigma * N (DPM-Solver / UniPC flow sigmas: diffusers' integer
+    timesteps; FlowMatchEuler with custom timesteps) get a FlowGridSchedule: each model time maps to its own
+    sigma, so an x0 model wrapped as a velocity model (reparameterize) gives the unwrapped sample; a model time
+    not on the grid is refused."""
+    import copy
+
+    from driffusion_core import InvalidTimestepsError, Prediction, reparameterize
+    from solvers.interop import FlowGridSchedule
+
+    tr, grid = from_diffusers(need(name)(**options), None if custom else 12, **custom)
+    assert isinstance(tr.schedule, FlowGridSchedule) and grid.kind == tr.schedule.kind
+    assert torch.equal(tr.schedule.level_of_model_time(grid.model_times), grid.t_from)
+    assert torch.equal(tr.schedule.model_time(grid.t_from), grid.model_times)
+    assert not torch.allclose(grid.t_from * 1000, grid.model_times.to(torch.float64))  # not sigma * N here
+    as_x0 = copy.copy(tr)
+    as_x0.prediction = Prediction("sample")
+    model = lambda x, t: 0.5 * x  # noqa: E731  (an x0 prediction)
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref = sample_serial(model, x, as_x0, grid).x
+    out = sample_serial(reparameterize(model, tr.schedule, "sample", "velocity"), x, tr, grid).x
+    assert (out - ref).abs().max() <= 1e-10 * ref.abs().max()
+    with pytest.raises(InvalidTimestepsError, match="is not one of this grid's model times"):
+        tr.schedule.level_of_model_time(torch.tensor([3.5]))
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")  # diffusers' own NaN sigmas
 def test_diffusers_grids_that_are_broken_are_refused_by_name():
     """A leading grid whose first timestep is past the table (DPM-Solver / UniPC, steps_offset=1 with T = N - 1),

@@ -6,7 +6,7 @@ imports it when used), so ``import solvers`` works without the optional extra.
 * :func:`from_diffusers` -- a diffusers scheduler (or config) to ``(transition, grid)``
   (:func:`euler_state_scales`: the state's scaling for ``EulerDiscreteScheduler`` and its ancestral variant,
   whose transitions are :class:`EulerDiscreteAsDDIM` / :class:`EulerAncestralAsDDIM` on a
-  :class:`SigmaGridSchedule`).
+  :class:`SigmaGridSchedule`; flow grids called at other times than sigma * N get a :class:`FlowGridSchedule`).
 * :class:`DiffusersPredictor` -- UNet2D / UNet2DCondition / SD3 transformer as ``f(x, t, **cond)``, CFG in one call.
 * :class:`DRiffusionPipeline` -- run a DDPM / DDIM / Stable Diffusion / SDXL / SD3 / Flux pipeline with DRiffusion
   (DDIM, DDPM, DPM-Solver++ multistep, UniPC, Euler and Euler ancestral (Stable Diffusion) or flow-matching Euler
@@ -16,7 +16,7 @@ imports it when used), so ``import solvers`` works without the optional extra.
 """
 from solvers.interop.diffusers_models import DiffusersPredictor
 from solvers.interop.diffusers_schedulers import (
-    EulerAncestralAsDDIM, EulerDiscreteAsDDIM, SigmaGridSchedule, euler_state_scales, from_diffusers,
+    EulerAncestralAsDDIM, EulerDiscreteAsDDIM, FlowGridSchedule, SigmaGridSchedule, euler_state_scales, from_diffusers,
 )
 from solvers.interop.kdiffusion import (
     sample_driffusion, sample_driffusion_ancestral, sample_driffusion_dpmpp_2m, sigmas_grid,
@@ -29,6 +29,7 @@ __all__ = [
     "EulerDiscreteAsDDIM",
     "EulerAncestralAsDDIM",
     "SigmaGridSchedule",
+    "FlowGridSchedule",
     "DiffusersPredictor",
     "DRiffusionPipeline",
     "calculate_shift",

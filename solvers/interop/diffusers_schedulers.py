@@ -82,7 +82,8 @@ from solvers.dpm import DPMSolverSkip
 from solvers.flow import FlowEulerSkip
 from solvers.unipc import UniPCSkip
 
-__all__ = ["from_diffusers", "euler_state_scales", "EulerDiscreteAsDDIM", "EulerAncestralAsDDIM", "SigmaGridSchedule", "SUPPORTED_SCHEDULERS"]
+__all__ = ["from_diffusers", "euler_state_scales", "EulerDiscreteAsDDIM", "EulerAncestralAsDDIM", "SigmaGridSchedule",
+           "FlowGridSchedule", "SUPPORTED_SCHEDULERS"]
 
 SUPPORTED_SCHEDULERS = (
     "DDIMScheduler", "DDPMScheduler", "FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler",
@@ -373,6 +374,9 @@ def _flow(scheduler, cfg, num_inference_steps: Optional[int], mu: Optional[float
                              f"timesteps=, or a shift changed since)",
                              num_inference_steps,
                              "sigmas=..., timesteps=... as given to set_timesteps")
+    if timesteps is not None:  # the model is called at the given timesteps, not sigma * N: levels through the grid
+        schedule = FlowGridSchedule(sig[:-1], ts, schedule.shift, n_train, dynamic)
+        transition = FlowEulerSkip(schedule, prediction="velocity")
     grid = TimeGrid(sig[:-1].to(torch.float64), sig[1:].to(torch.float64), ts, schedule.kind)
     schedule.validate(grid)
     return transition, grid
@@ -530,7 +534,8 @@ def _multistep_flow(scheduler, cfg, num_inference_steps: int, mu: Optional[float
     n = len(ts)
     levels = sig[: n + 1].to(torch.float64)
     _refuse_unusable_sigmas(name, "use_flow_sigmas", cfg, num_inference_steps, levels, top=1.0)
-    schedule = FlowSchedule(num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)))
+    # diffusers calls the model at integer timesteps, not sigma * N: the levels are found through the grid
+    schedule = FlowGridSchedule(levels[:-1], ts, num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)))
     transition = make(schedule, _FLOW_PREDICTIONS[kind])
     grid = transition.make_grid(TimeGrid(levels[:-1], levels[1:], ts, schedule.kind))
     return transition, grid
@@ -694,6 +699,74 @@ def _dpm_on_sigmas(scheduler, cfg, num_inference_steps: int, check_held: bool, o
     return transition, grid
 
 
+def _model_time_index(schedule: Any, model_times: torch.Tensor, t: Any) -> torch.Tensor:
+    """For each model time in ``t``, its index in ``model_times`` (a grid's own table, noisiest first), or
+    InvalidTimestepsError where it is not one of them or stands for several."""
+    t = torch.as_tensor(t).detach().cpu().to(torch.float64)
+    times = model_times.to(torch.float64)
+    hits = t.reshape(-1, 1) == times.reshape(1, -1)
+    count = hits.sum(1)
+    if not bool((count == 1).all()):
+        i = int(torch.nonzero(count != 1)[0])
+        why = ("is not one of this grid's" if int(count[i]) == 0 else
+               "stands for several of this grid's sigmas (diffusers rounded two sigmas to one timestep)")
+        raise InvalidTimestepsError(
+            f"{type(schedule).__name__}: model time {t.reshape(-1)[i].item()!r} {why} model times "
+            f"{reprlib.repr(model_times.tolist())}, so its level (sigma) is unknown. Levels of a sigma grid "
+            f"are found from the model times the sampler calls the model with; use fewer steps if two coincide."
+        )
+    return hits.to(torch.int64).argmax(1)
+
+
+class FlowGridSchedule(FlowSchedule):
+    r"""The :class:`~driffusion_core.FlowSchedule` of one diffusers flow grid whose model times are not
+    :math:`\sigma N`: DPM-Solver / UniPC with ``use_flow_sigmas`` (diffusers' integer timesteps) and
+    ``FlowMatchEulerDiscreteScheduler`` with custom ``timesteps=``. The levels are the grid's sigmas, the
+    interpolant the flow's; :meth:`model_time` and :meth:`level_of_model_time` map between sigmas and model
+    times through the grid's own table (so :func:`~driffusion_core.reparameterize` or an oracle converts at
+    the right sigma), and a level or model time that is not the grid's is refused.
+
+    Arguments:
+        sigmas: the grid's sigmas, noisiest first, one per model time (the steps' starting levels).
+        model_times: diffusers' timesteps, noisiest first.
+        shift, num_train_timesteps, use_dynamic_shifting: as for :class:`~driffusion_core.FlowSchedule`.
+    """
+
+    def __init__(self, sigmas: torch.Tensor, model_times: torch.Tensor, shift: float = 1.0,
+                 num_train_timesteps: int = 1000, use_dynamic_shifting: bool = False):
+        super().__init__(shift, num_train_timesteps, use_dynamic_shifting)
+        self.sigmas = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu().flatten().clone()
+        self.model_times = torch.as_tensor(model_times).detach().cpu().flatten().clone()
+        if self.sigmas.numel() != self.model_times.numel() or self.sigmas.numel() == 0:
+            raise InvalidArgumentError(
+                f"FlowGridSchedule: {self.sigmas.numel()} sigmas for {self.model_times.numel()} model times; give one "
+                f"model time per step's starting sigma, noisiest first."
+            )
+
+    @property
+    def kind(self) -> str:
+        """``"flowgrid/N"``: levels are this grid's sigmas, the model called at its own timesteps."""
+        return f"flowgrid/{self.num_train_timesteps}"
+
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=torch.float64)
+        hits = t.reshape(-1, 1) == self.sigmas.reshape(1, -1)
+        if not bool((hits.sum(1) >= 1).all()):
+            bad = t.reshape(-1)[hits.sum(1) == 0][0].item()
+            raise InvalidTimestepsError(
+                f"{type(self).__name__}: level {bad!r} is not one of this grid's sigmas "
+                f"{reprlib.repr(self.sigmas.tolist())}, so it has no model time; the model is called at the grid's "
+                f"own sigmas only."
+            )
+        return self.model_times[hits.to(torch.int64).argmax(1)].reshape(t.shape)
+
+    def level_of_model_time(self, t: torch.Tensor) -> torch.Tensor:
+        return self.sigmas[_model_time_index(self, self.model_times, t)].reshape(torch.as_tensor(t).shape)
+
+    def __repr__(self) -> str:
+        return f"FlowGridSchedule(steps={self.sigmas.numel()}, shift={self.shift:g})"
+
+
 class SigmaGridSchedule(VPSchedule):
     r"""The :class:`~driffusion_core.VPSchedule` of one diffusers sigma grid (Euler, Karras / exponential / beta
     sigmas): :math:`\bar\alpha = 1 / (1 + \sigma^2)` at level j, the j-th sigma counted from the clean end
@@ -745,21 +818,8 @@ class SigmaGridSchedule(VPSchedule):
         return self.model_times[(n - t.round().long()).flatten()].reshape(t.shape)
 
     def level_of_model_time(self, t: torch.Tensor) -> torch.Tensor:
-        t = torch.as_tensor(t).detach().cpu().to(torch.float64)
-        times = self.model_times.to(torch.float64)
-        hits = t.reshape(-1, 1) == times.reshape(1, -1)
-        count = hits.sum(1)
-        if not bool((count == 1).all()):
-            i = int(torch.nonzero(count != 1)[0])
-            why = ("is not one of this grid's" if int(count[i]) == 0 else
-                   "stands for several of this grid's sigmas (diffusers rounded two sigmas to one timestep)")
-            raise InvalidTimestepsError(
-                f"{type(self).__name__}: model time {t.reshape(-1)[i].item()!r} {why} model times "
-                f"{reprlib.repr(self.model_times.tolist())}, so its level (sigma) is unknown. Levels of a sigma grid "
-                f"are found from the model times the sampler calls the model with; use fewer steps if two coincide."
-            )
         n = self.num_train_timesteps - 1
-        return (n - hits.to(torch.int64).argmax(1)).to(torch.float64).reshape(t.shape)
+        return (n - _model_time_index(self, self.model_times, t)).to(torch.float64).reshape(torch.as_tensor(t).shape)
 
     def __repr__(self) -> str:
         return f"SigmaGridSchedule(steps={self.num_train_timesteps - 1})"
