@@ -119,6 +119,11 @@ def _shape(shape) -> tuple:
     """``shape`` as a tuple of non-negative ints (an int is a 1-D shape, as in torch.randn)."""
     if isinstance(shape, torch.Size):
         return tuple(shape)
+    if is_bool(shape) or (isinstance(shape, (tuple, list)) and any(is_bool(d) for d in shape)):
+        raise InvalidArgumentError(
+            f"NoiseSource: shape must be a sequence of ints such as (batch, 3, 64, 64) or x.shape, got {shape!r} "
+            f"(a bool is not a dimension)."
+        )
     try:
         dims = (operator.index(shape),)
     except TypeError:

@@ -28,6 +28,7 @@ TimeLike = Union[float, int, torch.Tensor]
 
 
 def _levels(t: TimeLike) -> torch.Tensor:
+    refuse_bool_or_complex(t, "levels", "noise levels (numbers)", "")
     return torch.as_tensor(t, dtype=torch.float64).cpu() if not isinstance(t, torch.Tensor) else t.detach().to("cpu", torch.float64)
 
 
@@ -234,6 +235,12 @@ class VPSchedule(Schedule):
             )
         if rescale_betas_zero_snr:
             betas = rescale_zero_terminal_snr(betas)
+            if not bool(torch.isfinite(betas).all()):
+                raise InvalidArgumentError(
+                    "rescale_betas_zero_snr=True gives NaN betas here: the rescale divides by sqrt(alpha-bar_0) - "
+                    "sqrt(alpha-bar_T), which is 0 when no beta is positive or alpha-bar underflows before the last "
+                    "timestep (diffusers gives NaN too). Use betas whose alpha-bar stays positive, or no rescale."
+                )
         ac = torch.cumprod(1.0 - betas, dim=0)
         return cls(ac, float(ac[0]) if final_alpha_cumprod is None else final_alpha_cumprod)
 

@@ -1151,6 +1151,20 @@ def test_noise_step_index_must_be_an_int(step):
         NoiseSource(0)(step, (2, 2))
 
 
+@pytest.mark.parametrize("shape", [(True, 3), True, [2, False]])
+def test_noise_shape_of_bools_is_refused(shape):
+    with pytest.raises(InvalidArgumentError, match=r"a bool is not a dimension"):
+        NoiseSource(0)(0, shape)
+
+
+def test_schedule_levels_given_as_bools_are_refused():
+    """alpha_bar(True) is not level 1: a bool level is refused, as a grid's bool levels are."""
+    with pytest.raises(InvalidTimestepsError, match="levels must be real numbers"):
+        VPSchedule.linear().alpha_bar(True)
+    with pytest.raises(InvalidTimestepsError, match="levels must be real numbers"):
+        FlowSchedule().alpha_sigma(torch.tensor([True]))
+
+
 def test_noise_step_index_takes_ints_of_any_kind():
     ns = NoiseSource(3)
     ref = ns(4, (2, 2))
@@ -1397,8 +1411,9 @@ def test_flags_take_true_or_false_only(make):
     (lambda: VPSchedule.from_betas([0.1, 0.2], rescale_betas_zero_snr="no"), "rescale_betas_zero_snr must be True or False"),
     (lambda: VPSchedule.linear(10, "a"), "beta_start must be a number in"),
     (lambda: VPSchedule.squaredcos_cap_v2(10, max_beta=float("nan")), "max_beta must be a number in"),
+    (lambda: VPSchedule.from_betas([0.0] * 10, rescale_betas_zero_snr=True), "rescale_betas_zero_snr=True gives NaN"),
 ], ids=["not-numbers", "above-one", "nan", "negative-start", "string-final", "final-below-level-0", "bool-betas",
-        "complex-betas", "2d-betas", "string-flag", "string-beta-start", "nan-max-beta"])
+        "complex-betas", "2d-betas", "string-flag", "string-beta-start", "nan-max-beta", "rescale-nan"])
 def test_schedule_constructors_name_the_bad_argument(make, message):
     with pytest.raises(InvalidArgumentError, match=message):
         make()
