@@ -63,6 +63,21 @@ def per_sample(f: Callable[..., torch.Tensor]) -> Predictor:
     return batched
 
 
+def _refuse_training_batchnorm(predictor: Any) -> None:
+    """Refuse a module predictor (or a wrapper's ``.model``) with a BatchNorm layer in training mode: its batch
+    statistics would mix a round's drafts, so one batched call would not give the serial executor's result."""
+    for module in (predictor, getattr(predictor, "model", None)):
+        if not isinstance(module, torch.nn.Module):
+            continue
+        for name, m in module.named_modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training:
+                raise InvalidArgumentError(
+                    f"BatchedExecutor: the model's BatchNorm layer {name or type(m).__name__!r} is in training mode, "
+                    f"so its batch statistics would mix the drafts of a round and the result would differ from "
+                    f"SerialExecutor's; call model.eval() before sampling."
+                )
+
+
 class BatchedExecutor(Executor):
     """Evaluates all K drafts of a round in one predictor call.
 
@@ -124,6 +139,7 @@ class BatchedExecutor(Executor):
         conditioning's tensors repeated K times along the batch (or chunks of ``max_batch`` rows), or as
         ``torch.func.vmap`` of the predictor over the draft axis."""
         check_round_args(type(self).__name__, xs, ts, cond)
+        _refuse_training_batchnorm(predictor)
         cond = dict(cond or {})
         k, b = xs.shape[0], xs.shape[1]
         if self.vmap:  # each draft sees the whole batch and the whole conditioning

@@ -50,6 +50,8 @@ def _writable(folder: Path, what: str) -> None:
 def new_file(text: str) -> Path:
     """A file path whose folder exists and can be written (checked before the run, not when the result is
     written)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the file path is empty; give a file path")
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a folder; give a file path")
@@ -76,6 +78,8 @@ def plot_file(text: str) -> Path:
 def out_dir(text: str) -> Path:
     """An output folder: an existing folder or a path that can be made one (not an existing file, nor below
     one), and that can be written into. It is created here, before the run."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the output folder is empty; give a folder path")
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")

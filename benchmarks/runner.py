@@ -17,7 +17,7 @@ import re
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 
@@ -157,6 +157,23 @@ def update_readme(results: dict, readme: Path = README) -> bool:
     return True
 
 
+def kept_run(out_dir: Path, preset_name: str, sections: List[str]) -> str:
+    """Why a run of ``sections`` cannot go into ``out_dir`` ('' when it can): a subset (``--only``) keeps the
+    other sections of the folder's ``results.json`` only when they are of the same preset; one of another
+    preset (a full run under a quick one), or an unreadable one, would be replaced without them."""
+    old = Path(out_dir) / "results.json"
+    if not old.exists() or set(sections) == set(SECTIONS):
+        return ""
+    try:
+        name = json.loads(old.read_text()).get("config", {}).get("name")
+    except (json.JSONDecodeError, OSError, AttributeError):
+        name = "unreadable"
+    if name == preset_name:
+        return ""
+    return (f"--only {','.join(sections)}: {old} holds a {name!r} run, not a {preset_name!r} one; its other sections "
+            f"would be lost. Write to another folder (--out), or run every section.")
+
+
 def run(
     cfg: BenchConfig,
     sections: Iterable[str] = SECTIONS,
@@ -176,6 +193,9 @@ def run(
 
     results: dict = {}
     old = out_dir / "results.json"
+    clash = kept_run(out_dir, cfg.name, sections)
+    if clash:
+        raise ValueError(clash)
     if old.exists() and set(sections) != set(SECTIONS):
         try:
             prev = json.loads(old.read_text())

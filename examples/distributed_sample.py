@@ -27,7 +27,7 @@ from solvers import DDIMSkip, ring_mixture, sample_serial
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--backend", default=None, help="gloo | nccl (default: nccl with CUDA, else gloo)")
+    ap.add_argument("--backend", default=None, choices=["gloo", "nccl"], help="default: nccl with CUDA, else gloo")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--width", type=int, default=None, help="drafts per round (default: the world size)")
     ap.add_argument("--mode", default="aggressive", choices=["aggressive", "conservative"])
@@ -40,8 +40,12 @@ def main() -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             ap.error(f"--{name} must be an int >= 1, got {value}")
-    if not args.timeout > 0:
-        ap.error(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    if not 0 < args.timeout <= 1e6:
+        ap.error(f"--timeout must be a number of seconds in (0, 1e6], got {args.timeout}")
+    if args.save is not None:  # checked before sampling, not when rank 0 saves
+        folder = os.path.dirname(os.path.abspath(args.save))
+        if not args.save.strip() or os.path.isdir(args.save) or not os.path.isdir(folder):
+            ap.error(f"--save {args.save!r}: give a file path in an existing folder")
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     env = init_from_env(backend=args.backend)

@@ -20,6 +20,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", dest="json_path", default=None, metavar="PATH",
                         help="also write every result (status, residuals, counterexample) to PATH as JSON")
     args = parser.parse_args(argv)
+    if args.json_path is not None and not args.json_path.strip():
+        parser.error("--json: the path is empty; give a file path, e.g. --json proofs.json")
     if args.json_path:  # checked before the proofs run, not when their results are written
         folder = os.path.dirname(os.path.abspath(args.json_path))
         if os.path.isdir(args.json_path) or not os.path.isdir(folder):

@@ -1082,7 +1082,9 @@ def test_quick_report_says_its_distributed_row_is_not_representative(name):
     ["benchmarks.models.train", "--steps", "0"],
     ["benchmarks.models.train", "--threads", "-1"],
     ["proofs", "--json", "NO_DIR/p.json"],
-], ids=lambda argv: " ".join(argv[1:]))
+    ["python -m benchmarks", "--out", ""],
+    ["proofs", "--json", ""],
+], ids=lambda argv: " ".join(argv[1:]) or "empty")
 def test_command_lines_refuse_bad_numbers_and_paths_up_front(argv, tmp_path, capsys):
     """A bad count or path is an argparse error (exit status 2, the option named) before any work starts: no
     traceback after minutes of work, and `train --steps 0` never writes untrained weights over the committed ones."""
@@ -1101,6 +1103,21 @@ def test_command_lines_refuse_bad_numbers_and_paths_up_front(argv, tmp_path, cap
         main(args)
     assert info.value.code == 2
     assert args[0] in capsys.readouterr().err
+
+
+def test_only_into_a_folder_of_another_preset_is_refused(tmp_path, capsys):
+    """--only keeps the folder's other sections only from a run of the same preset: into a folder holding a full
+    run, a quick --only run is refused up front (it would drop the full run's other sections), naming both."""
+    import json
+
+    (tmp_path / "results.json").write_text(json.dumps({"config": {"name": "full"}, "oracle": {"tables": []}}))
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--quick", "--only", "grids", "--out", str(tmp_path)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "holds a 'full' run, not a 'quick' one" in err and "--only grids" in err
+    parse_args(["--only", "grids", "--out", str(tmp_path)])  # the same preset: kept, accepted
+    parse_args(["--quick", "--out", str(tmp_path)])  # every section: nothing to keep
 
 
 def test_gpu_latency_refuses_cuda_where_there_is_none(capsys):

@@ -88,6 +88,16 @@ def _need(results, ranks, logs):
 # --------------------------------------------------------------------------------------- the tests
 
 
+@pytest.mark.parametrize("args", [["--save", "MISSING/x.pt"], ["--timeout", "inf"], ["--backend", "bogus"]])
+def test_the_example_refuses_bad_arguments_before_any_process_group(args, tmp_path):
+    """A bad option of examples/distributed_sample.py is an argparse error (exit 2) on every rank before any
+    work: no traceback, and no sample computed only to fail when rank 0 saves it."""
+    args = [a.replace("MISSING", str(tmp_path / "missing")).replace("TMP", str(tmp_path)) for a in args]
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "distributed_sample.py"), *args],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "error:" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
 def test_the_readmes_torchrun_example_runs_and_equals_the_serial_executor(tmp_path):
     """The launch command of the README (torchrun, 2 processes, gloo) runs examples/distributed_sample.py to the
     end; rank 0's sample is the same scheduler's with the serial executor, in the rounds the formula gives."""

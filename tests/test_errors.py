@@ -1151,6 +1151,29 @@ def test_noise_step_index_must_be_an_int(step):
         NoiseSource(0)(step, (2, 2))
 
 
+def test_batched_executor_refuses_a_model_with_batchnorm_in_training_mode():
+    """BatchNorm in training mode normalises over the whole batch: one batched call of a round's drafts would
+    differ from the serial executor's calls. Refused naming the layer, with the fix; in eval mode it runs, as
+    the serial executor does."""
+    from backends import BatchedExecutor
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.BatchNorm1d(2)
+
+        def forward(self, x, t):
+            return self.norm(x) * 0.1
+
+    model = Model()
+    xs, ts = torch.randn(3, 4, 2, generator=torch.Generator().manual_seed(0)), torch.zeros(3, 4)
+    for ex in (BatchedExecutor(), BatchedExecutor(vmap=True), BatchedExecutor(max_batch=2)):
+        with pytest.raises(InvalidArgumentError, match=r"BatchNorm layer 'norm' is in training mode.*model.eval\(\)"):
+            ex.evaluate(model, xs, ts)
+    model.eval()
+    torch.testing.assert_close(BatchedExecutor().evaluate(model, xs, ts), SerialExecutor().evaluate(model, xs, ts))
+
+
 @pytest.mark.parametrize("shape", [(True, 3), True, [2, False]])
 def test_noise_shape_of_bools_is_refused(shape):
     with pytest.raises(InvalidArgumentError, match=r"a bool is not a dimension"):
