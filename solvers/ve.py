@@ -40,8 +40,9 @@ class VESchedule(Schedule):
     Arguments:
         sigma_max: the largest level a grid may start from (default: no bound).
 
-    The predictor is called with sigma itself (``model_time(sigma) = sigma``), as k-diffusion's
-    denoisers ``D(x, sigma)`` are.
+    The predictor is called with sigma itself (``model_time(sigma) = sigma``, in float32 on the grids this
+    schedule makes), as k-diffusion's denoisers ``D(x, sigma)`` are; the k-diffusion-style functions
+    (:func:`solvers.sample_driffusion`, ``sigmas_grid``) pass sigma in the state's dtype instead.
     """
 
     terminal_level = 0.0
@@ -49,8 +50,8 @@ class VESchedule(Schedule):
     predictions = ("sample", "epsilon")
 
     def __init__(self, sigma_max: float = math.inf):
-        if not sigma_max > 0:
-            raise InvalidArgumentError(f"sigma_max must be positive, got {sigma_max}.")
+        if not is_real(sigma_max) or not float(sigma_max) > 0:
+            raise InvalidArgumentError(f"sigma_max must be a positive number (or math.inf, no bound), got {sigma_max!r}.")
         self.sigma_max = float(sigma_max)
 
     def level_range(self) -> Tuple[float, float]:

@@ -1151,6 +1151,14 @@ def test_noise_step_index_must_be_an_int(step):
         NoiseSource(0)(step, (2, 2))
 
 
+@pytest.mark.parametrize("sigma_max", ["80", True, torch.tensor([80.0, 90.0]), float("nan"), 0])
+def test_ve_schedule_sigma_max_must_be_a_positive_number(sigma_max):
+    from solvers.ve import VESchedule
+
+    with pytest.raises(InvalidArgumentError, match="sigma_max must be a positive number"):
+        VESchedule(sigma_max)
+
+
 def test_batched_executor_refuses_a_model_with_batchnorm_in_training_mode():
     """BatchNorm in training mode normalises over the whole batch: one batched call of a round's drafts would
     differ from the serial executor's calls. Refused naming the layer, with the fix; in eval mode it runs, as
