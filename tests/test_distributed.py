@@ -1308,7 +1308,9 @@ def _scenario_last_step(rank, world):
         t_to[-1] = 0.0
     cases = {
         "t_to": (solvers.DDIMSkip(schedule), core.TimeGrid(grid.t_from, t_to, grid.model_times, grid.kind)),
-        "final_alpha_cumprod": (solvers.DDIMSkip(core.VPSchedule(schedule.alphas_cumprod, 1.0 - 0.01 * rank)), grid),
+        # rank 1 as diffusers' set_alpha_to_one=False (alphas_cumprod[0]), rank 0 with set_alpha_to_one=True (1)
+        "final_alpha_cumprod": (solvers.DDIMSkip(core.VPSchedule(
+            schedule.alphas_cumprod, float(schedule.alphas_cumprod[0]) if rank == 1 else 1.0)), grid),
     }
     for name, (tr, g) in cases.items():
         e = fresh()
