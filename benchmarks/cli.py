@@ -29,9 +29,12 @@ def count_list(minimum: int = 1) -> Callable[[str], List[int]]:
     one = count(minimum)
 
     def parse(text: str) -> List[int]:
-        values = [one(part.strip()) for part in text.split(",") if part.strip()]
-        if not values:
+        parts = [part.strip() for part in text.split(",")]
+        if not text.strip() or any(not part for part in parts):
             raise argparse.ArgumentTypeError(f"expected comma-separated ints >= {minimum}, e.g. 1,2,4; got {text!r}")
+        values = [one(part) for part in parts]
+        if len(set(values)) != len(values):
+            raise argparse.ArgumentTypeError(f"{text!r} lists a value twice; give each once")
         return values
 
     parse.__name__ = "comma-separated ints"
@@ -56,7 +59,8 @@ def new_file(text: str) -> Path:
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a folder; give a file path")
     if not path.parent.is_dir():
-        raise argparse.ArgumentTypeError(f"the folder {path.parent} does not exist; create it first")
+        why = "is a file, not a folder" if path.parent.exists() else "does not exist; create it first"
+        raise argparse.ArgumentTypeError(f"the folder {path.parent} {why}")
     _writable(path.parent, text)
     return path
 

@@ -111,7 +111,8 @@ def markdown(rows: List[Dict[str, object]]) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.kdiffusion_study", description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=count(), default=2000)
-    p.add_argument("--steps", type=count_list(minimum=2), default=[20, 40], help="comma-separated step counts")
+    p.add_argument("--steps", type=count_list(minimum=3), default=[20, 40],
+                   help="comma-separated step counts (>= 3: with 2, every method takes all 2 rounds)")
     a = p.parse_args(argv)
     print(f"ring oracle as a k-diffusion denoiser, float64, batch {a.batch}, seed {SEED_X}, Karras sigmas "
           "(0.002 .. 80, rho 7); ratio = DRiffusion's RMSE to serial / step skipping's at the same rounds")
