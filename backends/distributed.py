@@ -95,8 +95,8 @@ from driffusion_core.errors import (
 )
 from driffusion_core.executor import (
     Executor, Predictor, changed_tensor, check_round_args, even_shares, iter_tensors, map_tensors, stack_calls,
-    tensor_versions,
 )
+from driffusion_core.scheduler import input_version
 
 try:  # torch may be built without distributed support
     import torch.distributed as dist
@@ -342,12 +342,12 @@ def _held_tensors(v: Any, depth: int = 0, seen: Optional[set] = None) -> List[to
     compared fields of a dataclass, or the attributes of a non-callable object whose repr is object's
     default, and in containers and such objects within them (at most 4 objects deep, each object once)."""
     if isinstance(v, torch.Tensor):
-        return [v] if depth else []  # a tensor of the conditioning itself is summed as it is
+        return [v] if depth else []  # a tensor of the conditioning itself is summed as it is (iter_tensors)
     seen = set() if seen is None else seen
     if isinstance(v, Mapping):
-        return [t for k in sorted(v, key=str) for t in _held_tensors(v[k], depth, seen)] if depth else []
+        return [t for k in sorted(v, key=str) for t in _held_tensors(v[k], depth, seen)]
     if isinstance(v, (list, tuple)):
-        return [t for e in v for t in _held_tensors(e, depth, seen)] if depth else []
+        return [t for e in v for t in _held_tensors(e, depth, seen)]
     if depth >= 4 or id(v) in seen:
         return []
     if dataclasses.is_dataclass(v) and not isinstance(v, type):
@@ -363,22 +363,7 @@ def _held_tensors(v: Any, depth: int = 0, seen: Optional[set] = None) -> List[to
 def _cond_tensors(cond: Mapping[str, Any]) -> List[torch.Tensor]:
     """Every tensor whose values the header sums: the conditioning's own (:func:`iter_tensors`), then those
     its other values hold (:func:`_held_tensors`), in the conditioning's order."""
-    held: List[torch.Tensor] = []
-
-    def walk(v: Any) -> None:
-        if isinstance(v, torch.Tensor):
-            return
-        if isinstance(v, Mapping):
-            for k in sorted(v, key=str):
-                walk(v[k])
-        elif isinstance(v, (list, tuple)):
-            for e in v:
-                walk(e)
-        else:
-            held.extend(_held_tensors(v))
-
-    walk(dict(cond))
-    return list(iter_tensors(cond)) + held
+    return list(iter_tensors(cond)) + _held_tensors(dict(cond))
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -953,8 +938,7 @@ class DistributedExecutor(Executor):
                 return None, _MOVE_FAILED, f"could not move the round's inputs to {dev}: {exception_text(e)}", e
         # in-place writes into the inputs, seen here so that every rank learns of them in this round (the
         # sampler's own check would raise on this rank only, after the exchange)
-        x_version = None if x_part.is_inference() else x_part._version
-        c_versions = tensor_versions(c)
+        x_version, c_versions = input_version(x_part, c)
         try:  # each output copied as it comes (the model may reuse one output buffer); unlike ones: a list
             got = stack_calls(lambda j: predictor(x_part[j], t_part[j], **c), mine)
         except Exception as e:  # reported to every rank

@@ -138,9 +138,12 @@ def _check_latents(latents: Any, images: int) -> None:
         )
 
 
-def _noise_for(generator, noise: Optional[NoiseSource], batch: int) -> Optional[NoiseSource]:
-    """The per-step noise: the given NoiseSource, else one seeded from the pipeline's generator; with a list
-    of generators, each image's rows from a stream seeded from its own generator."""
+def _noise_for(transition: Any, generator, noise: Optional[NoiseSource], batch: int) -> Optional[NoiseSource]:
+    """The per-step noise of a stochastic transition (None for a deterministic one): the given NoiseSource,
+    else one seeded from the pipeline's generator; with a list of generators, each image's rows from a stream
+    seeded from its own generator."""
+    if not transition.stochastic:
+        return None
     if noise is not None or generator is None:
         return noise
     if isinstance(generator, (list, tuple)):
@@ -301,7 +304,7 @@ class DRiffusionPipeline:
         seeded from ``generator`` for a stochastic scheduler."""
         into, out_of = euler_state_scales(transition, grid)
         latents = self._sample(unet, guidance_scale, transition, grid, latents * into if into != 1.0 else latents, cond,
-                               _noise_for(generator, noise, latents.shape[0]) if transition.stochastic else None,
+                               _noise_for(transition, generator, noise, latents.shape[0]),
                                model_kwargs, guidance_rescale)
         return latents * out_of if out_of != 1.0 else latents
 
@@ -379,7 +382,7 @@ class DRiffusionPipeline:
         extra = {"eta": eta, "use_clipped_model_output": bool(use_clipped_model_output)} if eta or use_clipped_model_output else {}
         transition, grid = _scheduler_grid(pipe.scheduler, num_inference_steps, **_ddim_only(pipe.scheduler, extra))
         image = self._sample(unet, 1.0, transition, grid, latents, {},
-                             _noise_for(generator, noise, latents.shape[0]) if transition.stochastic else None)
+                             _noise_for(transition, generator, noise, latents.shape[0]))
         image = (image / 2 + 0.5).clamp(0, 1)
         if output_type != "pt":
             image = image.cpu().permute(0, 2, 3, 1).numpy()
@@ -613,7 +616,7 @@ class DRiffusionPipeline:
             cond.update(negative_encoder_hidden_states=npe, negative_pooled_projections=nppe)
         model_kwargs = {"joint_attention_kwargs": joint_attention_kwargs} if joint_attention_kwargs else None
         latents = self._sample(model, guidance_scale, transition, grid, latents, cond,
-                               _noise_for(generator, noise, latents.shape[0]) if transition.stochastic else None,
+                               _noise_for(transition, generator, noise, latents.shape[0]),
                                model_kwargs)
         if output_type == "latent":
             image = latents
@@ -712,7 +715,7 @@ class DRiffusionPipeline:
         # position ids have no batch dimension: fixed keywords of every call, never repeated per draft
         model_kwargs = {"txt_ids": text_ids, "img_ids": image_ids, "joint_attention_kwargs": joint_attention_kwargs or {}}
         latents = self._sample(model, true_cfg_scale if true_cfg else 1.0, transition, grid, latents, cond,
-                               _noise_for(generator, noise, latents.shape[0]) if transition.stochastic else None,
+                               _noise_for(transition, generator, noise, latents.shape[0]),
                                model_kwargs)
         if output_type == "latent":
             image = latents
