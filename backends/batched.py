@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Mapping, Optional
+import types
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import numpy as np
 import torch
@@ -63,12 +64,50 @@ def per_sample(f: Callable[..., torch.Tensor]) -> Predictor:
     return batched
 
 
+def _modules_in(obj: Any, depth: int = 0, seen: Optional[set] = None) -> Iterator[torch.nn.Module]:
+    """The ``nn.Module`` s a predictor reaches: itself, or through a bound method's ``__self__``, a wrapper's
+    ``__wrapped__`` / ``.model``, a ``functools.partial``'s function and arguments, a function's closure
+    cells, default arguments and the globals it names, and a callable object's attributes (at most 3 steps
+    deep, small containers looked into)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or depth > 3:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.nn.Module):
+        yield obj
+        return
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        items: list = list(obj)[:32]
+    elif isinstance(obj, dict):
+        items = list(obj.values())[:32]
+    elif callable(obj) and not isinstance(obj, type):
+        items = [getattr(obj, name, None) for name in ("__self__", "__wrapped__", "model", "func", "args", "keywords")]
+        items += [c.cell_contents for c in (getattr(obj, "__closure__", None) or ()) if _has_contents(c)]
+        items += list(getattr(obj, "__defaults__", None) or ()) + list((getattr(obj, "__kwdefaults__", None) or {}).values())
+        if isinstance(obj, types.FunctionType):  # the globals it names: `lambda x, t: net(x)` in a script
+            items += [obj.__globals__.get(n) for n in obj.__code__.co_names[:32]]
+        elif isinstance(getattr(obj, "__dict__", None), dict):
+            items += list(vars(obj).values())[:32]
+    else:
+        return
+    for item in items:
+        if item is not None:
+            yield from _modules_in(item, depth + 1, seen)
+
+
+def _has_contents(cell: Any) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # an empty cell (a name assigned later)
+        return False
+    return True
+
+
 def _refuse_training_batchnorm(predictor: Any) -> None:
-    """Refuse a module predictor (or a wrapper's ``.model``) with a BatchNorm layer in training mode: its batch
-    statistics would mix a round's drafts, so one batched call would not give the serial executor's result."""
-    for module in (predictor, getattr(predictor, "model", None)):
-        if not isinstance(module, torch.nn.Module):
-            continue
+    """Refuse a predictor reaching a module (:func:`_modules_in`: the module itself, a lambda or wrapper around
+    it) with a BatchNorm layer in training mode: its batch statistics would mix a round's drafts, so one
+    batched call would not give the serial executor's result."""
+    for module in _modules_in(predictor):
         for name, m in module.named_modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training:
                 raise InvalidArgumentError(
@@ -139,7 +178,8 @@ class BatchedExecutor(Executor):
         conditioning's tensors repeated K times along the batch (or chunks of ``max_batch`` rows), or as
         ``torch.func.vmap`` of the predictor over the draft axis."""
         check_round_args(type(self).__name__, xs, ts, cond)
-        _refuse_training_batchnorm(predictor)
+        if xs.shape[0] > 1:  # one draft: nothing to mix
+            _refuse_training_batchnorm(predictor)
         cond = dict(cond or {})
         k, b = xs.shape[0], xs.shape[1]
         if self.vmap:  # each draft sees the whole batch and the whole conditioning

@@ -78,9 +78,11 @@ import re
 import socket
 import threading
 import time
+import warnings
 import zlib
 from typing import Any, Deque, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from driffusion_core.errors import (
@@ -95,6 +97,7 @@ from driffusion_core.errors import (
 )
 from driffusion_core.executor import (
     Executor, Predictor, changed_tensor, check_round_args, even_shares, iter_tensors, map_tensors, stack_calls,
+    stamp_changed,
 )
 from driffusion_core.scheduler import input_version
 
@@ -305,13 +308,28 @@ def _device_name(code: int) -> str:
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
-def _safe_repr(v: Any, limit: int = 2000) -> str:
-    """``repr(v)`` without memory addresses (they differ between processes), or its type if repr fails."""
+#: what a NaN and an infinity of a conditioning tensor count as in its checksums (finite, unlikely values)
+_NAN_AS, _POSINF_AS = 0.7853981633974483e3, 0.5772156649015329e4
+
+
+def _group_timeout(group: Any) -> Optional[float]:
+    """The gloo process group's own timeout in seconds (``init_process_group(timeout=...)``), which bounds
+    every exchange whatever the executor waits, or None where torch does not expose it."""
+    try:
+        g = group if group is not None else dist.group.WORLD
+        return float(g._get_backend(torch.device("cpu")).options._timeout.total_seconds())
+    except Exception:  # noqa: BLE001 - a private torch API; without it the message cannot name the bound
+        return None
+
+
+def _safe_repr(v: Any) -> str:
+    """``repr(v)`` without memory addresses (they differ between processes), or its type if repr fails. The
+    whole text (it is signed by a checksum, so a difference past any length counts)."""
     try:
         text = repr(v)
     except Exception:
         return f"<{type(v).__name__}>"
-    return _ADDRESS.sub("", text if len(text) <= limit else text[:limit] + f"...<{len(text)}>")
+    return _ADDRESS.sub("", text)
 
 
 def _cond_signature(cond: Mapping[str, Any]) -> int:
@@ -340,9 +358,12 @@ def _cond_signature(cond: Mapping[str, Any]) -> int:
 def _held_tensors(v: Any, depth: int = 0, seen: Optional[set] = None) -> List[torch.Tensor]:
     """The tensors a conditioning value holds without being a container the executors look into: in the
     compared fields of a dataclass, or the attributes of a non-callable object whose repr is object's
-    default, and in containers and such objects within them (at most 4 objects deep, each object once)."""
+    default, and in containers and such objects within them (at most 4 objects deep, each object once);
+    and numeric numpy arrays anywhere in it, as tensors (their repr abbreviates a large array with "...")."""
     if isinstance(v, torch.Tensor):
         return [v] if depth else []  # a tensor of the conditioning itself is summed as it is (iter_tensors)
+    if isinstance(v, np.ndarray):
+        return [torch.as_tensor(np.array(v))] if v.dtype.kind in "biufc" else []
     seen = set() if seen is None else seen
     if isinstance(v, Mapping):
         return [t for k in sorted(v, key=str) for t in _held_tensors(v[k], depth, seen)]
@@ -415,7 +436,9 @@ def _value_sums_xc(xs: torch.Tensor, cond: Mapping[str, Any]) -> List[int]:
     try:
         rows, abs_sums, mixed, at = [], [], [], 0
         for v in tensors:
-            w = _wide(v)
+            # NaN / inf (an attention mask's -inf, NaN-padded observations) as fixed finite values: one would
+            # make every sum non-finite, and nothing would be compared
+            w = torch.nan_to_num(_wide(v), nan=_NAN_AS, posinf=_POSINF_AS, neginf=-_POSINF_AS)
             rows.append(w.reshape(w.shape[0] if w.dim() else 1, -1).sum(1).to(to))
             abs_sums.append(w.abs().sum().to(to))
             flat_c = w.reshape(-1)
@@ -630,6 +653,15 @@ class DistributedExecutor(Executor):
             self._own_control = True
         if str(dist.get_backend(self._control)).lower() != "gloo":
             raise InvalidArgumentError("DistributedExecutor: control_group must be a gloo process group.")
+        self._group_timeout = _group_timeout(self._control)
+        if self._group_timeout is not None and self._group_timeout < self.timeout:
+            warnings.warn(
+                f"DistributedExecutor(timeout={self.timeout:g}): the process group's own timeout is "
+                f"{self._group_timeout:g}s (init_process_group / init_from_env(timeout=...)), which ends every "
+                f"exchange first, so a round slower than {self._group_timeout:g}s fails. Give the group a timeout "
+                f"of at least {self.timeout:g}s, or the executor a timeout <= {self._group_timeout:g}s.",
+                stacklevel=2,
+            )
         # One all-gather per round when the predictions can ride on the gloo status exchange.
         self._fused = self.backend == "gloo" and self._control is group
         self._round = 0
@@ -945,7 +977,7 @@ class DistributedExecutor(Executor):
             return None, _RAISED, exception_text(e), e
         except BaseException as e:  # KeyboardInterrupt, SystemExit: reported to every rank, then re-raised here
             return None, _INTERRUPTED, exception_text(e), e
-        if x_version is not None and x_part._version != x_version:
+        if stamp_changed(x_part, x_version):
             return None, _BAD_OUTPUT, (
                 "the predictor modified its input x in place; the sampler still needs that state. Work on a copy "
                 "inside the model (e.g. x = x.clone() before an in-place op)"
@@ -1199,11 +1231,15 @@ class DistributedExecutor(Executor):
                 f"{self.timeout:g}s: the other ranks probably stopped waiting for it. Give a timeout above one "
                 f"share's model calls."
             )
+        bound = f"timeout = {self.timeout:g}s"
+        if self._group_timeout is not None and self._group_timeout < self.timeout:
+            bound = (f"the process group's own timeout ({self._group_timeout:g}s, shorter than this executor's "
+                     f"timeout = {self.timeout:g}s, so it ends every wait first)")
         raise ExecutorError(
             f"DistributedExecutor: rank {self.rank} (of {self.world_size}) could not complete the {what} "
             f"{where}: {type(error).__name__}: "
             f"{_first_line(safe_str(error))}. {diagnosis}{local}{slow} A rank probably died, hung, fell out of step "
-            f"or took longer than timeout = {self.timeout:g}s for its share; check the other ranks' logs, then "
+            f"or took longer than {bound} for its share; check the other ranks' logs, then "
             f"relaunch the job."
         ) from error
 

@@ -81,15 +81,17 @@ def plot_file(text: str) -> Path:
 
 def out_dir(text: str) -> Path:
     """An output folder: an existing folder or a path that can be made one (not an existing file, nor below
-    one), and that can be written into. It is created here, before the run."""
+    one), and that can be written into (the folder, or the nearest one above it that exists). It is made
+    by the run, not here: a command refused for another argument leaves nothing behind."""
     if not text.strip():
         raise argparse.ArgumentTypeError("the output folder is empty; give a folder path")
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise argparse.ArgumentTypeError(f"cannot make the folder {text} ({e.strerror or e})") from None
-    _writable(path, text)
+    above = path.absolute()
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot make the folder {text}: {above} is a file")
+    _writable(above, text)
     return path

@@ -202,6 +202,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here (torch.cuda.is_available() is False); use --device cpu to "
                 "check that the script runs")
+    if device.type == "meta":
+        p.error("--device meta: a meta tensor holds no values, so nothing can be timed; use cuda or cpu")
+    backend = getattr(torch, device.type, None)
+    if device.type != "cpu" and not (backend is not None and callable(getattr(backend, "is_available", None))
+                                     and backend.is_available()):
+        p.error(f"--device {a.device}: torch has no usable {device.type} device here; use cuda or cpu")
+    if device.index is not None and device.type != "cpu" and device.index >= backend.device_count():
+        p.error(f"--device {a.device}: there are {backend.device_count()} {device.type} device(s) here "
+                f"(indices from 0)")
     result = run(a.device, a.steps, a.widths, a.repeats, a.batch, not a.no_diffusers)
     text = to_markdown(result)
     print(text)

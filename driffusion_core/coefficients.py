@@ -25,6 +25,9 @@ __all__ = [
     "vp_alpha_sigma",
     "flow_alpha_sigma",
     "ve_alpha_sigma",
+    "vp_abar_of_sigma",
+    "ve_ancestral_coefficients",
+    "ve_ancestral_chain_coefficients",
     "x0_eps_coefficients",
     "prediction_coefficients",
     "ddim_coefficients",
@@ -93,6 +96,14 @@ def ve_alpha_sigma(sigma: Any) -> Tuple[Any, Any]:
     return 1.0, sigma
 
 
+def vp_abar_of_sigma(sigma: Any) -> Any:
+    r"""The VP level of a VE (k-diffusion / diffusers Euler) noise level:
+    :math:`\bar\alpha = 1 / (1 + \sigma^2)`, the inverse of :math:`\sigma = \sqrt{(1-\bar\alpha)/\bar\alpha}`;
+    the VP state is :math:`x / \sqrt{1 + \sigma^2}`. ``from_diffusers`` builds its tables for Euler and for
+    DPM-Solver++ on Karras-type sigmas with it."""
+    return 1 / (1 + sigma * sigma)
+
+
 def ve_ancestral_coefficients(sigma_t: Any, sigma_s: Any, eta: Any = 1) -> Tuple[Any, Any]:
     r"""k-diffusion's Euler ancestral step from :math:`\sigma_t` to :math:`\sigma_s` (``get_ancestral_step``,
     :math:`0 \le \eta \le 1`):
@@ -110,6 +121,16 @@ def ve_ancestral_coefficients(sigma_t: Any, sigma_s: Any, eta: Any = 1) -> Tuple
     # cancellation (the difference of squares loses every digit when sigma_s << sigma_t)
     r = sigma_s / sigma_t
     return sigma_s * sqrt((1 - eta * eta) + eta * eta * r * r), sigma_up
+
+
+def ve_ancestral_chain_coefficients(sigma_t: Any, sigma_s: Any, eta: Any = 1) -> Tuple[Any, Any, Any]:
+    r"""One Euler ancestral step written against (x0_hat, x_t) instead of (x0_hat, eps_hat): substituting
+    :math:`\hat\epsilon = (x_t - \hat x_0)/\sigma_t`,
+    :math:`x_s = (1 - \sigma_{down}/\sigma_t)\,\hat x_0 + (\sigma_{down}/\sigma_t)\,x_t + \sigma_{up} z`.
+    Returns ``(c_x0, c_x, sigma_up)``, the per-step factors of the chain with x0_hat frozen."""
+    down, up = ve_ancestral_coefficients(sigma_t, sigma_s, eta)
+    c_x = down / sigma_t
+    return 1 - c_x, c_x, up
 
 
 # --------------------------------------------------------------------------- parameterizations

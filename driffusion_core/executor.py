@@ -193,15 +193,39 @@ def stack_calls(call: Callable[[int], Any], k: int) -> Any:
     return out
 
 
-def tensor_versions(cond: Any) -> List[Tuple[str, torch.Tensor, int]]:
-    """``(name, tensor, version)`` for every tensor of ``cond`` that has an in-place version counter
-    (inference tensors have none): taken before a model call, :func:`changed_tensor` after it finds a write."""
-    return [(name, t, t._version) for name, t in named_tensors(cond or {}) if not t.is_inference()]
+def version_stamp(t: torch.Tensor) -> Any:
+    """What shows an in-place write into ``t`` after a model call: torch's version counter, or for an inference
+    tensor (``torch.inference_mode``: it has none) a fingerprint of its values (float64 sum, sum of squares
+    and position-weighted sum, on its device); None where neither can be read (a non-strided tensor)."""
+    if not t.is_inference():
+        return t._version
+    if t.layout != torch.strided or t.device.type == "meta":
+        return None
+    w = torch.view_as_real(t.detach()) if t.is_complex() else t.detach()
+    w = w.reshape(-1).to(torch.float64)
+    positions = torch.arange(1, w.numel() + 1, dtype=torch.float64, device=w.device)
+    return torch.stack([w.sum(), (w * w).sum(), (w * positions).sum()])
 
 
-def changed_tensor(versions: List[Tuple[str, torch.Tensor, int]]) -> Optional[str]:
+def stamp_changed(t: torch.Tensor, stamp: Any) -> bool:
+    """Whether ``t`` was written in place since its :func:`version_stamp` ``stamp`` was taken."""
+    if stamp is None:
+        return False
+    if isinstance(stamp, int):
+        return t._version != stamp
+    now = version_stamp(t)
+    return not bool(((now == stamp) | (torch.isnan(now) & torch.isnan(stamp))).all())
+
+
+def tensor_versions(cond: Any) -> List[Tuple[str, torch.Tensor, Any]]:
+    """``(name, tensor, stamp)`` (:func:`version_stamp`) for every tensor of ``cond``: taken before a model call,
+    :func:`changed_tensor` after it finds a write."""
+    return [(name, t, version_stamp(t)) for name, t in named_tensors(cond or {})]
+
+
+def changed_tensor(versions: List[Tuple[str, torch.Tensor, Any]]) -> Optional[str]:
     """The name of the first tensor of ``versions`` (:func:`tensor_versions`) written in place since, or None."""
-    return next((name for name, t, v in versions if t._version != v), None)
+    return next((name for name, t, v in versions if stamp_changed(t, v)), None)
 
 
 def check_round_args(who: str, xs: Any, ts: Any, cond: Any) -> None:

@@ -103,6 +103,10 @@ class TimeGrid:
     ) -> "TimeGrid":
         """A contiguous grid: step i goes from ``levels[i]`` to ``levels[i+1]`` (the last to ``final``).
 
+        ``final`` is where the last step lands: the clean end is ``schedule.terminal_level`` (VP: -1, the
+        final alpha-bar; flow and VE: 0). On a VP schedule ``final=0`` stops at alpha-bar = alphas_cumprod[0],
+        one training step short of clean (diffusers' DDIM with ``set_alpha_to_one=False``).
+
         ``model_times``: the time the model is called with at each step, passed through as given. Without
         them the grid is marked ``model_times_from_schedule``: the transition it is sampled with (its
         ``make_grid``) fills them from its schedule exactly as for a plain list of levels (VP: the int64

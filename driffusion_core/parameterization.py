@@ -268,7 +268,9 @@ def reparameterize(predictor: Callable[..., torch.Tensor], schedule: Any, source
     The level is recovered from the model time the wrapper is called with: exact for VP's integer
     timesteps, but a flow grid's float32 model time :math:`\sigma N` gives :math:`\sigma` to float32
     rounding (about 1e-7 relative), so a float64 flow run through the wrapper matches the unwrapped one
-    to that rounding, not to float64's.
+    to that rounding, not to float64's. The wrapper reads the schedule's table at those times on the host, so
+    it cannot run under ``BatchedExecutor(vmap=True)`` (torch refuses data-dependent control flow in vmap):
+    use the default concatenated batch.
 
     Arguments:
         predictor: ``f(x, t, **cond)``, t the model times a grid of ``schedule`` calls it with.

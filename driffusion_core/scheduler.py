@@ -44,7 +44,7 @@ from driffusion_core.errors import (
     safe_str,
 )
 from driffusion_core.executor import (
-    Executor, Predictor, SerialExecutor, batched_tensors, changed_tensor, tensor_versions,
+    Executor, Predictor, SerialExecutor, batched_tensors, changed_tensor, stamp_changed, tensor_versions, version_stamp,
 )
 from driffusion_core.grid import TimeGrid
 from driffusion_core.noise import NoiseSource
@@ -249,11 +249,11 @@ def check_finite_sample(x: torch.Tensor, sampler: str) -> torch.Tensor:
     return x
 
 
-def input_version(x: torch.Tensor, cond: Optional[Mapping[str, Any]] = None) -> Tuple[Optional[int], list]:
-    """torch's in-place version counters of a model call's inputs: the state's (None for inference tensors,
-    which have none) and each conditioning tensor's, as ``(name, tensor, version)``."""
-    own = None if x.is_inference() else x._version
-    return own, tensor_versions(cond)
+def input_version(x: torch.Tensor, cond: Optional[Mapping[str, Any]] = None) -> Tuple[Any, list]:
+    """What shows in-place writes into a model call's inputs (:func:`~driffusion_core.executor.version_stamp`:
+    torch's version counter, or a fingerprint of an inference tensor's values): the state's, and each
+    conditioning tensor's as ``(name, tensor, stamp)``."""
+    return version_stamp(x), tensor_versions(cond)
 
 
 def check_input_untouched(x: torch.Tensor, versions: Tuple[Optional[int], list], grid: TimeGrid,
@@ -263,7 +263,7 @@ def check_input_untouched(x: torch.Tensor, versions: Tuple[Optional[int], list],
     from the altered state, one not). Likewise a write into a conditioning tensor: the next call would see
     other conditioning, and executors that pass copies (repeated or moved) would not."""
     version, conds = versions
-    if version is not None and x._version != version:
+    if stamp_changed(x, version):
         raise PredictorOutputError(
             f"The predictor modified its input x in place at {where_steps(grid, steps)}; the sampler still needs "
             f"that state. Work on a copy inside the model (e.g. x = x.clone() before an in-place op)."

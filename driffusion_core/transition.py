@@ -113,7 +113,9 @@ class SkipTransition(abc.ABC):
         recompute_eps: bool = False,
     ):
         if not isinstance(schedule, Schedule):
-            raise InvalidArgumentError(f"schedule must be a VPSchedule or FlowSchedule, got {type(schedule).__name__}.")
+            raise InvalidArgumentError(
+                f"schedule must be a Schedule (VPSchedule, FlowSchedule, solvers.VESchedule), got {type(schedule).__name__}."
+            )
         self.schedule = schedule
         self.prediction = prediction  # parsed and checked against the schedule (__setattr__)
         self.x0_transform = x0_transform
@@ -247,9 +249,10 @@ class SkipTransition(abc.ABC):
         return as_levels(t_from, b, f"{name}: t_from"), as_levels(t_to, b, f"{name}: t_to")
 
     def check_window(self, x: torch.Tensor, t_from: torch.Tensor, t_to: torch.Tensor,
-                     noises: Optional[torch.Tensor] = None) -> None:
+                     noises: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """A window for :meth:`drafts`: ``t_from`` and ``t_to`` 1-D of one length n >= 1, and ``noises``
-        (if given) ``Tensor[n, *x.shape]`` in x's dtype and device."""
+        (if given) ``Tensor[n, *x.shape]`` in x's dtype and device. Returns the levels as float64 CPU tensors
+        (levels on a GPU, or of another dtype, are taken as a grid's are)."""
         name = type(self).__name__
         if not (isinstance(t_from, torch.Tensor) and isinstance(t_to, torch.Tensor)) or t_from.dim() != 1 \
                 or t_to.shape != t_from.shape or t_from.shape[0] < 1:
@@ -261,11 +264,17 @@ class SkipTransition(abc.ABC):
         if noises is not None:
             _require_like(noises, (t_from.shape[0], *x.shape), x, f"{name}.drafts", "noises",
                           "one noise per step of the window, e.g. NoiseSource.steps(a, a + n, x.shape)")
+        for label, t in (("t_from", t_from), ("t_to", t_to)):
+            if t.dtype == torch.bool or t.is_complex():
+                _refuse_bool_levels(t, f"{name}.drafts: {label}")
+        # levels are float64 on the CPU, where the coefficients are computed and cached (a grid's are)
+        return t_from.detach().to("cpu", torch.float64), t_to.detach().to("cpu", torch.float64)
 
     def check_levels(self, t_from: torch.Tensor, t_to: torch.Tensor, t_prev: Optional[torch.Tensor] = None) -> None:
-        """Refuse levels a skip cannot take: NaN or inf, outside the schedule's range, or going back to a
-        noisier level (``t_to > t_from``; equal levels are the identity). ``t_prev``: a multistep's
-        previous level, which must lie at or above ``t_from``."""
+        """Refuse levels a skip cannot take: NaN or inf, outside the schedule's range, going back to a
+        noisier level (``t_to > t_from``; equal levels are the identity), or leaving a level where sigma = 0
+        (unless :meth:`steps_from_sigma_zero`). ``t_prev``: a multistep's previous level, which must lie
+        strictly above ``t_from`` (the multistep divides by the previous step's length)."""
         name = type(self).__name__
         named = [("t_from", t_from), ("t_to", t_to)] + ([("the previous level", t_prev)] if t_prev is not None else [])
         for label, t in named:
@@ -287,15 +296,34 @@ class SkipTransition(abc.ABC):
         if t_prev is not None:
             pairs.insert(0, ("the previous level", t_prev, "t_from", t_from))
         for a_name, a, b_name, b in pairs:
-            back = torch.broadcast_to(b > a, torch.broadcast_shapes(a.shape, b.shape))
+            strict = a_name == "the previous level"
+            back = torch.broadcast_to(b >= a if strict else b > a, torch.broadcast_shapes(a.shape, b.shape))
             if bool(back.any()):
                 i = int(torch.nonzero(back.reshape(-1))[0])
                 av = torch.broadcast_to(a, back.shape).reshape(-1)[i].item()
                 bv = torch.broadcast_to(b, back.shape).reshape(-1)[i].item()
                 row = f" (row {i})" if back.dim() else ""
+                if strict and bv == av:
+                    raise InvalidTimestepsError(
+                        f"{name}: t_from = {bv:g} equals the previous level {av:g}{row}, so it does not lie below it; "
+                        f"a multistep combines the previous step, from a noisier level, and divides by its length (0 here). "
+                        f"Pass history = the steps before t_from, oldest first."
+                    )
                 raise InvalidTimestepsError(
                     f"{name}: {b_name} = {bv:g} lies above {a_name} = {av:g}{row}; a skip goes from a noisier level "
                     f"to a cleaner one ({b_name} <= {a_name}, equal levels being the identity)."
+                )
+        if not self.steps_from_sigma_zero():
+            moving = torch.broadcast_to(t_to != t_from, torch.broadcast_shapes(t_from.shape, t_to.shape))
+            clean = torch.broadcast_to(self.schedule.alpha_sigma(t_from)[1] <= 0, moving.shape) & moving
+            if bool(clean.any()):
+                i = int(torch.nonzero(clean.reshape(-1))[0])
+                v = torch.broadcast_to(t_from, clean.shape).reshape(-1)[i].item()
+                row = f" (row {i})" if clean.dim() else ""
+                raise InvalidTimestepsError(
+                    f"{name}: t_from = {v:g}{row} has sigma = 0 (alpha-bar = 1, e.g. a table whose first beta is 0): "
+                    f"the state is already clean there, and this step divides by sigma. End at that level instead "
+                    f"of leaving it."
                 )
 
     @staticmethod
@@ -441,7 +469,7 @@ class SkipTransition(abc.ABC):
                 f"{type(self).__name__} is multistep (history = {self.history}): it must implement "
                 f"drafts(..., history=...)."
             )
-        self.check_window(x, t_from, t_to, noises)
+        t_from, t_to = self.check_window(x, t_from, t_to, noises)
         n, b = int(t_from.shape[0]), x.shape[0]
         if not self.stochastic:  # composes exactly: the skips from the anchor, one batched call
             if n == 1:

@@ -48,7 +48,7 @@ def main() -> None:
             ap.error(f"--save {args.save!r}: give a file path in an existing folder")
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    env = init_from_env(backend=args.backend)
+    env = init_from_env(backend=args.backend, timeout=max(120.0, args.timeout))  # bounds every exchange too
     device = torch.device("cuda", env.local_rank) if env.backend == "nccl" else torch.device("cpu")
 
     # The model: here the exact eps-predictor of a 2-D Gaussian-mixture ring (any f(x, t) works;

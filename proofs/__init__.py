@@ -1,8 +1,9 @@
 """proofs: sympy proofs of the identities DRiffusion's operators rely on (``python -m proofs``).
 
-Every identity builds both sides from the library's own code, ``driffusion_core.coefficients``
+Our side of every identity is built from the library's own code, ``driffusion_core.coefficients``
 (formulas written once, for floats, tensors and sympy alike) and ``driffusion_core.scheduler``'s
-state machine, so a proof cannot drift from the code. Families:
+state machine, so a proof cannot drift from the code (the other side: diffusers' or k-diffusion's update
+transcribed from their code, or a law such as Bayes' rule). Families:
 
 * :mod:`proofs.ddpm`              posterior = Bayes' rule, kernels compose, coupled noise is the chain
 * :mod:`proofs.ddim`              eta = 0 composes, eta = 1 is DDPM, the marginal at any eta,
@@ -12,10 +13,13 @@ state machine, so a proof cannot drift from the code. Families:
                                   prediction is first order, heun exact for x0_hat linear in lambda
                                   (midpoint's defect recorded), exact on the conditional path
 * :mod:`proofs.parameterization`  epsilon / sample / v_prediction / velocity conversions are inverses
-* :mod:`proofs.diffusers_steps`   one-level steps = diffusers' DDIM, DDPM, FlowMatchEuler, DPMSolverMultistep, EulerDiscrete
-                                  (first order and 2M) updates
+* :mod:`proofs.diffusers_steps`   one-level steps = diffusers' DDIM, DDPM, FlowMatchEuler, DPMSolverMultistep
+                                  (first order and 2M), UniPCMultistep, EulerDiscrete and EulerAncestralDiscrete
+                                  updates
+* :mod:`proofs.kdiffusion`        k-diffusion's sample_euler, sample_euler_ancestral and sample_dpmpp_2m steps
 * :mod:`proofs.operator_checks`   the torch operators agree with the proved symbolic steps; their drafts
-                                  are the chain of their own steps, their coupled noise the composed noise
+                                  (multistep ones included) are the chain of their own steps, their coupled
+                                  noise the composed noise
 * :mod:`proofs.rounds`            round counts of the scheduler's plan, and their limits
 
 Shared pieces: :mod:`proofs.registry` (results, the ``@identity`` registry), :mod:`proofs.algebra`

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import sympy as sp
 
+from driffusion_core import coefficients as C
 from proofs.algebra import Domain, EtaInUnitInterval, LambdaLevels, Levels, check, real
 from proofs.flow import flow_times
 from proofs.operators import (
@@ -240,7 +241,7 @@ def _euler_sigmas():
 def euler_discrete_step_matches() -> Result:
     sig, nxt, domain = _euler_sigmas()
     x, p = real("x p")
-    abar = lambda s: 1 / (1 + s**2)  # noqa: E731  (the table from_diffusers builds from the sigmas)
+    abar = C.vp_abar_of_sigma  # the table from_diffusers builds from the sigmas
     res = {}
     for kind in VP_PREDICTIONS:
         for name, to in (("sigma_next > 0", nxt), ("sigma_next = 0", sp.Integer(0))):
@@ -281,7 +282,7 @@ def diffusers_euler_ancestral_step(prediction_type, sample, model_output, sigma_
 def euler_ancestral_step_matches() -> Result:
     sig, nxt, domain = _euler_sigmas()
     x, p, z = real("x p z")
-    abar = lambda s: 1 / (1 + s**2)  # noqa: E731  (the table from_diffusers builds from the sigmas)
+    abar = C.vp_abar_of_sigma  # the table from_diffusers builds from the sigmas
     res = {}
     for kind in ("epsilon", "v_prediction"):
         for name, to in (("sigma_to > 0", nxt), ("sigma_to = 0", sp.Integer(0))):

@@ -14,7 +14,8 @@ from __future__ import annotations
 import sympy as sp
 
 from proofs.algebra import Domain, LambdaLevels, check, real
-from proofs.operators import dpm_2m_step, dpm_step, ve_euler_step
+from driffusion_core import coefficients as C
+from proofs.operators import dpm_2m_step, dpm_step, ve_ancestral_step, ve_euler_step
 from proofs.registry import Result, identity
 
 __all__ = ["kdiffusion_euler_step", "kdiffusion_euler_ancestral_step", "kdiffusion_dpmpp_2m_step"]
@@ -110,26 +111,28 @@ def _ancestral_domain(s_t, r, eta) -> Domain:
 @identity(
     "kdiffusion.sample_euler_ancestral_step",
     "k-diffusion",
-    "VEAncestralSkip's one-level step x0_hat + sigma_down eps_hat + sigma_up z (ve_ancestral_coefficients) equals "
+    "VEAncestralSkip's one-level step x0_hat + sigma_down eps_hat + sigma_up z (ve_ancestral_coefficients; the "
+    "mirror ve_ancestral_step) equals "
     "k-diffusion's sample_euler_ancestral step x + (sigma_down - sigma) (x - D) / sigma + sigma_up z with "
     "get_ancestral_step's sigma_up = eta sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2), for 0 < eta <= 1, "
-    "a denoiser and an epsilon model; and it is DDIM(eta) in VE variables: with abar = 1 / (1 + sigma^2) and "
+    "a denoiser and an epsilon model; ve_ancestral_chain_coefficients (VEAncestralSkip.chain_factors, which its "
+    "drafts unroll) is that step written against (x0_hat, x_t); and it is DDIM(eta) in VE variables: with abar = "
+    "vp_abar_of_sigma = 1 / (1 + sigma^2) and "
     "x = sqrt(1 + sigma^2) x_VP, sqrt(1 + sigma_s^2) times ddim_coefficients(abar_t, abar_s, eta) is "
     "(1, sigma_down, sigma_up).",
 )
 def euler_ancestral_step_matches() -> Result:
-    from driffusion_core.coefficients import ddim_coefficients, ve_ancestral_coefficients
-
     s_t, r, eta = sp.symbols("sigma_t r eta", positive=True)
     s_s = r * s_t
     x, p, z = real("x p z")
-    down, up = ve_ancestral_coefficients(s_t, s_s, eta)
+    down, up = C.ve_ancestral_coefficients(s_t, s_s, eta)
     res = {}
     for kind, denoised in (("sample", p), ("epsilon", x - s_t * p)):
-        eps_hat = (x - denoised) / s_t
-        ours = denoised + down * eps_hat + up * z
+        ours = ve_ancestral_step(kind, x, p, s_t, s_s, eta, z)
         res[f"{kind}, step"] = ours - kdiffusion_euler_ancestral_step(x, denoised, s_t, s_s, z, eta)
-    c_x0, c_eps, sigma_ts = ddim_coefficients(1 / (1 + s_t**2), 1 / (1 + s_s**2), eta)
+        c_x0, c_x, c_z = C.ve_ancestral_chain_coefficients(s_t, s_s, eta)
+        res[f"{kind}, chain factors: c_x0 x0_hat + c_x x + c_z z - step"] = c_x0 * denoised + c_x * x + c_z * z - ours
+    c_x0, c_eps, sigma_ts = C.ddim_coefficients(C.vp_abar_of_sigma(s_t), C.vp_abar_of_sigma(s_s), eta)
     scale = sp.sqrt(1 + s_s**2)
     res["DDIM: x0 coefficient"] = scale * c_x0 - 1
     res["DDIM: eps coefficient = sigma_down"] = scale * c_eps - down

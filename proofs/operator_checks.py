@@ -3,14 +3,17 @@ is the composed noise.
 
 The symbolic proofs are about :mod:`proofs.operators`, mirrors of the operators' ``__call__``
 composed from the same coefficient functions. Here the real operators (``solvers.DDIMSkip``,
-``DDPMSkip``, ``FlowEulerSkip``, ``VEEulerSkip``, ``DPMSolverSkip``, float64, per-row levels in one batched call) are
+``DDPMSkip``, ``FlowEulerSkip``, ``VEEulerSkip``, ``VEAncestralSkip``, ``DPMSolverSkip``, float64, per-row levels
+in one batched call) are
 evaluated against the exact mirror at the same schedule values (DPM-Solver++'s 2M step, which takes the
 previous step too, in its own identity), and a window's first draft is compared bit for bit with
 the serial step (``DraftRefineState.step`` is exactly ``transition(x, p, t_from[i], t_to[i], z_i)``).
-For the stochastic operators (DDPM, DDIM with eta > 0) every row of ``SkipTransition.drafts`` is
+For the stochastic operators (DDPM, DDIM with eta > 0, VE ancestral) every row of ``SkipTransition.drafts`` is
 compared with the chain of the operator's own one-level steps with x0_hat frozen on the same per-step
 noise, and ``chain_factors``, ``_coupling``, ``coupled_noise`` and ``skip`` with the proved
-``ddim_chain_coefficients`` / ``ddpm_posterior_coefficients`` factors and ``chain_noise_weights``.
+``ddim_chain_coefficients`` / ``ddpm_posterior_coefficients`` / ``ve_ancestral_chain_coefficients`` factors and
+``chain_noise_weights``; the multistep operators' drafts after a multistep anchor step (DPM-Solver++ 2M,
+UniPC) with the chain of their own ``multistep`` steps, x0_hat frozen.
 """
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ from driffusion_core import FlowSchedule, NoiseSource, VPSchedule
 from driffusion_core import coefficients as C
 from proofs.algebra import Domain, check
 from proofs.operators import (
-    ddim_step, ddpm_std, ddpm_step, dpm_2m_step, dpm_step, flow_step, unipc_step, ve_euler_step, vp_x0_eps,
+    ddim_step, ddpm_std, ddpm_step, dpm_2m_step, dpm_step, flow_step, unipc_step, ve_ancestral_step, ve_euler_step,
+    flow_x0_eps, ve_x0_eps, vp_x0_eps,
 )
 from proofs.registry import Result, Status, identity
 
@@ -44,13 +48,15 @@ VP_LEVEL_TRIPLES = [(999.0, 979.0, 959.0), (999.0, 500.0, 1.0), (500.5, 250.0, 1
                     (2.0, 1.0, 0.0), (3.0, 1.0, -1.0), (100.0, 50.0, -1.0)]
 # VE (k-diffusion): levels are sigmas, the clean end 0
 VE_LEVEL_PAIRS = [(80.0, 60.0), (80.0, 0.0), (14.6, 0.03), (1.0, 0.999), (0.5, 0.0), (0.002, 0.0)]
+#: VEAncestralSkip's etas (k-diffusion's sample_euler_ancestral: 1; eta = 0 is the Euler step, VEEulerSkip's)
+VE_ANCESTRAL_ETAS = (0.5, 1.0)
 VE_LEVEL_TRIPLES = [(80.0, 60.0, 40.0), (14.6, 1.0, 0.03), (0.5, 0.499, 0.498), (2.0, 1.0, 0.0)]
 FLOW_LEVEL_TRIPLES = [(1.0, 0.7, 0.4), (0.9, 0.6, 0.3), (0.5, 0.4999, 0.4998), (0.3, 0.2, 0.0), (0.2, 0.1, 0.05)]
 
 
 def operator_cases() -> List[Tuple[str, object, Callable, str]]:
     """(label, torch operator, symbolic mirror(x, p, level_t, level_s, z), "vp" | "flow" | "ve")."""
-    from solvers import DDIMSkip, DDPMSkip, DPMSolverSkip, FlowEulerSkip, VEEulerSkip, VESchedule
+    from solvers import DDIMSkip, DDPMSkip, DPMSolverSkip, FlowEulerSkip, VEAncestralSkip, VEEulerSkip, VESchedule
 
     vp, flow, ve = VPSchedule.linear(), FlowSchedule(), VESchedule()
     cases = []
@@ -73,6 +79,9 @@ def operator_cases() -> List[Tuple[str, object, Callable, str]]:
                       lambda x, p, a, b, z, k=kind: ve_euler_step(k, x, p, a, b), "ve"))
         cases.append((f"DPMSolverSkip(ve, {kind})", DPMSolverSkip(ve, kind),
                       lambda x, p, a, b, z, k=kind: dpm_step(k, x, p, a, b, "ve"), "ve"))
+        for eta in VE_ANCESTRAL_ETAS:
+            cases.append((f"VEAncestralSkip({kind}, eta={eta:g})", VEAncestralSkip(ve, prediction=kind, eta=eta),
+                          lambda x, p, a, b, z, k=kind, e=eta: ve_ancestral_step(k, x, p, a, b, sp.nsimplify(e), z), "ve"))
     return cases
 
 
@@ -118,7 +127,8 @@ def _per_case(errors: Dict[str, float], what: str) -> Result:
     "operators.match_symbolic_mirrors",
     "Operators (code)",
     "The torch operators DDIMSkip (eta 0, 0.3, 1), DDPMSkip (fixed_small, fixed_large), FlowEulerSkip, "
-    "VEEulerSkip, DPMSolverSkip (first order, VP, flow and VE), every prediction type, float64 with per-row levels, equal the "
+    "VEEulerSkip, VEAncestralSkip (eta 0.5, 1), DPMSolverSkip (first order, VP, flow and VE), every prediction type, "
+    "float64 with per-row levels, equal the "
     "symbolic steps proved above, evaluated exactly at the same schedule values (no noise at t_from = 0 for "
     "DDPM, as the operator and diffusers; an epsilon flow is undefined at sigma = 1 and skipped there).",
     numeric=True,
@@ -244,7 +254,8 @@ def unipc_matches_mirror() -> Result:
     "Operators (code)",
     "A window's first draft is the serial step: chain_noise_weights of one step is [s_0] (the unit coupled "
     "noise of one step is z_a itself), and drafts(x, p, t_from[a:a+n], t_to[a:a+n], z)[0] == "
-    "S(x, p, t_from[a] -> t_to[a], z_a) bit for bit for every operator, float32 and float64.",
+    "S(x, p, t_from[a] -> t_to[a], z_a) bit for bit for every operator of operators.match_symbolic_mirrors, "
+    "float32 and float64.",
 )
 def one_level_draft_is_step() -> Result:
     B, s = sp.symbols("B_0 s_0", positive=True)
@@ -281,27 +292,46 @@ def one_level_draft_is_step() -> Result:
 CHAIN_ETAS = (0.0, 0.3, 0.7, 1.0)
 #: (first step a, width n) of the windows on a 12-step grid; (6, 6) ends at the last step (leading: t_from = 0)
 CHAIN_WINDOWS = ((0, 3), (2, 6), (6, 6), (0, 12))
-CHAIN_SPACINGS = ("trailing", "leading")
+#: the two 12-step grids of each family: diffusers' trailing and leading spacings (VP); for VE, Karras
+#: sigmas (rho = 7) from 14.6 to 0.03 and evenly spaced sigmas from 10 to 0.5, both then 0
+CHAIN_SPACINGS = {"vp": ("trailing", "leading"), "ve": ("karras", "linear")}
 
 
-def chain_cases() -> List[Tuple[str, object, object, Callable]]:
+def _ve_levels(spacing: str) -> torch.Tensor:
+    ramp = torch.linspace(0, 1, 12, dtype=F64)
+    if spacing == "karras":
+        lo, hi, rho = 0.03 ** (1 / 7), 14.6 ** (1 / 7), 7
+        sig = (hi + ramp * (lo - hi)) ** rho
+    else:
+        sig = 10 + ramp * (0.5 - 10)
+    return sig  # Schedule.grid appends the clean end, sigma = 0
+
+
+def chain_cases() -> List[Tuple[str, object, object, Callable, str]]:
     """(label, torch operator, its sibling with prediction "sample" (the step with x0_hat given), reference
-    factors(abar_t, abar_s, t_from) -> (A, B, s) of the one-level step from the proved coefficient functions)."""
-    from solvers import DDIMSkip, DDPMSkip
+    factors(t_from, t_to) -> (A, B, s) of the one-level step from the proved coefficient functions,
+    "vp" | "ve")."""
+    from solvers import DDIMSkip, DDPMSkip, VEAncestralSkip, VESchedule
 
-    vp = VPSchedule.linear()
+    vp, ve = VPSchedule.linear(), VESchedule()
     cases = []
     for kind in ("epsilon", "sample", "v_prediction"):
         for eta in CHAIN_ETAS:
             cases.append((f"DDIMSkip({kind}, eta={eta:g})", DDIMSkip(vp, kind, eta=eta), DDIMSkip(vp, "sample", eta=eta),
-                          lambda a, b, t, e=eta: C.ddim_chain_coefficients(a, b, e)))
+                          lambda t, s, e=eta: C.ddim_chain_coefficients(vp.alpha_bar(t), vp.alpha_bar(s), e), "vp"))
         for vt in ("fixed_small", "fixed_large"):
-            def ddpm_factors(a, b, t, v=vt):  # DDPMSkip adds no noise from t = 0 (as diffusers)
+            def ddpm_factors(t, s, v=vt):  # DDPMSkip adds no noise from t = 0 (as diffusers)
+                a, b = vp.alpha_bar(t), vp.alpha_bar(s)
                 c_x0, c_xt, _ = C.ddpm_posterior_coefficients(a, b)
                 return c_x0, c_xt, torch.where(t > 0, ddpm_std(a, b, v), torch.zeros_like(a))
 
             cases.append((f"DDPMSkip({kind}, {vt})", DDPMSkip(vp, kind, variance_type=vt),
-                          DDPMSkip(vp, "sample", variance_type=vt), ddpm_factors))
+                          DDPMSkip(vp, "sample", variance_type=vt), ddpm_factors, "vp"))
+    for kind in ("sample", "epsilon"):
+        for eta in VE_ANCESTRAL_ETAS:
+            cases.append((f"VEAncestralSkip({kind}, eta={eta:g})", VEAncestralSkip(ve, prediction=kind, eta=eta),
+                          VEAncestralSkip(ve, prediction="sample", eta=eta),
+                          lambda t, s, e=eta: C.ve_ancestral_chain_coefficients(t.to(F64), s.to(F64), e), "ve"))
     return cases
 
 
@@ -310,14 +340,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _chain_windows():
-    """(where, op, sample_op, factors, a, n, t_from, t_to) for every operator of :func:`chain_cases` and every
-    window the chain checks use."""
-    vp = VPSchedule.linear()
-    for label, op, sample_op, factors in chain_cases():
-        for spacing in CHAIN_SPACINGS:
-            grid = vp.timesteps(12, spacing)
+    """(where, op, sample_op, factors, family, a, n, t_from, t_to) for every operator of :func:`chain_cases`
+    and every window the chain checks use."""
+    for label, op, sample_op, factors, family in chain_cases():
+        for spacing in CHAIN_SPACINGS[family]:
+            grid = op.schedule.timesteps(12, spacing) if family == "vp" else op.schedule.grid(_ve_levels(spacing))
             for a, n in CHAIN_WINDOWS:
-                yield (f"{label} {spacing} a={a} n={n}", op, sample_op, factors, a, n,
+                yield (f"{label} {spacing} a={a} n={n}", op, sample_op, factors, family, a, n,
                        grid.t_from[a : a + n], grid.t_to[a : a + n])
 
 
@@ -333,29 +362,33 @@ def _anchor(seed: int) -> Tuple[NoiseSource, torch.Tensor, torch.Tensor]:
     "Every row of SkipTransition.drafts (row 0 the step, rows j >= 1 A~ x0_hat + B~ x_{a+1} + W z, "
     "transition.py) is the chain of the operator's own one-level steps from the anchor with x0_hat frozen (the "
     "step with x0_hat as a sample prediction, eps re-derived from each state) on the same per-step noise z_a.., "
-    "for DDPMSkip (fixed_small, fixed_large) and DDIMSkip (eta 0, 0.3, 0.7, 1), every prediction type, float64, "
+    "for DDPMSkip (fixed_small, fixed_large), DDIMSkip (eta 0, 0.3, 0.7, 1) and VEAncestralSkip (eta 0.5, 1; Karras "
+    "and linear sigma grids), every prediction type, float64, "
     "windows of 3 to 12 steps on trailing and leading grids (to t = 0); and chain_factors is the proved "
-    "one-level step (ddim_chain_coefficients, ddpm_posterior_coefficients with DDPMSkip's std).",
+    "one-level step (ddim_chain_coefficients, ddpm_posterior_coefficients with DDPMSkip's std, "
+    "ve_ancestral_chain_coefficients).",
     numeric=True,
 )
 def drafts_are_the_chain() -> Result:
     errors: Dict[str, float] = {}
     noise, x, p = _anchor(11)
-    for where, op, sample_op, factors, a, n, t_from, t_to in _chain_windows():
-        abar_t, abar_s = op.schedule.alpha_bar(t_from), op.schedule.alpha_bar(t_to)
-        ref = factors(abar_t, abar_s, t_from)
+    for where, op, sample_op, factors, family, a, n, t_from, t_to in _chain_windows():
+        ref = factors(t_from, t_to)
         got = op.chain_factors(t_from, t_to)
         err = max(_rel(torch.as_tensor(g, dtype=F64), torch.as_tensor(r, dtype=F64)) for g, r in zip(got, ref))
         zs = noise.steps(a, a + n, x.shape, F64) if op.stochastic else None
         rows = op.drafts(x, p, t_from, t_to, zs)
-        x0_hat, _ = vp_x0_eps(op.prediction.value, x, p, abar_t[0])  # the anchor's, frozen
+        if family == "vp":  # the anchor's, frozen
+            x0_hat, _ = vp_x0_eps(op.prediction.value, x, p, op.schedule.alpha_bar(t_from[0]))
+        else:
+            x0_hat, _ = ve_x0_eps(op.prediction.value, x, p, t_from[0].to(F64))
         state = op(x, p, t_from[0], t_to[0], zs[0] if zs is not None else None)
         for j in range(n):
             if j:
                 state = sample_op(state, x0_hat, t_from[j], t_to[j], zs[j] if zs is not None else None)
             err = max(err, _rel(rows[j], state))
         errors[where] = err
-    return _per_case(errors, f"windows ({len(chain_cases())} operators x {2 * len(CHAIN_WINDOWS)} windows)")
+    return _per_case(errors, f"windows ({len(chain_cases())} operators x {2 * len(CHAIN_WINDOWS)} windows each)")
 
 
 @identity(
@@ -371,8 +404,8 @@ def coupled_noise_is_composed() -> Result:
     errors: Dict[str, float] = {}
     zero_rows = 0
     noise, x, p = _anchor(13)
-    for where, op, _, factors, a, n, t_from, t_to in _chain_windows():
-        _, B, s = factors(op.schedule.alpha_bar(t_from), op.schedule.alpha_bar(t_to), t_from)
+    for where, op, _, factors, _, a, n, t_from, t_to in _chain_windows():
+        _, B, s = factors(t_from, t_to)
         B, s = [float(v) for v in torch.as_tensor(B, dtype=F64)], [float(v) for v in torch.as_tensor(s, dtype=F64)]
         ref = torch.zeros(n, n, dtype=F64)
         for j in range(n):
@@ -396,3 +429,69 @@ def coupled_noise_is_composed() -> Result:
         one = op(x, p, t_from[0], t_to[-1], composed[-1] if op.stochastic else None)
         errors[where] = max(err, _rel(big, one))
     return _per_case(errors, f"windows ({zero_rows} noiseless rows)")
+
+
+#: (anchor a, width n) of the multistep windows on a 12-step grid: after one earlier step (UniPC order 2: its
+#: corrector at order 1) and after several; (5, 6) drafts up to the grid's last model call
+MULTISTEP_WINDOWS = ((1, 3), (2, 6), (5, 6))
+
+
+def multistep_cases() -> List[Tuple[str, object, object]]:
+    """(label, multistep torch operator, its sibling with prediction "sample") for the multistep drafts check."""
+    from solvers import DPMSolverSkip, UniPCSkip
+
+    vp, flow = VPSchedule.linear(), FlowSchedule()
+    cases = []
+    for schedule, kinds in ((vp, ("epsilon", "sample", "v_prediction")), (flow, ("velocity", "sample"))):
+        for kind in kinds:
+            for st in ("midpoint", "heun"):
+                cases.append((f"DPMSolverSkip({schedule.kind}, {kind}, 2M {st})", DPMSolverSkip(schedule, kind, 2, st),
+                              DPMSolverSkip(schedule, "sample", 2, st)))
+            for st in ("bh1", "bh2"):
+                for order in (1, 2):
+                    cases.append((f"UniPCSkip({schedule.kind}, {kind}, {st}, order {order})",
+                                  UniPCSkip(schedule, kind, order, st), UniPCSkip(schedule, "sample", order, st)))
+    return cases
+
+
+@identity(
+    "operators.multistep_drafts_are_the_chain",
+    "Operators (code)",
+    "With a history (a multistep anchor), every row of drafts is the serial chain with the anchor's x0_hat "
+    "frozen: row 0 is the anchor's own multistep step bit for bit, row j >= 1 the multistep step of the "
+    "operator's 'sample' sibling from row j-1 with output x0_hat_a and the chain's own history (the earlier "
+    "steps' x0_hat converted from their outputs, then x0_hat_a), for DPMSolverSkip 2M (midpoint, heun) and "
+    "UniPCSkip (bh1, bh2, order 1 and 2), VP and flow, every prediction type, float64, windows after one and "
+    "after several earlier steps, on a 12-step grid.",
+    numeric=True,
+)
+def multistep_drafts_are_the_chain() -> Result:
+    errors: Dict[str, float] = {}
+    noise = NoiseSource(17)
+    for label, op, sample_op in multistep_cases():
+        vp = isinstance(op.schedule, VPSchedule)
+        # flow: below sigma = 1, where UniPC bh1's corrector is infinite (UniPCSkip.make_grid refuses it)
+        grid = op.schedule.timesteps(12, "trailing") if vp else op.schedule.grid(torch.linspace(0.95, 0.05, 12, dtype=F64))
+        for a, n in MULTISTEP_WINDOWS:
+            where = f"{label} a={a} n={n}"
+            x, p = noise.initial((4, 3), F64), noise(100, (4, 3), F64)
+            earlier = [(noise(200 + k, (4, 3), F64), noise(300 + k, (4, 3), F64), grid.t_from[k]) for k in range(a)]
+            history = earlier[len(earlier) - op.history_at(grid, a):]
+            t_from, t_to = grid.t_from[a : a + n], grid.t_to[a : a + n]
+            rows = op.drafts(x, p, t_from, t_to, None, history=history)
+            first = op.multistep(x, p, t_from[0], t_to[0], history) if history else op(x, p, t_from[0], t_to[0])
+            err = 0.0 if torch.equal(rows[0], first) else 1.0
+            # the frozen chain, in the sample sibling's terms: each earlier step's output as its x0_hat
+            def x0(xs, ps, t, k=op.prediction.value, vp=vp, schedule=op.schedule):  # the mirrors' conversion
+                return vp_x0_eps(k, xs, ps, schedule.alpha_bar(t))[0] if vp else flow_x0_eps(k, xs, ps, t.to(F64))[0]
+
+            chain = [(xh, x0(xh, ph, th), th) for xh, ph, th in history] + [(x, x0(x, p, t_from[0]), t_from[0])]
+            x0_a, state = chain[-1][1], first
+            for j in range(1, n):
+                need = sample_op.history_at(grid, a + j)
+                state_next = sample_op.multistep(state, x0_a, t_from[j], t_to[j], chain[len(chain) - need:])
+                chain.append((state, x0_a, t_from[j]))
+                state = state_next
+                err = max(err, _rel(rows[j], state))
+            errors[where] = err
+    return _per_case(errors, "windows")

@@ -25,6 +25,7 @@ __all__ = [
     "flow_step",
     "ve_x0_eps",
     "ve_euler_step",
+    "ve_ancestral_step",
     "dpm_step",
     "dpm_2m_step",
     "unipc_corrected",
@@ -94,6 +95,14 @@ def ve_euler_step(prediction: str, x: Any, pred: Any, sigma_t: Any, sigma_s: Any
     """``solvers.ve.VEEulerSkip.__call__`` (no x0 transform): x_s = x_t + (sigma_s - sigma_t) eps_hat."""
     _, eps_hat = ve_x0_eps(prediction, x, pred, sigma_t)
     return x + C.flow_euler_coefficient(sigma_t, sigma_s) * eps_hat
+
+
+def ve_ancestral_step(prediction: str, x: Any, pred: Any, sigma_t: Any, sigma_s: Any, eta: Any = 1, z: Any = 0) -> Any:
+    """``solvers.ve.VEAncestralSkip.__call__`` (no x0 transform): x_s = x0_hat + sigma_down eps_hat + sigma_up z,
+    ``(sigma_down, sigma_up) = ve_ancestral_coefficients`` (its ``recompute_eps`` acts only with an x0 transform)."""
+    x0_hat, eps_hat = ve_x0_eps(prediction, x, pred, sigma_t)
+    down, up = C.ve_ancestral_coefficients(sigma_t, sigma_s, eta)
+    return x0_hat + down * eps_hat + up * z
 
 
 _ALPHA_SIGMA = {"vp": C.vp_alpha_sigma, "flow": C.flow_alpha_sigma, "ve": C.ve_alpha_sigma}

@@ -29,7 +29,7 @@ from typing import Optional, Union
 import torch
 
 from driffusion_core import coefficients as C
-from driffusion_core.errors import InvalidArgumentError, as_flag
+from driffusion_core.errors import InvalidArgumentError, as_count, as_flag
 from driffusion_core.grid import TimeGrid
 from driffusion_core.parameterization import Prediction, X0Transform, broadcast_coef, upcast
 from driffusion_core.schedules import Schedule
@@ -140,6 +140,10 @@ class DPMSolverSkip(LogSNRSolver):
         solver_type: ``"midpoint"`` (diffusers' default) or ``"heun"``.
         lower_order_final: take the last step at first order on grids of fewer than 15 steps.
         euler_at_final: take the last step at first order always.
+        num_inference_steps: the step count the lower_order_final rule compares with 15, as diffusers'
+            ``len(scheduler.timesteps)``: None (default) counts the grid being sampled; set it to the full
+            grid's length when sampling a slice of it (img2img: ``grid.sub(t_start, T)``, whose last step
+            is then second order on a long grid, as diffusers takes it). ``from_diffusers`` sets it.
         x0_transform: optional :class:`~driffusion_core.ClipSample` / :class:`~driffusion_core.DynamicThreshold`.
 
     The step to a level with sigma = 0 (the clean end) is always first order (it returns x0_hat), as in
@@ -155,12 +159,14 @@ class DPMSolverSkip(LogSNRSolver):
         lower_order_final: bool = True,
         euler_at_final: bool = False,
         x0_transform: Optional[X0Transform] = None,
+        num_inference_steps: Optional[int] = None,
     ):
         super().__init__(schedule, prediction, x0_transform)
         self.order = order
         self.solver_type = solver_type
         self.lower_order_final = as_flag(lower_order_final, "lower_order_final")
         self.euler_at_final = as_flag(euler_at_final, "euler_at_final")
+        self.num_inference_steps = num_inference_steps
 
     @property
     def history(self) -> int:
@@ -172,6 +178,8 @@ class DPMSolverSkip(LogSNRSolver):
             value = check_order("DPMSolverSkip", value, "two")
         if name == "solver_type" and value not in SOLVER_TYPES:
             raise InvalidArgumentError(f"solver_type must be 'midpoint' or 'heun', got {value!r}.")
+        if name == "num_inference_steps" and value is not None:
+            value = as_count(value, "DPMSolverSkip num_inference_steps (the full grid's step count, or None)", 1)
         super().__setattr__(name, value)
         if not name.startswith("_"):  # the remembered x0_hat depends on prediction, x0_transform, schedule
             self.__dict__.pop("_x0_memo", None)
@@ -181,7 +189,8 @@ class DPMSolverSkip(LogSNRSolver):
         if self.order == 1 or i == 0:
             return 0
         last = i == len(grid) - 1
-        if last and (self.euler_at_final or (self.lower_order_final and len(grid) < 15)):
+        steps = self.num_inference_steps if self.num_inference_steps is not None else len(grid)
+        if last and (self.euler_at_final or (self.lower_order_final and steps < 15)):
             return 0
         if float(self.schedule.alpha_sigma(grid.t_to[i : i + 1])[1][0]) == 0.0:  # to the clean end: x0_hat
             return 0
@@ -294,7 +303,7 @@ class DPMSolverSkip(LogSNRSolver):
         that x0_hat (the chain's D_1 is 0 once the prediction is frozen)."""
         if not history:
             return super().drafts(x, pred, t_from, t_to, noises)
-        self.check_window(x, t_from, t_to, noises)
+        t_from, t_to = self.check_window(x, t_from, t_to, noises)
         n = int(t_from.shape[0])
         first = self.multistep(x, pred, t_from[0], t_to[0], history)
         if n == 1:
@@ -305,4 +314,5 @@ class DPMSolverSkip(LogSNRSolver):
         return torch.cat([first.unsqueeze(0), rest.to(x.dtype)])
 
     def __repr__(self) -> str:
-        return super().__repr__()[:-1] + f", order={self.order}, solver_type={self.solver_type!r})"
+        steps = f", num_inference_steps={self.num_inference_steps}" if self.num_inference_steps is not None else ""
+        return super().__repr__()[:-1] + f", order={self.order}, solver_type={self.solver_type!r}{steps})"

@@ -25,12 +25,14 @@ chain itself, one batched call.
 """
 from __future__ import annotations
 
+import math
+import reprlib
 from typing import Optional, Tuple, Union
 
 import torch
 
 from driffusion_core import coefficients as C
-from driffusion_core.errors import InvalidArgumentError, as_count, as_flag
+from driffusion_core.errors import InvalidArgumentError, as_count, as_flag, is_real
 from driffusion_core.grid import TimeGrid
 from driffusion_core.parameterization import Prediction, X0Transform, broadcast_coef, upcast
 from driffusion_core.schedules import Schedule
@@ -77,7 +79,7 @@ class UniPCSkip(LogSNRSolver):
         self.order = order
         self.solver_type = solver_type
         self.lower_order_final = as_flag(lower_order_final, "lower_order_final")
-        self.final_level = None if final_level is None else float(final_level)
+        self.final_level = final_level  # checked (__setattr__)
 
     @property
     def history(self) -> int:
@@ -89,7 +91,45 @@ class UniPCSkip(LogSNRSolver):
             value = check_order("UniPCSkip", value, "three")
         if name == "solver_type" and value not in SOLVER_TYPES:
             raise InvalidArgumentError(f"UniPCSkip solver_type must be 'bh1' or 'bh2', got {value!r}.")
+        if name == "final_level" and value is not None:
+            value = self._checked_final_level(value)
         super().__setattr__(name, value)
+
+    def _checked_final_level(self, value) -> float:
+        """``final_level``: one finite level of the schedule's range (the grid's last ``t_to``)."""
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if not is_real(value) or not math.isfinite(float(value)):
+            raise InvalidArgumentError(
+                f"UniPCSkip final_level must be one finite number, the grid's last level (grid.t_to[-1]), or None; "
+                f"got {reprlib.repr(value)}."
+            )
+        lo, hi = self.schedule.level_range()
+        if not lo <= float(value) <= hi:
+            raise InvalidArgumentError(
+                f"UniPCSkip final_level = {float(value):g} lies outside {type(self.schedule).__name__}'s levels "
+                f"[{lo:g}, {hi:g}]; pass the grid's last level (grid.t_to[-1])."
+            )
+        return float(value)
+
+    def make_grid(self, timesteps) -> TimeGrid:
+        """:meth:`LogSNRSolver.make_grid`, and with ``solver_type="bh1"`` refusing a step from a level where
+        alpha = 0 (log-SNR -inf: flow's sigma = 1, a zero-terminal-SNR table) that the next step's corrector
+        combines: bh1's B(h) = h is infinite there (bh2's e^h - 1 stays finite)."""
+        grid = super().make_grid(timesteps)
+        if self.solver_type != "bh1" or len(grid) < 2:
+            return grid
+        alpha = self.schedule.alpha_sigma(grid.t_from[:-1])[0]
+        for i in torch.nonzero(alpha <= 0).flatten().tolist():
+            if self.history_at(grid, i + 1) > 0:
+                raise InvalidArgumentError(
+                    f"UniPCSkip(solver_type='bh1'): step {i} starts at level {grid.t_from[i].item():g}, where alpha = 0 "
+                    f"(log-SNR -inf: sigma = 1 in flow matching, or zero terminal SNR), and step {i + 1}'s corrector "
+                    f"multiplies by bh1's B(h) = h = inf there (NaN). Use solver_type='bh2' (diffusers' default: "
+                    f"B(h) = e^h - 1 stays finite), or start the grid below that level (diffusers' use_flow_sigmas "
+                    f"grid starts at 1 - 1/N)."
+                )
+        return grid
 
     def history_at(self, grid: TimeGrid, i: int) -> int:
         return min(int(i), self.order)
@@ -249,7 +289,7 @@ class UniPCSkip(LogSNRSolver):
         the first-order skip to ``t_to[j]`` from row 0 corrected with the frozen x0_hat."""
         if not history:  # the anchor's step is first order, and the frozen chain's correctors vanish
             return super().drafts(x, pred, t_from, t_to, noises)
-        self.check_window(x, t_from, t_to, noises)
+        t_from, t_to = self.check_window(x, t_from, t_to, noises)
         n, b = int(t_from.shape[0]), x.shape[0]
         step, x0s, predictor = self._step(x, pred, t_from[0], t_to[0], history)
         first = step.to(x.dtype)

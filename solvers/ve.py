@@ -180,10 +180,7 @@ class VEAncestralSkip(EtaNoise, SkipTransition):
 
     def chain_factors(self, t_from: torch.Tensor, t_to: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x_s = (1 - sigma_down / sigma_t) x0_hat + (sigma_down / sigma_t) x_t + sigma_up z`` per step."""
-        t_from, t_to = t_from.to(torch.float64), t_to.to(torch.float64)
-        down, up = C.ve_ancestral_coefficients(t_from, t_to, self.eta)
-        b = down / t_from
-        return 1 - b, b, up
+        return C.ve_ancestral_chain_coefficients(t_from.to(torch.float64), t_to.to(torch.float64), self.eta)
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", eta={self.eta:g})"

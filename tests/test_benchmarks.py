@@ -1076,6 +1076,8 @@ def test_quick_report_says_its_distributed_row_is_not_representative(name):
     ["benchmarks.gpu_latency", "--widths", "a"],
     ["benchmarks.gpu_latency", "--repeats", "0"],
     ["benchmarks.gpu_latency", "--device", "foo"],
+    ["benchmarks.gpu_latency", "--device", "meta"],
+    ["benchmarks.gpu_latency", "--device", "xpu"],
     ["benchmarks.x0_models", "--batch", "0"],
     ["benchmarks.x0_models", "--width", "-2"],
     ["benchmarks.kdiffusion_study", "--steps", "20,1"],
@@ -1106,6 +1108,20 @@ def test_command_lines_refuse_bad_numbers_and_paths_up_front(argv, tmp_path, cap
         main(args)
     assert info.value.code == 2
     assert args[0] in capsys.readouterr().err
+
+
+def test_a_refused_command_leaves_no_output_folder(tmp_path, capsys):
+    """--out is checked at parse time but made by the run: a command refused for another argument (here an
+    unknown --only section, or a bad --device) leaves no empty folder behind."""
+    from benchmarks.gpu_latency import main as gpu_main
+
+    for refused, out in ((lambda o: parse_args(["--only", "bogus", "--out", str(o)]), tmp_path / "a" / "b"),
+                         (lambda o: gpu_main(["--device", "meta", "--out", str(o)]), tmp_path / "g")):
+        with pytest.raises(SystemExit) as info:
+            refused(out)
+        assert info.value.code == 2 and not out.exists() and not (tmp_path / "a").exists()
+    assert parse_args(["--quick", "--out", str(tmp_path / "new" / "deep")]).out == tmp_path / "new" / "deep"
+    assert not (tmp_path / "new").exists()  # accepted; made when the run writes
 
 
 def test_only_into_a_folder_of_another_preset_is_refused(tmp_path, capsys):

@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -338,8 +339,10 @@ def test_not_initialised_is_explained(monkeypatch):
 def test_bad_arguments_are_named_in_one_process():
     """In a one-process gloo group: a group or control_group that is not a process group, a backend name
     torch does not know, a timeout given as a numpy int (accepted), and an executor used after the process
-    group was destroyed, each get an error naming what is wrong (not torch's own deep errors)."""
-    import numpy as np
+    group was destroyed, each get an error naming what is wrong (not torch's own deep errors); a timeout
+    above the process group's own is warned about."""
+    import warnings
+
     import torch.distributed as dist
 
     from backends.distributed import DistributedExecutor, init_from_env
@@ -355,8 +358,13 @@ def test_bad_arguments_are_named_in_one_process():
         for kw in (dict(group="abc"), dict(control_group=5)):
             with pytest.raises(InvalidArgumentError, match=f"{next(iter(kw))} must be a torch.distributed process group"):
                 DistributedExecutor(**kw)
-        ex = DistributedExecutor(timeout=np.int64(20))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # 20 s within the group's 30 s: no warning
+            ex = DistributedExecutor(timeout=np.int64(20))
         assert ex.plan(np.int64(3)) == [3]
+        # the group's own timeout (30 s) ends every exchange first: said when the executor is made
+        with pytest.warns(UserWarning, match=r"process group's own timeout is 30s .* timeout <= 30s"):
+            DistributedExecutor(timeout=45)
     finally:
         dist.destroy_process_group()
     xs, ts = torch.zeros(1, 2, 3), torch.zeros(1, 2)
@@ -474,8 +482,9 @@ def test_predictor_raising_in_a_one_draft_round_fails_every_rank_at_once(mode):
 
 
 def test_conditioning_differing_in_value_between_ranks_is_explained():
-    """Same structure and shapes, different values: a cond tensor (e.g. labels drawn on each rank), the same
-    rows in another order, a float guidance value, a nested flag; states that differ in one element or hold
+    """Same structure and shapes, different values: a cond tensor (e.g. labels drawn on each rank), also beside
+    a tensor holding -inf, the same rows in another order, a float guidance value, a nested flag, a large numpy
+    array or a long string differing far from their start; states that differ in one element or hold
     the same values in another order. Every rank raises an ExecutorError
     naming the conditioning in that round; equal conditioning (also holding an object whose repr shows its
     address, which differs between processes) evaluates as the serial executor does."""
@@ -484,13 +493,15 @@ def test_conditioning_differing_in_value_between_ranks_is_explained():
     assert codes == [0, 0], logs
     for rank in (0, 1):
         res = results[rank]
-        assert res["same"] is True and res["same_object"] is True, res
-        for case in ("tensor", "swapped_rows", "float", "nested", "sample"):
+        assert res["same"] is True and res["same_object"] is True and res["same_nonfinite_numpy"] is True, res
+        for case in ("tensor", "swapped_rows", "float", "nested", "sample", "scale_beside_inf_bias", "numpy_array",
+                     "long_string"):
             got = res[case]
             assert got["error_type"] == "ExecutorError", (case, got)
             assert "conditioning (cond)" in got["message"] and "round 1" in got["message"], (case, got["message"])
             assert got["seconds"] < TIMEOUT, (case, got)
-        assert "differ in value" in res["tensor"]["message"] and "sum of |c|" in res["tensor"]["message"]
+        for case in ("tensor", "scale_beside_inf_bias", "numpy_array"):
+            assert "differ in value" in res[case]["message"] and "sum of |c|" in res[case]["message"], res[case]
         assert "guidance scale" in res["float"]["message"]
         assert res["same_set"] is True, "a set in the conditioning must not differ between processes"
         got = res["nan_on_rank0"]
@@ -1055,8 +1066,12 @@ class _Opaque:
     """A value whose default repr holds its memory address (different in every process)."""
 
 
-def _guided(x, t, scale=None, tag="plain", guidance=1.0, extra=None, opaque=None):
+def _guided(x, t, scale=None, tag="plain", guidance=1.0, extra=None, opaque=None, bias=None, obs=None, note=""):
     y = _predictor(x, t, scale) * guidance
+    if obs is not None:
+        y = y + float(obs.sum())
+    if note.endswith("b"):
+        y = y + 1
     return y if extra is None or not extra["flag"] else -y
 
 
@@ -1085,6 +1100,17 @@ def _scenario_cond_values(rank, world):
     res["same_set"] = bool(torch.equal(ex.evaluate(_guided, xs, ts, with_set),
                                        SerialExecutor().evaluate(_guided, xs, ts, with_set)))
     cases["nan_on_rank0"] = dict(base, scale=torch.where(torch.arange(4) == 1, float("nan"), scale) if rank == 0 else scale)
+    # an attention bias holding -inf on every rank must not switch the value check off for the other tensors; a
+    # large numpy array (its repr abbreviates) and a long string that differ far from their start
+    bias = torch.zeros(4, 3).index_fill_(1, torch.tensor([2]), float("-inf"))
+    obs = np.zeros(2000)
+    obs[1000] = 5.0 * rank
+    cases["scale_beside_inf_bias"] = dict(base, scale=scale + rank, bias=bias)
+    cases["numpy_array"] = dict(base, obs=obs)
+    cases["long_string"] = dict(base, note="a" * 3000 + ("b" if rank else "c"))
+    alike = dict(base, bias=bias, obs=np.zeros(2000), note="a" * 3000)
+    res["same_nonfinite_numpy"] = bool(torch.equal(ex.evaluate(_guided, xs, ts, alike),
+                                                   SerialExecutor().evaluate(_guided, xs, ts, alike)))
     for name, cond in cases.items():
         fresh = DistributedExecutor(timeout=TIMEOUT, diagnose_timeout=DIAGNOSE)
         res[name] = _fault_result(lambda: fresh.evaluate(_guided, xs, ts, cond))

@@ -756,7 +756,8 @@ def test_an_intermediate_beyond_the_dtype_does_not_overflow_a_representable_step
 
 @pytest.mark.parametrize("mode", ["aggressive", "conservative"])
 def test_a_predictor_that_writes_into_its_input_is_refused(mode):
-    """A model that changes x in place would make the serial and the parallel sampler part ways silently."""
+    """A model that changes x in place would make the serial and the parallel sampler part ways silently; under
+    torch.inference_mode too (no version counters there: the values' fingerprint shows it)."""
     schedule = VPSchedule.linear()
     grid = schedule.timesteps(8)
 
@@ -770,8 +771,24 @@ def test_a_predictor_that_writes_into_its_input_is_refused(mode):
     for executor in (None, BatchedExecutor()):
         with pytest.raises(PredictorOutputError, match="in place"):
             DraftRefineScheduler(DDIMSkip(schedule), grid, width=3, mode=mode).sample(in_place, x, executor=executor)
-    with torch.inference_mode():  # inference tensors have no version counter: nothing to check, nothing breaks
-        DraftRefineScheduler(DDIMSkip(schedule), grid, width=3, mode=mode).sample(lambda x, t: 0.1 * x, x)
+    # inference tensors have no version counter: a fingerprint of their values shows the write (a no-op write
+    # changes nothing there, so the test halves x); a model that only reads samples as the serial sampler does
+    def halves(x, t):
+        x.mul_(0.5)
+        return 0.1 * x
+
+    with torch.inference_mode():
+        xi = NoiseSource(0).initial((3, 2))
+        with pytest.raises(PredictorOutputError, match="in place at step 0"):
+            sample_serial(halves, xi, DDIMSkip(schedule), grid)
+        for executor in (None, BatchedExecutor()):
+            with pytest.raises(PredictorOutputError, match="in place"):
+                DraftRefineScheduler(DDIMSkip(schedule), grid, width=3, mode=mode).sample(halves, xi, executor=executor)
+        with pytest.raises(PredictorOutputError, match=r"conditioning tensor cond\['scale'\] in place"):
+            sample_serial(lambda x, t, scale: 0.1 * x * scale.add_(1.0)[:, None], xi, DDIMSkip(schedule), grid,
+                          cond={"scale": torch.ones(3)})
+        got = DraftRefineScheduler(DDIMSkip(schedule), grid, width=1, mode=mode).sample(lambda x, t: 0.1 * x, xi).x
+        assert torch.equal(got, sample_serial(lambda x, t: 0.1 * x, xi, DDIMSkip(schedule), grid).x)
 
 
 def test_a_predictor_that_writes_into_its_conditioning_is_refused():
@@ -1159,10 +1176,14 @@ def test_ve_schedule_sigma_max_must_be_a_positive_number(sigma_max):
         VESchedule(sigma_max)
 
 
+_BN_MODEL = None
+
+
 def test_batched_executor_refuses_a_model_with_batchnorm_in_training_mode():
     """BatchNorm in training mode normalises over the whole batch: one batched call of a round's drafts would
-    differ from the serial executor's calls. Refused naming the layer, with the fix; in eval mode it runs, as
-    the serial executor does."""
+    differ from the serial executor's calls. Refused naming the layer, with the fix, also behind a lambda, a
+    closure, a default argument, a partial, a bound method or a callable holder; in eval mode it runs, as the
+    serial executor does."""
     from backends import BatchedExecutor
 
     class Model(torch.nn.Module):
@@ -1178,8 +1199,33 @@ def test_batched_executor_refuses_a_model_with_batchnorm_in_training_mode():
     for ex in (BatchedExecutor(), BatchedExecutor(vmap=True), BatchedExecutor(max_batch=2)):
         with pytest.raises(InvalidArgumentError, match=r"BatchNorm layer 'norm' is in training mode.*model.eval\(\)"):
             ex.evaluate(model, xs, ts)
+    # behind the wrappers a script writes: a lambda over a global or a closure, a default argument, a partial,
+    # a bound method, a callable object holding the model
+    import functools
+
+    global _BN_MODEL
+    _BN_MODEL = model
+
+    def closure(m):
+        return lambda x, t: m(x, t)
+
+    class Holder:
+        def __init__(self, m):
+            self.net = m
+
+        def __call__(self, x, t):
+            return self.net(x, t)
+
+    wrapped = [lambda x, t: _BN_MODEL(x, t), closure(model), lambda x, t, m=model: m(x, t),
+               functools.partial(lambda x, t, m: m(x, t), m=model), model.forward, Holder(model)]
+    for predictor in wrapped:
+        with pytest.raises(InvalidArgumentError, match=r"BatchNorm layer 'norm' is in training mode"):
+            BatchedExecutor().evaluate(predictor, xs, ts)
+    BatchedExecutor().evaluate(wrapped[0], xs[:1], ts[:1])  # one draft: nothing to mix, no refusal
     model.eval()
     torch.testing.assert_close(BatchedExecutor().evaluate(model, xs, ts), SerialExecutor().evaluate(model, xs, ts))
+    for predictor in wrapped:
+        torch.testing.assert_close(BatchedExecutor().evaluate(predictor, xs, ts), SerialExecutor().evaluate(model, xs, ts))
 
 
 @pytest.mark.parametrize("shape", [(True, 3), True, [2, False]])
@@ -1473,3 +1519,18 @@ def test_distributed_timeouts_must_be_finite():
     for bad in (float("inf"), 1e10, 0, -1.0, True):
         with pytest.raises(InvalidArgumentError, match="timeout must be a number of seconds"):
             init_from_env(timeout=bad)
+
+
+def test_an_operator_step_from_a_clean_level_is_refused():
+    """A table whose first beta is 0 has sigma = 0 at level 0: a step leaving it divides by sigma. make_grid refused
+    such a grid; a direct operator call now refuses it too (it returned NaN), except deterministic DDIM with an
+    epsilon model (x0_hat = x there), and a zero-length step (the identity)."""
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    betas[0] = 0.0
+    vp = VPSchedule.from_betas(betas)
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+    for op in (DDIMSkip(vp, "sample"), DDIMSkip(vp, eta=1.0), DDPMSkip(vp)):
+        with pytest.raises(InvalidTimestepsError, match="t_from = 0 has sigma = 0"):
+            op(x, x, 0.0, -1.0, torch.zeros_like(x) if op.stochastic else None)
+        assert torch.equal(op(x, x, 0.0, 0.0, torch.zeros_like(x) if op.stochastic else None), x)
+    assert torch.isfinite(DDIMSkip(vp)(x, x, 0.0, -1.0)).all()

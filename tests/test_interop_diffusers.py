@@ -203,6 +203,63 @@ def test_width1_matches_diffusers_scheduler_loop(name, config, num_steps, option
     assert (ours.x - ref).abs().max().item() <= 1e-4 * scale, f"{name} {config} {options}"
 
 
+@pytest.mark.parametrize("name,num_steps,start", [
+    ("DPMSolverMultistepScheduler", 20, 10), ("DPMSolverMultistepScheduler", 16, 4),
+    ("UniPCMultistepScheduler", 16, 4), ("DDIMScheduler", 20, 10),
+])
+def test_a_slice_of_the_grid_matches_diffusers_img2img_loop(name, num_steps, start, unet2d):
+    """img2img's strength: diffusers sets T steps and runs timesteps[start:] (set_begin_index); DRiffusion samples
+    grid.sub(start, T) of from_diffusers' grid. DPM-Solver++'s lower_order_final counts the whole grid (T >= 15:
+    the last step stays 2M with final_sigmas_type='sigma_min'; counting the slice took it at first order)."""
+    config = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    if name != "DDIMScheduler":
+        config["final_sigmas_type"] = "sigma_min"
+    scheduler = need(name)(**config)
+    transition, grid = from_diffusers(scheduler, num_steps)
+    x = NoiseSource(0).initial((2, 3, 8, 8))
+    scheduler.set_timesteps(num_steps)
+    if hasattr(scheduler, "set_begin_index"):  # the multistep schedulers count their steps (DDIM: stateless)
+        scheduler.set_begin_index(start)
+    ref = x
+    with torch.no_grad():
+        for t in scheduler.timesteps[start:]:
+            ref = scheduler.step(unet2d(ref, t).sample, t, ref).prev_sample
+    ours = DraftRefineScheduler(transition, grid.sub(start, num_steps), width=1).sample(DiffusersPredictor(unet2d), x)
+    scale = max(1.0, ref.abs().max().item())
+    assert (ours.x - ref).abs().max().item() <= 1e-4 * scale
+
+
+def test_dynamic_shifting_and_diffusers_failures_are_named():
+    """UniPC / DPM-Solver with use_dynamic_shifting: mu reaches every set_timesteps (VP sigmas too, where diffusers
+    requires but ignores it), its absence is named, and a scheduler holding custom sigmas under dynamic shifting
+    is refused as without it (they were replaced by the config's grid); a configuration diffusers itself fails by
+    a bare assert, and Euler timesteps pushed past the table by steps_offset, are named in a short message; a
+    duplicate-timestep refusal mentions lambda_min_clipped only where the scheduler has it."""
+    unipc, dpm, euler = need("UniPCMultistepScheduler"), need("DPMSolverMultistepScheduler"), need("EulerDiscreteScheduler")
+    _, plain = from_diffusers(unipc(), 10)
+    _, shifted = from_diffusers(unipc(use_dynamic_shifting=True), 10, mu=0.8)
+    assert torch.equal(plain.t_from, shifted.t_from) and torch.equal(plain.model_times, shifted.model_times)
+    with pytest.raises(InvalidArgumentError, match=r"use_dynamic_shifting=True\) needs mu"):
+        from_diffusers(unipc(use_dynamic_shifting=True), 10)
+    flow = dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0, use_dynamic_shifting=True)
+    held = unipc(**flow)
+    held.set_timesteps(sigmas=np.array([1.0, 0.9, 0.6, 0.3, 0.1]), mu=0.8)
+    with pytest.raises(InvalidArgumentError, match="holds custom timesteps or sigmas"):
+        from_diffusers(held, 5, mu=0.8)
+    standard = unipc(**flow)
+    standard.set_timesteps(5, mu=0.5)  # the scheduler's own grid, of another mu: not custom
+    from_diffusers(standard, 5, mu=0.8)
+    with pytest.raises(InvalidArgumentError, match="assertion inside diffusers.*time_shift_type"):
+        from_diffusers(dpm(use_flow_sigmas=True, prediction_type="flow_prediction", use_dynamic_shifting=True,
+                           time_shift_type="linear"), 10, mu=0.8)
+    with pytest.raises(InvalidArgumentError, match="past the last training timestep 999.*steps_offset=5") as info:
+        from_diffusers(euler(timestep_spacing="leading", steps_offset=5), 500)
+    assert len(str(info.value)) < 600
+    with pytest.raises(InvalidArgumentError, match="lists a timestep twice") as info:
+        from_diffusers(unipc(), 1000)
+    assert "lambda_min_clipped" not in str(info.value)
+
+
 def test_from_config_equals_from_scheduler(unet2d):
     scheduler = need("DDIMScheduler")(timestep_spacing="trailing", clip_sample=False, prediction_type="v_prediction")
     tr_a, grid_a = from_diffusers(scheduler, 8)

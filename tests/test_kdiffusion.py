@@ -587,3 +587,18 @@ def test_ancestral_noise_sampler_refilling_one_buffer():
     ref = sample_euler_ancestral_reference(denoiser, x, sigmas, noise_sampler=refilling(4))
     out = sample_driffusion_ancestral(denoiser, x, sigmas, noise_sampler=refilling(4), width=1, disable=True)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_sigmas_grid_is_refused_by_a_vp_or_flow_transition():
+    """sigmas_grid's levels are VE sigmas (kind "ve"): a VP / flow transition handed them is refused (they were
+    read as training timesteps or flow times, a finite but meaningless sample); VE transitions take it."""
+    from driffusion_core import FlowSchedule, VPSchedule
+    from solvers import DDIMSkip, DPMSolverSkip, FlowEulerSkip, sample_serial
+
+    grid = sigmas_grid(torch.tensor([14.6, 3.0, 0.5, 0.0]))
+    assert grid.kind == VESchedule.kind
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+    for tr in (DPMSolverSkip(VPSchedule.linear()), DDIMSkip(VPSchedule.linear()), FlowEulerSkip(FlowSchedule())):
+        with pytest.raises(InvalidTimestepsError, match="'ve' levels"):
+            sample_serial(lambda x, t: x, x, tr, grid)
+    assert torch.isfinite(sample_serial(lambda x, t: 0.5 * x, x, VEEulerSkip(VESchedule()), grid).x).all()

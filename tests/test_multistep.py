@@ -312,6 +312,52 @@ def test_bad_settings_are_refused():
         tr.solver_type = "bh2"
 
 
+def test_a_previous_level_not_above_t_from_is_refused():
+    """A multistep divides by the previous step's length: a history level equal to t_from (h_prev = 0) is refused
+    by name (it gave NaN), for 2M and for UniPC's corrector (t_prev = t_from, and t_pp = t_prev)."""
+    from driffusion_core.errors import InvalidTimestepsError
+
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+    for tr, history in ((DPMSolverSkip(VP), [(x, x, 500.0)]), (UniPCSkip(VP), [(x, x, 600.0), (x, x, 500.0)]),
+                        (UniPCSkip(VP), [(x, x, 600.0), (x, x, 600.0)])):
+        with pytest.raises(InvalidTimestepsError, match="equals the previous level .*, so it does not lie below it"):
+            tr.multistep(x, x, 500.0, 400.0, history)
+    # strictly above: finite
+    assert torch.isfinite(DPMSolverSkip(VP).multistep(x, x, 500.0, 400.0, [(x, x, 600.0)])).all()
+
+
+def test_unipc_final_level_is_checked():
+    """final_level: one finite level of the schedule's range (it was a bare float(): 'abc' and a 2-element tensor
+    raised ValueError, NaN silently disabled lower_order_final, 5000 and True were taken)."""
+    for bad, words in (("abc", "one finite number"), (torch.tensor([1.0, 2.0]), "one finite number"),
+                       (float("nan"), "one finite number"), (True, "one finite number"), (5000.0, "outside")):
+        with pytest.raises(InvalidArgumentError, match=words):
+            UniPCSkip(VP, final_level=bad)
+    assert UniPCSkip(VP, final_level=torch.tensor(-1.0)).final_level == -1.0
+    tr = UniPCSkip(VP)
+    with pytest.raises(InvalidArgumentError, match="outside"):
+        tr.final_level = 1000.0
+    tr.final_level = None
+
+
+def test_unipc_bh1_from_alpha_zero_is_refused():
+    """UniPC bh1's corrector multiplies by B(h) = h, infinite after a step from alpha = 0 (flow's sigma = 1): the
+    grid is refused by name (it gave NaN, reported as an overflow) unless nothing combines that step; bh2 and a
+    grid starting below sigma = 1 sample."""
+    flow = FlowSchedule()
+    predictor = lambda x, t: -x  # noqa: E731
+    x = NoiseSource(0).initial((4, 3))
+    for order in (1, 2):
+        with pytest.raises(InvalidArgumentError, match="bh1.*alpha = 0.*solver_type='bh2'"):
+            DraftRefineScheduler(UniPCSkip(flow, "velocity", order, "bh1"), flow.timesteps(12))
+    out = sample_serial(predictor, x, UniPCSkip(flow, "velocity", 2, "bh2"), flow.timesteps(12))
+    assert torch.isfinite(out.x).all()
+    below = flow.grid(torch.linspace(0.95, 0.05, 12, dtype=torch.float64))
+    out = sample_serial(predictor, x, UniPCSkip(flow, "velocity", 2, "bh1"), below)
+    assert torch.isfinite(out.x).all()
+    DraftRefineScheduler(UniPCSkip(flow, "velocity", 2, "bh1"), flow.timesteps(1))  # one step: no corrector
+
+
 def test_a_state_started_mid_grid_needs_the_history_before():
     from driffusion_core import DraftRefineState
 

@@ -32,7 +32,8 @@ KNOWN_NON_IDENTITIES = {"ddim.eta_composition_not_exact", "ddim.frozen_v_does_no
                         "ddpm.fixed_large_not_composable", "dpm.2m_midpoint_not_exact"}
 #: float checks of the torch code, NUMERICALLY VERIFIED by nature (every other identity must not be NUMERIC)
 NUMERIC_IDENTITIES = {"operators.match_symbolic_mirrors", "operators.dpm_2m_matches_mirror", "operators.unipc_matches_mirror",
-                      "operators.drafts_are_the_chain", "operators.coupled_noise_composed"}
+                      "operators.drafts_are_the_chain", "operators.coupled_noise_composed",
+                      "operators.multistep_drafts_are_the_chain"}
 DPM_IDENTITIES = {"dpm.first_order_is_ddim", "dpm.first_order_composes", "dpm.2m_frozen_is_first_order",
                   "dpm.2m_heun_exact_linear_x0", "dpm.2m_midpoint_not_exact", "dpm.conditional_path_exact",
                   "diffusers.dpm_solver_pp_step", "operators.dpm_2m_matches_mirror"}
@@ -304,6 +305,26 @@ def test_wrong_drafts_and_coupled_noise_are_caught(monkeypatch):
     monkeypatch.setattr(SkipTransition, "_coupling", lambda self, t_from, t_to: 1.1 * right_coupling(self, t_from, t_to))
     (o,) = proofs.run_all("operators.coupled_noise_composed")
     assert o.result.status is Status.FAILS and not o.as_expected
+
+
+def test_a_wrong_euler_ancestral_step_and_wrong_multistep_drafts_are_caught(monkeypatch):
+    """VEAncestralSkip with sigma_down 10 % too large (in the solver, not in the shared coefficient function)
+    fails the mirror and chain checks; DPMSolverSkip's drafts after a 2M anchor step with x0_hat 1 % off fail
+    operators.multistep_drafts_are_the_chain (both once passed every identity)."""
+    from solvers import dpm, ve
+
+    right = ve.VEAncestralSkip._coefficients
+    monkeypatch.setattr(ve.VEAncestralSkip, "_coefficients",
+                        lambda self, a, b: (lambda d, u: (1.1 * d, u))(*right(self, a, b)))
+    for name in ("operators.match_symbolic_mirrors", "operators.drafts_are_the_chain"):
+        (o,) = proofs.run_all(name)
+        assert o.result.status is Status.FAILS and "VEAncestralSkip" in o.result.detail, (name, o.result.detail)
+    monkeypatch.setattr(ve.VEAncestralSkip, "_coefficients", right)
+    first_order = dpm.DPMSolverSkip._first_order_from
+    monkeypatch.setattr(dpm.DPMSolverSkip, "_first_order_from",
+                        lambda self, s, x0, a, b: first_order(self, s, 1.01 * x0, a, b))
+    (o,) = proofs.run_all("operators.multistep_drafts_are_the_chain")
+    assert o.result.status is Status.FAILS and "DPMSolverSkip" in o.result.detail, o.result.detail
 
 
 def test_numeric_is_not_enough_and_a_known_failure_needs_its_defect():

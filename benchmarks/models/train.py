@@ -207,7 +207,7 @@ def train_classifier(steps: int, batch: int = 64, lr: float = 1e-3) -> dict:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.models.train", description=__doc__.splitlines()[0])
     ap.add_argument("--which", choices=["digits", "classifier", "timeseries", "all"], default="all")
     ap.add_argument("--steps", type=count(), default=None, help="training steps (default: per model, see DEFAULT_STEPS)")
     ap.add_argument("--threads", type=count(), default=2,

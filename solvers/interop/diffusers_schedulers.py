@@ -71,6 +71,7 @@ from typing import Any, Mapping, Optional, Tuple
 import numpy as np
 import torch
 
+from driffusion_core import coefficients as C
 from driffusion_core.errors import InvalidArgumentError, InvalidTimestepsError, as_count, is_real
 from driffusion_core.grid import TimeGrid
 from driffusion_core.parameterization import ClipSample, DynamicThreshold
@@ -392,6 +393,13 @@ def _probe(scheduler, num_inference_steps: Optional[int], **kwargs) -> Tuple[tor
             probe.set_timesteps(num_inference_steps, device="cpu", **kwargs)
     except ValueError as e:  # diffusers' own checks (e.g. of custom sigmas' / timesteps' lengths)
         raise InvalidArgumentError(f"{type(scheduler).__name__}.set_timesteps refused these arguments: {e}") from None
+    except AssertionError as e:  # an assert without a message inside diffusers (a combination it does not run)
+        where = _first_frame_text(e)
+        raise InvalidArgumentError(
+            f"{type(scheduler).__name__}.set_timesteps({num_inference_steps}) fails an assertion inside diffusers"
+            f"{': ' + where if where else ''}: this configuration does not run in diffusers either (e.g. "
+            f"use_dynamic_shifting with time_shift_type='linear' on flow sigmas). Change the option it names."
+        ) from None
     sigmas = probe.sigmas.detach().cpu().clone()
     if not bool(torch.isfinite(sigmas).all()):
         raise InvalidArgumentError(
@@ -401,6 +409,33 @@ def _probe(scheduler, num_inference_steps: Optional[int], **kwargs) -> Tuple[tor
             f"option that stretches the sigmas."
         )
     return sigmas, probe.timesteps.detach().cpu().clone()
+
+
+def _short(values: torch.Tensor, edge: int = 4) -> str:
+    """A sigma list for a message: every value to 6 digits, or the first and last ``edge`` of a long one."""
+    v = [float(f"{x:.6g}") for x in values.tolist()]
+    return str(v) if len(v) <= 2 * edge + 1 else f"[{', '.join(map(str, v[:edge]))}, ... ({len(v) - 2 * edge} more), " \
+        f"{', '.join(map(str, v[-edge:]))}]"
+
+
+def _first_frame_text(error: BaseException) -> str:
+    """The source line of the innermost frame of ``error``'s traceback (what a bare ``assert`` checked)."""
+    import traceback
+
+    frames = traceback.extract_tb(error.__traceback__)
+    return (str(error) or (frames[-1].line or "")).strip() if frames else str(error)
+
+
+def _dynamic_kwargs(cfg: Mapping[str, Any], mu: Optional[float], name: str) -> dict:
+    """``set_timesteps``' keyword arguments for a multistep scheduler: ``mu`` with ``use_dynamic_shifting``
+    (diffusers requires it there, also where its sigmas do not use it), refused by name when missing."""
+    if not cfg.get("use_dynamic_shifting", False):
+        return {}
+    if mu is None:
+        raise InvalidArgumentError(
+            f"{name}(use_dynamic_shifting=True) needs mu, as its set_timesteps does: from_diffusers(scheduler, "
+            f"num_inference_steps, mu=...) (the pipelines compute it from the image size, e.g. calculate_shift).")
+    return {"mu": mu}
 
 
 def _held_flow_is_standard(scheduler, held_n: int, mu: Optional[float], dynamic: bool) -> bool:
@@ -438,13 +473,19 @@ def _holds_grid(scheduler, sigmas: torch.Tensor, timesteps: torch.Tensor) -> boo
             and torch.equal(held_s.to(sigmas.dtype), sigmas) and torch.equal(held_t.to(timesteps.dtype), timesteps))
 
 
-def _refuse_held_custom(scheduler, name: str, num_inference_steps: int) -> None:
+def _refuse_held_custom(scheduler, name: str, num_inference_steps: int, mu: Optional[float] = None) -> None:
     """Refuse a scheduler holding custom timesteps or sigmas: ``set_timesteps(timesteps=... / sigmas=...)`` leaves
     no flag, so held ones that no ``set_timesteps(n)`` gives are custom, and from_diffusers (which builds the
-    config's ``set_timesteps(num_inference_steps)``) would not reproduce that loop."""
+    config's ``set_timesteps(num_inference_steps)``) would not reproduce that loop. With dynamic shifting the
+    held grid may be any mu's (:func:`_held_flow_is_standard` solves for it)."""
     held = getattr(scheduler, "timesteps", None)
     if getattr(scheduler, "num_inference_steps", None) and isinstance(held, torch.Tensor):
-        if not _holds_grid(scheduler, *_probe(scheduler, len(held))):
+        dynamic = bool(scheduler.config.get("use_dynamic_shifting", False))
+        if dynamic:
+            standard = _held_flow_is_standard(scheduler, len(held), mu, True)
+        else:
+            standard = _holds_grid(scheduler, *_probe(scheduler, len(held)))
+        if not standard:
             raise InvalidArgumentError(
                 f"This {name} holds custom timesteps or sigmas (set_timesteps(timesteps=... / sigmas=...)), which "
                 f"from_diffusers does not reproduce here (it builds the config's set_timesteps("
@@ -497,10 +538,17 @@ def _dpm(scheduler, cfg, num_inference_steps: int, check_held: bool = True, mu: 
         x0_transform=_x0_transform(cfg),
     )
     if cfg.get("use_flow_sigmas", False):
-        return _multistep_flow(scheduler, cfg, num_inference_steps, mu, check_held, "DPMSolverMultistepScheduler",
-                               lambda schedule, p: DPMSolverSkip(schedule, **{**options, "prediction": p}))
-    return _multistep_grid(scheduler, cfg, num_inference_steps, check_held, "DPMSolverMultistepScheduler",
-                           lambda schedule: DPMSolverSkip(schedule, **options))
+        transition, grid = _multistep_flow(scheduler, cfg, num_inference_steps, mu, check_held,
+                                           "DPMSolverMultistepScheduler",
+                                           lambda schedule, p: DPMSolverSkip(schedule, **{**options, "prediction": p}))
+    else:
+        transition, grid = _multistep_grid(scheduler, cfg, num_inference_steps, check_held,
+                                           "DPMSolverMultistepScheduler", lambda schedule: DPMSolverSkip(schedule, **options),
+                                           mu)
+    # diffusers' lower_order_final counts len(timesteps), the whole grid, also when a pipeline samples a slice
+    # of it (img2img's strength: grid.sub(t_start, T))
+    transition.num_inference_steps = len(grid)
+    return transition, grid
 
 
 # a flow-sigma scheduler's prediction_type -> the FlowSchedule's prediction (flow_prediction: x0 = x - sigma v)
@@ -523,14 +571,9 @@ def _multistep_flow(scheduler, cfg, num_inference_steps: int, mu: Optional[float
         raise InvalidArgumentError(
             f"{name}(use_flow_sigmas=True, prediction_type={kind!r}) is not supported: a flow interpolant takes "
             f"{sorted(_FLOW_PREDICTIONS)} (flow_prediction: the velocity eps - x0).")
-    dynamic = bool(cfg.get("use_dynamic_shifting", False))
-    if dynamic and mu is None:
-        raise InvalidArgumentError(
-            f"{name}(use_dynamic_shifting=True) needs mu, as its set_timesteps does: from_diffusers(scheduler, "
-            f"num_inference_steps, mu=...) (the pipelines compute it from the image size, e.g. calculate_shift).")
-    sig, ts = _probe(scheduler, num_inference_steps, **({"mu": mu} if dynamic else {}))
-    if check_held and not dynamic:
-        _refuse_held_custom(scheduler, name, num_inference_steps)
+    sig, ts = _probe(scheduler, num_inference_steps, **_dynamic_kwargs(cfg, mu, name))
+    if check_held:
+        _refuse_held_custom(scheduler, name, num_inference_steps, mu)
     n = len(ts)
     levels = sig[: n + 1].to(torch.float64)
     _refuse_unusable_sigmas(name, "use_flow_sigmas", cfg, num_inference_steps, levels, top=1.0)
@@ -550,7 +593,7 @@ def _refuse_unusable_sigmas(name: str, option: str, cfg: Mapping[str, Any], num_
     zero_length = float(levels[-1]) == float(levels[-2]) > 0
     raise InvalidArgumentError(
         f"{name}({option}=True, final_sigmas_type={cfg.get('final_sigmas_type', 'zero')!r})"
-        f".set_timesteps({num_inference_steps}) gives sigmas {[round(v, 6) for v in levels.tolist()]}, which do not "
+        f".set_timesteps({num_inference_steps}) gives sigmas {_short(levels)}, which do not "
         f"decrease strictly from {'a value in (0, ' + format(top, 'g') + ']' if top is not None else 'a positive value'}"
         + (": the last step goes from sigma_min to sigma_min, a step of log-SNR length h = 0. diffusers takes it as "
            "a no-op (UniPC: its corrector alone); the multistep coefficients here divide by h, so it is not "
@@ -559,14 +602,15 @@ def _refuse_unusable_sigmas(name: str, option: str, cfg: Mapping[str, Any], num_
     )
 
 
-def _multistep_grid(scheduler, cfg, num_inference_steps: int, check_held: bool, name: str, make):
+def _multistep_grid(scheduler, cfg, num_inference_steps: int, check_held: bool, name: str, make,
+                    mu: Optional[float] = None):
     """(transition, grid) of a DPM-Solver-style multistep scheduler (``DPMSolverMultistepScheduler``,
     ``UniPCMultistepScheduler``): its ``set_timesteps`` (on a copy) places the steps, ``make(schedule)`` builds
     the transition on the schedule of those levels."""
     final = cfg.get("final_sigmas_type", "zero")
     sigma_option = next((o for o in _DPM_SIGMAS if cfg.get(o, False)), None)
     if sigma_option is not None:
-        return _dpm_on_sigmas(scheduler, cfg, num_inference_steps, check_held, sigma_option, make, name)
+        return _dpm_on_sigmas(scheduler, cfg, num_inference_steps, check_held, sigma_option, make, name, mu)
     # alphas_cumprod as the scheduler holds it: every beta_schedule and trained_betas, and with
     # rescale_betas_zero_snr diffusers' alphas_cumprod[-1] = 2**-24 (not 0, so sigma stays finite).
     # That can sit above the entries just before it (linear betas: timesteps 996..998 are below 2**-24),
@@ -585,13 +629,13 @@ def _multistep_grid(scheduler, cfg, num_inference_steps: int, check_held: bool, 
         clipped = int(torch.searchsorted(torch.flip(scheduler.lambda_t, [0]), cfg.get("lambda_min_clipped", -float("inf"))))
         _trailing_off_by_one(name, schedule.num_train_timesteps, num_inference_steps,
                              last=schedule.num_train_timesteps - clipped)
-    timesteps = _probe(scheduler, num_inference_steps)[1]
+    timesteps = _probe(scheduler, num_inference_steps, **_dynamic_kwargs(cfg, mu, name))[1]
     held = getattr(scheduler, "timesteps", None)
     if check_held and getattr(scheduler, "num_inference_steps", None) and isinstance(held, torch.Tensor):
         # set_timesteps(timesteps=[...]) leaves no flag: held timesteps that no set_timesteps(n) gives are custom
         held = held.detach().cpu()
         try:
-            plain = torch.equal(held, _probe(scheduler, len(held))[1].to(held.dtype))
+            plain = torch.equal(held, _probe(scheduler, len(held), **_dynamic_kwargs(cfg, mu, name))[1].to(held.dtype))
         except Exception:  # noqa: BLE001 - a count its own set_timesteps refuses: not a plain call either
             plain = False
         if not plain:
@@ -613,8 +657,9 @@ def _multistep_grid(scheduler, cfg, num_inference_steps: int, check_held: bool, 
     if bool((t_from[1:] >= t_from[:-1]).any()):
         raise InvalidArgumentError(
             f"{name}.set_timesteps({num_inference_steps}) lists a timestep twice: more steps "
-            f"than timestep_spacing={cfg.get('timestep_spacing')!r} has distinct training timesteps "
-            f"(lambda_min_clipped={cfg.get('lambda_min_clipped')} may shorten the range). Use fewer inference steps."
+            f"than timestep_spacing={cfg.get('timestep_spacing')!r} has distinct training timesteps"
+            + (f" (lambda_min_clipped={cfg.get('lambda_min_clipped')} may shorten the range)" if "lambda_min_clipped" in cfg else "")
+            + ". Use fewer inference steps."
         )
     if final == "sigma_min" and float(t_from[-1]) <= 0.0:
         raise InvalidArgumentError(
@@ -674,24 +719,25 @@ def _unipc(scheduler, cfg, num_inference_steps: int, check_held: bool = True, mu
                                            lambda schedule, p: UniPCSkip(schedule, **{**options, "prediction": p}))
     else:
         transition, grid = _multistep_grid(scheduler, cfg, num_inference_steps, check_held, "UniPCMultistepScheduler",
-                                           lambda schedule: UniPCSkip(schedule, **options))
+                                           lambda schedule: UniPCSkip(schedule, **options), mu)
     transition.final_level = float(grid.t_to[-1])
     return transition, grid
 
 
-def _dpm_on_sigmas(scheduler, cfg, num_inference_steps: int, check_held: bool, option: str, make, name: str):
+def _dpm_on_sigmas(scheduler, cfg, num_inference_steps: int, check_held: bool, option: str, make, name: str,
+                   mu: Optional[float] = None):
     """DPMSolverMultistepScheduler with Karras / exponential / beta sigmas or Lu lambdas: its levels are the
     grid's own sigmas, between the training timesteps (the model is called with the nearest ones, its
     ``timesteps``). DPM-Solver++ reads alpha_t = 1 / sqrt(1 + sigma^2) and sigma_t = sigma alpha_t there, so
     the transition runs on a VPSchedule whose table is the grid's alpha-bar = 1 / (1 + sigma^2), level j the
     j-th sigma counted from the clean end (as for Euler); the state is the usual VP state (not scaled)."""
-    sig, ts = _probe(scheduler, num_inference_steps)
+    sig, ts = _probe(scheduler, num_inference_steps, **_dynamic_kwargs(cfg, mu, name))
     if check_held:
-        _refuse_held_custom(scheduler, name, num_inference_steps)
+        _refuse_held_custom(scheduler, name, num_inference_steps, mu)
     n = len(ts)
     levels = sig[: n + 1].to(torch.float64)  # sigmas[i] -> sigmas[i + 1]; the last: 0 or sigma_min
     _refuse_unusable_sigmas(name, option, cfg, num_inference_steps, levels)
-    table = torch.flip(1.0 / (1.0 + levels * levels), [0])  # alpha-bar, from the clean end (level 0) up
+    table = torch.flip(C.vp_abar_of_sigma(levels), [0])  # alpha-bar, from the clean end (level 0) up
     schedule = SigmaGridSchedule(table, ts)
     transition = make(schedule)
     steps = torch.arange(n, 0, -1, dtype=torch.float64)
@@ -876,13 +922,22 @@ def _euler(scheduler, cfg, num_inference_steps: int, check_held: bool = True, na
             f"timestep_spacing='leading' with steps_offset=1 (its last timestep is 1)."
         )
     if not bool((levels[:-1] > 0).all()) or not bool((levels[1:] < levels[:-1]).all()):
+        last_train = int(cfg.get("num_train_timesteps", 1000)) - 1
+        if n and float(ts.max()) > last_train:  # steps_offset past the table: diffusers clamps those sigmas
+            raise InvalidArgumentError(
+                f"{name}.set_timesteps({num_inference_steps}) lists timestep {float(ts.max()):g}, past the last "
+                f"training timestep {last_train} (timestep_spacing={cfg.get('timestep_spacing', 'linspace')!r}, "
+                f"steps_offset={cfg.get('steps_offset', 0)}): diffusers clamps their sigmas to equal values and calls "
+                f"the model at times it was not trained for. Use fewer inference steps, steps_offset=0, or "
+                f"timestep_spacing='trailing'."
+            )
         raise InvalidArgumentError(
-            f"{name}.set_timesteps({num_inference_steps}) gives sigmas {levels.tolist()}, which do not decrease "
+            f"{name}.set_timesteps({num_inference_steps}) gives sigmas {_short(levels)}, which do not decrease "
             f"strictly from a positive value (more steps than distinct noise levels, or a zero-terminal-SNR table "
             f"whose last entries cross). Use fewer inference steps or another timestep_spacing."
         )
     # alpha-bar of each sigma, from the clean end (level 0 = the last sigma) to the noisiest (level n)
-    table = torch.flip(1.0 / (1.0 + levels * levels), [0])
+    table = torch.flip(C.vp_abar_of_sigma(levels), [0])
     schedule = SigmaGridSchedule(table, ts)
     transition = (EulerAncestralAsDDIM if ancestral else EulerDiscreteAsDDIM)(schedule, prediction=predictions[prediction])
     steps = torch.arange(n, 0, -1, dtype=torch.float64)

@@ -73,7 +73,8 @@ def sigmas_grid(sigmas: torch.Tensor, dtype: torch.dtype = torch.float32) -> Tim
             f"sigmas must strictly decrease (noisy to clean), but sigmas[{i}] = {levels[i]:g} and "
             f"sigmas[{i + 1}] = {levels[i + 1]:g}; k-diffusion's get_sigmas_* return them in sampling order."
         )
-    return TimeGrid(levels[:-1].clone(), levels[1:].clone(), sig[:-1].to(dtype).clone())
+    # kind "ve": a VP / flow transition handed these sigmas is refused (they are not its levels)
+    return TimeGrid(levels[:-1].clone(), levels[1:].clone(), sig[:-1].to(dtype).clone(), kind=VESchedule.kind)
 
 
 @torch.no_grad()
