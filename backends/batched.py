@@ -1,9 +1,12 @@
 """One device, one call: the K drafts of a round as a single batched model call."""
 from __future__ import annotations
 
+import contextlib
+import dis
 import re
+import threading
 import types
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -65,10 +68,11 @@ def per_sample(f: Callable[..., torch.Tensor]) -> Predictor:
 
 
 def _modules_in(obj: Any, depth: int = 0, seen: Optional[set] = None) -> Iterator[torch.nn.Module]:
-    """The ``nn.Module`` s a predictor reaches: itself, or through a bound method's ``__self__``, a wrapper's
+    """The ``nn.Module`` s a predictor may reach: itself, or through a bound method's ``__self__``, a wrapper's
     ``__wrapped__`` / ``.model``, a ``functools.partial``'s function and arguments, a function's closure
-    cells, default arguments and the globals it names, and a callable object's attributes (at most 3 steps
-    deep, small containers looked into)."""
+    cells, default arguments and the globals it loads, and a callable object's attributes (at most 3 steps
+    deep, small containers looked into). Candidates only: :func:`_no_batch_statistics` refuses a module
+    when it actually runs."""
     seen = set() if seen is None else seen
     if id(obj) in seen or depth > 3:
         return
@@ -81,18 +85,40 @@ def _modules_in(obj: Any, depth: int = 0, seen: Optional[set] = None) -> Iterato
     elif isinstance(obj, dict):
         items = list(obj.values())[:32]
     elif callable(obj) and not isinstance(obj, type):
-        items = [getattr(obj, name, None) for name in ("__self__", "__wrapped__", "model", "func", "args", "keywords")]
-        items += [c.cell_contents for c in (getattr(obj, "__closure__", None) or ()) if _has_contents(c)]
-        items += list(getattr(obj, "__defaults__", None) or ()) + list((getattr(obj, "__kwdefaults__", None) or {}).values())
-        if isinstance(obj, types.FunctionType):  # the globals it names: `lambda x, t: net(x)` in a script
-            items += [obj.__globals__.get(n) for n in obj.__code__.co_names[:32]]
-        elif isinstance(getattr(obj, "__dict__", None), dict):
-            items += list(vars(obj).values())[:32]
+        items = [_attr(obj, name) for name in ("__self__", "__wrapped__", "model", "func", "args", "keywords")]
+        if isinstance(obj, types.FunctionType):  # closure cells, defaults, the globals it loads (`lambda x, t: net(x)`)
+            items += [c.cell_contents for c in (obj.__closure__ or ()) if _has_contents(c)]
+            items += list(obj.__defaults__ or ()) + list((obj.__kwdefaults__ or {}).values())
+            items += [obj.__globals__.get(n) for n in _loaded_globals(obj.__code__)]
+        else:
+            held = _attr(obj, "__dict__")
+            items += list(held.values())[:32] if isinstance(held, dict) else []
     else:
         return
     for item in items:
         if item is not None:
             yield from _modules_in(item, depth + 1, seen)
+
+
+def _loaded_globals(code: types.CodeType) -> List[str]:
+    """The global names ``code`` (and the functions defined in it) loads: not attribute names, which
+    ``co_names`` also holds (``holder.model`` must not reach a global ``model``)."""
+    names: List[str] = []
+    for ins in dis.get_instructions(code):
+        if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME") and isinstance(ins.argval, str):
+            names.append(ins.argval)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names += _loaded_globals(const)
+    return names[:32]
+
+
+def _attr(obj: Any, name: str) -> Any:
+    """``getattr(obj, name, None)``, also None where a custom ``__getattr__`` raises something else."""
+    try:
+        return getattr(obj, name, None)
+    except Exception:  # noqa: BLE001 - a proxy's __getattr__ (KeyError, RuntimeError ...): nothing to find there
+        return None
 
 
 def _has_contents(cell: Any) -> bool:
@@ -103,18 +129,50 @@ def _has_contents(cell: Any) -> bool:
     return True
 
 
-def _refuse_training_batchnorm(predictor: Any) -> None:
-    """Refuse a predictor reaching a module (:func:`_modules_in`: the module itself, a lambda or wrapper around
-    it) with a BatchNorm layer in training mode: its batch statistics would mix a round's drafts, so one
-    batched call would not give the serial executor's result."""
+def _batch_statistics_layers(predictor: Any) -> List[Tuple[str, torch.nn.Module]]:
+    """The BatchNorm layers a predictor may run that normalise with the batch's own statistics (training
+    mode, or ``track_running_stats=False``), named by their path in the module found."""
+    found, seen = [], set()
     for module in _modules_in(predictor):
+        owner = type(module).__name__
         for name, m in module.named_modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training:
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and id(m) not in seen and (
+                m.training or m.running_mean is None
+            ):
+                seen.add(id(m))
+                found.append((f"{owner}.{name}" if name else owner, m))
+    return found
+
+
+@contextlib.contextmanager
+def _no_batch_statistics(predictor: Any):
+    """Refuse, when it runs in this thread during the batched call, a BatchNorm layer the predictor reaches
+    that normalises with batch statistics: they would mix the round's drafts, so one batched call would not
+    give the serial executor's result. A layer that does not run (an unused module beside the model) is
+    not refused."""
+    layers = _batch_statistics_layers(predictor)
+    if not layers:
+        yield
+        return
+    me = threading.get_ident()
+
+    def refuse(path: str, layer: torch.nn.Module):
+        def hook(module, args):
+            if threading.get_ident() == me:
+                why = "is in training mode" if layer.training else "has track_running_stats=False"
                 raise InvalidArgumentError(
-                    f"BatchedExecutor: the model's BatchNorm layer {name or type(m).__name__!r} is in training mode, "
-                    f"so its batch statistics would mix the drafts of a round and the result would differ from "
-                    f"SerialExecutor's; call model.eval() before sampling."
+                    f"BatchedExecutor: the model's BatchNorm layer {path!r} {why}, so it normalises with the "
+                    f"statistics of the whole batch, which would mix the drafts of a round and the result would "
+                    f"differ from SerialExecutor's; call model.eval() before sampling (with running statistics)."
                 )
+        return hook
+
+    handles = [layer.register_forward_pre_hook(refuse(path, layer)) for path, layer in layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 class BatchedExecutor(Executor):
@@ -178,8 +236,10 @@ class BatchedExecutor(Executor):
         conditioning's tensors repeated K times along the batch (or chunks of ``max_batch`` rows), or as
         ``torch.func.vmap`` of the predictor over the draft axis."""
         check_round_args(type(self).__name__, xs, ts, cond)
-        if xs.shape[0] > 1:  # one draft: nothing to mix
-            _refuse_training_batchnorm(predictor)
+        with _no_batch_statistics(predictor) if xs.shape[0] > 1 else contextlib.nullcontext():  # one draft: nothing to mix
+            return self._evaluate(predictor, xs, ts, cond)
+
+    def _evaluate(self, predictor: Predictor, xs: torch.Tensor, ts: torch.Tensor, cond: Optional[Mapping[str, Any]]):
         cond = dict(cond or {})
         k, b = xs.shape[0], xs.shape[1]
         if self.vmap:  # each draft sees the whole batch and the whole conditioning

@@ -363,7 +363,12 @@ def _held_tensors(v: Any, depth: int = 0, seen: Optional[set] = None) -> List[to
     if isinstance(v, torch.Tensor):
         return [v] if depth else []  # a tensor of the conditioning itself is summed as it is (iter_tensors)
     if isinstance(v, np.ndarray):
-        return [torch.as_tensor(np.array(v))] if v.dtype.kind in "biufc" else []
+        if v.dtype.kind not in "biufc":
+            return []
+        try:  # native byte order, a dtype torch has (big-endian arrays, longdouble): float64 / complex128 values
+            return [torch.as_tensor(np.asarray(v, dtype=np.complex128 if v.dtype.kind == "c" else np.float64))]
+        except Exception:  # noqa: BLE001 - then the repr alone signs it, as for any other value
+            return []
     seen = set() if seen is None else seen
     if isinstance(v, Mapping):
         return [t for k in sorted(v, key=str) for t in _held_tensors(v[k], depth, seen)]

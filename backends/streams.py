@@ -235,6 +235,14 @@ class StreamExecutor(Executor):
                         ) from e
                 launched.append((dev, s, out))
                 start += size
+            kinds = {(tuple(o.shape[1:]), o.dtype) for _, _, o in launched}
+            if len(kinds) > 1:  # torch.cat would promote unlike dtypes silently, or fail on shapes with its own message
+                listing = "; ".join(f"stream {i} ({dev}): {tuple(o.shape[1:])} {o.dtype}" for i, (dev, _, o) in enumerate(launched))
+                raise PredictorOutputError(
+                    f"StreamExecutor: the replicas returned predictions of different shapes or dtypes ({listing}); "
+                    f"each must return one prediction shaped like its input x, in x's dtype (a replica left in "
+                    f"another precision, e.g. model.half() on one device only?)."
+                )
         except BaseException:
             if anchor_stream is not None:  # the caller's next work on the inputs' stream waits for what was queued
                 for s in busy:

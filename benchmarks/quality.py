@@ -101,7 +101,7 @@ def run_case(
     rows: List[dict] = []
     checks: List[dict] = []
     samples: Dict[str, torch.Tensor] = {}
-    scores: Dict[int, Dict[str, float]] = {}
+    scores: Dict[int, Tuple[torch.Tensor, Dict[str, float]]] = {}
 
     def timed(fn) -> Tuple[SampleOutput, float]:
         t0 = time.perf_counter()
@@ -116,9 +116,9 @@ def run_case(
             out, seconds = run
             row.update(rounds=out.rounds, evals=out.evals, rmse=rmse(out.x, serial.x), seconds=seconds)
             key = id(out.x)  # a run matched with several DRiffusion rows is scored once
-            if key not in scores:
-                scores[key] = case.score(out.x)
-            row.update(scores[key])
+            if key not in scores:  # the sample is kept with its score: a freed one's id could be reused
+                scores[key] = (out.x, case.score(out.x))
+            row.update(scores[key][1])
         rows.append(row)
         return row
 

@@ -244,8 +244,9 @@ QUALITY_INTRO = """Every row starts from the same noise x_T and (for DDPM) the s
 rounds = sequential rounds of model calls (the latency on n devices); calls = model calls in total;
 RMSE to serial = root-mean-square distance to the serial sampler's output from the same noise (0 means
 identical); the distances to the data are measured against true data (lower is better; the
-*data floor* row scores an independent set of true data of the same size: differences smaller than
-the gap between the serial row and the floor are sampling noise);
+*data floor* row scores one independent set of true data of the same size, itself a noisy draw: it
+shows the scale of the values, not a bound; rows share x_T, so differences between rows are paired and
+far less noisy than the values themselves);
 DRiffusion ÷ baseline = the matched DRiffusion row's RMSE divided by the baseline row's (below 1:
 DRiffusion is closer to the serial output at the same rounds and width). Picard at equal rounds is the
 best run of a tolerance sweep (τ) that finishes within the DRiffusion row's rounds, window n; the

@@ -196,13 +196,14 @@ def stack_calls(call: Callable[[int], Any], k: int) -> Any:
 def version_stamp(t: torch.Tensor) -> Any:
     """What shows an in-place write into ``t`` after a model call: torch's version counter, or for an inference
     tensor (``torch.inference_mode``: it has none) a fingerprint of its values (float64 sum, sum of squares
-    and position-weighted sum, on its device); None where neither can be read (a non-strided tensor)."""
+    and position-weighted sum, on its device; MPS: on the CPU); None where neither can be read (a non-strided
+    tensor)."""
     if not t.is_inference():
         return t._version
     if t.layout != torch.strided or t.device.type == "meta":
         return None
     w = torch.view_as_real(t.detach()) if t.is_complex() else t.detach()
-    w = w.reshape(-1).to(torch.float64)
+    w = w.reshape(-1).to("cpu" if w.device.type == "mps" else w.device, torch.float64)  # MPS has no float64
     positions = torch.arange(1, w.numel() + 1, dtype=torch.float64, device=w.device)
     return torch.stack([w.sum(), (w * w).sum(), (w * positions).sum()])
 

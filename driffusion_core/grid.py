@@ -49,6 +49,10 @@ class TimeGrid:
             if not isinstance(v, torch.Tensor) or v.dim() != 1:
                 raise InvalidTimestepsError(f"TimeGrid.{name} must be a 1-D tensor, got {v!r}.")
             refuse_bool_or_complex(v, f"TimeGrid.{name}")
+        for name in ("t_from", "t_to", "model_times"):  # a grid lives on the CPU (levels on a GPU come here)
+            v = getattr(self, name)
+            if v.device.type != "cpu" or v.requires_grad:
+                object.__setattr__(self, name, v.detach().to("cpu"))
         for name in ("t_from", "t_to"):  # levels are float64 (integer tensors: no unsigned wrap-around below)
             v = getattr(self, name)
             if v.dtype != torch.float64:
@@ -115,7 +119,8 @@ class TimeGrid:
         """
         refuse_bool_or_complex(levels, "TimeGrid.from_levels: levels")
         try:
-            t_from = torch.as_tensor(levels, dtype=torch.float64).flatten().clone()
+            t_from = torch.as_tensor(levels.detach() if isinstance(levels, torch.Tensor) else levels,
+                                     dtype=torch.float64, device="cpu").flatten().clone()
             t_end = torch.tensor([float(final)], dtype=torch.float64)
         except Exception as e:  # strings, ragged lists, a final that is not a number ...
             raise InvalidTimestepsError(
@@ -129,7 +134,8 @@ class TimeGrid:
             return cls(t_from, t_to, t_from.clone(), model_times_from_schedule=True)
         refuse_bool_or_complex(model_times, "TimeGrid.from_levels: model_times")
         try:
-            mt = torch.as_tensor(model_times).flatten().clone()
+            mt = torch.as_tensor(model_times.detach() if isinstance(model_times, torch.Tensor) else model_times,
+                                 device="cpu").flatten().clone()
         except Exception as e:
             raise InvalidTimestepsError(
                 f"TimeGrid.from_levels: model_times must be a 1-D sequence of numbers (one model time per level), "

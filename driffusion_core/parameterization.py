@@ -66,9 +66,13 @@ class Prediction(str, enum.Enum):
 
 
 def broadcast_coef(c, x: torch.Tensor):
-    """A float64 coefficient (scalar or one per row) cast to x's dtype/device, shaped to broadcast over x."""
+    """A float64 coefficient (scalar or one per row) cast to x's dtype/device, shaped to broadcast over x.
+    A scalar for a CUDA state stays a CPU scalar tensor (in x's dtype): CUDA kernels take it as an argument,
+    without a blocking host-to-device copy per coefficient."""
     if not isinstance(c, torch.Tensor):
         return c
+    if c.dim() == 0 and c.device.type == "cpu" and x.device.type == "cuda":
+        return c.to(dtype=x.dtype)
     c = c.to(device=x.device, dtype=x.dtype)
     if c.dim() == 0:
         return c

@@ -303,9 +303,13 @@ def check_predictions(
                 f"{tuple(want.shape[lead:])}; it must return one prediction per input, shaped like x."
             )
         if p.device != want.device or p.dtype != want.dtype:
+            lower = p.device == want.device and p.is_floating_point() and p.dtype in (torch.float16, torch.bfloat16)
+            autocast = (" A model run under torch.autocast returns its lower-precision dtype: wrap it as "
+                        "lambda x, t, **c: model(x, t, **c).to(x.dtype)." if lower else "")
             raise DeviceMismatchError(
                 f"The predictor returned {p.dtype} on {p.device} at {where(k)}, but the state is "
                 f"{want.dtype} on {want.device}; cast the model output (or run the sampler in the model's dtype)."
+                + autocast
             )
 
     if isinstance(preds, (list, tuple)) and len(preds) == xs.shape[0]:

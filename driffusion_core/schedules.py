@@ -105,7 +105,9 @@ class Schedule:
         else:
             refuse_bool_or_complex(levels, "Timesteps")
             try:
-                given = torch.as_tensor(levels, dtype=torch.float64)
+                # levels on a GPU (diffusers' set_timesteps(..., device="cuda")) come to the CPU, where grids live
+                given = torch.as_tensor(levels.detach() if isinstance(levels, torch.Tensor) else levels,
+                                        dtype=torch.float64, device="cpu")
             except Exception as e:  # a generator, strings, ragged lists, ...
                 raise InvalidTimestepsError(
                     f"Timesteps must be a 1-D sequence of numbers (a list, tuple, numpy array or tensor of "

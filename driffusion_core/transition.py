@@ -22,6 +22,7 @@ the chain).
 from __future__ import annotations
 
 import abc
+import contextlib
 import math
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
@@ -391,7 +392,8 @@ class SkipTransition(abc.ABC):
         n = noises.shape[0]
         u = self._memo(("coupling", *_levels_key(t_from, t_to)), lambda: self._coupling(t_from, t_to))
         (flat,) = upcast(noises.reshape(n, -1))  # float16 / bfloat16: in float32, cast once
-        out = (u.to(device=flat.device, dtype=flat.dtype) @ flat).reshape(noises.shape).to(noises.dtype)
+        with full_precision(flat.device):
+            out = (u.to(device=flat.device, dtype=flat.dtype) @ flat).reshape(noises.shape).to(noises.dtype)
         out[0] = noises[0]
         return out
 
@@ -490,7 +492,8 @@ class SkipTransition(abc.ABC):
             rest = per_draft(At) * x0_hat + per_draft(Bt) * first
             if noises is not None:
                 (flat,) = upcast(noises[1:].reshape(n - 1, -1))
-                rest = rest + (W.to(device=flat.device, dtype=flat.dtype) @ flat).reshape(rest.shape)
+                with full_precision(flat.device):
+                    rest = rest + (W.to(device=flat.device, dtype=flat.dtype) @ flat).reshape(rest.shape)
             out[1:] = rest
         return out
 
@@ -537,6 +540,15 @@ class SkipTransition(abc.ABC):
 def repeat_rows(v: torch.Tensor, n: int) -> torch.Tensor:
     """``Tensor[B, ...]`` -> ``Tensor[n * B, ...]``: n copies of the batch, one per draft (as per-row levels)."""
     return v.unsqueeze(0).expand(n, *v.shape).reshape(n * v.shape[0], *v.shape[1:])
+
+
+def full_precision(device: torch.device):
+    """A context in which the library's own matmuls keep the state's dtype: a caller's ``torch.autocast``
+    (common around a diffusers model) would run them in float16 / bfloat16 (float64 coefficients)."""
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except Exception:  # noqa: BLE001 - a device type autocast does not know: nothing to switch off
+        return contextlib.nullcontext()
 
 
 def _levels_key(t_from: torch.Tensor, t_to: torch.Tensor) -> tuple:

@@ -316,7 +316,7 @@ class PicardState:
             hist = self.transition.remember(hist, y, self.preds[k], self.grid.t_from[k])  # of the same iterate
             y = y_next
             old = self.xs[k + 1]
-            d = (y - old).to(torch.float64).reshape(y.shape[0], -1)
+            d = (y - old).to("cpu" if y.device.type == "mps" else y.device, torch.float64).reshape(y.shape[0], -1)
             changes.append(d.pow(2).mean(dim=1).max())
             self.xs[k + 1] = y
         change = torch.stack(changes).cpu()

@@ -231,11 +231,15 @@ def _check_picard_rows(table, case, cfg, x, serial):
                 assert (r["rounds"], r["evals"]) == (o.rounds, o.evals)
                 assert r["rmse"] == pytest.approx(errs[best], rel=1e-12, abs=1e-15)
                 assert r["ratio"] == pytest.approx(d["rmse"] / errs[best])
+                for metric, value in case.score(o.x).items():  # its own distances to the data, not another run's
+                    assert r[metric] == pytest.approx(value, rel=1e-9), (init, d["label"], metric)
             conv = [r for r in rows if r["method"] == f"Picard ({init}) converged" and r["width"] == width]
             o = _direct_picard(case, x, width, init, cfg.picard_tolerance, cfg.seed_noise)
             assert len(conv) == 1 and conv[0]["matched"] == row_label("aggressive", width)
             assert conv[0]["tolerance"] == f"{cfg.picard_tolerance:g}" and conv[0]["rounds"] == o.rounds
             assert conv[0]["rmse"] == pytest.approx(rmse(o.x, serial), rel=1e-12, abs=1e-15)
+            for metric, value in case.score(o.x).items():  # scores were cached by id(): a freed run's id is reused
+                assert conv[0][metric] == pytest.approx(value, rel=1e-9), (init, width, metric)
     picard = {(r["method"], r["width"]) for r in rows if r["method"].startswith("Picard")}
     assert picard == {(f"Picard ({i}){c}", w) for i in PICARD_INITS for c in ("", " converged") for w in widths}
     return seen

@@ -340,7 +340,8 @@ def test_bad_arguments_are_named_in_one_process():
     """In a one-process gloo group: a group or control_group that is not a process group, a backend name
     torch does not know, a timeout given as a numpy int (accepted), and an executor used after the process
     group was destroyed, each get an error naming what is wrong (not torch's own deep errors); a timeout
-    above the process group's own is warned about."""
+    above the process group's own is warned about; numpy arrays of any byte order and dtype in the
+    conditioning are taken."""
     import warnings
 
     import torch.distributed as dist
@@ -365,6 +366,11 @@ def test_bad_arguments_are_named_in_one_process():
         # the group's own timeout (30 s) ends every exchange first: said when the executor is made
         with pytest.warns(UserWarning, match=r"process group's own timeout is 30s .* timeout <= 30s"):
             DistributedExecutor(timeout=45)
+        # numpy arrays in the conditioning join its checksums as float64 values, whatever their byte order or
+        # dtype (a big-endian array and longdouble could not become tensors as they are)
+        odd = {"big_endian": np.arange(3, dtype=">f4"), "long": np.ones(2, dtype=np.longdouble), "tag": np.array(["a"])}
+        got = ex.evaluate(lambda x, t, **c: 0.5 * x, torch.ones(2, 3, 2), torch.zeros(2, 3), odd)
+        assert torch.equal(got, torch.full((2, 3, 2), 0.5))
     finally:
         dist.destroy_process_group()
     xs, ts = torch.zeros(1, 2, 3), torch.zeros(1, 2)

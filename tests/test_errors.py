@@ -1177,13 +1177,15 @@ def test_ve_schedule_sigma_max_must_be_a_positive_number(sigma_max):
 
 
 _BN_MODEL = None
+model_in_training = None
 
 
 def test_batched_executor_refuses_a_model_with_batchnorm_in_training_mode():
     """BatchNorm in training mode normalises over the whole batch: one batched call of a round's drafts would
     differ from the serial executor's calls. Refused naming the layer, with the fix, also behind a lambda, a
-    closure, a default argument, a partial, a bound method or a callable holder; in eval mode it runs, as the
-    serial executor does."""
+    closure, a default argument, a partial, a bound method or a callable holder, when the layer runs (a
+    model in training mode that the predictor reaches but does not call is no reason); in eval mode it runs,
+    as the serial executor does."""
     from backends import BatchedExecutor
 
     class Model(torch.nn.Module):
@@ -1197,7 +1199,7 @@ def test_batched_executor_refuses_a_model_with_batchnorm_in_training_mode():
     model = Model()
     xs, ts = torch.randn(3, 4, 2, generator=torch.Generator().manual_seed(0)), torch.zeros(3, 4)
     for ex in (BatchedExecutor(), BatchedExecutor(vmap=True), BatchedExecutor(max_batch=2)):
-        with pytest.raises(InvalidArgumentError, match=r"BatchNorm layer 'norm' is in training mode.*model.eval\(\)"):
+        with pytest.raises(InvalidArgumentError, match=r"BatchNorm layer 'Model.norm' is in training mode.*model.eval\(\)"):
             ex.evaluate(model, xs, ts)
     # behind the wrappers a script writes: a lambda over a global or a closure, a default argument, a partial,
     # a bound method, a callable object holding the model
@@ -1219,9 +1221,44 @@ def test_batched_executor_refuses_a_model_with_batchnorm_in_training_mode():
     wrapped = [lambda x, t: _BN_MODEL(x, t), closure(model), lambda x, t, m=model: m(x, t),
                functools.partial(lambda x, t, m: m(x, t), m=model), model.forward, Holder(model)]
     for predictor in wrapped:
-        with pytest.raises(InvalidArgumentError, match=r"BatchNorm layer 'norm' is in training mode"):
+        with pytest.raises(InvalidArgumentError, match=r"BatchNorm layer 'Model.norm' is in training mode"):
             BatchedExecutor().evaluate(predictor, xs, ts)
     BatchedExecutor().evaluate(wrapped[0], xs[:1], ts[:1])  # one draft: nothing to mix, no refusal
+    # a layer that normalises with batch statistics but does not run is not refused: a global of that name
+    # beside an attribute access, a container whose other member is used
+    global model_in_training
+    model_in_training = model
+
+    class Holder2:
+        model_in_training = torch.nn.Identity()
+
+    holder = Holder2()
+    assert torch.equal(BatchedExecutor().evaluate(lambda x, t: holder.model_in_training(x), xs, ts), xs)
+
+    class Container(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.denoiser, self.classifier = torch.nn.Identity(), model
+
+        def eps(self, x, t):
+            return self.denoiser(x)
+
+    assert torch.equal(BatchedExecutor().evaluate(Container().eps, xs, ts), xs)
+
+    class Proxy:  # a callable whose __getattr__ raises KeyError (a registry / config proxy)
+        def __call__(self, x, t):
+            return x
+
+        def __getattr__(self, name):
+            raise KeyError(name)
+
+    assert torch.equal(BatchedExecutor().evaluate(Proxy(), xs, ts), xs)
+    # running statistics switched off: batch statistics in eval mode too
+    no_stats = Model()
+    no_stats.norm = torch.nn.BatchNorm1d(2, track_running_stats=False)
+    no_stats.eval()
+    with pytest.raises(InvalidArgumentError, match=r"'Model.norm' has track_running_stats=False"):
+        BatchedExecutor().evaluate(no_stats, xs, ts)
     model.eval()
     torch.testing.assert_close(BatchedExecutor().evaluate(model, xs, ts), SerialExecutor().evaluate(model, xs, ts))
     for predictor in wrapped:
@@ -1534,3 +1571,23 @@ def test_an_operator_step_from_a_clean_level_is_refused():
             op(x, x, 0.0, -1.0, torch.zeros_like(x) if op.stochastic else None)
         assert torch.equal(op(x, x, 0.0, 0.0, torch.zeros_like(x) if op.stochastic else None), x)
     assert torch.isfinite(DDIMSkip(vp)(x, x, 0.0, -1.0)).all()
+
+
+def test_autocast_outputs_are_named_and_the_drafts_keep_their_precision():
+    """Under torch.autocast (common around a diffusers model) a Linear returns bfloat16 for a float32 state:
+    refused, the message naming autocast and the cast; the library's own matmuls (coupled noise, the drafts'
+    noise) stay in the state's dtype, so a float32 model sampled inside autocast gives the sample outside."""
+    schedule = VPSchedule.linear()
+    grid = schedule.timesteps(8)
+    net = torch.nn.Linear(2, 2)
+    x = NoiseSource(0).initial((3, 2))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(DeviceMismatchError, match=r"torch.bfloat16 .* torch.autocast .*\.to\(x.dtype\)"):
+            sample_serial(lambda x, t: net(x), x, DDPMSkip(schedule), grid, noise=NoiseSource(1))
+    tr = DDPMSkip(schedule)
+    noises = NoiseSource(2).steps(0, 4, x.shape)
+    outside = tr.drafts(x, 0.1 * x, grid.t_from[:4], grid.t_to[:4], noises)
+    coupled = tr.coupled_noise(grid.t_from[:4], grid.t_to[:4], noises)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(tr.drafts(x, 0.1 * x, grid.t_from[:4], grid.t_to[:4], noises), outside)
+        assert torch.equal(tr.coupled_noise(grid.t_from[:4], grid.t_to[:4], noises), coupled)

@@ -168,8 +168,8 @@ def test_a_reused_output_buffer_gives_each_draft_its_own_prediction():
     are copied as they come, so the round equals the fresh outputs'."""
     bufs = {}
 
-    def static(x, t):
-        buf = bufs.setdefault(x.device, torch.empty_like(x))
+    def static(x, t):  # one buffer per stream (two streams on one GPU must not share one: their writes would race)
+        buf = bufs.setdefault(torch.cuda.current_stream(x.device).stream_id, torch.empty_like(x))
         return buf.copy_(_predictor(x, t))
 
     ex = StreamExecutor(devices=["cuda:0", "cuda:0"])
