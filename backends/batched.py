@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dis
+import functools
 import re
 import threading
 import types
@@ -100,9 +101,11 @@ def _modules_in(obj: Any, depth: int = 0, seen: Optional[set] = None) -> Iterato
             yield from _modules_in(item, depth + 1, seen)
 
 
-def _loaded_globals(code: types.CodeType) -> List[str]:
+@functools.lru_cache(maxsize=256)
+def _loaded_globals(code: types.CodeType) -> Tuple[str, ...]:
     """The global names ``code`` (and the functions defined in it) loads: not attribute names, which
-    ``co_names`` also holds (``holder.model`` must not reach a global ``model``)."""
+    ``co_names`` also holds (``holder.model`` must not reach a global ``model``). Remembered per code object
+    (a sampler passes the same predictor every round)."""
     names: List[str] = []
     for ins in dis.get_instructions(code):
         if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME") and isinstance(ins.argval, str):
@@ -110,7 +113,7 @@ def _loaded_globals(code: types.CodeType) -> List[str]:
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
             names += _loaded_globals(const)
-    return names[:32]
+    return tuple(names[:32])
 
 
 def _attr(obj: Any, name: str) -> Any:

@@ -253,6 +253,18 @@ best run of a tolerance sweep (τ) that finishes within the DRiffusion row's rou
 converged rows run to a fixed tolerance (τ = 1e-3 by default, shown in the row), whatever rounds that takes."""
 
 
+def section_dates_text(results: dict) -> str:
+    """'' when every section comes from one run, else which sections ran when (newest first), e.g.
+    ``"oracle: 2026-12-03 20:18 UTC; digits, latency: 2026-12-03 12:19 UTC"`` (after a ``--only`` run)."""
+    dates = results.get("section_dates", {})
+    if len(set(dates.values())) < 2:
+        return ""
+    by_date: Dict[str, List[str]] = {}
+    for sec, date in dates.items():
+        by_date.setdefault(date, []).append(sec)
+    return "; ".join(f"{', '.join(secs)}: {date}" for date, secs in sorted(by_date.items(), reverse=True))
+
+
 def render_report(results: dict, plots: Dict[str, str]) -> str:
     """The whole Markdown report."""
     cfg, env = results["config"], results["environment"]
@@ -262,6 +274,10 @@ def render_report(results: dict, plots: Dict[str, str]) -> str:
                f"{env['machine']} ({env.get('cpus')} CPUs visible, 1-minute load average {env.get('load_start')} at the "
                f"start and {env.get('load_end')} at the end: other processes make wall-clock numbers noisy). "
                f"Seeds: x_T {cfg['seed_x']}, per-step noise {cfg['seed_noise']}, data {cfg['seed_data']}.")
+    dates = section_dates_text(results)
+    if dates:
+        out += ["", "Sections by the run that made them (`--only` reruns some sections and keeps the others; the "
+                    f"time above is the sum of the sections' own times): {dates}."]
     out.append("")
     rows = summary_rows(results)
     if rows:

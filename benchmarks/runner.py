@@ -29,7 +29,7 @@ from benchmarks.memory import memory_runs, run_memory
 from benchmarks.overhead import overhead_runs, run_overhead
 from benchmarks.quality import row_label, run_case, runs_per_case
 from driffusion_core import WideWindowWarning
-from benchmarks.report import render_report, render_summary, summary_rows, SUMMARY_HEADER, md_table
+from benchmarks.report import render_report, render_summary, section_dates_text, summary_rows, SUMMARY_HEADER, md_table
 
 __all__ = ["run", "RESULTS_DIR", "README"]
 
@@ -149,8 +149,10 @@ def update_readme(results: dict, readme: Path = README) -> bool:
     if start not in text or end not in text:
         return False
     rows = summary_rows(results)
+    dates = section_dates_text(results)
     block = (f"{start}\n_{results['environment']['date']}, {results['config']['name']} run, "
-             f"{results.get('total_seconds', 0):.0f} s on {results['environment']['threads']} CPU threads._\n\n"
+             f"{results.get('total_seconds', 0):.0f} s on {results['environment']['threads']} CPU threads"
+             f"{' (sections by run: ' + dates + ')' if dates else ''}._\n\n"
              f"{md_table(SUMMARY_HEADER, rows)}\n{end}")
     new = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
     readme.write_text(new)
@@ -204,7 +206,13 @@ def run(
         except json.JSONDecodeError:
             pass
     results["config"] = _jsonable(cfg.as_dict())
+    kept_date = results.get("environment", {}).get("date")
     results["environment"] = _environment(cfg)
+    # when each section ran: a --only run updates its own sections and keeps the others' (and their dates)
+    section_dates: Dict[str, str] = dict(results.get("section_dates", {}))
+    for sec in SECTIONS:
+        if sec in results and sec not in section_dates and kept_date:
+            section_dates[sec] = kept_date
     plot_files: Dict[str, str] = dict(results.get("plots", {}))
     section_seconds: Dict[str, float] = dict(results.get("section_seconds", {}))
     section_cpu: Dict[str, float] = dict(results.get("section_cpu_seconds", {}))
@@ -242,6 +250,7 @@ def run(
             results[sec] = study
         section_seconds[sec] = time.perf_counter() - s0
         section_cpu[sec] = time.process_time() - c0
+        section_dates[sec] = results["environment"]["date"]
 
     quality = [t for s in ("oracle", "digits", "timeseries") for t in results.get(s, {}).get("tables", [])]
     if quality:
@@ -255,6 +264,7 @@ def run(
     results["environment"]["load_end"] = _load()
     results["section_seconds"] = section_seconds
     results["section_cpu_seconds"] = section_cpu
+    results["section_dates"] = section_dates
     results["total_seconds"] = sum(section_seconds.values()) if section_seconds else time.perf_counter() - t0
     results["plots"] = plot_files
     results = _jsonable(results)

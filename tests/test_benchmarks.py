@@ -94,6 +94,18 @@ def test_studies_wired_in(tmp_path, monkeypatch):
     assert "## Picard study" in report and "picard_error_vs_rounds.png" in report
     assert "## Distributed executor (2 gloo processes)" in report and "| speedup | 1.5 |" in report
     assert "## Grid study" in report and "GRID TABLE 4" in report
+    assert set(results["section_dates"]) == {"grids", "picard", "distributed"} and "Sections by the run" not in report
+    # a later --only run of one section keeps the others with the date of the run that made them, and says so
+    import benchmarks.runner as runner_mod
+
+    made = runner_mod._environment
+    monkeypatch.setattr(runner_mod, "_environment", lambda cfg: {**made(cfg), "date": "2099-01-01 00:00 UTC"})
+    again = run(TINY.with_(name="quick"), ["grids"], tmp_path, progress=False, echo=lambda _: None)
+    first = results["section_dates"]["picard"]
+    assert again["section_dates"] == {"grids": "2099-01-01 00:00 UTC", "picard": first, "distributed": first}
+    assert (f"Sections by the run that made them (`--only` reruns some sections and keeps the others; the time above "
+            f"is the sum of the sections' own times): grids: 2099-01-01 00:00 UTC; picard, distributed: {first}."
+            in (tmp_path / "report.md").read_text())
 
 
 def test_rounds_calls_and_width_one(bench):
