@@ -113,7 +113,7 @@ def _loaded_globals(code: types.CodeType) -> Tuple[str, ...]:
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
             names += _loaded_globals(const)
-    return tuple(names[:32])
+    return tuple(dict.fromkeys(names))[:32]  # each name once: `torch` loaded often must not crowd out `net`
 
 
 def _attr(obj: Any, name: str) -> Any:
@@ -132,15 +132,16 @@ def _has_contents(cell: Any) -> bool:
     return True
 
 
-def _batch_statistics_layers(predictor: Any) -> List[Tuple[str, torch.nn.Module]]:
+def _batch_statistics_layers(predictor: Any, running_only: bool = False) -> List[Tuple[str, torch.nn.Module]]:
     """The BatchNorm layers a predictor may run that normalise with the batch's own statistics (training
-    mode, or ``track_running_stats=False``), named by their path in the module found."""
+    mode, or ``track_running_stats=False``; ``running_only``: training mode with running statistics only),
+    named by their path in the module found."""
     found, seen = [], set()
     for module in _modules_in(predictor):
         owner = type(module).__name__
         for name, m in module.named_modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and id(m) not in seen and (
-                m.training or m.running_mean is None
+                (m.training and m.running_mean is not None) if running_only else (m.training or m.running_mean is None)
             ):
                 seen.add(id(m))
                 found.append((f"{owner}.{name}" if name else owner, m))
@@ -148,12 +149,12 @@ def _batch_statistics_layers(predictor: Any) -> List[Tuple[str, torch.nn.Module]
 
 
 @contextlib.contextmanager
-def _no_batch_statistics(predictor: Any):
+def _no_batch_statistics(predictor: Any, running_only: bool = False):
     """Refuse, when it runs in this thread during the batched call, a BatchNorm layer the predictor reaches
     that normalises with batch statistics: they would mix the round's drafts, so one batched call would not
     give the serial executor's result. A layer that does not run (an unused module beside the model) is
     not refused."""
-    layers = _batch_statistics_layers(predictor)
+    layers = _batch_statistics_layers(predictor, running_only)
     if not layers:
         yield
         return
@@ -239,7 +240,10 @@ class BatchedExecutor(Executor):
         conditioning's tensors repeated K times along the batch (or chunks of ``max_batch`` rows), or as
         ``torch.func.vmap`` of the predictor over the draft axis."""
         check_round_args(type(self).__name__, xs, ts, cond)
-        with _no_batch_statistics(predictor) if xs.shape[0] > 1 else contextlib.nullcontext():  # one draft: nothing to mix
+        # a call that sees one draft's rows only (one draft, chunks of exactly B rows) mixes nothing; under vmap
+        # each draft is normalised over its own rows, but a training-mode layer's running statistics cannot update
+        one_draft = xs.shape[0] == 1 or self.max_batch == xs.shape[1]
+        with contextlib.nullcontext() if one_draft else _no_batch_statistics(predictor, running_only=self.vmap):
             return self._evaluate(predictor, xs, ts, cond)
 
     def _evaluate(self, predictor: Predictor, xs: torch.Tensor, ts: torch.Tensor, cond: Optional[Mapping[str, Any]]):

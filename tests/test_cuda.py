@@ -1,6 +1,7 @@
 """The samplers with states, models and grids on a CUDA device: the invariants of the CPU suite, on the GPU.
 
-Skipped (with the reason) where CUDA is absent; ``benchmarks/gpu_check.sh`` runs them on a lent GPU. They
+Each test runs on the CPU too (so the suite checks the tests themselves); the CUDA runs are marked ``gpu`` and
+skipped (with the reason) where CUDA is absent; ``benchmarks/gpu_check.sh`` runs them on a lent GPU. They
 check what only a GPU run exercises: grids made from CUDA timesteps (diffusers'
 ``set_timesteps(..., device="cuda")``), coefficients passed to CUDA kernels as CPU scalars, the noise drawn
 on the CPU and moved, the in-place-write fingerprint of inference tensors, and autocast around the sampler.
@@ -15,14 +16,12 @@ from driffusion_core import DraftRefineScheduler, FlowSchedule, NoiseSource, Pre
 from solvers import DDIMSkip, DDPMSkip, DPMSolverSkip, FlowEulerSkip, PicardScheduler, UniPCSkip, sample_serial
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: torch.cuda.is_available() is False")
-pytestmark = [pytest.mark.gpu, needs_cuda]
-
-DEV = "cuda:0"
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda:0", id="cuda", marks=[pytest.mark.gpu, needs_cuda])]
 
 
 def _predictor(x, t):
     tt = t.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
-    return torch.sin(1.3 * x + 0.001 * tt) + 0.1 * x * x
+    return torch.sin(1.3 * x + 0.001 * tt) + 0.1 * torch.tanh(x) * x  # bounded growth: finite on every grid
 
 
 def _cases():
@@ -39,8 +38,9 @@ def _cases():
 
 @pytest.mark.parametrize("name,transition,grid", _cases(), ids=[c[0] for c in _cases()])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_width1_is_the_serial_sampler_and_executors_agree_on_cuda(name, transition, grid, dtype):
-    x = NoiseSource(0).initial((4, 3, 8), dtype=dtype, device=DEV)
+@pytest.mark.parametrize("dev", DEVICES)
+def test_width1_is_the_serial_sampler_and_executors_agree_on_cuda(name, transition, grid, dtype, dev):
+    x = NoiseSource(0).initial((4, 3, 8), dtype=dtype, device=dev)
     noise = NoiseSource(1)
     ref = sample_serial(_predictor, x, transition, grid, noise=noise)
     assert ref.x.device == x.device and ref.x.dtype == dtype
@@ -55,44 +55,48 @@ def test_width1_is_the_serial_sampler_and_executors_agree_on_cuda(name, transiti
         torch.testing.assert_close(batched.x, serial.x, rtol=tol, atol=tol)
 
 
-def test_the_same_seed_gives_the_same_noise_and_samples_on_cpu_and_cuda():
+@pytest.mark.parametrize("dev", DEVICES)
+def test_the_same_seed_gives_the_same_noise_and_samples_on_cpu_and_cuda(dev):
     """NoiseSource draws on the CPU and moves the noise: a CUDA run sees the CPU run's noise bit for bit."""
     vp = VPSchedule.linear()
     src = NoiseSource(3)
-    assert torch.equal(src(5, (2, 3), device=DEV).cpu(), src(5, (2, 3)))
+    assert torch.equal(src(5, (2, 3), device=dev).cpu(), src(5, (2, 3)))
     x = NoiseSource(0).initial((4, 3))
     cpu = sample_serial(_predictor, x, DDPMSkip(vp), vp.timesteps(10), noise=NoiseSource(1)).x
-    gpu = sample_serial(_predictor, x.to(DEV), DDPMSkip(vp), vp.timesteps(10), noise=NoiseSource(1)).x
+    gpu = sample_serial(_predictor, x.to(dev), DDPMSkip(vp), vp.timesteps(10), noise=NoiseSource(1)).x
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-5)
 
 
-def test_grids_from_cuda_timesteps():
+@pytest.mark.parametrize("dev", DEVICES)
+def test_grids_from_cuda_timesteps(dev):
     """diffusers' scheduler.set_timesteps(n, device="cuda") leaves CUDA timesteps: they make the same grid."""
     vp = VPSchedule.linear()
     levels = [999.0, 799.0, 599.0, 399.0, 199.0]
     cpu = DraftRefineScheduler(DDIMSkip(vp), levels, width=2)
-    gpu = DraftRefineScheduler(DDIMSkip(vp), torch.tensor(levels, device=DEV), width=2)
+    gpu = DraftRefineScheduler(DDIMSkip(vp), torch.tensor(levels, device=dev), width=2)
     assert torch.equal(cpu.grid.t_from, gpu.grid.t_from) and gpu.grid.t_from.device.type == "cpu"
-    x = NoiseSource(0).initial((2, 3), device=DEV)
+    x = NoiseSource(0).initial((2, 3), device=dev)
     assert torch.equal(cpu.sample(_predictor, x).x, gpu.sample(_predictor, x).x)
 
 
-def test_picard_on_cuda_converges_to_the_serial_sample():
+@pytest.mark.parametrize("dev", DEVICES)
+def test_picard_on_cuda_converges_to_the_serial_sample(dev):
     vp = VPSchedule.linear()
     grid = vp.timesteps(12, "trailing")
-    x = NoiseSource(0).initial((4, 3), device=DEV)
+    x = NoiseSource(0).initial((4, 3), device=dev)
     ref = sample_serial(_predictor, x, DDIMSkip(vp), grid)
     out = PicardScheduler(DDIMSkip(vp), grid, width=4, tolerance=0.0).sample(_predictor, x, executor=BatchedExecutor())
     torch.testing.assert_close(out.x, ref.x, rtol=1e-5, atol=1e-6)
 
 
-def test_inference_mode_on_cuda_refuses_in_place_writes_only():
+@pytest.mark.parametrize("dev", DEVICES)
+def test_inference_mode_on_cuda_refuses_in_place_writes_only(dev):
     """Under torch.inference_mode the version counters are gone: the values' fingerprint (on the device) shows
     a write into x, and gives no false alarm on a model that only reads."""
     vp = VPSchedule.linear()
     grid = vp.timesteps(8)
     with torch.inference_mode():
-        x = NoiseSource(0).initial((3, 2), device=DEV)
+        x = NoiseSource(0).initial((3, 2), device=dev)
         got = DraftRefineScheduler(DDIMSkip(vp), grid, width=3).sample(_predictor, x, executor=BatchedExecutor()).x
         assert torch.equal(got, DraftRefineScheduler(DDIMSkip(vp), grid, width=3).sample(
             _predictor, x, executor=BatchedExecutor()).x)
@@ -105,13 +109,14 @@ def test_inference_mode_on_cuda_refuses_in_place_writes_only():
             DraftRefineScheduler(DDIMSkip(vp), grid, width=3).sample(halves, x)
 
 
-def test_autocast_around_the_sampler_keeps_the_drafts():
+@pytest.mark.parametrize("dev", DEVICES)
+def test_autocast_around_the_sampler_keeps_the_drafts(dev):
     """A float32 model sampled inside torch.autocast (bfloat16): the library's own matmuls (the drafts' coupled
     noise) stay float32, so the sample equals the one outside."""
     vp = VPSchedule.linear()
     grid = vp.timesteps(12, "trailing")
-    x = NoiseSource(0).initial((4, 3), device=DEV)
+    x = NoiseSource(0).initial((4, 3), device=dev)
     outside = DraftRefineScheduler(DDPMSkip(vp), grid, width=3).sample(_predictor, x, noise=NoiseSource(1)).x
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16):
         inside = DraftRefineScheduler(DDPMSkip(vp), grid, width=3).sample(_predictor, x, noise=NoiseSource(1)).x
     assert torch.equal(inside, outside)

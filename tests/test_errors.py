@@ -1259,6 +1259,24 @@ def test_batched_executor_refuses_a_model_with_batchnorm_in_training_mode():
     no_stats.eval()
     with pytest.raises(InvalidArgumentError, match=r"'Model.norm' has track_running_stats=False"):
         BatchedExecutor().evaluate(no_stats, xs, ts)
+    # ... unless each call sees one draft's rows only: under vmap, or in chunks of exactly B rows
+    for ex in (BatchedExecutor(vmap=True), BatchedExecutor(max_batch=xs.shape[1])):
+        torch.testing.assert_close(ex.evaluate(no_stats, xs, ts), SerialExecutor().evaluate(no_stats, xs, ts))
+    # a model named after many other global loads is still found (each global name counted once)
+    def crowded(x, t):
+        y = torch.zeros_like(x) + torch.zeros_like(x) + torch.zeros_like(x) + torch.zeros_like(x)
+        y = y + torch.zeros_like(x) + torch.zeros_like(x) + torch.zeros_like(x) + torch.zeros_like(x)
+        y = y + torch.zeros_like(x) + torch.zeros_like(x) + torch.zeros_like(x) + torch.zeros_like(x)
+        y = y + torch.zeros_like(x) + torch.zeros_like(x) + torch.zeros_like(x) + torch.zeros_like(x)
+        y = y + torch.zeros_like(x) + torch.zeros_like(x) + torch.zeros_like(x) + torch.zeros_like(x)
+        y = y + torch.zeros_like(x) + torch.zeros_like(x) + torch.zeros_like(x) + torch.zeros_like(x)
+        y = y + torch.zeros_like(x) + torch.zeros_like(x) + torch.zeros_like(x) + torch.zeros_like(x)
+        y = y + torch.zeros_like(x) + torch.zeros_like(x) + torch.zeros_like(x) + torch.zeros_like(x)
+        return y + _BN_MODEL(x, t)
+
+    model.train()
+    with pytest.raises(InvalidArgumentError, match=r"BatchNorm layer 'Model.norm' is in training mode"):
+        BatchedExecutor().evaluate(crowded, xs, ts)
     model.eval()
     torch.testing.assert_close(BatchedExecutor().evaluate(model, xs, ts), SerialExecutor().evaluate(model, xs, ts))
     for predictor in wrapped:
