@@ -96,8 +96,8 @@ from driffusion_core.errors import (
     safe_str,
 )
 from driffusion_core.executor import (
-    Executor, Predictor, changed_tensor, check_round_args, even_shares, iter_tensors, map_tensors, stack_calls,
-    stamp_changed,
+    Executor, Predictor, changed_tensor, check_round_args, even_shares, float64_values, iter_tensors, map_tensors,
+    stack_calls, stamp_changed,
 )
 from driffusion_core.scheduler import input_version
 
@@ -392,14 +392,6 @@ def _cond_tensors(cond: Mapping[str, Any]) -> List[torch.Tensor]:
     return list(iter_tensors(cond)) + _held_tensors(dict(cond))
 
 
-def _wide(t: torch.Tensor) -> torch.Tensor:
-    """``t``'s values as float64 (complex as pairs of reals), on its device (the CPU for MPS: no float64)."""
-    w = t.detach()
-    if w.is_complex():
-        w = torch.view_as_real(w.resolve_conj())
-    return w.to("cpu" if w.device.type == "mps" else w.device, torch.float64)
-
-
 def _mix_weights(n: int, device: Any, start: int = 0) -> torch.Tensor:
     """The fixed pseudo-random weights of positions ``start .. start + n`` in [0.5, 1) (float64), the same
     on every process up to the last bits of ``sin`` (far below the comparison's tolerance): a nonlinear
@@ -420,7 +412,7 @@ def _value_sums(xs: torch.Tensor, cond: Mapping[str, Any], ts: Optional[torch.Te
     if ts is None or ts.numel() == 0:
         return head + [0, 0, 0]
     try:
-        w = _wide(ts).reshape(-1)
+        w = float64_values(ts).reshape(-1)
         t_sums = torch.stack([w.sum(), w.abs().sum(), (w * _mix_weights(w.numel(), w.device)).sum()])
     except Exception:  # model times whose values cannot be read (meta): no value check for them
         t_sums = torch.full((3,), math.nan, dtype=torch.float64)
@@ -429,7 +421,7 @@ def _value_sums(xs: torch.Tensor, cond: Mapping[str, Any], ts: Optional[torch.Te
 
 def _value_sums_xc(xs: torch.Tensor, cond: Mapping[str, Any]) -> List[int]:
     """Fields _F_XSUM .. _F_CMIX of :func:`_value_sums`."""
-    wide = _wide(xs)
+    wide = float64_values(xs)
     to = wide.device
     flat = wide.reshape(-1)
     positions = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=to) / max(flat.numel(), 1)
@@ -443,7 +435,7 @@ def _value_sums_xc(xs: torch.Tensor, cond: Mapping[str, Any]) -> List[int]:
         for v in tensors:
             # NaN / inf (an attention mask's -inf, NaN-padded observations) as fixed finite values: one would
             # make every sum non-finite, and nothing would be compared
-            w = torch.nan_to_num(_wide(v), nan=_NAN_AS, posinf=_POSINF_AS, neginf=-_POSINF_AS)
+            w = torch.nan_to_num(float64_values(v), nan=_NAN_AS, posinf=_POSINF_AS, neginf=-_POSINF_AS)
             rows.append(w.reshape(w.shape[0] if w.dim() else 1, -1).sum(1).to(to))
             abs_sums.append(w.abs().sum().to(to))
             flat_c = w.reshape(-1)

@@ -193,6 +193,15 @@ def stack_calls(call: Callable[[int], Any], k: int) -> Any:
     return out
 
 
+def float64_values(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values as float64 (complex as pairs of reals), detached, on its device (the CPU for MPS, which
+    has no float64): what checksums and fingerprints are taken of."""
+    w = t.detach()
+    if w.is_complex():
+        w = torch.view_as_real(w.resolve_conj())
+    return w.to("cpu" if w.device.type == "mps" else w.device, torch.float64)
+
+
 def version_stamp(t: torch.Tensor) -> Any:
     """What shows an in-place write into ``t`` after a model call: torch's version counter, or for an inference
     tensor (``torch.inference_mode``: it has none) a fingerprint of its values (float64 sum, sum of squares
@@ -202,8 +211,7 @@ def version_stamp(t: torch.Tensor) -> Any:
         return t._version
     if t.layout != torch.strided or t.device.type == "meta":
         return None
-    w = torch.view_as_real(t.detach()) if t.is_complex() else t.detach()
-    w = w.reshape(-1).to("cpu" if w.device.type == "mps" else w.device, torch.float64)  # MPS has no float64
+    w = float64_values(t).reshape(-1)
     positions = torch.arange(1, w.numel() + 1, dtype=torch.float64, device=w.device)
     return torch.stack([w.sum(), (w * w).sum(), (w * positions).sum()])
 

@@ -350,6 +350,15 @@ def _chain_windows():
                        grid.t_from[a : a + n], grid.t_to[a : a + n])
 
 
+def _mirror_x0(op, x: torch.Tensor, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x0_hat of output ``p`` at level ``t`` of ``op``'s schedule, by the mirrors' conversion (VP: alpha-bar of t;
+    flow and VE: t itself)."""
+    kind = op.prediction.value
+    if isinstance(op.schedule, VPSchedule):
+        return vp_x0_eps(kind, x, p, op.schedule.alpha_bar(t))[0]
+    return (flow_x0_eps if isinstance(op.schedule, FlowSchedule) else ve_x0_eps)(kind, x, p, t.to(F64))[0]
+
+
 def _anchor(seed: int) -> Tuple[NoiseSource, torch.Tensor, torch.Tensor]:
     """The noise source, anchor state x and model output p the chain checks use (float64)."""
     noise = NoiseSource(seed)
@@ -372,16 +381,13 @@ def _anchor(seed: int) -> Tuple[NoiseSource, torch.Tensor, torch.Tensor]:
 def drafts_are_the_chain() -> Result:
     errors: Dict[str, float] = {}
     noise, x, p = _anchor(11)
-    for where, op, sample_op, factors, family, a, n, t_from, t_to in _chain_windows():
+    for where, op, sample_op, factors, _, a, n, t_from, t_to in _chain_windows():
         ref = factors(t_from, t_to)
         got = op.chain_factors(t_from, t_to)
         err = max(_rel(torch.as_tensor(g, dtype=F64), torch.as_tensor(r, dtype=F64)) for g, r in zip(got, ref))
         zs = noise.steps(a, a + n, x.shape, F64) if op.stochastic else None
         rows = op.drafts(x, p, t_from, t_to, zs)
-        if family == "vp":  # the anchor's, frozen
-            x0_hat, _ = vp_x0_eps(op.prediction.value, x, p, op.schedule.alpha_bar(t_from[0]))
-        else:
-            x0_hat, _ = ve_x0_eps(op.prediction.value, x, p, t_from[0].to(F64))
+        x0_hat = _mirror_x0(op, x, p, t_from[0])  # the anchor's, frozen
         state = op(x, p, t_from[0], t_to[0], zs[0] if zs is not None else None)
         for j in range(n):
             if j:
@@ -467,14 +473,13 @@ def multistep_cases() -> List[Tuple[str, object, object]]:
 )
 def multistep_drafts_are_the_chain() -> Result:
     errors: Dict[str, float] = {}
-    noise = NoiseSource(17)
+    noise, x, p = _anchor(17)
     for label, op, sample_op in multistep_cases():
-        vp = isinstance(op.schedule, VPSchedule)
         # flow: below sigma = 1, where UniPC bh1's corrector is infinite (UniPCSkip.make_grid refuses it)
-        grid = op.schedule.timesteps(12, "trailing") if vp else op.schedule.grid(torch.linspace(0.95, 0.05, 12, dtype=F64))
+        grid = (op.schedule.timesteps(12, "trailing") if isinstance(op.schedule, VPSchedule)
+                else op.schedule.grid(torch.linspace(0.95, 0.05, 12, dtype=F64)))
         for a, n in MULTISTEP_WINDOWS:
             where = f"{label} a={a} n={n}"
-            x, p = noise.initial((4, 3), F64), noise(100, (4, 3), F64)
             earlier = [(noise(200 + k, (4, 3), F64), noise(300 + k, (4, 3), F64), grid.t_from[k]) for k in range(a)]
             history = earlier[len(earlier) - op.history_at(grid, a):]
             t_from, t_to = grid.t_from[a : a + n], grid.t_to[a : a + n]
@@ -482,10 +487,8 @@ def multistep_drafts_are_the_chain() -> Result:
             first = op.multistep(x, p, t_from[0], t_to[0], history) if history else op(x, p, t_from[0], t_to[0])
             err = 0.0 if torch.equal(rows[0], first) else 1.0
             # the frozen chain, in the sample sibling's terms: each earlier step's output as its x0_hat
-            def x0(xs, ps, t, k=op.prediction.value, vp=vp, schedule=op.schedule):  # the mirrors' conversion
-                return vp_x0_eps(k, xs, ps, schedule.alpha_bar(t))[0] if vp else flow_x0_eps(k, xs, ps, t.to(F64))[0]
-
-            chain = [(xh, x0(xh, ph, th), th) for xh, ph, th in history] + [(x, x0(x, p, t_from[0]), t_from[0])]
+            chain = [(xh, _mirror_x0(op, xh, ph, th), th) for xh, ph, th in history]
+            chain.append((x, _mirror_x0(op, x, p, t_from[0]), t_from[0]))
             x0_a, state = chain[-1][1], first
             for j in range(1, n):
                 need = sample_op.history_at(grid, a + j)

@@ -104,7 +104,7 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 import torch
 
 from driffusion_core.errors import InvalidArgumentError, as_count, as_flag, is_real
-from driffusion_core.executor import Executor, Predictor
+from driffusion_core.executor import Executor, Predictor, float64_values
 from driffusion_core.grid import TimeGrid
 from driffusion_core.noise import NoiseSource
 from driffusion_core.scheduler import (
@@ -316,7 +316,7 @@ class PicardState:
             hist = self.transition.remember(hist, y, self.preds[k], self.grid.t_from[k])  # of the same iterate
             y = y_next
             old = self.xs[k + 1]
-            d = (y - old).to("cpu" if y.device.type == "mps" else y.device, torch.float64).reshape(y.shape[0], -1)
+            d = float64_values(y - old).reshape(y.shape[0], -1)
             changes.append(d.pow(2).mean(dim=1).max())
             self.xs[k + 1] = y
         change = torch.stack(changes).cpu()

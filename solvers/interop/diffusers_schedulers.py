@@ -404,7 +404,7 @@ def _probe(scheduler, num_inference_steps: Optional[int], **kwargs) -> Tuple[tor
     if not bool(torch.isfinite(sigmas).all()):
         raise InvalidArgumentError(
             f"{type(scheduler).__name__}.set_timesteps({num_inference_steps}) itself gives sigmas "
-            f"{[round(v, 6) for v in sigmas.tolist()]}, with NaN or inf (diffusers' own grid; e.g. shift_terminal "
+            f"{_short(sigmas)}, with NaN or inf (diffusers' own grid; e.g. shift_terminal "
             f"with a single step divides by zero): its loop would sample NaN. Use more inference steps, or drop the "
             f"option that stretches the sigmas."
         )
