@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test bench bench-quick proofs setup clean
+.PHONY: test bench bench-quick proofs typecheck setup clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ bench-quick: $(STAMP)
 
 proofs: $(STAMP)
 	$(PY) -m proofs
+
+# the public API's type hints, as a user's checker sees them (the packages ship py.typed)
+typecheck: $(STAMP)
+	$(PY) -m pip install --quiet "mypy>=1.8"
+	$(PY) -m mypy --strict --follow-imports=silent examples/typed_usage.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

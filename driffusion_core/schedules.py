@@ -247,22 +247,35 @@ class VPSchedule(Schedule):
         return cls(ac, float(ac[0]) if final_alpha_cumprod is None else final_alpha_cumprod)
 
     @classmethod
-    def linear(cls, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, **kw) -> "VPSchedule":
+    def linear(
+        cls, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
+        *, final_alpha_cumprod: Optional[float] = 1.0, rescale_betas_zero_snr: bool = False,
+    ) -> "VPSchedule":
         """DDPM's linear betas."""
         num_train_timesteps = as_count(num_train_timesteps, "num_train_timesteps", 2)
         _check_betas_range(beta_start, beta_end)
-        return cls.from_betas(torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64), **kw)
+        return cls.from_betas(
+            torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64), final_alpha_cumprod=final_alpha_cumprod, rescale_betas_zero_snr=rescale_betas_zero_snr,
+        )
 
     @classmethod
-    def scaled_linear(cls, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012, **kw) -> "VPSchedule":
+    def scaled_linear(
+        cls, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
+        *, final_alpha_cumprod: Optional[float] = 1.0, rescale_betas_zero_snr: bool = False,
+    ) -> "VPSchedule":
         """Stable Diffusion's betas: linear in sqrt(beta)."""
         num_train_timesteps = as_count(num_train_timesteps, "num_train_timesteps", 2)
         _check_betas_range(beta_start, beta_end)
         b = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
-        return cls.from_betas(b, **kw)
+        return cls.from_betas(
+            b, final_alpha_cumprod=final_alpha_cumprod, rescale_betas_zero_snr=rescale_betas_zero_snr,
+        )
 
     @classmethod
-    def squaredcos_cap_v2(cls, num_train_timesteps: int = 1000, max_beta: float = 0.999, **kw) -> "VPSchedule":
+    def squaredcos_cap_v2(
+        cls, num_train_timesteps: int = 1000, max_beta: float = 0.999,
+        *, final_alpha_cumprod: Optional[float] = 1.0, rescale_betas_zero_snr: bool = False,
+    ) -> "VPSchedule":
         """The cosine schedule of Nichol & Dhariwal (2021), betas capped at ``max_beta``."""
         f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
         n = as_count(num_train_timesteps, "num_train_timesteps", 2)
@@ -270,7 +283,9 @@ class VPSchedule(Schedule):
             raise InvalidArgumentError(f"max_beta must be a number in (0, 1] (diffusers' default 0.999), got {max_beta!r}.")
         max_beta = float(max_beta)
         b = [min(1 - f((i + 1) / n) / f(i / n), max_beta) for i in range(n)]
-        return cls.from_betas(torch.tensor(b, dtype=torch.float64), **kw)
+        return cls.from_betas(
+            torch.tensor(b, dtype=torch.float64), final_alpha_cumprod=final_alpha_cumprod, rescale_betas_zero_snr=rescale_betas_zero_snr,
+        )
 
     def rescaled_zero_terminal_snr(self) -> "VPSchedule":
         """This schedule rescaled to zero terminal SNR (use with v_prediction)."""
