@@ -21,6 +21,7 @@ from driffusion_core.errors import (
     safe_str,
 )
 from driffusion_core.executor import (
+    DENSE_FIX,
     Executor,
     Predictor,
     check_describe_width,
@@ -28,6 +29,7 @@ from driffusion_core.executor import (
     changed_tensor,
     iter_tensors,
     map_tensors,
+    not_dense,
     tensor_versions,
 )
 
@@ -364,6 +366,8 @@ def _checked(out: Any, rows: int, ts: torch.Tensor, like: Optional[torch.Tensor]
     rows shaped, typed and placed like ``like``'s, the first chunk: torch.cat would otherwise fail with its
     own message or promote the dtype). What the rows must be like ``x`` in is for the sampler to check, as
     without chunks."""
+    if not_dense(out):
+        raise PredictorOutputError(f"BatchedExecutor: the predictor returned {not_dense(out)}; {DENSE_FIX}.")
     ok = isinstance(out, torch.Tensor) and out.dim() >= 1 and out.shape[0] == rows
     if ok and like is not None and (out.shape[1:] != like.shape[1:] or out.dtype != like.dtype or out.device != like.device):
         times = ", ".join(f"{t:g}" for t in sorted(set(ts.reshape(-1).tolist()), reverse=True)[:6])

@@ -97,7 +97,7 @@ from driffusion_core.errors import (
 )
 from driffusion_core.executor import (
     Executor, Predictor, changed_tensor, check_round_args, even_shares, float64_values, iter_tensors, map_tensors,
-    stack_calls, stamp_changed,
+    DENSE_FIX, not_dense, stack_calls, stamp_changed,
 )
 from driffusion_core.scheduler import input_version
 
@@ -991,6 +991,9 @@ class DistributedExecutor(Executor):
             hint = not_a_tensor_hint(bad[0])
             text = f"the predictor returned {type(bad[0]).__name__}, not a Tensor" + ("." + hint if hint else "")
             return None, _BAD_OUTPUT, text, None
+        sparse = next((not_dense(o) for o in outs if not_dense(o)), "")
+        if sparse:
+            return None, _BAD_OUTPUT, f"the predictor returned {sparse}; {DENSE_FIX}", None
         if len({(tuple(o.shape), o.dtype, o.device) for o in outs}) > 1:
             message = "the predictor returned predictions of different shapes, dtypes or devices: " + ", ".join(
                 f"{tuple(o.shape)} {o.dtype} on {o.device}" for o in outs

@@ -26,7 +26,8 @@ from driffusion_core.errors import (
     DeviceMismatchError, ExecutorError, InvalidArgumentError, PredictorOutputError, exception_text,
 )
 from driffusion_core.executor import (
-    Executor, Predictor, check_describe_width, check_round_args, even_shares, map_tensors, stack_calls,
+    Executor, Predictor, check_describe_width, check_round_args, even_shares, map_tensors, DENSE_FIX, not_dense,
+    stack_calls,
 )
 
 __all__ = ["StreamExecutor"]
@@ -219,6 +220,10 @@ class StreamExecutor(Executor):
                             f"{exception_text(e)}"
                         ) from e
                     for j, o in enumerate(got if isinstance(got, list) else got[:1]):
+                        if not_dense(o):
+                            raise PredictorOutputError(
+                                f"StreamExecutor: the predictor returned {not_dense(o)} for draft {start + j} on {dev}; {DENSE_FIX}."
+                            )
                         if isinstance(o, torch.Tensor) and o.device != dev:
                             raise DeviceMismatchError(
                                 f"StreamExecutor: the predictor returned a tensor on {o.device} for draft {start + j}, "

@@ -171,23 +171,35 @@ def mark_draft(error: BaseException, k: int) -> None:
         pass
 
 
+#: what to do about a model output that :func:`not_dense` describes
+DENSE_FIX = "a prediction must be a dense (strided) tensor shaped like x: return out.to_dense()"
+
+
+def not_dense(out: Any) -> str:
+    """``"a sparse_coo tensor"`` (or CSR, ...) for a model output whose layout cannot be a prediction, or ""
+    for a dense tensor or a non-tensor (which the callers name otherwise)."""
+    if not isinstance(out, torch.Tensor) or out.layout == torch.strided:
+        return ""
+    return f"a {str(out.layout).replace('torch.', '')} tensor"
+
+
 def stack_calls(call: Callable[[int], Any], k: int) -> Any:
     """``torch.stack([call(0), ..., call(k - 1)])``, each output copied into the result as soon as it is
     returned, so a predictor that hands back one reused buffer on every call (a CUDA graph's static output)
     still gives every draft its own prediction; no more copying than ``torch.stack`` does.
 
-    Outputs that are not tensors alike in shape, dtype and device (to the first) come back as the list of
+    Outputs that are not dense tensors alike in shape, dtype and device (to the first) come back as the list of
     the outputs, for the caller to name the offending draft; the earlier alike ones are then the copies.
     """
     first = call(0)
-    if not isinstance(first, torch.Tensor):
+    if not isinstance(first, torch.Tensor) or not_dense(first):
         return [first] + [call(j) for j in range(1, k)]
     out = torch.empty((k, *first.shape), dtype=first.dtype, device=first.device)
     out[0] = first
     for j in range(1, k):
         o = call(j)
         if not (isinstance(o, torch.Tensor) and o.shape == first.shape and o.dtype == first.dtype
-                and o.device == first.device):
+                and o.device == first.device and not not_dense(o)):
             return list(out[:j]) + [o] + [call(i) for i in range(j + 1, k)]
         out[j] = o
     return out

@@ -44,7 +44,8 @@ from driffusion_core.errors import (
     safe_str,
 )
 from driffusion_core.executor import (
-    Executor, Predictor, SerialExecutor, batched_tensors, changed_tensor, stamp_changed, tensor_versions, version_stamp,
+    Executor, Predictor, SerialExecutor, DENSE_FIX, batched_tensors, changed_tensor, not_dense, stamp_changed, tensor_versions,
+    version_stamp,
 )
 from driffusion_core.grid import TimeGrid
 from driffusion_core.noise import NoiseSource
@@ -291,6 +292,8 @@ def check_predictions(
             raise PredictorOutputError(
                 f"The predictor returned {type(p).__name__} at {where(k)}; it must return a tensor.{not_a_tensor_hint(p)}"
             )
+        if not_dense(p):
+            raise PredictorOutputError(f"The predictor returned {not_dense(p)} at {where(k)}; {DENSE_FIX}.")
         if lead and p.dim() == want.dim() and p.shape[0] != want.shape[0] and p.shape[1:] == want.shape[1:]:
             raise ExecutorError(
                 f"The executor returned predictions for {p.shape[0]} draft(s) at {where_steps(grid, steps)}, but "

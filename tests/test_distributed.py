@@ -557,6 +557,7 @@ def test_failures_outside_the_predictor_call_fail_every_rank_at_once():
         # a diffusers-style output object: the message says how to get the tensor out of it
         "output_object": ("PredictorOutputError", ["rank 1", "returned Output, not a Tensor", ".sample",
                                                    "DiffusersPredictor"]),
+        "sparse": ("PredictorOutputError", ["rank 1", "returned a sparse_coo tensor", "to_dense()"]),
     }
     for rank in (0, 1):
         for case, (error_type, parts) in expected.items():
@@ -1205,6 +1206,9 @@ def _scenario_local_failures(rank, world):
     def output_object(x, t):
         return Output(x) if rank == 1 else x
 
+    def sparse(x, t):
+        return x.to_sparse() if rank == 1 else x
+
     def after():
         return bool(torch.equal(ex.evaluate(_predictor, xs, ts), SerialExecutor().evaluate(_predictor, xs, ts)))
 
@@ -1215,7 +1219,8 @@ def _scenario_local_failures(rank, world):
     ex.device = None
     res["move"]["after"] = after()
     for name, f in (("mixed_devices", mixed_devices), ("all_meta", all_meta), ("bad_str", bad_str),
-                    ("long_message", long_message), ("uint16", uint16), ("output_object", output_object)):
+                    ("long_message", long_message), ("uint16", uint16), ("output_object", output_object),
+                    ("sparse", sparse)):
         res[name] = _fault_result(lambda: ex.evaluate(f, xs, ts))
         res[name]["after"] = after()
     return res

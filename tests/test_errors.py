@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -182,6 +183,22 @@ def test_predictor_returns_the_wrong_shape():
     for call in run_both(bad):
         with pytest.raises(PredictorOutputError, match=r"returned shape \(3, 5\) at step 0 \(level 900.*state has shape \(3, 2\)"):
             call()
+
+
+@pytest.mark.parametrize("layout", ["to_sparse", "to_sparse_csr"])
+def test_predictor_returning_a_sparse_tensor_is_named(layout):
+    """A sparse (non-strided) output is refused by every sampler and executor with one message, not a raw torch
+    error from a copy or reshape (nor accepted by one sampler and not the others)."""
+    from solvers import PicardScheduler
+
+    sparse = lambda x, t: getattr(0.5 * torch.tanh(x), layout)()
+    name = {"to_sparse": "sparse_coo", "to_sparse_csr": "sparse_csr"}[layout]
+    calls = run_both(sparse) + [lambda: PicardScheduler(DDIMSkip(VP), GRID, 2, tolerance=0.0).sample(sparse, x0())]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch: sparse CSR support is in beta
+        for call in calls:
+            with pytest.raises(PredictorOutputError, match=rf"returned a {name} tensor( at step 0 \(level 900[^;]*)?; .*dense.*to_dense\(\)"):
+                call()
 
 
 def test_predictor_returns_a_non_tensor():
