@@ -1200,7 +1200,13 @@ DPM_CASES = [
     (dict(final_sigmas_type="sigma_min"), 15, 0.0),  # 15 steps: lower_order_final needs fewer, the last step is 2M
     (dict(final_sigmas_type="sigma_min"), 14, 0.0),  # 14 steps: the last step is first order
     (dict(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing"), 20, -1.0),
+    # zero SNR puts 2**-24 at t = 999, above the entries before it; leading spacing never visits 999, and the
+    # visited alpha-bars (from 969) decrease: taken, the schedule equal to the table wherever a step reads it
+    (dict(beta_schedule="scaled_linear", beta_start=0.005, beta_end=0.05, rescale_betas_zero_snr=True,
+          timestep_spacing="leading", final_sigmas_type="sigma_min", prediction_type="v_prediction"), 57, 0.0),
     (dict(beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-5.1), 20, -1.0),  # starts at 995
+    # trailing counts down from the clipped last timestep 768 with the unclipped stride: 24 steps for 30 asked
+    (dict(timestep_spacing="trailing", lambda_min_clipped=-3.0), 30, -1.0),
     # diffusers maps deis to dpmsolver++ and bh2 to midpoint (and then wants sigma_min)
     (dict(algorithm_type="deis", solver_type="bh2", final_sigmas_type="sigma_min"), 12, 0.0),
     # sigmas between the training timesteps ("DPM++ 2M Karras"): levels index the grid's own sigmas, 0 the last
@@ -1238,7 +1244,7 @@ def _multistep_width1_is_the_loop(scheduler, num_steps, last, unet2d, monkeypatc
     assert torch.equal(grid.model_times, scheduler.timesteps.cpu().to(grid.model_times.dtype))
     assert grid.t_to[-1].item() == last and grid.is_contiguous and draws == 0
     assert torch.equal(ours.x, serial.x)
-    assert ours.rounds == ours.evals == num_steps
+    assert ours.rounds == ours.evals == len(scheduler.timesteps)  # num_steps; fewer where lambda_min_clipped clips
     scale = max(1.0, ref.abs().max().item())
     assert (ours.x - ref).abs().max().item() <= 5e-6 * scale, f"{dict(scheduler.config)} {num_steps}"
     return transition
@@ -1347,6 +1353,47 @@ def test_dpm_refused_options_are_named(config, option):
     for given in (scheduler, dict(scheduler.config)):
         with pytest.raises(InvalidArgumentError, match=option):
             from_diffusers(given, 10)
+
+
+@pytest.mark.parametrize("name,config,steps,says", [
+    # flow sigmas end at 1/120 * 0.999, below the VP sigma_min diffusers appends: the last step goes up
+    ("DPMSolverMultistepScheduler", dict(use_flow_sigmas=True, prediction_type="flow_prediction",
+                                         final_sigmas_type="sigma_min"), 120, "go up in noise"),
+    # log-linear exponential sigmas end at sigma_min already, and diffusers appends it once more, 1 ulp higher
+    ("EulerDiscreteScheduler", dict(beta_schedule="scaled_linear", beta_start=0.005, beta_end=0.03,
+                                    final_sigmas_type="sigma_min", use_exponential_sigmas=True,
+                                    interpolation_type="log_linear"), 42, "length zero"),
+])
+def test_a_sigma_min_last_step_that_does_not_go_down_is_named(name, config, steps, says):
+    """final_sigmas_type='sigma_min' appending a sigma that is not below the grid's last: the refusal names that
+    last step and final_sigmas_type='zero' (not "more steps than distinct noise levels")."""
+    if config.get("use_exponential_sigmas"):
+        pytest.importorskip("scipy")
+    probe = need(name)(**config)
+    probe.set_timesteps(steps)
+    assert probe.sigmas[-1] >= probe.sigmas[-2] > 0  # diffusers' own sigmas, checked, not assumed
+    with pytest.raises(InvalidArgumentError, match=rf"the last one, sigma_min = .*{says}.*final_sigmas_type='zero'") as info:
+        from_diffusers(need(name)(**config), steps)
+    assert "distinct noise levels" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler"])
+def test_karras_sigmas_that_repeat_the_first_timestep_are_the_loop_from_index_0(name):
+    """Cosine betas with Karras sigmas call the model at timestep 998 several times at the start; diffusers'
+    loop finds the first step only with set_begin_index(0) (without, it looks 998 up at its second occurrence).
+    from_diffusers takes the grid as listed: width 1 is that loop."""
+    config = dict(beta_schedule="squaredcos_cap_v2", use_karras_sigmas=True)
+    scheduler = need(name)(**config)
+    scheduler.set_timesteps(8)
+    assert scheduler.timesteps[1] == scheduler.timesteps[0]  # diffusers' own timesteps, checked, not assumed
+    scheduler.set_begin_index(0)
+    model = lambda x, t: 0.3 * torch.tanh(x) + 1e-5 * torch.as_tensor(t, dtype=torch.float32).reshape(-1, 1, 1, 1)
+    x = NoiseSource(0).initial((2, 3, 4, 4))
+    ref = x
+    for t in scheduler.timesteps:
+        ref = scheduler.step(model(ref, t), t, ref).prev_sample
+    ours = sample_serial(model, x, *from_diffusers(need(name)(**config), 8))
+    torch.testing.assert_close(ours.x, ref, rtol=5e-6, atol=5e-6 * ref.abs().max().item())
 
 
 def test_dpm_grids_it_cannot_reproduce():
@@ -2131,6 +2178,15 @@ def test_unipc_options_matter(unet2d):
     for other in (run(20, final_sigmas_type="sigma_min", solver_type="bh1"),
                   run(20, final_sigmas_type="sigma_min", lower_order_final=False)):
         assert (other - sigma_min).abs().max().item() > 1e-3
+
+
+def test_unipc_lower_order_final_false_with_one_step_is_its_first_order_loop(unet2d, monkeypatch):
+    """lower_order_final=False into sigma = 0 is refused (diffusers' second-order last step returns NaN), but with
+    one inference step that step is first order in diffusers too: taken, and width 1 is its loop."""
+    scheduler = _unipc(lower_order_final=False)
+    with pytest.raises(InvalidArgumentError, match="lower_order_final=False"):
+        from_diffusers(scheduler, 2)
+    _multistep_width1_is_the_loop(scheduler, 1, -1.0, unet2d, monkeypatch)
 
 
 def test_unipc_bh1_into_sigma_zero_is_the_limit_where_diffusers_gives_nan(unet2d, monkeypatch):

@@ -64,9 +64,10 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import reprlib
 import warnings
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -201,24 +202,30 @@ def _vp_schedule(scheduler, cfg: Mapping[str, Any], final_alpha_cumprod: float, 
 def _trailing_off_by_one(name: str, num_train: int, num_inference_steps: int, last: Optional[int] = None) -> None:
     """Refuse the T where diffusers' trailing spacing lists T + 1 timesteps.
 
-    ``np.arange(last, 0, -num_train / T)`` (``last`` = num_train but for DPM-Solver's lambda_min_clipped)
-    rounds up to T + 1 entries for some T (1000 training steps: 61, 103, 121, ...); diffusers then runs
-    T + 1 steps, the last model call at timestep -1 (alphas_cumprod[-1]).
-    That loop cannot be reproduced by a grid of T steps to the clean end, so say so instead.
+    diffusers lists ``round(np.arange(last, 0, -num_train / T)) - 1`` (``last`` = num_train but for
+    DPM-Solver's lambda_min_clipped, where the list is shorter than T). For some T (1000 training steps: 61,
+    103, 121, ...) the float arange ends on an entry just above 0, which rounds to timestep -1: diffusers
+    then makes a model call at timestep -1 (alphas_cumprod[-1]), T + 1 calls without clipping.
+    That loop cannot be reproduced by a grid to the clean end, so say so instead.
     """
     last = num_train if last is None else last
 
-    def count(m: int) -> int:
-        return len(np.arange(last, 0, -num_train / m))
+    def listed(m: int) -> np.ndarray:
+        return np.arange(last, 0, -num_train / m).round().astype(np.int64) - 1
 
-    if count(num_inference_steps) == num_inference_steps:
+    def ends_at_minus_one(m: int) -> bool:
+        ts = listed(m)
+        return len(ts) > 0 and int(ts[-1]) < 0
+
+    if not ends_at_minus_one(num_inference_steps):
         return
     near = [m for d in range(1, 50) for m in (num_inference_steps - d, num_inference_steps + d)
-            if 1 <= m <= last and count(m) == m][:2]
+            if 1 <= m <= last and not ends_at_minus_one(m)][:2]
+    n = len(listed(num_inference_steps))
     raise InvalidArgumentError(
         f"{name} with timestep_spacing='trailing' and num_inference_steps={num_inference_steps}: diffusers lists "
-        f"{num_inference_steps + 1} timesteps, the last -1 (np.arange rounds up to an extra entry), so its loop "
-        f"makes {num_inference_steps + 1} model calls, one at timestep -1. DRiffusion does not reproduce that; use num_inference_steps={' or '.join(map(str, sorted(near)))}, or another timestep_spacing "
+        f"{n} timesteps, the last -1 (np.arange rounds up to an extra entry), so its loop "
+        f"makes {n} model calls, one at timestep -1. DRiffusion does not reproduce that; use num_inference_steps={' or '.join(map(str, sorted(near)))}, or another timestep_spacing "
         f"(VPSchedule.timesteps({num_inference_steps}, 'trailing') gives the intended {num_inference_steps} steps)."
     )
 
@@ -584,6 +591,22 @@ def _multistep_flow(scheduler, cfg, num_inference_steps: int, mu: Optional[float
     return transition, grid
 
 
+def _sigma_min_last_step(levels: torch.Tensor, cfg: Mapping[str, Any]) -> str:
+    """Where only the last step fails to go down in noise, and that is final_sigmas_type='sigma_min' appending a
+    sigma_min that is not below the last sigma of the grid: a message that says so (else "")."""
+    if cfg.get("final_sigmas_type", "zero") != "sigma_min" or len(levels) < 2:
+        return ""
+    head = levels[:-1]
+    if not (bool((head > 0).all()) and bool((head[1:] < head[:-1]).all()) and float(levels[-1]) >= float(levels[-2])):
+        return ""
+    last, before = float(levels[-1]), float(levels[-2])
+    same = last - before <= 1e-6 * before  # the grid already ends at sigma_min, up to float32 rounding
+    return (f": the last one, sigma_min = {last:.9g} (final_sigmas_type='sigma_min'), is not below the one before it "
+            f"({before:.9g}), so the last step would "
+            + ("have length zero (up to float32 rounding). Use final_sigmas_type='zero'." if same else
+               "go up in noise. Use final_sigmas_type='zero', or fewer inference steps."))
+
+
 def _refuse_unusable_sigmas(name: str, option: str, cfg: Mapping[str, Any], num_inference_steps: int,
                             levels: torch.Tensor, top: Optional[float] = None) -> None:
     """Refuse a multistep scheduler's own sigmas (``levels``: the steps' sigmas, then the last one) unless they
@@ -591,6 +614,7 @@ def _refuse_unusable_sigmas(name: str, option: str, cfg: Mapping[str, Any], num_
     if bool((levels[:-1] > 0).all()) and bool((levels[1:] < levels[:-1]).all()) and (top is None or float(levels[0]) <= top):
         return
     zero_length = float(levels[-1]) == float(levels[-2]) > 0
+    last_up = "" if zero_length else _sigma_min_last_step(levels, cfg)
     raise InvalidArgumentError(
         f"{name}({option}=True, final_sigmas_type={cfg.get('final_sigmas_type', 'zero')!r})"
         f".set_timesteps({num_inference_steps}) gives sigmas {_short(levels)}, which do not "
@@ -598,7 +622,7 @@ def _refuse_unusable_sigmas(name: str, option: str, cfg: Mapping[str, Any], num_
         + (": the last step goes from sigma_min to sigma_min, a step of log-SNR length h = 0. diffusers takes it as "
            "a no-op (UniPC: its corrector alone); the multistep coefficients here divide by h, so it is not "
            "reproduced. Use final_sigmas_type='zero'." if zero_length else
-           " (more steps than distinct noise levels). Use fewer inference steps.")
+           last_up or " (more steps than distinct noise levels). Use fewer inference steps.")
     )
 
 
@@ -614,14 +638,13 @@ def _multistep_grid(scheduler, cfg, num_inference_steps: int, check_held: bool, 
     # alphas_cumprod as the scheduler holds it: every beta_schedule and trained_betas, and with
     # rescale_betas_zero_snr diffusers' alphas_cumprod[-1] = 2**-24 (not 0, so sigma stays finite).
     # That can sit above the entries just before it (linear betas: timesteps 996..998 are below 2**-24),
-    # which a VPSchedule (alpha-bar never increasing) cannot hold: those entries are raised to 2**-24,
-    # and a grid that visits one of them is refused below (diffusers would step *up* in noise there).
+    # which a VPSchedule (alpha-bar never increasing) cannot hold. The schedule is built once the visited
+    # timesteps are known (below): equal to the table at every visited one, monotone in between; a grid
+    # whose visited alpha-bars themselves increase is refused (diffusers would step *up* in noise there).
     table = scheduler.alphas_cumprod.detach().cpu().to(torch.float64)
     _check_table_length(name, table, cfg, longer_ok=True)
-    monotone = torch.flip(torch.cummax(torch.flip(table, [0]), 0).values, [0])
-    raised = monotone != table
-    schedule = VPSchedule(monotone, final_alpha_cumprod=1.0)
-    transition = make(schedule)
+    schedule = VPSchedule(torch.flip(torch.cummax(torch.flip(table, [0]), 0).values, [0]), final_alpha_cumprod=1.0)
+    transition = make(schedule)  # until the visited timesteps are known
     # The timesteps are the scheduler's own set_timesteps (on a copy): DPM-Solver's leading spacing
     # divides by T + 1, lambda_min_clipped shortens the range. The levels are those training timesteps
     # (diffusers' sigmas are the table's there), then -1 (sigma = 0) or 0 (the sigma of alphas_cumprod[0]).
@@ -667,13 +690,18 @@ def _multistep_grid(scheduler, cfg, num_inference_steps: int, check_held: bool, 
             f"timestep is already 0, whose sigma is sigma_min, so the last step would have length zero (diffusers "
             f"divides by h = 0 there). Use final_sigmas_type='zero', fewer steps, or another timestep_spacing."
         )
-    if bool(raised[timesteps.long()].any()):
-        bad = [int(t) for t in timesteps.tolist() if bool(raised[int(t)])]
+    visited = [int(t) for t in timesteps.tolist()] + ([0] if final != "zero" else [])
+    monotone = _monotone_through(table, visited)
+    if monotone is None:
+        up = [(a, b) for a, b in zip(sorted(set(visited)), sorted(set(visited))[1:]) if table[b] > table[a]]
         raise InvalidArgumentError(
-            f"{name}.set_timesteps({num_inference_steps}) visits timesteps {bad}, whose "
-            f"alphas_cumprod lie below the 2**-24 diffusers puts at the last timestep for rescale_betas_zero_snr: "
-            f"alpha-bar would increase with the noise level there. Use fewer inference steps."
+            f"{name}.set_timesteps({num_inference_steps}) visits timesteps {up[0][1]} and {up[0][0]}, and "
+            f"alphas_cumprod is larger at {up[0][1]} (rescale_betas_zero_snr puts 2**-24 at the last timestep, above "
+            f"the entries just before it): alpha-bar would increase with the noise level there, and diffusers would "
+            f"step up in noise. Use fewer inference steps, or timestep_spacing='trailing'."
         )
+    schedule = VPSchedule(monotone, final_alpha_cumprod=1.0)
+    transition = make(schedule)
     last = t_from.new_tensor([-1.0 if final == "zero" else 0.0])
     grid = transition.make_grid(TimeGrid(t_from, torch.cat([t_from[1:], last]), timesteps, schedule.kind))
     return transition, grid
@@ -707,7 +735,8 @@ def _unipc(scheduler, cfg, num_inference_steps: int, check_held: bool = True, mu
                       "UniPCSkip applies the corrector at every step after the first", "Use disable_corrector=[].")
     solver_type = cfg.get("solver_type", "bh2")
     lower_final = bool(cfg.get("lower_order_final", True))
-    if order == 2 and not lower_final and cfg.get("final_sigmas_type", "zero") == "zero":
+    # (one step: its only step is first order, as in diffusers, and taken)
+    if order == 2 and not lower_final and cfg.get("final_sigmas_type", "zero") == "zero" and num_inference_steps > 1:
         _refuse_unipc("lower_order_final", False,
                       "with final_sigmas_type='zero' the last step is second order into sigma = 0, where "
                       "diffusers' UniP divides by r = 0 and returns NaN or inf",
@@ -722,6 +751,24 @@ def _unipc(scheduler, cfg, num_inference_steps: int, check_held: bool = True, mu
                                            lambda schedule: UniPCSkip(schedule, **options), mu)
     transition.final_level = float(grid.t_to[-1])
     return transition, grid
+
+
+def _monotone_through(table: torch.Tensor, visited: Sequence[int]) -> Optional[torch.Tensor]:
+    """A non-increasing alpha-bar table equal to ``table`` at the ``visited`` timesteps (the only levels a grid's
+    steps read), or None where the table increases from one visited timestep to the next. In between, each entry
+    is clamped between its visited neighbours' values, then raised to the largest entry after it."""
+    v = torch.tensor(sorted(set(visited)), dtype=torch.long)
+    vals = table[v]
+    if bool((vals[1:] > vals[:-1]).any()):
+        return None
+    t = torch.arange(table.numel())
+    below = torch.searchsorted(v, t, right=True) - 1  # the largest visited timestep <= t, or -1
+    hi = torch.where(below >= 0, vals[below.clamp(min=0)], torch.full_like(table, math.inf))
+    above = below + 1  # the smallest visited timestep > t, or len(v)
+    lo = torch.where(above < len(v), vals[above.clamp(max=len(v) - 1)], torch.zeros_like(table))
+    out = torch.minimum(torch.maximum(table, lo), hi)
+    out[v] = vals
+    return torch.flip(torch.cummax(torch.flip(out, [0]), 0).values, [0])
 
 
 def _dpm_on_sigmas(scheduler, cfg, num_inference_steps: int, check_held: bool, option: str, make, name: str,
@@ -933,8 +980,9 @@ def _euler(scheduler, cfg, num_inference_steps: int, check_held: bool = True, na
             )
         raise InvalidArgumentError(
             f"{name}.set_timesteps({num_inference_steps}) gives sigmas {_short(levels)}, which do not decrease "
-            f"strictly from a positive value (more steps than distinct noise levels, or a zero-terminal-SNR table "
-            f"whose last entries cross). Use fewer inference steps or another timestep_spacing."
+            f"strictly from a positive value" + (_sigma_min_last_step(levels, cfg) or
+            " (more steps than distinct noise levels, or a zero-terminal-SNR table whose last entries cross). Use "
+            "fewer inference steps or another timestep_spacing.")
         )
     # alpha-bar of each sigma, from the clean end (level 0 = the last sigma) to the noisiest (level n)
     table = torch.flip(C.vp_abar_of_sigma(levels), [0])
