@@ -25,7 +25,12 @@ overhead as a fraction of one model call:
   (timed with a free predictor);
 * ``contention_frac``: how much slower one call gets inside the distributed runs, both processes
   computing, than alone (shared cores, caches, memory bandwidth) -- a cost of the machine, not of
-  the executor.
+  the executor;
+* ``bare_speedup``: the same sampler with a bare SPMD executor (each process calls the model on its
+  share and ``dist.all_gather`` returns the predictions; no status exchange, no consistency or fault
+  checks, no timeout), timed in the same repeats: the ceiling this machine and gloo allow, so
+  ``executor_cost_frac``, the median over repeats of DistributedExecutor's time over the bare loop's
+  (run back to back, in alternating order), minus 1, is what the executor's checks and bounded waits cost.
 
 On a machine with other work running the numbers are noisy (each process needs a core of its own).
 
@@ -52,7 +57,7 @@ __all__ = ["run", "format_table"]
 
 _SETTINGS = {
     # T, repeats of each timed sampling run, MLP size, executor-level rounds timed
-    False: dict(steps=50, repeats=5, batch=64, dim=64, hidden=2048, depth=4, rounds=40),
+    False: dict(steps=50, repeats=9, batch=64, dim=64, hidden=2048, depth=4, rounds=40),
     True: dict(steps=20, repeats=2, batch=64, dim=64, hidden=2048, depth=4, rounds=15),
 }
 
@@ -104,6 +109,32 @@ def _problem(s: dict):
 # ------------------------------------------------------------------------------------------ workers
 
 
+def _bare_executor(rank: int, world: int):
+    """The least an SPMD executor can do: this process's share of the drafts (as DistributedExecutor splits
+    them: the first ``k % world`` ranks one more; one draft is rank 0's), one ``all_gather`` of the
+    predictions padded to the largest share. No status, checks or timeout: a baseline, not for use."""
+    import torch
+    import torch.distributed as dist
+
+    from driffusion_core import Executor
+
+    class BareSPMD(Executor):
+        def evaluate(self, predictor, xs, ts, cond=None):
+            k = xs.shape[0]
+            sizes = [k // world + (r < k % world) for r in range(world)]
+            start = sum(sizes[:rank])
+            mine = [predictor(xs[j], ts[j], **(cond or {})) for j in range(start, start + sizes[rank])]
+            # (the predictions have the state's shape and dtype: this study's eps-predictor)
+            buf = torch.zeros((max(sizes), *xs.shape[1:]), dtype=xs.dtype)
+            if mine:
+                buf[: len(mine)] = torch.stack(mine)
+            outs = [torch.empty_like(buf) for _ in range(world)]
+            dist.all_gather(outs, buf)
+            return torch.cat([o[:n] for o, n in zip(outs, sizes)])
+
+    return BareSPMD()
+
+
 def _worker(s: dict, rank: int) -> dict:
     """One of the 2 processes. Rank 0 also times the serial sampler while rank 1 waits at a barrier,
     alternating with the distributed runs, so both see the same machine load."""
@@ -152,23 +183,34 @@ def _worker(s: dict, rank: int) -> dict:
 
     sched = core.DraftRefineScheduler(transition, grid, width=2, mode="aggressive")
     out = sched.sample(predictor, x, executor=ex)  # warm-up
-    serial_times, dist_times = [], []
-    for _ in range(s["repeats"]):
+    bare = _bare_executor(rank, 2)
+    bare_out = sched.sample(predictor, x, executor=bare)
+    serial_times, dist_times, bare_times = [], [], []
+    for i in range(s["repeats"]):
         dist.barrier()
         if rank == 0:
             t0 = time.perf_counter()
             ref = solvers.sample_serial(predictor, x, transition, grid)
             serial_times.append(time.perf_counter() - t0)
-        dist.barrier()
-        t0 = time.perf_counter()
-        out = sched.sample(timed, x, executor=ex)
-        dist_times.append(time.perf_counter() - t0)
+        # DistributedExecutor and the bare loop back to back, in alternating order (a pair sees one machine load)
+        for which in ((ex, bare) if i % 2 == 0 else (bare, ex)):
+            dist.barrier()
+            t0 = time.perf_counter()
+            if which is ex:
+                out = sched.sample(timed, x, executor=ex)
+                dist_times.append(time.perf_counter() - t0)
+            else:
+                bare_out = sched.sample(predictor, x, executor=bare)
+                bare_times.append(time.perf_counter() - t0)
     result = {
         "call_alone_s": call_alone,
         "round_list": rounds,
         "call_list": round_calls,
         "sampling_calls": calls,
         "dist_s": statistics.median(dist_times),
+        "bare_s": statistics.median(bare_times),
+        "pair_ratios": [a / b for a, b in zip(dist_times, bare_times)],
+        "bare_matches": bool(torch.equal(bare_out.x, out.x)),
         "rounds": out.rounds,
         "evals": out.evals,
         "describe": ex.describe(),
@@ -241,7 +283,8 @@ def run(quick: bool = False, **overrides) -> Dict[str, float]:
         (medians), ``speedup``, ``ideal_speedup`` (T / rounds), ``efficiency`` (speedup / ideal),
         ``round_ms`` (an executor-level round of 2 drafts), ``exchange_ms`` (its part after the slower
         call), ``comm_overhead_frac`` (with its parts ``exchange_frac`` and ``imbalance_frac``, separate medians),
-        ``round_overhead_frac``, ``sched_overhead_frac``, ``contention_frac``,
+        ``round_overhead_frac``, ``sched_overhead_frac``, ``contention_frac``, ``bare_s``, ``bare_speedup``,
+        ``executor_cost_frac``,
         ``matches_serial_executor``, ``executor`` and ``mlp``.
     """
     s = dict(_SETTINGS[bool(quick)])
@@ -255,6 +298,10 @@ def run(quick: bool = False, **overrides) -> Dict[str, float]:
         d0, d1 = _spawn("dist", s, [0, 1], deadline=180.0 + 6.0 * s["repeats"] * s["steps"])
     call = d0["call_alone_s"]
     dist_s = max(d0["dist_s"], d1["dist_s"])
+    bare_s = max(d0["bare_s"], d1["bare_s"])
+    if not (d0["bare_matches"] and d1["bare_matches"]):
+        raise RuntimeError("the bare SPMD baseline's sample differs from DistributedExecutor's: its timing would not be "
+                           "of the same computation")
     # per executor round: the round takes as long as the slower process's call plus the exchange
     per_round = [(max(a, b), max(c, d)) for a, b, c, d in
                  zip(d0["round_list"], d1["round_list"], d0["call_list"], d1["call_list"])]
@@ -285,6 +332,10 @@ def run(quick: bool = False, **overrides) -> Dict[str, float]:
         "round_overhead_frac": (dist_s / rounds - call_both) / call_both,
         "sched_overhead_frac": d0["sched_s"] / call_both,
         "contention_frac": (call_both - call) / call,
+        "bare_s": bare_s,
+        "bare_speedup": d0["serial_s"] / bare_s,
+        # paired: each repeat's DistributedExecutor time over its bare-loop time (the slower rank's), median
+        "executor_cost_frac": statistics.median(max(a, b) for a, b in zip(d0["pair_ratios"], d1["pair_ratios"])) - 1.0,
         "matches_serial_executor": d0["matches_serial_executor"],
         "executor": d0["describe"],
         "mlp": f"batch {s['batch']}, dim {s['dim']}, hidden {s['hidden']}, depth {s['depth']}, 1 thread/process",
@@ -305,6 +356,8 @@ def format_table(r: Dict[str, float]) -> str:
         ("per-round overhead / call", f"{100 * r['round_overhead_frac']:.1f}%"),
         ("  of which scheduler bookkeeping", f"{100 * r['sched_overhead_frac']:.1f}%"),
         ("call slowdown with both processes busy", f"{100 * r['contention_frac']:.1f}%"),
+        ("bare SPMD loop, no checks (this machine's ceiling)", f"{r['bare_s']:.3f} s, {r['bare_speedup']:.2f}x"),
+        ("DistributedExecutor's cost over the bare loop", f"{100 * r['executor_cost_frac']:.1f}%"),
         ("result equals the serial executor's", str(r["matches_serial_executor"])),
     ]
     w = max(len(a) for a, _ in rows)

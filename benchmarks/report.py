@@ -232,8 +232,10 @@ executor round of 2 drafts minus one model call, over one call, with two of its 
 round after the slower process's call ended: the all-gather and the executor's checks) and `imbalance_frac`
 (how much longer the slower of the two calls took than a median call); each is a median of its own, and
 medians do not add, so the parts need not sum to `comm_overhead_frac`; `round_overhead_frac` = the sampler's
-time per round minus one call, over one call; `matches_serial_executor`: the 2-process sample equals
-the one-process `SerialExecutor` sample bit for bit."""
+time per round minus one call, over one call; `bare_speedup`: the same sampler with a bare SPMD loop
+(model call on each share, one `all_gather`, no checks or timeout), this machine's ceiling; `executor_cost_frac`:
+DistributedExecutor's time over the bare loop's, paired per repeat, median, minus 1; `matches_serial_executor`:
+the 2-process sample equals the one-process `SerialExecutor` sample bit for bit."""
 
 
 QUICK_DISTRIBUTED_CAVEAT = ("Quick run: this distributed row is not representative (a short grid, T = {steps}, and fewer "
