@@ -110,18 +110,18 @@ def _problem(s: dict):
 
 
 def _bare_executor(rank: int, world: int):
-    """The least an SPMD executor can do: this process's share of the drafts (as DistributedExecutor splits
-    them: the first ``k % world`` ranks one more; one draft is rank 0's), one ``all_gather`` of the
-    predictions padded to the largest share. No status, checks or timeout: a baseline, not for use."""
+    """The least an SPMD executor can do: this process's share of the drafts (``even_shares``, as
+    DistributedExecutor splits them), one ``all_gather`` of the predictions padded to the largest share.
+    No status, checks or timeout: a baseline, not for use."""
     import torch
     import torch.distributed as dist
 
     from driffusion_core import Executor
+    from driffusion_core.executor import even_shares
 
     class BareSPMD(Executor):
         def evaluate(self, predictor, xs, ts, cond=None):
-            k = xs.shape[0]
-            sizes = [k // world + (r < k % world) for r in range(world)]
+            sizes = even_shares(xs.shape[0], world)
             start = sum(sizes[:rank])
             mine = [predictor(xs[j], ts[j], **(cond or {})) for j in range(start, start + sizes[rank])]
             # (the predictions have the state's shape and dtype: this study's eps-predictor)

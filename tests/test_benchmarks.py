@@ -941,6 +941,8 @@ def test_distributed_speedup_study_runs_small():
     assert (r["steps"], r["rounds"], r["evals"]) == (T, 1 + math.ceil((T - 1) / 2), T)
     assert r["ideal_speedup"] == T / r["rounds"]
     assert min(r["call_ms"], r["serial_s"], r["distributed_s"], r["round_ms"], r["exchange_ms"]) > 0
+    # the bare loop's sample is checked equal inside run(); its speedup is the serial time over its own
+    assert r["bare_s"] > 0 and r["bare_speedup"] == r["serial_s"] / r["bare_s"] and r["executor_cost_frac"] > -1
     assert r["exchange_ms"] <= r["round_ms"]
     assert "world_size=2" in r["executor"]
 

@@ -643,15 +643,13 @@ def _multistep_grid(scheduler, cfg, num_inference_steps: int, check_held: bool, 
     # whose visited alpha-bars themselves increase is refused (diffusers would step *up* in noise there).
     table = scheduler.alphas_cumprod.detach().cpu().to(torch.float64)
     _check_table_length(name, table, cfg, longer_ok=True)
-    schedule = VPSchedule(torch.flip(torch.cummax(torch.flip(table, [0]), 0).values, [0]), final_alpha_cumprod=1.0)
-    transition = make(schedule)  # until the visited timesteps are known
+    num_train = table.numel()
     # The timesteps are the scheduler's own set_timesteps (on a copy): DPM-Solver's leading spacing
     # divides by T + 1, lambda_min_clipped shortens the range. The levels are those training timesteps
     # (diffusers' sigmas are the table's there), then -1 (sigma = 0) or 0 (the sigma of alphas_cumprod[0]).
     if cfg.get("timestep_spacing", "linspace") == "trailing":
         clipped = int(torch.searchsorted(torch.flip(scheduler.lambda_t, [0]), cfg.get("lambda_min_clipped", -float("inf"))))
-        _trailing_off_by_one(name, schedule.num_train_timesteps, num_inference_steps,
-                             last=schedule.num_train_timesteps - clipped)
+        _trailing_off_by_one(name, num_train, num_inference_steps, last=num_train - clipped)
     timesteps = _probe(scheduler, num_inference_steps, **_dynamic_kwargs(cfg, mu, name))[1]
     held = getattr(scheduler, "timesteps", None)
     if check_held and getattr(scheduler, "num_inference_steps", None) and isinstance(held, torch.Tensor):
@@ -667,13 +665,14 @@ def _multistep_grid(scheduler, cfg, num_inference_steps: int, check_held: bool, 
                 f"...)), which from_diffusers does not reproduce for it (it builds the config's "
                 f"set_timesteps({num_inference_steps})). Call scheduler.set_timesteps({num_inference_steps}) first "
                 f"(or pass scheduler.config) to sample with the config's timesteps, or drive "
-                f"{type(transition).__name__}(VPSchedule(scheduler.alphas_cumprod)) with your own TimeGrid of those levels."
+                f"{type(make(VPSchedule(_non_increasing(table)))).__name__}(VPSchedule(scheduler.alphas_cumprod)) "
+                f"with your own TimeGrid of those levels."
             )
     t_from = timesteps.to(torch.float64)
-    if float(t_from.max()) > schedule.num_train_timesteps - 1:
+    if float(t_from.max()) > num_train - 1:
         raise InvalidArgumentError(
             f"{name}.set_timesteps({num_inference_steps}) lists timestep {int(t_from.max())}, past the last training "
-            f"timestep {schedule.num_train_timesteps - 1} (timestep_spacing={cfg.get('timestep_spacing', 'linspace')!r}, "
+            f"timestep {num_train - 1} (timestep_spacing={cfg.get('timestep_spacing', 'linspace')!r}, "
             f"steps_offset={cfg.get('steps_offset', 0)}): diffusers clamps its sigma and calls the model at a time "
             f"it was not trained for. Use fewer inference steps, steps_offset=0, or timestep_spacing='trailing'."
         )
@@ -768,7 +767,12 @@ def _monotone_through(table: torch.Tensor, visited: Sequence[int]) -> Optional[t
     lo = torch.where(above < len(v), vals[above.clamp(max=len(v) - 1)], torch.zeros_like(table))
     out = torch.minimum(torch.maximum(table, lo), hi)
     out[v] = vals
-    return torch.flip(torch.cummax(torch.flip(out, [0]), 0).values, [0])
+    return _non_increasing(out)
+
+
+def _non_increasing(table: torch.Tensor) -> torch.Tensor:
+    """Each entry raised to the largest entry after it: the smallest non-increasing table above ``table``."""
+    return torch.flip(torch.cummax(torch.flip(table, [0]), 0).values, [0])
 
 
 def _dpm_on_sigmas(scheduler, cfg, num_inference_steps: int, check_held: bool, option: str, make, name: str,
