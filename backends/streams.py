@@ -6,8 +6,10 @@ them (inputs copied to that device without blocking the host, the replica run un
 ``torch.cuda.stream``), so the devices work at the same time while the Python thread only queues
 kernels; the predictions are then gathered back, in draft order, onto the device of the inputs.
 
-Several streams may share one GPU (``devices=["cuda:0", "cuda:0"]``): small models that leave the GPU
-idle between kernels then overlap their rounds' drafts.
+Several streams may share one GPU (``devices=["cuda:0", "cuda:0"]``), but measured on an H200 that gains
+nothing for models bound by kernel launches (0.86 to 1.11x for a 6.5 M-parameter UNet at batch size 1,
+``benchmarks/results/gpu``): one Python thread launches every stream's kernels in turn. On one GPU use
+``BatchedExecutor``; streams pay off across several GPUs, with models that keep each one busy.
 
 Synchronisation: every side stream first waits for the work queued on the inputs' stream (so it reads
 finished inputs); the inputs' stream waits for every side stream before the gathered result is used

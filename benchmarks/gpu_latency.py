@@ -15,6 +15,11 @@ and reports the wall-clock speedup over the serial sampler next to the rounds sp
 largest difference of each executor's sample from ``SerialExecutor``'s for the same scheduler
 (the executor invariant; batched kernels may round differently, so it is reported, not asserted).
 
+TF32: torch lets cuDNN convolutions use TF32 by default (``torch.backends.cudnn.allow_tf32``), and cuDNN
+picks its kernels by batch size, so on a GPU a batched call can differ from one-sample calls by TF32's
+1e-3 relative rounding, which 50 steps carry into the sample. ``--strict-fp32`` turns TF32 off (cuDNN and
+matmul) for the run, to see the executor invariant at float32 rounding; the settings used are recorded.
+
 Models: the trained digits eps-UNet (8x8, 0.29 M parameters) and, when diffusers is installed, a
 ``UNet2DModel`` at 32x32 built from a config with random weights (timing does not depend on the
 weights). Nothing is downloaded. On a CPU the module runs too (``--device cpu``), which is how the
@@ -96,11 +101,27 @@ def run(
     batch: int = 1,
     include_diffusers: bool = True,
     tick: Callable[[str], None] = lambda _: None,
+    strict_fp32: bool = False,
 ) -> dict:
-    """Time every configuration on ``device``; returns the rows and the machine's description."""
+    """Time every configuration on ``device``; returns the rows and the machine's description.
+
+    ``strict_fp32``: TF32 off for cuDNN convolutions and matmuls during the run (restored after)."""
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("benchmarks.gpu_latency: CUDA is not available here; pass --device cpu to try it on the CPU.")
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    if strict_fp32:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        result = _run(dev, steps, widths, repeats, batch, include_diffusers, tick)
+        result["tf32"] = {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    return result
+
+
+def _run(dev: torch.device, steps: int, widths: Sequence[int], repeats: int, batch: int, include_diffusers: bool,
+         tick: Callable[[str], None]) -> dict:
     transition, grid, _ = family("ddim", steps)
     T = len(grid)
     models = gpu_models(dev, batch, include_diffusers)
@@ -168,7 +189,9 @@ def run(
 def to_markdown(result: dict) -> str:
     """The table, one section per model."""
     lines = [f"# Latency on {result['device']} ({result['device_type']}, torch {result['torch']})", "",
-             f"T = {result['num_steps']} DDIM steps, medians of {result['repeats']} interleaved repeats. "
+             f"T = {result['num_steps']} DDIM steps, medians of {result['repeats']} interleaved repeats; TF32 "
+             f"{'on' if result['tf32']['cudnn'] else 'off'} for cuDNN convolutions, "
+             f"{'on' if result['tf32']['matmul'] else 'off'} for matmuls. "
              "Speedup: the serial sampler's wall-clock over the row's; rounds speedup T / rounds is the ceiling. "
              "Max diff: largest |x - x_SerialExecutor| for the same scheduler (executor invariant).", ""]
     for m in result["models"]:
@@ -193,6 +216,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--batch", type=count(), default=1)
     p.add_argument("--widths", type=count_list(), default=[1, 2, 3, 4], help="comma-separated widths")
     p.add_argument("--no-diffusers", action="store_true", help="time the digits UNet only")
+    p.add_argument("--strict-fp32", action="store_true",
+                   help="TF32 off for cuDNN convolutions and matmuls (torch allows it for convolutions by default)")
     p.add_argument("--out", type=out_dir, default=None, help="folder for gpu_latency.md and gpu_latency.json")
     a = p.parse_args(argv)
     try:
@@ -211,7 +236,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if device.index is not None and device.type != "cpu" and device.index >= backend.device_count():
         p.error(f"--device {a.device}: there are {backend.device_count()} {device.type} device(s) here "
                 f"(indices from 0)")
-    result = run(a.device, a.steps, a.widths, a.repeats, a.batch, not a.no_diffusers)
+    result = run(a.device, a.steps, a.widths, a.repeats, a.batch, not a.no_diffusers, strict_fp32=a.strict_fp32)
     text = to_markdown(result)
     print(text)
     if a.out:

@@ -919,11 +919,15 @@ def test_gpu_latency_module_runs_on_the_cpu(tmp_path):
             assert r["max_diff_vs_serial_executor"] < 1e-3, r
         assert r["seconds"] > 0 and r["speedup"] == pytest.approx(
             next(s["seconds"] for s in rows if s["model"] == r["model"] and s["method"] == "serial sampler") / r["seconds"])
+    assert res["tf32"] == {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
     assert gpu_latency.main(["--device", "cpu", "--steps", "4", "--widths", "1,2", "--repeats", "1",
-                             "--no-diffusers", "--out", str(tmp_path)]) == 0
+                             "--no-diffusers", "--strict-fp32", "--out", str(tmp_path)]) == 0
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == saved  # restored
     text = (tmp_path / "gpu_latency.md").read_text()
-    assert "| DRiffusion aggressive | BatchedExecutor | 2 |" in text
-    assert json.loads((tmp_path / "gpu_latency.json").read_text())["num_steps"] == 4
+    assert "| DRiffusion aggressive | BatchedExecutor | 2 |" in text and "TF32 off for cuDNN convolutions, off" in text
+    written = json.loads((tmp_path / "gpu_latency.json").read_text())
+    assert written["num_steps"] == 4 and written["tf32"] == {"cudnn": False, "matmul": False}
 
 
 @pytest.mark.distributed

@@ -420,6 +420,31 @@ def test_sampling_end_to_end_equals_serial(family):
         assert torch.isfinite(run["x"]).all()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.distributed.is_nccl_available()),
+                    reason="needs CUDA and a torch build with nccl")
+def test_nccl_sampling_equals_serial_on_every_gpu():
+    """nccl, launched as torchrun would (one process per GPU, at least one): every family and mode equals the
+    SerialExecutor on the same GPU, and the ranks agree bit for bit. (nccl refuses two ranks on one GPU, so a
+    one-GPU machine runs one rank: the nccl data path and the gloo side group, without a second process.)"""
+    world = max(1, torch.cuda.device_count())
+    results, codes, _, logs = _launch("nccl_e2e", world=world, deadline=240.0, use_env=True)
+    _need(results, list(range(world)), logs)
+    assert codes == [0] * world, logs
+    runs = results[0]["runs"]
+    assert "nccl" in runs["describe"] and runs["device"] == "cuda:0", runs["describe"]
+    assert len(runs) == 2 + 12
+    for key, run in runs.items():
+        if not isinstance(run, dict):
+            continue
+        assert run["device"] == "cuda:0", key
+        torch.testing.assert_close(run["x"], run["x_serial"], rtol=1e-5, atol=1e-6, msg=f"{key}: nccl != serial")
+        assert run["rounds"] == run["rounds_serial"] and run["evals"] == run["evals_serial"], key
+        assert torch.isfinite(run["x"]).all(), key
+        for r in range(1, world):
+            assert torch.equal(run["x"], results[r]["runs"][key]["x"]), f"{key}: rank {r} differs from rank 0"
+
+
 @pytest.mark.parametrize("what", ["dtype", "k", "shape", "one_draft"])
 def test_one_rank_diverging_after_the_first_round_is_explained(what):
     """After a round that fixed the fused exchange's size, rank 1 alone changes its dtype, K, batch or
@@ -692,14 +717,14 @@ def _predictor(x, t, scale=None, tag="plain"):
     return y
 
 
-def _init(rank, world, port, use_env):
+def _init(rank, world, port, use_env, backend="gloo"):
     import torch.distributed as dist
 
     from backends import init_from_env
 
     torch.set_num_threads(1)
     if use_env:
-        env = init_from_env(backend="gloo", timeout=30)
+        env = init_from_env(backend=backend, timeout=30)
         assert env.rank == rank and env.world_size == world
     else:
         dist.init_process_group(
@@ -1393,6 +1418,40 @@ def _scenario_setup_dies(rank, world):
     return _fault_result(lambda: DistributedExecutor(timeout=TIMEOUT, diagnose_timeout=DIAGNOSE))
 
 
+def _e2e_nccl(rank, world):
+    """Every family through DistributedExecutor over nccl: states on this rank's GPU (cuda:LOCAL_RANK), the
+    predictions exchanged over nccl and the status over the automatic gloo side group."""
+    import driffusion_core as core
+    import solvers
+    import torch.distributed as dist
+    from backends import DistributedExecutor, SerialExecutor
+
+    assert dist.get_backend() == "nccl"
+    dev = torch.device("cuda", rank)
+    mixture = solvers.ring_mixture(4)
+    vp, flow = core.VPSchedule.linear(), core.FlowSchedule()
+    cases = {
+        "ddpm": (solvers.DDPMSkip(vp), mixture.predictor(vp, "epsilon"), vp.timesteps(10)),
+        "ddim": (solvers.DDIMSkip(vp, eta=0.5), mixture.predictor(vp, "epsilon"), vp.timesteps(10)),
+        "flow": (solvers.FlowEulerSkip(flow), mixture.predictor(flow, "velocity"), flow.timesteps(10)),
+    }
+    ex = DistributedExecutor(timeout=30)
+    runs = {"describe": ex.describe(3), "device": str(ex.device)}
+    for family, (transition, predictor, grid) in cases.items():
+        for mode in ("aggressive", "conservative"):
+            for width in (2, 3):
+                sched = core.DraftRefineScheduler(transition, grid, width=width, mode=mode)
+                x = core.NoiseSource(123).initial((6, 2), device=dev)
+                got = sched.sample(predictor, x, executor=ex, noise=core.NoiseSource(7))
+                ref = sched.sample(predictor, x, executor=SerialExecutor(), noise=core.NoiseSource(7))
+                runs[f"{family}-{mode}-n{width}"] = {
+                    "x": got.x.cpu(), "x_serial": ref.x.cpu(), "device": str(got.x.device), "rounds": got.rounds,
+                    "rounds_serial": ref.rounds, "evals": got.evals, "evals_serial": ref.evals,
+                }
+    torch.cuda.synchronize(dev)
+    return {"runs": runs}
+
+
 def _e2e(family):
     import driffusion_core as core
     import solvers
@@ -1453,6 +1512,7 @@ SCENARIOS = {
     "interrupt_SystemExit": lambda rank, world: _scenario_interrupt(rank, world, "SystemExit"),
     "hang3": lambda rank, world: _scenario_hang(rank, world, hung=2, timeout=HANG3_TIMEOUT, diagnose=HANG3_DIAGNOSE),
     "setup_dies": _scenario_setup_dies,
+    "nccl_e2e": _e2e_nccl,
     "e2e_ddpm": lambda rank, world: _e2e("ddpm"),
     "e2e_ddim": lambda rank, world: _e2e("ddim"),
     "e2e_flow": lambda rank, world: _e2e("flow"),
@@ -1462,7 +1522,7 @@ SCENARIOS = {
 
 def _child_main(argv):
     scenario, rank, world, port, outdir, use_env = argv[0], int(argv[1]), int(argv[2]), int(argv[3]), argv[4], argv[5] == "1"
-    _init(rank, world, port, use_env)
+    _init(rank, world, port, use_env, backend="nccl" if scenario.startswith("nccl") else "gloo")
     result = SCENARIOS[scenario](rank, world)
     torch.save(result, Path(outdir) / f"rank{rank}.pt")
     sys.stdout.flush()

@@ -964,7 +964,10 @@ def _euler(scheduler, cfg, num_inference_steps: int, check_held: bool = True, na
         _refuse_held_custom(scheduler, name, num_inference_steps)
     n = len(ts)
     levels = sig[: n + 1].to(torch.float64)  # diffusers' loop steps sigmas[i] -> sigmas[i + 1], i < len(timesteps)
-    if n >= 1 and float(levels[-1]) == float(levels[-2]) > 0 and bool((levels[1:-1] < levels[:-2]).all()):
+    # sigmas read off the timestep spacing (not Karras / exponential / beta sigmas, whose last step is named below)
+    spaced = not any(cfg.get(k) for k in _DPM_SIGMAS)
+    if (spaced and n >= 1 and float(levels[-1]) == float(levels[-2]) > 0
+            and bool((levels[1:-1] < levels[:-2]).all())):
         raise InvalidArgumentError(
             f"{name}(final_sigmas_type={cfg.get('final_sigmas_type')!r}) with {num_inference_steps} steps: the last "
             f"timestep is already 0 (timestep_spacing={cfg.get('timestep_spacing', 'linspace')!r}), whose sigma is "
