@@ -84,7 +84,8 @@ class NoiseSource:
             z = torch.stack(rows) if rows else torch.empty(shape)
         else:
             z = self._draw(self._key(step), shape)
-        return z.to(device=device, dtype=dtype)
+        # to a GPU without a stream synchronisation (pageable memory is staged before the call returns)
+        return z.to(device=device, dtype=dtype, non_blocking=True)
 
     def initial(self, shape: Union[int, Sequence[int]], dtype: torch.dtype = torch.float32,
                 device: Optional[torch.device] = None) -> torch.Tensor:

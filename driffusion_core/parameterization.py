@@ -65,6 +65,29 @@ class Prediction(str, enum.Enum):
             raise InvalidArgumentError(f"Unknown prediction type {value!r}; use one of {names}.") from None
 
 
+def cast_coef(c: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``c.to(device, dtype)``, remembered on ``c`` itself for the next call.
+
+    The transitions cache their float64 coefficients per step and per window, so a sampler casts the same
+    tensors in every round and every sample: on a GPU each cast of a per-row coefficient would be a blocking
+    host-to-device copy (a stream synchronisation) per round. The copy lives as long as ``c`` does, is made
+    outside ``torch.inference_mode`` (a normal tensor, which a later sample that tracks gradients may use),
+    and is remade if ``c`` is written in place."""
+    if c.device == device and c.dtype == dtype:
+        return c
+    if c.is_inference():  # made under inference mode (not one of the cached ones): no version counter to watch
+        return c.to(device=device, dtype=dtype)
+    key = (device, dtype)
+    casts = c.__dict__.get("_driffusion_casts")
+    if casts is None or casts[0] != c._version:
+        casts = c.__dict__["_driffusion_casts"] = (c._version, {})
+    hit = casts[1].get(key)
+    if hit is None:
+        with torch.inference_mode(False):
+            hit = casts[1][key] = c.to(device=device, dtype=dtype)
+    return hit
+
+
 def broadcast_coef(c, x: torch.Tensor):
     """A float64 coefficient (scalar or one per row) cast to x's dtype/device, shaped to broadcast over x.
     A scalar for a CUDA state stays a CPU scalar tensor (in x's dtype): CUDA kernels take it as an argument,
@@ -72,8 +95,8 @@ def broadcast_coef(c, x: torch.Tensor):
     if not isinstance(c, torch.Tensor):
         return c
     if c.dim() == 0 and c.device.type == "cpu" and x.device.type == "cuda":
-        return c.to(dtype=x.dtype)
-    c = c.to(device=x.device, dtype=x.dtype)
+        return cast_coef(c, c.device, x.dtype)
+    c = cast_coef(c, x.device, x.dtype)
     if c.dim() == 0:
         return c
     if c.shape[0] != x.shape[0]:
@@ -101,6 +124,32 @@ def _any_nonpositive(c) -> bool:
     return c.item() <= 0 if c.dim() == 0 else bool((c <= 0).any())
 
 
+def _check_epsilon_alpha(prediction: Prediction, alpha) -> None:
+    if prediction is Prediction.EPSILON and _any_nonpositive(alpha):
+        raise InvalidArgumentError(
+            "An epsilon prediction cannot give x0_hat where alpha = 0 (zero terminal SNR, or sigma = 1 in flow "
+            "matching): x0_hat = (x - sigma * eps) / 0. Use a v_prediction, sample or velocity model there."
+        )
+
+
+def _conversion(prediction: Prediction, alpha, sigma):
+    """``x0_eps_coefficients(prediction, alpha, sigma)``, remembered on ``alpha`` for the same ``sigma``: the
+    transitions pass their cached (alpha, sigma) of a step, so the float64 divisions are done once per step,
+    not per call (the same values: bit for bit the result without the memo). Remade if either tensor is
+    written in place; never kept for inference tensors or non-tensors."""
+    if not (isinstance(alpha, torch.Tensor) and isinstance(sigma, torch.Tensor)) or alpha.is_inference() \
+            or sigma.is_inference():
+        return C.x0_eps_coefficients(prediction.value, alpha, sigma)
+    stamp = (prediction, sigma, alpha._version, sigma._version)
+    memo = alpha.__dict__.get("_driffusion_conversion")
+    if memo is not None and memo[0][0] is prediction and memo[0][1] is sigma and memo[0][2:] == stamp[2:]:
+        return memo[1]
+    with torch.inference_mode(False):
+        conv = C.x0_eps_coefficients(prediction.value, alpha, sigma)
+    alpha.__dict__["_driffusion_conversion"] = (stamp, conv)
+    return conv
+
+
 def to_x0_eps(
     prediction: Prediction,
     x: torch.Tensor,
@@ -115,12 +164,8 @@ def to_x0_eps(
     ``x0_transform`` (clipping / thresholding) is applied to x0_hat; like diffusers, eps_hat is
     re-derived from the transformed x0_hat only if ``recompute_eps`` (``use_clipped_model_output``).
     """
-    if prediction is Prediction.EPSILON and _any_nonpositive(alpha):
-        raise InvalidArgumentError(
-            "An epsilon prediction cannot give x0_hat where alpha = 0 (zero terminal SNR, or sigma = 1 in flow "
-            "matching): x0_hat = (x - sigma * eps) / 0. Use a v_prediction, sample or velocity model there."
-        )
-    (a_x, a_p), (b_x, b_p) = C.x0_eps_coefficients(prediction.value, alpha, sigma)
+    _check_epsilon_alpha(prediction, alpha)
+    (a_x, a_p), (b_x, b_p) = _conversion(prediction, alpha, sigma)
     x0_hat = lincomb(x, a_x, pred, a_p)
     eps_hat = lincomb(x, b_x, pred, b_p)
     if x0_transform is not None:

@@ -32,7 +32,7 @@ from driffusion_core import coefficients as C
 from driffusion_core.errors import DeviceMismatchError, InvalidArgumentError, InvalidTimestepsError, as_count, as_flag
 from driffusion_core.grid import TimeGrid, refuse_bool_or_complex
 from driffusion_core.parameterization import (
-    Prediction, X0Transform, check_prediction, check_x0_transform, to_x0_eps, upcast,
+    Prediction, X0Transform, cast_coef, check_prediction, check_x0_transform, to_x0_eps, upcast,
 )
 from driffusion_core.schedules import Schedule
 
@@ -363,7 +363,10 @@ class SkipTransition(abc.ABC):
         if hit is None:
             if len(cache) >= limit:
                 cache.clear()
-            hit = cache[key] = make()
+            # normal tensors even when the first sample runs under torch.inference_mode: a later sample that
+            # tracks gradients reuses them, and autograd refuses to save inference tensors
+            with torch.inference_mode(False):
+                hit = cache[key] = make()
         return hit
 
     # ----------------------------------------------------------------- drafts
@@ -488,12 +491,12 @@ class SkipTransition(abc.ABC):
             At, Bt, W = self._chain(t_from[1:], t_to[1:])
             x_up, pred_up, first = upcast(x, pred, out[0])  # float16 / bfloat16: in float32, cast once
             x0_hat, _ = self.to_x0_eps(x_up, pred_up, t_from[0])
-            per_draft = lambda c: c.to(device=x.device, dtype=first.dtype).reshape(n - 1, *([1] * x.dim()))
+            per_draft = lambda c: cast_coef(c, x.device, first.dtype).reshape(n - 1, *([1] * x.dim()))
             rest = per_draft(At) * x0_hat + per_draft(Bt) * first
             if noises is not None:
                 (flat,) = upcast(noises[1:].reshape(n - 1, -1))
                 with full_precision(flat.device):
-                    rest = rest + (W.to(device=flat.device, dtype=flat.dtype) @ flat).reshape(rest.shape)
+                    rest = rest + (cast_coef(W, flat.device, flat.dtype) @ flat).reshape(rest.shape)
             out[1:] = rest
         return out
 

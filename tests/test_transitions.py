@@ -913,3 +913,46 @@ def test_operator_levels_refuse_bools_and_complex(levels):
             tr(x, x, *levels)
     with pytest.raises(InvalidTimestepsError, match=r"FlowEulerSkip: t_from must be real numbers"):
         FlowEulerSkip(FlowSchedule())(x, x, True, 0.0)
+
+
+# ------------------------------------------------------------------ coefficient casts
+
+
+def test_coefficient_casts_and_conversions_are_remembered_and_usable_with_gradients_after_inference_mode():
+    """broadcast_coef casts a cached float64 coefficient once per (device, dtype), and to_x0_eps converts with the
+    (a_x, a_p), (b_x, b_p) of a cached (alpha, sigma) once: later rounds reuse them (on a GPU, no blocking
+    host-to-device copy per round), and an in-place write remakes them. The caches are filled outside
+    torch.inference_mode, so a first sample under it does not leave inference tensors that a later sample with
+    gradients would fail on ("Inference tensors cannot be saved for backward"), in float64 as in float32."""
+    from driffusion_core import DraftRefineScheduler, Prediction
+    from driffusion_core.parameterization import broadcast_coef, to_x0_eps
+
+    c = torch.tensor([0.5, 0.25], dtype=torch.float64)
+    x = torch.zeros(2, 3)
+    first = broadcast_coef(c, x)
+    assert first.dtype == torch.float32 and broadcast_coef(c, x).data_ptr() == first.data_ptr()
+    assert broadcast_coef(c, x.double()).data_ptr() == c.data_ptr()  # same dtype and device: c itself
+    c.mul_(2)  # written in place: the copy is remade
+    assert torch.equal(broadcast_coef(c, x), torch.tensor([[1.0], [0.5]]))
+    alpha, sigma = torch.tensor(0.6, dtype=torch.float64), torch.tensor(0.8, dtype=torch.float64)
+    xs, ps = torch.randn(2, 3), torch.randn(2, 3)
+    once = to_x0_eps(Prediction.EPSILON, xs, ps, alpha, sigma)
+    assert all(torch.equal(u, v) for u, v in zip(once, to_x0_eps(Prediction.EPSILON, xs, ps, alpha, sigma)))
+    alpha.fill_(0.8), sigma.fill_(0.6)  # both written in place: converted anew
+    torch.testing.assert_close(to_x0_eps(Prediction.EPSILON, xs, ps, alpha, sigma)[0], (xs - 0.6 * ps) / 0.8)
+    vp = VPSchedule.linear()
+    grid = vp.timesteps(8)
+    mixture = GaussianMixture([[1.0, 0.0], [-1.0, 0.0]], 0.1)
+    for dtype in (torch.float64, torch.float32):
+        for transition in (DDIMSkip(vp), DDPMSkip(vp), DDIMSkip(vp, prediction="v_prediction")):
+            predictor = mixture.predictor(vp, transition.prediction)
+            samplers = [lambda x: sample_serial(predictor, x, transition, grid, noise=NoiseSource(1)),
+                        lambda x: DraftRefineScheduler(transition, grid, width=3).sample(predictor, x, noise=NoiseSource(1))]
+            for sample in samplers:
+                with torch.inference_mode():
+                    plain = sample(NoiseSource(0).initial((4, 2), dtype=dtype)).x
+                x1 = NoiseSource(0).initial((4, 2), dtype=dtype).requires_grad_(True)
+                out = sample(x1).x
+                out.sum().backward()
+                assert x1.grad is not None and torch.isfinite(x1.grad).all()
+                assert torch.equal(out.detach(), plain)
