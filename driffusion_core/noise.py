@@ -84,8 +84,9 @@ class NoiseSource:
             z = torch.stack(rows) if rows else torch.empty(shape)
         else:
             z = self._draw(self._key(step), shape)
-        # to a GPU without a stream synchronisation (pageable memory is staged before the call returns)
-        return z.to(device=device, dtype=dtype, non_blocking=True)
+        # to a CUDA GPU without a stream synchronisation (pageable memory is staged before the call returns)
+        cuda = device is not None and torch.device(device).type == "cuda"
+        return z.to(device=device, dtype=dtype, non_blocking=cuda)
 
     def initial(self, shape: Union[int, Sequence[int]], dtype: torch.dtype = torch.float32,
                 device: Optional[torch.device] = None) -> torch.Tensor:

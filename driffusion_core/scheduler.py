@@ -342,9 +342,10 @@ def evaluate_round(
     """The round's model calls, ``executor.evaluate(predictor, rnd.xs, model times, cond)``, with the
     sampler's guards: an exception gets a note saying where sampling was, and a predictor that wrote
     into its input is refused. The predictions are checked by the state's ``absorb``."""
-    # its own memory (not a broadcast view), made on the CPU and sent without a stream synchronisation
-    # (non_blocking from pageable memory: staged before the call returns, so the source may go)
-    ts = grid.model_times[rnd.steps].unsqueeze(1).repeat(1, x.shape[0]).to(x.device, non_blocking=True)
+    # its own memory (not a broadcast view), made on the CPU and sent to a GPU without a stream synchronisation
+    # (non_blocking from pageable memory: staged before the call returns, so the source may go; CUDA only)
+    ts = grid.model_times[rnd.steps].unsqueeze(1).repeat(1, x.shape[0])
+    ts = ts.to(x.device, non_blocking=x.device.type == "cuda")
     version = input_version(rnd.xs, cond)
     try:
         preds = executor.evaluate(predictor, rnd.xs, ts, cond)
