@@ -65,27 +65,34 @@ class Prediction(str, enum.Enum):
             raise InvalidArgumentError(f"Unknown prediction type {value!r}; use one of {names}.") from None
 
 
-def cast_coef(c: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """``c.to(device, dtype)``, remembered on ``c`` itself for the next call.
+def _remembered(owner: torch.Tensor, key: Any, make: Callable[[], Any], *deps: torch.Tensor) -> Any:
+    """``make()``, a value computed from ``owner`` (and ``deps``), kept on ``owner`` itself under ``key``.
 
-    The transitions cache their float64 coefficients per step and per window, so a sampler casts the same
-    tensors in every round and every sample: on a GPU each cast of a per-row coefficient would be a blocking
-    host-to-device copy (a stream synchronisation) per round. The copy lives as long as ``c`` does, is made
-    outside ``torch.inference_mode`` (a normal tensor, which a later sample that tracks gradients may use),
-    and is remade if ``c`` is written in place."""
+    The transitions cache their float64 coefficients per step and per window, so a sampler derives the same
+    values from the same tensors in every round and every sample. A kept value lives as long as ``owner``
+    does; it is remade if ``owner`` or a dep is written in place or a dep is another tensor, and made
+    outside ``torch.inference_mode`` (normal tensors, which a later sample that tracks gradients may use).
+    Inference tensors have no version counter to watch: for them ``make()`` runs every time."""
+    tensors = (owner, *deps)
+    if any(t.is_inference() for t in tensors):
+        return make()
+    versions = tuple(t._version for t in tensors)
+    memo = owner.__dict__.setdefault("_driffusion_memo", {})
+    hit = memo.get(key)
+    if hit is not None and hit[1] == versions and all(a is b for a, b in zip(hit[0], deps)):
+        return hit[2]
+    with torch.inference_mode(False):
+        value = make()
+    memo[key] = (deps, versions, value)
+    return value
+
+
+def cast_coef(c: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``c.to(device, dtype)``, remembered on ``c``: on a GPU each cast of a cached per-row coefficient would
+    otherwise be a blocking host-to-device copy (a stream synchronisation) per round."""
     if c.device == device and c.dtype == dtype:
         return c
-    if c.is_inference():  # made under inference mode (not one of the cached ones): no version counter to watch
-        return c.to(device=device, dtype=dtype)
-    key = (device, dtype)
-    casts = c.__dict__.get("_driffusion_casts")
-    if casts is None or casts[0] != c._version:
-        casts = c.__dict__["_driffusion_casts"] = (c._version, {})
-    hit = casts[1].get(key)
-    if hit is None:
-        with torch.inference_mode(False):
-            hit = casts[1][key] = c.to(device=device, dtype=dtype)
-    return hit
+    return _remembered(c, ("cast", device, dtype), lambda: c.to(device=device, dtype=dtype))
 
 
 def broadcast_coef(c, x: torch.Tensor):
@@ -124,30 +131,14 @@ def _any_nonpositive(c) -> bool:
     return c.item() <= 0 if c.dim() == 0 else bool((c <= 0).any())
 
 
-def _check_epsilon_alpha(prediction: Prediction, alpha) -> None:
-    if prediction is Prediction.EPSILON and _any_nonpositive(alpha):
-        raise InvalidArgumentError(
-            "An epsilon prediction cannot give x0_hat where alpha = 0 (zero terminal SNR, or sigma = 1 in flow "
-            "matching): x0_hat = (x - sigma * eps) / 0. Use a v_prediction, sample or velocity model there."
-        )
-
-
 def _conversion(prediction: Prediction, alpha, sigma):
     """``x0_eps_coefficients(prediction, alpha, sigma)``, remembered on ``alpha`` for the same ``sigma``: the
     transitions pass their cached (alpha, sigma) of a step, so the float64 divisions are done once per step,
-    not per call (the same values: bit for bit the result without the memo). Remade if either tensor is
-    written in place; never kept for inference tensors or non-tensors."""
-    if not (isinstance(alpha, torch.Tensor) and isinstance(sigma, torch.Tensor)) or alpha.is_inference() \
-            or sigma.is_inference():
+    not per call (the same values: bit for bit the result without the memo)."""
+    if not (isinstance(alpha, torch.Tensor) and isinstance(sigma, torch.Tensor)):
         return C.x0_eps_coefficients(prediction.value, alpha, sigma)
-    stamp = (prediction, sigma, alpha._version, sigma._version)
-    memo = alpha.__dict__.get("_driffusion_conversion")
-    if memo is not None and memo[0][0] is prediction and memo[0][1] is sigma and memo[0][2:] == stamp[2:]:
-        return memo[1]
-    with torch.inference_mode(False):
-        conv = C.x0_eps_coefficients(prediction.value, alpha, sigma)
-    alpha.__dict__["_driffusion_conversion"] = (stamp, conv)
-    return conv
+    return _remembered(alpha, ("x0_eps", prediction), lambda: C.x0_eps_coefficients(prediction.value, alpha, sigma),
+                       sigma)
 
 
 def to_x0_eps(
@@ -164,7 +155,11 @@ def to_x0_eps(
     ``x0_transform`` (clipping / thresholding) is applied to x0_hat; like diffusers, eps_hat is
     re-derived from the transformed x0_hat only if ``recompute_eps`` (``use_clipped_model_output``).
     """
-    _check_epsilon_alpha(prediction, alpha)
+    if prediction is Prediction.EPSILON and _any_nonpositive(alpha):
+        raise InvalidArgumentError(
+            "An epsilon prediction cannot give x0_hat where alpha = 0 (zero terminal SNR, or sigma = 1 in flow "
+            "matching): x0_hat = (x - sigma * eps) / 0. Use a v_prediction, sample or velocity model there."
+        )
     (a_x, a_p), (b_x, b_p) = _conversion(prediction, alpha, sigma)
     x0_hat = lincomb(x, a_x, pred, a_p)
     eps_hat = lincomb(x, b_x, pred, b_p)
