@@ -765,9 +765,8 @@ def _monotone_through(table: torch.Tensor, visited: Sequence[int]) -> Optional[t
     hi = torch.where(below >= 0, vals[below.clamp(min=0)], torch.full_like(table, math.inf))
     above = below + 1  # the smallest visited timestep > t, or len(v)
     lo = torch.where(above < len(v), vals[above.clamp(max=len(v) - 1)], torch.zeros_like(table))
-    out = torch.minimum(torch.maximum(table, lo), hi)
-    out[v] = vals
-    return _non_increasing(out)
+    # (at a visited timestep lo <= vals <= hi, so the clamp keeps its value)
+    return _non_increasing(torch.minimum(torch.maximum(table, lo), hi))
 
 
 def _non_increasing(table: torch.Tensor) -> torch.Tensor:
