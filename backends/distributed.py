@@ -23,8 +23,12 @@ A round of K drafts:
 
 1. each rank calls the predictor on its share (``shares(K)``), one call per draft, as
    :class:`~backends.SerialExecutor` does (so the predictions are bit for bit the serial ones). A round
-   of one draft (the first anchor, conservative mode's anchor calls) is rank 0's, shared like the others,
-   so all ranks go on from the same bits even when the model is not bitwise reproducible across ranks;
+   of one draft (the first anchor, conservative mode's exact anchor calls) is made by **every** rank
+   itself with ``anchor="local"`` (the default): no prediction travels, only the status header, which
+   carries a CRC-32 of each rank's prediction, so a model that is not bitwise reproducible across ranks
+   (cudnn autotuning, nondeterministic kernels, different CPUs) makes every rank raise in that round
+   instead of letting the ranks drift apart. With ``anchor="shared"`` it is rank 0's and its prediction is
+   gathered like any other, so the ranks go on from the same bits whatever the model;
 2. the ranks exchange a small status header (ok / the predictor raised / bad output / the inputs could
    not be moved, plus a descriptor of the inputs, the conditioning and the outputs, and value checksums
    of the states and of the conditioning's tensors, so ranks that were given different shapes, dtypes,
@@ -265,10 +269,10 @@ def init_from_env(backend: Optional[str] = None, timeout: float = 120.0) -> Dist
 _MAXD = 24
 (_F_CODE, _F_ROUND, _F_K, _F_XNDIM, _F_XDTYPE, _F_XDEV, _F_TDTYPE, _F_COND,
  _F_HASOUT, _F_ONDIM, _F_ODTYPE, _F_FITS, _F_XSUM, _F_XABS, _F_CSUM, _F_CABS, _F_CROWS, _F_XPOS,
- _F_CMIX, _F_TSUM, _F_TABS, _F_TMIX) = range(22)
-_F_XDIMS = 22
+ _F_CMIX, _F_TSUM, _F_TABS, _F_TMIX, _F_OCRC) = range(23)  # _F_OCRC: CRC-32 of a local anchor's prediction
+_F_XDIMS = 24  # (field 23 unused: the header stays a multiple of 16 bytes)
 _F_ODIMS = _F_XDIMS + _MAXD
-_HEADER_LEN = _F_ODIMS + _MAXD  # 70 int64 = 560 bytes, a multiple of 16: any dtype can follow it
+_HEADER_LEN = _F_ODIMS + _MAXD  # 72 int64 = 576 bytes, a multiple of 16: any dtype can follow it
 # The ranks' states and conditioning must agree in value, not only in shape: sum(xs) may differ in the
 # last bits between ranks (reduction order follows the thread count), so it is compared to this fraction
 # of sum(|xs|); likewise the conditioning's sums to sum(|c|).
@@ -568,6 +572,13 @@ class DistributedExecutor(Executor):
             non-gloo subgroup, since making a group is a collective of the whole world.
         diagnose_timeout: seconds spent, after a failed exchange, finding out which ranks still answer
             (like ``monitored_barrier``), so the error names the missing ones (default ``min(5, timeout)``).
+        anchor: who evaluates a round of one draft (the first anchor; conservative mode's exact anchor
+            calls). ``"local"`` (default): every rank makes that call itself and no prediction is
+            exchanged, only the status header; the ranks compare a CRC-32 of their predictions and all
+            raise :class:`~driffusion_core.errors.ExecutorError` if they differ in any bit. ``"shared"``:
+            rank 0 makes it and the prediction is gathered like any other, for models that are not
+            bitwise reproducible across ranks (cudnn autotuning, nondeterministic kernels, mixed
+            hardware). Every rank must pass the same value.
 
     Raises:
         ExecutorError: torch.distributed is unavailable, or the process group is not initialised
@@ -581,8 +592,15 @@ class DistributedExecutor(Executor):
         device: Any = None,
         control_group: Any = None,
         diagnose_timeout: Optional[float] = None,
+        anchor: str = "local",
     ):
         _require_dist()
+        if anchor not in ("local", "shared"):
+            raise InvalidArgumentError(
+                f"DistributedExecutor: anchor must be 'local' (every rank makes a one-draft round's call itself) "
+                f"or 'shared' (rank 0 makes it and shares the prediction), got {anchor!r}."
+            )
+        self.anchor = anchor
         if not dist.is_initialized():
             raise ExecutorError(
                 "DistributedExecutor: the torch.distributed process group is not initialised. Launch the "
@@ -674,16 +692,16 @@ class DistributedExecutor(Executor):
 
         # Who is where (for describe()), exchanged once; also checks that every rank made the executor and
         # can use its device.
-        me = f"{socket.gethostname()}|{self.device if self.device is not None else 'inputs'}|{problem}"
+        me = f"{socket.gethostname()}|{self.device if self.device is not None else 'inputs'}|{anchor}|{problem}"
         # (bounded by the process group's timeout, not ``timeout``: ranks may load models at different speeds)
-        replies = [r.split("|", 2) + ["?", ""] for r in self._gather_text(
+        replies = [r.split("|", 3) + ["?", "?", ""] for r in self._gather_text(
             me, what="setup", bounded=False,
             where="exchange in the DistributedExecutor constructor (not a round; bounded by the process group's "
                   "timeout, init_from_env(timeout=...))",
         )]
         self._hosts = [r[0] for r in replies]
         self._devices = [r[1] for r in replies]
-        unusable = [(rank, r[2]) for rank, r in enumerate(replies) if r[2]]
+        unusable = [(rank, r[3]) for rank, r in enumerate(replies) if r[3]]
         if unusable:
             self._broken = "its construction failed"
             self.close()
@@ -694,13 +712,24 @@ class DistributedExecutor(Executor):
                 f"Give every rank a device it has (e.g. device=f'cuda:{{LOCAL_RANK}}'), or device=None to compute "
                 f"where the inputs are (gloo)."
             )
+        anchors = [r[2] for r in replies]
+        if len(set(anchors)) > 1:
+            self._broken = "its construction failed"
+            self.close()
+            listing = ", ".join(f"rank {rank}: {a!r}" for rank, a in enumerate(anchors))
+            raise InvalidArgumentError(
+                f"DistributedExecutor: the ranks were given different anchor settings ({listing}); every rank "
+                f"must pass the same anchor= ('local' or 'shared'), or one-draft rounds would be evaluated and "
+                f"exchanged differently on different ranks."
+            )
 
     # ----------------------------------------------------------------------------------------- info
 
     def shares(self, k: int) -> List[int]:
         """The planned number of drafts per rank for a round of ``k`` drafts (rank order = draft order).
 
-        A single draft is rank 0's: ``[1, 0, ...]``.
+        A single draft is rank 0's share: ``[1, 0, ...]``; with ``anchor="local"`` the other ranks make
+        that call too, each for itself (nothing is exchanged but the status).
         """
         return even_shares(k, self.world_size)
 
@@ -708,7 +737,8 @@ class DistributedExecutor(Executor):
         """Drafts per rank in a full round of ``width`` drafts (rank order = draft order).
 
         The rounds near the end of the grid may hold fewer drafts (``shares(K)`` for those); a round of
-        one draft (the first anchor, conservative mode's anchor calls) is rank 0's.
+        one draft (the first anchor, conservative mode's anchor calls) is made by every rank
+        (``anchor="local"``) or by rank 0 (``anchor="shared"``).
         """
         return self.shares(as_count(width, "width (drafts per round)", 1))
 
@@ -721,14 +751,15 @@ class DistributedExecutor(Executor):
         per_rank = shown[0] if len(devs) == 1 else ", ".join(f"rank {r}: {d}" for r, d in enumerate(shown))
         text = (
             f"DistributedExecutor(world_size={self.world_size}, backend={self.backend}, nodes={nodes}, "
-            f"device per rank: {per_rank}, timeout={self.timeout:g}s"
+            f"device per rank: {per_rank}, timeout={self.timeout:g}s, anchor={self.anchor}"
         )
+        one = "every rank makes the call itself" if self.anchor == "local" else "rank 0 makes the call"
         if width is None and self._max_k > 1:
             width = self._max_k
         if width is not None:
             sizes = self.plan(width)
             if width == 1:
-                return text + ", drafts per round at width 1: rank 0 computes the one draft)"
+                return text + f", drafts per round at width 1: {one})"
             runs, r = [], 0
             while r < len(sizes):  # consecutive ranks with the same share, e.g. "ranks 0-2: 2"
                 e = r
@@ -737,7 +768,7 @@ class DistributedExecutor(Executor):
                 who = f"rank {r}" if e == r else f"ranks {r}-{e}"
                 runs.append(f"{who}: {sizes[r]}")
                 r = e + 1
-            text += f", drafts per round at width {width}: {', '.join(runs)} (a one-draft round runs on rank 0)"
+            text += f", drafts per round at width {width}: {', '.join(runs)} (a one-draft round: {one})"
         return text + ")"
 
     def close(self) -> None:
@@ -801,11 +832,13 @@ class DistributedExecutor(Executor):
         sizes = self.shares(k)
         offsets = _offsets(sizes)
         most = max(sizes)
-        # Each rank evaluates its share; a one-draft round (the first anchor, conservative mode's anchor
-        # calls) is rank 0's, and its prediction is shared like any other, so every rank continues from the
-        # same bits even when the model is not bit for bit reproducible across ranks (cudnn autotuning,
-        # nondeterministic kernels).
-        start, mine = offsets[self.rank], sizes[self.rank]
+        # Each rank evaluates its share. A one-draft round (the first anchor, conservative mode's anchor
+        # calls) is made by every rank itself with anchor="local" (only the status travels, with a CRC of
+        # the prediction that every rank checks), and is rank 0's with anchor="shared" (its prediction is
+        # gathered like any other, so every rank continues from the same bits even when the model is not bit
+        # for bit reproducible across ranks: cudnn autotuning, nondeterministic kernels).
+        local = k == 1 and self.anchor == "local"
+        start, mine = (0, 1) if local else (offsets[self.rank], sizes[self.rank])
 
         # 1. this rank's drafts, one call per draft (as the serial executor does)
         began = time.monotonic()
@@ -817,7 +850,9 @@ class DistributedExecutor(Executor):
         #    capacity), never from this rank's own inputs, so diverging ranks still exchange equal buffers
         #    and get the clear error of step 3 instead of a backend abort.
         agreed_row, cap = self._agreed_row, self._cap
-        if out is None:
+        if local:
+            fits = True  # nothing to send: every rank has the prediction
+        elif out is None:
             fits = code == _OK  # nothing to send (or it failed: the status says so)
         else:
             fits = (
@@ -825,9 +860,11 @@ class DistributedExecutor(Executor):
                 and (tuple(out.shape[1:]), out.dtype) == agreed_row
             )
         header = self._header(code, k, xs, ts, cond, out, fits)
+        if local and out is not None:
+            header[_F_OCRC] = zlib.crc32(_to_bytes(out.detach().cpu()).numpy())
         if self._fused:
             buf = self._fused_buffer(header)
-            if out is not None and fits:
+            if out is not None and fits and not local:
                 payload = _to_bytes(out.detach().to("cpu"))
                 buf[_HEADER_BYTES : _HEADER_BYTES + payload.numel()] = payload
             what = "status and predictions" if cap else "status"
@@ -843,6 +880,9 @@ class DistributedExecutor(Executor):
         self._check_status(headers, cause, code, message)
         out_shape, out_dtype = self._check_consistency(headers, sizes)
         self._agree(out_shape, out_dtype, most)
+        if local:
+            self._check_same_anchor(headers)
+            return out.to(xs.device)
         if chunks is not None and all(int(h[_F_FITS]) for h in headers):
             return _assemble(chunks, _HEADER_BYTES, sizes, *agreed_row).to(xs.device)
 
@@ -1011,6 +1051,23 @@ class DistributedExecutor(Executor):
                 f"{self._comm_device} for the exchange: {exception_text(e)}"
             ), e
         return out, _OK, "", None
+
+    def _check_same_anchor(self, headers) -> None:
+        """After a one-draft round that every rank evaluated itself (anchor="local"): every rank raises if
+        the predictions differ in any bit (the ranks would go on from different states)."""
+        crcs = [int(h[_F_OCRC]) for h in headers]
+        differ = [r for r, c in enumerate(crcs) if c != crcs[0]]
+        if differ:
+            raise ExecutorError(
+                f"DistributedExecutor: in round {self._round}, a one-draft round that every rank evaluated itself "
+                f"(anchor='local'), the prediction of rank{'s' if len(differ) > 1 else ''} "
+                f"{', '.join(map(str, differ))} differs from rank 0's in its bits (CRC-32 "
+                f"{', '.join(f'rank {r}: {c:08x}' for r, c in enumerate(crcs))}): the model is not bit for bit "
+                "reproducible across the ranks (cudnn autotuning, nondeterministic kernels, different hardware or "
+                "thread counts), so the ranks would drift apart. Use DistributedExecutor(anchor='shared'), which "
+                "computes one-draft rounds on rank 0 and shares the prediction, or make the model deterministic "
+                "(torch.use_deterministic_algorithms(True), torch.backends.cudnn.benchmark = False)."
+            )
 
     def _agree(self, out_shape, out_dtype, most: int) -> None:
         """Update the agreed row and capacity from a round whose headers all agreed (so every rank

@@ -34,6 +34,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=60.0)
+    ap.add_argument("--anchor", default="local", choices=["local", "shared"],
+                    help="one-draft rounds: every rank makes the call (local) or rank 0 shares it (shared: for "
+                         "models that are not bit for bit reproducible across ranks)")
     ap.add_argument("--save", default=None, help="rank 0 saves the sample here (torch.save)")
     args = ap.parse_args()
     for name in ("steps", "width", "batch"):  # refused here, on every rank, before any process group exists
@@ -58,7 +61,7 @@ def main() -> None:
     transition = DDIMSkip(schedule)
     grid = schedule.timesteps(args.steps, "trailing")  # trailing spacing: the safer one for wide windows
 
-    executor = DistributedExecutor(timeout=args.timeout)
+    executor = DistributedExecutor(timeout=args.timeout, anchor=args.anchor)
     width = args.width if args.width is not None else env.world_size
     sched = DraftRefineScheduler(transition, grid, width=width, mode=args.mode)
     x = NoiseSource(args.seed).initial((args.batch, 2), device=device)  # the same on every rank

@@ -142,7 +142,7 @@ def test_equals_serial_for_uneven_shares():
         refused = results[rank]["refused"]
         assert refused == {name: "InvalidArgumentError" for name in refused}, refused
         assert set(refused) == {"timeout=0", "timeout=True", "timeout=-1", "diagnose_timeout=-1", "plan(0)",
-                                "ts of 3 drafts for xs of 2", "K=0"}
+                                "ts of 3 drafts for xs of 2", "K=0", "anchor='rank0'"}
         assert results[rank]["diagnose_default"] == 2.0  # min(5, timeout)
     # one all-gather per round, two when a round brings a new prediction row (shape, dtype) or a larger share
     # than the agreed capacity; every round equals the serial executor (also complex128 after the header)
@@ -412,12 +412,19 @@ def test_sampling_end_to_end_equals_serial(family):
     _need(results, [0, 1], logs)
     assert codes == [0, 0], logs
     r0, r1 = results[0], results[1]
-    assert len(r0["runs"]) == 4  # 2 modes x widths 2 and 3
+    assert len(r0["runs"]) == 8  # anchor local / shared x 2 modes x widths 2 and 3
+    assert "anchor=local" in r0["describe"] and "every rank makes the call itself" in r0["describe"], r0["describe"]
     for key, run in r0["runs"].items():
         assert torch.equal(run["x"], run["x_serial"]), f"{family} {key}: distributed != serial executor"
         assert run["rounds"] == run["rounds_serial"] and run["evals"] == run["evals_serial"], key
         assert torch.equal(run["x"], r1["runs"][key]["x"]), f"{family} {key}: ranks disagree"
         assert torch.isfinite(run["x"]).all()
+        # who made the calls: anchor="local" has every rank make each one-draft round's call itself (the
+        # issue's "every rank makes the single anchor call, so no broadcast is needed"); "shared": rank 0 alone
+        ones = run["one_draft_rounds"]
+        assert ones >= 1 and ones == r1["runs"][key]["one_draft_rounds"], key
+        both = run["calls"] + r1["runs"][key]["calls"]
+        assert both == run["evals"] + (ones if key.startswith("local") else 0), (key, both, run["evals"], ones)
 
 
 @pytest.mark.gpu
@@ -433,7 +440,7 @@ def test_nccl_sampling_equals_serial_on_every_gpu():
     assert codes == [0] * world, logs
     runs = results[0]["runs"]
     assert "nccl" in results[0]["describe"] and results[0]["device"] == "cuda:0", results[0]["describe"]
-    assert len(runs) == 12
+    assert len(runs) == 24  # 3 families x anchor local / shared x 2 modes x 2 widths
     for key, run in runs.items():
         assert run["device"] == "cuda:0", key
         torch.testing.assert_close(run["x"], run["x_serial"], rtol=1e-5, atol=1e-6, msg=f"{key}: nccl != serial")
@@ -478,11 +485,11 @@ def test_ranks_with_different_values_are_explained(what, round_):
 
 
 @pytest.mark.parametrize("mode", ["aggressive", "conservative"])
-def test_model_not_bitwise_reproducible_across_ranks_still_agrees(mode):
-    """Predictions that differ in the last bit between ranks (cudnn autotuning, nondeterministic kernels):
-    one-draft rounds are rank 0's and every prediction is shared, so the ranks never drift apart: no
-    false 'states differ' error, and the same sample on every rank."""
-    results, codes, _, logs = _launch(f"ulp_{mode}")
+def test_model_not_bitwise_reproducible_across_ranks_agrees_with_a_shared_anchor(mode):
+    """Predictions that differ in the last bit between ranks (cudnn autotuning, nondeterministic kernels)
+    with anchor="shared": one-draft rounds are rank 0's and every prediction is shared, so the ranks never
+    drift apart: no false 'states differ' error, and the same sample on every rank."""
+    results, codes, _, logs = _launch(f"ulp_{mode}_shared")
     _need(results, [0, 1], logs)
     assert codes == [0, 0], logs
     assert results[0]["error_type"] is None and results[1]["error_type"] is None, (results[0], results[1])
@@ -490,20 +497,52 @@ def test_model_not_bitwise_reproducible_across_ranks_still_agrees(mode):
 
 
 @pytest.mark.parametrize("mode", ["aggressive", "conservative"])
-def test_predictor_raising_in_a_one_draft_round_fails_every_rank_at_once(mode):
-    """The predictor raises in a one-draft round, which is rank 0's (aggressive: the first anchor;
-    conservative: the anchor call of the second iteration): every rank raises, in that round, an error
-    naming rank 0 and the exception, long before the timeout; the group stays usable."""
-    results, codes, _, logs = _launch(f"raise_anchor_{mode}")
+def test_model_not_bitwise_reproducible_across_ranks_is_caught_with_a_local_anchor(mode):
+    """The same model with the default anchor="local": every rank makes round 1's one-draft call itself, the
+    CRCs of the predictions differ, and every rank raises in round 1, naming rank 1 and the fix
+    (anchor='shared'), instead of drifting apart by an ulp that no state checksum would see."""
+    results, codes, _, logs = _launch(f"ulp_{mode}_local")
     _need(results, [0, 1], logs)
     assert codes == [0, 0], logs
-    round_ = 1 if mode == "aggressive" else 3
     for rank in (0, 1):
         res = results[rank]
         assert res["error_type"] == "ExecutorError", res
         msg = res["message"]
-        assert "rank 0" in msg and "ValueError" in msg and "anchor boom on purpose" in msg, msg
-        assert "the predictor raised on rank 0 (of 2)" in msg, msg
+        assert "in round 1," in msg and "rank 1 differs from rank 0's in its bits" in msg, msg
+        assert "anchor='shared'" in msg, msg
+        assert res["seconds"] < TIMEOUT, res
+
+
+def test_ranks_given_different_anchor_settings_are_refused():
+    """anchor='local' on rank 0 and 'shared' on rank 1 (one-draft rounds would be exchanged differently):
+    every rank's constructor raises, naming both settings."""
+    results, codes, _, logs = _launch("anchor_mismatch")
+    _need(results, [0, 1], logs)
+    assert codes == [0, 0], logs
+    for rank in (0, 1):
+        res = results[rank]
+        assert res["error_type"] == "InvalidArgumentError", res
+        assert "rank 0: 'local', rank 1: 'shared'" in res["message"], res["message"]
+
+
+@pytest.mark.parametrize("anchor", ["local", "shared"])
+@pytest.mark.parametrize("mode", ["aggressive", "conservative"])
+def test_predictor_raising_in_a_one_draft_round_fails_every_rank_at_once(mode, anchor):
+    """The predictor raises in a one-draft round (aggressive: the first anchor; conservative: the anchor
+    call of the second iteration) on a rank that makes that call: rank 1 with anchor="local" (every rank
+    makes it), rank 0 with "shared". Every rank raises, in that round, an error naming that rank and the
+    exception, long before the timeout; the group stays usable."""
+    results, codes, _, logs = _launch(f"raise_anchor_{mode}_{anchor}")
+    _need(results, [0, 1], logs)
+    assert codes == [0, 0], logs
+    round_ = 1 if mode == "aggressive" else 3
+    bad = 1 if anchor == "local" else 0
+    for rank in (0, 1):
+        res = results[rank]
+        assert res["error_type"] == "ExecutorError", res
+        msg = res["message"]
+        assert f"rank {bad}" in msg and "ValueError" in msg and "anchor boom on purpose" in msg, msg
+        assert f"the predictor raised on rank {bad} (of 2)" in msg, msg
         assert f"in round {round_}:" in msg and "did not answer" not in msg, msg
         assert res["k_at_failure"] == 1, res
         assert res["seconds"] < TIMEOUT, res
@@ -806,6 +845,7 @@ def _scenario_basic(rank, world):
         "diagnose_timeout=-1": lambda: DistributedExecutor(timeout=20, diagnose_timeout=-1),
         "plan(0)": lambda: ex.plan(0), "ts of 3 drafts for xs of 2": lambda: ex.evaluate(_predictor, xs, ts),
         "K=0": lambda: ex.evaluate(_predictor, xs[:0], ts[:0]),
+        "anchor='rank0'": lambda: DistributedExecutor(timeout=20, anchor="rank0"),
     }
     refused = {}
     for name, attempt in attempts.items():
@@ -1039,13 +1079,13 @@ def _scenario_values(rank, world, what):
     return _fault_result(lambda: sched.sample(predictor, x, executor=ex, noise=noise))
 
 
-def _scenario_ulp(rank, world, mode):
+def _scenario_ulp(rank, world, mode, anchor):
     """A model that is not bit for bit reproducible across ranks (here: a last-bit difference on rank 1)."""
     import driffusion_core as core
     import solvers
     from backends import DistributedExecutor
 
-    ex = DistributedExecutor(timeout=TIMEOUT, diagnose_timeout=DIAGNOSE)
+    ex = DistributedExecutor(timeout=TIMEOUT, diagnose_timeout=DIAGNOSE, anchor=anchor)
     schedule = core.VPSchedule.linear()
     oracle = solvers.ring_mixture(4).predictor(schedule, "epsilon")
     predictor = lambda x, t: oracle(x, t) * (1 + rank * torch.finfo(x.dtype).eps)  # noqa: E731
@@ -1056,18 +1096,27 @@ def _scenario_ulp(rank, world, mode):
     return res
 
 
-def _scenario_raise_anchor(rank, world, mode):
+def _scenario_anchor_mismatch(rank, world):
+    from backends import DistributedExecutor
+
+    return _fault_result(lambda: DistributedExecutor(timeout=TIMEOUT, diagnose_timeout=DIAGNOSE,
+                                                     anchor="local" if rank == 0 else "shared"))
+
+
+def _scenario_raise_anchor(rank, world, mode, anchor):
     import driffusion_core as core
     import solvers
     from backends import DistributedExecutor, SerialExecutor
 
-    ex = DistributedExecutor(timeout=TIMEOUT, diagnose_timeout=DIAGNOSE)
+    ex = DistributedExecutor(timeout=TIMEOUT, diagnose_timeout=DIAGNOSE, anchor=anchor)
     schedule = core.VPSchedule.linear()
     predictor = solvers.ring_mixture(4).predictor(schedule, "epsilon")
     sched = core.DraftRefineScheduler(solvers.DDIMSkip(schedule), schedule.timesteps(10), width=2, mode=mode)
-    # rank 0's calls (one-draft rounds are rank 0's): aggressive: 1 = the first anchor; conservative:
-    # 1 = anchor, 2 = its share of the two drafts, 3 = the next anchor call.
+    # the calls of the rank that raises (it makes the one-draft rounds: rank 1 with anchor="local", where
+    # every rank does, rank 0 with "shared"): aggressive: 1 = the first anchor; conservative: 1 = anchor,
+    # 2 = its share of the two drafts, 3 = the next anchor call.
     bad_call = 1 if mode == "aggressive" else 3
+    bad_rank = 1 if anchor == "local" else 0
     calls, ks = [0], []
     evaluate = ex.evaluate
 
@@ -1079,7 +1128,7 @@ def _scenario_raise_anchor(rank, world, mode):
 
     def flaky(x, t, **c):
         calls[0] += 1
-        if rank == 0 and calls[0] == bad_call:
+        if rank == bad_rank and calls[0] == bad_call:
             raise ValueError("anchor boom on purpose")
         return predictor(x, t, **c)
 
@@ -1448,19 +1497,33 @@ def _e2e(family, device=None):
                       "dpm": solvers.DPMSolverSkip(schedule)}[family]  # dpm: the multistep 2M
         predictor = mixture.predictor(schedule, "epsilon")
     grid = schedule.timesteps(10)
-    ex = DistributedExecutor(timeout=20)
+    calls, ks = [0], []
+
+    def counted(x, t):
+        calls[0] += 1
+        return predictor(x, t)
+
     runs = {}
-    for mode in ("aggressive", "conservative"):
-        for width in (2, 3):
-            sched = core.DraftRefineScheduler(transition, grid, width=width, mode=mode)
-            x = core.NoiseSource(123).initial((6, 2), device=device)
-            got = sched.sample(predictor, x, executor=ex, noise=core.NoiseSource(7))
-            ref = sched.sample(predictor, x, executor=SerialExecutor(), noise=core.NoiseSource(7))
-            runs[f"{mode}-n{width}"] = {
-                "x": got.x.cpu(), "x_serial": ref.x.cpu(), "device": str(got.x.device), "rounds": got.rounds,
-                "rounds_serial": ref.rounds, "evals": got.evals, "evals_serial": ref.evals,
-            }
-    return {"runs": runs, "describe": ex.describe(3), "device": str(ex.device)}
+    for anchor in ("local", "shared"):
+        ex = DistributedExecutor(timeout=20, anchor=anchor)
+        evaluate = ex.evaluate
+        ex.evaluate = lambda pred, xs, ts, cond=None: (ks.append(xs.shape[0]), evaluate(pred, xs, ts, cond))[1]
+        for mode in ("aggressive", "conservative"):
+            for width in (2, 3):
+                sched = core.DraftRefineScheduler(transition, grid, width=width, mode=mode)
+                x = core.NoiseSource(123).initial((6, 2), device=device)
+                calls[0], ks[:] = 0, []
+                got = sched.sample(counted, x, executor=ex, noise=core.NoiseSource(7))
+                mine, one_draft_rounds = calls[0], ks.count(1)
+                ref = sched.sample(predictor, x, executor=SerialExecutor(), noise=core.NoiseSource(7))
+                runs[f"{anchor}-{mode}-n{width}"] = {
+                    "x": got.x.cpu(), "x_serial": ref.x.cpu(), "device": str(got.x.device), "rounds": got.rounds,
+                    "rounds_serial": ref.rounds, "evals": got.evals, "evals_serial": ref.evals, "calls": mine,
+                    "one_draft_rounds": one_draft_rounds,
+                }
+        if anchor == "local":
+            described = ex.describe(3)
+    return {"runs": runs, "describe": described, "device": str(ex.device)}
 
 
 SCENARIOS = {
@@ -1479,10 +1542,11 @@ SCENARIOS = {
        for w in ("dtype", "k", "shape", "one_draft")},
     "values_start": lambda rank, world: _scenario_values(rank, world, "start"),
     "values_noise": lambda rank, world: _scenario_values(rank, world, "noise"),
-    "ulp_aggressive": lambda rank, world: _scenario_ulp(rank, world, "aggressive"),
-    "ulp_conservative": lambda rank, world: _scenario_ulp(rank, world, "conservative"),
-    "raise_anchor_aggressive": lambda rank, world: _scenario_raise_anchor(rank, world, "aggressive"),
-    "raise_anchor_conservative": lambda rank, world: _scenario_raise_anchor(rank, world, "conservative"),
+    **{f"ulp_{m}_{a}": (lambda m, a: lambda rank, world: _scenario_ulp(rank, world, m, a))(m, a)
+       for m in ("aggressive", "conservative") for a in ("local", "shared")},
+    "anchor_mismatch": _scenario_anchor_mismatch,
+    **{f"raise_anchor_{m}_{a}": (lambda m, a: lambda rank, world: _scenario_raise_anchor(rank, world, m, a))(m, a)
+       for m in ("aggressive", "conservative") for a in ("local", "shared")},
     "cond_values": _scenario_cond_values,
     "device_setup": _scenario_device_setup,
     "local_failures": _scenario_local_failures,
@@ -1529,7 +1593,7 @@ def test_describe_names_each_ranks_device(devices, shown):
     from backends.distributed import DistributedExecutor
 
     ex = object.__new__(DistributedExecutor)  # describe() reads only what the handshake gathered
-    ex.world_size, ex.backend, ex.timeout, ex._max_k = len(devices), "gloo", 30.0, 0
+    ex.world_size, ex.backend, ex.timeout, ex._max_k, ex.anchor = len(devices), "gloo", 30.0, 0, "local"
     ex._hosts, ex._devices = ["h"] * len(devices), devices
     text = ex.describe()
     assert shown in text, text
