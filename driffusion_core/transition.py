@@ -94,6 +94,11 @@ class SkipTransition(abc.ABC):
     Attributes:
         stochastic: whether the step adds noise (then the sampler passes per-step noise).
         composes_exactly: whether ``S(S(x,p,t->s),p,s->u) == S(x,p,t->u)`` for a frozen prediction.
+            Descriptive: a deterministic transition's drafts are its skips from the anchor
+            (:meth:`drafts`), which DRiffusion defines them to be; when this is True they also equal the
+            chain of serial steps with the prediction frozen. A custom deterministic step that does not
+            compose (say ``x + h v (1 - h)``) still drafts with its own big skip; override
+            :meth:`drafts` to draft along the chain instead.
         history: how many earlier steps a step may combine with its own prediction (0 for one-step
             samplers; 1 for a second-order multistep solver such as DPM-Solver++ 2M, which then
             implements :meth:`history_at` and :meth:`multistep`).
@@ -445,7 +450,7 @@ class SkipTransition(abc.ABC):
         noises: Optional[torch.Tensor] = None,
         history: Optional[History] = None,
     ) -> torch.Tensor:
-        """All drafts of a window, in one batched call: the chain with the anchor's prediction frozen.
+        """All drafts of a window, in one batched call: the skips from the anchor with its prediction frozen.
 
         Arguments:
             x, pred: the anchor state and its prediction, ``Tensor[B, ...]``.
@@ -460,7 +465,8 @@ class SkipTransition(abc.ABC):
             Row 0 equals the serial step ``S(x, pred, t_from[0], t_to[0], z_a)`` bit for bit.
 
         A deterministic transition's row j is the skip ``S(x, pred, t_from[0] -> t_to[j])``: the state the
-        frozen pair (x0_hat, eps_hat) put at level ``t_to[j]``. On a contiguous grid that is the
+        frozen pair (x0_hat, eps_hat) put at level ``t_to[j]``. On a contiguous grid, for a transition that
+        composes exactly (:attr:`composes_exactly`: DDIM at eta = 0, flow Euler, VE), that is the
         chain of steps; on a grid whose steps do not join (``t_to[k] != t_from[k+1]``, diffusers' DDIM
         stride) it is still the frozen pair's state at ``t_to[j]`` (DDIM's chain with the pair frozen, whose
         step does not depend on the state), not a chain of Euler steps each restarted at ``t_from[k]``.

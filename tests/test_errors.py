@@ -73,7 +73,7 @@ def test_errors_are_driffusion_errors_and_builtin_ones():
         ([1500, 10], r"Level 1500\.0 \(t_from\[0\]\) is out of range for VPSchedule.*\[-1\.0, 999\.0\]"),
         ([500, -0.5], r"Step 1 starts at level -0\.5.*clean end"),
         ([500, -1], r"last level -1\.0 is the clean end.*drop the trailing -1\.0"),
-        ([500, -2], r"last level -2\.0 is the clean end"),
+        ([500, -2], r"last level -2\.0 is out of range: below the clean end \(-1\); levels lie in \[-1, 999\]"),
         ([], r"time grid is empty"),
         ([500, float("nan")], r"NaN or inf"),
         ((t for t in (500, 100)), r"1-D sequence of numbers .* got generator"),
@@ -99,6 +99,7 @@ def test_bad_vp_timesteps(levels, match):
         ([0.5, 0.7], r"strictly decrease.*noisiest first .*\[1\.0, 0\.95, \.\.\.\] on a flow schedule's sigmas"),
         ([0.5, 0.0], r"last level 0\.0 is the clean end.*drop the trailing 0\.0"),
         ([0.0], r"last level 0\.0 is the clean end"),
+        ([0.5, -0.25], r"last level -0\.25 is out of range: below the clean end \(0\); levels lie in \[0, 1\.001\]"),
     ],
 )
 def test_bad_flow_timesteps(levels, match):
