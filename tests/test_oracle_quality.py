@@ -117,12 +117,20 @@ FAMILIES = {
     "ddpm": (DDPMSkip(VP), VP.timesteps(50, "leading"), "epsilon", 3),
     "flow": (FlowEulerSkip(FLOW), FLOW.timesteps(50), "velocity", None),
 }
-# RMSE(DRiffusion, serial) / RMSE(step skipping, serial) must stay below this at equal rounds.
-# Measured: DDIM ~0.25, flow ~0.21-0.29, DDPM ~0.57-0.62 on both mixtures and several seeds.
-# DDPM's per-step noise moves x0_hat from level to level, so its frozen-x0 drafts (which equal the
-# chain with x0_hat frozen and the same noise exactly, see test_transitions) sit further from the
-# serial states than DDIM's; its bound is correspondingly looser.
-RMSE_RATIO_BOUND = {"ddim": 0.5, "flow": 0.5, "ddpm": 0.75}
+# RMSE(DRiffusion, serial) / RMSE(step skipping, serial) must stay below this at equal rounds (width 4:
+# 14 rounds aggressive, 20 conservative). Measured on seeds 1-3 (2026-12-05):
+#   aggressive   DDIM 0.25-0.26 ring, 0.10-0.15 6-D; flow 0.21-0.23 ring, 0.11-0.28 6-D;
+#                DDPM 0.58-0.65 ring, 0.47-0.49 6-D
+#   conservative DDIM 0.62-0.64 ring, 0.11 6-D;      flow 0.23-0.24 ring, 0.10-0.36 6-D;
+#                DDPM 0.59-0.61 ring, 0.38-0.45 6-D
+# (the issue expects about a third at width 4 for 50-step DDIM). DDPM's per-step noise moves x0_hat from
+# level to level, so its frozen-x0 drafts (which equal the chain with x0_hat frozen and the same noise
+# exactly, see test_transitions) sit further from the serial states than DDIM's. Conservative mode spends
+# 20 rounds, where step skipping is much better than at 14; on the ring DDIM keeps less of its lead.
+RMSE_RATIO_BOUND = {
+    ("ddim", "aggressive"): 0.35, ("flow", "aggressive"): 0.35, ("ddpm", "aggressive"): 0.7,
+    ("ddim", "conservative"): 0.75, ("flow", "conservative"): 0.45, ("ddpm", "conservative"): 0.7,
+}
 N = 2000
 
 
@@ -130,23 +138,24 @@ def _noise(seed):
     return None if seed is None else NoiseSource(seed)
 
 
+@pytest.mark.parametrize("mode", ["aggressive", "conservative"])
 @pytest.mark.parametrize("make_mixture", MIXTURES)
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_driffusion_beats_step_skipping_and_keeps_the_serial_distribution(make_mixture, family):
+def test_driffusion_beats_step_skipping_and_keeps_the_serial_distribution(make_mixture, family, mode):
     mix = make_mixture()
     tr, grid, prediction, noise_seed = FAMILIES[family]
     f = mix.predictor(tr.schedule, prediction)
     x = NoiseSource(1).initial((N, mix.dim))
     serial = sample_serial(f, x, tr, grid, noise=_noise(noise_seed)).x
-    out = DraftRefineScheduler(tr, grid, width=4, mode="aggressive").sample(
+    out = DraftRefineScheduler(tr, grid, width=4, mode=mode).sample(
         f, x, executor=BatchedExecutor(), noise=_noise(noise_seed)
     )
-    assert out.rounds == 14 and out.evals == 50
+    assert out.rounds == {"aggressive": 14, "conservative": 20}[mode] and out.evals == 50
     skipping = sample_step_skipping(f, x, tr, grid, out.rounds, noise=_noise(noise_seed)).x
 
     # 1. at equal rounds, much closer to the serial output than the baseline
     ratio = rmse(out.x, serial) / rmse(skipping, serial)
-    assert ratio < RMSE_RATIO_BOUND[family], f"RMSE ratio {ratio:.3f} (DRiffusion / step skipping)"
+    assert ratio < RMSE_RATIO_BOUND[family, mode], f"RMSE ratio {ratio:.3f} (DRiffusion / step skipping)"
 
     # 2. as close to the true distribution as the serial sampler, up to Monte Carlo noise,
     #    estimated from a second serial run with other seeds (same exact samples, same directions)
