@@ -119,6 +119,27 @@ def test_width1_equals_sample_euler(dtype, sigmas_kind):
     torch.testing.assert_close(out.x, ref, rtol=tol, atol=tol * ref.abs().max().item())
 
 
+def test_sample_euler_churn_arguments_are_taken_and_only_no_churn_is_run():
+    """A call written for sample_euler works unchanged: s_churn = 0 with any s_tmin / s_tmax / s_noise (which
+    have no effect there, as in sample_euler) gives the same sample; churn is refused by name."""
+    from driffusion_core.errors import InvalidArgumentError
+
+    sigmas = karras_sigmas(10)
+    x = _start(sigmas)
+    plain = sample_driffusion(denoiser, x, sigmas, width=3, disable=True)
+    same = sample_driffusion(denoiser, x, sigmas, width=3, disable=True, s_churn=0.0, s_tmin=0.05, s_tmax=50.0,
+                             s_noise=1.003)
+    assert torch.equal(plain, same)
+    torch.testing.assert_close(sample_driffusion(denoiser, x, sigmas, width=1, disable=True, s_churn=0.0),
+                               sample_euler_reference(denoiser, x, sigmas), rtol=1e-5, atol=1e-4)
+    with pytest.raises(InvalidArgumentError, match=r"s_churn = 1\.0 is not supported.*sample_driffusion_ancestral"):
+        sample_driffusion(denoiser, x, sigmas, disable=True, s_churn=1.0)
+    with pytest.raises(InvalidArgumentError, match=r"s_noise must be a real number, got 'x'"):
+        sample_driffusion(denoiser, x, sigmas, disable=True, s_noise="x")
+    with pytest.raises(InvalidArgumentError, match=r"s_tmin must be a real number, got nan"):
+        sample_driffusion(denoiser, x, sigmas, disable=True, s_tmin=float("nan"))
+
+
 def test_extra_args_and_executors():
     """extra_args reach the model per sample; batched drafts give the serial executor's result."""
     sigmas = karras_sigmas(10)

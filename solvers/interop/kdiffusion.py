@@ -89,6 +89,11 @@ def sample_driffusion(
     mode: str = "aggressive",
     executor: Optional[Executor] = None,
     return_output: bool = False,
+    *,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = float("inf"),
+    s_noise: float = 1.0,
 ) -> Union[torch.Tensor, SampleOutput]:
     """DRiffusion's draft-and-refine Euler sampler for a k-diffusion denoiser.
 
@@ -107,6 +112,9 @@ def sample_driffusion(
             width x B rows, as ``DRiffusionPipeline`` does; ``backends.SerialExecutor()`` makes one call per
             draft, with no speed-up, at the serial sampler's peak memory).
         return_output: return the :class:`~driffusion_core.SampleOutput` (with rounds and evals), not just x.
+        s_churn, s_tmin, s_tmax, s_noise: ``sample_euler``'s churn settings, taken by keyword so that a
+            call written for it works unchanged. Only ``s_churn = 0`` (no churn, k-diffusion's default) is
+            supported; then, as in ``sample_euler``, the other three have no effect.
 
     Returns:
         The sample at ``sigmas[-1]`` (as k-diffusion's samplers), or the SampleOutput.
@@ -114,6 +122,16 @@ def sample_driffusion(
     Runs under ``torch.no_grad()``, as k-diffusion's samplers do (a model that needs gradients inside,
     e.g. for guidance, turns them on itself with ``torch.enable_grad()``).
     """
+    for name, value in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_tmax", s_tmax), ("s_noise", s_noise)):
+        if not is_real(value) or value != value:
+            raise InvalidArgumentError(f"sample_driffusion: {name} must be a real number, got {value!r}.")
+    if s_churn != 0:
+        raise InvalidArgumentError(
+            f"sample_driffusion: s_churn = {s_churn!r} is not supported; only s_churn = 0 (k-diffusion's default, "
+            f"no churn) is. Churn raises sigma by gamma before each Euler step with fresh noise, a different "
+            f"sampler whose steps DRiffusion does not draft. Pass s_churn=0, or use sample_driffusion_ancestral "
+            f"for a stochastic sampler."
+        )
     transition = VEEulerSkip(VESchedule(), prediction="sample")
     return _sample_k(transition, "sample_driffusion", "DRiffusion", model, x, sigmas, extra_args, callback, disable,
                      width, mode, executor, return_output)
