@@ -32,14 +32,19 @@ from driffusion_core.executor import (
     stack_calls,
 )
 
+from backends.batched import _modules_in
+
 __all__ = ["StreamExecutor"]
 
 
 def _module_device(obj: Any) -> Optional[torch.device]:
-    if isinstance(obj, torch.nn.Module):
-        for p in obj.parameters():
+    """The device of the first module with parameters or buffers that the predictor reaches: itself, or held
+    by a bound method, a ``functools.partial``, a closure or a wrapper (``lambda x, t: net(x, t).sample``),
+    as :class:`~backends.BatchedExecutor` finds them; None when it reaches none."""
+    for module in _modules_in(obj):
+        for p in module.parameters():
             return p.device
-        for b in obj.buffers():
+        for b in module.buffers():
             return b.device
     return None
 
@@ -200,7 +205,7 @@ class StreamExecutor(Executor):
                     md = _module_device(f)
                     if md is not None and md != dev:
                         raise InvalidArgumentError(
-                            f"StreamExecutor: the predictor is a module on {md} but would run on {dev}; give one "
+                            f"StreamExecutor: the predictor holds a module on {md} but would run on {dev}; give one "
                             f"replica per device: StreamExecutor.from_module(model, devices=...), replicas=[...] "
                             f"or factory=lambda d: ..."
                         )

@@ -177,3 +177,21 @@ def test_a_reused_output_buffer_gives_each_draft_its_own_prediction():
     xs = torch.randn(5, 4, 3, generator=g).cuda()
     ts = torch.randint(0, 1000, (5, 4), generator=g).float().cuda()
     torch.testing.assert_close(ex.evaluate(static, xs, ts), SerialExecutor().evaluate(_predictor, xs, ts), rtol=1e-5, atol=1e-6)
+
+
+def test_the_device_check_finds_a_module_behind_a_wrapper():
+    """The check that a predictor's module lives on the stream's device (runs on the CPU): the module is
+    found bare, behind a lambda's closure, a bound method and a functools.partial, not only as itself."""
+    import functools
+
+    from backends.streams import _module_device
+
+    net = torch.nn.Linear(2, 2, device="meta")
+    buffers_only = torch.nn.BatchNorm1d(2, affine=False, device="meta")
+    assert _module_device(net) == torch.device("meta")
+    assert _module_device(lambda x, t: net(x)) == torch.device("meta")
+    assert _module_device(net.forward) == torch.device("meta")
+    assert _module_device(functools.partial(lambda m, x, t: m(x), net)) == torch.device("meta")
+    assert _module_device(lambda x, t: buffers_only(x)) == torch.device("meta")
+    assert _module_device(_predictor) is None
+    assert _module_device(lambda x, t: torch.nn.Identity()(x)) is None  # no parameters or buffers: no device
