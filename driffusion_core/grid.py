@@ -4,7 +4,8 @@ A sampler walks levels ``t_0 > t_1 > ... > t_T``; step ``i`` calls the model at
 ``t_from[i]`` (with the model time ``model_times[i]``) and moves the state to
 ``t_to[i]``. Usually ``t_to[i] == t_from[i + 1]`` (a *contiguous* grid), but
 diffusers' DDIM steps to ``t - num_train_timesteps // N``, which is not always
-the next listed timestep; the grid keeps both so that case is reproduced.
+the next listed timestep; the grid keeps both so that case is reproduced. A step
+never lands below the level the next one starts from (``t_to[i] >= t_from[i + 1]``).
 """
 from __future__ import annotations
 
@@ -88,6 +89,15 @@ class TimeGrid:
             raise InvalidTimestepsError(
                 f"Step {i} goes from level {self.t_from[i].item():g} to {self.t_to[i].item():g}; "
                 f"every step must go to a strictly cleaner (smaller) level."
+            )
+        below = self.t_to[:-1] < self.t_from[1:]
+        if below.any():
+            i = int(torch.nonzero(below)[0])
+            raise InvalidTimestepsError(
+                f"Step {i} goes to level {self.t_to[i].item():g}, below level {self.t_from[i + 1].item():g} where "
+                f"step {i + 1} starts: the state would have to get noisier between the steps, which no step does. "
+                f"Give each t_to[i] at or above t_from[i + 1] (usually equal to it; diffusers' DDIM stride lands at "
+                f"or above the next timestep), e.g. TimeGrid.from_levels(levels, final)."
             )
 
     def __len__(self) -> int:

@@ -274,7 +274,16 @@ class SkipTransition(abc.ABC):
             if t.dtype == torch.bool or t.is_complex():
                 _refuse_bool_levels(t, f"{name}.drafts: {label}")
         # levels are float64 on the CPU, where the coefficients are computed and cached (a grid's are)
-        return t_from.detach().to("cpu", torch.float64), t_to.detach().to("cpu", torch.float64)
+        t_from, t_to = t_from.detach().to("cpu", torch.float64), t_to.detach().to("cpu", torch.float64)
+        below = t_to[:-1] < t_from[1:]
+        if bool(below.any()):
+            j = int(torch.nonzero(below)[0])
+            raise InvalidTimestepsError(
+                f"{name}.drafts: step {j} of the window goes to level {t_to[j].item():g}, below level "
+                f"{t_from[j + 1].item():g} where step {j + 1} starts; a window is consecutive steps of a grid "
+                f"(grid.t_from[a:a + n], grid.t_to[a:a + n]), each landing at or above the next one's level."
+            )
+        return t_from, t_to
 
     def check_levels(self, t_from: torch.Tensor, t_to: torch.Tensor, t_prev: Optional[torch.Tensor] = None) -> None:
         """Refuse levels a skip cannot take: NaN or inf, outside the schedule's range, going back to a

@@ -125,6 +125,19 @@ def test_grid_step_that_does_not_go_to_a_cleaner_level():
         TimeGrid(t, torch.tensor([300.0, 400.0], dtype=torch.float64), t.long())
 
 
+def test_grid_step_that_lands_below_the_next_steps_level_is_refused():
+    """t_to[0] = 100 < t_from[1] = 500: the sampler would treat a state at level 100 as one at 500 (a silent
+    wrong answer); refused by name, through TimeGrid and the schedules' grid(). Landing above the next level
+    (diffusers' DDIM stride) stays allowed."""
+    t = torch.tensor([999.0, 500.0], dtype=torch.float64)
+    with pytest.raises(InvalidTimestepsError, match=r"Step 0 goes to level 100, below level 500 where step 1 starts"):
+        TimeGrid(t, torch.tensor([100.0, 50.0], dtype=torch.float64), t.long())
+    with pytest.raises(InvalidTimestepsError, match=r"below level 500 where step 1 starts"):
+        VPSchedule.linear().grid(TimeGrid(t, torch.tensor([100.0, 50.0], dtype=torch.float64), t.long()))
+    above = TimeGrid(t, torch.tensor([520.0, -1.0], dtype=torch.float64), t.long())
+    assert not above.is_contiguous and VPSchedule.linear().grid(above).t_to[0] == 520
+
+
 def test_grid_levels_of_any_real_dtype_are_float64():
     """Unsigned levels are compared as numbers, not wrapped around (200 > 100 in uint8 is still decreasing), and
     every grid's levels are float64, as documented; a grid that increases is still refused in any dtype."""
@@ -584,6 +597,9 @@ def test_drafts_and_grid_step_refuse_a_bad_window_or_index():
         tr.drafts(x, e, grid.t_from[:3], grid.t_to[:2])
     with pytest.raises(DeviceMismatchError, match=r"noises is torch\.float64 on cpu but x is torch\.float32"):
         tr.drafts(x, e, grid.t_from[:2], grid.t_to[:2], zs.double())
+    for t in (DDIMSkip(VP), tr):  # a window whose steps are not consecutive steps of a grid
+        with pytest.raises(InvalidTimestepsError, match=r"drafts: step 0 of the window goes to level .*, below level .* where step 1 starts"):
+            t.drafts(x, e, grid.t_from[[0, 1]], grid.t_to[[2, 3]])
     for i in (6, -1, 1.0, True):
         with pytest.raises(InvalidArgumentError, match=rf"grid_step: i must be a step index 0\.\.5 of this 6-step grid, got {i!r}"):
             tr.grid_step(x, e, grid, i)
