@@ -899,6 +899,61 @@ def test_stable_diffusion_pipeline(unet_cond, vae):
     torch.testing.assert_close(latents, ref_latents, rtol=1e-4, atol=1e-4)
 
 
+def _tiny_clip(tmp_path):
+    """A CLIP tokenizer (a letters-only byte-pair vocabulary written here, no merges) and a random 1-layer
+    CLIPTextModel with 8-wide embeddings: a real prompt path, nothing downloaded."""
+    import json
+    import string
+
+    transformers = pytest.importorskip("transformers")
+    toks = ["<|startoftext|>", "<|endoftext|>"] + list(string.ascii_lowercase) + [c + "</w>" for c in string.ascii_lowercase]
+    (tmp_path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(toks)}))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = transformers.CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=12)
+    config = transformers.CLIPTextConfig(vocab_size=len(toks), hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
+                                         pad_token_id=1)
+    return tokenizer, _seeded(lambda: transformers.CLIPTextModel(config).eval())
+
+
+# Stable Diffusion 1.5's scheduler_config.json (PNDM; DDIMScheduler.from_config takes clip_sample and
+# set_alpha_to_one from it)
+SD15_SCHEDULER = dict(_class_name="PNDMScheduler", clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True,
+                      steps_offset=1, num_train_timesteps=1000, trained_betas=None, **SD_BETAS)
+
+
+def test_the_readmes_pipeline_block_runs_as_written(unet_cond, vae, tmp_path, monkeypatch):
+    """The README's pipeline block, as written, with from_pretrained(...) giving a tiny Stable Diffusion
+    pipeline (random parts, a real CLIP tokenizer and text encoder, SD 1.5's PNDM scheduler config): the block
+    swaps in DDIM and makes an image from a prompt. The same call at width 1 is the pipeline's own image; at width 4
+    it takes 14 rounds for 50 steps; the prompt reaches the model (another prompt, another image)."""
+    from pathlib import Path
+
+    PIL = pytest.importorskip("PIL.Image")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "DRiffusionPipeline(pipe" in b]
+    assert len(blocks) == 1, blocks
+    tokenizer, text_encoder = _tiny_clip(tmp_path)
+    sd = need("StableDiffusionPipeline")
+    pipe = _quiet(sd(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet_cond,
+                     scheduler=need("PNDMScheduler").from_config(SD15_SCHEDULER),
+                     safety_checker=None, feature_extractor=None, requires_safety_checker=False))
+    monkeypatch.setattr(sd, "from_pretrained", classmethod(lambda cls, *args, **kw: pipe))
+    scope = {"__name__": "__readme__"}
+    exec(compile(blocks[0], "README.md pipeline block", "exec"), scope)
+    assert isinstance(scope["image"], PIL.Image) and scope["image"].size == (16, 16)
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler" and pipe.scheduler.config.clip_sample is False
+    kw = dict(num_inference_steps=50, output_type="np")
+    gen = lambda: torch.Generator().manual_seed(3)
+    ref = pipe(prompt="a red fox", generator=gen(), **kw).images
+    np_testing_close(DRiffusionPipeline(pipe, width=1)(prompt="a red fox", generator=gen(), **kw).images, ref, 1e-4)
+    fast = DRiffusionPipeline(pipe, width=4)
+    out = fast(prompt="a red fox", generator=gen(), **kw).images
+    assert fast.last_output.rounds == expected_rounds(50, 4) == 14 and fast.last_output.evals == 50
+    other = fast(prompt="a grey wolf", generator=gen(), **kw).images
+    assert np.abs(other - out).max() > 1e-3, "the prompt does not reach the model"
+
+
 def _with_gain(model, base):
     """A copy of ``model`` whose attention processors (``base`` subclassed) scale their output by the attention
     kwarg ``gain`` (diffusers passes a processor only the kwargs its ``__call__`` names), so a dropped kwarg
