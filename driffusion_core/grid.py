@@ -21,6 +21,13 @@ from driffusion_core.errors import InvalidTimestepsError, exception_text, is_boo
 __all__ = ["TimeGrid"]
 
 
+def first_step_below_next(t_from: torch.Tensor, t_to: torch.Tensor) -> Optional[int]:
+    """The first step i whose ``t_to[i]`` lies below ``t_from[i + 1]`` (the state would have to get noisier
+    before the next step), or None: consecutive steps must join or overlap."""
+    below = t_to[:-1] < t_from[1:]
+    return int(torch.nonzero(below)[0]) if bool(below.any()) else None
+
+
 @dataclass(frozen=True)
 class TimeGrid:
     """The steps of a sampler.
@@ -90,9 +97,8 @@ class TimeGrid:
                 f"Step {i} goes from level {self.t_from[i].item():g} to {self.t_to[i].item():g}; "
                 f"every step must go to a strictly cleaner (smaller) level."
             )
-        below = self.t_to[:-1] < self.t_from[1:]
-        if below.any():
-            i = int(torch.nonzero(below)[0])
+        i = first_step_below_next(self.t_from, self.t_to)
+        if i is not None:
             raise InvalidTimestepsError(
                 f"Step {i} goes to level {self.t_to[i].item():g}, below level {self.t_from[i + 1].item():g} where "
                 f"step {i + 1} starts: the state would have to get noisier between the steps, which no step does. "

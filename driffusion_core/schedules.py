@@ -119,21 +119,22 @@ class Schedule:
                     f"level per step (e.g. [999, 799, ...]), not a batch of grids."
                 )
             flat = given.flatten()
-            if flat.numel() >= 1 and flat[-1] < self.terminal_level:
+            last = flat[-1].item() if flat.numel() else None
+            if last is not None and last < self.terminal_level:
                 try:
                     span = "; levels lie in [{:g}, {:g}]".format(*self.level_range())
                 except NotImplementedError:  # a custom schedule without a declared range
                     span = ""
                 raise InvalidTimestepsError(
-                    f"The last level {flat[-1].item()!r} is out of range: below the clean end "
+                    f"The last level {last!r} is out of range: below the clean end "
                     f"({self.terminal_level:g}){span}. Pass the levels the model is evaluated at, noisiest "
                     f"first, all above the clean end (the grid adds the step to it)."
                 )
-            if flat.numel() >= 1 and flat[-1] == self.terminal_level:
+            if last is not None and last == self.terminal_level:
                 raise InvalidTimestepsError(
-                    f"The last level {flat[-1].item()!r} is the clean end. Pass the levels the model is "
+                    f"The last level {last!r} is the clean end. Pass the levels the model is "
                     f"evaluated at; the grid adds the final step to the clean end "
-                    f"({self.terminal_level:g}) itself, so drop the trailing {flat[-1].item()!r}."
+                    f"({self.terminal_level:g}) itself, so drop the trailing {last!r}."
                 )
             g = TimeGrid.from_levels(flat, self.terminal_level, self.model_time(flat)).with_kind(self.kind)
         self.validate(g)

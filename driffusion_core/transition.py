@@ -30,7 +30,7 @@ import torch
 
 from driffusion_core import coefficients as C
 from driffusion_core.errors import DeviceMismatchError, InvalidArgumentError, InvalidTimestepsError, as_count, as_flag
-from driffusion_core.grid import TimeGrid, refuse_bool_or_complex
+from driffusion_core.grid import TimeGrid, first_step_below_next, refuse_bool_or_complex
 from driffusion_core.parameterization import (
     Prediction, X0Transform, cast_coef, check_prediction, check_x0_transform, to_x0_eps, upcast,
 )
@@ -275,9 +275,8 @@ class SkipTransition(abc.ABC):
                 _refuse_bool_levels(t, f"{name}.drafts: {label}")
         # levels are float64 on the CPU, where the coefficients are computed and cached (a grid's are)
         t_from, t_to = t_from.detach().to("cpu", torch.float64), t_to.detach().to("cpu", torch.float64)
-        below = t_to[:-1] < t_from[1:]
-        if bool(below.any()):
-            j = int(torch.nonzero(below)[0])
+        j = first_step_below_next(t_from, t_to)
+        if j is not None:
             raise InvalidTimestepsError(
                 f"{name}.drafts: step {j} of the window goes to level {t_to[j].item():g}, below level "
                 f"{t_from[j + 1].item():g} where step {j + 1} starts; a window is consecutive steps of a grid "
