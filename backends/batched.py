@@ -262,7 +262,9 @@ class BatchedExecutor(Executor):
                 return out
 
             try:
-                return torch.func.vmap(one_draft)(xs, ts)
+                # a copy, as the concatenated path hands back: vmap returns an identity predictor's xs itself, or
+                # an expanded view of a conditioning tensor it returns, and the caller may write into the result
+                return torch.func.vmap(one_draft)(xs, ts).clone()
             except Exception as e:
                 if _looks_like_vmap(e) and not isinstance(e, PredictorOutputError) and hasattr(e, "add_note"):
                     e.add_note(

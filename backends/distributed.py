@@ -90,6 +90,7 @@ import numpy as np
 import torch
 
 from driffusion_core.errors import (
+    DriffusionError,
     ExecutorError,
     InvalidArgumentError,
     PredictorOutputError,
@@ -259,23 +260,28 @@ def init_from_env(backend: Optional[str] = None, timeout: float = 120.0) -> Dist
 
 
 # The per-round status header: int64 fields, then the dims of xs and of the stacked output. The value
-# checksums (float64 bits) are adjacent: sum(xs), sum(|xs|), then over every tensor of the conditioning
-# sum(c), sum(|c|) and a row-weighted sum (row i of a tensor weighted (i + 1) / rows, so rows swapped
-# between ranks show; |it| <= sum(|c|)), then a position-weighted sum of xs (element j of the flattened
-# xs weighted (j + 1) / numel, so the same values in another order show; |it| <= sum(|xs|)), then a sum of
-# the conditioning's elements (all its tensors flattened in order) with fixed pseudo-random weights in
-# [0.5, 1) (so values moved within a row, one-hot labels at other positions show; |it| <= sum(|c|)), then
-# over the model times ts: sum(ts), sum(|ts|) and a sum with the same pseudo-random weights.
+# checksums (float64 bits) are adjacent: sum(xs), sum(|xs|), then the conditioning's (below), then a
+# position-weighted sum of xs (element j of the flattened xs weighted (j + 1) / numel, so the same values in
+# another order show; |it| <= sum(|xs|)), then over the model times ts: sum(ts), sum(|ts|) and a sum with
+# fixed pseudo-random weights in [0.5, 1). The conditioning's are per tensor c_i, each divided by the
+# tensor's own A_i = sum(|c_i|) (so one huge tensor, an attention bias of finfo.min, hides no difference in
+# another) and combined with pseudo-random weights r_i in [0.5, 1): sum_i r_i sum(c_i) / A_i (_F_CSUM),
+# sum_i r_i (_F_CABS: the comparison's scale), the row-weighted sums (row j of c_i weighted (j + 1) / rows,
+# so rows swapped between ranks show; _F_CROWS), the element-weighted sums (c_i flattened, pseudo-random
+# weights, so values moved within a row, one-hot labels at other positions show; _F_CMIX), and
+# sum_i r_i log A_i (_F_CLOG, in the otherwise unused field 23: a tensor scaled on one rank shows).
 _MAXD = 24
 (_F_CODE, _F_ROUND, _F_K, _F_XNDIM, _F_XDTYPE, _F_XDEV, _F_TDTYPE, _F_COND,
  _F_HASOUT, _F_ONDIM, _F_ODTYPE, _F_FITS, _F_XSUM, _F_XABS, _F_CSUM, _F_CABS, _F_CROWS, _F_XPOS,
  _F_CMIX, _F_TSUM, _F_TABS, _F_TMIX, _F_OCRC) = range(23)  # _F_OCRC: CRC-32 of a local anchor's prediction
-_F_XDIMS = 24  # (field 23 unused: the header stays a multiple of 16 bytes)
+_F_CLOG = 23  # (field 23: the header stays a multiple of 16 bytes)
+_F_XDIMS = 24
 _F_ODIMS = _F_XDIMS + _MAXD
 _HEADER_LEN = _F_ODIMS + _MAXD  # 72 int64 = 576 bytes, a multiple of 16: any dtype can follow it
 # The ranks' states and conditioning must agree in value, not only in shape: sum(xs) may differ in the
 # last bits between ranks (reduction order follows the thread count), so it is compared to this fraction
-# of sum(|xs|); likewise the conditioning's sums to sum(|c|).
+# of sum(|xs|); likewise the conditioning's per-tensor normalised sums to sum_i r_i (each term is at most
+# r_i in size, its rounding about 1e-16 of that).
 _VALUE_RTOL = 1e-9
 _HEADER_BYTES = _HEADER_LEN * 8
 
@@ -340,19 +346,28 @@ def _cond_signature(cond: Mapping[str, Any]) -> int:
     """A checksum of the conditioning: names, nesting, each tensor's shape and dtype, and the repr of every
     other value (a guidance scale, a flag); the tensors' values travel as sums (:func:`_value_sums`).
 
-    A value that holds tensors without being a container (a dataclass, an object whose repr is object's
-    default) is signed by its repr and the shapes and dtypes of the tensors it holds (:func:`_held_tensors`),
-    whose values join the conditioning's sums: a repr abbreviates a large tensor ("...") and object's
-    default repr shows no fields at all."""
-    def sig(v: Any) -> str:
+    A dataclass is signed field by field (its compared fields, by these rules: a set in it sorted, a tensor
+    by shape and dtype, at most 4 dataclasses deep), not by its repr, which shows a set in the per-process
+    hash order and a tensor's device (cuda:<local rank>). A ``torch.device`` is signed by its type only
+    (each rank has its own GPU). Another value that holds tensors without being a container (an object
+    whose repr is object's default) is signed by its repr and the shapes and dtypes of the tensors it
+    holds (:func:`_held_tensors`), whose values join the conditioning's sums: object's default repr shows
+    no fields at all."""
+    def sig(v: Any, depth: int = 0) -> str:
         if isinstance(v, torch.Tensor):
             return f"{tuple(v.shape)}:{v.dtype}"
+        if isinstance(v, torch.device):
+            return f"device:{v.type}"
         if isinstance(v, Mapping):
-            return "{" + ",".join(f"{k}={sig(v[k])}" for k in sorted(v, key=str)) + "}"
+            return "{" + ",".join(f"{k}={sig(v[k], depth)}" for k in sorted(v, key=str)) + "}"
         if isinstance(v, (list, tuple)):
-            return "[" + ",".join(sig(e) for e in v) + "]"
+            return "[" + ",".join(sig(e, depth) for e in v) + "]"
         if isinstance(v, (set, frozenset)):  # iteration order follows string hashing, which differs per process
-            return "set{" + ",".join(sorted(sig(e) for e in v)) + "}"
+            return "set{" + ",".join(sorted(sig(e, depth) for e in v)) + "}"
+        if dataclasses.is_dataclass(v) and not isinstance(v, type) and depth < 4:
+            fields = ",".join(f"{f.name}={sig(getattr(v, f.name, None), depth + 1)}"
+                              for f in dataclasses.fields(v) if f.compare)
+            return f"{type(v).__qualname__}({fields})"
         held = "".join(f"<{tuple(t.shape)}:{t.dtype}>" for t in _held_tensors(v))
         return f"{type(v).__name__}={_safe_repr(v)}{held}"
 
@@ -406,25 +421,30 @@ def _mix_weights(n: int, device: Any, start: int = 0) -> torch.Tensor:
 
 
 def _value_sums(xs: torch.Tensor, cond: Mapping[str, Any], ts: Optional[torch.Tensor] = None) -> List[int]:
-    """The header's value checksums (fields _F_XSUM .. _F_TMIX) as int64 bit patterns, one host sync:
-    sum(xs), sum(|xs|); over the conditioning's tensors sum(c), sum(|c|) and sum_i w_i * sum(row i), the
-    rows of all its tensors in order with weights w_i = (i + 1) / rows (so |it| <= sum(|c|)); sum_j v_j *
-    xs_j over the flattened xs with v_j = (j + 1) / numel (so |it| <= sum(|xs|)); sum_j m_j * c_j over all
-    the conditioning's elements flattened in order, m_j = :func:`_mix_weights` (so |it| <= sum(|c|)); and
-    sum(ts), sum(|ts|), sum_j m_j * ts_j over the flattened model times (zeros without ``ts``)."""
-    head = _value_sums_xc(xs, cond)
+    """The header's value checksums (fields _F_XSUM .. _F_TMIX, then _F_CLOG) as int64 bit patterns, one host
+    sync: sum(xs), sum(|xs|); the conditioning's per-tensor normalised sums (:func:`_value_sums_xc`);
+    sum_j v_j * xs_j over the flattened xs with v_j = (j + 1) / numel (so |it| <= sum(|xs|)); sum(ts),
+    sum(|ts|), sum_j m_j * ts_j over the flattened model times (zeros without ``ts``), m_j =
+    :func:`_mix_weights`; and sum_i r_i log sum(|c_i|) over the conditioning's tensors."""
+    head, c_log = _value_sums_xc(xs, cond)
     if ts is None or ts.numel() == 0:
-        return head + [0, 0, 0]
+        return head + [0, 0, 0] + [c_log]
     try:
         w = float64_values(ts).reshape(-1)
         t_sums = torch.stack([w.sum(), w.abs().sum(), (w * _mix_weights(w.numel(), w.device)).sum()])
     except Exception:  # model times whose values cannot be read (meta): no value check for them
         t_sums = torch.full((3,), math.nan, dtype=torch.float64)
-    return head + t_sums.cpu().view(torch.int64).tolist()
+    return head + t_sums.cpu().view(torch.int64).tolist() + [c_log]
 
 
-def _value_sums_xc(xs: torch.Tensor, cond: Mapping[str, Any]) -> List[int]:
-    """Fields _F_XSUM .. _F_CMIX of :func:`_value_sums`."""
+def _value_sums_xc(xs: torch.Tensor, cond: Mapping[str, Any]) -> Tuple[List[int], int]:
+    """Fields _F_XSUM .. _F_CMIX of :func:`_value_sums`, and _F_CLOG.
+
+    The conditioning's tensors c_i, each with A_i = sum(|c_i|) (NaN and inf as fixed finite values), s_i =
+    sum(c_i) / A_i, row-weighted rw_i = sum_j (j + 1) / rows * sum(row j of c_i) / A_i, element-weighted
+    m_i = sum_k w_k c_ik / A_i (w = :func:`_mix_weights`), l_i = log A_i (-2000 for A_i = 0), combined
+    with per-tensor weights r_i = :func:`_mix_weights`: _F_CSUM = sum r_i s_i, _F_CABS = sum r_i (the
+    comparison's scale), _F_CROWS = sum r_i rw_i, _F_CMIX = sum r_i m_i, _F_CLOG = sum r_i l_i."""
     wide = float64_values(xs)
     to = wide.device
     flat = wide.reshape(-1)
@@ -433,27 +453,32 @@ def _value_sums_xc(xs: torch.Tensor, cond: Mapping[str, Any]) -> List[int]:
     x_sums = torch.stack([wide.sum(), wide.abs().sum()])
     tensors = _cond_tensors(cond)
     if not tensors:
-        return x_sums.cpu().view(torch.int64).tolist() + [0, 0, 0] + x_pos.cpu().view(torch.int64).tolist() + [0]
+        return x_sums.cpu().view(torch.int64).tolist() + [0, 0, 0] + x_pos.cpu().view(torch.int64).tolist() + [0], 0
     try:
-        rows, abs_sums, mixed, at = [], [], [], 0
+        per = []
         for v in tensors:
             # NaN / inf (an attention mask's -inf, NaN-padded observations) as fixed finite values: one would
             # make every sum non-finite, and nothing would be compared
             w = torch.nan_to_num(float64_values(v), nan=_NAN_AS, posinf=_POSINF_AS, neginf=-_POSINF_AS)
-            rows.append(w.reshape(w.shape[0] if w.dim() else 1, -1).sum(1).to(to))
-            abs_sums.append(w.abs().sum().to(to))
+            a = w.abs().sum()
+            scale = torch.where(a > 0, a, torch.ones_like(a))
+            rows = w.reshape(w.shape[0] if w.dim() else 1, -1).sum(1)
+            row_w = torch.arange(1, rows.numel() + 1, dtype=torch.float64, device=rows.device) / max(rows.numel(), 1)
             flat_c = w.reshape(-1)
-            m = _mix_weights(flat_c.numel(), flat_c.device, at)  # positions run on across the tensors
-            mixed.append((flat_c * m).sum().to(to))
-            at += flat_c.numel()
-        rows = torch.cat(rows)
-        weights = torch.arange(1, rows.numel() + 1, dtype=torch.float64, device=to) / max(rows.numel(), 1)
-        c_sums = torch.stack([rows.sum(), torch.stack(abs_sums).sum(), (rows * weights).sum()])
-        c_mix = torch.stack(mixed).sum().reshape(1)
+            mixed = (flat_c * _mix_weights(flat_c.numel(), flat_c.device)).sum()
+            log_a = torch.where(a > 0, scale.log(), torch.full_like(a, -2000.0))
+            per.append(torch.stack([rows.sum() / scale, (rows * row_w).sum() / scale, mixed / scale, log_a]).to(to))
+        per = torch.stack(per)
+        r = _mix_weights(len(tensors), to)
+        s, rw, m, lg = (per * r[:, None]).sum(0).unbind()
+        c_sums = torch.stack([s, r.sum(), rw])
+        c_mix, c_log = m.reshape(1), lg.reshape(1)
     except Exception:  # a tensor whose values cannot be read (meta): no value check for the conditioning
         c_sums = torch.full((3,), math.nan, dtype=torch.float64, device=to)
         c_mix = torch.full((1,), math.nan, dtype=torch.float64, device=to)
-    return torch.cat([x_sums, c_sums, x_pos, c_mix]).cpu().view(torch.int64).tolist()
+        c_log = torch.full((1,), math.nan, dtype=torch.float64, device=to)
+    out = torch.cat([x_sums, c_sums, x_pos, c_mix, c_log]).cpu().view(torch.int64).tolist()
+    return out[:-1], out[-1]
 
 
 def _sums_differ(sums: Sequence[float], ref: Sequence[float], ref_abs: float) -> bool:
@@ -625,6 +650,16 @@ class DistributedExecutor(Executor):
         if self.rank < 0:
             raise InvalidArgumentError("DistributedExecutor: this process is not a member of the given group.")
         self.world_size = dist.get_world_size(group)
+        # On a subgroup the messages' rank numbers are the group's; each error then says which global ranks
+        # (torchrun's RANK, the logs' numbering) they are.
+        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(self.world_size))
+        self.global_ranks: List[int] = [int(g) for g in ranks]
+        self._rank_legend = ""
+        if self.global_ranks != list(range(self.world_size)):
+            pairs = [f"rank {i} is global rank {g}" for i, g in enumerate(self.global_ranks[:8])]
+            more = ", ..." if self.world_size > 8 else ""
+            self._rank_legend = (f" (Ranks here are numbered within the executor's process group: "
+                                 f"{', '.join(pairs)}{more}.)")
         self.backend = str(dist.get_backend(group)).lower()
         # "nccl", or a multi-device group such as "cpu:gloo,cuda:nccl": predictions travel on the GPU
         self._nccl = "nccl" in self.backend
@@ -710,7 +745,7 @@ class DistributedExecutor(Executor):
                 f"DistributedExecutor: the device given on rank{'s' if len(unusable) > 1 else ''} "
                 f"{', '.join(str(rank) for rank, _ in unusable)} (of {self.world_size}) cannot be used ({listing}). "
                 f"Give every rank a device it has (e.g. device=f'cuda:{{LOCAL_RANK}}'), or device=None to compute "
-                f"where the inputs are (gloo)."
+                f"where the inputs are (gloo).{self._rank_legend}"
             )
         anchors = [r[2] for r in replies]
         if len(set(anchors)) > 1:
@@ -720,7 +755,7 @@ class DistributedExecutor(Executor):
             raise InvalidArgumentError(
                 f"DistributedExecutor: the ranks were given different anchor settings ({listing}); every rank "
                 f"must pass the same anchor= ('local' or 'shared'), or one-draft rounds would be evaluated and "
-                f"exchanged differently on different ranks."
+                f"exchanged differently on different ranks.{self._rank_legend}"
             )
 
     # ----------------------------------------------------------------------------------------- info
@@ -753,6 +788,8 @@ class DistributedExecutor(Executor):
             f"DistributedExecutor(world_size={self.world_size}, backend={self.backend}, nodes={nodes}, "
             f"device per rank: {per_rank}, timeout={self.timeout:g}s, anchor={self.anchor}"
         )
+        if getattr(self, "_rank_legend", ""):
+            text += f", global ranks {self.global_ranks}"
         one = "every rank makes the call itself" if self.anchor == "local" else "rank 0 makes the call"
         if width is None and self._max_k > 1:
             width = self._max_k
@@ -800,7 +837,11 @@ class DistributedExecutor(Executor):
 
     def _interrupted(self, e: BaseException) -> None:
         """A KeyboardInterrupt or SystemExit (not an Exception) leaving evaluate or finish: this rank may have
-        left an exchange half done, so the executor refuses further use with a clear error."""
+        left an exchange half done, so the executor refuses further use with a clear error. On a subgroup,
+        this executor's errors say which global ranks the group's rank numbers are."""
+        if (self._rank_legend and isinstance(e, DriffusionError) and e.args and isinstance(e.args[0], str)
+                and self._rank_legend not in e.args[0]):
+            e.args = (e.args[0] + self._rank_legend,) + e.args[1:]
         if not isinstance(e, Exception) and self._broken is None:
             self._broken = f"{type(e).__name__} interrupted round {self._round} on rank {self.rank}"
 
@@ -1089,7 +1130,9 @@ class DistributedExecutor(Executor):
         h[_F_XDEV] = _device_code(xs.device)
         h[_F_TDTYPE] = _dtype_code(ts.dtype) if ts is not None else -1
         h[_F_COND] = _cond_signature(cond)
-        h[_F_XSUM : _F_TMIX + 1] = _value_sums(xs, cond, ts)
+        sums = _value_sums(xs, cond, ts)
+        h[_F_XSUM : _F_TMIX + 1] = sums[:-1]
+        h[_F_CLOG] = sums[-1]
         h[_F_XDIMS : _F_XDIMS + xd] = list(xs.shape[:xd])
         h[_F_HASOUT] = 0 if out is None else 1
         h[_F_FITS] = 1 if fits else 0
@@ -1196,26 +1239,29 @@ class DistributedExecutor(Executor):
                 "from the same x (e.g. NoiseSource(seed).initial(shape), not torch.randn on each rank) and use the "
                 "same NoiseSource seed for the per-step noise."
             )
-        # the conditioning's tensors, by the same rule (and a rank whose sums are not finite while rank 0's are,
-        # or the other way round, differs too)
-        ref_c = sums[0][2:5]
-        ref_finite = math.isfinite(ref_c[1])
+        # the conditioning's tensors, each normalised by its own sum(|c|), to _VALUE_RTOL of sum_i r_i (and a
+        # rank whose sums are not finite while rank 0's are, or the other way round, differs too)
+        c_vals = [[v[2], v[4], v[6], float(h[_F_CLOG : _F_CLOG + 1].clone().view(torch.float64))]
+                  for h, v in zip(headers, sums)]
+        ref_finite = all(math.isfinite(c) for c in c_vals[0])
         cdiffer = [
-            r for r, (h, v) in enumerate(zip(lists, sums))
-            if math.isfinite(v[3]) != ref_finite or (
-                ref_finite and (h[_F_CSUM : _F_CROWS + 1], h[_F_CMIX]) != (ref[_F_CSUM : _F_CROWS + 1], ref[_F_CMIX])
-                and _sums_differ([v[2], v[4], v[6]], [ref_c[0], ref_c[2], sums[0][6]], ref_c[1])
+            r for r, (h, c) in enumerate(zip(lists, c_vals))
+            if all(math.isfinite(e) for e in c) != ref_finite or (
+                ref_finite and (h[_F_CSUM : _F_CROWS + 1], h[_F_CMIX], h[_F_CLOG])
+                != (ref[_F_CSUM : _F_CROWS + 1], ref[_F_CMIX], ref[_F_CLOG])
+                and _sums_differ(c, c_vals[0], sums[0][3])
             )
         ]
         if cdiffer:
             self._broken = "the ranks' conditioning differed"
             listing = "; ".join(
-                f"rank {r}: sum {v[2]:.9g}, sum of |c| {v[3]:.9g}, row-weighted sum {v[4]:.9g}, "
-                f"element-weighted sum {v[6]:.9g}" for r, v in enumerate(sums)
+                f"rank {r}: sum {c[0]:.9g}, log sum of |c| {c[3]:.9g}, row-weighted sum {c[1]:.9g}, "
+                f"element-weighted sum {c[2]:.9g}" for r, c in enumerate(c_vals)
             )
             raise ExecutorError(
                 f"DistributedExecutor: the ranks' conditioning (cond) tensors differ in value in round "
-                f"{int(ref[_F_ROUND])} ({listing}), so the gathered predictions would mix predictions made for "
+                f"{int(ref[_F_ROUND])} ({listing}; each tensor's sums divided by its own sum of |c|, combined "
+                f"over the tensors with fixed weights), so the gathered predictions would mix predictions made for "
                 "different conditioning. Every rank must pass the same cond (e.g. labels from a seeded "
                 "torch.Generator, not torch.randint on each rank; the same prompt embeddings)."
             )

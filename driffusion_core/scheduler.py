@@ -234,11 +234,13 @@ def note_where(error: BaseException, grid: TimeGrid, steps: List[int], x: torch.
 
 
 def _overflow_hint(dtype: torch.dtype) -> str:
-    return (
-        f"the state overflowed its dtype ({dtype}; sample in float32 if this is float16/bfloat16, or check "
-        f"predictions of very large magnitude), or the transition's coefficients are degenerate on this grid "
-        f"(check the schedule's alpha-bar at the grid's levels)."
-    )
+    degenerate = ("the transition's coefficients are degenerate on this grid (check the schedule's alpha-bar at "
+                  "the grid's levels: a step between two levels with alpha-bar 0 divides 0 by 0)")
+    if dtype in (torch.float16, torch.bfloat16):
+        return (f"the state overflowed its dtype ({dtype}; sample in float32, or check predictions of very large "
+                f"magnitude), or {degenerate}.")
+    return (f"{degenerate}, or the state overflowed its dtype ({dtype}; check predictions of very large "
+            f"magnitude).")
 
 
 def check_finite_sample(x: torch.Tensor, sampler: str) -> torch.Tensor:

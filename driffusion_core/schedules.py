@@ -476,7 +476,10 @@ class FlowSchedule(Schedule):
     def alpha_sigma(self, t: TimeLike) -> Tuple[torch.Tensor, torch.Tensor]:
         t = _levels(t)
         refuse_levels_outside(t, *self.level_range(), self)
-        return C.flow_alpha_sigma(t)
+        alpha, sigma = C.flow_alpha_sigma(t)
+        # a first sigma a few ulps above 1 (the float32 shift, see level_range) would give alpha < 0, and
+        # log(alpha) = NaN in the multistep solvers' half-log-SNR; alpha is 0 there, as at sigma = 1 exactly
+        return alpha.clamp(min=0), sigma
 
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
         return (torch.as_tensor(t, dtype=torch.float64) * self.num_train_timesteps).to(torch.float32)

@@ -29,7 +29,12 @@ class FlowEulerSkip(SkipTransition):
     Arguments:
         schedule: a :class:`~driffusion_core.FlowSchedule`.
         prediction: ``"velocity"`` (default), ``"epsilon"`` or ``"sample"``.
-        x0_transform: optional clipping of x0_hat (forces the conversion to (x0_hat, eps_hat)).
+        x0_transform: optional clipping or thresholding T of x0_hat. It forces the conversion to
+            (x0_hat, eps_hat), and eps_hat is re-derived from T(x0_hat) at level t,
+            :math:`\hat\epsilon = (x_t - (1-t)\,T(\hat x_0)) / t`, so that the Euler step is the closed-form
+            jump :math:`(1-s)\,T(\hat x_0) + s\,\hat\epsilon` and the step to sigma 0 lands on T(x0_hat), as
+            DDIM's does. (Keeping the model's eps_hat would make the Euler step land on
+            (1 - t) x0_hat + t T(x0_hat): the transform would barely act.)
     """
 
     stochastic = False
@@ -43,7 +48,8 @@ class FlowEulerSkip(SkipTransition):
     ):
         if not isinstance(schedule, FlowSchedule):
             raise InvalidArgumentError(f"FlowEulerSkip needs a FlowSchedule, got {type(schedule).__name__}.")
-        super().__init__(schedule, prediction, x0_transform)
+        # recompute_eps: the velocity comes from the transformed x0_hat (it only acts with an x0_transform)
+        super().__init__(schedule, prediction, x0_transform, recompute_eps=True)
 
     def velocity(self, x: torch.Tensor, pred: torch.Tensor, t_from: Levels) -> torch.Tensor:
         """The velocity v = eps_hat - x0_hat at level t_from (the model output itself for velocity models)."""

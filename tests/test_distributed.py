@@ -549,6 +549,25 @@ def test_predictor_raising_in_a_one_draft_round_fails_every_rank_at_once(mode, a
         assert res["after"] is True, "the next sample must work and equal the serial executor's"
 
 
+def test_errors_on_a_subgroup_say_which_global_ranks_they_name():
+    """World 3, the executor on the subgroup of global ranks 1 and 2: the group's rank 1 (global rank 2)
+    raises; both members raise an ExecutorError naming group rank 1 and saying it is global rank 2 (the
+    numbering of torchrun and its logs); describe() lists the global ranks. A healthy round first equals the
+    serial executor's."""
+    results, codes, _, logs = _launch("subgroup_raise", world=3)
+    _need(results, [0, 1, 2], logs)
+    assert codes == [0, 0, 0], logs
+    for rank in (1, 2):
+        res = results[rank]
+        assert res["same"] is True, res
+        assert "global ranks [1, 2]" in res["describe"], res["describe"]
+        assert res["error_type"] == "ExecutorError", res
+        msg = res["message"]
+        assert "the predictor raised on rank 1 (of 2)" in msg and "boom in the subgroup" in msg, msg
+        assert "rank 0 is global rank 1, rank 1 is global rank 2" in msg, msg
+        assert res["seconds"] < TIMEOUT, res
+
+
 def test_conditioning_differing_in_value_between_ranks_is_explained():
     """Same structure and shapes, different values: a cond tensor (e.g. labels drawn on each rank), also beside
     a tensor holding -inf, the same rows in another order, a float guidance value, a nested flag, a large numpy
@@ -563,13 +582,14 @@ def test_conditioning_differing_in_value_between_ranks_is_explained():
         res = results[rank]
         assert res["same"] is True and res["same_object"] is True and res["same_nonfinite_numpy"] is True, res
         for case in ("tensor", "swapped_rows", "float", "nested", "sample", "scale_beside_inf_bias", "numpy_array",
-                     "long_string"):
+                     "long_string", "scale_beside_finfo_min_mask", "scale_beside_1e9_mask", "scale_doubled"):
             got = res[case]
             assert got["error_type"] == "ExecutorError", (case, got)
             assert "conditioning (cond)" in got["message"] and "round 1" in got["message"], (case, got["message"])
             assert got["seconds"] < TIMEOUT, (case, got)
-        for case in ("tensor", "scale_beside_inf_bias", "numpy_array"):
-            assert "differ in value" in res[case]["message"] and "sum of |c|" in res[case]["message"], res[case]
+        for case in ("tensor", "scale_beside_inf_bias", "numpy_array", "scale_beside_finfo_min_mask", "scale_doubled"):
+            assert "differ in value" in res[case]["message"] and "log sum of |c|" in res[case]["message"], res[case]
+        assert res["same_dataclass_set"] is True, "a dataclass holding a set or a device must sign alike on every rank"
         assert "guidance scale" in res["float"]["message"]
         assert res["same_set"] is True, "a set in the conditioning must not differ between processes"
         got = res["nan_on_rank0"]
@@ -951,6 +971,30 @@ def _scenario_raise(rank, world):
     return res
 
 
+def _scenario_subgroup_raise(rank, world):
+    """World 3, the executor on the subgroup of global ranks 1 and 2; global rank 2 (group rank 1) raises."""
+    import torch.distributed as dist
+
+    from backends import DistributedExecutor, SerialExecutor
+
+    group = dist.new_group([1, 2], backend="gloo")  # every process takes part in making it
+    res = {}
+    if rank > 0:
+        ex = DistributedExecutor(group=group, timeout=TIMEOUT, diagnose_timeout=DIAGNOSE)
+        xs, ts = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(3)), torch.zeros(2, 3)
+        res["same"] = bool(torch.equal(ex.evaluate(_predictor, xs, ts), SerialExecutor().evaluate(_predictor, xs, ts)))
+        res["describe"] = ex.describe()
+
+        def bad(x, t):
+            if rank == 2:
+                raise ValueError("boom in the subgroup")
+            return x
+
+        res.update(_fault_result(lambda: ex.evaluate(bad, xs, ts)))
+    dist.barrier()
+    return res
+
+
 def _scenario_die(rank, world, dying=1):
     from backends import DistributedExecutor
 
@@ -1145,7 +1189,16 @@ class _Opaque:
     """A value whose default repr holds its memory address (different in every process)."""
 
 
-def _guided(x, t, scale=None, tag="plain", guidance=1.0, extra=None, opaque=None, bias=None, obs=None, note=""):
+@dataclasses.dataclass
+class _Options:
+    """Options a user might pass in cond: a set of strings (its repr follows the per-process string hash
+    order) and the rank's own device (cuda:<local rank> under nccl)."""
+    tags: frozenset
+    device: torch.device
+
+
+def _guided(x, t, scale=None, tag="plain", guidance=1.0, extra=None, opaque=None, bias=None, obs=None, note="",
+            mask=None, options=None):
     y = _predictor(x, t, scale) * guidance
     if obs is not None:
         y = y + float(obs.sum())
@@ -1185,6 +1238,16 @@ def _scenario_cond_values(rank, world):
     obs = np.zeros(2000)
     obs[1000] = 5.0 * rank
     cases["scale_beside_inf_bias"] = dict(base, scale=scale + rank, bias=bias)
+    # one very large tensor (a Hugging Face attention bias of finfo.min, or -1e9) hides no difference in another;
+    # a tensor scaled on one rank (its normalised sums unchanged) shows too
+    huge = torch.full((4, 77), torch.finfo(torch.float32).min).index_fill_(1, torch.arange(5), 0.0)
+    cases["scale_beside_finfo_min_mask"] = dict(base, scale=scale + rank, mask=huge)
+    cases["scale_beside_1e9_mask"] = dict(base, scale=scale + 1e-3 * rank, mask=huge.clamp(min=-1e9))
+    cases["scale_doubled"] = dict(base, scale=scale * (1 + rank))
+    # a dataclass holding a set of strings and the rank's own device: the same conditioning on every rank
+    options = _Options(frozenset({"cfg", "neg", "style", "seed", "lora", "vae"}), torch.device("cuda", rank))
+    res["same_dataclass_set"] = bool(torch.equal(ex.evaluate(_guided, xs, ts, dict(base, options=options)),
+                                                 SerialExecutor().evaluate(_guided, xs, ts, dict(base, options=options))))
     cases["numpy_array"] = dict(base, obs=obs)
     cases["long_string"] = dict(base, note="a" * 3000 + ("b" if rank else "c"))
     alike = dict(base, bias=bias, obs=np.zeros(2000), note="a" * 3000)
@@ -1535,6 +1598,7 @@ def _e2e(family, device=None):
 
 SCENARIOS = {
     "basic": _scenario_basic,
+    "subgroup_raise": _scenario_subgroup_raise,
     "three": _scenario_three,
     "odd_outputs": _scenario_odd_outputs,
     "raise": _scenario_raise,

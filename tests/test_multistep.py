@@ -495,3 +495,29 @@ def test_drafts_on_a_grid_whose_steps_do_not_join_are_the_frozen_x0_hats_states(
         ref = ddim(drafts[0], x0_hat, grid.t_to[a], grid.t_to[a + j])
         err = float((drafts[j] - ref).abs().max())
         assert err <= 1e-9 * scale, f"draft {j} is {err:.3g} from the frozen x0_hat's state at t_to[{a + j}]"
+
+
+@pytest.mark.parametrize("solver", ["dpm", "unipc"])
+@pytest.mark.parametrize("shift", [0.46, 0.66, 0.91])
+def test_flow_sigma_a_few_ulps_above_one_is_alpha_zero(solver, shift):
+    """The float32 shift puts the first sigma of these grids a few ulps above 1 (1.0000001 at shift 0.91):
+    alpha = 1 - sigma must read 0 there, not -1e-7, or log(alpha) is NaN in the half-log-SNR and the sample is
+    NaN. The reference is the same grid with its first level set to 1 exactly."""
+    sched = FlowSchedule(shift=shift)
+    g = sched.timesteps(28)
+    assert g.t_from[0] > 1  # the case under test
+    assert sched.alpha_sigma(g.t_from[:1])[0].item() == 0.0
+    exact = TimeGrid.from_levels(torch.cat([torch.ones(1, dtype=F64), g.t_from[1:]]), 0.0, g.model_times)
+    make = {"dpm": DPMSolverSkip, "unipc": UniPCSkip}[solver]
+    tr = make(sched, prediction="velocity")
+    model = lambda x, t: 0.3 * x - 0.2  # noqa: E731
+    x = randn(4, 3, seed=shift_seed(shift))
+    got = sample_serial(model, x, tr, g).x
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, sample_serial(model, x, tr, exact).x, rtol=1e-6, atol=1e-6)
+    out = DraftRefineScheduler(tr, g, width=3).sample(model, x)
+    assert torch.isfinite(out.x).all()
+
+
+def shift_seed(shift: float) -> int:
+    return int(shift * 100)

@@ -490,3 +490,32 @@ def test_the_wide_window_warning_reaches_k_diffusion_users():
     sigmas = torch.linspace(10.0, 0.0, 9)
     with pytest.warns(WideWindowWarning, match="width 4 on a grid of 8 steps"):
         sample_driffusion(lambda x, s: 0.5 * x, torch.randn(2, 3), sigmas, width=4)
+
+
+@pytest.mark.parametrize("executor, returns", [
+    pytest.param(ex.values[0], returns, id=f"{ex.id}-{returns}")
+    for ex in [pytest.param(SerialExecutor(), id="serial")] + EXECUTORS for returns in ("x", "cond", "buffer")
+    if not (ex.id == "vmap" and returns == "buffer")  # vmap cannot write a batched value into an unbatched buffer
+])
+def test_every_executor_hands_back_predictions_in_memory_of_their_own(executor, returns):
+    """The Executor contract: the predictions share no memory with the inputs, the conditioning or the
+    predictor's own output buffer (which its next call may overwrite), so a caller may write into them.
+    Predictors returning x itself (an identity model), a conditioning tensor, or one buffer they keep."""
+    buffer = {}
+
+    def predictor(x, t, c):
+        if returns == "x":
+            return x
+        if returns == "cond":
+            return c
+        out = buffer.setdefault(tuple(x.shape), torch.empty_like(x))
+        return out.copy_(x * 2)
+
+    xs = torch.randn(3, 4, 2, generator=torch.Generator().manual_seed(0))
+    ts = torch.zeros(3, 4)
+    c = torch.randn(4, 2, generator=torch.Generator().manual_seed(1))
+    want = {"x": xs, "cond": c.expand(3, 4, 2), "buffer": xs * 2}[returns].clone()
+    out = executor.evaluate(predictor, xs, ts, {"c": c})
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    mine = [xs, c] + list(buffer.values())
+    assert not any(out.untyped_storage().data_ptr() == m.untyped_storage().data_ptr() for m in mine)

@@ -368,18 +368,24 @@ def test_coupled_noise_is_the_chains_noise_normalised(family, data):
 @pytest.mark.parametrize("transform", ["clip", "threshold"])
 def test_flow_velocity_model_under_an_x0_transform(transform):
     """A velocity model with an x0 transform: the step is the closed form on (x0_hat, eps_hat) converted at t,
-    x0_hat = T(x - t v), eps_hat = x + (1 - t) v (kept, as diffusers keeps the model's eps), and
-    x_s = x + (s - t)(eps_hat - x0_hat); the transform is not skipped for velocity models."""
+    x0_hat = T(x - t v), eps_hat re-derived from it, (x - (1 - t) x0_hat) / t, and
+    x_s = x + (s - t)(eps_hat - x0_hat) = (1 - s) x0_hat + s eps_hat; the transform is not skipped for velocity
+    models, and the step to sigma 0 lands on T(x0_hat) (with the model's own eps_hat it would land on
+    (1 - t) x0 + t T(x0): the clipping would barely act)."""
     from driffusion_core import ClipSample, DynamicThreshold
 
     x0t = ClipSample(1.0) if transform == "clip" else DynamicThreshold(0.9, 1.5)
     tr = FlowEulerSkip(FlowSchedule(shift=3.0), "velocity", x0_transform=x0t)
     x, v = randn(5, 3, seed=11) * 2, randn(5, 3, seed=12) * 2
     for t, s in ((0.9, 0.6), (0.5, 0.0)):
-        x0, eps = x - t * v, x + (1 - t) * v
-        assert not torch.equal(x0t(x0), x0)  # the transform acts here
-        want = x + (s - t) * (eps - x0t(x0))
+        x0 = x0t(x - t * v)
+        assert not torch.equal(x0, x - t * v)  # the transform acts here
+        eps = (x - (1 - t) * x0) / t
+        want = x + (s - t) * (eps - x0)
         torch.testing.assert_close(tr(x, v, t, s), want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(want, (1 - s) * x0 + s * eps, rtol=1e-12, atol=1e-12)
+        if s == 0.0:
+            torch.testing.assert_close(tr(x, v, t, s), x0, rtol=1e-12, atol=1e-12)
         window = tr.drafts(x, v, torch.tensor([t, (t + s) / 2], dtype=F64), torch.tensor([(t + s) / 2, s], dtype=F64))
         torch.testing.assert_close(window[-1], want, rtol=1e-12, atol=1e-12)
 
