@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import statistics
 import time
 import warnings
 from typing import Dict, List, Tuple
@@ -94,7 +95,7 @@ def run(quick: bool = False, steps: Tuple[int, ...] = None, widths: Tuple[int, .
     by_window: Dict[float, List[float]] = {}
     for r in rows:
         by_window.setdefault(round(r["width"] / r["T"], 3), []).append(r["ratio"])
-    window_rows = [{"n/T": k, "settings": len(v), "min ratio": min(v), "median ratio": sorted(v)[len(v) // 2],
+    window_rows = [{"n/T": k, "settings": len(v), "min ratio": min(v), "median ratio": statistics.median(v),
                     "max ratio": max(v), "worse than skipping": sum(r > 1 for r in v)}
                    for k, v in sorted(by_window.items())]
 

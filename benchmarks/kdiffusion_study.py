@@ -109,8 +109,8 @@ def markdown(rows: List[Dict[str, object]]) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.kdiffusion_study", description=__doc__.split("\n")[0])
-    p.add_argument("--batch", type=count(), default=2000)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.kdiffusion_study", description=" ".join(__doc__.split("\n\n")[0].split()))
+    p.add_argument("--batch", type=count(), default=2000, help="samples per run (default 2000)")
     p.add_argument("--steps", type=count_list(minimum=3), default=[20, 40],
                    help="comma-separated step counts (>= 3: with 2, every method takes all 2 rounds)")
     a = p.parse_args(argv)

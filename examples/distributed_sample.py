@@ -28,12 +28,13 @@ from solvers import DDIMSkip, ring_mixture, sample_serial
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backend", default=None, choices=["gloo", "nccl"], help="default: nccl with CUDA, else gloo")
-    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--steps", type=int, default=50, help="DDIM steps T (default 50)")
     ap.add_argument("--width", type=int, default=None, help="drafts per round (default: the world size)")
-    ap.add_argument("--mode", default="aggressive", choices=["aggressive", "conservative"])
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--timeout", type=float, default=60.0)
+    ap.add_argument("--mode", default="aggressive", choices=["aggressive", "conservative"], help="default: aggressive")
+    ap.add_argument("--batch", type=int, default=8, help="samples (default 8)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default 0; the per-step noise uses seed + 1; the same on every rank)")
+    ap.add_argument("--timeout", type=float, default=60.0,
+                    help="seconds a rank waits for the others in a round before every rank fails (default 60)")
     ap.add_argument("--anchor", default="local", choices=["local", "shared"],
                     help="one-draft rounds: every rank makes the call (local) or rank 0 shares it (shared: for "
                          "models that are not bit for bit reproducible across ranks)")

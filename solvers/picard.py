@@ -70,7 +70,11 @@ that, even if this round finalised one level only, draft-and-refine (aggressive,
 could still finish within the budget; when it could not, it stops iterating and finishes with
 :class:`~driffusion_core.DraftRefineState` from the anchor (x_{a-1}, p_{a-1}): the last final level
 whose prediction was taken at its final state (to tolerance; exactly when a-1 was the window
-start). Its first refine step recomputes x_a, so nothing final is lost. The call therefore always
+start). Its first refine step recomputes x_a with p_{a-1}, so levels 0 .. a are those the run without a
+budget makes, with one exception: when x_{a-1} moved by more than one noise std in its last sweep
+(possible only with a tolerance above 1), p_{a-1} is re-frozen first, as for drafts (the x0_hat it
+meant, at x_{a-1}), and x_a changes with it; on DDPM at tolerance 3 keeping x_a instead left the final
+sample about 12 times further from the serial one. The call therefore always
 ends within ``max_rounds``; the smallest budget accepted is DRiffusion's own round count
 1 + ceil((T-1)/n).
 

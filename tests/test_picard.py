@@ -667,6 +667,43 @@ def test_budget_keeps_what_picard_finalised(name):
     assert bound > 0
 
 
+def test_budget_above_tolerance_one_refreezes_the_fallback_anchor():
+    """Tolerance above 1 (the documented exception): x_{a-1} may move by more than one noise std in its last
+    sweep; the fallback then re-freezes p_{a-1} (the x0_hat it meant, at x_{a-1}) before recomputing x_a. Levels
+    0 .. a-1 are still the unbudgeted run's, x_a is recomputed, and the re-freeze keeps the sample closer to the
+    serial one than keeping the stale prediction would (DDPM, T = 20, width 4, tolerance 3, 7 rounds)."""
+    import solvers.picard as P
+
+    T, width, tol, budget = 20, 4, 3.0, 7
+    tr, grid, f, noise = family("ddpm", T)
+    x = start(8)
+    serial = sample_serial(f, x, tr, grid, noise=noise)
+    free = PicardScheduler(tr, grid, width, tol).sample(f, x, noise=noise, return_trajectory=True)
+    out = PicardScheduler(tr, grid, width, tol, max_rounds=budget).sample(f, x, noise=noise, return_trajectory=True)
+    assert not out.info["converged"] and out.rounds <= budget
+    a = sum(out.info["advances"])
+    for k in range(a):
+        torch.testing.assert_close(out.trajectory[k], free.trajectory[k], rtol=1e-12, atol=1e-12, msg=f"level {k}")
+    assert not torch.allclose(out.trajectory[a], free.trajectory[a])  # the re-frozen anchor moved x_a
+
+    original = P.PicardState._start_fallback
+
+    def stale(self):  # the fallback without the re-freeze: p_{a-1} as the last sweep took it
+        moved, self.moved = self.moved, {}
+        try:
+            original(self)
+        finally:
+            self.moved = moved
+
+    P.PicardState._start_fallback = stale
+    try:
+        kept = PicardScheduler(tr, grid, width, tol, max_rounds=budget).sample(f, x, noise=noise, return_trajectory=True)
+    finally:
+        P.PicardState._start_fallback = original
+    torch.testing.assert_close(kept.trajectory[a], free.trajectory[a], rtol=1e-12, atol=1e-12)
+    assert rel(out.x, serial.x) < 0.5 * rel(kept.x, serial.x)
+
+
 def test_absorb_finishes_the_fallback_itself():
     """Driven by hand, the state is done right after the absorb of the fallback's last round."""
     from driffusion_core.scheduler import evaluate_round
