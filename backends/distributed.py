@@ -1080,6 +1080,11 @@ class DistributedExecutor(Executor):
                 f"{tuple(o.shape)} {o.dtype} on {o.device}" for o in outs
             )
             return None, _BAD_OUTPUT, message, None
+        if outs[0].device != x_part.device:  # moved for the exchange, it would come back hiding the model's bug
+            return None, _BAD_OUTPUT, (
+                f"the predictor returned predictions on {outs[0].device}, but its input x is on {x_part.device}; "
+                f"return the prediction on the input's device (the serial executor refuses it too)"
+            ), None
         if outs[0].dim() + 1 > _MAXD:
             return None, _BAD_OUTPUT, f"predictions with {outs[0].dim()} dimensions are not supported", None
         if outs[0].dtype not in _DTYPES:
