@@ -15,6 +15,7 @@ from driffusion_core.errors import (
     PredictorOutputError,
     SamplingError,
     UnexpectedArgumentError,
+    MeanStepWarning,
     WideWindowWarning,
 )
 from driffusion_core.executor import Executor, SerialExecutor
@@ -56,5 +57,6 @@ __all__ = [
     "ExecutorError",
     "SamplingError",
     "UnexpectedArgumentError",
+    "MeanStepWarning",
     "WideWindowWarning",
 ]

@@ -50,6 +50,12 @@ class SamplingError(DriffusionError, RuntimeError):
     """Sampling produced an unusable state (NaN or inf) although every model output was finite."""
 
 
+class MeanStepWarning(UserWarning):
+    """A stochastic transition (DDPM, DDIM with eta > 0) called without ``noise``: the step returns its mean,
+    not a sample, and samples made that way lose their spread. Warned once per transition; pass
+    ``noise=torch.zeros_like(x)`` to take the mean on purpose."""
+
+
 class WideWindowWarning(UserWarning):
     """A draft window that reaches far along a short grid (width / T of 0.2 or more): the far drafts are far from
     their anchor, and DRiffusion is then often farther from the serial sample than step skipping at the same

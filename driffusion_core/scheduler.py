@@ -49,7 +49,7 @@ from driffusion_core.executor import (
 )
 from driffusion_core.grid import TimeGrid
 from driffusion_core.noise import NoiseSource
-from driffusion_core.transition import SkipTransition
+from driffusion_core.transition import SkipTransition, check_transition
 
 __all__ = [
     "DraftRefineScheduler",
@@ -196,9 +196,15 @@ _SIGNATURE_ERROR = re.compile(r"missing \d+ required (positional|keyword-only) a
 _CLASH = re.compile(r"got multiple values for (?:keyword )?argument '(\w+)'")
 
 
+# torch's messages for a dtype or device clash ("expected ... same dtype", "Expected all tensors to be on the same
+# device", "Input type (double) and bias type (float) should be the same", "found at least two devices", ...)
+_DTYPE_OR_DEVICE = re.compile(r"dtype|same device|two devices|device type|[Ii]nput type|scalar type")
+
+
 def _call_hint(error: BaseException, cond: Optional[Mapping[str, Any]]) -> str:
     """What to check for an exception from the predictor: its calling convention for a TypeError about its
-    arguments, else the state's dtype and device."""
+    arguments, the state's dtype and device for an error that reads like a dtype or device clash, else
+    nothing (a hint about dtypes on a KeyError from the model would send its author the wrong way)."""
     clash = _CLASH.search(safe_str(error)) if isinstance(error, TypeError) else None
     if clash and cond and clash.group(1) in cond:
         return (
@@ -213,7 +219,9 @@ def _call_hint(error: BaseException, cond: Optional[Mapping[str, Any]]) -> str:
             f"in cond (e.g. cond={{'labels': y}} calls f(x, t, labels=y)); one that takes fewer, a wrapper such as "
             f"lambda x, t, **c: model(x, t)"
         )
-    return "a model with parameters of another dtype or device needs x there too"
+    if _DTYPE_OR_DEVICE.search(safe_str(error)):
+        return "a model with parameters of another dtype or device needs x there too"
+    return ""
 
 
 def note_where(error: BaseException, grid: TimeGrid, steps: List[int], x: torch.Tensor,
@@ -226,7 +234,8 @@ def note_where(error: BaseException, grid: TimeGrid, steps: List[int], x: torch.
     if isinstance(k, int) and 0 <= k < len(steps):
         steps = [steps[k]]
     if hasattr(error, "add_note"):
-        hint = "" if isinstance(error, PredictorOutputError) else f" ({_call_hint(error, cond)})"
+        hint = "" if isinstance(error, PredictorOutputError) else _call_hint(error, cond)
+        hint = f" ({hint})" if hint else ""
         error.add_note(
             f"driffusion: raised while evaluating {where_steps(grid, steps)}; the state is "
             f"{x.dtype} {tuple(x.shape)} on {x.device}{hint}."
@@ -458,10 +467,7 @@ class DraftRefineState:
         start: int = 0,
         history: Sequence[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = (),
     ):
-        if not isinstance(transition, SkipTransition):
-            raise InvalidArgumentError(
-                f"transition must be a SkipTransition (e.g. solvers.DDIMSkip(schedule)), got {type(transition).__name__}."
-            )
+        check_transition(transition, "DraftRefineState(transition, grid, width, mode, x, ...)")
         grid = transition.make_grid(grid)  # the transition's own kind of levels, in its range, decreasing
         width = _check_width(width)
         check_mode(mode)
@@ -615,12 +621,15 @@ def warn_wide_window(width: int, num_steps: int, stacklevel: int = 2) -> None:
     A draft x~_{a+j} freezes the anchor's prediction for j levels; at j / T from about 0.2 on it is far from
     the state the serial chain reaches there, the model is evaluated off its path, and on the benchmarks' grid
     study DRiffusion was then farther from the serial sample than step skipping in half the settings (on short
-    grids, and for DDPM, it can diverge). Width 1 never warns.
+    grids, and for DDPM, it can diverge). A window drafts at most T - 1 levels ahead, so that is the reach
+    compared (width 4 on 2 steps drafts one level: the serial step itself, no warning). Width 1 never warns.
     """
-    if width > 1 and Fraction(width, num_steps) >= WIDE_WINDOW:
+    reach = min(width, num_steps - 1)
+    if reach > 1 and Fraction(reach, num_steps) >= WIDE_WINDOW:
+        capped = f" (width {width} is capped at T - 1 = {reach})" if reach < width else ""
         warnings.warn(
-            f"width {width} on a grid of {num_steps} steps: each window drafts up to width / T = "
-            f"{width / num_steps:.2f} of the grid ahead of its anchor. From about {float(WIDE_WINDOW):g} on, the far drafts are "
+            f"width {width} on a grid of {num_steps} steps: each window drafts up to {reach} levels, "
+            f"{reach / num_steps:.2f} of the grid, ahead of its anchor{capped}. From about {float(WIDE_WINDOW):g} on, the far drafts are "
             f"far from the serial path and DRiffusion is often farther from the serial sample than step skipping at "
             f"the same rounds, or diverges on short grids. Keep width <= T / 10 (width 4 for 50 steps) with "
             f"trailing spacing, or use solvers.PicardScheduler with a tolerance. Silence this with "
@@ -631,7 +640,24 @@ def warn_wide_window(width: int, num_steps: int, stacklevel: int = 2) -> None:
 
 
 class DraftRefineScheduler:
-    """DRiffusion's draft-and-refine sampler.
+    r"""DRiffusion's draft-and-refine sampler (arXiv 2603.25872, Algorithm 1).
+
+    Levels :math:`t_0 > \dots > t_T`, states :math:`x_i`, predictor f, skip transition S, width n, anchor a.
+
+    **Aggressive.** From the anchor :math:`(x_a, p_a)` draft
+    :math:`\tilde x_{a+j} = S(x_a, p_a, t_a \to t_{a+j}, \tilde z_j)` for j = 1..m, m = min(n, T-1-a);
+    evaluate :math:`\tilde p_{a+j} = f(\tilde x_{a+j}, t_{a+j})` for all j in one parallel round; refine
+    serially :math:`x_{a+1} = S(x_a, p_a)`, :math:`x_{a+j+1} = S(x_{a+j}, \tilde p_{a+j})`; the new anchor is
+    :math:`(x_{a+m}, \tilde p_{a+m})`. Rounds = 1 + ceil((T-1)/n).
+
+    **Conservative.** Each iteration first evaluates the exact :math:`p_a = f(x_a, t_a)` (a round of its own),
+    then drafts and refines as above through :math:`x_{a+m+1}`: n+1 levels in two rounds.
+    Rounds = 2 ceil(T/(n+1)) - [T mod (n+1) = 1].
+
+    Both modes make exactly T model calls (``SampleOutput.evals``; ``rounds`` counts the parallel rounds).
+    Width 1 is the serial sampler, bit for bit, given the same ``noise``. The drafts of a deterministic
+    transition are the serial chain with :math:`p_a` frozen (skips compose); a stochastic one couples the
+    drafts' noise to the serial steps' :math:`z_{a+1..a+j}` (see the transition's ``drafts``).
 
     Arguments:
         transition: the skip transition (``solvers.DDIMSkip``, ``DDPMSkip``, ``FlowEulerSkip``...).
@@ -665,10 +691,7 @@ class DraftRefineScheduler:
         width: int = 2,
         mode: str = "aggressive",
     ):
-        if not isinstance(transition, SkipTransition):
-            raise InvalidArgumentError(
-                f"transition must be a SkipTransition (e.g. solvers.DDIMSkip(schedule)), got {type(transition).__name__}."
-            )
+        check_transition(transition, "DraftRefineScheduler(transition, timesteps, width)")
         check_mode(mode)
         self.transition = transition
         self.grid = transition.make_grid(timesteps)

@@ -24,19 +24,22 @@ from __future__ import annotations
 import abc
 import contextlib
 import math
+import warnings
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
 from driffusion_core import coefficients as C
-from driffusion_core.errors import DeviceMismatchError, InvalidArgumentError, InvalidTimestepsError, as_count, as_flag
+from driffusion_core.errors import (
+    DeviceMismatchError, InvalidArgumentError, InvalidTimestepsError, MeanStepWarning, as_count, as_flag,
+)
 from driffusion_core.grid import TimeGrid, first_step_below_next, refuse_bool_or_complex
 from driffusion_core.parameterization import (
     Prediction, X0Transform, cast_coef, check_prediction, check_x0_transform, to_x0_eps, upcast,
 )
 from driffusion_core.schedules import Schedule
 
-__all__ = ["SkipTransition", "History", "as_levels", "repeat_rows", "zero_length_identity"]
+__all__ = ["SkipTransition", "History", "as_levels", "check_transition", "repeat_rows", "zero_length_identity"]
 
 Levels = Union[float, int, torch.Tensor]
 History = Sequence[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -251,6 +254,17 @@ class SkipTransition(abc.ABC):
             if v is not None:
                 _require_like(v, x.shape, x, name, what, f"shaped like x: one {what} per element of x; a row would "
                               f"be broadcast over the batch")
+        if noise is None and self.stochastic and not self.__dict__.get("_warned_mean_step", False):
+            # in a hand-written loop a forgotten noise= would silently give the posterior mean at every step
+            object.__setattr__(self, "_warned_mean_step", True)
+            warnings.warn(
+                f"{name} is stochastic but was called without noise: the step returns its mean, not a sample "
+                f"(samples made so lose their spread). Pass noise=torch.randn_like(x), or the samplers' "
+                f"NoiseSource(seed)(i, x.shape, x.dtype); noise=torch.zeros_like(x) takes the mean on purpose. "
+                f"(Warned once per transition.)",
+                MeanStepWarning,
+                stacklevel=3,
+            )
         b = x.shape[0]
         return as_levels(t_from, b, f"{name}: t_from"), as_levels(t_to, b, f"{name}: t_to")
 
@@ -581,3 +595,21 @@ def zero_length_identity(out: torch.Tensor, x: torch.Tensor, t_from: torch.Tenso
     if same.dim() == 0:
         return x.clone()
     return torch.where(same.to(x.device).reshape(-1, *([1] * (x.dim() - 1))), x, out)
+
+
+def check_transition(transition: Any, call: str) -> None:
+    """Refuse anything but a :class:`SkipTransition` as ``transition``, naming the call's argument order
+    (``call``, e.g. ``"sample_serial(predictor, x, transition, timesteps)"``) when a grid, a schedule or a
+    list of levels came in its place: the samplers take their arguments in different orders."""
+    if isinstance(transition, SkipTransition):
+        return
+    from driffusion_core.schedules import Schedule  # (the schedules module does not import this one)
+
+    swapped = ""
+    if isinstance(transition, (TimeGrid, Schedule, list, tuple, torch.Tensor)):
+        swapped = (f" A {type(transition).__name__} in its place: check the argument order, {call}; a schedule "
+                   f"goes into the transition, solvers.DDIMSkip(schedule), and its timesteps(...) into timesteps.")
+    raise InvalidArgumentError(
+        f"transition must be a SkipTransition (e.g. solvers.DDIMSkip(schedule)), got {type(transition).__name__}."
+        + swapped
+    )

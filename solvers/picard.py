@@ -124,7 +124,7 @@ from driffusion_core.scheduler import (
 )
 from driffusion_core.coefficients import posterior_variance, prediction_coefficients
 from driffusion_core.parameterization import broadcast_coef, lincomb, upcast
-from driffusion_core.transition import SkipTransition, as_levels
+from driffusion_core.transition import SkipTransition, as_levels, check_transition
 
 __all__ = ["PicardScheduler", "PicardState", "INITS", "NORMS", "fewest_rounds"]
 
@@ -465,10 +465,7 @@ class PicardScheduler:
         init: str = "skip",
         norm: str = "sigma",
     ):
-        if not isinstance(transition, SkipTransition):
-            raise InvalidArgumentError(
-                f"transition must be a SkipTransition (e.g. solvers.DDIMSkip(schedule)), got {type(transition).__name__}."
-            )
+        check_transition(transition, "PicardScheduler(transition, timesteps, width, tolerance)")
         width = _check_width(width, _WIDTH_MEANING)
         if not isinstance(init, str) or init not in INITS:
             raise InvalidArgumentError(

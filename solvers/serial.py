@@ -30,7 +30,7 @@ from driffusion_core.scheduler import (
     note_where,
     progress_bar,
 )
-from driffusion_core.transition import SkipTransition
+from driffusion_core.transition import SkipTransition, check_transition
 
 __all__ = ["sample_serial", "sample_step_skipping", "coarse_indices"]
 
@@ -70,6 +70,7 @@ def sample_serial(
     Returns:
         :class:`~driffusion_core.SampleOutput` with ``rounds == evals == T``.
     """
+    check_transition(transition, "sample_serial(predictor, x, transition, timesteps)")
     cond = check_inputs(x, cond)
     grid = transition.make_grid(timesteps)
     noise = default_noise(transition, noise)
@@ -116,6 +117,7 @@ def sample_step_skipping(
     transition (DPM-Solver++ 2M) is :func:`sample_serial` on that coarse grid, its own update combining
     the coarse steps. With ``rounds == T`` it is :func:`sample_serial`.
     """
+    check_transition(transition, "sample_step_skipping(predictor, x, transition, timesteps, rounds)")
     cond = check_inputs(x, cond)
     grid = transition.make_grid(timesteps)
     noise = default_noise(transition, noise)

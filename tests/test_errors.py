@@ -1643,3 +1643,53 @@ def test_autocast_outputs_are_named_and_the_drafts_keep_their_precision():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(tr.drafts(x, 0.1 * x, grid.t_from[:4], grid.t_to[:4], noises), outside)
         assert torch.equal(tr.coupled_noise(grid.t_from[:4], grid.t_to[:4], noises), coupled)
+
+
+@pytest.mark.parametrize("call", ["sample_serial", "sample_step_skipping", "scheduler", "picard"])
+@pytest.mark.parametrize("swapped", ["grid", "schedule"])
+def test_a_grid_or_schedule_in_the_transitions_place_names_the_argument_order(call, swapped):
+    """sample_serial(predictor, x, transition, timesteps) and DraftRefineScheduler(transition, timesteps, width)
+    take their arguments in different orders; a grid or a schedule where the transition goes is refused with
+    the call's argument order, not an AttributeError from deep inside."""
+    from solvers import PicardScheduler
+
+    wrong = GRID if swapped == "grid" else VP
+    other = DDIMSkip(VP) if swapped == "grid" else GRID
+    make = {
+        "sample_serial": lambda: sample_serial(eps_model, x0(), wrong, other),
+        "sample_step_skipping": lambda: sample_step_skipping(eps_model, x0(), wrong, other, 3),
+        "scheduler": lambda: DraftRefineScheduler(wrong, other, 2),
+        "picard": lambda: PicardScheduler(wrong, other, 2, 0.1),
+    }[call]
+    name = {"sample_serial": "sample_serial(predictor, x, transition, timesteps)",
+            "sample_step_skipping": "sample_step_skipping(predictor, x, transition, timesteps, rounds)",
+            "scheduler": "DraftRefineScheduler(transition, timesteps, width)",
+            "picard": "PicardScheduler(transition, timesteps, width, tolerance)"}[call]
+    with pytest.raises(InvalidArgumentError, match=r"transition must be a SkipTransition") as info:
+        make()
+    assert f"got {type(wrong).__name__}" in str(info.value) and f"check the argument order, {name}" in str(info.value)
+
+
+@pytest.mark.skipif(not HAS_NOTES, reason="exception notes (add_note) need Python >= 3.11")
+def test_the_dtype_hint_is_added_only_to_errors_that_read_like_a_dtype_or_device_clash():
+    """An exception from the model gets a note saying where sampling was; the hint about parameters of another
+    dtype or device only when the message reads like such a clash (a real float64-state / float32-model
+    mismatch), not on a KeyError or an arbitrary RuntimeError from the model."""
+    linear = torch.nn.Linear(2, 2)  # float32 parameters
+
+    def clash(x, t):
+        return linear(x)
+
+    def key_error(x, t):
+        raise KeyError("missing entry")
+
+    def runtime(x, t):
+        raise RuntimeError("boom in my model")
+
+    hint = "parameters of another dtype or device"
+    for f, wants in ((clash, True), (key_error, False), (runtime, False)):
+        with pytest.raises((RuntimeError, KeyError)) as info:
+            scheduler().sample(f, x0().double())
+        where = [n for n in notes(info.value) if "driffusion: raised while evaluating step 0" in n]
+        assert len(where) == 1, notes(info.value)
+        assert (hint in where[0]) == wants, (f.__name__, where[0])

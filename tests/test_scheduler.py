@@ -460,7 +460,7 @@ def test_per_sample_noise_rows_are_distinct_and_keyed_by_row():
 
 @pytest.mark.parametrize("steps, width, warns", [
     (50, 4, False), (50, 9, False), (50, 10, True), (10, 1, False), (10, 2, True), (20, 3, False), (20, 4, True),
-    (13, 4, True), (1, 1, False), (3, 1, False), (15, 3, True), (4, 9, True),
+    (13, 4, True), (1, 1, False), (3, 1, False), (15, 3, True), (4, 9, True), (2, 4, False), (1, 3, False),
 ])
 def test_a_window_reaching_far_along_a_short_grid_warns(steps, width, warns):
     """width / T of 0.2 or more warns (WideWindowWarning, naming width, T and how to silence it); width 1 never does."""
@@ -478,6 +478,9 @@ def test_a_window_reaching_far_along_a_short_grid_warns(steps, width, warns):
     if warns:
         text = str(wide[0].message)
         assert f"width {width} on a grid of {steps} steps" in text and "PicardScheduler" in text
+        reach = min(width, steps - 1)  # a window drafts at most T - 1 levels ahead
+        assert f"up to {reach} levels, {reach / steps:.2f} of the grid" in text, text
+        assert (f"capped at T - 1 = {reach}" in text) == (reach < width), text
         assert "simplefilter('ignore', driffusion_core.WideWindowWarning)" in text
         assert wide[0].filename == __file__  # points at the caller's line, not the library's
     assert sched.width == width  # a warning, not a refusal: the scheduler is made

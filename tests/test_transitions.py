@@ -962,3 +962,35 @@ def test_coefficient_casts_and_conversions_are_remembered_and_usable_with_gradie
                 out.sum().backward()
                 assert x1.grad is not None and torch.isfinite(x1.grad).all()
                 assert torch.equal(out.detach(), plain)
+
+
+@pytest.mark.parametrize("make", [
+    pytest.param(lambda s: DDPMSkip(s), id="ddpm"), pytest.param(lambda s: DDIMSkip(s, eta=0.5), id="ddim-eta"),
+])
+def test_a_stochastic_step_without_noise_warns_once_and_is_the_mean(make):
+    """In a hand-written loop a forgotten noise= gives the posterior mean at every step (samples lose their
+    spread): a MeanStepWarning at the caller's line, once per transition; the step is then the step with
+    zero noise, and noise=torch.zeros_like(x) (the mean on purpose) does not warn. A deterministic transition
+    never warns."""
+    import warnings
+
+    from driffusion_core import MeanStepWarning
+
+    sched = VPSchedule.linear()
+    tr = make(sched)
+    x, p = randn(4, 2, seed=1), randn(4, 2, seed=2)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        mean = tr(x, p, 600, 500)
+        tr(x, p, 500, 400)
+        tr(x, p, 600, 500, torch.zeros_like(x))
+        DDIMSkip(sched)(x, p, 600, 500)
+    got = [w for w in seen if issubclass(w.category, MeanStepWarning)]
+    assert len(got) == 1, [str(w.message) for w in seen]
+    assert got[0].filename == __file__ and "noise=torch.zeros_like(x)" in str(got[0].message)
+    torch.testing.assert_close(mean, tr(x, p, 600, 500, torch.zeros_like(x)), rtol=0, atol=0)
+    fresh = make(sched)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        fresh(x, p, 600, 500, torch.zeros_like(x))
+    assert not [w for w in seen if issubclass(w.category, MeanStepWarning)]
