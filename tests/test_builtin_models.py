@@ -50,9 +50,13 @@ def test_digits_data():
     tr, te, al = digits_data("train"), digits_data("test"), digits_data("all")
     assert tr.shape == (1438, 1, 8, 8) and te.shape == (359, 1, 8, 8) and al.shape == (1797, 1, 8, 8)
     assert tr.dtype == torch.float32 and al.min() == -1.0 and al.max() == 1.0
-    # the split is a partition of all images (sorted rows compared as multisets)
-    both = torch.cat([tr, te]).reshape(1797, -1)
-    assert torch.equal(torch.sort(both.sum(1)).values, torch.sort(al.reshape(1797, -1).sum(1)).values)
+    # the split is a partition of all images: the images themselves (rows) compared as multisets
+    def multiset(rows: torch.Tensor):
+        values, counts = torch.unique(rows.reshape(rows.shape[0], -1), dim=0, return_counts=True)
+        return values, counts
+
+    (v_split, c_split), (v_all, c_all) = multiset(torch.cat([tr, te])), multiset(al)
+    assert torch.equal(v_split, v_all) and torch.equal(c_split, c_all)
     x, y = digits_data("test", return_labels=True)
     assert torch.equal(x, te) and y.shape == (359,) and y.dtype == torch.int64
 

@@ -251,8 +251,8 @@ def test_skip_reaches_an_error_in_fewer_rounds_than_frozen_on_the_study_setting(
     """The fair comparison (README, solvers/PICARD.md): the fewest rounds, over the study's tolerance sweep,
     whose result is within 1e-3 of the serial output (relative). On the Picard study's own setting (its
     four families and grids, widths 2 to 4, its 512-sample start) skip drafts need fewer rounds than
-    ParaDiGMS' copies every time. It depends on the sample: from 64 samples of the same seed, flow at
-    width 4 needs one round more (12 against 11), as PICARD.md says."""
+    ParaDiGMS' copies every time. (It depends on the sample: PICARD.md records that from 64 samples of
+    the same seed flow at width 4 needs one round more, 12 against 11; that is context, not checked here.)"""
     from benchmarks.picard_study import SEED_NOISE, SEED_X, SWEEP_TOLERANCES, _families
 
     ex = BatchedExecutor()
@@ -884,6 +884,7 @@ def test_tolerance_as_a_tensor_or_numpy_number_and_states_without_values():
         PicardScheduler(tr, grid, 3, math.inf).sample(model, torch.zeros(4, 0))
 
 
+@pytest.mark.diffusers
 def test_posterior_norm_is_diffusers_ddpm_variance_and_tolerance_zero_is_still_serial():
     """norm="posterior" (ParaDiGMS' rule) divides a level's change by the variance a DDPM step from it adds:
     diffusers' DDPMScheduler._get_variance at that timestep, 0 at the end. It is stricter than the default

@@ -463,7 +463,9 @@ def test_per_sample_noise_rows_are_distinct_and_keyed_by_row():
     (13, 4, True), (1, 1, False), (3, 1, False), (15, 3, True), (4, 9, True), (2, 4, False), (1, 3, False),
 ])
 def test_a_window_reaching_far_along_a_short_grid_warns(steps, width, warns):
-    """width / T of 0.2 or more warns (WideWindowWarning, naming width, T and how to silence it); width 1 never does."""
+    """The reach min(width, T - 1) (a window drafts at most T - 1 levels ahead) over T of 0.2 or more warns
+    (WideWindowWarning, naming width, T, the reach and how to silence it); a reach of one level (the serial
+    step itself: width 1, or T <= 2) never does."""
     import warnings
 
     from driffusion_core import WideWindowWarning

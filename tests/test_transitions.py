@@ -442,19 +442,28 @@ def test_ddim_eta1_is_ddpm_fixed_small(prediction, data):
 @given(data=st.data())
 def test_ddim_is_marginal_consistent(eta, data):
     r"""On the interpolant with the exact eps, x_s = sqrt(abar_s) x0 + c eps + sigma_{t->s} z with
-    c^2 + sigma_{t->s}^2 = 1 - abar_s: the skip keeps the marginal N(sqrt(abar_s) x0, 1 - abar_s)."""
+    c^2 + sigma_{t->s}^2 = 1 - abar_s: the skip keeps the marginal N(sqrt(abar_s) x0, 1 - abar_s). The three
+    parts are read off the step as a linear map of (x0, eps, z): the x0 coefficient (eps = z = 0) must be
+    sqrt(abar_s), and c, sigma_{t->s} those of eps and z."""
     sched = data.draw(vp_schedules("v_prediction"))
     tr = DDIMSkip(sched, "v_prediction", eta=eta)
     t, s = data.draw(decreasing_levels(0.0, float(sched.num_train_timesteps - 1), -1.0, 1, False))
     alpha_t, sigma_t = sched.alpha_sigma(torch.tensor(t, dtype=F64))
     alpha_s, sigma_s = sched.alpha_sigma(torch.tensor(s, dtype=F64))
-    x0, eps, zero = torch.zeros(1, 1, dtype=F64), torch.ones(1, 1, dtype=F64), torch.zeros(1, 1, dtype=F64)
-    x = alpha_t * x0 + sigma_t * eps
-    v = alpha_t * eps - sigma_t * x0
-    c = tr(x, v, t, s, zero)
-    sig = tr(x, v, t, s, torch.ones(1, 1, dtype=F64)) - c
-    assert c.isfinite().all() and sig.isfinite().all()
+    one, zero = torch.ones(1, 1, dtype=F64), torch.zeros(1, 1, dtype=F64)
+
+    def step(x0, eps, z):  # the state on the interpolant, the exact v there, one step with noise z
+        return tr(alpha_t * x0 + sigma_t * eps, alpha_t * eps - sigma_t * x0, t, s, z)
+
+    a = step(one, zero, zero)
+    c = step(zero, one, zero)
+    sig = step(zero, zero, one)
+    assert a.isfinite().all() and c.isfinite().all() and sig.isfinite().all()
+    assert abs(float(a) - float(alpha_s)) <= 1e-12
     assert abs(float(c**2 + sig**2) - float(sigma_s**2)) <= 1e-12
+    # linear: any (x0, eps, z) is the sum of the parts
+    x0, eps, z = 0.7 * one, -1.3 * one, 0.4 * one
+    assert abs(float(step(x0, eps, z) - (0.7 * a - 1.3 * c + 0.4 * sig))) <= 1e-12
     if eta == 0.0:
         assert float(sig) == 0.0
 
