@@ -254,19 +254,25 @@ class SkipTransition(abc.ABC):
             if v is not None:
                 _require_like(v, x.shape, x, name, what, f"shaped like x: one {what} per element of x; a row would "
                               f"be broadcast over the batch")
-        if noise is None and self.stochastic and not self.__dict__.get("_warned_mean_step", False):
-            # in a hand-written loop a forgotten noise= would silently give the posterior mean at every step
-            object.__setattr__(self, "_warned_mean_step", True)
-            warnings.warn(
-                f"{name} is stochastic but was called without noise: the step returns its mean, not a sample "
-                f"(samples made so lose their spread). Pass noise=torch.randn_like(x), or the samplers' "
-                f"NoiseSource(seed)(i, x.shape, x.dtype); noise=torch.zeros_like(x) takes the mean on purpose. "
-                f"(Warned once per transition.)",
-                MeanStepWarning,
-                stacklevel=3,
-            )
+        if noise is None:
+            self._warn_mean_step("noise", "torch.randn_like(x)", "NoiseSource(seed)(i, x.shape, x.dtype)",
+                                 "torch.zeros_like(x)", stacklevel=4)
         b = x.shape[0]
         return as_levels(t_from, b, f"{name}: t_from"), as_levels(t_to, b, f"{name}: t_to")
+
+    def _warn_mean_step(self, what: str, random: str, source: str, zeros: str, stacklevel: int) -> None:
+        """Warn once per transition that a stochastic step without noise is its mean (in a hand-written loop
+        a forgotten ``noise=`` would silently give the posterior mean at every step)."""
+        if not self.stochastic or self.__dict__.get("_warned_mean_step", False):
+            return
+        object.__setattr__(self, "_warned_mean_step", True)
+        warnings.warn(
+            f"{type(self).__name__} is stochastic but was called without {what}: the step returns its mean, not a "
+            f"sample (samples made so lose their spread). Pass {what}={random}, or the samplers' {source}; "
+            f"{what}={zeros} takes the mean on purpose. (Warned once per transition.)",
+            MeanStepWarning,
+            stacklevel=stacklevel,
+        )
 
     def check_window(self, x: torch.Tensor, t_from: torch.Tensor, t_to: torch.Tensor,
                      noises: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -284,6 +290,9 @@ class SkipTransition(abc.ABC):
         if noises is not None:
             _require_like(noises, (t_from.shape[0], *x.shape), x, f"{name}.drafts", "noises",
                           "one noise per step of the window, e.g. NoiseSource.steps(a, a + n, x.shape)")
+        else:
+            self._warn_mean_step("noises", "torch.randn(n, *x.shape)", "NoiseSource(seed).steps(a, a + n, x.shape, x.dtype)",
+                                 "torch.zeros(n, *x.shape)", stacklevel=4)
         for label, t in (("t_from", t_from), ("t_to", t_to)):
             if t.dtype == torch.bool or t.is_complex():
                 _refuse_bool_levels(t, f"{name}.drafts: {label}")

@@ -537,6 +537,7 @@ def test_low_precision_skip_is_the_float64_skip_rounded_once(family, prediction,
         assert err.max() <= slack, f"{dtype}: {float((err / ulp(ref, dtype)).max()) + 1:.2f} ulp from the float64 skip"
 
 
+@pytest.mark.filterwarnings("ignore::driffusion_core.errors.MeanStepWarning")  # the mean step is not the point here
 def test_ddpm_coefficients_need_float64():
     """Sensitivity of the dtype test: near t = 0, 1 - abar is ~1e-4, so posterior coefficients
     computed in float32 would be off by ~1e-4 relative, far outside the float32 tolerance that
@@ -874,6 +875,7 @@ def test_x0_transform_must_be_callable_or_none(bad):
     (lambda z: z[:1], r"shape \(1, 2\)"), (lambda z: None, "NoneType"), (lambda z: z.sum(), r"shape \(\)"),
     (lambda z: z.reshape(-1), r"shape \(16,\)"),
 ], ids=["row", "None", "0d", "flat"])
+@pytest.mark.filterwarnings("ignore::driffusion_core.errors.MeanStepWarning")  # the mean step is not the point here
 @pytest.mark.parametrize("family", ["ddim", "ddim_eta", "ddpm", "flow", "dpm"])
 def test_x0_transform_output_must_be_shaped_like_x0_hat(transform, got, family):
     """A transform returning one row would be broadcast (every row identical); None would fail deep in the
@@ -917,6 +919,7 @@ def test_x0_transform_checks_leave_clipping_unchanged():
     (True, False), (np.bool_(True), 0.5), (torch.tensor(True), torch.tensor(False)), (999.0, [False] * 8),
     (999.0, np.zeros(8, dtype=bool)), (torch.tensor(999.0 + 0j), 500.0), ([1.0 + 1j] * 8, 0.0),
 ], ids=["bool", "np_bool", "tensor_bool", "list_bool", "array_bool", "complex", "list_complex"])
+@pytest.mark.filterwarnings("ignore::driffusion_core.errors.MeanStepWarning")  # the mean step is not the point here
 def test_operator_levels_refuse_bools_and_complex(levels):
     """``S(x, p, True, False)`` would run as the step from level 1 to 0: refused, naming the argument."""
     from driffusion_core import InvalidTimestepsError
@@ -1003,3 +1006,11 @@ def test_a_stochastic_step_without_noise_warns_once_and_is_the_mean(make):
         warnings.simplefilter("always")
         fresh(x, p, 600, 500, torch.zeros_like(x))
     assert not [w for w in seen if issubclass(w.category, MeanStepWarning)]
+    # drafts without noises: the same warning, at the caller's line, naming noises
+    window = torch.tensor([600.0, 500.0], dtype=F64), torch.tensor([500.0, 400.0], dtype=F64)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        fresh.drafts(x, p, *window)
+        fresh.drafts(x, p, *window)
+    got = [w for w in seen if issubclass(w.category, MeanStepWarning)]
+    assert len(got) == 1 and got[0].filename == __file__ and "without noises" in str(got[0].message)
