@@ -108,5 +108,8 @@ def tour() -> dict[str, float]:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # --help; no options
     for name, err in tour().items():
         print(f"{name:>18}: RMSE to serial {err:.3g}")
