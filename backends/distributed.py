@@ -420,21 +420,21 @@ def _mix_weights(n: int, device: Any, start: int = 0) -> torch.Tensor:
     return 0.5 + 0.5 * torch.frac(torch.sin(j * 12.9898 + 78.233).abs() * 43758.5453)
 
 
-def _value_sums(xs: torch.Tensor, cond: Mapping[str, Any], ts: Optional[torch.Tensor] = None) -> List[int]:
-    """The header's value checksums (fields _F_XSUM .. _F_TMIX, then _F_CLOG) as int64 bit patterns, one host
+def _value_sums(xs: torch.Tensor, cond: Mapping[str, Any], ts: Optional[torch.Tensor] = None) -> Tuple[List[int], int]:
+    """The header's value checksums (fields _F_XSUM .. _F_TMIX, and _F_CLOG) as int64 bit patterns, one host
     sync: sum(xs), sum(|xs|); the conditioning's per-tensor normalised sums (:func:`_value_sums_xc`);
     sum_j v_j * xs_j over the flattened xs with v_j = (j + 1) / numel (so |it| <= sum(|xs|)); sum(ts),
     sum(|ts|), sum_j m_j * ts_j over the flattened model times (zeros without ``ts``), m_j =
     :func:`_mix_weights`; and sum_i r_i log sum(|c_i|) over the conditioning's tensors."""
     head, c_log = _value_sums_xc(xs, cond)
     if ts is None or ts.numel() == 0:
-        return head + [0, 0, 0] + [c_log]
+        return head + [0, 0, 0], c_log
     try:
         w = float64_values(ts).reshape(-1)
         t_sums = torch.stack([w.sum(), w.abs().sum(), (w * _mix_weights(w.numel(), w.device)).sum()])
     except Exception:  # model times whose values cannot be read (meta): no value check for them
         t_sums = torch.full((3,), math.nan, dtype=torch.float64)
-    return head + t_sums.cpu().view(torch.int64).tolist() + [c_log]
+    return head + t_sums.cpu().view(torch.int64).tolist(), c_log
 
 
 def _value_sums_xc(xs: torch.Tensor, cond: Mapping[str, Any]) -> Tuple[List[int], int]:
@@ -1135,9 +1135,7 @@ class DistributedExecutor(Executor):
         h[_F_XDEV] = _device_code(xs.device)
         h[_F_TDTYPE] = _dtype_code(ts.dtype) if ts is not None else -1
         h[_F_COND] = _cond_signature(cond)
-        sums = _value_sums(xs, cond, ts)
-        h[_F_XSUM : _F_TMIX + 1] = sums[:-1]
-        h[_F_CLOG] = sums[-1]
+        h[_F_XSUM : _F_TMIX + 1], h[_F_CLOG] = _value_sums(xs, cond, ts)
         h[_F_XDIMS : _F_XDIMS + xd] = list(xs.shape[:xd])
         h[_F_HASOUT] = 0 if out is None else 1
         h[_F_FITS] = 1 if fits else 0

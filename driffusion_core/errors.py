@@ -51,15 +51,16 @@ class SamplingError(DriffusionError, RuntimeError):
 
 
 class MeanStepWarning(UserWarning):
-    """A stochastic transition (DDPM, DDIM with eta > 0) called without ``noise``: the step returns its mean,
-    not a sample, and samples made that way lose their spread. Warned once per transition; pass
-    ``noise=torch.zeros_like(x)`` to take the mean on purpose."""
+    """A stochastic transition (DDPM, DDIM with eta > 0) called without ``noise`` (or its ``drafts`` without
+    ``noises``): the step returns its mean, not a sample, and samples made that way lose their spread. Warned
+    once per transition; pass zeros (``noise=torch.zeros_like(x)``) to take the mean on purpose."""
 
 
 class WideWindowWarning(UserWarning):
-    """A draft window that reaches far along a short grid (width / T of 0.2 or more): the far drafts are far from
-    their anchor, and DRiffusion is then often farther from the serial sample than step skipping at the same
-    rounds, or diverges. Silence it with ``warnings.simplefilter("ignore", WideWindowWarning)``."""
+    """A draft window that reaches far along a short grid (its reach min(width, T - 1), when more than one
+    level, is 0.2 of T or more): the far drafts are far from their anchor, and DRiffusion is then often farther
+    from the serial sample than step skipping at the same rounds, or diverges. Silence it with
+    ``warnings.simplefilter("ignore", WideWindowWarning)``."""
 
 
 

@@ -612,7 +612,8 @@ class DraftRefineState:
 
 
 WIDE_WINDOW = Fraction(1, 5)
-"""From this width / T on, :class:`DraftRefineScheduler` warns (:class:`~driffusion_core.errors.WideWindowWarning`)."""
+"""From this width / T on (the width capped at T - 1, and more than one level), :class:`DraftRefineScheduler`
+warns (:class:`~driffusion_core.errors.WideWindowWarning`)."""
 
 
 def warn_wide_window(width: int, num_steps: int, stacklevel: int = 2) -> None:

@@ -239,7 +239,8 @@ class SkipTransition(abc.ABC):
         ``x`` a floating ``Tensor[B, ...]``; ``pred`` and ``noise`` shaped like it, same dtype and device
         (torch would otherwise promote a float64 prediction or broadcast a row of noise silently). The
         levels are checked where their coefficients are computed and cached (:meth:`check_levels`: once per
-        pair of levels, every call for more than :attr:`_CACHE_ROWS` per-row levels)."""
+        pair of levels, every call for more than :attr:`_CACHE_ROWS` per-row levels). A stochastic transition
+        without ``noise`` warns once (:class:`~driffusion_core.MeanStepWarning`: the step is its mean)."""
         name = type(self).__name__
         if not isinstance(x, torch.Tensor) or not isinstance(pred, torch.Tensor):
             raise InvalidArgumentError(

@@ -86,6 +86,15 @@ def _need(results, ranks, logs):
     assert not missing, f"ranks {missing} wrote no result; logs:\n" + "\n----\n".join(logs)
 
 
+def _launch_clean(scenario: str, world: int = 2, **kw):
+    """:func:`_launch` for a scenario in which every rank ends normally (raising ranks catch their errors):
+    every rank wrote its result and exited with status 0. Returns the results by rank."""
+    results, codes, _, logs = _launch(scenario, world, **kw)
+    _need(results, list(range(world)), logs)
+    assert codes == [0] * world, logs
+    return results
+
+
 # --------------------------------------------------------------------------------------- the tests
 
 
@@ -408,9 +417,7 @@ def test_byte_transport_is_bit_exact(dtype):
 
 @pytest.mark.parametrize("family", ["ddpm", "ddim", "flow", "dpm"])
 def test_sampling_end_to_end_equals_serial(family):
-    results, codes, _, logs = _launch(f"e2e_{family}", deadline=90.0)
-    _need(results, [0, 1], logs)
-    assert codes == [0, 0], logs
+    results = _launch_clean(f"e2e_{family}", deadline=90.0)
     r0, r1 = results[0], results[1]
     assert len(r0["runs"]) == 8  # anchor local / shared x 2 modes x widths 2 and 3
     assert "anchor=local" in r0["describe"] and "every rank makes the call itself" in r0["describe"], r0["describe"]
@@ -473,9 +480,7 @@ def test_ranks_with_different_values_are_explained(what, round_):
     """Shapes agree but values do not: each rank drew its own starting state (round 1 already differs),
     or its own noise seed (the states part after the first stochastic step, at the first draft round).
     Every rank raises, naming the cause, instead of returning samples that differ between ranks."""
-    results, codes, _, logs = _launch(f"values_{what}")
-    _need(results, [0, 1], logs)
-    assert codes == [0, 0], logs
+    results = _launch_clean(f"values_{what}")
     for rank in (0, 1):
         res = results[rank]
         assert res["error_type"] == "ExecutorError", res
@@ -489,9 +494,7 @@ def test_model_not_bitwise_reproducible_across_ranks_agrees_with_a_shared_anchor
     """Predictions that differ in the last bit between ranks (cudnn autotuning, nondeterministic kernels)
     with anchor="shared": one-draft rounds are rank 0's and every prediction is shared, so the ranks never
     drift apart: no false 'states differ' error, and the same sample on every rank."""
-    results, codes, _, logs = _launch(f"ulp_{mode}_shared")
-    _need(results, [0, 1], logs)
-    assert codes == [0, 0], logs
+    results = _launch_clean(f"ulp_{mode}_shared")
     assert results[0]["error_type"] is None and results[1]["error_type"] is None, (results[0], results[1])
     assert torch.equal(results[0]["x"], results[1]["x"])
 
@@ -501,9 +504,7 @@ def test_model_not_bitwise_reproducible_across_ranks_is_caught_with_a_local_anch
     """The same model with the default anchor="local": every rank makes round 1's one-draft call itself, the
     CRCs of the predictions differ, and every rank raises in round 1, naming rank 1 and the fix
     (anchor='shared'), instead of drifting apart by an ulp that no state checksum would see."""
-    results, codes, _, logs = _launch(f"ulp_{mode}_local")
-    _need(results, [0, 1], logs)
-    assert codes == [0, 0], logs
+    results = _launch_clean(f"ulp_{mode}_local")
     for rank in (0, 1):
         res = results[rank]
         assert res["error_type"] == "ExecutorError", res
@@ -516,9 +517,7 @@ def test_model_not_bitwise_reproducible_across_ranks_is_caught_with_a_local_anch
 def test_ranks_given_different_anchor_settings_are_refused():
     """anchor='local' on rank 0 and 'shared' on rank 1 (one-draft rounds would be exchanged differently):
     every rank's constructor raises, naming both settings."""
-    results, codes, _, logs = _launch("anchor_mismatch")
-    _need(results, [0, 1], logs)
-    assert codes == [0, 0], logs
+    results = _launch_clean("anchor_mismatch")
     for rank in (0, 1):
         res = results[rank]
         assert res["error_type"] == "InvalidArgumentError", res
@@ -532,9 +531,7 @@ def test_predictor_raising_in_a_one_draft_round_fails_every_rank_at_once(mode, a
     call of the second iteration) on a rank that makes that call: rank 1 with anchor="local" (every rank
     makes it), rank 0 with "shared". Every rank raises, in that round, an error naming that rank and the
     exception, long before the timeout; the group stays usable."""
-    results, codes, _, logs = _launch(f"raise_anchor_{mode}_{anchor}")
-    _need(results, [0, 1], logs)
-    assert codes == [0, 0], logs
+    results = _launch_clean(f"raise_anchor_{mode}_{anchor}")
     round_ = 1 if mode == "aggressive" else 3
     bad = 1 if anchor == "local" else 0
     for rank in (0, 1):
@@ -554,9 +551,7 @@ def test_errors_on_a_subgroup_say_which_global_ranks_they_name():
     raises; both members raise an ExecutorError naming group rank 1 and saying it is global rank 2 (the
     numbering of torchrun and its logs); describe() lists the global ranks. A healthy round first equals the
     serial executor's."""
-    results, codes, _, logs = _launch("subgroup_raise", world=3)
-    _need(results, [0, 1, 2], logs)
-    assert codes == [0, 0, 0], logs
+    results = _launch_clean("subgroup_raise", world=3)
     for rank in (1, 2):
         res = results[rank]
         assert res["same"] is True, res
@@ -575,9 +570,7 @@ def test_conditioning_differing_in_value_between_ranks_is_explained():
     the same values in another order. Every rank raises an ExecutorError
     naming the conditioning in that round; equal conditioning (also holding an object whose repr shows its
     address, which differs between processes) evaluates as the serial executor does."""
-    results, codes, _, logs = _launch("cond_values")
-    _need(results, [0, 1], logs)
-    assert codes == [0, 0], logs
+    results = _launch_clean("cond_values")
     for rank in (0, 1):
         res = results[rank]
         assert res["same"] is True and res["same_object"] is True and res["same_nonfinite_numpy"] is True, res
@@ -608,9 +601,7 @@ def test_conditioning_differing_in_value_between_ranks_is_explained():
 def test_a_device_one_rank_cannot_use_fails_every_rank_in_the_constructor():
     """One rank is given a device it does not have: every rank raises InvalidArgumentError from the
     constructor, naming that rank and device (no rank is left waiting for the other)."""
-    results, codes, _, logs = _launch("device_setup")
-    _need(results, [0, 1], logs)
-    assert codes == [0, 0], logs
+    results = _launch_clean("device_setup")
     for rank in (0, 1):
         res = results[rank]
         assert res["error_type"] == "InvalidArgumentError", res
@@ -625,9 +616,7 @@ def test_failures_outside_the_predictor_call_fail_every_rank_at_once():
     """Moving the inputs to the rank's device fails, the predictions cannot be stacked or copied for the
     exchange, an exception's str() itself raises: every rank raises in that round, promptly, naming the
     rank and the cause (not a timeout), and the next round works."""
-    results, codes, _, logs = _launch("local_failures")
-    _need(results, [0, 1], logs)
-    assert codes == [0, 0], logs
+    results = _launch_clean("local_failures")
     expected = {
         "move": ("ExecutorError", ["could not be moved", "rank 1", "cuda:99"]),
         "mixed_devices": ("PredictorOutputError", ["rank 0", "different shapes, dtypes or devices", "meta"]),
@@ -658,9 +647,7 @@ def test_conditioning_and_model_times_differing_within_rows_are_explained():
     times that differ between ranks (drafts' times swapped, or shifted): every rank raises ExecutorError in
     round 1 naming the conditioning or the model times. A whole sample whose grid has other model times on
     rank 1 (same levels) fails the same way; equal inputs still evaluate as the serial executor does."""
-    results, codes, _, logs = _launch("hidden_values")
-    _need(results, [0, 1], logs)
-    assert codes == [0, 0], logs
+    results = _launch_clean("hidden_values")
     for rank in (0, 1):
         res = results[rank]
         assert res["same"] is True, res
@@ -699,9 +686,7 @@ def test_final_samples_differing_only_in_the_last_step_are_explained():
     raise ExecutorError naming rank 1 and the likely cause. Equal runs equal the serial executor, with one
     extra all-gather per sample (for Picard and sample_driffusion too); a rank that finishes while the other
     evaluates another round makes both raise 'out of step'."""
-    results, codes, _, logs = _launch("last_step")
-    _need(results, [0, 1], logs)
-    assert codes == [0, 0], logs
+    results = _launch_clean("last_step")
     for rank in (0, 1):
         res = results[rank]
         for key in ("drafts", "picard", "kdiffusion"):
@@ -725,9 +710,7 @@ def test_a_predictor_interrupted_on_one_rank_fails_every_rank_at_once(kind):
     """KeyboardInterrupt / SystemExit in rank 1's predictor: rank 1 finishes the round's exchange and
     re-raises it; rank 0 raises ExecutorError naming rank 1 and the exception at once (not a closed
     connection or a timeout). Both executors then refuse further rounds with a clear error, at once."""
-    results, codes, _, logs = _launch(f"interrupt_{kind}")
-    _need(results, [0, 1], logs)
-    assert codes == [0, 0], logs
+    results = _launch_clean(f"interrupt_{kind}")
     assert results[1]["caught"] == kind, results[1]
     res = results[0]
     assert res["error_type"] == "ExecutorError", res
