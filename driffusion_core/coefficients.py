@@ -406,16 +406,26 @@ def chain_draft_coefficients(A: Sequence[Any], B: Sequence[Any], s: Sequence[Any
 
     Returns ``(A~, B~, W)``: two lists of n values and a list of n rows (row j has j+1 entries, the
     :func:`chain_noise_weights` of the first j+1 steps). A stochastic transition's drafts are this.
+
+    The rows follow the recurrence :math:`W_{j\cdot} = (W_{j-1,\cdot} B_j,\ s_j)`, which multiplies in
+    :func:`chain_noise_weights`' order (so its values are bit for bit the same) in O(n^2) operations instead
+    of O(n^3). Given 1-D tensors ``B`` and ``s`` (the operators' float64 factors) a row is one tensor and
+    costs one vector multiply: a window of 500 levels takes milliseconds.
     """
     n = len(A)
     At, Bt, W = [], [], []
     a, b = 0, 1
+    vector = all(type(v).__module__.startswith("torch") and getattr(v, "ndim", 0) == 1 for v in (B, s))
+    if vector:
+        import torch
+    row: Any = s[:0] if vector else []
     for j in range(n):
         a = a * B[j] + A[j]
         b = b * B[j]
         At.append(a)
         Bt.append(b)
-        W.append(chain_noise_weights(B[: j + 1], s[: j + 1]))
+        row = torch.cat([row * B[j], s[j : j + 1]]) if vector else [w * B[j] for w in row] + [s[j]]
+        W.append(row)
     return At, Bt, W
 
 

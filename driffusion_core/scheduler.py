@@ -499,7 +499,7 @@ class DraftRefineState:
         self.T = len(grid)
         start = as_count(start, "start (a step of the grid)", 0, self.T - 1)
         self.a = start
-        self.x = x
+        self.x = x.clone()  # the first anchor call's input: the caller's x stays intact if the model writes into it
         self.pred: Optional[torch.Tensor] = None
         self.rounds = 0
         self.evals = 0

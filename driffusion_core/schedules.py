@@ -113,6 +113,12 @@ class Schedule:
                     f"Timesteps must be a 1-D sequence of numbers (a list, tuple, numpy array or tensor of "
                     f"levels, noisiest first), got {type(levels).__name__} {reprlib.repr(levels)} ({exception_text(e)})."
                 ) from e
+            if given.dim() == 0:
+                raise InvalidTimestepsError(
+                    f"Timesteps must be a 1-D sequence of levels, got the single number {given.item():g}. For a "
+                    f"grid of that many steps pass transition.schedule.timesteps({given.item():g}); for a one-step "
+                    f"grid from that level pass a list of one level, [{given.item():g}]."
+                )
             if given.dim() > 1:
                 raise InvalidTimestepsError(
                     f"Timesteps must be a 1-D sequence of levels, got shape {tuple(given.shape)}; pass one "
@@ -140,6 +146,10 @@ class Schedule:
         self.validate(g)
         return g
 
+    def _range_hint(self, level: float) -> str:
+        """A sentence added to the out-of-range error for ``level`` (subclasses: the likely mix-up)."""
+        return ""
+
     def validate(self, grid: TimeGrid) -> None:
         """Refuse a grid this schedule cannot sample, with an InvalidTimestepsError naming the step: levels of
         another kind of schedule, levels out of :meth:`level_range`, or levels that do not strictly decrease
@@ -158,7 +168,7 @@ class Schedule:
                 i = int(torch.nonzero(bad)[0])
                 raise InvalidTimestepsError(
                     f"Level {v[i].item()!r} ({name}[{i}]) is out of range for {type(self).__name__}: "
-                    f"levels must lie in [{lo!r}, {hi!r}]."
+                    f"levels must lie in [{lo!r}, {hi!r}].{self._range_hint(v[i].item())}"
                 )
         if (grid.t_from <= lo).any():
             raise InvalidTimestepsError(
@@ -484,6 +494,15 @@ class FlowSchedule(Schedule):
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
         return (torch.as_tensor(t, dtype=torch.float64) * self.num_train_timesteps).to(torch.float32)
 
+    def _range_hint(self, level: float) -> str:
+        if 2.0 <= level <= self.num_train_timesteps:
+            return (
+                f" Flow levels are sigmas in [0, 1]; {level:g} looks like a model time sigma * N (N = "
+                f"num_train_timesteps = {self.num_train_timesteps}): divide by N, or make the grid with "
+                f"schedule.timesteps(num_steps)."
+            )
+        return ""
+
     def level_of_model_time(self, t: torch.Tensor) -> torch.Tensor:
         return _levels(t) / self.num_train_timesteps
 
@@ -542,6 +561,17 @@ class FlowSchedule(Schedule):
     def _check_shifted(self, sig: np.ndarray, num_steps: int, mu: Optional[float]) -> None:
         """Refuse shifted sigmas that are NaN / inf, do not strictly decrease, or reach 0 (the clean end),
         naming the shift or mu that did it."""
+        top = self.level_range()[1]
+        if math.isfinite(float(sig[0])) and float(sig[0]) > top:
+            what = f"timesteps({num_steps}, mu={float(mu):g})" if self.use_dynamic_shifting else \
+                f"(shift={self.shift:g}).timesteps({num_steps})"
+            fix = "a mu nearer 0 (Flux's calculate_shift gives about 0.5 to 1.15)" if self.use_dynamic_shifting \
+                else "a larger shift (SD3 uses 3.0; 1.0 is no shift)"
+            raise InvalidArgumentError(
+                f"FlowSchedule{what} puts the first sigma at {float(sig[0]):.6g}, above 1 (levels lie in [0, "
+                f"{top:g}]): the float32 shift of sigma = 1, computed as diffusers computes it, rounds that far "
+                f"from 1 at a {'mu' if self.use_dynamic_shifting else 'shift'} this extreme. Use {fix}."
+            )
         bad = ~np.isfinite(sig)
         bad[:-1] |= ~(sig[1:] < sig[:-1])
         bad[-1] |= not sig[-1] > 0

@@ -454,11 +454,12 @@ class SkipTransition(abc.ABC):
 
             self.check_levels(t_from, t_to)
             A, B, s = self.chain_factors(t_from, t_to)
-            At, Bt, W = chain_draft_coefficients(list(A), list(B), list(s))
+            A, B, s = (torch.as_tensor(v, dtype=torch.float64).reshape(-1) for v in (A, B, s))
+            At, Bt, W = chain_draft_coefficients(A, B, s)  # tensors: one vector multiply per row
             n = len(At)
             mat = torch.zeros(n, n, dtype=torch.float64)
             for j, row in enumerate(W):
-                mat[j, : j + 1] = torch.stack(row)
+                mat[j, : j + 1] = row
             return torch.stack(At), torch.stack(Bt), mat
 
         return self._memo(("chain", *_levels_key(t_from, t_to)), make)

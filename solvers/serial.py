@@ -74,6 +74,7 @@ def sample_serial(
     cond = check_inputs(x, cond)
     grid = transition.make_grid(timesteps)
     noise = default_noise(transition, noise)
+    x = x.clone()  # the caller's x stays intact even if the model writes into its input (refused after the call)
     traj = [x] if return_trajectory else None
     bar = progress_bar(progress, len(grid), "serial")
     history: list = []  # (x_i, p_i, t_i) of the last steps, for a multistep transition
@@ -131,6 +132,7 @@ def sample_step_skipping(
         starts, ends = torch.tensor(idx[:-1]), torch.tensor(idx[1:]) - 1
         coarse = TimeGrid(grid.t_from[starts], grid.t_to[ends], grid.model_times[starts], grid.kind)
         return sample_serial(predictor, x, transition, coarse, cond=cond)
+    x = x.clone()  # as in sample_serial: the caller's x stays intact whatever the model does
     for a, b in zip(idx[:-1], idx[1:]):
         pred = _call(predictor, x, grid, a, cond)
         noises = None

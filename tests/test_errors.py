@@ -27,6 +27,7 @@ from driffusion_core import (
 )
 from solvers import (
     DDIMSkip, DDPMSkip, DPMSolverSkip, FlowEulerSkip, VEEulerSkip, VESchedule, ring_mixture, sample_serial,
+    PicardScheduler,
     sample_step_skipping,
 )
 
@@ -723,6 +724,40 @@ def test_timesteps_of_two_dimensions_are_refused():
         DraftRefineScheduler(DDIMSkip(VP), [[900, 500]])
 
 
+@pytest.mark.parametrize("steps", [50, 50.0, np.int64(50), torch.tensor(50)])
+def test_a_number_of_steps_passed_as_timesteps_is_refused(steps):
+    """``DraftRefineScheduler(tr, 50)`` means "50 steps" to a reader, but a 0-d value would be a one-step grid
+    from level 50: refused everywhere a grid is made, pointing to schedule.timesteps(50) and to [50]."""
+    match = r"got the single number 50\. .*transition\.schedule\.timesteps\(50\).*\[50\]"
+    for make in (lambda: DraftRefineScheduler(DDIMSkip(VP), steps, width=4),
+                 lambda: sample_serial(eps_model, x0(), DDIMSkip(VP), steps),
+                 lambda: sample_step_skipping(eps_model, x0(), DDIMSkip(VP), steps, rounds=1),
+                 lambda: PicardScheduler(DDIMSkip(VP), steps, width=4)):
+        with pytest.raises(InvalidTimestepsError, match=match):
+            make()
+    one_step = DraftRefineScheduler(DDIMSkip(VP), [50], width=4)  # a list of one level is a one-step grid
+    assert len(one_step.grid) == 1 and float(one_step.grid.t_from[0]) == 50.0
+
+
+def test_model_times_passed_as_flow_levels_are_named():
+    """Flow levels are sigmas; sigma * N (the model time) in their place gets a hint, a level just above 1 not."""
+    with pytest.raises(InvalidTimestepsError, match=r"1000 looks like a model time sigma \* N \(N = "
+                                                    r"num_train_timesteps = 1000\): divide by N"):
+        DraftRefineScheduler(FlowEulerSkip(FLOW), [1000.0, 500.0], width=2)
+    with pytest.raises(InvalidTimestepsError) as info:
+        DraftRefineScheduler(FlowEulerSkip(FLOW), [1.5, 0.5], width=2)
+    assert "model time" not in str(info.value)
+
+
+@pytest.mark.parametrize("shift", [0.001, 0.002])
+def test_a_shift_so_small_its_first_sigma_rounds_above_one_is_named(shift):
+    """diffusers' float32 shift formula puts sigma = 1 at 1.013 for shift 0.001: the schedule names the shift
+    (not a level out of range the user never passed)."""
+    with pytest.raises(InvalidArgumentError, match=rf"FlowSchedule\(shift={shift:g}\)\.timesteps\(10\) puts the "
+                                                    r"first sigma at 1\.0\d+, above 1.*Use a larger shift"):
+        FlowSchedule(shift=shift).timesteps(10)
+
+
 @pytest.mark.parametrize("width", [np.int64(3), torch.tensor(3), 3])
 def test_integer_widths_of_any_integer_type(width):
     sched = scheduler(width=width)
@@ -799,12 +834,22 @@ def test_a_predictor_that_writes_into_its_input_is_refused(mode):
     grid = schedule.timesteps(8)
 
     def refused_everywhere(writer, x):
-        """The serial sampler and DRiffusion with both executors refuse ``writer``."""
+        """The serial sampler, step skipping, Picard and DRiffusion with both executors refuse ``writer``, and
+        the caller's x is as it was (the samplers call the model on their own copy): fix the model, retry."""
+        before = x.clone()
         with pytest.raises(PredictorOutputError, match="in place at step 0"):
             sample_serial(writer, x, DDIMSkip(schedule), grid)
+        assert torch.equal(x, before)
+        with pytest.raises(PredictorOutputError, match="in place at step 0"):
+            sample_step_skipping(writer, x, DDIMSkip(schedule), grid, rounds=3)
+        assert torch.equal(x, before)
+        with pytest.raises(PredictorOutputError, match="in place"):
+            PicardScheduler(DDIMSkip(schedule), grid, width=3).sample(writer, x)
+        assert torch.equal(x, before)
         for executor in (None, BatchedExecutor()):
             with pytest.raises(PredictorOutputError, match="in place"):
                 DraftRefineScheduler(DDIMSkip(schedule), grid, width=3, mode=mode).sample(writer, x, executor=executor)
+            assert torch.equal(x, before)
 
     def in_place(x, t):
         x.mul_(1.0)  # even a no-op in-place write
@@ -812,12 +857,14 @@ def test_a_predictor_that_writes_into_its_input_is_refused(mode):
 
     refused_everywhere(in_place, NoiseSource(0).initial((3, 2)))
 
-    # inference tensors have no version counter: a fingerprint of their values shows the write (a no-op write
-    # changes nothing there, so the test halves x); a model that only reads samples as the serial sampler does
     def halves(x, t):
         x.mul_(0.5)
         return 0.1 * x
 
+    refused_everywhere(halves, NoiseSource(0).initial((3, 2)))  # a write that changes x: x is untouched
+
+    # inference tensors have no version counter: a fingerprint of their values shows the write (a no-op write
+    # changes nothing there, so the test halves x); a model that only reads samples as the serial sampler does
     with torch.inference_mode():
         xi = NoiseSource(0).initial((3, 2))
         refused_everywhere(halves, xi)

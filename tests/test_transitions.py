@@ -313,6 +313,21 @@ COUPLED = [pytest.param(BY_NAME[n], id=n)
            for n in ("ddim_eta0", "ddim_eta0.3", "ddim_eta1", "ddpm_fixed_small", "ddpm_fixed_large")]
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 17, 120])
+def test_chain_draft_coefficients_on_tensors_are_the_generic_ones_bit_for_bit(n):
+    """The operators pass 1-D float64 tensors and get one vector multiply per row (O(n^2) work; a 500-level
+    window was O(n^3) scalar products, 30 s); floats (the proofs' path) go element by element. Both must be
+    chain_noise_weights of each prefix, in the same order of products: equal bit for bit."""
+    g = torch.Generator().manual_seed(n)
+    A, B, s = (torch.rand(n, dtype=F64, generator=g) + 0.5 for _ in range(3))
+    At, Bt, W = C.chain_draft_coefficients(A, B, s)
+    At_f, Bt_f, W_f = C.chain_draft_coefficients(A.tolist(), B.tolist(), s.tolist())
+    assert [float(v) for v in At] == At_f and [float(v) for v in Bt] == Bt_f
+    for j in range(n):
+        reference = C.chain_noise_weights(B.tolist()[: j + 1], s.tolist()[: j + 1])
+        assert W[j].tolist() == reference == W_f[j], f"row {j}"
+
+
 @pytest.mark.parametrize("family", COUPLED)
 @SETTINGS
 @given(data=st.data())
