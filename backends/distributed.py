@@ -805,7 +805,7 @@ class DistributedExecutor(Executor):
                 who = f"rank {r}" if e == r else f"ranks {r}-{e}"
                 runs.append(f"{who}: {sizes[r]}")
                 r = e + 1
-            text += f", drafts per round at width {width}: {', '.join(runs)} (a one-draft round: {one})"
+            text += f", drafts per round at width {width}: {', '.join(runs)} (rounds of one draft, such as the first anchor call: {one})"
         return text + ")"
 
     def close(self) -> None:
@@ -827,8 +827,9 @@ class DistributedExecutor(Executor):
         ts: torch.Tensor,
         cond: Optional[Mapping[str, Any]] = None,
     ) -> torch.Tensor:
-        """:meth:`Executor.evaluate` with the K drafts shared out over the ranks (each rank's share as one
-        call on its device), gathered on every rank; a rank that fails or dies is named on every rank."""
+        """:meth:`Executor.evaluate` with the K drafts shared out over the ranks (each rank calls the predictor
+        once per draft of its share, on its device), gathered on every rank; a rank that fails or dies is named
+        on every rank."""
         try:
             return self._evaluate(predictor, xs, ts, cond)
         except BaseException as e:

@@ -828,6 +828,30 @@ def test_ddim_pipeline(unet2d):
         assert _vs_step_skipping(direct, unet2d, pipe.scheduler, 12, latents) < 0.2, measured
 
 
+def test_a_subclassed_or_compiled_model_keeps_its_calling_style(unet2d, unet_cond):
+    """The calling style comes from the model's class or a base, through torch.compile's wrapper: a pipeline
+    whose unet is a user's subclass, or compiled, runs as diffusers' own pipeline does (there is no style=
+    for DRiffusionPipeline to take)."""
+    from solvers.interop.diffusers_models import model_style
+
+    base = need("UNet2DModel")
+    MyUNet = type("MyUNet", (base,), {})
+    mine = MyUNet(**unet2d.config)
+    mine.load_state_dict(unet2d.state_dict())
+    compiled = torch.compile(unet2d, backend="eager")  # dynamo only: no C compiler needed
+    assert model_style(mine) == model_style(compiled) == "unet2d"
+    assert model_style(torch.compile(unet_cond, backend="eager")) == "unet2d_condition"
+    assert model_style(torch.nn.Identity()) is None
+    gen = lambda: torch.Generator().manual_seed(3)
+    kw = dict(batch_size=1, num_inference_steps=6, output_type="pt")
+    ref = DRiffusionPipeline(_quiet(need("DDIMPipeline")(unet=unet2d, scheduler=need("DDIMScheduler")())), width=2)
+    expected = ref(generator=gen(), **kw).images
+    for model in (mine, compiled):
+        pipe = _quiet(need("DDIMPipeline")(unet=model, scheduler=need("DDIMScheduler")()))
+        out = DRiffusionPipeline(pipe, width=2)(generator=gen(), **kw).images
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
 def test_ddpm_pipeline_with_our_noise(unet2d, monkeypatch):
     """DDPMPipeline's own loop with z_i as its step noise equals width 1; width 4 is the library's run with that noise.
 
@@ -1319,6 +1343,15 @@ def test_dpm_reads_a_longer_table_as_diffusers(unet2d, monkeypatch):
     ref, _ = diffusers_loop(scheduler, model, x, 10, None, monkeypatch)
     assert torch.equal(grid.model_times, scheduler.timesteps.cpu().to(grid.model_times.dtype))
     assert (ours.x - ref).abs().max().item() <= 5e-6 * max(1.0, ref.abs().max().item())
+    # trailing spacing steps by num_train_timesteps / T there too: T = 61 lists 62 timesteps, the last -1 (the
+    # table's end); refused with that reason, not read as a zero-SNR table that goes up in noise
+    for name in ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler"):
+        longer = need(name)(trained_betas=np.linspace(1e-4, 0.02, 1200), timestep_spacing="trailing")
+        probe = need(name).from_config(longer.config)
+        probe.set_timesteps(61)
+        assert len(probe.timesteps) == 62 and int(probe.timesteps[-1]) == -1  # diffusers' listing, as described
+        with pytest.raises(InvalidArgumentError, match="num_inference_steps=61: diffusers lists 62 timesteps"):
+            from_diffusers(longer, 61)
 
 
 def test_dpm_options_matter(unet2d):
@@ -1468,7 +1501,7 @@ def test_karras_sigmas_that_repeat_the_first_timestep_are_the_loop_from_index_0(
 
 
 def test_dpm_grids_it_cannot_reproduce():
-    with pytest.raises(InvalidArgumentError, match="final_sigmas_type='sigma_min'.*length zero"):
+    with pytest.raises(InvalidArgumentError, match="final_sigmas_type='sigma_min'.*length h = 0"):
         from_diffusers(_dpm(final_sigmas_type="sigma_min", timestep_spacing="trailing"), 1000)  # ..., 1, 0 -> sigma_min
     from_diffusers(_dpm(timestep_spacing="trailing"), 1000)  # to sigma = 0 it is fine
     with pytest.raises(InvalidArgumentError, match="twice"):

@@ -41,7 +41,7 @@ import torch
 
 from driffusion_core.errors import InvalidArgumentError, PredictorOutputError, as_flag, is_real
 
-__all__ = ["DiffusersPredictor", "STYLES", "rescale_guidance"]
+__all__ = ["DiffusersPredictor", "STYLES", "model_style", "rescale_guidance"]
 
 #: class name -> calling style
 STYLES: Dict[str, str] = {
@@ -50,6 +50,16 @@ STYLES: Dict[str, str] = {
     "SD3Transformer2DModel": "sd3",
     "FluxTransformer2DModel": "flux",
 }
+
+def model_style(model: Any) -> Optional[str]:
+    """The calling style of a diffusers denoiser: its class or a base named in :data:`STYLES`, looking through
+    ``torch.compile``'s wrapper (``_orig_mod``); None for another model."""
+    inner = getattr(model, "_orig_mod", model)
+    for cls in type(inner).__mro__:
+        if cls.__name__ in STYLES:
+            return STYLES[cls.__name__]
+    return None
+
 
 #: conditioning names each style accepts (their negatives are ``negative_<name>``)
 COND_NAMES: Dict[str, tuple] = {
@@ -170,14 +180,13 @@ class DiffusersPredictor:
         if not callable(model):
             raise InvalidArgumentError(f"model must be callable (a torch module), got {type(model).__name__}.")
         if style is None:
-            name = type(model).__name__
-            if name not in STYLES:
+            style = model_style(model)
+            if style is None:
                 raise InvalidArgumentError(
-                    f"Unknown model class {name}: pass style='unet2d', 'unet2d_condition', 'sd3' or 'flux' "
-                    f"(the calling style of UNet2DModel, UNet2DConditionModel, SD3Transformer2DModel or "
-                    f"FluxTransformer2DModel)."
+                    f"Unknown model class {type(model).__name__}: pass style='unet2d', 'unet2d_condition', 'sd3' or "
+                    f"'flux' (the calling style of UNet2DModel, UNet2DConditionModel, SD3Transformer2DModel or "
+                    f"FluxTransformer2DModel, or a subclass; a torch.compile'd one is looked through)."
                 )
-            style = STYLES[name]
         if style not in COND_NAMES:
             raise InvalidArgumentError(f"style must be one of {tuple(COND_NAMES)}, got {style!r}.")
         if not is_real(guidance_scale) or not math.isfinite(float(guidance_scale)):

@@ -649,7 +649,10 @@ def _multistep_grid(scheduler, cfg, num_inference_steps: int, check_held: bool, 
     # (diffusers' sigmas are the table's there), then -1 (sigma = 0) or 0 (the sigma of alphas_cumprod[0]).
     if cfg.get("timestep_spacing", "linspace") == "trailing":
         clipped = int(torch.searchsorted(torch.flip(scheduler.lambda_t, [0]), cfg.get("lambda_min_clipped", -float("inf"))))
-        _trailing_off_by_one(name, num_train, num_inference_steps, last=num_train - clipped)
+        # diffusers steps by config.num_train_timesteps / T from config.num_train_timesteps - clipped, also when
+        # trained_betas hold a longer table
+        n_cfg = int(cfg.get("num_train_timesteps", num_train))
+        _trailing_off_by_one(name, n_cfg, num_inference_steps, last=n_cfg - clipped)
     timesteps = _probe(scheduler, num_inference_steps, **_dynamic_kwargs(cfg, mu, name))[1]
     held = getattr(scheduler, "timesteps", None)
     if check_held and getattr(scheduler, "num_inference_steps", None) and isinstance(held, torch.Tensor):
@@ -676,6 +679,12 @@ def _multistep_grid(scheduler, cfg, num_inference_steps: int, check_held: bool, 
             f"steps_offset={cfg.get('steps_offset', 0)}): diffusers clamps its sigma and calls the model at a time "
             f"it was not trained for. Use fewer inference steps, steps_offset=0, or timestep_spacing='trailing'."
         )
+    if float(t_from.min()) < 0:  # a listing the checks above did not foresee: never index the table at -1
+        raise InvalidArgumentError(
+            f"{name}.set_timesteps({num_inference_steps}) lists timestep {int(t_from.min())}, below the first "
+            f"training timestep 0 (timestep_spacing={cfg.get('timestep_spacing', 'linspace')!r}): diffusers would "
+            f"call the model at alphas_cumprod[-1], the end of the table. Use another number of inference steps."
+        )
     if bool((t_from[1:] >= t_from[:-1]).any()):
         raise InvalidArgumentError(
             f"{name}.set_timesteps({num_inference_steps}) lists a timestep twice: more steps "
@@ -686,8 +695,9 @@ def _multistep_grid(scheduler, cfg, num_inference_steps: int, check_held: bool, 
     if final == "sigma_min" and float(t_from[-1]) <= 0.0:
         raise InvalidArgumentError(
             f"{name}(final_sigmas_type='sigma_min') with {num_inference_steps} steps: the last "
-            f"timestep is already 0, whose sigma is sigma_min, so the last step would have length zero (diffusers "
-            f"divides by h = 0 there). Use final_sigmas_type='zero', fewer steps, or another timestep_spacing."
+            f"timestep is already 0, whose sigma is sigma_min, so the last step would have log-SNR length h = 0 "
+            f"(diffusers spends a model call on a no-op step there, or returns NaN with solver_type='heun'; the "
+            f"multistep coefficients here divide by h). Use final_sigmas_type='zero', fewer steps, or another timestep_spacing."
         )
     visited = [int(t) for t in timesteps.tolist()] + ([0] if final != "zero" else [])
     monotone = _monotone_through(table, visited)
