@@ -15,6 +15,7 @@ DDPM, DPM-Solver++ 2M and UniPC.
 """
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -46,6 +47,8 @@ class Case:
         shape, dtype: the batch of starting states.
         score: sample set -> {distance name: value} (distance to the data; lower is better).
         floor: the same distances for an independent set of true data (the finite-sample floor).
+        floor_sd: each distance's standard deviation over :data:`FLOOR_DRAWS` such sets (the first is
+            ``floor``): how much a column's value moves from one draw of the same law to another.
         metric_names: the distance columns, in order.
         picard_widths: the widths that get Picard rows (None: every width above 1).
         picard_sweep: the tolerances of the Picard runs the equal-rounds baselines are chosen from.
@@ -64,6 +67,7 @@ class Case:
     notes: List[str] = field(default_factory=list)
     picard_widths: Optional[Tuple[int, ...]] = None
     picard_sweep: Tuple[float, ...] = ()
+    floor_sd: Dict[str, float] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -76,6 +80,7 @@ def vp_schedule() -> VPSchedule:
 
 
 FLOW_SHIFT = 3.0  # SD3's shift
+FLOOR_DRAWS = 8  # independent sets of true data behind the floor's spread (the first is the floor row)
 MMD_POINTS = 1000  # MMD² uses the first 1000 samples and 1000 data points (its cost is quadratic)
 
 
@@ -117,16 +122,24 @@ def unequal_mixture(dim: int, components: int, seed: int) -> GaussianMixture:
     return GaussianMixture(means, variances, weights)
 
 
-def _oracle_scorer(gmm: GaussianMixture, n_data: int, n_floor: int, seed: int) -> Tuple[Scorer, Dict[str, float]]:
-    """Distances to ``n_data`` exact samples; the floor scores ``n_floor`` (the batch size) other exact samples."""
+def floor_of(score: Scorer, draw: Callable[[int], torch.Tensor]) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """(floor, floor_sd): the distances of ``draw(0)``, a set of true data, and each one's standard deviation
+    over ``draw(0 .. FLOOR_DRAWS - 1)``."""
+    scores = [score(draw(k)) for k in range(FLOOR_DRAWS)]
+    return scores[0], {m: statistics.stdev(s[m] for s in scores) for m in scores[0]}
+
+
+def _oracle_scorer(gmm: GaussianMixture, n_data: int, n_floor: int,
+                   seed: int) -> Tuple[Scorer, Dict[str, float], Dict[str, float]]:
+    """Distances to ``n_data`` exact samples; the floor scores ``n_floor`` (the batch size) other exact samples
+    (seed + 1; its spread: seeds seed + 1 .. seed + FLOOR_DRAWS)."""
     data = gmm.sample(n_data, torch.Generator().manual_seed(seed))
-    other = gmm.sample(n_floor, torch.Generator().manual_seed(seed + 1))
     sw, mmd = SlicedWassersteinTo(data), MMDTo(data[:MMD_POINTS])
 
     def score(x: torch.Tensor) -> Dict[str, float]:
         return {"sliced W2": sw(x), "MMD²": mmd(x[:MMD_POINTS])}
 
-    return score, score(other)
+    return (score, *floor_of(score, lambda k: gmm.sample(n_floor, torch.Generator().manual_seed(seed + 1 + k))))
 
 
 def oracle_cases(cfg: BenchConfig) -> List[Case]:
@@ -137,13 +150,14 @@ def oracle_cases(cfg: BenchConfig) -> List[Case]:
     }
     cases = []
     for model, gmm in gmms.items():
-        score, floor = _oracle_scorer(gmm, cfg.oracle_data, cfg.oracle_batch, cfg.seed_data)
+        score, floor, floor_sd = _oracle_scorer(gmm, cfg.oracle_data, cfg.oracle_batch, cfg.seed_data)
         for fam in cfg.oracle_families:
             transition, grid, schedule = family(fam, cfg.num_steps)
             prediction = "velocity" if fam == "flow" else "epsilon"
             cases.append(
                 Case(model, fam, transition, grid, gmm.predictor(schedule, prediction), (cfg.oracle_batch, gmm.dim),
-                     torch.float64, score, floor, ["sliced W2", "MMD²"], picard_sweep=cfg.picard_sweep)
+                     torch.float64, score, floor, ["sliced W2", "MMD²"], picard_sweep=cfg.picard_sweep,
+                     floor_sd=floor_sd)
             )
     return cases
 
@@ -171,14 +185,16 @@ def digits_cases(cfg: BenchConfig) -> List[Case]:
     with torch.no_grad():
         ref = clf.features(digits_data("test"))
         train = digits_data("train")
-        pick = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(cfg.seed_data))[: cfg.digits_batch]
-        floor_feats = clf.features(train[pick])
 
     def score(x: torch.Tensor) -> Dict[str, float]:
         with torch.no_grad():
             return {"Fréchet": frechet_distance(clf.features(x.float()), ref)}
 
-    floor = {"Fréchet": frechet_distance(floor_feats, ref)}
+    def pick(k: int) -> torch.Tensor:  # batch-size training digits, a fresh choice per draw (k = 0: the floor row)
+        order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(cfg.seed_data + k))
+        return train[order[: cfg.digits_batch]]
+
+    floor, floor_sd = floor_of(score, pick)
     cases = []
     for fam in cfg.learned_families:
         transition, grid, _ = family(fam, cfg.num_steps)
@@ -186,7 +202,7 @@ def digits_cases(cfg: BenchConfig) -> List[Case]:
             Case("digits", fam, transition, grid, _as_predictor(unet), (cfg.digits_batch, 1, 8, 8), torch.float32,
                  score, floor, ["Fréchet"],
                  [f"floor: {cfg.digits_batch} training digits against the {ref.shape[0]} test digits"],
-                 cfg.learned_picard_widths, cfg.learned_picard_sweep)
+                 cfg.learned_picard_widths, cfg.learned_picard_sweep, floor_sd)
         )
     return cases
 
@@ -198,18 +214,19 @@ def timeseries_cases(cfg: BenchConfig) -> List[Case]:
     net = _load(load_timeseries_model)
     n = cfg.timeseries_batch
     sw = SlicedWassersteinTo(timeseries_data(n, seed=cfg.seed_data))
-    other = timeseries_data(n, seed=cfg.seed_data + 1)
 
     def score(x: torch.Tensor) -> Dict[str, float]:
         return {"sliced W2": sw(x)}
+
+    floor, floor_sd = floor_of(score, lambda k: timeseries_data(n, seed=cfg.seed_data + 1 + k))
 
     cases = []
     for fam in cfg.learned_families:
         transition, grid, _ = family(fam, cfg.num_steps)
         cases.append(
             Case("timeseries", fam, transition, grid, _as_predictor(net), (cfg.timeseries_batch, 1, 32), torch.float32,
-                 score, score(other), ["sliced W2"],
+                 score, floor, ["sliced W2"],
                  [f"floor: {n} fresh series against the {n} reference series"],
-                 cfg.learned_picard_widths, cfg.learned_picard_sweep)
+                 cfg.learned_picard_widths, cfg.learned_picard_sweep, floor_sd)
         )
     return cases

@@ -6,7 +6,10 @@ Key: a, b two sample sets (rows are samples, flattened to vectors of dimension D
   ``rmse(a, b) = sqrt(mean((a - b)^2))`` over every sample and coordinate.
 * **Sliced Wasserstein** (distance to the data): project both sets on P random unit directions u,
   take the 1-D 2-Wasserstein distance of each projection (quantiles at (i + 1/2)/K, K = max(N, M))
-  and return ``sqrt(mean_u W2^2(u.a, u.b))``.
+  and return ``sqrt(mean_u W2^2(u.a, u.b))``. With N = M that is the exact empirical distance (sorted
+  values paired); with N != M the smaller set's quantiles are interpolated linearly, a slightly larger
+  value than the exact empirical W2 between the two step functions (0.41 against 0.39 for 128 against
+  2000 ring samples). The tables compare sets of equal size.
 * **MMD^2** with the RBF kernel ``k(x, y) = exp(-|x - y|^2 / (2 h^2))``: the unbiased estimator
   ``mean_{i != j} k(a_i, a_j) + mean_{i != j} k(b_i, b_j) - 2 mean_{i, j} k(a_i, b_j)``.
   The bandwidth h defaults to the median pairwise distance of the pooled sets (the "median

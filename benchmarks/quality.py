@@ -126,7 +126,7 @@ def run_case(
     serial = serial_run[0]
     samples["serial"] = serial.x
     add("serial", serial_run, width=1)
-    add("data floor", None, **case.floor)
+    add("data floor", None, **case.floor)["sd"] = dict(case.floor_sd)
 
     # Picard: a tolerance sweep per (width, init), pure Picard iteration
     sweeps: Dict[Tuple[int, str], List[Tuple[float, Tuple[SampleOutput, float]]]] = {}

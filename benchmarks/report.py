@@ -62,6 +62,13 @@ def _method_cell(r: dict) -> str:
     return m
 
 
+def _metric_cell(r: dict, m: str) -> str:
+    """A distance to the data; on the data floor row with its spread over independent draws, "v ± sd"."""
+    sd = r.get("sd", {}).get(m)
+    cell = fmt(r.get(m), _metric_fmt(m))
+    return cell if sd is None else f"{cell} ± {fmt(sd, _metric_fmt(m))}"
+
+
 def quality_table_md(t: dict) -> str:
     metrics = t["metrics"]
     header = ["method", "n", "rounds", "calls", "RMSE to serial", *metrics, "DRiffusion ÷ baseline"]
@@ -69,7 +76,7 @@ def quality_table_md(t: dict) -> str:
     for r in t["rows"]:
         rows.append([
             _method_cell(r), fmt(r.get("width")) if r["method"] != "data floor" else "-", fmt(r.get("rounds")),
-            fmt(r.get("evals")), fmt(r.get("rmse"), "e"), *[fmt(r.get(m), _metric_fmt(m)) for m in metrics],
+            fmt(r.get("evals")), fmt(r.get("rmse"), "e"), *[_metric_cell(r, m) for m in metrics],
             fmt(r.get("ratio"), "x") if "matched" in r else "",
         ])
     return md_table(header, rows)
@@ -247,12 +254,15 @@ rounds = sequential rounds of model calls (the latency on n devices); calls = mo
 RMSE to serial = root-mean-square distance to the serial sampler's output from the same noise (0 means
 identical); the distances to the data are measured against true data (lower is better; the
 *data floor* row scores one independent set of true data of the same size, itself a noisy draw: it
-shows the scale of the values, not a bound; rows share x_T, so differences between rows are paired and
-far less noisy than the values themselves);
+shows the scale of the values, not a bound; after ± the standard deviation over 8 such sets, how far a
+value moves from one draw of the same law to the next; rows share x_T, so differences between rows are
+paired and far less noisy than the values themselves);
 DRiffusion ÷ baseline = the matched DRiffusion row's RMSE divided by the baseline row's (below 1:
 DRiffusion is closer to the serial output at the same rounds and width). Picard at equal rounds is the
 best run of a tolerance sweep (τ) that finishes within the DRiffusion row's rounds, window n; the
-converged rows run to a fixed tolerance (τ = 1e-3 by default, shown in the row), whatever rounds that takes."""
+converged rows run to a fixed tolerance (τ = 1e-3 by default, shown in the row), whatever rounds that takes:
+Picard's own stopping test, which bounds each level's last change, not the distance to the serial output (a
+sample near the border between two modes can still end in the other one, and one such row dominates an RMSE)."""
 
 
 def section_dates_text(results: dict) -> str:

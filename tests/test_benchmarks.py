@@ -164,6 +164,16 @@ def test_table_matches_direct_computation(bench):
     floor = next(r for r in rows if r["method"] == "data floor")
     assert floor["sliced W2"] == pytest.approx(sliced_wasserstein(other, data), rel=1e-12)
     assert floor["MMD²"] == pytest.approx(mmd2_rbf(other, data, bandwidth=median_bandwidth(data)), rel=1e-9)
+    # its spread: the standard deviation over FLOOR_DRAWS fresh sets (seeds seed_data + 1, + 2, ...), the first the row's
+    from benchmarks.cases import FLOOR_DRAWS
+
+    draws = [ring_mixture().sample(TINY.oracle_batch, torch.Generator().manual_seed(TINY.seed_data + 1 + k))
+             for k in range(FLOOR_DRAWS)]
+    assert FLOOR_DRAWS >= 2 and floor["sd"]["sliced W2"] > 0
+    assert floor["sd"]["sliced W2"] == pytest.approx(float(torch.tensor(
+        [sliced_wasserstein(d, data) for d in draws], dtype=torch.float64).std()), rel=1e-9)
+    assert floor["sd"]["MMD²"] == pytest.approx(float(torch.tensor(
+        [mmd2_rbf(d, data, bandwidth=median_bandwidth(data)) for d in draws], dtype=torch.float64).std()), rel=1e-6)
     # the Picard rows (per-step noise shared with the serial run) against direct runs of PicardScheduler
     _check_picard_rows(table, case, TINY, x, serial)
 
@@ -193,6 +203,13 @@ def test_learned_tables_score_with_the_models_metrics(bench):
         floor = frechet_distance(clf.features(train[pick]), test_feats)
     assert row(t, "serial")["Fréchet"] == pytest.approx(got, rel=1e-6)
     assert row(t, "data floor")["Fréchet"] == pytest.approx(floor, rel=1e-6)
+    from benchmarks.cases import FLOOR_DRAWS
+
+    with torch.no_grad():
+        draws = [frechet_distance(clf.features(train[torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(
+            TINY.seed_data + k))[: TINY.digits_batch]]), test_feats) for k in range(FLOOR_DRAWS)]
+    assert row(t, "data floor")["sd"]["Fréchet"] == pytest.approx(float(torch.tensor(draws, dtype=torch.float64).std()),
+                                                                  rel=1e-5)
 
     case = timeseries_cases(TINY)[0]
     t = next(t for t in results["timeseries"]["tables"] if t["family"] == case.family)
@@ -200,6 +217,9 @@ def test_learned_tables_score_with_the_models_metrics(bench):
     ref = timeseries_data(n, seed=TINY.seed_data)
     assert row(t, "serial")["sliced W2"] == pytest.approx(sw_models(serial_of(case), ref), rel=1e-9)
     assert row(t, "data floor")["sliced W2"] == pytest.approx(sw_models(timeseries_data(n, seed=TINY.seed_data + 1), ref), rel=1e-9)
+    spread = torch.tensor([sw_models(timeseries_data(n, seed=TINY.seed_data + 1 + k), ref) for k in range(FLOOR_DRAWS)],
+                          dtype=torch.float64).std()
+    assert row(t, "data floor")["sd"]["sliced W2"] == pytest.approx(float(spread), rel=1e-9)
 
 
 def _direct_picard(case, x, width, init, tol, seed_noise):
@@ -608,7 +628,7 @@ def _md_tables(text):
 def _synthetic_table():
     """A quality table whose every figure is distinct, so a number in the wrong column shows."""
     rows = [{"method": "serial", "width": 1, "rounds": 10, "evals": 10, "rmse": 0.0, "sliced W2": 0.5, "MMD²": 1.25e-4},
-            {"method": "data floor", "sliced W2": 0.25, "MMD²": -3.5e-5}]
+            {"method": "data floor", "sliced W2": 0.25, "MMD²": -3.5e-5, "sd": {"sliced W2": 0.0625, "MMD²": 4.5e-4}}]
     for w, (ra, rc) in ((2, (6, 7)), (4, (4, 5))):
         for mode, rounds in (("aggressive", ra), ("conservative", rc)):
             label = f"{mode[0]}{w}"
@@ -683,8 +703,10 @@ def test_quality_table_columns_hold_their_figures():
         assert cells["n"] == ("-" if r["method"] == "data floor" else str(r["width"]))
         if "rmse" in r:
             assert float(cells["RMSE to serial"]) == pytest.approx(r["rmse"], rel=2e-3, abs=0)
-        assert float(cells["sliced W2"]) == pytest.approx(r["sliced W2"], rel=1e-3)
-        assert float(cells["MMD²"]) == pytest.approx(r["MMD²"], rel=5e-3)  # small values: 3 significant digits
+        for m, rel in (("sliced W2", 1e-3), ("MMD²", 5e-3)):  # small values: 3 significant digits
+            value, _, sd = cells[m].partition(" ± ")  # the floor's spread over independent draws, after ±
+            assert float(value) == pytest.approx(r[m], rel=rel)
+            assert (float(sd) == pytest.approx(r["sd"][m], rel=rel)) if "sd" in r else sd == ""
         if "matched" in r:
             assert float(cells["DRiffusion ÷ baseline"]) == pytest.approx(r["ratio"], abs=0.006, rel=0.05)  # 1.2e+02 above 100
             assert f"vs {r['matched']}" in cells["method"]
