@@ -181,7 +181,8 @@ def ddpm_step_matches() -> Result:
 @identity(
     "diffusers.flow_euler_step",
     "diffusers",
-    "FlowEulerSkip's one-level step (flow_euler_coefficient) equals FlowMatchEulerDiscreteScheduler.step: "
+    "FlowEulerSkip's one-level step (flow_euler_coefficient) equals FlowMatchEulerDiscreteScheduler.step "
+    "(stochastic_sampling=False, per_token_timesteps=None: the branch from_diffusers accepts): "
     "prev_sample = sample + (sigma_next - sigma) model_output.",
 )
 def flow_euler_step_matches() -> Result:

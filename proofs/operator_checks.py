@@ -56,6 +56,7 @@ FLOW_LEVEL_TRIPLES = [(1.0, 0.7, 0.4), (0.9, 0.6, 0.3), (0.5, 0.4999, 0.4998), (
 
 def operator_cases() -> List[Tuple[str, object, Callable, str]]:
     """(label, torch operator, symbolic mirror(x, p, level_t, level_s, z), "vp" | "flow" | "ve")."""
+    from driffusion_core import ClipSample
     from solvers import DDIMSkip, DDPMSkip, DPMSolverSkip, FlowEulerSkip, VEAncestralSkip, VEEulerSkip, VESchedule
 
     vp, flow, ve = VPSchedule.linear(), FlowSchedule(), VESchedule()
@@ -64,6 +65,14 @@ def operator_cases() -> List[Tuple[str, object, Callable, str]]:
         for eta in (0.0, 0.3, 1.0):
             cases.append((f"DDIMSkip({kind}, eta={eta:g})", DDIMSkip(vp, kind, eta=eta),
                           lambda x, p, a, b, z, k=kind, e=eta: ddim_step(k, x, p, a, b, sp.nsimplify(e), z), "vp"))
+        # the x0 transform (clip_sample), with and without use_clipped_model_output: the clamp acts at the
+        # noisy levels, where x0_hat of unit-scale x and p is far outside [-1, 1]
+        for eta in (0.0, 1.0):
+            for recompute in (False, True):
+                cases.append((f"DDIMSkip({kind}, eta={eta:g}, ClipSample(1), recompute_eps={recompute})",
+                              DDIMSkip(vp, kind, eta=eta, x0_transform=ClipSample(1.0), recompute_eps=recompute),
+                              lambda x, p, a, b, z, k=kind, e=eta, r=recompute:
+                                  ddim_step(k, x, p, a, b, sp.nsimplify(e), z, clip=1, recompute=r), "vp"))
         for vt in ("fixed_small", "fixed_large"):
             cases.append((f"DDPMSkip({kind}, {vt})", DDPMSkip(vp, kind, variance_type=vt),
                           lambda x, p, a, b, z, k=kind, v=vt: ddpm_step(k, x, p, a, b, z, v), "vp"))
@@ -72,6 +81,8 @@ def operator_cases() -> List[Tuple[str, object, Callable, str]]:
     for kind in ("velocity", "epsilon", "sample"):
         cases.append((f"FlowEulerSkip({kind})", FlowEulerSkip(flow, kind),
                       lambda x, p, a, b, z, k=kind: flow_step(k, x, p, a, b), "flow"))
+        cases.append((f"FlowEulerSkip({kind}, ClipSample(1))", FlowEulerSkip(flow, kind, x0_transform=ClipSample(1.0)),
+                      lambda x, p, a, b, z, k=kind: flow_step(k, x, p, a, b, clip=1), "flow"))
         cases.append((f"DPMSolverSkip(flow, {kind})", DPMSolverSkip(flow, kind),
                       lambda x, p, a, b, z, k=kind: dpm_step(k, x, p, a, b, "flow"), "flow"))
     for kind in ("sample", "epsilon"):
@@ -79,7 +90,7 @@ def operator_cases() -> List[Tuple[str, object, Callable, str]]:
                       lambda x, p, a, b, z, k=kind: ve_euler_step(k, x, p, a, b), "ve"))
         cases.append((f"DPMSolverSkip(ve, {kind})", DPMSolverSkip(ve, kind),
                       lambda x, p, a, b, z, k=kind: dpm_step(k, x, p, a, b, "ve"), "ve"))
-        for eta in VE_ANCESTRAL_ETAS:
+        for eta in (0.0, *VE_ANCESTRAL_ETAS):  # eta = 0: the Euler step, through its own branch
             cases.append((f"VEAncestralSkip({kind}, eta={eta:g})", VEAncestralSkip(ve, prediction=kind, eta=eta),
                           lambda x, p, a, b, z, k=kind, e=eta: ve_ancestral_step(k, x, p, a, b, sp.nsimplify(e), z), "ve"))
     return cases
@@ -126,8 +137,9 @@ def _per_case(errors: Dict[str, float], what: str) -> Result:
 @identity(
     "operators.match_symbolic_mirrors",
     "Operators (code)",
-    "The torch operators DDIMSkip (eta 0, 0.3, 1), DDPMSkip (fixed_small, fixed_large), FlowEulerSkip, "
-    "VEEulerSkip, VEAncestralSkip (eta 0.5, 1), DPMSolverSkip (first order, VP, flow and VE), every prediction type, "
+    "The torch operators DDIMSkip (eta 0, 0.3, 1; and eta 0, 1 with x0_transform=ClipSample(1), recompute_eps "
+    "off and on), DDPMSkip (fixed_small, fixed_large), FlowEulerSkip (also with ClipSample(1)), VEEulerSkip, "
+    "VEAncestralSkip (eta 0, 0.5, 1), DPMSolverSkip (first order, VP, flow and VE), every prediction type, "
     "float64 with per-row levels, equal the "
     "symbolic steps proved above, evaluated exactly at the same schedule values (no noise at t_from = 0 for "
     "DDPM, as the operator and diffusers; an epsilon flow is undefined at sigma = 1 and skipped there).",

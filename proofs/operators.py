@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any, Tuple
 
+import sympy as sp
+
 from driffusion_core import coefficients as C
 
 __all__ = [
@@ -39,19 +41,35 @@ def _x0_eps(prediction: str, x: Any, pred: Any, alpha: Any, sigma: Any) -> Tuple
     return a_x * x + a_p * pred, b_x * x + b_p * pred
 
 
-def vp_x0_eps(prediction: str, x: Any, pred: Any, abar_t: Any) -> Tuple[Any, Any]:
-    """``SkipTransition.to_x0_eps`` on a VPSchedule: (x0_hat, eps_hat) at level t."""
-    return _x0_eps(prediction, x, pred, *C.vp_alpha_sigma(abar_t))
+def _clipped(x0_eps: Tuple[Any, Any], x: Any, alpha: Any, sigma: Any, clip: Any, recompute: bool) -> Tuple[Any, Any]:
+    """The x0 transform ``ClipSample(clip)`` (None: none) on (x0_hat, eps_hat): x0_hat clamped to [-clip, clip], and
+    with ``recompute`` eps_hat re-derived from it, eps = (x - alpha x0_hat) / sigma (diffusers'
+    ``use_clipped_model_output``; FlowEulerSkip always)."""
+    if clip is None:
+        return x0_eps
+    x0 = sp.Max(-clip, sp.Min(clip, x0_eps[0]))
+    return x0, ((x - alpha * x0) / sigma if recompute else x0_eps[1])
 
 
-def flow_x0_eps(prediction: str, x: Any, pred: Any, t: Any) -> Tuple[Any, Any]:
-    """``SkipTransition.to_x0_eps`` on a FlowSchedule: (x0_hat, eps_hat) at sigma t."""
-    return _x0_eps(prediction, x, pred, *C.flow_alpha_sigma(t))
+def vp_x0_eps(prediction: str, x: Any, pred: Any, abar_t: Any, clip: Any = None,
+              recompute: bool = False) -> Tuple[Any, Any]:
+    """``SkipTransition.to_x0_eps`` on a VPSchedule: (x0_hat, eps_hat) at level t (optionally clipped)."""
+    alpha, sigma = C.vp_alpha_sigma(abar_t)
+    return _clipped(_x0_eps(prediction, x, pred, alpha, sigma), x, alpha, sigma, clip, recompute)
 
 
-def ddim_step(prediction: str, x: Any, pred: Any, abar_t: Any, abar_s: Any, eta: Any = 0, z: Any = 0) -> Any:
-    """``solvers.ddim.DDIMSkip.__call__``: x_s = c_x0 x0_hat + c_eps eps_hat + sigma_{t->s} z."""
-    x0_hat, eps_hat = vp_x0_eps(prediction, x, pred, abar_t)
+def flow_x0_eps(prediction: str, x: Any, pred: Any, t: Any, clip: Any = None) -> Tuple[Any, Any]:
+    """``SkipTransition.to_x0_eps`` on a FlowSchedule: (x0_hat, eps_hat) at sigma t (optionally clipped; eps_hat
+    then re-derived, as FlowEulerSkip does)."""
+    alpha, sigma = C.flow_alpha_sigma(t)
+    return _clipped(_x0_eps(prediction, x, pred, alpha, sigma), x, alpha, sigma, clip, True)
+
+
+def ddim_step(prediction: str, x: Any, pred: Any, abar_t: Any, abar_s: Any, eta: Any = 0, z: Any = 0,
+              clip: Any = None, recompute: bool = False) -> Any:
+    """``solvers.ddim.DDIMSkip.__call__``: x_s = c_x0 x0_hat + c_eps eps_hat + sigma_{t->s} z (``clip``,
+    ``recompute``: its ``x0_transform=ClipSample(clip)`` and ``recompute_eps``)."""
+    x0_hat, eps_hat = vp_x0_eps(prediction, x, pred, abar_t, clip, recompute)
     c_x0, c_eps, sigma = C.ddim_coefficients(abar_t, abar_s, eta)
     return c_x0 * x0_hat + c_eps * eps_hat + sigma * z
 
@@ -73,17 +91,18 @@ def ddpm_step(
     return c_x0 * x0_hat + c_xt * x + ddpm_std(abar_t, abar_s, variance_type) * z
 
 
-def flow_velocity(prediction: str, x: Any, pred: Any, t: Any) -> Any:
-    """``solvers.flow.FlowEulerSkip.velocity``: the output itself, or eps_hat - x0_hat."""
-    if prediction == "velocity":
+def flow_velocity(prediction: str, x: Any, pred: Any, t: Any, clip: Any = None) -> Any:
+    """``solvers.flow.FlowEulerSkip.velocity``: the output itself, or eps_hat - x0_hat (with an x0 transform
+    ``ClipSample(clip)``, always the latter, from the clipped x0_hat)."""
+    if prediction == "velocity" and clip is None:
         return pred
-    x0_hat, eps_hat = flow_x0_eps(prediction, x, pred, t)
+    x0_hat, eps_hat = flow_x0_eps(prediction, x, pred, t, clip)
     return eps_hat - x0_hat
 
 
-def flow_step(prediction: str, x: Any, pred: Any, t: Any, s: Any) -> Any:
-    """``solvers.flow.FlowEulerSkip.__call__``: x_s = x_t + (s - t) v."""
-    return x + C.flow_euler_coefficient(t, s) * flow_velocity(prediction, x, pred, t)
+def flow_step(prediction: str, x: Any, pred: Any, t: Any, s: Any, clip: Any = None) -> Any:
+    """``solvers.flow.FlowEulerSkip.__call__``: x_s = x_t + (s - t) v (``clip``: its ``x0_transform=ClipSample(clip)``)."""
+    return x + C.flow_euler_coefficient(t, s) * flow_velocity(prediction, x, pred, t, clip)
 
 
 def ve_x0_eps(prediction: str, x: Any, pred: Any, sigma: Any) -> Tuple[Any, Any]:

@@ -345,3 +345,40 @@ def test_numeric_is_not_enough_and_a_known_failure_needs_its_defect():
     assert not outcome(Status.FAILS, expect_holds=False, defect={"formula": True, "end points": False}).as_expected
     assert outcome(Status.FAILS, expect_holds=False, defect={"formula": True}).as_expected
     assert not outcome(Status.PROVED, expect_holds=False, defect={"formula": True}).as_expected
+
+
+def test_a_wrong_clipped_eps_euler_ancestral_eta0_or_refine_is_caught(monkeypatch):
+    """Three paths a reviewer's mutations once slipped past: eps_hat re-derived from the clipped x0_hat with the
+    wrong conversion (recompute_eps), VEAncestralSkip's own eta = 0 branch, and a refinement that steps with the
+    anchor's prediction instead of each level's own."""
+    from driffusion_core import DraftRefineState
+    from driffusion_core import coefficients as C
+
+    import types
+
+    from driffusion_core import parameterization
+
+    # the torch side only (the mirrors read the true module): re-derive eps_hat as if x0_hat were an eps
+    wrong_module = types.SimpleNamespace(**vars(C))
+    wrong_module.x0_eps_coefficients = lambda kind, alpha, sigma: C.x0_eps_coefficients(
+        "epsilon" if kind == "sample" else kind, alpha, sigma)
+    monkeypatch.setattr(parameterization, "C", wrong_module)
+    (o,) = proofs.run_all("operators.match_symbolic_mirrors")
+    assert o.result.status is Status.FAILS and "ClipSample" in o.result.detail, o.result.detail
+    monkeypatch.setattr(parameterization, "C", C)
+
+    right_ancestral = C.ve_ancestral_coefficients
+
+    def wrong_eta0(sigma_t, sigma_s, eta=1.0):
+        down, up = right_ancestral(sigma_t, sigma_s, eta)
+        return (down * 1.01, up) if isinstance(eta, float) and eta == 0 else (down, up)  # the operator's float eta
+
+    monkeypatch.setattr(C, "ve_ancestral_coefficients", wrong_eta0)
+    (o,) = proofs.run_all("operators.match_symbolic_mirrors")
+    assert o.result.status is Status.FAILS and not o.as_expected
+    monkeypatch.setattr(C, "ve_ancestral_coefficients", right_ancestral)
+
+    right_step = DraftRefineState.step
+    monkeypatch.setattr(DraftRefineState, "step", lambda self, x, pred, i: right_step(self, x, self.pred, i))
+    (o,) = proofs.run_all("rounds.refine_replays_the_serial_steps")
+    assert o.result.status is Status.FAILS and not o.as_expected
