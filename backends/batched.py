@@ -193,8 +193,9 @@ class BatchedExecutor(Executor):
       predictor written for one batch whose internals cannot take a larger
       batch (it must be vmap-compatible: no data-dependent Python control flow).
 
-    A predictor written for a *single sample* (no batch dimension) is wrapped with
-    :func:`per_sample`; the concatenated rounds are then one vmapped call.
+    A predictor written for a *single sample* (no batch dimension): wrap it yourself with
+    :func:`per_sample` (``BatchedExecutor().evaluate(per_sample(f), ...)``, or pass ``per_sample(f)`` to the
+    sampler); the concatenated rounds are then one vmapped call.
 
     Arguments:
         vmap: use ``torch.func.vmap`` instead of concatenation.

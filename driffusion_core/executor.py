@@ -10,7 +10,7 @@ Executors know nothing about diffusion. Given a predictor ``f`` and K
 arguments for the predictor whose tensors have a leading batch dimension B
 (0-d tensors and non-tensor values are passed through unchanged; tensors may
 nest in mappings, lists and tuples: :func:`map_tensors`). Every executor must return
-what :class:`backends.SerialExecutor` returns for the same inputs (to float
+what :class:`SerialExecutor` (here; also exported by ``backends``) returns for the same inputs (to float
 tolerance when kernels batch differently).
 
 The returned predictions belong to the caller: they are never the predictor's own buffer, which a
@@ -122,6 +122,20 @@ def even_shares(k: int, n: int) -> List[int]:
         raise InvalidArgumentError(f"cannot split {k} items.")
     base, extra = divmod(k, n)
     return [base + (1 if i < extra else 0) for i in range(n)]
+
+
+def check_executor(executor: Any) -> None:
+    """Refuse anything but an :class:`Executor` instance, naming what came instead (a class: instantiate it)."""
+    if isinstance(executor, Executor):
+        return
+    if isinstance(executor, type) and issubclass(executor, Executor):
+        raise InvalidArgumentError(
+            f"executor must be an Executor instance, got the class {executor.__name__}: pass {executor.__name__}()."
+        )
+    raise InvalidArgumentError(
+        f"executor must be an Executor (e.g. backends.BatchedExecutor() or backends.SerialExecutor()), got "
+        f"{type(executor).__name__}."
+    )
 
 
 class Executor(abc.ABC):

@@ -18,6 +18,10 @@ __all__ = ["NoiseSource"]
 _MIX = 0x9E3779B97F4A7C15
 
 
+#: added to "noise must be a NoiseSource" errors
+NOISE_HINT = " (make one with driffusion_core.NoiseSource(seed); a torch.Generator or a bare seed is not one)"
+
+
 class NoiseSource:
     """Standard normal noise keyed by (seed, step index).
 
@@ -32,7 +36,7 @@ class NoiseSource:
             batches.
 
     ``noise(i, shape, dtype, device)`` is z_i; ``noise.initial(shape, ...)`` the starting
-    state x_T ~ N(0, I) (key -1).
+    state at t_0 ~ N(0, I) (key -1; x_T in the DDPM papers' notation, x_0 in a trajectory).
 
     The noise is drawn in float32 and cast, so every floating dtype sees the same noise: a float64 run
     is the float32 run carried out in higher precision (torch draws float64 normals along another
@@ -90,7 +94,7 @@ class NoiseSource:
 
     def initial(self, shape: Union[int, Sequence[int]], dtype: torch.dtype = torch.float32,
                 device: Optional[torch.device] = None) -> torch.Tensor:
-        """The starting noise x_T, keyed by step -1."""
+        """The starting noise (the state at t_0, x_T in the DDPM papers' notation), keyed by step -1."""
         return self(-1, shape, dtype, device)
 
     def steps(self, start: int, stop: int, shape: Union[int, Sequence[int]], dtype: torch.dtype = torch.float32,

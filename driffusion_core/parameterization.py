@@ -62,7 +62,11 @@ class Prediction(str, enum.Enum):
             return cls(value)
         except ValueError:
             names = ", ".join(repr(p.value) for p in cls)
-            raise InvalidArgumentError(f"Unknown prediction type {value!r}; use one of {names}.") from None
+            hint = ""
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                hint = (" A number here is likely another argument in the prediction's place (DDIMSkip(schedule, "
+                        "prediction, eta): pass eta=... by keyword).")
+            raise InvalidArgumentError(f"Unknown prediction type {value!r}; use one of {names}.{hint}") from None
 
 
 def _remembered(owner: torch.Tensor, key: Any, make: Callable[[], Any], *deps: torch.Tensor) -> Any:

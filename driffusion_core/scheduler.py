@@ -44,11 +44,11 @@ from driffusion_core.errors import (
     safe_str,
 )
 from driffusion_core.executor import (
-    Executor, Predictor, SerialExecutor, DENSE_FIX, batched_tensors, changed_tensor, not_dense, stamp_changed, tensor_versions,
+    Executor, Predictor, SerialExecutor, DENSE_FIX, check_executor, batched_tensors, changed_tensor, not_dense, stamp_changed, tensor_versions,
     version_stamp,
 )
 from driffusion_core.grid import TimeGrid
-from driffusion_core.noise import NoiseSource
+from driffusion_core.noise import NOISE_HINT as _NOISE_HINT, NoiseSource
 from driffusion_core.transition import SkipTransition, check_transition
 
 __all__ = [
@@ -387,8 +387,7 @@ def run_rounds(
         raise InvalidArgumentError(f"predictor must be callable, got {type(predictor).__name__}.")
     cond = check_inputs(x, cond)
     executor = executor if executor is not None else SerialExecutor()
-    if not isinstance(executor, Executor):
-        raise InvalidArgumentError(f"executor must be an Executor, got {type(executor).__name__}.")
+    check_executor(executor)
     state = make_state()
     bar = progress_bar(progress, len(grid), desc)
     while True:
@@ -409,7 +408,7 @@ def default_noise(transition: SkipTransition, noise: Optional[NoiseSource]) -> O
     """The noise source to use: the given one, or a fresh seed from torch's global RNG if stochastic."""
     if noise is not None:
         if not isinstance(noise, NoiseSource):
-            raise InvalidArgumentError(f"noise must be a NoiseSource or None, got {type(noise).__name__}.")
+            raise InvalidArgumentError(f"noise must be a NoiseSource or None, got {type(noise).__name__}{_NOISE_HINT}.")
         return noise
     if transition.stochastic:
         return NoiseSource(int(torch.randint(0, 2**62, ())))
@@ -473,7 +472,7 @@ class DraftRefineState:
         check_mode(mode)
         check_inputs(x, None)
         if noise is not None and not isinstance(noise, NoiseSource):
-            raise InvalidArgumentError(f"noise must be a NoiseSource or None, got {type(noise).__name__}.")
+            raise InvalidArgumentError(f"noise must be a NoiseSource or None, got {type(noise).__name__}{_NOISE_HINT}.")
         if noise is None and transition.stochastic:
             raise InvalidArgumentError(
                 f"{type(transition).__name__} is stochastic here: its steps draw noise, so pass noise=NoiseSource(seed) "
@@ -658,7 +657,7 @@ class DraftRefineScheduler:
     Both modes make exactly T model calls (``SampleOutput.evals``; ``rounds`` counts the parallel rounds).
     Width 1 is the serial sampler, bit for bit, given the same ``noise``. The drafts of a deterministic
     transition are the serial chain with :math:`p_a` frozen (skips compose); a stochastic one couples the
-    drafts' noise to the serial steps' :math:`z_{a+1..a+j}` (see the transition's ``drafts``).
+    drafts' noise to the serial steps' :math:`z_a, \dots, z_{a+j-1}` (see the transition's ``drafts``).
 
     Arguments:
         transition: the skip transition (``solvers.DDIMSkip``, ``DDPMSkip``, ``FlowEulerSkip``...).

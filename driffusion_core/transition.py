@@ -44,8 +44,8 @@ __all__ = ["SkipTransition", "History", "as_levels", "check_transition", "repeat
 Levels = Union[float, int, torch.Tensor]
 History = Sequence[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 """A multistep transition's earlier steps, oldest first: ``(x_i, p_i, t_i)``, a state, the model's prediction
-there and its level (what :meth:`SkipTransition.remember` keeps and :meth:`SkipTransition.multistep` combines)."""
-"""Earlier steps of the serial chain, oldest first: ``(x_i, p_i, t_from[i])`` (state, prediction, level)."""
+there and its level ``t_from[i]`` (what :meth:`SkipTransition.remember` keeps and :meth:`SkipTransition.multistep`
+combines)."""
 
 
 def _refuse_bool_levels(t: Any, what: str) -> None:

@@ -139,4 +139,4 @@ def sample_step_skipping(
         if transition.stochastic and noise is not None:
             noises = noise.steps(a, b, x.shape, x.dtype, x.device)
         x = transition.skip(x, pred, grid.t_from[a:b], grid.t_to[a:b], noises)
-    return SampleOutput(check_finite_sample(x, "sample_step_skipping"), rounds, rounds)
+    return SampleOutput(check_finite_sample(x, "sample_step_skipping"), len(idx) - 1, len(idx) - 1)

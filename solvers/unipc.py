@@ -112,7 +112,7 @@ class UniPCSkip(LogSNRSolver):
             )
         return float(value)
 
-    def make_grid(self, timesteps) -> TimeGrid:
+    def make_grid(self, timesteps: Union[TimeGrid, torch.Tensor, list, tuple]) -> TimeGrid:
         """:meth:`LogSNRSolver.make_grid`, and with ``solver_type="bh1"`` refusing a step from a level where
         alpha = 0 (log-SNR -inf: flow's sigma = 1, a zero-terminal-SNR table) that the next step's corrector
         combines: bh1's B(h) = h is infinite there (bh2's e^h - 1 stays finite)."""

@@ -153,6 +153,11 @@ class VEAncestralSkip(EtaNoise, SkipTransition):
 
     def __setattr__(self, name: str, value) -> None:
         if name == "eta":
+            if isinstance(value, str):
+                raise InvalidArgumentError(
+                    f"eta must be a number in [0, 1], got the string {value!r}: VEAncestralSkip(schedule, eta, "
+                    f"prediction) takes eta second; pass prediction={value!r} by keyword."
+                )
             if not is_real(value) or not 0 <= float(value) <= 1:
                 raise InvalidArgumentError(
                     f"eta must be a number in [0, 1] (1: k-diffusion's ancestral default, 0: the Euler step), got "

@@ -26,7 +26,7 @@ from driffusion_core import (
     expected_rounds,
 )
 from solvers import (
-    DDIMSkip, DDPMSkip, DPMSolverSkip, FlowEulerSkip, VEEulerSkip, VESchedule, ring_mixture, sample_serial,
+    DDIMSkip, DDPMSkip, DPMSolverSkip, FlowEulerSkip, VEAncestralSkip, VEEulerSkip, VESchedule, ring_mixture, sample_serial,
     PicardScheduler,
     sample_step_skipping,
 )
@@ -470,6 +470,9 @@ def test_noise_source_of_the_wrong_type():
     for call in run_both(eps_model, noise=42):
         with pytest.raises(InvalidArgumentError, match=r"noise must be a NoiseSource or None, got int"):
             call()
+    for call in run_both(eps_model, noise=torch.Generator()):  # the likely mix-up: a generator for the noise
+        with pytest.raises(InvalidArgumentError, match=r"got Generator \(make one with driffusion_core\.NoiseSource\(seed\)"):
+            call()
 
 
 def test_predictor_not_callable():
@@ -478,8 +481,25 @@ def test_predictor_not_callable():
 
 
 def test_executor_of_the_wrong_type():
-    with pytest.raises(InvalidArgumentError, match=r"executor must be an Executor, got str"):
+    with pytest.raises(InvalidArgumentError, match=r"executor must be an Executor \(e\.g\. .*\), got str"):
         scheduler().sample(eps_model, x0(), executor="batched")
+    with pytest.raises(InvalidArgumentError, match=r"got the class BatchedExecutor: pass BatchedExecutor\(\)"):
+        scheduler().sample(eps_model, x0(), executor=BatchedExecutor)
+
+
+def test_positional_mix_ups_of_eta_and_prediction_are_named():
+    """DDIMSkip(schedule, prediction, eta) and VEAncestralSkip(schedule, eta, prediction) order them differently:
+    a number where the prediction goes, or a prediction name where eta goes, says which argument it is."""
+    with pytest.raises(InvalidArgumentError, match=r"Unknown prediction type 0\.5.*pass eta=\.\.\. by keyword"):
+        DDIMSkip(VP, 0.5)
+    with pytest.raises(InvalidArgumentError, match=r"got the string 'sample'.*pass prediction='sample' by keyword"):
+        VEAncestralSkip(VESchedule(), "sample")
+
+
+def test_step_skipping_counts_its_rounds_as_ints():
+    """rounds given as a 0-d tensor (or numpy int): SampleOutput.rounds / evals are plain ints all the same."""
+    out = sample_step_skipping(eps_model, x0(), DDIMSkip(VP), GRID, rounds=torch.tensor(3))
+    assert type(out.rounds) is int and type(out.evals) is int and out.rounds == out.evals == 3
 
 
 # --------------------------------------------------------------------------- transitions and schedules

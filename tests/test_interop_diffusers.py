@@ -265,7 +265,8 @@ def test_from_config_equals_from_scheduler(unet2d):
     tr_a, grid_a = from_diffusers(scheduler, 8)
     tr_b, grid_b = from_diffusers(scheduler.config, 8)  # built in code: no _class_name, told by its options
     tr_c, _ = from_diffusers({**scheduler.config, "_class_name": "DDIMScheduler"}, 8)  # as a saved config
-    assert type(tr_c) is type(tr_b) is type(tr_a)
+    tr_d, grid_d = from_diffusers(scheduler=scheduler, num_inference_steps=8)  # DESIGN's argument names
+    assert type(tr_d) is type(tr_c) is type(tr_b) is type(tr_a) and torch.equal(grid_d.t_from, grid_a.t_from)
     assert torch.equal(grid_a.t_from, grid_b.t_from) and torch.equal(grid_a.t_to, grid_b.t_to)
     assert torch.equal(tr_a.schedule.alphas_cumprod, tr_b.schedule.alphas_cumprod)
     assert tr_b.prediction.value == "v_prediction"

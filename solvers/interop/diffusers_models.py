@@ -153,10 +153,12 @@ class DiffusersPredictor:
         guidance_scale: w; classifier-free guidance runs when w > 1 (as in diffusers' pipelines) and
             then every conditioning tensor needs its ``negative_<name>``.
         guidance_rescale: phi in [0, 1] (diffusers' ``guidance_rescale``); 0 disables it.
-        style: ``"unet2d"``, ``"unet2d_condition"``, ``"sd3"`` or ``"flux"``; default from the class name.
+        style: ``"unet2d"``, ``"unet2d_condition"``, ``"sd3"`` or ``"flux"``; default from the class or a base
+            (:func:`model_style`, through ``torch.compile``'s wrapper).
         model_kwargs: fixed keyword arguments for every call (e.g. ``cross_attention_kwargs``,
             ``joint_attention_kwargs``); never batched.
-        enable_grad: run the model with autograd on (default: under ``torch.no_grad()``).
+        enable_grad: let the model record autograd when it is on where the call is made (guidance by gradients);
+            default False: the model runs under ``torch.no_grad()`` whatever the caller's mode.
 
     The model runs in its own dtype (x is cast to its parameters' dtype) and its output comes back in
     x's: a float64 sampler around a float32 or float16 model keeps its state in float64, and guidance is

@@ -1025,7 +1025,7 @@ def euler_state_scales(transition: SkipTransition, grid: TimeGrid) -> Tuple[floa
 
 
 def from_diffusers(
-    scheduler_or_config: Any,
+    scheduler: Any,
     num_inference_steps: Optional[int] = None,
     mu: Optional[float] = None,
     *,
@@ -1037,7 +1037,7 @@ def from_diffusers(
     """The skip transition and time grid that reproduce a diffusers scheduler's sampling loop.
 
     Arguments:
-        scheduler_or_config: a ``DDIMScheduler``, ``DDPMScheduler``, ``FlowMatchEulerDiscreteScheduler``,
+        scheduler: a ``DDIMScheduler``, ``DDPMScheduler``, ``FlowMatchEulerDiscreteScheduler``,
             ``DPMSolverMultistepScheduler`` (DPM-Solver++ of order 1 or 2), ``EulerDiscreteScheduler`` (its
             deterministic step, ``s_churn = 0``), ``EulerAncestralDiscreteScheduler`` or ``UniPCMultistepScheduler``
             (UniPC with its corrector, order 1 or 2), or its ``config`` (a mapping;
@@ -1077,7 +1077,7 @@ def from_diffusers(
     DPM-Solver scheduler holding custom timesteps is refused (it takes no custom ones here).
     Options it cannot reproduce raise :class:`~driffusion_core.errors.InvalidArgumentError` naming them.
     """
-    return _from_diffusers(scheduler_or_config, num_inference_steps, mu, eta, use_clipped_model_output,
+    return _from_diffusers(scheduler, num_inference_steps, mu, eta, use_clipped_model_output,
                            timesteps, sigmas, check_held=True)
 
 

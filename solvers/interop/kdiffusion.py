@@ -37,9 +37,9 @@ from typing import Any, Callable, Mapping, Optional, Union
 import torch
 
 from driffusion_core.errors import InvalidArgumentError, InvalidTimestepsError, is_real
-from driffusion_core.executor import Executor
+from driffusion_core.executor import Executor, check_executor
 from driffusion_core.grid import TimeGrid, refuse_bool_or_complex
-from driffusion_core.noise import NoiseSource
+from driffusion_core.noise import NOISE_HINT as _NOISE_HINT, NoiseSource
 from driffusion_core.scheduler import (
     DraftRefineScheduler, SampleOutput, check_finite_sample, check_inputs, evaluate_round,
 )
@@ -228,7 +228,7 @@ def sample_driffusion_ancestral(
     if noise is not None and noise_sampler is not None:
         raise InvalidArgumentError("Give noise (a NoiseSource) or noise_sampler (k-diffusion's), not both.")
     if noise is not None and not isinstance(noise, NoiseSource):
-        raise InvalidArgumentError(f"noise must be a NoiseSource or None, got {type(noise).__name__}.")
+        raise InvalidArgumentError(f"noise must be a NoiseSource or None, got {type(noise).__name__}{_NOISE_HINT}.")
     if noise_sampler is not None and not callable(noise_sampler):
         raise InvalidArgumentError(
             f"noise_sampler must be a function noise_sampler(sigma, sigma_next) -> Tensor shaped like x, got "
@@ -318,8 +318,7 @@ def _sample_k(transition: SkipTransition, name: str, label: str, model, x, sigma
         from backends import BatchedExecutor  # solvers may use backends; the core never does
 
         executor = BatchedExecutor()
-    if not isinstance(executor, Executor):
-        raise InvalidArgumentError(f"executor must be an Executor, got {type(executor).__name__}.")
+    check_executor(executor)
     state = sched.start(x, noise() if noise is not None else None, keep_trajectory=callback is not None)
     bar = None
     if disable is not True:
