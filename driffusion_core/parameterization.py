@@ -64,8 +64,8 @@ class Prediction(str, enum.Enum):
             names = ", ".join(repr(p.value) for p in cls)
             hint = ""
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                hint = (" A number here is likely another argument in the prediction's place (DDIMSkip(schedule, "
-                        "prediction, eta): pass eta=... by keyword).")
+                hint = (" A number here is likely another argument (eta, order, ...) given by position in the "
+                        "prediction's place: pass it by keyword.")
             raise InvalidArgumentError(f"Unknown prediction type {value!r}; use one of {names}.{hint}") from None
 
 

@@ -114,10 +114,12 @@ class Schedule:
                     f"levels, noisiest first), got {type(levels).__name__} {reprlib.repr(levels)} ({exception_text(e)})."
                 ) from e
             if given.dim() == 0:
+                v = given.item()
+                steps = (f"For a grid of that many steps pass transition.schedule.timesteps({int(v)}); "
+                         if v >= 1 and v == int(v) else "")
                 raise InvalidTimestepsError(
-                    f"Timesteps must be a 1-D sequence of levels, got the single number {given.item():g}. For a "
-                    f"grid of that many steps pass transition.schedule.timesteps({given.item():g}); for a one-step "
-                    f"grid from that level pass a list of one level, [{given.item():g}]."
+                    f"Timesteps must be a 1-D sequence of levels, got the single number {v!r}. {steps}For a "
+                    f"one-step grid from that level pass a list of one level, [{v!r}]."
                 )
             if given.dim() > 1:
                 raise InvalidTimestepsError(
@@ -563,7 +565,7 @@ class FlowSchedule(Schedule):
         naming the shift or mu that did it."""
         top = self.level_range()[1]
         if math.isfinite(float(sig[0])) and float(sig[0]) > top:
-            what = f"timesteps({num_steps}, mu={float(mu):g})" if self.use_dynamic_shifting else \
+            what = f".timesteps({num_steps}, mu={float(mu):g})" if self.use_dynamic_shifting else \
                 f"(shift={self.shift:g}).timesteps({num_steps})"
             fix = "a mu nearer 0 (Flux's calculate_shift gives about 0.5 to 1.15)" if self.use_dynamic_shifting \
                 else "a larger shift (SD3 uses 3.0; 1.0 is no shift)"

@@ -153,7 +153,7 @@ class VEAncestralSkip(EtaNoise, SkipTransition):
 
     def __setattr__(self, name: str, value) -> None:
         if name == "eta":
-            if isinstance(value, str):
+            if isinstance(value, str) and value in {p.value for p in Prediction}:
                 raise InvalidArgumentError(
                     f"eta must be a number in [0, 1], got the string {value!r}: VEAncestralSkip(schedule, eta, "
                     f"prediction) takes eta second; pass prediction={value!r} by keyword."

@@ -490,10 +490,14 @@ def test_executor_of_the_wrong_type():
 def test_positional_mix_ups_of_eta_and_prediction_are_named():
     """DDIMSkip(schedule, prediction, eta) and VEAncestralSkip(schedule, eta, prediction) order them differently:
     a number where the prediction goes, or a prediction name where eta goes, says which argument it is."""
-    with pytest.raises(InvalidArgumentError, match=r"Unknown prediction type 0\.5.*pass eta=\.\.\. by keyword"):
+    with pytest.raises(InvalidArgumentError, match=r"Unknown prediction type 0\.5.*\(eta, order, \.\.\.\) given by "
+                                                    r"position in the prediction's place: pass it by keyword"):
         DDIMSkip(VP, 0.5)
     with pytest.raises(InvalidArgumentError, match=r"got the string 'sample'.*pass prediction='sample' by keyword"):
         VEAncestralSkip(VESchedule(), "sample")
+    with pytest.raises(InvalidArgumentError) as info:  # a string that is no prediction name: no such advice
+        VEAncestralSkip(VESchedule(), "0.5")
+    assert "prediction=" not in str(info.value)
 
 
 def test_step_skipping_counts_its_rounds_as_ints():
@@ -748,13 +752,16 @@ def test_timesteps_of_two_dimensions_are_refused():
 def test_a_number_of_steps_passed_as_timesteps_is_refused(steps):
     """``DraftRefineScheduler(tr, 50)`` means "50 steps" to a reader, but a 0-d value would be a one-step grid
     from level 50: refused everywhere a grid is made, pointing to schedule.timesteps(50) and to [50]."""
-    match = r"got the single number 50\. .*transition\.schedule\.timesteps\(50\).*\[50\]"
+    match = r"got the single number 50(\.0)?\. .*transition\.schedule\.timesteps\(50\).*\[50(\.0)?\]"
     for make in (lambda: DraftRefineScheduler(DDIMSkip(VP), steps, width=4),
                  lambda: sample_serial(eps_model, x0(), DDIMSkip(VP), steps),
                  lambda: sample_step_skipping(eps_model, x0(), DDIMSkip(VP), steps, rounds=1),
                  lambda: PicardScheduler(DDIMSkip(VP), steps, width=4)):
         with pytest.raises(InvalidTimestepsError, match=match):
             make()
+    with pytest.raises(InvalidTimestepsError) as info:  # a sigma: no timesteps(0.5) advice, only [0.5]
+        DraftRefineScheduler(FlowEulerSkip(FLOW), 0.5)
+    assert "timesteps(" not in str(info.value) and "[0.5]" in str(info.value)
     one_step = DraftRefineScheduler(DDIMSkip(VP), [50], width=4)  # a list of one level is a one-step grid
     assert len(one_step.grid) == 1 and float(one_step.grid.t_from[0]) == 50.0
 

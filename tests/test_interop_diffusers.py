@@ -1170,6 +1170,10 @@ def test_pipeline_errors(unet2d):
     assert DRiffusionPipeline(pipe, width=np.int64(2)).width == 2  # as DraftRefineScheduler takes it
     with pytest.raises(InvalidArgumentError, match=r"executor must be an Executor.*BatchedExecutor\(\)"):
         DRiffusionPipeline(pipe, width=2, executor="batched")
+    from backends import BatchedExecutor
+
+    with pytest.raises(InvalidArgumentError, match=r"got the class BatchedExecutor: pass BatchedExecutor\(\)"):
+        DRiffusionPipeline(pipe, width=2, executor=BatchedExecutor)
     pipe_euler = need("DDPMPipeline")(unet=unet2d, scheduler=need("EulerDiscreteScheduler")())  # DDIMPipeline converts it
     with pytest.raises(InvalidArgumentError, match="from_config"):
         DRiffusionPipeline(pipe_euler, width=2)(num_inference_steps=4, output_type="np")

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from driffusion_core.errors import InvalidArgumentError, InvalidWidthError, UnexpectedArgumentError, as_count, as_flag
-from driffusion_core.executor import Executor
+from driffusion_core.executor import Executor, check_executor
 from driffusion_core.noise import NoiseSource
 from driffusion_core.scheduler import DraftRefineScheduler, SampleOutput, check_mode
 from solvers.interop.diffusers_models import DiffusersPredictor
@@ -258,11 +258,7 @@ class DRiffusionPipeline:
             from backends import BatchedExecutor
 
             executor = BatchedExecutor()
-        if not isinstance(executor, Executor):
-            raise InvalidArgumentError(
-                f"executor must be an Executor (e.g. backends.BatchedExecutor() or backends.SerialExecutor()), "
-                f"got {executor!r}."
-            )
+        check_executor(executor)
         if tolerance is None and max_rounds is not None:
             raise InvalidArgumentError(
                 "max_rounds is PicardScheduler's budget: give a tolerance too (e.g. tolerance=0.1, max_rounds=20); "
