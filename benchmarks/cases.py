@@ -80,7 +80,7 @@ def vp_schedule() -> VPSchedule:
 
 
 FLOW_SHIFT = 3.0  # SD3's shift
-FLOOR_DRAWS = 8  # independent sets of true data behind the floor's spread (the first is the floor row)
+FLOOR_DRAWS = 8  # sets of true data behind the floor's spread (the first is the floor row)
 MMD_POINTS = 1000  # MMD² uses the first 1000 samples and 1000 data points (its cost is quadratic)
 
 

@@ -564,15 +564,12 @@ class FlowSchedule(Schedule):
         """Refuse shifted sigmas that are NaN / inf, do not strictly decrease, or reach 0 (the clean end),
         naming the shift or mu that did it."""
         top = self.level_range()[1]
-        if math.isfinite(float(sig[0])) and float(sig[0]) > top:
-            what = f".timesteps({num_steps}, mu={float(mu):g})" if self.use_dynamic_shifting else \
-                f"(shift={self.shift:g}).timesteps({num_steps})"
-            fix = "a mu nearer 0 (Flux's calculate_shift gives about 0.5 to 1.15)" if self.use_dynamic_shifting \
-                else "a larger shift (SD3 uses 3.0; 1.0 is no shift)"
+        if float(sig[0]) > top:  # a static shift only: the dynamic one maps sigma = 1 to exactly 1
             raise InvalidArgumentError(
-                f"FlowSchedule{what} puts the first sigma at {float(sig[0]):.6g}, above 1 (levels lie in [0, "
-                f"{top:g}]): the float32 shift of sigma = 1, computed as diffusers computes it, rounds that far "
-                f"from 1 at a {'mu' if self.use_dynamic_shifting else 'shift'} this extreme. Use {fix}."
+                f"FlowSchedule(shift={self.shift:g}).timesteps({num_steps}) puts the first sigma at "
+                f"{float(sig[0]):.6g}, above 1 (levels lie in [0, {top:g}]): the float32 shift of sigma = 1, "
+                f"computed as diffusers computes it, rounds that far from 1 at a shift this small. Use a larger "
+                f"shift (SD3 uses 3.0; 1.0 is no shift)."
             )
         bad = ~np.isfinite(sig)
         bad[:-1] |= ~(sig[1:] < sig[:-1])

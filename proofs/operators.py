@@ -43,12 +43,12 @@ def _x0_eps(prediction: str, x: Any, pred: Any, alpha: Any, sigma: Any) -> Tuple
 
 def _clipped(x0_eps: Tuple[Any, Any], x: Any, alpha: Any, sigma: Any, clip: Any, recompute: bool) -> Tuple[Any, Any]:
     """The x0 transform ``ClipSample(clip)`` (None: none) on (x0_hat, eps_hat): x0_hat clamped to [-clip, clip], and
-    with ``recompute`` eps_hat re-derived from it, eps = (x - alpha x0_hat) / sigma (diffusers'
+    with ``recompute`` eps_hat re-derived from it as from a "sample" prediction (diffusers'
     ``use_clipped_model_output``; FlowEulerSkip always)."""
     if clip is None:
         return x0_eps
     x0 = sp.Max(-clip, sp.Min(clip, x0_eps[0]))
-    return x0, ((x - alpha * x0) / sigma if recompute else x0_eps[1])
+    return x0, (_x0_eps("sample", x, x0, alpha, sigma)[1] if recompute else x0_eps[1])
 
 
 def vp_x0_eps(prediction: str, x: Any, pred: Any, abar_t: Any, clip: Any = None,

@@ -51,14 +51,20 @@ STYLES: Dict[str, str] = {
     "FluxTransformer2DModel": "flux",
 }
 
-def model_style(model: Any) -> Optional[str]:
-    """The calling style of a diffusers denoiser: its class or a base named in :data:`STYLES`, looking through
-    ``torch.compile``'s wrapper (``_orig_mod``); None for another model."""
-    inner = getattr(model, "_orig_mod", model)
-    for cls in type(inner).__mro__:
-        if cls.__name__ in STYLES:
-            return STYLES[cls.__name__]
+
+def by_class_name(obj: Any, table: Mapping[str, str]) -> Optional[str]:
+    """``table``'s entry for the class of ``obj`` or its nearest base named there (a user's subclass of a
+    diffusers class counts as that class); None when no class in its MRO is named."""
+    for cls in type(obj).__mro__:
+        if cls.__name__ in table:
+            return table[cls.__name__]
     return None
+
+
+def model_style(model: Any) -> Optional[str]:
+    """The calling style of a diffusers denoiser: :func:`by_class_name` in :data:`STYLES`, looking through
+    ``torch.compile``'s wrapper (``_orig_mod``); None for another model."""
+    return by_class_name(getattr(model, "_orig_mod", model), STYLES)
 
 
 #: conditioning names each style accepts (their negatives are ``negative_<name>``)

@@ -41,7 +41,7 @@ from driffusion_core.errors import InvalidArgumentError, InvalidWidthError, Unex
 from driffusion_core.executor import Executor, check_executor
 from driffusion_core.noise import NoiseSource
 from driffusion_core.scheduler import DraftRefineScheduler, SampleOutput, check_mode
-from solvers.interop.diffusers_models import DiffusersPredictor
+from solvers.interop.diffusers_models import DiffusersPredictor, by_class_name
 from solvers.interop.diffusers_schedulers import _from_diffusers, euler_state_scales
 
 __all__ = ["DRiffusionPipeline", "calculate_shift", "pipeline_family"]
@@ -59,9 +59,9 @@ FAMILIES = {
 def pipeline_family(pipe: Any) -> str:
     """``"unconditional"``, ``"stable_diffusion"``, ``"stable_diffusion_xl"``, ``"stable_diffusion_3"`` or ``"flux"``,
     from the pipeline's class (or a base)."""
-    for cls in type(pipe).__mro__:
-        if cls.__name__ in FAMILIES:
-            return FAMILIES[cls.__name__]
+    family = by_class_name(pipe, FAMILIES)
+    if family is not None:
+        return family
     raise InvalidArgumentError(
         f"DRiffusionPipeline supports {', '.join(FAMILIES)} (and subclasses), got {type(pipe).__name__}. "
         f"For another pipeline, drive DraftRefineScheduler with from_diffusers() and DiffusersPredictor."
