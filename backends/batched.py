@@ -60,10 +60,20 @@ def per_sample(f: Callable[..., torch.Tensor]) -> Predictor:
         raise InvalidArgumentError(f"per_sample needs a callable, got {type(f).__name__}.")
 
     def batched(x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
-        cond = map_tensors(lambda v: v, cond, plain=True)  # plain dicts all the way down (vmap sees a FrozenDict as a leaf)
-        # vmap's in_dims for the conditioning tree: rows of batched tensors, everything else whole
-        dims = map_tensors(lambda v: 0 if v.dim() > 0 else None, cond, leaf=lambda v: None)
-        return torch.func.vmap(lambda xx, tt, cc: f(xx, tt, **cc), in_dims=(0, 0, dims))(x, t, cond)
+        # vmap maps over the batched tensors (dim > 0) as one flat list, and each call rebuilds the conditioning
+        # around its rows (map_tensors, in iter_tensors' order): mappings of any type, dataclasses and
+        # namedtuples reach f as they came, which vmap's own pytrees would pass whole (a FrozenDict, a dataclass)
+        rows = [v for v in iter_tensors(cond) if v.dim() > 0]
+
+        def one(xx: torch.Tensor, tt: torch.Tensor, rr: List[torch.Tensor]) -> torch.Tensor:
+            it = iter(rr)
+            return f(xx, tt, **map_tensors(lambda v: next(it) if v.dim() > 0 else v, cond))
+
+        try:
+            return torch.func.vmap(one)(x, t, rows)
+        except Exception as e:
+            _note_vmap(e, f"per_sample({getattr(f, '__name__', type(f).__name__)})")
+            raise
 
     batched.__name__ = f"per_sample({getattr(f, '__name__', type(f).__name__)})"
     batched.__wrapped__ = f
@@ -267,13 +277,9 @@ class BatchedExecutor(Executor):
                 # an expanded view of a conditioning tensor it returns, and the caller may write into the result
                 return torch.func.vmap(one_draft)(xs, ts).clone()
             except Exception as e:
-                if _looks_like_vmap(e) and not isinstance(e, PredictorOutputError) and hasattr(e, "add_note"):
-                    e.add_note(
-                        "BatchedExecutor(vmap=True) runs the predictor under torch.func.vmap, which refuses "
-                        "data-dependent Python control flow (if tensor...: / .any() / .item() / .tolist()) and some "
-                        "in-place ops; the built-in oracles are such predictors. Use BatchedExecutor() instead (the "
-                        "drafts stacked along the batch dimension, one call)."
-                    )
+                if not isinstance(e, PredictorOutputError):
+                    _note_vmap(e, "BatchedExecutor(vmap=True)", "Use BatchedExecutor() instead (the drafts stacked "
+                               "along the batch dimension, one call).")
                 raise
         try:
             return self._concatenated(predictor, xs, ts, cond)
@@ -362,6 +368,20 @@ _VMAP_FAILURE = re.compile(r"vmap|functorch|batching rule|batched ?tensor|data-d
 def _looks_like_vmap(error: BaseException) -> bool:
     """Whether ``error`` is torch refusing to run something under vmap (not the predictor's own error)."""
     return isinstance(error, RuntimeError) and bool(_VMAP_FAILURE.search(safe_str(error)))
+
+
+def _note_vmap(error: BaseException, who: str, instead: str = "") -> None:
+    """To torch refusing to run the predictor under vmap, add a note saying why it may have and what to do
+    instead (``who``: the wrapper running it; ``instead``: the alternative it offers)."""
+    if not _looks_like_vmap(error) or not hasattr(error, "add_note"):
+        return
+    if re.search(r"random", safe_str(error), re.I):
+        why = ("the predictor draws random numbers (dropout left on? call model.eval() before sampling; a "
+               "stochastic model: draw its noise outside and pass it in), and vmap refuses random operations")
+    else:
+        why = ("vmap refuses data-dependent Python control flow (if tensor...: / .any() / .item() / .tolist()) "
+               "and some in-place ops; the built-in oracles are such predictors")
+    error.add_note(f"{who} runs the predictor under torch.func.vmap: {why}. {instead}".rstrip())
 
 
 def _checked(out: Any, rows: int, ts: torch.Tensor, like: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -375,9 +375,10 @@ def _cond_signature(cond: Mapping[str, Any]) -> int:
 
 
 def _held_tensors(v: Any, depth: int = 0, seen: Optional[set] = None) -> List[torch.Tensor]:
-    """The tensors a conditioning value holds without being a container the executors look into: in the
-    compared fields of a dataclass, or the attributes of a non-callable object whose repr is object's
-    default, and in containers and such objects within them (at most 4 objects deep, each object once);
+    """The tensors a conditioning value holds without being a container the executors look into (mappings,
+    sequences, dataclasses: :func:`iter_tensors` finds theirs): the attributes of a non-callable object whose
+    repr is object's default, and in containers and such objects within them (at most 4 objects deep, each
+    object once);
     and numeric numpy arrays anywhere in it, as tensors (their repr abbreviates a large array with "...")."""
     if isinstance(v, torch.Tensor):
         return [v] if depth else []  # a tensor of the conditioning itself is summed as it is (iter_tensors)
@@ -395,9 +396,10 @@ def _held_tensors(v: Any, depth: int = 0, seen: Optional[set] = None) -> List[to
         return [t for e in v for t in _held_tensors(e, depth, seen)]
     if depth >= 4 or id(v) in seen:
         return []
-    if dataclasses.is_dataclass(v) and not isinstance(v, type):
-        items = [getattr(v, f.name, None) for f in dataclasses.fields(v) if f.compare]
-    elif type(v).__repr__ is object.__repr__ and isinstance(getattr(v, "__dict__", None), dict) and not callable(v):
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):  # a container at the same depth, as for iter_tensors
+        seen.add(id(v))
+        return [t for f in dataclasses.fields(v) for t in _held_tensors(getattr(v, f.name, None), depth, seen)]
+    if type(v).__repr__ is object.__repr__ and isinstance(getattr(v, "__dict__", None), dict) and not callable(v):
         items = [e for _, e in sorted(vars(v).items(), key=lambda kv: str(kv[0]))]
     else:
         return []

@@ -9,7 +9,7 @@ Executors know nothing about diffusion. Given a predictor ``f`` and K
 ``Tensor[K, B]`` (the model time of every row) and ``cond`` a dict of keyword
 arguments for the predictor whose tensors have a leading batch dimension B
 (0-d tensors and non-tensor values are passed through unchanged; tensors may
-nest in mappings, lists and tuples: :func:`map_tensors`). Every executor must return
+nest in mappings, lists, tuples and dataclass instances: :func:`map_tensors`). Every executor must return
 what :class:`SerialExecutor` (here; also exported by ``backends``) returns for the same inputs (to float
 tolerance when kernels batch differently).
 
@@ -21,6 +21,8 @@ transition's history), so an executor that returned that buffer would let the ne
 from __future__ import annotations
 
 import abc
+import copy
+import dataclasses
 from typing import Any, Callable, Iterator, List, Mapping, Optional, Tuple
 
 import torch
@@ -40,6 +42,15 @@ def _is_sequence(obj: Any) -> bool:
     return isinstance(obj, list) or type(obj) is tuple or _is_namedtuple(obj)
 
 
+def _is_dataclass_obj(obj: Any) -> bool:
+    """Whether ``obj`` is a dataclass instance (not a dataclass type): :func:`map_tensors` looks into its fields."""
+    return dataclasses.is_dataclass(obj) and not isinstance(obj, type)
+
+
+def _field_names(obj: Any) -> List[str]:
+    return [f.name for f in dataclasses.fields(obj)]
+
+
 def _like(obj: Any, items: Any, fallback: type) -> Any:
     """``items`` rebuilt as ``type(obj)`` when its constructor takes them back unchanged, else ``fallback(items)``."""
     kind = type(obj)
@@ -56,28 +67,36 @@ def _like(obj: Any, items: Any, fallback: type) -> Any:
     return new if ok else fallback(items)
 
 
-def map_tensors(fn: Callable[[torch.Tensor], Any], obj: Any, leaf: Callable[[Any], Any] = lambda v: v,
-                plain: bool = False) -> Any:
-    """``obj`` with ``fn`` applied to every tensor in it, through mappings, lists and tuples.
+def map_tensors(fn: Callable[[torch.Tensor], Any], obj: Any) -> Any:
+    """``obj`` with ``fn`` applied to every tensor in it, through mappings, lists, tuples and dataclasses.
 
-    Conditioning may nest (diffusers' ``added_cond_kwargs={"text_embeds": ..., "time_ids": ...}``);
-    executors repeat, slice and move its tensors with this. Other values become ``leaf(value)``
-    (themselves by default), tuple subclasses other than namedtuples (``torch.Size``) included.
+    Conditioning may nest (diffusers' ``added_cond_kwargs={"text_embeds": ..., "time_ids": ...}``, a
+    dataclass of embeddings); executors repeat, slice and move its tensors with this. Other values are kept
+    as they are, tuple subclasses other than namedtuples (``torch.Size``) included.
     A mapping or list keeps its type where its constructor takes the new items back (an ``OrderedDict``,
     diffusers' ``FrozenDict``), so a predictor sees what :class:`SerialExecutor` would pass it; else it
-    becomes a ``dict`` / ``list``. ``plain=True`` makes every mapping a ``dict`` (``torch.func`` pytrees).
+    becomes a ``dict`` / ``list``. A dataclass instance holding tensors becomes a shallow copy (its
+    ``__init__`` / ``__post_init__`` not run again, frozen ones too) with every field mapped; one holding
+    none is kept itself.
     """
     if isinstance(obj, torch.Tensor):
         return fn(obj)
     if isinstance(obj, Mapping):
-        items = {k: map_tensors(fn, v, leaf, plain) for k, v in obj.items()}
-        return items if plain else _like(obj, items, dict)
+        return _like(obj, {k: map_tensors(fn, v) for k, v in obj.items()}, dict)
     if _is_namedtuple(obj):
-        return type(obj)(*(map_tensors(fn, v, leaf, plain) for v in obj))
+        return type(obj)(*(map_tensors(fn, v) for v in obj))
     if _is_sequence(obj):
-        items = [map_tensors(fn, v, leaf, plain) for v in obj]
+        items = [map_tensors(fn, v) for v in obj]
         return tuple(items) if type(obj) is tuple else _like(obj, items, list)
-    return leaf(obj)
+    if _is_dataclass_obj(obj):
+        if next(iter_tensors(obj), None) is None:
+            return obj
+        new = copy.copy(obj)
+        for name in _field_names(obj):
+            if hasattr(obj, name):  # a field(init=False) never set has no value to map
+                object.__setattr__(new, name, map_tensors(fn, getattr(obj, name)))
+        return new
+    return obj
 
 
 def iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
@@ -90,11 +109,14 @@ def iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
     elif _is_sequence(obj):
         for v in obj:
             yield from iter_tensors(v)
+    elif _is_dataclass_obj(obj):
+        for name in _field_names(obj):
+            yield from iter_tensors(getattr(obj, name, None))
 
 
 def named_tensors(cond: Any, prefix: str = "cond") -> Iterator[Tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of ``cond``, nested ones named like
-    ``cond['added_cond_kwargs']['time_ids']``."""
+    ``cond['added_cond_kwargs']['time_ids']`` (a dataclass's field: ``cond['text'].embeds``)."""
     if isinstance(cond, torch.Tensor):
         yield prefix, cond
     elif isinstance(cond, Mapping):
@@ -103,6 +125,9 @@ def named_tensors(cond: Any, prefix: str = "cond") -> Iterator[Tuple[str, torch.
     elif _is_sequence(cond):
         for i, v in enumerate(cond):
             yield from named_tensors(v, f"{prefix}[{i}]")
+    elif _is_dataclass_obj(cond):
+        for name in _field_names(cond):
+            yield from named_tensors(getattr(cond, name, None), f"{prefix}.{name}")
 
 
 def batched_tensors(cond: Any, prefix: str = "cond") -> Iterator[Tuple[str, torch.Tensor]]:

@@ -20,13 +20,14 @@ The scheduler is a pure state machine (:class:`DraftRefineState`: ``plan`` the n
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import reprlib
 import warnings
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -44,7 +45,8 @@ from driffusion_core.errors import (
     safe_str,
 )
 from driffusion_core.executor import (
-    Executor, Predictor, SerialExecutor, DENSE_FIX, check_executor, batched_tensors, changed_tensor, not_dense, stamp_changed, tensor_versions,
+    Executor, Predictor, SerialExecutor, DENSE_FIX, check_executor, batched_tensors, changed_tensor, named_tensors, not_dense, stamp_changed,
+    tensor_versions,
     version_stamp,
 )
 from driffusion_core.grid import TimeGrid
@@ -131,6 +133,29 @@ def _check_width(width: Any, meaning: str = "the number of drafts per round") ->
         ) from None
 
 
+def _rows_held_by_objects(cond: Any, b: int, prefix: str) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor with ``b`` rows that an object of ``cond`` holds as an attribute (an
+    object the executors do not look into: not a mapping, list, tuple or dataclass; not callable, not a
+    module), looked for through the containers the executors do look into and one level of the object's
+    attributes (and containers in them)."""
+    if isinstance(cond, (torch.Tensor, str, bytes, type)) or callable(cond):
+        return
+    if isinstance(cond, Mapping):
+        for k, v in cond.items():
+            yield from _rows_held_by_objects(v, b, f"{prefix}[{k!r}]")
+    elif isinstance(cond, (list, tuple)):
+        for i, v in enumerate(cond):
+            yield from _rows_held_by_objects(v, b, f"{prefix}[{i}]")
+    elif dataclasses.is_dataclass(cond):
+        for f in dataclasses.fields(cond):
+            yield from _rows_held_by_objects(getattr(cond, f.name, None), b, f"{prefix}.{f.name}")
+    elif isinstance(getattr(cond, "__dict__", None), dict):
+        for attr, v in vars(cond).items():
+            for name, t in named_tensors(v, f"{prefix}.{attr}"):
+                if t.dim() > 0 and t.shape[0] == b:
+                    yield name, t
+
+
 def check_inputs(x: Any, cond: Optional[Mapping[str, Any]], what: str = "cond") -> dict:
     """Validate the starting state and the conditioning; returns cond as a dict.
 
@@ -179,6 +204,17 @@ def check_inputs(x: Any, cond: Optional[Mapping[str, Any]], what: str = "cond") 
             raise InvalidArgumentError(
                 f"{name} has leading dimension {v.shape[0]}, but x has batch size {x.shape[0]}; "
                 f"conditioning tensors need one row per sample (0-d tensors and other values are passed as they are)."
+            )
+    if x.shape[0] > 1:
+        for name, v in _rows_held_by_objects(cond, x.shape[0], what):
+            owner = name.rsplit(".", 1)[0]
+            raise InvalidArgumentError(
+                f"{name} is a tensor of shape {tuple(v.shape)}, one row per sample it seems, held by an object "
+                f"({owner}) the executors pass as it is: they repeat and slice the tensors of dicts, lists, tuples "
+                f"and dataclasses only, so a batched round on K drafts would give the model {x.shape[0]} rows of it "
+                f"for K * {x.shape[0]} rows of x. Pass the tensor as its own {what} entry, or make the object a "
+                f"dataclass (or a dict / namedtuple); a tensor all samples share: close over it "
+                f"(functools.partial(model, ...)) instead of passing it in {what}."
             )
     return cond
 

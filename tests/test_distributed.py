@@ -666,7 +666,7 @@ def test_conditioning_and_model_times_differing_within_rows_are_explained():
         got = res["sample_other_grid"]
         assert got["error_type"] == "ExecutorError", got
         assert "model times (ts) differ" in got["message"] and "states differ too" in got["message"], got["message"]
-        # a tensor inside a dataclass (not a container the executors look into) that differs in one of 2000
+        # a tensor inside a dataclass (a container the executors look into, as a dict) that differs in one of 2000
         # elements: its values join the conditioning's sums; an object holding no tensor but a value of its own
         # per rank (a device, a pid) is signed by its default repr, the same on every rank
         got = res["dataclass_tensor"]
@@ -1413,7 +1413,7 @@ def _scenario_hidden_values(rank, world):
 
 @dataclasses.dataclass
 class _Config:
-    """A conditioning value holding a tensor without being a container (a model config)."""
+    """A conditioning value holding a tensor in a dataclass (a model config; not a batch dimension, for evaluate)."""
 
     weights: torch.Tensor
     scale: float = 1.0

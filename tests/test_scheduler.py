@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import List
 
@@ -351,6 +352,118 @@ def test_nested_mappings_keep_their_type_in_every_executor(executor):
     kinds = []
     executor.evaluate(lambda x, t, od: kinds.append(type(od)) or x, torch.zeros(2, 3, 1), torch.zeros(2, 3), {"od": ordered})
     assert kinds and set(kinds) == {OrderedDict}
+
+
+@dataclasses.dataclass(frozen=True)
+class TextCond:
+    """Conditioning as a (frozen) dataclass: per-row tensors, a shared number, and a field its
+    ``__post_init__`` derives (the executors copy the instance without running it again)."""
+
+    emb: torch.Tensor
+    pair: tuple
+    scale: float = 1.0
+    doubled: torch.Tensor = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "doubled", 2 * self.emb)
+
+
+def dataclass_predictor(x, t, text):
+    return torch.tanh(x * text.emb + text.pair[1] - 0.5 * text.doubled) * (0.5 + t.to(x.dtype)[:, None] / 1000) * text.scale
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_dataclass_conditioning_reaches_every_executor_row_by_row(executor):
+    """A dataclass in the conditioning is a container like a dict: its tensors are repeated and sliced with the
+    rows (a field set in __post_init__ too), so every executor gives what the serial one gives; rows swapped
+    inside it change the result (each row reaches its own sample)."""
+    B = 3
+    gen = torch.Generator().manual_seed(5)
+    x = NoiseSource(1).initial((B, 2))
+    text = TextCond(torch.rand(B, 2, generator=gen) + 0.5, (torch.tensor(1.0), torch.randn(B, 2, generator=gen)), 0.8)
+    sched = DraftRefineScheduler(DDIMSkip(VP), VP.timesteps(9, "trailing"), width=3)
+    ref = sched.sample(dataclass_predictor, x, executor=SerialExecutor(), cond={"text": text})
+    out = sched.sample(dataclass_predictor, x, executor=executor, cond={"text": text})
+    torch.testing.assert_close(out.x, ref.x, rtol=1e-5, atol=1e-6)
+    swapped = TextCond(text.emb, (text.pair[0], text.pair[1].flip(0)), 0.8)
+    assert not torch.allclose(sched.sample(dataclass_predictor, x, executor=executor, cond={"text": swapped}).x, out.x)
+    seen = []
+    executor.evaluate(lambda x, t, text: seen.append(text) or x, torch.zeros(2, B, 2), torch.zeros(2, B), {"text": text})
+    assert seen and all(type(c) is TextCond and c.scale == 0.8 for c in seen)
+    assert text.emb.shape == (B, 2) and torch.equal(text.doubled, 2 * text.emb)  # the caller's instance untouched
+
+
+def single_sample_dataclass(x, t, text):
+    assert x.dim() == 1 and text.emb.dim() == 1 and text.pair[1].dim() == 1, "per_sample must pass one row"
+    return single_sample_predictor(x, t, text.emb + text.pair[1] - 0.5 * text.doubled, scale=text.scale)
+
+
+def test_per_sample_hands_each_row_its_row_of_a_dataclass():
+    """per_sample looks into a dataclass as into a dict: f sees the instance, each tensor field one row (a
+    dataclass is not a torch.func pytree, so vmap by itself would pass it whole)."""
+    B = 3
+    gen = torch.Generator().manual_seed(6)
+    x = NoiseSource(2).initial((B, 4))
+    text = TextCond(torch.randn(B, 4, generator=gen), (0.0, torch.randn(B, 4, generator=gen)), 0.5)
+    t = torch.tensor([900, 500, 100])
+    loop = torch.stack([single_sample_predictor(x[b], t[b], text.emb[b] + text.pair[1][b] - text.emb[b], scale=0.5)
+                        for b in range(B)])
+    torch.testing.assert_close(per_sample(single_sample_dataclass)(x, t, text=text), loop)
+    sched = DraftRefineScheduler(DDIMSkip(VP), VP.timesteps(8, "trailing"), width=3)
+    f = per_sample(single_sample_dataclass)
+    ref = sched.sample(f, x, executor=SerialExecutor(), cond={"text": text})
+    for executor in (BatchedExecutor(), BatchedExecutor(vmap=True), BatchedExecutor(max_batch=2)):
+        torch.testing.assert_close(sched.sample(f, x, executor=executor, cond={"text": text}).x, ref.x,
+                                   rtol=1e-5, atol=1e-6)
+
+
+class Holder:
+    """An object that is no container the executors look into."""
+
+    def __init__(self, emb):
+        self.emb = emb
+
+
+def test_a_per_sample_tensor_held_by_a_plain_object_is_refused():
+    """A plain object holding a tensor with one row per sample cannot be repeated or sliced by the executors
+    (BatchedExecutor's call would get B rows of it for K * B rows of x): refused up front with the ways out,
+    naming the tensor. A dataclass field with the wrong number of rows is named like a dict entry; a shared
+    tensor held by an object (rows != B), or B = 1, is passed as it is, as before."""
+    from driffusion_core.errors import InvalidArgumentError
+
+    x = NoiseSource(1).initial((3, 2))
+    sched = DraftRefineScheduler(DDIMSkip(VP), VP.timesteps(6, "trailing"), width=2)
+    f = lambda x, t, h: x * 0.1 + h.emb[: x.shape[0]]  # noqa: E731
+    with pytest.raises(InvalidArgumentError, match=r"cond\['h'\]\.emb is a tensor of shape \(3, 2\).*dataclass.*functools\.partial"):
+        sched.sample(f, x, cond={"h": Holder(torch.ones(3, 2))})
+    with pytest.raises(InvalidArgumentError, match=r"cond\['h'\]\[0\]\.emb is a tensor"):
+        sample_serial(f, x, DDIMSkip(VP), VP.timesteps(6), cond={"h": [Holder(torch.ones(3, 2))]})
+    with pytest.raises(InvalidArgumentError, match=r"cond\['text'\]\.emb has leading dimension 2, but x has batch size 3"):
+        sched.sample(dataclass_predictor, x, cond={"text": TextCond(torch.ones(2, 2), (0.0, torch.zeros(3, 2)))})
+    shared = Holder(torch.ones(5, 2))
+    g = lambda x, t, h: x * 0.1 + h.emb[:1]  # noqa: E731
+    torch.testing.assert_close(sched.sample(g, x, cond={"h": shared}).x,
+                               sched.sample(g, x, executor=SerialExecutor(), cond={"h": shared}).x)
+    one = x[:1]
+    torch.testing.assert_close(sched.sample(f, one, cond={"h": Holder(torch.ones(1, 2))}).x,
+                               sched.sample(f, one, executor=SerialExecutor(), cond={"h": Holder(torch.ones(1, 2))}).x)
+
+
+@pytest.mark.parametrize("wrap", ["executor", "per_sample"])
+def test_random_ops_under_vmap_are_explained(wrap):
+    """A predictor that draws random numbers (dropout left in training mode) cannot run under vmap; the error
+    says so and how to fix it, not that the control flow is to blame."""
+    def noisy(x, t):
+        return torch.nn.functional.dropout(x, 0.5, training=True)
+
+    xs, ts = torch.randn(2, 3, 2), torch.zeros(2, 3)
+    with pytest.raises(RuntimeError) as info:
+        if wrap == "executor":
+            BatchedExecutor(vmap=True).evaluate(noisy, xs, ts)
+        else:
+            SerialExecutor().evaluate(per_sample(noisy), xs, ts)
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "random" in notes and "model.eval()" in notes and "control flow" not in notes, notes
 
 
 def test_executor_receives_the_rounds_states_and_times():
