@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numbers
 import operator
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -115,10 +116,23 @@ def exception_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {safe_str(e)}"
 
 
+def check_predictor(predictor, message: str) -> None:
+    """Refuse a predictor that is not callable (``message``: the caller's words for what it must be), and a
+    class given for one: calling a class builds an instance (an ``nn.Module`` subclass, a wrapper class), so
+    the first model call would fail far from the mistake, or return an object instead of a prediction."""
+    if isinstance(predictor, type):
+        raise InvalidArgumentError(
+            f"{message.split(' must')[0]} must be an instance, got the class {predictor.__name__} itself: build "
+            f"one (e.g. {predictor.__name__}(...) with its weights loaded, then .eval()) and pass that."
+        )
+    if not callable(predictor):
+        raise InvalidArgumentError(f"{message}, got {type(predictor).__name__}.")
+
+
 def not_a_tensor_hint(out) -> str:
     """For an error about a predictor output that is not a tensor: how to get the tensor out of what a
-    diffusers model returns (an output object with ``.sample``, or a tuple with ``return_dict=False``);
-    empty for anything else."""
+    diffusers model returns (an output object with ``.sample``, or a tuple with ``return_dict=False``) or a
+    dict holding tensors; empty for anything else."""
     wrap = "or use solvers.interop.DiffusersPredictor(model), which does this (and classifier-free guidance)."
     try:
         if isinstance(getattr(out, "sample", None), torch.Tensor):
@@ -133,4 +147,12 @@ def not_a_tensor_hint(out) -> str:
             f" A {type(out).__name__} of tensors is what a diffusers model returns with return_dict=False: pass "
             f"lambda x, t, **c: model(x, t, return_dict=False, **c)[0] as the predictor, " + wrap
         )
+    if isinstance(out, Mapping):
+        keys = [k for k, v in out.items() if isinstance(v, torch.Tensor)]
+        if keys:
+            key = "sample" if "sample" in keys else keys[0]
+            return (
+                f" A {type(out).__name__} with the tensor(s) {', '.join(map(repr, keys))}: pass a predictor that "
+                f"returns the prediction itself, e.g. lambda x, t, **c: model(x, t, **c)[{key!r}]."
+            )
     return ""

@@ -15,7 +15,7 @@ import torch
 
 from driffusion_core import coefficients as C
 from driffusion_core.errors import (
-    DeviceMismatchError, InvalidArgumentError, PredictorOutputError, is_real, not_a_tensor_hint,
+    DeviceMismatchError, InvalidArgumentError, PredictorOutputError, check_predictor, is_real, not_a_tensor_hint,
 )
 
 __all__ = [
@@ -328,11 +328,7 @@ def reparameterize(predictor: Callable[..., torch.Tensor], schedule: Any, source
     """
     from driffusion_core.schedules import Schedule
 
-    if not callable(predictor):
-        raise InvalidArgumentError(
-            f"reparameterize: predictor must be a callable f(x, t, **cond) returning a tensor, got "
-            f"{type(predictor).__name__}."
-        )
+    check_predictor(predictor, "reparameterize: predictor must be a callable f(x, t, **cond) returning a tensor")
     if not isinstance(schedule, Schedule):
         hint = (" (that looks like a transition: pass its .schedule)"
                 if isinstance(getattr(schedule, "schedule", None), Schedule) else "")

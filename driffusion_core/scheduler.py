@@ -41,6 +41,7 @@ from driffusion_core.errors import (
     WideWindowWarning,
     as_count,
     as_flag,
+    check_predictor,
     not_a_tensor_hint,
     safe_str,
 )
@@ -75,7 +76,7 @@ __all__ = [
 MODES = ("aggressive", "conservative")
 
 
-@dataclass
+@dataclass(eq=False)  # its tensors have no single truth value: == is identity
 class SampleOutput:
     """What a sampler returns.
 
@@ -156,6 +157,12 @@ def _rows_held_by_objects(cond: Any, b: int, prefix: str) -> Iterator[Tuple[str,
                     yield name, t
 
 
+def _top_key(name: str, what: str) -> str:
+    """The keyword of a top-level conditioning entry named ``what['key']``, else ``"name"`` (for a message)."""
+    m = re.fullmatch(re.escape(what) + r"\['(\w+)'\]", name)
+    return m.group(1) if m else "name"
+
+
 def check_inputs(x: Any, cond: Optional[Mapping[str, Any]], what: str = "cond") -> dict:
     """Validate the starting state and the conditioning; returns cond as a dict.
 
@@ -203,7 +210,10 @@ def check_inputs(x: Any, cond: Optional[Mapping[str, Any]], what: str = "cond") 
         if v.shape[0] != x.shape[0]:
             raise InvalidArgumentError(
                 f"{name} has leading dimension {v.shape[0]}, but x has batch size {x.shape[0]}; "
-                f"conditioning tensors need one row per sample (0-d tensors and other values are passed as they are)."
+                f"conditioning tensors need one row per sample (0-d tensors and other values are passed as they are). "
+                f"A tensor all samples share (a weight, a null embedding): close over it, "
+                f"functools.partial(model, {_top_key(name, what)}=tensor), or pass a 0-d tensor / Python number for a "
+                f"scalar."
             )
     if x.shape[0] > 1:
         for name, v in _rows_held_by_objects(cond, x.shape[0], what):
@@ -419,8 +429,7 @@ def run_rounds(
     each round's states go to ``executor.evaluate`` with their model times. Returns the finished
     state and the executor used (the serial one by default).
     """
-    if not callable(predictor):
-        raise InvalidArgumentError(f"predictor must be callable, got {type(predictor).__name__}.")
+    check_predictor(predictor, "predictor must be a callable f(x, t, **cond) returning a tensor shaped like x")
     cond = check_inputs(x, cond)
     executor = executor if executor is not None else SerialExecutor()
     check_executor(executor)
@@ -473,7 +482,7 @@ def check_planned(state: Any, rnd: "Round") -> None:
         )
 
 
-@dataclass
+@dataclass(eq=False)  # as SampleOutput: == is identity
 class Round:
     """One parallel round: evaluate the predictor at steps ``steps`` on states ``xs`` (``Tensor[K, B, ...]``)."""
 

@@ -88,7 +88,11 @@ class Schedule:
         raise NotImplementedError
 
     def grid(self, levels: Union[Sequence[float], torch.Tensor, TimeGrid]) -> TimeGrid:
-        """A validated grid from explicit levels (contiguous, ending at the clean end) or a TimeGrid.
+        """A validated grid from explicit levels or a TimeGrid.
+
+        Levels are the ones the model is evaluated at, noisiest first, strictly decreasing and all above the
+        clean end: the grid adds the last step, to the clean end, itself (a trailing clean level is refused,
+        saying so; k-diffusion's sigmas with their trailing 0 go to ``sample_driffusion``, which drops it).
 
         A TimeGrid whose model times were not given (``TimeGrid.from_levels(levels, final)``,
         ``model_times_from_schedule``) gets this schedule's model times (:meth:`model_time`) and kind,

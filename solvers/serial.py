@@ -15,7 +15,7 @@ from typing import Any, Mapping, Optional, Union
 import numpy as np
 import torch
 
-from driffusion_core.errors import InvalidArgumentError, as_count
+from driffusion_core.errors import InvalidArgumentError, as_count, check_predictor
 from driffusion_core.executor import Predictor
 from driffusion_core.grid import TimeGrid
 from driffusion_core.noise import NoiseSource
@@ -71,6 +71,7 @@ def sample_serial(
         :class:`~driffusion_core.SampleOutput` with ``rounds == evals == T``.
     """
     check_transition(transition, "sample_serial(predictor, x, transition, timesteps)")
+    check_predictor(predictor, "predictor must be a callable f(x, t, **cond) returning a tensor shaped like x")
     cond = check_inputs(x, cond)
     grid = transition.make_grid(timesteps)
     noise = default_noise(transition, noise)
@@ -119,6 +120,7 @@ def sample_step_skipping(
     the coarse steps. With ``rounds == T`` it is :func:`sample_serial`.
     """
     check_transition(transition, "sample_step_skipping(predictor, x, transition, timesteps, rounds)")
+    check_predictor(predictor, "predictor must be a callable f(x, t, **cond) returning a tensor shaped like x")
     cond = check_inputs(x, cond)
     grid = transition.make_grid(timesteps)
     noise = default_noise(transition, noise)

@@ -476,7 +476,7 @@ def test_noise_source_of_the_wrong_type():
 
 
 def test_predictor_not_callable():
-    with pytest.raises(InvalidArgumentError, match=r"predictor must be callable, got Tensor"):
+    with pytest.raises(InvalidArgumentError, match=r"predictor must be a callable f\(x, t, \*\*cond\) returning a tensor shaped like x, got Tensor"):
         scheduler().sample(torch.zeros(3), x0())
 
 
@@ -1771,3 +1771,66 @@ def test_the_dtype_hint_is_added_only_to_errors_that_read_like_a_dtype_or_device
         where = [n for n in notes(info.value) if "driffusion: raised while evaluating step 0" in n]
         assert len(where) == 1, notes(info.value)
         assert (hint in where[0]) == wants, (f.__name__, where[0])
+
+
+class _TinyNet(torch.nn.Module):
+    def forward(self, x, t):
+        return 0.1 * x
+
+
+def test_a_class_given_for_the_predictor_is_refused_up_front():
+    """A class passed where its instance belongs (an nn.Module subclass) would be called as a constructor on
+    the first model call; every entry point refuses it before sampling, saying to build the instance."""
+    from driffusion_core import reparameterize
+    from solvers import sample_step_skipping
+    from solvers.interop.kdiffusion import sample_driffusion
+
+    schedule = VPSchedule.linear()
+    x = NoiseSource(0).initial((2, 3))
+    grid = schedule.timesteps(6)
+    calls = {
+        "scheduler": lambda f: DraftRefineScheduler(DDIMSkip(schedule), grid, width=2).sample(f, x),
+        "serial": lambda f: sample_serial(f, x, DDIMSkip(schedule), grid),
+        "step_skipping": lambda f: sample_step_skipping(f, x, DDIMSkip(schedule), grid, 3),
+        "reparameterize": lambda f: reparameterize(f, schedule, "epsilon", "sample"),
+        "kdiffusion": lambda f: sample_driffusion(f, x, torch.tensor([10.0, 5.0, 1.0, 0.0]), disable=True),
+    }
+    for name, call in calls.items():
+        with pytest.raises(InvalidArgumentError, match=r"the class _TinyNet itself.*_TinyNet\(\.\.\.\)"):
+            call(_TinyNet)
+        call(_TinyNet())  # the instance is fine
+    pytest.importorskip("diffusers")
+    from solvers.interop import DiffusersPredictor
+    with pytest.raises(InvalidArgumentError, match=r"model must be an instance, got the class _TinyNet"):
+        DiffusersPredictor(_TinyNet, style="unet2d")
+
+
+def test_a_dict_returned_by_the_predictor_says_how_to_take_the_tensor():
+    """A predictor returning {"sample": tensor} gets an error that shows the wrapper picking the tensor out."""
+    x = NoiseSource(0).initial((2, 3))
+    grid = VPSchedule.linear().timesteps(4)
+    with pytest.raises(PredictorOutputError, match=r"model\(x, t, \*\*c\)\['sample'\]"):
+        sample_serial(lambda x, t: {"sample": x, "aux": 1.0}, x, DDIMSkip(VPSchedule.linear()), grid)
+    with pytest.raises(PredictorOutputError, match=r"model\(x, t, \*\*c\)\['out'\]"):
+        DraftRefineScheduler(DDIMSkip(VPSchedule.linear()), grid, width=2).sample(lambda x, t: {"out": x}, x)
+
+
+def test_sample_outputs_compare_by_identity():
+    """SampleOutput and Round hold tensors: == is identity (a generated field-wise == would raise on tensors)."""
+    from driffusion_core.scheduler import Round
+
+    x = NoiseSource(0).initial((2, 3))
+    sched = DraftRefineScheduler(DDIMSkip(VPSchedule.linear()), VPSchedule.linear().timesteps(4), width=2)
+    a = sched.sample(lambda x, t: 0.1 * x, x)
+    b = sched.sample(lambda x, t: 0.1 * x, x)
+    assert a == a and a != b and torch.equal(a.x, b.x)
+    r = Round([0], x[None], True)
+    assert r == r and r != Round([0], x[None], True)
+
+
+def test_a_shared_conditioning_tensor_is_told_how_to_pass():
+    """A tensor that is not one row per sample (a weight every sample shares) is refused with the ways to pass it."""
+    x = NoiseSource(0).initial((2, 3))
+    with pytest.raises(InvalidArgumentError, match=r"cond\['w'\] has leading dimension 3.*functools\.partial\(model, w=tensor\)"):
+        sample_serial(lambda x, t, w: x, x, DDIMSkip(VPSchedule.linear()), VPSchedule.linear().timesteps(4),
+                      cond={"w": torch.ones(3, 3)})

@@ -39,7 +39,7 @@ from typing import Any, Dict, Mapping, Optional
 
 import torch
 
-from driffusion_core.errors import InvalidArgumentError, PredictorOutputError, as_flag, is_real
+from driffusion_core.errors import InvalidArgumentError, PredictorOutputError, as_flag, check_predictor, is_real
 
 __all__ = ["DiffusersPredictor", "STYLES", "model_style", "rescale_guidance"]
 
@@ -185,8 +185,7 @@ class DiffusersPredictor:
         model_kwargs: Optional[Mapping[str, Any]] = None,
         enable_grad: bool = False,
     ):
-        if not callable(model):
-            raise InvalidArgumentError(f"model must be callable (a torch module), got {type(model).__name__}.")
+        check_predictor(model, "model must be callable (a torch module)")
         if style is None:
             style = model_style(model)
             if style is None:

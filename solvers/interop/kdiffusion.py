@@ -36,7 +36,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 
-from driffusion_core.errors import InvalidArgumentError, InvalidTimestepsError, is_real
+from driffusion_core.errors import InvalidArgumentError, InvalidTimestepsError, check_predictor, is_real
 from driffusion_core.executor import Executor, check_executor
 from driffusion_core.grid import TimeGrid, refuse_bool_or_complex
 from driffusion_core.noise import NOISE_HINT as _NOISE_HINT, NoiseSource
@@ -304,8 +304,7 @@ def _sample_k(transition: SkipTransition, name: str, label: str, model, x, sigma
               width, mode, executor, return_output,
               noise: Optional[Callable[[], Optional[NoiseSource]]] = None) -> Union[torch.Tensor, SampleOutput]:
     """The draft-and-refine loop of the k-diffusion-style samplers, with ``transition`` on the sigmas' grid."""
-    if not callable(model):
-        raise InvalidArgumentError(f"model must be a denoiser D(x, sigma) -> x0, got {type(model).__name__}.")
+    check_predictor(model, "model must be a denoiser D(x, sigma) -> x0")
     if callback is not None and not callable(callback):
         raise InvalidArgumentError(
             f"callback must be None or a function of k-diffusion's dict (x, i, sigma, sigma_hat, denoised), got "
