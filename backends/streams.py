@@ -20,7 +20,7 @@ their memory out too early.
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, List, Mapping, Optional, Sequence
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -46,6 +46,19 @@ def _module_device(obj: Any) -> Optional[torch.device]:
         for b in module.buffers():
             return b.device
     return None
+
+
+def _share_slices(sizes: Sequence[int]) -> List[Tuple[int, int, int]]:
+    """Where each stream's share of a round lies: ``sizes[i]`` drafts for stream i (:meth:`StreamExecutor.shares`,
+    contiguous shares in draft order) give ``(i, start, stop)`` for every stream with work, in stream order;
+    stream i runs drafts ``start .. stop - 1``. A stream whose share is empty (a round of fewer drafts than
+    streams) is left out, and the next share starts where the last non-empty one stopped."""
+    out, start = [], 0
+    for i, size in enumerate(sizes):
+        if size:
+            out.append((i, start, start + size))
+            start += size
+    return out
 
 
 def _cuda_device(d: Any, count: int) -> torch.device:
@@ -193,11 +206,9 @@ class StreamExecutor(Executor):
         # 1. launch every share on its stream (the host only queues work)
         launched = []
         busy = []  # streams with queued work: on an error the inputs' stream still waits for them
-        start = 0
         try:
-            for i, size in enumerate(self.shares(k)):
-                if size == 0:
-                    continue
+            for i, start, stop in _share_slices(self.shares(k)):
+                size = stop - start
                 dev, s = self.devices[i], self.streams[i]
                 f = self.replicas[i] if self.replicas is not None else predictor
                 if self.replicas is None:
@@ -245,7 +256,6 @@ class StreamExecutor(Executor):
                             f"shaped like its input x."
                         ) from e
                 launched.append((dev, s, out))
-                start += size
             kinds = {(tuple(o.shape[1:]), o.dtype) for _, _, o in launched}
             if len(kinds) > 1:  # torch.cat would promote unlike dtypes silently, or fail on shapes with its own message
                 listing = "; ".join(f"stream {i} ({dev}): {tuple(o.shape[1:])} {o.dtype}" for i, (dev, _, o) in enumerate(launched))

@@ -195,3 +195,62 @@ def test_the_device_check_finds_a_module_behind_a_wrapper():
     assert _module_device(lambda x, t: buffers_only(x)) == torch.device("meta")
     assert _module_device(_predictor) is None
     assert _module_device(lambda x, t: torch.nn.Identity()(x)) is None  # no parameters or buffers: no device
+
+
+# --------------------------------------------------------------------------- how a round is shared out (CPU)
+
+
+def _cpu_executor(n_streams):
+    """A StreamExecutor shell with ``n_streams`` streams, made without CUDA: ``shares`` only counts the streams."""
+    ex = StreamExecutor.__new__(StreamExecutor)
+    ex.streams = [object()] * n_streams
+    return ex
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 7])
+def test_share_slices_cover_every_draft_once_in_order(n):
+    """The slices evaluate launches (``_share_slices(self.shares(k))``), for rounds of 0..13 drafts on n streams:
+    checked against a plain draft-by-draft assignment, not against even_shares' own formula. Every draft
+    runs exactly once, the slices are contiguous and in draft order on streams in stream order, the share
+    sizes differ by at most one with the larger shares first, and streams left without work get no slice."""
+    from backends.streams import _share_slices
+
+    for k in range(14):
+        slices = _share_slices(_cpu_executor(n).shares(k))
+        owner = [i for i, start, stop in slices for _ in range(start, stop)]
+        assert len(owner) == k
+        drafts = [d for _, start, stop in slices for d in range(start, stop)]
+        assert drafts == list(range(k)), (k, n, slices)  # each draft once, contiguous, in draft order
+        assert owner == sorted(owner)  # streams take the drafts in stream order
+        assert all(stop > start for _, start, stop in slices)  # no empty slice is launched
+        sizes = [stop - start for _, start, stop in slices]
+        assert [i for i, _, _ in slices] == list(range(min(k, n)))  # the first min(k, n) streams work
+        if sizes:
+            assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+            # as even as possible: ceil(k / n) drafts on the busiest stream, and no stream idle while another has two
+            assert max(sizes) == -(-k // n)
+
+
+def test_share_slices_skip_empty_shares_anywhere():
+    """A share of 0 drafts (the last streams of a short round, or any stream) gets no slice and moves no later
+    share: the next stream starts where the last one with work stopped."""
+    from backends.streams import _share_slices
+
+    assert _share_slices([]) == []
+    assert _share_slices([0, 0]) == []
+    assert _share_slices([1, 0, 0]) == [(0, 0, 1)]
+    assert _share_slices([3, 2]) == [(0, 0, 3), (1, 3, 5)]
+    assert _share_slices([2, 0, 3, 0, 1]) == [(0, 0, 2), (2, 2, 5), (4, 5, 6)]
+    assert _share_slices([0, 4]) == [(1, 0, 4)]
+
+
+def test_share_slices_reassemble_a_round():
+    """Slicing a round's states by the shares and concatenating the slices in stream order gives the round back
+    (what evaluate's gather relies on), also for more streams than drafts."""
+    from backends.streams import _share_slices
+
+    for n in (1, 2, 3, 5):
+        for k in (1, 2, 4, 6):
+            xs = torch.arange(k * 3, dtype=torch.float32).reshape(k, 3)
+            parts = [xs[start:stop] for _, start, stop in _share_slices(_cpu_executor(n).shares(k))]
+            assert torch.equal(torch.cat(parts), xs)
