@@ -2,12 +2,9 @@
 from __future__ import annotations
 
 import contextlib
-import dis
-import functools
 import re
 import threading
-import types
-from typing import Any, Callable, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -20,6 +17,7 @@ from driffusion_core.errors import (
     not_a_tensor_hint,
     safe_str,
 )
+from driffusion_core.modules import layers_in, pre_hooks
 from driffusion_core.executor import (
     DENSE_FIX,
     Executor,
@@ -29,6 +27,7 @@ from driffusion_core.executor import (
     changed_tensor,
     iter_tensors,
     map_tensors,
+    named_tensors,
     not_dense,
     tensor_versions,
 )
@@ -72,7 +71,11 @@ def per_sample(f: Callable[..., torch.Tensor]) -> Predictor:
         try:
             return torch.func.vmap(one)(x, t, rows)
         except Exception as e:
-            _note_vmap(e, f"per_sample({getattr(f, '__name__', type(f).__name__)})")
+            who = f"per_sample({getattr(f, '__name__', type(f).__name__)})"
+            if _looks_like_vmap(e):
+                _note_vmap(e, who)
+            else:
+                _note_sliced(e, cond, f"{who} passes f one row of each conditioning tensor with a batch dimension")
             raise
 
     batched.__name__ = f"per_sample({getattr(f, '__name__', type(f).__name__)})"
@@ -80,96 +83,19 @@ def per_sample(f: Callable[..., torch.Tensor]) -> Predictor:
     return batched
 
 
-def _modules_in(obj: Any, depth: int = 0, seen: Optional[set] = None) -> Iterator[torch.nn.Module]:
-    """The ``nn.Module`` s a predictor may reach: itself, or through a bound method's ``__self__``, a wrapper's
-    ``__wrapped__`` / ``.model``, a ``functools.partial``'s function and arguments, a function's closure
-    cells, default arguments and the globals it loads, and a callable object's attributes (at most 3 steps
-    deep, small containers looked into). Candidates only: :func:`_no_batch_statistics` refuses a module
-    when it actually runs."""
-    seen = set() if seen is None else seen
-    if id(obj) in seen or depth > 3:
-        return
-    seen.add(id(obj))
-    if isinstance(obj, torch.nn.Module):
-        yield obj
-        return
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        items: list = list(obj)[:32]
-    elif isinstance(obj, dict):
-        items = list(obj.values())[:32]
-    elif callable(obj) and not isinstance(obj, type):
-        items = [_attr(obj, name) for name in ("__self__", "__wrapped__", "model", "func", "args", "keywords")]
-        if isinstance(obj, types.FunctionType):  # closure cells, defaults, the globals it loads (`lambda x, t: net(x)`)
-            items += [c.cell_contents for c in (obj.__closure__ or ()) if _has_contents(c)]
-            items += list(obj.__defaults__ or ()) + list((obj.__kwdefaults__ or {}).values())
-            items += [obj.__globals__.get(n) for n in _loaded_globals(obj.__code__)]
-        else:
-            held = _attr(obj, "__dict__")
-            items += list(held.values())[:32] if isinstance(held, dict) else []
-    else:
-        return
-    for item in items:
-        if item is not None:
-            yield from _modules_in(item, depth + 1, seen)
-
-
-@functools.lru_cache(maxsize=256)
-def _loaded_globals(code: types.CodeType) -> Tuple[str, ...]:
-    """The global names ``code`` (and the functions defined in it) loads: not attribute names, which
-    ``co_names`` also holds (``holder.model`` must not reach a global ``model``). Remembered per code object
-    (a sampler passes the same predictor every round)."""
-    names: List[str] = []
-    for ins in dis.get_instructions(code):
-        if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME") and isinstance(ins.argval, str):
-            names.append(ins.argval)
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            names += _loaded_globals(const)
-    return tuple(dict.fromkeys(names))[:32]  # each name once: `torch` loaded often must not crowd out `net`
-
-
-def _attr(obj: Any, name: str) -> Any:
-    """``getattr(obj, name, None)``, also None where a custom ``__getattr__`` raises something else."""
-    try:
-        return getattr(obj, name, None)
-    except Exception:  # noqa: BLE001 - a proxy's __getattr__ (KeyError, RuntimeError ...): nothing to find there
-        return None
-
-
-def _has_contents(cell: Any) -> bool:
-    try:
-        cell.cell_contents
-    except ValueError:  # an empty cell (a name assigned later)
-        return False
-    return True
-
-
 def _batch_statistics_layers(predictor: Any, running_only: bool = False) -> List[Tuple[str, torch.nn.Module]]:
     """The BatchNorm layers a predictor may run that normalise with the batch's own statistics (training
     mode, or ``track_running_stats=False``; ``running_only``: training mode with running statistics only),
     named by their path in the module found."""
-    found, seen = [], set()
-    for module in _modules_in(predictor):
-        owner = type(module).__name__
-        for name, m in module.named_modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and id(m) not in seen and (
-                (m.training and m.running_mean is not None) if running_only else (m.training or m.running_mean is None)
-            ):
-                seen.add(id(m))
-                found.append((f"{owner}.{name}" if name else owner, m))
-    return found
+    return layers_in(predictor, lambda m: isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and (
+        (m.training and m.running_mean is not None) if running_only else (m.training or m.running_mean is None)))
 
 
-@contextlib.contextmanager
 def _no_batch_statistics(predictor: Any, running_only: bool = False):
     """Refuse, when it runs in this thread during the batched call, a BatchNorm layer the predictor reaches
     that normalises with batch statistics: they would mix the round's drafts, so one batched call would not
     give the serial executor's result. A layer that does not run (an unused module beside the model) is
-    not refused."""
-    layers = _batch_statistics_layers(predictor, running_only)
-    if not layers:
-        yield
-        return
+    not refused. A context manager."""
     me = threading.get_ident()
 
     def refuse(path: str, layer: torch.nn.Module):
@@ -183,12 +109,7 @@ def _no_batch_statistics(predictor: Any, running_only: bool = False):
                 )
         return hook
 
-    handles = [layer.register_forward_pre_hook(refuse(path, layer)) for path, layer in layers]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    return pre_hooks(_batch_statistics_layers(predictor, running_only), refuse)
 
 
 class BatchedExecutor(Executor):
@@ -285,6 +206,9 @@ class BatchedExecutor(Executor):
             return self._concatenated(predictor, xs, ts, cond)
         except Exception as e:
             _note_unrepeated(e, cond, k, b)
+            if self.max_batch is not None and k * b > self.max_batch and not isinstance(e, PredictorOutputError):
+                _note_sliced(e, cond, f"BatchedExecutor(max_batch={self.max_batch}) split the round's {k * b} rows "
+                                      f"into chunks and sliced the conditioning's batched tensors alike")
             raise
 
     def _concatenated(self, predictor: Predictor, xs: torch.Tensor, ts: torch.Tensor, cond: dict) -> torch.Tensor:
@@ -343,6 +267,18 @@ def _unrepeated(cond: Any, b: int, prefix: str = "cond"):
     elif isinstance(cond, (list, tuple)) and not isinstance(cond, torch.Size) and len(cond) == b:
         if next(iter_tensors(cond), None) is None:
             yield prefix, f"a {type(cond).__name__} of {b} items"
+
+
+def _note_sliced(error: BaseException, cond: Mapping[str, Any], what: str) -> None:
+    """To a predictor's exception from a call that got slices of the conditioning's batched tensors, add a note
+    naming them (``what``: who sliced them how): a tensor every sample shares that happens to have B rows is
+    sliced too, and the model then indexes past its end."""
+    sliced = [f"{name} {tuple(t.shape)}" for name, t in named_tensors(cond) if t.dim() > 0][:6]
+    if sliced and hasattr(error, "add_note"):
+        error.add_note(
+            f"{what} ({', '.join(sliced)}). A tensor all samples share (a table, a weight) that has one row per "
+            f"sample by chance is sliced too: close over it instead (functools.partial(model, name=tensor))."
+        )
 
 
 def _note_unrepeated(error: BaseException, cond: Mapping[str, Any], k: int, b: int) -> None:

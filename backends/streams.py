@@ -31,7 +31,7 @@ from driffusion_core.executor import (
     Executor, Predictor, check_describe_width, check_round_args, even_shares, map_tensors, DENSE_FIX, not_dense,
     stack_calls,
 )
-from backends.batched import _modules_in  # the modules a predictor reaches (closures, bound methods, partials)
+from driffusion_core.modules import modules_in as _modules_in  # the modules a predictor reaches (closures, partials)
 
 __all__ = ["StreamExecutor"]
 

@@ -16,6 +16,7 @@ from driffusion_core.errors import (
     SamplingError,
     UnexpectedArgumentError,
     MeanStepWarning,
+    TrainingModeWarning,
     WideWindowWarning,
 )
 from driffusion_core.executor import Executor, SerialExecutor
@@ -58,5 +59,6 @@ __all__ = [
     "SamplingError",
     "UnexpectedArgumentError",
     "MeanStepWarning",
+    "TrainingModeWarning",
     "WideWindowWarning",
 ]

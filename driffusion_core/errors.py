@@ -57,6 +57,11 @@ class MeanStepWarning(UserWarning):
     once per transition; pass zeros (``noise=torch.zeros_like(x)``) to take the mean on purpose."""
 
 
+class TrainingModeWarning(UserWarning):
+    """A dropout layer of the model ran in training mode while sampling: every prediction is a random draw,
+    so the sample is not reproducible and not the serial sampler's. Call ``model.eval()`` before sampling."""
+
+
 class WideWindowWarning(UserWarning):
     """A draft window that reaches far along a short grid (its reach min(width, T - 1), when more than one
     level, is 0.2 of T or more): the far drafts are far from their anchor, and DRiffusion is then often farther

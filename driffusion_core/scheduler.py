@@ -51,6 +51,7 @@ from driffusion_core.executor import (
     version_stamp,
 )
 from driffusion_core.grid import TimeGrid
+from driffusion_core.modules import warn_random_layers
 from driffusion_core.noise import NOISE_HINT as _NOISE_HINT, NoiseSource
 from driffusion_core.transition import SkipTransition, check_transition
 
@@ -245,9 +246,11 @@ _CLASH = re.compile(r"got multiple values for (?:keyword )?argument '(\w+)'")
 # torch's messages for a dtype or device clash ("expected ... same dtype", "Expected all tensors to be on the same
 # device", "Input type (double) and bias type (float) should be the same", "found at least two devices", ...)
 _DTYPE_OR_DEVICE = re.compile(r"dtype|same device|two devices|device type|[Ii]nput type|scalar type")
+# torch's messages for an index tensor that is not an integer one (an embedding looked up with a float t)
+_NOT_AN_INDEX = re.compile(r"'indices'|used as indices|Long, Int|expected scalar type Long|must be (?:of )?(?:type )?long", re.I)
 
 
-def _call_hint(error: BaseException, cond: Optional[Mapping[str, Any]]) -> str:
+def _call_hint(error: BaseException, cond: Optional[Mapping[str, Any]], t_dtype: Optional[torch.dtype] = None) -> str:
     """What to check for an exception from the predictor: its calling convention for a TypeError about its
     arguments, the state's dtype and device for an error that reads like a dtype or device clash, else
     nothing (a hint about dtypes on a KeyError from the model would send its author the wrong way)."""
@@ -265,6 +268,12 @@ def _call_hint(error: BaseException, cond: Optional[Mapping[str, Any]]) -> str:
             f"in cond (e.g. cond={{'labels': y}} calls f(x, t, labels=y)); one that takes fewer, a wrapper such as "
             f"lambda x, t, **c: model(x, t)"
         )
+    if t_dtype is not None and t_dtype.is_floating_point and _NOT_AN_INDEX.search(safe_str(error)):
+        return (
+            f"the model got t as {t_dtype} (this grid's model times are not integers: flow sigma * N, or levels "
+            f"between training timesteps); a model that indexes a table with t needs integers, e.g. "
+            f"lambda x, t, **c: model(x, t.round().long(), **c)"
+        )
     if _DTYPE_OR_DEVICE.search(safe_str(error)):
         return "a model with parameters of another dtype or device needs x there too"
     return ""
@@ -280,12 +289,23 @@ def note_where(error: BaseException, grid: TimeGrid, steps: List[int], x: torch.
     if isinstance(k, int) and 0 <= k < len(steps):
         steps = [steps[k]]
     if hasattr(error, "add_note"):
-        hint = "" if isinstance(error, PredictorOutputError) else _call_hint(error, cond)
+        t_dtype = grid.model_times.dtype
+        hint = "" if isinstance(error, PredictorOutputError) else _call_hint(error, cond, t_dtype)
         hint = f" ({hint})" if hint else ""
         error.add_note(
             f"driffusion: raised while evaluating {where_steps(grid, steps)}; the state is "
-            f"{x.dtype} {tuple(x.shape)} on {x.device}{hint}."
+            f"{x.dtype} {tuple(x.shape)} on {x.device}, t is {t_dtype} [{x.shape[0]}]{_cond_listing(cond)}{hint}."
         )
+
+
+def _cond_listing(cond: Optional[Mapping[str, Any]], most: int = 6) -> str:
+    """``", cond: 'mask' torch.bool (4, 16), ..."`` (the conditioning's tensors, for an error note), or ""."""
+    found = list(named_tensors(cond or {}))
+    if not found:
+        return ""
+    shown = ", ".join(f"{name} {t.dtype} {tuple(t.shape)}" for name, t in found[:most])
+    more = f" and {len(found) - most} more" if len(found) > most else ""
+    return f", and the conditioning's tensors are {shown}{more}"
 
 
 def _overflow_hint(dtype: torch.dtype) -> str:
@@ -435,14 +455,15 @@ def run_rounds(
     check_executor(executor)
     state = make_state()
     bar = progress_bar(progress, len(grid), desc)
-    while True:
-        rnd = state.plan()
-        if rnd is None:
-            break
-        before = state.a
-        state.absorb(rnd, evaluate_round(executor, predictor, rnd, grid, cond, x))
-        if bar is not None:
-            bar.update(state.a - before)
+    with warn_random_layers(predictor, desc):
+        while True:
+            rnd = state.plan()
+            if rnd is None:
+                break
+            before = state.a
+            state.absorb(rnd, evaluate_round(executor, predictor, rnd, grid, cond, x))
+            if bar is not None:
+                bar.update(state.a - before)
     if bar is not None:
         bar.close()
     executor.finish(state.x)  # once per sample, on every rank (an executor spanning processes checks it)

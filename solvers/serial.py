@@ -18,6 +18,7 @@ import torch
 from driffusion_core.errors import InvalidArgumentError, as_count, check_predictor
 from driffusion_core.executor import Predictor
 from driffusion_core.grid import TimeGrid
+from driffusion_core.modules import warn_random_layers
 from driffusion_core.noise import NoiseSource
 from driffusion_core.scheduler import (
     SampleOutput,
@@ -79,18 +80,19 @@ def sample_serial(
     traj = [x] if return_trajectory else None
     bar = progress_bar(progress, len(grid), "serial")
     history: list = []  # (x_i, p_i, t_i) of the last steps, for a multistep transition
-    for i in range(len(grid)):
-        pred = _call(predictor, x, grid, i, cond)
-        if transition.history:  # kept past the next call: not the model's buffer, which that call may overwrite
-            pred = pred.clone()
-        z = noise(i, x.shape, x.dtype, x.device) if (transition.stochastic and noise is not None) else None
-        x_next = transition.grid_step(x, pred, grid, i, history, z)
-        history = transition.remember(history, x, pred, grid.t_from[i])
-        x = x_next
-        if traj is not None:
-            traj.append(x)
-        if bar is not None:
-            bar.update(1)
+    with warn_random_layers(predictor, "sample_serial"):
+        for i in range(len(grid)):
+            pred = _call(predictor, x, grid, i, cond)
+            if transition.history:  # kept past the next call: not the model's buffer, which that call may overwrite
+                pred = pred.clone()
+            z = noise(i, x.shape, x.dtype, x.device) if (transition.stochastic and noise is not None) else None
+            x_next = transition.grid_step(x, pred, grid, i, history, z)
+            history = transition.remember(history, x, pred, grid.t_from[i])
+            x = x_next
+            if traj is not None:
+                traj.append(x)
+            if bar is not None:
+                bar.update(1)
     if bar is not None:
         bar.close()
     return SampleOutput(check_finite_sample(x, "sample_serial"), len(grid), len(grid), traj)
@@ -135,10 +137,11 @@ def sample_step_skipping(
         coarse = TimeGrid(grid.t_from[starts], grid.t_to[ends], grid.model_times[starts], grid.kind)
         return sample_serial(predictor, x, transition, coarse, cond=cond)
     x = x.clone()  # as in sample_serial: the caller's x stays intact whatever the model does
-    for a, b in zip(idx[:-1], idx[1:]):
-        pred = _call(predictor, x, grid, a, cond)
-        noises = None
-        if transition.stochastic and noise is not None:
-            noises = noise.steps(a, b, x.shape, x.dtype, x.device)
-        x = transition.skip(x, pred, grid.t_from[a:b], grid.t_to[a:b], noises)
+    with warn_random_layers(predictor, "sample_step_skipping"):
+        for a, b in zip(idx[:-1], idx[1:]):
+            pred = _call(predictor, x, grid, a, cond)
+            noises = None
+            if transition.stochastic and noise is not None:
+                noises = noise.steps(a, b, x.shape, x.dtype, x.device)
+            x = transition.skip(x, pred, grid.t_from[a:b], grid.t_to[a:b], noises)
     return SampleOutput(check_finite_sample(x, "sample_step_skipping"), len(idx) - 1, len(idx) - 1)

@@ -1834,3 +1834,85 @@ def test_a_shared_conditioning_tensor_is_told_how_to_pass():
     with pytest.raises(InvalidArgumentError, match=r"cond\['w'\] has leading dimension 3.*functools\.partial\(model, w=tensor\)"):
         sample_serial(lambda x, t, w: x, x, DDIMSkip(VPSchedule.linear()), VPSchedule.linear().timesteps(4),
                       cond={"w": torch.ones(3, 3)})
+
+
+def _dropout_net(p):
+    return torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Dropout(p))
+
+
+@pytest.mark.parametrize("entry", ["serial", "step_skipping", "scheduler_serial", "scheduler_batched", "picard", "kdiffusion"])
+def test_dropout_in_training_mode_is_warned_once_per_sample(entry):
+    """A dropout layer left in training mode makes every prediction random (no executor then matches
+    another): each entry point warns once per call, naming the layer and model.eval(); a model in eval mode,
+    or with p = 0 (diffusers' default dropout), samples without a word."""
+    from driffusion_core import TrainingModeWarning
+    from solvers.interop.kdiffusion import sample_driffusion
+
+    schedule = VPSchedule.linear()
+    grid = schedule.timesteps(6)
+    x = NoiseSource(0).initial((2, 3))
+
+    def run(net):
+        f = lambda x, t: net(x)  # noqa: E731 - the module reached through a closure, as users write it
+        if entry == "serial":
+            return sample_serial(f, x, DDIMSkip(schedule), grid)
+        if entry == "step_skipping":
+            return sample_step_skipping(f, x, DDIMSkip(schedule), grid, 3)
+        if entry == "picard":
+            return PicardScheduler(DDIMSkip(schedule), grid, width=3).sample(f, x)
+        if entry == "kdiffusion":
+            return sample_driffusion(lambda x, sigma: net(x), x, torch.tensor([10.0, 5.0, 1.0, 0.0]), disable=True)
+        executor = BatchedExecutor() if entry == "scheduler_batched" else SerialExecutor()
+        return DraftRefineScheduler(DDIMSkip(schedule), grid, width=2).sample(f, x, executor=executor)
+
+    with pytest.warns(TrainingModeWarning, match=r"dropout layer 'Sequential\.1' \(p=0\.3\) is in training mode.*model\.eval\(\)") as got:
+        run(_dropout_net(0.3))
+    assert len([w for w in got if issubclass(w.category, TrainingModeWarning)]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TrainingModeWarning)
+        run(_dropout_net(0.3).eval())
+        run(_dropout_net(0.0))
+    net = _dropout_net(0.3)
+    run(net.eval())
+    assert not net[1]._forward_pre_hooks, "the sampler must not leave hooks on the model"
+
+
+def test_an_error_note_lists_t_and_the_conditioning_and_explains_a_float_t_used_as_an_index():
+    """The note on a model's exception gives t's dtype and the conditioning tensors' dtypes and shapes (a float
+    mask where the model wants bool shows there); a model that looks t up in an embedding on a flow grid (t is
+    float sigma * N there) is told to round it, not that its parameters' dtype is wrong."""
+    emb = torch.nn.Embedding(1001, 3)
+    x = NoiseSource(0).initial((2, 4, 3))
+    flow = FlowSchedule()
+    mask = torch.ones(2, 4)
+
+    def f(x, t, mask):
+        return x * 0 + emb(t)[:, None] * mask[..., None]
+
+    with pytest.raises(RuntimeError) as info:
+        DraftRefineScheduler(FlowEulerSkip(flow), flow.timesteps(10), width=2).sample(f, x, cond={"mask": mask})
+    note = "\n".join(info.value.__notes__)
+    assert "t is torch.float32 [2]" in note and "cond['mask'] torch.float32 (2, 4)" in note, note
+    assert "t.round().long()" in note and "another dtype or device" not in note, note
+    vp = VPSchedule.linear()  # integer model times: the same model runs
+    DraftRefineScheduler(DDIMSkip(vp), vp.timesteps(10), width=2).sample(f, x, cond={"mask": mask})
+
+
+def test_sliced_conditioning_is_named_when_the_model_fails_on_it():
+    """A table every sample shares that has B rows by chance is sliced by max_batch chunks and by per_sample; when
+    the model then fails, the note names the sliced tensors and says to close over a shared one."""
+    B = 5
+    x = NoiseSource(0).initial((B, 4))
+    cond = {"labels": torch.arange(B), "table": torch.randn(B, 4)}
+    sched = DraftRefineScheduler(DDIMSkip(VPSchedule.linear()), VPSchedule.linear().timesteps(8), width=2)
+    with pytest.raises(IndexError) as info:
+        sched.sample(lambda x, t, labels, table: x * 0.1 + table[labels], x, executor=BatchedExecutor(max_batch=2), cond=cond)
+    note = "\n".join(info.value.__notes__)
+    assert "max_batch=2" in note and "cond['table'] (5, 4)" in note and "functools.partial" in note, note
+    from backends import per_sample
+
+    with pytest.raises(IndexError) as info:
+        sched.sample(per_sample(lambda x, t, labels, table: x * 0.1 + table[labels, :]), x, cond=cond)
+    note = "\n".join(info.value.__notes__)
+    assert "per_sample(<lambda>) passes f one row" in note and "cond['table'] (5, 4)" in note, note
+    sched.sample(lambda x, t, labels, table: x * 0.1 + table[labels], x, executor=BatchedExecutor(), cond=cond)

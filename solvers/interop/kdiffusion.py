@@ -39,6 +39,7 @@ import torch
 from driffusion_core.errors import InvalidArgumentError, InvalidTimestepsError, check_predictor, is_real
 from driffusion_core.executor import Executor, check_executor
 from driffusion_core.grid import TimeGrid, refuse_bool_or_complex
+from driffusion_core.modules import warn_random_layers
 from driffusion_core.noise import NOISE_HINT as _NOISE_HINT, NoiseSource
 from driffusion_core.scheduler import (
     DraftRefineScheduler, SampleOutput, check_finite_sample, check_inputs, evaluate_round,
@@ -325,19 +326,20 @@ def _sample_k(transition: SkipTransition, name: str, label: str, model, x, sigma
 
         bar = trange(len(grid), disable=disable, desc=f"{label} n={width}")
     used = {}  # step index -> the x0_hat it used (kept only for the callback)
-    while (rnd := state.plan()) is not None:
-        preds = evaluate_round(executor, model, rnd, grid, cond, x)
-        if callback is not None:
-            used.update({i: preds[k] for k, i in enumerate(rnd.steps)})
-        before = state.a
-        state.absorb(rnd, preds)
-        for i in range(before, state.a):
+    with warn_random_layers(model, label):
+        while (rnd := state.plan()) is not None:
+            preds = evaluate_round(executor, model, rnd, grid, cond, x)
             if callback is not None:
-                sigma = sigmas[i]
-                callback({"x": state.trajectory[i], "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": used.pop(i)})
-                state.trajectory[i] = None  # the callback has seen it
-        if bar is not None:
-            bar.update(state.a - before)
+                used.update({i: preds[k] for k, i in enumerate(rnd.steps)})
+            before = state.a
+            state.absorb(rnd, preds)
+            for i in range(before, state.a):
+                if callback is not None:
+                    sigma = sigmas[i]
+                    callback({"x": state.trajectory[i], "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": used.pop(i)})
+                    state.trajectory[i] = None  # the callback has seen it
+            if bar is not None:
+                bar.update(state.a - before)
     if bar is not None:
         bar.close()
     executor.finish(state.x)  # once per sample, on every rank (an executor spanning processes checks it)
