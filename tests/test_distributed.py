@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -30,6 +31,8 @@ TIMEOUT = 5.0  # executor timeout in the fault tests (seconds; room for a loaded
 DIAGNOSE = 2.0  # monitored-barrier time after a failed exchange
 STALL_TIMEOUT, STALL_DIAGNOSE = 2.0, 1.0  # the prediction-exchange stall (rank 1 sleeps 1 s past both)
 HANG3_TIMEOUT, HANG3_DIAGNOSE = 2.0, 2.0  # world 3, rank 2 hangs
+PG_SHORT, PG_SLOW = 2.0, 3.5  # the process group's own timeout in the pg_timeout scenarios; the slow rank's delay
+PG_TIMEOUTS = {"pg_timeout_round": PG_SHORT, "pg_timeout_setup": PG_SHORT}  # scenarios whose group times out sooner
 
 
 # ------------------------------------------------------------------------------------- parent side
@@ -274,17 +277,68 @@ def test_three_ranks_one_dies_every_survivor_names_it(dying):
 
 def test_hung_rank_makes_the_other_fail_within_the_timeout():
     """Rank 1's share outlasts the timeout: rank 0 names it as not answering; rank 1, arriving late, is told
-    that its own share took longer than the timeout (not only that rank 0 did not answer)."""
+    that its own share took longer than the timeout (and that rank 0's silence is expected, not that rank 0
+    died). Both ranks then destroy the process group and exit normally: rank 0's check left no thread waiting
+    in gloo for rank 1's hello (one woken at interpreter exit aborted the process: "terminate called without
+    an active exception")."""
     results, codes, elapsed, logs = _launch("hang", deadline=40.0)
     _need(results, [0, 1], logs)
     res = results[0]
     assert res["error_type"] == "ExecutorError", res
     assert TIMEOUT - 0.5 <= res["seconds"] < TIMEOUT + DIAGNOSE + 2.0, res
     assert "did not answer: 1" in res["message"], res["message"]
+    assert res["diagnose_threads"] == [], res["diagnose_threads"]
     late = results[1]
     assert late["error_type"] == "ExecutorError", late
     assert "own share of the round took" in late["message"] and f"timeout = {TIMEOUT:g}s" in late["message"], late
+    assert "rank 0 probably died" not in late["message"] and "stopped waiting for this rank" in late["message"], late
+    assert codes == [0, 0] and not any("terminate called" in log for log in logs), logs
     assert elapsed < 35.0
+
+
+def test_the_process_groups_own_timeout_is_named_and_no_rank_is_blamed():
+    """World 3, the process group's own timeout (2 s) below the executor's (5 s), rank 2 slow (3.5 s) in round 2:
+    ranks 0 and 1 say that the process group's timeout ended the wait, at once (about 2 s), and name no rank as
+    dead (gloo dropped their connections, so every peer would look missing); rank 2 is told that its share
+    took longer than the process group's timeout, the effective bound (not compared with the executor's
+    5 s), and that rank 0's silence is expected. Every rank exits normally."""
+    results, codes, elapsed, logs = _launch("pg_timeout_round", world=3, deadline=40.0)
+    _need(results, [0, 1, 2], logs)
+    for rank in (0, 1):
+        res = results[rank]
+        msg = res["message"]
+        assert res["error_type"] == "ExecutorError", res
+        assert f"process group's own timeout ({PG_SHORT:g}s, shorter than this executor's timeout = {TIMEOUT:g}s)" \
+            in msg, msg
+        assert "did not answer" not in msg and "no check of which ranks still answer" in msg, msg
+        assert res["seconds"] < PG_SHORT + 2.0, res  # well before the executor's own 5 s
+    slow = results[2]
+    assert slow["error_type"] == "ExecutorError", slow
+    assert re.search(r"own share of the round took [0-9.]+s, more than the process group's own timeout "
+                     rf"\({PG_SHORT:g}s, below this executor's timeout = {TIMEOUT:g}s\)",
+                     slow["message"]), slow["message"]
+    assert "rank 0 probably died" not in slow["message"], slow["message"]
+    assert codes == [0, 0, 0] and not any("terminate called" in log for log in logs), logs
+
+
+def test_the_setup_exchange_names_the_process_groups_timeout():
+    """Rank 1 reaches the constructor's setup exchange 3.5 s late, past the process group's own timeout (2 s;
+    the executor's is 1 s and does not bound the setup): rank 0's error says that the process group's timeout
+    ended the wait (not the executor's 1 s) and names no rank as dead; rank 1, finding rank 0 gone, says that
+    rank 0 may have stopped waiting for it, not that rank 0 probably died."""
+    results, codes, elapsed, logs = _launch("pg_timeout_setup", deadline=40.0)
+    _need(results, [0, 1], logs)
+    first = results[0]
+    assert first["error_type"] == "ExecutorError", first
+    msg = first["message"]
+    assert "setup exchange" in msg and f"process group's own timeout ({PG_SHORT:g}s) ended this wait" in msg, msg
+    assert "timeout = 1s" not in msg and "did not answer" not in msg, msg
+    assert first["seconds"] < PG_SHORT + 2.0, first
+    late = results[1]
+    assert late["error_type"] == "ExecutorError", late
+    assert "stopped waiting for this rank" in late["message"] and "rank 0 probably died" not in late["message"], late
+    assert f"process group's own timeout ({PG_SHORT:g}s)" in late["message"], late["message"]
+    assert codes == [0, 0] and not any("terminate called" in log for log in logs), logs
 
 
 def test_rank_stalling_before_the_prediction_exchange_fails_within_the_timeout():
@@ -343,6 +397,34 @@ def test_not_initialised_is_explained(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(ExecutorError, match="torchrun"):
         init_from_env()
+
+
+def test_local_rank_defaults_to_0_and_multi_host_setup_is_documented(monkeypatch):
+    """Launched by hand (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set, no LOCAL_RANK), init_from_env and the
+    executor take LOCAL_RANK = 0, as the docs say; the executor's docstrings and the README's distributed
+    section say so and name GLOO_SOCKET_IFNAME for runs over several machines."""
+    import torch.distributed as dist
+
+    import backends.distributed as D
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Several devices, processes or machines"):]
+    section = section[: section.index("\n## ", 1)]
+    for text in (D.__doc__, D.DistributedExecutor.__doc__, section):
+        assert "GLOO_SOCKET_IFNAME" in text and "LOCAL_RANK" in text, text
+        assert re.search(r"LOCAL_RANK``? defaults to 0", text), text
+    if dist.is_initialized():  # pragma: no cover - another test left a group behind
+        pytest.skip("a process group is already initialised in this process")
+    for var, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                       ("MASTER_PORT", str(_free_port()))):
+        monkeypatch.setenv(var, value)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    env = D.init_from_env(backend="gloo", timeout=30)
+    try:
+        assert env == D.DistEnv(0, 0, 1, "gloo"), env
+        assert D.DistributedExecutor(timeout=5).local_rank == 0
+    finally:
+        dist.destroy_process_group()
 
 
 def test_bad_arguments_are_named_in_one_process():
@@ -631,6 +713,11 @@ def test_failures_outside_the_predictor_call_fail_every_rank_at_once():
         "output_object": ("PredictorOutputError", ["rank 1", "returned Output, not a Tensor", ".sample",
                                                    "DiffusersPredictor"]),
         "sparse": ("PredictorOutputError", ["rank 1", "returned a sparse_coo tensor", "to_dense()"]),
+        # a wrapper that checks the model's output (reparameterize) refuses rank 1's narrower prediction: the
+        # shape mismatch, as the serial executor reports it (PredictorOutputError naming the shapes), not
+        # "the predictor raised"
+        "wrapped_shape": ("PredictorOutputError", ["the predictor returned unusable output on rank 1", "(3, 1)",
+                                                   "(3, 4)"]),
     }
     for rank in (0, 1):
         for case, (error_type, parts) in expected.items():
@@ -638,6 +725,7 @@ def test_failures_outside_the_predictor_call_fail_every_rank_at_once():
             assert got["error_type"] == error_type, (rank, case, got)
             assert all(p in got["message"] for p in parts), (rank, case, got["message"])
             assert "did not answer" not in got["message"] and got["seconds"] < TIMEOUT, (rank, case, got)
+            assert "predictor raised" not in got["message"] or case in ("bad_str", "long_message"), (case, got)
             assert got["after"] is True, (rank, case)
 
 
@@ -759,19 +847,19 @@ def _predictor(x, t, scale=None, tag="plain"):
     return y
 
 
-def _init(rank, world, port, use_env, backend="gloo"):
+def _init(rank, world, port, use_env, backend="gloo", timeout=30.0):
     import torch.distributed as dist
 
     from backends import init_from_env
 
     torch.set_num_threads(1)
     if use_env:
-        env = init_from_env(backend=backend, timeout=30)
+        env = init_from_env(backend=backend, timeout=timeout)
         assert env.rank == rank and env.world_size == world
     else:
         dist.init_process_group(
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-            timeout=datetime.timedelta(seconds=30),
+            timeout=datetime.timedelta(seconds=timeout),
         )
 
 
@@ -1015,7 +1103,43 @@ def _scenario_hang(rank, world, hung=1, timeout=TIMEOUT, diagnose=DIAGNOSE):
                 os._exit(0)
         return x
 
+    import threading
+
+    res = _fault_result(lambda: ex.evaluate(slow, xs, ts))
+    # the helper threads of rank 0's check (it awaits each hello in one): none may outlive the check
+    res["diagnose_threads"] = [t.name for t in threading.enumerate() if t.name.startswith("driffusion-diagnose")]
+    return res
+
+
+def _scenario_pg_timeout_round(rank, world):
+    """The process group's own timeout (PG_SHORT) below the executor's (TIMEOUT); rank 2 takes PG_SLOW seconds
+    over its share in the second round."""
+    import warnings
+
+    from backends import DistributedExecutor
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the warning that the group's timeout is the shorter: meant here
+        ex = DistributedExecutor(timeout=TIMEOUT, diagnose_timeout=DIAGNOSE)
+    xs, ts = torch.randn(world, 3, 4, generator=torch.Generator().manual_seed(3)), torch.zeros(world, 3)
+    ex.evaluate(_predictor, xs, ts)
+
+    def slow(x, t):
+        if rank == 2:
+            time.sleep(PG_SLOW)
+        return x
+
     return _fault_result(lambda: ex.evaluate(slow, xs, ts))
+
+
+def _scenario_pg_timeout_setup(rank, world):
+    """Rank 1 makes its executor PG_SLOW seconds late, past the process group's own timeout (PG_SHORT); the
+    executor's timeout (1 s) does not bound the setup exchange."""
+    from backends import DistributedExecutor
+
+    if rank == 1:
+        time.sleep(PG_SLOW)
+    return _fault_result(lambda: DistributedExecutor(timeout=1.0, diagnose_timeout=DIAGNOSE))
 
 
 def _scenario_stall_predictions(rank, world):
@@ -1329,6 +1453,11 @@ def _scenario_local_failures(rank, world):
     def sparse(x, t):
         return x.to_sparse() if rank == 1 else x
 
+    from driffusion_core import VPSchedule, reparameterize
+
+    wrapped_shape = reparameterize(lambda x, t: x[..., :1] if rank == 1 else x, VPSchedule.linear(), "epsilon",
+                                   "sample")
+
     def after():
         return bool(torch.equal(ex.evaluate(_predictor, xs, ts), SerialExecutor().evaluate(_predictor, xs, ts)))
 
@@ -1340,7 +1469,7 @@ def _scenario_local_failures(rank, world):
     res["move"]["after"] = after()
     for name, f in (("mixed_devices", mixed_devices), ("all_meta", all_meta), ("bad_str", bad_str),
                     ("long_message", long_message), ("uint16", uint16), ("output_object", output_object),
-                    ("sparse", sparse)):
+                    ("sparse", sparse), ("wrapped_shape", wrapped_shape)):
         res[name] = _fault_result(lambda: ex.evaluate(f, xs, ts))
         res[name]["after"] = after()
     return res
@@ -1612,6 +1741,8 @@ SCENARIOS = {
     "interrupt_SystemExit": lambda rank, world: _scenario_interrupt(rank, world, "SystemExit"),
     "hang3": lambda rank, world: _scenario_hang(rank, world, hung=2, timeout=HANG3_TIMEOUT, diagnose=HANG3_DIAGNOSE),
     "setup_dies": _scenario_setup_dies,
+    "pg_timeout_round": _scenario_pg_timeout_round,
+    "pg_timeout_setup": _scenario_pg_timeout_setup,
     "nccl_e2e": _e2e_nccl,
     "e2e_ddpm": lambda rank, world: _e2e("ddpm"),
     "e2e_ddim": lambda rank, world: _e2e("ddim"),
@@ -1622,13 +1753,15 @@ SCENARIOS = {
 
 def _child_main(argv):
     scenario, rank, world, port, outdir, use_env = argv[0], int(argv[1]), int(argv[2]), int(argv[3]), argv[4], argv[5] == "1"
-    _init(rank, world, port, use_env, backend="nccl" if scenario.startswith("nccl") else "gloo")
+    _init(rank, world, port, use_env, backend="nccl" if scenario.startswith("nccl") else "gloo",
+          timeout=PG_TIMEOUTS.get(scenario, 30.0))
     result = SCENARIOS[scenario](rank, world)
     torch.save(result, Path(outdir) / f"rank{rank}.pt")
     sys.stdout.flush()
-    if scenario in ("hang", "stall_predictions", "hang3", "setup_dies") and rank in (0, 1):
+    if scenario in ("stall_predictions", "hang3", "setup_dies") and rank in (0, 1):
         os._exit(0)  # a rank is still asleep (in its predictor, or before its exchange) or dead; nothing to tear down
-    if scenario not in ("die0", "die1", "die2", "hang", "stall_predictions"):
+    # "hang" and the pg_timeout scenarios tear down and exit normally after a fault (no abort at exit)
+    if scenario not in ("die0", "die1", "die2", "stall_predictions"):
         import torch.distributed as dist
 
         dist.destroy_process_group()
