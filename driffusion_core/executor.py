@@ -283,9 +283,37 @@ def tensor_versions(cond: Any) -> List[Tuple[str, torch.Tensor, Any]]:
     return [(name, t, version_stamp(t)) for name, t in named_tensors(cond or {})]
 
 
+def stamps_changed(pairs: List[Tuple[torch.Tensor, Any]]) -> List[bool]:
+    """``[stamp_changed(t, stamp) for t, stamp in pairs]``, with one host read for all the fingerprints (inference
+    tensors) on one device instead of one per tensor: on a GPU each read waits for the stream."""
+    flags: List[Any] = []
+    pending: List[Tuple[int, torch.Tensor]] = []  # (position, 0-d bool tensor: the fingerprint differs)
+    for t, stamp in pairs:
+        if stamp is None or isinstance(stamp, int):
+            flags.append(stamp_changed(t, stamp))
+            continue
+        now = version_stamp(t)
+        pending.append((len(flags), ~((now == stamp) | (torch.isnan(now) & torch.isnan(stamp))).all()))
+        flags.append(None)
+    if len(pending) == 1:
+        flags[pending[0][0]] = bool(pending[0][1])
+    elif pending:
+        by_device: dict = {}
+        for i, d in pending:
+            by_device.setdefault(d.device, []).append((i, d))
+        for group in by_device.values():
+            for (i, _), v in zip(group, torch.stack([d for _, d in group]).tolist()):
+                flags[i] = v
+    return flags
+
+
 def changed_tensor(versions: List[Tuple[str, torch.Tensor, Any]]) -> Optional[str]:
-    """The name of the first tensor of ``versions`` (:func:`tensor_versions`) written in place since, or None."""
-    return next((name for name, t, v in versions if stamp_changed(t, v)), None)
+    """The name of the first tensor of ``versions`` (:func:`tensor_versions`) written in place since, or None
+    (:func:`stamps_changed`: one host read for all the fingerprints)."""
+    if not versions:
+        return None
+    flags = stamps_changed([(t, v) for _, t, v in versions])
+    return next((name for (name, _, _), changed in zip(versions, flags) if changed), None)
 
 
 def check_round_args(who: str, xs: Any, ts: Any, cond: Any) -> None:

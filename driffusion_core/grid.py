@@ -24,6 +24,8 @@ __all__ = ["TimeGrid"]
 def first_step_below_next(t_from: torch.Tensor, t_to: torch.Tensor) -> Optional[int]:
     """The first step i whose ``t_to[i]`` lies below ``t_from[i + 1]`` (the state would have to get noisier
     before the next step), or None: consecutive steps must join or overlap."""
+    if t_from.shape[0] < 2:  # one step (or none): nothing to join
+        return None
     below = t_to[:-1] < t_from[1:]
     return int(torch.nonzero(below)[0]) if bool(below.any()) else None
 

@@ -46,7 +46,8 @@ from driffusion_core.errors import (
     safe_str,
 )
 from driffusion_core.executor import (
-    Executor, Predictor, SerialExecutor, DENSE_FIX, check_executor, batched_tensors, changed_tensor, named_tensors, not_dense, stamp_changed,
+    Executor, Predictor, SerialExecutor, DENSE_FIX, check_executor, batched_tensors, named_tensors, not_dense,
+    stamps_changed,
     tensor_versions,
     version_stamp,
 )
@@ -341,12 +342,14 @@ def check_input_untouched(x: torch.Tensor, versions: Tuple[Optional[int], list],
     from the altered state, one not). Likewise a write into a conditioning tensor: the next call would see
     other conditioning, and executors that pass copies (repeated or moved) would not."""
     version, conds = versions
-    if stamp_changed(x, version):
+    # one host read for the state's and the conditioning's fingerprints (inference tensors), not one per tensor
+    x_changed, *cond_changed = stamps_changed([(x, version)] + [(t, v) for _, t, v in conds])
+    if x_changed:
         raise PredictorOutputError(
             f"The predictor modified its input x in place at {where_steps(grid, steps)}; the sampler still needs "
             f"that state. Work on a copy inside the model (e.g. x = x.clone() before an in-place op)."
         )
-    name = changed_tensor(conds)
+    name = next((name for (name, _, _), changed in zip(conds, cond_changed) if changed), None)
     if name is not None:
         raise PredictorOutputError(
             f"The predictor modified the conditioning tensor {name} in place at {where_steps(grid, steps)}; "

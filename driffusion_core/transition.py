@@ -211,8 +211,22 @@ class SkipTransition(abc.ABC):
 
         ``alpha_sigma``: the interpolant's (alpha, sigma) at t, when the caller has them already.
         """
-        alpha, sigma = alpha_sigma if alpha_sigma is not None else self.schedule.alpha_sigma(as_levels(t, x.shape[0]))
+        alpha, sigma = alpha_sigma if alpha_sigma is not None else self._alpha_sigma(as_levels(t, x.shape[0]))
         return to_x0_eps(self.prediction, x, pred, alpha, sigma, self.x0_transform, self.recompute_eps)
+
+    def _alpha_sigma(self, levels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``self.schedule.alpha_sigma(levels)`` (float64 CPU levels), remembered per level like :meth:`cached`'s
+        values (scalars, or up to :attr:`_CACHE_ROWS` per-row levels): a stochastic window's drafts convert the
+        anchor's prediction at its level in every round, and the conversion coefficients
+        (:func:`~driffusion_core.parameterization.to_x0_eps`) are then remembered on the same alpha too. The
+        values are the schedule's own (computed on a copy of the levels, which the interpolant may return as
+        sigma), so results are bit for bit those without the memo; a level the schedule refuses raises every
+        time (nothing is kept)."""
+        if levels.numel() > self._CACHE_ROWS:
+            return self.schedule.alpha_sigma(levels)
+        key = ("alpha_sigma", tuple(levels.shape), levels.numpy().tobytes())
+        make = lambda: self.schedule.alpha_sigma(levels.clone())  # noqa: E731
+        return self._memo(key, make, rows=True) if levels.dim() else self._memo(key, make)
 
     # ----------------------------------------------------------------- coefficient cache
     _CACHE_SIZE = 4096  # entries for scalar steps and windows (a few small tensors each)
@@ -600,6 +614,8 @@ def _levels_key(t_from: torch.Tensor, t_to: torch.Tensor) -> tuple:
 
 def zero_length_identity(out: torch.Tensor, x: torch.Tensor, t_from: torch.Tensor, t_to: torch.Tensor) -> torch.Tensor:
     """Rows whose skip has zero length (t_from == t_to) return x itself, exactly."""
+    if t_from.dim() == 0 and t_to.dim() == 0:  # one level each (a serial step): compared as Python floats
+        return x.clone() if t_from.item() == t_to.item() else out
     same = t_from == t_to
     if not bool(same.any()):
         return out

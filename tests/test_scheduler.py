@@ -637,3 +637,48 @@ def test_every_executor_hands_back_predictions_in_memory_of_their_own(executor, 
     torch.testing.assert_close(out, want, rtol=0, atol=0)
     mine = [xs, c] + list(buffer.values())
     assert not any(out.untyped_storage().data_ptr() == m.untyped_storage().data_ptr() for m in mine)
+
+
+def test_round_times_are_the_grids_own_and_fresh_memory_every_round():
+    """The model times a round hands the executor are the grid's (also after the grid's times are edited in
+    place), in memory of their own: a predictor that writes into t changes neither a later round nor a later
+    sample."""
+    schedule = VPSchedule.linear()
+    grid = schedule.timesteps(10, "trailing")
+    seen: List[List[float]] = []
+
+    def f(x, t):
+        seen.append(t.tolist())
+        t.add_(1000)  # written in place: the sampler must not see it again
+        return torch.tanh(x) * 0.1
+
+    x = NoiseSource(0).initial((3, 2))
+    sched = DraftRefineScheduler(DDIMSkip(schedule), grid, width=3)
+    for _ in range(2):
+        seen.clear()
+        sched.sample(f, x, executor=BatchedExecutor())
+        want = [[float(v)] * 3 for v in grid.model_times.tolist()]
+        assert [row[i * 3 : i * 3 + 3] for row in seen for i in range(len(row) // 3)] == want
+    grid.model_times.sub_(1)  # the grid's own times, edited in place, are what the next rounds pass
+    seen.clear()
+    sched.sample(f, x, executor=BatchedExecutor())
+    assert seen[0] == [float(grid.model_times[0])] * 3
+
+
+def test_stamps_changed_is_stamp_changed_for_every_kind_of_stamp():
+    """One host read for all fingerprints, the same answers as checking them one by one: version counters,
+    fingerprints of inference tensors (NaN in them too), tensors without a stamp."""
+    from driffusion_core.executor import changed_tensor, stamp_changed, stamps_changed, version_stamp
+
+    plain = torch.ones(3)
+    with torch.inference_mode():
+        a, b, c = torch.ones(4), torch.tensor([1.0, float("nan")]), torch.zeros(2, 2)
+    pairs = [(plain, version_stamp(plain)), (a, version_stamp(a)), (b, version_stamp(b)), (c, version_stamp(c)),
+             (plain, None)]
+    assert stamps_changed(pairs) == [False] * 5
+    plain.add_(1)
+    with torch.inference_mode():
+        c.add_(1)
+    assert stamps_changed(pairs) == [stamp_changed(t, s) for t, s in pairs] == [True, False, False, True, False]
+    versions = [(name, t, s) for name, (t, s) in zip("pabcn", pairs)]
+    assert changed_tensor(versions) == "p" and changed_tensor(versions[1:]) == "c" and changed_tensor([]) is None

@@ -702,6 +702,32 @@ def test_coefficient_cache_follows_changed_settings():
     assert torch.equal(run(tr), run(DDIMSkip(VPSchedule.linear())))
 
 
+def test_drafts_remembered_alpha_sigma_follows_changed_settings():
+    """A stochastic window's drafts convert the anchor's prediction with the schedule's (alpha, sigma) at its level,
+    remembered per level: warm, after an in-place edit of the table, or after a change of prediction, a sample is
+    the bits of a fresh transition's; a flow model of another parameterization (its velocity converted at every
+    step) alike."""
+    from driffusion_core import DraftRefineScheduler
+
+    grid = VPSchedule.linear().timesteps(12, "trailing")
+    x, f = randn(4, 3, seed=5), (lambda x, t: torch.tanh(x) * (t.to(x.dtype)[:, None] / 1000))
+    run = lambda tr, g=grid: DraftRefineScheduler(tr, g, width=4).sample(f, x, noise=NoiseSource(2)).x  # noqa: E731
+    schedule = VPSchedule.linear()
+    tr = DDPMSkip(schedule)
+    first = run(tr)
+    assert torch.equal(run(tr), first) and torch.equal(first, run(DDPMSkip(VPSchedule.linear())))
+    schedule.alphas_cumprod.mul_(0.99)  # edited in place
+    assert torch.equal(run(tr), run(DDPMSkip(VPSchedule(schedule.alphas_cumprod.clone()))))
+    tr = DDIMSkip(VPSchedule.linear(), eta=0.5)
+    run(tr)
+    tr.prediction = "sample"
+    assert torch.equal(run(tr), run(DDIMSkip(VPSchedule.linear(), "sample", eta=0.5)))
+    flow = FlowSchedule(shift=3.0)
+    tr = FlowEulerSkip(flow, "sample")
+    warm = [run(tr, flow.timesteps(12)) for _ in range(2)]
+    assert torch.equal(warm[0], warm[1]) and torch.equal(warm[0], run(FlowEulerSkip(FlowSchedule(shift=3.0), "sample"), flow.timesteps(12)))
+
+
 def test_settings_changed_later_are_checked_as_in_the_constructor():
     from driffusion_core.errors import InvalidArgumentError
 
