@@ -22,12 +22,12 @@ from driffusion_core.executor import (
     DENSE_FIX,
     Executor,
     Predictor,
+    batched_tensors,
     check_describe_width,
     check_round_args,
     changed_tensor,
     iter_tensors,
     map_tensors,
-    named_tensors,
     not_dense,
     tensor_versions,
 )
@@ -57,6 +57,7 @@ def per_sample(f: Callable[..., torch.Tensor]) -> Predictor:
     """
     if not callable(f):
         raise InvalidArgumentError(f"per_sample needs a callable, got {type(f).__name__}.")
+    name = f"per_sample({getattr(f, '__name__', type(f).__name__)})"
 
     def batched(x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
         # vmap maps over the batched tensors (dim > 0) as one flat list, and each call rebuilds the conditioning
@@ -71,14 +72,13 @@ def per_sample(f: Callable[..., torch.Tensor]) -> Predictor:
         try:
             return torch.func.vmap(one)(x, t, rows)
         except Exception as e:
-            who = f"per_sample({getattr(f, '__name__', type(f).__name__)})"
             if _looks_like_vmap(e):
-                _note_vmap(e, who)
+                _note_vmap(e, name)
             else:
-                _note_sliced(e, cond, f"{who} passes f one row of each conditioning tensor with a batch dimension")
+                _note_sliced(e, cond, f"{name} passes f one row of each conditioning tensor with a batch dimension")
             raise
 
-    batched.__name__ = f"per_sample({getattr(f, '__name__', type(f).__name__)})"
+    batched.__name__ = name
     batched.__wrapped__ = f
     return batched
 
@@ -273,7 +273,7 @@ def _note_sliced(error: BaseException, cond: Mapping[str, Any], what: str) -> No
     """To a predictor's exception from a call that got slices of the conditioning's batched tensors, add a note
     naming them (``what``: who sliced them how): a tensor every sample shares that happens to have B rows is
     sliced too, and the model then indexes past its end."""
-    sliced = [f"{name} {tuple(t.shape)}" for name, t in named_tensors(cond) if t.dim() > 0][:6]
+    sliced = [f"{name} {tuple(t.shape)}" for name, t in batched_tensors(cond)][:6]
     if sliced and hasattr(error, "add_note"):
         error.add_note(
             f"{what} ({', '.join(sliced)}). A tensor all samples share (a table, a weight) that has one row per "

@@ -121,7 +121,11 @@ def exception_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {safe_str(e)}"
 
 
-def check_predictor(predictor, message: str) -> None:
+#: what the samplers call a predictor, for :func:`check_predictor`'s message
+PREDICTOR_CONTRACT = "predictor must be a callable f(x, t, **cond) returning a tensor shaped like x"
+
+
+def check_predictor(predictor, message: str = PREDICTOR_CONTRACT) -> None:
     """Refuse a predictor that is not callable (``message``: the caller's words for what it must be), and a
     class given for one: calling a class builds an instance (an ``nn.Module`` subclass, a wrapper class), so
     the first model call would fail far from the mistake, or return an object instead of a prediction."""

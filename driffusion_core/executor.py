@@ -273,8 +273,14 @@ def stamp_changed(t: torch.Tensor, stamp: Any) -> bool:
         return False
     if isinstance(stamp, int):
         return t._version != stamp
+    return bool(_fingerprint_differs(t, stamp))
+
+
+def _fingerprint_differs(t: torch.Tensor, stamp: torch.Tensor) -> torch.Tensor:
+    """0-d bool tensor: ``t``'s fingerprint (:func:`version_stamp`, an inference tensor's) differs from ``stamp``
+    (NaN where NaN was counts as unchanged); on ``t``'s device, not read back yet."""
     now = version_stamp(t)
-    return not bool(((now == stamp) | (torch.isnan(now) & torch.isnan(stamp))).all())
+    return ~((now == stamp) | (torch.isnan(now) & torch.isnan(stamp))).all()
 
 
 def tensor_versions(cond: Any) -> List[Tuple[str, torch.Tensor, Any]]:
@@ -287,23 +293,17 @@ def stamps_changed(pairs: List[Tuple[torch.Tensor, Any]]) -> List[bool]:
     """``[stamp_changed(t, stamp) for t, stamp in pairs]``, with one host read for all the fingerprints (inference
     tensors) on one device instead of one per tensor: on a GPU each read waits for the stream."""
     flags: List[Any] = []
-    pending: List[Tuple[int, torch.Tensor]] = []  # (position, 0-d bool tensor: the fingerprint differs)
+    by_device: dict = {}  # device -> [(position, 0-d bool tensor: the fingerprint differs)]
     for t, stamp in pairs:
-        if stamp is None or isinstance(stamp, int):
+        if stamp is None or isinstance(stamp, int):  # no stamp, or a version counter: no device read
             flags.append(stamp_changed(t, stamp))
             continue
-        now = version_stamp(t)
-        pending.append((len(flags), ~((now == stamp) | (torch.isnan(now) & torch.isnan(stamp))).all()))
+        differs = _fingerprint_differs(t, stamp)
+        by_device.setdefault(differs.device, []).append((len(flags), differs))
         flags.append(None)
-    if len(pending) == 1:
-        flags[pending[0][0]] = bool(pending[0][1])
-    elif pending:
-        by_device: dict = {}
-        for i, d in pending:
-            by_device.setdefault(d.device, []).append((i, d))
-        for group in by_device.values():
-            for (i, _), v in zip(group, torch.stack([d for _, d in group]).tolist()):
-                flags[i] = v
+    for group in by_device.values():
+        for (i, _), v in zip(group, torch.stack([d for _, d in group]).tolist()):
+            flags[i] = v
     return flags
 
 

@@ -77,20 +77,14 @@ def _remembered(owner: torch.Tensor, key: Any, make: Callable[[], Any], *deps: t
     does; it is remade if ``owner`` or a dep is written in place or a dep is another tensor, and made
     outside ``torch.inference_mode`` (normal tensors, which a later sample that tracks gradients may use).
     Inference tensors have no version counter to watch: for them ``make()`` runs every time."""
-    if not deps:  # the common case (a cast of a coefficient), without the generic path's generators
-        if owner.is_inference():
-            return make()
-        memo = owner.__dict__.get("_driffusion_memo")
-        hit = memo.get(key) if memo is not None else None
-        if hit is not None and hit[1] == (owner._version,):
-            return hit[2]
     tensors = (owner, *deps)
-    if any(t.is_inference() for t in tensors):
+    # list comprehensions, not generators: this runs for every coefficient of every step
+    if True in [t.is_inference() for t in tensors]:
         return make()
-    versions = tuple(t._version for t in tensors)
+    versions = tuple([t._version for t in tensors])
     memo = owner.__dict__.setdefault("_driffusion_memo", {})
     hit = memo.get(key)
-    if hit is not None and hit[1] == versions and all(a is b for a, b in zip(hit[0], deps)):
+    if hit is not None and hit[1] == versions and (not deps or all([a is b for a, b in zip(hit[0], deps)])):
         return hit[2]
     with torch.inference_mode(False):
         value = make()

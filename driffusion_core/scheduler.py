@@ -300,7 +300,8 @@ def note_where(error: BaseException, grid: TimeGrid, steps: List[int], x: torch.
 
 
 def _cond_listing(cond: Optional[Mapping[str, Any]], most: int = 6) -> str:
-    """``", cond: 'mask' torch.bool (4, 16), ..."`` (the conditioning's tensors, for an error note), or ""."""
+    """``", and the conditioning's tensors are cond['mask'] torch.bool (4, 16), ..."`` (at most ``most`` of them,
+    for an error note), or "" when it holds none."""
     found = list(named_tensors(cond or {}))
     if not found:
         return ""
@@ -452,7 +453,7 @@ def run_rounds(
     each round's states go to ``executor.evaluate`` with their model times. Returns the finished
     state and the executor used (the serial one by default).
     """
-    check_predictor(predictor, "predictor must be a callable f(x, t, **cond) returning a tensor shaped like x")
+    check_predictor(predictor)
     cond = check_inputs(x, cond)
     executor = executor if executor is not None else SerialExecutor()
     check_executor(executor)

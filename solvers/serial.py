@@ -72,7 +72,7 @@ def sample_serial(
         :class:`~driffusion_core.SampleOutput` with ``rounds == evals == T``.
     """
     check_transition(transition, "sample_serial(predictor, x, transition, timesteps)")
-    check_predictor(predictor, "predictor must be a callable f(x, t, **cond) returning a tensor shaped like x")
+    check_predictor(predictor)
     cond = check_inputs(x, cond)
     grid = transition.make_grid(timesteps)
     noise = default_noise(transition, noise)
@@ -122,7 +122,7 @@ def sample_step_skipping(
     the coarse steps. With ``rounds == T`` it is :func:`sample_serial`.
     """
     check_transition(transition, "sample_step_skipping(predictor, x, transition, timesteps, rounds)")
-    check_predictor(predictor, "predictor must be a callable f(x, t, **cond) returning a tensor shaped like x")
+    check_predictor(predictor)
     cond = check_inputs(x, cond)
     grid = transition.make_grid(timesteps)
     noise = default_noise(transition, noise)
