@@ -58,8 +58,10 @@ class MeanStepWarning(UserWarning):
 
 
 class TrainingModeWarning(UserWarning):
-    """A dropout layer of the model ran in training mode while sampling: every prediction is a random draw,
-    so the sample is not reproducible and not the serial sampler's. Call ``model.eval()`` before sampling."""
+    """A layer of the model ran in training mode while sampling: dropout (every prediction is a random draw,
+    so the sample is not reproducible and not the serial sampler's) or BatchNorm with running statistics (it
+    normalises with the call's batch, so a row's prediction depends on its batch mates, and it overwrites the
+    running statistics). Call ``model.eval()`` before sampling."""
 
 
 class WideWindowWarning(UserWarning):

@@ -1,4 +1,5 @@
-"""The ``nn.Module`` s a predictor reaches, and the training-mode layers that make its predictions random.
+"""The ``nn.Module`` s a predictor reaches, and the training-mode layers (dropout, BatchNorm) that make its
+predictions random or batch-dependent.
 
 A predictor is any callable (a module, a bound method, a lambda closing over a model, a
 ``functools.partial``); :func:`modules_in` finds the modules behind it, for checks that must look at the
@@ -110,26 +111,44 @@ def pre_hooks(layers: List[Tuple[str, torch.nn.Module]], make_hook: Callable[[st
             h.remove()
 
 
+def _trains(m: torch.nn.Module) -> bool:
+    """A layer that behaves as in training while in training mode: dropout with p > 0 (random predictions),
+    BatchNorm with running statistics (normalises with the call's batch and overwrites the statistics)."""
+    if not m.training:
+        return False
+    if isinstance(m, torch.nn.modules.dropout._DropoutNd):
+        return m.p > 0
+    return isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+
+
+def _training_effect(path: str, layer: torch.nn.Module) -> str:
+    if isinstance(layer, torch.nn.modules.dropout._DropoutNd):
+        return (f"dropout layer {path!r} (p={layer.p:g}) is in training mode, so every prediction is a random "
+                f"draw: the sample is not reproducible and not the serial sampler's")
+    return (f"BatchNorm layer {path!r} is in training mode, so it normalises with each call's batch instead of "
+            f"its running statistics (a row's prediction depends on the rows batched with it, and no executor "
+            f"matches another) and every call overwrites those running statistics")
+
+
 def warn_random_layers(predictor: Any, who: str = "sampling"):
-    """Warn (:class:`~driffusion_core.errors.TrainingModeWarning`, once per context) when a dropout layer (p > 0)
-    in training mode that the predictor reaches runs during the context: every prediction is then a random
-    draw, so the sample is neither reproducible nor the serial sampler's (and no executor can match another).
+    """Warn (:class:`~driffusion_core.errors.TrainingModeWarning`, once per context) when a layer in training
+    mode that the predictor reaches runs during the context: a dropout layer (p > 0) makes every prediction
+    a random draw; a BatchNorm layer with running statistics normalises with the call's batch (a row's
+    prediction then depends on its batch mates) and overwrites the running statistics it should use. Either
+    way the sample is not the trained model's serial sample, and no executor can match another.
     A layer that does not run is not reported; functional dropout (``F.dropout(..., training=True)``) cannot
     be seen. A context manager."""
     warned = threading.Event()
 
     def hook(path: str, layer: torch.nn.Module):
         def pre(module, args):
-            if layer.training and not warned.is_set():
+            if _trains(layer) and not warned.is_set():
                 warned.set()
                 warnings.warn(
-                    f"{who}: the model's dropout layer {path!r} (p={layer.p:g}) is in training mode, so every "
-                    f"prediction is a random draw: the sample is not reproducible and not the serial sampler's. "
-                    f"Call model.eval() before sampling.",
+                    f"{who}: the model's {_training_effect(path, layer)}. Call model.eval() before sampling.",
                     TrainingModeWarning,
                     stacklevel=2,
                 )
         return pre
 
-    random = layers_in(predictor, lambda m: isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0)
-    return pre_hooks(random, hook)
+    return pre_hooks(layers_in(predictor, _trains), hook)

@@ -86,7 +86,8 @@ When to use which (measured on the exact 2-D ring oracle by ``benchmarks/picard_
 
 * **DRiffusion** (:class:`~driffusion_core.DraftRefineScheduler`) gives the fewest rounds at fixed
   compute: exactly T model calls in 1 + ceil((T-1)/n) rounds, no tuning. It gives no control of
-  the distance to the serial result.
+  the distance to the serial result. (Picard at tau = inf also makes T calls, in ceil(T/n) rounds,
+  its first round evaluating the first window's copies of x_0; ``solvers/PICARD.md`` compares.)
 * **The tolerance dial** (``PicardScheduler(init="skip")``) trades model calls (up to n per round)
   for closeness to the serial result. tau = 0 *is* the serial sampler (at most T rounds); a
   smaller tau generally ends closer to serial, in more rounds. tau > 0 is a convergence
@@ -483,7 +484,7 @@ class PicardScheduler:
             if max_rounds < low:
                 raise InvalidArgumentError(
                     f"max_rounds={max_rounds!r} cannot finish {self.num_steps} steps at width {width}: the fewest "
-                    f"rounds that always finish are {low} (DRiffusion's own round count: one Picard round, then "
+                    f"rounds that finish at every tolerance are {low} (DRiffusion's own round count: one Picard round, then "
                     f"draft-and-refine in the worst case). Raise max_rounds or the width, or pass None."
                 )
         self.max_rounds = max_rounds

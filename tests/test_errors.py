@@ -1877,6 +1877,50 @@ def test_dropout_in_training_mode_is_warned_once_per_sample(entry):
     assert not net[1]._forward_pre_hooks, "the sampler must not leave hooks on the model"
 
 
+@pytest.mark.parametrize("entry", ["serial", "step_skipping", "scheduler_serial", "batched_width1", "picard", "kdiffusion"])
+def test_batchnorm_in_training_mode_is_warned_and_its_statistics_named(entry):
+    """A BatchNorm layer left in training mode normalises with each call's batch (a row's prediction depends
+    on its batch mates) and overwrites its running statistics: every entry point that does not refuse it
+    (BatchedExecutor refuses it at width > 1) warns once, naming the layer and model.eval(). In eval mode, or
+    without running statistics (an architectural choice, the same in training), nothing is said."""
+    from driffusion_core import TrainingModeWarning
+    from solvers.interop.kdiffusion import sample_driffusion
+
+    schedule = VPSchedule.linear()
+    grid = schedule.timesteps(6)
+    x = NoiseSource(0).initial((4, 3))
+
+    def net_with(**kw):
+        return torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3, **kw))
+
+    def run(net):
+        f = lambda x, t: net(x)  # noqa: E731
+        if entry == "serial":
+            return sample_serial(f, x, DDIMSkip(schedule), grid)
+        if entry == "step_skipping":
+            return sample_step_skipping(f, x, DDIMSkip(schedule), grid, 3)
+        if entry == "picard":
+            return PicardScheduler(DDIMSkip(schedule), grid, width=3).sample(f, x)
+        if entry == "kdiffusion":
+            return sample_driffusion(lambda x, sigma: net(x), x, torch.tensor([10.0, 5.0, 1.0, 0.0]), disable=True,
+                                     executor=SerialExecutor())
+        if entry == "batched_width1":
+            return DraftRefineScheduler(DDIMSkip(schedule), grid, width=1).sample(f, x, executor=BatchedExecutor())
+        return DraftRefineScheduler(DDIMSkip(schedule), grid, width=2).sample(f, x, executor=SerialExecutor())
+
+    net = net_with()
+    before = net[1].running_mean.clone()
+    with pytest.warns(TrainingModeWarning, match=r"BatchNorm layer 'Sequential\.1' is in training mode.*running statistics.*model\.eval\(\)") as got:
+        run(net)
+    assert len([w for w in got if issubclass(w.category, TrainingModeWarning)]) == 1
+    assert not torch.equal(net[1].running_mean, before)  # what the warning says happened
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TrainingModeWarning)
+        run(net_with().eval())
+        run(net_with(track_running_stats=False))
+    assert not net[1]._forward_pre_hooks, "the sampler must not leave hooks on the model"
+
+
 def test_an_error_note_lists_t_and_the_conditioning_and_explains_a_float_t_used_as_an_index():
     """The note on a model's exception gives t's dtype and the conditioning tensors' dtypes and shapes (a float
     mask where the model wants bool shows there); a model that looks t up in an embedding on a flow grid (t is
