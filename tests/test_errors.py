@@ -1840,30 +1840,38 @@ def _dropout_net(p):
     return torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Dropout(p))
 
 
+def _sample_with(entry: str, net: torch.nn.Module, rows: int = 2):
+    """Sample a 6-step DDIM grid with ``net`` (reached through a closure, as users write it) at one of the
+    entry points that run a model."""
+    from solvers.interop.kdiffusion import sample_driffusion
+
+    schedule = VPSchedule.linear()
+    grid = schedule.timesteps(6)
+    x = NoiseSource(0).initial((rows, 3))
+    f = lambda x, t: net(x)  # noqa: E731
+    if entry == "serial":
+        return sample_serial(f, x, DDIMSkip(schedule), grid)
+    if entry == "step_skipping":
+        return sample_step_skipping(f, x, DDIMSkip(schedule), grid, 3)
+    if entry == "picard":
+        return PicardScheduler(DDIMSkip(schedule), grid, width=3).sample(f, x)
+    if entry == "kdiffusion":
+        return sample_driffusion(lambda x, sigma: net(x), x, torch.tensor([10.0, 5.0, 1.0, 0.0]), disable=True,
+                                 executor=SerialExecutor())
+    width, executor = {"scheduler_serial": (2, SerialExecutor()), "scheduler_batched": (2, BatchedExecutor()),
+                       "batched_width1": (1, BatchedExecutor())}[entry]
+    return DraftRefineScheduler(DDIMSkip(schedule), grid, width=width).sample(f, x, executor=executor)
+
+
 @pytest.mark.parametrize("entry", ["serial", "step_skipping", "scheduler_serial", "scheduler_batched", "picard", "kdiffusion"])
 def test_dropout_in_training_mode_is_warned_once_per_sample(entry):
     """A dropout layer left in training mode makes every prediction random (no executor then matches
     another): each entry point warns once per call, naming the layer and model.eval(); a model in eval mode,
     or with p = 0 (diffusers' default dropout), samples without a word."""
     from driffusion_core import TrainingModeWarning
-    from solvers.interop.kdiffusion import sample_driffusion
-
-    schedule = VPSchedule.linear()
-    grid = schedule.timesteps(6)
-    x = NoiseSource(0).initial((2, 3))
 
     def run(net):
-        f = lambda x, t: net(x)  # noqa: E731 - the module reached through a closure, as users write it
-        if entry == "serial":
-            return sample_serial(f, x, DDIMSkip(schedule), grid)
-        if entry == "step_skipping":
-            return sample_step_skipping(f, x, DDIMSkip(schedule), grid, 3)
-        if entry == "picard":
-            return PicardScheduler(DDIMSkip(schedule), grid, width=3).sample(f, x)
-        if entry == "kdiffusion":
-            return sample_driffusion(lambda x, sigma: net(x), x, torch.tensor([10.0, 5.0, 1.0, 0.0]), disable=True)
-        executor = BatchedExecutor() if entry == "scheduler_batched" else SerialExecutor()
-        return DraftRefineScheduler(DDIMSkip(schedule), grid, width=2).sample(f, x, executor=executor)
+        return _sample_with(entry, net)
 
     with pytest.warns(TrainingModeWarning, match=r"dropout layer 'Sequential\.1' \(p=0\.3\) is in training mode.*model\.eval\(\)") as got:
         run(_dropout_net(0.3))
@@ -1884,29 +1892,12 @@ def test_batchnorm_in_training_mode_is_warned_and_its_statistics_named(entry):
     (BatchedExecutor refuses it at width > 1) warns once, naming the layer and model.eval(). In eval mode, or
     without running statistics (an architectural choice, the same in training), nothing is said."""
     from driffusion_core import TrainingModeWarning
-    from solvers.interop.kdiffusion import sample_driffusion
-
-    schedule = VPSchedule.linear()
-    grid = schedule.timesteps(6)
-    x = NoiseSource(0).initial((4, 3))
 
     def net_with(**kw):
         return torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3, **kw))
 
     def run(net):
-        f = lambda x, t: net(x)  # noqa: E731
-        if entry == "serial":
-            return sample_serial(f, x, DDIMSkip(schedule), grid)
-        if entry == "step_skipping":
-            return sample_step_skipping(f, x, DDIMSkip(schedule), grid, 3)
-        if entry == "picard":
-            return PicardScheduler(DDIMSkip(schedule), grid, width=3).sample(f, x)
-        if entry == "kdiffusion":
-            return sample_driffusion(lambda x, sigma: net(x), x, torch.tensor([10.0, 5.0, 1.0, 0.0]), disable=True,
-                                     executor=SerialExecutor())
-        if entry == "batched_width1":
-            return DraftRefineScheduler(DDIMSkip(schedule), grid, width=1).sample(f, x, executor=BatchedExecutor())
-        return DraftRefineScheduler(DDIMSkip(schedule), grid, width=2).sample(f, x, executor=SerialExecutor())
+        return _sample_with(entry, net, rows=4)
 
     net = net_with()
     before = net[1].running_mean.clone()
