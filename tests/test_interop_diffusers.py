@@ -255,9 +255,20 @@ def test_dynamic_shifting_and_diffusers_failures_are_named():
     with pytest.raises(InvalidArgumentError, match="past the last training timestep 999.*steps_offset=5") as info:
         from_diffusers(euler(timestep_spacing="leading", steps_offset=5), 500)
     assert len(str(info.value)) < 600
-    with pytest.raises(InvalidArgumentError, match="lists a timestep twice") as info:
-        from_diffusers(unipc(), 1000)
-    assert "lambda_min_clipped" not in str(info.value)
+    # 1000 linspace steps over 1000 training timesteps: diffusers' rounding lists one twice; the message says so
+    # and names the nearest count that works (a DDPMPipeline's default step count with DPM-Solver hits this)
+    for cls in (unipc, dpm):
+        with pytest.raises(InvalidArgumentError, match=r"lists a timestep twice \(timestep \d+ after \d+\): "
+                                                       r"timestep_spacing='linspace' rounds two of its steps") as info:
+            from_diffusers(cls(), 1000)
+        assert "lambda_min_clipped" not in str(info.value)  # UniPC has none; DPM-Solver's default -inf clips nothing
+        suggested = int(re.search(r"Use num_inference_steps=(\d+)", str(info.value)).group(1))
+        assert len(from_diffusers(cls(), suggested)[1]) == suggested
+        for n in range(suggested + 1, 1000):
+            with pytest.raises(InvalidArgumentError, match="lists a timestep twice"):
+                from_diffusers(cls(), n)
+    with pytest.raises(InvalidArgumentError, match=r"lambda_min_clipped=-5\.1 may shorten the range"):
+        from_diffusers(dpm(lambda_min_clipped=-5.1), 1000)
 
 
 def test_from_config_equals_from_scheduler(unet2d):
@@ -352,6 +363,13 @@ def test_trained_betas_must_have_num_train_timesteps_entries(name):
     # DPM-Solver reads its timesteps' table entries as diffusers does, but a shorter table is refused
     with pytest.raises(InvalidArgumentError, match=r"800 alphas_cumprod entries .* num_train_timesteps=1000"):
         from_diffusers(need("DPMSolverMultistepScheduler")(trained_betas=betas[:800]), 10)
+    # Euler reads diffusers' own sigmas: a short table works while they stay distinct (diffusers clamps the
+    # timesteps past it to its last sigma), and where they repeat the message names the table's length
+    euler = need("EulerDiscreteScheduler")
+    from_diffusers(euler(trained_betas=betas[:500]), 2)
+    with pytest.raises(InvalidArgumentError, match=r"has 500 alphas_cumprod entries, its trained_betas, but "
+                                                   r"num_train_timesteps=1000.*num_train_timesteps=len\(trained_betas\)"):
+        from_diffusers(euler(trained_betas=betas[:500]), 7)
 
 
 CUSTOM_CASES = [
@@ -362,6 +380,9 @@ CUSTOM_CASES = [
     ("FlowMatchEulerDiscreteScheduler", {}, dict(timesteps=[1000.0, 800.0, 500.0, 200.0, 50.0]), None),
     ("FlowMatchEulerDiscreteScheduler", dict(use_dynamic_shifting=True),
      dict(sigmas=[1.0, 0.7, 0.4, 0.1], timesteps=[990.0, 720.0, 380.0, 120.0]), 0.8),
+    # Wan-style UniPC takes custom sigmas with use_flow_sigmas (and shifts them as its own)
+    ("UniPCMultistepScheduler", dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0),
+     dict(sigmas=np.array([1.0, 0.8, 0.5, 0.2, 0.05])), None),  # an array: its set_timesteps fails on a list
 ]
 
 
@@ -1102,6 +1123,21 @@ def test_stable_diffusion_3_pipeline(sd3_transformer, vae, flow_config):
     ref_custom = pipe(generator=gen(), **custom).images
     assert abs(ref_custom - ref).max() > 1e-3
     np_testing_close(DRiffusionPipeline(pipe, width=1)(generator=gen(), **custom).images, ref_custom, 1e-5)
+
+
+def test_stable_diffusion_3_pipeline_with_flow_unipc_takes_custom_sigmas(sd3_transformer, vae):
+    """The pipeline's sigmas= reach a Wan-style UniPC (use_flow_sigmas) as diffusers passes them: width 1 is
+    diffusers' image, and the custom grid is not the default one."""
+    make = lambda: need("UniPCMultistepScheduler")(use_flow_sigmas=True, prediction_type="flow_prediction",  # noqa: E731
+                                                   flow_shift=3.0)
+    g = torch.Generator().manual_seed(0)
+    kw = dict(**_sd3_embeds(g), guidance_scale=4.0, output_type="np", sigmas=np.array([1.0, 0.8, 0.6, 0.4, 0.2, 0.1]))
+    gen = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    ref = _sd3_pipeline(sd3_transformer, make(), vae)(generator=gen(), **kw).images
+    plain = _sd3_pipeline(sd3_transformer, make(), vae)(generator=gen(), **{**kw, "sigmas": None, "num_inference_steps": 6}).images
+    assert abs(plain - ref).max() > 1e-3
+    np_testing_close(DRiffusionPipeline(_sd3_pipeline(sd3_transformer, make(), vae), width=1)(generator=gen(), **kw).images,
+                     ref, 1e-5)
 
 
 def test_stable_diffusion_3_pipeline_with_a_stochastic_scheduler_takes_its_step_noise(sd3_transformer, vae):
@@ -2495,6 +2531,11 @@ def test_diffusers_grids_that_are_broken_are_refused_by_name():
             from_diffusers(need(cls)(num_train_timesteps=100, timestep_spacing="leading", steps_offset=1), 99)
     with pytest.raises(InvalidArgumentError, match=r"set_timesteps\(1\) itself gives sigmas \[nan"):
         from_diffusers(need("FlowMatchEulerDiscreteScheduler")(shift_terminal=0.1), 1)
+    with pytest.raises(InvalidArgumentError, match=r"set_timesteps\(sigmas=\[1\.0\]\) itself gives sigmas \[nan"):
+        from_diffusers(need("FlowMatchEulerDiscreteScheduler")(shift_terminal=0.1), sigmas=[1.0])
+    # UniPC takes custom sigmas only where its set_timesteps does
+    with pytest.raises(InvalidArgumentError, match=r"custom sigmas only with use_flow_sigmas=True"):
+        from_diffusers(need("UniPCMultistepScheduler")(), sigmas=[1.0, 0.5])
 
 
 def test_diffusers_predictor_runs_the_model_in_its_own_dtype(unet2d):

@@ -17,7 +17,8 @@ Key (diffusers' names -> ours):
   :class:`~driffusion_core.ClipSample` (diffusers' precedence);
 * DDPM ``variance_type`` fixed_small / fixed_small_log / fixed_large (None: fixed_small, as diffusers) -> :class:`~solvers.DDPMSkip`;
 * custom steps, as ``set_timesteps(timesteps=..., sigmas=...)`` takes them: DDPM ``timesteps`` (each step to the
-  next listed one, the last to -1), flow ``sigmas`` / ``timesteps`` (through the scheduler's own ``set_timesteps``);
+  next listed one, the last to -1), flow ``sigmas`` / ``timesteps`` (through the scheduler's own ``set_timesteps``),
+  UniPC ``sigmas`` with ``use_flow_sigmas=True``;
   a scheduler already holding custom ones that differ from the grid built here is refused unless they are passed;
 * flow sigmas (``shift`` or a later ``set_shift()``, ``use_dynamic_shifting`` with ``mu``, ``shift_terminal``,
   Karras / exponential / beta sigmas, linear time shift) -> read from the scheduler's own ``set_timesteps``
@@ -351,12 +352,7 @@ def _flow(scheduler, cfg, num_inference_steps: Optional[int], mu: Optional[float
     # shift_terminal, Karras / exponential / beta sigmas and the linear time shift.
     mu_kw = {"mu": mu} if mu is not None else {}
     if sigmas is not None or timesteps is not None:  # custom: through the scheduler's own set_timesteps
-        custom = {k: (v.detach().cpu().tolist() if isinstance(v, torch.Tensor) else v)
-                  for k, v in (("sigmas", sigmas), ("timesteps", timesteps)) if v is not None}
-        for key, v in custom.items():
-            arr = np.asarray(v, dtype=object)
-            if arr.ndim != 1 or len(arr) == 0:
-                raise InvalidArgumentError(f"{key} must be a non-empty 1-D list of numbers, got {v!r}.")
+        custom = _custom_lists(sigmas=sigmas, timesteps=timesteps)
         if "sigmas" in custom and "timesteps" in custom and len(custom["sigmas"]) != len(custom["timesteps"]):
             raise InvalidArgumentError(
                 f"sigmas and timesteps must have the same length (one model timestep per sigma, as diffusers "
@@ -390,9 +386,31 @@ def _flow(scheduler, cfg, num_inference_steps: Optional[int], mu: Optional[float
     return transition, grid
 
 
+def _custom_lists(**given: Any) -> dict:
+    """Custom ``sigmas`` / ``timesteps`` (those not None) as the plain lists diffusers' set_timesteps takes,
+    each checked to be a non-empty 1-D list."""
+    custom = {k: (v.detach().cpu().tolist() if isinstance(v, torch.Tensor) else v)
+              for k, v in given.items() if v is not None}
+    for key, v in custom.items():
+        arr = np.asarray(v, dtype=object)
+        if arr.ndim != 1 or len(arr) == 0:
+            raise InvalidArgumentError(f"{key} must be a non-empty 1-D list of numbers, got {v!r}.")
+    return custom
+
+
+def _call_text(num_inference_steps: Optional[int], **custom: Any) -> str:
+    """How a set_timesteps call reads in a message: ``set_timesteps(6)``, or with custom lists
+    ``set_timesteps(sigmas=[1, 0.8, ..., 0.1])``."""
+    if not custom:
+        return f"set_timesteps({num_inference_steps})"
+    return "set_timesteps(" + ", ".join(
+        f"{k}={_short(torch.as_tensor(v, dtype=torch.float64))}" for k, v in custom.items()) + ")"
+
+
 def _probe(scheduler, num_inference_steps: Optional[int], **kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
     """The sigmas (flow: with the final 0) and timesteps of the scheduler's own set_timesteps, run on a copy
     so the user's scheduler is untouched."""
+    call = _call_text(num_inference_steps, **{k: v for k, v in kwargs.items() if k in ("sigmas", "timesteps")})
     probe = copy.deepcopy(scheduler)
     try:
         with warnings.catch_warnings():  # DPM-Solver's own numpy-2 DeprecationWarning (np.array of a tensor)
@@ -403,14 +421,14 @@ def _probe(scheduler, num_inference_steps: Optional[int], **kwargs) -> Tuple[tor
     except AssertionError as e:  # an assert without a message inside diffusers (a combination it does not run)
         where = _first_frame_text(e)
         raise InvalidArgumentError(
-            f"{type(scheduler).__name__}.set_timesteps({num_inference_steps}) fails an assertion inside diffusers"
+            f"{type(scheduler).__name__}.{call} fails an assertion inside diffusers"
             f"{': ' + where if where else ''}: this configuration does not run in diffusers either (e.g. "
             f"use_dynamic_shifting with time_shift_type='linear' on flow sigmas). Change the option it names."
         ) from None
     sigmas = probe.sigmas.detach().cpu().clone()
     if not bool(torch.isfinite(sigmas).all()):
         raise InvalidArgumentError(
-            f"{type(scheduler).__name__}.set_timesteps({num_inference_steps}) itself gives sigmas "
+            f"{type(scheduler).__name__}.{call} itself gives sigmas "
             f"{_short(sigmas)}, with NaN or inf (diffusers' own grid; e.g. shift_terminal "
             f"with a single step divides by zero): its loop would sample NaN. Use more inference steps, or drop the "
             f"option that stretches the sigmas."
@@ -562,12 +580,13 @@ def _dpm(scheduler, cfg, num_inference_steps: int, check_held: bool = True, mu: 
 _FLOW_PREDICTIONS = {"flow_prediction": "velocity", "epsilon": "epsilon", "sample": "sample"}
 
 
-def _multistep_flow(scheduler, cfg, num_inference_steps: int, mu: Optional[float], check_held: bool, name: str,
-                    make):
+def _multistep_flow(scheduler, cfg, num_inference_steps: Optional[int], mu: Optional[float], check_held: bool,
+                    name: str, make, sigmas: Any = None):
     """(transition, grid) of a multistep scheduler with ``use_flow_sigmas=True`` (Wan's UniPC, flow DPM-Solver):
     the levels are its own ``set_timesteps`` sigmas (on a copy; ``flow_shift``, ``use_dynamic_shifting`` with
-    ``mu``, ``shift_terminal``) on a :class:`~driffusion_core.FlowSchedule` (alpha = 1 - sigma, as diffusers'
-    ``_sigma_to_alpha_sigma_t`` there), the model times its integer timesteps; ``make(schedule, prediction)``."""
+    ``mu``, ``shift_terminal``; UniPC's custom ``sigmas``, which it shifts the same way) on a
+    :class:`~driffusion_core.FlowSchedule` (alpha = 1 - sigma, as diffusers' ``_sigma_to_alpha_sigma_t`` there),
+    the model times its integer timesteps; ``make(schedule, prediction)``."""
     sigma_option = next((o for o in _DPM_SIGMAS if cfg.get(o, False)), None)
     if sigma_option is not None:
         raise InvalidArgumentError(
@@ -578,12 +597,14 @@ def _multistep_flow(scheduler, cfg, num_inference_steps: int, mu: Optional[float
         raise InvalidArgumentError(
             f"{name}(use_flow_sigmas=True, prediction_type={kind!r}) is not supported: a flow interpolant takes "
             f"{sorted(_FLOW_PREDICTIONS)} (flow_prediction: the velocity eps - x0).")
-    sig, ts = _probe(scheduler, num_inference_steps, **_dynamic_kwargs(cfg, mu, name))
-    if check_held:
+    # as an array: UniPC's set_timesteps multiplies the sigmas by the shift (a list fails there)
+    custom = {k: np.asarray(v, dtype=np.float64) for k, v in _custom_lists(sigmas=sigmas).items()}
+    sig, ts = _probe(scheduler, None if custom else num_inference_steps, **_dynamic_kwargs(cfg, mu, name), **custom)
+    if check_held and not custom:
         _refuse_held_custom(scheduler, name, num_inference_steps, mu)
     n = len(ts)
     levels = sig[: n + 1].to(torch.float64)
-    _refuse_unusable_sigmas(name, "use_flow_sigmas", cfg, num_inference_steps, levels, top=1.0)
+    _refuse_unusable_sigmas(name, "use_flow_sigmas", cfg, _call_text(num_inference_steps, **custom), levels, top=1.0)
     # diffusers calls the model at integer timesteps, not sigma * N: the levels are found through the grid
     schedule = FlowGridSchedule(levels[:-1], ts, num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)))
     transition = make(schedule, _FLOW_PREDICTIONS[kind])
@@ -607,17 +628,19 @@ def _sigma_min_last_step(levels: torch.Tensor, cfg: Mapping[str, Any]) -> str:
                "go up in noise. Use final_sigmas_type='zero', or fewer inference steps."))
 
 
-def _refuse_unusable_sigmas(name: str, option: str, cfg: Mapping[str, Any], num_inference_steps: int,
+def _refuse_unusable_sigmas(name: str, option: str, cfg: Mapping[str, Any], call: Any,
                             levels: torch.Tensor, top: Optional[float] = None) -> None:
     """Refuse a multistep scheduler's own sigmas (``levels``: the steps' sigmas, then the last one) unless they
-    decrease strictly from a positive value (at most ``top``)."""
+    decrease strictly from a positive value (at most ``top``). ``call``: the set_timesteps call as the message
+    shows it (:func:`_call_text`), or its step count."""
+    call = call if isinstance(call, str) else _call_text(call)
     if bool((levels[:-1] > 0).all()) and bool((levels[1:] < levels[:-1]).all()) and (top is None or float(levels[0]) <= top):
         return
     zero_length = float(levels[-1]) == float(levels[-2]) > 0
     last_up = "" if zero_length else _sigma_min_last_step(levels, cfg)
     raise InvalidArgumentError(
         f"{name}({option}=True, final_sigmas_type={cfg.get('final_sigmas_type', 'zero')!r})"
-        f".set_timesteps({num_inference_steps}) gives sigmas {_short(levels)}, which do not "
+        f".{call} gives sigmas {_short(levels)}, which do not "
         f"decrease strictly from {'a value in (0, ' + format(top, 'g') + ']' if top is not None else 'a positive value'}"
         + (": the last step goes from sigma_min to sigma_min, a step of log-SNR length h = 0. diffusers takes it as "
            "a no-op (UniPC: its corrector alone); the multistep coefficients here divide by h, so it is not "
@@ -687,10 +710,13 @@ def _multistep_grid(scheduler, cfg, num_inference_steps: int, check_held: bool, 
         )
     if bool((t_from[1:] >= t_from[:-1]).any()):
         raise InvalidArgumentError(
-            f"{name}.set_timesteps({num_inference_steps}) lists a timestep twice: more steps "
-            f"than timestep_spacing={cfg.get('timestep_spacing')!r} has distinct training timesteps"
-            + (f" (lambda_min_clipped={cfg.get('lambda_min_clipped')} may shorten the range)" if "lambda_min_clipped" in cfg else "")
-            + ". Use fewer inference steps."
+            f"{name}.set_timesteps({num_inference_steps}) lists a timestep twice ("
+            f"{_repeated(t_from)}): timestep_spacing={cfg.get('timestep_spacing', 'linspace')!r} rounds two of its "
+            f"steps onto the same training timestep"
+            + (f" (lambda_min_clipped={cfg['lambda_min_clipped']} may shorten the range)"
+               if math.isfinite(float(cfg.get("lambda_min_clipped", -math.inf))) else "")
+            + ", a step of length zero that a DRiffusion grid does not hold (diffusers spends a model call on it). "
+            + _distinct_counts(scheduler, cfg, num_inference_steps, mu, name)
         )
     if final == "sigma_min" and float(t_from[-1]) <= 0.0:
         raise InvalidArgumentError(
@@ -716,13 +742,36 @@ def _multistep_grid(scheduler, cfg, num_inference_steps: int, check_held: bool, 
     return transition, grid
 
 
+def _repeated(timesteps: torch.Tensor) -> str:
+    """The first timestep a listing repeats, as ``'timestep 999 twice'``."""
+    i = int(torch.nonzero(timesteps[1:] >= timesteps[:-1])[0])
+    return f"timestep {timesteps[i + 1].item():g} after {timesteps[i].item():g}"
+
+
+def _distinct_counts(scheduler, cfg, num_inference_steps: int, mu: Optional[float], name: str) -> str:
+    """The advice for a step count whose timesteps repeat: the nearest smaller count whose timesteps do not
+    (found by running set_timesteps on a copy, at most 64 counts down), or "fewer steps"."""
+    for n in range(num_inference_steps - 1, max(num_inference_steps - 65, 0), -1):
+        try:
+            ts = _probe(scheduler, n, **_dynamic_kwargs(cfg, mu, name))[1].to(torch.float64)
+        except InvalidArgumentError:
+            continue
+        if bool((ts[1:] < ts[:-1]).all()) and float(ts.min()) >= 0:
+            return f"Use num_inference_steps={n} (the nearest smaller count with distinct timesteps) or fewer."
+    return "Use fewer inference steps."
+
+
 def _refuse_unipc(option: str, value: Any, why: str, instead: str):
     raise InvalidArgumentError(f"UniPCMultistepScheduler({option}={value!r}) is not supported: {why}. {instead}")
 
 
-def _unipc(scheduler, cfg, num_inference_steps: int, check_held: bool = True, mu: Optional[float] = None):
+def _unipc(scheduler, cfg, num_inference_steps: Optional[int], check_held: bool = True, mu: Optional[float] = None,
+           sigmas: Any = None):
     """UniPCMultistepScheduler: :class:`~solvers.UniPCSkip` on the levels of its own ``set_timesteps``, as for
-    DPM-Solver (the two schedulers place their steps the same way)."""
+    DPM-Solver (the two schedulers place their steps the same way); with ``use_flow_sigmas`` also custom
+    ``sigmas`` (their count is the step count)."""
+    if sigmas is not None:
+        num_inference_steps = _length(sigmas)
     flow = bool(cfg.get("use_flow_sigmas", False))
     prediction = cfg.get("prediction_type", "epsilon")
     if prediction not in ("epsilon", "sample", "v_prediction") and not flow:
@@ -754,7 +803,8 @@ def _unipc(scheduler, cfg, num_inference_steps: int, check_held: bool = True, mu
                    lower_order_final=lower_final, x0_transform=_x0_transform(cfg))
     if flow:
         transition, grid = _multistep_flow(scheduler, cfg, num_inference_steps, mu, check_held, "UniPCMultistepScheduler",
-                                           lambda schedule, p: UniPCSkip(schedule, **{**options, "prediction": p}))
+                                           lambda schedule, p: UniPCSkip(schedule, **{**options, "prediction": p}),
+                                           sigmas)
     else:
         transition, grid = _multistep_grid(scheduler, cfg, num_inference_steps, check_held, "UniPCMultistepScheduler",
                                            lambda schedule: UniPCSkip(schedule, **options), mu)
@@ -997,8 +1047,12 @@ def _euler(scheduler, cfg, num_inference_steps: int, check_held: bool = True, na
         raise InvalidArgumentError(
             f"{name}.set_timesteps({num_inference_steps}) gives sigmas {_short(levels)}, which do not decrease "
             f"strictly from a positive value" + (_sigma_min_last_step(levels, cfg) or
-            " (more steps than distinct noise levels, or a zero-terminal-SNR table whose last entries cross). Use "
-            "fewer inference steps or another timestep_spacing.")
+            (f" ({name} has {len(scheduler.alphas_cumprod)} alphas_cumprod entries, its trained_betas, but "
+             f"num_train_timesteps={last_train + 1}: diffusers spaces the timesteps over num_train_timesteps and "
+             f"clamps those past the table to its last sigma. Build the scheduler with "
+             f"num_train_timesteps=len(trained_betas).)" if len(scheduler.alphas_cumprod) < last_train + 1 else
+             " (more steps than distinct noise levels, or a zero-terminal-SNR table whose last entries cross). Use "
+             "fewer inference steps or another timestep_spacing."))
         )
     # alpha-bar of each sigma, from the clean end (level 0 = the last sigma) to the noisiest (level n)
     table = torch.flip(C.vp_abar_of_sigma(levels), [0])
@@ -1055,8 +1109,9 @@ def from_diffusers(
         timesteps: custom timesteps, as ``set_timesteps(timesteps=...)``: ``DDPMScheduler`` (integers,
             decreasing; each step goes to the next listed one, the last to the clean end) and
             ``FlowMatchEulerDiscreteScheduler`` (the model times; with ``sigmas`` or alone, as diffusers).
-        sigmas: custom sigmas of a ``FlowMatchEulerDiscreteScheduler``, as ``set_timesteps(sigmas=...)``
-            (shifted as the scheduler shifts them; the final 0 is appended).
+        sigmas: custom sigmas of a ``FlowMatchEulerDiscreteScheduler`` (or of a ``UniPCMultistepScheduler``
+            with ``use_flow_sigmas=True``), as ``set_timesteps(sigmas=...)`` (shifted as the scheduler shifts
+            them; the final sigma is appended).
 
     Returns:
         ``(transition, grid)``: a :class:`~driffusion_core.SkipTransition` (``DDIMSkip``, ``DDPMSkip``,
@@ -1098,10 +1153,14 @@ def _from_diffusers(scheduler_or_config, num_inference_steps, mu, eta, use_clipp
     if name != "DDIMScheduler" and (eta != 0.0 or use_clipped_model_output):
         raise InvalidArgumentError(f"eta and use_clipped_model_output are DDIMScheduler options; {name} has neither.")
     custom = {k: v for k, v in (("timesteps", timesteps), ("sigmas", sigmas)) if v is not None}
-    takes = {"DDPMScheduler": ("timesteps",), "FlowMatchEulerDiscreteScheduler": ("timesteps", "sigmas")}.get(name, ())
+    flow_unipc = name == "UniPCMultistepScheduler" and cfg.get("use_flow_sigmas", False)
+    takes = {"DDPMScheduler": ("timesteps",), "FlowMatchEulerDiscreteScheduler": ("timesteps", "sigmas"),
+             "UniPCMultistepScheduler": ("sigmas",) if flow_unipc else ()}.get(name, ())
     for key in custom:
         if key not in takes:
             has = f"takes only {' and '.join(takes)}" if takes else "takes neither custom timesteps nor sigmas"
+            if name == "UniPCMultistepScheduler" and key == "sigmas":
+                has += " (custom sigmas only with use_flow_sigmas=True, as its set_timesteps)"
             raise InvalidArgumentError(
                 f"from_diffusers({key}=...) is not supported for {name}: here {name} {has}. Pass "
                 f"num_inference_steps (its timestep_spacing places the steps), or build your own TimeGrid."
@@ -1134,7 +1193,8 @@ def _from_diffusers(scheduler_or_config, num_inference_steps, mu, eta, use_clipp
         return _ddpm(scheduler, cfg, None if custom else num_inference_steps, timesteps,
                      check_held and scheduler is scheduler_or_config)
     if name == "UniPCMultistepScheduler":
-        return _unipc(scheduler, cfg, num_inference_steps, check_held and scheduler is scheduler_or_config, mu)
+        return _unipc(scheduler, cfg, None if custom else num_inference_steps,
+                      check_held and scheduler is scheduler_or_config, mu, sigmas)
     if name == "DPMSolverMultistepScheduler":
         return _dpm(scheduler, cfg, num_inference_steps, check_held and scheduler is scheduler_or_config, mu)
     if name in ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler"):
