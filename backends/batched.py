@@ -104,8 +104,9 @@ def _no_batch_statistics(predictor: Any, running_only: bool = False):
                 why = "is in training mode" if layer.training else "has track_running_stats=False"
                 raise InvalidArgumentError(
                     f"BatchedExecutor: the model's BatchNorm layer {path!r} {why}, so it normalises with the "
-                    f"statistics of the whole batch, which would mix the drafts of a round and the result would "
-                    f"differ from SerialExecutor's; call model.eval() before sampling (with running statistics)."
+                    f"statistics of the whole batch, which would mix the drafts of a round (or split the batch, "
+                    f"with max_batch below the batch size) and the result would differ from SerialExecutor's; "
+                    f"call model.eval() before sampling (with running statistics)."
                 )
         return hook
 
@@ -174,9 +175,11 @@ class BatchedExecutor(Executor):
         conditioning's tensors repeated K times along the batch (or chunks of ``max_batch`` rows), or as
         ``torch.func.vmap`` of the predictor over the draft axis."""
         check_round_args(type(self).__name__, xs, ts, cond)
-        # a call that sees one draft's rows only (one draft, chunks of exactly B rows) mixes nothing; under vmap
-        # each draft is normalised over its own rows, but a training-mode layer's running statistics cannot update
-        one_draft = xs.shape[0] == 1 or self.max_batch == xs.shape[1]
+        # a call that sees exactly one draft's B rows (one draft not split by max_batch, or chunks of exactly B
+        # rows) mixes nothing and splits nothing; under vmap each draft is normalised over its own rows, but a
+        # training-mode layer's running statistics cannot update
+        k, b = xs.shape[0], xs.shape[1]
+        one_draft = self.max_batch == b or (k == 1 and (self.max_batch is None or self.max_batch >= b))
         with contextlib.nullcontext() if one_draft else _no_batch_statistics(predictor, running_only=self.vmap):
             return self._evaluate(predictor, xs, ts, cond)
 

@@ -292,9 +292,13 @@ _MAXD = 24
  _F_HASOUT, _F_ONDIM, _F_ODTYPE, _F_FITS, _F_XSUM, _F_XABS, _F_CSUM, _F_CABS, _F_CROWS, _F_XPOS,
  _F_CMIX, _F_TSUM, _F_TABS, _F_TMIX, _F_OCRC) = range(23)  # _F_OCRC: CRC-32 of a local anchor's prediction
 _F_CLOG = 23  # (field 23: the header stays a multiple of 16 bytes)
-_F_XDIMS = 24
+_F_OSUM, _F_OABS = 24, 25  # float64 bits of sum and sum(|.|) of a local anchor's prediction (beside its CRC)
+_F_XDIMS = 26
 _F_ODIMS = _F_XDIMS + _MAXD
-_HEADER_LEN = _F_ODIMS + _MAXD  # 72 int64 = 576 bytes, a multiple of 16: any dtype can follow it
+_HEADER_LEN = _F_ODIMS + _MAXD  # 74 int64 = 592 bytes, a multiple of 16: any dtype can follow it
+# Local anchors whose sums differ by more than this fraction of sum(|.|) are not a last-bit difference
+# (nondeterministic kernels move a float32 sum by about 1e-6 of it): the ranks run different models.
+_MODELS_DIFFER_RTOL = 1e-3
 # The ranks' states and conditioning must agree in value, not only in shape: sum(xs) may differ in the
 # last bits between ranks (reduction order follows the thread count), so it is compared to this fraction
 # of sum(|xs|); likewise the conditioning's per-tensor normalised sums to sum_i r_i (each term is at most
@@ -305,7 +309,8 @@ _HEADER_BYTES = _HEADER_LEN * 8
 # _INTERRUPTED: the predictor raised a BaseException that is not an Exception (KeyboardInterrupt,
 # SystemExit); reported like _RAISED, then re-raised on that rank, and every rank's executor is broken.
 # _FINISH: the header of :meth:`DistributedExecutor.finish` (the final sample), not of a round.
-_OK, _RAISED, _BAD_OUTPUT, _MOVE_FAILED, _INTERRUPTED, _FINISH = 0, 1, 2, 3, 4, 5
+# _NEEDS_GRAD: the round's inputs require gradients, which the exchange (bytes) cannot carry.
+_OK, _RAISED, _BAD_OUTPUT, _MOVE_FAILED, _INTERRUPTED, _FINISH, _NEEDS_GRAD = 0, 1, 2, 3, 4, 5, 6
 _MSG_BYTES = 2048
 _PROBE_TAG = 0x5D1F
 
@@ -669,6 +674,12 @@ class DistributedExecutor(Executor):
             diagnose_timeout = min(5.0, timeout)
         diagnose_timeout = _seconds(diagnose_timeout, "diagnose_timeout", zero_ok=True)
         for name, g in (("group", group), ("control_group", control_group)):
+            if g is not None and g is getattr(dist.GroupMember, "NON_GROUP_MEMBER", object()):
+                raise InvalidArgumentError(
+                    f"DistributedExecutor: this process (global rank {dist.get_rank()}) is not a member of the "
+                    f"given {name}: torch.distributed.new_group returns a placeholder to the ranks it leaves out. "
+                    f"Make the executor only on the group's ranks (e.g. `if dist.get_rank() in ranks:`)."
+                )
             if g is not None and not isinstance(g, dist.ProcessGroup):
                 raise InvalidArgumentError(
                     f"DistributedExecutor: {name} must be a torch.distributed process group (from "
@@ -748,6 +759,7 @@ class DistributedExecutor(Executor):
         self._round = 0
         self._share_seconds = 0.0  # how long this rank's share of the latest round took
         self._broken: Optional[str] = None
+        self._warned_grad = False
         # The agreed size of the fused exchange: the row (shape, dtype) of one prediction and the capacity
         # in drafts per rank. Set only from gathered headers after a round in which all ranks agreed, so it
         # is the same on every rank; before any agreement the exchange is header-only.
@@ -936,6 +948,8 @@ class DistributedExecutor(Executor):
         header = self._header(code, k, xs, ts, cond, out, fits)
         if local and out is not None:
             header[_F_OCRC] = zlib.crc32(_to_bytes(out.detach().cpu()).numpy())
+            sums = torch.stack([out.detach().sum(), out.detach().abs().sum()]).to("cpu", torch.float64)
+            header[_F_OSUM : _F_OABS + 1] = sums.view(torch.int64)
         if self._fused:
             buf = self._fused_buffer(header)
             if out is not None and fits and not local:
@@ -1067,6 +1081,13 @@ class DistributedExecutor(Executor):
         """This rank's drafts ``start .. start + mine``: (stacked output on the exchange's device or None, code,
         message, cause). Nothing here raises: every failure is reported in the status header, so all ranks
         learn about it in this round."""
+        if torch.is_grad_enabled() and any(v.requires_grad for v in (xs, *iter_tensors(cond))):
+            return None, _NEEDS_GRAD, (
+                "x (or a conditioning tensor) requires grad, but the predictions travel between the processes as "
+                "bytes, which carry no gradient: the sample's gradient would leave out every model call. Sample "
+                "under torch.no_grad() (or detach x), or take gradients with SerialExecutor or BatchedExecutor, "
+                "which keep the graph"
+            ), None
         if not mine:
             return None, _OK, "", None
         dev = self.device
@@ -1107,6 +1128,16 @@ class DistributedExecutor(Executor):
             hint = not_a_tensor_hint(bad[0])
             text = f"the predictor returned {type(bad[0]).__name__}, not a Tensor" + ("." + hint if hint else "")
             return None, _BAD_OUTPUT, text, None
+        if outs[0].requires_grad and not self._warned_grad:  # the model's parameters do, outside torch.no_grad()
+            self._warned_grad = True
+            warnings.warn(
+                f"DistributedExecutor (rank {self.rank}): the predictions require grad (the model's parameters do, "
+                f"and sampling is not under torch.no_grad()), but they travel between the processes as bytes: the "
+                f"sample carries no gradient to the parameters, and each call builds an autograd graph that is "
+                f"never used. Sample under torch.no_grad() (or torch.inference_mode()); take gradients with "
+                f"SerialExecutor or BatchedExecutor. (Warned once per executor.)",
+                stacklevel=2,
+            )
         sparse = next((not_dense(o) for o in outs if not_dense(o)), "")
         if sparse:
             return None, _BAD_OUTPUT, f"the predictor returned {sparse}; {DENSE_FIX}", None
@@ -1139,6 +1170,18 @@ class DistributedExecutor(Executor):
         crcs = [int(h[_F_OCRC]) for h in headers]
         differ = [r for r, c in enumerate(crcs) if c != crcs[0]]
         if differ:
+            sums = [h[_F_OSUM : _F_OABS + 1].view(torch.float64).tolist() for h in headers]
+            scale = max(max(abs(a) for _, a in sums), 1e-300)
+            spread = max(abs(s - sums[0][0]) for s, _ in sums) / scale
+            if not spread <= _MODELS_DIFFER_RTOL:  # (NaN too)
+                raise ExecutorError(
+                    f"DistributedExecutor: in round {self._round}, a one-draft round that every rank evaluated "
+                    f"itself (anchor='local'), the predictions of the ranks differ far beyond rounding (the sums "
+                    f"{', '.join(f'rank {r}: {s:.9g}' for r, (s, _) in enumerate(sums))} differ by {spread:.2g} of "
+                    f"the sum of |prediction|): the ranks run different models. Load the same weights on every "
+                    f"rank (seed before building the model, or load one checkpoint; put it in eval mode), and give "
+                    f"every rank the same conditioning and model options."
+                )
             raise ExecutorError(
                 f"DistributedExecutor: in round {self._round}, a one-draft round that every rank evaluated itself "
                 f"(anchor='local'), the prediction of rank{'s' if len(differ) > 1 else ''} "
@@ -1199,6 +1242,7 @@ class DistributedExecutor(Executor):
             _INTERRUPTED: "the predictor was interrupted (a BaseException, not an Exception)",
             _BAD_OUTPUT: "the predictor returned unusable output",
             _MOVE_FAILED: "the round's inputs could not be moved to the rank's device",
+            _NEEDS_GRAD: "the round's inputs require gradients",
         }.get(next(iter(codes)), "the round failed") if len(codes) == 1 else "the round failed"
         who = ", ".join(str(r) for r in failed)
         text = (

@@ -381,6 +381,14 @@ def check_predictions(
                 f"the round has {want.shape[0]}: evaluate(predictor, xs, ts, cond) must return one prediction per "
                 f"draft, shaped like xs [K, B, ...] = {list(want.shape)}."
             )
+        if lead and p.dim() != want.dim() and (p.dim() == 0 or p.shape[0] != want.shape[0]):
+            # not K predictions: an executor that did not stack by draft (or the predictor's own shape)
+            raise PredictorOutputError(
+                f"The round's predictions have shape {tuple(p.shape)} at {where_steps(grid, steps)}, but its states "
+                f"have shape {tuple(want.shape)} ([K drafts, B, ...]): the predictor must return one prediction per "
+                f"input, shaped like x {tuple(want.shape[1:])}; a custom executor's evaluate must return them "
+                f"stacked by draft, Tensor[K, B, ...] (reshape a [K * B, ...] call's output back)."
+            )
         if p.shape != want.shape:
             raise PredictorOutputError(
                 f"The predictor returned shape {tuple(p.shape[lead:])} at {where(k)}, but the state has shape "
@@ -396,7 +404,19 @@ def check_predictions(
                 + autocast
             )
 
-    if isinstance(preds, (list, tuple)) and len(preds) == xs.shape[0]:
+    # the built-in executors hand back a tensor, or a list of the K drafts' outputs: anything else is an executor's
+    contract = (f"evaluate(predictor, xs, ts, cond) must return the predictions stacked by draft, a tensor shaped like "
+                f"xs [K, B, ...] = {list(xs.shape)} (or a list of the K drafts' predictions)")
+    if not isinstance(preds, (torch.Tensor, list, tuple)):
+        raise ExecutorError(
+            f"The executor returned {type(preds).__name__} for the round at {where_steps(grid, steps)}; {contract}."
+        )
+    if isinstance(preds, (list, tuple)) and len(preds) != xs.shape[0]:
+        raise ExecutorError(
+            f"The executor returned a {type(preds).__name__} of {len(preds)} predictions for the round at "
+            f"{where_steps(grid, steps)}, which has {xs.shape[0]} draft(s); {contract}."
+        )
+    if isinstance(preds, (list, tuple)):
         for k, p in enumerate(preds):
             check_one(p, xs[k], k, 0)
         preds = preds[0].unsqueeze(0) if len(preds) == 1 else torch.stack(list(preds))  # all checked: alike

@@ -634,6 +634,9 @@ def test_errors_on_a_subgroup_say_which_global_ranks_they_name():
     numbering of torchrun and its logs); describe() lists the global ranks. A healthy round first equals the
     serial executor's."""
     results = _launch_clean("subgroup_raise", world=3)
+    outside = results[0]["non_member"]
+    assert outside["error_type"] == "InvalidArgumentError", outside
+    assert "global rank 0) is not a member of the given group" in outside["message"], outside
     for rank in (1, 2):
         res = results[rank]
         assert res["same"] is True, res
@@ -643,6 +646,25 @@ def test_errors_on_a_subgroup_say_which_global_ranks_they_name():
         assert "the predictor raised on rank 1 (of 2)" in msg and "boom in the subgroup" in msg, msg
         assert "rank 0 is global rank 1, rank 1 is global rank 2" in msg, msg
         assert res["seconds"] < TIMEOUT, res
+
+
+def test_gradients_and_models_differing_between_ranks_are_named():
+    """The predictions cross processes as bytes, which carry no gradient: an x that requires grad is refused
+    on every rank (the sample's gradient would silently leave out every model call); a model whose
+    parameters require grad, sampled outside torch.no_grad(), warns once per executor and still gives the
+    serial sample. Ranks that built their models from different seeds fail the local anchor's check as
+    'different models', without the advice (anchor='shared') meant for last-bit differences."""
+    results = _launch_clean("grad_models")
+    for rank in (0, 1):
+        res = results[rank]
+        refused = res["x_grad"]
+        assert refused["error_type"] == "ExecutorError", refused
+        assert "the round's inputs require gradients on ranks 0, 1" in refused["message"], refused
+        assert "torch.no_grad()" in refused["message"], refused
+        assert len(res["grad_warnings"]) == 1 and "no gradient to the parameters" in res["grad_warnings"][0], res
+        assert res["same"] is True and res["out_requires_grad"] is False, res
+        assert res["error_type"] == "ExecutorError", res
+        assert "the ranks run different models" in res["message"] and "anchor='shared'" not in res["message"], res
 
 
 def test_conditioning_differing_in_value_between_ranks_is_explained():
@@ -1052,6 +1074,8 @@ def _scenario_subgroup_raise(rank, world):
 
     group = dist.new_group([1, 2], backend="gloo")  # every process takes part in making it
     res = {}
+    if rank == 0:  # not a member: new_group gave it a placeholder
+        res["non_member"] = _fault_result(lambda: DistributedExecutor(group=group, timeout=TIMEOUT))
     if rank > 0:
         ex = DistributedExecutor(group=group, timeout=TIMEOUT, diagnose_timeout=DIAGNOSE)
         xs, ts = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(3)), torch.zeros(2, 3)
@@ -1246,6 +1270,35 @@ def _scenario_ulp(rank, world, mode, anchor):
     x = core.NoiseSource(123).initial((6, 2))
     res = _fault_result(lambda: sched.sample(predictor, x, executor=ex, noise=core.NoiseSource(7)))
     res["x"] = sched.sample(predictor, x, executor=ex, noise=core.NoiseSource(7)).x if res["error_type"] is None else None
+    return res
+
+
+def _scenario_grad_models(rank, world):
+    import warnings
+
+    import driffusion_core as core
+    import solvers
+    from backends import DistributedExecutor, SerialExecutor
+
+    ex = DistributedExecutor(timeout=TIMEOUT, diagnose_timeout=DIAGNOSE)
+    schedule = core.VPSchedule.linear()
+    sched = core.DraftRefineScheduler(solvers.DDIMSkip(schedule), schedule.timesteps(8), width=2)
+    x = core.NoiseSource(1).initial((3, 4))
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 4)
+    res = {"x_grad": _fault_result(lambda: sched.sample(lambda x, t: net(x), x.clone().requires_grad_(), executor=ex))}
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        out = sched.sample(lambda x, t: net(x), x, executor=ex)
+        sched.sample(lambda x, t: net(x), x, executor=ex)
+    res["grad_warnings"] = [str(w.message) for w in got if "require grad" in str(w.message)]
+    with torch.no_grad():
+        res["same"] = bool(torch.equal(out.x, sched.sample(lambda x, t: net(x), x, executor=SerialExecutor()).x))
+    res["out_requires_grad"] = out.x.requires_grad
+    torch.manual_seed(rank)  # a different model on each rank
+    other = torch.nn.Linear(4, 4)
+    with torch.no_grad():
+        res.update(_fault_result(lambda: sched.sample(lambda x, t: other(x), x, executor=ex)))
     return res
 
 
@@ -1744,6 +1797,7 @@ SCENARIOS = {
     "pg_timeout_round": _scenario_pg_timeout_round,
     "pg_timeout_setup": _scenario_pg_timeout_setup,
     "nccl_e2e": _e2e_nccl,
+    "grad_models": _scenario_grad_models,
     "e2e_ddpm": lambda rank, world: _e2e("ddpm"),
     "e2e_ddim": lambda rank, world: _e2e("ddim"),
     "e2e_flow": lambda rank, world: _e2e("flow"),

@@ -466,6 +466,34 @@ def test_every_executor_describes_a_round_of_a_given_width():
                 ex.describe(bad)
 
 
+def test_a_custom_executor_breaking_the_contract_is_named_not_the_predictor():
+    """A custom executor that returns nothing, the wrong number of predictions, or the K * B rows of one call
+    not reshaped back to [K, B, ...] is named as the executor (with the contract), not as a predictor that
+    returned a shape it never returned; the correct executor gives the serial executor's sample."""
+    from driffusion_core import ExecutorError
+    from driffusion_core.executor import Executor, stack_calls
+
+    def make(body):
+        return type("Custom", (Executor,), {"evaluate": lambda self, f, xs, ts, cond=None: body(f, xs, ts)})()
+
+    good = make(lambda f, xs, ts: stack_calls(lambda k: f(xs[k], ts[k]), xs.shape[0]))
+    s = DraftRefineScheduler(DDIMSkip(VPSchedule.linear()), VPSchedule.linear().timesteps(10), width=3)
+    x = NoiseSource(1).initial((2, 3))
+    assert torch.equal(s.sample(eps_model, x, executor=good).x, s.sample(eps_model, x).x)
+    cases = [
+        (lambda f, xs, ts: None, ExecutorError, r"The executor returned NoneType for the round at step 0 .*"
+                                                r"tensor shaped like xs \[K, B, \.\.\.\] = \[1, 2, 3\]"),
+        (lambda f, xs, ts: [f(xs[0], ts[0])] * (xs.shape[0] + 1), ExecutorError,
+         r"The executor returned a list of 2 predictions for the round at step 0 .*which has 1 draft\(s\)"),
+        (lambda f, xs, ts: f(xs.reshape(-1, *xs.shape[2:]), ts.reshape(-1)), PredictorOutputError,
+         r"The round's predictions have shape \(2, 3\) .*its states have shape \(1, 2, 3\).*custom executor's "
+         r"evaluate must return them stacked by draft"),
+    ]
+    for body, error, message in cases:
+        with pytest.raises(error, match=message):
+            s.sample(eps_model, x, executor=make(body))
+
+
 def test_noise_source_of_the_wrong_type():
     for call in run_both(eps_model, noise=42):
         with pytest.raises(InvalidArgumentError, match=r"noise must be a NoiseSource or None, got int"):
@@ -1374,6 +1402,12 @@ def test_batched_executor_refuses_a_model_with_batchnorm_in_training_mode():
     # ... unless each call sees one draft's rows only: under vmap, or in chunks of exactly B rows
     for ex in (BatchedExecutor(vmap=True), BatchedExecutor(max_batch=xs.shape[1])):
         torch.testing.assert_close(ex.evaluate(no_stats, xs, ts), SerialExecutor().evaluate(no_stats, xs, ts))
+    # ... and a single draft split into chunks smaller than B would normalise each chunk by itself
+    for m in (model, no_stats):
+        for rows in (2, 3):
+            with pytest.raises(InvalidArgumentError, match=r"or split the batch, with max_batch below the batch size"):
+                BatchedExecutor(max_batch=rows).evaluate(m, xs[:1], ts[:1])
+        BatchedExecutor(max_batch=xs.shape[1] + 1).evaluate(m, xs[:1], ts[:1])
     # a model named after many other global loads is still found (each global name counted once)
     def crowded(x, t):
         y = torch.zeros_like(x) + torch.zeros_like(x) + torch.zeros_like(x) + torch.zeros_like(x)
