@@ -314,7 +314,11 @@ def _note_vmap(error: BaseException, who: str, instead: str = "") -> None:
     instead (``who``: the wrapper running it; ``instead``: the alternative it offers)."""
     if not _looks_like_vmap(error) or not hasattr(error, "add_note"):
         return
-    if re.search(r"random", safe_str(error), re.I):
+    if re.search(r"requires_grad|autograd|\.grad\b|backward", safe_str(error), re.I):
+        why = ("the predictor uses autograd inside (requires_grad_ / torch.autograd.grad, e.g. for classifier or "
+               "reconstruction guidance), which cannot run inside a vmap transform (the concatenated batch runs "
+               "it)")
+    elif re.search(r"random", safe_str(error), re.I):
         why = ("the predictor draws random numbers (dropout left on? call model.eval() before sampling; a "
                "stochastic model: draw its noise outside and pass it in), and vmap refuses random operations")
     else:

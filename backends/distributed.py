@@ -680,6 +680,12 @@ class DistributedExecutor(Executor):
                     f"given {name}: torch.distributed.new_group returns a placeholder to the ranks it leaves out. "
                     f"Make the executor only on the group's ranks (e.g. `if dist.get_rank() in ranks:`)."
                 )
+            if isinstance(g, DistEnv):
+                raise InvalidArgumentError(
+                    f"DistributedExecutor: {name} got the DistEnv that init_from_env() returns ({g!r}); "
+                    f"init_from_env() sets up the default process group, which DistributedExecutor() uses: call "
+                    f"DistributedExecutor() with no group after it (or pass a group from torch.distributed.new_group)."
+                )
             if g is not None and not isinstance(g, dist.ProcessGroup):
                 raise InvalidArgumentError(
                     f"DistributedExecutor: {name} must be a torch.distributed process group (from "
@@ -1128,7 +1134,9 @@ class DistributedExecutor(Executor):
             hint = not_a_tensor_hint(bad[0])
             text = f"the predictor returned {type(bad[0]).__name__}, not a Tensor" + ("." + hint if hint else "")
             return None, _BAD_OUTPUT, text, None
-        if outs[0].requires_grad and not self._warned_grad:  # the model's parameters do, outside torch.no_grad()
+        # the model's parameters require grad and the sampler runs with grad on (an output that requires grad
+        # only because the predictor enabled grad inside itself, for guidance, is its own business)
+        if outs[0].requires_grad and torch.is_grad_enabled() and not self._warned_grad:
             self._warned_grad = True
             warnings.warn(
                 f"DistributedExecutor (rank {self.rank}): the predictions require grad (the model's parameters do, "

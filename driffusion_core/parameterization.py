@@ -342,12 +342,18 @@ def reparameterize(predictor: Callable[..., torch.Tensor], schedule: Any, source
         check_prediction(schedule, p, "reparameterize")
     if src is dst:
         return predictor
+    seen_large = [False]  # a model time above 1 seen: later small ones are the clean end of a real grid
 
     def wrapped(x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
         p = predictor(x, t, **cond)
         if not isinstance(p, torch.Tensor) or not isinstance(x, torch.Tensor) or p.shape != x.shape:
             _refuse_output(p, x, wrapped.__name__)
-        level = schedule.level_of_model_time(torch.as_tensor(t).detach().cpu().reshape(-1))
+        times = torch.as_tensor(t).detach().cpu().reshape(-1)
+        if not seen_large[0]:
+            seen_large[0] = bool((times > 1).any())
+            if not seen_large[0]:
+                _refuse_unit_times(schedule, times, wrapped.__name__)
+        level = schedule.level_of_model_time(times)
         alpha, sigma = schedule.alpha_sigma(level)
         if level.numel() == 1 and x.dim() >= 1 and x.shape[0] != 1:
             alpha, sigma = alpha.reshape(()), sigma.reshape(())
@@ -357,6 +363,27 @@ def reparameterize(predictor: Callable[..., torch.Tensor], schedule: Any, source
 
     wrapped.__name__ = f"{getattr(predictor, '__name__', 'predictor')}_as_{dst.value}"
     return wrapped
+
+
+def _refuse_unit_times(schedule: Any, times: torch.Tensor, name: str) -> None:
+    """Refuse model times in [0, 1] where the schedule's start far above 1 (VP: training timesteps 0..N-1,
+    flow: sigma N): the wrapper was put inside a rescaling ``lambda x, t: f(x, t / N)``, so it would read a
+    time in [0, 1] as a level near the clean end. A sampler's first call is at its noisiest level, so such a
+    time is checked only until one above 1 has been seen."""
+    from driffusion_core.schedules import FlowSchedule, VPSchedule
+
+    n = int(getattr(schedule, "num_train_timesteps", 0) or 0)
+    if n <= 2 or not isinstance(schedule, (VPSchedule, FlowSchedule)) or not bool((times >= 0).all()):
+        return
+    fractional = not torch.equal(times, times.round())
+    if isinstance(schedule, FlowSchedule) or fractional:
+        scale = "training timesteps 0..N-1" if isinstance(schedule, VPSchedule) else "sigma * N"
+        raise InvalidArgumentError(
+            f"reparameterize ({name}): called with model time(s) {[round(v, 6) for v in times[:4].tolist()]} in [0, 1], but this "
+            f"{type(schedule).__name__}'s model times are {scale} (N = {n}), and a sampler's first call is at its "
+            f"noisiest level: a wrapper that rescales t for a model taking times in [0, 1] was put outside. Put it "
+            f"inside: reparameterize(lambda x, t, **c: model(x, t / {n}, **c), schedule, source, target)."
+        )
 
 
 def _refuse_output(p: Any, x: Any, name: str) -> None:

@@ -450,6 +450,11 @@ def test_bad_arguments_are_named_in_one_process():
         for kw in (dict(group="abc"), dict(control_group=5)):
             with pytest.raises(InvalidArgumentError, match=f"{next(iter(kw))} must be a torch.distributed process group"):
                 DistributedExecutor(**kw)
+        from backends.distributed import DistEnv  # what init_from_env() returns, passed as the group by mistake
+
+        with pytest.raises(InvalidArgumentError, match=r"group got the DistEnv that init_from_env\(\) returns .*"
+                                                       r"call DistributedExecutor\(\) with no group after it"):
+            DistributedExecutor(DistEnv(0, 0, 1, "gloo"))
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # 20 s within the group's 30 s: no warning
             ex = DistributedExecutor(timeout=np.int64(20))
@@ -830,7 +835,7 @@ def test_a_predictor_interrupted_on_one_rank_fails_every_rank_at_once(kind):
     for rank in (0, 1):
         again = results[rank]["again"]
         assert again["error_type"] == "ExecutorError" and "earlier round failed" in again["message"], again
-        assert "interrupted" in again["message"] and again["seconds"] < 1.0, again
+        assert "interrupted" in again["message"] and again["seconds"] < TIMEOUT / 2, again
 
 
 def test_three_ranks_one_hung_every_healthy_rank_names_it():
@@ -1106,7 +1111,7 @@ def _scenario_die(rank, world, dying=1):
 
     res = _fault_result(lambda: ex.evaluate(die, xs, ts))
     again = _fault_result(lambda: ex.evaluate(_predictor, xs, ts))
-    res["refused_after"] = again["error_type"] == "ExecutorError" and again["seconds"] < 0.5
+    res["refused_after"] = again["error_type"] == "ExecutorError" and again["seconds"] < TIMEOUT / 2  # refused at once, not after a wait
     return res
 
 

@@ -967,6 +967,26 @@ def test_vmap_executor_says_why_a_predictor_fails_under_vmap():
     torch.testing.assert_close(scheduler(width=3).sample(f, x0(), executor=BatchedExecutor()).x, ref)
 
 
+def test_vmap_executor_names_autograd_inside_the_predictor():
+    """Guidance that takes a gradient inside the predictor cannot run under vmap: the note says so (not
+    'data-dependent control flow'), and the concatenated batch runs it, equal to the serial executor."""
+    lin = torch.nn.Linear(2, 2)
+
+    def guided(x, t):
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(xg.pow(2).sum(), xg)
+        return (lin(x) + 0.1 * g).detach()
+
+    with torch.no_grad():
+        with pytest.raises(RuntimeError) as info:
+            scheduler(width=3).sample(guided, x0(), executor=BatchedExecutor(vmap=True))
+        if HAS_NOTES:
+            assert any("uses autograd inside" in n and "BatchedExecutor()" in n for n in notes(info.value)), notes(info.value)
+        torch.testing.assert_close(scheduler(width=3).sample(guided, x0(), executor=BatchedExecutor()).x,
+                                   scheduler(width=3).sample(guided, x0()).x)
+
+
 def test_vmap_note_is_only_added_to_vmap_failures():
     """An error of the predictor's own (here a KeyError) reaches the caller as under the serial executor,
     without the note about what torch.func.vmap refuses."""
@@ -1009,6 +1029,36 @@ def test_reparameterize_refuses_a_parameterization_the_schedule_lacks():
     with pytest.raises(InvalidArgumentError, match=r"reparameterize: a VPSchedule takes predictions .*got 'velocity'"):
         reparameterize(f, VP, "sample", "velocity")
     assert reparameterize(f, VP, "sample", "sample") is f
+
+
+def test_reparameterize_inside_a_rescaling_wrapper_is_refused():
+    """A model that takes times in [0, 1] is rescaled inside reparameterize; put outside, reparameterize sees
+    times in [0, 1] and would read them as levels near the clean end (a VP sample 1e32 off, a flow one NaN).
+    Refused at once, naming the order; the right order samples as the model's own parameterization does, and
+    a real grid's small times at its clean end (after larger ones) are taken."""
+    from driffusion_core import FlowSchedule, reparameterize
+    from solvers import FlowEulerSkip
+
+    x = NoiseSource(0).initial((8, 2))
+    for schedule, transition, make_unit in (
+        (VP, DDIMSkip, lambda f: (lambda x, u: f(x, (u * 1000 - 1).round()))),
+        (FlowSchedule(shift=3.0), FlowEulerSkip, lambda f: (lambda x, s: f(x, s * 1000))),
+    ):
+        oracle = ring_mixture().predictor(schedule, "sample")
+        unit = make_unit(oracle)  # "my model takes t in [0, 1]"
+        rescale = (lambda t: (t + 1) / 1000) if schedule is VP else (lambda t: t / 1000)
+        grid = schedule.timesteps(10, "trailing") if schedule is VP else schedule.timesteps(10)
+        wrong_inner = reparameterize(unit, schedule, "sample", transition(schedule).prediction.value)
+        with pytest.raises(InvalidArgumentError, match=r"reparameterize .*in \[0, 1\].*Put it inside: "
+                                                       r"reparameterize\(lambda x, t, \*\*c: model\(x, t / 1000"):
+            sample_serial(lambda x, t: wrong_inner(x, rescale(t)), x, transition(schedule), grid)
+        right = reparameterize(lambda x, t: unit(x, rescale(t)), schedule, "sample", transition(schedule).prediction.value)
+        ref = sample_serial(oracle, x, transition(schedule, prediction="sample"), grid).x
+        torch.testing.assert_close(sample_serial(right, x, transition(schedule), grid).x, ref, rtol=1e-4, atol=1e-4)
+    # integer VP timesteps 1 and 0 at the end of a grid, after larger ones, are real levels
+    f = reparameterize(ring_mixture().predictor(VP, "sample"), VP, "sample", "epsilon")
+    f(x, torch.full((8,), 999))
+    f(x, torch.full((8,), 0.5, dtype=torch.float64))
 
 
 @pytest.mark.filterwarnings("ignore::driffusion_core.errors.MeanStepWarning")  # the mean step is not the point here

@@ -16,6 +16,7 @@ import pytest
 README = Path(__file__).resolve().parents[1] / "README.md"
 NEEDS_OUTSIDE_OBJECTS = ("pipe", "denoiser", "latents", "k_diffusion")
 CLAIM = r"^print\(.*\)\s+#\s*([\d .]+)$"
+APPROX = r"^print\(.*\)\s+#\s*~([\d.]+)\b"  # `print(...)  # ~0.05 of ...`: within a factor 1.5 of it
 
 
 def python_blocks():
@@ -33,6 +34,7 @@ def test_the_readme_has_the_examples_it_promises():
     assert len(runnable_blocks()) >= 3
     # the round-count claims checked below exist (quick start and non-image model)
     assert sum(len(re.findall(CLAIM, b, flags=re.M)) for b in runnable_blocks()) >= 2
+    assert sum(len(re.findall(APPROX, b, flags=re.M)) for b in runnable_blocks()) >= 1
 
 
 @pytest.mark.parametrize("index", range(len(runnable_blocks())))
@@ -46,6 +48,10 @@ def test_readme_example_runs_and_prints_what_it_says(index):
     claims = [m.group(1).strip() for m in re.finditer(CLAIM, block, flags=re.M)]
     for claim in claims:
         assert claim in [p.strip() for p in printed], f"README block {index} claims {claim!r}, printed {printed}"
+    approx = [float(m.group(1)) for m in re.finditer(APPROX, block, flags=re.M)]
+    numbers = [float(p) for p in printed if re.fullmatch(r"\s*[-+\d.eE]+\s*", p)]
+    for value in approx:
+        assert any(value / 1.5 <= v <= value * 1.5 for v in numbers), f"README block {index}: ~{value}, printed {printed}"
 
 
 def _fake_k_diffusion(rows_seen: list):

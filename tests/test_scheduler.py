@@ -682,3 +682,33 @@ def test_stamps_changed_is_stamp_changed_for_every_kind_of_stamp():
     assert stamps_changed(pairs) == [stamp_changed(t, s) for t, s in pairs] == [True, False, False, True, False]
     versions = [(name, t, s) for name, (t, s) in zip("pabcn", pairs)]
     assert changed_tensor(versions) == "p" and changed_tensor(versions[1:]) == "c" and changed_tensor([]) is None
+
+
+def test_a_noise_source_subclass_confines_the_noise_to_a_subspace():
+    """States in a subspace (point clouds centred per sample, padded atoms) need noise in it too: a
+    NoiseSource subclass that projects its draws in ``__call__`` is what every sampler uses for the start
+    and every z_i (always asked for in x's shape), so stochastic samples stay in the subspace, and width 1
+    is still the serial sample. The plain source leaves it (the check can fail)."""
+    from solvers import PicardScheduler
+
+    class Centred(NoiseSource):
+        def __call__(self, step, shape, dtype=torch.float32, device=None):
+            z = super().__call__(step, shape, dtype, device)
+            return z - z.mean(dim=1, keepdim=True)  # [B, atoms, 3]: zero centre of mass per sample
+
+    def model(x, t):  # an eps-model that keeps the subspace (a centred output)
+        y = torch.tanh(0.7 * x) + 0.01 * (t.to(x.dtype) / 1000)[:, None, None]
+        return y - y.mean(dim=1, keepdim=True)
+
+    schedule = VPSchedule.linear()
+    grid, transition = schedule.timesteps(20, "trailing"), DDPMSkip(schedule)
+    x = Centred(0).initial((4, 6, 3), torch.float64)
+    centre = lambda out: out.x.mean(dim=1).abs().max().item()  # noqa: E731
+    serial = sample_serial(model, x, transition, grid, noise=Centred(1))
+    outs = [serial,
+            DraftRefineScheduler(transition, grid, width=4).sample(model, x, executor=BatchedExecutor(), noise=Centred(1)),
+            DraftRefineScheduler(transition, grid, width=3, mode="conservative").sample(model, x, noise=Centred(1)),
+            PicardScheduler(transition, grid, width=4, tolerance=0.1).sample(model, x, noise=Centred(1))]
+    assert max(centre(o) for o in outs) < 1e-12
+    assert torch.equal(DraftRefineScheduler(transition, grid, width=1).sample(model, x, noise=Centred(1)).x, serial.x)
+    assert centre(sample_serial(model, x, transition, grid, noise=NoiseSource(1))) > 1e-2
