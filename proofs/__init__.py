@@ -10,8 +10,9 @@ transcribed from their code, or a law such as Bayes' rule). Families:
                                   and the known failure to compose at 0 < eta < 1
 * :mod:`proofs.flow`              Euler composes, exact on the conditional path
 * :mod:`proofs.dpm`               DPM-Solver++: first order is DDIM and composes, 2M with a frozen
-                                  prediction is first order, heun exact for x0_hat linear in lambda
-                                  (midpoint's defect recorded), exact on the conditional path
+                                  prediction is first order, UniPC's UniP-2 (bh2) is 2M midpoint, heun
+                                  exact for x0_hat linear in lambda (midpoint's defect recorded), exact
+                                  on the conditional path
 * :mod:`proofs.parameterization`  epsilon / sample / v_prediction / velocity conversions are inverses
 * :mod:`proofs.diffusers_steps`   one-level steps = diffusers' DDIM, DDPM, FlowMatchEuler, DPMSolverMultistep
                                   (first order and 2M), UniPCMultistep, EulerDiscrete and EulerAncestralDiscrete

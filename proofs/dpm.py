@@ -1,5 +1,6 @@
 r"""DPM-Solver++ (data prediction): the first-order step is DDIM and composes, 2M with a frozen prediction is
-first order, 2M heun is exact for x0_hat linear in lambda (midpoint is not), and both land on the conditional path.
+first order, UniPC's predictor UniP-2 with bh2 is 2M midpoint, 2M heun is exact for x0_hat linear in lambda
+(midpoint is not), and both land on the conditional path.
 
 Key: :math:`\lambda = \log(\alpha/\sigma)`. The first-order identities follow DDIM's notation, levels
 t (noisy) -> s -> u (clean), the step :func:`proofs.operators.dpm_step` (``DPMSolverSkip.__call__``:
@@ -126,6 +127,27 @@ def two_m_frozen_is_first_order() -> Result:
     x, x0 = real("x x0")
     res = {f"{st}: 2M - first order": lv.form(_two_m(lv, st, x, x0, x0) - _first(lv, x, x0)) for st in SOLVER_TYPES}
     return check(res, lv.domain & Domain.free([x, x0]))
+
+
+@identity(
+    "dpm.unipc_bh2_is_2m_midpoint",
+    "DPM-Solver++",
+    "UniPC's predictor UniP-2 with bh2 (unipc_predictor_coefficients(..., 'bh2'): B(h) = e^-h - 1, weight 1/2 on "
+    "(m_p - m_s)/r, r = (lambda_p - lambda_s)/h) is DPM-Solver++ 2M midpoint (dpm_solver_pp_2m_coefficients(..., "
+    "'midpoint')) for every interpolant: c_x x_s + c_s m_s + c_p m_p is the same step for every x_s and distinct "
+    "x0_hat m_s, m_p (D_1 != 0), i.e. (c_x, c_s, c_p) = (c_x, c_x0, c_prev). So UniPCSkip's step (bh2) is its "
+    "corrector followed by a 2M midpoint step.",
+)
+def unipc_bh2_is_2m_midpoint() -> Result:
+    lv = LambdaLevels(["p", "s", "t"], "any")
+    args = [v for n in "pst" for v in (lv.alpha[n], lv.sigma[n])]
+    x_s, m_s, m_p = real("x_s m_s m_p")
+    states = (x_s, m_s, m_p)
+    uni = C.unipc_predictor_coefficients(*args, "bh2")
+    two_m = C.dpm_solver_pp_2m_coefficients(*args, "midpoint")
+    res = {"UniP-2 (bh2) - 2M midpoint": lv.form(sum(c * v for c, v in zip(uni, states))
+                                                 - sum(c * v for c, v in zip(two_m, states)))}
+    return check(res, lv.domain & Domain.free(states))
 
 
 @identity(

@@ -51,13 +51,14 @@ def kdiffusion_dpmpp_2m_step(x, denoised, old_denoised, sigma_prev, sigma, sigma
     "denoiser (prediction sample) and an epsilon model (D = x - sigma eps), to sigma_next > 0 and to 0.",
 )
 def euler_step_matches() -> Result:
-    s_t, s_s = sp.symbols("sigma_t sigma_s", positive=True)
+    s_t, r = sp.symbols("sigma_t r", positive=True)
+    s_s = r * s_t  # 0 < sigma_s < sigma_t on the domain (0 < r < 1)
     x, p = real("x p")
     res = {}
     for kind, denoised in (("sample", p), ("epsilon", x - s_t * p)):
         res[f"{kind}, to sigma_s"] = ve_euler_step(kind, x, p, s_t, s_s) - kdiffusion_euler_step(x, denoised, s_t, s_s)
         res[f"{kind}, to 0"] = ve_euler_step(kind, x, p, s_t, sp.Integer(0)) - kdiffusion_euler_step(x, denoised, s_t, sp.Integer(0))
-    return check(res, Domain.free([s_t, s_s, x, p]))
+    return check(res, _sigma_domain(s_t, r) & Domain.free([x, p]))
 
 
 @identity(
@@ -95,17 +96,23 @@ def kdiffusion_euler_ancestral_step(x, denoised, sigma, sigma_next, z, eta):
     return x + d * (sigma_down - sigma) + z * sigma_up
 
 
-def _ancestral_domain(s_t, r, eta) -> Domain:
-    """sigma_t > 0, sigma_s = r sigma_t with 0 < r < 1, 0 < eta <= 1: random rationals, and a readable point."""
+def _sigma_domain(s_t, r, eta=None) -> Domain:
+    """sigma_t > 0, sigma_s = r sigma_t with 0 < r < 1 (so 0 < sigma_s < sigma_t), and 0 < eta <= 1 when given:
+    random rationals, and a readable point."""
     import random
 
     def sample(rng: random.Random):
-        vals = {s_t: sp.Rational(rng.randint(1, 400), 20), r: sp.Rational(rng.randint(1, 96), 97),
-                eta: sp.Rational(rng.randint(1, 97), 97)}
-        return vals, {"sigma_t": vals[s_t], "sigma_s": vals[s_t] * vals[r], "eta": vals[eta]}
+        vals = {s_t: sp.Rational(rng.randint(1, 400), 20), r: sp.Rational(rng.randint(1, 96), 97)}
+        if eta is not None:
+            vals[eta] = sp.Rational(rng.randint(1, 97), 97)
+        shown = {"sigma_t": vals[s_t], "sigma_s": vals[s_t] * vals[r]}
+        return vals, {**shown, **({"eta": vals[eta]} if eta is not None else {})}
 
-    fixed = {s_t: sp.Integer(3), r: sp.Rational(1, 2), eta: sp.Rational(2, 3)}
-    return Domain(sample, (fixed, {"sigma_t": 3, "sigma_s": sp.Rational(3, 2), "eta": sp.Rational(2, 3)}))
+    fixed = {s_t: sp.Integer(3), r: sp.Rational(1, 2)}
+    shown = {"sigma_t": sp.Integer(3), "sigma_s": sp.Rational(3, 2)}
+    if eta is not None:
+        fixed[eta] = shown["eta"] = sp.Rational(2, 3)
+    return Domain(sample, (fixed, shown))
 
 
 @identity(
@@ -137,4 +144,4 @@ def euler_ancestral_step_matches() -> Result:
     res["DDIM: x0 coefficient"] = scale * c_x0 - 1
     res["DDIM: eps coefficient = sigma_down"] = scale * c_eps - down
     res["DDIM: noise = sigma_up"] = scale * sigma_ts - up
-    return check(res, _ancestral_domain(s_t, r, eta) & Domain.free([x, p, z]))
+    return check(res, _sigma_domain(s_t, r, eta) & Domain.free([x, p, z]))

@@ -35,8 +35,8 @@ NUMERIC_IDENTITIES = {"operators.match_symbolic_mirrors", "operators.dpm_2m_matc
                       "operators.drafts_are_the_chain", "operators.coupled_noise_composed",
                       "operators.multistep_drafts_are_the_chain"}
 DPM_IDENTITIES = {"dpm.first_order_is_ddim", "dpm.first_order_composes", "dpm.2m_frozen_is_first_order",
-                  "dpm.2m_heun_exact_linear_x0", "dpm.2m_midpoint_not_exact", "dpm.conditional_path_exact",
-                  "diffusers.dpm_solver_pp_step", "operators.dpm_2m_matches_mirror"}
+                  "dpm.unipc_bh2_is_2m_midpoint", "dpm.2m_heun_exact_linear_x0", "dpm.2m_midpoint_not_exact",
+                  "dpm.conditional_path_exact", "diffusers.dpm_solver_pp_step", "operators.dpm_2m_matches_mirror"}
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +214,70 @@ def test_a_wrong_dpm_coefficient_is_caught(monkeypatch):
         assert o.result.status is Status.FAILS and not o.as_expected, name
 
 
+def test_a_wrong_unipc_predictor_coefficient_is_caught(monkeypatch):
+    """UniP-2's second-order weight 1/2 made 1/3 (c_p = -alpha_t B(h) / (3 r)): it is no longer 2M midpoint
+    (dpm.unipc_bh2_is_2m_midpoint) nor diffusers' multistep_uni_p_bh_update (diffusers.unipc_step)."""
+    from driffusion_core import coefficients as C
+
+    right = C.unipc_predictor_coefficients
+
+    def wrong(*args):
+        c_x, c_s, c_p = right(*args)
+        bent = c_p * 2 / 3  # -a_b / (2 r) -> -a_b / (3 r)
+        return c_x, c_s + c_p - bent, bent
+
+    monkeypatch.setattr(C, "unipc_predictor_coefficients", wrong)
+    ran = {}
+    for name in ("dpm.unipc_bh2_is_2m_midpoint", "diffusers.unipc_step"):
+        (ran[name],) = proofs.run_all(name)
+        assert ran[name].result.status is Status.FAILS and not ran[name].as_expected, name
+    cx = ran["dpm.unipc_bh2_is_2m_midpoint"].result.counterexample
+    assert abs(float(cx["residuals"]["UniP-2 (bh2) - 2M midpoint"])) > 1e-3, cx
+    assert set(ran["diffusers.unipc_step"].result.counterexample["residuals"]) == {"bh1, predictor 2", "bh2, predictor 2"}
+
+
+def test_a_non_finite_operator_output_is_a_failure_not_an_error(monkeypatch):
+    """DPMSolverSkip.multistep giving NaN in one element, or a 2M coefficient that is NaN in torch and nan in the
+    exact mirror: operators.dpm_2m_matches_mirror FAILS naming the operator and the point (the latter once raised
+    TypeError: cannot create mpf from nan); _Tally takes a non-finite value on either side as a failure."""
+    from driffusion_core import coefficients as C
+    from proofs.operator_checks import _Tally
+    from solvers import DPMSolverSkip
+
+    right = DPMSolverSkip.multistep
+
+    def nan_in_row_1(self, *args, **kwargs):
+        out = right(self, *args, **kwargs).clone()
+        out[1, 2] = float("nan")
+        return out
+
+    monkeypatch.setattr(DPMSolverSkip, "multistep", nan_in_row_1)
+    (o,) = proofs.run_all("operators.dpm_2m_matches_mirror")
+    assert o.result.status is Status.FAILS and not o.as_expected, o.result.detail
+    assert "not finite (torch nan" in o.result.detail and "DPMSolverSkip(vp, epsilon, midpoint)" in o.result.detail
+    assert "row 1, channel 2" in o.result.detail, o.result.detail
+    monkeypatch.setattr(DPMSolverSkip, "multistep", right)
+    right_2m = C.dpm_solver_pp_2m_coefficients
+
+    def nan_both_sides(*args):  # c_prev * 0/0: NaN in torch, nan in sympy (the mirror calls it too)
+        c_x, c_x0, c_prev = right_2m(*args)
+        zero = args[0] - args[0]
+        return c_x, c_x0, c_prev * zero / zero
+
+    monkeypatch.setattr(C, "dpm_solver_pp_2m_coefficients", nan_both_sides)
+    (o,) = proofs.run_all("operators.dpm_2m_matches_mirror")
+    assert o.result.status is Status.FAILS and "not finite (torch nan, exact mirror nan)" in o.result.detail, o.result.detail
+    tally = _Tally()
+    tally.add(0.25, sp.Rational(1, 4), "fine")
+    assert tally.result().status is Status.NUMERIC
+    for got, exact in ((1.0, sp.nan), (1.0, sp.zoo), (float("inf"), sp.Float(1)), (0.5, sp.Float(float("nan"), 40))):
+        tally = _Tally()
+        tally.add(0.25, sp.Rational(1, 4), "fine")
+        tally.add(got, exact, "the bad point")
+        r = tally.result()
+        assert r.status is Status.FAILS and "the bad point: not finite" in r.detail, (got, exact, r.detail)
+
+
 def test_numeric_fallback_is_labelled():
     """An identity sympy's exact test cannot close is reported as numerically verified, not proved."""
     lv = Levels(["t"])
@@ -292,7 +356,10 @@ def _ddim_chain_factors_at_eta0(op, t_from, t_to):
 
 def test_wrong_drafts_and_coupled_noise_are_caught(monkeypatch):
     """The torch drafts / coupled noise checked against the proved chain: DDIMSkip.chain_factors at eta 0, or
-    coupling rows scaled by 1.1, make operators.drafts_are_the_chain / operators.coupled_noise_composed fail."""
+    coupling rows scaled by 1.1, make operators.drafts_are_the_chain / operators.coupled_noise_composed fail; a
+    noiseless one-step window's coupling left 0 (not its own noise z_a) fails operators.one_level_draft_is_step."""
+    import torch
+
     from driffusion_core.transition import SkipTransition
     from solvers import DDIMSkip
 
@@ -305,6 +372,15 @@ def test_wrong_drafts_and_coupled_noise_are_caught(monkeypatch):
     monkeypatch.setattr(SkipTransition, "_coupling", lambda self, t_from, t_to: 1.1 * right_coupling(self, t_from, t_to))
     (o,) = proofs.run_all("operators.coupled_noise_composed")
     assert o.result.status is Status.FAILS and not o.as_expected
+
+    def no_noiseless_row(self, t_from, t_to):  # a noiseless row left 0 instead of e_j (its step's own noise)
+        _, _, W = self._chain(t_from, t_to)
+        norms = torch.linalg.vector_norm(W, dim=1, keepdim=True)
+        return W / torch.where(norms > 0, norms, torch.ones_like(norms))
+
+    monkeypatch.setattr(SkipTransition, "_coupling", no_noiseless_row)
+    (o,) = proofs.run_all("operators.one_level_draft_is_step")
+    assert o.result.status is Status.FAILS and "s_0 = 0" in o.result.detail, o.result.detail
 
 
 def test_a_wrong_euler_ancestral_step_and_wrong_multistep_drafts_are_caught(monkeypatch):

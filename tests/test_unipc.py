@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from driffusion_core import TimeGrid
+from driffusion_core import coefficients as C
 from driffusion_core.errors import InvalidArgumentError, InvalidTimestepsError
 from solvers import DPMSolverSkip, UniPCSkip
 
@@ -113,18 +114,36 @@ def test_lower_order_final_acts_on_the_grids_last_step_without_final_level(order
     assert (order == 2) == bool((second - ref).abs().max() > 1e-6)
 
 
-def test_the_corrector_changes_the_step_and_bh2_predicts_as_dpm_2m():
-    """The UniPC step is not DPM-Solver++ 2M's: its corrector moves the state by K before UniP predicts; with
-    K removed (the three x0_hat equal, K = 0), UniP-2 with bh2 is 2M midpoint on the same inputs."""
-    x, p, x_pp, p_pp, x_p, p_p = (randn(4, 3, seed=k) for k in range(6))
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_the_corrector_changes_the_step_and_bh2_predicts_as_dpm_2m(prediction):
+    """The UniPC step is UniC, then UniP: x_s^c = x_s + K with K = k_s m_s + k_p m_p + k_pp m_pp
+    (unipc_corrector_coefficients, order 2 after two earlier steps), then UniP-2 from x_s^c. With bh2 that
+    predictor is DPM-Solver++ 2M midpoint: the step equals DPMSolverSkip's 2M midpoint step from the corrected
+    state (its output meaning the same m_s there), with three distinct x0_hat, so D_1 = (m_p - m_s)/r != 0 and
+    UniP-2's second-order weight counts (the first-order step from x_s^c is far off). The corrector moves the
+    state: 2M from the uncorrected x_s is not the UniPC step."""
     levels = [torch.tensor(v, dtype=F64) for v in (700.0, 600.0, 500.0, 400.0)]
+    uni_op, dpm_op = UniPCSkip(VP, prediction), DPMSolverSkip(VP, prediction)  # bh2, midpoint (the defaults)
+    assert (uni_op.solver_type, dpm_op.solver_type, uni_op.orders(2, levels[3])) == ("bh2", "midpoint", (2, 2))
+    # the x0_hat m_pp, m_p, m_s at 700, 600, 500: m_p at least 1 above m_s and m_pp at least 1 below m_p elementwise
+    # (D_1 != 0 in every element), and the outputs meaning them at their states
+    x_pp, x_p, x, m_s = (randn(4, 3, seed=k) for k in range(4))
+    m_p = m_s + 1 + randn(4, 3, seed=4).abs()
+    m_pp = m_p - 1 - randn(4, 3, seed=5).abs()
+    p_pp, p_p, p = (consistent_prediction(uni_op, m, y, float(t)) for m, y, t in ((m_pp, x_pp, levels[0]),
+                                                                                  (m_p, x_p, levels[1]), (m_s, x, levels[2])))
     hist = [(x_pp, p_pp, levels[0]), (x_p, p_p, levels[1])]
-    uni = UniPCSkip(VP, "sample").multistep(x, p, levels[2], levels[3], hist)
-    dpm = DPMSolverSkip(VP, "sample").multistep(x, p, levels[2], levels[3], hist[-1:])
-    assert (uni - dpm).abs().max() > 1e-3
-    same = UniPCSkip(VP, "sample").multistep(x, p, levels[2], levels[3], [(x_pp, p, levels[0]), (x_p, p, levels[1])])
-    torch.testing.assert_close(same, DPMSolverSkip(VP, "sample").multistep(x, p, levels[2], levels[3], [(x_p, p, levels[1])]),
-                               rtol=1e-12, atol=1e-12)
+    uni = uni_op.multistep(x, p, levels[2], levels[3], hist)
+    for m, (y, q, t) in zip((m_pp, m_p, m_s), (*hist, (x, p, levels[2]))):
+        torch.testing.assert_close(uni_op.to_x0_eps(y, q, t)[0], m, rtol=1e-12, atol=1e-12)
+    (a_pp, s_pp), (a_p, s_p), (a_s, s_s) = (VP.alpha_sigma(t) for t in levels[:3])
+    k_s, k_p, k_pp = C.unipc_corrector_coefficients(a_pp, s_pp, a_p, s_p, a_s, s_s, 2, "bh2")
+    x_c = x + k_s * m_s + k_p * m_p + k_pp * m_pp
+    p_c = consistent_prediction(dpm_op, m_s, x_c, float(levels[2]))  # the output whose x0_hat at x_c is m_s
+    two_m = dpm_op.multistep(x_c, p_c, levels[2], levels[3], hist[-1:])
+    torch.testing.assert_close(uni, two_m, rtol=1e-10, atol=1e-10)
+    assert (uni - dpm_op(x_c, p_c, levels[2], levels[3])).abs().max() > 1e-2, "D_1 too small to test UniP-2's weight"
+    assert (uni - dpm_op.multistep(x, p, levels[2], levels[3], hist[-1:])).abs().max() > 1e-3, "K = 0: no corrector"
 
 
 def test_bad_settings_are_refused():
