@@ -31,12 +31,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         if bad or not args.sections:
             p.error(f"--only: unknown section(s) {bad or args.only!r}; choose from {','.join(SECTIONS)}, "
                     f"e.g. --only oracle,latency")
-        from benchmarks.runner import RESULTS_DIR, kept_run
+    from benchmarks.runner import RESULTS_DIR, kept_run
 
-        folder = args.out if args.out is not None else (RESULTS_DIR / "quick" if args.quick else RESULTS_DIR)
-        clash = kept_run(folder, "quick" if args.quick else "full", args.sections)
-        if clash:
-            p.error(clash)
+    folder = args.out if args.out is not None else (RESULTS_DIR / "quick" if args.quick else RESULTS_DIR)
+    clash = kept_run(folder, "quick" if args.quick else "full", args.sections)
+    if clash:
+        p.error(clash)
     return args
 
 

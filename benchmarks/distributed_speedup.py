@@ -4,7 +4,10 @@ The model is a compute-bound MLP (one call takes about 10-30 ms on one CPU threa
 not the bookkeeping, dominate. Every process runs with one thread:
 
 * baseline: ``solvers.sample_serial`` in one process (T sequential model calls); it runs in rank 0
-  while rank 1 waits at a barrier, alternating with the distributed runs, so both see the same load;
+  while rank 1 waits at a barrier, alternating with the distributed runs, so both see the same load.
+  One process of one thread is one "device" (the paper's n devices against one). The same serial
+  sampler with both cores as intra-op threads (``serial_2threads_s``, ``speedup_vs_2threads``) is timed
+  beside it: the whole machine spent on one call at a time instead of on two drafts;
 * DRiffusion: ``DraftRefineScheduler(DDIMSkip, width=2, mode="aggressive")`` with a
   ``DistributedExecutor`` over 2 processes (gloo on the CPU), 1 + ceil((T - 1) / 2) rounds.
 
@@ -185,13 +188,19 @@ def _worker(s: dict, rank: int) -> dict:
     out = sched.sample(predictor, x, executor=ex)  # warm-up
     bare = _bare_executor(rank, 2)
     bare_out = sched.sample(predictor, x, executor=bare)
-    serial_times, dist_times, bare_times = [], [], []
+    serial_times, serial2_times, dist_times, bare_times = [], [], [], []
     for i in range(s["repeats"]):
         dist.barrier()
         if rank == 0:
             t0 = time.perf_counter()
             ref = solvers.sample_serial(predictor, x, transition, grid)
             serial_times.append(time.perf_counter() - t0)
+            # the serial sampler with the whole machine (both cores as intra-op threads), while rank 1 waits
+            torch.set_num_threads(2)
+            t0 = time.perf_counter()
+            solvers.sample_serial(predictor, x, transition, grid)
+            serial2_times.append(time.perf_counter() - t0)
+            torch.set_num_threads(1)
         # DistributedExecutor and the bare loop back to back, in alternating order (a pair sees one machine load)
         for which in ((ex, bare) if i % 2 == 0 else (bare, ex)):
             dist.barrier()
@@ -228,6 +237,7 @@ def _worker(s: dict, rank: int) -> dict:
         same = sched.sample(predictor, x, executor=core.SerialExecutor()).x
         result.update(
             serial_s=statistics.median(serial_times),
+            serial_2threads_s=statistics.median(serial2_times),
             serial_rounds=ref.rounds,
             matches_serial_executor=bool(torch.equal(same, out.x)),
         )
@@ -284,8 +294,9 @@ def run(quick: bool = False, **overrides) -> Dict[str, float]:
         ``round_ms`` (an executor-level round of 2 drafts), ``exchange_ms`` (its part after the slower
         call), ``comm_overhead_frac`` (with its parts ``exchange_frac`` and ``imbalance_frac``, separate medians),
         ``round_overhead_frac``, ``sched_overhead_frac``, ``contention_frac``, ``bare_s``, ``bare_speedup``,
-        ``executor_cost_frac``,
-        ``matches_serial_executor``, ``executor`` and ``mlp``.
+        ``executor_cost_frac``, ``serial_2threads_s`` (the serial sampler in one process with 2 intra-op
+        threads: the whole machine, where ``serial_s`` is one process of 1 thread, a "device") and
+        ``speedup_vs_2threads``, ``matches_serial_executor``, ``executor`` and ``mlp``.
     """
     s = dict(_SETTINGS[bool(quick)])
     unknown = set(overrides) - set(s)
@@ -334,6 +345,9 @@ def run(quick: bool = False, **overrides) -> Dict[str, float]:
         "contention_frac": (call_both - call) / call,
         "bare_s": bare_s,
         "bare_speedup": d0["serial_s"] / bare_s,
+        # the same serial sampler given both cores as intra-op threads (one process, 2 threads)
+        "serial_2threads_s": d0["serial_2threads_s"],
+        "speedup_vs_2threads": d0["serial_2threads_s"] / dist_s,
         # paired: each repeat's DistributedExecutor time over its bare-loop time (the slower rank's), median
         "executor_cost_frac": statistics.median(max(a, b) for a, b in zip(d0["pair_ratios"], d1["pair_ratios"])) - 1.0,
         "matches_serial_executor": d0["matches_serial_executor"],
@@ -346,7 +360,7 @@ def format_table(r: Dict[str, float]) -> str:
     rows = [
         ("grid steps T / DRiffusion rounds", f"{r['steps']} / {r['rounds']}"),
         ("one model call (alone / both processes busy)", f"{r['call_ms']:.1f} / {r['call_both_busy_ms']:.1f} ms"),
-        ("serial sampler (1 process)", f"{r['serial_s']:.3f} s"),
+        ("serial sampler (1 process, 1 thread)", f"{r['serial_s']:.3f} s"),
         ("DRiffusion n=2 (2 processes)", f"{r['distributed_s']:.3f} s"),
         ("speedup (ideal T/rounds)", f"{r['speedup']:.2f}x ({r['ideal_speedup']:.2f}x, {100 * r['efficiency']:.0f}%)"),
         ("executor round of 2 drafts", f"{r['round_ms']:.1f} ms"),
@@ -357,6 +371,8 @@ def format_table(r: Dict[str, float]) -> str:
         ("  of which scheduler bookkeeping", f"{100 * r['sched_overhead_frac']:.1f}%"),
         ("call slowdown with both processes busy", f"{100 * r['contention_frac']:.1f}%"),
         ("bare SPMD loop, no checks (this machine's ceiling)", f"{r['bare_s']:.3f} s, {r['bare_speedup']:.2f}x"),
+        ("serial sampler with both cores as threads / speedup over it",
+         f"{r['serial_2threads_s']:.3f} s / {r['speedup_vs_2threads']:.2f}x" if "serial_2threads_s" in r else "not measured"),
         ("DistributedExecutor's cost over the bare loop", f"{100 * r['executor_cost_frac']:.1f}%"),
         ("result equals the serial executor's", str(r["matches_serial_executor"])),
     ]

@@ -282,47 +282,76 @@ def _envelope(points: List[dict]) -> Tuple[List[int], List[float]]:
 
 
 def plot_error_vs_rounds(results: dict, path) -> None:
-    """Error to the serial output against rounds: one panel per family.
+    """Error to the serial output against rounds: one panel per family, two panels a row.
 
-    DRiffusion: one point per width, joined. ParaDiGMS and skip-drafted Picard: per width, the
-    best error reached within r rounds over the tolerance sweep (no budget), and at DRiffusion's
-    rounds the best budgeted run (larger markers). Exact results (tau = 0) are off the log scale.
+    DRiffusion: one point per width, joined; its widths label the top axis at its rounds R. ParaDiGMS
+    and skip-drafted Picard: per width, the best error reached within r rounds over the tolerance sweep
+    (no budget), and at DRiffusion's rounds the best budgeted run (triangle, diamond). Each panel's title
+    gives its grid length T. One legend for the figure. Exact results (tau = 0) are off the log scale.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     curves = results["curves"]
     fams = list(curves)
-    fig, axes = plt.subplots(1, len(fams), figsize=(5.2 * len(fams), 4.2), squeeze=False)
+    ncols = min(2, len(fams))
+    nrows = (len(fams) + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.4 * ncols, 4.4 * nrows), squeeze=False)
     color = {"driffusion": "C0", "frozen": "C2", "skip": "C4"}
     styles = ["-", "--", ":", "-."]
-    for ax, fam in zip(axes[0], fams):
+    budget_label = {"frozen": "ParaDiGMS capped at DRiffusion's rounds R (best τ)",
+                    "skip": "skip-drafted Picard capped at DRiffusion's rounds R (best τ)"}
+    handles: Dict[str, object] = {}
+    for k, fam in enumerate(fams):
+        ax = axes[k // ncols, k % ncols]
         pts = curves[fam]["points"]
         dr = pts["driffusion"]
-        ax.plot([p["rounds"] for p in dr], [p["error"] for p in dr], "o-", color=color["driffusion"], label=LABELS["driffusion"])
-        for p in dr:
-            ax.annotate(f"n={p['width']}", (p["rounds"], p["error"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        (h,) = ax.plot([p["rounds"] for p in dr], [p["error"] for p in dr], "o-", color=color["driffusion"], zorder=3)
+        handles.setdefault(LABELS["driffusion"], h)
+        for row in results["at_driffusion_rounds"]:
+            if row["family"] == fam:
+                (h,) = ax.plot(row["rounds"], row["ParaDiGMS"], "^", color=color["frozen"], markersize=8, zorder=4)
+                handles.setdefault(budget_label["frozen"], h)
+                (h,) = ax.plot(row["rounds"], row["skip_Picard"], "D", color=color["skip"], markersize=7, zorder=4)
+                handles.setdefault(budget_label["skip"], h)
         widths = [p["width"] for p in dr]
         for i, n in enumerate(widths):
             for init in INITS:
                 rs, es = _envelope(pts[f"{init}:{n}"])
-                ax.step(rs, es, where="post", color=color[init], linestyle=styles[i % len(styles)], alpha=0.9,
-                        label=f"{LABELS[init]}, n={n}")
-        for row in results["at_driffusion_rounds"]:
-            if row["family"] == fam:
-                ax.plot(row["rounds"], row["ParaDiGMS"], "^", color=color["frozen"], markersize=8)
-                ax.plot(row["rounds"], row["skip_Picard"], "D", color=color["skip"], markersize=7)
+                (h,) = ax.step(rs, es, where="post", color=color[init], linestyle=styles[i % len(styles)], alpha=0.9)
+                handles.setdefault(f"{LABELS[init]}, n={n}", h)
+        # DRiffusion's widths on the top axis, at its rounds: no label on the lines
+        top = ax.secondary_xaxis("top")
+        top.set_xticks([p["rounds"] for p in dr], [f"n={p['width']}" for p in dr], fontsize=8, color=color["driffusion"])
+        top.tick_params(axis="x", colors=color["driffusion"], length=4)
         ax.set_yscale("log")
-        ax.set_xlabel("rounds (sequential model calls)")
-        ax.set_ylabel("relative error to the serial output")
-        ax.set_title(f"{fam}, T = {curves[fam]['T']}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
+        if k // ncols == nrows - 1 or k + ncols >= len(fams):
+            ax.set_xlabel("rounds (sequential model calls)")
+        if k % ncols == 0:
+            ax.set_ylabel("relative error to the serial output")
+        ax.set_title(f"{fam}: T = {curves[fam]['T']} steps", fontsize=11, fontweight="bold")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=6.5, loc="lower left")
-    fig.suptitle("Exact ring oracle: markers at DRiffusion's rounds are the budgeted Picard runs (best tolerance)", fontsize=9)
+    for k in range(len(fams), nrows * ncols):
+        axes[k // ncols, k % ncols].axis("off")
+    steps: Dict[int, List[str]] = {}
+    for fam in fams:
+        steps.setdefault(curves[fam]["T"], []).append(fam)
+    grids = "" if len(steps) < 2 else "; grid lengths differ: " + ", ".join(
+        f"T = {T} for {', '.join(fs)}" for T, fs in sorted(steps.items(), key=lambda kv: len(kv[1])))
+    fig.suptitle("Exact ring oracle: error against rounds" + grids + "\nlines: Picard's best error within r rounds over "
+                 "its tolerance sweep (no cap); top axis: DRiffusion's width n at its rounds R", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    # legend columns: DRiffusion and the capped runs; ParaDiGMS by width; skip-drafted Picard by width
+    order = [LABELS["driffusion"], budget_label["frozen"], budget_label["skip"]]
+    order += [lab for init in INITS for lab in handles if lab.startswith(LABELS[init] + ", n=")]
+    order += [lab for lab in handles if lab not in order]
+    fig.legend([handles[lab] for lab in order], order, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=3, fontsize=9.5, frameon=False)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -126,7 +126,9 @@ def render_summary(results: dict) -> str:
     dist = results.get("distributed", {}).get("result")
     if dist:
         lines.append(f"  DistributedExecutor, 2 processes ({dist.get('mlp', 'MLP')}): {dist['distributed_s']:.3f} s vs serial "
-                     f"{dist['serial_s']:.3f} s, speedup {dist['speedup']:.2f}x (rounds {dist['ideal_speedup']:.2f}x)")
+                     f"{dist['serial_s']:.3f} s (1 thread), speedup {dist['speedup']:.2f}x (rounds {dist['ideal_speedup']:.2f}x)"
+                     + (f"; vs serial on both cores as threads {dist['serial_2threads_s']:.3f} s, "
+                        f"{dist['speedup_vs_2threads']:.2f}x" if "serial_2threads_s" in dist else ""))
         if results.get("config", {}).get("name") == "quick":
             lines.append("    " + QUICK_DISTRIBUTED_CAVEAT.format(steps=dist.get("steps", "?")))
     grids = results.get("grids", {}).get("result")
@@ -148,6 +150,10 @@ def all_checks(results: dict) -> List[dict]:
         for t in results.get(sec, {}).get("tables", []):
             out += [dict(c, check=f"{t['model']}/{t['family']} {c['check']}") for c in t["checks"]]
     out += results.get("latency", {}).get("overhead", {}).get("checks", [])
+    dist = results.get("distributed", {}).get("result") or {}
+    if "matches_serial_executor" in dist:
+        out.append({"check": "distributed: the 2-process sample equals the one-process SerialExecutor sample bit for bit",
+                    "ok": bool(dist["matches_serial_executor"]), "got": dist["matches_serial_executor"], "want": True})
     return out
 
 
@@ -232,9 +238,11 @@ tables above use T = 50 on trailing grids; this shows how far that carries. The 
 `results.json`."""
 
 
-DISTRIBUTED_INTRO = """From `benchmarks/distributed_speedup.py`: the serial sampler in one process against DRiffusion
-(aggressive, width 2) with `DistributedExecutor` over 2 gloo processes, one thread each, on its own
-compute-bound MLP; medians over repeats. `ideal_speedup` = T / rounds; `comm_overhead_frac` = an
+DISTRIBUTED_INTRO = """From `benchmarks/distributed_speedup.py`: the serial sampler in one process of one thread (one
+"device") against DRiffusion (aggressive, width 2) with `DistributedExecutor` over 2 gloo processes, one thread
+each, on its own compute-bound MLP; medians over repeats. `speedup_vs_2threads` compares with the same serial
+sampler given both cores as intra-op threads instead (`serial_2threads_s`): the whole machine on one call at a
+time. `ideal_speedup` = T / rounds; `comm_overhead_frac` = an
 executor round of 2 drafts minus one model call, over one call, with two of its parts: `exchange_frac` (the
 round after the slower process's call ended: the all-gather and the executor's checks) and `imbalance_frac`
 (how much longer the slower of the two calls took than a median call); each is a median of its own, and

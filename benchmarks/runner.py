@@ -162,15 +162,19 @@ def update_readme(results: dict, readme: Path = README) -> bool:
 def kept_run(out_dir: Path, preset_name: str, sections: List[str]) -> str:
     """Why a run of ``sections`` cannot go into ``out_dir`` ('' when it can): a subset (``--only``) keeps the
     other sections of the folder's ``results.json`` only when they are of the same preset; one of another
-    preset (a full run under a quick one), or an unreadable one, would be replaced without them."""
+    preset (a full run under a quick one), or an unreadable one, would be replaced without them. A quick run
+    never replaces a full one (the committed results), even of every section."""
     old = Path(out_dir) / "results.json"
-    if not old.exists() or set(sections) == set(SECTIONS):
+    if not old.exists():
         return ""
     try:
         name = json.loads(old.read_text()).get("config", {}).get("name")
     except (json.JSONDecodeError, OSError, AttributeError):
         name = "unreadable"
-    if name == preset_name:
+    if preset_name == "quick" and name == "full":
+        return (f"{old} holds a full run; a quick run would replace its results with the quick preset's. Write the "
+                f"quick run to another folder (--out, or leave --out out: results/quick/).")
+    if name == preset_name or set(sections) == set(SECTIONS):
         return ""
     return (f"--only {','.join(sections)}: {old} holds a {name!r} run, not a {preset_name!r} one; its other sections "
             f"would be lost. Write to another folder (--out), or run every section.")

@@ -1169,18 +1169,19 @@ def test_a_refused_command_leaves_no_output_folder(tmp_path, capsys):
 
 
 def test_only_into_a_folder_of_another_preset_is_refused(tmp_path, capsys):
-    """--only keeps the folder's other sections only from a run of the same preset: into a folder holding a full
-    run, a quick --only run is refused up front (it would drop the full run's other sections), naming both."""
+    """--only keeps the folder's other sections only from a run of the same preset: into a folder holding a quick
+    run, a full --only run is refused up front (it would drop the quick run's other sections), naming both (a
+    quick run into a full run's folder is refused in any case: test_a_quick_run_never_replaces_a_full_runs_results)."""
     import json
 
-    (tmp_path / "results.json").write_text(json.dumps({"config": {"name": "full"}, "oracle": {"tables": []}}))
+    (tmp_path / "results.json").write_text(json.dumps({"config": {"name": "quick"}, "oracle": {"tables": []}}))
     with pytest.raises(SystemExit) as info:
-        parse_args(["--quick", "--only", "grids", "--out", str(tmp_path)])
+        parse_args(["--only", "grids", "--out", str(tmp_path)])
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert "holds a 'full' run, not a 'quick' one" in err and "--only grids" in err
-    parse_args(["--only", "grids", "--out", str(tmp_path)])  # the same preset: kept, accepted
-    parse_args(["--quick", "--out", str(tmp_path)])  # every section: nothing to keep
+    assert "holds a 'quick' run, not a 'full' one" in err and "--only grids" in err
+    parse_args(["--quick", "--only", "grids", "--out", str(tmp_path)])  # the same preset: kept, accepted
+    parse_args(["--out", str(tmp_path)])  # every section: nothing to keep
 
 
 def test_gpu_latency_refuses_cuda_where_there_is_none(capsys):
@@ -1200,3 +1201,71 @@ def test_picard_study_checks_its_plot_path_before_the_run(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "benchmarks.picard_study", "--quick", "--plot", str(tmp_path / "no" / "p.png")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "does not exist" in proc.stderr, proc.stderr[-500:]
+
+
+def test_a_quick_run_never_replaces_a_full_runs_results(tmp_path, capsys):
+    """`--quick --out <folder of a full run>` (e.g. benchmarks/results) is refused before any work, also with
+    every section (it used to replace the committed full results silently); a full run may replace a quick
+    one, and a quick one another quick one."""
+    import json
+
+    for held, preset, argv, refused in (
+        ("full", "quick", ["--quick"], True),
+        ("full", "quick", ["--quick", "--only", "oracle"], True),
+        ("quick", "full", [], False),
+        ("quick", "quick", ["--quick"], False),
+        ("full", "full", ["--only", "oracle"], False),
+    ):
+        folder = tmp_path / f"{held}-{preset}-{len(argv)}"
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps({"config": {"name": held}}))
+        if refused:
+            with pytest.raises(SystemExit) as info:
+                parse_args([*argv, "--out", str(folder)])
+            assert info.value.code == 2 and "holds a full run; a quick run would replace" in capsys.readouterr().err
+        else:
+            assert parse_args([*argv, "--out", str(folder)]).out == folder
+
+
+def test_error_vs_rounds_plots_are_readable(tmp_path, monkeypatch):
+    """Both error-against-rounds figures, drawn from the committed results: one figure legend (>= 9 pt) under the
+    panels; every converged-Picard star labelled with its width; the Picard study in two columns, its budgeted
+    markers in the legend, each panel's grid length T in its title, DRiffusion's widths on the top axes."""
+    from pathlib import Path
+
+    import matplotlib.pyplot as plt
+
+    from benchmarks import picard_study, plots
+
+    results = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "results.json").read_text())
+    figs = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig) or close(fig))
+
+    tables = [t for s in ("oracle", "digits", "timeseries") for t in results[s]["tables"]]
+    plots.plot_error_vs_rounds(tables, tmp_path / "e.png")
+    fig = figs.pop()
+    (legend,) = fig.legends
+    assert min(t.get_fontsize() for t in legend.get_texts()) >= 9
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert "Picard (frozen) converged (label: width n)" in labels and "Picard (skip), tolerance sweep at n = 4" in labels
+    stars = sum(1 for t in tables for r in t["rows"] if r["method"].endswith(" converged") and (r.get("rmse") or 0) > 0)
+    tags = [a.get_text() for ax in fig.axes for a in ax.texts]
+    assert len(tags) == stars and all(t.startswith("n=") for t in tags)
+    assert (tmp_path / "e.png").stat().st_size > 0
+
+    res = results["picard"]["result"]
+    picard_study.plot_error_vs_rounds(res, tmp_path / "p.png")
+    fig = figs.pop()
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert len(panels) == len(res["curves"]) and len({round(ax.get_position().x0, 3) for ax in panels}) == 2
+    for ax, (fam, c) in zip(panels, res["curves"].items()):
+        assert ax.get_title() == f"{fam}: T = {c['T']} steps"
+    (legend,) = fig.legends
+    assert min(t.get_fontsize() for t in legend.get_texts()) >= 9
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert sum("capped at DRiffusion's rounds" in lab for lab in labels) == 2
+    markers = {h.get_marker() for h in legend.legend_handles}
+    assert {"^", "D"} <= markers
+    assert all(not ax.texts for ax in panels)  # no n= labels on the lines: the top axis carries them
+    assert (tmp_path / "p.png").stat().st_size > 0
