@@ -269,11 +269,14 @@ class SkipTransition(abc.ABC):
             if v is not None:
                 _require_like(v, x.shape, x, name, what, f"shaped like x: one {what} per element of x; a row would "
                               f"be broadcast over the batch")
-        if noise is None:
+        b = x.shape[0]
+        levels = as_levels(t_from, b, f"{name}: t_from"), as_levels(t_to, b, f"{name}: t_to")
+        # (not for a call about to be refused for going up in noise: the one warning would be spent on it)
+        if noise is None and self.stochastic and not self.__dict__.get("_warned_mean_step", False) \
+                and bool((levels[1] <= levels[0]).all()):
             self._warn_mean_step("noise", "torch.randn_like(x)", "NoiseSource(seed)(i, x.shape, x.dtype)",
                                  "torch.zeros_like(x)", stacklevel=4)
-        b = x.shape[0]
-        return as_levels(t_from, b, f"{name}: t_from"), as_levels(t_to, b, f"{name}: t_to")
+        return levels
 
     def _warn_mean_step(self, what: str, random: str, source: str, zeros: str, stacklevel: int) -> None:
         """Warn once per transition that a stochastic step without noise is its mean (in a hand-written loop

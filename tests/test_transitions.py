@@ -1040,11 +1040,16 @@ def test_a_stochastic_step_without_noise_warns_once_and_is_the_mean(make):
     never warns."""
     import warnings
 
-    from driffusion_core import MeanStepWarning
+    from driffusion_core import InvalidTimestepsError, MeanStepWarning
 
     sched = VPSchedule.linear()
     tr = make(sched)
     x, p = randn(4, 2, seed=1), randn(4, 2, seed=2)
+    with warnings.catch_warnings(record=True) as refused:
+        warnings.simplefilter("always")
+        with pytest.raises(InvalidTimestepsError):  # refused (going up): the one warning is not spent on it
+            tr(x, p, 500, 600)
+    assert not [w for w in refused if issubclass(w.category, MeanStepWarning)]
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         mean = tr(x, p, 600, 500)
