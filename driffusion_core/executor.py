@@ -193,6 +193,12 @@ class Executor(abc.ABC):
         check_describe_width(width)
         return type(self).__name__
 
+    def __repr__(self) -> str:
+        try:
+            return self.describe()
+        except Exception:  # noqa: BLE001 - a half-built executor (its constructor raised) still prints
+            return f"<{type(self).__name__}>"
+
     def finish(self, x: torch.Tensor) -> None:
         """Called by the samplers once with the final sample; an executor spanning processes checks there
         that every process ended with the same sample. Default: nothing."""

@@ -535,6 +535,9 @@ class Round:
     xs: torch.Tensor
     anchor_call: bool
 
+    def __repr__(self) -> str:  # the states by shape, not by value
+        return f"Round(steps={self.steps}, xs={tuple(self.xs.shape)}, anchor_call={self.anchor_call})"
+
 
 class DraftRefineState:
     """The draft-and-refine state machine: ``plan()`` a round, ``absorb()`` its predictions.
@@ -568,7 +571,7 @@ class DraftRefineState:
                 f"{type(transition).__name__} is stochastic here: its steps draw noise, so pass noise=NoiseSource(seed) "
                 f"(DraftRefineScheduler.start and .sample draw a seed for you when given None)."
             )
-        keep_trajectory = as_flag(keep_trajectory, "keep_trajectory")
+        keep_trajectory = as_flag(keep_trajectory, "return_trajectory / keep_trajectory")
         if isinstance(history, (str, bytes)) or not isinstance(history, Sequence):
             raise InvalidArgumentError(
                 f"history must be a sequence of (x_i, p_i, t_from[i]) triples, oldest first, got {type(history).__name__}."
@@ -841,7 +844,8 @@ class DraftRefineScheduler:
             state.rounds,
             state.evals,
             state.trajectory,
-            {"drafts_per_round": state.drafts_per_round, "executor": executor.describe()},
+            {"drafts_per_round": state.drafts_per_round, "executor": executor.describe(), "width": self.width,
+             "mode": self.mode},
         )
 
     def __repr__(self) -> str:

@@ -447,7 +447,9 @@ class VPSchedule(Schedule):
 
     def __repr__(self) -> str:
         zsnr = ", zero terminal SNR" if float(self.alphas_cumprod[-1]) == 0.0 else ""
-        return f"VPSchedule(N={self.num_train_timesteps}, final_alpha_cumprod={self.final_alpha_cumprod:g}{zsnr})"
+        ends = f"alpha_bar {float(self.alphas_cumprod[0]):.6g} .. {float(self.alphas_cumprod[-1]):.4g}"
+        return (f"VPSchedule(N={self.num_train_timesteps}, {ends}, final_alpha_cumprod={self.final_alpha_cumprod:g}"
+                f"{zsnr})")
 
 
 class FlowSchedule(Schedule):

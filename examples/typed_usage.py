@@ -100,6 +100,14 @@ def tour() -> dict[str, float]:
         state.absorb(rnd, torch.stack([shrink(z, torch.zeros(())) for z in rnd.xs]))
     errors["flow, by hand"] = float((state.x - sample_serial(shrink, x, euler, fgrid).x).pow(2).mean().sqrt())
 
+    # k-diffusion's calling convention: a Tensor by default, the SampleOutput with return_output=True
+    from solvers.interop import sample_driffusion
+
+    sigmas = torch.tensor([10.0, 4.0, 1.5, 0.5, 0.0])
+    denoised: torch.Tensor = sample_driffusion(lambda z, s: 0.5 * z, x * 10.0, sigmas, disable=True)
+    counted: SampleOutput = sample_driffusion(lambda z, s: 0.5 * z, x * 10.0, sigmas, disable=True, return_output=True)
+    errors["k-diffusion style"] = float((denoised - counted.x).pow(2).mean().sqrt())
+
     try:
         DraftRefineScheduler(ddim, grid, width=0)
     except DriffusionError as e:  # every refusal is a DriffusionError subclass with a message that says the fix

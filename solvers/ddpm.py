@@ -34,7 +34,10 @@ class DDPMSkip(SkipTransition):
 
     .. math:: x_s = \frac{\sqrt{\bar\alpha_s}\,\beta_{t|s}}{1-\bar\alpha_t}\hat x_0
               + \frac{\sqrt{\alpha_{t|s}}\,(1-\bar\alpha_s)}{1-\bar\alpha_t} x_t + s_{t\to s} z,
-              \qquad \alpha_{t|s} = \bar\alpha_t/\bar\alpha_s,\ \beta_{t|s} = 1 - \alpha_{t|s};
+              \qquad \alpha_{t|s} = \bar\alpha_t/\bar\alpha_s,\ \beta_{t|s} = 1 - \alpha_{t|s},
+
+    with :math:`s_{t\to s}^2 = \beta_{t|s}(1-\bar\alpha_s)/(1-\bar\alpha_t)` (``"fixed_small"``, the posterior
+    variance) or :math:`\beta_{t|s}` (``"fixed_large"``) and :math:`z \sim N(0, I)` the step's noise;
 
     a multi-level draft is the chain of one-level steps with x0_hat frozen and each step's noise.
 

@@ -134,7 +134,7 @@ class DPMSolverSkip(LogSNRSolver):
 
     Arguments:
         schedule: a :class:`~driffusion_core.VPSchedule` or :class:`~driffusion_core.FlowSchedule`
-            (any interpolant with :math:`\\lambda = \\log(\\alpha/\\sigma)`).
+            (any interpolant with :math:`\lambda = \log(\alpha/\sigma)`).
         prediction: ``"epsilon"``, ``"sample"``, ``"v_prediction"`` (VP) or ``"velocity"`` (flow).
         order: 1 (DDIM in DPM-Solver++ form) or 2 (2M, diffusers' default ``solver_order=2``).
         solver_type: ``"midpoint"`` (diffusers' default) or ``"heun"``.

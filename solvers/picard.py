@@ -451,7 +451,7 @@ class PicardScheduler:
 
     Example::
 
-        sched = PicardScheduler(DDIMSkip(schedule), schedule.timesteps(50), width=4, tolerance=1e-2)
+        sched = PicardScheduler(DDIMSkip(schedule), schedule.timesteps(50, "trailing"), width=4, tolerance=1e-2)
         out = sched.sample(model, x, executor=BatchedExecutor())
         out.x, out.rounds, out.evals, out.info["calls_beyond_T"]
     """

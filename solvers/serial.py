@@ -15,7 +15,7 @@ from typing import Any, Mapping, Optional, Union
 import numpy as np
 import torch
 
-from driffusion_core.errors import InvalidArgumentError, as_count, check_predictor
+from driffusion_core.errors import InvalidArgumentError, as_count, as_flag, check_predictor
 from driffusion_core.executor import Predictor
 from driffusion_core.grid import TimeGrid
 from driffusion_core.modules import warn_random_layers
@@ -77,7 +77,7 @@ def sample_serial(
     grid = transition.make_grid(timesteps)
     noise = default_noise(transition, noise)
     x = x.clone()  # the caller's x stays intact even if the model writes into its input (refused after the call)
-    traj = [x] if return_trajectory else None
+    traj = [x] if as_flag(return_trajectory, "return_trajectory") else None
     bar = progress_bar(progress, len(grid), "serial")
     history: list = []  # (x_i, p_i, t_i) of the last steps, for a multistep transition
     with warn_random_layers(predictor, "sample_serial"):

@@ -1,6 +1,7 @@
 """Each bad input gets a clear error (a driffusion_core.errors class) naming what was wrong."""
 from __future__ import annotations
 
+import re
 import sys
 import warnings
 
@@ -2035,3 +2036,20 @@ def test_sliced_conditioning_is_named_when_the_model_fails_on_it():
     note = "\n".join(info.value.__notes__)
     assert "per_sample(<lambda>) passes f one row" in note and "cond['table'] (5, 4)" in note, note
     sched.sample(lambda x, t, labels, table: x * 0.1 + table[labels], x, executor=BatchedExecutor(), cond=cond)
+
+
+def test_flags_are_refused_unless_bool_on_every_entry_point():
+    """A string for a yes/no option ("no" is truthy) is refused by the name the caller used, on every
+    sampler, instead of silently returning a trajectory or a SampleOutput."""
+    from solvers.interop import sample_driffusion
+
+    x = x0()
+    calls = {
+        "return_trajectory": lambda: sample_serial(eps_model, x, DDIMSkip(VP), VP.timesteps(5), return_trajectory="no"),
+        "return_output": lambda: sample_driffusion(lambda z, s: z, x, torch.tensor([3.0, 1.0, 0.0]), disable=True,
+                                                   return_output="no"),
+        "return_trajectory / keep_trajectory": lambda: scheduler().sample(eps_model, x, return_trajectory="no"),
+    }
+    for name, call in calls.items():
+        with pytest.raises(InvalidArgumentError, match=rf"^{re.escape(name)} must be True or False, got 'no'"):
+            call()

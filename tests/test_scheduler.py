@@ -712,3 +712,20 @@ def test_a_noise_source_subclass_confines_the_noise_to_a_subspace():
     assert max(centre(o) for o in outs) < 1e-12
     assert torch.equal(DraftRefineScheduler(transition, grid, width=1).sample(model, x, noise=Centred(1)).x, serial.x)
     assert centre(sample_serial(model, x, transition, grid, noise=NoiseSource(1))) > 1e-2
+
+
+def test_reprs_tell_settings_apart_and_show_states_by_shape():
+    """Schedules built by different constructors print differently (the alpha-bar end points), executors print
+    their describe() (not <object at 0x...>), a Round shows its states' shape, not their values, and a sample's
+    info says the width and mode it ran with."""
+    reprs = {repr(s) for s in (VPSchedule.linear(), VPSchedule.scaled_linear(), VPSchedule.squaredcos_cap_v2())}
+    assert len(reprs) == 3
+    for ex in (SerialExecutor(), BatchedExecutor(max_batch=8)):
+        assert repr(ex) == ex.describe() and "object at" not in repr(ex)
+    schedule = VPSchedule.linear()
+    sched = DraftRefineScheduler(DDIMSkip(schedule), schedule.timesteps(20, "trailing"), width=2, mode="conservative")
+    x = NoiseSource(0).initial((3, 5))
+    rnd = sched.start(x).plan()
+    assert repr(rnd) == "Round(steps=[0], xs=(1, 3, 5), anchor_call=True)"
+    info = sched.sample(lambda z, t: 0.1 * z, x).info
+    assert info["width"] == 2 and info["mode"] == "conservative"

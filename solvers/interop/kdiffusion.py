@@ -32,11 +32,11 @@ Its drafts are the one-level chain with x0_hat frozen and the steps' own noise, 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Literal, Mapping, Optional, Union, overload
 
 import torch
 
-from driffusion_core.errors import InvalidArgumentError, InvalidTimestepsError, check_predictor, is_real
+from driffusion_core.errors import InvalidArgumentError, InvalidTimestepsError, as_flag, check_predictor, is_real
 from driffusion_core.executor import Executor, check_executor
 from driffusion_core.grid import TimeGrid, refuse_bool_or_complex
 from driffusion_core.modules import warn_random_layers
@@ -76,6 +76,66 @@ def sigmas_grid(sigmas: torch.Tensor, dtype: torch.dtype = torch.float32) -> Tim
         )
     # kind "ve": a VP / flow transition handed these sigmas is refused (they are not its levels)
     return TimeGrid(levels[:-1].clone(), levels[1:].clone(), sig[:-1].to(dtype).clone(), kind=VESchedule.kind)
+
+
+@overload
+def sample_driffusion(
+    model: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    extra_args: Optional[Mapping[str, Any]] = None,
+    callback: Optional[Callable[[dict], Any]] = None,
+    disable: Optional[bool] = None,
+    width: int = 2,
+    mode: str = "aggressive",
+    executor: Optional[Executor] = None,
+    return_output: Literal[False] = False,
+    *,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = float("inf"),
+    s_noise: float = 1.0,
+) -> torch.Tensor: ...
+
+
+@overload
+def sample_driffusion(
+    model: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    extra_args: Optional[Mapping[str, Any]] = None,
+    callback: Optional[Callable[[dict], Any]] = None,
+    disable: Optional[bool] = None,
+    width: int = 2,
+    mode: str = "aggressive",
+    executor: Optional[Executor] = None,
+    *,
+    return_output: Literal[True],
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = float("inf"),
+    s_noise: float = 1.0,
+) -> SampleOutput: ...
+
+
+@overload
+def sample_driffusion(
+    model: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    extra_args: Optional[Mapping[str, Any]] = None,
+    callback: Optional[Callable[[dict], Any]] = None,
+    disable: Optional[bool] = None,
+    width: int = 2,
+    mode: str = "aggressive",
+    executor: Optional[Executor] = None,
+    return_output: bool = False,
+    *,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = float("inf"),
+    s_noise: float = 1.0,
+) -> Union[torch.Tensor, SampleOutput]: ...
 
 
 @torch.no_grad()
@@ -138,6 +198,52 @@ def sample_driffusion(
                      width, mode, executor, return_output)
 
 
+@overload
+def sample_driffusion_dpmpp_2m(
+    model: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    extra_args: Optional[Mapping[str, Any]] = None,
+    callback: Optional[Callable[[dict], Any]] = None,
+    disable: Optional[bool] = None,
+    width: int = 2,
+    mode: str = "aggressive",
+    executor: Optional[Executor] = None,
+    return_output: Literal[False] = False,
+) -> torch.Tensor: ...
+
+
+@overload
+def sample_driffusion_dpmpp_2m(
+    model: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    extra_args: Optional[Mapping[str, Any]] = None,
+    callback: Optional[Callable[[dict], Any]] = None,
+    disable: Optional[bool] = None,
+    width: int = 2,
+    mode: str = "aggressive",
+    executor: Optional[Executor] = None,
+    *,
+    return_output: Literal[True],
+) -> SampleOutput: ...
+
+
+@overload
+def sample_driffusion_dpmpp_2m(
+    model: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    extra_args: Optional[Mapping[str, Any]] = None,
+    callback: Optional[Callable[[dict], Any]] = None,
+    disable: Optional[bool] = None,
+    width: int = 2,
+    mode: str = "aggressive",
+    executor: Optional[Executor] = None,
+    return_output: bool = False,
+) -> Union[torch.Tensor, SampleOutput]: ...
+
+
 @torch.no_grad()
 def sample_driffusion_dpmpp_2m(
     model: Callable[..., torch.Tensor],
@@ -175,6 +281,64 @@ def sample_driffusion_dpmpp_2m(
                                lower_order_final=False, euler_at_final=False)
     return _sample_k(transition, "sample_driffusion_dpmpp_2m", "DRiffusion DPM++ 2M", model, x, sigmas, extra_args,
                      callback, disable, width, mode, executor, return_output)
+
+
+@overload
+def sample_driffusion_ancestral(
+    model: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    extra_args: Optional[Mapping[str, Any]] = None,
+    callback: Optional[Callable[[dict], Any]] = None,
+    disable: Optional[bool] = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    noise_sampler: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+    width: int = 2,
+    mode: str = "aggressive",
+    executor: Optional[Executor] = None,
+    return_output: Literal[False] = False,
+    noise: Optional[NoiseSource] = None,
+) -> torch.Tensor: ...
+
+
+@overload
+def sample_driffusion_ancestral(
+    model: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    extra_args: Optional[Mapping[str, Any]] = None,
+    callback: Optional[Callable[[dict], Any]] = None,
+    disable: Optional[bool] = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    noise_sampler: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+    width: int = 2,
+    mode: str = "aggressive",
+    executor: Optional[Executor] = None,
+    *,
+    return_output: Literal[True],
+    noise: Optional[NoiseSource] = None,
+) -> SampleOutput: ...
+
+
+@overload
+def sample_driffusion_ancestral(
+    model: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    extra_args: Optional[Mapping[str, Any]] = None,
+    callback: Optional[Callable[[dict], Any]] = None,
+    disable: Optional[bool] = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    noise_sampler: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+    width: int = 2,
+    mode: str = "aggressive",
+    executor: Optional[Executor] = None,
+    return_output: bool = False,
+    noise: Optional[NoiseSource] = None,
+) -> Union[torch.Tensor, SampleOutput]: ...
 
 
 @torch.no_grad()
@@ -306,6 +470,7 @@ def _sample_k(transition: SkipTransition, name: str, label: str, model, x, sigma
               noise: Optional[Callable[[], Optional[NoiseSource]]] = None) -> Union[torch.Tensor, SampleOutput]:
     """The draft-and-refine loop of the k-diffusion-style samplers, with ``transition`` on the sigmas' grid."""
     check_predictor(model, "model must be a denoiser D(x, sigma) -> x0")
+    return_output = as_flag(return_output, "return_output")
     if callback is not None and not callable(callback):
         raise InvalidArgumentError(
             f"callback must be None or a function of k-diffusion's dict (x, i, sigma, sigma_hat, denoised), got "
