@@ -42,8 +42,15 @@ def repeat_cond(cond: Mapping[str, Any], k: int) -> dict:
     return map_tensors(lambda v: v.repeat(k, *([1] * (v.dim() - 1))) if v.dim() > 0 else v, cond)
 
 
-def _rows(cond: Mapping[str, Any], start: int, stop: int) -> dict:
-    return map_tensors(lambda v: v[start:stop] if v.dim() > 0 else v, cond)
+def _chunk_rows(cond: Mapping[str, Any], b: int, start: int, stop: int) -> dict:
+    """Rows ``start .. stop`` of ``repeat_cond(cond, K)`` without building it (row r is row r % B of the
+    input): a view when the chunk lies within one draft's rows, else a copy of the chunk's rows only, so
+    ``max_batch`` bounds the conditioning's memory too."""
+    lo, hi = start % b, start % b + (stop - start)
+    if hi <= b:
+        return map_tensors(lambda v: v[lo:hi] if v.dim() > 0 else v, cond)
+    index = torch.arange(start, stop) % b
+    return map_tensors(lambda v: v.index_select(0, index.to(v.device)) if v.dim() > 0 else v, cond)
 
 
 def per_sample(f: Callable[..., torch.Tensor]) -> Predictor:
@@ -220,12 +227,13 @@ class BatchedExecutor(Executor):
         flat_x = xs.reshape(k * b, *xs.shape[2:])
         flat_t = ts.reshape(k * b)
         one_call = self.max_batch is None or k * b <= self.max_batch
-        # the conditioning is repeated once (and sliced alike for chunks): the predictor gets copies of its
-        # batched tensors, so a write into one would not reach the caller's tensor, where SerialExecutor (which
-        # passes the tensors themselves) lets the sampler refuse it; watch the copies' version counters instead
-        full_cond = repeat_cond(cond, k)
-        versions = [v for v in tensor_versions(full_cond) if v[1].dim() > 0]
+        # the conditioning is repeated (or, for chunks, each chunk's rows taken): the predictor gets copies of its
+        # batched tensors (or views), so a write into one would not reach the caller's tensor, where
+        # SerialExecutor (which passes the tensors themselves) lets the sampler refuse it; watch the version
+        # counters of what the predictor gets instead
         if one_call:
+            full_cond = repeat_cond(cond, k)
+            versions = [v for v in tensor_versions(full_cond) if v[1].dim() > 0]
             out = predictor(flat_x, flat_t, **full_cond)
             _check_cond_untouched(versions)
         else:
@@ -234,7 +242,9 @@ class BatchedExecutor(Executor):
             out = None
             for start in range(0, k * b, self.max_batch):
                 stop = min(k * b, start + self.max_batch)
-                chunk = predictor(flat_x[start:stop], flat_t[start:stop], **_rows(full_cond, start, stop))
+                rows = _chunk_rows(cond, b, start, stop)
+                versions = [v for v in tensor_versions(rows) if v[1].dim() > 0]
+                chunk = predictor(flat_x[start:stop], flat_t[start:stop], **rows)
                 _check_cond_untouched(versions)
                 chunk = _checked(chunk, stop - start, flat_t[start:stop], like=out)
                 if out is None:

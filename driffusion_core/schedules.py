@@ -67,10 +67,16 @@ class Schedule:
         """Interpolant coefficients (float64) at level(s) t: :math:`x_t = \\alpha x_0 + \\sigma\\epsilon`."""
         raise NotImplementedError
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # every attribute set counts (``_generation``, part of the cache token): a new tensor may reuse the id
+        # of the one it replaced once that is freed, so identity and version alone would not show the change
+        object.__setattr__(self, name, value)
+        object.__setattr__(self, "_generation", self.__dict__.get("_generation", 0) + 1)
+
     def cache_token(self) -> tuple:
         """What the values a transition caches depend on; when it changes (an attribute set, a table
         edited in place), transitions recompute. Default: every attribute, tensors by identity and
-        in-place version."""
+        in-place version, and the count of attribute sets."""
         return tuple(
             (k, (id(v), v._version) if isinstance(v, torch.Tensor) else v) for k, v in sorted(vars(self).items())
         )

@@ -245,6 +245,13 @@ class SkipTransition(abc.ABC):
         if not name.startswith("_"):
             self.__dict__.pop("_coefficient_cache", None)
 
+    def __getstate__(self) -> dict:
+        # a pickle or deepcopy carries no coefficient cache: its token (tensor identities) would not match in
+        # the copy, which would discard it at its first step, after paying to copy up to megabytes of it
+        state = self.__dict__.copy()
+        state.pop("_coefficient_cache", None)
+        return state
+
     # ----------------------------------------------------------------- argument checks
     def operands(self, x: torch.Tensor, pred: torch.Tensor, t_from: Levels, t_to: Levels,
                  noise: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -274,7 +274,7 @@ class DPMSolverSkip(LogSNRSolver):
                          self.schedule.cache_token())
 
     def __getstate__(self) -> dict:
-        state = self.__dict__.copy()  # copies and pickles of the transition carry no memo (it holds weakrefs)
+        state = super().__getstate__()  # copies and pickles of the transition carry no memo (it holds weakrefs)
         state.pop("_x0_memo", None)
         return state
 

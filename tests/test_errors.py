@@ -949,6 +949,15 @@ def test_a_predictor_that_writes_into_its_conditioning_is_refused():
         sample_serial(in_place, x, DDIMSkip(schedule), grid, cond=cond())
     with pytest.raises(PredictorOutputError, match=r"cond\['extra'\]\['scale'\] in place at step 0"):
         DraftRefineScheduler(DDIMSkip(schedule), grid, width=3).sample(in_place, x, cond=cond())
+    # batched: the repeat, a chunk within one draft's rows (a view) and, in a round of 3 drafts split in chunks
+    # of 4 rows, chunks across drafts (copies of their rows only)
+    def in_a_chunk(x, t, extra):
+        return in_place(x, t, extra) if x.shape[0] == 4 else 0.1 * x * extra["scale"][:, None]
+
+    for ex, writer in ((BatchedExecutor(), in_place), (BatchedExecutor(max_batch=2), in_place),
+                       (BatchedExecutor(max_batch=4), in_a_chunk)):
+        with pytest.raises(PredictorOutputError, match=r"cond\['extra'\]\['scale'\] in place"):
+            DraftRefineScheduler(DDIMSkip(schedule), grid, width=3).sample(writer, x, cond=cond(), executor=ex)
     # reading it is fine, and the result is the serial sampler's
     reads = lambda x, t, extra: 0.1 * x * extra["scale"][:, None]  # noqa: E731
     got = DraftRefineScheduler(DDIMSkip(schedule), grid, width=1).sample(reads, x, cond=cond()).x

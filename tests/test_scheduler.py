@@ -729,3 +729,23 @@ def test_reprs_tell_settings_apart_and_show_states_by_shape():
     assert repr(rnd) == "Round(steps=[0], xs=(1, 3, 5), anchor_call=True)"
     info = sched.sample(lambda z, t: 0.1 * z, x).info
     assert info["width"] == 2 and info["mode"] == "conservative"
+
+
+def test_chunked_conditioning_rows_are_the_repeated_rows_without_the_repeat():
+    """max_batch chunks take their conditioning rows straight from the caller's tensors (row r of the K * B
+    stacked rows is row r % B): the same values as slicing the K-fold repeat, which is never built, so the
+    chunk size bounds the conditioning's memory; within one draft's rows a chunk gets a view."""
+    from backends.batched import _chunk_rows, repeat_cond
+
+    b, k = 5, 3
+    cond = {"emb": torch.randn(b, 4, generator=torch.Generator().manual_seed(0)), "scale": torch.tensor(2.0),
+            "nested": {"mask": torch.arange(b) % 2 == 0}, "name": "x"}
+    full = repeat_cond(cond, k)
+    for start in range(k * b):
+        for stop in range(start + 1, k * b + 1):
+            got = _chunk_rows(cond, b, start, stop)
+            assert torch.equal(got["emb"], full["emb"][start:stop])
+            assert torch.equal(got["nested"]["mask"], full["nested"]["mask"][start:stop])
+            assert got["scale"] is cond["scale"] and got["name"] == "x"
+            if start % b + (stop - start) <= b:
+                assert got["emb"]._base is cond["emb"]

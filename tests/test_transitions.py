@@ -704,6 +704,21 @@ def test_coefficient_cache_follows_changed_settings():
     schedule.alphas_cumprod.mul_(0.99)  # edited in place
     fresh = VPSchedule(schedule.alphas_cumprod.clone())
     assert torch.equal(run(tr), run(DDIMSkip(fresh, eta=0.3)))
+    # replaced twice between samples: the second new table may reuse the first one's freed id (and has
+    # version 0), so the token also counts attribute sets
+    for _ in range(5):
+        schedule.alphas_cumprod = schedule.alphas_cumprod ** 1.05  # frees the table the cache was made from
+        schedule.alphas_cumprod = schedule.alphas_cumprod.clamp(min=1e-6)  # made while the other is alive
+        assert torch.equal(run(tr), run(DDIMSkip(VPSchedule(schedule.alphas_cumprod.clone()), eta=0.3)))
+    # a pickle or deep copy of a used transition carries no cache (it could not be reused there) and samples alike
+    import pickle
+
+    for used in (tr, DPMSolverSkip(VPSchedule.linear())):
+        run(used)
+        assert "_coefficient_cache" in used.__dict__
+        for twin in (pickle.loads(pickle.dumps(used)), copy.deepcopy(used)):
+            assert "_coefficient_cache" not in twin.__dict__ and "_x0_memo" not in twin.__dict__
+            assert torch.equal(run(twin), run(used))
     # eta 0 <-> > 0 switches the noise on and off, as a fresh transition would
     tr = DDIMSkip(VPSchedule.linear(), eta=0.0)
     run(tr)
