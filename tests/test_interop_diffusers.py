@@ -850,6 +850,28 @@ def test_ddim_pipeline(unet2d):
         assert _vs_step_skipping(direct, unet2d, pipe.scheduler, 12, latents) < 0.2, measured
 
 
+def test_the_progress_bar_follows_the_pipelines_own_setting(unet2d, monkeypatch):
+    """As a diffusers pipeline's loop: a bar unless pipe.set_progress_bar_config(disable=True); progress=True
+    or False given to DRiffusionPipeline wins."""
+    seen = []
+    sample = DraftRefineScheduler.sample
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("progress"))
+        return sample(self, *args, **kwargs)
+
+    monkeypatch.setattr(DraftRefineScheduler, "sample", spy)
+    pipe = need("DDIMPipeline")(unet=unet2d, scheduler=need("DDIMScheduler")(clip_sample=False))
+    run = lambda **kw: DRiffusionPipeline(pipe, width=2, **kw)(num_inference_steps=4, output_type="np")  # noqa: E731
+    run()
+    pipe.set_progress_bar_config(disable=True)
+    run()
+    run(progress=True)
+    pipe.set_progress_bar_config(disable=False)
+    run(progress=False)
+    assert seen == [True, False, True, False]
+
+
 def test_a_subclassed_or_compiled_model_keeps_its_calling_style(unet2d, unet_cond):
     """The calling style comes from the model's class or a base, through torch.compile's wrapper: a pipeline
     whose unet is a user's subclass, or compiled, runs as diffusers' own pipeline does (there is no style=

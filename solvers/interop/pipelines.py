@@ -228,7 +228,8 @@ class DRiffusionPipeline:
         mode: ``"aggressive"`` (1 + ceil((T-1)/n) rounds) or ``"conservative"``.
         executor: how a round runs (default ``backends.BatchedExecutor()``: the drafts and both CFG
             halves in one model call).
-        progress: show a progress bar.
+        progress: show a progress bar; None (the default) follows the pipeline's own
+            ``pipe.set_progress_bar_config(disable=...)``, shown unless disabled there, as diffusers does.
         tolerance: with a number, the loop is :class:`~solvers.PicardScheduler` (``init="skip"``) instead of
             draft-and-refine: the tolerance dial from DRiffusion's latency (``float('inf')``) to the serial
             loop's exact result (0), at up to ``width`` model calls per round. ``mode`` does not apply then
@@ -246,14 +247,14 @@ class DRiffusionPipeline:
     """
 
     def __init__(self, pipe: Any, width: int = 2, mode: str = "aggressive", executor: Optional[Executor] = None,
-                 progress: bool = False, tolerance: Optional[float] = None, max_rounds: Optional[int] = None):
+                 progress: Optional[bool] = None, tolerance: Optional[float] = None, max_rounds: Optional[int] = None):
         self.family = pipeline_family(pipe)
         try:
             width = as_count(width, "width", 1, None, InvalidWidthError)  # Python, numpy or 0-d tensor ints
         except InvalidWidthError:
             raise InvalidWidthError(f"width (drafts per round) must be an int >= 1, got {width!r}; 1 is the serial loop.") from None
         check_mode(mode)
-        progress = as_flag(progress, "progress")
+        progress = None if progress is None else as_flag(progress, "progress")
         if executor is None:
             from backends import BatchedExecutor
 
@@ -289,7 +290,10 @@ class DRiffusionPipeline:
             from solvers.picard import PicardScheduler
 
             sched = PicardScheduler(transition, grid, self.width, self.tolerance, max_rounds=self.max_rounds)
-        out = sched.sample(predictor, latents, executor=self.executor, noise=noise, cond=cond, progress=self.progress)
+        progress = self.progress
+        if progress is None:  # as the pipeline's own loop: shown unless set_progress_bar_config(disable=True)
+            progress = not bool(getattr(self.pipe, "_progress_bar_config", {}).get("disable", False))
+        out = sched.sample(predictor, latents, executor=self.executor, noise=noise, cond=cond, progress=progress)
         self.last_output = out
         return out.x
 
