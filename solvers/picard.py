@@ -376,8 +376,11 @@ class PicardState:
             self.preds[k] = None
             self.at[k] = None
 
-    def trajectory(self) -> List[torch.Tensor]:
-        return list(self.xs)
+    @property
+    def trajectory(self) -> Optional[List[torch.Tensor]]:
+        """The final states x_0 .. x_T when the state keeps them (``keep_trajectory``), else None, as
+        :class:`~driffusion_core.scheduler.DraftRefineState`'s."""
+        return list(self.xs) if self.keep_trajectory else None
 
 
 def _refreeze(transition: SkipTransition, y: torch.Tensor, x_eval: torch.Tensor, pred: torch.Tensor, level) -> torch.Tensor:
@@ -558,7 +561,7 @@ class PicardScheduler:
             "max_rounds": self.max_rounds,
             "executor": executor.describe(),
         }
-        traj = state.trajectory() if return_trajectory else None
+        traj = state.trajectory if return_trajectory else None
         return SampleOutput(check_finite_sample(state.x, "PicardScheduler"), state.rounds, state.evals, traj, info)
 
     def __repr__(self) -> str:
