@@ -308,8 +308,10 @@ def render_report(results: dict, plots: Dict[str, str]) -> str:
     if checks:
         failed = [c for c in checks if not c["ok"]]
         out += [f"Self-checks: {len(checks) - len(failed)} of {len(checks)} passed (quality tables: rounds equal the "
-                "closed form `expected_rounds`, T model calls, width 1 equals the serial sample bit for bit; "
-                "scheduler overhead: our serial sampler equals diffusers' scheduler loop on the same tensors).", ""]
+                "closed form `expected_rounds`, T model calls counted at the predictor, width 1 equals the serial "
+                "sample bit for bit; scheduler overhead: our serial sampler equals diffusers' scheduler loop on the "
+                "same tensors; distributed: the 2-process sample equals the one-process SerialExecutor's bit for "
+                "bit).", ""]
         out += [f"- FAILED {c['check']}: got {c['got']}, want {c['want']}" for c in failed]
     for name in ("speedup", "error_vs_rounds", "digits_samples", "picard"):
         if name in plots:

@@ -366,7 +366,7 @@ def reparameterize(predictor: Callable[..., torch.Tensor], schedule: Any, source
 
 
 def _refuse_unit_times(schedule: Any, times: torch.Tensor, name: str) -> None:
-    """Refuse model times in [0, 1] where the schedule's start far above 1 (VP: training timesteps 0..N-1,
+    """Refuse model times in [0, 1] where the schedule's model times start far above 1 (VP: training timesteps 0..N-1,
     flow: sigma N): the wrapper was put inside a rescaling ``lambda x, t: f(x, t / N)``, so it would read a
     time in [0, 1] as a level near the clean end. A sampler's first call is at its noisiest level, so such a
     time is checked only until one above 1 has been seen."""

@@ -743,7 +743,7 @@ def _multistep_grid(scheduler, cfg, num_inference_steps: int, check_held: bool, 
 
 
 def _repeated(timesteps: torch.Tensor) -> str:
-    """The first timestep a listing repeats, as ``'timestep 999 twice'``."""
+    """Where a listing first fails to decrease, as ``'timestep 999 after 999'``."""
     i = int(torch.nonzero(timesteps[1:] >= timesteps[:-1])[0])
     return f"timestep {timesteps[i + 1].item():g} after {timesteps[i].item():g}"
 
