@@ -293,9 +293,10 @@ _MAXD = 24
  _F_CMIX, _F_TSUM, _F_TABS, _F_TMIX, _F_OCRC) = range(23)  # _F_OCRC: CRC-32 of a local anchor's prediction
 _F_CLOG = 23  # (field 23: the header stays a multiple of 16 bytes)
 _F_OSUM, _F_OABS = 24, 25  # float64 bits of sum and sum(|.|) of a local anchor's prediction (beside its CRC)
-_F_XDIMS = 26
+_F_GRAD = 26  # 1: this rank's predictions required grad (every rank then warns in the same round); 27 unused
+_F_XDIMS = 28
 _F_ODIMS = _F_XDIMS + _MAXD
-_HEADER_LEN = _F_ODIMS + _MAXD  # 74 int64 = 592 bytes, a multiple of 16: any dtype can follow it
+_HEADER_LEN = _F_ODIMS + _MAXD  # 76 int64 = 608 bytes, a multiple of 16: any dtype can follow it
 # Local anchors whose sums differ by more than this fraction of sum(|.|) are not a last-bit difference
 # (nondeterministic kernels move a float32 sum by about 1e-6 of it): the ranks run different models.
 _MODELS_DIFFER_RTOL = 1e-3
@@ -954,7 +955,8 @@ class DistributedExecutor(Executor):
         header = self._header(code, k, xs, ts, cond, out, fits)
         if local and out is not None:
             header[_F_OCRC] = zlib.crc32(_to_bytes(out.detach().cpu()).numpy())
-            sums = torch.stack([out.detach().sum(), out.detach().abs().sum()]).to("cpu", torch.float64)
+            w = float64_values(out)
+            sums = torch.stack([w.sum(), w.abs().sum()]).cpu()
             header[_F_OSUM : _F_OABS + 1] = sums.view(torch.int64)
         if self._fused:
             buf = self._fused_buffer(header)
@@ -974,6 +976,18 @@ class DistributedExecutor(Executor):
         self._check_status(headers, cause, code, message)
         out_shape, out_dtype = self._check_consistency(headers, sizes)
         self._agree(out_shape, out_dtype, most)
+        # every rank warns in the same round, after the exchange: a warning turned into an error (-W error)
+        # then fails all ranks together instead of stranding the others at the next exchange
+        if self._warned_grad is not True and any(int(h[_F_GRAD]) == 1 for h in headers):
+            self._warned_grad = True
+            warnings.warn(
+                f"DistributedExecutor (rank {self.rank}): the predictions require grad (the model's parameters do, "
+                f"and sampling is not under torch.no_grad()), but they travel between the processes as bytes: the "
+                f"sample carries no gradient to the parameters, and each call builds an autograd graph that is "
+                f"never used. Sample under torch.no_grad() (or torch.inference_mode()); take gradients with "
+                f"SerialExecutor or BatchedExecutor. (Warned once per executor.)",
+                stacklevel=3,
+            )
         if local:
             self._check_same_anchor(headers)
             return out.to(xs.device)
@@ -1136,16 +1150,8 @@ class DistributedExecutor(Executor):
             return None, _BAD_OUTPUT, text, None
         # the model's parameters require grad and the sampler runs with grad on (an output that requires grad
         # only because the predictor enabled grad inside itself, for guidance, is its own business)
-        if outs[0].requires_grad and torch.is_grad_enabled() and not self._warned_grad:
-            self._warned_grad = True
-            warnings.warn(
-                f"DistributedExecutor (rank {self.rank}): the predictions require grad (the model's parameters do, "
-                f"and sampling is not under torch.no_grad()), but they travel between the processes as bytes: the "
-                f"sample carries no gradient to the parameters, and each call builds an autograd graph that is "
-                f"never used. Sample under torch.no_grad() (or torch.inference_mode()); take gradients with "
-                f"SerialExecutor or BatchedExecutor. (Warned once per executor.)",
-                stacklevel=2,
-            )
+        if outs[0].requires_grad and torch.is_grad_enabled() and self._warned_grad is False:
+            self._warned_grad = None  # pending: the header says so, and every rank warns after the exchange
         sparse = next((not_dense(o) for o in outs if not_dense(o)), "")
         if sparse:
             return None, _BAD_OUTPUT, f"the predictor returned {sparse}; {DENSE_FIX}", None
@@ -1181,7 +1187,8 @@ class DistributedExecutor(Executor):
             sums = [h[_F_OSUM : _F_OABS + 1].view(torch.float64).tolist() for h in headers]
             scale = max(max(abs(a) for _, a in sums), 1e-300)
             spread = max(abs(s - sums[0][0]) for s, _ in sums) / scale
-            if not spread <= _MODELS_DIFFER_RTOL:  # (NaN too)
+            finite = all(math.isfinite(s) and math.isfinite(a) for s, a in sums)
+            if finite and spread > _MODELS_DIFFER_RTOL:
                 raise ExecutorError(
                     f"DistributedExecutor: in round {self._round}, a one-draft round that every rank evaluated "
                     f"itself (anchor='local'), the predictions of the ranks differ far beyond rounding (the sums "
@@ -1225,6 +1232,7 @@ class DistributedExecutor(Executor):
         h[_F_XDIMS : _F_XDIMS + xd] = list(xs.shape[:xd])
         h[_F_HASOUT] = 0 if out is None else 1
         h[_F_FITS] = 1 if fits else 0
+        h[_F_GRAD] = 1 if self._warned_grad is None else 0
         if out is not None:
             h[_F_ONDIM] = out.dim()
             h[_F_ODTYPE] = _dtype_code(out.dtype)

@@ -375,6 +375,12 @@ def _refuse_unit_times(schedule: Any, times: torch.Tensor, name: str) -> None:
     n = int(getattr(schedule, "num_train_timesteps", 0) or 0)
     if n <= 2 or not isinstance(schedule, (VPSchedule, FlowSchedule)) or not bool((times >= 0).all()):
         return
+    try:  # a schedule whose own model times lie in [0, 1] (a grid of custom times, a continuous-time subclass)
+        top = torch.as_tensor(schedule.model_time(torch.tensor([schedule.level_range()[1]], dtype=torch.float64)))
+        if not float(top.max()) > 1:
+            return
+    except Exception:  # noqa: BLE001 - a schedule that cannot say: no check
+        return
     fractional = not torch.equal(times, times.round())
     if isinstance(schedule, FlowSchedule) or fractional:
         scale = "training timesteps 0..N-1" if isinstance(schedule, VPSchedule) else "sigma * N"

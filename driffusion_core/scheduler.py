@@ -405,16 +405,16 @@ def check_predictions(
             )
 
     # the built-in executors hand back a tensor, or a list of the K drafts' outputs: anything else is an executor's
-    contract = (f"evaluate(predictor, xs, ts, cond) must return the predictions stacked by draft, a tensor shaped like "
-                f"xs [K, B, ...] = {list(xs.shape)} (or a list of the K drafts' predictions)")
+    contract = lambda: (f"evaluate(predictor, xs, ts, cond) must return the predictions stacked by draft, a "  # noqa: E731
+                        f"tensor shaped like xs [K, B, ...] = {list(xs.shape)} (or a list of the K drafts' predictions)")
     if not isinstance(preds, (torch.Tensor, list, tuple)):
         raise ExecutorError(
-            f"The executor returned {type(preds).__name__} for the round at {where_steps(grid, steps)}; {contract}."
+            f"The executor returned {type(preds).__name__} for the round at {where_steps(grid, steps)}; {contract()}."
         )
     if isinstance(preds, (list, tuple)) and len(preds) != xs.shape[0]:
         raise ExecutorError(
             f"The executor returned a {type(preds).__name__} of {len(preds)} predictions for the round at "
-            f"{where_steps(grid, steps)}, which has {xs.shape[0]} draft(s); {contract}."
+            f"{where_steps(grid, steps)}, which has {xs.shape[0]} draft(s); {contract()}."
         )
     if isinstance(preds, (list, tuple)):
         for k, p in enumerate(preds):

@@ -670,6 +670,8 @@ def test_gradients_and_models_differing_between_ranks_are_named():
         assert res["same"] is True and res["out_requires_grad"] is False, res
         assert res["error_type"] == "ExecutorError", res
         assert "the ranks run different models" in res["message"] and "anchor='shared'" not in res["message"], res
+        assert res["as_error"] is not None and "require grad" in res["as_error"], res
+        assert res["as_error_seconds"] < TIMEOUT / 2, res
 
 
 def test_conditioning_differing_in_value_between_ranks_is_explained():
@@ -1304,6 +1306,19 @@ def _scenario_grad_models(rank, world):
     other = torch.nn.Linear(4, 4)
     with torch.no_grad():
         res.update(_fault_result(lambda: sched.sample(lambda x, t: other(x), x, executor=ex)))
+    # the grad warning turned into an error: with anchor="shared" only rank 0 computes round 1, yet every rank
+    # raises it in that round (the header carries it), none is left waiting at the next exchange
+    shared = DistributedExecutor(timeout=TIMEOUT, diagnose_timeout=DIAGNOSE, anchor="shared")
+    t0 = time.monotonic()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.simplefilter("ignore", core.WideWindowWarning)
+        try:
+            sched.sample(lambda x, t: net(x), x, executor=shared)
+            res["as_error"] = None
+        except UserWarning as e:
+            res["as_error"] = str(e)
+    res["as_error_seconds"] = time.monotonic() - t0
     return res
 
 

@@ -1070,6 +1070,22 @@ def test_reparameterize_inside_a_rescaling_wrapper_is_refused():
     f(x, torch.full((8,), 999))
     f(x, torch.full((8,), 0.5, dtype=torch.float64))
 
+    # a schedule whose own model times lie in [0, 1] (continuous time u = (level + 1) / N) is not refused
+    class UnitTimeVP(type(VP)):
+        def model_time(self, t):
+            return ((torch.as_tensor(t, dtype=torch.float64) + 1) / self.num_train_timesteps).float()
+
+        def level_of_model_time(self, t):
+            return torch.as_tensor(t, dtype=torch.float64) * self.num_train_timesteps - 1
+
+    unit = UnitTimeVP(VP.alphas_cumprod)
+    oracle = ring_mixture().predictor(VP, "sample")
+    model_u = lambda z, u: oracle(z, (u.double() * 1000 - 1).round())  # noqa: E731
+    grid = unit.timesteps(10, "trailing")
+    got = sample_serial(reparameterize(model_u, unit, "sample", "epsilon"), x, DDIMSkip(unit), grid).x
+    torch.testing.assert_close(got, sample_serial(model_u, x, DDIMSkip(unit, prediction="sample"), grid).x,
+                               rtol=1e-4, atol=1e-4)
+
 
 @pytest.mark.filterwarnings("ignore::driffusion_core.errors.MeanStepWarning")  # the mean step is not the point here
 def test_argument_checks_at_their_edges():

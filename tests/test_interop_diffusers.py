@@ -2558,6 +2558,14 @@ def test_diffusers_grids_that_are_broken_are_refused_by_name():
     # UniPC takes custom sigmas only where its set_timesteps does
     with pytest.raises(InvalidArgumentError, match=r"custom sigmas only with use_flow_sigmas=True"):
         from_diffusers(need("UniPCMultistepScheduler")(), sigmas=[1.0, 0.5])
+    # custom lists that are not numbers (or not lists) are refused by name, not by a bare TypeError
+    flow_unipc = need("UniPCMultistepScheduler")(use_flow_sigmas=True, prediction_type="flow_prediction",
+                                                 lower_order_final=False, final_sigmas_type="sigma_min")
+    for scheduler, custom in ((need("FlowMatchEulerDiscreteScheduler")(), dict(sigmas=[1.0, "a", 0.5])),
+                              (need("FlowMatchEulerDiscreteScheduler")(), dict(timesteps=[900, "x"])),
+                              (flow_unipc, dict(sigmas=[1.0, "a", 0.5])), (flow_unipc, dict(sigmas=0.5))):
+        with pytest.raises(InvalidArgumentError):
+            from_diffusers(scheduler, **custom)
 
 
 def test_diffusers_predictor_runs_the_model_in_its_own_dtype(unet2d):

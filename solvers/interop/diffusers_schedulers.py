@@ -403,14 +403,21 @@ def _call_text(num_inference_steps: Optional[int], **custom: Any) -> str:
     ``set_timesteps(sigmas=[1, 0.8, ..., 0.1])``."""
     if not custom:
         return f"set_timesteps({num_inference_steps})"
-    return "set_timesteps(" + ", ".join(
-        f"{k}={_short(torch.as_tensor(v, dtype=torch.float64))}" for k, v in custom.items()) + ")"
+
+    def shown(v: Any) -> str:
+        try:
+            return _short(torch.as_tensor(v, dtype=torch.float64))
+        except Exception:  # noqa: BLE001 - not numbers: as given
+            return reprlib.repr(v)
+
+    return "set_timesteps(" + ", ".join(f"{k}={shown(v)}" for k, v in custom.items()) + ")"
 
 
 def _probe(scheduler, num_inference_steps: Optional[int], **kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
     """The sigmas (flow: with the final 0) and timesteps of the scheduler's own set_timesteps, run on a copy
     so the user's scheduler is untouched."""
-    call = _call_text(num_inference_steps, **{k: v for k, v in kwargs.items() if k in ("sigmas", "timesteps")})
+    custom = {k: v for k, v in kwargs.items() if k in ("sigmas", "timesteps")}
+    call = _call_text(num_inference_steps, **custom)
     probe = copy.deepcopy(scheduler)
     try:
         with warnings.catch_warnings():  # DPM-Solver's own numpy-2 DeprecationWarning (np.array of a tensor)
@@ -598,7 +605,11 @@ def _multistep_flow(scheduler, cfg, num_inference_steps: Optional[int], mu: Opti
             f"{name}(use_flow_sigmas=True, prediction_type={kind!r}) is not supported: a flow interpolant takes "
             f"{sorted(_FLOW_PREDICTIONS)} (flow_prediction: the velocity eps - x0).")
     # as an array: UniPC's set_timesteps multiplies the sigmas by the shift (a list fails there)
-    custom = {k: np.asarray(v, dtype=np.float64) for k, v in _custom_lists(sigmas=sigmas).items()}
+    custom = _custom_lists(sigmas=sigmas)
+    try:
+        custom = {k: np.asarray(v, dtype=np.float64) for k, v in custom.items()}
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(f"sigmas must be a non-empty 1-D list of numbers, got {sigmas!r}.") from None
     sig, ts = _probe(scheduler, None if custom else num_inference_steps, **_dynamic_kwargs(cfg, mu, name), **custom)
     if check_held and not custom:
         _refuse_held_custom(scheduler, name, num_inference_steps, mu)
@@ -771,7 +782,7 @@ def _unipc(scheduler, cfg, num_inference_steps: Optional[int], check_held: bool 
     DPM-Solver (the two schedulers place their steps the same way); with ``use_flow_sigmas`` also custom
     ``sigmas`` (their count is the step count)."""
     if sigmas is not None:
-        num_inference_steps = _length(sigmas)
+        num_inference_steps = len(_custom_lists(sigmas=sigmas)["sigmas"])
     flow = bool(cfg.get("use_flow_sigmas", False))
     prediction = cfg.get("prediction_type", "epsilon")
     if prediction not in ("epsilon", "sample", "v_prediction") and not flow:
