@@ -101,8 +101,8 @@ def _batch_statistics_layers(predictor: Any, running_only: bool = False) -> List
 def _no_batch_statistics(predictor: Any, running_only: bool = False):
     """Refuse, when it runs in this thread during the batched call, a BatchNorm layer the predictor reaches
     that normalises with batch statistics: they would mix the round's drafts (or split one draft's rows, with
-    ``max_batch`` below the batch size), so the batched call would not give the serial executor's result. A layer that does not run (an unused module beside the model) is
-    not refused. A context manager."""
+    ``max_batch`` below the batch size), so the batched call would not give the serial executor's result. A
+    layer that does not run (an unused module beside the model) is not refused. A context manager."""
     me = threading.get_ident()
 
     def refuse(path: str, layer: torch.nn.Module):

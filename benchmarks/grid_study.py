@@ -34,6 +34,7 @@ import torch
 
 from benchmarks.metrics import rmse
 from benchmarks.report import md_table
+from benchmarks.timing import one_thread
 from driffusion_core import ClipSample, DraftRefineScheduler, NoiseSource, VPSchedule, WideWindowWarning, expected_rounds
 from solvers import DDIMSkip, DPMSolverSkip, ring_mixture, sample_serial, sample_step_skipping
 
@@ -69,12 +70,8 @@ def run(quick: bool = False, steps: Tuple[int, ...] = None, widths: Tuple[int, .
         spacings: Tuple[str, ...] = None, batch: int = None) -> dict:
     """The study (``quick``: T in (20, 50), widths (2, 4), trailing and leading, batch 128); the keyword
     arguments override either preset."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 2-D ring: thread wake-ups would cost more than the ops (10x on a busy machine)
-    try:
+    with one_thread():  # a 2-D ring
         return _run(quick, steps, widths, spacings, batch)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(quick: bool, steps, widths, spacings, batch) -> dict:

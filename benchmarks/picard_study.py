@@ -47,6 +47,7 @@ import torch
 
 from backends import BatchedExecutor
 from benchmarks.cli import plot_file
+from benchmarks.timing import one_thread
 from driffusion_core import DraftRefineScheduler, FlowSchedule, NoiseSource, VPSchedule
 from driffusion_core.scheduler import evaluate_round
 from solvers import DDIMSkip, DDPMSkip, DPMSolverSkip, FlowEulerSkip, PicardScheduler, ring_mixture, sample_serial
@@ -97,12 +98,8 @@ def run(quick: bool = False) -> dict:
             the short-grid sweep at T = 8 only.
     """
     t0 = time.perf_counter()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: thread wake-ups would cost more than the ops
-    try:
+    with one_thread():
         return _run(quick, t0)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(quick: bool, t0: float) -> dict:

@@ -38,7 +38,8 @@ def plot_speedup(num_steps: int, widths: List[int], latency: Optional[dict], pat
                  distributed: Optional[dict] = None) -> Path:
     """Speedup against width: rounds (closed form = the scheduler's counts) and measured wall-clock.
 
-    ``distributed`` (``benchmarks.distributed_speedup.run``'s dict) adds its 2-process point.
+    ``distributed`` (``benchmarks.distributed_speedup.run``'s dict) adds its 2-process points: over the 1-thread
+    serial sampler, and over the 2-thread one where the dict has it (older results do not).
     """
     ncols = 2 if latency else 1
     fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 4), squeeze=False)

@@ -1,6 +1,7 @@
 """Wall-clock helpers shared by the latency, memory and overhead measurements."""
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from typing import Callable, List, Tuple, TypeVar
@@ -47,3 +48,15 @@ def zero_predictor() -> Callable[..., torch.Tensor]:
         return z
 
     return f
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run the block with one torch CPU thread (tiny tensors: thread wake-ups would cost more than the ops, 10x
+    on a busy machine), then restore the count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

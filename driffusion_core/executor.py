@@ -313,12 +313,14 @@ def stamps_changed(pairs: List[Tuple[torch.Tensor, Any]]) -> List[bool]:
     return flags
 
 
-def changed_tensor(versions: List[Tuple[str, torch.Tensor, Any]]) -> Optional[str]:
+def changed_tensor(versions: List[Tuple[str, torch.Tensor, Any]], flags: Optional[List[bool]] = None) -> Optional[str]:
     """The name of the first tensor of ``versions`` (:func:`tensor_versions`) written in place since, or None
-    (:func:`stamps_changed`: one host read for all the fingerprints)."""
+    (:func:`stamps_changed`: one host read for all the fingerprints; ``flags``: its result, when the caller
+    read them together with others)."""
     if not versions:
         return None
-    flags = stamps_changed([(t, v) for _, t, v in versions])
+    if flags is None:
+        flags = stamps_changed([(t, v) for _, t, v in versions])
     return next((name for (name, _, _), changed in zip(versions, flags) if changed), None)
 
 

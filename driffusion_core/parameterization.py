@@ -366,10 +366,11 @@ def reparameterize(predictor: Callable[..., torch.Tensor], schedule: Any, source
 
 
 def _refuse_unit_times(schedule: Any, times: torch.Tensor, name: str) -> None:
-    """Refuse model times in [0, 1] where the schedule's model times start far above 1 (VP: training timesteps 0..N-1,
-    flow: sigma N): the wrapper was put inside a rescaling ``lambda x, t: f(x, t / N)``, so it would read a
-    time in [0, 1] as a level near the clean end. A sampler's first call is at its noisiest level, so such a
-    time is checked only until one above 1 has been seen."""
+    """Refuse model times in [0, 1] where the schedule's model times start far above 1 (VP: training timesteps
+    0..N-1, flow: sigma N): the wrapper was put inside a rescaling ``lambda x, t: f(x, t / N)``, so it would read a
+    time in [0, 1] as a level near the clean end. The caller checks only until a time above 1 has been seen
+    (a sampler's first call is at its noisiest level), and a schedule whose own noisiest model time is at most
+    1 is never refused."""
     from driffusion_core.schedules import FlowSchedule, VPSchedule
 
     n = int(getattr(schedule, "num_train_timesteps", 0) or 0)
@@ -385,8 +386,8 @@ def _refuse_unit_times(schedule: Any, times: torch.Tensor, name: str) -> None:
     if isinstance(schedule, FlowSchedule) or fractional:
         scale = "training timesteps 0..N-1" if isinstance(schedule, VPSchedule) else "sigma * N"
         raise InvalidArgumentError(
-            f"reparameterize ({name}): called with model time(s) {[round(v, 6) for v in times[:4].tolist()]} in [0, 1], but this "
-            f"{type(schedule).__name__}'s model times are {scale} (N = {n}), and a sampler's first call is at its "
+            f"reparameterize ({name}): called with model time(s) {[round(v, 6) for v in times[:4].tolist()]} in "
+            f"[0, 1], but this {type(schedule).__name__}'s model times are {scale} (N = {n}), and a sampler's first call is at its "
             f"noisiest level: a wrapper that rescales t for a model taking times in [0, 1] was put outside. Put it "
             f"inside: reparameterize(lambda x, t, **c: model(x, t / {n}, **c), schedule, source, target)."
         )

@@ -46,8 +46,8 @@ from driffusion_core.errors import (
     safe_str,
 )
 from driffusion_core.executor import (
-    Executor, Predictor, SerialExecutor, DENSE_FIX, check_executor, batched_tensors, named_tensors, not_dense,
-    stamps_changed,
+    Executor, Predictor, SerialExecutor, DENSE_FIX, check_executor, batched_tensors, changed_tensor, named_tensors,
+    not_dense, stamps_changed,
     tensor_versions,
     version_stamp,
 )
@@ -350,7 +350,7 @@ def check_input_untouched(x: torch.Tensor, versions: Tuple[Optional[int], list],
             f"The predictor modified its input x in place at {where_steps(grid, steps)}; the sampler still needs "
             f"that state. Work on a copy inside the model (e.g. x = x.clone() before an in-place op)."
         )
-    name = next((name for (name, _, _), changed in zip(conds, cond_changed) if changed), None)
+    name = changed_tensor(conds, cond_changed)
     if name is not None:
         raise PredictorOutputError(
             f"The predictor modified the conditioning tensor {name} in place at {where_steps(grid, steps)}; "

@@ -27,7 +27,8 @@ VP_PREDICTIONS = ("epsilon", "sample", "v_prediction")
     "eta = 0, prediction frozen: S(S(x, p, t->s), p, s->u) = S(x, p, t->u) exactly, with x0_hat frozen and "
     "eps_hat re-derived from the state (ddim_chain_coefficients), and with a frozen epsilon or sample output "
     "re-converted at s. With (x0_hat, eps_hat) frozen it holds by definition (at eta = 0 ddim_coefficients' "
-    "c_x0 = sqrt(abar_s), c_eps = sqrt(1 - abar_s) do not depend on the source level; recorded, not proved).",
+    "c_x0 = sqrt(abar_s), c_eps = sqrt(1 - abar_s) do not depend on the source level; checked against the code, "
+    "which would fail if they did).",
 )
 def eta0_composes() -> Result:
     lv = Levels(["t", "s", "u"])

@@ -279,7 +279,8 @@ def unipc_matches_mirror() -> Result:
     "float32 and float64; and the unit coupled noise of a one-step window is z_a itself: chain_noise_weights of "
     "one step is [s_0] (evaluated on symbols), the stochastic operators' _coupling of every one-step window of "
     "the grid is [[1]] exactly, for a noisy step (w_0/|w_0| with w_0 = s_0 > 0) and a noiseless one (s_0 = 0: "
-    "the e_0 row), and coupled_noise's row is z_a bit for bit.",
+    "the e_0 row), and coupled_noise's row is z_a bit for bit. (The noiseless case pins _coupling's convention for "
+    "a zero-norm row: samples cannot see it, coupled_noise writes row 0 and a noiseless step scales it by 0.)",
 )
 def one_level_draft_is_step() -> Result:
     B, s = sp.symbols("B_0 s_0", real=True)

@@ -487,8 +487,8 @@ class PicardScheduler:
             if max_rounds < low:
                 raise InvalidArgumentError(
                     f"max_rounds={max_rounds!r} cannot finish {self.num_steps} steps at width {width}: the fewest "
-                    f"rounds that finish at every tolerance are {low} (DRiffusion's own round count: one Picard round, then "
-                    f"draft-and-refine in the worst case). Raise max_rounds or the width, or pass None."
+                    f"rounds that finish at every tolerance are {low} (DRiffusion's own round count: one Picard "
+                    f"round, then draft-and-refine in the worst case). Raise max_rounds or the width, or pass None."
                 )
         self.max_rounds = max_rounds
 
@@ -561,8 +561,7 @@ class PicardScheduler:
             "max_rounds": self.max_rounds,
             "executor": executor.describe(),
         }
-        traj = state.trajectory if return_trajectory else None
-        return SampleOutput(check_finite_sample(state.x, "PicardScheduler"), state.rounds, state.evals, traj, info)
+        return SampleOutput(check_finite_sample(state.x, "PicardScheduler"), state.rounds, state.evals, state.trajectory, info)
 
     def __repr__(self) -> str:
         budget = f", max_rounds={self.max_rounds}" if self.max_rounds is not None else ""

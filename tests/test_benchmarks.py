@@ -1207,8 +1207,6 @@ def test_a_quick_run_never_replaces_a_full_runs_results(tmp_path, capsys):
     """`--quick --out <folder of a full run>` (e.g. benchmarks/results) is refused before any work, also with
     every section (it used to replace the committed full results silently); a full run may replace a quick
     one, and a quick one another quick one."""
-    import json
-
     for held, preset, argv, refused in (
         ("full", "quick", ["--quick"], True),
         ("full", "quick", ["--quick", "--only", "oracle"], True),
@@ -1231,24 +1229,24 @@ def test_error_vs_rounds_plots_are_readable(tmp_path, monkeypatch):
     """Both error-against-rounds figures, drawn from the committed results: one figure legend (>= 9 pt) under the
     panels; every converged-Picard star labelled with its width; the Picard study in two columns, its budgeted
     markers in the legend, each panel's grid length T in its title, DRiffusion's widths on the top axes."""
-    from pathlib import Path
-
     import matplotlib.pyplot as plt
 
     from benchmarks import picard_study, plots
+    from benchmarks.runner import RESULTS_DIR
 
-    results = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "results.json").read_text())
+    results = json.loads((RESULTS_DIR / "results.json").read_text())
     figs = []
     close = plt.close
     monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig) or close(fig))
 
-    tables = [t for s in ("oracle", "digits", "timeseries") for t in results[s]["tables"]]
+    tables = quality_tables(results)
+    widest = max(p["width"] for t in tables for p in t.get("picard_sweep", []))
     plots.plot_error_vs_rounds(tables, tmp_path / "e.png")
     fig = figs.pop()
     (legend,) = fig.legends
     assert min(t.get_fontsize() for t in legend.get_texts()) >= 9
     labels = [t.get_text() for t in legend.get_texts()]
-    assert "Picard (frozen) converged (label: width n)" in labels and "Picard (skip), tolerance sweep at n = 4" in labels
+    assert "Picard (frozen) converged (label: width n)" in labels and f"Picard (skip), tolerance sweep at n = {widest}" in labels
     stars = sum(1 for t in tables for r in t["rows"] if r["method"].endswith(" converged") and (r.get("rmse") or 0) > 0)
     tags = [a.get_text() for ax in fig.axes for a in ax.texts]
     assert len(tags) == stars and all(t.startswith("n=") for t in tags)

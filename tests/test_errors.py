@@ -1065,7 +1065,7 @@ def test_reparameterize_inside_a_rescaling_wrapper_is_refused():
         right = reparameterize(lambda x, t: unit(x, rescale(t)), schedule, "sample", transition(schedule).prediction.value)
         ref = sample_serial(oracle, x, transition(schedule, prediction="sample"), grid).x
         torch.testing.assert_close(sample_serial(right, x, transition(schedule), grid).x, ref, rtol=1e-4, atol=1e-4)
-    # integer VP timesteps 1 and 0 at the end of a grid, after larger ones, are real levels
+    # after a time above 1, a fractional time in [0, 1] (a grid's clean end) is a real level
     f = reparameterize(ring_mixture().predictor(VP, "sample"), VP, "sample", "epsilon")
     f(x, torch.full((8,), 999))
     f(x, torch.full((8,), 0.5, dtype=torch.float64))

@@ -357,7 +357,8 @@ def _ddim_chain_factors_at_eta0(op, t_from, t_to):
 def test_wrong_drafts_and_coupled_noise_are_caught(monkeypatch):
     """The torch drafts / coupled noise checked against the proved chain: DDIMSkip.chain_factors at eta 0, or
     coupling rows scaled by 1.1, make operators.drafts_are_the_chain / operators.coupled_noise_composed fail; a
-    noiseless one-step window's coupling left 0 (not its own noise z_a) fails operators.one_level_draft_is_step."""
+    noiseless one-step window's coupling left 0 (not its own noise z_a) fails operators.one_level_draft_is_step
+    (a convention no sample can see, pinned so that _coupling stays what the proofs describe)."""
     import torch
 
     from driffusion_core.transition import SkipTransition

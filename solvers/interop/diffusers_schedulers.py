@@ -639,12 +639,11 @@ def _sigma_min_last_step(levels: torch.Tensor, cfg: Mapping[str, Any]) -> str:
                "go up in noise. Use final_sigmas_type='zero', or fewer inference steps."))
 
 
-def _refuse_unusable_sigmas(name: str, option: str, cfg: Mapping[str, Any], call: Any,
+def _refuse_unusable_sigmas(name: str, option: str, cfg: Mapping[str, Any], call: str,
                             levels: torch.Tensor, top: Optional[float] = None) -> None:
     """Refuse a multistep scheduler's own sigmas (``levels``: the steps' sigmas, then the last one) unless they
     decrease strictly from a positive value (at most ``top``). ``call``: the set_timesteps call as the message
-    shows it (:func:`_call_text`), or its step count."""
-    call = call if isinstance(call, str) else _call_text(call)
+    shows it (:func:`_call_text`)."""
     if bool((levels[:-1] > 0).all()) and bool((levels[1:] < levels[:-1]).all()) and (top is None or float(levels[0]) <= top):
         return
     zero_length = float(levels[-1]) == float(levels[-2]) > 0
@@ -857,7 +856,7 @@ def _dpm_on_sigmas(scheduler, cfg, num_inference_steps: int, check_held: bool, o
         _refuse_held_custom(scheduler, name, num_inference_steps, mu)
     n = len(ts)
     levels = sig[: n + 1].to(torch.float64)  # sigmas[i] -> sigmas[i + 1]; the last: 0 or sigma_min
-    _refuse_unusable_sigmas(name, option, cfg, num_inference_steps, levels)
+    _refuse_unusable_sigmas(name, option, cfg, _call_text(num_inference_steps), levels)
     table = torch.flip(C.vp_abar_of_sigma(levels), [0])  # alpha-bar, from the clean end (level 0) up
     schedule = SigmaGridSchedule(table, ts)
     transition = make(schedule)
