@@ -113,6 +113,8 @@ def sample_step_skipping(
     rounds: int,
     noise: Optional[NoiseSource] = None,
     cond: Optional[Mapping[str, Any]] = None,
+    progress: bool = False,
+    return_trajectory: bool = False,
 ) -> SampleOutput:
     """Serial sampling on R of the T levels: the baseline at equal sequential rounds.
 
@@ -120,6 +122,10 @@ def sample_step_skipping(
     transition (its noise coupled to z_{i_k} .. z_{i_{k+1}-1}, the fine grid's noise). A multistep
     transition (DPM-Solver++ 2M) is :func:`sample_serial` on that coarse grid, its own update combining
     the coarse steps. With ``rounds == T`` it is :func:`sample_serial`.
+
+    With ``return_trajectory``, ``trajectory`` holds the R + 1 states at the coarse levels
+    ``i_0 = 0 < i_1 < ... < i_R = T`` of :func:`coarse_indices` (the start state first), not the
+    T + 1 states of the fine grid. ``progress`` shows a bar of R steps.
     """
     check_transition(transition, "sample_step_skipping(predictor, x, transition, timesteps, rounds)")
     check_predictor(predictor)
@@ -135,8 +141,12 @@ def sample_step_skipping(
             )
         starts, ends = torch.tensor(idx[:-1]), torch.tensor(idx[1:]) - 1
         coarse = TimeGrid(grid.t_from[starts], grid.t_to[ends], grid.model_times[starts], grid.kind)
-        return sample_serial(predictor, x, transition, coarse, cond=cond)
+        return sample_serial(
+            predictor, x, transition, coarse, cond=cond, progress=progress, return_trajectory=return_trajectory
+        )
     x = x.clone()  # as in sample_serial: the caller's x stays intact whatever the model does
+    traj = [x] if as_flag(return_trajectory, "return_trajectory") else None
+    bar = progress_bar(progress, len(idx) - 1, f"step skipping R={len(idx) - 1}")
     with warn_random_layers(predictor, "sample_step_skipping"):
         for a, b in zip(idx[:-1], idx[1:]):
             pred = _call(predictor, x, grid, a, cond)
@@ -144,4 +154,10 @@ def sample_step_skipping(
             if transition.stochastic and noise is not None:
                 noises = noise.steps(a, b, x.shape, x.dtype, x.device)
             x = transition.skip(x, pred, grid.t_from[a:b], grid.t_to[a:b], noises)
-    return SampleOutput(check_finite_sample(x, "sample_step_skipping"), len(idx) - 1, len(idx) - 1)
+            if traj is not None:
+                traj.append(x)
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    return SampleOutput(check_finite_sample(x, "sample_step_skipping"), len(idx) - 1, len(idx) - 1, traj)

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from backends import BatchedExecutor, SerialExecutor, per_sample
 from driffusion_core import DraftRefineScheduler, FlowSchedule, NoiseSource, VPSchedule
-from solvers import DDIMSkip, DDPMSkip, FlowEulerSkip, ring_mixture, sample_serial
+from solvers import DDIMSkip, DDPMSkip, FlowEulerSkip, coarse_indices, ring_mixture, sample_serial
 
 from _metrics import one_torch_thread  # noqa: F401  (autouse fixture)
 
@@ -749,3 +749,35 @@ def test_chunked_conditioning_rows_are_the_repeated_rows_without_the_repeat():
             assert got["scale"] is cond["scale"] and got["name"] == "x"
             if start % b + (stop - start) <= b:
                 assert got["emb"]._base is cond["emb"]
+
+
+@pytest.mark.parametrize("multistep", [False, True])
+def test_step_skipping_trajectory_holds_the_coarse_levels_and_progress_works(multistep, capsys):
+    """sample_step_skipping's trajectory is the R + 1 states at the coarse levels; at R == T it is the
+    serial trajectory."""
+    from solvers import DPMSolverSkip, sample_step_skipping
+
+    T, R = 12, 5
+    tr = DPMSolverSkip(VP) if multistep else DDPMSkip(VP)
+    grid = VP.timesteps(T)
+    f = ring_mixture().predictor(VP)
+    x = NoiseSource(0).initial((4, 2), torch.float64)
+    noise = None if multistep else NoiseSource(3)
+    out = sample_step_skipping(f, x, tr, grid, R, noise=noise, return_trajectory=True, progress=True)
+    shown = [seg for seg in capsys.readouterr().err.split("\r") if seg.strip()]
+    assert shown and f"{R}/{R}" in shown[-1], shown[-1:]
+    assert len(out.trajectory) == R + 1 and out.rounds == R
+    assert torch.equal(out.trajectory[0], x) and torch.equal(out.trajectory[-1], out.x)
+    assert torch.equal(sample_step_skipping(f, x, tr, grid, R, noise=noise).x, out.x)
+    # a prefix of the coarse steps is the run stopped there: state k is the one after k coarse steps
+    # (not for 2M, whose last step on a short grid is first order)
+    idx = coarse_indices(T, R)
+    for k in (() if multistep else (1, 3)):
+        assert coarse_indices(idx[k], k) == idx[: k + 1]  # the same coarse levels on the shorter grid
+        part = sample_step_skipping(f, x, tr, grid.sub(0, idx[k]), k, noise=noise)
+        torch.testing.assert_close(part.x, out.trajectory[k], rtol=1e-12, atol=1e-12)
+    full = sample_step_skipping(f, x, tr, grid, T, noise=noise, return_trajectory=True)
+    ser = sample_serial(f, x, tr, grid, noise=noise, return_trajectory=True)
+    assert len(full.trajectory) == T + 1
+    for a, b in zip(full.trajectory, ser.trajectory):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
