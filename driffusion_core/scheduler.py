@@ -165,12 +165,16 @@ def _top_key(name: str, what: str) -> str:
     return m.group(1) if m else "name"
 
 
+#: the dtypes a state may have (float8 types are floating point, but torch has no arithmetic on them)
+_STATE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
 def check_inputs(x: Any, cond: Optional[Mapping[str, Any]], what: str = "cond") -> dict:
     """Validate the starting state and the conditioning; returns cond as a dict.
 
     ``what``: the conditioning argument's name in the caller's API, for the messages (``"extra_args"`` for
     the k-diffusion-style function)."""
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+    if not isinstance(x, torch.Tensor) or x.dtype not in _STATE_DTYPES:
         got = f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
         raise InvalidArgumentError(
             f"x must be a floating-point tensor [B, ...] (float32, float64, float16 or bfloat16), got {got}."
@@ -206,6 +210,16 @@ def check_inputs(x: Any, cond: Optional[Mapping[str, Any]], what: str = "cond") 
     if bad_keys:
         raise InvalidArgumentError(f"{what}'s keys are keyword-argument names and must be strings, got {bad_keys!r}.")
     cond = dict(cond)
+    for name, v in named_tensors(cond, what):
+        if v.is_nested or v.layout != torch.strided:
+            kind = "a nested" if v.is_nested else f"a {str(v.layout).replace('torch.', '')}"
+            fix = ("pad it to a dense tensor (torch.nested.to_padded_tensor(v, 0.0)) and pass a mask"
+                   if v.is_nested else f"pass {name}.to_dense()")
+            raise InvalidArgumentError(
+                f"{name} is {kind} tensor; the executors repeat, stack and slice conditioning rows, which needs "
+                f"dense (strided) storage: {fix}, or close over it (functools.partial(model, "
+                f"{_top_key(name, what)}=tensor)) if all samples share it."
+            )
     for name, v in batched_tensors(cond, what):
         if v.device != x.device:
             raise DeviceMismatchError(f"{name} is on {v.device} but x is on {x.device}; move them to one device.")
@@ -369,12 +383,14 @@ def check_predictions(
     where = lambda k: where_steps(grid, [steps[k]])
 
     def check_one(p: Any, want: torch.Tensor, k: int, lead: int) -> None:
+        # one draft's prediction names its step; a round's stacked tensor (one batched call) names the round's
+        loc = where_steps(grid, steps) if lead else where(k)
         if not isinstance(p, torch.Tensor):
             raise PredictorOutputError(
-                f"The predictor returned {type(p).__name__} at {where(k)}; it must return a tensor.{not_a_tensor_hint(p)}"
+                f"The predictor returned {type(p).__name__} at {loc}; it must return a tensor.{not_a_tensor_hint(p)}"
             )
         if not_dense(p):
-            raise PredictorOutputError(f"The predictor returned {not_dense(p)} at {where(k)}; {DENSE_FIX}.")
+            raise PredictorOutputError(f"The predictor returned {not_dense(p)} at {loc}; {DENSE_FIX}.")
         if lead and p.dim() == want.dim() and p.shape[0] != want.shape[0] and p.shape[1:] == want.shape[1:]:
             raise ExecutorError(
                 f"The executor returned predictions for {p.shape[0]} draft(s) at {where_steps(grid, steps)}, but "
@@ -391,7 +407,7 @@ def check_predictions(
             )
         if p.shape != want.shape:
             raise PredictorOutputError(
-                f"The predictor returned shape {tuple(p.shape[lead:])} at {where(k)}, but the state has shape "
+                f"The predictor returned shape {tuple(p.shape[lead:])} at {loc}, but the state has shape "
                 f"{tuple(want.shape[lead:])}; it must return one prediction per input, shaped like x."
             )
         if p.device != want.device or p.dtype != want.dtype:
@@ -399,7 +415,7 @@ def check_predictions(
             autocast = (" A model run under torch.autocast returns its lower-precision dtype: wrap it as "
                         "lambda x, t, **c: model(x, t, **c).to(x.dtype)." if lower else "")
             raise DeviceMismatchError(
-                f"The predictor returned {p.dtype} on {p.device} at {where(k)}, but the state is "
+                f"The predictor returned {p.dtype} on {p.device} at {loc}, but the state is "
                 f"{want.dtype} on {want.device}; cast the model output (or run the sampler in the model's dtype)."
                 + autocast
             )
@@ -596,7 +612,7 @@ class DraftRefineState:
         self.rounds = 0
         self.evals = 0
         self.drafts_per_round: List[int] = []
-        self.trajectory: Optional[List[torch.Tensor]] = [x] if keep_trajectory else None
+        self.trajectory: Optional[List[torch.Tensor]] = [self.x] if keep_trajectory else None  # the copy, as serial
         # from plan() to absorb(): the window's per-step noise, and its first draft, which is the
         # refine's first step S(x_a, p_a, z_a) bit for bit (``SkipTransition.drafts``), so neither
         # is computed twice (copied: a predictor may write into its inputs)

@@ -201,7 +201,7 @@ class PicardState:
         self.preds: List[Optional[torch.Tensor]] = [None] * self.T
         self.at: List[Optional[torch.Tensor]] = [None] * self.T  # the state each prediction was taken at
         self.moved: Dict[int, float] = {}  # level -> its normalised change in the latest sweep
-        self.xs[0] = x
+        self.xs[0] = x = x.clone()  # the trajectory keeps its own copy of the start, as sample_serial
         for k in range(1, min(width, self.T) + 1):
             self.xs[k] = x  # nothing is known before the first call: copies of x_0
         levels = torch.cat([grid.t_from[:1], grid.t_to])

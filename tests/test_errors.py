@@ -417,6 +417,64 @@ def test_x_sparse_is_refused_by_both_samplers():
             call()
 
 
+FLOAT8 = [getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)]
+
+
+@pytest.mark.skipif(not FLOAT8, reason="this torch has no float8 dtypes")
+@pytest.mark.parametrize("dtype", FLOAT8)
+def test_x_of_a_float8_dtype_is_refused_with_the_supported_ones(dtype):
+    """float8 is floating point, but torch has no arithmetic on it: refused up front, not deep in a step."""
+    x = x0().to(dtype)
+    for call in run_both(eps_model, x=x) + [lambda: PicardScheduler(DDIMSkip(VP), GRID, 2).sample(eps_model, x)]:
+        with pytest.raises(InvalidArgumentError, match=rf"float32, float64, float16 or bfloat16\), got a {dtype}"):
+            call()
+
+
+def _layouts(rows: torch.Tensor) -> dict:
+    with warnings.catch_warnings():  # torch's "beta" / "prototype" notices for these layouts
+        warnings.simplefilter("ignore")
+        out = {"sparse_coo": rows.to_sparse(), "sparse_csr": rows.to_sparse_csr()}
+        out["nested"] = torch.nested.nested_tensor([r[: 1 + i] for i, r in enumerate(rows)])
+        if hasattr(torch, "jagged"):  # torch >= 2.4
+            out["nested jagged"] = torch.nested.nested_tensor([r[: 1 + i] for i, r in enumerate(rows)], layout=torch.jagged)
+    return out
+
+
+@pytest.mark.parametrize("kind", list(_layouts(torch.ones(3, 4))))
+def test_a_conditioning_tensor_that_is_not_dense_is_refused_by_every_sampler(kind):
+    """A sparse or nested conditioning tensor worked with SerialExecutor only (BatchedExecutor's repeat and
+    slicing, and a nested tensor's shape, failed inside torch): refused by name, with the fix, for all."""
+    adj = _layouts(torch.ones(3, 4))[kind]
+    fix = r"torch\.nested\.to_padded_tensor" if kind.startswith("nested") else r"pass cond\['adj'\]\.to_dense\(\)"
+    model = lambda x, t, adj: 0.1 * x  # noqa: E731
+    calls = run_both(model, cond={"adj": adj}) + [
+        lambda: PicardScheduler(DDIMSkip(VP), GRID, 2).sample(model, x0(), cond={"adj": adj}),
+        lambda: sample_step_skipping(model, x0(), DDIMSkip(VP), GRID, 3, cond={"nested": {"adj": adj}}),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidArgumentError, match=r"cond\['(nested'\]\['|)adj'\] is a (nested|sparse_c..) tensor.*dense"):
+            call()
+    with pytest.raises(InvalidArgumentError, match=fix):
+        calls[0]()
+
+
+def test_a_wrong_dtype_from_one_batched_call_names_the_round():
+    """The model goes wrong only when step 5 is in the call: per-draft calls name step 5, a round evaluated
+    as one batched call names the round's steps (which one of them is at fault cannot be told apart)."""
+    bad_time = GRID.model_times[5].item()
+
+    def model(x, t):
+        return (0.1 * x).float() if bool((t == bad_time).any()) else 0.1 * x
+
+    x = x0().double()
+    with pytest.raises(DeviceMismatchError, match=r"returned torch\.float32 on cpu at step 5 \(level"):
+        scheduler(width=3).sample(model, x)
+    with pytest.raises(DeviceMismatchError, match=r"returned torch\.float32 on cpu at steps (\d+)\.\.(\d+) ") as info:
+        scheduler(width=3).sample(model, x, executor=BatchedExecutor())
+    first, last = map(int, re.search(r"steps (\d+)\.\.(\d+)", str(info.value)).groups())
+    assert first <= 5 <= last
+
+
 @pytest.mark.parametrize("x,message", [(torch.zeros(()), r"x must have a batch dimension \[B, \.\.\.\], got a 0-d tensor"),
                                        (torch.zeros(0, 2), r"x holds no samples \(batch size 0, shape \(0, 2\)\)"),
                                        (torch.zeros(4, 0), r"x holds no values per sample \(shape \(4, 0\)"),

@@ -781,3 +781,23 @@ def test_step_skipping_trajectory_holds_the_coarse_levels_and_progress_works(mul
     assert len(full.trajectory) == T + 1
     for a, b in zip(full.trajectory, ser.trajectory):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_the_trajectory_keeps_its_own_copy_of_the_start_in_every_sampler():
+    """trajectory[0] is the starting state as it was, for every sampler: a copy, not the caller's tensor
+    (which the caller may reuse and overwrite)."""
+    from solvers import PicardScheduler, sample_step_skipping
+
+    tr, grid, f = DDIMSkip(VP), VP.timesteps(8), ring_mixture().predictor(VP)
+    runs = {
+        "serial": lambda x: sample_serial(f, x, tr, grid, return_trajectory=True),
+        "step skipping": lambda x: sample_step_skipping(f, x, tr, grid, 3, return_trajectory=True),
+        "DRiffusion": lambda x: DraftRefineScheduler(tr, grid, 3).sample(f, x, return_trajectory=True),
+        "Picard": lambda x: PicardScheduler(tr, grid, 3, 1e-3).sample(f, x, return_trajectory=True),
+    }
+    for name, run in runs.items():
+        x = NoiseSource(0).initial((4, 2))
+        start = x.clone()
+        out = run(x)
+        x.zero_()
+        assert torch.equal(out.trajectory[0], start), name
