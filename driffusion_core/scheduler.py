@@ -535,11 +535,12 @@ def progress_bar(enabled: bool, total: int, desc: str):
 def check_planned(state: Any, rnd: "Round") -> None:
     """Refuse a round a state machine's ``absorb`` did not plan last (``state._planned``): one absorbed twice,
     before any ``plan()``, or a stale one would refine against the wrong states."""
-    if rnd is not state._planned:
+    if rnd is None or rnd is not state._planned:  # None is not a round even when none is planned
         raise InvalidArgumentError(
             f"{type(state).__name__}.absorb takes the round the last plan() returned (once): "
-            + ("no round is planned now (absorb was called before plan(), or twice for one round)."
-               if state._planned is None else "this one is another (a stale round, or one planned elsewhere).")
+            + ("no round is planned now (absorb was called before plan(), or twice for one round, or after the "
+               "last: plan() returned None, sampling is done)." if state._planned is None else
+               "this one is another (a stale round, or one planned elsewhere)" + (", not None." if rnd is None else "."))
         )
 
 

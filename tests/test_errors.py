@@ -1707,7 +1707,11 @@ def test_draft_refine_state_checks_width_mode_and_rounds():
         st.absorb(first, f(first.xs, None))
     st.absorb(second, f(second.xs, None))
     while (rnd := st.plan()) is not None:  # driven to the end by hand: the scheduler's sample
+        with pytest.raises(InvalidArgumentError, match=r"this one is another .*, not None"):
+            st.absorb(None, f(rnd.xs, None))
         st.absorb(rnd, f(rnd.xs, None))
+    with pytest.raises(InvalidArgumentError, match=r"no round is planned now .*sampling is done"):
+        st.absorb(None, torch.zeros(1, *x.shape))  # after the last round: refused, not an AttributeError
     ref = DraftRefineScheduler(tr, grid, width=3).sample(f, x)
     assert torch.equal(st.x, ref.x) and st.rounds == ref.rounds
 

@@ -741,6 +741,11 @@ def test_absorb_takes_only_the_round_plan_returned(budget):
     st.absorb(rnd, preds(rnd))
     with pytest.raises(InvalidArgumentError, match="no round is planned now"):
         st.absorb(rnd, preds(rnd))  # twice
+    with pytest.raises(InvalidArgumentError, match="no round is planned now"):
+        st.absorb(None, preds(rnd))  # None is no round either
+    rnd = st.plan()
+    with pytest.raises(InvalidArgumentError, match=r"this one is another .*, not None"):
+        st.absorb(None, preds(rnd))
 
 
 @pytest.mark.parametrize("tol,width", [(1.0, 2), (0.3, 4)])
