@@ -2568,6 +2568,45 @@ def test_diffusers_grids_that_are_broken_are_refused_by_name():
             from_diffusers(scheduler, **custom)
 
 
+def test_flow_custom_sigmas_ending_at_zero_are_refused_with_the_fix(unet2d, monkeypatch):
+    """FlowMatchEuler's custom sigmas ending at 0 get diffusers' own final 0 appended: a last step from 0 to 0
+    (a model call that changes nothing). Refused naming sigmas=, and the fix it gives (drop the trailing 0)
+    reproduces diffusers' loop on the list as given."""
+    flow = need("FlowMatchEulerDiscreteScheduler")
+    with pytest.raises(InvalidArgumentError, match=r"set_timesteps\(sigmas=\[1\.0, 0\.6, 0\.25, 0\.0\]\).*end at 0 .*Drop "
+                                                   r"the trailing 0 from sigmas="):
+        from_diffusers(flow(), sigmas=[1.0, 0.6, 0.25, 0.0])
+    with pytest.raises(InvalidArgumentError, match=r"do not decrease strictly .*distinct and in sampling order"):
+        from_diffusers(flow(), sigmas=[1.0, 0.25, 0.6])
+    x = NoiseSource(0).initial((2, 3, 8, 8))
+    transition, grid = from_diffusers(flow(), sigmas=[1.0, 0.6, 0.25])
+    ours = sample_serial(DiffusersPredictor(unet2d), x, transition, grid).x
+    ref, _ = diffusers_loop(flow(), unet2d, x, None, NoiseSource(5), monkeypatch, custom=dict(sigmas=[1.0, 0.6, 0.25, 0.0]))
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")  # diffusers' own NaN sigmas
+@pytest.mark.parametrize("mu", [-0.5, 0.0])
+def test_linear_time_shift_with_mu_not_above_zero_is_refused_by_name(mu):
+    """diffusers' linear time shift mu / (mu + (1 / sigma - 1)) leaves [0, 1] (or divides by zero) for mu <= 0:
+    refused naming mu, not with a message about timesteps the caller never gave."""
+    for make in (lambda: need("FlowMatchEulerDiscreteScheduler")(use_dynamic_shifting=True, time_shift_type="linear"),
+                 lambda: need("UniPCMultistepScheduler")(use_flow_sigmas=True, prediction_type="flow_prediction",
+                                                         use_dynamic_shifting=True, time_shift_type="linear")):
+        with pytest.raises(InvalidArgumentError, match=rf"time_shift_type='linear'\) with mu={mu}: .*unless mu > 0"):
+            from_diffusers(make(), 5, mu=mu)
+
+
+def test_diffusers_timesteps_that_are_nan_are_refused_by_name():
+    """Euler with exponential sigmas on a zero-terminal-SNR table: diffusers' own set_timesteps gives NaN
+    timesteps (its loop fails on them too); refused naming the call, not as a grid of NaN model times."""
+    euler = need("EulerDiscreteScheduler")(beta_start=0.01, beta_end=0.3, timestep_spacing="leading", steps_offset=1,
+                                           rescale_betas_zero_snr=True, use_exponential_sigmas=True,
+                                           final_sigmas_type="sigma_min")
+    with pytest.raises(InvalidArgumentError, match=r"set_timesteps\(3\) itself gives timesteps \[nan"):
+        from_diffusers(euler, 3)
+
+
 def test_diffusers_predictor_runs_the_model_in_its_own_dtype(unet2d):
     """A float64 state around a float32 model: the model gets float32 input, the prediction comes back in float64
     (equal to the float32 call), instead of torch's conv dtype error."""

@@ -343,6 +343,7 @@ def _flow(scheduler, cfg, num_inference_steps: Optional[int], mu: Optional[float
             "This scheduler has use_dynamic_shifting=True: pass mu (diffusers' pipelines compute it from the image "
             "sequence length, e.g. solvers.interop.pipelines.calculate_shift(seq_len, scheduler.config))."
         )
+    _check_linear_mu(cfg, mu, "FlowMatchEulerDiscreteScheduler")
     n_train = int(cfg.get("num_train_timesteps", 1000))
     # the scheduler's current shift: set_shift() changes it, not its config
     schedule = FlowSchedule(float(getattr(scheduler, "shift", cfg.get("shift", 1.0))), n_train, dynamic)
@@ -378,12 +379,40 @@ def _flow(scheduler, cfg, num_inference_steps: Optional[int], mu: Optional[float
                              f"timesteps=, or a shift changed since)",
                              num_inference_steps,
                              "sigmas=..., timesteps=... as given to set_timesteps")
+    _refuse_flow_sigmas(_call_text(num_inference_steps, **(custom if sigmas is not None or timesteps is not None
+                                                          else {})), sig, sigmas is not None)
     if timesteps is not None:  # the model is called at the given timesteps, not sigma * N: levels through the grid
         schedule = FlowGridSchedule(sig[:-1], ts, schedule.shift, n_train, dynamic)
         transition = FlowEulerSkip(schedule, prediction="velocity")
     grid = TimeGrid(sig[:-1].to(torch.float64), sig[1:].to(torch.float64), ts, schedule.kind)
     schedule.validate(grid)
     return transition, grid
+
+
+def _refuse_flow_sigmas(call: str, sig: torch.Tensor, custom_sigmas: bool) -> None:
+    """Refuse FlowMatchEulerDiscreteScheduler sigmas (``sig``: the steps' sigmas, then diffusers' final 0) that
+    do not decrease strictly within [0, 1], saying which option or list made them (the grid's own message would
+    name levels the caller never gave)."""
+    steps = sig.to(torch.float64)
+    if bool((steps[:-1] > 0).all()) and bool((steps[1:] < steps[:-1]).all()) and float(steps.max()) <= 1.0 \
+            and float(steps[-1]) >= 0:
+        return
+    head = f"FlowMatchEulerDiscreteScheduler.{call} gives sigmas {_short(steps)}"
+    if custom_sigmas and len(steps) >= 2 and float(steps[-2]) == 0:
+        raise InvalidArgumentError(
+            f"{head}: the custom sigmas end at 0 and diffusers appends its own final 0, so the last step goes from "
+            f"0 to 0 (a model call that changes nothing, which a time grid here cannot hold). Drop the trailing 0 "
+            f"from sigmas= (the result is the same)."
+        )
+    if float(steps.min()) < 0 or float(steps.max()) > 1.0:
+        raise InvalidArgumentError(
+            f"{head}, outside [0, 1], where flow sigmas lie: give sigmas in [0, 1] (1 is pure noise, 0 the data)."
+        )
+    raise InvalidArgumentError(
+        f"{head}, which do not decrease strictly from noise to data: "
+        + ("give the custom sigmas distinct and in sampling order (largest first)." if custom_sigmas else
+           "more steps than distinct noise levels here (e.g. a high shift or shift_terminal): use fewer steps.")
+    )
 
 
 def _custom_lists(**given: Any) -> dict:
@@ -440,7 +469,15 @@ def _probe(scheduler, num_inference_steps: Optional[int], **kwargs) -> Tuple[tor
             f"with a single step divides by zero): its loop would sample NaN. Use more inference steps, or drop the "
             f"option that stretches the sigmas."
         )
-    return sigmas, probe.timesteps.detach().cpu().clone()
+    timesteps = probe.timesteps.detach().cpu().clone()
+    if timesteps.is_floating_point() and not bool(torch.isfinite(timesteps).all()):
+        raise InvalidArgumentError(
+            f"{type(scheduler).__name__}.{call} itself gives timesteps {_short(timesteps)}, with NaN or inf "
+            f"(diffusers' own grid; its loop cannot look those up either): change the option that maps the "
+            f"sigmas to timesteps (e.g. use_exponential_sigmas or use_karras_sigmas with "
+            f"rescale_betas_zero_snr), or use more inference steps."
+        )
+    return sigmas, timesteps
 
 
 def _short(values: torch.Tensor, edge: int = 4) -> str:
@@ -458,6 +495,17 @@ def _first_frame_text(error: BaseException) -> str:
     return (str(error) or (frames[-1].line or "")).strip() if frames else str(error)
 
 
+def _check_linear_mu(cfg: Mapping[str, Any], mu: Optional[float], name: str) -> None:
+    """Refuse mu <= 0 with dynamic shifting of time_shift_type='linear' (diffusers runs it, off [0, 1])."""
+    if cfg.get("use_dynamic_shifting", False) and cfg.get("time_shift_type", "exponential") == "linear" \
+            and mu is not None and float(mu) <= 0:
+        raise InvalidArgumentError(
+            f"{name}(use_dynamic_shifting=True, time_shift_type='linear') with mu={mu!r}: the linear time shift "
+            f"maps sigma to mu / (mu + (1 / sigma - 1)), which leaves [0, 1] (or divides by zero) unless mu > 0. "
+            f"Pass mu > 0, or use time_shift_type='exponential' (exp(mu) takes any mu)."
+        )
+
+
 def _dynamic_kwargs(cfg: Mapping[str, Any], mu: Optional[float], name: str) -> dict:
     """``set_timesteps``' keyword arguments for a multistep scheduler: ``mu`` with ``use_dynamic_shifting``
     (diffusers requires it there, also where its sigmas do not use it), refused by name when missing."""
@@ -467,6 +515,7 @@ def _dynamic_kwargs(cfg: Mapping[str, Any], mu: Optional[float], name: str) -> d
         raise InvalidArgumentError(
             f"{name}(use_dynamic_shifting=True) needs mu, as its set_timesteps does: from_diffusers(scheduler, "
             f"num_inference_steps, mu=...) (the pipelines compute it from the image size, e.g. calculate_shift).")
+    _check_linear_mu(cfg, mu, name)
     return {"mu": mu}
 
 
