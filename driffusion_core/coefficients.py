@@ -331,6 +331,46 @@ def _unipc_b(alpha_from: Any, sigma_from: Any, alpha_to: Any, sigma_to: Any, sol
     raise ValueError(f"solver_type must be 'bh1' or 'bh2', got {solver_type!r}")
 
 
+#: |hh| below which UniPC's phi_1, phi_2 are summed as series (16 terms: below float64 rounding there)
+_PHI_SERIES_BELOW = 0.5
+_PHI_TERMS = 16
+
+
+def _unipc_phi(ratio: Any, hh: Any) -> Tuple[Any, Any]:
+    r""":math:`\varphi_1 = (e^{hh} - 1)/hh - 1` and :math:`\varphi_2 = \varphi_1/hh - 1/2` (UniPC's, diffusers'
+    ``h_phi_k``), given ``ratio`` :math:`= e^{hh}` as the caller computes it from the levels.
+
+    On sympy the closed forms, as written. On floats and tensors the closed forms cancel (phi_1 ~ hh/2,
+    phi_2 ~ hh/6: their error grows like eps/hh^2 and eps/hh^3, all digits gone at hh ~ 1e-6); where
+    :math:`|hh| < 1/2` they are the Taylor series :math:`\sum_{k\ge1} hh^k/(k+1)!` and
+    :math:`\sum_{k\ge1} hh^k/(k+2)!`, with hh = log(ratio) (accurate to the ratio's rounding)."""
+    if _is_sympy(ratio) or _is_sympy(hh):
+        import sympy
+
+        phi_1 = (ratio - 1) / hh - 1
+        return phi_1, phi_1 / hh - sympy.Rational(1, 2)
+    hh = log(ratio)
+
+    def series(z: Any, shift: int) -> Any:  # sum_{k>=1} z^k / (k + shift)!, by Horner
+        acc = 1 / math.factorial(_PHI_TERMS + shift)
+        for k in range(_PHI_TERMS - 1, 0, -1):
+            acc = 1 / math.factorial(k + shift) + z * acc
+        return z * acc
+
+    if type(hh).__module__.startswith("torch"):
+        import torch
+
+        small = hh.abs() < _PHI_SERIES_BELOW
+        safe = torch.where(small, torch.ones_like(hh), hh)  # the closed form away from 0 only
+        phi_1 = torch.where(small, series(hh, 1), torch.expm1(safe) / safe - 1)
+        phi_2 = torch.where(small, series(hh, 2), (torch.expm1(safe) / safe - 1) / safe - 0.5)
+        return phi_1, phi_2
+    if abs(hh) < _PHI_SERIES_BELOW:
+        return series(hh, 1), series(hh, 2)
+    phi_1 = math.expm1(hh) / hh - 1
+    return phi_1, phi_1 / hh - 0.5
+
+
 def unipc_predictor_coefficients(
     alpha_p: Any, sigma_p: Any, alpha_s: Any, sigma_s: Any, alpha_t: Any, sigma_t: Any, solver_type: str = "bh2"
 ) -> Tuple[Any, Any, Any]:
@@ -382,10 +422,9 @@ def unipc_corrector_coefficients(
         return -a_b / 2, a_b / 2, 0 * a_b
     if order != 2:
         raise ValueError(f"order must be 1 or 2, got {order!r}")
-    hh = -h
-    phi_1 = (sigma_s * alpha_p / (sigma_p * alpha_s) - 1) / hh - 1  # (e^{hh} - 1)/hh - 1
+    phi_1, phi_2 = _unipc_phi(sigma_s * alpha_p / (sigma_p * alpha_s), -h)  # the ratio is e^{hh}, hh = -h
     b_h = a_b / alpha_s
-    b1, b2 = phi_1 / b_h, (2 * phi_1 / hh - 1) / b_h  # b_2 = 2 phi_2 / B(h), phi_2 = phi_1 / hh - 1/2
+    b1, b2 = phi_1 / b_h, 2 * phi_2 / b_h  # b_k = k! phi_k / B(h)
     r = (log(alpha_pp) - log(sigma_pp) - (log(alpha_p) - log(sigma_p))) / h
     rho_1 = (b1 - b2) / (1 - r)
     rho_2 = b1 - rho_1

@@ -227,7 +227,8 @@ class ClipSample:
 
     def __call__(self, x0: torch.Tensor) -> torch.Tensor:
         r""":math:`\mathrm{clamp}(\hat x_0, -c, c)` elementwise, c = ``clip_range``."""
-        return x0.clamp(-self.clip_range, self.clip_range)
+        c = min(self.clip_range, torch.finfo(x0.dtype).max)  # the same clamp; a larger c does not fit the dtype
+        return x0.clamp(-c, c)
 
     def __repr__(self) -> str:
         return f"ClipSample({self.clip_range:g})"
@@ -277,7 +278,8 @@ class DynamicThreshold:
         flat = x0.reshape(x0.shape[0], -1)
         if dtype not in (torch.float32, torch.float64):
             flat = flat.float()
-        s = row_quantile(flat.abs(), self.ratio).clamp(min=1, max=self.max_value).unsqueeze(1)
+        top = min(self.max_value, torch.finfo(flat.dtype).max)  # the same clamp; a larger one does not fit the dtype
+        s = row_quantile(flat.abs(), self.ratio).clamp(min=1, max=top).unsqueeze(1)
         return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(dtype)
 
     def __repr__(self) -> str:

@@ -321,10 +321,14 @@ class VPSchedule(Schedule):
         )
 
     def rescaled_zero_terminal_snr(self) -> "VPSchedule":
-        """This schedule rescaled to zero terminal SNR (use with v_prediction)."""
+        """This schedule rescaled to zero terminal SNR (use with v_prediction).
+
+        A clean end at ``alphas_cumprod[0]`` (``final_alpha_cumprod=None``, diffusers' set_alpha_to_one=False)
+        stays at the rescaled table's ``alphas_cumprod[0]``, which the rescale's round trip may move by an ulp."""
         ac = self.alphas_cumprod
         betas = 1 - torch.cat([ac[:1], ac[1:] / ac[:-1]])
-        return VPSchedule.from_betas(betas, self.final_alpha_cumprod, rescale_betas_zero_snr=True)
+        final = None if self.final_alpha_cumprod == float(ac[0]) else self.final_alpha_cumprod
+        return VPSchedule.from_betas(betas, final, rescale_betas_zero_snr=True)
 
     # ----------------------------------------------------------------- levels
     @property

@@ -387,6 +387,15 @@ class SkipTransition(abc.ABC):
                     f"the state is already clean there, and this step divides by sigma. End at that level instead "
                     f"of leaving it."
                 )
+        if not self.steps_within_pure_noise():
+            moving = torch.broadcast_to(t_to != t_from, torch.broadcast_shapes(t_from.shape, t_to.shape))
+            pure = torch.broadcast_to(self.schedule.alpha_sigma(t_to)[0] <= 0, moving.shape) & moving
+            if bool(pure.any()):
+                i = int(torch.nonzero(pure.reshape(-1))[0])
+                a = torch.broadcast_to(t_from, pure.shape).reshape(-1)[i].item()
+                b = torch.broadcast_to(t_to, pure.shape).reshape(-1)[i].item()
+                raise InvalidTimestepsError(self._pure_noise_message(f"the step from t_from = {a:g} to t_to = {b:g}"
+                                                                     + (f" (row {i})" if pure.dim() else "")))
 
     @staticmethod
     def _euler(t_from: torch.Tensor, t_to: torch.Tensor) -> torch.Tensor:
@@ -569,6 +578,18 @@ class SkipTransition(abc.ABC):
         (:meth:`make_grid` refuses such a grid). Deterministic DDIM with an epsilon model can: x0_hat = x."""
         return False
 
+    def steps_within_pure_noise(self) -> bool:
+        """Whether a step may go to a level where alpha-bar = 0 (pure noise; then it starts at one as well) and
+        stay finite; by default yes. DDPM's posterior and DDIM with eta > 0 take alpha-bar_t / alpha-bar_s,
+        0 / 0 there (a table whose betas reach 1, or whose alpha-bar underflows to 0 in float64)."""
+        return True
+
+    def _pure_noise_message(self, where: str) -> str:
+        return (f"{type(self).__name__}: {where} stays at pure noise (alpha-bar = 0 at both levels: betas of 1, or "
+                f"an alpha-bar table that underflows to 0), where its step takes alpha-bar_t / alpha-bar_s = 0 / 0. "
+                f"Start the grid at the cleanest level where alpha-bar is 0, or below it (deterministic DDIM, eta = 0, "
+                f"takes such steps).")
+
     def make_grid(self, timesteps: Union[TimeGrid, torch.Tensor, list, tuple]) -> TimeGrid:
         """A validated TimeGrid from a TimeGrid or a sequence of decreasing levels.
 
@@ -586,6 +607,12 @@ class SkipTransition(abc.ABC):
                 f"by sigma (eps_hat = (x - alpha x0_hat) / sigma, the DDPM posterior variance, the log-SNR step). End "
                 f"the grid with the step *to* that level, or use a table whose betas are positive."
             )
+        if not self.steps_within_pure_noise():
+            pure = self.schedule.alpha_sigma(grid.t_to)[0] <= 0
+            if bool(pure.any()):
+                i = int(torch.nonzero(pure)[0])
+                raise InvalidTimestepsError(self._pure_noise_message(
+                    f"step {i}, from level {grid.t_from[i].item():g} to {grid.t_to[i].item():g},"))
         if self.prediction is Prediction.EPSILON:
             bad = alpha <= 0
             if bool(bad.any()):

@@ -111,6 +111,10 @@ class DDIMSkip(EtaNoise, SkipTransition):
             out = out + broadcast_coef(sigma, x) * noise
         return zero_length_identity(out, x, t_from, t_to).to(dtype)
 
+    def steps_within_pure_noise(self) -> bool:
+        """eta > 0 takes alpha-bar_t / alpha-bar_s in sigma_{t->s}: 0 / 0 between two pure-noise levels."""
+        return self.eta == 0
+
     def steps_from_sigma_zero(self) -> bool:
         """At sigma = 0 an epsilon model's x0_hat is x itself and the deterministic step is finite (diffusers'
         DDIM takes it: a table whose first beta is 0, leading spacing); eta > 0, x0 / v models and

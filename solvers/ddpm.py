@@ -68,6 +68,10 @@ class DDPMSkip(SkipTransition):
             raise InvalidArgumentError(f"variance_type must be one of {VARIANCE_TYPES}, got {value!r}.")
         super().__setattr__(name, value)
 
+    def steps_within_pure_noise(self) -> bool:
+        """The posterior takes alpha-bar_t / alpha-bar_s: 0 / 0 between two pure-noise levels."""
+        return False
+
     def _std(self, abar_t, abar_s, t_from, var):
         if self.variance_type == "fixed_large":
             var = C.ddpm_large_variance(abar_t, abar_s)

@@ -1875,6 +1875,37 @@ def test_an_operator_step_from_a_clean_level_is_refused():
     assert torch.isfinite(DDIMSkip(vp)(x, x, 0.0, -1.0)).all()
 
 
+def test_a_step_between_two_pure_noise_levels_is_refused_where_it_is_0_over_0():
+    """alpha-bar = 0 at two levels (betas of 1, or a table underflowing to 0 in float64): DDPM's posterior and
+    DDIM with eta > 0 take alpha-bar_t / alpha-bar_s = 0 / 0 there and returned NaN (the sampler noticed only
+    after the next model call). make_grid and a direct operator call refuse it; deterministic DDIM takes it,
+    and a grid starting at the cleanest pure-noise level samples finite values."""
+    vp = VPSchedule.from_betas([0.01, 0.2, 0.5, 1.0, 1.0, 0.3])  # alpha-bar = [.99, .79, .40, 0, 0, 0]
+    assert (vp.alphas_cumprod[3:] == 0).all() and (vp.alphas_cumprod[:3] > 0).all()
+    x = torch.randn(2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    refused = (DDPMSkip(vp, "v_prediction"), DDPMSkip(vp, "v_prediction", variance_type="fixed_large"),
+               DDIMSkip(vp, "v_prediction", eta=0.5))
+    for op in refused:
+        with pytest.raises(InvalidTimestepsError, match=r"step 0, from level 5 to 4, stays at pure noise .*0 / 0"):
+            op.make_grid([5, 4, 3, 2, 1, 0])
+        with pytest.raises(InvalidTimestepsError, match=r"from t_from = 4 to t_to = 3 stays at pure noise"):
+            op(x, x, 4.0, 3.0, torch.zeros_like(x))
+        with pytest.raises(InvalidTimestepsError, match=r"stays at pure noise"):
+            op.drafts(x, x, torch.tensor([5.0, 4.0, 3.0]), torch.tensor([4.0, 3.0, 2.0]), torch.zeros(3, *x.shape, dtype=x.dtype))
+        assert torch.equal(op(x, x, 4.0, 4.0, torch.zeros_like(x)), x)  # zero length: the identity
+        f = ring_mixture().predictor(vp, "v_prediction")
+        out = sample_serial(f, x, op, [3, 2, 1, 0], noise=NoiseSource(1))  # from the cleanest pure-noise level
+        assert torch.isfinite(out.x).all()
+    ddim = DDIMSkip(vp, "v_prediction")
+    assert torch.isfinite(ddim(x, x, 5.0, 4.0)).all()
+    assert len(ddim.make_grid([5, 4, 3, 2, 1, 0])) == 6
+    # float64 underflow: linear betas up to 0.9999 leave alpha-bar = 0 from some level on
+    lin = VPSchedule.linear(1000, beta_end=0.9999)
+    assert int((lin.alphas_cumprod == 0).sum()) > 10
+    with pytest.raises(InvalidTimestepsError, match=r"DDPMSkip: step 0, from level 999 to 979, stays at pure noise"):
+        DraftRefineScheduler(DDPMSkip(lin, "sample"), lin.timesteps(50, spacing="trailing"), width=2)
+
+
 def test_autocast_outputs_are_named_and_the_drafts_keep_their_precision():
     """Under torch.autocast (common around a diffusers model) a Linear returns bfloat16 for a float32 state:
     refused, the message naming autocast and the cast; the library's own matmuls (coupled noise, the drafts'

@@ -806,14 +806,20 @@ def test_fractional_levels_interpolate_the_log_snr_linearly(make):
 
 
 @pytest.mark.parametrize("final", [1.0, None])
-def test_rescaled_zero_terminal_snr_is_the_constructors_rescale(final):
+@pytest.mark.parametrize("make,n", [(VPSchedule.scaled_linear, 1000), (VPSchedule.linear, 1000),
+                                    (VPSchedule.scaled_linear, 999), (VPSchedule.squaredcos_cap_v2, 4000),
+                                    (VPSchedule.linear, 3)])
+def test_rescaled_zero_terminal_snr_is_the_constructors_rescale(final, make, n):
     """schedule.rescaled_zero_terminal_snr() is the schedule built with rescale_betas_zero_snr=True: the same
-    table and the same clean end (final_alpha_cumprod kept, alphas_cumprod[0] for None)."""
-    a = VPSchedule.scaled_linear(final_alpha_cumprod=final).rescaled_zero_terminal_snr()
-    b = VPSchedule.scaled_linear(final_alpha_cumprod=final, rescale_betas_zero_snr=True)
+    table and the same clean end (final_alpha_cumprod kept, alphas_cumprod[0] for None, also where the
+    rescale's round trip moves alphas_cumprod[0] up by an ulp: linear(1000) and others were refused)."""
+    a = make(n, final_alpha_cumprod=final).rescaled_zero_terminal_snr()
+    b = make(n, final_alpha_cumprod=final, rescale_betas_zero_snr=True)
     torch.testing.assert_close(a.alphas_cumprod, b.alphas_cumprod, rtol=1e-12, atol=1e-15)
     assert float(a.alphas_cumprod[-1]) == 0.0
     assert a.final_alpha_cumprod == pytest.approx(b.final_alpha_cumprod, rel=1e-12)
+    if final is None:
+        assert a.final_alpha_cumprod == float(a.alphas_cumprod[0])
 
 
 @pytest.mark.parametrize("schedule", [VPSchedule.linear(), FlowSchedule(shift=3.0)], ids=["vp", "flow"])
@@ -825,6 +831,22 @@ def test_a_grid_from_explicit_levels_calls_the_model_at_timesteps_model_times(sc
     assert grid.model_times.dtype == ref.model_times.dtype
     assert torch.equal(grid.model_times, ref.model_times)
     assert torch.equal(grid.t_from, ref.t_from) and torch.equal(grid.t_to[-1:], ref.t_to[-1:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_a_clip_range_beyond_the_dtype_is_no_clipping(dtype):
+    """ClipSample(c) and DynamicThreshold(max_value=c) with c past the dtype's largest value (sys.float_info.max,
+    to switch clipping off) clamp nothing there, as a c just at that value does (torch refused the conversion)."""
+    import sys
+
+    from driffusion_core import ClipSample, DynamicThreshold
+
+    big = sys.float_info.max
+    x0 = (torch.randn(3, 5, generator=torch.Generator().manual_seed(0)) * 50).to(dtype)
+    assert torch.equal(ClipSample(big)(x0), x0)
+    top = float(torch.finfo(x0.dtype if dtype == torch.float64 else torch.float32).max)
+    assert torch.equal(DynamicThreshold(0.9, big)(x0), DynamicThreshold(0.9, top)(x0))
+    assert not torch.equal(DynamicThreshold(0.9, big)(x0), x0)  # it still divides by the row's quantile
 
 
 @pytest.mark.parametrize("ratio", [0.995, 0.5, 1.0])
