@@ -88,6 +88,18 @@ def _require_like(v: Any, shape: Sequence[int], x: torch.Tensor, who: str, what:
         )
 
 
+def _first_moving_step(t_from: torch.Tensor, t_to: torch.Tensor, flag: torch.Tensor) -> Optional[Tuple[float, float, str]]:
+    """``(t_from, t_to, " (row i)")`` of the first step of nonzero length where ``flag`` (levels broadcast
+    like the steps) holds, or None."""
+    moving = torch.broadcast_to(t_to != t_from, torch.broadcast_shapes(t_from.shape, t_to.shape))
+    hit = torch.broadcast_to(flag, moving.shape) & moving
+    if not bool(hit.any()):
+        return None
+    i = int(torch.nonzero(hit.reshape(-1))[0])
+    pick = lambda t: torch.broadcast_to(t, hit.shape).reshape(-1)[i].item()  # noqa: E731
+    return pick(t_from), pick(t_to), (f" (row {i})" if hit.dim() else "")
+
+
 class SkipTransition(abc.ABC):
     """A closed-form jump ``S(x, pred, t_from -> t_to, noise)`` between noise levels.
 
@@ -376,26 +388,19 @@ class SkipTransition(abc.ABC):
                     f"to a cleaner one ({b_name} <= {a_name}, equal levels being the identity)."
                 )
         if not self.steps_from_sigma_zero():
-            moving = torch.broadcast_to(t_to != t_from, torch.broadcast_shapes(t_from.shape, t_to.shape))
-            clean = torch.broadcast_to(self.schedule.alpha_sigma(t_from)[1] <= 0, moving.shape) & moving
-            if bool(clean.any()):
-                i = int(torch.nonzero(clean.reshape(-1))[0])
-                v = torch.broadcast_to(t_from, clean.shape).reshape(-1)[i].item()
-                row = f" (row {i})" if clean.dim() else ""
+            hit = _first_moving_step(t_from, t_to, self.schedule.alpha_sigma(t_from)[1] <= 0)
+            if hit is not None:
+                a, _, row = hit
                 raise InvalidTimestepsError(
-                    f"{name}: t_from = {v:g}{row} has sigma = 0 (alpha-bar = 1, e.g. a table whose first beta is 0): "
+                    f"{name}: t_from = {a:g}{row} has sigma = 0 (alpha-bar = 1, e.g. a table whose first beta is 0): "
                     f"the state is already clean there, and this step divides by sigma. End at that level instead "
                     f"of leaving it."
                 )
         if not self.steps_within_pure_noise():
-            moving = torch.broadcast_to(t_to != t_from, torch.broadcast_shapes(t_from.shape, t_to.shape))
-            pure = torch.broadcast_to(self.schedule.alpha_sigma(t_to)[0] <= 0, moving.shape) & moving
-            if bool(pure.any()):
-                i = int(torch.nonzero(pure.reshape(-1))[0])
-                a = torch.broadcast_to(t_from, pure.shape).reshape(-1)[i].item()
-                b = torch.broadcast_to(t_to, pure.shape).reshape(-1)[i].item()
-                raise InvalidTimestepsError(self._pure_noise_message(f"the step from t_from = {a:g} to t_to = {b:g}"
-                                                                     + (f" (row {i})" if pure.dim() else "")))
+            hit = _first_moving_step(t_from, t_to, self.schedule.alpha_sigma(t_to)[0] <= 0)
+            if hit is not None:
+                a, b, row = hit
+                raise InvalidTimestepsError(self._pure_noise_message(f"the step from t_from = {a:g} to t_to = {b:g}{row}"))
 
     @staticmethod
     def _euler(t_from: torch.Tensor, t_to: torch.Tensor) -> torch.Tensor:
