@@ -27,10 +27,26 @@ from driffusion_core.executor import (
     check_round_args,
     changed_tensor,
     iter_tensors,
+    named_tensors,
     map_tensors,
     not_dense,
     tensor_versions,
 )
+
+
+def _refuse_non_dense_cond(cond: Optional[Mapping[str, Any]]) -> None:
+    """Refuse a sparse or nested conditioning tensor: repeating its rows K times (or slicing them, or vmap over
+    them) fails inside torch. SerialExecutor passes such tensors as they are."""
+    for name, v in named_tensors(cond or {}):
+        if v.is_nested or v.layout != torch.strided:
+            kind = "nested" if v.is_nested else str(v.layout).replace("torch.", "")
+            fix = "pad it (torch.nested.to_padded_tensor(v, 0.0)) and pass a mask" if v.is_nested else \
+                f"pass {name}.to_dense()"
+            raise InvalidArgumentError(
+                f"BatchedExecutor: {name} is a {kind} tensor; the batched call repeats (or slices) the conditioning's "
+                f"rows for the K drafts, which torch cannot do on that layout: {fix}, or sample with "
+                f"SerialExecutor (the default), which passes it as it is."
+            )
 
 
 def repeat_cond(cond: Mapping[str, Any], k: int) -> dict:
@@ -182,6 +198,7 @@ class BatchedExecutor(Executor):
         conditioning's tensors repeated K times along the batch (or chunks of ``max_batch`` rows), or as
         ``torch.func.vmap`` of the predictor over the draft axis."""
         check_round_args(type(self).__name__, xs, ts, cond)
+        _refuse_non_dense_cond(cond)
         # a call that sees exactly one draft's B rows (one draft not split by max_batch, or chunks of exactly B
         # rows) mixes nothing and splits nothing; under vmap each draft is normalised over its own rows, but a
         # training-mode layer's running statistics cannot update

@@ -176,8 +176,15 @@ def check_inputs(x: Any, cond: Optional[Mapping[str, Any]], what: str = "cond") 
     the k-diffusion-style function)."""
     if not isinstance(x, torch.Tensor) or x.dtype not in _STATE_DTYPES:
         got = f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            got += " (torch has no arithmetic on float8: sample in one of these and cast the result)"
         raise InvalidArgumentError(
             f"x must be a floating-point tensor [B, ...] (float32, float64, float16 or bfloat16), got {got}."
+        )
+    if x.is_nested:
+        raise InvalidArgumentError(
+            "x is a nested tensor; a state needs one shape for all samples: pad it "
+            "(torch.nested.to_padded_tensor(x, 0.0)) or sample each shape as its own batch."
         )
     if x.layout != torch.strided:
         raise InvalidArgumentError(
@@ -211,14 +218,11 @@ def check_inputs(x: Any, cond: Optional[Mapping[str, Any]], what: str = "cond") 
         raise InvalidArgumentError(f"{what}'s keys are keyword-argument names and must be strings, got {bad_keys!r}.")
     cond = dict(cond)
     for name, v in named_tensors(cond, what):
-        if v.is_nested or v.layout != torch.strided:
-            kind = "a nested" if v.is_nested else f"a {str(v.layout).replace('torch.', '')}"
-            fix = ("pad it to a dense tensor (torch.nested.to_padded_tensor(v, 0.0)) and pass a mask"
-                   if v.is_nested else f"pass {name}.to_dense()")
+        if v.is_nested and v.layout == torch.strided:  # torch's first nested layout has no shape to check rows by
             raise InvalidArgumentError(
-                f"{name} is {kind} tensor; the executors repeat, stack and slice conditioning rows, which needs "
-                f"dense (strided) storage: {fix}, or close over it (functools.partial(model, "
-                f"{_top_key(name, what)}=tensor)) if all samples share it."
+                f"{name} is a nested tensor of torch's strided nested layout, which has no shape (its rows cannot "
+                f"be counted against x's): pad it to a dense tensor (torch.nested.to_padded_tensor(v, 0.0)) and pass "
+                f"a mask, or build it with layout=torch.jagged (SerialExecutor passes that as it is)."
             )
     for name, v in batched_tensors(cond, what):
         if v.device != x.device:
@@ -540,7 +544,8 @@ def check_planned(state: Any, rnd: "Round") -> None:
             f"{type(state).__name__}.absorb takes the round the last plan() returned (once): "
             + ("no round is planned now (absorb was called before plan(), or twice for one round, or after the "
                "last: plan() returned None, sampling is done)." if state._planned is None else
-               "this one is another (a stale round, or one planned elsewhere)" + (", not None." if rnd is None else "."))
+               "got None, not a Round: pass the round plan() returned." if rnd is None else
+               "this one is another (a stale round, or one planned elsewhere).")
         )
 
 

@@ -696,6 +696,7 @@ def test_conditioning_differing_in_value_between_ranks_is_explained():
         assert res["same_dataclass_set"] is True, "a dataclass holding a set or a device must sign alike on every rank"
         assert "guidance scale" in res["float"]["message"]
         assert res["same_set"] is True, "a set in the conditioning must not differ between processes"
+        assert res["same_sparse"] == {"coo": True, "csr": True}, res["same_sparse"]
         got = res["nan_on_rank0"]
         assert got["error_type"] == "ExecutorError" and "conditioning (cond) tensors differ in value" in got["message"], got
         # one element, far above the rounding of a sum; the same values in another order
@@ -1379,6 +1380,10 @@ class _Options:
     device: torch.device
 
 
+def _sparse_cond(x, t, adj):
+    return _predictor(x, t, None) + 0.01 * adj.to_dense().sum(dim=1).reshape(-1, 1)
+
+
 def _guided(x, t, scale=None, tag="plain", guidance=1.0, extra=None, opaque=None, bias=None, obs=None, note="",
             mask=None, options=None):
     y = _predictor(x, t, scale) * guidance
@@ -1413,6 +1418,11 @@ def _scenario_cond_values(rank, world):
     with_set = dict(base, extra={"flag": False, "names": frozenset({"cfg", "neg", "style", "seed", "lora", "vae"})})
     res["same_set"] = bool(torch.equal(ex.evaluate(_guided, xs, ts, with_set),
                                        SerialExecutor().evaluate(_guided, xs, ts, with_set)))
+    # a per-sample sparse conditioning tensor (COO, CSR) reaches the model as it is, as with SerialExecutor
+    adj = torch.rand(4, 3, generator=g) * (torch.rand(4, 3, generator=g) > 0.5)
+    res["same_sparse"] = {layout: bool(torch.equal(ex.evaluate(_sparse_cond, xs, ts, {"adj": a}),
+                                                   SerialExecutor().evaluate(_sparse_cond, xs, ts, {"adj": adj})))
+                          for layout, a in (("coo", adj.to_sparse()), ("csr", adj.to_sparse_csr()))}
     cases["nan_on_rank0"] = dict(base, scale=torch.where(torch.arange(4) == 1, float("nan"), scale) if rank == 0 else scale)
     # an attention bias holding -inf on every rank must not switch the value check off for the other tensors; a
     # large numpy array (its repr abbreviates) and a long string that differ far from their start

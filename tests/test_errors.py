@@ -411,6 +411,16 @@ def test_x_not_a_float_tensor(x):
         scheduler().sample(eps_model, x)
 
 
+def test_x_nested_is_refused_by_both_samplers():
+    """A nested x (samples of different shapes) reports layout strided, and failed inside torch."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        x = torch.nested.nested_tensor([torch.zeros(2), torch.zeros(3)])
+    for call in run_both(eps_model, x=x):
+        with pytest.raises(InvalidArgumentError, match=r"x is a nested tensor; .*to_padded_tensor"):
+            call()
+
+
 def test_x_sparse_is_refused_by_both_samplers():
     for call in run_both(eps_model, x=x0().to_sparse()):
         with pytest.raises(InvalidArgumentError, match=r"x must be a dense tensor, got layout torch.sparse_coo.*to_dense"):
@@ -441,21 +451,42 @@ def _layouts(rows: torch.Tensor) -> dict:
 
 
 @pytest.mark.parametrize("kind", list(_layouts(torch.ones(3, 4))))
-def test_a_conditioning_tensor_that_is_not_dense_is_refused_by_every_sampler(kind):
-    """A sparse or nested conditioning tensor worked with SerialExecutor only (BatchedExecutor's repeat and
-    slicing, and a nested tensor's shape, failed inside torch): refused by name, with the fix, for all."""
-    adj = _layouts(torch.ones(3, 4))[kind]
-    fix = r"torch\.nested\.to_padded_tensor" if kind.startswith("nested") else r"pass cond\['adj'\]\.to_dense\(\)"
-    model = lambda x, t, adj: 0.1 * x  # noqa: E731
-    calls = run_both(model, cond={"adj": adj}) + [
-        lambda: PicardScheduler(DDIMSkip(VP), GRID, 2).sample(model, x0(), cond={"adj": adj}),
-        lambda: sample_step_skipping(model, x0(), DDIMSkip(VP), GRID, 3, cond={"nested": {"adj": adj}}),
-    ]
-    for call in calls:
-        with pytest.raises(InvalidArgumentError, match=r"cond\['(nested'\]\['|)adj'\] is a (nested|sparse_c..) tensor.*dense"):
-            call()
-    with pytest.raises(InvalidArgumentError, match=fix):
-        calls[0]()
+def test_a_conditioning_tensor_that_is_not_dense(kind):
+    """Sparse and jagged conditioning tensors reach the model as they are through every sampler with
+    SerialExecutor (the sample equals the one with the dense tensor); BatchedExecutor, whose repeat and slicing
+    of rows failed inside torch, refuses them by name with the fix. torch's strided nested layout has no shape
+    to count rows by: refused by every sampler."""
+    adj = _layouts(torch.ones(3, 4) * torch.arange(1.0, 4.0).reshape(3, 1))[kind]
+    dense = torch.ones(3, 4) * torch.arange(1.0, 4.0).reshape(3, 1)
+
+    def model(x, t, adj):  # uses the rows of adj: a wrong or shuffled conditioning would show
+        rows = torch.stack([r.sum() for r in adj.unbind()]) if adj.is_nested else adj.to_dense().sum(dim=1)
+        return 0.1 * x + 0.01 * rows.reshape(-1, 1)
+
+    runs = {
+        "DRiffusion": lambda c: scheduler(width=2).sample(model, x0(), cond=c).x,
+        "serial": lambda c: sample_serial(model, x0(), DDIMSkip(VP), GRID, cond=c).x,
+        "Picard": lambda c: PicardScheduler(DDIMSkip(VP), GRID, 2, 1e-3).sample(model, x0(), cond=c).x,
+        "step skipping": lambda c: sample_step_skipping(model, x0(), DDIMSkip(VP), GRID, 3, cond=c).x,
+    }
+    if kind == "nested":
+        for run in runs.values():
+            with pytest.raises(InvalidArgumentError, match=r"cond\['adj'\] is a nested tensor of torch's strided "
+                                                           r"nested layout.*to_padded_tensor.*layout=torch\.jagged"):
+                run({"adj": adj})
+        return
+    for name, run in runs.items():
+        if kind == "nested jagged":  # its rows differ in length: compare with each row's sum
+            want_rows = torch.stack([r.sum() for r in adj.unbind()])
+            ref = run({"adj": torch.diag_embed(want_rows)})
+        else:
+            ref = run({"adj": dense})
+        assert torch.equal(run({"adj": adj}), ref), name
+    fix = r"to_padded_tensor" if kind.startswith("nested") else r"pass cond\['adj'\]\.to_dense\(\)"
+    for executor in (BatchedExecutor(), BatchedExecutor(max_batch=4), BatchedExecutor(vmap=True)):
+        with pytest.raises(InvalidArgumentError, match=rf"BatchedExecutor: cond\['adj'\] is a (nested|sparse_c..) "
+                                                       rf"tensor; .*{fix}.*SerialExecutor"):
+            scheduler(width=2).sample(model, x0(), executor=executor, cond={"adj": adj})
 
 
 def test_a_wrong_dtype_from_one_batched_call_names_the_round():
@@ -1707,7 +1738,7 @@ def test_draft_refine_state_checks_width_mode_and_rounds():
         st.absorb(first, f(first.xs, None))
     st.absorb(second, f(second.xs, None))
     while (rnd := st.plan()) is not None:  # driven to the end by hand: the scheduler's sample
-        with pytest.raises(InvalidArgumentError, match=r"this one is another .*, not None"):
+        with pytest.raises(InvalidArgumentError, match=r"got None, not a Round: pass the round plan\(\) returned"):
             st.absorb(None, f(rnd.xs, None))
         st.absorb(rnd, f(rnd.xs, None))
     with pytest.raises(InvalidArgumentError, match=r"no round is planned now .*sampling is done"):

@@ -2576,8 +2576,15 @@ def test_flow_custom_sigmas_ending_at_zero_are_refused_with_the_fix(unet2d, monk
     with pytest.raises(InvalidArgumentError, match=r"set_timesteps\(sigmas=\[1\.0, 0\.6, 0\.25, 0\.0\]\).*end at 0 .*Drop "
                                                    r"the trailing 0 from sigmas="):
         from_diffusers(flow(), sigmas=[1.0, 0.6, 0.25, 0.0])
-    with pytest.raises(InvalidArgumentError, match=r"do not decrease strictly .*distinct and in sampling order"):
+    with pytest.raises(InvalidArgumentError, match=r"do not decrease strictly .*custom sigmas distinct and in sampling order"):
         from_diffusers(flow(), sigmas=[1.0, 0.25, 0.6])
+    # custom timesteps= get advice about timesteps (sigma = timestep / num_train_timesteps)
+    with pytest.raises(InvalidArgumentError, match=r"custom timesteps end at 0 .*Drop the trailing 0 from timesteps="):
+        from_diffusers(flow(), timesteps=[999, 500, 0])
+    with pytest.raises(InvalidArgumentError, match=r"outside \[0, 1\].*give timesteps in \(0, 1000\]"):
+        from_diffusers(flow(), timesteps=[1500, 500])
+    with pytest.raises(InvalidArgumentError, match=r"custom timesteps distinct and in sampling order"):
+        from_diffusers(flow(), timesteps=[500, 999, 100])
     x = NoiseSource(0).initial((2, 3, 8, 8))
     transition, grid = from_diffusers(flow(), sigmas=[1.0, 0.6, 0.25])
     ours = sample_serial(DiffusersPredictor(unet2d), x, transition, grid).x
@@ -2595,6 +2602,11 @@ def test_linear_time_shift_with_mu_not_above_zero_is_refused_by_name(mu):
                                                          use_dynamic_shifting=True, time_shift_type="linear")):
         with pytest.raises(InvalidArgumentError, match=rf"time_shift_type='linear'\) with mu={mu}: .*unless mu > 0"):
             from_diffusers(make(), 5, mu=mu)
+    # where diffusers does not shift by mu (UniPC on VP sigmas) the mu is not refused: the grid is diffusers'
+    vp_unipc = need("UniPCMultistepScheduler")(use_dynamic_shifting=True, time_shift_type="linear")
+    _, grid = from_diffusers(vp_unipc, 10, mu=mu)
+    vp_unipc.set_timesteps(10, mu=mu)
+    assert torch.equal(grid.model_times, vp_unipc.timesteps.to(grid.model_times.dtype))
 
 
 def test_diffusers_timesteps_that_are_nan_are_refused_by_name():

@@ -188,3 +188,24 @@ def test_corrector_coefficients_keep_their_digits_on_close_levels(gap):
                 C.unipc_corrector_coefficients(*[torch.tensor([v], dtype=F64) for v in args], 2)):
         err = max(abs(float(g) - float(w)) for g, w in zip(got, want)) / scale
         assert err <= 100 * 2.2e-16 / gap, (gap, err)
+
+
+def test_unipc_phi_on_tensor_rows_mixing_the_series_and_the_closed_form():
+    """One tensor of rows on both sides of |hh| = 1/2 (and hh = 0) gives each row what the float path gives for
+    it, and phi_1 = phi_2 = 0 at hh = 0 (their limits), without NaN from the closed form's 0 / 0."""
+    import math
+
+    from driffusion_core.coefficients import _unipc_phi
+
+    hh = torch.tensor([-2.0, -0.6, -0.5, -0.3, -1e-3, -1e-9, 0.0], dtype=F64)
+    ratio = torch.exp(hh)
+    phi_1, phi_2 = _unipc_phi(ratio, hh)
+    assert torch.isfinite(phi_1).all() and torch.isfinite(phi_2).all()
+    assert phi_1[-1] == 0 and phi_2[-1] == 0
+    for j, h in enumerate(hh.tolist()):
+        f1, f2 = _unipc_phi(math.exp(h), h)
+        assert abs(float(phi_1[j]) - f1) <= 1e-15 * max(abs(f1), 1e-300) + 1e-300
+        assert abs(float(phi_2[j]) - f2) <= 1e-15 * max(abs(f2), 1e-300) + 1e-300
+        if abs(h) > 1e-2:  # the closed forms are accurate here: the same values
+            c1 = math.expm1(h) / h - 1
+            assert abs(f1 - c1) <= 1e-13 * abs(c1) and abs(f2 - (c1 / h - 0.5)) <= 1e-12 * abs(c1 / h - 0.5)

@@ -379,8 +379,8 @@ def _flow(scheduler, cfg, num_inference_steps: Optional[int], mu: Optional[float
                              f"timesteps=, or a shift changed since)",
                              num_inference_steps,
                              "sigmas=..., timesteps=... as given to set_timesteps")
-    _refuse_flow_sigmas(_call_text(num_inference_steps, **(custom if sigmas is not None or timesteps is not None
-                                                          else {})), sig, sigmas is not None)
+    given = "sigmas" if sigmas is not None else "timesteps" if timesteps is not None else None
+    _refuse_flow_sigmas(_call_text(num_inference_steps, **(custom if given else {})), sig, given, n_train)
     if timesteps is not None:  # the model is called at the given timesteps, not sigma * N: levels through the grid
         schedule = FlowGridSchedule(sig[:-1], ts, schedule.shift, n_train, dynamic)
         transition = FlowEulerSkip(schedule, prediction="velocity")
@@ -389,28 +389,28 @@ def _flow(scheduler, cfg, num_inference_steps: Optional[int], mu: Optional[float
     return transition, grid
 
 
-def _refuse_flow_sigmas(call: str, sig: torch.Tensor, custom_sigmas: bool) -> None:
+def _refuse_flow_sigmas(call: str, sig: torch.Tensor, given: Optional[str], n_train: int) -> None:
     """Refuse FlowMatchEulerDiscreteScheduler sigmas (``sig``: the steps' sigmas, then diffusers' final 0) that
     do not decrease strictly within [0, 1], saying which option or list made them (the grid's own message would
-    name levels the caller never gave)."""
+    name levels the caller never gave). ``given``: the custom list passed ("sigmas" / "timesteps"), or None."""
     steps = sig.to(torch.float64)
     if bool((steps[:-1] > 0).all()) and bool((steps[1:] < steps[:-1]).all()) and float(steps.max()) <= 1.0 \
             and float(steps[-1]) >= 0:
         return
     head = f"FlowMatchEulerDiscreteScheduler.{call} gives sigmas {_short(steps)}"
-    if custom_sigmas and len(steps) >= 2 and float(steps[-2]) == 0:
+    if given and len(steps) >= 2 and float(steps[-2]) == 0:
         raise InvalidArgumentError(
-            f"{head}: the custom sigmas end at 0 and diffusers appends its own final 0, so the last step goes from "
-            f"0 to 0 (a model call that changes nothing, which a time grid here cannot hold). Drop the trailing 0 "
-            f"from sigmas= (the result is the same)."
+            f"{head}: the custom {given} end at 0 and diffusers appends its own final sigma 0, so the last step "
+            f"goes from 0 to 0 (a model call that changes nothing, which a time grid here cannot hold). Drop the "
+            f"trailing 0 from {given}= (the result is the same)."
         )
     if float(steps.min()) < 0 or float(steps.max()) > 1.0:
-        raise InvalidArgumentError(
-            f"{head}, outside [0, 1], where flow sigmas lie: give sigmas in [0, 1] (1 is pure noise, 0 the data)."
-        )
+        fix = (f"give timesteps in (0, {n_train}] (num_train_timesteps; sigma = timestep / {n_train})"
+               if given == "timesteps" else "give sigmas in [0, 1] (1 is pure noise, 0 the data)")
+        raise InvalidArgumentError(f"{head}, outside [0, 1], where flow sigmas lie: {fix}.")
     raise InvalidArgumentError(
         f"{head}, which do not decrease strictly from noise to data: "
-        + ("give the custom sigmas distinct and in sampling order (largest first)." if custom_sigmas else
+        + (f"give the custom {given} distinct and in sampling order (largest first)." if given else
            "more steps than distinct noise levels here (e.g. a high shift or shift_terminal): use fewer steps.")
     )
 
@@ -515,7 +515,6 @@ def _dynamic_kwargs(cfg: Mapping[str, Any], mu: Optional[float], name: str) -> d
         raise InvalidArgumentError(
             f"{name}(use_dynamic_shifting=True) needs mu, as its set_timesteps does: from_diffusers(scheduler, "
             f"num_inference_steps, mu=...) (the pipelines compute it from the image size, e.g. calculate_shift).")
-    _check_linear_mu(cfg, mu, name)
     return {"mu": mu}
 
 
@@ -659,6 +658,8 @@ def _multistep_flow(scheduler, cfg, num_inference_steps: Optional[int], mu: Opti
         custom = {k: np.asarray(v, dtype=np.float64) for k, v in custom.items()}
     except (TypeError, ValueError):
         raise InvalidArgumentError(f"sigmas must be a non-empty 1-D list of numbers, got {sigmas!r}.") from None
+    if name.startswith("UniPC"):  # UniPC shifts flow sigmas by time_shift_type; DPM-Solver asserts 'exponential'
+        _check_linear_mu(cfg, mu, name)
     sig, ts = _probe(scheduler, None if custom else num_inference_steps, **_dynamic_kwargs(cfg, mu, name), **custom)
     if check_held and not custom:
         _refuse_held_custom(scheduler, name, num_inference_steps, mu)
