@@ -343,7 +343,8 @@ def _unipc_phi(ratio: Any, hh: Any) -> Tuple[Any, Any]:
     On sympy the closed forms, as written. On floats and tensors the closed forms cancel (phi_1 ~ hh/2,
     phi_2 ~ hh/6: their error grows like eps/hh^2 and eps/hh^3, all digits gone at hh ~ 1e-6); where
     :math:`|hh| < 1/2` they are the Taylor series :math:`\sum_{k\ge1} hh^k/(k+1)!` and
-    :math:`\sum_{k\ge1} hh^k/(k+2)!`, with hh = log(ratio) (accurate to the ratio's rounding)."""
+    :math:`\sum_{k\ge1} hh^k/(k+2)!`, with hh = log(ratio) (accurate to the ratio's rounding; the ``hh``
+    given, from differences of log-SNRs, is used on sympy only)."""
     if _is_sympy(ratio) or _is_sympy(hh):
         import sympy
 
@@ -362,9 +363,8 @@ def _unipc_phi(ratio: Any, hh: Any) -> Tuple[Any, Any]:
 
         small = hh.abs() < _PHI_SERIES_BELOW
         safe = torch.where(small, torch.ones_like(hh), hh)  # the closed form away from 0 only
-        phi_1 = torch.where(small, series(hh, 1), torch.expm1(safe) / safe - 1)
-        phi_2 = torch.where(small, series(hh, 2), (torch.expm1(safe) / safe - 1) / safe - 0.5)
-        return phi_1, phi_2
+        closed = torch.expm1(safe) / safe - 1
+        return torch.where(small, series(hh, 1), closed), torch.where(small, series(hh, 2), closed / safe - 0.5)
     if abs(hh) < _PHI_SERIES_BELOW:
         return series(hh, 1), series(hh, 2)
     phi_1 = math.expm1(hh) / hh - 1

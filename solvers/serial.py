@@ -36,6 +36,24 @@ from driffusion_core.transition import SkipTransition, check_transition
 __all__ = ["sample_serial", "sample_step_skipping", "coarse_indices"]
 
 
+class _Track:
+    """A serial loop's trajectory (when kept) and progress bar: ``step(x)`` after each step, ``close()`` at the end."""
+
+    def __init__(self, x: torch.Tensor, return_trajectory: Any, progress: Any, total: int, desc: str):
+        self.trajectory = [x] if as_flag(return_trajectory, "return_trajectory") else None
+        self.bar = progress_bar(progress, total, desc)
+
+    def step(self, x: torch.Tensor) -> None:
+        if self.trajectory is not None:
+            self.trajectory.append(x)
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _call(predictor, x, grid: TimeGrid, i: int, cond: dict) -> torch.Tensor:
     t = grid.model_times[i : i + 1].to(x.device).repeat(x.shape[0])  # its own memory: the model may write into t
     version = input_version(x, cond)
@@ -77,8 +95,7 @@ def sample_serial(
     grid = transition.make_grid(timesteps)
     noise = default_noise(transition, noise)
     x = x.clone()  # the caller's x stays intact even if the model writes into its input (refused after the call)
-    traj = [x] if as_flag(return_trajectory, "return_trajectory") else None
-    bar = progress_bar(progress, len(grid), "serial")
+    track = _Track(x, return_trajectory, progress, len(grid), "serial")
     history: list = []  # (x_i, p_i, t_i) of the last steps, for a multistep transition
     with warn_random_layers(predictor, "sample_serial"):
         for i in range(len(grid)):
@@ -89,13 +106,9 @@ def sample_serial(
             x_next = transition.grid_step(x, pred, grid, i, history, z)
             history = transition.remember(history, x, pred, grid.t_from[i])
             x = x_next
-            if traj is not None:
-                traj.append(x)
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
-    return SampleOutput(check_finite_sample(x, "sample_serial"), len(grid), len(grid), traj)
+            track.step(x)
+    track.close()
+    return SampleOutput(check_finite_sample(x, "sample_serial"), len(grid), len(grid), track.trajectory)
 
 
 def coarse_indices(num_steps: int, rounds: int) -> list:
@@ -145,8 +158,7 @@ def sample_step_skipping(
             predictor, x, transition, coarse, cond=cond, progress=progress, return_trajectory=return_trajectory
         )
     x = x.clone()  # as in sample_serial: the caller's x stays intact whatever the model does
-    traj = [x] if as_flag(return_trajectory, "return_trajectory") else None
-    bar = progress_bar(progress, len(idx) - 1, f"step skipping R={len(idx) - 1}")
+    track = _Track(x, return_trajectory, progress, len(idx) - 1, f"step skipping R={len(idx) - 1}")
     with warn_random_layers(predictor, "sample_step_skipping"):
         for a, b in zip(idx[:-1], idx[1:]):
             pred = _call(predictor, x, grid, a, cond)
@@ -154,10 +166,6 @@ def sample_step_skipping(
             if transition.stochastic and noise is not None:
                 noises = noise.steps(a, b, x.shape, x.dtype, x.device)
             x = transition.skip(x, pred, grid.t_from[a:b], grid.t_to[a:b], noises)
-            if traj is not None:
-                traj.append(x)
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
-    return SampleOutput(check_finite_sample(x, "sample_step_skipping"), len(idx) - 1, len(idx) - 1, traj)
+            track.step(x)
+    track.close()
+    return SampleOutput(check_finite_sample(x, "sample_step_skipping"), len(idx) - 1, len(idx) - 1, track.trajectory)

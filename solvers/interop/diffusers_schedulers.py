@@ -389,13 +389,19 @@ def _flow(scheduler, cfg, num_inference_steps: Optional[int], mu: Optional[float
     return transition, grid
 
 
+def _usable_sigmas(levels: torch.Tensor, top: Optional[float] = None) -> bool:
+    """Whether sigmas (the steps' levels, then the last one) decrease strictly from a positive value (at most
+    ``top``) to one >= 0: every step a real step down in noise."""
+    return (bool((levels[:-1] > 0).all()) and bool((levels[1:] < levels[:-1]).all()) and float(levels[-1]) >= 0
+            and (top is None or float(levels[0]) <= top))
+
+
 def _refuse_flow_sigmas(call: str, sig: torch.Tensor, given: Optional[str], n_train: int) -> None:
     """Refuse FlowMatchEulerDiscreteScheduler sigmas (``sig``: the steps' sigmas, then diffusers' final 0) that
     do not decrease strictly within [0, 1], saying which option or list made them (the grid's own message would
     name levels the caller never gave). ``given``: the custom list passed ("sigmas" / "timesteps"), or None."""
     steps = sig.to(torch.float64)
-    if bool((steps[:-1] > 0).all()) and bool((steps[1:] < steps[:-1]).all()) and float(steps.max()) <= 1.0 \
-            and float(steps[-1]) >= 0:
+    if _usable_sigmas(steps, top=1.0):
         return
     head = f"FlowMatchEulerDiscreteScheduler.{call} gives sigmas {_short(steps)}"
     if given and len(steps) >= 2 and float(steps[-2]) == 0:
@@ -694,7 +700,7 @@ def _refuse_unusable_sigmas(name: str, option: str, cfg: Mapping[str, Any], call
     """Refuse a multistep scheduler's own sigmas (``levels``: the steps' sigmas, then the last one) unless they
     decrease strictly from a positive value (at most ``top``). ``call``: the set_timesteps call as the message
     shows it (:func:`_call_text`)."""
-    if bool((levels[:-1] > 0).all()) and bool((levels[1:] < levels[:-1]).all()) and (top is None or float(levels[0]) <= top):
+    if _usable_sigmas(levels, top):
         return
     zero_length = float(levels[-1]) == float(levels[-2]) > 0
     last_up = "" if zero_length else _sigma_min_last_step(levels, cfg)
